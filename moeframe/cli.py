@@ -1,0 +1,105 @@
+"""The ``moeframe`` command.
+
+``moeframe fit|validate|test|predict -c CONFIG.yaml [--section.key value ...]`` are LightningCLI
+subcommands (``--print_config`` included); ``moeframe plugins [--json]`` lists the installed
+plugins. A configuration mistake ends with one clear line and exit status 2, not a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import sys
+from typing import Any, Callable, Optional
+
+import lightning as L
+from lightning.pytorch.cli import LightningCLI
+
+from moeframe import registry
+from moeframe.config import ConfigError
+
+TRAINER_COMMANDS = ("fit", "validate", "test", "predict")
+
+
+def default_loggers(save_dir: str) -> list[dict[str, Any]]:
+    """CSV always (plain files anyone can read); TensorBoard too when it is installed."""
+    loggers = [{"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": save_dir, "name": "logs"}}]
+    if importlib.util.find_spec("tensorboard") is not None:
+        loggers.append({"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                        "init_args": {"save_dir": save_dir, "name": "logs"}})
+    return loggers
+
+
+class MoeframeCLI(LightningCLI):
+    """LightningCLI over any LightningModule/DataModule (``class_path`` in the config)."""
+
+    def __init__(self, args: Optional[list[str]] = None, run: bool = True, **kwargs: Any) -> None:
+        super().__init__(
+            L.LightningModule,
+            L.LightningDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            save_config_kwargs={"overwrite": True},
+            auto_configure_optimizers=False,
+            args=args,
+            run=run,
+            **kwargs,
+        )
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        trainer = config["trainer"]
+        if trainer.get("logger") in (None, True):
+            trainer["logger"] = default_loggers(trainer.get("default_root_dir") or ".")
+
+
+def plugins_command(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="moeframe plugins", description="List installed moeframe plugins.")
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+    args = parser.parse_args(argv)
+    infos = registry.all_plugins()
+    if args.json:
+        print(json.dumps([info.__dict__ for info in infos], indent=2))
+        return 0
+    for kind in registry.KINDS:
+        print(f"{kind} ({registry.KINDS[kind].group})")
+        names = registry.available(kind)
+        if not names:
+            print("  (none installed)")
+        for name, regs in names.items():
+            clash = "  <- CONFLICT: registered by several distributions" if len(regs) > 1 else ""
+            for info in regs:
+                print(f"  {name:<16} {info.distribution} {info.version}  [{info.value}]{clash}")
+    return 0
+
+
+EXTRA_COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
+    "plugins": (plugins_command, "list installed plugins by kind, name, distribution and version"),
+}
+
+
+def _print_extra_help() -> None:
+    print("\nmoeframe also has:")
+    for name, (_, text) in EXTRA_COMMANDS.items():
+        print(f"  {name:<10} {text}")
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in EXTRA_COMMANDS:
+        return EXTRA_COMMANDS[argv[0]][0](argv[1:])
+    try:
+        MoeframeCLI(args=argv)
+    except ConfigError as exc:  # also raised inside plugins and data modules
+        print(f"moeframe: error: {exc}", file=sys.stderr)
+        return 2
+    except SystemExit as exc:
+        if exc.code == 0 and (not argv or argv[0] in ("-h", "--help")):
+            _print_extra_help()
+        raise
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,188 @@
+"""Typed model and optimiser configuration, validated before anything is allocated.
+
+``ModelConfig`` is a plain dataclass so YAML, the CLI and Python all write it the same way.
+``resolve_model_config`` checks every field and every plugin's options and returns the
+``ModelPlan`` the decoder builder uses; a mistake raises ``ConfigError`` (a ValueError) that names
+the field and the fix, long before a tensor exists.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from moeframe import registry
+from moeframe.model.base import PluginOptions, parse_options
+
+__all__ = ["ConfigError", "ModelConfig", "ModelPlan", "OptimConfig", "PluginChoice", "resolve_model_config"]
+
+
+class ConfigError(ValueError):
+    """A configuration mistake the user can fix; its message says how."""
+
+
+def _default(name: str) -> Any:
+    return field(default_factory=lambda: {"name": name})
+
+
+@dataclass
+class ModelConfig:
+    """A DeepSeek-style MoE decoder. Field names follow the DeepSeek-V3 reference code.
+
+    Plugin fields (``attention``, ``router``, ``experts``, ``norm``) are mappings with the
+    registered plugin ``name`` plus that plugin's own options.
+    """
+
+    vocab_size: int = 512
+    dim: int = 128
+    n_layers: int = 4
+    first_k_dense: int = 1  # the first layers use a dense FFN, the rest MoE
+    n_heads: int = 4
+    dense_ffn_dim: int = 512  # width of the dense SwiGLU FFN (DeepSeek "inter_dim")
+    moe_ffn_dim: int = 128  # width of one routed/shared expert (DeepSeek "moe_inter_dim")
+    n_routed_experts: int = 8
+    n_activated_experts: int = 2  # top-k
+    n_shared_experts: int = 1
+    n_expert_groups: int = 1
+    n_limited_groups: int = 1  # groups kept per token by group-limited routing
+    route_scale: float = 1.0  # routed scaling factor applied to the gate weights
+    mtp_depth: int = 0  # multi-token prediction modules; not available in this version yet
+    norm_eps: float = 1e-6
+    init_std: float = 0.006
+    max_seq_len: int = 4096
+    rope_theta: float = 10000.0
+    tie_embeddings: bool = False
+    attention: dict[str, Any] = _default("mha")
+    router: dict[str, Any] = _default("topk")
+    experts: dict[str, Any] = _default("grouped")
+    norm: dict[str, Any] = _default("rmsnorm")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+
+@dataclass(frozen=True)
+class PluginChoice:
+    """A resolved plugin: its registered name, its class and its parsed options."""
+
+    kind: str
+    name: str
+    cls: type
+    options: PluginOptions
+
+
+@dataclass(frozen=True)
+class ModelPlan:
+    """A validated ModelConfig plus its resolved plugins: everything the builder needs."""
+
+    config: ModelConfig
+    attention: PluginChoice
+    router: PluginChoice
+    experts: PluginChoice
+    norm: PluginChoice
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def _check_positive(cfg: ModelConfig, names: tuple[str, ...]) -> None:
+    for name in names:
+        value = getattr(cfg, name)
+        _require(
+            isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0,
+            f"model.{name} must be a positive number, got {value!r}",
+        )
+
+
+def _check_shapes(cfg: ModelConfig) -> None:
+    _check_positive(cfg, ("vocab_size", "dim", "n_layers", "n_heads", "dense_ffn_dim", "moe_ffn_dim",
+                          "n_routed_experts", "n_activated_experts", "n_expert_groups",
+                          "n_limited_groups", "norm_eps", "init_std", "max_seq_len", "rope_theta",
+                          "route_scale"))
+    _require(cfg.dim % cfg.n_heads == 0,
+             f"model.n_heads={cfg.n_heads} must divide model.dim={cfg.dim}; choose heads so that "
+             f"dim/heads is a whole head size (e.g. n_heads={_divisor_near(cfg.dim, cfg.n_heads)})")
+    _require(0 <= cfg.first_k_dense <= cfg.n_layers,
+             f"model.first_k_dense={cfg.first_k_dense} must be between 0 and n_layers={cfg.n_layers}")
+    _require(cfg.n_shared_experts >= 0, f"model.n_shared_experts must be >= 0, got {cfg.n_shared_experts}")
+    _require(cfg.n_activated_experts <= cfg.n_routed_experts,
+             f"model.n_activated_experts (top-k) = {cfg.n_activated_experts} is larger than "
+             f"model.n_routed_experts = {cfg.n_routed_experts}; lower top-k or add experts")
+    _require(cfg.n_routed_experts % cfg.n_expert_groups == 0,
+             f"model.n_expert_groups={cfg.n_expert_groups} must divide "
+             f"model.n_routed_experts={cfg.n_routed_experts} (experts are split into equal groups)")
+    _require(cfg.n_limited_groups <= cfg.n_expert_groups,
+             f"model.n_limited_groups={cfg.n_limited_groups} cannot exceed "
+             f"model.n_expert_groups={cfg.n_expert_groups}")
+    per_group = cfg.n_routed_experts // cfg.n_expert_groups
+    _require(cfg.n_activated_experts <= cfg.n_limited_groups * per_group,
+             f"model.n_activated_experts={cfg.n_activated_experts} exceeds the experts reachable in "
+             f"the kept groups ({cfg.n_limited_groups} groups x {per_group} experts); "
+             "raise n_limited_groups or lower top-k")
+    _require(cfg.mtp_depth == 0,
+             f"model.mtp_depth={cfg.mtp_depth}: multi-token prediction is not available in this "
+             "moeframe version; set mtp_depth: 0")
+
+
+def _divisor_near(n: int, guess: int) -> int:
+    divisors = [d for d in range(1, n + 1) if n % d == 0]
+    return min(divisors, key=lambda d: abs(d - guess))
+
+
+def _resolve_plugin(kind: str, spec: Any, cfg: ModelConfig) -> PluginChoice:
+    if isinstance(spec, str):
+        spec = {"name": spec}
+    _require(isinstance(spec, dict) and isinstance(spec.get("name"), str),
+             f"model.{kind} must be a mapping with a plugin 'name', e.g. {kind}: {{name: ...}}; "
+             f"got {spec!r}")
+    name = spec["name"]
+    try:
+        cls = registry.load(kind, name)
+        options = parse_options(kind, name, cls.Options, {k: v for k, v in spec.items() if k != "name"})
+        options.validate(cfg)
+    except ValueError as exc:
+        raise ConfigError(f"model.{kind}: {exc}") from None
+    return PluginChoice(kind, name, cls, options)
+
+
+def resolve_model_config(cfg: ModelConfig) -> ModelPlan:
+    """Validate ``cfg`` completely and resolve its plugins; raise ConfigError on any mistake."""
+    _require(isinstance(cfg, ModelConfig), f"expected a ModelConfig, got {type(cfg).__name__}")
+    _check_shapes(cfg)
+    return ModelPlan(
+        cfg,
+        **{kind: _resolve_plugin(kind, getattr(cfg, kind), cfg)
+           for kind in ("attention", "router", "experts", "norm")},
+    )
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with DeepSeek-V3 defaults and a learning-rate schedule.
+
+    ``schedule``: ``cosine`` (linear warm-up, cosine to ``min_lr_ratio·lr``), ``wsd``
+    (warm-up, stable, then linear decay over the last ``decay_fraction`` of steps) or
+    ``constant`` (warm-up, then constant).
+    """
+
+    lr: float = 3e-3
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    weight_decay: float = 0.1  # never applied to norms, biases or embeddings
+    warmup_steps: int = 100
+    schedule: Literal["cosine", "wsd", "constant"] = "cosine"
+    min_lr_ratio: float = 0.1
+    decay_fraction: float = 0.2
+
+    def validate(self) -> None:
+        _require(self.lr > 0, f"optim.lr must be > 0, got {self.lr}")
+        _require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+                 f"optim.betas must be two numbers in [0, 1), got {self.betas}")
+        _require(self.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {self.weight_decay}")
+        _require(self.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
+        _require(0 <= self.min_lr_ratio <= 1, f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        _require(0 < self.decay_fraction <= 1,
+                 f"optim.decay_fraction must be in (0, 1], got {self.decay_fraction}")

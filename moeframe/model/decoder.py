@@ -1,0 +1,134 @@
+"""Decoder assembly: embedding → blocks → final norm → output head.
+
+Every block is pre-norm: ``h = x + attn(norm(x))``, ``out = h + ffn(norm(h))``, where ``ffn`` is
+a dense SwiGLU for the first ``first_k_dense`` layers and a MoE layer afterwards. Which attention,
+router, experts and norm are used is decided by the registry (see ``moeframe.config``).
+
+Build on the meta device (``build_decoder(cfg, device="meta")``) to inspect any size without
+allocating, then ``materialize`` on a real device, which initialises every weight.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterator, Optional, Union
+
+import torch
+from torch import nn
+
+from moeframe.config import ModelConfig, ModelPlan, resolve_model_config
+from moeframe.model.base import NormBase, RouterBase, default_init
+from moeframe.model.ffn import SwiGLU
+from moeframe.model.moe import MoE
+
+
+@dataclass
+class DecoderOutput:
+    """``logits`` [B, T, V]; ``aux_loss``: sum of the plugins' balance losses (0 when none);
+    ``aux_losses``: the same per layer name, for logging."""
+
+    logits: torch.Tensor
+    aux_loss: torch.Tensor
+    aux_losses: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class Block(nn.Module):
+    def __init__(self, plan: ModelPlan, layer_id: int) -> None:
+        super().__init__()
+        cfg = plan.config
+        self.layer_id = layer_id
+        self.attn_norm = plan.norm.cls(cfg.dim, cfg.norm_eps, plan.norm.options)
+        self.attn = plan.attention.cls(cfg, plan.attention.options, layer_id)
+        self.ffn_norm = plan.norm.cls(cfg.dim, cfg.norm_eps, plan.norm.options)
+        self.ffn: Union[SwiGLU, MoE] = (
+            SwiGLU(cfg.dim, cfg.dense_ffn_dim) if layer_id < cfg.first_k_dense else MoE(plan)
+        )
+
+    def forward(
+        self, x_BTD: torch.Tensor, positions_T: torch.Tensor, document_ids_BT: Optional[torch.Tensor] = None
+    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        h_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), positions_T, document_ids_BT)
+        if isinstance(self.ffn, MoE):
+            y_BTD, aux_loss = self.ffn(self.ffn_norm(h_BTD))
+            return h_BTD + y_BTD, aux_loss
+        return h_BTD + self.ffn(self.ffn_norm(h_BTD)), None
+
+
+class Decoder(nn.Module):
+    """A DeepSeek-style MoE language model. ``forward(input_ids [B, T]) -> DecoderOutput``."""
+
+    def __init__(self, config: ModelConfig, plan: Optional[ModelPlan] = None) -> None:
+        super().__init__()
+        plan = plan or resolve_model_config(config)
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.dim)
+        self.layers = nn.ModuleList(Block(plan, i) for i in range(config.n_layers))
+        self.norm = plan.norm.cls(config.dim, config.norm_eps, plan.norm.options)
+        self.head = nn.Linear(config.dim, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.head.weight = self.embed.weight
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """(Re)initialise every parameter and buffer; deterministic under ``torch.manual_seed``."""
+        std = self.config.init_std
+        for module in self.modules():
+            custom = getattr(module, "init_weights", None)
+            if module is not self and callable(custom):
+                custom(std)
+            else:
+                default_init(module, std)
+
+    def forward(
+        self,
+        input_ids_BT: torch.Tensor,
+        document_ids_BT: Optional[torch.Tensor] = None,
+        positions_T: Optional[torch.Tensor] = None,
+    ) -> DecoderOutput:
+        T = input_ids_BT.shape[1]
+        if T > self.config.max_seq_len:
+            raise ValueError(f"sequence length {T} exceeds model.max_seq_len={self.config.max_seq_len}")
+        if positions_T is None:
+            positions_T = torch.arange(T, device=input_ids_BT.device)
+        x_BTD = self.embed(input_ids_BT)
+        aux_losses: dict[str, torch.Tensor] = {}
+        for block in self.layers:
+            x_BTD, aux = block(x_BTD, positions_T, document_ids_BT)
+            if aux is not None:
+                aux_losses[f"layer{block.layer_id}"] = aux
+        logits_BTV = self.head(self.norm(x_BTD))
+        aux_loss = sum(aux_losses.values(), torch.zeros((), device=logits_BTV.device))
+        return DecoderOutput(logits_BTV, aux_loss, aux_losses)
+
+    def moe_layers(self) -> Iterator[tuple[str, MoE]]:
+        return ((n, m) for n, m in self.named_modules() if isinstance(m, MoE))
+
+    def high_precision_modules(self) -> list[str]:
+        """Modules a low-precision plugin (FP8, bf16-true casts) must leave in full precision:
+        embedding, output head, routers and norms (DeepSeek-V3 keeps them in BF16/FP32)."""
+        keep = ["embed", "head"]
+        keep += [n for n, m in self.named_modules() if isinstance(m, (RouterBase, NormBase))]
+        return keep
+
+
+def build_decoder(config: ModelConfig, device: Union[str, torch.device, None] = None) -> Decoder:
+    """Validate ``config`` and build the decoder; on ``device="meta"`` nothing is allocated."""
+    plan = resolve_model_config(config)
+    if device is not None and torch.device(device).type == "meta":
+        with torch.device("meta"):
+            return Decoder(config, plan)
+    decoder = Decoder(config, plan)
+    decoder.init_weights()
+    return decoder.to(device) if device is not None else decoder
+
+
+def materialize(decoder: Decoder, device: Union[str, torch.device] = "cpu") -> Decoder:
+    """Allocate a meta-device decoder on ``device`` and initialise it."""
+    decoder.to_empty(device=device)
+    decoder.init_weights()
+    return decoder
+
+
+def count_parameters(decoder: nn.Module) -> int:
+    """Unique parameters (tied weights counted once); works on the meta device."""
+    return sum(p.numel() for p in decoder.parameters())

@@ -1,0 +1,44 @@
+"""The DeepSeekMoE layer: a router plugin, an experts plugin and optional shared experts.
+
+``y = shared(x) + Σ_k g_k · expert_k(x)``; dropless (every token reaches its K experts).
+The layer accumulates routed-token counts per expert in the buffer ``tokens_per_expert`` so that
+callbacks (bias updates, load metrics) can read and reset them after a step without touching
+the forward pass.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from moeframe.config import ModelPlan
+from moeframe.model.ffn import SwiGLU
+
+
+class MoE(nn.Module):
+    def __init__(self, plan: ModelPlan) -> None:
+        super().__init__()
+        cfg = plan.config
+        self.num_experts = cfg.n_routed_experts
+        self.gate = plan.router.cls(cfg, plan.router.options)
+        self.experts = plan.experts.cls(cfg, plan.experts.options, cfg.n_routed_experts, cfg.dim, cfg.moe_ffn_dim)
+        self.shared_experts: Optional[SwiGLU] = (
+            SwiGLU(cfg.dim, cfg.n_shared_experts * cfg.moe_ffn_dim) if cfg.n_shared_experts else None
+        )
+        # not a parameter, not saved: a running count that callbacks read and reset
+        self.register_buffer("tokens_per_expert", torch.zeros(cfg.n_routed_experts), persistent=False)
+
+    def init_weights(self, std: float) -> None:
+        self.tokens_per_expert.zero_()
+
+    def forward(self, x_BTD: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        x_TD = x_BTD.reshape(-1, x_BTD.shape[-1])
+        routing = self.gate(x_TD)
+        with torch.no_grad():
+            self.tokens_per_expert.add_(routing.tokens_per_expert_E.to(self.tokens_per_expert.dtype))
+        y_TD = self.experts(x_TD, routing.weights_TK, routing.indices_TK)
+        if self.shared_experts is not None:
+            y_TD = y_TD + self.shared_experts(x_TD)
+        return y_TD.view_as(x_BTD), routing.aux_loss

@@ -1,0 +1,29 @@
+"""RMSNorm, registered as norm ``rmsnorm``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from moeframe.model.base import NormBase, PluginOptions
+
+
+@dataclass
+class RMSNormOptions(PluginOptions):
+    """RMSNorm has no options beyond the model's ``norm_eps``."""
+
+
+class RMSNorm(NormBase):
+    """``x / rms(x) · g``, computed in fp32 whatever the input dtype (low precision loses the rms)."""
+
+    Options = RMSNormOptions
+
+    def __init__(self, dim: int, eps: float, options: PluginOptions = RMSNormOptions()) -> None:
+        super().__init__(dim, eps, options)
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).to(x.dtype)

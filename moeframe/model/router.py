@@ -1,0 +1,81 @@
+"""Softmax top-k router with a switch-style auxiliary balance loss, registered as router ``topk``.
+
+This is the classic baseline (GShard/Switch, DeepSeek-V2): probabilities ``softmax(x·Wᵀ)`` in
+fp32, optional group-limited selection (a group scores by its best expert, as in V2), the top-k
+probabilities as gate weights, and ``α·E·Σ_i f_i·P_i`` pushing the load towards uniform.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moeframe.model.base import PluginOptions, RouterBase, RouterOutput
+
+if TYPE_CHECKING:
+    from moeframe.config import ModelConfig
+
+
+@dataclass
+class TopKOptions(PluginOptions):
+    """``aux_loss_coef``: α of the balance loss (0 disables it); ``norm_topk_prob``: renormalise
+    the chosen probabilities to sum to 1 before the routed scaling factor."""
+
+    aux_loss_coef: float = 0.01
+    norm_topk_prob: bool = False
+
+    def validate(self, config: "ModelConfig") -> None:
+        if self.aux_loss_coef < 0:
+            raise ValueError(f"aux_loss_coef must be >= 0, got {self.aux_loss_coef}")
+
+
+def limit_to_groups(scores_TE: torch.Tensor, group_scores_TG: torch.Tensor, keep: int) -> torch.Tensor:
+    """Zero the scores of experts outside each token's ``keep`` best groups (node-limited routing)."""
+    T, E = scores_TE.shape
+    G = group_scores_TG.shape[1]
+    kept_TG = torch.zeros_like(group_scores_TG, dtype=torch.bool)
+    kept_TG.scatter_(1, group_scores_TG.topk(keep, dim=-1).indices, True)
+    kept_TE = kept_TG.repeat_interleave(E // G, dim=1)
+    return scores_TE.masked_fill(~kept_TE, float("-inf"))
+
+
+def switch_balance_loss(scores_TE: torch.Tensor, counts_E: torch.Tensor, k: int) -> torch.Tensor:
+    """``E·Σ_i f_i·P_i``: f_i = share of routed slots taken by expert i, P_i = its mean probability."""
+    T, E = scores_TE.shape
+    f_E = counts_E.to(scores_TE.dtype) / (T * k)
+    P_E = scores_TE.mean(dim=0)
+    return E * (f_E * P_E).sum()
+
+
+class TopKRouter(RouterBase):
+    Options = TopKOptions
+
+    def __init__(self, config: "ModelConfig", options: TopKOptions) -> None:
+        super().__init__(config, options)
+        self.options = options
+        self.top_k = config.n_activated_experts
+        self.n_groups = config.n_expert_groups
+        self.topk_groups = config.n_limited_groups
+        self.route_scale = config.route_scale
+        self.weight = nn.Parameter(torch.empty(config.n_routed_experts, config.dim))
+
+    def forward(self, x_TD: torch.Tensor) -> RouterOutput:
+        # routing decisions are made in fp32: bf16 logits flip near-tied choices
+        scores_TE = F.linear(x_TD.float(), self.weight.float()).softmax(dim=-1)
+        select_TE = scores_TE
+        if self.n_groups > 1:
+            group_best_TG = scores_TE.view(scores_TE.shape[0], self.n_groups, -1).amax(dim=-1)
+            select_TE = limit_to_groups(scores_TE, group_best_TG, self.topk_groups)
+        indices_TK = select_TE.topk(self.top_k, dim=-1).indices
+        weights_TK = scores_TE.gather(1, indices_TK)
+        if self.options.norm_topk_prob:
+            weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
+        counts_E = torch.bincount(indices_TK.flatten(), minlength=scores_TE.shape[1])
+        aux_loss = None
+        if self.training and self.options.aux_loss_coef > 0:
+            aux_loss = self.options.aux_loss_coef * switch_balance_loss(scores_TE, counts_E, self.top_k)
+        return RouterOutput(weights_TK * self.route_scale, indices_TK, counts_E, aux_loss)

@@ -1,0 +1,174 @@
+"""The plugin registry: every swappable part of a moeframe model is found through entry points.
+
+Each plugin kind owns one entry-point group (``moeframe.<kind>``). The entry-point *name* is the
+name a config uses (``attention: {name: mha}``); its *value* points at the implementing class.
+Built-in plugins are registered in moeframe's own ``pyproject.toml`` exactly like a third-party
+package would be, so nothing here knows any plugin by name.
+
+Discovery is lazy on purpose: listing reads package metadata only, and only the plugin a run
+selects is imported. A plugin whose import is broken therefore cannot break a run that does not
+use it, and its error names the distribution that shipped it.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import importlib.metadata as md
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+__all__ = [
+    "KINDS",
+    "PluginError",
+    "PluginInfo",
+    "available",
+    "all_plugins",
+    "load",
+    "clear_cache",
+]
+
+
+@dataclass(frozen=True)
+class Kind:
+    """A plugin kind: its entry-point group and the base type its plugins must subclass."""
+
+    name: str
+    base: str  # "module:attr", imported only when a plugin of this kind is loaded
+
+    @property
+    def group(self) -> str:
+        return f"moeframe.{self.name}"
+
+    def base_type(self) -> type:
+        module, attr = self.base.split(":")
+        return getattr(importlib.import_module(module), attr)
+
+
+KINDS: dict[str, Kind] = {
+    k.name: k
+    for k in (
+        Kind("attention", "moeframe.model.base:AttentionBase"),
+        Kind("router", "moeframe.model.base:RouterBase"),
+        Kind("experts", "moeframe.model.base:ExpertsBase"),
+        Kind("norm", "moeframe.model.base:NormBase"),
+        # Precision and strategies are Lightning's own extension points.
+        Kind("precision", "lightning.pytorch.plugins.precision:Precision"),
+        Kind("strategy", "lightning.pytorch.strategies:Strategy"),
+    )
+}
+
+
+class PluginError(ValueError):
+    """A plugin could not be found, is ambiguous, or does not honour its contract."""
+
+
+@dataclass(frozen=True)
+class PluginInfo:
+    """What the metadata says about one registered plugin (nothing imported)."""
+
+    kind: str
+    name: str
+    value: str  # "package.module:Class"
+    distribution: str
+    version: str
+
+
+def _kind(kind: str) -> Kind:
+    if kind not in KINDS:
+        raise PluginError(f"unknown plugin kind {kind!r}; the kinds are: {', '.join(KINDS)}")
+    return KINDS[kind]
+
+
+def _distribution_of(ep: md.EntryPoint) -> tuple[str, str]:
+    dist = getattr(ep, "dist", None)
+    if dist is None:
+        return "<unknown distribution>", "?"
+    return dist.metadata["Name"] or dist.name, dist.version
+
+
+@lru_cache(maxsize=None)
+def _discover(kind: str) -> tuple[PluginInfo, ...]:
+    """All entry points of one kind, de-duplicated (an editable install can list a dist twice)."""
+    seen: dict[tuple[str, str, str], PluginInfo] = {}
+    for ep in md.entry_points(group=_kind(kind).group):
+        dist, version = _distribution_of(ep)
+        info = PluginInfo(kind, ep.name, ep.value, dist, version)
+        seen.setdefault((info.name, info.value, info.distribution), info)
+    return tuple(sorted(seen.values(), key=lambda i: (i.name, i.distribution)))
+
+
+def clear_cache() -> None:
+    """Forget discovered and loaded plugins (after installing a package at run time)."""
+    _discover.cache_clear()
+    _load_cached.cache_clear()
+
+
+def all_plugins() -> list[PluginInfo]:
+    """Every registered plugin of every kind, from metadata only."""
+    return [info for kind in KINDS for info in _discover(kind)]
+
+
+def available(kind: str) -> dict[str, list[PluginInfo]]:
+    """Names of one kind mapped to the distributions that register them (normally exactly one)."""
+    names: dict[str, list[PluginInfo]] = {}
+    for info in _discover(kind):
+        names.setdefault(info.name, []).append(info)
+    return names
+
+
+def _unknown_name_message(kind: Kind, name: str, names: list[str]) -> str:
+    close = difflib.get_close_matches(name, names, n=1)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    listing = ", ".join(sorted(names)) or "none installed"
+    return (
+        f"unknown {kind.name} plugin {name!r}.{hint} Available {kind.name} plugins: {listing}. "
+        f"A package provides one by declaring an entry point in the group {kind.group!r} "
+        f"(e.g. [project.entry-points.\"{kind.group}\"] {name} = \"your_pkg.module:Class\") "
+        "and being pip-installed."
+    )
+
+
+def resolve(kind: str, name: str) -> PluginInfo:
+    """The one registration of ``name`` (metadata only), or a PluginError that says how to fix it."""
+    k = _kind(kind)
+    names = available(kind)
+    if name not in names:
+        raise PluginError(_unknown_name_message(k, name, list(names)))
+    infos = names[name]
+    if len(infos) > 1:
+        who = " and ".join(f"{i.distribution} {i.version} ({i.value})" for i in infos)
+        raise PluginError(
+            f"{kind} plugin {name!r} is registered by more than one distribution: {who}. "
+            "moeframe never picks one silently: uninstall one of them."
+        )
+    return infos[0]
+
+
+@lru_cache(maxsize=None)
+def _load_cached(kind: str, name: str) -> Any:
+    info = resolve(kind, name)
+    module_name, _, attr = info.value.partition(":")
+    try:
+        obj: Any = importlib.import_module(module_name)
+        for part in filter(None, attr.split(".")):
+            obj = getattr(obj, part)
+    except Exception as exc:  # a broken plugin is reported, it does not crash discovery
+        raise PluginError(
+            f"{kind} plugin {name!r} from distribution {info.distribution} {info.version} "
+            f"failed to import ({info.value}): {type(exc).__name__}: {exc}"
+        ) from exc
+    base = _kind(kind).base_type()
+    if not (isinstance(obj, type) and issubclass(obj, base)):
+        raise PluginError(
+            f"{kind} plugin {name!r} from distribution {info.distribution} {info.version} points at "
+            f"{info.value}, which is not a subclass of {base.__module__}.{base.__qualname__}; "
+            "the package must register a class derived from that base."
+        )
+    return obj
+
+
+def load(kind: str, name: str) -> Any:
+    """Import and return the class registered as ``name`` for ``kind``, checked against its base."""
+    return _load_cached(kind, name)

@@ -1,0 +1,109 @@
+"""Callbacks every moeframe run uses: token throughput and the loss-curve plot."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+import lightning as L
+from lightning.pytorch.callbacks import Callback, ThroughputMonitor
+from lightning.pytorch.utilities import rank_zero_only
+
+
+def _tokens(batch: Any) -> int:
+    return int(batch["input_ids"].numel())
+
+
+def _sequences(batch: Any) -> int:
+    return int(batch["input_ids"].shape[0])
+
+
+class TokenThroughput(ThroughputMonitor):
+    """Lightning's ThroughputMonitor, counting tokens: logs ``train/items_per_sec`` (tokens/s per
+    run), ``train/samples_per_sec`` (sequences/s) and their per-device variants."""
+
+    def __init__(self, window_size: int = 20, separator: str = "/") -> None:
+        super().__init__(batch_size_fn=_sequences, length_fn=_tokens, window_size=window_size, separator=separator)
+
+
+def log_dir(trainer: L.Trainer) -> Path:
+    """Where the run's logs live: the first logger's folder, else the trainer's root dir."""
+    for logger in trainer.loggers:
+        if getattr(logger, "log_dir", None):
+            return Path(logger.log_dir)
+    return Path(trainer.default_root_dir)
+
+
+class LossCurvePlot(Callback):
+    """Records train and validation loss and writes ``loss_curves.png`` next to the logs when
+    fitting ends. The history is part of the checkpoint, so a resumed run plots the whole run."""
+
+    def __init__(self, filename: str = "loss_curves.png") -> None:
+        self.filename = filename
+        self.train: list[tuple[int, float]] = []
+        self.val: list[tuple[int, float]] = []
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        loss = trainer.callback_metrics.get("train/loss")
+        if loss is not None:
+            self.train.append((trainer.global_step, float(loss)))
+
+    def on_sanity_check_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        initial = getattr(pl_module, "initial_val_loss", None)
+        if initial is not None and not self.val:
+            self.val.append((trainer.global_step, initial))
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # runs after the module's on_validation_epoch_end has logged val/loss
+        if trainer.sanity_checking:
+            return
+        loss = trainer.callback_metrics.get("val/loss")
+        if loss is not None:
+            self.val.append((trainer.global_step, float(loss)))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"train": self.train, "val": self.val}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.train, self.val = list(state_dict["train"]), list(state_dict["val"])
+
+    @rank_zero_only
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.path: Optional[Path] = plot_losses(self.train, self.val, log_dir(trainer) / self.filename)
+
+
+def _smooth(values: list[float], window: int) -> list[float]:
+    out, acc = [], 0.0
+    for i, v in enumerate(values):
+        acc += v
+        if i >= window:
+            acc -= values[i - window]
+        out.append(acc / min(i + 1, window))
+    return out
+
+
+def plot_losses(train: list[tuple[int, float]], val: list[tuple[int, float]], path: Path) -> Optional[Path]:
+    if not train and not val:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")  # headless: never needs a display
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    if train:
+        steps, losses = zip(*train)
+        ax.plot(steps, losses, color="tab:blue", alpha=0.25, linewidth=0.8)
+        ax.plot(steps, _smooth(list(losses), max(1, len(losses) // 50)), color="tab:blue", label="train loss (smoothed)")
+    if val:
+        steps, losses = zip(*val)
+        ax.plot(steps, losses, "o-", color="tab:orange", label="validation loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
