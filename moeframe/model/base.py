@@ -129,6 +129,11 @@ class RouterBase(nn.Module, abc.ABC):
     def forward(self, x_TD: torch.Tensor) -> RouterOutput:
         """Choose K experts and their gate weights for every token."""
 
+    def update_after_step(self, tokens_per_expert_E: torch.Tensor) -> None:
+        """Called once after every optimizer step with this layer's routed-token counts over the
+        whole global batch (all micro-batches, all ranks). Routers trained only by gradients
+        ignore it; a bias-balanced router (DeepSeek-V3's aux-loss-free rule) updates here."""
+
 
 class ExpertsBase(nn.Module, abc.ABC):
     """The routed experts of one MoE layer. ``forward(x_TD, weights_TK, indices_TK) -> y_TD``.
