@@ -13,9 +13,6 @@ import json
 import sys
 from typing import Any, Callable, Optional
 
-import lightning as L
-from lightning.pytorch.cli import LightningCLI
-
 from moeframe import registry
 from moeframe.config import ConfigError
 
@@ -31,27 +28,34 @@ def default_loggers(save_dir: str) -> list[dict[str, Any]]:
     return loggers
 
 
-class MoeframeCLI(LightningCLI):
-    """LightningCLI over any LightningModule/DataModule (``class_path`` in the config)."""
+def build_cli(args: Optional[list[str]] = None, run: bool = True, **kwargs: Any) -> Any:
+    """The LightningCLI behind ``moeframe fit|validate|test|predict`` (``run=False`` to only
+    parse and instantiate, as the config tests do)."""
+    # imported here so `moeframe plugins` stays fast (lightning takes seconds to import)
+    import lightning as L
+    from lightning.pytorch.cli import LightningCLI
 
-    def __init__(self, args: Optional[list[str]] = None, run: bool = True, **kwargs: Any) -> None:
-        super().__init__(
-            L.LightningModule,
-            L.LightningDataModule,
-            subclass_mode_model=True,
-            subclass_mode_data=True,
-            save_config_kwargs={"overwrite": True},
-            auto_configure_optimizers=False,
-            args=args,
-            run=run,
-            **kwargs,
-        )
+    class MoeframeCLI(LightningCLI):
+        """LightningCLI over any LightningModule/DataModule (``class_path`` in the config)."""
 
-    def before_instantiate_classes(self) -> None:
-        config = self.config[self.subcommand] if self.subcommand else self.config
-        trainer = config["trainer"]
-        if trainer.get("logger") in (None, True):
-            trainer["logger"] = default_loggers(trainer.get("default_root_dir") or ".")
+        def before_instantiate_classes(self) -> None:
+            config = self.config[self.subcommand] if self.subcommand else self.config
+            trainer = config["trainer"]
+            if trainer.get("logger") in (None, True):
+                trainer["logger"] = default_loggers(trainer.get("default_root_dir") or ".")
+
+    return MoeframeCLI(
+        L.LightningModule,
+        L.LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        save_config_kwargs={"overwrite": True},
+        parser_kwargs={"exit_on_error": False},
+        auto_configure_optimizers=False,
+        args=args,
+        run=run,
+        **kwargs,
+    )
 
 
 def plugins_command(argv: list[str]) -> int:
@@ -85,14 +89,32 @@ def _print_extra_help() -> None:
         print(f"  {name:<10} {text}")
 
 
+def _parse_error_message(exc: Exception) -> str:
+    """Our own ConfigErrors when they caused the failure, else the parser's first lines."""
+    ours = list(dict.fromkeys(str(e) for e in ConfigError.raised))
+    if ours:
+        return "\n".join(ours)
+    lines = [ln for ln in str(exc).splitlines() if not ln.strip().startswith(("Given value", "- Expected a <class 'NoneType'>", "Subtypes:"))]
+    return "\n".join(lines) + "\n(run with --help to see the accepted options)"
+
+
 def main(argv: Optional[list[str]] = None) -> int:
+    from_shell = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in EXTRA_COMMANDS:
         return EXTRA_COMMANDS[argv[0]][0](argv[1:])
+    from argparse import ArgumentError
+
+    ConfigError.raised.clear()
     try:
-        MoeframeCLI(args=argv)
-    except ConfigError as exc:  # also raised inside plugins and data modules
-        print(f"moeframe: error: {exc}", file=sys.stderr)
+        registry.register_lightning_strategies()
+        build_cli(args=None if from_shell else argv)
+    except (ArgumentError, ValueError) as exc:
+        # a ConfigError, raised directly (module setup) or wrapped by the parser while it
+        # instantiated a class: report the original message, never a traceback
+        if not (isinstance(exc, ArgumentError) or ConfigError.raised):
+            raise
+        print(f"moeframe: error: {_parse_error_message(exc)}", file=sys.stderr)
         return 2
     except SystemExit as exc:
         if exc.code == 0 and (not argv or argv[0] in ("-h", "--help")):

@@ -27,6 +27,7 @@ __all__ = [
     "all_plugins",
     "load",
     "clear_cache",
+    "register_lightning_strategies",
 ]
 
 
@@ -172,3 +173,27 @@ def _load_cached(kind: str, name: str) -> Any:
 def load(kind: str, name: str) -> Any:
     """Import and return the class registered as ``name`` for ``kind``, checked against its base."""
     return _load_cached(kind, name)
+
+
+def _lazy_strategy_factory(name: str) -> Any:
+    def build(**kwargs: Any) -> Any:
+        return load("strategy", name)(**kwargs)
+
+    build.__name__ = f"moeframe_strategy_{name}"
+    return build
+
+
+def register_lightning_strategies() -> list[str]:
+    """Make every ``moeframe.strategy`` plugin selectable as ``Trainer(strategy="<name>")``.
+
+    Lightning's StrategyRegistry stores a factory per name; ours imports the plugin only when a
+    Trainer asks for it, so an unused (or broken) strategy package costs nothing.
+    """
+    from lightning.pytorch.strategies import StrategyRegistry
+
+    registered = []
+    for name, infos in available("strategy").items():
+        description = f"moeframe plugin from {infos[0].distribution} {infos[0].version}"
+        StrategyRegistry.register(name, _lazy_strategy_factory(name), description=description, override=True)
+        registered.append(name)
+    return registered

@@ -78,15 +78,3 @@ class GroupedExperts(ExpertsBase):
         y_ND = y_ND * weights_TK.flatten()[order_N].unsqueeze(-1).to(y_ND.dtype)
         return torch.zeros_like(x_TD).index_add_(0, token_N, y_ND)
 
-
-def naive_experts_reference(
-    experts: GroupedExperts, x_TD: torch.Tensor, weights_TK: torch.Tensor, indices_TK: torch.Tensor
-) -> torch.Tensor:
-    """The textbook definition, one token-expert pair at a time: the parity reference for tests."""
-    out_TD = torch.zeros_like(x_TD)
-    for t in range(x_TD.shape[0]):
-        for k in range(indices_TK.shape[1]):
-            e = int(indices_TK[t, k])
-            h = F.silu(x_TD[t] @ experts.w1[e].T) * (x_TD[t] @ experts.w3[e].T)
-            out_TD[t] = out_TD[t] + weights_TK[t, k].to(x_TD.dtype) * (h @ experts.w2[e].T)
-    return out_TD

@@ -22,7 +22,7 @@ class TokenThroughput(ThroughputMonitor):
     """Lightning's ThroughputMonitor, counting tokens: logs ``train/items_per_sec`` (tokens/s per
     run), ``train/samples_per_sec`` (sequences/s) and their per-device variants."""
 
-    def __init__(self, window_size: int = 20, separator: str = "/") -> None:
+    def __init__(self, window_size: int = 5, separator: str = "/") -> None:
         super().__init__(batch_size_fn=_sequences, length_fn=_tokens, window_size=window_size, separator=separator)
 
 

@@ -1,0 +1,339 @@
+"""Expert-load balancing and observability for any router: the ``ExpertBalance`` callback.
+
+Every MoE layer adds the tokens its router sent to each expert to its ``tokens_per_expert``
+buffer on each forward. Once per optimizer step this callback
+
+1. stacks the counts of all layers into one [L, E] tensor and sums it over the data-parallel
+   ranks with a SINGLE all-reduce (one collective per step, however many layers). The buffers
+   kept counting over every micro-batch of gradient accumulation, so the result is the load of
+   the whole global batch, exactly what DeepSeek-V3's bias rule asks for;
+2. hands each layer its row through ``router.update_after_step(counts_E)`` (the aux-loss-free
+   router moves its bias there; gradient-trained routers ignore it) and zeroes the buffers;
+3. measures the balance: ``MaxVio = (max_i c_i − mean c) / mean c`` (arXiv 2408.15664) per layer
+   for the step's global batch (MaxVio_batch), the share of experts that received no token, the
+   router bias range when the router has one (``e_score_correction_bias``), and warns when an
+   expert has been starved for ``dead_expert_patience`` steps in a row.
+
+Validation forwards also count. The callback sets the training counts aside when a validation
+run starts and puts them back when it ends, so validation never moves a bias; the validation
+counts give MaxVio_global (the balance over the whole validation set) and a heatmap
+(layers × experts, load relative to the mean) in ``<log dir>/expert_load/``. A last heatmap of
+the training load since the previous validation is written when training ends.
+
+Metrics go straight to the trainer's loggers under ``balance/...`` every ``log_every_n_steps``
+optimizer steps (batch metrics are averaged over the steps since the last log). Use it from YAML:
+
+    trainer:
+      callbacks:
+        - class_path: moeframe.training.balance.ExpertBalance
+          init_args: {log_every_n_steps: 10}
+
+Shapes: L MoE layers, E routed experts.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import lightning as L
+import torch
+import torch.distributed as dist
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_only
+from torch import nn
+from torchmetrics import Metric
+
+from moeframe.model.moe import MoE
+from moeframe.training.callbacks import log_dir
+
+__all__ = ["ExpertBalance", "MaxVioBatch", "MaxVioGlobal", "all_reduce_sum", "max_violation", "moe_layers",
+           "synchronise_and_update"]
+
+
+# -- the measures -------------------------------------------------------------------------------
+def max_violation(counts_LE: torch.Tensor) -> torch.Tensor:
+    """MaxVio per layer, ``(max − mean) / mean`` of each row; 0 for a row without tokens."""
+    counts_LE = counts_LE.to(torch.float64)
+    mean_L = counts_LE.mean(dim=-1)
+    excess_L = counts_LE.amax(dim=-1) - mean_L
+    return torch.where(mean_L > 0, excess_L / mean_L.clamp_min(1e-12), torch.zeros_like(mean_L))
+
+
+class MaxVioBatch(Metric):
+    """Mean over updates of each update's per-layer MaxVio. Feed it counts that are already
+    global (the callback all-reduces them), so it never needs to sync itself."""
+
+    full_state_update = False
+
+    def __init__(self, num_layers: int, **kwargs: Any) -> None:
+        kwargs.setdefault("sync_on_compute", False)
+        super().__init__(**kwargs)
+        self.add_state("maxvio_sum_L", torch.zeros(num_layers, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("num_batches", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, counts_LE: torch.Tensor) -> None:
+        self.maxvio_sum_L += max_violation(counts_LE)
+        self.num_batches += 1
+
+    def compute(self) -> torch.Tensor:
+        return self.maxvio_sum_L / self.num_batches.clamp_min(1)
+
+
+class MaxVioGlobal(Metric):
+    """Per-layer MaxVio of the counts summed over all updates (and, on compute, all ranks)."""
+
+    full_state_update = False
+
+    def __init__(self, num_layers: int, num_experts: int, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.add_state("counts_LE", torch.zeros(num_layers, num_experts, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, counts_LE: torch.Tensor) -> None:
+        self.counts_LE += counts_LE.to(self.counts_LE)
+
+    def compute(self) -> torch.Tensor:
+        return max_violation(self.counts_LE)
+
+
+# -- the once-per-step work -----------------------------------------------------------------------
+def moe_layers(module: nn.Module) -> list[tuple[str, MoE]]:
+    """Every MoE layer under ``module``, in model order, with its qualified name."""
+    return [(name, m) for name, m in module.named_modules() if isinstance(m, MoE)]
+
+
+def _read_counts(layers: list[tuple[str, MoE]]) -> torch.Tensor:
+    return torch.stack([m.tokens_per_expert.detach().to(torch.float64) for _, m in layers])
+
+
+def _write_counts(layers: list[tuple[str, MoE]], counts_LE: torch.Tensor) -> None:
+    for (_, m), counts_E in zip(layers, counts_LE):
+        m.tokens_per_expert.copy_(counts_E.to(m.tokens_per_expert.dtype))
+
+
+@torch.no_grad()
+def synchronise_and_update(
+    layers: list[tuple[str, MoE]], all_reduce_sum: Callable[[torch.Tensor], torch.Tensor]
+) -> torch.Tensor:
+    """Sum every layer's counts over the ranks with ONE collective, give each router its row
+    (``update_after_step``), zero the buffers; return the global counts [L, E]."""
+    counts_LE = all_reduce_sum(_read_counts(layers))
+    for (_, m), counts_E in zip(layers, counts_LE):
+        m.gate.update_after_step(counts_E)
+        m.tokens_per_expert.zero_()
+    return counts_LE
+
+
+def all_reduce_sum(counts_LE: torch.Tensor) -> torch.Tensor:
+    """Sum over the data-parallel ranks in place (a no-op on one process). Plain
+    ``torch.distributed`` rather than ``strategy.reduce``: Lightning's reduce adds a barrier, a
+    second collective on every step for nothing."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(counts_LE, op=dist.ReduceOp.SUM)
+    return counts_LE
+
+
+def _layer_tag(name: str) -> str:
+    found = re.search(r"layers\.(\d+)", name)
+    return f"layer{found.group(1)}" if found else name
+
+
+# -- the callback ---------------------------------------------------------------------------------
+class ExpertBalance(Callback):
+    """Updates router state once per optimizer step from the global expert load, and logs it.
+
+    Args:
+        log_every_n_steps: log the balance metrics every this many optimizer steps
+            (default: the trainer's ``log_every_n_steps``).
+        dead_expert_patience: warn when an expert receives no token for this many optimizer
+            steps in a row (0 disables the warning).
+        heatmaps: write the layer × expert load heatmaps (PNG) next to the logs.
+    """
+
+    def __init__(self, log_every_n_steps: Optional[int] = None, dead_expert_patience: int = 100,
+                 heatmaps: bool = True) -> None:
+        if log_every_n_steps is not None and log_every_n_steps <= 0:
+            raise ValueError(f"ExpertBalance: log_every_n_steps must be positive, got {log_every_n_steps}")
+        if dead_expert_patience < 0:
+            raise ValueError(f"ExpertBalance: dead_expert_patience must be >= 0, got {dead_expert_patience}")
+        self.log_every_n_steps = log_every_n_steps
+        self.dead_expert_patience = dead_expert_patience
+        self.heatmaps = heatmaps
+        self.layers: list[tuple[str, MoE]] = []
+        self.starved_steps_LE: Optional[torch.Tensor] = None  # consecutive steps without a token
+        self.heatmap_paths: list[Path] = []
+        self.last_metrics: dict[str, float] = {}  # the latest values sent to the loggers
+        self._last_train_window: dict[str, torch.Tensor] = {}
+        self._stepped_at = -1
+        self._parked_counts_LE: Optional[torch.Tensor] = None
+
+    # -- setup ----------------------------------------------------------------------------------
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._find_layers(pl_module)
+
+    def _find_layers(self, pl_module: L.LightningModule) -> None:
+        # the decoder may only exist after configure_model, hence looked up again at each start
+        self.layers = moe_layers(pl_module)
+        if not self.layers:
+            return
+        L_, E = len(self.layers), self.layers[0][1].num_experts
+        device = self.layers[0][1].tokens_per_expert.device
+        self.batch_metric = MaxVioBatch(L_).to(device)
+        self.train_load = MaxVioGlobal(L_, E, sync_on_compute=False).to(device)
+        self.val_load = MaxVioGlobal(L_, E).to(device)
+        if self.starved_steps_LE is None or self.starved_steps_LE.shape != (L_, E):
+            self.starved_steps_LE = torch.zeros(L_, E, dtype=torch.int64)
+        self._dead_this_window: list[float] = []
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._find_layers(pl_module)
+        for _, m in self.layers:  # counts from before training (a manual forward) are not a batch
+            m.tokens_per_expert.zero_()
+        self._stepped_at = trainer.global_step
+
+    # -- training: once per optimizer step ------------------------------------------------------------
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any,
+                           batch: Any, batch_idx: int) -> None:
+        # Lightning runs this after every micro-batch; global_step moves only when the optimizer
+        # stepped, so the buffers now hold every micro-batch of the step's global batch.
+        if not self.layers or trainer.global_step == self._stepped_at:
+            return
+        self._stepped_at = trainer.global_step
+        counts_LE = synchronise_and_update(self.layers, all_reduce_sum)
+        self._observe_step(trainer, counts_LE)
+
+    def _observe_step(self, trainer: L.Trainer, counts_LE: torch.Tensor) -> None:
+        self.batch_metric.update(counts_LE)
+        self.train_load.update(counts_LE)
+        starved_LE = counts_LE.cpu() == 0
+        self._dead_this_window.append(float(starved_LE.double().mean()))
+        self._track_starvation(starved_LE, trainer.global_step)
+        every = self.log_every_n_steps or trainer.log_every_n_steps or 1
+        if trainer.global_step % every == 0:
+            self._log(trainer, self._training_metrics())
+
+    def _training_metrics(self) -> dict[str, float]:
+        maxvio_L = self.batch_metric.compute()
+        self.batch_metric.reset()
+        metrics = {f"balance/maxvio_batch/{_layer_tag(n)}": float(v) for (n, _), v in zip(self.layers, maxvio_L)}
+        metrics["balance/maxvio_batch"] = float(maxvio_L.mean())
+        metrics["balance/dead_expert_fraction"] = sum(self._dead_this_window) / max(len(self._dead_this_window), 1)
+        self._dead_this_window = []
+        biases = [(n, getattr(m.gate, "e_score_correction_bias", None)) for n, m in self.layers]
+        for name, bias in biases:
+            if isinstance(bias, torch.Tensor):
+                metrics[f"balance/bias_min/{_layer_tag(name)}"] = float(bias.min())
+                metrics[f"balance/bias_max/{_layer_tag(name)}"] = float(bias.max())
+        return metrics
+
+    def _track_starvation(self, starved_LE: torch.Tensor, step: int) -> None:
+        assert self.starved_steps_LE is not None
+        self.starved_steps_LE = torch.where(starved_LE, self.starved_steps_LE + 1, 0)
+        if not self.dead_expert_patience:
+            return
+        for layer, expert in (self.starved_steps_LE == self.dead_expert_patience).nonzero().tolist():
+            # warned once, when the streak reaches the patience; a longer streak does not repeat it
+            _warn_rank_zero(f"expert {expert} of MoE layer {self.layers[layer][0]!r} has received no token "
+                            f"for {self.dead_expert_patience} optimizer steps (step {step}); it is dead "
+                            "weight: consider a balancing router (aux_free) or a larger balance coefficient")
+
+    # -- validation: never moves a bias, measures MaxVio_global -----------------------------------------
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._find_layers_if_needed(pl_module)
+        if not self.layers:
+            return
+        self._parked_counts_LE = _read_counts(self.layers)  # training counts of an unfinished step
+        for _, m in self.layers:
+            m.tokens_per_expert.zero_()
+
+    def _find_layers_if_needed(self, pl_module: L.LightningModule) -> None:
+        if not self.layers:
+            self._find_layers(pl_module)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self.layers or self._parked_counts_LE is None:
+            return
+        self.val_load.update(_read_counts(self.layers))
+        _write_counts(self.layers, self._parked_counts_LE)
+        self._parked_counts_LE = None
+        maxvio_L = self.val_load.compute()  # syncs over the ranks
+        counts_LE = self.val_load.counts_LE.clone()
+        self.val_load.reset()
+        metrics = {f"balance/maxvio_global/{_layer_tag(n)}": float(v) for (n, _), v in zip(self.layers, maxvio_L)}
+        metrics["balance/maxvio_global"] = float(maxvio_L.mean())
+        if not trainer.sanity_checking:
+            self._log(trainer, metrics)
+        panels = {f"validation load at step {trainer.global_step}": counts_LE}
+        if self.train_load.update_count:
+            self._last_train_window = {self._train_window_title(trainer): self.train_load.counts_LE.clone()}
+            panels = {**self._last_train_window, **panels}
+            self.train_load.reset()  # each training panel covers the steps since the previous one
+        self._heatmap(trainer, panels, f"step{trainer.global_step:06d}.png")
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self.layers:
+            return
+        panels = self._last_train_window  # a validation on the last step already took the window
+        if self.train_load.update_count:
+            panels = {self._train_window_title(trainer): self.train_load.counts_LE.clone()}
+        if panels:
+            self._heatmap(trainer, panels, "final.png")
+
+    def _train_window_title(self, trainer: L.Trainer) -> str:
+        return f"training load, {self.train_load.update_count} steps up to step {trainer.global_step}"
+
+    # -- output -----------------------------------------------------------------------------------
+    def _log(self, trainer: L.Trainer, metrics: dict[str, float]) -> None:
+        # straight to the loggers: the values are already global, and Lightning's own logging
+        # cadence would drop steps that do not fall on its log_every_n_steps
+        self.last_metrics.update(metrics)
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
+
+    def _heatmap(self, trainer: L.Trainer, panels: dict[str, torch.Tensor], filename: str) -> None:
+        if not self.heatmaps or trainer.global_rank != 0:
+            return
+        path = log_dir(trainer) / "expert_load" / filename
+        plot_load_heatmaps(panels, [_layer_tag(n) for n, _ in self.layers], path)
+        self.heatmap_paths.append(path)
+
+    # -- checkpointing ----------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"starved_steps_LE": self.starved_steps_LE}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.starved_steps_LE = state_dict.get("starved_steps_LE")
+
+
+@rank_zero_only
+def _warn_rank_zero(message: str) -> None:
+    warnings.warn(message, RuntimeWarning, stacklevel=2)
+
+
+def plot_load_heatmaps(panels: dict[str, torch.Tensor], layer_names: list[str], path: Path) -> Path:
+    """One layers × experts heatmap per panel (title → counts [L, E]) of each expert's load
+    relative to its layer's mean: 1 is a fair share, 0 a dead expert, 2 twice its share."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # headless: never needs a display
+    import matplotlib.pyplot as plt
+
+    L_, E = next(iter(panels.values())).shape
+    fig, axes = plt.subplots(len(panels), 1, squeeze=False,
+                             figsize=(max(6.0, 0.35 * E + 3.5), len(panels) * max(2.2, 0.45 * L_ + 1.3)))
+    for ax, (title, counts_LE) in zip(axes[:, 0], panels.items()):
+        counts_LE = counts_LE.double().cpu()
+        relative_LE = counts_LE / counts_LE.mean(dim=-1, keepdim=True).clamp_min(1e-12)
+        image = ax.imshow(relative_LE.numpy(), cmap="coolwarm", vmin=0.0, vmax=2.0, aspect="auto")
+        ax.set_xticks(range(E))
+        ax.set_yticks(range(L_), [f"{n} (MaxVio {float(v):.2f})" for n, v in zip(layer_names, max_violation(counts_LE))])
+        ax.set_title(title, fontsize=10)
+        fig.colorbar(image, ax=ax, label="load / mean")
+    axes[-1, 0].set_xlabel("expert")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

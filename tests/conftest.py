@@ -1,0 +1,33 @@
+"""Shared test fixtures. Tests never download anything and never inherit cluster variables."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+_CLUSTER_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK")
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """The environment for a subprocess: no SLURM/torchrun variables, offline, plus ``extra``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and k not in _CLUSTER_VARS}
+    env.update(HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", **extra)
+    return env
+
+
+@pytest.fixture(autouse=True)
+def _no_cluster_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for key in list(os.environ):
+        if key.startswith("SLURM_") or key in _CLUSTER_VARS:
+            monkeypatch.delenv(key, raising=False)
+
+
+@pytest.fixture
+def moeframe_cmd() -> list[str]:
+    """The installed console script, run with this interpreter."""
+    return [sys.executable, "-m", "moeframe.cli"]
