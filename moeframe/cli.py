@@ -80,6 +80,10 @@ def plugins_command(argv: list[str]) -> int:
 
 EXTRA_COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "plugins": (plugins_command, "list installed plugins by kind, name, distribution and version"),
+    "prepare": (lambda argv: importlib.import_module("moeframe.data.prepare").prepare_command(argv),
+                "tokenise text/JSONL/Parquet once into Megatron-format token shards"),
+    "generate": (lambda argv: importlib.import_module("moeframe.generate").generate_command(argv),
+                 "generate text from a trained checkpoint (greedy or top-p sampling, KV cache)"),
 }
 
 

@@ -197,3 +197,10 @@ class OptimConfig:
         _require(0 <= self.min_lr_ratio <= 1, f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         _require(0 < self.decay_fraction <= 1,
                  f"optim.decay_fraction must be in (0, 1], got {self.decay_fraction}")
+
+
+# Lightning checkpoints store these in hyper_parameters; allow torch.load(weights_only=True) to
+# read them back (resuming would otherwise need weights_only=False, i.e. trusting pickles).
+import torch.serialization as _serialization  # noqa: E402
+
+_serialization.add_safe_globals([ModelConfig, OptimConfig])

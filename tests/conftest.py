@@ -20,6 +20,12 @@ def clean_env(**extra: str) -> dict[str, str]:
     return env
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _private_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Prepared data goes to a per-session cache (subprocesses inherit it), never ~/.cache."""
+    os.environ["MOEFRAME_CACHE"] = str(tmp_path_factory.mktemp("moeframe-cache"))
+
+
 @pytest.fixture(autouse=True)
 def _no_cluster_env(monkeypatch: pytest.MonkeyPatch) -> None:
     for key in list(os.environ):

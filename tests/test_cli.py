@@ -83,7 +83,7 @@ BAD_INPUTS = [
     (["--model.init_args.config.n_heads", "5"], "model.n_heads=5 must divide model.dim=128"),
     (["--model.init_args.config.n_activated_experts", "9"], "larger than model.n_routed_experts"),
     (["--data.init_args.path", "/definitely/not/here"], "data.path '/definitely/not/here' does not exist"),
-    (["--data.init_args.path", "EMPTY"], "contains no text files"),
+    (["--data.init_args.path", "EMPTY"], "the folder is empty"),
     (["--model.init_args.config.vocab_size", "100"], "set model.vocab_size to at least 257"),
 ]
 
