@@ -1,0 +1,222 @@
+"""``moeframe inspect MODEL.yaml``: what a model costs, computed on the meta device.
+
+Nothing is allocated: the decoder is built on ``torch.device("meta")`` and every figure comes
+from its parameter shapes, so the 671B preset is inspected in seconds on a laptop.
+
+- Parameters by component, total and *activated per token* (every non-routed parameter plus
+  K/E of the routed experts of each MoE layer), with and without the input embedding.
+- KV-cache bytes per token: as the attention plugin stores it (absorbed latent for MLA) and as a
+  plain per-head K/V cache would.
+- Training FLOPs per token: 6 per activated matrix parameter (forward 2, backward 4; the
+  embedding lookup is not a matmul) plus the attention core, ``6·H·(d_qk + d_v)·T/2`` per layer
+  for causal attention over a sequence of T tokens.
+- A per-GPU memory estimate for weights, gradients and AdamW states under a parallel layout
+  (ZeRO stage over data parallelism, expert parallelism, precision). Activations depend on the
+  micro-batch, sequence length and recomputation, so they are not included.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from torch import nn
+
+from moeframe.config import ConfigError, ModelConfig
+from moeframe.model.base import AttentionBase, NormBase, RouterBase
+from moeframe.model.decoder import Decoder, build_decoder
+from moeframe.model.ffn import SwiGLU
+from moeframe.model.moe import MoE
+
+COMPONENTS = ("embedding", "head", "attention", "dense_ffn", "routed_experts", "shared_experts", "router", "norms", "mtp")
+
+
+@dataclass
+class Report:
+    name: str
+    parameters: dict[str, int]
+    total: int
+    activated: int
+    activated_without_embedding: int
+    kv_cache_bytes_per_token: Optional[int]
+    naive_kv_cache_bytes_per_token: int
+    training_flops_per_token: int
+    seq_len: int
+    memory_per_gpu_gib: dict[str, float]
+
+
+def load_model_config(path: str | Path) -> ModelConfig:
+    import yaml
+
+    data = yaml.safe_load(Path(path).read_text())
+    # a run config (model: {init_args: {config: ...}}) works too
+    if isinstance(data, dict) and "model" in data and isinstance(data["model"], dict):
+        inner = data["model"].get("init_args", data["model"]).get("config")
+        if isinstance(inner, str):
+            return load_model_config(Path(path).parent / inner)
+        data = inner
+    try:
+        return ModelConfig(**data)
+    except TypeError as exc:
+        raise ConfigError(f"{path}: {exc}; see moeframe.config.ModelConfig for the fields") from None
+
+
+def _component(name: str, owners: dict[str, str]) -> str:
+    for prefix, comp in owners.items():
+        if name == prefix or name.startswith(prefix + "."):
+            return comp
+    raise AssertionError(f"unclassified parameter {name}")
+
+
+def _owners(decoder: Decoder) -> dict[str, str]:
+    """Module name prefix -> component, most specific first."""
+    owners: dict[str, str] = {}
+    for name, m in decoder.named_modules():
+        if name.startswith("mtp"):
+            owners.setdefault("mtp", "mtp")
+        elif isinstance(m, AttentionBase):
+            owners[name] = "attention"
+        elif isinstance(m, RouterBase):
+            owners[name] = "router"
+        elif isinstance(m, MoE):
+            owners[f"{name}.experts"] = "routed_experts"
+            owners[f"{name}.shared_experts"] = "shared_experts"
+        elif isinstance(m, SwiGLU) and name.endswith(".ffn"):
+            owners[name] = "dense_ffn"
+        elif isinstance(m, NormBase):
+            owners[name] = "norms"
+    owners["embed"], owners["head"] = "embedding", "head"
+    return dict(sorted(owners.items(), key=lambda kv: -len(kv[0])))
+
+
+def count_by_component(decoder: Decoder) -> dict[str, int]:
+    counts = dict.fromkeys(COMPONENTS, 0)
+    owners = _owners(decoder)
+    for name, p in decoder.named_parameters():  # tied weights appear once
+        counts[_component(name, owners)] += p.numel()
+    return counts
+
+
+def _inactive_routed(decoder: Decoder) -> int:
+    cfg = decoder.config
+    per_layer = [sum(p.numel() for p in m.experts.parameters()) for _, m in decoder.moe_layers()]
+    return sum(n - n * cfg.n_activated_experts // cfg.n_routed_experts for n in per_layer)
+
+
+def _attention_dims(attn: nn.Module) -> tuple[int, int, int]:
+    heads = int(getattr(attn, "n_heads"))
+    qk = int(getattr(attn, "qk_head_dim", getattr(attn, "head_dim", 0)))
+    v = int(getattr(attn, "v_head_dim", getattr(attn, "head_dim", 0)))
+    return heads, qk, v
+
+
+def training_flops_per_token(decoder: Decoder, activated_matmul_params: int, seq_len: int) -> int:
+    core = 0
+    for block in decoder.layers:
+        heads, qk, v = _attention_dims(block.attn)
+        core += 6 * heads * (qk + v) * seq_len // 2
+    return 6 * activated_matmul_params + core
+
+
+def kv_bytes_per_token(decoder: Decoder, element_bytes: int) -> tuple[Optional[int], int]:
+    """(as the plugin caches it, as a plain per-head K and V cache would), all layers."""
+    cfg = decoder.config
+    attn = decoder.layers[0].attn
+    heads, qk, v = _attention_dims(attn)
+    naive = cfg.n_layers * heads * (qk + v) * element_bytes
+    try:
+        values = type(attn).kv_cache_values_per_token(cfg, attn_options(decoder))
+    except NotImplementedError:
+        return None, naive
+    return cfg.n_layers * values * element_bytes, naive
+
+
+def attn_options(decoder: Decoder) -> Any:
+    from moeframe.config import resolve_model_config
+
+    return resolve_model_config(decoder.config).attention.options
+
+
+def memory_per_gpu(counts: dict[str, int], zero: int, dp: int, ep: int, precision: str) -> dict[str, float]:
+    """GiB per GPU for weights, gradients and AdamW (two moments) under the layout."""
+    routed = counts["routed_experts"]
+    dense = sum(counts.values()) - routed
+    expert_dp = max(1, dp // ep)  # expert weights are data-parallel over the remaining ranks
+    weight_bytes = 1 if precision == "fp8" else 2
+    master = 4  # fp32 master weights (bf16 and fp8 training both keep them)
+    moment_bytes = 2 if precision == "fp8" else 4  # V3 keeps AdamW moments in BF16 with FP8
+
+    def sharded(n_dense: float, n_routed: float, stage_min: int) -> float:
+        return (n_dense / dp + n_routed / expert_dp) if zero >= stage_min else n_dense + n_routed
+
+    weights = sharded(dense, routed / ep, 3) * weight_bytes
+    grads = sharded(dense, routed / ep, 2) * 4
+    states = sharded(dense, routed / ep, 1) * (master + 2 * moment_bytes)
+    gib = 1024 ** 3
+    return {"weights": weights / gib, "gradients": grads / gib, "optimizer": states / gib,
+            "total": (weights + grads + states) / gib}
+
+
+def inspect_model(cfg: ModelConfig, name: str, seq_len: int = 4096, zero: int = 1, dp: int = 1, ep: int = 1,
+                  precision: str = "bf16") -> Report:
+    if ep < 1 or dp < 1 or dp % ep:
+        raise ConfigError(f"--dp ({dp}) must be a multiple of --ep ({ep}), both >= 1")
+    if cfg.n_routed_experts % ep:
+        raise ConfigError(f"--ep {ep} must divide n_routed_experts={cfg.n_routed_experts}")
+    decoder = build_decoder(cfg, device="meta")
+    counts = count_by_component(decoder)
+    total = sum(counts.values())
+    activated = total - _inactive_routed(decoder)
+    # vectors (norm scales, biases) and the embedding lookup are not matrix products
+    vectors = sum(p.numel() for p in decoder.parameters() if p.dim() < 2)
+    matmul_activated = activated - counts["embedding"] - vectors
+    kv, naive = kv_bytes_per_token(decoder, element_bytes=2)
+    return Report(name, counts, total, activated, activated - counts["embedding"], kv, naive,
+                  training_flops_per_token(decoder, matmul_activated, seq_len), seq_len,
+                  memory_per_gpu(counts, zero, dp, ep, precision))
+
+
+def _fmt(n: float) -> str:
+    if n >= 1e9:
+        return f"{n:,.0f} ({n / 1e9:.2f} B)"
+    return f"{n:,.0f} ({n / 1e6:.2f} M)" if n >= 1e6 else f"{n:,.0f}"
+
+
+def print_report(r: Report, zero: int, dp: int, ep: int, precision: str) -> None:
+    print(f"model {r.name}")
+    print("parameters by component:")
+    for comp in COMPONENTS:
+        if r.parameters[comp]:
+            print(f"  {comp:<16} {_fmt(r.parameters[comp])}")
+    print(f"total parameters                 {_fmt(r.total)}")
+    print(f"activated per token              {_fmt(r.activated)}")
+    print(f"activated per token, no embedding {_fmt(r.activated_without_embedding)}")
+    kv = f"{r.kv_cache_bytes_per_token:,}" if r.kv_cache_bytes_per_token is not None else "n/a (plugin has no cache)"
+    print(f"KV cache bytes/token (bf16)      {kv}   (plain per-head K/V: {r.naive_kv_cache_bytes_per_token:,})")
+    print(f"training FLOPs/token (T={r.seq_len})  {r.training_flops_per_token:.4g}")
+    m = r.memory_per_gpu_gib
+    print(f"memory per GPU, ZeRO-{zero} DP={dp} EP={ep} {precision}: weights {m['weights']:.1f} GiB, "
+          f"gradients {m['gradients']:.1f} GiB, optimizer {m['optimizer']:.1f} GiB, total {m['total']:.1f} GiB "
+          "(activations not included)")
+
+
+def inspect_command(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="moeframe inspect", description=__doc__.split("\n\n")[0])
+    p.add_argument("config", help="a model YAML (configs/model/*.yaml) or a run YAML that names one")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--seq-len", type=int, default=4096, help="sequence length for attention FLOPs")
+    p.add_argument("--zero", type=int, choices=[0, 1, 2, 3], default=1, help="ZeRO stage for the memory estimate")
+    p.add_argument("--dp", type=int, default=1, help="data-parallel ranks (including expert-parallel ones)")
+    p.add_argument("--ep", type=int, default=1, help="expert-parallel degree")
+    p.add_argument("--precision", choices=["bf16", "fp8"], default="bf16")
+    args = p.parse_args(argv)
+    report = inspect_model(load_model_config(args.config), Path(args.config).stem, args.seq_len, args.zero,
+                           args.dp, args.ep, args.precision)
+    if args.json:
+        print(json.dumps(asdict(report), indent=2))
+    else:
+        print_report(report, args.zero, args.dp, args.ep, args.precision)
+    return 0

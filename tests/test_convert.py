@@ -1,0 +1,223 @@
+"""HF DeepSeek checkpoints in and out: logit parity with transformers, round trips, FP8, bad input.
+
+Every checkpoint here is created by the test with transformers' own ``save_pretrained`` from a
+tiny random config: nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from moeframe.cli import main
+from moeframe.config import ConfigError
+from moeframe.convert import from_hf, load_moeframe, to_hf
+
+import transformers  # noqa: E402  (the numerical reference; pinned in requirements.txt)
+
+TINY = dict(vocab_size=96, hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=3,
+            num_attention_heads=4, num_key_value_heads=4, n_routed_experts=8, num_experts_per_tok=2,
+            n_shared_experts=1, first_k_dense_replace=1, kv_lora_rank=16, qk_nope_head_dim=8,
+            qk_rope_head_dim=4, v_head_dim=8, max_position_embeddings=64, num_nextn_predict_layers=0,
+            n_group=1, topk_group=1)
+
+
+def _hf_v3(folder: Path, seed: int = 0, **changes: object) -> "transformers.DeepseekV3ForCausalLM":
+    torch.manual_seed(seed)
+    cfg = transformers.DeepseekV3Config(**{**TINY, **changes})
+    model = transformers.DeepseekV3ForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if hasattr(m, "e_score_correction_bias"):
+                m.e_score_correction_bias.normal_(0, 0.2)  # a trained router's bias is not zero
+    model.save_pretrained(folder)
+    return model
+
+
+def _tensors(folder: Path) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(str(f)))
+    return out
+
+
+@pytest.mark.parametrize("changes", [
+    dict(q_lora_rank=16, n_group=2, topk_group=1),
+    dict(q_lora_rank=None, n_group=1, topk_group=1),
+    dict(q_lora_rank=16, n_group=4, topk_group=2, first_k_dense_replace=2, num_experts_per_tok=3),
+    dict(q_lora_rank=16, n_group=1, topk_group=1, rope_parameters={
+        "rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 16,
+        "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0}),
+], ids=["qlora-groups", "no-qlora", "groups4-dense2", "yarn"])
+def test_logits_match_transformers(tmp_path: Path, changes: dict) -> None:
+    hf = _hf_v3(tmp_path / "hf", **changes)
+    ours = from_hf(tmp_path / "hf", progress=False).eval()
+    ids = torch.randint(0, TINY["vocab_size"], (2, 24))
+    with torch.no_grad():
+        diff = (hf(ids).logits - ours(ids).logits).abs().max().item()
+    assert diff <= 1e-4
+
+
+def test_v2_lite_shape_imports(tmp_path: Path) -> None:
+    torch.manual_seed(1)
+    cfg = transformers.DeepseekV2Config(**{**TINY, "q_lora_rank": None, "n_shared_experts": 2, "n_group": 1,
+                                           "topk_group": 1})
+    hf = transformers.DeepseekV2ForCausalLM(cfg).eval()
+    hf.save_pretrained(tmp_path / "hf")
+    ours = from_hf(tmp_path / "hf", progress=False).eval()
+    assert ours.config.router["name"] == "topk" and ours.config.attention["q_lora_rank"] is None
+    ids = torch.randint(0, TINY["vocab_size"], (2, 16))
+    with torch.no_grad():
+        assert (hf(ids).logits - ours(ids).logits).abs().max().item() <= 1e-4
+
+
+def test_round_trip_is_bit_identical(tmp_path: Path) -> None:
+    _hf_v3(tmp_path / "hf", q_lora_rank=16, n_group=2, topk_group=1)
+    assert main(["convert", str(tmp_path / "hf"), str(tmp_path / "mf")]) == 0
+    assert main(["convert", str(tmp_path / "mf"), str(tmp_path / "back"), "--dtype", "float32"]) == 0
+    original, back = _tensors(tmp_path / "hf"), _tensors(tmp_path / "back")
+    assert set(original) == set(back)
+    for key, value in original.items():
+        assert back[key].dtype == value.dtype and torch.equal(back[key], value), key
+    # and transformers loads the export
+    reloaded = transformers.DeepseekV3ForCausalLM.from_pretrained(tmp_path / "back", dtype=torch.float32)
+    assert reloaded.config.n_group == 2
+
+
+def _reference_fp8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block quantisation written from the format description, independently of moeframe."""
+    rows, cols = w.shape
+    nr, nc = -(-rows // 128), -(-cols // 128)
+    scale = torch.empty(nr, nc)
+    q = torch.empty(rows, cols, dtype=torch.float8_e4m3fn)
+    for i in range(nr):
+        for j in range(nc):
+            block = w[i * 128:(i + 1) * 128, j * 128:(j + 1) * 128].float()
+            s = max(block.abs().max().item(), 1e-4) / 448.0
+            scale[i, j] = s
+            q[i * 128:(i + 1) * 128, j * 128:(j + 1) * 128] = (block / s).to(torch.float8_e4m3fn)
+    return q, scale
+
+
+def test_fp8_checkpoint_imports_within_rounding(tmp_path: Path) -> None:
+    # widths above 128 that are not multiples of it: ragged edge blocks
+    hf = _hf_v3(tmp_path / "hf", hidden_size=160, intermediate_size=200, moe_intermediate_size=136, q_lora_rank=16)
+    fp8_dir = tmp_path / "fp8"
+    shutil.copytree(tmp_path / "hf", fp8_dir)
+    tensors = _tensors(fp8_dir)
+    quantised: dict[str, torch.Tensor] = {}
+    for key, value in tensors.items():
+        if value.dim() == 2 and not any(s in key for s in ("embed_tokens", "lm_head", "mlp.gate.weight", "norm")):
+            quantised[key], quantised[f"{key}_scale_inv"] = _reference_fp8(value)
+        else:
+            quantised[key] = value
+    for f in fp8_dir.glob("*.safetensors"):
+        f.unlink()
+    save_file(quantised, str(fp8_dir / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((fp8_dir / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                     "weight_block_size": [128, 128]}
+    (fp8_dir / "config.json").write_text(json.dumps(config))
+
+    ours = from_hf(fp8_dir, progress=False).eval()
+    w = ours.layers[1].ffn.experts.w1[3]
+    ref = tensors["model.layers.1.mlp.experts.3.gate_proj.weight"]
+    # E4M3 keeps 3 mantissa bits: every element within 1/16 of its block's amax (plus subnormals)
+    assert (w - ref).abs().max() <= ref.abs().max() / 16
+    assert not torch.equal(w, ref)  # it really went through FP8
+    # the same FP8 weights dequantised by the test itself and loaded into transformers give the
+    # same logits: moeframe's dequantisation (block scales, ragged edges) is exact
+    dequantised = {k: (v.float() * quantised[f"{k}_scale_inv"].repeat_interleave(128, 0)[: v.shape[0]]
+                       .repeat_interleave(128, 1)[:, : v.shape[1]]) if v.dtype == torch.float8_e4m3fn else v
+                   for k, v in quantised.items() if not k.endswith("_scale_inv")}
+    deq_dir = tmp_path / "dequantised"
+    deq_dir.mkdir()
+    shutil.copy(tmp_path / "hf" / "config.json", deq_dir / "config.json")
+    save_file(dequantised, str(deq_dir / "model.safetensors"), metadata={"format": "pt"})
+    fp8_ref = transformers.DeepseekV3ForCausalLM.from_pretrained(deq_dir, dtype=torch.float32).eval()
+    ids = torch.randint(0, TINY["vocab_size"], (2, 16))
+    with torch.no_grad():
+        fp8_ref_logits, fp8_logits = fp8_ref(ids).logits, ours(ids).logits
+    assert (fp8_logits - fp8_ref_logits).abs().max() <= 1e-5
+    # and FP8 stays close to the full-precision model (random tiny weights: a loose bound)
+    full = transformers.DeepseekV3ForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    with torch.no_grad():
+        ref_logits = full(ids).logits
+    assert (fp8_logits - ref_logits).norm() / ref_logits.norm() < 0.15
+
+
+def test_fp8_export_has_the_released_layout(tmp_path: Path) -> None:
+    _hf_v3(tmp_path / "hf", hidden_size=160, q_lora_rank=16)
+    decoder = from_hf(tmp_path / "hf", progress=False)
+    to_hf(decoder, tmp_path / "fp8", fp8=True, progress=False)
+    cfg = json.loads((tmp_path / "fp8" / "config.json").read_text())
+    assert cfg["quantization_config"]["weight_block_size"] == [128, 128]
+    with safe_open(str(next((tmp_path / "fp8").glob("*.safetensors"))), "pt") as f:
+        w = f.get_tensor("model.layers.0.self_attn.kv_b_proj.weight")
+        s = f.get_tensor("model.layers.0.self_attn.kv_b_proj.weight_scale_inv")
+        assert w.dtype == torch.float8_e4m3fn and s.shape == (1, 1)
+        assert f.get_tensor("model.layers.0.mlp.gate_proj.weight_scale_inv").shape == (1, 2)  # 64 x 160
+        assert f.get_tensor("model.embed_tokens.weight").dtype == torch.bfloat16
+        assert f.get_tensor("model.layers.1.mlp.gate.weight").dtype == torch.float32
+    # and it comes back within FP8 rounding
+    again = from_hf(tmp_path / "fp8", progress=False)
+    a, b = decoder.layers[0].attn.wkv_b.weight, again.layers[0].attn.wkv_b.weight
+    assert (a - b).abs().max() <= a.abs().max() / 16
+
+
+def test_lightning_checkpoint_exports(tmp_path: Path) -> None:
+    """A checkpoint of a PretrainModule (what `moeframe fit` writes) converts to HF."""
+    from moeframe.training.pretrain import PretrainModule
+
+    _hf_v3(tmp_path / "hf", q_lora_rank=16)
+    decoder = from_hf(tmp_path / "hf", progress=False)
+    module = PretrainModule(decoder.config)
+    module.decoder = decoder
+    torch.save({"state_dict": module.state_dict(), "hyper_parameters": {"config": decoder.config}}, tmp_path / "m.ckpt")
+    assert torch.equal(load_moeframe(tmp_path / "m.ckpt").layers[1].ffn.experts.w2, decoder.layers[1].ffn.experts.w2)
+    assert main(["convert", str(tmp_path / "m.ckpt"), str(tmp_path / "out"), "--dtype", "float32"]) == 0
+    assert torch.equal(_tensors(tmp_path / "out")["model.layers.1.mlp.experts.5.down_proj.weight"],
+                       _tensors(tmp_path / "hf")["model.layers.1.mlp.experts.5.down_proj.weight"])
+
+
+def _bad(tmp_path: Path, capsys: pytest.CaptureFixture[str], src: Path, fragment: str) -> None:
+    assert main(["convert", str(src), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert fragment in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob("out.partial-*"))
+
+
+def test_bad_checkpoints_fail_clearly_and_leave_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    hf = tmp_path / "hf"
+    _hf_v3(hf, q_lora_rank=16)
+    # not a DeepSeek checkpoint
+    other = tmp_path / "llama"
+    other.mkdir()
+    (other / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    _bad(tmp_path, capsys, other, "model_type 'llama' is not a DeepSeek-V3/V2 checkpoint")
+    # a missing shard
+    sharded = tmp_path / "sharded"
+    shutil.copytree(hf, sharded)
+    (sharded / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {"model.norm.weight": "model.safetensors", "lm_head.weight": "model-00002.safetensors"}}))
+    _bad(tmp_path, capsys, sharded, "shard model-00002.safetensors is listed")
+    # a shape mismatch
+    wrong = tmp_path / "wrong"
+    shutil.copytree(hf, wrong)
+    cfg = json.loads((wrong / "config.json").read_text())
+    cfg["moe_intermediate_size"] = 24
+    (wrong / "config.json").write_text(json.dumps(cfg))
+    _bad(tmp_path, capsys, wrong, "mlp.experts.0.down_proj.weight has shape (32, 16), the config expects (32, 24)")
+    # an unknown quantisation
+    quant = tmp_path / "quant"
+    shutil.copytree(hf, quant)
+    cfg = json.loads((quant / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "gptq", "bits": 4}
+    (quant / "config.json").write_text(json.dumps(cfg))
+    _bad(tmp_path, capsys, quant, "unsupported quantization_config")

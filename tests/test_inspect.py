@@ -1,0 +1,75 @@
+"""`moeframe inspect`: counts checked against hand arithmetic, on the meta device."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from moeframe.cli import main
+from moeframe.inspect import inspect_model
+from moeframe.testing import tiny_config
+
+from .conftest import REPO
+
+
+def test_tiny_preset_counts_by_hand(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["inspect", str(REPO / "configs/model/tiny.yaml"), "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    D, V, E, F, Fd, L, moe_layers = 128, 512, 8, 128, 512, 4, 3
+    expected = {
+        "embedding": V * D, "head": V * D, "attention": L * 4 * D * D, "dense_ffn": 3 * D * Fd,
+        "routed_experts": moe_layers * E * 3 * D * F, "shared_experts": moe_layers * 3 * D * F,
+        "router": moe_layers * E * D, "norms": (2 * L + 1) * D, "mtp": 0,
+    }
+    assert r["parameters"] == expected
+    assert r["total"] == sum(expected.values())
+    # top-2 of 8: 6/8 of every MoE layer's routed experts are idle for a given token
+    assert r["activated"] == r["total"] - moe_layers * (E - 2) * 3 * D * F
+    assert r["activated_without_embedding"] == r["activated"] - V * D
+
+
+def test_flops_and_kv_cache_formulas() -> None:
+    cfg = tiny_config(n_layers=2, first_k_dense=1, vocab_size=64, dim=32, n_heads=4)
+    r = inspect_model(cfg, "t", seq_len=100)
+    matmul = r.activated - r.parameters["embedding"] - (2 * 2 + 1) * 32  # minus norm scales
+    attention_core = 2 * 6 * 4 * (8 + 8) * 100 // 2
+    assert r.training_flops_per_token == 6 * matmul + attention_core
+    assert r.naive_kv_cache_bytes_per_token == 2 * 4 * (8 + 8) * 2  # layers * heads * (k + v) * bf16
+
+
+def test_memory_estimate_shards_as_zero_and_ep_say() -> None:
+    cfg = tiny_config()
+    full = inspect_model(cfg, "t", zero=0, dp=4, ep=1).memory_per_gpu_gib
+    z1 = inspect_model(cfg, "t", zero=1, dp=4, ep=1).memory_per_gpu_gib
+    z3 = inspect_model(cfg, "t", zero=3, dp=4, ep=1).memory_per_gpu_gib
+    assert z1["optimizer"] == pytest.approx(full["optimizer"] / 4) and z1["weights"] == full["weights"]
+    assert z3["weights"] == pytest.approx(full["weights"] / 4) and z3["gradients"] == pytest.approx(full["gradients"] / 4)
+
+
+def test_bad_layout_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["inspect", str(REPO / "configs/model/tiny.yaml"), "--dp", "4", "--ep", "3"]) == 2
+    assert "--dp (4) must be a multiple of --ep (3)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("preset", "total", "activated", "activated_no_embedding"), [
+    # figures counted by HF transformers on the meta device (../shared/V3-REFERENCE.md §1)
+    ("v3-671b", 671_026_404_352, 37_552_282_624, 36_625_603_584),
+    ("v2-lite", 15_706_484_224, None, 2_451_435_008),
+])
+def test_released_shapes_match_transformers_counts(preset: str, total: int, activated: int | None,
+                                                   activated_no_embedding: int,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["inspect", str(REPO / "configs" / "model" / f"{preset}.yaml"), "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["total"] == total
+    assert r["activated_without_embedding"] == activated_no_embedding
+    if activated is not None:
+        assert r["activated"] == activated
+
+
+def test_v3_kv_cache_is_the_absorbed_latent(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["inspect", str(REPO / "configs/model/v3-671b.yaml"), "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["kv_cache_bytes_per_token"] == 61 * (512 + 64) * 2  # latent + rope key, bf16
+    assert r["naive_kv_cache_bytes_per_token"] == 61 * 128 * ((128 + 64) + 128) * 2  # 40,960 values/layer
