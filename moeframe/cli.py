@@ -80,6 +80,10 @@ def plugins_command(argv: list[str]) -> int:
 
 EXTRA_COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "plugins": (plugins_command, "list installed plugins by kind, name, distribution and version"),
+    "convert": (lambda argv: importlib.import_module("moeframe.convert.hf").convert_command(argv),
+                "HF DeepSeek-V3/V2 folders <-> moeframe checkpoints (BF16 or FP8 block format)"),
+    "inspect": (lambda argv: importlib.import_module("moeframe.inspect").inspect_command(argv),
+                "parameters, activated parameters, KV cache, FLOPs and memory of a model config (meta device)"),
     "prepare": (lambda argv: importlib.import_module("moeframe.data.prepare").prepare_command(argv),
                 "tokenise text/JSONL/Parquet once into Megatron-format token shards"),
     "generate": (lambda argv: importlib.import_module("moeframe.generate").generate_command(argv),
@@ -106,7 +110,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     from_shell = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in EXTRA_COMMANDS:
-        return EXTRA_COMMANDS[argv[0]][0](argv[1:])
+        try:
+            return EXTRA_COMMANDS[argv[0]][0](argv[1:])
+        except ConfigError as exc:
+            print(f"moeframe {argv[0]}: error: {exc}", file=sys.stderr)
+            return 2
     from argparse import ArgumentError
 
     ConfigError.raised.clear()
