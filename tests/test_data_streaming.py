@@ -217,3 +217,30 @@ def test_resume_mid_epoch_sees_exactly_the_uninterrupted_batches(tmp_path: Path,
         assert {h for _, h in _seen(tmp_path / "full", 0)}.isdisjoint({h for _, h in _seen(tmp_path / "full", 1)})
     # the run crossed at least one epoch boundary
     assert json.loads(Path(f"{tmp_path / 'full'}.rank0.json").read_text())["epoch"] >= 1
+
+
+def test_parquet_column(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (tmp_path / "raw").mkdir()
+    pq.write_table(pa.table({"content": [f"parquet row {i}" for i in range(6)], "n": list(range(6))}),
+                   tmp_path / "raw" / "rows.parquet")
+    summary = prepare(collect_sources([tmp_path / "raw"]), tmp_path / "out", field_name="content",
+                      val_permille=0, workers=1, quiet=True)
+    assert summary.documents == 6
+    ds = IndexedDataset(tmp_path / "out" / "train" / "shard_00000")
+    assert bytes(ds[4][:-1].astype(np.uint8)) == b"parquet row 4" and ds[4][-1] == 256
+
+
+def test_prepare_command_prints_a_summary(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from moeframe.cli import main
+
+    raw = _corpus(tmp_path / "raw", 6)
+    assert main(["prepare", str(raw), "-o", str(tmp_path / "out"), "--workers", "1"]) == 0
+    line = capsys.readouterr().out
+    assert "prepared" in line and "6 documents" in line and "tokens/s" in line
+    assert main(["prepare", str(raw), "-o", str(tmp_path / "out"), "--workers", "1"]) == 0
+    assert "already prepared" in capsys.readouterr().out
+    assert main(["prepare", str(tmp_path / "nothing"), "-o", str(tmp_path / "o2")]) == 2
+    assert "does not exist" in capsys.readouterr().err
