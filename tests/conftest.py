@@ -6,6 +6,7 @@ import os
 import sys
 from pathlib import Path
 
+import lightning  # noqa: F401  (first import here: its log handler must not bind a test's captured stderr)
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]

@@ -2,6 +2,10 @@
 
 The baseline against which MLA is measured. The score matrix is never built in Python: the
 core is ``scaled_dot_product_attention`` (flash/memory-efficient kernels where available).
+
+For generation it keeps the plain cache: rotated keys and values of every key/value head,
+``2·G·d`` values per token per layer (G key/value heads of size d). MLA exists to shrink that.
+Shapes: G key/value heads, d head size, S cached tokens (see ``moeframe.model.base``).
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moeframe.model.base import AttentionBase, PluginOptions
+from moeframe.model.base import AttentionBase, AttentionCache, PluginOptions
 from moeframe.model.rope import apply_rope, rope_cos_sin
 
 if TYPE_CHECKING:
@@ -46,6 +50,35 @@ def document_mask(document_ids_BT: torch.Tensor) -> torch.Tensor:
     return (same_doc_BTT & causal_TT)[:, None]
 
 
+def cached_causal_mask(start: int, num_new: int, device: torch.device) -> torch.Tensor:
+    """Boolean [T, S] mask for T new tokens at positions ``start...`` over all S = start + T
+    cached tokens. SDPA's ``is_causal`` aligns the diagonal top-left, which is wrong as soon as
+    earlier tokens are cached, hence an explicit mask."""
+    query_pos_T = torch.arange(start, start + num_new, device=device)
+    key_pos_S = torch.arange(start + num_new, device=device)
+    return key_pos_S[None, :] <= query_pos_T[:, None]
+
+
+class KVCache(AttentionCache):
+    """Per-head keys (after RoPE) and values: [B, G, max_len, d] each."""
+
+    def __init__(self, batch_size: int, n_kv_heads: int, head_dim: int, max_len: int,
+                 device: torch.device, dtype: torch.dtype) -> None:
+        super().__init__(batch_size, max_len)
+        self.k_BGSd = torch.zeros(batch_size, n_kv_heads, max_len, head_dim, device=device, dtype=dtype)
+        self.v_BGSd = torch.zeros_like(self.k_BGSd)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.k_BGSd, self.v_BGSd]
+
+    def append(self, k_BGTd: torch.Tensor, v_BGTd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store the new tokens; return views of every cached key and value (S = new length)."""
+        start, end = self.reserve(k_BGTd.shape[2])
+        self.k_BGSd[:, :, start:end] = k_BGTd
+        self.v_BGSd[:, :, start:end] = v_BGTd
+        return self.k_BGSd[:, :, :end], self.v_BGSd[:, :, :end]
+
+
 class MultiHeadAttention(AttentionBase):
     Options = MHAOptions
 
@@ -60,8 +93,19 @@ class MultiHeadAttention(AttentionBase):
         self.wv = nn.Linear(config.dim, self.n_kv_heads * self.head_dim, bias=options.qkv_bias)
         self.wo = nn.Linear(self.n_heads * self.head_dim, config.dim, bias=False)
 
+    @classmethod
+    def kv_cache_values_per_token(cls, config: "ModelConfig", options: MHAOptions) -> int:
+        return 2 * (options.n_kv_heads or config.n_heads) * config.head_dim
+
+    def new_cache(self, batch_size: int, max_len: int, device: torch.device, dtype: torch.dtype) -> KVCache:
+        return KVCache(batch_size, self.n_kv_heads, self.head_dim, max_len, device, dtype)
+
     def forward(
-        self, x_BTD: torch.Tensor, positions_T: torch.Tensor, document_ids_BT: Optional[torch.Tensor] = None
+        self,
+        x_BTD: torch.Tensor,
+        positions_T: torch.Tensor,
+        document_ids_BT: Optional[torch.Tensor] = None,
+        cache: Optional[AttentionCache] = None,
     ) -> torch.Tensor:
         B, T, _ = x_BTD.shape
         q_BHTd = self.wq(x_BTD).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
@@ -70,7 +114,16 @@ class MultiHeadAttention(AttentionBase):
         cos, sin = rope_cos_sin(positions_T, self.head_dim, self.rope_theta, x_BTD.dtype)
         q_BHTd, k_BGTd = apply_rope(q_BHTd, cos, sin), apply_rope(k_BGTd, cos, sin)
         gqa = self.n_kv_heads != self.n_heads
-        if document_ids_BT is None:
+        if cache is not None:
+            if document_ids_BT is not None:
+                raise ValueError("packed documents (document_ids_BT) cannot be decoded with a cache")
+            assert isinstance(cache, KVCache), f"mha got a {type(cache).__name__}, not its own KVCache"
+            start = cache.length
+            k_BGSd, v_BGSd = cache.append(k_BGTd, v_BGTd)
+            # one new token sees everything cached: no mask needed
+            mask_TS = None if T == 1 else cached_causal_mask(start, T, x_BTD.device)
+            out = F.scaled_dot_product_attention(q_BHTd, k_BGSd, v_BGSd, attn_mask=mask_TS, enable_gqa=gqa)
+        elif document_ids_BT is None:
             out = F.scaled_dot_product_attention(q_BHTd, k_BGTd, v_BGTd, is_causal=True, enable_gqa=gqa)
         else:
             out = F.scaled_dot_product_attention(

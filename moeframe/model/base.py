@@ -7,7 +7,8 @@ into the plugin's ``Options`` before anything is allocated, so a wrong field fai
 with the plugin's name, the field and the fields that exist.
 
 Shape legend used across moeframe: B batch, T sequence, D model width, H heads, K experts per
-token, E experts, F expert/FFN width, V vocabulary, N tokens routed (T·K after flattening).
+token, E experts, F expert/FFN width, V vocabulary, N tokens routed (T·K after flattening),
+S tokens held by a KV cache (the cached ones plus the T new ones).
 """
 
 from __future__ import annotations
@@ -79,11 +80,60 @@ def parse_options(kind: str, name: str, cls: type[PluginOptions], values: dict[s
     return cls(**coerced)
 
 
+class AttentionCache:
+    """What one attention layer keeps of past tokens so that decoding never recomputes them.
+
+    The cache owns the position counter: ``length`` tokens are stored, so the next tokens sit at
+    positions ``length, length + 1, ...``. A plugin subclasses it with its own tensors,
+    preallocated for ``max_len`` tokens (no re-allocation while decoding), and lists them in
+    ``tensors()`` so that ``nbytes()`` measures what the cache really holds.
+    """
+
+    def __init__(self, batch_size: int, max_len: int) -> None:
+        if batch_size <= 0 or max_len <= 0:
+            raise ValueError(f"a cache needs batch_size > 0 and max_len > 0, got {batch_size}, {max_len}")
+        self.batch_size = batch_size
+        self.max_len = max_len
+        self.length = 0
+
+    def tensors(self) -> list[torch.Tensor]:
+        """The storage of the cache (subclasses list every tensor they allocate)."""
+        return []
+
+    def nbytes(self) -> int:
+        """Bytes of storage held, measured on the tensors (shared storage counted once)."""
+        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in self.tensors()}
+        return sum(storages.values())
+
+    def reserve(self, num_new: int) -> tuple[int, int]:
+        """Claim room for ``num_new`` tokens; return the slice ``(start, end)`` they occupy.
+
+        Raises ValueError when the cache is full: silently overwriting old tokens would
+        make decoding wrong without a trace.
+        """
+        start, end = self.length, self.length + num_new
+        if end > self.max_len:
+            raise ValueError(
+                f"KV cache overflow: {self.length} tokens cached + {num_new} new > max_len={self.max_len}; "
+                "create the cache with a larger max_len (at most model.max_seq_len)"
+            )
+        self.length = end
+        return start, end
+
+
 class AttentionBase(nn.Module, abc.ABC):
-    """Causal self-attention. ``forward(x_BTD, positions_T, document_ids_BT) -> y_BTD``.
+    """Causal self-attention. ``forward(x_BTD, positions_T, document_ids_BT, cache=None) -> y_BTD``.
 
     ``document_ids_BT`` (optional) marks packed documents; a token must never attend to a token
     of another document when it is given.
+
+    Incremental decoding (optional): a plugin that supports it overrides ``new_cache`` and
+    accepts ``cache`` in ``forward``. With a cache, the T new tokens are at positions
+    ``cache.length ...`` (the decoder passes exactly those as ``positions_T``); the plugin
+    stores what it needs of them, attends from them to every cached token and to the earlier
+    new tokens, and advances the cache (``AttentionCache.reserve``). Without a cache,
+    ``forward`` is the training path and must not require the argument, so plugins written
+    before the cache API keep working for training.
     """
 
     Options: ClassVar[type[PluginOptions]] = PluginOptions
@@ -93,9 +143,27 @@ class AttentionBase(nn.Module, abc.ABC):
 
     @abc.abstractmethod
     def forward(
-        self, x_BTD: torch.Tensor, positions_T: torch.Tensor, document_ids_BT: Optional[torch.Tensor] = None
+        self,
+        x_BTD: torch.Tensor,
+        positions_T: torch.Tensor,
+        document_ids_BT: Optional[torch.Tensor] = None,
+        cache: Optional[AttentionCache] = None,
     ) -> torch.Tensor:
-        """Attend causally over T; return the attention output projected back to D."""
+        """Attend causally over T (and over the cached tokens); return the output projected to D."""
+
+    def new_cache(
+        self, batch_size: int, max_len: int, device: torch.device, dtype: torch.dtype
+    ) -> AttentionCache:
+        """An empty cache for ``batch_size`` sequences of up to ``max_len`` tokens."""
+        raise NotImplementedError(
+            f"attention plugin {type(self).__module__}.{type(self).__qualname__} has no KV cache: "
+            "implement new_cache() and accept forward(..., cache=...) to support incremental decoding"
+        )
+
+    @classmethod
+    def kv_cache_values_per_token(cls, config: "ModelConfig", options: PluginOptions) -> int:
+        """Values one layer's cache stores per token (multiply by the element size for bytes)."""
+        raise NotImplementedError(f"attention plugin {cls.__qualname__} does not report its cache size")
 
 
 @dataclass
@@ -121,6 +189,9 @@ class RouterBase(nn.Module, abc.ABC):
     """
 
     Options: ClassVar[type[PluginOptions]] = PluginOptions
+    # A router that needs the sequence structure of its flat input (a per-sequence balance loss)
+    # sets this and takes ``forward(x_TD, seq_len)``: x_TD is then B sequences of seq_len tokens.
+    takes_seq_len: ClassVar[bool] = False
 
     def __init__(self, config: "ModelConfig", options: PluginOptions) -> None:
         super().__init__()

@@ -6,6 +6,10 @@ router, experts and norm are used is decided by the registry (see ``moeframe.con
 
 Build on the meta device (``build_decoder(cfg, device="meta")``) to inspect any size without
 allocating, then ``materialize`` on a real device, which initialises every weight.
+
+Generation: ``cache = decoder.new_cache(batch_size, max_len)`` holds one attention cache per
+layer; ``decoder(ids, cache=cache)`` processes only the new tokens (a whole prompt, then one
+token at a time) at the positions that follow the cached ones.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import torch
 from torch import nn
 
 from moeframe.config import ModelConfig, ModelPlan, resolve_model_config
-from moeframe.model.base import NormBase, RouterBase, default_init
+from moeframe.model.base import AttentionCache, NormBase, RouterBase, default_init
 from moeframe.model.ffn import SwiGLU
 from moeframe.model.moe import MoE
 
@@ -30,6 +34,25 @@ class DecoderOutput:
     logits: torch.Tensor
     aux_loss: torch.Tensor
     aux_losses: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class DecoderCache:
+    """One attention cache per layer; the next tokens go at position ``length``."""
+
+    def __init__(self, layers: list[AttentionCache]) -> None:
+        self.layers = layers
+
+    @property
+    def length(self) -> int:
+        return self.layers[0].length
+
+    @property
+    def max_len(self) -> int:
+        return self.layers[0].max_len
+
+    def nbytes(self) -> int:
+        """Bytes held by every layer's cache, measured on the tensors."""
+        return sum(layer.nbytes() for layer in self.layers)
 
 
 class Block(nn.Module):
@@ -45,9 +68,17 @@ class Block(nn.Module):
         )
 
     def forward(
-        self, x_BTD: torch.Tensor, positions_T: torch.Tensor, document_ids_BT: Optional[torch.Tensor] = None
+        self,
+        x_BTD: torch.Tensor,
+        positions_T: torch.Tensor,
+        document_ids_BT: Optional[torch.Tensor] = None,
+        cache: Optional[AttentionCache] = None,
     ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        h_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), positions_T, document_ids_BT)
+        a_BTD = self.attn_norm(x_BTD)
+        # `cache` is passed only when used, so attention plugins without a cache keep working
+        attn_BTD = (self.attn(a_BTD, positions_T, document_ids_BT) if cache is None
+                    else self.attn(a_BTD, positions_T, document_ids_BT, cache=cache))
+        h_BTD = x_BTD + attn_BTD
         if isinstance(self.ffn, MoE):
             y_BTD, aux_loss = self.ffn(self.ffn_norm(h_BTD))
             return h_BTD + y_BTD, aux_loss
@@ -55,7 +86,9 @@ class Block(nn.Module):
 
 
 class Decoder(nn.Module):
-    """A DeepSeek-style MoE language model. ``forward(input_ids [B, T]) -> DecoderOutput``."""
+    """A DeepSeek-style MoE language model. ``forward(input_ids [B, T]) -> DecoderOutput``.
+
+    ``forward(input_ids, cache=decoder.new_cache(B, max_len))`` decodes incrementally."""
 
     def __init__(self, config: ModelConfig, plan: Optional[ModelPlan] = None) -> None:
         super().__init__()
@@ -79,21 +112,46 @@ class Decoder(nn.Module):
             else:
                 default_init(module, std)
 
+    def new_cache(
+        self,
+        batch_size: int,
+        max_len: Optional[int] = None,
+        device: Union[str, torch.device, None] = None,
+        dtype: Optional[torch.dtype] = None,
+    ) -> DecoderCache:
+        """Empty caches for ``batch_size`` sequences of up to ``max_len`` tokens (default
+        model.max_seq_len), on the device and in the dtype of the weights unless given."""
+        max_len = self.config.max_seq_len if max_len is None else max_len
+        if max_len > self.config.max_seq_len:
+            raise ValueError(f"cache max_len={max_len} exceeds model.max_seq_len={self.config.max_seq_len}")
+        device = torch.device(device) if device is not None else self.embed.weight.device
+        dtype = dtype or self.embed.weight.dtype
+        return DecoderCache([block.attn.new_cache(batch_size, max_len, device, dtype) for block in self.layers])
+
+    def _positions(self, T: int, device: torch.device, positions_T: Optional[torch.Tensor],
+                   document_ids_BT: Optional[torch.Tensor], cache: Optional[DecoderCache]) -> torch.Tensor:
+        if cache is None:
+            if T > self.config.max_seq_len:
+                raise ValueError(f"sequence length {T} exceeds model.max_seq_len={self.config.max_seq_len}")
+            return torch.arange(T, device=device) if positions_T is None else positions_T
+        if positions_T is not None or document_ids_BT is not None:
+            raise ValueError("with a cache, positions come from the cache and documents cannot be packed: "
+                             "pass neither positions_T nor document_ids_BT")
+        return torch.arange(cache.length, cache.length + T, device=device)
+
     def forward(
         self,
         input_ids_BT: torch.Tensor,
         document_ids_BT: Optional[torch.Tensor] = None,
         positions_T: Optional[torch.Tensor] = None,
+        cache: Optional[DecoderCache] = None,
     ) -> DecoderOutput:
         T = input_ids_BT.shape[1]
-        if T > self.config.max_seq_len:
-            raise ValueError(f"sequence length {T} exceeds model.max_seq_len={self.config.max_seq_len}")
-        if positions_T is None:
-            positions_T = torch.arange(T, device=input_ids_BT.device)
+        positions_T = self._positions(T, input_ids_BT.device, positions_T, document_ids_BT, cache)
         x_BTD = self.embed(input_ids_BT)
         aux_losses: dict[str, torch.Tensor] = {}
-        for block in self.layers:
-            x_BTD, aux = block(x_BTD, positions_T, document_ids_BT)
+        for i, block in enumerate(self.layers):
+            x_BTD, aux = block(x_BTD, positions_T, document_ids_BT, None if cache is None else cache.layers[i])
             if aux is not None:
                 aux_losses[f"layer{block.layer_id}"] = aux
         logits_BTV = self.head(self.norm(x_BTD))
@@ -127,6 +185,14 @@ def materialize(decoder: Decoder, device: Union[str, torch.device] = "cpu") -> D
     decoder.to_empty(device=device)
     decoder.init_weights()
     return decoder
+
+
+def kv_cache_bytes_per_token(config: ModelConfig, dtype: torch.dtype = torch.bfloat16) -> int:
+    """Bytes the whole model's KV cache holds per token (every layer), from the attention
+    plugin's own count; nothing is built."""
+    plan = resolve_model_config(config)
+    values = plan.attention.cls.kv_cache_values_per_token(config, plan.attention.options)
+    return config.n_layers * values * dtype.itemsize
 
 
 def count_parameters(decoder: nn.Module) -> int:

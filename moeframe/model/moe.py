@@ -17,6 +17,11 @@ from moeframe.config import ModelPlan
 from moeframe.model.ffn import SwiGLU
 
 
+def _recomputing_in_backward() -> bool:
+    """True while autograd's backward runs this code, i.e. an activation-checkpoint recompute."""
+    return torch._C._current_graph_task_id() != -1
+
+
 class MoE(nn.Module):
     def __init__(self, plan: ModelPlan) -> None:
         super().__init__()
@@ -27,17 +32,21 @@ class MoE(nn.Module):
         self.shared_experts: Optional[SwiGLU] = (
             SwiGLU(cfg.dim, cfg.n_shared_experts * cfg.moe_ffn_dim) if cfg.n_shared_experts else None
         )
-        # not a parameter, not saved: a running count that callbacks read and reset
-        self.register_buffer("tokens_per_expert", torch.zeros(cfg.n_routed_experts), persistent=False)
+        # not a parameter, not saved: a running count that callbacks read and reset. Integer, so a
+        # low-precision cast of the module (bf16-true) cannot round the counts.
+        self.register_buffer("tokens_per_expert", torch.zeros(cfg.n_routed_experts, dtype=torch.int64),
+                             persistent=False)
 
     def init_weights(self, std: float) -> None:
         self.tokens_per_expert.zero_()
 
     def forward(self, x_BTD: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         x_TD = x_BTD.reshape(-1, x_BTD.shape[-1])
-        routing = self.gate(x_TD)
-        with torch.no_grad():
-            self.tokens_per_expert.add_(routing.tokens_per_expert_E.to(self.tokens_per_expert.dtype))
+        routing = self.gate(x_TD, seq_len=x_BTD.shape[1]) if self.gate.takes_seq_len else self.gate(x_TD)
+        # activation checkpointing re-runs this forward inside backward: count each token once
+        if not _recomputing_in_backward():
+            with torch.no_grad():
+                self.tokens_per_expert.add_(routing.tokens_per_expert_E.to(self.tokens_per_expert.dtype))
         y_TD = self.experts(x_TD, routing.weights_TK, routing.indices_TK)
         if self.shared_experts is not None:
             y_TD = y_TD + self.shared_experts(x_TD)

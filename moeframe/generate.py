@@ -1,0 +1,195 @@
+"""Text generation from a trained checkpoint: ``moeframe generate CKPT --prompt TEXT``.
+
+Decoding is incremental: the prompt goes through the decoder once (prefill), filling every
+layer's KV cache (``Decoder.new_cache``; what a layer stores is its attention plugin's business:
+per-head keys and values for ``mha``, a 576-value latent for ``mla``), then each step feeds only the
+newest token. ``--no-cache`` recomputes the whole prefix at every step instead: slower, and the
+reference the cache is tested against.
+
+Choosing the next token: greedy (``--temperature 0``, the default) takes the most likely one;
+otherwise the logits are divided by the temperature and sampled from the smallest set of tokens
+whose probability reaches ``--top-p`` (nucleus sampling). Tokens the tokenizer cannot decode
+(``model.vocab_size`` is often rounded up past the tokenizer's) are never chosen. Text is printed
+as soon as it decodes to whole characters.
+
+Shapes: B batch, T tokens, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import pickle
+import sys
+from pathlib import Path
+from typing import Iterator, Optional, TextIO, Union
+
+import torch
+
+from moeframe.config import ConfigError, ModelConfig
+from moeframe.model.decoder import Decoder, build_decoder, materialize
+
+__all__ = ["load_decoder", "top_p_filter", "next_token", "generate_ids", "TextStream", "generate_command"]
+
+
+def load_decoder(checkpoint: Union[str, Path], device: Union[str, torch.device] = "cpu") -> Decoder:
+    """The decoder of a PretrainModule Lightning checkpoint, in eval mode.
+
+    Read with ``weights_only=True`` (no arbitrary unpickling): ``moeframe.config`` registers
+    ModelConfig/OptimConfig as safe, which is all a PretrainModule checkpoint holds beyond tensors
+    and plain data.
+    """
+    path = Path(checkpoint)
+    if not path.is_file():
+        raise ConfigError(f"checkpoint {str(checkpoint)!r} does not exist (pass a .ckpt written by `moeframe fit`)")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise ConfigError(f"{path} holds objects other than tensors and moeframe configs, refused "
+                          f"for safety: {str(exc).splitlines()[0]}") from None
+    config = ckpt.get("hyper_parameters", {}).get("config")
+    if isinstance(config, dict):
+        config = ModelConfig(**config)
+    if not isinstance(config, ModelConfig) or "state_dict" not in ckpt:
+        raise ConfigError(f"{path} is not a checkpoint of a moeframe PretrainModule "
+                          "(no hyper_parameters.config / state_dict)")
+    state = {k.removeprefix("decoder."): v for k, v in ckpt["state_dict"].items() if k.startswith("decoder.")}
+    decoder = materialize(build_decoder(config, device="meta"), device)
+    decoder.load_state_dict(state, strict=True)
+    return decoder.eval()
+
+
+def top_p_filter(probs_BV: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Keep the most likely tokens until their mass reaches ``top_p`` (always at least one);
+    zero the rest and renormalise."""
+    sorted_BV, order_BV = probs_BV.sort(dim=-1, descending=True)
+    mass_before_BV = sorted_BV.cumsum(dim=-1) - sorted_BV  # mass of the strictly more likely tokens
+    sorted_BV = sorted_BV.masked_fill(mass_before_BV >= top_p, 0.0)
+    kept_BV = torch.zeros_like(probs_BV).scatter(-1, order_BV, sorted_BV)
+    return kept_BV / kept_BV.sum(dim=-1, keepdim=True)
+
+
+def next_token(logits_BV: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,
+               generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """The next token id per sequence [B]: argmax at temperature 0, else top-p sampling."""
+    if temperature <= 0:
+        return logits_BV.argmax(dim=-1)
+    probs_BV = torch.softmax(logits_BV.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        probs_BV = top_p_filter(probs_BV, top_p)
+    return torch.multinomial(probs_BV, 1, generator=generator)[:, 0]
+
+
+@torch.no_grad()
+def generate_ids(
+    decoder: Decoder,
+    prompt_BT: torch.Tensor,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    use_cache: bool = True,
+    eos_id: Optional[int] = None,
+    vocab_limit: Optional[int] = None,
+    generator: Optional[torch.Generator] = None,
+) -> Iterator[torch.Tensor]:
+    """Yield the next token of every sequence [B], step by step (at most ``max_new_tokens``).
+
+    Stops early when every sequence has just produced ``eos_id``. ``vocab_limit``: ids at or above
+    it are never produced. Prompt plus new tokens must fit in ``model.max_seq_len``.
+    """
+    B, T = prompt_BT.shape
+    if T + max_new_tokens > decoder.config.max_seq_len:
+        raise ValueError(f"prompt ({T} tokens) + max_new_tokens ({max_new_tokens}) exceeds "
+                         f"model.max_seq_len={decoder.config.max_seq_len}; ask for fewer tokens")
+    cache = decoder.new_cache(B, T + max_new_tokens) if use_cache else None
+    ids_BT = prompt_BT
+    step_input_BT = prompt_BT
+    for _ in range(max_new_tokens):
+        logits_BTV = decoder(step_input_BT if use_cache else ids_BT, cache=cache).logits
+        logits_BV = logits_BTV[:, -1].float()
+        if vocab_limit is not None:
+            logits_BV[:, vocab_limit:] = float("-inf")
+        token_B = next_token(logits_BV, temperature, top_p, generator)
+        yield token_B
+        if eos_id is not None and bool((token_B == eos_id).all()):
+            return
+        step_input_BT = token_B[:, None]
+        ids_BT = torch.cat((ids_BT, step_input_BT), dim=1)
+
+
+class TextStream:
+    """Print decoded text as tokens arrive, holding back an incomplete UTF-8 character."""
+
+    def __init__(self, tokenizer, out: TextIO) -> None:  # tokenizer: moeframe.data.tokenizer.Tokenizer
+        self.tokenizer, self.out = tokenizer, out
+        self.ids: list[int] = []
+        self.printed = ""
+
+    def put(self, token_id: int) -> None:
+        self.ids.append(token_id)
+        text = self.tokenizer.decode(self.ids)
+        if text.endswith("\ufffd"):
+            return  # the character is not complete yet
+        self.out.write(text[len(self.printed):])
+        self.out.flush()
+        self.printed = text
+
+    def finish(self) -> None:
+        """Print what was held back (generation ended inside a character)."""
+        text = self.tokenizer.decode(self.ids)
+        self.out.write(text[len(self.printed):])
+        self.printed = text
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="moeframe generate",
+                                description="Generate text from a PretrainModule checkpoint.")
+    p.add_argument("checkpoint", help="a .ckpt written by `moeframe fit` (e.g. runs/tiny/logs/version_0/checkpoints/last.ckpt)")
+    p.add_argument("--prompt", default="", help="text to continue (empty: start after an end-of-document token)")
+    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass, in (0, 1]")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--tokenizer", default="byte", help="'byte' or the tokenizer.json the model was trained with")
+    p.add_argument("--no-cache", action="store_true", help="recompute the whole prefix at every step")
+    p.add_argument("--stop-at-eos", action="store_true", help="stop at the end-of-document token")
+    p.add_argument("--device", default="cpu")
+    return p
+
+
+def generate_command(argv: list[str], out: Optional[TextIO] = None) -> int:
+    """``moeframe generate``: stream a continuation of ``--prompt`` to ``out`` (default stdout)."""
+    from moeframe.data.tokenizer import load_tokenizer
+
+    out = out or sys.stdout  # looked up now: tests and callers may have replaced sys.stdout
+    args = _parser().parse_args(argv)
+    try:
+        if args.max_new_tokens <= 0 or args.temperature < 0 or not 0 < args.top_p <= 1:
+            raise ConfigError("need --max-new-tokens > 0, --temperature >= 0 and 0 < --top-p <= 1")
+        tokenizer = load_tokenizer(args.tokenizer)
+        decoder = load_decoder(args.checkpoint, args.device)
+        if tokenizer.vocab_size > decoder.config.vocab_size:
+            raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only "
+                              f"{decoder.config.vocab_size}: pass the tokenizer it was trained with (--tokenizer)")
+        prompt = tokenizer.encode(args.prompt) or [tokenizer.eos_id]
+        prompt_BT = torch.tensor([prompt], device=args.device)
+        new_tokens = min(args.max_new_tokens, decoder.config.max_seq_len - len(prompt))
+        if new_tokens <= 0:
+            raise ConfigError(f"the prompt ({len(prompt)} tokens) fills model.max_seq_len={decoder.config.max_seq_len}")
+    except ConfigError as exc:
+        print(f"moeframe generate: error: {exc}", file=sys.stderr)
+        return 2
+    generator = torch.Generator(device=args.device).manual_seed(args.seed)
+    stream = TextStream(tokenizer, out)
+    out.write(args.prompt)
+    for token_B in generate_ids(decoder, prompt_BT, new_tokens, args.temperature, args.top_p,
+                                use_cache=not args.no_cache, eos_id=tokenizer.eos_id if args.stop_at_eos else None,
+                                vocab_limit=tokenizer.vocab_size, generator=generator):
+        stream.put(int(token_B[0]))
+    stream.finish()
+    out.write("\n")
+    out.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(generate_command(sys.argv[1:]))
