@@ -57,7 +57,7 @@ class ModelConfig:
     n_expert_groups: int = 1
     n_limited_groups: int = 1  # groups kept per token by group-limited routing
     route_scale: float = 1.0  # routed scaling factor applied to the gate weights
-    mtp_depth: int = 0  # multi-token prediction modules; not available in this version yet
+    mtp_depth: int = 0  # multi-token prediction depth D (DeepSeek-V3: 1); 0 disables it
     norm_eps: float = 1e-6
     init_std: float = 0.006
     max_seq_len: int = 4096
@@ -133,9 +133,8 @@ def _check_shapes(cfg: ModelConfig) -> None:
              f"model.n_activated_experts={cfg.n_activated_experts} exceeds the experts reachable in "
              f"the kept groups ({cfg.n_limited_groups} groups x {per_group} experts); "
              "raise n_limited_groups or lower top-k")
-    _require(cfg.mtp_depth == 0,
-             f"model.mtp_depth={cfg.mtp_depth}: multi-token prediction is not available in this "
-             "moeframe version; set mtp_depth: 0")
+    _require(isinstance(cfg.mtp_depth, int) and cfg.mtp_depth >= 0,
+             f"model.mtp_depth must be an integer >= 0 (0 disables multi-token prediction), got {cfg.mtp_depth!r}")
 
 
 def _divisor_near(n: int, guess: int) -> int:

@@ -38,7 +38,8 @@ COMPONENTS = ("embedding", "head", "attention", "dense_ffn", "routed_experts", "
 class Report:
     name: str
     parameters: dict[str, int]
-    total: int
+    total: int  # the main model; MTP modules are counted in parameters["mtp"] and total_with_mtp
+    total_with_mtp: int
     activated: int
     activated_without_embedding: int
     kv_cache_bytes_per_token: Optional[int]
@@ -102,7 +103,8 @@ def count_by_component(decoder: Decoder) -> dict[str, int]:
 
 def _inactive_routed(decoder: Decoder) -> int:
     cfg = decoder.config
-    per_layer = [sum(p.numel() for p in m.experts.parameters()) for _, m in decoder.moe_layers()]
+    per_layer = [sum(p.numel() for p in m.experts.parameters()) for name, m in decoder.moe_layers()
+                 if not name.startswith("mtp.")]
     return sum(n - n * cfg.n_activated_experts // cfg.n_routed_experts for n in per_layer)
 
 
@@ -142,7 +144,7 @@ def attn_options(decoder: Decoder) -> Any:
 
 def memory_per_gpu(counts: dict[str, int], zero: int, dp: int, ep: int, precision: str) -> dict[str, float]:
     """GiB per GPU for weights, gradients and AdamW (two moments) under the layout."""
-    routed = counts["routed_experts"]
+    routed = counts["routed_experts"]  # MTP modules train too: they are in the memory estimate
     dense = sum(counts.values()) - routed
     expert_dp = max(1, dp // ep)  # expert weights are data-parallel over the remaining ranks
     weight_bytes = 1 if precision == "fp8" else 2
@@ -168,13 +170,13 @@ def inspect_model(cfg: ModelConfig, name: str, seq_len: int = 4096, zero: int = 
         raise ConfigError(f"--ep {ep} must divide n_routed_experts={cfg.n_routed_experts}")
     decoder = build_decoder(cfg, device="meta")
     counts = count_by_component(decoder)
-    total = sum(counts.values())
+    total = sum(counts.values()) - counts["mtp"]  # what inference runs; MTP is a training aid
     activated = total - _inactive_routed(decoder)
     # vectors (norm scales, biases) and the embedding lookup are not matrix products
-    vectors = sum(p.numel() for p in decoder.parameters() if p.dim() < 2)
+    vectors = sum(p.numel() for n, p in decoder.named_parameters() if p.dim() < 2 and not n.startswith("mtp."))
     matmul_activated = activated - counts["embedding"] - vectors
     kv, naive = kv_bytes_per_token(decoder, element_bytes=2)
-    return Report(name, counts, total, activated, activated - counts["embedding"], kv, naive,
+    return Report(name, counts, total, total + counts["mtp"], activated, activated - counts["embedding"], kv, naive,
                   training_flops_per_token(decoder, matmul_activated, seq_len), seq_len,
                   memory_per_gpu(counts, zero, dp, ep, precision))
 
@@ -192,6 +194,8 @@ def print_report(r: Report, zero: int, dp: int, ep: int, precision: str) -> None
         if r.parameters[comp]:
             print(f"  {comp:<16} {_fmt(r.parameters[comp])}")
     print(f"total parameters                 {_fmt(r.total)}")
+    if r.parameters["mtp"]:
+        print(f"total with MTP modules           {_fmt(r.total_with_mtp)}")
     print(f"activated per token              {_fmt(r.activated)}")
     print(f"activated per token, no embedding {_fmt(r.activated_without_embedding)}")
     kv = f"{r.kv_cache_bytes_per_token:,}" if r.kv_cache_bytes_per_token is not None else "n/a (plugin has no cache)"

@@ -64,10 +64,24 @@ _NOT_IN_HF = re.compile(r"(^|\.)num_bias_updates$")
 _NEVER_FP8 = re.compile(r"(embed_tokens|lm_head|\.gate\.weight|layernorm|norm\.weight|e_score_correction_bias)")
 
 
-def hf_names(name: str, tensor_shape: tuple[int, ...]) -> list[tuple[str, Optional[int]]]:
-    """The HF key(s) of one moeframe tensor: [(hf_name, expert index or None)]."""
+_MTP_NAMES = {"enorm.weight": "enorm.weight", "hnorm.weight": "hnorm.weight", "eh_proj.weight": "eh_proj.weight",
+              "norm.weight": "shared_head.norm.weight"}
+
+
+def hf_names(name: str, tensor_shape: tuple[int, ...], n_layers: int) -> list[tuple[str, Optional[int]]]:
+    """The HF key(s) of one moeframe tensor: [(hf_name, expert index or None)].
+
+    MTP depth k is HF layer ``n_layers + k - 1`` (layer 61 in DeepSeek-V3): its own norms and
+    projection, then a full block under the usual per-layer names."""
     if name in _GLOBAL_NAMES:
         return [(_GLOBAL_NAMES[name], None)]
+    mtp = re.fullmatch(r"mtp\.(\d+)\.(.+)", name)
+    if mtp is not None:
+        layer, rest = n_layers + int(mtp.group(1)), mtp.group(2)
+        if rest in _MTP_NAMES:
+            return [(f"model.layers.{layer}.{_MTP_NAMES[rest]}", None)]
+        if rest.startswith("block."):
+            return hf_names(f"layers.{layer}.{rest[len('block.'):]}", tensor_shape, n_layers)
     m = re.fullmatch(r"layers\.(\d+)\.(.+)", name)
     if m is None:
         raise ConfigError(f"no HF name for moeframe tensor {name!r}")
@@ -90,8 +104,9 @@ def _rope(hf: dict[str, Any]) -> tuple[float, Optional[dict[str, Any]]]:
     return theta, scaling
 
 
-def config_from_hf(hf: dict[str, Any], path: str = "config.json") -> ModelConfig:
-    """A ModelConfig (MLA + DeepSeek router) from an HF DeepSeek V3/V2 ``config.json`` dict."""
+def config_from_hf(hf: dict[str, Any], path: str = "config.json", mtp: bool = True) -> ModelConfig:
+    """A ModelConfig (MLA + DeepSeek router) from an HF DeepSeek V3/V2 ``config.json`` dict;
+    ``mtp=False`` leaves the multi-token-prediction layers out."""
     model_type = hf.get("model_type")
     if model_type not in ("deepseek_v3", "deepseek_v2"):
         raise ConfigError(f"{path}: model_type {model_type!r} is not a DeepSeek-V3/V2 checkpoint")
@@ -118,7 +133,8 @@ def config_from_hf(hf: dict[str, Any], path: str = "config.json") -> ModelConfig
             n_routed_experts=hf["n_routed_experts"], n_activated_experts=hf["num_experts_per_tok"],
             n_shared_experts=hf.get("n_shared_experts") or 0, n_expert_groups=hf.get("n_group") or 1,
             n_limited_groups=hf.get("topk_group") or 1, route_scale=float(hf.get("routed_scaling_factor", 1.0)),
-            mtp_depth=0, norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+            mtp_depth=int(hf.get("num_nextn_predict_layers") or 0) if mtp else 0,
+            norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
             init_std=float(hf.get("initializer_range", 0.006)), max_seq_len=hf.get("max_position_embeddings", 4096),
             rope_theta=theta, tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
             attention=attention, router=router,
@@ -127,7 +143,7 @@ def config_from_hf(hf: dict[str, Any], path: str = "config.json") -> ModelConfig
         raise ConfigError(f"{path}: missing field {exc.args[0]!r} for a DeepSeek checkpoint") from None
 
 
-def config_to_hf(cfg: ModelConfig, fp8: bool = False) -> dict[str, Any]:
+def config_to_hf(cfg: ModelConfig, fp8: bool = False, mtp: bool = True) -> dict[str, Any]:
     """transformers' DeepseekV3 ``config.json`` for a moeframe MLA + DeepSeekMoE model."""
     att, router = dict(cfg.attention), dict(cfg.router)
     if att.get("name") != "mla" or router.get("name") not in ("aux_free", "topk"):
@@ -152,7 +168,7 @@ def config_to_hf(cfg: ModelConfig, fp8: bool = False) -> dict[str, Any]:
         "max_position_embeddings": cfg.max_seq_len, "initializer_range": cfg.init_std,
         "rms_norm_eps": cfg.norm_eps, "tie_word_embeddings": cfg.tie_embeddings, "rope_parameters": rope,
         "rope_interleave": bool(att.get("rope_interleave", True)), "attention_bias": False,
-        "num_nextn_predict_layers": cfg.mtp_depth, "scoring_func": "sigmoid" if router["name"] == "aux_free" else "softmax",
+        "num_nextn_predict_layers": cfg.mtp_depth if mtp else 0, "scoring_func": "sigmoid" if router["name"] == "aux_free" else "softmax",
         "topk_method": "noaux_tc" if router["name"] == "aux_free" else "greedy", "dtype": "bfloat16",
     }
     if fp8:
@@ -187,13 +203,13 @@ def _check_quantization(hf: dict[str, Any], path: Path) -> bool:
     return True
 
 
-def read_hf_config(folder: str | Path) -> tuple[dict[str, Any], ModelConfig]:
+def read_hf_config(folder: str | Path, mtp: bool = True) -> tuple[dict[str, Any], ModelConfig]:
     folder = Path(folder)
     cfg_path = folder / "config.json"
     if not folder.is_dir() or not cfg_path.is_file():
         raise ConfigError(f"{folder} is not an HF checkpoint folder (no config.json)")
     hf = json.loads(cfg_path.read_text())
-    return hf, config_from_hf(hf, str(cfg_path))
+    return hf, config_from_hf(hf, str(cfg_path), mtp)
 
 
 def _targets(decoder: Decoder) -> dict[str, tuple[torch.Tensor, Optional[int]]]:
@@ -202,22 +218,28 @@ def _targets(decoder: Decoder) -> dict[str, tuple[torch.Tensor, Optional[int]]]:
     for name, t in decoder.state_dict(keep_vars=True).items():
         if _NOT_IN_HF.search(name) or (decoder.config.tie_embeddings and name == "head.weight"):
             continue
-        for hf_name, expert in hf_names(name, tuple(t.shape)):
+        for hf_name, expert in hf_names(name, tuple(t.shape), decoder.config.n_layers):
             targets[hf_name] = (t, expert)
     return targets
 
 
-def _mtp_layer(hf_key: str, n_layers: int) -> bool:
-    m = re.match(r"model\.layers\.(\d+)\.", hf_key)
-    return m is not None and int(m.group(1)) >= n_layers
+def _skipped_on_import(hf_key: str, cfg: ModelConfig) -> bool:
+    """MTP layers beyond the loaded depth, and the MTP layers' copies of the shared embedding and
+    head (released checkpoints store them; moeframe shares the main model's)."""
+    m = re.match(r"model\.layers\.(\d+)\.(.+)", hf_key)
+    if m is None or int(m.group(1)) < cfg.n_layers:
+        return False
+    return int(m.group(1)) >= cfg.n_layers + cfg.mtp_depth or m.group(2) in (
+        "embed_tokens.weight", "shared_head.head.weight")
 
 
-def from_hf(path: str | Path, dtype: torch.dtype = torch.float32, progress: bool = True) -> Decoder:
-    """Load an HF DeepSeek-V3/V2 folder into a moeframe ``Decoder`` (see the module docstring)."""
+def from_hf(path: str | Path, dtype: torch.dtype = torch.float32, progress: bool = True, mtp: bool = True) -> Decoder:
+    """Load an HF DeepSeek-V3/V2 folder into a moeframe ``Decoder`` (see the module docstring);
+    ``mtp=False`` drops the checkpoint's multi-token-prediction layers."""
     from tqdm.auto import tqdm
 
     folder = Path(path)
-    hf, cfg = read_hf_config(folder)
+    hf, cfg = read_hf_config(folder, mtp)
     fp8 = _check_quantization(hf, folder / "config.json")
     files = _shard_files(folder)
     decoder = build_decoder(cfg, device="meta")
@@ -229,8 +251,8 @@ def from_hf(path: str | Path, dtype: torch.dtype = torch.float32, progress: bool
         with safe_open(file, framework="pt") as f:
             keys = set(f.keys())
             for key in sorted(keys):
-                if key.endswith("weight_scale_inv") or _mtp_layer(key, cfg.n_layers):
-                    continue  # scales are read with their weight; MTP layers: not part of the main model
+                if key.endswith("weight_scale_inv") or _skipped_on_import(key, cfg):
+                    continue  # scales are read with their weight
                 if key not in targets:
                     raise ConfigError(f"{file.name}: unexpected tensor {key!r} for this config; is config.json "
                                       "the one that belongs to these shards?")
@@ -257,11 +279,28 @@ def _copy_into(target: tuple[torch.Tensor, Optional[int]], value: torch.Tensor, 
 
 
 # -- writing --------------------------------------------------------------------------------------
-def _hf_tensors(decoder: Decoder, fp8: bool, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
-    for name, t in decoder.state_dict().items():
-        if _NOT_IN_HF.search(name) or (decoder.config.tie_embeddings and name == "head.weight"):
+def _hf_state(decoder: Decoder, mtp: bool) -> Iterator[tuple[str, torch.Tensor]]:
+    """The moeframe tensors to export, plus the released format's per-MTP-layer copies of the
+    shared embedding and head."""
+    cfg = decoder.config
+    state = decoder.state_dict()
+    for name, t in state.items():
+        if _NOT_IN_HF.search(name) or (cfg.tie_embeddings and name == "head.weight"):
             continue
-        for hf_name, expert in hf_names(name, tuple(t.shape)):
+        if name.startswith("mtp.") and not mtp:
+            continue
+        yield name, t
+    for k in range(cfg.mtp_depth if mtp else 0):
+        # separate storage: safetensors refuses tensors that share memory
+        yield f"@copy:model.layers.{cfg.n_layers + k}.embed_tokens.weight", state["embed.weight"].clone()
+        yield f"@copy:model.layers.{cfg.n_layers + k}.shared_head.head.weight", state["head.weight"].clone()
+
+
+def _hf_tensors(decoder: Decoder, fp8: bool, dtype: torch.dtype, mtp: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
+    for name, t in _hf_state(decoder, mtp):
+        names = ([(name[len("@copy:"):], None)] if name.startswith("@copy:")
+                 else hf_names(name, tuple(t.shape), decoder.config.n_layers))
+        for hf_name, expert in names:
             value = (t[expert] if expert is not None else t).detach().cpu()
             keep_fp32 = "e_score_correction_bias" in hf_name or hf_name.endswith("mlp.gate.weight")
             if fp8 and value.dim() == 2 and not _NEVER_FP8.search(hf_name):
@@ -273,8 +312,9 @@ def _hf_tensors(decoder: Decoder, fp8: bool, dtype: torch.dtype) -> Iterator[tup
 
 
 def to_hf(decoder: Decoder, out: str | Path, fp8: bool = False, dtype: torch.dtype = torch.bfloat16,
-          shard_bytes: int = 4 << 30, progress: bool = True) -> Path:
-    """Write ``decoder`` as an HF DeepSeek-V3 folder (atomically: a partial folder is renamed at the end)."""
+          shard_bytes: int = 4 << 30, progress: bool = True, mtp: bool = True) -> Path:
+    """Write ``decoder`` as an HF DeepSeek-V3 folder (atomically: a partial folder is renamed at
+    the end); ``mtp=False`` drops the MTP modules (inference-only export)."""
     from tqdm.auto import tqdm
 
     out = Path(out)
@@ -286,7 +326,7 @@ def to_hf(decoder: Decoder, out: str | Path, fp8: bool = False, dtype: torch.dty
         shards: list[list[str]] = [[]]  # keys per shard; tensors are written as each shard fills
         buffer: dict[str, torch.Tensor] = {}
         size = 0
-        for key, value in tqdm(_hf_tensors(decoder, fp8, dtype), desc="writing tensors", disable=not progress):
+        for key, value in tqdm(_hf_tensors(decoder, fp8, dtype, mtp), desc="writing tensors", disable=not progress):
             if size and size + value.nbytes > shard_bytes:
                 _write_shard(partial, len(shards), buffer)
                 shards.append([])
@@ -302,7 +342,7 @@ def to_hf(decoder: Decoder, out: str | Path, fp8: bool = False, dtype: torch.dty
         total_size = sum(f.stat().st_size for f in partial.glob("*.safetensors"))
         index = {"metadata": {"total_size": total_size}, "weight_map": weight_map}
         (partial / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-        (partial / "config.json").write_text(json.dumps(config_to_hf(decoder.config, fp8), indent=2))
+        (partial / "config.json").write_text(json.dumps(config_to_hf(decoder.config, fp8, mtp), indent=2))
         os.rename(partial, out)
     finally:
         shutil.rmtree(partial, ignore_errors=True)
@@ -370,12 +410,13 @@ def convert_command(argv: list[str]) -> int:
     p.add_argument("dst", help="output folder (must not exist)")
     p.add_argument("--fp8", action="store_true", help="HF export: DeepSeek's FP8 block format")
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16", help="HF export dtype")
+    p.add_argument("--drop-mtp", action="store_true", help="leave the multi-token-prediction modules out")
     args = p.parse_args(argv)
     src, dst = Path(args.src), Path(args.dst)
     if dst.exists():
         raise ConfigError(f"{dst} already exists; choose a new output folder")
     if (src / "config.json").is_file():
-        decoder = from_hf(src)
+        decoder = from_hf(src, mtp=not args.drop_mtp)
         partial = dst.parent / f"{dst.name}.partial-{uuid.uuid4().hex[:8]}"
         try:
             save_moeframe(decoder, partial)
@@ -384,7 +425,7 @@ def convert_command(argv: list[str]) -> int:
             shutil.rmtree(partial, ignore_errors=True)
         print(f"wrote moeframe checkpoint {dst} (moeframe.yaml + model.safetensors)")
     elif src.suffix == ".ckpt" or (src / "moeframe.yaml").is_file():
-        to_hf(load_moeframe(src), dst, fp8=args.fp8, dtype=getattr(torch, args.dtype))
+        to_hf(load_moeframe(src), dst, fp8=args.fp8, dtype=getattr(torch, args.dtype), mtp=not args.drop_mtp)
         print(f"wrote HF checkpoint {dst}{' (FP8 block format)' if args.fp8 else ''}")
     else:
         raise ConfigError(f"{src} is neither an HF folder (config.json) nor a moeframe checkpoint "

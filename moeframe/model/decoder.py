@@ -29,11 +29,13 @@ from moeframe.model.moe import MoE
 @dataclass
 class DecoderOutput:
     """``logits`` [B, T, V]; ``aux_loss``: sum of the plugins' balance losses (0 when none);
-    ``aux_losses``: the same per layer name, for logging."""
+    ``aux_losses``: the same per layer name, for logging; ``mtp_logits``: with ``mtp=True``, one
+    [B, T - k, V] tensor per MTP depth k = 1..D, position i predicting token i + k + 1."""
 
     logits: torch.Tensor
     aux_loss: torch.Tensor
     aux_losses: dict[str, torch.Tensor] = field(default_factory=dict)
+    mtp_logits: list[torch.Tensor] = field(default_factory=list)
 
 
 class DecoderCache:
@@ -85,6 +87,29 @@ class Block(nn.Module):
         return h_BTD + self.ffn(self.ffn_norm(h_BTD)), None
 
 
+class MTPModule(nn.Module):
+    """One multi-token-prediction depth (DeepSeek-V3 §2.2).
+
+    ``h'_i = Block(eh_proj([RMSNorm(Emb(t_{i+k})); RMSNorm(h_i)]))``: the embedding half comes
+    first, as in the released checkpoints. The embedding and output head are the main model's;
+    ``norm`` is this depth's own final norm (``shared_head.norm`` in HF checkpoints).
+    """
+
+    def __init__(self, plan: ModelPlan, layer_id: int) -> None:
+        super().__init__()
+        cfg = plan.config
+        self.enorm = plan.norm.cls(cfg.dim, cfg.norm_eps, plan.norm.options)
+        self.hnorm = plan.norm.cls(cfg.dim, cfg.norm_eps, plan.norm.options)
+        self.eh_proj = nn.Linear(2 * cfg.dim, cfg.dim, bias=False)
+        self.block = Block(plan, layer_id)  # dense or MoE by layer index, like the main layers
+        self.norm = plan.norm.cls(cfg.dim, cfg.norm_eps, plan.norm.options)
+
+    def forward(self, h_BTD: torch.Tensor, emb_BTD: torch.Tensor, positions_T: torch.Tensor,
+                document_ids_BT: Optional[torch.Tensor]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        x_BTD = self.eh_proj(torch.cat([self.enorm(emb_BTD), self.hnorm(h_BTD)], dim=-1))
+        return self.block(x_BTD, positions_T, document_ids_BT)
+
+
 class Decoder(nn.Module):
     """A DeepSeek-style MoE language model. ``forward(input_ids [B, T]) -> DecoderOutput``.
 
@@ -100,6 +125,7 @@ class Decoder(nn.Module):
         self.head = nn.Linear(config.dim, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.head.weight = self.embed.weight
+        self.mtp = nn.ModuleList(MTPModule(plan, config.n_layers + k) for k in range(config.mtp_depth))
 
     @torch.no_grad()
     def init_weights(self) -> None:
@@ -145,18 +171,36 @@ class Decoder(nn.Module):
         document_ids_BT: Optional[torch.Tensor] = None,
         positions_T: Optional[torch.Tensor] = None,
         cache: Optional[DecoderCache] = None,
+        mtp: bool = False,
     ) -> DecoderOutput:
+        """``mtp=True`` also runs the MTP modules (training); generation leaves them out."""
         T = input_ids_BT.shape[1]
         positions_T = self._positions(T, input_ids_BT.device, positions_T, document_ids_BT, cache)
-        x_BTD = self.embed(input_ids_BT)
+        emb_BTD = self.embed(input_ids_BT)
+        x_BTD = emb_BTD
         aux_losses: dict[str, torch.Tensor] = {}
         for i, block in enumerate(self.layers):
             x_BTD, aux = block(x_BTD, positions_T, document_ids_BT, None if cache is None else cache.layers[i])
             if aux is not None:
                 aux_losses[f"layer{block.layer_id}"] = aux
         logits_BTV = self.head(self.norm(x_BTD))
+        mtp_logits = self._mtp(x_BTD, emb_BTD, positions_T, document_ids_BT, aux_losses) if mtp and cache is None else []
         aux_loss = sum(aux_losses.values(), torch.zeros((), device=logits_BTV.device))
-        return DecoderOutput(logits_BTV, aux_loss, aux_losses)
+        return DecoderOutput(logits_BTV, aux_loss, aux_losses, mtp_logits)
+
+    def _mtp(self, h_BTD: torch.Tensor, emb_BTD: torch.Tensor, positions_T: torch.Tensor,
+             document_ids_BT: Optional[torch.Tensor], aux_losses: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        """Depth k sees h_{k-1} at positions 0..T-1-k and the embedding of the token k ahead."""
+        T, out = h_BTD.shape[1], []
+        for k, module in enumerate(self.mtp, start=1):
+            if T - k <= 0:
+                break
+            docs = None if document_ids_BT is None else document_ids_BT[:, : T - k]
+            h_BTD, aux = module(h_BTD[:, : T - k], emb_BTD[:, k:], positions_T[: T - k], docs)
+            if aux is not None:
+                aux_losses[f"mtp{k}"] = aux
+            out.append(self.head(module.norm(h_BTD)))
+        return out
 
     def moe_layers(self) -> Iterator[tuple[str, MoE]]:
         return ((n, m) for n, m in self.named_modules() if isinstance(m, MoE))

@@ -215,7 +215,7 @@ class ExpertBalance(Callback):
             self._log(trainer, self._training_metrics())
 
     def _training_metrics(self) -> dict[str, float]:
-        maxvio_L = self.batch_metric.compute()
+        maxvio_L = self.batch_metric.compute().reshape(-1)  # torchmetrics squeezes a single layer
         self.batch_metric.reset()
         metrics = {f"balance/maxvio_batch/{_layer_tag(n)}": float(v) for (n, _), v in zip(self.layers, maxvio_L)}
         metrics["balance/maxvio_batch"] = float(maxvio_L.mean())
@@ -258,7 +258,7 @@ class ExpertBalance(Callback):
         self.val_load.update(_read_counts(self.layers))
         _write_counts(self.layers, self._parked_counts_LE)
         self._parked_counts_LE = None
-        maxvio_L = self.val_load.compute()  # syncs over the ranks
+        maxvio_L = self.val_load.compute().reshape(-1)  # syncs over the ranks
         counts_LE = self.val_load.counts_LE.clone()
         self.val_load.reset()
         metrics = {f"balance/maxvio_global/{_layer_tag(n)}": float(v) for (n, _), v in zip(self.layers, maxvio_L)}

@@ -25,19 +25,56 @@ def next_token_loss(logits_BTV: torch.Tensor, labels_BT: torch.Tensor) -> torch.
     return F.cross_entropy(logits_BTV.float().flatten(0, 1), labels_BT.flatten(), ignore_index=-100)
 
 
+def mtp_loss(mtp_logits: list[torch.Tensor], labels_BT: torch.Tensor) -> torch.Tensor:
+    """``(1/D) Σ_k CE``: depth k's position i predicts token i + k + 1, i.e. ``labels[:, i + k]``."""
+    losses = [next_token_loss(logits, labels_BT[:, k:]) for k, logits in enumerate(mtp_logits, start=1)]
+    return torch.stack(losses).mean()
+
+
+def lambda_at(step: int, default: float, schedule: list[tuple[int, float]]) -> float:
+    """λ at ``step``: the value of the last ``[from_step, λ]`` entry reached, else ``default``."""
+    value = default
+    for from_step, lam in schedule:
+        if step >= from_step:
+            value = float(lam)
+    return value
+
+
+def _check_schedule(schedule: Optional[list[tuple[int, float]]]) -> None:
+    if schedule is None:
+        return
+    steps = [int(s) for s, _ in schedule]
+    if steps != sorted(steps) or any(s < 0 for s in steps) or any(v < 0 for _, v in schedule):
+        raise ConfigError(f"model.mtp_lambda_schedule must be [[from_step, lambda], ...] with increasing "
+                          f"steps and lambda >= 0, got {schedule}")
+
+
 class PretrainModule(L.LightningModule):
     """Pretrain a DeepSeek-style MoE decoder.
 
     Args:
         config: the model (see ``ModelConfig``; a YAML path works in configs and on the CLI).
         optim: AdamW and the learning-rate schedule.
+        mtp_lambda: weight λ of the multi-token-prediction loss ``λ/D·Σ_k CE_k`` (when
+            ``config.mtp_depth`` > 0). DeepSeek-V3: 0.3, then 0.1 for the last third.
+        mtp_lambda_schedule: ``[[from_step, λ], ...]``: λ changes to each value at its step.
     """
 
-    def __init__(self, config: ModelConfig = ModelConfig(), optim: OptimConfig = OptimConfig()) -> None:
+    def __init__(
+        self,
+        config: ModelConfig = ModelConfig(),
+        optim: OptimConfig = OptimConfig(),
+        mtp_lambda: float = 0.3,
+        mtp_lambda_schedule: Optional[list[tuple[int, float]]] = None,
+    ) -> None:
         super().__init__()
         self.plan = resolve_model_config(config)
         optim.validate()
+        _check_schedule(mtp_lambda_schedule)
+        if mtp_lambda < 0:
+            raise ConfigError(f"model.mtp_lambda must be >= 0, got {mtp_lambda}")
         self.config, self.optim = config, optim
+        self.mtp_lambda, self.mtp_lambda_schedule = mtp_lambda, mtp_lambda_schedule or []
         self.save_hyperparameters()
         self.decoder: Optional[Decoder] = None
         self.val_loss = MeanMetric()
@@ -57,24 +94,38 @@ class PretrainModule(L.LightningModule):
             self.decoder = Decoder(self.config, self.plan)
             self.decoder.init_weights()
 
-    def forward(self, input_ids: torch.Tensor, document_ids: Optional[torch.Tensor] = None) -> DecoderOutput:
+    def forward(self, input_ids: torch.Tensor, document_ids: Optional[torch.Tensor] = None,
+                mtp: bool = False) -> DecoderOutput:
         assert self.decoder is not None, "configure_model() builds the decoder"
-        return self.decoder(input_ids, document_ids)
+        return self.decoder(input_ids, document_ids, mtp=mtp)
+
+    def current_mtp_lambda(self) -> float:
+        return lambda_at(self.global_step, self.mtp_lambda, self.mtp_lambda_schedule)
 
     # -- steps ----------------------------------------------------------------------------------
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        out = self(batch["input_ids"], batch.get("document_ids"))
+        use_mtp = self.config.mtp_depth > 0
+        out = self(batch["input_ids"], batch.get("document_ids"), mtp=use_mtp)
         ce = next_token_loss(out.logits, batch["labels"])
         self.log("train/loss", ce, prog_bar=True)
         self.log("train/ppl", torch.exp(ce.detach()))
+        loss = ce + out.aux_loss
         if out.aux_losses:
             self.log("train/aux_loss", out.aux_loss)
-        return ce + out.aux_loss
+        if use_mtp and out.mtp_logits:
+            lam = self.current_mtp_lambda()
+            extra = mtp_loss(out.mtp_logits, batch["labels"])
+            self.log_dict({"train/mtp_loss": extra, "train/mtp_lambda": lam})
+            loss = loss + lam * extra
+        return loss
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        out = self(batch["input_ids"], batch.get("document_ids"))
+        use_mtp = self.config.mtp_depth > 0
+        out = self(batch["input_ids"], batch.get("document_ids"), mtp=use_mtp)
         ce = next_token_loss(out.logits, batch["labels"])
         self.val_loss.update(ce, weight=batch["labels"].numel())
+        if use_mtp and out.mtp_logits:
+            self.log("val/mtp_loss", mtp_loss(out.mtp_logits, batch["labels"]), sync_dist=True)
 
     def on_validation_epoch_end(self) -> None:
         loss = self.val_loss.compute()
