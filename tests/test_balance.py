@@ -220,3 +220,15 @@ def test_counts_stay_exact_when_the_module_is_cast_to_bf16():
         for _ in range(3):  # ~750 tokens per expert: bf16 cannot hold such counts exactly
             moe(x_BTD.to(torch.bfloat16))
     assert int(moe.tokens_per_expert.sum()) == 3 * 1000 * TOP_K
+
+
+def test_a_bias_router_gets_the_balance_callback_even_when_the_config_forgets_it(tmp_path: Path, data) -> None:
+    pl_module = module(AUX_FREE)
+    t = trainer(tmp_path, callbacks=[], max_steps=2, limit_val_batches=0)
+    t.fit(pl_module, datamodule=data)
+    assert sum(isinstance(cb, ExpertBalance) for cb in t.callbacks) == 1
+    assert any(g.e_score_correction_bias.abs().sum() > 0 for g in gates(pl_module))  # the bias moved
+    # the core top-k router learns by gradients only: nothing is added for it
+    t2 = trainer(tmp_path / "topk", callbacks=[], max_steps=1, limit_val_batches=0)
+    t2.fit(module({"name": "topk"}), datamodule=data)
+    assert not any(isinstance(cb, ExpertBalance) for cb in t2.callbacks)

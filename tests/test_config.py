@@ -30,7 +30,7 @@ def test_defaults_resolve_to_builtin_plugins() -> None:
          ["n_activated_experts=3", "kept groups (1 groups x 2 experts)"]),
         ({"first_k_dense": 7}, ["first_k_dense=7", "n_layers=4"]),
         ({"dim": 0}, ["model.dim must be a positive number"]),
-        ({"mtp_depth": 1}, ["mtp_depth=1", "set mtp_depth: 0"]),
+        ({"mtp_depth": -1}, ["model.mtp_depth must be an integer >= 0"]),
     ],
 )
 def test_impossible_shapes_are_rejected(changes: dict, fragments: list[str]) -> None:

@@ -12,6 +12,7 @@ from typing import Any, Optional
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 import torch.nn.functional as F
 from torchmetrics import MeanMetric
 
@@ -80,7 +81,23 @@ class PretrainModule(L.LightningModule):
         self.val_loss = MeanMetric()
 
     # -- building -----------------------------------------------------------------------------
+    def _ensure_balance_callback(self) -> None:
+        """A router that balances by state updates (aux_free's bias) would silently never move
+        without the ExpertBalance callback, so it is added when the run config lacks it."""
+        from moeframe.model.base import RouterBase
+        from moeframe.training.balance import ExpertBalance
+
+        router = self.plan.router.cls
+        if router.update_after_step is RouterBase.update_after_step:
+            return
+        if not any(isinstance(cb, ExpertBalance) for cb in self.trainer.callbacks):
+            rank_zero_info(f"adding the ExpertBalance callback: router {self.plan.router.name!r} updates its "
+                           "state from the global expert counts after every optimizer step")
+            self.trainer.callbacks.append(ExpertBalance())
+
     def setup(self, stage: str) -> None:
+        if stage == "fit":
+            self._ensure_balance_callback()
         datamodule = getattr(self.trainer, "datamodule", None)
         data_vocab = getattr(datamodule, "vocab_size", None)
         if data_vocab is not None and data_vocab > self.config.vocab_size:
