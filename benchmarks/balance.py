@@ -6,7 +6,7 @@ and once with router ``aux_free`` (sigmoid, bias balancing, configs/model/tiny-a
 ``ExpertBalance`` callback logs MaxVio_batch every step; the script reports its mean over the last
 steps, MaxVio_global over the validation set and the validation loss.
 
-    python benchmarks/balance.py                # 150 steps each: ~10 minutes on 2 shared CPU cores
+    python benchmarks/balance.py                # 400 steps each: ~8 minutes on 2 CPU cores
     python benchmarks/balance.py --routers aux_free --gamma 0.005   # try one setting alone
 
 Target (issue 4): aux_free MaxVio_batch <= 0.25 and below the baseline's, validation loss no worse
@@ -67,11 +67,11 @@ def run(name: str, args: argparse.Namespace, data: PretrainDataModule, root: Pat
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=150)
-    parser.add_argument("--last", type=int, default=30, help="average MaxVio_batch over this many final steps")
+    parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--last", type=int, default=50, help="average MaxVio_batch over this many final steps")
     parser.add_argument("--gamma", type=float, default=None, help="override the aux_free bias update speed")
     parser.add_argument("--seed", type=int, default=1234)
-    parser.add_argument("--val-batches", type=int, default=8)
+    parser.add_argument("--val-batches", type=int, default=16)
     parser.add_argument("--routers", nargs="+", default=["topk", "aux_free"], choices=sorted(MODELS))
     parser.add_argument("--out", type=Path, default=None, help="where logs and heatmaps go (default: a temp dir)")
     args = parser.parse_args()

@@ -27,9 +27,24 @@ from moeframe.training.pretrain import next_token_loss
 SEQ_LEN, BATCH = 256, 16
 
 
-def prepare_rate(max_bytes: int, workers: int, root: Path) -> float:
-    summary = prepare(stdlib_sources(max_bytes), root / f"w{workers}", workers=workers, quiet=True)
+def prepare_rate(max_bytes: int, workers: int, root: Path, tokenizer: str = "byte") -> float:
+    name = f"{Path(tokenizer).stem}-w{workers}"
+    summary = prepare(stdlib_sources(max_bytes), root / name, tokenizer=tokenizer, workers=workers, quiet=True)
     return summary.tokens_per_second
+
+
+def train_bpe(root: Path, sample_bytes: int = 2_000_000) -> str:
+    """A 4k-token byte-level BPE trained on the corpus: the cost profile of a real tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    texts = [s.path.read_text(errors="replace") for s in stdlib_sources(sample_bytes)]
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=4096, special_tokens=["<|endoftext|>"]))
+    path = root / "bpe.json"
+    tok.save(str(path))
+    return str(path)
 
 
 def loader_rate(folder: Path, workers: int, batches: int) -> float:
@@ -75,8 +90,10 @@ def main() -> None:
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        rows = [(f"prepare, {w} worker(s)", prepare_rate(args.max_bytes, w, root)) for w in (1, 2)]
-        rows += [(f"loader, {w} worker(s)", loader_rate(root / "w2", w, args.batches)) for w in (0, 2)]
+        rows = [(f"prepare, byte tokens, {w} worker(s)", prepare_rate(args.max_bytes, w, root)) for w in (1, 2)]
+        bpe = train_bpe(root)
+        rows += [(f"prepare, BPE-4k tokens, {w} worker(s)", prepare_rate(args.max_bytes, w, root, bpe)) for w in (1, 2)]
+        rows += [(f"loader, {w} worker(s)", loader_rate(root / "byte-w2", w, args.batches)) for w in (0, 2)]
     demand = model_rate(args.steps)
     rows.append(("tiny model training (fwd+bwd+AdamW)", demand))
     width = max(len(name) for name, _ in rows)

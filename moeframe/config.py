@@ -12,24 +12,10 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from moeframe import registry
+from moeframe.errors import ConfigError
 from moeframe.model.base import PluginOptions, parse_options
 
 __all__ = ["ConfigError", "ModelConfig", "ModelPlan", "OptimConfig", "PluginChoice", "resolve_model_config"]
-
-
-class ConfigError(ValueError):
-    """A configuration mistake the user can fix; its message says how.
-
-    Instances are remembered (``ConfigError.raised``) because the CLI's argument parser turns
-    exceptions raised while it validates a config into its own, much noisier, message; the CLI
-    reports the remembered originals instead.
-    """
-
-    raised: list["ConfigError"] = []
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
-        ConfigError.raised.append(self)
 
 
 def _default(name: str) -> Any:

@@ -25,7 +25,7 @@ from typing import BinaryIO, Optional
 
 import numpy as np
 
-from moeframe.config import ConfigError
+from moeframe.errors import ConfigError
 
 INDEX_HEADER = b"MMIDIDX\x00\x00"
 INDEX_VERSION = 1

@@ -30,7 +30,7 @@ from typing import Any, Iterator, Literal, Optional
 
 import numpy as np
 
-from moeframe.config import ConfigError
+from moeframe.errors import ConfigError
 from moeframe.data.corpus import stdlib_files, stdlib_root
 from moeframe.data.indexed import IndexedDatasetWriter, token_dtype
 from moeframe.data.tokenizer import ByteTokenizer, Tokenizer, load_tokenizer
@@ -315,7 +315,8 @@ def _write_dataset(
     try:
         if pool is None:
             _init_worker(tokenizer, eos_token)
-        results = pool.imap(_tokenize_source, jobs, chunksize=1) if pool else map(_tokenize_source, jobs)
+        chunk = max(1, len(jobs) // (workers * 8))  # fewer round trips for many small files
+        results = pool.imap(_tokenize_source, jobs, chunksize=chunk) if pool else map(_tokenize_source, jobs)
         for result in results:  # imap keeps input order: output is identical for any worker count
             total_bytes += result.num_bytes
             bar.update(result.num_bytes)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Protocol, Sequence
 
-from moeframe.config import ConfigError
+from moeframe.errors import ConfigError
 
 # EOS names used by common tokenizers, most specific first (DeepSeek-V3's comes first).
 _EOS_CANDIDATES = ("<｜end▁of▁sentence｜>", "<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>")
