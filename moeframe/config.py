@@ -9,7 +9,7 @@ the field and the fix, long before a tensor exists.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Optional
 
 from moeframe import registry
 from moeframe.errors import ConfigError
@@ -172,6 +172,9 @@ class OptimConfig:
     schedule: Literal["cosine", "wsd", "constant"] = "cosine"
     min_lr_ratio: float = 0.1
     decay_fraction: float = 0.2
+    # DeepSeek-V3 style: the learning rate itself by tokens seen, [[until_tokens, lr, shape], ...]
+    # (see moeframe.training.schedules); when set it replaces lr/warmup_steps/schedule.
+    token_schedule: Optional[list[list[Any]]] = None
 
     def validate(self) -> None:
         _require(self.lr > 0, f"optim.lr must be > 0, got {self.lr}")
@@ -182,6 +185,13 @@ class OptimConfig:
         _require(0 <= self.min_lr_ratio <= 1, f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         _require(0 < self.decay_fraction <= 1,
                  f"optim.decay_fraction must be in (0, 1], got {self.decay_fraction}")
+        if self.token_schedule is not None:
+            from moeframe.training.schedules import check_segments
+
+            try:
+                check_segments(self.token_schedule, "optim.token_schedule")
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
 
 
 # Lightning checkpoints store these in hyper_parameters; allow torch.load(weights_only=True) to

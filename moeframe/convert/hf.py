@@ -59,7 +59,7 @@ _EXPERT_NAMES = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
 _GLOBAL_NAMES = {"embed.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
                  "head.weight": "lm_head.weight"}
 # moeframe-only state that HF checkpoints do not carry
-_NOT_IN_HF = re.compile(r"(^|\.)num_bias_updates$")
+_NOT_IN_HF = re.compile(r"(^|\.)(num_bias_updates|num_tokens_seen)$")
 # HF modules kept in high precision in the released FP8 checkpoints
 _NEVER_FP8 = re.compile(r"(embed_tokens|lm_head|\.gate\.weight|layernorm|norm\.weight|e_score_correction_bias)")
 

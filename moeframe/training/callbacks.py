@@ -107,3 +107,39 @@ def plot_losses(train: list[tuple[int, float]], val: list[tuple[int, float]], pa
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+class BatchSizeRamp(Callback):
+    """Grow the global batch with the tokens seen, by gradient accumulation (DeepSeek-V3: 3,072 to
+    15,360 sequences over the first 469B tokens, then constant).
+
+    The target is ``start + (end − start)·tokens/ramp_tokens`` sequences; accumulation becomes
+    ``round(target / (micro-batch · ranks))``. Lightning closes an accumulation window when the
+    epoch's batch counter is a multiple of ``accumulate_grad_batches``, so a new value is applied
+    only at a step boundary where the counter is also a multiple of it: every optimizer step then
+    averages exactly the number of micro-batches it was scaled for (the change may wait up to one
+    window). Reads ``tokens_seen`` from the LightningModule (PretrainModule keeps it).
+    """
+
+    def __init__(self, start_sequences: int, end_sequences: int, ramp_tokens: float) -> None:
+        if not 0 < start_sequences <= end_sequences or ramp_tokens <= 0:
+            raise ValueError("BatchSizeRamp needs 0 < start_sequences <= end_sequences and ramp_tokens > 0, got "
+                             f"{start_sequences}, {end_sequences}, {ramp_tokens}")
+        self.start, self.end, self.ramp_tokens = start_sequences, end_sequences, ramp_tokens
+
+    def target_accumulation(self, tokens: float, micro_batch: int, world_size: int) -> int:
+        from moeframe.training.schedules import piecewise
+
+        sequences = piecewise(tokens, self.start, [[self.ramp_tokens, self.end, "linear"]])
+        return max(1, round(sequences / (micro_batch * world_size)))
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        micro = int(batch["input_ids"].shape[0])
+        ready = trainer.fit_loop.epoch_loop.batch_progress.current.ready
+        if ready % trainer.accumulate_grad_batches:
+            return  # inside an accumulation window: never change its length
+        target = self.target_accumulation(getattr(pl_module, "tokens_seen", 0), micro, trainer.world_size)
+        if target != trainer.accumulate_grad_batches and ready % target == 0:
+            trainer.accumulate_grad_batches = target
+        pl_module.log("train/global_batch", float(trainer.accumulate_grad_batches * micro * trainer.world_size))

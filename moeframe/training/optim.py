@@ -8,11 +8,13 @@ DeepSeek-V3 uses weight decay 0.1 with AdamW β = (0.9, 0.95)).
 from __future__ import annotations
 
 import math
+from typing import Callable, Optional
 
 import torch
 from torch import nn
 
 from moeframe.config import OptimConfig
+from moeframe.training.schedules import piecewise
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -49,9 +51,19 @@ def lr_multiplier(step: int, total_steps: int, optim: OptimConfig) -> float:
     return 1.0 - (1 - floor) * progress
 
 
-def build_optimizer(model: nn.Module, optim: OptimConfig, total_steps: int) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+def build_optimizer(
+    model: nn.Module, optim: OptimConfig, total_steps: int, tokens_seen: Optional[Callable[[], float]] = None
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW and its LR schedule: by step, or by tokens seen when ``optim.token_schedule`` is set
+    (``tokens_seen`` then reports the run's count whenever the scheduler steps)."""
     optimizer = torch.optim.AdamW(
         param_groups(model, optim.weight_decay), lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps
     )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_multiplier(step, total_steps, optim))
-    return optimizer, scheduler
+    if optim.token_schedule is not None:
+        if tokens_seen is None:
+            raise ValueError("a token schedule needs the run's tokens_seen")
+        segments = optim.token_schedule
+        factor = lambda step: piecewise(tokens_seen(), 0.0, segments) / optim.lr  # noqa: E731
+    else:
+        factor = lambda step: lr_multiplier(step, total_steps, optim)  # noqa: E731
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

@@ -8,7 +8,7 @@ mistake fails before any allocation.
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 import lightning as L
 import torch
@@ -32,7 +32,7 @@ def mtp_loss(mtp_logits: list[torch.Tensor], labels_BT: torch.Tensor) -> torch.T
     return torch.stack(losses).mean()
 
 
-def lambda_at(step: int, default: float, schedule: list[tuple[int, float]]) -> float:
+def lambda_at(step: float, default: float, schedule: list[tuple[float, float]]) -> float:
     """λ at ``step``: the value of the last ``[from_step, λ]`` entry reached, else ``default``."""
     value = default
     for from_step, lam in schedule:
@@ -41,7 +41,7 @@ def lambda_at(step: int, default: float, schedule: list[tuple[int, float]]) -> f
     return value
 
 
-def _check_schedule(schedule: Optional[list[tuple[int, float]]]) -> None:
+def _check_schedule(schedule: Optional[list[tuple[float, float]]]) -> None:
     if schedule is None:
         return
     steps = [int(s) for s, _ in schedule]
@@ -58,7 +58,9 @@ class PretrainModule(L.LightningModule):
         optim: AdamW and the learning-rate schedule.
         mtp_lambda: weight λ of the multi-token-prediction loss ``λ/D·Σ_k CE_k`` (when
             ``config.mtp_depth`` > 0). DeepSeek-V3: 0.3, then 0.1 for the last third.
-        mtp_lambda_schedule: ``[[from_step, λ], ...]``: λ changes to each value at its step.
+        mtp_lambda_schedule: ``[[from, λ], ...]``: λ changes to each value at its step (or token
+            count, with ``mtp_lambda_schedule_unit: tokens``).
+        mtp_lambda_schedule_unit: ``steps`` or ``tokens`` (tokens seen over all ranks).
     """
 
     def __init__(
@@ -66,7 +68,8 @@ class PretrainModule(L.LightningModule):
         config: ModelConfig = ModelConfig(),
         optim: OptimConfig = OptimConfig(),
         mtp_lambda: float = 0.3,
-        mtp_lambda_schedule: Optional[list[tuple[int, float]]] = None,
+        mtp_lambda_schedule: Optional[list[tuple[float, float]]] = None,
+        mtp_lambda_schedule_unit: Literal["steps", "tokens"] = "steps",
     ) -> None:
         super().__init__()
         self.plan = resolve_model_config(config)
@@ -76,6 +79,8 @@ class PretrainModule(L.LightningModule):
             raise ConfigError(f"model.mtp_lambda must be >= 0, got {mtp_lambda}")
         self.config, self.optim = config, optim
         self.mtp_lambda, self.mtp_lambda_schedule = mtp_lambda, mtp_lambda_schedule or []
+        self.mtp_lambda_schedule_unit = mtp_lambda_schedule_unit
+        self.tokens_seen = 0  # over all ranks; saved in checkpoints; drives token schedules
         self.save_hyperparameters()
         self.decoder: Optional[Decoder] = None
         self.val_loss = MeanMetric()
@@ -117,10 +122,13 @@ class PretrainModule(L.LightningModule):
         return self.decoder(input_ids, document_ids, mtp=mtp)
 
     def current_mtp_lambda(self) -> float:
-        return lambda_at(self.global_step, self.mtp_lambda, self.mtp_lambda_schedule)
+        position = self.tokens_seen if self.mtp_lambda_schedule_unit == "tokens" else self.global_step
+        return lambda_at(position, self.mtp_lambda, self.mtp_lambda_schedule)
 
     # -- steps ----------------------------------------------------------------------------------
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        # every rank sees a micro-batch of the same size: count the global tokens consumed
+        self.tokens_seen += batch["input_ids"].numel() * (self.trainer.world_size if self._trainer else 1)
         use_mtp = self.config.mtp_depth > 0
         out = self(batch["input_ids"], batch.get("document_ids"), mtp=use_mtp)
         ce = next_token_loss(out.logits, batch["labels"])
@@ -157,6 +165,15 @@ class PretrainModule(L.LightningModule):
             return
         self.log_dict(metrics, prog_bar=True, sync_dist=True)
 
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.log("train/tokens_seen", float(self.tokens_seen))
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["moeframe_tokens_seen"] = self.tokens_seen
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.tokens_seen = int(checkpoint.get("moeframe_tokens_seen", 0))
+
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         out = self(batch["input_ids"], batch.get("document_ids"))
         ce = next_token_loss(out.logits, batch["labels"])
@@ -174,5 +191,5 @@ class PretrainModule(L.LightningModule):
         if not math.isfinite(total) or total <= 0:
             raise ConfigError("set trainer.max_steps (or max_epochs) so the LR schedule knows the run length")
         total = int(total)
-        optimizer, scheduler = build_optimizer(self.decoder, self.optim, total)
+        optimizer, scheduler = build_optimizer(self.decoder, self.optim, total, lambda: self.tokens_seen)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

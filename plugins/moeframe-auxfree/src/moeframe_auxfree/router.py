@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Optional
+from typing import Literal, TYPE_CHECKING, Any, Callable, ClassVar, Optional
 
 import torch
 import torch.nn.functional as F
@@ -59,14 +59,17 @@ class AuxFreeOptions(PluginOptions):
     """Options of router ``aux_free``.
 
     ``bias_update_speed``: γ of the bias rule (V3: 0.001). ``bias_update_schedule``: optional
-    ``[[from_step, γ], ...]`` pairs, each γ applying from that optimizer step on (e.g.
-    ``[[9000, 0.0]]`` freezes the bias for the final phase, as V3 does). ``seq_aux_loss_coef``: α of
+    ``[[from, γ], ...]`` pairs, each γ applying from that optimizer step on (e.g.
+    ``[[9000, 0.0]]`` freezes the bias for the final phase, as V3 does), or from that many tokens
+    seen with ``bias_update_schedule_unit: tokens`` (V3: ``[[14.3e12, 0.0]]``; the router counts
+    the global batch's tokens from the routed counts it is given each step). ``seq_aux_loss_coef``: α of
     the sequence-wise balance loss (V3: 1e-4; 0 disables it). ``norm_topk_prob``: renormalise the
     chosen affinities to sum to 1 before ``route_scale`` (V3: true).
     """
 
     bias_update_speed: float = 0.001
     bias_update_schedule: list[list[float]] = field(default_factory=list)
+    bias_update_schedule_unit: Literal["steps", "tokens"] = "steps"
     seq_aux_loss_coef: float = 0.0001
     norm_topk_prob: bool = True
 
@@ -79,7 +82,8 @@ class AuxFreeOptions(PluginOptions):
         _check_schedule(self.bias_update_schedule)
 
     def gamma_at(self, step: int) -> float:
-        """γ at optimizer step ``step`` (0-based): the last schedule entry at or before it."""
+        """γ at ``step`` (optimizer steps, or tokens seen with the tokens unit): the last schedule
+        entry at or before it."""
         gamma = self.bias_update_speed
         for from_step, value in self.bias_update_schedule:
             if step >= from_step:
@@ -171,6 +175,7 @@ class AuxFreeRouter(RouterBase):
         # buffers, not parameters: the optimizer never sees them, checkpoints do
         self.register_buffer("e_score_correction_bias", torch.zeros(config.n_routed_experts, dtype=torch.float32))
         self.register_buffer("num_bias_updates", torch.zeros((), dtype=torch.int64))
+        self.register_buffer("num_tokens_seen", torch.zeros((), dtype=torch.int64))  # global, for token schedules
         self._warned_no_seq_len = False
 
     def init_weights(self, std: float) -> None:
@@ -178,6 +183,7 @@ class AuxFreeRouter(RouterBase):
             nn.init.normal_(self.weight, mean=0.0, std=std)
             self.e_score_correction_bias.zero_()
             self.num_bias_updates.zero_()
+            self.num_tokens_seen.zero_()
 
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> "AuxFreeRouter":
         # ``module.to(torch.bfloat16)`` (Lightning's bf16-true) casts every floating buffer; the
@@ -218,7 +224,10 @@ class AuxFreeRouter(RouterBase):
     @torch.no_grad()
     def update_after_step(self, tokens_per_expert_E: torch.Tensor) -> None:
         """Apply ``b ← b + γ·sign(mean(c) − c)`` with γ from the schedule at this update's step."""
-        gamma = self.options.gamma_at(int(self.num_bias_updates))
+        by_tokens = self.options.bias_update_schedule_unit == "tokens"
+        gamma = self.options.gamma_at(int(self.num_tokens_seen if by_tokens else self.num_bias_updates))
         step_E = bias_step(tokens_per_expert_E.to(self.e_score_correction_bias.device), gamma)
         self.e_score_correction_bias.add_(step_E)
         self.num_bias_updates.add_(1)
+        # each token is routed to exactly top_k experts
+        self.num_tokens_seen.add_(int(tokens_per_expert_E.sum()) // self.top_k)

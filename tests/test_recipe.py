@@ -1,0 +1,93 @@
+"""DeepSeek-V3's recipe mechanics on a tiny model: batch-size ramp, token-scheduled LR, γ and λ."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from moeframe.config import ModelConfig, OptimConfig
+from moeframe.data.shards import PretrainDataModule
+from moeframe.training.callbacks import BatchSizeRamp
+from moeframe.training.pretrain import PretrainModule
+
+SEQ, MICRO = 16, 2
+
+
+class StepProbe(L.Callback):
+    """Micro-batches per optimizer step, the accumulation in force, LR and tokens at each step."""
+
+    def __init__(self) -> None:
+        self.micro, self.steps = 0, []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.micro += 1
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        self.steps.append({"micro": self.micro + 1, "accumulate": trainer.accumulate_grad_batches,
+                           "lr": optimizer.param_groups[0]["lr"], "tokens": pl_module.tokens_seen})
+        self.micro = -1  # on_train_batch_end of this batch comes after
+
+
+def _module(**kwargs) -> PretrainModule:
+    L.seed_everything(0, verbose=False)
+    cfg = ModelConfig(vocab_size=260, dim=32, n_layers=2, first_k_dense=1, n_heads=2, dense_ffn_dim=64, moe_ffn_dim=16,
+                      n_routed_experts=4, n_activated_experts=2, n_shared_experts=0, max_seq_len=SEQ, mtp_depth=1,
+                      router={"name": "aux_free", "bias_update_speed": 0.01,
+                              "bias_update_schedule": [[640, 0.0]], "bias_update_schedule_unit": "tokens"})
+    return PretrainModule(cfg, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def data() -> PretrainDataModule:
+    dm = PretrainDataModule(seq_len=SEQ, batch_size=MICRO, max_bytes=40_000)
+    dm.setup("fit")
+    return dm
+
+
+def test_v3_recipe_mechanics_on_a_tiny_run(tmp_path: Path, data: PretrainDataModule) -> None:
+    tokens_per_micro = MICRO * SEQ  # 32
+    lr = [[64, 1e-2, "linear"], [320, 1e-2, "constant"], [960, 1e-3, "cosine"]]
+    module = _module(optim=OptimConfig(lr=1e-2, token_schedule=lr), mtp_lambda=0.3,
+                     mtp_lambda_schedule=[[480, 0.1]], mtp_lambda_schedule_unit="tokens")
+    probe = StepProbe()
+    ramp = BatchSizeRamp(start_sequences=2, end_sequences=8, ramp_tokens=20 * tokens_per_micro)
+    trainer = L.Trainer(accelerator="cpu", max_steps=14, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                        default_root_dir=tmp_path, callbacks=[ramp, probe])
+    trainer.fit(module, datamodule=data)
+    steps = probe.steps
+    # the ramp: accumulation grows 1 -> 4 and every step averages exactly the micro-batches it was set for
+    assert steps[0]["accumulate"] == 1 and steps[-1]["accumulate"] == 4
+    assert all(a["accumulate"] <= b["accumulate"] for a, b in zip(steps, steps[1:]))
+    assert all(s["micro"] == s["accumulate"] for s in steps)
+    # tokens are counted per micro-batch
+    assert steps[-1]["tokens"] == tokens_per_micro * sum(s["micro"] for s in steps)
+    # LR follows the token schedule: warm-up over the first 64 tokens, plateau, then cosine
+    for s in steps:
+        tokens_before = s["tokens"] - s["micro"] * tokens_per_micro  # the scheduler last stepped here
+        if 64 <= tokens_before < 320:
+            assert s["lr"] == pytest.approx(1e-2)
+        if tokens_before >= 960:
+            assert s["lr"] == pytest.approx(1e-3)
+    assert any(s["lr"] < 1e-2 for s in steps[:2]) and any(1e-3 < s["lr"] < 1e-2 for s in steps if s["tokens"] > 400)
+    # λ switched by tokens; γ froze the bias after 640 tokens
+    assert module.current_mtp_lambda() == 0.1
+    router = module.decoder.layers[1].ffn.gate
+    assert int(router.num_tokens_seen) == module.tokens_seen
+
+
+def test_gamma_freezes_by_tokens(data: PretrainDataModule) -> None:
+    module = _module()
+    module.configure_model()
+    router = module.decoder.layers[1].ffn.gate
+    counts = torch.tensor([30, 10, 16, 8])  # 64 routed slots = 32 tokens x top-2
+    for _ in range(20):
+        router.update_after_step(counts)  # 20 steps x 32 tokens = 640 tokens
+    frozen = router.e_score_correction_bias.clone()
+    assert frozen.abs().sum() > 0
+    router.update_after_step(counts)  # token 640 onwards: γ = 0
+    assert torch.equal(router.e_score_correction_bias, frozen)
+    assert int(router.num_tokens_seen) == 21 * 32
