@@ -73,3 +73,10 @@ def test_v3_kv_cache_is_the_absorbed_latent(capsys: pytest.CaptureFixture[str]) 
     r = json.loads(capsys.readouterr().out)
     assert r["kv_cache_bytes_per_token"] == 61 * (512 + 64) * 2  # latent + rope key, bf16
     assert r["naive_kv_cache_bytes_per_token"] == 61 * 128 * ((128 + 64) + 128) * 2  # 40,960 values/layer
+
+
+@pytest.mark.parametrize("preset", sorted((REPO / "configs" / "model").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_model_preset_inspects(preset, capsys: pytest.CaptureFixture[str]) -> None:
+    """Plain YAML readers see the presets as the CLI does (e.g. 14.3e+12 is a number, not a string)."""
+    assert main(["inspect", str(preset), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["total"] > 0
