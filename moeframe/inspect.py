@@ -172,13 +172,19 @@ def inspect_model(cfg: ModelConfig, name: str, seq_len: int = 4096, zero: int = 
     counts = count_by_component(decoder)
     total = sum(counts.values()) - counts["mtp"]  # what inference runs; MTP is a training aid
     activated = total - _inactive_routed(decoder)
-    # vectors (norm scales, biases) and the embedding lookup are not matrix products
-    vectors = sum(p.numel() for n, p in decoder.named_parameters() if p.dim() < 2 and not n.startswith("mtp."))
-    matmul_activated = activated - counts["embedding"] - vectors
     kv, naive = kv_bytes_per_token(decoder, element_bytes=2)
     return Report(name, counts, total, total + counts["mtp"], activated, activated - counts["embedding"], kv, naive,
-                  training_flops_per_token(decoder, matmul_activated, seq_len), seq_len,
+                  decoder_training_flops_per_token(decoder, seq_len, counts), seq_len,
                   memory_per_gpu(counts, zero, dp, ep, precision))
+
+
+def decoder_training_flops_per_token(decoder: Decoder, seq_len: int, counts: Optional[dict[str, int]] = None) -> int:
+    """Training FLOPs per token of the main model (MTP modules excluded) at sequence length T."""
+    counts = counts or count_by_component(decoder)
+    activated = sum(counts.values()) - counts["mtp"] - _inactive_routed(decoder)
+    # vectors (norm scales, biases) and the embedding lookup are not matrix products
+    vectors = sum(p.numel() for n, p in decoder.named_parameters() if p.dim() < 2 and not n.startswith("mtp."))
+    return training_flops_per_token(decoder, activated - counts["embedding"] - vectors, seq_len)
 
 
 def _fmt(n: float) -> str:

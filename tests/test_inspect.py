@@ -80,3 +80,16 @@ def test_every_model_preset_inspects(preset, capsys: pytest.CaptureFixture[str])
     """Plain YAML readers see the presets as the CLI does (e.g. 14.3e+12 is a number, not a string)."""
     assert main(["inspect", str(preset), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["total"] > 0
+
+
+def test_training_step_reports_model_flops_for_the_throughput_monitor() -> None:
+    import torch
+
+    from moeframe.training.pretrain import PretrainModule
+
+    cfg = tiny_config()
+    module = PretrainModule(cfg)
+    module.configure_model()
+    ids = torch.randint(0, cfg.vocab_size, (3, 17))
+    module.training_step({"input_ids": ids[:, :-1], "labels": ids[:, 1:]}, 0)
+    assert module.flops_per_batch == 3 * 16 * inspect_model(cfg, "t", seq_len=16).training_flops_per_token

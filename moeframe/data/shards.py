@@ -22,6 +22,7 @@ next batch, nothing repeated or skipped, whatever the number of ranks or workers
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional, Union
@@ -33,6 +34,10 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from moeframe.config import ConfigError
+
+# Lightning warns that an IterableDataset with __len__ may duplicate data across workers; this
+# module splits batches across workers itself (see ShardedBatches), so the warning does not apply.
+warnings.filterwarnings("ignore", message=r".*`IterableDataset` has `__len__` defined.*")
 from moeframe.data.indexed import IndexedDataset
 from moeframe.data.prepare import (
     DecodeErrorPolicy, collect_sources, inputs_fingerprint, prepare, read_meta, stdlib_sources,

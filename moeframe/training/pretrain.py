@@ -81,6 +81,8 @@ class PretrainModule(L.LightningModule):
         self.mtp_lambda, self.mtp_lambda_schedule = mtp_lambda, mtp_lambda_schedule or []
         self.mtp_lambda_schedule_unit = mtp_lambda_schedule_unit
         self.tokens_seen = 0  # over all ranks; saved in checkpoints; drives token schedules
+        self.flops_per_batch: Optional[int] = None  # read by Lightning's ThroughputMonitor (FLOP/s, MFU)
+        self._flops_per_token: dict[int, int] = {}
         self.save_hyperparameters()
         self.decoder: Optional[Decoder] = None
         self.val_loss = MeanMetric()
@@ -129,6 +131,7 @@ class PretrainModule(L.LightningModule):
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         # every rank sees a micro-batch of the same size: count the global tokens consumed
         self.tokens_seen += batch["input_ids"].numel() * (self.trainer.world_size if self._trainer else 1)
+        self.flops_per_batch = self._training_flops(batch["input_ids"])
         use_mtp = self.config.mtp_depth > 0
         out = self(batch["input_ids"], batch.get("document_ids"), mtp=use_mtp)
         ce = next_token_loss(out.logits, batch["labels"])
@@ -164,6 +167,16 @@ class PretrainModule(L.LightningModule):
             self.initial_val_loss = float(loss)
             return
         self.log_dict(metrics, prog_bar=True, sync_dist=True)
+
+    def _training_flops(self, input_ids_BT: torch.Tensor) -> int:
+        """Model FLOPs of one micro-batch (forward + backward), from the parameter shapes."""
+        from moeframe.inspect import decoder_training_flops_per_token
+
+        B, T = input_ids_BT.shape
+        if T not in self._flops_per_token:
+            assert self.decoder is not None
+            self._flops_per_token[T] = decoder_training_flops_per_token(self.decoder, T)
+        return B * T * self._flops_per_token[T]
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         self.log("train/tokens_seen", float(self.tokens_seen))
