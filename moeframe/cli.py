@@ -28,6 +28,22 @@ def default_loggers(save_dir: str) -> list[dict[str, Any]]:
     return loggers
 
 
+def check_strategy_name(name: str) -> None:
+    """An unknown ``--trainer.strategy`` name ends in one line with a did-you-mean, before
+    Lightning launches any process (its own error is a traceback without suggestions)."""
+    import difflib
+
+    from lightning.pytorch.strategies import StrategyRegistry
+
+    known = sorted(set(StrategyRegistry.available_strategies()) | {"auto"})
+    if name in known:
+        return
+    close = difflib.get_close_matches(name, known, n=1)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    raise ConfigError(f"unknown trainer.strategy {name!r}.{hint} Available: {', '.join(known)}. moeframe plugins "
+                      f"add strategies through the entry-point group {registry.KINDS['strategy'].group!r}.")
+
+
 def build_cli(args: Optional[list[str]] = None, run: bool = True, **kwargs: Any) -> Any:
     """The LightningCLI behind ``moeframe fit|validate|test|predict`` (``run=False`` to only
     parse and instantiate, as the config tests do)."""
@@ -41,6 +57,8 @@ def build_cli(args: Optional[list[str]] = None, run: bool = True, **kwargs: Any)
         def before_instantiate_classes(self) -> None:
             config = self.config[self.subcommand] if self.subcommand else self.config
             trainer = config["trainer"]
+            if isinstance(trainer.get("strategy"), str):
+                check_strategy_name(trainer["strategy"])
             if trainer.get("logger") in (None, True):
                 trainer["logger"] = default_loggers(trainer.get("default_root_dir") or ".")
 

@@ -232,3 +232,13 @@ def test_a_bias_router_gets_the_balance_callback_even_when_the_config_forgets_it
     t2 = trainer(tmp_path / "topk", callbacks=[], max_steps=1, limit_val_batches=0)
     t2.fit(module({"name": "topk"}), datamodule=data)
     assert not any(isinstance(cb, ExpertBalance) for cb in t2.callbacks)
+
+
+def test_ddp_leaves_the_per_rank_expert_counts_alone() -> None:
+    """DDP broadcasts rank 0's buffers each forward; the counts of every rank must survive until
+    ExpertBalance sums them, so they are on DDP's ignore list (all other buffers still sync)."""
+    pl_module = module(AUX_FREE)
+    pl_module.configure_model()
+    ignored = set(pl_module._ddp_params_and_buffers_to_ignore)
+    counts = {f"decoder.{n}" for n, _ in pl_module.decoder.named_buffers() if n.endswith("tokens_per_expert")}
+    assert counts and counts == ignored

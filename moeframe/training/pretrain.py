@@ -117,6 +117,17 @@ class PretrainModule(L.LightningModule):
         if self.decoder is None:
             self.decoder = Decoder(self.config, self.plan)
             self.decoder.init_weights()
+            self._keep_counts_local_under_ddp()
+
+    def _keep_counts_local_under_ddp(self) -> None:
+        """DDP broadcasts rank 0's buffers at every forward; the per-rank expert counts must not be
+        overwritten between micro-batches (ExpertBalance sums them over ranks once per step)."""
+        from torch.nn.parallel import DistributedDataParallel
+
+        assert self.decoder is not None
+        counts = [f"decoder.{n}" for n, _ in self.decoder.named_buffers() if n.endswith("tokens_per_expert")]
+        already = list(getattr(self, "_ddp_params_and_buffers_to_ignore", []))
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(self, already + counts)
 
     def forward(self, input_ids: torch.Tensor, document_ids: Optional[torch.Tensor] = None,
                 mtp: bool = False) -> DecoderOutput:

@@ -1,0 +1,171 @@
+"""DeepSpeed ZeRO presets for MoE training that run on GPUs (nccl) and on CPUs (gloo).
+
+ZeRO partitions what plain data parallelism replicates: stage 1 the optimizer state, stage 2
+also the gradients, stage 3 also the parameters (gathered layer by layer just in time).
+ZeRO-Offload moves the partitions to host memory. For a MoE the routed experts hold most of the
+parameters but each token touches only K of them, so the memory ZeRO saves is mostly expert
+state while the communication it adds is paid on every parameter: stage 1/2 is the usual choice,
+stage 3 when even the parameters do not fit.
+
+Lightning's ``DeepSpeedStrategy`` refuses anything but CUDA. DeepSpeed itself runs on the CPU
+(it falls back to gloo), so ``CPUCapableDeepSpeedStrategy`` only removes Lightning's guards on a
+CPU accelerator: the CUDA check, the device-index validation, and the device rank handed to
+``deepspeed.initialize`` (a CPU device has no index; DeepSpeed needs the local rank). On a GPU
+it behaves exactly like the stock strategy.
+
+Settings DeepSpeed cannot honour are rejected when the strategy is constructed, before any
+process group exists: a hang in a collective is a far worse error message than a ValueError.
+"""
+
+from __future__ import annotations
+
+import argparse
+from contextlib import contextmanager
+from typing import Any, Generator, Optional
+
+from lightning.pytorch.accelerators.cuda import CUDAAccelerator
+from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
+from lightning.fabric.utilities.seed import reset_seed
+
+__all__ = ["CPUCapableDeepSpeedStrategy", "Zero1Strategy", "Zero2Strategy", "Zero3Strategy", "Zero3OffloadStrategy",
+           "check_zero_settings"]
+
+
+def check_zero_settings(stage: int, offload_parameters: bool, offload_params_device: str,
+                        offload_optimizer_device: str, nvme_path: Optional[str]) -> None:
+    """ValueError for a ZeRO setting DeepSpeed would ignore or fail on deep inside a run."""
+    if stage not in (1, 2, 3):
+        raise ValueError(f"DeepSpeed ZeRO stage must be 1, 2 or 3, got {stage}")
+    if offload_parameters and stage != 3:
+        raise ValueError(f"offload_parameters=True needs ZeRO stage 3 (only stage 3 partitions the parameters), "
+                         f"got stage {stage}: use strategy zero3_offload, or set offload_parameters false")
+    if "nvme" in (offload_params_device, offload_optimizer_device) and not nvme_path:
+        raise ValueError("offloading to nvme needs nvme_path (a folder on a local NVMe drive)")
+    if offload_params_device == "nvme" and stage != 3:
+        raise ValueError(f"parameter offload to nvme needs ZeRO stage 3, got stage {stage}")
+
+
+class CPUCapableDeepSpeedStrategy(DeepSpeedStrategy):
+    """Lightning's DeepSpeedStrategy, also on a CPU accelerator (gloo)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        check_zero_settings(kwargs.get("stage", 2), kwargs.get("offload_parameters", False),
+                            kwargs.get("offload_params_device", "cpu"), kwargs.get("offload_optimizer_device", "cpu"),
+                            kwargs.get("nvme_path", "/local_nvme"))
+        super().__init__(*args, **kwargs)
+
+    def _on_cpu(self) -> bool:
+        return not isinstance(self.accelerator, CUDAAccelerator)
+
+    def setup_environment(self) -> None:
+        if not self._on_cpu():
+            return super().setup_environment()
+        # skip DeepSpeedStrategy's CUDA-only guard, keep everything DDPStrategy sets up
+        DDPStrategy.setup_environment(self)
+
+    def setup_distributed(self) -> None:
+        if not self._on_cpu():
+            return super().setup_distributed()
+        # the stock version validates CUDA device indices, which a CPU does not have
+        reset_seed()
+        self.set_world_ranks()
+        self._init_deepspeed_distributed()
+
+    @contextmanager
+    def model_sharded_context(self) -> Generator[None, None, None]:
+        # Lightning builds a ZeRO-3 model inside ``deepspeed.zero.Init``, which hands out
+        # parameters already flattened to 1-D. moeframe's optimizer groups weights for decay by
+        # ``p.dim() >= 2``, so every matrix would lose its weight decay (and DeepSpeed then drops
+        # the empty group under the LR scheduler). The model is therefore built whole and
+        # partitioned by ``deepspeed.initialize``: correct groups, at the price of one full copy
+        # per rank while the model is set up (fine up to models that fit one host's memory).
+        yield
+
+    def _auto_select_batch_size(self) -> int:
+        # DeepSpeed only uses it for throughput logging. Lightning reads the loader's batch
+        # sampler, which an iterable (streaming) dataset does not have; ask the DataModule first.
+        datamodule = getattr(self.lightning_module.trainer, "datamodule", None)
+        batch_size = getattr(datamodule, "batch_size", None)
+        if isinstance(batch_size, int) and batch_size > 0:
+            return batch_size
+        loader = self.lightning_module.trainer.fit_loop._data_source.dataloader()
+        return getattr(getattr(loader, "batch_sampler", None), "batch_size", None) or getattr(loader, "batch_size", 1) or 1
+
+    def _setup_model_and_optimizer(self, model: Any, optimizer: Any, lr_scheduler: Any = None) -> tuple[Any, Any]:
+        import deepspeed
+
+        if self.zero_stage_3:
+            _register_router_weights_with_moe(model)
+        # DeepSpeedEngine compares the device rank with ints; a CPU device's index is None
+        device_rank = self.root_device.index if self.root_device.index is not None else self.local_rank
+        engine, ds_optimizer, _, _ = deepspeed.initialize(
+            args=argparse.Namespace(device_rank=device_rank), config=self.config, model=model,
+            model_parameters=[p for p in model.parameters() if p.requires_grad], optimizer=optimizer,
+            lr_scheduler=lr_scheduler, dist_init_required=False)
+        return engine, ds_optimizer
+
+
+def _register_router_weights_with_moe(model: Any) -> None:
+    """ZeRO-3 gathers a module's partitioned weights again for backward through hooks on the
+    module's output tensors. A router returns a ``RouterOutput`` dataclass, which those hooks do
+    not look into, so its weight would still be released (empty) when its gradient is computed.
+    Registering the router weights as external parameters of the enclosing MoE layer (whose
+    output is a plain tuple) makes ZeRO-3 gather them together with that layer."""
+    import deepspeed
+    from moeframe.training.balance import moe_layers
+
+    for _, moe in moe_layers(model):
+        for param in moe.gate.parameters():
+            deepspeed.zero.register_external_parameter(moe, param)
+
+
+class Zero1Strategy(CPUCapableDeepSpeedStrategy):
+    """``zero1``: optimizer state partitioned over the data-parallel ranks."""
+
+    strategy_name = "zero1"
+
+    def __init__(self, **kwargs: Any) -> None:
+        kwargs.setdefault("stage", 1)
+        super().__init__(**kwargs)
+
+
+class Zero2Strategy(CPUCapableDeepSpeedStrategy):
+    """``zero2``: optimizer state and gradients partitioned."""
+
+    strategy_name = "zero2"
+
+    def __init__(self, **kwargs: Any) -> None:
+        kwargs.setdefault("stage", 2)
+        super().__init__(**kwargs)
+
+
+class Zero3Strategy(CPUCapableDeepSpeedStrategy):
+    """``zero3``: optimizer state, gradients and parameters partitioned."""
+
+    strategy_name = "zero3"
+
+    def __init__(self, **kwargs: Any) -> None:
+        kwargs.setdefault("stage", 3)
+        super().__init__(**kwargs)
+
+
+class Zero3OffloadStrategy(CPUCapableDeepSpeedStrategy):
+    """``zero3_offload``: ZeRO-3 with parameters and optimizer state in host memory.
+
+    ``zero_force_ds_cpu_optimizer: false`` lets a client optimizer (torch's AdamW, which
+    moeframe's ``configure_optimizers`` builds) run on the offloaded state; DeepSpeed otherwise
+    insists on its own CPU Adam, a C++ extension compiled at first use.
+    """
+
+    strategy_name = "zero3_offload"
+
+    def __init__(self, **kwargs: Any) -> None:
+        kwargs.setdefault("stage", 3)
+        kwargs.setdefault("offload_optimizer", True)
+        kwargs.setdefault("offload_parameters", True)
+        super().__init__(**kwargs)
+
+    def _create_default_config(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        config = super()._create_default_config(*args, **kwargs)
+        config.setdefault("zero_force_ds_cpu_optimizer", False)
+        return config

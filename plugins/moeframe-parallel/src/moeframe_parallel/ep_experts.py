@@ -1,0 +1,140 @@
+"""Expert parallelism (EP): each rank of an ``ep_group`` holds E/ep of the routed experts.
+
+The routing decision stays local (every rank routes its own tokens over all E experts); only
+the expert computation is distributed. One MoE forward under EP (GShard / DeepSpeed-MoE /
+Megatron's "alltoall" token dispatcher, dropless):
+
+1. *permute*: sort the T·K (token, expert) pairs by expert id. Experts are laid out
+   contiguously by rank (rank r owns experts [r·E_local, (r+1)·E_local)), so the sorted rows
+   are also grouped by destination rank;
+2. *counts first*: an all-to-all of the per-expert counts tells every rank how many rows it
+   will receive from each peer for each of its local experts, so the token all-to-all can use
+   exact, variable split sizes (no capacity, no padding, no dropped token);
+3. *dispatch*: all-to-all of the rows; a rank receives them ordered (source rank, local expert)
+   and regroups them by local expert for one grouped GEMM per projection;
+4. *combine*: the reverse all-to-all brings each row back to the rank and the slot it came
+   from; the gate weights scale it and a scatter-add sums the K experts of each token.
+
+Both all-to-alls are autograd-aware (``torch.distributed._functional_collectives``): the
+backward of a dispatch is a combine of the gradients and vice versa, so gradients of the local
+experts include every rank's tokens. Only the stacked expert weights are sharded; the
+parameter names (``w1``/``w2``/``w3``) and layouts are those of ``GroupedExperts``, so a
+checkpoint gathered over the EP group is an ordinary moeframe checkpoint.
+
+Shapes: T tokens on this rank, K experts per token, N = T·K routed rows, E experts in all,
+El = E/ep local experts, R rows received, D model width, F expert hidden width.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.distributed._functional_collectives import all_to_all_single, all_to_all_single_autograd
+
+from moeframe.model.experts import grouped_mm_supported
+
+__all__ = ["EPExperts", "expert_ffn"]
+
+
+def _linear_per_expert(x_RD: torch.Tensor, w_EOD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+    """``x @ w_eᵀ`` for contiguous row slices, one grouped GEMM when the kernel supports it."""
+    if grouped_mm_supported(x_RD, w_EOD):
+        return F.grouped_mm(x_RD, w_EOD.transpose(-2, -1), offs=counts_E.cumsum(0).to(torch.int32))
+    chunks = torch.split(x_RD, counts_E.tolist())
+    return torch.cat([c @ w.T for c, w in zip(chunks, w_EOD)], dim=0)
+
+
+def expert_ffn(x_RD: torch.Tensor, w1_EFD: torch.Tensor, w2_EDF: torch.Tensor, w3_EFD: torch.Tensor,
+               counts_E: torch.Tensor) -> torch.Tensor:
+    """SwiGLU experts over rows already grouped by expert (``counts_E`` rows each)."""
+    h_RF = F.silu(_linear_per_expert(x_RD, w1_EFD, counts_E)) * _linear_per_expert(x_RD, w3_EFD, counts_E)
+    return _linear_per_expert(h_RF, w2_EDF, counts_E)
+
+
+class EPExperts(nn.Module):
+    """The local shard of a layer's routed experts, with token dispatch over ``ep_group``.
+
+    Built from a full (unsharded) experts module by ``from_full``, which keeps this rank's
+    slice of the stacked weights; the forward has the experts-plugin signature.
+    """
+
+    def __init__(self, num_experts: int, dim: int, hidden_dim: int, ep_group: dist.ProcessGroup) -> None:
+        super().__init__()
+        self.ep_group = ep_group
+        self.ep_size = dist.get_world_size(ep_group)
+        self.ep_rank = dist.get_rank(ep_group)
+        assert num_experts % self.ep_size == 0, "validated by the strategy before the process group exists"
+        self.num_experts = num_experts
+        self.num_local_experts = num_experts // self.ep_size
+        self.w1 = nn.Parameter(torch.empty(self.num_local_experts, hidden_dim, dim))
+        self.w2 = nn.Parameter(torch.empty(self.num_local_experts, dim, hidden_dim))
+        self.w3 = nn.Parameter(torch.empty(self.num_local_experts, hidden_dim, dim))
+
+    @classmethod
+    def from_full(cls, full: nn.Module, ep_group: dist.ProcessGroup) -> "EPExperts":
+        num_experts, hidden_dim, dim = full.w1.shape
+        shard = cls(num_experts, dim, hidden_dim, ep_group).to(device=full.w1.device, dtype=full.w1.dtype)
+        with torch.no_grad():
+            for name in ("w1", "w2", "w3"):
+                getattr(shard, name).copy_(shard.local_slice(getattr(full, name)))
+        return shard
+
+    def local_slice(self, full_E: torch.Tensor) -> torch.Tensor:
+        """This rank's experts of a tensor stacked over all E experts (dim 0)."""
+        start = self.ep_rank * self.num_local_experts
+        return full_E[start:start + self.num_local_experts]
+
+    def forward(self, x_TD: torch.Tensor, weights_TK: torch.Tensor, indices_TK: torch.Tensor) -> torch.Tensor:
+        T, K = indices_TK.shape
+        # 1. permute: rows sorted by expert are also grouped by destination rank
+        order_N = indices_TK.flatten().argsort(stable=True)
+        token_N = order_N // K
+        counts_E = torch.bincount(indices_TK.flatten(), minlength=self.num_experts)
+        x_ND = x_TD[token_N]
+        # 2. counts first: recv_counts[r, e] = rows peer r sends to my local expert e
+        recv_counts_RE = self._exchange_counts(counts_E)
+        send_splits = counts_E.view(self.ep_size, self.num_local_experts).sum(1).tolist()
+        recv_splits = recv_counts_RE.sum(1).tolist()
+        # 3. dispatch, then regroup the (source rank, local expert)-ordered rows by local expert
+        x_RD = all_to_all_single_autograd(x_ND, recv_splits, send_splits, self.ep_group)
+        local_expert_R = torch.repeat_interleave(
+            torch.arange(self.num_local_experts, device=x_RD.device).repeat(self.ep_size), recv_counts_RE.flatten())
+        by_expert_R = local_expert_R.argsort(stable=True)
+        y_RD = torch.empty_like(x_RD)
+        y_RD[by_expert_R] = expert_ffn(x_RD[by_expert_R], self.w1, self.w2, self.w3, recv_counts_RE.sum(0))
+        # 4. combine: the reverse all-to-all restores this rank's sorted row order
+        y_ND = all_to_all_single_autograd(y_RD, send_splits, recv_splits, self.ep_group)
+        y_ND = y_ND * weights_TK.flatten()[order_N].unsqueeze(-1).to(y_ND.dtype)
+        return torch.zeros_like(x_TD).index_add_(0, token_N, y_ND)
+
+    def _exchange_counts(self, counts_E: torch.Tensor) -> torch.Tensor:
+        """[ep, El]: for each peer, how many rows it sends to each of my local experts."""
+        recv_E = all_to_all_single(counts_E, None, None, self.ep_group)
+        recv_E = recv_E.wait() if hasattr(recv_E, "wait") else recv_E
+        return recv_E.view(self.ep_size, self.num_local_experts)
+
+    def extra_repr(self) -> str:
+        return f"experts {self.ep_rank * self.num_local_experts}..{(self.ep_rank + 1) * self.num_local_experts - 1} " \
+               f"of {self.num_experts} (ep_size={self.ep_size})"
+
+
+def replace_experts(model: nn.Module, ep_group: dist.ProcessGroup) -> list[str]:
+    """Swap every MoE layer's experts for its EP shard; return the qualified names swapped."""
+    from moeframe.training.balance import moe_layers
+
+    swapped = []
+    for name, moe in moe_layers(model):
+        if not isinstance(moe.experts, EPExperts):
+            moe.experts = EPExperts.from_full(moe.experts, ep_group)
+        swapped.append(f"{name}.experts" if name else "experts")
+    return swapped
+
+
+def ep_modules(model: nn.Module) -> list[tuple[str, EPExperts]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, EPExperts)]
+
+
