@@ -22,7 +22,7 @@ helpers = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(helpers)
 
 CONFIG = helpers.REPO / "configs" / "pretrain" / "tiny-parallel.yaml"
-PRESETS = ["ddp", "ep2_ddp", "fsdp2", "zero1", "zero2", "zero3"]
+PRESETS = ["ddp", "ep2_ddp", "fsdp2", "zero1", "zero2", "zero3", "zero3_offload"]
 
 
 def fit(root: Path, strategy: str, max_steps: int, cache: Path, ckpt: Path | None = None) -> subprocess.CompletedProcess:
