@@ -106,6 +106,8 @@ EXTRA_COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
                 "tokenise text/JSONL/Parquet once into Megatron-format token shards"),
     "generate": (lambda argv: importlib.import_module("moeframe.generate").generate_command(argv),
                  "generate text from a trained checkpoint (greedy or top-p sampling, KV cache)"),
+    "esft-select": (lambda argv: importlib.import_module("moeframe.training.esft").esft_select_command(argv),
+                    "score experts on a fine-tuning config's data and write the ESFT expert selection (JSON)"),
 }
 
 

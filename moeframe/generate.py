@@ -52,6 +52,10 @@ def load_decoder(checkpoint: Union[str, Path], device: Union[str, torch.device] 
     if not isinstance(config, ModelConfig) or "state_dict" not in ckpt:
         raise ConfigError(f"{path} is not a checkpoint of a moeframe PretrainModule "
                           "(no hyper_parameters.config / state_dict)")
+    if (ckpt.get("moeframe_finetune") or {}).get("method") == "lora":  # adapters: rebuild and merge them
+        from moeframe.convert.hf import load_moeframe
+
+        return load_moeframe(path).to(device).eval()
     state = {k.removeprefix("decoder."): v for k, v in ckpt["state_dict"].items() if k.startswith("decoder.")}
     decoder = materialize(build_decoder(config, device="meta"), device)
     decoder.load_state_dict(state, strict=True)

@@ -63,6 +63,10 @@ def test_fit_end_to_end_then_resume(tmp_path: Path) -> None:
     assert (tmp_path / "logs" / "version_0" / "loss_curves.png").stat().st_size > 10_000
     last = tmp_path / "logs" / "version_0" / "checkpoints" / "last.ckpt"
     assert torch.load(last, weights_only=False)["global_step"] == 6
+    # what `moeframe fit` writes is what `moeframe.convert` / `moeframe generate` read
+    from moeframe.convert import load_moeframe
+
+    assert load_moeframe(last).config.n_routed_experts == 8
 
     resumed = _moeframe([*common, "--trainer.max_steps", "9", "--ckpt_path", str(last)], cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]

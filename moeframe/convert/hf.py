@@ -355,7 +355,8 @@ def _write_shard(folder: Path, n: int, tensors: dict[str, torch.Tensor]) -> None
 
 # -- moeframe checkpoints ------------------------------------------------------------------------
 def load_moeframe(path: str | Path) -> Decoder:
-    """A decoder from a Lightning checkpoint of a moeframe module or a plain moeframe folder."""
+    """A decoder from a Lightning checkpoint of a moeframe module or a plain moeframe folder
+    (a LoRA fine-tuning checkpoint comes back with its adapters merged into the weights)."""
     path = Path(path)
     if path.is_dir():
         import yaml
@@ -367,10 +368,19 @@ def load_moeframe(path: str | Path) -> Decoder:
         return decoder
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     cfg = ckpt.get("hyper_parameters", {}).get("config")
+    if isinstance(cfg, dict):  # runs started by the CLI store the config as plain data
+        cfg = ModelConfig(**cfg)
     if not isinstance(cfg, ModelConfig):
         raise ConfigError(f"{path} is not a checkpoint of a moeframe module (no hyper_parameters.config)")
     decoder = build_decoder(cfg)
+    finetune = ckpt.get("moeframe_finetune") or {}
+    if finetune.get("method") == "lora":  # a FinetuneModule with adapters: rebuild them, load, merge
+        from moeframe.model.lora import LoRAOptions, apply_lora, merge_lora
+
+        apply_lora(decoder, LoRAOptions(**finetune["lora"]))
     _load_state(decoder, {k[len("decoder."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("decoder.")}, path)
+    if finetune.get("method") == "lora":
+        merge_lora(decoder)
     return decoder
 
 
