@@ -26,6 +26,7 @@ from typing import Any, Optional
 from torch import nn
 
 from moeframe.config import ConfigError, ModelConfig
+from moeframe.layout import ParallelLayout, strategy_for
 from moeframe.model.base import AttentionBase, NormBase, RouterBase
 from moeframe.model.decoder import Decoder, build_decoder
 from moeframe.model.ffn import SwiGLU
@@ -47,6 +48,7 @@ class Report:
     training_flops_per_token: int
     seq_len: int
     memory_per_gpu_gib: dict[str, float]
+    layout: dict[str, Any]
 
 
 def load_model_config(path: str | Path) -> ModelConfig:
@@ -164,10 +166,8 @@ def memory_per_gpu(counts: dict[str, int], zero: int, dp: int, ep: int, precisio
 
 def inspect_model(cfg: ModelConfig, name: str, seq_len: int = 4096, zero: int = 1, dp: int = 1, ep: int = 1,
                   precision: str = "bf16") -> Report:
-    if ep < 1 or dp < 1 or dp % ep:
-        raise ConfigError(f"--dp ({dp}) must be a multiple of --ep ({ep}), both >= 1")
-    if cfg.n_routed_experts % ep:
-        raise ConfigError(f"--ep {ep} must divide n_routed_experts={cfg.n_routed_experts}")
+    # the strategies' own checks: a layout accepted here is one `moeframe fit` accepts
+    layout = ParallelLayout(world_size=dp, ep=ep, zero=zero).validate(cfg.n_routed_experts)
     decoder = build_decoder(cfg, device="meta")
     counts = count_by_component(decoder)
     total = sum(counts.values()) - counts["mtp"]  # what inference runs; MTP is a training aid
@@ -175,7 +175,19 @@ def inspect_model(cfg: ModelConfig, name: str, seq_len: int = 4096, zero: int = 
     kv, naive = kv_bytes_per_token(decoder, element_bytes=2)
     return Report(name, counts, total, total + counts["mtp"], activated, activated - counts["embedding"], kv, naive,
                   decoder_training_flops_per_token(decoder, seq_len, counts), seq_len,
-                  memory_per_gpu(counts, zero, dp, ep, precision))
+                  memory_per_gpu(counts, zero, dp, ep, precision), layout_section(layout, cfg, counts))
+
+
+def layout_section(layout: ParallelLayout, cfg: ModelConfig, counts: dict[str, int]) -> dict[str, Any]:
+    """Who holds what under ``layout`` (parameters per rank before ZeRO partitioning)."""
+    routed = counts["routed_experts"]
+    return {
+        "world_size": layout.world_size, "ep": layout.ep, "expert_dp": layout.expert_dp, "zero": layout.zero,
+        "experts_per_rank_per_layer": layout.experts_per_rank(cfg.n_routed_experts),
+        "routed_expert_params_per_rank": routed // layout.ep,
+        "dense_params_per_rank": sum(counts.values()) - routed,
+        "strategy": strategy_for(layout),
+    }
 
 
 def decoder_training_flops_per_token(decoder: Decoder, seq_len: int, counts: Optional[dict[str, int]] = None) -> int:
@@ -207,6 +219,12 @@ def print_report(r: Report, zero: int, dp: int, ep: int, precision: str) -> None
     kv = f"{r.kv_cache_bytes_per_token:,}" if r.kv_cache_bytes_per_token is not None else "n/a (plugin has no cache)"
     print(f"KV cache bytes/token (bf16)      {kv}   (plain per-head K/V: {r.naive_kv_cache_bytes_per_token:,})")
     print(f"training FLOPs/token (T={r.seq_len})  {r.training_flops_per_token:.4g}")
+    lay = r.layout
+    strategy = lay["strategy"] or "none yet (no moeframe-parallel preset composes ZeRO with EP; estimate only)"
+    print(f"parallel layout: {lay['world_size']} ranks = EP {lay['ep']} x expert-DP {lay['expert_dp']}; "
+          f"{lay['experts_per_rank_per_layer']} routed experts per rank per MoE layer; per rank before ZeRO: "
+          f"{_fmt(lay['routed_expert_params_per_rank'])} routed-expert + {_fmt(lay['dense_params_per_rank'])} "
+          f"dense parameters; --trainer.strategy {strategy}")
     m = r.memory_per_gpu_gib
     print(f"memory per GPU, ZeRO-{zero} DP={dp} EP={ep} {precision}: weights {m['weights']:.1f} GiB, "
           f"gradients {m['gradients']:.1f} GiB, optimizer {m['optimizer']:.1f} GiB, total {m['total']:.1f} GiB "
@@ -218,7 +236,7 @@ def inspect_command(argv: list[str]) -> int:
     p.add_argument("config", help="a model YAML (configs/model/*.yaml) or a run YAML that names one")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--seq-len", type=int, default=4096, help="sequence length for attention FLOPs")
-    p.add_argument("--zero", type=int, choices=[0, 1, 2, 3], default=1, help="ZeRO stage for the memory estimate")
+    p.add_argument("--zero", type=int, default=1, help="ZeRO stage for the memory estimate (0 = plain data parallel)")
     p.add_argument("--dp", type=int, default=1, help="data-parallel ranks (including expert-parallel ones)")
     p.add_argument("--ep", type=int, default=1, help="expert-parallel degree")
     p.add_argument("--precision", choices=["bf16", "fp8"], default="bf16")

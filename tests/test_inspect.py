@@ -49,7 +49,35 @@ def test_memory_estimate_shards_as_zero_and_ep_say() -> None:
 
 def test_bad_layout_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["inspect", str(REPO / "configs/model/tiny.yaml"), "--dp", "4", "--ep", "3"]) == 2
-    assert "--dp (4) must be a multiple of --ep (3)" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "ep_size=3 does not divide the world size 4" in err and err.count("\n") == 1, err
+    assert main(["inspect", str(REPO / "configs/model/tiny.yaml"), "--zero", "4"]) == 2
+    assert "ZeRO stage must be 1, 2 or 3, got 4" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("dp", "ep", "zero"), [(6, 4, 1), (4, 3, 0), (8, 16, 0), (4, 2, 5)])
+def test_inspect_rejects_exactly_what_the_strategies_reject(dp: int, ep: int, zero: int) -> None:
+    """One rule, one message: inspect and the parallel plugin's strategies share the validation."""
+    from moeframe_parallel.deepspeed_presets import check_zero_settings
+    from moeframe_parallel.expert_parallel import check_ep_size
+
+    cfg = tiny_config()
+    with pytest.raises(ValueError) as from_inspect:
+        inspect_model(cfg, "t", zero=zero, dp=dp, ep=ep)
+    with pytest.raises(ValueError) as from_strategy:
+        check_ep_size(ep, dp, cfg.n_routed_experts)
+        check_zero_settings(zero, False, "cpu", "cpu", None)
+    assert str(from_inspect.value) == str(from_strategy.value)
+
+
+def test_layout_section_counts_experts_per_rank() -> None:
+    cfg = tiny_config()
+    lay = inspect_model(cfg, "t", zero=0, dp=4, ep=2).layout
+    assert lay["experts_per_rank_per_layer"] == cfg.n_routed_experts // 2 and lay["expert_dp"] == 2
+    one = inspect_model(cfg, "t", zero=0, dp=4, ep=1).layout
+    assert lay["routed_expert_params_per_rank"] * 2 == one["routed_expert_params_per_rank"]
+    assert lay["strategy"] == "ep2_ddp" and one["strategy"] == "ddp"
+    assert inspect_model(cfg, "t", zero=3, dp=4, ep=1).layout["strategy"] == "zero3"
 
 
 @pytest.mark.parametrize(("preset", "total", "activated", "activated_no_embedding"), [

@@ -26,6 +26,7 @@ from typing import Any, Generator, Optional
 from lightning.pytorch.accelerators.cuda import CUDAAccelerator
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
 from lightning.fabric.utilities.seed import reset_seed
+from moeframe.layout import check_zero_layout
 
 __all__ = ["CPUCapableDeepSpeedStrategy", "Zero1Strategy", "Zero2Strategy", "Zero3Strategy", "Zero3OffloadStrategy",
            "check_zero_settings"]
@@ -33,16 +34,9 @@ __all__ = ["CPUCapableDeepSpeedStrategy", "Zero1Strategy", "Zero2Strategy", "Zer
 
 def check_zero_settings(stage: int, offload_parameters: bool, offload_params_device: str,
                         offload_optimizer_device: str, nvme_path: Optional[str]) -> None:
-    """ValueError for a ZeRO setting DeepSpeed would ignore or fail on deep inside a run."""
-    if stage not in (1, 2, 3):
-        raise ValueError(f"DeepSpeed ZeRO stage must be 1, 2 or 3, got {stage}")
-    if offload_parameters and stage != 3:
-        raise ValueError(f"offload_parameters=True needs ZeRO stage 3 (only stage 3 partitions the parameters), "
-                         f"got stage {stage}: use strategy zero3_offload, or set offload_parameters false")
-    if "nvme" in (offload_params_device, offload_optimizer_device) and not nvme_path:
-        raise ValueError("offloading to nvme needs nvme_path (a folder on a local NVMe drive)")
-    if offload_params_device == "nvme" and stage != 3:
-        raise ValueError(f"parameter offload to nvme needs ZeRO stage 3, got stage {stage}")
+    """The ZeRO check ``moeframe inspect`` runs too: a ConfigError for a setting DeepSpeed would
+    ignore or fail on deep inside a run."""
+    check_zero_layout(stage, offload_parameters, offload_params_device, offload_optimizer_device, nvme_path)
 
 
 class CPUCapableDeepSpeedStrategy(DeepSpeedStrategy):

@@ -37,21 +37,16 @@ from lightning.pytorch.strategies import DDPStrategy
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from moeframe.layout import check_ep_layout
 from moeframe_parallel.ep_experts import EPExperts, ep_modules, replace_experts
 
 __all__ = ["ExpertParallelStrategy", "EP2DDPStrategy", "check_ep_size", "new_ep_groups"]
 
 
 def check_ep_size(ep_size: int, world_size: int, num_experts: Optional[int]) -> None:
-    """ValueError naming the fix when the EP degree cannot lay out the experts on the ranks."""
-    if ep_size < 1:
-        raise ValueError(f"ep_size must be >= 1, got {ep_size}")
-    if world_size % ep_size:
-        raise ValueError(f"expert parallelism: ep_size={ep_size} does not divide the world size {world_size} "
-                         f"(num_nodes x devices); choose an ep_size among the divisors of {world_size}")
-    if num_experts is not None and num_experts % ep_size:
-        raise ValueError(f"expert parallelism: ep_size={ep_size} does not divide n_routed_experts={num_experts}; "
-                         "every rank of an EP group must hold the same number of experts")
+    """The layout check ``moeframe inspect`` runs too (one rule, one message): a ConfigError
+    naming the fix when the EP degree cannot lay the experts out on the ranks."""
+    check_ep_layout(ep_size, world_size, num_experts)
 
 
 def new_ep_groups(ep_size: int) -> tuple[dist.ProcessGroup, dist.ProcessGroup]:
