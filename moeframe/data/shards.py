@@ -130,7 +130,10 @@ class _ResumableLoader(DataLoader):
     """A DataLoader that positions its dataset at the DataModule's saved place on every ``iter``."""
 
     def __init__(self, dataset: ShardedBatches, datamodule: "PretrainDataModule", num_workers: int) -> None:
-        super().__init__(dataset, batch_size=None, num_workers=num_workers)
+        # its own generator: creating an iterator draws a worker seed, which must not advance the
+        # global torch RNG (an exact resume restores that stream at the step boundary, and a
+        # resumed run creates its iterator at another moment than the uninterrupted one)
+        super().__init__(dataset, batch_size=None, num_workers=num_workers, generator=torch.Generator().manual_seed(0))
         self.datamodule = datamodule
 
     def __iter__(self) -> Any:
@@ -288,7 +291,23 @@ class PretrainDataModule(L.LightningDataModule):
                        f"tokens from {len(entries)} dataset(s); {len(self._train)} batches per epoch per rank")
 
     # -- loaders and exact resume --------------------------------------------------------------
+    def _check_still_there(self, dataset: ShardedBatches) -> None:
+        """Shards open as memory maps keep working when their folder is deleted (the kernel keeps
+        the files until they are closed), but the next restart would fail and an unmounted
+        filesystem fails reads: stop with one line at the next epoch or validation instead."""
+        from moeframe.errors import TrainingFault
+
+        for source in dataset.sources:
+            for shard in getattr(getattr(source, "base", source), "shards", []):
+                if not shard.prefix.with_suffix(".bin").is_file():
+                    gone = shard.prefix.parent
+                    while not gone.parent.exists():  # name the folder that went, not a file inside it
+                        gone = gone.parent
+                    raise TrainingFault(f"the data folder {gone} disappeared during the run (epoch {self.epoch}); "
+                                        "restore it and resume from the last checkpoint")
+
     def _position(self, dataset: ShardedBatches) -> None:
+        self._check_still_there(dataset)
         if dataset is self._train:
             if self.consumed >= len(dataset):  # the previous epoch is complete
                 self.epoch, self.consumed = self.epoch + 1, 0
@@ -302,6 +321,18 @@ class PretrainDataModule(L.LightningDataModule):
         if self._val is None:
             return []
         return _ResumableLoader(self._val, self, self.num_workers)
+
+    def test_dataloader(self) -> Any:
+        """``moeframe test`` evaluates the held-out split (the validation sequences)."""
+        return self.val_dataloader()
+
+    def predict_dataloader(self) -> Any:
+        """``moeframe predict`` runs the model over the held-out split too (greedy next tokens). A
+        plain DataLoader: Lightning rebuilds the predict loader from its constructor arguments."""
+        if self._val is None:
+            return []
+        return DataLoader(self._val, batch_size=None, num_workers=self.num_workers,
+                          generator=torch.Generator().manual_seed(0))
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         if self.trainer is not None and self.trainer.training:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, Generator, Optional
 
 from lightning.pytorch.accelerators.cuda import CUDAAccelerator
@@ -85,18 +86,85 @@ class CPUCapableDeepSpeedStrategy(DeepSpeedStrategy):
         loader = self.lightning_module.trainer.fit_loop._data_source.dataloader()
         return getattr(getattr(loader, "batch_sampler", None), "batch_size", None) or getattr(loader, "batch_size", 1) or 1
 
+    def _device_rank(self) -> int:
+        # DeepSpeedEngine compares the device rank with ints; a CPU device's index is None
+        return self.root_device.index if self.root_device.index is not None else self.local_rank
+
     def _setup_model_and_optimizer(self, model: Any, optimizer: Any, lr_scheduler: Any = None) -> tuple[Any, Any]:
         import deepspeed
 
         if self.zero_stage_3:
             _register_router_weights_with_moe(model)
-        # DeepSpeedEngine compares the device rank with ints; a CPU device's index is None
-        device_rank = self.root_device.index if self.root_device.index is not None else self.local_rank
         engine, ds_optimizer, _, _ = deepspeed.initialize(
-            args=argparse.Namespace(device_rank=device_rank), config=self.config, model=model,
+            args=argparse.Namespace(device_rank=self._device_rank()), config=self.config, model=model,
             model_parameters=[p for p in model.parameters() if p.requires_grad], optimizer=optimizer,
             lr_scheduler=lr_scheduler, dist_init_required=False)
         return engine, ds_optimizer
+
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: Optional[bool] = None) -> dict[str, Any]:
+        """Evaluating a ZeRO-3 checkpoint folder (``moeframe validate|test|predict``): DeepSpeed 0.19's
+        optimizer-less engine cannot read the weight partitions itself (it calls a ZeRO-optimizer
+        method its inference wrapper lacks, on GPU and CPU alike), so the fp32 weights are
+        consolidated from the partition files with DeepSpeed's own reader and loaded through
+        Lightning's gathered ZeRO-3 load. Every rank holds the full fp32 model once while loading;
+        for models beyond one host, convert the checkpoint first (``moeframe convert``)."""
+        from lightning.pytorch.trainer.states import TrainerFn
+
+        fitting = self.lightning_module.trainer.state.fn == TrainerFn.FITTING
+        if not (self.zero_stage_3 and not fitting and Path(checkpoint_path).is_dir()):
+            return super().load_checkpoint(checkpoint_path, weights_only)
+        return _consolidated_zero3_checkpoint(Path(checkpoint_path))
+
+    def load_model_state_dict(self, checkpoint: Any, strict: bool = True) -> None:
+        if checkpoint.get(_CONSOLIDATED):
+            self.model_to_device()
+            self._restore_zero_state(checkpoint, strict=strict)
+            return
+        super().load_model_state_dict(checkpoint, strict)
+
+    def _initialize_deepspeed_inference(self, model: Any) -> None:
+        """``moeframe validate|test|predict``: an engine without optimizer, as Lightning builds it,
+        but with a device rank the CPU has (the stock one passes the device index, None there)."""
+        if not self._on_cpu():
+            return super()._initialize_deepspeed_inference(model)
+        import deepspeed
+        from lightning.pytorch.strategies.deepspeed import remove_module_hooks
+
+        config: dict[str, Any] = {"train_micro_batch_size_per_gpu": 1}  # DeepSpeed's timers need one
+        config.update({k: self.config[k] for k in ("fp16", "bf16") if k in self.config})
+        if self.zero_stage_3:
+            config["zero_allow_untested_optimizer"] = self.config["zero_allow_untested_optimizer"]
+            config["zero_optimization"] = self.config["zero_optimization"]
+            _register_router_weights_with_moe(model)
+        remove_module_hooks(model)
+        self.model, _, _, _ = deepspeed.initialize(
+            args=argparse.Namespace(device_rank=self._device_rank()), config=config, model=model, optimizer=None,
+            lr_scheduler=None, model_parameters=[], dist_init_required=False)
+
+
+_CONSOLIDATED = "moeframe_zero3_consolidated"
+# what DeepSpeed keeps for itself in a model-states file; the rest is Lightning's client state
+_DEEPSPEED_KEYS = ("module", "buffer_names", "optimizer", "param_shapes", "frozen_param_shapes", "shared_params",
+                   "frozen_param_fragments", "lr_scheduler", "data_sampler", "random_ltd",
+                   "sparse_tensor_module_names", "skipped_steps", "global_steps", "global_samples", "dp_world_size",
+                   "mp_world_size", "ds_config", "ds_version")
+
+
+def _consolidated_zero3_checkpoint(folder: Path) -> dict[str, Any]:
+    """Lightning's checkpoint dict for a ZeRO-3 folder, its weights gathered from the partitions."""
+    import torch
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    tag = (folder / "latest").read_text().strip() if (folder / "latest").exists() else "checkpoint"
+    states = sorted((folder / tag).glob("*model_states.pt"))
+    if not states:
+        raise FileNotFoundError(f"{folder}: no DeepSpeed model-states file under {tag}/; is this a ZeRO checkpoint?")
+    # our own checkpoint, written by DeepSpeed's pickle-based saver: not loadable with weights_only
+    client = {k: v for k, v in torch.load(states[0], map_location="cpu", weights_only=False).items()
+              if k not in _DEEPSPEED_KEYS}
+    client["state_dict"] = get_fp32_state_dict_from_zero_checkpoint(str(folder), tag=tag)
+    client[_CONSOLIDATED] = True
+    return client
 
 
 def _register_router_weights_with_moe(model: Any) -> None:

@@ -12,12 +12,12 @@ LightningModules build a plain decoder there (they do not know the layout), so t
 applies ``fully_shard`` itself right after ``configure_model`` and before Lightning moves the model
 and builds the optimizer over the sharded parameters (DTensors).
 
-Initialisation: the decoder is built and initialised whole on every rank (same seed, so the
-same weights as under DDP), then sharded; each rank then keeps only its shards. Meta-device
-init (shapes only, each rank allocating and initialising just its shards) is NOT done yet:
-on the CPU, DTensor random ops draw every rank's shard from the same local stream (checked with
-torch 2.13: rows 0 and 4 of an 8-row weight sharded over 2 ranks come out identical), which
-would duplicate experts. It needs a per-parameter materialise-then-shard init.
+Initialisation: when the LightningModule says its ``configure_model`` only builds fresh weights
+(``meta_device_init = True``, as PretrainModule does), the decoder is built on the meta device
+(shapes only, nothing allocated), sharded, and then each rank allocates and initialises just its
+own shards (``meta_init.materialize_sharded``): the result equals the weights an unsharded build
+with the same seed holds, so fsdp2 starts from the same model as ddp. Modules that load weights
+in ``configure_model`` (fine-tuning) are built whole, then sharded.
 
 Mixed precision: ``param_dtype`` (e.g. ``bfloat16``) is the dtype blocks compute in,
 ``reduce_dtype`` the gradient reduce-scatter dtype (float32 by default: summing many ranks'
@@ -26,11 +26,14 @@ gradients in bf16 loses digits); the sharded master weights stay float32.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from contextlib import contextmanager
+from typing import Any, Generator, Optional
 
 import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+from moeframe_parallel.meta_init import has_meta_tensors, materialize_sharded
 
 __all__ = ["FSDP2Strategy"]
 
@@ -63,8 +66,21 @@ class FSDP2Strategy(ModelParallelStrategy):
         self._tensor_parallel_size = 1
         super().setup_environment()
 
+    @contextmanager
+    def tensor_init_context(self, empty_init: Optional[bool] = None) -> Generator[None, None, None]:
+        if empty_init is None:
+            empty_init = bool(getattr(self.lightning_module, "meta_device_init", False))
+        with super().tensor_init_context(empty_init=empty_init):
+            yield
+
     def setup(self, trainer: Any) -> None:
-        self.shard(self.lightning_module)
+        module = self.lightning_module
+        self.shard(module)
+        decoder = getattr(module, "decoder", None)
+        if decoder is not None and has_meta_tensors(decoder):
+            # before Lightning's own materialisation, which would call nn.Linear.reset_parameters
+            # (the wrong init, drawn per shard)
+            materialize_sharded(decoder, self.root_device)
         super().setup(trainer)
 
     def shard(self, module: torch.nn.Module) -> None:
