@@ -1,0 +1,35 @@
+"""benchmarks/fp8_linear.py runs (CPU smoke mode: small shapes, emulated backend) and prints its
+table; the GPU figures themselves come from a run on an H100/H200, never from a test."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[3]
+
+
+def test_fp8_linear_benchmark_smoke() -> None:
+    run = subprocess.run([sys.executable, str(REPO / "benchmarks" / "fp8_linear.py"), "--smoke"],
+                         capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "fp8 backend: emulated" in run.stdout
+    rows = re.findall(r"^\| 384->256[^|]* \| (Linear fwd\+bwd|train step[^|]*) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+)x \|$",
+                      run.stdout, flags=re.M)
+    assert [r[0].split(" ")[0] for r in rows] == ["Linear", "train"], run.stdout
+    assert all(float(bf16) > 0 and float(fp8) > 0 for _, bf16, fp8, _ in rows)
+
+
+def test_hopper_backend_on_cpu_is_a_one_line_error(monkeypatch, capsys) -> None:
+    spec = importlib.util.spec_from_file_location("fp8_linear_bench", REPO / "benchmarks" / "fp8_linear.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    monkeypatch.setattr(sys, "argv", ["fp8_linear.py", "--smoke", "--backend", "hopper"])
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main()
+    assert exit_info.value.code == 2 and "fp8 backend 'hopper' cannot run" in capsys.readouterr().err
