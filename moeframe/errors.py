@@ -17,3 +17,13 @@ class ConfigError(ValueError):
     def __init__(self, message: str) -> None:
         super().__init__(message)
         ConfigError.raised.append(self)
+
+
+class CheckpointError(ConfigError):
+    """A checkpoint that cannot be used (truncated, corrupted, or from another model config); the
+    message names the file and what to do."""
+
+
+class TrainingFault(RuntimeError):
+    """A run stopped for a reason the user must act on (non-finite losses, a full disk, data that
+    went away); the CLI prints the message as one line and exits with status 1."""

@@ -248,7 +248,7 @@ def from_hf(path: str | Path, dtype: torch.dtype = torch.float32, progress: bool
     decoder.to(dtype)
     targets, filled = _targets(decoder), set()
     for file in tqdm(files, desc="loading shards", disable=not progress):
-        with safe_open(file, framework="pt") as f:
+        with _safe_open(file) as f:
             keys = set(f.keys())
             for key in sorted(keys):
                 if key.endswith("weight_scale_inv") or _skipped_on_import(key, cfg):
@@ -364,9 +364,9 @@ def load_moeframe(path: str | Path) -> Decoder:
 
         cfg = ModelConfig(**yaml.safe_load((path / "moeframe.yaml").read_text()))
         decoder = build_decoder(cfg)
-        _load_state(decoder, load_file(str(path / "model.safetensors")), path)
+        _load_state(decoder, _checked_read(path / "model.safetensors", lambda f: load_file(str(f))), path)
         return decoder
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    ckpt = _checked_read(path, lambda f: torch.load(f, map_location="cpu", weights_only=True))
     cfg = ckpt.get("hyper_parameters", {}).get("config")
     if isinstance(cfg, dict):  # runs started by the CLI store the config as plain data
         cfg = ModelConfig(**cfg)
@@ -382,6 +382,24 @@ def load_moeframe(path: str | Path) -> Decoder:
     if finetune.get("method") == "lora":
         merge_lora(decoder)
     return decoder
+
+
+def _checked_read(file: Path, read: Any) -> Any:
+    """``read(file)``; a truncated or corrupted file is one clear line, not a deserialiser's traceback."""
+    from moeframe.errors import CheckpointError
+
+    if not Path(file).exists():
+        raise CheckpointError(f"{file} does not exist")
+    try:
+        return read(file)
+    except Exception as exc:  # safetensors, zip and pickle readers each raise their own types
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise CheckpointError(f"{file} cannot be read ({first[:200]}); it is truncated or corrupted: "
+                              "copy or convert it again") from exc
+
+
+def _safe_open(file: Path) -> Any:
+    return _checked_read(file, lambda f: safe_open(f, framework="pt"))
 
 
 def _load_state(decoder: Decoder, state: dict[str, torch.Tensor], path: Path) -> None:
