@@ -15,7 +15,8 @@ from moeframe import registry
 from moeframe.errors import ConfigError
 from moeframe.model.base import PluginOptions, parse_options
 
-__all__ = ["ConfigError", "ModelConfig", "ModelPlan", "OptimConfig", "PluginChoice", "resolve_model_config"]
+__all__ = ["ConfigError", "ModelConfig", "ModelPlan", "OptimConfig", "PluginChoice", "RuntimeConfig",
+           "resolve_model_config"]
 
 
 def _default(name: str) -> Any:
@@ -194,8 +195,36 @@ class OptimConfig:
                 raise ConfigError(str(exc)) from None
 
 
+@dataclass
+class RuntimeConfig:
+    """How the decoder executes, not what it computes: every setting gives the same losses and
+    gradients (tests check it), only speed and memory change.
+
+    ``compile``: ``off`` or ``block`` (``torch.compile`` each transformer block on its own).
+    ``activation_checkpointing``: ``none``; ``full`` (keep each block's input only, recompute the
+    block in backward: least memory, ~1/3 more compute); ``selective`` (recompute the SwiGLU FFNs and
+    MLA's up-projections only: most of the activation memory for a fraction of the recompute).
+    ``checkpoint_layers``: layer ids to checkpoint (MTP blocks continue after the last layer);
+    null = all blocks.
+    """
+
+    compile: Literal["off", "block"] = "off"
+    activation_checkpointing: Literal["none", "full", "selective"] = "none"
+    checkpoint_layers: Optional[list[int]] = None
+
+    def validate(self, model: ModelConfig) -> None:
+        _require(self.compile in ("off", "block"), f"runtime.compile must be off or block, got {self.compile!r}")
+        _require(self.activation_checkpointing in ("none", "full", "selective"),
+                 "runtime.activation_checkpointing must be none, full or selective, got "
+                 f"{self.activation_checkpointing!r}")
+        n_blocks = model.n_layers + model.mtp_depth
+        bad = [i for i in (self.checkpoint_layers or []) if not isinstance(i, int) or not 0 <= i < n_blocks]
+        _require(not bad, f"runtime.checkpoint_layers {bad} are not layer ids of this model: use 0..{n_blocks - 1} "
+                          f"({model.n_layers} layers + {model.mtp_depth} MTP blocks), or null for all")
+
+
 # Lightning checkpoints store these in hyper_parameters; allow torch.load(weights_only=True) to
 # read them back (resuming would otherwise need weights_only=False, i.e. trusting pickles).
 import torch.serialization as _serialization  # noqa: E402
 
-_serialization.add_safe_globals([ModelConfig, OptimConfig])
+_serialization.add_safe_globals([ModelConfig, OptimConfig, RuntimeConfig])

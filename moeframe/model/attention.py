@@ -81,6 +81,7 @@ class KVCache(AttentionCache):
 
 class MultiHeadAttention(AttentionBase):
     Options = MHAOptions
+    plugin_api = "1"  # the moeframe plugin API this class is written against
 
     def __init__(self, config: "ModelConfig", options: MHAOptions, layer_id: int) -> None:
         super().__init__(config, options, layer_id)

@@ -14,16 +14,23 @@ token at a time) at the positions that follow the cached ones.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterator, Optional, Union
+from typing import Iterator, Literal, Optional, Union, get_args
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from moeframe.config import ModelConfig, ModelPlan, resolve_model_config
 from moeframe.model.base import AttentionCache, NormBase, RouterBase, default_init
 from moeframe.model.ffn import SwiGLU
 from moeframe.model.moe import MoE
+
+CheckpointMode = Literal["none", "full", "selective"]
+CompileMode = Literal["off", "block"]
+CHECKPOINT_MODES: tuple[str, ...] = get_args(CheckpointMode)
+COMPILE_MODES: tuple[str, ...] = get_args(CompileMode)
 
 
 @dataclass
@@ -68,6 +75,23 @@ class Block(nn.Module):
         self.ffn: Union[SwiGLU, MoE] = (
             SwiGLU(cfg.dim, cfg.dense_ffn_dim) if layer_id < cfg.first_k_dense else MoE(plan)
         )
+        self.checkpointing: CheckpointMode = "none"
+
+    def set_activation_checkpointing(self, mode: CheckpointMode) -> None:
+        """``none``; ``full``: keep only the block's input, recompute the whole block in backward;
+        ``selective``: recompute only what is cheap to redo and wide to keep: the SwiGLU FFNs (dense,
+        shared and routed experts) and the attention's up-projections where the plugin has them
+        (MLA's ``wq_b``/``wkv_b``). Router, dispatch and the attention core are kept."""
+        if mode not in CHECKPOINT_MODES:
+            raise ValueError(f"activation checkpointing must be one of {', '.join(CHECKPOINT_MODES)}, got {mode!r}")
+        self.checkpointing = mode
+        selective = mode == "selective"
+        if isinstance(self.ffn, MoE):
+            self.ffn.recompute_shared = selective
+            if hasattr(self.ffn.experts, "recompute"):
+                self.ffn.experts.recompute = selective
+        if hasattr(self.attn, "recompute_up_projections"):
+            self.attn.recompute_up_projections = selective
 
     def forward(
         self,
@@ -75,6 +99,17 @@ class Block(nn.Module):
         positions_T: torch.Tensor,
         document_ids_BT: Optional[torch.Tensor] = None,
         cache: Optional[AttentionCache] = None,
+    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        if self.checkpointing == "full" and cache is None and torch.is_grad_enabled():
+            return checkpoint(self._forward, x_BTD, positions_T, document_ids_BT, None, use_reentrant=False)
+        return self._forward(x_BTD, positions_T, document_ids_BT, cache)
+
+    def _forward(
+        self,
+        x_BTD: torch.Tensor,
+        positions_T: torch.Tensor,
+        document_ids_BT: Optional[torch.Tensor],
+        cache: Optional[AttentionCache],
     ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         a_BTD = self.attn_norm(x_BTD)
         # `cache` is passed only when used, so attention plugins without a cache keep working
@@ -84,6 +119,8 @@ class Block(nn.Module):
         if isinstance(self.ffn, MoE):
             y_BTD, aux_loss = self.ffn(self.ffn_norm(h_BTD))
             return h_BTD + y_BTD, aux_loss
+        if self.checkpointing == "selective" and torch.is_grad_enabled():
+            return h_BTD + checkpoint(self.ffn, self.ffn_norm(h_BTD), use_reentrant=False), None
         return h_BTD + self.ffn(self.ffn_norm(h_BTD)), None
 
 
@@ -129,14 +166,16 @@ class Decoder(nn.Module):
 
     @torch.no_grad()
     def init_weights(self) -> None:
-        """(Re)initialise every parameter and buffer; deterministic under ``torch.manual_seed``."""
+        """(Re)initialise every parameter and buffer; deterministic under ``torch.manual_seed``
+        and independent of how the decoder was built (see ``init_random_stream``)."""
         std = self.config.init_std
-        for module in self.modules():
-            custom = getattr(module, "init_weights", None)
-            if module is not self and callable(custom):
-                custom(std)
-            else:
-                default_init(module, std)
+        with init_random_stream():
+            for module in self.modules():
+                custom = getattr(module, "init_weights", None)
+                if module is not self and callable(custom):
+                    custom(std)
+                else:
+                    default_init(module, std)
 
     def new_cache(
         self,
@@ -202,6 +241,32 @@ class Decoder(nn.Module):
             out.append(self.head(module.norm(h_BTD)))
         return out
 
+    def blocks(self) -> list[Block]:
+        """Every transformer block: the main layers, then each MTP module's block."""
+        return [*self.layers, *(m.block for m in self.mtp)]
+
+    def configure_runtime(self, activation_checkpointing: CheckpointMode = "none",
+                          checkpoint_layers: Optional[list[int]] = None, compile: CompileMode = "off") -> None:
+        """Activation checkpointing and ``torch.compile``, per block; the results do not change.
+
+        ``checkpoint_layers``: the layer ids to checkpoint (MTP blocks count on from n_layers);
+        None = every block. ``compile="block"`` compiles each block on its own (``Module.compile``:
+        parameter names stay as they are): blocks of one kind share a graph, so compile time does not
+        grow with depth, and the embedding, head and loss stay eager."""
+        blocks = self.blocks()
+        ids = {b.layer_id for b in blocks}
+        unknown = sorted(set(checkpoint_layers or ()) - ids)
+        if unknown:
+            raise ValueError(f"checkpoint_layers {unknown} are not layers of this model (layer ids 0..{max(ids)})")
+        if compile not in COMPILE_MODES:
+            raise ValueError(f"compile must be one of {', '.join(COMPILE_MODES)}, got {compile!r}")
+        for block in blocks:
+            chosen = checkpoint_layers is None or block.layer_id in checkpoint_layers
+            block.set_activation_checkpointing(activation_checkpointing if chosen else "none")
+        if compile == "block":
+            for block in blocks:
+                block.compile()
+
     def moe_layers(self) -> Iterator[tuple[str, MoE]]:
         return ((n, m) for n, m in self.named_modules() if isinstance(m, MoE))
 
@@ -211,6 +276,22 @@ class Decoder(nn.Module):
         keep = ["embed", "head"]
         keep += [n for n, m in self.named_modules() if isinstance(m, (RouterBase, NormBase))]
         return keep
+
+
+@contextmanager
+def init_random_stream() -> Iterator[None]:
+    """Draw initial weights from a stream restarted at the run's seed (``torch.initial_seed()``).
+
+    A decoder built whole has already drawn random numbers in its constructors (``nn.Linear``'s
+    own init), one built on the meta device has drawn none; restarting the stream makes both, and
+    a sharded build initialised piece by piece in the same order, hold the same weights for the
+    same seed, so ddp, fsdp2 and a single device start from one model. The caller's random state
+    is restored afterwards, so initialising consumes nothing from it.
+    """
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(torch.initial_seed())
+        yield
 
 
 def build_decoder(config: ModelConfig, device: Union[str, torch.device, None] = None) -> Decoder:

@@ -12,13 +12,20 @@ from typing import Optional
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from moeframe.config import ModelPlan
 from moeframe.model.ffn import SwiGLU
 
 
 def _recomputing_in_backward() -> bool:
-    """True while autograd's backward runs this code, i.e. an activation-checkpoint recompute."""
+    """True while autograd's backward runs this code, i.e. an activation-checkpoint recompute.
+
+    Under ``torch.compile`` the recompute is part of the compiled backward graph and never
+    re-runs this Python code, so a compiled forward always counts (and dynamo never sees the
+    autograd-engine query, which it could not trace)."""
+    if torch.compiler.is_compiling():
+        return False
     return torch._C._current_graph_task_id() != -1
 
 
@@ -36,6 +43,8 @@ class MoE(nn.Module):
         # low-precision cast of the module (bf16-true) cannot round the counts.
         self.register_buffer("tokens_per_expert", torch.zeros(cfg.n_routed_experts, dtype=torch.int64),
                              persistent=False)
+        # selective activation checkpointing: recompute the shared experts' SwiGLU in backward
+        self.recompute_shared = False
 
     def init_weights(self, std: float) -> None:
         self.tokens_per_expert.zero_()
@@ -49,5 +58,8 @@ class MoE(nn.Module):
                 self.tokens_per_expert.add_(routing.tokens_per_expert_E.to(self.tokens_per_expert.dtype))
         y_TD = self.experts(x_TD, routing.weights_TK, routing.indices_TK)
         if self.shared_experts is not None:
-            y_TD = y_TD + self.shared_experts(x_TD)
+            if self.recompute_shared and torch.is_grad_enabled():
+                y_TD = y_TD + checkpoint(self.shared_experts, x_TD, use_reentrant=False)
+            else:
+                y_TD = y_TD + self.shared_experts(x_TD)
         return y_TD.view_as(x_BTD), routing.aux_loss

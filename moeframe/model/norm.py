@@ -19,6 +19,7 @@ class RMSNorm(NormBase):
     """``x / rms(x) · g``, computed in fp32 whatever the input dtype (low precision loses the rms)."""
 
     Options = RMSNormOptions
+    plugin_api = "1"  # the moeframe plugin API this class is written against
 
     def __init__(self, dim: int, eps: float, options: PluginOptions = RMSNormOptions()) -> None:
         super().__init__(dim, eps, options)

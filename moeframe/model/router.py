@@ -43,6 +43,14 @@ def limit_to_groups(scores_TE: torch.Tensor, group_scores_TG: torch.Tensor, keep
     return scores_TE.masked_fill(~kept_TE, float("-inf"))
 
 
+def count_per_expert(indices_TK: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Routed slots per expert [E] (int64). ``bincount`` would do, but its output length depends on
+    the data, which breaks a ``torch.compile`` graph on the MoE hot path; a scatter-add does not."""
+    flat_N = indices_TK.flatten().long()
+    counts_E = torch.zeros(num_experts, dtype=torch.int64, device=indices_TK.device)
+    return counts_E.scatter_add_(0, flat_N, torch.ones_like(flat_N))
+
+
 def switch_balance_loss(scores_TE: torch.Tensor, counts_E: torch.Tensor, k: int) -> torch.Tensor:
     """``E·Σ_i f_i·P_i``: f_i = share of routed slots taken by expert i, P_i = its mean probability."""
     T, E = scores_TE.shape
@@ -53,6 +61,7 @@ def switch_balance_loss(scores_TE: torch.Tensor, counts_E: torch.Tensor, k: int)
 
 class TopKRouter(RouterBase):
     Options = TopKOptions
+    plugin_api = "1"  # the moeframe plugin API this class is written against
 
     def __init__(self, config: "ModelConfig", options: TopKOptions) -> None:
         super().__init__(config, options)
@@ -74,7 +83,7 @@ class TopKRouter(RouterBase):
         weights_TK = scores_TE.gather(1, indices_TK)
         if self.options.norm_topk_prob:
             weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
-        counts_E = torch.bincount(indices_TK.flatten(), minlength=scores_TE.shape[1])
+        counts_E = count_per_expert(indices_TK, scores_TE.shape[1])
         aux_loss = None
         if self.training and self.options.aux_loss_coef > 0:
             aux_loss = self.options.aux_loss_coef * switch_balance_loss(scores_TE, counts_E, self.top_k)
