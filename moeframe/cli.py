@@ -11,6 +11,7 @@ import argparse
 import importlib.util
 import json
 import sys
+from pathlib import Path
 from typing import Any, Callable, Optional
 
 from moeframe import registry
@@ -44,6 +45,100 @@ def check_strategy_name(name: str) -> None:
                       f"add strategies through the entry-point group {registry.KINDS['strategy'].group!r}.")
 
 
+PLUGINS_PARSER_MODE = "moeframe_yaml"
+
+
+def _lightning_plugin_class_names() -> set[str]:
+    """Class names jsonargparse itself resolves in ``trainer.plugins`` (imported subclasses)."""
+    from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
+    from lightning.pytorch.plugins import LayerSync
+    from lightning.pytorch.plugins.precision import Precision
+
+    names, todo = set(), [Precision, ClusterEnvironment, CheckpointIO, LayerSync]
+    while todo:
+        cls = todo.pop()
+        names.add(cls.__name__)
+        todo.extend(cls.__subclasses__())
+    return names
+
+
+def resolve_precision_plugin(entry: Any) -> Any:
+    """A ``trainer.plugins`` entry with a registry name (``fp8``, or ``{class_path: fp8, init_args:
+    {...}}``) as the class path jsonargparse instantiates; other entries unchanged. A bare name that
+    is neither registered nor a Lightning plugin class is a ConfigError with a did-you-mean."""
+    import difflib
+
+    name = entry.get("class_path") if isinstance(entry, dict) else entry
+    if not isinstance(name, str) or "." in name or not name.isidentifier():
+        return entry
+    registered = registry.available("precision")
+    if name in registered:
+        try:  # importing it checks the base type and the plugin-API version
+            cls = registry.load("precision", name)
+        except registry.PluginError as exc:
+            raise ConfigError(str(exc)) from None
+        class_path = f"{cls.__module__}.{cls.__qualname__}"
+        return {**entry, "class_path": class_path} if isinstance(entry, dict) else {"class_path": class_path}
+    if name in _lightning_plugin_class_names():
+        return entry
+    close = difflib.get_close_matches(name, list(registered), n=1)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    raise ConfigError(f"unknown trainer.plugins entry {name!r}.{hint} Registered precision plugins: "
+                      f"{', '.join(sorted(registered)) or 'none installed'}; a Lightning plugin can also be given by "
+                      f"class path (package.module.Class). moeframe plugins add precision plugins through the "
+                      f"entry-point group {registry.KINDS['precision'].group!r}.")
+
+
+def _resolve_plugins_value(value: Any) -> Any:
+    return [resolve_precision_plugin(v) for v in value] if isinstance(value, list) else resolve_precision_plugin(value)
+
+
+def _resolve_config_plugins(doc: Any) -> Any:
+    """Registry names in ``trainer.plugins`` of a loaded config (top level or under a subcommand)."""
+    if not isinstance(doc, dict):
+        return doc
+    if isinstance(doc.get("class_path"), str) and doc["class_path"] in registry.available("precision"):
+        return resolve_precision_plugin(doc)  # a value given on the command line as JSON/YAML
+    for section in [doc] + [doc[c] for c in TRAINER_COMMANDS if isinstance(doc.get(c), dict)]:
+        trainer = section.get("trainer")
+        if isinstance(trainer, dict) and trainer.get("plugins") is not None:
+            trainer["plugins"] = _resolve_plugins_value(trainer["plugins"])
+    return doc
+
+
+def _register_plugins_loader() -> None:
+    """jsonargparse's YAML loader, plus registry names in ``trainer.plugins``: a config file is
+    resolved as it is loaded, because jsonargparse rejects an unknown class path right then (its
+    loaders are its documented extension point; it has no alias hook)."""
+    import jsonargparse
+    import yaml
+
+    yaml_load = jsonargparse.get_loader("yaml")
+    jsonargparse.set_loader(PLUGINS_PARSER_MODE, lambda stream: _resolve_config_plugins(yaml_load(stream)),
+                            exceptions=(yaml.YAMLError,))
+
+
+def resolve_plugin_args(argv: list[str]) -> list[str]:
+    """``--trainer.plugins NAME`` / ``--trainer.plugins=NAME`` with a registry name, as a class path."""
+    out, i = [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--trainer.plugins" and i + 1 < len(argv):
+            out += [arg, _plugins_arg(argv[i + 1])]
+            i += 2
+            continue
+        if arg.startswith("--trainer.plugins="):
+            arg = "--trainer.plugins=" + _plugins_arg(arg.split("=", 1)[1])
+        out.append(arg)
+        i += 1
+    return out
+
+
+def _plugins_arg(value: str) -> str:
+    resolved = _resolve_plugins_value(value)
+    return value if resolved == value else json.dumps(resolved)
+
+
 def build_cli(args: Optional[list[str]] = None, run: bool = True, **kwargs: Any) -> Any:
     """The LightningCLI behind ``moeframe fit|validate|test|predict`` (``run=False`` to only
     parse and instantiate, as the config tests do)."""
@@ -51,8 +146,32 @@ def build_cli(args: Optional[list[str]] = None, run: bool = True, **kwargs: Any)
     import lightning as L
     from lightning.pytorch.cli import LightningCLI
 
+    _register_plugins_loader()
+
     class MoeframeCLI(LightningCLI):
         """LightningCLI over any LightningModule/DataModule (``class_path`` in the config)."""
+
+        def parse_arguments(self, parser: Any, args: Any) -> None:
+            # registry names in --trainer.plugins become class paths before jsonargparse sees them
+            resolved = resolve_plugin_args(sys.argv[1:]) if args is None else None
+            if resolved is not None and resolved != sys.argv[1:]:
+                self.config = parser.parse_args(resolved)  # what Lightning does with sys.argv
+            else:
+                super().parse_arguments(parser, resolve_plugin_args(args) if isinstance(args, list) else args)
+            # before LightningCLI reads the checkpoint's hyperparameters (a plain torch.load)
+            section = self.config.get(self.config.get("subcommand") or "", None)
+            if section is not None and section.get("ckpt_path"):
+                section["ckpt_path"] = _checked_ckpt_path(section)
+
+        def _parse_ckpt_path(self) -> None:
+            # LightningCLI replaces the model's arguments with the hyperparameters stored in the
+            # checkpoint; a model config given on the command line that disagrees with the
+            # checkpoint would be dropped without a word: say which tensors differ instead
+            given = _model_config_of(self.config)
+            super()._parse_ckpt_path()
+            stored = _model_config_of(self.config)
+            if given is not None and stored is not None and given != stored:
+                _raise_config_mismatch(given, stored)
 
         def before_instantiate_classes(self) -> None:
             config = self.config[self.subcommand] if self.subcommand else self.config
@@ -68,7 +187,7 @@ def build_cli(args: Optional[list[str]] = None, run: bool = True, **kwargs: Any)
         subclass_mode_model=True,
         subclass_mode_data=True,
         save_config_kwargs={"overwrite": True},
-        parser_kwargs={"exit_on_error": False},
+        parser_kwargs={"exit_on_error": False, "parser_mode": PLUGINS_PARSER_MODE},
         auto_configure_optimizers=False,
         args=args,
         run=run,
@@ -108,6 +227,8 @@ EXTRA_COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
                  "generate text from a trained checkpoint (greedy or top-p sampling, KV cache)"),
     "esft-select": (lambda argv: importlib.import_module("moeframe.training.esft").esft_select_command(argv),
                     "score experts on a fine-tuning config's data and write the ESFT expert selection (JSON)"),
+    "new-plugin": (lambda argv: importlib.import_module("moeframe.scaffold").new_plugin_command(argv),
+                   "write a plugin package skeleton (entry point, working plugin, contract tests) for KIND NAME"),
 }
 
 
@@ -117,11 +238,100 @@ def _print_extra_help() -> None:
         print(f"  {name:<10} {text}")
 
 
+def _resumable_checkpoint(root: str) -> Optional[str]:
+    """``--ckpt_path last``: the newest intact checkpoint anywhere under the run's root (every
+    logger version, preemption and SLURM checkpoints), so a restarted job just says ``last``."""
+    from lightning.pytorch.utilities import rank_zero_info
+
+    from moeframe.training.reliability import find_resumable_checkpoint
+
+    found = find_resumable_checkpoint(Path(root))
+    rank_zero_info(f"--ckpt_path last: resuming from {found}" if found else
+                   f"--ckpt_path last: no checkpoint under {root} yet, starting from scratch")
+    return str(found) if found else None
+
+
+def _model_config_of(config: Any) -> Optional[dict[str, Any]]:
+    """The model config (``model.init_args.config``) of a parsed run config as plain data."""
+    import dataclasses
+
+    section = config.get(config.get("subcommand") or "", None) if config is not None else None
+    value = section.get("model.init_args.config", None) if section is not None else None
+    if hasattr(value, "as_dict"):
+        return value.as_dict()
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.asdict(value)
+    return value if isinstance(value, dict) else None
+
+
+def _raise_config_mismatch(given: dict[str, Any], stored: dict[str, Any]) -> None:
+    """CheckpointError naming the config fields and the tensors (shapes from meta-device builds)
+    that differ between the config given and the one the checkpoint was trained with."""
+    import dataclasses
+
+    from moeframe.config import ModelConfig
+    from moeframe.errors import CheckpointError
+    from moeframe.model.decoder import build_decoder
+    from moeframe.training.reliability import state_dict_differences
+
+    fields = [f"{k}: {stored.get(k)!r} in the checkpoint, {given.get(k)!r} given"
+              for k in sorted(set(given) | set(stored)) if given.get(k) != stored.get(k)]
+    tensors = ""
+    try:
+        names = {f.name for f in dataclasses.fields(ModelConfig)}
+        built = [build_decoder(ModelConfig(**{k: v for k, v in cfg.items() if k in names}), device="meta").state_dict()
+                 for cfg in (given, stored)]
+        tensors = state_dict_differences(built[0], built[1])
+    except Exception as exc:  # a config that does not even build is reported by its fields alone
+        tensors = ""
+        import logging
+        logging.getLogger(__name__).debug(f"could not build both configs: {exc}")
+    raise CheckpointError(f"the checkpoint was made with another model config ({'; '.join(fields[:4])})"
+                          + (f"; tensors: {tensors}" if tensors else "")
+                          + "; resume with the config it was trained with, or drop the --ckpt_path")
+
+
+def _checked_ckpt_path(section: Any) -> Optional[str]:
+    """``ckpt_path`` of a subcommand's config, resolved and verified: ``last`` is the newest intact
+    checkpoint under the run's root; a truncated or corrupt file is one clear line, or, when the
+    run's Reliability callback says ``on_corrupt_checkpoint: previous``, the newest intact
+    checkpoint beside it (with a warning)."""
+    from lightning.pytorch.utilities import rank_zero_warn
+
+    from moeframe.errors import CheckpointError
+    from moeframe.training.reliability import newest_other_checkpoint, verify_checkpoint
+
+    trainer = section.get("trainer") or {}
+    path = section["ckpt_path"]
+    if path == "last":
+        return _resumable_checkpoint(trainer.get("default_root_dir") or ".")
+    if path in ("best", "hpc", "registry") or not Path(path).exists():
+        return path
+    problem = verify_checkpoint(Path(path))
+    if problem is None:
+        return path
+    fallback = newest_other_checkpoint(Path(path))
+    policy = "error"
+    for callback in trainer.get("callbacks") or []:
+        if str(callback.get("class_path", "")).endswith("Reliability"):
+            policy = (callback.get("init_args") or {}).get("on_corrupt_checkpoint", policy)
+    if policy == "previous" and fallback is not None:
+        rank_zero_warn(f"checkpoint {path} is unusable: {problem}; resuming from {fallback} instead")
+        return str(fallback)
+    hint = f"; the newest intact one beside it is {fallback}" if fallback else ""
+    raise CheckpointError(f"checkpoint {path} is unusable: {problem}{hint}")
+
+
 def _parse_error_message(exc: Exception) -> str:
     """Our own ConfigErrors when they caused the failure, else the parser's first lines."""
+    from moeframe.badinput import explain_parse_error
+
     ours = list(dict.fromkeys(str(e) for e in ConfigError.raised))
     if ours:
         return "\n".join(ours)
+    explained = explain_parse_error(str(exc))
+    if explained:
+        return explained
     lines = [ln for ln in str(exc).splitlines() if not ln.strip().startswith(("Given value", "- Expected a <class 'NoneType'>", "Subtypes:"))]
     return "\n".join(lines) + "\n(run with --help to see the accepted options)"
 
@@ -138,9 +348,27 @@ def main(argv: Optional[list[str]] = None) -> int:
     from argparse import ArgumentError
 
     ConfigError.raised.clear()
+    from moeframe.badinput import config_files, yaml_syntax_error
+    from moeframe.errors import TrainingFault
+
+    for file in config_files(argv):  # before jsonargparse, which reports "<unicode string>"
+        if (problem := yaml_syntax_error(file)) is not None:
+            print(f"moeframe: error: {problem}", file=sys.stderr)
+            return 2
     try:
         registry.register_lightning_strategies()
         build_cli(args=None if from_shell else argv)
+    except TrainingFault as exc:
+        # a run that stopped for a reason the user must act on: the reason, not the stack
+        print(f"moeframe: error: {exc}", file=sys.stderr)
+        return 1
+    except RuntimeError as exc:
+        if "Error(s) in loading state_dict" not in str(exc):
+            raise
+        lines = [ln.strip() for ln in str(exc).splitlines()[1:4] if ln.strip()]
+        print(f"moeframe: error: the checkpoint was made with another model config: {' '.join(lines)[:400]}; "
+              "resume with the config it was trained with", file=sys.stderr)
+        return 2
     except (ArgumentError, ValueError) as exc:
         # a ConfigError, raised directly (module setup) or wrapped by the parser while it
         # instantiated a class: report the original message, never a traceback

@@ -21,14 +21,28 @@ from typing import Any
 
 __all__ = [
     "KINDS",
+    "PLUGIN_API",
+    "SUPPORTED_PLUGIN_APIS",
     "PluginError",
     "PluginInfo",
     "available",
+    "declared_plugin_api",
     "all_plugins",
     "load",
     "clear_cache",
     "register_lightning_strategies",
 ]
+
+
+# The plugin API this moeframe provides: the base classes' constructor and forward signatures,
+# RouterOutput, the cache contract. A plugin declares the API it was written against as a class
+# attribute, ``plugin_api = "1"``; a change that breaks existing plugins bumps this number, and a
+# plugin targeting an API this moeframe does not provide is refused at load with both versions
+# named, instead of failing later inside a forward pass. A plugin that declares nothing is taken
+# to target "1", the API that existed before plugins declared one.
+PLUGIN_API = "1"
+SUPPORTED_PLUGIN_APIS: tuple[str, ...] = ("1",)
+_UNDECLARED_PLUGIN_API = "1"
 
 
 @dataclass(frozen=True)
@@ -167,7 +181,28 @@ def _load_cached(kind: str, name: str) -> Any:
             f"{info.value}, which is not a subclass of {base.__module__}.{base.__qualname__}; "
             "the package must register a class derived from that base."
         )
+    _check_plugin_api(obj, info)
     return obj
+
+
+def declared_plugin_api(cls: type) -> str:
+    """The plugin API a plugin class targets (its ``plugin_api`` attribute, as a string)."""
+    return str(getattr(cls, "plugin_api", _UNDECLARED_PLUGIN_API))
+
+
+def _check_plugin_api(cls: type, info: PluginInfo) -> None:
+    declared = declared_plugin_api(cls)
+    if declared in SUPPORTED_PLUGIN_APIS:
+        return
+    from moeframe import __version__
+
+    provided = " or ".join(SUPPORTED_PLUGIN_APIS)
+    raise PluginError(
+        f"{info.kind} plugin {info.name!r} from distribution {info.distribution} {info.version} targets "
+        f"moeframe plugin API {declared}, but this moeframe ({__version__}) provides plugin API {provided}. "
+        f"Install a release of {info.distribution} written for plugin API {PLUGIN_API}, or a moeframe "
+        f"that provides plugin API {declared}."
+    )
 
 
 def load(kind: str, name: str) -> Any:

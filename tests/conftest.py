@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import lightning  # noqa: F401  (first import here: its log handler must not bind a test's captured stderr)
 import pytest
@@ -38,3 +39,18 @@ def _no_cluster_env(monkeypatch: pytest.MonkeyPatch) -> None:
 def moeframe_cmd() -> list[str]:
     """The installed console script, run with this interpreter."""
     return [sys.executable, "-m", "moeframe.cli"]
+
+
+# -- bad inputs tried by this test run (tests marked ``bad_input``), printed in the summary --------
+_BAD_INPUTS: dict[str, str] = {}
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if report.when == "call" and "bad_input" in report.keywords:
+        _BAD_INPUTS[report.nodeid] = report.outcome
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if _BAD_INPUTS:
+        passed = sum(outcome == "passed" for outcome in _BAD_INPUTS.values())
+        terminalreporter.write_line(f"bad inputs tried: {len(_BAD_INPUTS)} ({passed} handled with one clear line)")

@@ -126,6 +126,9 @@ class FinetuneModule(PretrainModule):
         mtp_lambda: weight of the MTP loss when the model has MTP modules.
     """
 
+    #: ``configure_model`` loads pretrained weights, which a meta-device build would drop.
+    meta_device_init: bool = False
+
     def __init__(
         self,
         init_from: Optional[str] = None,

@@ -16,7 +16,7 @@ from lightning.pytorch.utilities import rank_zero_info
 import torch.nn.functional as F
 from torchmetrics import MeanMetric
 
-from moeframe.config import ConfigError, ModelConfig, OptimConfig, resolve_model_config
+from moeframe.config import ConfigError, ModelConfig, OptimConfig, RuntimeConfig, resolve_model_config
 from moeframe.model.decoder import Decoder, DecoderOutput
 from moeframe.training.optim import build_optimizer
 
@@ -61,7 +61,14 @@ class PretrainModule(L.LightningModule):
         mtp_lambda_schedule: ``[[from, λ], ...]``: λ changes to each value at its step (or token
             count, with ``mtp_lambda_schedule_unit: tokens``).
         mtp_lambda_schedule_unit: ``steps`` or ``tokens`` (tokens seen over all ranks).
+        runtime: ``torch.compile`` per block and activation checkpointing (none / full /
+            selective, for all or some layers); see ``moeframe.config.RuntimeConfig``.
     """
+
+    #: ``configure_model`` only builds fresh, randomly initialised weights (it loads nothing), so
+    #: a sharding strategy may build the decoder on the meta device and initialise each rank's
+    #: shards itself with ``Decoder.init_weights``' rules (the fsdp2 preset does).
+    meta_device_init: bool = True
 
     def __init__(
         self,
@@ -70,10 +77,13 @@ class PretrainModule(L.LightningModule):
         mtp_lambda: float = 0.3,
         mtp_lambda_schedule: Optional[list[tuple[float, float]]] = None,
         mtp_lambda_schedule_unit: Literal["steps", "tokens"] = "steps",
+        runtime: RuntimeConfig = RuntimeConfig(),
     ) -> None:
         super().__init__()
         self.plan = resolve_model_config(config)
         optim.validate()
+        runtime.validate(config)
+        self.runtime = runtime
         _check_schedule(mtp_lambda_schedule)
         if mtp_lambda < 0:
             raise ConfigError(f"model.mtp_lambda must be >= 0, got {mtp_lambda}")
@@ -105,6 +115,10 @@ class PretrainModule(L.LightningModule):
     def setup(self, stage: str) -> None:
         if stage == "fit":
             self._ensure_balance_callback()
+            # preemption, non-finite steps, loss spikes, router faults, RNG states, atomic checkpoints
+            from moeframe.training.reliability import ensure_reliability_callback
+
+            ensure_reliability_callback(self.trainer, self, stage)
         datamodule = getattr(self.trainer, "datamodule", None)
         data_vocab = getattr(datamodule, "vocab_size", None)
         if data_vocab is not None and data_vocab > self.config.vocab_size:
@@ -117,6 +131,8 @@ class PretrainModule(L.LightningModule):
         if self.decoder is None:
             self.decoder = Decoder(self.config, self.plan)
             self.decoder.init_weights()
+            self.decoder.configure_runtime(self.runtime.activation_checkpointing, self.runtime.checkpoint_layers,
+                                           self.runtime.compile)
             self._keep_counts_local_under_ddp()
 
     def _keep_counts_local_under_ddp(self) -> None:
@@ -197,6 +213,19 @@ class PretrainModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.tokens_seen = int(checkpoint.get("moeframe_tokens_seen", 0))
+        if "state_dict" in checkpoint and self.decoder is not None:
+            # a checkpoint of another model config: say which tensors differ, not a traceback wall
+            from moeframe.errors import CheckpointError
+            from moeframe.training.reliability import state_dict_differences
+
+            model_state = self.state_dict()
+            for name, param in self.named_parameters():  # ZeRO-3 holds placeholders; ds_shape is the real one
+                if hasattr(param, "ds_shape") and name in model_state:
+                    model_state[name] = torch.empty(tuple(param.ds_shape), device="meta")
+            differences = state_dict_differences(model_state, checkpoint["state_dict"])
+            if differences and self.strict_loading:
+                raise CheckpointError(f"the checkpoint was made with another model config: {differences}; "
+                                      "resume with the config it was trained with")
 
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         out = self(batch["input_ids"], batch.get("document_ids"))

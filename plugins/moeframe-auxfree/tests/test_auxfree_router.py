@@ -14,6 +14,7 @@ from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3TopkR
 from moeframe import registry
 from moeframe.config import ConfigError, ModelConfig, resolve_model_config
 from moeframe.model.decoder import build_decoder
+from moeframe.testing import check_router_contract
 from moeframe_auxfree import AuxFreeOptions, AuxFreeRouter, sequence_balance_loss
 
 
@@ -28,6 +29,17 @@ def tiny_config(**overrides) -> ModelConfig:
 def test_registered_through_the_entry_point():
     assert registry.load("router", "aux_free") is AuxFreeRouter
     assert registry.resolve("router", "aux_free").distribution == "moeframe-auxfree"
+
+
+# -- moeframe's router contract (moeframe.testing) -------------------------------------------------
+@pytest.mark.parametrize("changes,weights_sum_to", [
+    ({}, 1.0),  # normalised top-k weights by default (V3)
+    ({"router": {"name": "aux_free", "norm_topk_prob": False}}, None),
+    ({"n_routed_experts": 16, "n_activated_experts": 4, "n_expert_groups": 4, "n_limited_groups": 2,
+      "route_scale": 2.5, "router": {"name": "aux_free", "seq_aux_loss_coef": 0.001}}, 2.5),
+], ids=["default", "unnormalised", "grouped-scaled-seqloss"])
+def test_router_contract(changes, weights_sum_to):
+    check_router_contract(tiny_config(**changes), weights_sum_to=weights_sum_to)
 
 
 # -- parity with HF transformers ------------------------------------------------------------------

@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moeframe.model.base import PluginOptions, RouterBase, RouterOutput
-from moeframe.model.router import limit_to_groups
+from moeframe.model.router import count_per_expert, limit_to_groups
 
 if TYPE_CHECKING:
     from moeframe.config import ModelConfig
@@ -161,6 +161,7 @@ class AuxFreeRouter(RouterBase):
     """Sigmoid, bias-balanced, group-limited top-k router of DeepSeek-V3 (see the module docs)."""
 
     Options = AuxFreeOptions
+    plugin_api = "1"  # the moeframe plugin API this class is written against
     # the sequence-wise loss needs to know where one sequence ends (MoE passes ``seq_len``)
     takes_seq_len: ClassVar[bool] = True
 
@@ -203,7 +204,7 @@ class AuxFreeRouter(RouterBase):
         weights_TK = scores_TE.gather(1, indices_TK)
         if self.options.norm_topk_prob:
             weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
-        counts_E = torch.bincount(indices_TK.flatten(), minlength=scores_TE.shape[1])
+        counts_E = count_per_expert(indices_TK, scores_TE.shape[1])
         aux_loss = None
         if self.training and self.options.seq_aux_loss_coef > 0:
             aux_loss = self.options.seq_aux_loss_coef * sequence_balance_loss(

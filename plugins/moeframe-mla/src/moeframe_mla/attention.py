@@ -46,6 +46,7 @@ from typing import TYPE_CHECKING, Literal, Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from moeframe.model.attention import cached_causal_mask, document_mask
 from moeframe.model.base import AttentionBase, AttentionCache, PluginOptions, parse_options
@@ -175,6 +176,7 @@ class MultiHeadLatentAttention(AttentionBase):
     """MLA with the parameter names of DeepSeek's reference code (see the module docstring)."""
 
     Options = MLAOptions
+    plugin_api = "1"  # the moeframe plugin API this class is written against
 
     def __init__(self, config: "ModelConfig", options: MLAOptions, layer_id: int) -> None:
         super().__init__(config, options, layer_id)
@@ -202,6 +204,11 @@ class MultiHeadLatentAttention(AttentionBase):
         self.kv_norm = RMSNorm(options.kv_lora_rank, config.norm_eps)
         self.wkv_b = nn.Linear(options.kv_lora_rank, H * (options.qk_nope_head_dim + options.v_head_dim), bias=False)
         self.wo = nn.Linear(H * options.v_head_dim, config.dim, bias=False)
+        # fast path (see _expand_kv); False runs the unpadded reference
+        self.pad_values_for_flash = True
+        # selective activation checkpointing: recompute the query and key/value up-projections
+        # (wq_b, wkv_b) in backward instead of keeping their per-head outputs
+        self.recompute_up_projections = False
 
     # -- cache contract -------------------------------------------------------------------------
     @classmethod
@@ -219,10 +226,19 @@ class MultiHeadLatentAttention(AttentionBase):
     def _query(self, x_BTD: torch.Tensor, cos_TP: torch.Tensor, sin_TP: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-head position-free part q_nope [B,T,H,d] and rotated q_pe [B,T,H,R]."""
         B, T, _ = x_BTD.shape
-        q = self.wq(x_BTD) if self.q_lora_rank is None else self.wq_b(self.q_norm(self.wq_a(x_BTD)))
+        if self.q_lora_rank is None:
+            q = self.wq(x_BTD)
+        elif self.recompute_up_projections and torch.is_grad_enabled():
+            # selective checkpointing keeps the q_lora_rank-wide latent, not the H·(d+R)-wide query
+            q = checkpoint(self._query_up, self.wq_a(x_BTD), use_reentrant=False)
+        else:
+            q = self._query_up(self.wq_a(x_BTD))
         q_nope_BTHd, q_pe_BTHR = q.view(B, T, self.n_heads, self.qk_head_dim).split(
             [self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
         return q_nope_BTHd, rotate(q_pe_BTHR, cos_TP, sin_TP, self.interleaved)
+
+    def _query_up(self, c_q_BTQ: torch.Tensor) -> torch.Tensor:
+        return self.wq_b(self.q_norm(c_q_BTQ))
 
     def _latent(self, x_BTD: torch.Tensor, cos_TP: torch.Tensor, sin_TP: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The normalised latent c_kv [B,T,C] and the shared rotated rope key k_pe [B,T,R]."""
@@ -263,17 +279,32 @@ class MultiHeadLatentAttention(AttentionBase):
     def _attend_expanded(self, q_nope_BTHd: torch.Tensor, q_pe_BTHR: torch.Tensor, c_kv_BSC: torch.Tensor,
                          k_pe_BSR: torch.Tensor, mask: Optional[torch.Tensor], causal: bool) -> torch.Tensor:
         """Per-head keys [k_nope, k_pe] and values from the latent, then SDPA. Returns [B,T,H,v]."""
+        if self.recompute_up_projections and torch.is_grad_enabled():
+            k_BSHK, v_BSHX = checkpoint(self._expand_kv, c_kv_BSC, k_pe_BSR, use_reentrant=False)
+        else:
+            k_BSHK, v_BSHX = self._expand_kv(c_kv_BSC, k_pe_BSR)
+        q_BTHK = torch.cat((q_nope_BTHd, q_pe_BTHR), dim=-1)
+        o_BHTX = F.scaled_dot_product_attention(
+            q_BTHK.transpose(1, 2), k_BSHK.transpose(1, 2), v_BSHX.transpose(1, 2),
+            attn_mask=mask, is_causal=causal, scale=self.softmax_scale)
+        return o_BHTX.transpose(1, 2)[..., : self.v_head_dim]
+
+    def _expand_kv(self, c_kv_BSC: torch.Tensor, k_pe_BSR: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-head keys [B,S,H,d+R] and values [B,S,H,X] up-projected from the latent.
+
+        X = v unless ``pad_values_for_flash``: then values are zero-padded to the key width d+R
+        when narrower (V3: 128 -> 192). SDPA's flash kernels (CPU and CUDA) need one head width for
+        queries, keys and values and otherwise fall back to the math kernel, which materialises
+        the whole [T, S] score matrix, masked half included (2-4x slower here); the zero columns
+        add nothing to the output, which is sliced back to v."""
         B, S, _ = c_kv_BSC.shape
         H = self.n_heads
         kv_BSHX = self.wkv_b(c_kv_BSC).view(B, S, H, self.qk_nope_head_dim + self.v_head_dim)
         k_nope_BSHd, v_BSHv = kv_BSHX.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
         k_BSHK = torch.cat((k_nope_BSHd, k_pe_BSR[:, :, None].expand(-1, -1, H, -1)), dim=-1)
-        q_BTHK = torch.cat((q_nope_BTHd, q_pe_BTHR), dim=-1)
-        # v_head_dim may differ from the query/key head dim: SDPA allows it
-        o_BHTv = F.scaled_dot_product_attention(
-            q_BTHK.transpose(1, 2), k_BSHK.transpose(1, 2), v_BSHv.transpose(1, 2),
-            attn_mask=mask, is_causal=causal, scale=self.softmax_scale)
-        return o_BHTv.transpose(1, 2)
+        if self.pad_values_for_flash and self.v_head_dim < self.qk_head_dim:
+            v_BSHv = F.pad(v_BSHv, (0, self.qk_head_dim - self.v_head_dim))
+        return k_BSHK, v_BSHv
 
     def _attend_absorbed(self, q_nope_BTHd: torch.Tensor, q_pe_BTHR: torch.Tensor, latent_BSL: torch.Tensor,
                          mask_TS: Optional[torch.Tensor]) -> torch.Tensor:
