@@ -277,6 +277,11 @@ def _replace_folder(tmp: Path, path: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+# the names strategies that write folders use for their own atomic saves
+partial_name = _partial
+replace_folder = _replace_folder
+
+
 def save_checkpoint_atomically(trainer: L.Trainer, path: Path) -> Path:
     """``trainer.save_checkpoint`` that never leaves a torn ``path``. Single files go through
     AtomicCheckpointIO; a strategy that writes a folder (DeepSpeed) writes a temporary folder

@@ -28,6 +28,7 @@ from lightning.pytorch.accelerators.cuda import CUDAAccelerator
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
 from lightning.fabric.utilities.seed import reset_seed
 from moeframe.layout import check_zero_layout
+from moeframe_parallel.atomic import AtomicFolderCheckpoints
 
 __all__ = ["CPUCapableDeepSpeedStrategy", "Zero1Strategy", "Zero2Strategy", "Zero3Strategy", "Zero3OffloadStrategy",
            "check_zero_settings"]
@@ -40,8 +41,8 @@ def check_zero_settings(stage: int, offload_parameters: bool, offload_params_dev
     check_zero_layout(stage, offload_parameters, offload_params_device, offload_optimizer_device, nvme_path)
 
 
-class CPUCapableDeepSpeedStrategy(DeepSpeedStrategy):
-    """Lightning's DeepSpeedStrategy, also on a CPU accelerator (gloo)."""
+class CPUCapableDeepSpeedStrategy(AtomicFolderCheckpoints, DeepSpeedStrategy):
+    """Lightning's DeepSpeedStrategy, also on a CPU accelerator (gloo), with atomic checkpoint folders."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         check_zero_settings(kwargs.get("stage", 2), kwargs.get("offload_parameters", False),

@@ -33,6 +33,7 @@ import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+from moeframe_parallel.atomic import AtomicFolderCheckpoints
 from moeframe_parallel.meta_init import has_meta_tensors, materialize_sharded
 
 __all__ = ["FSDP2Strategy"]
@@ -48,7 +49,7 @@ def _dtype(name: Optional[str]) -> Optional[torch.dtype]:
     return _DTYPES[name]
 
 
-class FSDP2Strategy(ModelParallelStrategy):
+class FSDP2Strategy(AtomicFolderCheckpoints, ModelParallelStrategy):
     """Pure data-parallel FSDP2 over every rank, one unit per decoder block."""
 
     strategy_name = "fsdp2"
