@@ -11,6 +11,11 @@ when the dtype is not bf16: torch's own shape function for ``_grouped_mm`` accep
 although the CPU kernel runs float32 too, so without the op tracing would fail (or break the
 graph) exactly on the MoE hot path. The op runs the same kernel, so results are identical.
 
+Precision plugins may take over the three projections: ``grouped_gemm``, ``None`` by default, is
+called as ``grouped_gemm(projection, x_NI, w_EOI, offs_E)`` for ``w1``, ``w3`` and ``w2`` when
+set (the ``fp8`` plugin installs its FP8 grouped GEMM there). The weights stay ordinary
+Parameters of this module, so optimizers, ZeRO and checkpoints see no difference.
+
 Step-time breakdown: :func:`set_phase_timer` installs a callback that the forward calls at the
 boundaries of dispatch (sort, gather, combine) and expert compute (the grouped GEMMs); it is
 ``None`` unless a breakdown step is being measured (``moeframe.training.throughput``).
@@ -40,6 +45,8 @@ class GroupedOptions(PluginOptions):
     use_grouped_mm: bool = True
 
 
+# (projection name, expert-sorted rows x_NI, stacked weight w_EOI, row ends offs_E) -> y_NO
+GroupedGemm = Callable[[str, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 PhaseTimer = Callable[[Optional[str]], None]
 _phase_timer: Optional[PhaseTimer] = None
 
@@ -133,6 +140,7 @@ class GroupedExperts(ExpertsBase):
         self.num_experts = num_experts
         self.use_grouped_mm = options.use_grouped_mm
         self.recompute = False
+        self.grouped_gemm: Optional[GroupedGemm] = None  # see the module docstring
         self.w1 = nn.Parameter(torch.empty(num_experts, hidden_dim, dim))
         self.w2 = nn.Parameter(torch.empty(num_experts, dim, hidden_dim))
         self.w3 = nn.Parameter(torch.empty(num_experts, hidden_dim, dim))
@@ -141,8 +149,15 @@ class GroupedExperts(ExpertsBase):
         # Not fused into one GEMM over [w1; w3] (~15% less bf16 expert time on the CPU): the wider
         # product rounds differently, and LoRA's and EP's experts, which run w1 and w3 separately,
         # must reproduce this layer bit for bit.
-        h_NF = F.silu(_grouped_linear(x_ND, self.w1, offs_E, counts)) * _grouped_linear(x_ND, self.w3, offs_E, counts)
-        return _grouped_linear(h_NF, self.w2, offs_E, counts)
+        h_NF = F.silu(self.project("w1", x_ND, offs_E, counts)) * self.project("w3", x_ND, offs_E, counts)
+        return self.project("w2", h_NF, offs_E, counts)
+
+    def project(self, name: str, x_NI: torch.Tensor, offs_E: torch.Tensor, counts: list[int] | None) -> torch.Tensor:
+        """One projection (``w1``, ``w2`` or ``w3``) of every expert over its rows of ``x_NI``."""
+        w_EOI = getattr(self, name)
+        if self.grouped_gemm is not None:
+            return self.grouped_gemm(name, x_NI, w_EOI, offs_E)
+        return _grouped_linear(x_NI, w_EOI, offs_E, counts)
 
     def forward(self, x_TD: torch.Tensor, weights_TK: torch.Tensor, indices_TK: torch.Tensor) -> torch.Tensor:
         _phase("moe_dispatch")

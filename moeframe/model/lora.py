@@ -95,9 +95,10 @@ class LoRAGroupedExperts(nn.Module):
                                                                      dtype=w_EOI.dtype)))
 
     def _project(self, name: str, x_NI: torch.Tensor, offs_E: torch.Tensor, counts: list[int] | None) -> torch.Tensor:
-        w, a, b = getattr(self.base, name), getattr(self, f"{name}_lora_A"), getattr(self, f"{name}_lora_B")
+        a, b = getattr(self, f"{name}_lora_A"), getattr(self, f"{name}_lora_B")
         low_rank = _grouped_linear(_grouped_linear(x_NI, a, offs_E, counts), b, offs_E, counts)
-        return _grouped_linear(x_NI, w, offs_E, counts) + low_rank * self.scale
+        # the frozen base through the base's own projection (an FP8 grouped GEMM when fp8 set one)
+        return self.base.project(name, x_NI, offs_E, counts) + low_rank * self.scale
 
     def forward(self, x_TD: torch.Tensor, weights_TK: torch.Tensor, indices_TK: torch.Tensor) -> torch.Tensor:
         # the base layer's sorted layout (see moeframe.model.experts), with adapters on each projection

@@ -1,6 +1,7 @@
-"""``fp8`` on 2 CPU processes (gloo) through ``moeframe fit``: DDP and DeepSpeed ZeRO-1/2/3 (the
-moeframe-parallel presets, BF16 engine with DeepSpeed's fp32 master weights) train with the FP8
-Linears, the loss finite and falling; a ZeRO-3 checkpoint (sharded, with the Adam moments in
+"""``fp8`` on 2 CPU processes (gloo) through ``moeframe fit``: DDP, expert parallelism (``ep``: each
+rank holds half the routed experts, still in FP8) and DeepSpeed ZeRO-1/2/3 (the moeframe-parallel
+presets, BF16 engine with DeepSpeed's fp32 master weights) train with the FP8 Linears and FP8
+routed experts, the loss finite and falling; a ZeRO-3 checkpoint (sharded, with the Adam moments in
 BF16: option ``bf16_moments``) resumes.
 
 Each case is a real run of the command line in a subprocess with a clean environment and a
@@ -51,7 +52,7 @@ def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy", ["ddp", "zero1", "zero2", "zero3"])
+@pytest.mark.parametrize("strategy", ["ddp", "ep", "zero1", "zero2", "zero3"])
 def test_fp8_trains_on_two_processes(strategy: str, cache: Path, tmp_path: Path) -> None:
     root = tmp_path / "run"
     # ZeRO-3 also keeps its Adam moments in BF16: DeepSpeed steps the wrapped torch AdamW, whose
@@ -61,7 +62,9 @@ def test_fp8_trains_on_two_processes(strategy: str, cache: Path, tmp_path: Path)
     assert run.returncode == 0, run.stderr[-4000:]
     output = run.stdout + run.stderr
     engine = "DeepSpeed bf16 engine" if strategy.startswith("zero") else "bf16 autocast"
-    assert f"fp8: 28 Linear layers run their GEMMs in FP8 E4M3 (backend emulated, scale fp32, {engine}" in output
+    # under ep the experts are already EPExperts shards when fp8 converts: still 3 modules
+    assert (f"fp8: 28 Linear layers and 3 routed-expert modules run their GEMMs in FP8 E4M3 (backend emulated, "
+            f"scale fp32, {engine}") in output
     if strategy.startswith("zero"):
         assert "Enabling DeepSpeed BF16" in output
     losses = train_losses(root / "logs" / "version_0")

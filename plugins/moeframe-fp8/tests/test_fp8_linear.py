@@ -96,3 +96,14 @@ def test_wrong_inputs_name_the_module() -> None:
         fp8(torch.randn(2, 40, dtype=torch.float64))
     with pytest.raises(FP8ConfigError, match=r"module 'head64' has a torch.float64 weight"):
         FP8Linear.from_linear(nn.Linear(4, 4).double(), FP8Recipe(), "head64")
+
+
+def test_an_empty_batch_gives_empty_outputs_and_zero_weight_gradients() -> None:
+    """0 rows (an expert that got no token, an empty micro-batch): no error, nothing to learn."""
+    layer = FP8Linear.from_linear(nn.Linear(200, 72), FP8Recipe(), "proj")
+    x = torch.zeros(0, 200, requires_grad=True)
+    y = layer(x)
+    assert y.shape == (0, 72)
+    y.sum().backward()
+    assert x.grad.shape == (0, 200)
+    assert torch.equal(layer.weight.grad, torch.zeros(72, 200)) and torch.equal(layer.bias.grad, torch.zeros(72))

@@ -15,7 +15,8 @@ from moeframe.cli import main
 from moeframe.convert.hf import load_moeframe
 from moeframe.model.decoder import build_decoder
 from moeframe.testing import check_precision_contract, tiny_config
-from moeframe_fp8 import FP8ConfigError, FP8Linear, FP8Precision, FP8Recipe, FP8SelectionError, convert_to_fp8
+from moeframe_fp8 import (FP8ConfigError, FP8GroupedGemm, FP8Linear, FP8Precision, FP8Recipe, FP8SelectionError,
+                          convert_to_fp8)
 
 REPO = Path(__file__).resolve().parents[3]
 
@@ -31,6 +32,11 @@ def converted_names(model: nn.Module) -> list[str]:
     return sorted(n for n, m in model.named_modules() if isinstance(m, FP8Linear))
 
 
+def fp8_experts(model: nn.Module) -> list[str]:
+    """Names of the stacked-experts modules whose projections run through an FP8GroupedGemm."""
+    return sorted(n for n, m in model.named_modules() if isinstance(getattr(m, "grouped_gemm", None), FP8GroupedGemm))
+
+
 def test_registered_as_precision_fp8() -> None:
     assert registry.load("precision", "fp8") is FP8Precision
 
@@ -39,6 +45,7 @@ def test_default_selection_is_every_linear_except_the_high_precision_ones() -> N
     decoder = build_decoder(tiny_config())
     FP8Precision(backend="emulated").convert_module(decoder)
     assert converted_names(decoder) == EXPECTED_DEFAULT
+    assert fp8_experts(decoder) == ["layers.1.ffn.experts"]  # the routed experts too, as in V3
     assert type(decoder.head) is nn.Linear and type(decoder.embed) is nn.Embedding
     assert not isinstance(decoder.layers[1].ffn.gate, FP8Linear)
 
@@ -57,16 +64,27 @@ def test_patterns_select_and_exclude() -> None:
     assert converted_names(decoder) == sorted(
         ["layers.1.attn.wq", "layers.1.attn.wk", "layers.1.attn.wv"]
         + [f"layers.1.ffn.shared_experts.{p}" for p in ("w1", "w2", "w3")])
+    assert fp8_experts(decoder) == ["layers.1.ffn.experts"]
+    hook = decoder.layers[1].ffn.experts.grouped_gemm
     # converting again (a second fit, validate after fit) changes nothing
     convert_to_fp8(decoder, FP8Recipe(), modules=["layers.1"], exclude=["*.wo"])
-    assert len(converted_names(decoder)) == 6
+    assert len(converted_names(decoder)) == 6 and decoder.layers[1].ffn.experts.grouped_gemm is hook
+
+
+def test_experts_alone_and_experts_excluded() -> None:
+    decoder = build_decoder(tiny_config())
+    convert_to_fp8(decoder, FP8Recipe(), modules=["*.experts"])
+    assert converted_names(decoder) == [] and fp8_experts(decoder) == ["layers.1.ffn.experts"]
+    decoder = build_decoder(tiny_config())
+    convert_to_fp8(decoder, FP8Recipe(), exclude=["*.experts"])
+    assert converted_names(decoder) == EXPECTED_DEFAULT and fp8_experts(decoder) == []
 
 
 @pytest.mark.parametrize("modules, exclude, message", [
     (["layers.*.atn.*"], [], r"modules pattern 'layers\.\*\.atn\.\*' matches no module; names look like: layers\.0\.attn\.wq"),
     (["head"], [], r"module 'head' is declared high precision by the model"),
-    (["layers.1.ffn.gate"], [], r"matches layers\.1\.ffn\.gate \(\w+\) but no nn\.Linear"),
-    (["layers.1.ffn.experts"], [], r"matches layers\.1\.ffn\.experts \(GroupedExperts\) but no nn\.Linear"),
+    (["layers.1.ffn.gate"], [], r"matches layers\.1\.ffn\.gate \(\w+\) but no module that may run in FP8"),
+    (["layers.0.attn_norm"], [], r"matches layers\.0\.attn_norm \(\w+\) but no module that may run in FP8"),
     (None, ["layers.*.mlp"], r"exclude pattern 'layers\.\*\.mlp' matches no module"),
 ])
 def test_selections_that_cannot_mean_what_was_written(modules, exclude, message: str) -> None:
@@ -78,6 +96,18 @@ def test_unsupported_weight_dtype_names_the_module() -> None:
     decoder = build_decoder(tiny_config())
     decoder.layers[0].attn.wk.double()
     with pytest.raises(FP8ConfigError, match=r"module 'layers\.0\.attn\.wk' has a torch\.float64 weight.*exclude"):
+        convert_to_fp8(decoder, FP8Recipe())
+    decoder = build_decoder(tiny_config())
+    decoder.layers[1].ffn.experts.double()
+    with pytest.raises(FP8ConfigError, match=r"experts 'layers\.1\.ffn\.experts' need float32/bfloat16/float16 stacked "
+                                             r"weights.*w1 is torch\.float64.*exclude: \['layers\.1\.ffn\.experts'\]"):
+        convert_to_fp8(decoder, FP8Recipe())
+
+
+def test_experts_owned_by_another_plugin_are_refused() -> None:
+    decoder = build_decoder(tiny_config())
+    decoder.layers[1].ffn.experts.grouped_gemm = lambda name, x, w, offs: x
+    with pytest.raises(FP8SelectionError, match=r"experts 'layers\.1\.ffn\.experts' already run their projections"):
         convert_to_fp8(decoder, FP8Recipe())
 
 
@@ -135,13 +165,15 @@ def test_moeframe_fit_single_device_with_stats_and_bf16_moments(tmp_path: Path, 
     stats = {int(r["step"]): r for r in rows if r.get("fp8/decoder.layers.0.attn.wq/x_amax")}
     assert sorted(stats) == [0, 2]  # every 2 optimizer steps
     row = stats[0]
-    for layer in ("decoder.layers.0.attn.wq", "decoder.layers.3.ffn.shared_experts.w2"):
-        for kind in ("x", "w", "dy"):
-            amax = float(row[f"fp8/{layer}/{kind}_amax"])
-            assert amax > 0
-            assert float(row[f"fp8/{layer}/{kind}_scale_max"]) == pytest.approx(max(amax, 1e-4) / 448, rel=1e-6)
-            assert 0 <= float(row[f"fp8/{layer}/{kind}_underflow"]) < 0.5
-            assert float(row[f"fp8/{layer}/{kind}_overflow"]) == 0.0
+    linears = [(layer, kind) for layer in ("decoder.layers.0.attn.wq", "decoder.layers.3.ffn.shared_experts.w2")
+               for kind in ("x", "w", "dy")]
+    experts = [("decoder.layers.3.ffn.experts", f"{p}.{kind}") for p in ("w1", "w2", "w3") for kind in ("x", "w", "dy")]
+    for layer, kind in linears + experts:
+        amax = float(row[f"fp8/{layer}/{kind}_amax"])
+        assert amax > 0
+        assert float(row[f"fp8/{layer}/{kind}_scale_max"]) == pytest.approx(max(amax, 1e-4) / 448, rel=1e-6)
+        assert 0 <= float(row[f"fp8/{layer}/{kind}_underflow"]) < 0.5
+        assert float(row[f"fp8/{layer}/{kind}_overflow"]) == 0.0
     assert not any(k.startswith("fp8/decoder.head") for k in row)
     ckpt = torch.load(root / "logs" / "version_0" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     moments = [s[k] for s in ckpt["optimizer_states"][0]["state"].values() for k in ("exp_avg", "exp_avg_sq")]

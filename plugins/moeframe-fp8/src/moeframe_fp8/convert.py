@@ -1,7 +1,12 @@
 """Which modules run in FP8, and the swap itself.
 
-Default selection (DeepSeek-V3): every ``nn.Linear`` except what the model declares high
-precision. A model declares it with a ``high_precision_modules()`` method returning names relative
+Two kinds of module run their GEMMs in FP8: ``nn.Linear`` (swapped for ``FP8Linear``, same
+Parameters) and routed experts stored as stacked weights, recognised by their ``grouped_gemm``
+hook (moeframe's ``GroupedExperts``, the parallel plugin's ``EPExperts``; see
+``moeframe.model.experts``), into which an ``FP8GroupedGemm`` is installed.
+
+Default selection (DeepSeek-V3): every Linear and every stacked-experts module except what the
+model declares high precision. A model declares it with a ``high_precision_modules()`` method returning names relative
 to itself (moeframe's ``Decoder``: embedding, output head, routers, norms); the plugin reads that
 instead of guessing from names, so a plugin router or norm is protected without this package
 knowing it. Embeddings and norms are not Linears and are never touched either way.
@@ -15,15 +20,30 @@ precision), is an error naming it: a typo must not silently train in BF16.
 from __future__ import annotations
 
 import fnmatch
-from typing import Optional
+from typing import Optional, Union
 
+import torch
 from torch import nn
 
-from moeframe_fp8.linear import FP8ConfigError, FP8Linear, FP8Recipe
+from moeframe_fp8.grouped import FP8GroupedGemm
+from moeframe_fp8.linear import SUPPORTED_DTYPES, FP8ConfigError, FP8Linear, FP8Recipe
+
+FP8Module = Union[FP8Linear, FP8GroupedGemm]
 
 
 class FP8SelectionError(FP8ConfigError):
     """A ``modules``/``exclude`` selection that cannot mean what the user wrote."""
+
+
+def is_stacked_experts(module: nn.Module) -> bool:
+    """Routed experts whose projections a precision plugin may take over (``grouped_gemm`` hook)."""
+    return not isinstance(module, nn.Linear) and hasattr(module, "grouped_gemm")
+
+
+def _eligible(module: nn.Module) -> bool:
+    """A module FP8 can run: a Linear or stacked experts (converted ones count, so that a second
+    conversion of the same model selects the same names)."""
+    return isinstance(module, nn.Linear) or is_stacked_experts(module)
 
 
 def high_precision_names(root: nn.Module) -> set[str]:
@@ -45,17 +65,17 @@ def _examples(names: list[str], n: int = 6) -> str:
     return ", ".join(names[:n]) + (", ..." if len(names) > n else "")
 
 
-def _linears_for_pattern(pattern: str, named: list[tuple[str, nn.Module]], linears: dict[str, nn.Linear],
-                         protected: set[str]) -> dict[str, nn.Linear]:
-    """The Linears one ``modules`` pattern selects: matched Linears, and the Linears inside a
-    matched container (``decoder.layers.3`` means its Linears)."""
+def _linears_for_pattern(pattern: str, named: list[tuple[str, nn.Module]], linears: dict[str, nn.Module],
+                         protected: set[str]) -> dict[str, nn.Module]:
+    """The modules one ``modules`` pattern selects: matched Linears/experts, and those inside a
+    matched container (``decoder.layers.3`` means its Linears and experts)."""
     hits = [(n, m) for n, m in named if fnmatch.fnmatchcase(n, pattern)]
     if not hits:
         raise FP8SelectionError(f"fp8: modules pattern {pattern!r} matches no module; names look like: "
                                 f"{_examples(list(linears) or [n for n, _ in named])}")
     chosen: dict[str, nn.Linear] = {}
     for n, m in hits:
-        if isinstance(m, nn.Linear):
+        if _eligible(m):
             if _covered(n, protected):
                 raise FP8SelectionError(
                     f"fp8: module {n!r} is declared high precision by the model (embedding, output head, router "
@@ -63,19 +83,20 @@ def _linears_for_pattern(pattern: str, named: list[tuple[str, nn.Module]], linea
             chosen[n] = m
         else:
             chosen.update({k: v for k, v in linears.items() if k.startswith(n + ".") and not _covered(k, protected)})
-    if not chosen and not any(isinstance(m, FP8Linear) for _, m in hits):
+    if not chosen:
         what = _examples([f"{n} ({type(m).__name__})" for n, m in hits])
-        raise FP8SelectionError(f"fp8: modules pattern {pattern!r} matches {what} but no nn.Linear that may run in "
-                                "FP8; FP8 converts nn.Linear layers only (routed experts stored as stacked weights "
-                                "are not Linears)")
+        raise FP8SelectionError(f"fp8: modules pattern {pattern!r} matches {what} but no module that may run in "
+                                "FP8; FP8 converts nn.Linear layers and routed experts with a grouped_gemm hook "
+                                "(GroupedExperts) only")
     return chosen
 
 
-def select_linears(root: nn.Module, modules: Optional[list[str]], exclude: list[str]) -> dict[str, nn.Linear]:
-    """Name → Linear for every module to convert, checked against the user's patterns."""
+def select_linears(root: nn.Module, modules: Optional[list[str]], exclude: list[str]) -> dict[str, nn.Module]:
+    """Name → module (Linear or stacked experts) for every module to convert, checked against the
+    user's patterns."""
     protected = high_precision_names(root)
     named = [(n, m) for n, m in root.named_modules() if n]
-    linears = {n: m for n, m in named if isinstance(m, nn.Linear) and not isinstance(m, FP8Linear)}
+    linears = {n: m for n, m in named if _eligible(m)}
     if modules is None:
         chosen = {n: m for n, m in linears.items() if not _covered(n, protected)}
     else:
@@ -98,11 +119,44 @@ def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
+def _install_grouped_gemm(experts: nn.Module, recipe: FP8Recipe, name: str) -> None:
+    """Hand the experts' three projections to an FP8GroupedGemm (once)."""
+    current = experts.grouped_gemm
+    if isinstance(current, FP8GroupedGemm):
+        return
+    if current is not None:
+        raise FP8SelectionError(f"fp8: experts {name!r} already run their projections through {current!r}; two "
+                                f"plugins cannot both own them: exclude it (exclude: ['{name}'])")
+    for p in ("w1", "w2", "w3"):
+        w = getattr(experts, p, None)
+        if not isinstance(w, torch.Tensor) or w.dim() != 3 or w.dtype not in SUPPORTED_DTYPES:
+            what = "missing" if not isinstance(w, torch.Tensor) else f"{w.dtype} of shape {tuple(w.shape)}"
+            raise FP8ConfigError(f"fp8: experts {name!r} need float32/bfloat16/float16 stacked weights w1/w2/w3 "
+                                 f"[experts, out, in]; {p} is {what}: exclude it (exclude: ['{name}'])")
+    experts.grouped_gemm = FP8GroupedGemm(recipe, name)
+
+
+def converted_modules(root: nn.Module) -> dict[str, FP8Module]:
+    """Name → FP8Linear / FP8GroupedGemm of everything in ``root`` that computes in FP8."""
+    found: dict[str, FP8Module] = {}
+    for n, m in root.named_modules():
+        if isinstance(m, FP8Linear):
+            found[n] = m
+        elif is_stacked_experts(m) and isinstance(m.grouped_gemm, FP8GroupedGemm):
+            found[n] = m.grouped_gemm
+    return found
+
+
 def convert_to_fp8(root: nn.Module, recipe: FP8Recipe, modules: Optional[list[str]] = None,
-                   exclude: Optional[list[str]] = None) -> dict[str, FP8Linear]:
-    """Replace the selected Linears of ``root`` in place; returns name → FP8Linear (including any
-    converted earlier, so calling it twice is harmless)."""
+                   exclude: Optional[list[str]] = None) -> dict[str, FP8Module]:
+    """Convert the selected modules of ``root`` in place; returns name → FP8Linear or FP8GroupedGemm
+    (including any converted earlier, so calling it twice is harmless)."""
     chosen = select_linears(root, modules, list(exclude or []))
-    for name, linear in chosen.items():
-        _set_submodule(root, name, FP8Linear.from_linear(linear, recipe, name))
-    return {n: m for n, m in root.named_modules() if isinstance(m, FP8Linear)}
+    for name, module in chosen.items():
+        if isinstance(module, FP8Linear):
+            continue
+        if isinstance(module, nn.Linear):
+            _set_submodule(root, name, FP8Linear.from_linear(module, recipe, name))
+        else:
+            _install_grouped_gemm(module, recipe, name)
+    return converted_modules(root)

@@ -59,6 +59,28 @@ def _out_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
+# -- the three GEMMs of one Linear; FP8 routed experts (moeframe_fp8.grouped) run them per expert --
+def fprop(xq_MK: torch.Tensor, xs_MG: torch.Tensor, wq_NK: torch.Tensor, ws_BG: torch.Tensor, recipe: FP8Recipe,
+          out_dtype: torch.dtype) -> torch.Tensor:
+    """``y = x · Wᵀ`` from tile-quantised x and block-quantised W."""
+    return gemm(xq_MK, xs_MG, wq_NK, ws_BG, b_blocks=True, backend=recipe.backend, out_dtype=out_dtype)
+
+
+def dgrad(dyq_MN: torch.Tensor, dys_MG: torch.Tensor, wq_NK: torch.Tensor, ws_BG: torch.Tensor, recipe: FP8Recipe,
+          out_dtype: torch.dtype) -> torch.Tensor:
+    """``dx = dy · W``: b = Wᵀ [K, N] with its blocks transposed, the same E4M3 values read the other way."""
+    return gemm(dyq_MN, dys_MG, wq_NK.t(), ws_BG.t(), b_blocks=True, backend=recipe.backend, out_dtype=out_dtype)
+
+
+def wgrad(dy_MN: torch.Tensor, xq_MK: torch.Tensor, xs_MG: torch.Tensor, recipe: FP8Recipe) -> torch.Tensor:
+    """fp32 ``dW = dyᵀ · x``: the contraction runs over the M tokens, so dyᵀ and xᵀ (re-quantised from
+    the FP8 copy of x kept for backward) are both tiled 1×128 along M."""
+    pow2 = recipe.power_of_two
+    dyq_NM, dys_NG = quantize_tiles(dy_MN.t(), pow2)
+    xq_KM, xs_KG = quantize_tiles(dequantize_tiles(xq_MK, xs_MG).t(), pow2)
+    return gemm(dyq_NM, dys_NG, xq_KM, xs_KG, b_blocks=False, backend=recipe.backend, out_dtype=torch.float32)
+
+
 class _FP8LinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x_MK: torch.Tensor, weight_NK: torch.Tensor, bias_N: Optional[torch.Tensor],
@@ -67,8 +89,7 @@ class _FP8LinearFunction(torch.autograd.Function):
         xq_MK, xs_MG = quantize_tiles(x_MK, pow2)
         wq_NK, ws_BG = quantize_weight(weight_NK, pow2)
         # with a bias the GEMM returns fp32 and the bias is added before the one rounding
-        y_MN = gemm(xq_MK, xs_MG, wq_NK, ws_BG, b_blocks=True, backend=recipe.backend,
-                    out_dtype=torch.float32 if bias_N is not None else out_dtype)
+        y_MN = fprop(xq_MK, xs_MG, wq_NK, ws_BG, recipe, torch.float32 if bias_N is not None else out_dtype)
         if bias_N is not None:
             y_MN = y_MN + bias_N.float()
         if recorder is not None and recorder.enabled:
@@ -91,14 +112,9 @@ class _FP8LinearFunction(torch.autograd.Function):
             if recording:
                 ctx.recorder.stats["dy"] = tensor_stats(dy_MN, dyq_MN, dys_MG)
         if ctx.needs_input_grad[0]:
-            # b = Wᵀ [K, N] with its blocks transposed: the same E4M3 values, read the other way
-            dx = gemm(dyq_MN, dys_MG, wq_NK.t(), ws_BG.t(), b_blocks=True, backend=recipe.backend,
-                      out_dtype=ctx.x_dtype)
+            dx = dgrad(dyq_MN, dys_MG, wq_NK, ws_BG, recipe, ctx.x_dtype)
         if ctx.needs_input_grad[1]:
-            dyq_NM, dys_NG = quantize_tiles(dy_MN.t(), pow2)
-            xq_KM, xs_KG = quantize_tiles(dequantize_tiles(xq_MK, xs_MG).t(), pow2)
-            dw = gemm(dyq_NM, dys_NG, xq_KM, xs_KG, b_blocks=False, backend=recipe.backend,
-                      out_dtype=torch.float32).to(ctx.w_dtype)
+            dw = wgrad(dy_MN, xq_MK, xs_MG, recipe).to(ctx.w_dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             db = dy_MN.float().sum(0).to(ctx.w_dtype)
         return dx, dw, db, None, None, None

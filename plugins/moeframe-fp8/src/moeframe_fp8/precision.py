@@ -14,7 +14,8 @@ strategy will run them:
 
 Which of the two applies is decided in ``convert_module``, the hook every strategy calls on the
 LightningModule before it wraps it (DDP, DeepSpeed engine): the module knows its Trainer and so
-the strategy. That hook also swaps the selected Linears for ``FP8Linear`` (same parameters), so
+the strategy. That hook also swaps the selected Linears for ``FP8Linear`` (same parameters) and installs
+an ``FP8GroupedGemm`` in the routed experts, so
 the conversion happens exactly once per run, before any optimizer or engine holds the model.
 
 Options (all validated at construction, before anything is built):
@@ -41,9 +42,10 @@ from lightning.pytorch.utilities import GradClipAlgorithmType, rank_zero_info, r
 from torch import nn
 from torch.optim import Optimizer
 
-from moeframe_fp8.convert import convert_to_fp8
+from moeframe_fp8.convert import FP8Module, convert_to_fp8, converted_modules
+from moeframe_fp8.grouped import FP8GroupedGemm
 from moeframe_fp8.gemm import BACKENDS, hopper_available
-from moeframe_fp8.linear import FP8ConfigError, FP8Linear, FP8Recipe
+from moeframe_fp8.linear import FP8ConfigError, FP8Recipe
 
 __all__ = ["FP8Precision", "resolve_backend", "MOMENT_KEYS"]
 
@@ -103,7 +105,7 @@ class FP8Precision(DeepSpeedPrecision):
         self.modules, self.exclude = modules, list(exclude or [])
         self.scale_format, self.backend = scale_format, backend
         self.bf16_moments, self.stats_every_n_steps = bf16_moments, stats_every_n_steps
-        self.fp8_modules: dict[str, FP8Linear] = {}
+        self.fp8_modules: dict[str, FP8Module] = {}
         self._deepspeed = False
         self._device_type = "cpu"
         self._hooked: set[int] = set()
@@ -124,16 +126,18 @@ class FP8Precision(DeepSpeedPrecision):
             self._deepspeed = isinstance(strategy, DeepSpeedStrategy)
         self._device_type = device.type
         recipe = FP8Recipe(power_of_two=self.scale_format == "pow2", backend=resolve_backend(self.backend, device))
-        already = any(isinstance(m, FP8Linear) for m in module.modules())
+        already = bool(converted_modules(module))
         self.fp8_modules = convert_to_fp8(module, recipe, self.modules, self.exclude)
         if not self.fp8_modules:
-            rank_zero_warn(f"fp8: no module was converted in {type(module).__name__} (no eligible nn.Linear): "
-                           "training runs without FP8 GEMMs")
+            rank_zero_warn(f"fp8: no module was converted in {type(module).__name__} (no eligible nn.Linear or "
+                           "routed experts): training runs without FP8 GEMMs")
         elif not already:
             names = list(self.fp8_modules)
-            rank_zero_info(f"fp8: {len(names)} Linear layers run their GEMMs in FP8 E4M3 (backend {recipe.backend}, "
-                           f"scale {self.scale_format}, {'DeepSpeed bf16 engine' if self._deepspeed else 'bf16 autocast'}"
-                           f" outside them): {', '.join(names[:4])}{', ...' if len(names) > 4 else ''}")
+            experts = sum(isinstance(m, FP8GroupedGemm) for m in self.fp8_modules.values())
+            rank_zero_info(f"fp8: {len(names) - experts} Linear layers and {experts} routed-expert modules run their "
+                           f"GEMMs in FP8 E4M3 (backend {recipe.backend}, scale {self.scale_format}, "
+                           f"{'DeepSpeed bf16 engine' if self._deepspeed else 'bf16 autocast'} outside them): "
+                           f"{', '.join(names[:4])}{', ...' if len(names) > 4 else ''}")
         return module
 
     # -- single device / DDP: bf16-mixed outside the FP8 GEMMs ------------------------------------
@@ -191,7 +195,7 @@ class FP8Precision(DeepSpeedPrecision):
         return bool(n and self.fp8_modules and trainer is not None and trainer.global_step % n == 0)
 
     def _recording(self, closure: Callable[[], Any], model: Any) -> Callable[[], Any]:
-        """The closure (forward + backward) with every FP8Linear recording its statistics."""
+        """The closure (forward + backward) with every FP8 module recording its statistics."""
 
         def run() -> Any:
             for m in self.fp8_modules.values():
@@ -206,7 +210,8 @@ class FP8Precision(DeepSpeedPrecision):
         return run
 
     def collect_stats(self) -> dict[str, float]:
-        """``fp8/<layer>/<x|w|dy>_<stat>`` from the last recorded step."""
+        """``fp8/<layer>/<x|w|dy>_<stat>`` from the last recorded step (routed experts:
+        ``fp8/<experts>/<w1|w2|w3>.<x|w|dy>_<stat>``)."""
         metrics: dict[str, float] = {}
         for name, m in self.fp8_modules.items():
             for kind, stats in m.recorder.stats.items():

@@ -55,7 +55,7 @@ def _tiled(x_RC: torch.Tensor) -> torch.Tensor:
     R, C = x_RC.shape
     pad = num_tiles(C) * TILE - C
     x = F.pad(x_RC, (0, pad)) if pad else x_RC
-    return x.view(R, -1, TILE)
+    return x.view(R, num_tiles(C), TILE)  # sizes spelled out: -1 is ambiguous for 0 rows
 
 
 def quantize_tiles(x_RC: torch.Tensor, power_of_two: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -66,13 +66,13 @@ def quantize_tiles(x_RC: torch.Tensor, power_of_two: bool = False) -> tuple[torc
     tiles = _tiled(x_RC.float().contiguous())  # transposed inputs (wgrad) become row-major once
     scale_RG = scale_from_amax(tiles.abs().amax(dim=-1), power_of_two)
     q = (tiles / scale_RG.unsqueeze(-1)).clamp(-E4M3_MAX, E4M3_MAX).to(FP8)
-    return q.view(R, -1)[:, :C].contiguous(), scale_RG
+    return q.view(R, num_tiles(C) * TILE)[:, :C].contiguous(), scale_RG
 
 
 def dequantize_tiles(q_RC: torch.Tensor, scale_RG: torch.Tensor) -> torch.Tensor:
     """fp32 values of tile-quantised data (the inverse of ``quantize_tiles`` up to rounding)."""
     R, C = q_RC.shape
-    return (_tiled(q_RC.float()) * scale_RG.unsqueeze(-1)).view(R, -1)[:, :C]
+    return (_tiled(q_RC.float()) * scale_RG.unsqueeze(-1)).view(R, num_tiles(C) * TILE)[:, :C]
 
 
 def quantize_weight(w_NK: torch.Tensor, power_of_two: bool = False) -> tuple[torch.Tensor, torch.Tensor]:

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed._functional_collectives import all_to_all_single, all_to_all_single_autograd
 
-from moeframe.model.experts import grouped_mm_supported
+from moeframe.model.experts import GroupedGemm, grouped_mm_supported
 
 __all__ = ["EPExperts", "expert_ffn"]
 
@@ -49,10 +49,19 @@ def _linear_per_expert(x_RD: torch.Tensor, w_EOD: torch.Tensor, counts_E: torch.
 
 
 def expert_ffn(x_RD: torch.Tensor, w1_EFD: torch.Tensor, w2_EDF: torch.Tensor, w3_EFD: torch.Tensor,
-               counts_E: torch.Tensor) -> torch.Tensor:
-    """SwiGLU experts over rows already grouped by expert (``counts_E`` rows each)."""
-    h_RF = F.silu(_linear_per_expert(x_RD, w1_EFD, counts_E)) * _linear_per_expert(x_RD, w3_EFD, counts_E)
-    return _linear_per_expert(h_RF, w2_EDF, counts_E)
+               counts_E: torch.Tensor, grouped_gemm: Optional[GroupedGemm] = None) -> torch.Tensor:
+    """SwiGLU experts over rows already grouped by expert (``counts_E`` rows each); a precision
+    plugin's ``grouped_gemm`` (see ``moeframe.model.experts``) runs the projections when given."""
+    if grouped_gemm is not None:
+        offs_E = counts_E.cumsum(0).to(torch.int32)
+
+        def project(name: str, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+            return grouped_gemm(name, x, w, offs_E)
+    else:
+        def project(name: str, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+            return _linear_per_expert(x, w, counts_E)
+    h_RF = F.silu(project("w1", x_RD, w1_EFD)) * project("w3", x_RD, w3_EFD)
+    return project("w2", h_RF, w2_EDF)
 
 
 class EPExperts(nn.Module):
@@ -70,6 +79,7 @@ class EPExperts(nn.Module):
         assert num_experts % self.ep_size == 0, "validated by the strategy before the process group exists"
         self.num_experts = num_experts
         self.num_local_experts = num_experts // self.ep_size
+        self.grouped_gemm: Optional[GroupedGemm] = None  # a precision plugin's (fp8), as on GroupedExperts
         self.w1 = nn.Parameter(torch.empty(self.num_local_experts, hidden_dim, dim))
         self.w2 = nn.Parameter(torch.empty(self.num_local_experts, dim, hidden_dim))
         self.w3 = nn.Parameter(torch.empty(self.num_local_experts, hidden_dim, dim))
@@ -81,6 +91,7 @@ class EPExperts(nn.Module):
         with torch.no_grad():
             for name in ("w1", "w2", "w3"):
                 getattr(shard, name).copy_(shard.local_slice(getattr(full, name)))
+        shard.grouped_gemm = getattr(full, "grouped_gemm", None)  # fp8 converted before the swap stays fp8
         return shard
 
     def local_slice(self, full_E: torch.Tensor) -> torch.Tensor:
@@ -105,7 +116,8 @@ class EPExperts(nn.Module):
             torch.arange(self.num_local_experts, device=x_RD.device).repeat(self.ep_size), recv_counts_RE.flatten())
         by_expert_R = local_expert_R.argsort(stable=True)
         y_RD = torch.empty_like(x_RD)
-        y_RD[by_expert_R] = expert_ffn(x_RD[by_expert_R], self.w1, self.w2, self.w3, recv_counts_RE.sum(0))
+        y_RD[by_expert_R] = expert_ffn(x_RD[by_expert_R], self.w1, self.w2, self.w3, recv_counts_RE.sum(0),
+                                     self.grouped_gemm)
         # 4. combine: the reverse all-to-all restores this rank's sorted row order
         y_ND = all_to_all_single_autograd(y_RD, send_splits, recv_splits, self.ep_group)
         y_ND = y_ND * weights_TK.flatten()[order_N].unsqueeze(-1).to(y_ND.dtype)
