@@ -401,9 +401,11 @@ def check_norm_contract(config: ModelConfig) -> None:
 
 # -- precision plugins ------------------------------------------------------------------------
 
-def _module_signature(model: nn.Module) -> dict[str, tuple[type, dict[str, tuple[torch.dtype, type]]]]:
-    """Per module name: its type and its own parameters' dtypes and tensor classes."""
-    return {name: (type(m), {p_name: (p.dtype, type(p.data)) for p_name, p in m.named_parameters(recurse=False)})
+def _module_signature(model: nn.Module) -> dict[str, tuple[type, dict[str, tuple[torch.dtype, type]], type]]:
+    """Per module name: its type, its own parameters' dtypes and tensor classes, and the type of its
+    ``grouped_gemm`` hook (stacked experts whose projections a precision plugin took over)."""
+    return {name: (type(m), {p_name: (p.dtype, type(p.data)) for p_name, p in m.named_parameters(recurse=False)},
+                   type(getattr(m, "grouped_gemm", None)))
             for name, m in model.named_modules()}
 
 
@@ -420,7 +422,8 @@ def check_precision_contract(plugin: Any, config: ModelConfig | None = None,
     the high-precision ones); when given, the converted set must equal the claimed set exactly.
 
     A module counts as converted when ``plugin.convert_module`` replaced it (another type, or
-    gone) or changed the dtype or tensor class of one of its own parameters. The checks:
+    gone), changed the dtype or tensor class of one of its own parameters, or installed a
+    ``grouped_gemm`` hook in it (routed experts, see ``moeframe.model.experts``). The checks:
     at least one module is converted; none of ``Decoder.high_precision_modules()`` (embedding,
     head, routers, norms) nor anything inside them is converted, and their parameters keep their
     exact values; the converted model's forward, run under ``plugin.forward_context()``, gives

@@ -33,3 +33,19 @@ def test_hopper_backend_on_cpu_is_a_one_line_error(monkeypatch, capsys) -> None:
     with pytest.raises(SystemExit) as exit_info:
         bench.main()
     assert exit_info.value.code == 2 and "fp8 backend 'hopper' cannot run" in capsys.readouterr().err
+
+
+def test_fp8_parity_benchmark_smoke(tmp_path: Path) -> None:
+    """benchmarks/fp8_parity.py end to end at toy size (3 steps, 2 seeds, the fp32 noise-floor arm):
+    every run trains through the Trainer and the comparison table and verdict are printed."""
+    run = subprocess.run([sys.executable, str(REPO / "benchmarks" / "fp8_parity.py"), "--steps", "3", "--seq-len", "32",
+                          "--val-batches", "1", "--last", "2", "--seeds", "1", "2", "--threads", "1",
+                          "--runs", "bf16", "fp8", "fp32", "--out", str(tmp_path)],
+                         capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = run.stdout
+    assert "fp8: 28 Linear layers and 3 routed-expert modules in E4M3" in out
+    assert re.search(r"fp8 vs bf16, mean over seeds \[1, 2\]: train \(mean of last steps\) [\d.]+%", out), out
+    assert re.search(r"target < 0\.5% \(train and validation, seed means\): (met|NOT met)", out)
+    assert "noise floor: bf16 seed 2 vs bf16 seed 1" in out and "noise floor: fp32 vs bf16" in out
+    assert sorted(p.name for p in tmp_path.glob("*.json")) == [f"{a}-{s}.json" for a in ("bf16", "fp32", "fp8") for s in (1, 2)]

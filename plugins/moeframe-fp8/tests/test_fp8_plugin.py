@@ -51,11 +51,11 @@ def test_default_selection_is_every_linear_except_the_high_precision_ones() -> N
 
 
 def test_precision_contract_of_the_core() -> None:
-    """moeframe's own check: converts exactly what it claims, high-precision modules untouched and
-    bit-identical, finite logits under the plugin's forward context, gradients everywhere."""
-    converted = check_precision_contract(
-        "fp8", claims=lambda name, module: type(module) is nn.Linear and name in EXPECTED_DEFAULT)
-    assert converted == EXPECTED_DEFAULT
+    """moeframe's own check: converts exactly what it claims (the Linears and the routed experts'
+    grouped_gemm hook), high-precision modules untouched and bit-identical, finite logits under the plugin's forward context, gradients everywhere."""
+    claimed = EXPECTED_DEFAULT + ["layers.1.ffn.experts"]
+    converted = check_precision_contract("fp8", claims=lambda name, module: name in claimed)
+    assert converted == sorted(claimed)
 
 
 def test_patterns_select_and_exclude() -> None:

@@ -73,7 +73,7 @@ def _linears_for_pattern(pattern: str, named: list[tuple[str, nn.Module]], linea
     if not hits:
         raise FP8SelectionError(f"fp8: modules pattern {pattern!r} matches no module; names look like: "
                                 f"{_examples(list(linears) or [n for n, _ in named])}")
-    chosen: dict[str, nn.Linear] = {}
+    chosen: dict[str, nn.Module] = {}
     for n, m in hits:
         if _eligible(m):
             if _covered(n, protected):
