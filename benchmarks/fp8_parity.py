@@ -72,14 +72,29 @@ def run(name: str, seed: int, args: argparse.Namespace, root: Path) -> dict[str,
     started = time.perf_counter()
     trainer.fit(module, data)
     seconds = time.perf_counter() - started
-    (metrics_csv,) = root.glob(f"{label}/version_*/metrics.csv")
+    metrics_csv = Path(trainer.logger.log_dir) / "metrics.csv"  # this run's version (reruns add versions)
     with metrics_csv.open() as f:
         losses = {int(r["step"]): float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")}
     last = [losses[s] for s in sorted(losses)[-args.last:]]
+    same_weights = fp8_val_on_weights(module, data, args, root) if name == "bf16" else None
     return {"name": name, "seed": seed, "train": sum(last) / len(last), "final_step": losses[max(losses)],
+            "fp8_val_same_weights": same_weights,
             "val": float(trainer.callback_metrics["val/loss"]), "seconds": seconds, "first": losses[min(losses)],
             "fp8_layers": sum(isinstance(m, FP8Linear) for m in module.modules()),
             "fp8_experts": sum(isinstance(getattr(m, "grouped_gemm", None), FP8GroupedGemm) for m in module.modules())}
+
+
+def fp8_val_on_weights(trained: PretrainModule, data: PretrainDataModule, args: argparse.Namespace,
+                       root: Path) -> float:
+    """Validation loss of the BF16 run's final weights with FP8 GEMMs (no training): the loss error
+    of FP8 numerics alone, without the drift of two training trajectories."""
+    module = PretrainModule(trained.config, trained.optim)
+    module.configure_model()  # builds the decoder (the Trainer would, before validating)
+    module.load_state_dict(trained.state_dict())
+    trainer = L.Trainer(accelerator="cpu", devices=1, limit_val_batches=args.val_batches, logger=False,
+                        plugins=[FP8Precision(backend="emulated", scale_format=args.scale_format)],
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=root)
+    return float(trainer.validate(module, datamodule=data, verbose=False)[0]["val/loss"])
 
 
 METRICS = (("train", "train (mean of last steps)"), ("final_step", "last step"), ("val", "validation"))
@@ -126,6 +141,10 @@ def report(results: dict[tuple[str, int], dict[str, Any]], args: argparse.Namesp
                   f"{r['val']:>9.4f} {r['seconds']:>9.0f}")
     for seed in seeds:
         compare(f"fp8 vs bf16, seed {seed}", [results[("fp8", seed)]], [results[("bf16", seed)]])
+    same = [(r["fp8_val_same_weights"], r["val"]) for r in arms["bf16"] if r.get("fp8_val_same_weights") is not None]
+    if same:
+        print("same weights (each bf16 run's final model validated with FP8 GEMMs, no training): validation "
+              + ", ".join(f"{fp8_val:.4f} vs {val:.4f} ({100 * rel(fp8_val, val):.3f}%)" for fp8_val, val in same))
     errors = compare(f"fp8 vs bf16, mean over seeds {seeds}", arms["fp8"], arms["bf16"])
     verdict = "met" if errors["train"] < 0.005 and errors["val"] < 0.005 else "NOT met"
     print(f"target < 0.5% (train and validation, seed means): {verdict}")
@@ -133,8 +152,10 @@ def report(results: dict[tuple[str, int], dict[str, Any]], args: argparse.Namesp
     for i, a in enumerate(seeds):
         for b in seeds[i + 1:]:
             compare(f"noise floor: bf16 seed {b} vs bf16 seed {a}", [results[("bf16", b)]], [results[("bf16", a)]])
-    if arms["fp32"] and len(arms["fp32"]) == len(arms["bf16"]):
-        compare("noise floor: fp32 vs bf16, seed means", arms["fp32"], arms["bf16"])
+    for seed in seeds:  # full precision as the reference, where an fp32 run of that seed exists
+        if ("fp32", seed) in results:
+            compare(f"noise floor: fp32 vs bf16, seed {seed}", [results[("fp32", seed)]], [results[("bf16", seed)]])
+            compare(f"fp8 vs fp32, seed {seed}", [results[("fp8", seed)]], [results[("fp32", seed)]])
 
 
 def main() -> None:

@@ -47,5 +47,8 @@ def test_fp8_parity_benchmark_smoke(tmp_path: Path) -> None:
     assert "fp8: 28 Linear layers and 3 routed-expert modules in E4M3" in out
     assert re.search(r"fp8 vs bf16, mean over seeds \[1, 2\]: train \(mean of last steps\) [\d.]+%", out), out
     assert re.search(r"target < 0\.5% \(train and validation, seed means\): (met|NOT met)", out)
-    assert "noise floor: bf16 seed 2 vs bf16 seed 1" in out and "noise floor: fp32 vs bf16" in out
+    assert "noise floor: bf16 seed 2 vs bf16 seed 1" in out and "noise floor: fp32 vs bf16, seed 2" in out and "fp8 vs fp32, seed 1" in out
+    # the BF16 runs' final weights validated again with FP8 GEMMs: a loss close to, not equal to, BF16's
+    same = re.findall(r"(\d+\.\d+) vs (\d+\.\d+) \((\d+\.\d+)%\)", out.split("same weights")[1].splitlines()[0])
+    assert len(same) == 2 and all(fp8 != bf16 and float(err) < 1.0 for fp8, bf16, err in same), out
     assert sorted(p.name for p in tmp_path.glob("*.json")) == [f"{a}-{s}.json" for a in ("bf16", "fp32", "fp8") for s in (1, 2)]
