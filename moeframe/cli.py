@@ -8,6 +8,7 @@ plugins. A configuration mistake ends with one clear line and exit status 2, not
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import json
 import sys
@@ -188,6 +189,7 @@ def build_cli(args: Optional[list[str]] = None, run: bool = True, **kwargs: Any)
         subclass_mode_data=True,
         save_config_kwargs={"overwrite": True},
         parser_kwargs={"exit_on_error": False, "parser_mode": PLUGINS_PARSER_MODE},
+        parser_class=no_abbrev_parser_class(),
         auto_configure_optimizers=False,
         args=args,
         run=run,
@@ -195,8 +197,27 @@ def build_cli(args: Optional[list[str]] = None, run: bool = True, **kwargs: Any)
     )
 
 
+@functools.lru_cache(maxsize=None)
+def no_abbrev_parser_class() -> type:
+    """Lightning's parser without option abbreviations: argparse would take an unambiguous prefix
+    as the option (``--model.config.n_head 2`` silently setting ``n_heads``), and a typo must be an
+    error. Forced in ``__init__`` because jsonargparse builds the nested parsers of ``class_path``
+    arguments (the model, the data) from the parser's class without passing ``allow_abbrev``.
+    Built on first use: importing lightning's CLI module is slow and ``moeframe plugins`` does not
+    need it."""
+    from lightning.pytorch.cli import LightningArgumentParser
+
+    class NoAbbrevArgumentParser(LightningArgumentParser):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            kwargs["allow_abbrev"] = False
+            super().__init__(*args, **kwargs)
+
+    return NoAbbrevArgumentParser
+
+
 def plugins_command(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="moeframe plugins", description="List installed moeframe plugins.")
+    parser = argparse.ArgumentParser(allow_abbrev=False, prog="moeframe plugins",
+                                     description="List installed moeframe plugins.")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     args = parser.parse_args(argv)
     infos = registry.all_plugins()

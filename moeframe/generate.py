@@ -145,7 +145,7 @@ class TextStream:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="moeframe generate",
+    p = argparse.ArgumentParser(allow_abbrev=False, prog="moeframe generate",
                                 description="Generate text from a PretrainModule checkpoint.")
     p.add_argument("checkpoint", help="a .ckpt written by `moeframe fit` (e.g. runs/tiny/logs/version_0/checkpoints/last.ckpt)")
     p.add_argument("--prompt", default="", help="text to continue (empty: start after an end-of-document token)")

@@ -232,7 +232,7 @@ def print_report(r: Report, zero: int, dp: int, ep: int, precision: str) -> None
 
 
 def inspect_command(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="moeframe inspect", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(allow_abbrev=False, prog="moeframe inspect", description=__doc__.split("\n\n")[0])
     p.add_argument("config", help="a model YAML (configs/model/*.yaml) or a run YAML that names one")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--seq-len", type=int, default=4096, help="sequence length for attention FLOPs")

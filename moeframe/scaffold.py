@@ -457,7 +457,7 @@ def write_package(kind: str, name: str, out_dir: Path) -> list[Path]:
 
 def new_plugin_command(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
-        prog="moeframe new-plugin",
+        allow_abbrev=False, prog="moeframe new-plugin",
         description="Write a plugin package skeleton (pyproject with the entry point, a working minimal plugin, "
                     "tests calling moeframe.testing, README) that passes its own tests as generated.")
     parser.add_argument("kind", choices=list(registry.KINDS), help="plugin kind")

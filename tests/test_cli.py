@@ -84,6 +84,10 @@ def test_fit_end_to_end_then_resume(tmp_path: Path) -> None:
 BAD_INPUTS = [
     (["--model.init_args.config.attention.name", "mhx"], "unknown attention plugin 'mhx'. Did you mean 'mha'?"),
     (["--model.init_args.config.bogus_field", "3"], "unrecognized arguments: --config.bogus_field"),
+    # a prefix of a real option is a typo, not that option (argparse would expand it silently)
+    (["--model.config.n_head", "2"], "unknown option model.init_args.config.n_head of PretrainModule. "
+                                      "Did you mean model.init_args.config.n_heads?"),
+    (["--trainer.max_step", "2"], "unknown option trainer.max_step of Trainer. Did you mean trainer.max_steps?"),
     (["--model.init_args.config.n_heads", "5"], "model.n_heads=5 must divide model.dim=128"),
     (["--model.init_args.config.n_activated_experts", "9"], "larger than model.n_routed_experts"),
     (["--data.init_args.path", "/definitely/not/here"], "data.path '/definitely/not/here' does not exist"),

@@ -55,6 +55,13 @@ def test_bad_layout_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
     assert "ZeRO stage must be 1, 2 or 3, got 4" in capsys.readouterr().err
 
 
+def test_an_abbreviated_option_is_not_taken_for_the_full_one(capsys: pytest.CaptureFixture[str]) -> None:
+    """``--ze 2`` is not ``--zero 2``: argparse's prefix matching is off in every moeframe command."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["inspect", str(REPO / "configs/model/tiny.yaml"), "--ze", "2"])
+    assert exit_info.value.code == 2 and "unrecognized arguments: --ze 2" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(("dp", "ep", "zero"), [(6, 4, 1), (4, 3, 0), (8, 16, 0), (4, 2, 5)])
 def test_inspect_rejects_exactly_what_the_strategies_reject(dp: int, ep: int, zero: int) -> None:
     """One rule, one message: inspect and the parallel plugin's strategies share the validation."""

@@ -430,7 +430,7 @@ def convert_command(argv: list[str]) -> int:
     import argparse
 
     p = argparse.ArgumentParser(
-        prog="moeframe convert",
+        allow_abbrev=False, prog="moeframe convert",
         description="Convert between HF DeepSeek-V3/V2 folders and moeframe checkpoints. The direction follows "
                     "SRC: an HF folder (config.json) becomes a moeframe folder; a Lightning .ckpt or a moeframe "
                     "folder (moeframe.yaml) becomes an HF folder.")

@@ -345,7 +345,7 @@ def prepare_command(argv: list[str]) -> int:
     """``moeframe prepare INPUT... --output DIR [--tokenizer byte|tokenizer.json] ...``"""
     import argparse
 
-    p = argparse.ArgumentParser(prog="moeframe prepare", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(allow_abbrev=False, prog="moeframe prepare", description=__doc__.split("\n\n")[0])
     p.add_argument("inputs", nargs="+", help="text files, folders, .jsonl or .parquet files")
     p.add_argument("-o", "--output", required=True, help="dataset folder to create")
     p.add_argument("--tokenizer", default="byte", help="'byte' or the path of a HF tokenizer.json")

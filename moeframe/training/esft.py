@@ -173,7 +173,8 @@ def esft_select_command(argv: list[str]) -> int:
 
     from moeframe.cli import build_cli
 
-    p = argparse.ArgumentParser(prog="moeframe esft-select", description=esft_select_command.__doc__)
+    p = argparse.ArgumentParser(allow_abbrev=False, prog="moeframe esft-select",
+                                description=esft_select_command.__doc__)
     p.add_argument("-c", "--config", required=True, help="a fine-tuning config (configs/finetune/*.yaml)")
     p.add_argument("--out", required=True, help="where to write the selection JSON")
     args, overrides = p.parse_known_args(argv)
