@@ -86,3 +86,35 @@ def test_full_finetuning_starts_from_the_checkpoint_weights(tmp_path: Path) -> N
     reference = load_moeframe(folder).state_dict()
     assert all(torch.equal(v, reference[k]) for k, v in module.decoder.state_dict().items())
     assert all(p.requires_grad for p in module.decoder.parameters())
+
+
+@pytest.mark.parametrize("mode", ["full", "selective"])
+def test_runtime_applies_to_finetuning_after_the_adapters(mode: str) -> None:
+    """``model.runtime`` works for fine-tuning as for pretraining: LoRA adapters are in place first,
+    so the checkpointed blocks recompute them too; loss and every gradient are unchanged."""
+    from moeframe.config import RuntimeConfig
+    from moeframe.model.lora import LoRALinear
+    from moeframe.testing import tiny_config
+
+    def loss_and_grads(runtime: RuntimeConfig) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        torch.manual_seed(0)
+        module = FinetuneModule(config=tiny_config(), method="lora", runtime=runtime)
+        module.configure_model()
+        with torch.no_grad():  # non-zero adapters, so their gradients are not trivially equal
+            for n, p in module.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, 0.02)
+        ids = torch.randint(0, module.config.vocab_size, (2, 17), generator=torch.Generator().manual_seed(1))
+        loss = torch.nn.functional.cross_entropy(module(ids[:, :-1]).logits.flatten(0, 1), ids[:, 1:].flatten())
+        loss.backward()
+        assert any(isinstance(m, LoRALinear) for m in module.modules())
+        return loss.detach(), {n: p.grad for n, p in module.named_parameters() if p.requires_grad}
+
+    loss_ref, grads_ref = loss_and_grads(RuntimeConfig())
+    loss, grads = loss_and_grads(RuntimeConfig(activation_checkpointing=mode))
+    module = FinetuneModule(config=tiny_config(), method="lora", runtime=RuntimeConfig(activation_checkpointing=mode))
+    module.configure_model()
+    assert {b.checkpointing for b in module.decoder.blocks()} == {mode}
+    assert torch.equal(loss, loss_ref) and grads.keys() == grads_ref.keys()
+    for n, g in grads.items():
+        assert torch.equal(g, grads_ref[n]), n

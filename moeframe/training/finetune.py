@@ -36,7 +36,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
-from moeframe.config import ModelConfig, OptimConfig
+from moeframe.config import ModelConfig, OptimConfig, RuntimeConfig
 from moeframe.errors import ConfigError
 from moeframe.model.base import RouterBase
 from moeframe.model.decoder import Decoder
@@ -124,6 +124,8 @@ class FinetuneModule(PretrainModule):
         optim: AdamW and schedule (fine-tuning wants a far smaller LR than pretraining).
         num_samples / max_new_tokens: greedy generations logged at each validation.
         mtp_lambda: weight of the MTP loss when the model has MTP modules.
+        runtime: ``torch.compile`` per block and activation checkpointing, as in pretraining;
+            applied after the adapters (LoRA) are in place, so they are compiled and recomputed too.
     """
 
     #: ``configure_model`` loads pretrained weights, which a meta-device build would drop.
@@ -141,6 +143,7 @@ class FinetuneModule(PretrainModule):
         num_samples: int = 3,
         max_new_tokens: int = 32,
         mtp_lambda: float = 0.3,
+        runtime: RuntimeConfig = RuntimeConfig(),
     ) -> None:
         if config is None:
             if init_from is None:
@@ -150,12 +153,13 @@ class FinetuneModule(PretrainModule):
             lora.validate()
         if method == "esft":
             esft.validate()
-        super().__init__(config=config, optim=optim, mtp_lambda=mtp_lambda)
+        super().__init__(config=config, optim=optim, mtp_lambda=mtp_lambda, runtime=runtime)
         self.init_from, self.method, self.lora, self.esft = init_from, method, lora, esft
         self.router_bias, self.num_samples, self.max_new_tokens = router_bias, num_samples, max_new_tokens
         # plain data only, so checkpoints stay loadable with torch.load(weights_only=True)
         self.save_hyperparameters({"config": config, "optim": optim, "init_from": init_from, "method": method,
-                                   "lora": asdict(lora), "esft": asdict(esft), "router_bias": router_bias})
+                                   "lora": asdict(lora), "esft": asdict(esft), "router_bias": router_bias,
+                                   "runtime": asdict(runtime)})
         self.val_token_acc = MulticlassAccuracy(num_classes=config.vocab_size, ignore_index=-100, average="micro")
         self.val_exact_match = MeanMetric()
         self._partially_trained: list[torch.nn.Parameter] = []
@@ -197,6 +201,8 @@ class FinetuneModule(PretrainModule):
             self.esft_selection = self._esft_selection()
             self._partially_trained = esft_lib.freeze_for_esft(self.decoder, self.esft_selection,
                                                                self.esft.train_shared_experts)
+        self.decoder.configure_runtime(self.runtime.activation_checkpointing, self.runtime.checkpoint_layers,
+                                       self.runtime.compile)
         partial = {id(p) for p in self._partially_trained}
         trainable = sum(p.numel() for p in self.decoder.parameters() if p.requires_grad and id(p) not in partial)
         if self.esft_selection:  # stacked expert tensors train only their selected rows
