@@ -43,7 +43,12 @@ projection in both (about half of the step) and run at the same speed; moeframe'
 to the query/key head width so SDPA takes its flash kernel, while transformers' SDPA path falls
 back to the math kernel for MLA's unequal head widths and materialises every [T, T] score matrix,
 so the gap widens with the sequence length; moeframe's token gather uses ``index_select``, whose
-backward is an index_add rather than advanced indexing's sort-based accumulate.
+backward is an index_add rather than advanced indexing's sort-based accumulate. In bfloat16 the
+largest difference: torch's CPU bf16 matmul (oneDNN) builds a kernel for every new matrix shape
+(~0.6 ms each, ~1k kept), and the per-expert row counts change at every step, so transformers'
+expert GEMMs keep meeting new shapes and run ~3x slower than on shapes seen before; moeframe pads
+each expert's rows to a multiple of 32 (zero rows, same results; ``GroupedExperts``'
+``cpu_bf16_group_multiple``) and meets a few shapes only.
 
     python benchmarks/compare_hf.py [--dtypes float32 bfloat16] [--steps 8] [--batch 1 --seq 1024]
     python benchmarks/compare_hf.py --smoke        # tiny sizes, seconds; what the tests run

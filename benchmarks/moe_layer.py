@@ -78,7 +78,15 @@ def fwd_bwd(experts: Experts, x: torch.Tensor, weights: torch.Tensor, indices: t
     return y.detach(), grads[0]
 
 
-def compare(T: int, E: int, K: int, D: int, F_: int, repeats: int, dtype: torch.dtype) -> dict[str, float]:
+def routing(T: int, E: int, K: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k indices of random scores and their softmax-normalised gate weights."""
+    scores = torch.randn(T, E, generator=torch.Generator().manual_seed(seed))
+    indices = scores.topk(K, dim=-1).indices
+    return scores.gather(1, indices).softmax(-1), indices
+
+
+def compare(T: int, E: int, K: int, D: int, F_: int, repeats: int, dtype: torch.dtype,
+            fresh_routing: bool = False) -> dict[str, float]:
     torch.manual_seed(0)
     cfg = ModelConfig(dim=D, moe_ffn_dim=F_, n_routed_experts=E, n_activated_experts=K)
     ours = GroupedExperts(cfg, GroupedOptions(), E, D, F_)
@@ -87,9 +95,10 @@ def compare(T: int, E: int, K: int, D: int, F_: int, repeats: int, dtype: torch.
             w.normal_(0, 0.02)
     ours.to(dtype)
     x = torch.randn(T, D, dtype=dtype)
-    scores = torch.randn(T, E)
-    indices = scores.topk(K, dim=-1).indices
-    weights = scores.gather(1, indices).softmax(-1)
+    weights, indices = routing(T, E, K, seed=0)
+    # --fresh-routing: every timed pass routes anew (the same sequence for every contestant), as a
+    # training step does; the per-expert group sizes, hence the GEMM shapes, then change each time
+    routings = [routing(T, E, K, seed=1 + i) for i in range(repeats + 1)] if fresh_routing else [(weights, indices)]
     dy = torch.randn(T, D, dtype=dtype)
     contestants: dict[str, tuple[Experts, list[torch.Tensor]]] = {"moeframe": (ours, [ours.w1, ours.w2, ours.w3])}
     w1, w2, w3 = (w.detach().clone().requires_grad_() for w in (ours.w1, ours.w2, ours.w3))
@@ -103,7 +112,8 @@ def compare(T: int, E: int, K: int, D: int, F_: int, repeats: int, dtype: torch.
         # relative to the largest reference value: bf16 rounds differently in each implementation
         row[f"{name} diff"] = max(((y - ref_y).abs().max() / ref_y.abs().max()).item(),
                                   ((dx - ref_dx).abs().max() / ref_dx.abs().max()).item())
-        row[name] = median_ms(lambda: fwd_bwd(fn, x, weights, indices, dy, params), repeats)
+        passes = iter(routings * (repeats + 1))
+        row[name] = median_ms(lambda: fwd_bwd(fn, x, *next(passes), dy, params), repeats)
     return row
 
 
@@ -116,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--fresh-routing", action="store_true",
+                        help="a new routing for every timed pass (as in training) instead of one fixed routing")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, checks the script runs")
     args = parser.parse_args(argv)
     torch.set_flush_denormal(True)
@@ -135,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     ok = True
     for E, K in pairs:
         for T in args.tokens:
-            r = compare(T, E, K, args.dim, args.ffn, args.repeats, dtype)
+            r = compare(T, E, K, args.dim, args.ffn, args.repeats, dtype, args.fresh_routing)
             diff = max(r[f"{n} diff"] for n in names)
             ok &= diff < (1e-4 if dtype == torch.float32 else 5e-2)
             print(f"| {T} | {E}:{K} | " + " | ".join(f"{r[n]:.2f}" for n in names)

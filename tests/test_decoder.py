@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from moeframe.model.decoder import build_decoder, count_parameters
-from moeframe.model.experts import GroupedExperts, GroupedOptions, grouped_mm_supported
+from moeframe.model.experts import GroupedExperts, GroupedOptions, grouped_mm_supported, pad_expert_groups
 from moeframe.model.moe import MoE
 from moeframe.testing import check_causal, check_meta_build, naive_experts, tiny_config
 
@@ -88,14 +88,18 @@ def _random_routing(T: int, E: int, K: int, seed: int) -> tuple[torch.Tensor, to
         (torch.float32, True, 32, 1e-5, True),    # grouped_mm fast path
         (torch.float32, False, 32, 1e-5, False),  # forced per-expert fallback
         (torch.float32, True, 30, 1e-5, False),   # rows not 16-byte aligned: automatic fallback
-        (torch.bfloat16, True, 32, 3e-2, True),
+        (torch.bfloat16, True, 32, 3e-2, True),   # CPU bf16: groups padded to 32 rows (default)
+        (torch.bfloat16, False, 32, 3e-2, False),  # padded groups through the per-expert loop
+        (torch.bfloat16, None, 32, 3e-2, True),    # padding off (cpu_bf16_group_multiple: 0)
     ],
 )
 def test_grouped_experts_match_naive_loop_forward_and_backward(dtype, use_grouped_mm, dim, tol, fast) -> None:
     cfg = tiny_config(dim=dim, n_heads=2)
     E, F_, T, K = 8, 16, 37, 2
     torch.manual_seed(0)
-    experts = GroupedExperts(cfg, GroupedOptions(use_grouped_mm=use_grouped_mm), E, dim, F_).to(dtype)
+    options = GroupedOptions(cpu_bf16_group_multiple=0) if use_grouped_mm is None else GroupedOptions(use_grouped_mm)
+    use_grouped_mm = options.use_grouped_mm
+    experts = GroupedExperts(cfg, options, E, dim, F_).to(dtype)
     for p in experts.parameters():
         torch.nn.init.normal_(p, std=0.2)
     x = torch.randn(T, dim, dtype=dtype, requires_grad=True)
@@ -116,6 +120,46 @@ def test_grouped_experts_match_naive_loop_forward_and_backward(dtype, use_groupe
     torch.testing.assert_close(out.float(), ref_out.float(), rtol=tol, atol=tol)
     for a, b in zip(fast, slow):
         torch.testing.assert_close(a.float(), b.float(), rtol=tol, atol=tol)
+
+
+def test_pad_expert_groups_places_rows_and_pads_with_zeros() -> None:
+    counts = torch.tensor([3, 0, 32, 33, 1])
+    x = torch.randn(int(counts.sum()), 4)
+    x_pad, padded, offs, slot = pad_expert_groups(x, counts, 32)
+    assert padded.tolist() == [32, 0, 32, 64, 32] and offs.tolist() == [32, 32, 64, 128, 160]
+    assert x_pad.shape == (160, 4) and torch.equal(x_pad[slot], x)
+    # expert e's rows start at its padded start, in order, and every other row is zero
+    starts = [0, 32, 32, 64, 128]
+    expected_slots = [s + i for s, n in zip(starts, counts.tolist()) for i in range(n)]
+    assert slot.tolist() == expected_slots
+    pad_rows = torch.ones(160, dtype=torch.bool)
+    pad_rows[slot] = False
+    assert torch.equal(x_pad[pad_rows], torch.zeros(int(pad_rows.sum()), 4))
+
+
+@pytest.mark.parametrize("multiple", [32, 0])
+def test_cpu_bf16_expert_gemms_see_whole_multiples_of_rows(multiple: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On the CPU in bf16 each expert's group reaches the grouped GEMM rounded up to the multiple
+    (oneDNN then meets few shapes); ``cpu_bf16_group_multiple: 0`` hands the raw groups over."""
+    import torch.nn.functional as F
+
+    seen: list[torch.Tensor] = []
+    real = F.grouped_mm
+    monkeypatch.setattr(F, "grouped_mm", lambda x, w, offs=None, **kw: seen.append(offs) or real(x, w, offs=offs, **kw))
+    torch.manual_seed(0)
+    E, D, F_, T, K = 8, 32, 16, 37, 2
+    experts = GroupedExperts(tiny_config(dim=D, n_heads=2), GroupedOptions(cpu_bf16_group_multiple=multiple), E, D, F_)
+    experts.bfloat16()
+    weights, indices = _random_routing(T, E, K, seed=1)
+    experts(torch.randn(T, D, dtype=torch.bfloat16), weights, indices)
+    counts = torch.bincount(indices.flatten(), minlength=E)
+    sizes = [torch.diff(o.long(), prepend=o.new_zeros(1).long()) for o in seen]
+    assert len(sizes) == 3  # w1, w3, w2
+    if multiple:
+        assert all(bool((s % multiple == 0).all()) and torch.equal(s // multiple, (counts + multiple - 1) // multiple)
+                   for s in sizes)
+    else:
+        assert all(torch.equal(s, counts) for s in sizes)
 
 
 def test_moe_counts_routed_tokens() -> None:

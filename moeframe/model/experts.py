@@ -6,6 +6,11 @@ offsets), scale by the gate weights and scatter-add back. No Python loop over ex
 Where grouped_mm cannot run (unsupported dtype/device, rows not 16-byte aligned), a per-expert
 loop over contiguous slices of the same sorted layout gives identical results.
 
+On the CPU in bfloat16 each expert's group of rows is first padded with zero rows to a multiple
+of 32 (:func:`pad_expert_groups`): oneDNN builds a kernel per new GEMM shape, and unpadded group
+sizes change every step. Results are unchanged; eager mode only (the padded size would be a
+data-dependent shape under ``torch.compile``).
+
 Under ``torch.compile`` the grouped product goes through the custom op ``moeframe::grouped_mm``
 when the dtype is not bf16: torch's own shape function for ``_grouped_mm`` accepts bf16 only,
 although the CPU kernel runs float32 too, so without the op tracing would fail (or break the
@@ -40,9 +45,17 @@ if TYPE_CHECKING:
 
 @dataclass
 class GroupedOptions(PluginOptions):
-    """``use_grouped_mm``: False forces the per-expert loop (debugging, unusual hardware)."""
+    """``use_grouped_mm``: False forces the per-expert loop (debugging, unusual hardware).
+    ``cpu_bf16_group_multiple``: on the CPU in bfloat16, round each expert's group of rows up to a
+    multiple of this many (zero rows, results unchanged) so that the expert GEMMs keep a few shapes
+    (see :func:`pad_expert_groups`); 0 turns it off."""
 
     use_grouped_mm: bool = True
+    cpu_bf16_group_multiple: int = 32
+
+    def validate(self, config: "ModelConfig") -> None:
+        if self.cpu_bf16_group_multiple < 0:
+            raise ValueError(f"cpu_bf16_group_multiple must be >= 0 (0 = off), got {self.cpu_bf16_group_multiple}")
 
 
 # (projection name, expert-sorted rows x_NI, stacked weight w_EOI, row ends offs_E) -> y_NO
@@ -114,6 +127,26 @@ def _grouped_mm_backward(ctx: torch.autograd.function.FunctionCtx, g_NO: torch.T
 grouped_mm_op.register_autograd(_grouped_mm_backward, setup_context=_grouped_mm_setup)
 
 
+def pad_expert_groups(x_ND: torch.Tensor, counts_E: torch.Tensor, multiple: int
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Expert-sorted rows with each expert's group rounded up to ``multiple`` rows by zero rows.
+
+    Why: torch's CPU bfloat16 matmul (oneDNN) builds a kernel for every new matrix shape, about
+    0.6 ms each, and keeps ~1k of them; the per-expert row counts change every training step, so
+    unpadded groups meet new shapes in most expert GEMMs and run ~3x slower than the same GEMMs
+    with shapes seen before. Groups of whole multiples keep the shapes few. Zero rows give zero
+    outputs and add nothing to the weight gradients.
+
+    Returns ``(x_MD, counts_E, offs_E, slot_N)``: the padded rows (M >= N), the padded counts and
+    row ends, and where each of the N input rows went (``y_ND = y_MD[slot_N]``)."""
+    padded_E = (counts_E + multiple - 1) // multiple * multiple
+    expert_N = torch.repeat_interleave(torch.arange(len(counts_E), device=counts_E.device), counts_E)
+    shift_E = (padded_E.cumsum(0) - padded_E) - (counts_E.cumsum(0) - counts_E)
+    slot_N = torch.arange(x_ND.shape[0], device=x_ND.device) + shift_E[expert_N]
+    x_MD = x_ND.new_zeros(int(padded_E.sum()), x_ND.shape[1]).index_copy(0, slot_N, x_ND)
+    return x_MD, padded_E, padded_E.cumsum(0).to(torch.int32), slot_N
+
+
 def _grouped_linear(x_ND: torch.Tensor, w_EOD: torch.Tensor, offs_E: torch.Tensor, counts: list[int] | None) -> torch.Tensor:
     """Per-expert ``x @ w_eᵀ`` over contiguous token slices; ``counts`` given → loop fallback."""
     if counts is None:
@@ -139,6 +172,7 @@ class GroupedExperts(ExpertsBase):
         super().__init__(config, options, num_experts, dim, hidden_dim)
         self.num_experts = num_experts
         self.use_grouped_mm = options.use_grouped_mm
+        self.cpu_bf16_group_multiple = options.cpu_bf16_group_multiple
         self.recompute = False
         self.grouped_gemm: Optional[GroupedGemm] = None  # see the module docstring
         self.w1 = nn.Parameter(torch.empty(num_experts, hidden_dim, dim))
@@ -151,6 +185,15 @@ class GroupedExperts(ExpertsBase):
         # must reproduce this layer bit for bit.
         h_NF = F.silu(self.project("w1", x_ND, offs_E, counts)) * self.project("w3", x_ND, offs_E, counts)
         return self.project("w2", h_NF, offs_E, counts)
+
+    def _group_multiple(self, x_TD: torch.Tensor) -> int:
+        """Rows per group multiple for :func:`pad_expert_groups`, 0 where padding does not pay: off
+        the CPU or bf16, under a precision plugin's ``grouped_gemm`` (it runs its own GEMMs) and
+        while compiling (the padded size depends on the routing, a graph break)."""
+        if (self.cpu_bf16_group_multiple and x_TD.device.type == "cpu" and x_TD.dtype == torch.bfloat16
+                and self.grouped_gemm is None and not torch.compiler.is_compiling()):
+            return self.cpu_bf16_group_multiple
+        return 0
 
     def project(self, name: str, x_NI: torch.Tensor, offs_E: torch.Tensor, counts: list[int] | None) -> torch.Tensor:
         """One projection (``w1``, ``w2`` or ``w3``) of every expert over its rows of ``x_NI``."""
@@ -167,16 +210,21 @@ class GroupedExperts(ExpertsBase):
         counts_E = count_per_expert(indices_TK, self.num_experts)
         offs_E = counts_E.cumsum(0).to(torch.int32)
         fast = self.use_grouped_mm and grouped_mm_supported(x_TD, self.w1) and grouped_mm_supported(x_TD, self.w2)
-        counts = None if fast else counts_E.tolist()
         # index_select, not x_TD[token_N]: same rows, but its backward is an index_add (bf16 on the
         # CPU: ~40x faster than the sort-based accumulate of advanced indexing's backward)
         x_ND = x_TD.index_select(0, token_N)
+        multiple = self._group_multiple(x_TD)
+        if multiple:
+            x_ND, counts_E, offs_E, slot_N = pad_expert_groups(x_ND, counts_E, multiple)
+        counts = None if fast else counts_E.tolist()
         _phase("moe_experts")
         if self.recompute and torch.is_grad_enabled():
             y_ND = checkpoint(self._ffn, x_ND, offs_E, counts, use_reentrant=False)
         else:
             y_ND = self._ffn(x_ND, offs_E, counts)
         _phase("moe_dispatch")  # the combine: weight, scatter back to tokens
+        if multiple:
+            y_ND = y_ND.index_select(0, slot_N)
         y_ND = y_ND * weights_TK.flatten().index_select(0, order_N).unsqueeze(-1).to(y_ND.dtype)
         y_TD = torch.zeros_like(x_TD).index_add_(0, token_N, y_ND)
         _phase(None)
