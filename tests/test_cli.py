@@ -96,6 +96,7 @@ BAD_INPUTS = [
 ]
 
 
+@pytest.mark.bad_input
 @pytest.mark.parametrize(("override", "message"), BAD_INPUTS, ids=[m[:30] for _, m in BAD_INPUTS])
 def test_bad_input_gives_one_clear_line(override: list[str], message: str, tmp_path: Path,
                                        capsys: pytest.CaptureFixture[str]) -> None:

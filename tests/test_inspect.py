@@ -55,6 +55,7 @@ def test_bad_layout_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
     assert "ZeRO stage must be 1, 2 or 3, got 4" in capsys.readouterr().err
 
 
+@pytest.mark.bad_input
 def test_an_abbreviated_option_is_not_taken_for_the_full_one(capsys: pytest.CaptureFixture[str]) -> None:
     """``--ze 2`` is not ``--zero 2``: argparse's prefix matching is off in every moeframe command."""
     with pytest.raises(SystemExit) as exit_info:

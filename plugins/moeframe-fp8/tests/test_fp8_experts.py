@@ -70,6 +70,7 @@ def test_each_expert_runs_the_fp8_linear_recipe(I: int, O: int, pow2: bool) -> N
     assert torch.equal(got["dw"][0], torch.zeros(O, I)) and torch.equal(got["dw"][4], torch.zeros(O, I))
 
 
+@pytest.mark.bad_input
 def test_bad_offsets_and_operands_are_named() -> None:
     hook = FP8GroupedGemm(FP8Recipe(), "layers.1.ffn.experts")
     with pytest.raises(ValueError, match=r"expert row offsets \[2, 5\] do not cover the 4 rows"):

@@ -92,6 +92,7 @@ def test_selections_that_cannot_mean_what_was_written(modules, exclude, message:
         convert_to_fp8(build_decoder(tiny_config()), FP8Recipe(), modules=modules, exclude=exclude)
 
 
+@pytest.mark.bad_input
 def test_unsupported_weight_dtype_names_the_module() -> None:
     decoder = build_decoder(tiny_config())
     decoder.layers[0].attn.wk.double()
@@ -104,6 +105,7 @@ def test_unsupported_weight_dtype_names_the_module() -> None:
         convert_to_fp8(decoder, FP8Recipe())
 
 
+@pytest.mark.bad_input
 def test_experts_owned_by_another_plugin_are_refused() -> None:
     decoder = build_decoder(tiny_config())
     decoder.layers[1].ffn.experts.grouped_gemm = lambda name, x, w, offs: x
