@@ -90,3 +90,38 @@ def test_trained_lora_checkpoint_exports_merged_with_identical_logits(tmp_path: 
         assert main(["convert", str(ckpt), str(tmp_path / "hf"), "--dtype", "float32"]) == 0
         exported = from_hf(tmp_path / "hf", progress=False).eval()
         assert (exported(IDS).logits - adapter_logits).abs().max() <= 1e-5
+
+
+def test_bf16_cpu_lora_experts_pad_like_the_base_and_start_equal_to_it(monkeypatch) -> None:
+    """On the CPU in bf16 the LoRA experts pad each expert's rows as ``GroupedExperts`` does (same
+    GEMM shapes, same results): at B = 0 they give the base layer's output bit for bit, and with
+    trained adapters they match the unpadded computation."""
+    from moeframe.model.experts import GroupedExperts, GroupedOptions
+
+    torch.manual_seed(0)
+    E, D, F_, T = 8, 32, 16, 40
+    base = GroupedExperts(tiny_config(dim=D, n_heads=2), GroupedOptions(), E, D, F_)
+    for p in base.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    base.bfloat16()
+    x = torch.randn(T, D, dtype=torch.bfloat16)
+    indices = torch.stack([torch.randperm(E)[:2] for _ in range(T)])
+    weights = torch.rand(T, 2)
+    y_base = base(x, weights, indices)
+    lora = LoRAGroupedExperts(base, rank=8, scale=2.0)
+    import torch.nn.functional as F
+
+    seen: list[torch.Tensor] = []
+    real = F.grouped_mm
+    monkeypatch.setattr(F, "grouped_mm", lambda a, b, offs=None, **kw: seen.append(offs) or real(a, b, offs=offs, **kw))
+    assert torch.equal(lora(x, weights, indices), y_base)
+    monkeypatch.setattr(F, "grouped_mm", real)
+    assert len(seen) == 9 and all(bool((torch.diff(o.long(), prepend=o.new_zeros(1).long()) % 32 == 0).all())
+                                  for o in seen)  # base + A + B for w1, w3, w2: whole multiples of 32
+    with torch.no_grad():
+        for name, p in lora.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    padded = lora(x, weights, indices)
+    base.cpu_bf16_group_multiple = 0
+    torch.testing.assert_close(padded, lora(x, weights, indices))

@@ -28,7 +28,7 @@ from torch import nn
 
 from moeframe.errors import ConfigError
 from moeframe.model.base import AttentionBase
-from moeframe.model.experts import GroupedExperts, _grouped_linear, grouped_mm_supported
+from moeframe.model.experts import GroupedExperts, _grouped_linear, grouped_mm_supported, pad_expert_groups
 from moeframe.model.moe import MoE
 
 
@@ -109,10 +109,15 @@ class LoRAGroupedExperts(nn.Module):
         offs_E = counts_E.cumsum(0).to(torch.int32)
         operands = (self.base.w1, self.base.w2, *(p for n, p in self.named_parameters(recurse=False)))
         fast = self.base.use_grouped_mm and all(grouped_mm_supported(x_TD, w) for w in operands)
+        x_ND = x_TD.index_select(0, token_N)  # index_select: its backward is an index_add (see experts)
+        multiple = self.base._group_multiple(x_TD)  # CPU bf16: few GEMM shapes, as the base layer does
+        if multiple:
+            x_ND, counts_E, offs_E, slot_N = pad_expert_groups(x_ND, counts_E, multiple)
         counts = None if fast else counts_E.tolist()
-        x_ND = x_TD[token_N]
         h_NF = F.silu(self._project("w1", x_ND, offs_E, counts)) * self._project("w3", x_ND, offs_E, counts)
         y_ND = self._project("w2", h_NF, offs_E, counts)
+        if multiple:
+            y_ND = y_ND.index_select(0, slot_N)
         y_ND = y_ND * weights_TK.flatten()[order_N].unsqueeze(-1).to(y_ND.dtype)
         return torch.zeros_like(x_TD).index_add_(0, token_N, y_ND)
 
