@@ -101,6 +101,18 @@ class MultiHeadAttention(AttentionBase):
     def new_cache(self, batch_size: int, max_len: int, device: torch.device, dtype: torch.dtype) -> KVCache:
         return KVCache(batch_size, self.n_kv_heads, self.head_dim, max_len, device, dtype)
 
+    def project_qkv(self, x_BTD: torch.Tensor, positions_T: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Heads-first q ``[B, H, T, d]`` and k, v ``[B, G, T, d]``, RoPE applied to q and k: the
+        part of the forward that attention variants built on this class (e.g. a sliding window)
+        share; they change only how the heads attend."""
+        B, T, _ = x_BTD.shape
+        q_BHTd = self.wq(x_BTD).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k_BGTd = self.wk(x_BTD).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v_BGTd = self.wv(x_BTD).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        cos, sin = rope_cos_sin(positions_T, self.head_dim, self.rope_theta, x_BTD.dtype)
+        return apply_rope(q_BHTd, cos, sin), apply_rope(k_BGTd, cos, sin), v_BGTd
+
     def forward(
         self,
         x_BTD: torch.Tensor,
@@ -109,11 +121,7 @@ class MultiHeadAttention(AttentionBase):
         cache: Optional[AttentionCache] = None,
     ) -> torch.Tensor:
         B, T, _ = x_BTD.shape
-        q_BHTd = self.wq(x_BTD).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        k_BGTd = self.wk(x_BTD).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v_BGTd = self.wv(x_BTD).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        cos, sin = rope_cos_sin(positions_T, self.head_dim, self.rope_theta, x_BTD.dtype)
-        q_BHTd, k_BGTd = apply_rope(q_BHTd, cos, sin), apply_rope(k_BGTd, cos, sin)
+        q_BHTd, k_BGTd, v_BGTd = self.project_qkv(x_BTD, positions_T)
         gqa = self.n_kv_heads != self.n_heads
         if cache is not None:
             if document_ids_BT is not None:

@@ -24,7 +24,6 @@ import torch.nn.functional as F
 
 from moeframe.model.attention import MHAOptions, MultiHeadAttention, document_mask
 from moeframe.model.base import AttentionCache
-from moeframe.model.rope import apply_rope, rope_cos_sin
 
 if TYPE_CHECKING:
     from moeframe.config import ModelConfig
@@ -105,11 +104,7 @@ class SlidingWindowAttention(MultiHeadAttention):
         cache: Optional[AttentionCache] = None,
     ) -> torch.Tensor:
         B, T, _ = x_BTD.shape
-        q_BHTd = self.wq(x_BTD).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        k_BGTd = self.wk(x_BTD).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v_BGTd = self.wv(x_BTD).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        cos, sin = rope_cos_sin(positions_T, self.head_dim, self.rope_theta, x_BTD.dtype)
-        q_BHTd, k_BGTd = apply_rope(q_BHTd, cos, sin), apply_rope(k_BGTd, cos, sin)
+        q_BHTd, k_BGTd, v_BGTd = self.project_qkv(x_BTD, positions_T)  # mha's projections and RoPE
         if cache is not None:
             out = self._attend_cached(q_BHTd, k_BGTd, v_BGTd, positions_T, document_ids_BT, cache)
         else:
