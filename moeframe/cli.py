@@ -357,6 +357,18 @@ def _parse_error_message(exc: Exception) -> str:
     return "\n".join(lines) + "\n(run with --help to see the accepted options)"
 
 
+def _fault_reason(exc: Exception) -> str:
+    """The fault's own message: one raised in a DataLoader worker reaches the main process re-raised
+    by torch as "Caught <type> in DataLoader worker process N." plus the worker's traceback, whose
+    last line is ``<module>.<type>: <message>``."""
+    text = str(exc)
+    if "Original Traceback" not in text:
+        return text
+    last = text.strip().splitlines()[-1]
+    prefix = f"{type(exc).__module__}.{type(exc).__qualname__}: "
+    return last[len(prefix):] if last.startswith(prefix) else last
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     from_shell = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -381,7 +393,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         build_cli(args=None if from_shell else argv)
     except TrainingFault as exc:
         # a run that stopped for a reason the user must act on: the reason, not the stack
-        print(f"moeframe: error: {exc}", file=sys.stderr)
+        print(f"moeframe: error: {_fault_reason(exc)}", file=sys.stderr)
         return 1
     except RuntimeError as exc:
         if "Error(s) in loading state_dict" not in str(exc):
