@@ -141,6 +141,16 @@ class _ResumableLoader(DataLoader):
         self.datamodule._position(self.dataset)
         return super().__iter__()
 
+    # Lightning's fit loop calls a loader resumable when it has state_dict/load_state_dict (else it
+    # warns on every mid-epoch resume that the run may repeat or skip data, which is not the case
+    # here) and saves that state in the checkpoint's loop state. The position it saves is the
+    # DataModule's own (also saved in the DataModule's checkpoint entry, read before this one).
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.datamodule.epoch, "consumed": self.datamodule.consumed}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        self.datamodule.epoch, self.datamodule.consumed = state_dict["epoch"], state_dict["consumed"]
+
 
 @dataclass
 class _Entry:
