@@ -119,6 +119,9 @@ class PretrainModule(L.LightningModule):
             from moeframe.training.reliability import ensure_reliability_callback
 
             ensure_reliability_callback(self.trainer, self, stage)
+            from moeframe.training.callbacks import ensure_logger_step_alignment
+
+            ensure_logger_step_alignment(self.trainer)  # logged steps after a resume: see its docstring
         datamodule = getattr(self.trainer, "datamodule", None)
         data_vocab = getattr(datamodule, "vocab_size", None)
         if data_vocab is not None and data_vocab > self.config.vocab_size:
