@@ -174,6 +174,16 @@ def build_cli(args: Optional[list[str]] = None, run: bool = True, **kwargs: Any)
             if given is not None and stored is not None and given != stored:
                 _raise_config_mismatch(given, stored)
 
+        def instantiate_trainer(self, **kwargs: Any) -> Any:
+            # the model and the data exist now, nothing is built: values that only conflict with
+            # each other (data.seq_len > model.max_seq_len, ...) are one line here, not a traceback
+            # from the first training step
+            from moeframe.training.pretrain import PretrainModule
+
+            if isinstance(self.model, PretrainModule) and self.datamodule is not None:
+                self.model.check_data(self.datamodule)
+            return super().instantiate_trainer(**kwargs)
+
         def before_instantiate_classes(self) -> None:
             config = self.config[self.subcommand] if self.subcommand else self.config
             trainer = config["trainer"]

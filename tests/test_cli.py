@@ -128,3 +128,25 @@ def test_print_config_shows_the_resolved_model(tmp_path: Path) -> None:
     result = _moeframe(["fit", "-c", str(CONFIGS / "pretrain" / "tiny.yaml"), "--print_config"], cwd=tmp_path, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "n_routed_experts: 8" in result.stdout and "class_path: moeframe.training.pretrain.PretrainModule" in result.stdout
+
+
+# values that are only wrong next to each other: caught when the model and the data are instantiated
+DATA_MODEL_CONFLICTS = [
+    (["--data.init_args.seq_len", "2048"], "data.seq_len=2048 is longer than model.max_seq_len=1024"),
+    (["--model.init_args.config.vocab_size", "100"], "the tokenizer has 257 tokens but model.vocab_size=100"),
+]
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize(("override", "message"), DATA_MODEL_CONFLICTS, ids=["seq_len", "vocab_size"])
+def test_data_and_model_conflicts_are_caught_at_config_time(override: list[str], message: str, tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    from moeframe.config import ConfigError
+
+    args = ["-c", str(CONFIGS / "pretrain" / "tiny.yaml"), "--trainer.default_root_dir", str(tmp_path), *override]
+    with pytest.raises(ConfigError, match=message):
+        build_cli(args=args, run=False)  # instantiation only: no trainer, no fit, no decoder
+    assert main(["fit", *args]) == 2
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.startswith("moeframe: error:")]
+    assert len(lines) == 1 and message in lines[0] and "Traceback" not in err, err[-3000:]
