@@ -21,13 +21,28 @@ from moeframe.config import ConfigError
 TRAINER_COMMANDS = ("fit", "validate", "test", "predict")
 
 
-def default_loggers(save_dir: str) -> list[dict[str, Any]]:
-    """CSV always (plain files anyone can read); TensorBoard too when it is installed."""
-    loggers = [{"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": save_dir, "name": "logs"}}]
+def default_loggers(save_dir: str, version: Optional[int] = None) -> list[dict[str, Any]]:
+    """CSV always (plain files anyone can read); TensorBoard too when it is installed; both in
+    ``<save_dir>/logs/version_<version>`` (None: Lightning picks the next free one)."""
+    init_args: dict[str, Any] = {"save_dir": save_dir, "name": "logs"}
+    if version is not None:
+        init_args["version"] = version
+    loggers = [{"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": dict(init_args)}]
     if importlib.util.find_spec("tensorboard") is not None:
-        loggers.append({"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-                        "init_args": {"save_dir": save_dir, "name": "logs"}})
+        loggers.append({"class_path": "lightning.pytorch.loggers.TensorBoardLogger", "init_args": dict(init_args)})
     return loggers
+
+
+def claim_default_log_version(save_dir: str) -> Optional[int]:
+    """The run's own ``<save_dir>/logs/version_N``, claimed atomically (``moeframe.training.logversions``)
+    by rank 0; other ranks never write logs (and ModelCheckpoint takes rank 0's folder), so they claim nothing."""
+    from lightning.pytorch.utilities import rank_zero_only
+
+    from moeframe.training.logversions import claim_log_version
+
+    if rank_zero_only.rank != 0:
+        return None
+    return claim_log_version(Path(save_dir) / "logs")
 
 
 def check_strategy_name(name: str) -> None:
@@ -190,7 +205,21 @@ def build_cli(args: Optional[list[str]] = None, run: bool = True, **kwargs: Any)
             if isinstance(trainer.get("strategy"), str):
                 check_strategy_name(trainer["strategy"])
             if trainer.get("logger") in (None, True):
-                trainer["logger"] = default_loggers(trainer.get("default_root_dir") or ".")
+                root = trainer.get("default_root_dir") or "."
+                self.claimed_log_version = (root, claim_default_log_version(root))
+                trainer["logger"] = default_loggers(root, self.claimed_log_version[1])
+
+        def instantiate_classes(self) -> None:
+            try:
+                super().instantiate_classes()
+            except BaseException:
+                # a run that stops at config time leaves no empty version folder behind
+                root, version = getattr(self, "claimed_log_version", (None, None))
+                if version is not None:
+                    from moeframe.training.logversions import release_log_version
+
+                    release_log_version(Path(root) / "logs", version)
+                raise
 
     return MoeframeCLI(
         L.LightningModule,
