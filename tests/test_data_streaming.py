@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import struct
 import subprocess
 import sys
@@ -80,6 +81,21 @@ def test_truncated_bin_is_rejected(tmp_path: Path, prepared: Path) -> None:
     bin_.write_bytes(bin_.read_bytes()[:-2])
     with pytest.raises(ConfigError, match="truncated"):
         IndexedDataset(bin_.with_suffix(""))
+
+
+@pytest.mark.bad_input
+def test_bin_truncated_after_opening_is_a_fault_naming_the_file(tmp_path: Path, prepared: Path) -> None:
+    """Cut short after it was opened (and read): the next read past the new end is a TrainingFault
+    naming the file, where a memory-mapped read would have been a SIGBUS."""
+    from moeframe.errors import TrainingFault
+
+    ds = IndexedDataset(prepared / "train" / "shard_00000")
+    head = ds.read(0, 8).copy()
+    os.truncate(ds.bin_path, 6)
+    assert np.array_equal(ds.read(0, 3), head[:3])  # what is still there reads as before
+    with pytest.raises(TrainingFault, match=f"the shard {ds.bin_path} is 6 bytes now, but its index describes "
+                                            f"{ds.num_bytes}: it was truncated during the run"):
+        ds.read(0, 8)
 
 
 # -- prepare: idempotent, atomic, bad input -----------------------------------------------------

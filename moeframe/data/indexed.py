@@ -139,6 +139,14 @@ class IndexedDataset:
     def num_tokens(self) -> int:
         return self.num_bytes // self.dtype.itemsize
 
+    @property
+    def tokens(self) -> np.ndarray:
+        """Every token as a read-only memory map, for looking at the data (as before ``read``
+        existed). Unchecked: a file truncated while mapped is a SIGBUS here; training uses ``read``."""
+        if self.num_bytes == 0:
+            return np.zeros(0, self.dtype)
+        return np.memmap(self.bin_path, dtype=self.dtype, mode="r", shape=(self.num_tokens,))
+
     def _descriptor(self) -> int:
         # forked DataLoader workers share it (pread has no file offset); an unpickled copy reopens
         if self._fd is None:
