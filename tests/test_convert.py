@@ -229,6 +229,10 @@ def test_fp8_scales_are_found_in_other_shards_through_the_index(tmp_path: Path) 
         assert torch.equal(many[key], value), key
     # and the folder converts through the command as well (same lookup)
     assert main(["convert", str(spread), str(tmp_path / "mf")]) == 0
+    # without an index the shards' own headers say where each scale is
+    (spread / "model.safetensors.index.json").unlink()
+    unindexed = from_hf(spread, progress=False).state_dict()
+    assert all(torch.equal(unindexed[key], value) for key, value in one.items())
 
 
 @pytest.mark.bad_input
