@@ -48,3 +48,17 @@ def test_gate_on_the_meta_device_has_no_autocast_to_switch_off() -> None:
     """``moeframe inspect`` builds on the meta device, where torch.autocast cannot be entered."""
     out = gate_logits_fp32(torch.empty(3, 8, device="meta"), torch.empty(4, 8, device="meta"))
     assert out.shape == (3, 4) and out.dtype == torch.float32
+
+
+def test_routing_under_lightning_bf16_mixed_equals_fp32() -> None:
+    """What ``trainer.precision: bf16-mixed`` wraps every forward in."""
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    gate = _router({"name": "aux_free"})
+    x_TD = torch.randn(2048, V3_SHAPED["dim"]).bfloat16().float()
+    with torch.no_grad():
+        fp32 = gate(x_TD)
+        with MixedPrecision("bf16-mixed", "cpu").forward_context():
+            mixed = gate(x_TD)
+    assert mixed.weights_TK.dtype == torch.float32
+    assert torch.equal(mixed.indices_TK, fp32.indices_TK) and torch.equal(mixed.weights_TK, fp32.weights_TK)
