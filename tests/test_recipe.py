@@ -161,3 +161,29 @@ def test_released_v3_preset_carries_yarn(tmp_path: Path) -> None:
                           str(tmp_path)], run=False)
     assert _yarn(cli) == (40.0, 1.0, 32.0, 1.0)
     assert cli.model.config.max_seq_len == 163840  # max_position_embeddings of the release
+
+
+def test_an_extension_stage_starts_from_plain_rope_weights_with_yarn_on(tmp_path: Path) -> None:
+    """The extension stages' mechanism at toy size: the pretraining weights (no YaRN) load into the
+    same model with YaRN switched on (YaRN adds no tensors), through ``init_from``."""
+    import dataclasses
+
+    import yaml
+
+    from moeframe.convert import save_moeframe
+    from moeframe.model.decoder import build_decoder
+    from moeframe.training.finetune import FinetuneModule
+
+    plain = ModelConfig(**yaml.safe_load((REPO / "configs" / "model" / "tiny-v3.yaml").read_text()))
+    torch.manual_seed(0)
+    pretrained = build_decoder(plain)
+    save_moeframe(pretrained, tmp_path / "pretrained")
+    yarn = dataclasses.replace(plain, max_seq_len=4 * plain.max_seq_len, attention={
+        **plain.attention, "rope_factor": 4.0, "original_seq_len": plain.max_seq_len, "beta_fast": 32.0, "beta_slow": 1.0})
+    stage = FinetuneModule(init_from=str(tmp_path / "pretrained"), config=yarn, method="full", num_samples=0)
+    stage.configure_model()
+    assert stage.plan.attention.options.rope_factor == 4.0
+    assert all(torch.equal(stage.decoder.state_dict()[k], v) for k, v in pretrained.state_dict().items())
+    ids = torch.randint(0, plain.vocab_size, (1, 24))
+    with torch.no_grad():  # same weights, other positions encoding: the logits differ
+        assert not torch.allclose(stage.decoder(ids).logits, pretrained(ids).logits)
