@@ -134,11 +134,13 @@ def test_print_config_shows_the_resolved_model(tmp_path: Path) -> None:
 DATA_MODEL_CONFLICTS = [
     (["--data.init_args.seq_len", "2048"], "data.seq_len=2048 is longer than model.max_seq_len=1024"),
     (["--model.init_args.config.vocab_size", "100"], "the tokenizer has 257 tokens but model.vocab_size=100"),
+    (["--model.init_args.config.mtp_depth", "2", "--data.init_args.seq_len", "2"],
+     "model.mtp_depth=2 leaves no token to predict in sequences of data.seq_len=2"),
 ]
 
 
 @pytest.mark.bad_input
-@pytest.mark.parametrize(("override", "message"), DATA_MODEL_CONFLICTS, ids=["seq_len", "vocab_size"])
+@pytest.mark.parametrize(("override", "message"), DATA_MODEL_CONFLICTS, ids=["seq_len", "vocab_size", "mtp_depth"])
 def test_data_and_model_conflicts_are_caught_at_config_time(override: list[str], message: str, tmp_path: Path,
                                                            capsys: pytest.CaptureFixture[str]) -> None:
     from moeframe.config import ConfigError

@@ -132,6 +132,9 @@ class PretrainModule(L.LightningModule):
         if seq_len is not None and seq_len > self.config.max_seq_len:
             raise ConfigError(f"data.seq_len={seq_len} is longer than model.max_seq_len={self.config.max_seq_len}; "
                               f"lower data.seq_len or raise model.max_seq_len")
+        if seq_len is not None and self.config.mtp_depth >= seq_len:  # depth k predicts labels[:, k:]
+            raise ConfigError(f"model.mtp_depth={self.config.mtp_depth} leaves no token to predict in sequences of "
+                              f"data.seq_len={seq_len}; use a data.seq_len above model.mtp_depth")
         data_vocab = getattr(datamodule, "vocab_size", None)
         if data_vocab is not None and data_vocab > self.config.vocab_size:
             raise ConfigError(
