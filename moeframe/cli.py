@@ -40,7 +40,7 @@ def claim_default_log_version(save_dir: str) -> Optional[int]:
 
     from moeframe.training.logversions import claim_log_version
 
-    if rank_zero_only.rank != 0:
+    if rank_zero_only.rank != 0 or "://" in save_dir:  # a remote (fsspec) root keeps Lightning's own choice
         return None
     return claim_log_version(Path(save_dir) / "logs")
 
