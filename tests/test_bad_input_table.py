@@ -29,6 +29,8 @@ import torch
 
 from moeframe.cli import main
 
+from .conftest import clean_env
+
 MODEL_YAML = """\
 vocab_size: 260
 dim: 32
@@ -698,3 +700,33 @@ def test_convert_outputs_get_the_same_permissions_as_other_output(world: World, 
     written = sorted(p for p in (*(tmp_path / "hf").iterdir(), *(tmp_path / "mf").iterdir()))
     assert {p.suffix for p in written} >= {".safetensors", ".json", ".yaml"}
     assert {p.name: oct(stat.S_IMODE(p.stat().st_mode)) for p in written} == {p.name: oct(expected) for p in written}
+
+
+def test_a_bug_keeps_its_traceback(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The translation layer only knows bad-input exception types: a bug in a command is not
+    turned into a tidy line that would hide it."""
+    import moeframe.cli as cli
+
+    def broken(argv: list[str]) -> int:
+        raise KeyError("a bug, not bad input")
+
+    monkeypatch.setitem(cli.EXTRA_COMMANDS, "inspect", (broken, "broken"))
+    with pytest.raises(KeyError, match="a bug"):
+        main(["inspect", "anything.yaml"])
+
+
+@pytest.mark.bad_input
+def test_the_console_command_gives_the_same_line(world: World, tmp_path: Path, moeframe_cmd: list[str]) -> None:
+    """One row through a real process (the shell path parses sys.argv itself)."""
+    import subprocess
+
+
+
+    (tmp_path / "bad_model.yaml").write_text(MALFORMED_YAML)
+    run = _run_yaml(world, tmp_path, model="bad_model.yaml")
+    done = subprocess.run([*moeframe_cmd, "fit", "-c", str(run)], capture_output=True, text=True, timeout=120,
+                          env=clean_env(), cwd=tmp_path)
+    assert done.returncode == 2 and "Traceback" not in done.stderr + done.stdout, done.stderr
+    last = [ln for ln in done.stderr.splitlines() if ln.strip()][-1]
+    assert last.startswith("moeframe: error:") and "bad_model.yaml:" in last and "YAML syntax error" in last, last
+    assert not (tmp_path / "run").exists()
