@@ -413,6 +413,23 @@ def _(w: World, d: Path):
     return ["fit", "-c", str(_run_yaml(w, d)), "--data.init_args.path", str(d / "raw.jsonl")], ["raw.jsonl:2"]
 
 
+@case("fit", "raw-jsonl-unexpected-line")
+def _(w: World, d: Path):
+    (d / "raw.jsonl").write_text('{"text": "fine"}\n"just a string"\n')
+    return ["fit", "-c", str(_run_yaml(w, d)), "--data.init_args.path", str(d / "raw.jsonl")], ["raw.jsonl:2"]
+
+
+for _cmd in ("validate",):
+    case(_cmd, "shard-idx-truncated")(
+        lambda w, d, c=_cmd: ([c, "-c", str(_run_yaml(w, d, data=_prepared_copy(
+            w, d, lambda p: _truncate_file(p.with_suffix(".idx"), 40))))], ["shard_00000.idx"]))
+    case(_cmd, "data-path-missing")(
+        lambda w, d, c=_cmd: ([c, "-c", str(_run_yaml(w, d)), "--data.init_args.path", str(d / "no-data")], ["no-data"]))
+    case(_cmd, "default-root-dir-under-a-file")(
+        lambda w, d, c=_cmd: ([c, "-c", str(_run_yaml(w, d)), "--trainer.default_root_dir",
+                               str(_a_file(d / "afile") / "run")], ["afile"]))
+
+
 @case("fit", "tokenizer-json-malformed")
 def _(w: World, d: Path):
     (d / "tokenizer.json").write_text('{"version": "1.0", "model": ')
@@ -506,6 +523,9 @@ case("prepare", "jsonl-unexpected-line")(
 case("prepare", "jsonl-not-utf8-strict")(
     lambda w, d: (_prepare([_write(d / "in.jsonl", b'{"text": "\xff\xfe"}\n')], d / "out", "--on-decode-error", "error"),
                   ["in.jsonl"]))
+case("prepare", "output-holds-a-damaged-dataset")(
+    lambda w, d: (_write(_copy(w.prepared, d / "out") / "meta.json", '{"splits": '),
+                  (_prepare([w.corpus], d / "out"), ["meta.json", "--overwrite"]))[1])
 case("prepare", "tokenizer-missing")(
     lambda w, d: (_prepare([w.corpus], d / "out", "--tokenizer", str(d / "tok.json")), ["tok.json"]))
 case("prepare", "tokenizer-malformed")(
@@ -620,6 +640,9 @@ for _name, _make in DAMAGED_CKPT.items():
 case("esft-select", "sft-jsonl-malformed-line")(
     lambda w, d: (_esft(_finetune_yaml(w, d, train=_write(d / "train.jsonl", SFT_LINES + "{\n")), d / "sel.json"),
                   ["train.jsonl:9"]))
+case("esft-select", "sft-jsonl-unexpected-line")(
+    lambda w, d: (_esft(_finetune_yaml(w, d, train=_write(d / "train.jsonl", SFT_LINES + "[1, 2]\n")), d / "sel.json"),
+                  ["train.jsonl:9"]))
 case("esft-select", "out-under-a-file")(
     lambda w, d: (_esft(_finetune_yaml(w, d), _a_file(d / "afile") / "sel.json"), ["afile"]))
 case("esft-select", "out-is-a-directory")(lambda w, d: (_esft(_finetune_yaml(w, d), _a_dir(d / "sel.json")), ["sel.json"]))
@@ -730,3 +753,13 @@ def test_the_console_command_gives_the_same_line(world: World, tmp_path: Path, m
     last = [ln for ln in done.stderr.splitlines() if ln.strip()][-1]
     assert last.startswith("moeframe: error:") and "bad_model.yaml:" in last and "YAML syntax error" in last, last
     assert not (tmp_path / "run").exists()
+
+
+def test_a_damaged_dataset_is_replaced_with_overwrite(world: World, tmp_path: Path) -> None:
+    """The error for a damaged output dataset offers --overwrite; that must then work."""
+    out = _copy(world.prepared, tmp_path / "out")
+    (out / "meta.json").write_text('{"splits": ')
+    assert main(["prepare", str(world.corpus), "-o", str(out), "--workers", "1", "--val-permille", "300",
+                 "--overwrite"]) == 0
+    assert json.loads((out / "meta.json").read_text()) == json.loads((world.prepared / "meta.json").read_text()) | {
+        "seconds": json.loads((out / "meta.json").read_text())["seconds"]}

@@ -290,7 +290,7 @@ def prepare(
     options = {"field": field_name, "val_permille": val_permille, "on_decode_error": on_decode_error,
                "tokenizer": tok_info, "shard_tokens": shard_tokens}
     fingerprint = inputs_fingerprint(sources, options)
-    existing = read_meta(out)
+    existing = _existing_meta(out, overwrite)
     if existing is not None and existing.get("fingerprint") == fingerprint:
         return PrepareSummary(str(out), existing["documents"], existing["tokens"], existing["bytes"], 0.0,
                               existing["skipped_files"], reused=True)
@@ -308,6 +308,17 @@ def prepare(
     finally:
         shutil.rmtree(partial, ignore_errors=True)
     return PrepareSummary(str(out), meta["documents"], meta["tokens"], meta["bytes"], meta["seconds"], meta["skipped_files"])
+
+
+def _existing_meta(out: Path, overwrite: bool) -> Optional[dict[str, Any]]:
+    """The description of the dataset already at ``out``; a damaged one is replaced with
+    ``--overwrite`` and otherwise an error that says so."""
+    try:
+        return read_meta(out)
+    except ConfigError as exc:
+        if overwrite:
+            return None
+        raise ConfigError(f"{exc} (or pass --overwrite to replace it)") from None
 
 
 def _swap_into_place(partial: Path, out: Path) -> None:
