@@ -179,7 +179,8 @@ def _zero(dst: Path) -> Path:
 
 
 def _random(dst: Path, n: int = 4096) -> Path:
-    dst.write_bytes(torch.randint(0, 256, (n,), generator=torch.Generator().manual_seed(0), dtype=torch.uint8).numpy().tobytes())
+    noise = torch.randint(0, 256, (n,), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    dst.write_bytes(noise.numpy().tobytes())
     return dst
 
 
@@ -281,6 +282,11 @@ def _chmod_555(path: Path) -> Path:
     return path
 
 
+def _after(*steps: object) -> tuple[list[str], list[str]]:
+    """The last value: the earlier ones are the steps that built the bad input."""
+    return steps[-1]  # type: ignore[return-value]
+
+
 def _a_file(path: Path) -> Path:
     path.write_text("I am a file, not a folder\n")
     return path
@@ -321,13 +327,13 @@ for _cmd in ("fit", "validate"):
     case(_cmd, "missing-config")(lambda w, d, c=_cmd: ([c, "-c", str(d / "nope.yaml")], ["nope.yaml"]))
     case(_cmd, "config-is-a-directory")(lambda w, d, c=_cmd: ([c, "-c", str(_a_dir(d / "cfg.yaml"))], ["cfg.yaml"]))
     case(_cmd, "malformed-included-model-yaml")(
-        lambda w, d, c=_cmd: ((d / "bad_model.yaml").write_text(MALFORMED_YAML),
-                              ([c, "-c", str(_run_yaml(w, d, model="bad_model.yaml"))], ["bad_model.yaml"]))[1])
+        lambda w, d, c=_cmd: _after((d / "bad_model.yaml").write_text(MALFORMED_YAML),
+                                    ([c, "-c", str(_run_yaml(w, d, model="bad_model.yaml"))], ["bad_model.yaml"])))
     case(_cmd, "missing-included-model-yaml")(
         lambda w, d, c=_cmd: ([c, "-c", str(_run_yaml(w, d, model="gone_model.yaml"))], ["gone_model.yaml"]))
     case(_cmd, "included-model-yaml-is-a-directory")(
-        lambda w, d, c=_cmd: (_a_dir(d / "dir_model.yaml"),
-                              ([c, "-c", str(_run_yaml(w, d, model="dir_model.yaml"))], ["dir_model.yaml"]))[1])
+        lambda w, d, c=_cmd: _after(_a_dir(d / "dir_model.yaml"),
+                                    ([c, "-c", str(_run_yaml(w, d, model="dir_model.yaml"))], ["dir_model.yaml"])))
     case(_cmd, "missing-ckpt")(
         lambda w, d, c=_cmd: ([c, "-c", str(_run_yaml(w, d)), "--ckpt_path", str(d / "gone.ckpt")], ["gone.ckpt"]))
     case(_cmd, "ckpt-is-a-directory")(
@@ -492,6 +498,14 @@ for _name, _make in DAMAGED_CKPT.items():
         lambda w, d, m=_make: (["fit", "-c", str(_finetune_yaml(w, d, init_from=m(w, d)))], ["damaged.ckpt"]))
 
 
+@case("fit", "init-from-another-model-shape")
+def _(w: World, d: Path):
+    _copy(w.model_yaml, d / "model.yaml")
+    config = _finetune_yaml(w, d, init_from=_other_shape(w, d / "other.ckpt"))
+    return ["fit", "-c", str(config), "--model.init_args.config", str(d / "model.yaml")], ["other.ckpt",
+                                                                                         "n_routed_experts"]
+
+
 @case("fit", "esft-selection-malformed-json")
 def _(w: World, d: Path):
     (d / "sel.json").write_text('{"layers": {"layers.1.ffn": ')
@@ -516,6 +530,7 @@ case("prepare", "output-is-a-file")(lambda w, d: (_prepare([w.corpus], _a_file(d
 case("prepare", "output-under-a-file")(lambda w, d: (_prepare([w.corpus], _a_file(d / "afile") / "out"), ["afile"]))
 case("prepare", "output-unwritable")(lambda w, d: (_prepare([w.corpus], _chmod_555(_a_dir(d / "locked")) / "out"),
                                                    ["locked"]))
+case("prepare", "output-name-too-long")(lambda w, d: (_prepare([w.corpus], d / ("x" * 300)), ["xxxx"]))
 case("prepare", "jsonl-malformed-line")(
     lambda w, d: (_prepare([_write(d / "in.jsonl", '{"text": "a"}\n{"text": \n')], d / "out"), ["in.jsonl:2"]))
 case("prepare", "jsonl-unexpected-line")(
@@ -524,8 +539,8 @@ case("prepare", "jsonl-not-utf8-strict")(
     lambda w, d: (_prepare([_write(d / "in.jsonl", b'{"text": "\xff\xfe"}\n')], d / "out", "--on-decode-error", "error"),
                   ["in.jsonl"]))
 case("prepare", "output-holds-a-damaged-dataset")(
-    lambda w, d: (_write(_copy(w.prepared, d / "out") / "meta.json", '{"splits": '),
-                  (_prepare([w.corpus], d / "out"), ["meta.json", "--overwrite"]))[1])
+    lambda w, d: _after(_write(_copy(w.prepared, d / "out") / "meta.json", '{"splits": '),
+                        (_prepare([w.corpus], d / "out"), ["meta.json", "--overwrite"])))
 case("prepare", "tokenizer-missing")(
     lambda w, d: (_prepare([w.corpus], d / "out", "--tokenizer", str(d / "tok.json")), ["tok.json"]))
 case("prepare", "tokenizer-malformed")(
@@ -547,8 +562,8 @@ case("inspect", "unreadable-config")(
     lambda w, d: (["inspect", str(_chmod_000(_copy(w.model_yaml, d / "m.yaml")))], ["m.yaml"]))
 case("inspect", "malformed-yaml")(lambda w, d: (["inspect", str(_write(d / "m.yaml", MALFORMED_YAML))], ["m.yaml"]))
 case("inspect", "malformed-included-model-yaml")(
-    lambda w, d: (_write(d / "bad_model.yaml", MALFORMED_YAML),
-                  (["inspect", str(_run_yaml(w, d, model="bad_model.yaml"))], ["bad_model.yaml"]))[1])
+    lambda w, d: _after(_write(d / "bad_model.yaml", MALFORMED_YAML),
+                        (["inspect", str(_run_yaml(w, d, model="bad_model.yaml"))], ["bad_model.yaml"])))
 case("inspect", "missing-included-model-yaml")(
     lambda w, d: (["inspect", str(_run_yaml(w, d, model="gone_model.yaml"))], ["gone_model.yaml"]))
 case("inspect", "yaml-not-a-mapping")(lambda w, d: (["inspect", str(_write(d / "m.yaml", "- 1\n- 2\n"))], ["m.yaml"]))
@@ -584,20 +599,20 @@ case("convert", "unreadable-src")(
 for _name, _make in DAMAGED_CKPT.items():
     case("convert", f"ckpt-{_name}")(lambda w, d, m=_make: (["convert", str(m(w, d)), str(d / "out")], ["damaged.ckpt"]))
 case("convert", "hf-config-json-malformed")(
-    lambda w, d: (_write(_copy(w.hf, d / "hf") / "config.json", MALFORMED_JSON),
-                  (["convert", str(d / "hf"), str(d / "out")], ["config.json"]))[1])
+    lambda w, d: _after(_write(_copy(w.hf, d / "hf") / "config.json", MALFORMED_JSON),
+                        (["convert", str(d / "hf"), str(d / "out")], ["config.json"])))
 case("convert", "hf-config-json-unexpected")(
-    lambda w, d: (_write(_copy(w.hf, d / "hf") / "config.json", "[1, 2, 3]"),
-                  (["convert", str(d / "hf"), str(d / "out")], ["config.json"]))[1])
+    lambda w, d: _after(_write(_copy(w.hf, d / "hf") / "config.json", "[1, 2, 3]"),
+                        (["convert", str(d / "hf"), str(d / "out")], ["config.json"])))
 case("convert", "hf-index-json-malformed")(
-    lambda w, d: (_write(_copy(w.hf, d / "hf") / "model.safetensors.index.json", '{"weight_map": '),
-                  (["convert", str(d / "hf"), str(d / "out")], ["model.safetensors.index.json"]))[1])
+    lambda w, d: _after(_write(_copy(w.hf, d / "hf") / "model.safetensors.index.json", '{"weight_map": '),
+                        (["convert", str(d / "hf"), str(d / "out")], ["model.safetensors.index.json"])))
 case("convert", "hf-safetensors-truncated")(
-    lambda w, d: (_copy(w.hf, d / "hf"), _truncate_file(next((d / "hf").glob("*.safetensors")), 200),
-                  (["convert", str(d / "hf"), str(d / "out")], [".safetensors"]))[2])
+    lambda w, d: _after(_copy(w.hf, d / "hf"), _truncate_file(next((d / "hf").glob("*.safetensors")), 200),
+                        (["convert", str(d / "hf"), str(d / "out")], [".safetensors"])))
 case("convert", "hf-safetensors-random-bytes")(
-    lambda w, d: (_copy(w.hf, d / "hf"), _random(next((d / "hf").glob("*.safetensors"))),
-                  (["convert", str(d / "hf"), str(d / "out")], [".safetensors"]))[2])
+    lambda w, d: _after(_copy(w.hf, d / "hf"), _random(next((d / "hf").glob("*.safetensors"))),
+                        (["convert", str(d / "hf"), str(d / "out")], [".safetensors"])))
 
 
 def _moeframe_folder(w: World, d: Path) -> Path:
@@ -606,16 +621,17 @@ def _moeframe_folder(w: World, d: Path) -> Path:
 
 
 case("convert", "moeframe-yaml-malformed")(
-    lambda w, d: (_write(_moeframe_folder(w, d) / "moeframe.yaml", MALFORMED_YAML),
-                  (["convert", str(d / "mf"), str(d / "out")], ["moeframe.yaml"]))[1])
+    lambda w, d: _after(_write(_moeframe_folder(w, d) / "moeframe.yaml", MALFORMED_YAML),
+                        (["convert", str(d / "mf"), str(d / "out")], ["moeframe.yaml"])))
 case("convert", "moeframe-safetensors-truncated")(
-    lambda w, d: (_truncate_file(_moeframe_folder(w, d) / "model.safetensors", 100),
-                  (["convert", str(d / "mf"), str(d / "out")], ["model.safetensors"]))[1])
+    lambda w, d: _after(_truncate_file(_moeframe_folder(w, d) / "model.safetensors", 100),
+                        (["convert", str(d / "mf"), str(d / "out")], ["model.safetensors"])))
 case("convert", "output-exists")(lambda w, d: (["convert", str(w.ckpt), str(_a_dir(d / "out"))], ["out"]))
 case("convert", "output-under-a-file")(
     lambda w, d: (["convert", str(w.ckpt), str(_a_file(d / "afile") / "out")], ["afile"]))
 case("convert", "hf-output-under-a-file")(
     lambda w, d: (["convert", str(w.hf), str(_a_file(d / "afile") / "out")], ["afile"]))
+case("convert", "output-name-too-long")(lambda w, d: (["convert", str(w.ckpt), str(d / ("x" * 300))], ["xxxx"]))
 case("convert", "output-unwritable")(
     lambda w, d: (["convert", str(w.ckpt), str(_chmod_555(_a_dir(d / "locked")) / "out")], ["locked"]))
 
@@ -629,9 +645,9 @@ case("esft-select", "missing-config")(lambda w, d: (_esft(d / "gone.yaml", d / "
 case("esft-select", "malformed-yaml")(
     lambda w, d: (_esft(_write(d / "ft.yaml", "model: [1\n"), d / "sel.json"), ["ft.yaml"]))
 case("esft-select", "malformed-included-model-yaml")(
-    lambda w, d: (_write(d / "bad_model.yaml", MALFORMED_YAML),
-                  (_esft(_finetune_yaml(w, d), d / "sel.json", "--model.init_args.config", str(d / "bad_model.yaml")),
-                   ["bad_model.yaml"]))[1])
+    lambda w, d: _after(_write(d / "bad_model.yaml", MALFORMED_YAML),
+                        (_esft(_finetune_yaml(w, d), d / "sel.json", "--model.init_args.config", str(d / "bad_model.yaml")),
+                        ["bad_model.yaml"])))
 case("esft-select", "missing-init-from")(
     lambda w, d: (_esft(_finetune_yaml(w, d, init_from=d / "gone.ckpt"), d / "sel.json"), ["gone.ckpt"]))
 for _name, _make in DAMAGED_CKPT.items():
@@ -643,6 +659,10 @@ case("esft-select", "sft-jsonl-malformed-line")(
 case("esft-select", "sft-jsonl-unexpected-line")(
     lambda w, d: (_esft(_finetune_yaml(w, d, train=_write(d / "train.jsonl", SFT_LINES + "[1, 2]\n")), d / "sel.json"),
                   ["train.jsonl:9"]))
+case("esft-select", "init-from-another-model-shape")(
+    lambda w, d: _after(_copy(w.model_yaml, d / "model.yaml"),
+                        (_esft(_finetune_yaml(w, d, init_from=_other_shape(w, d / "other.ckpt")), d / "sel.json",
+                               "--model.init_args.config", str(d / "model.yaml")), ["other.ckpt", "n_routed_experts"])))
 case("esft-select", "out-under-a-file")(
     lambda w, d: (_esft(_finetune_yaml(w, d), _a_file(d / "afile") / "sel.json"), ["afile"]))
 case("esft-select", "out-is-a-directory")(lambda w, d: (_esft(_finetune_yaml(w, d), _a_dir(d / "sel.json")), ["sel.json"]))
