@@ -159,7 +159,9 @@ def _includes(doc: Any, base: Path, where: str = "") -> Iterator[tuple[str, Path
         for key, value in doc.items():
             name = f"{where}.{key}" if where else str(key)
             if key == "config" and isinstance(value, str) and value.endswith((".yaml", ".yml", ".json")):
-                yield name, base / value
+                # relative to the config (jsonargparse's rule for a nested config), or to the
+                # working directory (a path option such as DeepSpeed's config file)
+                yield name, base / value if (base / value).exists() or not Path(value).exists() else Path(value)
             else:
                 yield from _includes(value, base, name)
     elif isinstance(doc, list):
