@@ -204,6 +204,10 @@ def build_cli(args: Optional[list[str]] = None, run: bool = True, **kwargs: Any)
             trainer = config["trainer"]
             if isinstance(trainer.get("strategy"), str):
                 check_strategy_name(trainer["strategy"])
+            if trainer.get("default_root_dir"):  # before the model and data are built, not at the first save
+                from moeframe.badinput import check_output_path
+
+                check_output_path(trainer["default_root_dir"], "trainer.default_root_dir", folder=True)
             if trainer.get("logger") in (None, True):
                 root = trainer.get("default_root_dir") or "."
                 self.claimed_log_version = (root, claim_default_log_version(root))
@@ -365,9 +369,12 @@ def _checked_ckpt_path(section: Any) -> Optional[str]:
     path = section["ckpt_path"]
     if path == "last":
         return _resumable_checkpoint(trainer.get("default_root_dir") or ".")
-    if path in ("best", "hpc", "registry") or not Path(path).exists():
+    if path in ("best", "hpc", "registry") or "://" in str(path):
         return path
-    problem = verify_checkpoint(Path(path))
+    if not Path(path).exists():
+        raise CheckpointError(f"--ckpt_path {path} does not exist; check the path, or pass `last` to resume from the "
+                              "newest checkpoint under trainer.default_root_dir")
+    problem = verify_checkpoint(Path(path)) or _not_a_lightning_checkpoint(Path(path))
     if problem is None:
         return path
     fallback = newest_other_checkpoint(Path(path))
@@ -378,8 +385,25 @@ def _checked_ckpt_path(section: Any) -> Optional[str]:
     if policy == "previous" and fallback is not None:
         rank_zero_warn(f"checkpoint {path} is unusable: {problem}; resuming from {fallback} instead")
         return str(fallback)
-    hint = f"; the newest intact one beside it is {fallback}" if fallback else ""
+    hint = (f"; the newest intact one beside it is {fallback}" if fallback else
+            "; pass another checkpoint written by `moeframe fit`, or `last`")
     raise CheckpointError(f"checkpoint {path} is unusable: {problem}{hint}")
+
+
+def _not_a_lightning_checkpoint(path: Path) -> Optional[str]:
+    """Why a checkpoint file that is a complete torch file is still not a Lightning checkpoint
+    (Lightning itself would fail with a KeyError), else None. Memory-mapped: tensors are not read."""
+    import torch
+
+    if path.is_dir():
+        return None
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # objects the weights-only reader refuses: Lightning's own loader decides
+        return None
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "pytorch-lightning_version" not in ckpt:
+        return "it is a torch file but not a Lightning checkpoint (no state_dict / pytorch-lightning_version)"
+    return None
 
 
 def _parse_error_message(exc: Exception) -> str:
@@ -388,12 +412,64 @@ def _parse_error_message(exc: Exception) -> str:
 
     ours = list(dict.fromkeys(str(e) for e in ConfigError.raised))
     if ours:
-        return "\n".join(ours)
+        return "; ".join(ours)
     explained = explain_parse_error(str(exc))
     if explained:
         return explained
     lines = [ln for ln in str(exc).splitlines() if not ln.strip().startswith(("Given value", "- Expected a <class 'NoneType'>", "Subtypes:"))]
-    return "\n".join(lines) + "\n(run with --help to see the accepted options)"
+    return " ".join(" ".join(lines).split()) + " (run with --help to see the accepted options)"
+
+
+def _ckpt_path_of(argv: list[str]) -> Optional[str]:
+    for i, arg in enumerate(argv):
+        if arg == "--ckpt_path" and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith("--ckpt_path="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def _user_error(exc: BaseException, argv: list[str]) -> Optional[str]:
+    """The one line a bad input gets (see ``moeframe.badinput.user_error_line``), else None."""
+    from argparse import ArgumentError
+
+    from moeframe.badinput import user_error_line
+    from moeframe.errors import CheckpointError
+
+    if isinstance(exc, RuntimeError) and "Error(s) in loading state_dict" in str(exc):
+        lines = [ln.strip() for ln in str(exc).splitlines()[1:4] if ln.strip()]
+        ckpt = _ckpt_path_of(argv)
+        return (f"the checkpoint{f' {ckpt}' if ckpt else ''} was made with another model config: "
+                f"{' '.join(lines)[:400]}; resume with the config it was trained with")
+    if isinstance(exc, ArgumentError) or (isinstance(exc, ValueError) and ConfigError.raised):
+        # a ConfigError wrapped by the parser while it instantiated a class: the original message
+        line: Optional[str] = _parse_error_message(exc)
+    else:
+        line = user_error_line(exc)
+    ckpt = _ckpt_path_of(argv)
+    if line is not None and ckpt and ckpt not in line and any(isinstance(e, CheckpointError) for e in
+                                                              [exc, *ConfigError.raised]):
+        line = f"--ckpt_path {ckpt}: {line}"  # raised where the file name is not known (on_load_checkpoint)
+    return line
+
+
+def _guarded(prog: str, run: Callable[[], int], argv: list[str]) -> int:
+    """Run a command; a bad input ends in one line and exit status 2, a run stopped for a reason
+    the user must act on in one line and status 1; anything else is a bug and keeps its traceback."""
+    from moeframe.errors import TrainingFault
+
+    try:
+        return run()
+    except TrainingFault as exc:
+        # a run that stopped for a reason the user must act on: the reason, not the stack
+        print(f"{prog}: error: {_fault_reason(exc)}", file=sys.stderr)
+        return 1
+    except Exception as exc:
+        message = _user_error(exc, argv)
+        if message is None:
+            raise
+        print(f"{prog}: error: {' '.join(message.split())}", file=sys.stderr)
+        return 2
 
 
 def _fault_reason(exc: Exception) -> str:
@@ -411,48 +487,26 @@ def _fault_reason(exc: Exception) -> str:
 def main(argv: Optional[list[str]] = None) -> int:
     from_shell = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in EXTRA_COMMANDS:
-        try:
-            return EXTRA_COMMANDS[argv[0]][0](argv[1:])
-        except ConfigError as exc:
-            print(f"moeframe {argv[0]}: error: {exc}", file=sys.stderr)
-            return 2
-    from argparse import ArgumentError
-
     ConfigError.raised.clear()
-    from moeframe.badinput import config_files, yaml_syntax_error
-    from moeframe.errors import TrainingFault
+    if argv and argv[0] in EXTRA_COMMANDS:
+        return _guarded(f"moeframe {argv[0]}", lambda: EXTRA_COMMANDS[argv[0]][0](argv[1:]), argv)
+    from moeframe.badinput import config_problem
 
-    for file in config_files(argv):  # before jsonargparse, which reports "<unicode string>"
-        if (problem := yaml_syntax_error(file)) is not None:
-            print(f"moeframe: error: {problem}", file=sys.stderr)
-            return 2
-    try:
+    if (problem := config_problem(argv)) is not None:  # before jsonargparse, which reports "<unicode string>"
+        print(f"moeframe: error: {problem}", file=sys.stderr)
+        return 2
+
+    def run() -> int:
         registry.register_lightning_strategies()
         build_cli(args=None if from_shell else argv)
-    except TrainingFault as exc:
-        # a run that stopped for a reason the user must act on: the reason, not the stack
-        print(f"moeframe: error: {_fault_reason(exc)}", file=sys.stderr)
-        return 1
-    except RuntimeError as exc:
-        if "Error(s) in loading state_dict" not in str(exc):
-            raise
-        lines = [ln.strip() for ln in str(exc).splitlines()[1:4] if ln.strip()]
-        print(f"moeframe: error: the checkpoint was made with another model config: {' '.join(lines)[:400]}; "
-              "resume with the config it was trained with", file=sys.stderr)
-        return 2
-    except (ArgumentError, ValueError) as exc:
-        # a ConfigError, raised directly (module setup) or wrapped by the parser while it
-        # instantiated a class: report the original message, never a traceback
-        if not (isinstance(exc, ArgumentError) or ConfigError.raised):
-            raise
-        print(f"moeframe: error: {_parse_error_message(exc)}", file=sys.stderr)
-        return 2
+        return 0
+
+    try:
+        return _guarded("moeframe", run, argv)
     except SystemExit as exc:
         if exc.code == 0 and (not argv or argv[0] in ("-h", "--help")):
             _print_extra_help()
         raise
-    return 0
 
 
 if __name__ == "__main__":

@@ -18,14 +18,13 @@ Shapes: B batch, T tokens, V vocabulary.
 from __future__ import annotations
 
 import argparse
-import pickle
 import sys
 from pathlib import Path
 from typing import Iterator, Optional, TextIO, Union
 
 import torch
 
-from moeframe.config import ConfigError, ModelConfig
+from moeframe.config import ConfigError
 from moeframe.model.decoder import Decoder, build_decoder, materialize
 
 __all__ = ["load_decoder", "top_p_filter", "next_token", "generate_ids", "TextStream", "generate_command"]
@@ -38,27 +37,24 @@ def load_decoder(checkpoint: Union[str, Path], device: Union[str, torch.device] 
     ModelConfig/OptimConfig as safe, which is all a PretrainModule checkpoint holds beyond tensors
     and plain data.
     """
-    path = Path(checkpoint)
-    if not path.is_file():
-        raise ConfigError(f"checkpoint {str(checkpoint)!r} does not exist (pass a .ckpt written by `moeframe fit`)")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise ConfigError(f"{path} holds objects other than tensors and moeframe configs, refused "
-                          f"for safety: {str(exc).splitlines()[0]}") from None
-    config = ckpt.get("hyper_parameters", {}).get("config")
-    if isinstance(config, dict):
-        config = ModelConfig(**config)
-    if not isinstance(config, ModelConfig) or "state_dict" not in ckpt:
-        raise ConfigError(f"{path} is not a checkpoint of a moeframe PretrainModule "
-                          "(no hyper_parameters.config / state_dict)")
-    if (ckpt.get("moeframe_finetune") or {}).get("method") == "lora":  # adapters: rebuild and merge them
-        from moeframe.convert.hf import load_moeframe
+    from moeframe.convert.hf import load_moeframe, model_config_of_checkpoint, read_checkpoint_file
+    from moeframe.errors import CheckpointError
 
+    path = Path(checkpoint)
+    if not path.exists():
+        raise ConfigError(f"checkpoint {str(checkpoint)!r} does not exist (pass a .ckpt written by `moeframe fit`)")
+    ckpt = read_checkpoint_file(path)
+    config = model_config_of_checkpoint(ckpt, path)
+    if (ckpt.get("moeframe_finetune") or {}).get("method") == "lora":  # adapters: rebuild and merge them
         return load_moeframe(path).to(device).eval()
     state = {k.removeprefix("decoder."): v for k, v in ckpt["state_dict"].items() if k.startswith("decoder.")}
     decoder = materialize(build_decoder(config, device="meta"), device)
-    decoder.load_state_dict(state, strict=True)
+    try:
+        decoder.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        detail = next((ln.strip() for ln in str(exc).splitlines()[1:] if ln.strip()), str(exc))
+        raise CheckpointError(f"{path}: the weights do not match the model config stored with them "
+                              f"({detail[:300]}); the checkpoint is damaged: copy it again or pass another") from None
     return decoder.eval()
 
 
@@ -178,7 +174,8 @@ def generate_command(argv: list[str], out: Optional[TextIO] = None) -> int:
         prompt_BT = torch.tensor([prompt], device=args.device)
         new_tokens = min(args.max_new_tokens, decoder.config.max_seq_len - len(prompt))
         if new_tokens <= 0:
-            raise ConfigError(f"the prompt ({len(prompt)} tokens) fills model.max_seq_len={decoder.config.max_seq_len}")
+            raise ConfigError(f"the prompt ({len(prompt)} tokens) fills model.max_seq_len={decoder.config.max_seq_len}; "
+                              "shorten the prompt")
     except ConfigError as exc:
         print(f"moeframe generate: error: {exc}", file=sys.stderr)
         return 2

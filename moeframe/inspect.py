@@ -51,16 +51,19 @@ class Report:
     layout: dict[str, Any]
 
 
-def load_model_config(path: str | Path) -> ModelConfig:
-    import yaml
+def load_model_config(path: str | Path, role: str = "model config") -> ModelConfig:
+    from moeframe.badinput import load_yaml_file
 
-    data = yaml.safe_load(Path(path).read_text())
+    data = load_yaml_file(path, role)
     # a run config (model: {init_args: {config: ...}}) works too
     if isinstance(data, dict) and "model" in data and isinstance(data["model"], dict):
-        inner = data["model"].get("init_args", data["model"]).get("config")
+        inner = (data["model"].get("init_args") or data["model"]).get("config")
         if isinstance(inner, str):
-            return load_model_config(Path(path).parent / inner)
+            return load_model_config(Path(path).parent / inner, f"model.init_args.config (in {path})")
         data = inner
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} holds a YAML {type(data).__name__}, not a model config (a mapping of "
+                          "moeframe.config.ModelConfig fields); pass a configs/model/*.yaml file or a run config")
     try:
         return ModelConfig(**data)
     except TypeError as exc:
@@ -241,6 +244,9 @@ def inspect_command(argv: list[str]) -> int:
     p.add_argument("--ep", type=int, default=1, help="expert-parallel degree")
     p.add_argument("--precision", choices=["bf16", "fp8"], default="bf16")
     args = p.parse_args(argv)
+    for name in ("seq_len", "dp", "ep"):
+        if getattr(args, name) <= 0:
+            p.error(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
     report = inspect_model(load_model_config(args.config), Path(args.config).stem, args.seq_len, args.zero,
                            args.dp, args.ep, args.precision)
     if args.json:

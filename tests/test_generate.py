@@ -160,6 +160,6 @@ def test_generate_command_bad_input(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert "missing.ckpt' does not exist" in capsys.readouterr().err
     torch.save({"state_dict": {}}, tmp_path / "other.ckpt")
     assert main(["generate", str(tmp_path / "other.ckpt")]) == 2
-    assert "not a checkpoint of a moeframe PretrainModule" in capsys.readouterr().err
+    assert "not a checkpoint of a moeframe module" in capsys.readouterr().err
     assert main(["generate", str(tmp_path / "other.ckpt"), "--top-p", "0"]) == 2
     assert "0 < --top-p <= 1" in capsys.readouterr().err

@@ -185,7 +185,12 @@ def config_to_hf(cfg: ModelConfig, fp8: bool = False, mtp: bool = True) -> dict[
 def _shard_files(folder: Path) -> list[Path]:
     index = folder / "model.safetensors.index.json"
     if index.is_file():
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        from moeframe.badinput import load_json_file
+
+        weight_map = load_json_file(index, "HF shard index").get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ConfigError(f"{index} has no weight_map; download the complete checkpoint again")
+        names = sorted(set(weight_map.values()))
         missing = [n for n in names if not (folder / n).is_file()]
         if missing:
             raise ConfigError(f"{folder}: shard {missing[0]} is listed in {index.name} but missing "
@@ -219,7 +224,9 @@ def read_hf_config(folder: str | Path, mtp: bool = True) -> tuple[dict[str, Any]
     cfg_path = folder / "config.json"
     if not folder.is_dir() or not cfg_path.is_file():
         raise ConfigError(f"{folder} is not an HF checkpoint folder (no config.json)")
-    hf = json.loads(cfg_path.read_text())
+    from moeframe.badinput import load_json_file
+
+    hf = load_json_file(cfg_path, "HF config")
     return hf, config_from_hf(hf, str(cfg_path), mtp)
 
 
@@ -363,7 +370,17 @@ def to_hf(decoder: Decoder, out: str | Path, fp8: bool = False, dtype: torch.dty
 
 
 def _write_shard(folder: Path, n: int, tensors: dict[str, torch.Tensor]) -> None:
-    save_file(tensors, str(folder / f"model-{n:05d}.safetensors"), metadata={"format": "pt"})
+    _save_safetensors(tensors, folder / f"model-{n:05d}.safetensors", metadata={"format": "pt"})
+
+
+def _save_safetensors(tensors: dict[str, torch.Tensor], file: Path, metadata: Optional[dict[str, str]] = None) -> None:
+    """``save_file``, then the permissions every other output file gets (0666 less the umask):
+    safetensors writes through a temporary file created 0600, which would leave the weights
+    unreadable to the group that can read the config beside them."""
+    save_file(tensors, str(file), metadata=metadata)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(file, 0o666 & ~umask)
 
 
 # -- moeframe checkpoints ------------------------------------------------------------------------
@@ -372,19 +389,14 @@ def load_moeframe(path: str | Path) -> Decoder:
     (a LoRA fine-tuning checkpoint comes back with its adapters merged into the weights)."""
     path = Path(path)
     if path.is_dir():
-        import yaml
         from safetensors.torch import load_file
 
-        cfg = ModelConfig(**yaml.safe_load((path / "moeframe.yaml").read_text()))
+        cfg = folder_config(path)
         decoder = build_decoder(cfg)
         _load_state(decoder, _checked_read(path / "model.safetensors", lambda f: load_file(str(f))), path)
         return decoder
-    ckpt = _checked_read(path, lambda f: torch.load(f, map_location="cpu", weights_only=True))
-    cfg = ckpt.get("hyper_parameters", {}).get("config")
-    if isinstance(cfg, dict):  # runs started by the CLI store the config as plain data
-        cfg = ModelConfig(**cfg)
-    if not isinstance(cfg, ModelConfig):
-        raise ConfigError(f"{path} is not a checkpoint of a moeframe module (no hyper_parameters.config)")
+    ckpt = read_checkpoint_file(path)
+    cfg = model_config_of_checkpoint(ckpt, path)
     decoder = build_decoder(cfg)
     finetune = ckpt.get("moeframe_finetune") or {}
     if finetune.get("method") == "lora":  # a FinetuneModule with adapters: rebuild them, load, merge
@@ -397,12 +409,29 @@ def load_moeframe(path: str | Path) -> Decoder:
     return decoder
 
 
+def model_config_of_checkpoint(ckpt: dict[str, Any], path: str | Path) -> ModelConfig:
+    """The ModelConfig stored in a Lightning checkpoint of a moeframe module."""
+    cfg = (ckpt.get("hyper_parameters") or {}).get("config")
+    if isinstance(cfg, dict):  # runs started by the CLI store the config as plain data
+        try:
+            cfg = ModelConfig(**cfg)
+        except TypeError as exc:
+            raise ConfigError(f"{path}: its stored model config does not fit this moeframe ({exc}); convert it "
+                              "with the moeframe version that wrote it") from None
+    if not isinstance(cfg, ModelConfig) or "state_dict" not in ckpt:
+        raise ConfigError(f"{path} is not a checkpoint of a moeframe module (no hyper_parameters.config / "
+                          "state_dict); pass a .ckpt written by `moeframe fit`")
+    return cfg
+
+
 def _checked_read(file: Path, read: Any) -> Any:
     """``read(file)``; a truncated or corrupted file is one clear line, not a deserialiser's traceback."""
     from moeframe.errors import CheckpointError
 
     if not Path(file).exists():
-        raise CheckpointError(f"{file} does not exist")
+        raise CheckpointError(f"{file} does not exist; check the path")
+    if Path(file).is_dir():
+        raise CheckpointError(f"{file} is a folder where a checkpoint file is expected; give the file's path")
     try:
         return read(file)
     except Exception as exc:  # safetensors, zip and pickle readers each raise their own types
@@ -411,16 +440,47 @@ def _checked_read(file: Path, read: Any) -> Any:
                               "copy or convert it again") from exc
 
 
+def read_checkpoint_file(path: str | Path) -> dict[str, Any]:
+    """A torch checkpoint file, read with ``weights_only=True`` (no arbitrary unpickling); a missing,
+    truncated, corrupted or non-checkpoint file is one CheckpointError naming it."""
+    from moeframe.errors import CheckpointError
+
+    ckpt = _checked_read(Path(path), lambda f: torch.load(f, map_location="cpu", weights_only=True))
+    if not isinstance(ckpt, dict):
+        raise CheckpointError(f"{path} holds a {type(ckpt).__name__}, not a checkpoint; pass a .ckpt written by "
+                              "`moeframe fit`")
+    return ckpt
+
+
 def _safe_open(file: Path) -> Any:
     return _checked_read(file, lambda f: safe_open(f, framework="pt"))
 
 
 def _load_state(decoder: Decoder, state: dict[str, torch.Tensor], path: Path) -> None:
-    result = decoder.load_state_dict(state, strict=False)
+    from moeframe.errors import CheckpointError
+
+    try:
+        result = decoder.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # tensors of the wrong shape
+        detail = next((ln.strip() for ln in str(exc).splitlines()[1:] if ln.strip()), str(exc))
+        raise CheckpointError(f"{path}: the weights do not match the model config stored with them ({detail[:300]}); "
+                              "the checkpoint is damaged: copy or convert it again") from None
     missing = [k for k in result.missing_keys if not (decoder.config.tie_embeddings and k == "head.weight")]
     if missing or result.unexpected_keys:
         raise ConfigError(f"{path}: the weights do not match the config (missing {missing[:3]}, "
-                          f"unexpected {result.unexpected_keys[:3]})")
+                          f"unexpected {result.unexpected_keys[:3]}); is this the config that belongs to them?")
+
+
+def folder_config(path: Path) -> ModelConfig:
+    """The ModelConfig of a moeframe folder (``moeframe.yaml``)."""
+    from moeframe.badinput import load_yaml_file
+
+    data = load_yaml_file(path / "moeframe.yaml", "moeframe checkpoint config")
+    try:
+        return ModelConfig(**data)
+    except TypeError as exc:
+        raise ConfigError(f"{path / 'moeframe.yaml'}: not a model config ({exc}); convert the checkpoint "
+                          "again") from None
 
 
 def save_moeframe(decoder: Decoder, out: str | Path) -> Path:
@@ -432,7 +492,7 @@ def save_moeframe(decoder: Decoder, out: str | Path) -> Path:
     (out / "moeframe.yaml").write_text(yaml.safe_dump({f.name: getattr(decoder.config, f.name) for f in fields(ModelConfig)}, sort_keys=False))
     state = {k: v.contiguous() for k, v in decoder.state_dict().items()
              if not (decoder.config.tie_embeddings and k == "head.weight")}  # tied: stored once
-    save_file(state, str(out / "model.safetensors"))
+    _save_safetensors(state, out / "model.safetensors")
     return out
 
 
@@ -456,6 +516,9 @@ def convert_command(argv: list[str]) -> int:
     src, dst = Path(args.src), Path(args.dst)
     if dst.exists():
         raise ConfigError(f"{dst} already exists; choose a new output folder")
+    from moeframe.badinput import check_output_path
+
+    check_output_path(dst, "output folder", folder=True)
     if (src / "config.json").is_file():
         decoder = from_hf(src, mtp=not args.drop_mtp)
         partial = dst.parent / f"{dst.name}.partial-{uuid.uuid4().hex[:8]}"

@@ -119,10 +119,17 @@ class IndexedDataset:
         with open(idx, "rb") as f:
             head = f.read(_FIXED_HEADER_BYTES)
         if len(head) < _FIXED_HEADER_BYTES or head[:9] != INDEX_HEADER:
-            raise ConfigError(f"{idx} is not a Megatron indexed-dataset index (bad header)")
+            raise ConfigError(f"{idx} is not a Megatron indexed-dataset index (bad header): it is damaged or not an "
+                              "index; prepare the data again (moeframe prepare)")
         version, code, n_seq, n_doc = struct.unpack("<QBQQ", head[9:])
         if version != INDEX_VERSION or code not in DTYPE_CODES:
-            raise ConfigError(f"{idx}: unsupported index version {version} or dtype code {code}")
+            raise ConfigError(f"{idx}: unsupported index version {version} or dtype code {code}; prepare the data "
+                              "again (moeframe prepare)")
+        expected = _FIXED_HEADER_BYTES + 4 * n_seq + 8 * n_seq + 8 * n_doc
+        if idx.stat().st_size != expected:  # a damaged index would read past its end
+            raise ConfigError(f"{idx}: {idx.stat().st_size} bytes, but its header describes {expected} "
+                              f"({n_seq} sequences, {n_doc} documents): the index is truncated or damaged; "
+                              "prepare the data again (moeframe prepare)")
         self.dtype = np.dtype(DTYPE_CODES[code])
         buf = np.memmap(idx, dtype=np.uint8, mode="r")
         off = _FIXED_HEADER_BYTES

@@ -106,10 +106,7 @@ def _documents(source: Source, field_name: str) -> Iterator[tuple[str, str]]:
         with source.path.open("rb") as f:
             for i, line in enumerate(f):
                 if line.strip():
-                    record = json.loads(line.decode("utf-8"))
-                    if field_name not in record:
-                        raise ConfigError(f"{source.path}:{i + 1}: no field {field_name!r} (set --field)")
-                    yield f"{source.name}#{i}", str(record[field_name])
+                    yield f"{source.name}#{i}", _jsonl_text(source.path, i + 1, line, field_name)
     else:
         try:
             import pyarrow.parquet as pq
@@ -118,6 +115,21 @@ def _documents(source: Source, field_name: str) -> Iterator[tuple[str, str]]:
         table = pq.read_table(source.path, columns=[field_name])
         for i, text in enumerate(table.column(field_name).to_pylist()):
             yield f"{source.name}#{i}", str(text)
+
+
+def _jsonl_text(path: Path, number: int, line: bytes, field_name: str) -> str:
+    """The text field of one JSONL line; a malformed or unexpected line names its file and line."""
+    try:
+        record = json.loads(line.decode("utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path}:{number}: not valid JSON ({exc.msg} at column {exc.colno}); fix or remove "
+                          "that line") from None
+    if not isinstance(record, dict):
+        raise ConfigError(f"{path}:{number}: expected a JSON object with a {field_name!r} field, got a "
+                          f"{type(record).__name__}; fix or remove that line")
+    if field_name not in record:
+        raise ConfigError(f"{path}:{number}: no field {field_name!r} (set --field)")
+    return str(record[field_name])
 
 
 _worker_tokenizer: Optional[Tokenizer] = None
@@ -177,8 +189,19 @@ def inputs_fingerprint(sources: list[Source], options: dict[str, Any]) -> str:
 
 
 def read_meta(out: Path) -> Optional[dict[str, Any]]:
+    """The dataset description of a prepared folder (None when there is none); a damaged one is a
+    ConfigError naming it."""
+    from moeframe.badinput import load_json_file
+
     meta = out / "meta.json"
-    return json.loads(meta.read_text()) if meta.is_file() else None
+    if not meta.is_file():
+        return None
+    data = load_json_file(meta, "prepared dataset description")
+    missing = [k for k in ("tokenizer", "splits") if k not in data]
+    if missing:
+        raise ConfigError(f"{meta} has no {', '.join(missing)}: it is not a moeframe dataset description; "
+                          "prepare the data again (moeframe prepare)")
+    return data
 
 
 # -- writing --------------------------------------------------------------------------------------
@@ -267,7 +290,7 @@ def prepare(
     options = {"field": field_name, "val_permille": val_permille, "on_decode_error": on_decode_error,
                "tokenizer": tok_info, "shard_tokens": shard_tokens}
     fingerprint = inputs_fingerprint(sources, options)
-    existing = read_meta(out)
+    existing = _existing_meta(out, overwrite)
     if existing is not None and existing.get("fingerprint") == fingerprint:
         return PrepareSummary(str(out), existing["documents"], existing["tokens"], existing["bytes"], 0.0,
                               existing["skipped_files"], reused=True)
@@ -285,6 +308,17 @@ def prepare(
     finally:
         shutil.rmtree(partial, ignore_errors=True)
     return PrepareSummary(str(out), meta["documents"], meta["tokens"], meta["bytes"], meta["seconds"], meta["skipped_files"])
+
+
+def _existing_meta(out: Path, overwrite: bool) -> Optional[dict[str, Any]]:
+    """The description of the dataset already at ``out``; a damaged one is replaced with
+    ``--overwrite`` and otherwise an error that says so."""
+    try:
+        return read_meta(out)
+    except ConfigError as exc:
+        if overwrite:
+            return None
+        raise ConfigError(f"{exc} (or pass --overwrite to replace it)") from None
 
 
 def _swap_into_place(partial: Path, out: Path) -> None:
@@ -360,6 +394,12 @@ def prepare_command(argv: list[str]) -> int:
     args = p.parse_args(argv)
     if not 0 <= args.val_permille < 1000:
         p.error("--val-permille must be between 0 and 999")
+    for name in ("workers", "shard_tokens"):
+        if getattr(args, name) <= 0:
+            p.error(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
+    from moeframe.badinput import check_output_path
+
+    check_output_path(args.output, "--output", folder=True)
     summary = prepare(collect_sources(args.inputs), args.output, args.tokenizer, args.eos_token, args.field,
                       args.val_permille, args.workers, args.shard_tokens, args.on_decode_error, args.overwrite)
     print(summary.line())

@@ -113,7 +113,8 @@ def read_jsonl(path: Path) -> list[tuple[str, Any]]:
             try:
                 records.append((f"{path}:{number}", json.loads(line)))
             except json.JSONDecodeError as exc:
-                raise ConfigError(f"{path}:{number}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+                raise ConfigError(f"{path}:{number}: not valid JSON ({exc.msg} at column {exc.colno}); fix or remove "
+                                  "that line") from None
     if not records:
         raise ConfigError(f"{path} holds no examples")
     return records

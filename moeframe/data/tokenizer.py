@@ -50,7 +50,11 @@ class HFTokenizer:
             raise ConfigError(
                 "a tokenizer.json needs the 'tokenizers' package: pip install tokenizers"
             ) from exc
-        self._tok = _HF.from_file(str(path))
+        try:
+            self._tok = _HF.from_file(str(path))
+        except Exception as exc:  # the tokenizers library raises a bare Exception on a damaged file
+            raise ConfigError(f"tokenizer {path} cannot be read ({str(exc).splitlines()[0][:160]}); pass a valid "
+                              "HF tokenizer.json") from None
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
         self.eos_id = self._find_eos(eos_token, path)
 

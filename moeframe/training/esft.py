@@ -129,11 +129,18 @@ def write_selection(selection: dict, path: str | Path) -> Path:
 
 def read_selection(path: str | Path, decoder: nn.Module) -> dict[str, list[int]]:
     """Selected experts per layer name, checked against ``decoder``'s MoE layers."""
+    from moeframe.badinput import load_json_file
+
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise ConfigError(f"model.esft.selection {str(path)!r} does not exist (write it with `moeframe esft-select`)")
     layers = dict(moe_layers(decoder))
-    chosen = {name: entry["selected"] for name, entry in json.loads(path.read_text())["layers"].items()}
+    entries = load_json_file(path, "model.esft.selection").get("layers")
+    if not isinstance(entries, dict) or not all(isinstance(e, dict) and isinstance(e.get("selected"), list)
+                                                for e in entries.values()):
+        raise ConfigError(f"model.esft.selection {path} has no layers.<name>.selected lists: it is not a selection "
+                          "written by `moeframe esft-select`; write it again")
+    chosen = {name: entry["selected"] for name, entry in entries.items()}
     if set(chosen) != set(layers):
         raise ConfigError(f"{path}: the selection names layers {sorted(chosen)}, the model has {sorted(layers)}")
     for name, experts in chosen.items():
@@ -178,6 +185,11 @@ def esft_select_command(argv: list[str]) -> int:
     p.add_argument("-c", "--config", required=True, help="a fine-tuning config (configs/finetune/*.yaml)")
     p.add_argument("--out", required=True, help="where to write the selection JSON")
     args, overrides = p.parse_known_args(argv)
+    from moeframe.badinput import check_output_path, config_problem
+
+    check_output_path(args.out, "--out", folder=False)  # before minutes of scoring, not after
+    if (problem := config_problem(["-c", args.config, *overrides])) is not None:
+        raise ConfigError(problem)
     cli = build_cli(args=["-c", args.config, *overrides], run=False)
     module, data = cli.model, cli.datamodule
     if not hasattr(module, "compute_esft_selection"):

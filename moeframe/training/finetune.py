@@ -69,16 +69,11 @@ def config_of_checkpoint(path: Path) -> ModelConfig:
         from moeframe.convert.hf import read_hf_config
 
         return read_hf_config(path)[1]
-    if path.is_dir():
-        import yaml
+    from moeframe.convert.hf import folder_config, model_config_of_checkpoint, read_checkpoint_file
 
-        return ModelConfig(**yaml.safe_load((path / "moeframe.yaml").read_text()))
-    cfg = torch.load(path, map_location="cpu", weights_only=True).get("hyper_parameters", {}).get("config")
-    if isinstance(cfg, dict):  # runs started by the CLI store the config as plain data
-        cfg = ModelConfig(**cfg)
-    if not isinstance(cfg, ModelConfig):
-        raise ConfigError(f"{path} is not a checkpoint of a moeframe module (no hyper_parameters.config)")
-    return cfg
+    if path.is_dir():
+        return folder_config(path)
+    return model_config_of_checkpoint(read_checkpoint_file(path), path)
 
 
 def load_checkpoint_decoder(path: Path) -> Decoder:
