@@ -93,10 +93,10 @@ class NonFiniteError(TrainingFault):
 # Integrity rests on the archive itself: torch.save writes a zip whose central directory holds a
 # CRC32 of every entry, and torch's own reader never checks them. verify_checkpoint checks them
 # all in one streaming read, so a copy without its sidecar is checked as well as the original. The
-# SHA-256 sidecar adds a whole-file digest, trusted only for the exact file it was written with
-# (same size and modification time to the nanosecond; a rename keeps both): a sidecar that
-# describes some other file (left from an interrupted save, copied beside another file) is ignored,
-# never taken for damage.
+# SHA-256 sidecar is a whole-file digest, trusted only for the exact file it was written with
+# (same size and modification time to the nanosecond; a rename keeps both), where it replaces the
+# CRC32s (a match means the very bytes torch wrote). A sidecar that describes some other file (left
+# from an interrupted save, copied beside another file) is ignored, never taken for damage.
 _BLOCK = 1 << 24  # bytes per read of the streaming check
 _LOCAL_HEADER = struct.Struct("<4s22xHH")  # signature, 22 bytes we skip, name length, extra length
 _MAX_HEX_NAME = 200  # a partial's name holds its target's name in hex up to this length (255 max)
@@ -221,8 +221,8 @@ def _compressed_archive_problem(path: Path) -> Optional[str]:
 
 
 def _file_problem(path: Path) -> Optional[str]:
-    """Why the checkpoint file ``path`` is damaged, or None: every entry's CRC32 and, when a
-    sidecar describes this very file, its SHA-256, in one streaming read (cached per file state)."""
+    """Why the checkpoint file ``path`` is damaged, or None: every entry's CRC32, or, when a sidecar
+    describes this very file, its SHA-256, in one streaming read (cached per file state)."""
     st = path.stat()
     key = (str(path.resolve()), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
     if key in _verified:
@@ -230,7 +230,9 @@ def _file_problem(path: Path) -> Optional[str]:
     expected = [e["sha256"] for e in _sidecar_entries(path)]
     try:
         with open(path, "rb", buffering=0) as f:
-            bad, sha = _stream_check(f, _archive_entries(f), sha256=bool(expected))
+            # bytes that match the SHA-256 taken when they were written are the bytes torch wrote,
+            # CRC32s included: with a sidecar for this file the digest alone decides (one hash, not two)
+            bad, sha = _stream_check(f, [] if expected else _archive_entries(f), sha256=bool(expected))
     except NotImplementedError:
         bad, sha = None, None
         problem = _compressed_archive_problem(path)
@@ -262,7 +264,7 @@ def newest_other_checkpoint(path: Path) -> Optional[Path]:
 
 def verify_checkpoint(path: Path) -> Optional[str]:
     """None when ``path`` is intact, else why not. A file must be a complete zip archive (what
-    ``torch.save`` writes) whose every entry matches its stored CRC32, and, when its sidecar
+    ``torch.save`` writes) whose every entry matches its stored CRC32, or, when its sidecar
     describes this very file, match the SHA-256 written with it. A DeepSpeed checkpoint folder must
     hold its ``latest`` tag and the files it names, each passing the same check; a
     torch.distributed.checkpoint folder (FSDP2 / ModelParallelStrategy) its ``.metadata``, which
