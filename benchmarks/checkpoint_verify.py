@@ -2,9 +2,9 @@
 
 ``verify_checkpoint`` reads the whole file once, computing the CRC32 of every archive entry (or,
 when the ``.sha256/`` sidecar describes this very file, its SHA-256 instead). Here it is timed on a
-tiny checkpoint, one the size of the tiny model's (23 MB) and a ~100 MB one (weights + AdamW moments in many tensors, as a
-Lightning checkpoint holds them), beside ``torch.load`` of the same file and the zip-directory-only
-check that came before. The files are in the page cache (a second read), as right after a save.
+tiny checkpoint, one of the tiny model's size (23 MB) and a ~100 MB one (weights + AdamW moments in
+many tensors, as a Lightning checkpoint holds them), beside ``torch.load`` of the same file and the
+zip-directory-only check that came before. The files are in the page cache (a second read), as right after a save.
 
     python benchmarks/checkpoint_verify.py              # 50 kB, 23 MB, 100 MB
     python benchmarks/checkpoint_verify.py --mb 1000    # a bigger one
@@ -61,7 +61,8 @@ def main() -> None:
     parser.add_argument("--mb", type=float, nargs="+", default=[0.05, 23.0, 100.0], help="checkpoint sizes in MB")
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
-    print("| checkpoint | CRC32 check (no sidecar) | SHA-256 instead (sidecar describes the file) | zip directory only (before) | torch.load |")
+    print("| checkpoint | CRC32 check (no sidecar) | SHA-256 instead (sidecar describes the file) "
+          "| zip directory only (before) | torch.load |")
     print("|---:|---:|---:|---:|---:|")
     with tempfile.TemporaryDirectory() as folder:
         for mb in args.mb:

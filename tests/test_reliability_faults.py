@@ -233,8 +233,11 @@ def test_stale_partials_are_removed_and_a_live_save_is_left_alone(tmp_path: Path
             (folder / "global_step").mkdir(parents=True)
             (folder / "latest").write_text("global_step")
             torch.save({"global_step": step}, folder / "global_step" / "mp_rank_00_model_states.pt")
+        torn = ck / partial_name(ck / "step4.ckpt").name.replace(f"-{os.getpid()}-", f"-{killed.pid}-")
+        (torn / "global_step").mkdir(parents=True)  # a DeepSpeed save killed while its ranks wrote
+        torch.save({"global_step": 4}, torn / "global_step" / "mp_rank_00_model_states.pt")
         removed = remove_stale_partials(tmp_path)
-        assert set(removed) == {dead_partial, reused, old}, removed
+        assert set(removed) == {dead_partial, reused, old, torn}, removed
         assert live_partial.exists() and foreign.exists()
         assert torch.load(ck / "last.ckpt" / "global_step" / "mp_rank_00_model_states.pt")["global_step"] == 4
         assert verify_checkpoint(ck / "last.ckpt") is None and not new.exists()

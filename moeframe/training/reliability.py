@@ -31,12 +31,15 @@ under ``reliability/...``.
 
 Checkpoint files are written by ``AtomicCheckpointIO`` (installed by the callback when the
 strategy uses Lightning's default CheckpointIO): serialised in memory, written to a hidden
-temporary name, fsync'ed, then renamed over the target; a SHA-256 record in the hidden
-``.sha256/`` folder beside it lets a later load detect truncation or corruption. The previous file stays in place until the new one is complete,
-so a kill at any moment leaves either the old or the new checkpoint, never a torn one. A full
-disk ends the run with one line naming the intact previous checkpoint. On load, a corrupt file
-is an error or (``on_corrupt_checkpoint: previous``) the newest intact checkpoint beside it is
-used instead, with a warning.
+temporary name, fsync'ed, then renamed over the target. The previous file stays in place until the
+new one is complete, so a kill at any moment leaves either the old or the new checkpoint, never a
+torn one; the hidden partials such kills leave are removed by a later run once their writer is
+gone. Every load checks the archive's own CRC32 of every entry (a copy without any sidecar is
+checked too), or the SHA-256 in the hidden ``.sha256/`` folder when that record describes this
+very file. A full disk ends the run with one line naming an intact checkpoint (beside it, the one
+the run resumed from, or any under ``default_root_dir``). On load, a corrupt file is an error or
+(``on_corrupt_checkpoint: previous``) the newest intact checkpoint beside it is used instead,
+with a warning.
 """
 
 from __future__ import annotations
@@ -101,9 +104,11 @@ _BLOCK = 1 << 24  # bytes per read of the streaming check
 _LOCAL_HEADER = struct.Struct("<4s22xHH")  # signature, 22 bytes we skip, name length, extra length
 _MAX_HEX_NAME = 200  # a partial's name holds its target's name in hex up to this length (255 max)
 _CLOCK_SLACK_S = 2.0  # /proc's boot time is whole seconds
+_SWEEP_DEPTH = 3  # default_root_dir/logs/version_N/checkpoints
 _PARTIAL_NAME = re.compile(r"\.partial-(?P<pid>\d+)-(?:h(?P<host>[0-9a-f]{8})-)?"
                            r"(?P<tag>n[0-9a-f]+|s[0-9a-f]{8}|[0-9a-f]{8})(?P<old>\.old)?")
 _verified: set[tuple[str, int, int, int, int]] = set()  # files found intact by this process (path + stat)
+_NOT_AN_ARCHIVE = "it is not a complete torch checkpoint (truncated or corrupted)"
 
 
 class _Entry(NamedTuple):
@@ -190,6 +195,8 @@ def _archive_entries(f: BinaryIO) -> list[_Entry]:
 def _stream_check(f: BinaryIO, entries: list[_Entry], sha256: bool) -> tuple[Optional[str], Optional[str]]:
     """One sequential read of the whole file: (the first entry whose CRC32 differs from the one
     stored, the file's SHA-256 when asked for)."""
+    if not entries and not sha256:
+        return None, None  # an archive written without CRC32s and no sidecar: nothing to compare
     digest = hashlib.sha256() if sha256 else None
     crcs = [0] * len(entries)
     buffer = bytearray(_BLOCK)
@@ -214,9 +221,12 @@ def _stream_check(f: BinaryIO, entries: list[_Entry], sha256: bool) -> tuple[Opt
 
 
 def _compressed_archive_problem(path: Path) -> Optional[str]:
-    # torch.save never compresses; an archive repacked with compression is checked by zipfile
-    with zipfile.ZipFile(path) as archive:
-        bad = archive.testzip()
+    # an archive repacked with compression: zipfile inflates and checks every entry
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, zlib.error, struct.error, ValueError, EOFError, OSError):
+        return _NOT_AN_ARCHIVE
     return None if bad is None else f"its entry {bad!r} does not match the CRC32 stored with it (corrupted)"
 
 
@@ -233,14 +243,10 @@ def _file_problem(path: Path) -> Optional[str]:
             # bytes that match the SHA-256 taken when they were written are the bytes torch wrote,
             # CRC32s included: with a sidecar for this file the digest alone decides (one hash, not two)
             bad, sha = _stream_check(f, [] if expected else _archive_entries(f), sha256=bool(expected))
-    except NotImplementedError:
-        bad, sha = None, None
-        problem = _compressed_archive_problem(path)
-        if problem is not None:
-            return problem
-        expected = []
+    except NotImplementedError:  # compressed entries, which torch.save never writes
+        return _compressed_archive_problem(path)
     except (zipfile.BadZipFile, struct.error, ValueError, EOFError, OSError):
-        return "it is not a complete torch checkpoint (truncated or corrupted)"
+        return _NOT_AN_ARCHIVE
     if bad is not None:
         return f"its entry {bad!r} does not match the CRC32 stored with it (corrupted)"
     if expected and sha != expected[0]:
@@ -361,27 +367,29 @@ def _finish_folder_swap(old: Path, match: re.Match[str]) -> bool:
     return False
 
 
-def _partials_under(root: Path, recursive: bool) -> list[Path]:
-    """``.partial-*`` names under ``root``: in the folder itself and its sidecar folder, or, when
-    ``recursive``, in every folder below that is not hidden (nor a partial itself)."""
+def _partials_under(root: Path, max_depth: Optional[int]) -> list[Path]:
+    """``.partial-*`` names in ``root``, its sidecar folder and the folders below it that are not
+    hidden (nor partials themselves), down to ``max_depth`` levels (None: all)."""
     found = []
     for folder, dirs, files in os.walk(root):
         found += [Path(folder) / n for n in (*dirs, *files) if n.startswith(".partial-")]
-        dirs[:] = [d for d in dirs if d == _SIDECAR or (recursive and not d.startswith("."))]
+        deeper = max_depth is None or len(Path(folder).relative_to(root).parts) < max_depth
+        dirs[:] = [d for d in dirs if d == _SIDECAR or (deeper and not d.startswith("."))]
     return found
 
 
-def remove_stale_partials(root: Path, recursive: bool = True) -> list[Path]:
-    """Remove what saves killed half way left under ``root``: hidden ``.partial-*`` files and
-    folders (of full checkpoint size) whose writer is gone (see ``_writer_gone``). A live save of
-    another process, and partials written on another host, stay. A folder swap cut short is
-    completed first, so no checkpoint is lost. Returns what was removed."""
+def remove_stale_partials(root: Path, max_depth: Optional[int] = None) -> list[Path]:
+    """Remove what saves killed half way left under ``root`` (down to ``max_depth`` folder levels;
+    0: ``root`` alone): hidden ``.partial-*`` files and folders, each a whole checkpoint's size,
+    whose writer is gone (see ``_writer_gone``). A live save of another process, and partials
+    written on another host, stay. A folder swap cut short is completed first, so no checkpoint is
+    lost. Returns what was removed."""
     root = Path(root)
     if not root.is_dir():
         return []
     removed = []
     # ".old" folders first: finishing their swap may move the new folder into place
-    for partial in sorted(_partials_under(root, recursive), key=lambda p: not p.name.endswith(".old")):
+    for partial in sorted(_partials_under(root, max_depth), key=lambda p: not p.name.endswith(".old")):
         match = _PARTIAL_NAME.fullmatch(partial.name)
         if match is None or not os.path.lexists(partial) or not _writer_gone(partial, match):
             continue
@@ -444,7 +452,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         """Once per folder: remove the partials of saves that were killed (they are full size)."""
         if folder not in self._swept:
             self._swept.add(folder)
-            remove_stale_partials(folder, recursive=False)
+            remove_stale_partials(folder, max_depth=0)
 
     def load_checkpoint(self, path: Any, map_location: Optional[Callable] = lambda storage, loc: storage,
                         weights_only: Optional[bool] = None) -> dict[str, Any]:
@@ -755,12 +763,13 @@ class Reliability(Callback):
         if not trainer.is_global_zero:
             return
         callback = trainer.checkpoint_callback
-        folders = [(Path(trainer.default_root_dir), True)]
+        # default_root_dir down to <logs>/version_N/checkpoints, not the data that may lie below it
+        folders = [(Path(trainer.default_root_dir), _SWEEP_DEPTH)]
         if isinstance(callback, ModelCheckpoint) and callback.dirpath:
-            folders.append((Path(callback.dirpath), False))
+            folders.append((Path(callback.dirpath), 0))
         if resumed is not None:
-            folders.append((resumed.parent, False))
-        removed = [p for folder, recursive in folders for p in remove_stale_partials(folder, recursive)]
+            folders.append((resumed.parent, 0))
+        removed = [p for folder, depth in folders for p in remove_stale_partials(folder, depth)]
         if removed:
             rank_zero_info(f"moeframe: removed {len(removed)} partial checkpoint(s) left by saves that were killed: "
                            + ", ".join(str(p) for p in removed[:3]) + (" ..." if len(removed) > 3 else ""))
