@@ -387,17 +387,23 @@ def remove_stale_partials(root: Path, max_depth: Optional[int] = None) -> list[P
     root = Path(root)
     if not root.is_dir():
         return []
-    removed = []
     # ".old" folders first: finishing their swap may move the new folder into place
-    for partial in sorted(_partials_under(root, max_depth), key=lambda p: not p.name.endswith(".old")):
-        match = _PARTIAL_NAME.fullmatch(partial.name)
+    found = sorted(_partials_under(root, max_depth), key=lambda p: not p.name.endswith(".old"))
+    return [partial for partial in found if _remove_if_stale(partial)]
+
+
+def _remove_if_stale(partial: Path) -> bool:
+    match = _PARTIAL_NAME.fullmatch(partial.name)
+    try:
         if match is None or not os.path.lexists(partial) or not _writer_gone(partial, match):
-            continue
+            return False
         if match["old"] and not _finish_folder_swap(partial, match):
-            continue
+            return False
         shutil.rmtree(partial) if partial.is_dir() and not partial.is_symlink() else partial.unlink()
-        removed.append(partial)
-    return removed
+        return True
+    except OSError as exc:  # tidying up must never stop a run
+        log.warning(f"could not remove {partial}: {_first_line(exc)}")
+        return False
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
