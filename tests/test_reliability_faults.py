@@ -14,6 +14,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,48 @@ def one_line_error(err: str, fragment: str) -> None:
 
 
 # -- checkpoints: atomic, verified, the previous one kept ---------------------------------------------
+def rot(path: Path, offset: int) -> None:
+    """Flip one byte as failing storage does: in place, the modification time kept."""
+    st = path.stat()
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)[0]
+        f.seek(offset)
+        f.write(bytes([byte ^ 0xFF]))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def middle_of_entry(path: Path, suffix: str) -> int:
+    """The offset of the middle byte of the archive entry whose name ends with ``suffix`` (read
+    with zipfile: the local header's name and padding lengths say where its data starts)."""
+    import struct
+    import zipfile
+
+    with zipfile.ZipFile(path) as archive:
+        info = next(i for i in archive.infolist() if i.filename.endswith(suffix))
+    with open(path, "rb") as f:
+        f.seek(info.header_offset + 26)
+        name_len, extra_len = struct.unpack("<HH", f.read(4))
+    return info.header_offset + 30 + name_len + extra_len + info.file_size // 2
+
+
+def save_in_child(target: Path, step: int, marker: Path, slow_s: int = 120) -> subprocess.Popen:
+    """A process that saves ``{"step": step}`` to ``target`` and stops for ``slow_s`` seconds in the
+    window between writing the new file and renaming it over ``target``; returns once it is there."""
+    child = textwrap.dedent(f"""
+        import torch
+        from moeframe.training.reliability import AtomicCheckpointIO
+        AtomicCheckpointIO().save_checkpoint({{"step": {step}, "w": torch.full((1000,), {step}.0)}}, {str(target)!r})
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", child], env=clean_env(MOEFRAME_TEST_SLOW_SAVE_S=str(slow_s),
+                                                                         MOEFRAME_TEST_SLOW_SAVE_MARKER=str(marker)))
+    deadline = time.monotonic() + 120
+    while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert marker.exists(), "the child never reached the save"
+    return proc
+
+
 def test_atomic_save_survives_a_kill_while_writing(tmp_path: Path) -> None:
     """SIGKILL in the window between writing the new file and renaming it: the previous checkpoint
     is still there, complete and verified; the new bytes were only ever under a hidden name."""
@@ -84,9 +127,7 @@ def test_corrupt_checkpoint_is_an_error_or_the_previous_one_is_used(tmp_path: Pa
     io_plugin.save_checkpoint({"global_step": 2}, older)
     time.sleep(0.05)
     io_plugin.save_checkpoint({"global_step": 4}, newer)
-    data = bytearray(newer.read_bytes())
-    data[len(data) // 2] ^= 0xFF  # one flipped byte: still a valid zip, the content is wrong
-    newer.write_bytes(bytes(data))
+    rot(newer, len(newer.read_bytes()) // 2)  # one flipped byte, mtime kept: the sidecar still describes the file
     assert "does not match the SHA-256" in verify_checkpoint(newer)
     with pytest.raises(CheckpointError, match="step4.ckpt is unusable.*newest intact one beside it is .*step2.ckpt"):
         io_plugin.load_checkpoint(newer)
@@ -100,6 +141,111 @@ def test_corrupt_checkpoint_is_an_error_or_the_previous_one_is_used(tmp_path: Pa
     torch.save({"w": torch.zeros(1000)}, truncated)
     truncated.write_bytes(truncated.read_bytes()[:-100])
     assert "not a complete torch checkpoint" in verify_checkpoint(truncated)
+
+
+@pytest.mark.bad_input
+def test_a_copy_without_its_sidecar_damaged_inside_a_tensor_is_caught(tmp_path: Path) -> None:
+    """Integrity does not rest on the sidecar: a checkpoint copied without its hidden ``.sha256/``
+    folder and damaged in the middle of the optimizer state is caught by the CRC32 the archive
+    stores for every entry, checked on every load; an older intact copy beside it is named."""
+    io_plugin = AtomicCheckpointIO()
+    source = tmp_path / "run" / "step4.ckpt"
+    state = {"global_step": 4, "state_dict": {"w": torch.randn(64, 64)},
+             "optimizer_states": [{"state": {0: {"exp_avg": torch.randn(64, 64), "exp_avg_sq": torch.rand(64, 64)}}}]}
+    io_plugin.save_checkpoint(state, source)
+    copies = tmp_path / "copied"
+    copies.mkdir()
+    older, copy = copies / "step2.ckpt", copies / "step4.ckpt"
+    torch.save({"global_step": 2}, older)
+    time.sleep(0.05)
+    shutil.copy(source, copy)  # the file alone, as `cp run/step4.ckpt copied/` does
+    with zipfile.ZipFile(copy) as archive:  # the entry that holds exp_avg_sq (the third tensor saved)
+        entry = sorted((i for i in archive.infolist() if "/data/" in i.filename), key=lambda i: i.header_offset)[2]
+    rot(copy, middle_of_entry(copy, entry.filename))
+    assert verify_checkpoint(copy) == f"its entry {entry.filename!r} does not match the CRC32 stored with it (corrupted)"
+    with pytest.raises(CheckpointError, match=f"checkpoint {copy} is unusable: its entry .* does not match the CRC32.*"
+                                              f"newest intact one beside it is {older}"):
+        io_plugin.load_checkpoint(copy)
+    with pytest.warns(UserWarning, match=f"resuming from {older} instead"):
+        assert AtomicCheckpointIO(on_corrupt="previous").load_checkpoint(copy)["global_step"] == 2
+    assert verify_checkpoint(source) is None  # the original, and an undamaged copy, pass
+    shutil.copy(source, copy)
+    assert verify_checkpoint(copy) is None
+    # an archive written without CRC32s (torch.serialization.set_crc32_options(False)) is not taken for damage
+    torch.serialization.set_crc32_options(False)
+    try:
+        torch.save(state, copies / "no_crc.ckpt")
+    finally:
+        torch.serialization.set_crc32_options(True)
+    assert verify_checkpoint(copies / "no_crc.ckpt") is None
+
+
+@pytest.mark.slow
+def test_two_kills_in_the_rename_window_leave_a_last_ckpt_that_verifies(tmp_path: Path) -> None:
+    """SIGKILL twice in a row between writing a new last.ckpt and renaming it: the sidecar must still
+    describe the file actually at the path (its entry is carried by size and mtime, never a digest
+    taken from the sidecar on trust), so the intact last.ckpt verifies and loads, and its SHA-256
+    still catches damage that keeps the file's mtime."""
+    target = tmp_path / "last.ckpt"
+    AtomicCheckpointIO().save_checkpoint({"step": 1, "w": torch.ones(1000)}, target)
+    pids = []
+    for step in (2, 3):
+        child = save_in_child(target, step, tmp_path / f"saving{step}")
+        child.kill()
+        child.wait(timeout=30)
+        pids.append(child.pid)
+    assert verify_checkpoint(target) is None
+    assert AtomicCheckpointIO().load_checkpoint(target)["step"] == 1
+    # the second save removed what the first kill left; only the second's partial is there
+    assert [p.name.split("-")[1] for p in tmp_path.glob(".partial-*")] == [str(pids[1])]
+    rot(target, target.stat().st_size - 30)  # in the zip's central directory tail: outside every entry
+    assert "does not match the SHA-256" in verify_checkpoint(target)
+
+
+@pytest.mark.slow
+def test_stale_partials_are_removed_and_a_live_save_is_left_alone(tmp_path: Path) -> None:
+    """A kill -9 during a save leaves a hidden full-size partial; a later run removes it (its writer
+    is gone), and one whose pid now belongs to a process started after it was written (a restarted
+    container reuses pids), but never the partial of a save still running in another process, nor
+    one written on another host. A folder swap cut short between its two renames is completed."""
+    from moeframe.training.reliability import partial_name, remove_stale_partials
+
+    ck = tmp_path / "ck"
+    ck.mkdir()
+    live = save_in_child(ck / "b.ckpt", 1, tmp_path / "saving-b", slow_s=300)
+    try:
+        killed = save_in_child(ck / "a.ckpt", 1, tmp_path / "saving-a")  # its own sweep leaves the live partial
+        killed.kill()
+        killed.wait(timeout=30)
+        [dead_partial] = [p for p in ck.glob(".partial-*") if p.name.startswith(f".partial-{killed.pid}-")]
+        [live_partial] = [p for p in ck.glob(".partial-*") if p.name.startswith(f".partial-{live.pid}-")]
+        assert dead_partial.stat().st_size > 4000  # a whole checkpoint's bytes
+        reused = partial_name(ck / "c.ckpt")  # this process's pid, written an hour before it started
+        reused.write_bytes(b"x" * 100)
+        os.utime(reused, (time.time() - 3600, time.time() - 3600))
+        foreign = ck / f".partial-{killed.pid}-h00000000-n{b'd.ckpt'.hex()}"  # another host's dead pid? cannot tell
+        foreign.write_bytes(b"x")
+        # a DeepSpeed-like folder swap killed between its renames: the old folder moved aside, the
+        # new one complete, last.ckpt missing
+        new = ck / partial_name(ck / "last.ckpt").name.replace(f"-{os.getpid()}-", f"-{killed.pid}-")
+        old = new.with_name(new.name + ".old")
+        for folder, step in ((old, 2), (new, 4)):
+            (folder / "global_step").mkdir(parents=True)
+            (folder / "latest").write_text("global_step")
+            torch.save({"global_step": step}, folder / "global_step" / "mp_rank_00_model_states.pt")
+        torn = ck / partial_name(ck / "step4.ckpt").name.replace(f"-{os.getpid()}-", f"-{killed.pid}-")
+        (torn / "global_step").mkdir(parents=True)  # a DeepSpeed save killed while its ranks wrote
+        torch.save({"global_step": 4}, torn / "global_step" / "mp_rank_00_model_states.pt")
+        removed = remove_stale_partials(tmp_path)
+        assert set(removed) == {dead_partial, reused, old, torn}, removed
+        assert live_partial.exists() and foreign.exists()
+        assert torch.load(ck / "last.ckpt" / "global_step" / "mp_rank_00_model_states.pt")["global_step"] == 4
+        assert verify_checkpoint(ck / "last.ckpt") is None and not new.exists()
+        assert remove_stale_partials(tmp_path) == []
+    finally:
+        live.kill()
+        live.wait(timeout=30)
+    assert remove_stale_partials(tmp_path) == [live_partial]  # its writer is gone now
 
 
 def test_state_dict_differences_name_the_tensors() -> None:
@@ -226,6 +372,33 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(tmp_path: Path) ->
 
 @pytest.mark.slow
 @pytest.mark.bad_input
+def test_disk_full_after_a_resume_names_the_checkpoint_it_resumed_from(tmp_path: Path) -> None:
+    """A resumed run writes into a new logger version's folder, empty when the disk fills up: the
+    line names the intact checkpoint the run resumed from (in version_0), not "no earlier
+    checkpoint". The resumed run also removes a partial left by a save that was killed."""
+    from moeframe.training.reliability import partial_name
+
+    saver = {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+             "init_args": {"every_n_train_steps": 1, "save_top_k": -1, "filename": "s{step}", "auto_insert_metric_name": False}}
+    root = tmp_path / "run"
+    code, out = run({}, fit_args(root, 2, "--trainer.callbacks+", json.dumps(saver)), tmp_path)
+    assert code == 0, out[-3000:]
+    [resumed] = root.glob("**/version_0/checkpoints/s2.ckpt")
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    killed_save = resumed.parent / partial_name(resumed.parent / "s3.ckpt").name.replace(f"-{os.getpid()}-",
+                                                                                          f"-{gone.stdout.strip()}-")
+    killed_save.write_bytes(resumed.read_bytes()[:4096])
+    code, out = run({"fsize_limit_at": 3, "fsize_limit": 1_000_000},
+                    fit_args(root, 5, "--trainer.callbacks+", json.dumps(saver), "--ckpt_path", str(resumed)), tmp_path)
+    assert code == 1, out[-3000:]
+    one_line_error(out, "disk full while saving checkpoint")
+    assert "version_1" in out and f"the previous checkpoint {resumed} (the one this run resumed from) is intact" in out
+    assert verify_checkpoint(resumed) is None
+    assert not killed_save.exists() and "removed 1 partial checkpoint(s) left by saves that were killed" in out
+
+
+@pytest.mark.slow
+@pytest.mark.bad_input
 def test_data_folder_disappearing_mid_run_is_one_line(tmp_path: Path) -> None:
     from moeframe.data.prepare import collect_sources, prepare
 
@@ -288,19 +461,20 @@ def _fit(tmp_path: Path, *extra: str) -> list[str]:
 
 @pytest.mark.slow
 @pytest.mark.bad_input
-@pytest.mark.parametrize("damage", ["truncated", "flipped"])
+@pytest.mark.parametrize("damage", ["truncated", "flipped", "flipped-without-sidecar"])
 def test_resuming_from_a_damaged_checkpoint_is_one_line(damage: str, trained_checkpoint: Path, tmp_path: Path,
                                                         capsys: pytest.CaptureFixture[str]) -> None:
     bad = tmp_path / "bad.ckpt"
-    data = bytearray(trained_checkpoint.read_bytes())
     if damage == "truncated":
-        data = data[: len(data) // 2]
-    else:
-        data[len(data) // 3] ^= 0x55
-    bad.write_bytes(bytes(data))
-    if damage == "flipped":  # the sidecar written with the original tells the damage apart
-        (tmp_path / ".sha256").mkdir()
-        shutil.copy(trained_checkpoint.parent / ".sha256" / "final.ckpt.json", tmp_path / ".sha256" / "bad.ckpt.json")
+        bad.write_bytes(trained_checkpoint.read_bytes()[: trained_checkpoint.stat().st_size // 2])
+    else:  # one byte inside the largest tensor (the optimizer state's or the weights')
+        shutil.copy2(trained_checkpoint, bad)  # size and mtime kept: the copied sidecar describes it
+        if damage == "flipped":
+            (tmp_path / ".sha256").mkdir()
+            shutil.copy(trained_checkpoint.parent / ".sha256" / "final.ckpt.json", tmp_path / ".sha256" / "bad.ckpt.json")
+        with zipfile.ZipFile(bad) as archive:
+            largest = max(archive.infolist(), key=lambda i: i.file_size).filename
+        rot(bad, middle_of_entry(bad, largest))
     assert main(_fit(tmp_path, "--ckpt_path", str(bad))) == 2
     one_line_error(capsys.readouterr().err, f"checkpoint {bad} is unusable")
 

@@ -31,12 +31,15 @@ under ``reliability/...``.
 
 Checkpoint files are written by ``AtomicCheckpointIO`` (installed by the callback when the
 strategy uses Lightning's default CheckpointIO): serialised in memory, written to a hidden
-temporary name, fsync'ed, then renamed over the target; a SHA-256 record in the hidden
-``.sha256/`` folder beside it lets a later load detect truncation or corruption. The previous file stays in place until the new one is complete,
-so a kill at any moment leaves either the old or the new checkpoint, never a torn one. A full
-disk ends the run with one line naming the intact previous checkpoint. On load, a corrupt file
-is an error or (``on_corrupt_checkpoint: previous``) the newest intact checkpoint beside it is
-used instead, with a warning.
+temporary name, fsync'ed, then renamed over the target. The previous file stays in place until the
+new one is complete, so a kill at any moment leaves either the old or the new checkpoint, never a
+torn one; the hidden partials such kills leave are removed by a later run once their writer is
+gone. Every load checks the archive's own CRC32 of every entry (a copy without any sidecar is
+checked too), or the SHA-256 in the hidden ``.sha256/`` folder when that record describes this
+very file. A full disk ends the run with one line naming an intact checkpoint (beside it, the one
+the run resumed from, or any under ``default_root_dir``). On load, a corrupt file is an error or
+(``on_corrupt_checkpoint: previous``) the newest intact checkpoint beside it is used instead,
+with a warning.
 """
 
 from __future__ import annotations
@@ -48,13 +51,18 @@ import json
 import logging
 import os
 import random
+import re
 import shutil
 import signal
+import socket
+import struct
 import threading
 import time
+import zipfile
+import zlib
 from collections import deque
 from pathlib import Path
-from typing import Any, Callable, Literal, Optional
+from typing import Any, BinaryIO, Callable, Literal, NamedTuple, Optional
 
 import lightning as L
 import numpy as np
@@ -71,7 +79,7 @@ from moeframe.training.balance import max_violation, moe_layers
 from moeframe.training.callbacks import log_dir
 
 __all__ = ["AtomicCheckpointIO", "NonFiniteError", "Reliability", "find_resumable_checkpoint", "first_nonfinite_module",
-           "state_dict_differences", "verify_checkpoint"]
+           "remove_stale_partials", "state_dict_differences", "verify_checkpoint"]
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +93,33 @@ class NonFiniteError(TrainingFault):
 
 
 # -- atomic, verifiable checkpoint files ------------------------------------------------------------
+# Integrity rests on the archive itself: torch.save writes a zip whose central directory holds a
+# CRC32 of every entry, and torch's own reader never checks them. verify_checkpoint checks them
+# all in one streaming read, so a copy without its sidecar is checked as well as the original. The
+# SHA-256 sidecar is a whole-file digest, trusted only for the exact file it was written with
+# (same size and modification time to the nanosecond; a rename keeps both), where it replaces the
+# CRC32s (a match means the very bytes torch wrote). A sidecar that describes some other file (left
+# from an interrupted save, copied beside another file) is ignored, never taken for damage.
+_BLOCK = 1 << 24  # bytes per read of the streaming check
+_LOCAL_HEADER = struct.Struct("<4s22xHH")  # signature, 22 bytes we skip, name length, extra length
+_MAX_HEX_NAME = 200  # a partial's name holds its target's name in hex up to this length (255 max)
+_CLOCK_SLACK_S = 2.0  # /proc's boot time is whole seconds
+_SWEEP_DEPTH = 3  # default_root_dir/logs/version_N/checkpoints
+_PARTIAL_NAME = re.compile(r"\.partial-(?P<pid>\d+)-(?:h(?P<host>[0-9a-f]{8})-)?"
+                           r"(?P<tag>n[0-9a-f]+|s[0-9a-f]{8}|[0-9a-f]{8})(?P<old>\.old)?")
+_verified: set[tuple[str, int, int, int, int]] = set()  # files found intact by this process (path + stat)
+_NOT_AN_ARCHIVE = "it is not a complete torch checkpoint (truncated or corrupted)"
+
+
+class _Entry(NamedTuple):
+    """Where one archive entry's bytes lie and the CRC32 the archive stores for them."""
+
+    name: str
+    start: int
+    end: int
+    crc: int
+
+
 def _fsync_dir(folder: Path) -> None:
     try:
         fd = os.open(folder, os.O_RDONLY)
@@ -111,25 +146,113 @@ def _sidecar(path: Path) -> Path:
     return path.parent / _SIDECAR / f"{path.name}.json"
 
 
+def _host_tag() -> str:
+    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+
+
 def _partial(path: Path, suffix: str = "") -> Path:
-    """A hidden temporary name in the same folder (the rename stays atomic) without "ckpt_"."""
-    tag = hashlib.sha256(path.name.encode()).hexdigest()[:8]
-    return path.parent / f".partial-{os.getpid()}-{tag}{suffix}"
+    """A hidden temporary name in the same folder (the rename stays atomic) without "ckpt_": the
+    writer's pid and host, so a later run tells a dead writer's leftovers from a live save, and the
+    target's name in hex, so a folder swap cut short can be completed."""
+    name = path.name.encode().hex()
+    tag = f"n{name}" if len(name) <= _MAX_HEX_NAME else "s" + hashlib.sha256(path.name.encode()).hexdigest()[:8]
+    return path.parent / f".partial-{os.getpid()}-h{_host_tag()}-{tag}{suffix}"
 
 
-def _accepted_digests(path: Path) -> Optional[list[str]]:
+def _sidecar_entries(path: Path) -> list[dict[str, Any]]:
+    """The sidecar entries that describe the file now at ``path`` (same size and mtime), if any."""
     try:
-        return list(json.loads(_sidecar(path).read_text())["sha256"])
+        st = path.stat()
+        record = json.loads(_sidecar(path).read_text())
+        return [e for e in record["files"] if e["bytes"] == st.st_size and e["mtime_ns"] == st.st_mtime_ns][:1]
     except (OSError, ValueError, KeyError, TypeError):
+        return []  # no sidecar, or one from before sidecars named their file: the CRC32s decide
+
+
+def _write_sidecar(tmp: Path, entries: list[dict[str, Any]]) -> None:
+    # "sha256" and "bytes" as earlier releases wrote them, so they still read the new sidecars
+    record = {"files": entries, "sha256": [e["sha256"] for e in entries], "bytes": entries[0]["bytes"]}
+    _write_durably(tmp, json.dumps(record).encode())
+
+
+def _archive_entries(f: BinaryIO) -> list[_Entry]:
+    """Every entry's byte range, from the central directory and each entry's local header (whose
+    name and padding lengths say where the data starts). Raises on a damaged directory."""
+    entries = []
+    for info in zipfile.ZipFile(f).infolist():
+        if info.compress_type != zipfile.ZIP_STORED:
+            raise NotImplementedError(f"entry {info.filename} is compressed")
+        f.seek(info.header_offset)
+        signature, name_len, extra_len = _LOCAL_HEADER.unpack(f.read(_LOCAL_HEADER.size))
+        if signature != b"PK\x03\x04":
+            raise zipfile.BadZipFile(f"no local header for entry {info.filename}")
+        start = info.header_offset + _LOCAL_HEADER.size + name_len + extra_len
+        entries.append(_Entry(info.filename, start, start + info.compress_size, info.CRC))
+    # torch.save(..., compute_crc32=False) stores 0 for every CRC: nothing to check then
+    return sorted(entries, key=lambda e: e.start) if any(e.crc for e in entries) else []
+
+
+def _stream_check(f: BinaryIO, entries: list[_Entry], sha256: bool) -> tuple[Optional[str], Optional[str]]:
+    """One sequential read of the whole file: (the first entry whose CRC32 differs from the one
+    stored, the file's SHA-256 when asked for)."""
+    if not entries and not sha256:
+        return None, None  # an archive written without CRC32s and no sidecar: nothing to compare
+    digest = hashlib.sha256() if sha256 else None
+    crcs = [0] * len(entries)
+    buffer = bytearray(_BLOCK)
+    view = memoryview(buffer)
+    f.seek(0)
+    pos, first = 0, 0  # entries before `first` are read completely
+    while n := f.readinto(buffer):
+        end = pos + n
+        if digest is not None:
+            digest.update(view[:n])
+        i = first
+        while i < len(entries) and entries[i].start < end:
+            lo, hi = max(entries[i].start, pos), min(entries[i].end, end)
+            if lo < hi:
+                crcs[i] = zlib.crc32(view[lo - pos:hi - pos], crcs[i])
+            i += 1
+        while first < len(entries) and entries[first].end <= end:
+            first += 1
+        pos = end
+    bad = next((e.name for e, crc in zip(entries, crcs) if crc != e.crc), None)
+    return bad, digest.hexdigest() if digest is not None else None
+
+
+def _compressed_archive_problem(path: Path) -> Optional[str]:
+    # an archive repacked with compression: zipfile inflates and checks every entry
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, zlib.error, struct.error, ValueError, EOFError, OSError):
+        return _NOT_AN_ARCHIVE
+    return None if bad is None else f"its entry {bad!r} does not match the CRC32 stored with it (corrupted)"
+
+
+def _file_problem(path: Path) -> Optional[str]:
+    """Why the checkpoint file ``path`` is damaged, or None: every entry's CRC32, or, when a sidecar
+    describes this very file, its SHA-256, in one streaming read (cached per file state)."""
+    st = path.stat()
+    key = (str(path.resolve()), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    if key in _verified:
         return None
-
-
-def _digest_of_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            h.update(block)
-    return h.hexdigest()
+    expected = [e["sha256"] for e in _sidecar_entries(path)]
+    try:
+        with open(path, "rb", buffering=0) as f:
+            # bytes that match the SHA-256 taken when they were written are the bytes torch wrote,
+            # CRC32s included: with a sidecar for this file the digest alone decides (one hash, not two)
+            bad, sha = _stream_check(f, [] if expected else _archive_entries(f), sha256=bool(expected))
+    except NotImplementedError:  # compressed entries, which torch.save never writes
+        return _compressed_archive_problem(path)
+    except (zipfile.BadZipFile, struct.error, ValueError, EOFError, OSError):
+        return _NOT_AN_ARCHIVE
+    if bad is not None:
+        return f"its entry {bad!r} does not match the CRC32 stored with it (corrupted)"
+    if expected and sha != expected[0]:
+        return "its content does not match the SHA-256 written with it (truncated or corrupted)"
+    _verified.add(key)
+    return None
 
 
 def newest_other_checkpoint(path: Path) -> Optional[Path]:
@@ -146,35 +269,141 @@ def newest_other_checkpoint(path: Path) -> Optional[Path]:
 
 
 def verify_checkpoint(path: Path) -> Optional[str]:
-    """None when ``path`` looks intact, else why not. A file with a sidecar must match one of its
-    digests; any file must at least be a complete zip archive (what ``torch.save`` writes). A
-    DeepSpeed checkpoint folder must hold its ``latest`` tag and the files it names; a
+    """None when ``path`` is intact, else why not. A file must be a complete zip archive (what
+    ``torch.save`` writes) whose every entry matches its stored CRC32, or, when its sidecar
+    describes this very file, match the SHA-256 written with it. A DeepSpeed checkpoint folder must
+    hold its ``latest`` tag and the files it names, each passing the same check; a
     torch.distributed.checkpoint folder (FSDP2 / ModelParallelStrategy) its ``.metadata``, which
     is written last, after every rank's shard."""
     path = Path(path)
     if path.is_dir():
-        if (path / ".metadata").is_file() or list(path.glob("*.distcp")):
-            return None if (path / ".metadata").is_file() else \
-                "a torch.distributed.checkpoint folder without its '.metadata' file (the save did not finish)"
-        tag_file = path / "latest"
-        if not tag_file.is_file():
-            return "a DeepSpeed checkpoint folder without its 'latest' file"
-        tag = tag_file.read_text().strip()
-        if not list((path / tag).glob("*model_states.pt")):
-            return f"the DeepSpeed checkpoint folder lacks {tag}/*model_states.pt"
-        return None
+        return _folder_problem(path)
     if not path.is_file():
         return "it does not exist"
-    digests = _accepted_digests(path)
-    if digests is not None:
-        if _digest_of_file(path) not in digests:
-            return "its content does not match the SHA-256 written with it (truncated or corrupted)"
-        return None
-    import zipfile
+    return _file_problem(path)
 
-    if not zipfile.is_zipfile(path):
-        return "it is not a complete torch checkpoint (truncated or corrupted)"
+
+def _folder_problem(path: Path) -> Optional[str]:
+    if (path / ".metadata").is_file() or list(path.glob("*.distcp")):
+        return None if (path / ".metadata").is_file() else \
+            "a torch.distributed.checkpoint folder without its '.metadata' file (the save did not finish)"
+    tag_file = path / "latest"
+    if not tag_file.is_file():
+        return "a DeepSpeed checkpoint folder without its 'latest' file"
+    tag = tag_file.read_text().strip()
+    if not list((path / tag).glob("*model_states.pt")):
+        return f"the DeepSpeed checkpoint folder lacks {tag}/*model_states.pt"
+    for part in sorted((path / tag).glob("*.pt")):
+        problem = _file_problem(part)
+        if problem is not None:
+            return f"{part.relative_to(path)}: {problem}"
     return None
+
+
+# -- leftovers of saves that were killed --------------------------------------------------------------
+def _process_start(pid: int) -> Optional[float]:
+    """When process ``pid`` of this host started (epoch seconds); None when there is no such
+    process (or only its zombie); -inf when it is alive but its start is unknown (no /proc)."""
+    if pid <= 0:
+        return float("-inf")
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        pass  # alive, another user's
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        if fields[0] in ("Z", "X"):
+            return None  # a zombie writes nothing
+        boot = next(float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                    if line.startswith("btime "))
+        return boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22: start time in clock ticks
+    except (OSError, ValueError, IndexError, StopIteration):
+        return float("-inf")
+
+
+def _writer_gone(partial: Path, match: re.Match[str]) -> bool:
+    """The process that wrote ``partial`` is gone: not alive on this host, or its pid now belongs to
+    a process that started after the partial was last written (a restarted container reuses pids).
+    A partial written on another host is never judged from here."""
+    if match["host"] is not None and match["host"] != _host_tag():
+        return False
+    started = _process_start(int(match["pid"]))
+    return started is None or partial.lstat().st_mtime < started - _CLOCK_SLACK_S
+
+
+def _partial_target(partial: Path, match: re.Match[str]) -> Optional[Path]:
+    """The checkpoint a partial was written for, when its name tells (or a file beside matches its hash)."""
+    tag = match["tag"]
+    if tag.startswith("n"):
+        try:
+            name = bytes.fromhex(tag[1:]).decode()
+        except ValueError:
+            return None
+        return partial.parent / name if name not in ("", ".", "..") and "/" not in name else None
+    digest = tag.lstrip("s")
+    return next((p for p in partial.parent.iterdir() if not p.name.startswith(".")
+                 and hashlib.sha256(p.name.encode()).hexdigest()[:8] == digest), None)
+
+
+def _finish_folder_swap(old: Path, match: re.Match[str]) -> bool:
+    """A stale ``.old`` folder is the previous checkpoint moved aside by ``replace_folder``. When the
+    swap was cut short (the target missing) put the new folder in place if it is complete, else the
+    old one back. True when ``old`` is no longer needed."""
+    target = _partial_target(old, match)
+    if target is None:
+        rank_zero_warn(f"left {old} alone: it may hold the only copy of a checkpoint whose name it does not tell")
+        return False
+    if target.exists():
+        return True  # the swap finished; only the removal of the old copy was cut short
+    new = old.with_name(old.name[:-len(".old")])
+    if new.exists() and verify_checkpoint(new) is None:
+        os.replace(new, target)
+        _fsync_dir(target.parent)
+        return True
+    os.replace(old, target)
+    _fsync_dir(target.parent)
+    return False
+
+
+def _partials_under(root: Path, max_depth: Optional[int]) -> list[Path]:
+    """``.partial-*`` names in ``root``, its sidecar folder and the folders below it that are not
+    hidden (nor partials themselves), down to ``max_depth`` levels (None: all)."""
+    found = []
+    for folder, dirs, files in os.walk(root):
+        found += [Path(folder) / n for n in (*dirs, *files) if n.startswith(".partial-")]
+        deeper = max_depth is None or len(Path(folder).relative_to(root).parts) < max_depth
+        dirs[:] = [d for d in dirs if d == _SIDECAR or (deeper and not d.startswith("."))]
+    return found
+
+
+def remove_stale_partials(root: Path, max_depth: Optional[int] = None) -> list[Path]:
+    """Remove what saves killed half way left under ``root`` (down to ``max_depth`` folder levels;
+    0: ``root`` alone): hidden ``.partial-*`` files and folders, each a whole checkpoint's size,
+    whose writer is gone (see ``_writer_gone``). A live save of another process, and partials
+    written on another host, stay. A folder swap cut short is completed first, so no checkpoint is
+    lost. Returns what was removed."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    # ".old" folders first: finishing their swap may move the new folder into place
+    found = sorted(_partials_under(root, max_depth), key=lambda p: not p.name.endswith(".old"))
+    return [partial for partial in found if _remove_if_stale(partial)]
+
+
+def _remove_if_stale(partial: Path) -> bool:
+    match = _PARTIAL_NAME.fullmatch(partial.name)
+    try:
+        if match is None or not os.path.lexists(partial) or not _writer_gone(partial, match):
+            return False
+        if match["old"] and not _finish_folder_swap(partial, match):
+            return False
+        shutil.rmtree(partial) if partial.is_dir() and not partial.is_symlink() else partial.unlink()
+        return True
+    except OSError as exc:  # tidying up must never stop a run
+        log.warning(f"could not remove {partial}: {_first_line(exc)}")
+        return False
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -183,30 +412,38 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     Args:
         on_corrupt: what ``load_checkpoint`` does with a corrupt file: ``error`` (one clear line) or
             ``previous`` (warn and load the newest intact checkpoint in the same folder).
+
+    ``resumed_from`` and ``run_root`` (set by the Reliability callback) tell a full disk where the
+    intact checkpoints of this run lie beyond the folder being written.
     """
 
     def __init__(self, on_corrupt: Literal["error", "previous"] = "error") -> None:
         super().__init__()
         self.on_corrupt = on_corrupt
         self.last_saved: Optional[Path] = None
+        self.resumed_from: Optional[Path] = None
+        self.run_root: Optional[Path] = None
+        self._swept: set[Path] = set()
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Optional[Any] = None) -> None:
         if storage_options is not None:
             raise TypeError("AtomicCheckpointIO takes no storage_options")
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
+        self._sweep(path.parent)
         buffer = io.BytesIO()
         torch.save(checkpoint, buffer)
         data = buffer.getbuffer()
-        digest = hashlib.sha256(data).hexdigest()
         tmp, tmp_sidecar = _partial(path), _partial(_sidecar(path))
         try:
             _write_durably(tmp, data)
+            written = tmp.stat()
+            entry = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": written.st_size, "mtime_ns": written.st_mtime_ns}
             tmp_sidecar.parent.mkdir(exist_ok=True)
-            # the sidecar goes first and accepts the old content too, so a kill between the two
-            # renames leaves a file that still verifies
-            old = [d for d in (_accepted_digests(path) or []) if path.exists()][:1]
-            _write_durably(tmp_sidecar, json.dumps({"sha256": [digest, *old], "bytes": len(data)}).encode())
+            # the sidecar goes first and keeps the entry of the file still at the path (matched by
+            # size and mtime, never a digest taken on trust), so a kill between the two renames,
+            # however often it happens, leaves a file that its sidecar describes truly
+            _write_sidecar(tmp_sidecar, [entry, *_sidecar_entries(path)])
             os.replace(tmp_sidecar, _sidecar(path))
             _slow_save_for_tests()
             os.replace(tmp, path)
@@ -214,8 +451,14 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         except OSError as exc:
             for leftover in (tmp, tmp_sidecar):
                 leftover.unlink(missing_ok=True)
-            raise _save_error(path, exc) from exc
+            raise _save_error(path, exc, self.resumed_from, self.run_root) from exc
         self.last_saved = path
+
+    def _sweep(self, folder: Path) -> None:
+        """Once per folder: remove the partials of saves that were killed (they are full size)."""
+        if folder not in self._swept:
+            self._swept.add(folder)
+            remove_stale_partials(folder, max_depth=0)
 
     def load_checkpoint(self, path: Any, map_location: Optional[Callable] = lambda storage, loc: storage,
                         weights_only: Optional[bool] = None) -> dict[str, Any]:
@@ -258,11 +501,28 @@ def _first_line(exc: BaseException) -> str:
     return text[0] if text else type(exc).__name__
 
 
-def _save_error(path: Path, exc: OSError) -> Exception:
+def _intact_elsewhere(path: Path, resumed_from: Optional[Path], run_root: Optional[Path]) -> Optional[Path]:
+    """The checkpoint a run that cannot save ``path`` still has: ``path`` itself, the newest intact
+    one beside it, the one the run resumed from (often another logger version's folder), or the
+    newest intact one anywhere under the run's root."""
+    if path.exists() and verify_checkpoint(path) is None:
+        return path
+    beside = newest_other_checkpoint(path)
+    if beside is not None:
+        return beside
+    if resumed_from is not None and resumed_from.exists() and verify_checkpoint(resumed_from) is None:
+        return resumed_from
+    found = find_resumable_checkpoint(run_root) if run_root is not None else None
+    return found if found is not None and found.resolve() != path.resolve() else None
+
+
+def _save_error(path: Path, exc: OSError, resumed_from: Optional[Path] = None,
+                run_root: Optional[Path] = None) -> Exception:
     if exc.errno not in _DISK_FULL:
         return TrainingFault(f"could not write checkpoint {path}: {_first_line(exc)}")
-    previous = newest_other_checkpoint(path) if not path.exists() else path
-    kept = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint exists"
+    previous = _intact_elsewhere(path, resumed_from, run_root)
+    origin = " (the one this run resumed from)" if previous is not None and previous == resumed_from else ""
+    kept = f"the previous checkpoint {previous}{origin} is intact" if previous else "no earlier checkpoint exists"
     return TrainingFault(f"disk full while saving checkpoint {path} ({os.strerror(exc.errno)}); nothing was "
                          f"overwritten and {kept}: free space (or point default_root_dir elsewhere) and resume")
 
@@ -495,8 +755,30 @@ class Reliability(Callback):
         if self._own_counts:
             self._zero_counts()  # counts of forwards before training are no step's load
         rank_zero_info(f"moeframe: training from step {trainer.global_step} (max_steps {trainer.max_steps})")
+        self._know_checkpoints(trainer)
         if self.handle_signals:
             self._install_signal_handlers(trainer)
+
+    def _know_checkpoints(self, trainer: L.Trainer) -> None:
+        """Tell the checkpoint writer where this run's intact checkpoints lie (a full disk names one),
+        and remove what saves killed in earlier runs left behind (full-size hidden partials)."""
+        resumed = Path(trainer.ckpt_path) if trainer.ckpt_path and Path(trainer.ckpt_path).exists() else None
+        io_plugin = trainer.strategy.checkpoint_io
+        if isinstance(io_plugin, AtomicCheckpointIO):
+            io_plugin.resumed_from, io_plugin.run_root = resumed, Path(trainer.default_root_dir)
+        if not trainer.is_global_zero:
+            return
+        callback = trainer.checkpoint_callback
+        # default_root_dir down to <logs>/version_N/checkpoints, not the data that may lie below it
+        folders = [(Path(trainer.default_root_dir), _SWEEP_DEPTH)]
+        if isinstance(callback, ModelCheckpoint) and callback.dirpath:
+            folders.append((Path(callback.dirpath), 0))
+        if resumed is not None:
+            folders.append((resumed.parent, 0))
+        removed = [p for folder, depth in folders for p in remove_stale_partials(folder, depth)]
+        if removed:
+            rank_zero_info(f"moeframe: removed {len(removed)} partial checkpoint(s) left by saves that were killed: "
+                           + ", ".join(str(p) for p in removed[:3]) + (" ..." if len(removed) > 3 else ""))
 
     # signals: handlers installed after Lightning's (which register when the run starts), so a
     # signal only sets a flag here; Lightning's SIGTERM handler would run a collective inside the

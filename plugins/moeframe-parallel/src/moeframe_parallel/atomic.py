@@ -5,7 +5,9 @@ path itself, so a save that dies half way (preemption, disk full, a crash) leave
 torn, and the good checkpoint it replaced is already gone. Here every rank writes into a hidden
 temporary folder beside it; once all ranks are done, rank 0 swaps it in (``os.replace``; the old
 folder is removed only after the new one is in place). A failed save removes its temporary folder
-and leaves the previous checkpoint untouched.
+and leaves the previous checkpoint untouched. Before it saves, rank 0 removes the temporary folders
+that saves killed earlier left in the same folder (their writer's pid is gone; see
+``moeframe.training.reliability.remove_stale_partials``): each is a whole checkpoint's size.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Optional
 
-from moeframe.training.reliability import partial_name, replace_folder
+from moeframe.training.reliability import partial_name, remove_stale_partials, replace_folder
 
 __all__ = ["AtomicFolderCheckpoints"]
 
@@ -25,6 +27,8 @@ class AtomicFolderCheckpoints:
 
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Optional[Any] = None) -> None:
         final = Path(self.broadcast(str(filepath)))  # type: ignore[attr-defined]
+        if self.is_global_zero:  # type: ignore[attr-defined]
+            remove_stale_partials(final.parent, max_depth=0)
         # rank 0 names the temporary folder (the name holds its pid) and every rank writes there
         tmp = Path(self.broadcast(str(partial_name(final))))  # type: ignore[attr-defined]
         try:
