@@ -15,7 +15,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Optional
 
-from moeframe.training.reliability import partial_name, replace_folder
+from moeframe.plugin import partial_name, replace_folder
 
 __all__ = ["AtomicFolderCheckpoints"]
 
