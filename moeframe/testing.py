@@ -32,8 +32,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from moeframe.config import ModelConfig, resolve_model_config
-from moeframe.model.decoder import Decoder, build_decoder
 from moeframe.model.base import ExpertsBase
+from moeframe.model.decoder import Decoder, build_decoder
 
 
 def naive_experts(
