@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from moeframe import registry
-from moeframe.config import ConfigError
+from moeframe.config import ConfigError, with_plugin_defaults
 
 TRAINER_COMMANDS = ("fit", "validate", "test", "predict")
 
@@ -163,6 +163,7 @@ def build_cli(args: Optional[list[str]] = None, run: bool = True, **kwargs: Any)
             section = self.config.get(self.config.get("subcommand") or "", None)
             if section is not None and section.get("ckpt_path"):
                 section["ckpt_path"] = _checked_ckpt_path(section)
+            _write_plugin_defaults(self.config)
 
         def _parse_ckpt_path(self) -> None:
             # LightningCLI replaces the model's arguments with the hyperparameters stored in the
@@ -171,8 +172,10 @@ def build_cli(args: Optional[list[str]] = None, run: bool = True, **kwargs: Any)
             given = _model_config_of(self.config)
             super()._parse_ckpt_path()
             stored = _model_config_of(self.config)
-            if given is not None and stored is not None and given != stored:
+            # a checkpoint from before plugin defaults were written out names fewer options
+            if given is not None and stored is not None and with_plugin_defaults(given) != with_plugin_defaults(stored):
                 _raise_config_mismatch(given, stored)
+            _write_plugin_defaults(self.config)
 
         def before_instantiate_classes(self) -> None:
             config = self.config[self.subcommand] if self.subcommand else self.config
@@ -283,6 +286,20 @@ def _model_config_of(config: Any) -> Optional[dict[str, Any]]:
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return dataclasses.asdict(value)
     return value if isinstance(value, dict) else None
+
+
+def _write_plugin_defaults(config: Any) -> None:
+    """Every plugin option, defaults included, into the run's model config: the ``config.yaml``
+    Lightning saves (and the checkpoints' hyperparameters) then reproduce the run by themselves."""
+    subcommand = config.get("subcommand") if config is not None else None
+    section = config.get(subcommand, None) if subcommand else config  # run=False: no subcommand
+    value = section.get("model.init_args.config", None) if section is not None else None
+    if value is None or not hasattr(value, "get"):
+        return
+    plain = value.as_dict() if hasattr(value, "as_dict") else dict(value)
+    for key, spec in with_plugin_defaults(plain).items():
+        if spec != plain.get(key):
+            value[key] = spec
 
 
 def _raise_config_mismatch(given: dict[str, Any], stored: dict[str, Any]) -> None:
