@@ -219,8 +219,11 @@ def no_abbrev_parser_class() -> type:
 
 
 def plugins_command(argv: list[str]) -> int:
+    if argv[:1] == ["show"]:
+        return plugins_show_command(argv[1:])
     parser = argparse.ArgumentParser(allow_abbrev=False, prog="moeframe plugins",
-                                     description="List installed moeframe plugins.")
+                                     description="List installed moeframe plugins; `moeframe plugins show KIND NAME` "
+                                                 "describes one plugin's options.")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     args = parser.parse_args(argv)
     infos = registry.all_plugins()
@@ -239,8 +242,55 @@ def plugins_command(argv: list[str]) -> int:
     return 0
 
 
+def _yaml_value(value: Any) -> str:
+    import yaml
+
+    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+
+
+def plugins_show_command(argv: list[str]) -> int:
+    """``moeframe plugins show KIND NAME [--json]``: one plugin's options with types, defaults and
+    docs, read from the plugin's own code (installed third-party plugins included)."""
+    from moeframe.optiondocs import REQUIRED, constructor_docs, option_docs, own_doc
+
+    parser = argparse.ArgumentParser(allow_abbrev=False, prog="moeframe plugins show",
+                                     description="Describe one plugin: its options with types, defaults and docs.")
+    parser.add_argument("kind", help=f"one of {', '.join(registry.KINDS)}")
+    parser.add_argument("name", help="the plugin's registered name (see `moeframe plugins`)")
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+    args = parser.parse_args(argv)
+    try:
+        info = registry.resolve(args.kind, args.name)
+        cls = registry.load(args.kind, args.name)
+    except registry.PluginError as exc:
+        raise ConfigError(str(exc)) from None
+    model_part = isinstance(getattr(cls, "Options", None), type) and args.kind not in ("precision", "strategy")
+    options = option_docs(cls.Options) if model_part else constructor_docs(cls)
+    if args.json:
+        rows = [{"name": o.name, "type": o.type_words, "required": o.default is REQUIRED,
+                 "default": None if o.default is REQUIRED else o.default, "doc": o.doc} for o in options]
+        print(json.dumps({**info.__dict__, "plugin_api": registry.declared_plugin_api(cls), "options": rows},
+                         indent=2, default=str))
+        return 0
+    print(f"{args.kind} plugin {args.name!r}: {info.value} from {info.distribution} {info.version} "
+          f"(plugin API {registry.declared_plugin_api(cls)})")
+    summary = own_doc(cls).split("\n\n")[0].replace("\n", " ")
+    if summary:
+        print(f"  {summary}")
+    where = (f"model config: {args.kind}: {{name: {args.name}, OPTION: VALUE, ...}}" if model_part else
+             "constructor arguments")
+    print(f"options ({where}):" if options else "options: none")
+    for o in options:
+        default = "required" if o.default is REQUIRED else f"default {_yaml_value(o.default)}"
+        print(f"  {o.name}: {o.type_words or 'any value'}; {default}")
+        if o.doc:
+            print(f"      {o.doc}")
+    return 0
+
+
 EXTRA_COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
-    "plugins": (plugins_command, "list installed plugins by kind, name, distribution and version"),
+    "plugins": (plugins_command, "list installed plugins by kind, name, distribution and version; "
+                                 "`plugins show KIND NAME`: one plugin's options"),
     "convert": (lambda argv: importlib.import_module("moeframe.convert.hf").convert_command(argv),
                 "HF DeepSeek-V3/V2 folders <-> moeframe checkpoints (BF16 or FP8 block format)"),
     "inspect": (lambda argv: importlib.import_module("moeframe.inspect").inspect_command(argv),
