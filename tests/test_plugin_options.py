@@ -111,7 +111,8 @@ def test_config_yaml_records_every_plugin_option_and_old_checkpoints_still_resum
 
     AtomicCheckpointIO().save_checkpoint(ckpt, last)  # as a run writes it (with its checksum)
     assert main([*common, "--trainer.max_steps", "2", "--ckpt_path", str(last)]) == 0
-    assert torch.load(tmp_path / "logs" / "version_1" / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 2
+    resumed = torch.load(tmp_path / "logs" / "version_1" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert resumed["global_step"] == 2
 
 
 # -- moeframe plugins show --------------------------------------------------------------------------

@@ -16,9 +16,9 @@ from __future__ import annotations
 import abc
 import dataclasses
 import difflib
-import warnings
 import types
 import typing
+import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Optional
 
@@ -137,22 +137,21 @@ class PluginDeprecationWarning(FutureWarning):
 _warned_api1: set[tuple[type, str]] = set()
 
 
-def _api1_attribute(module: nn.Module, attr: str, method: str) -> bool:
+def _api1_attribute(module: nn.Module, attr: str, fix: str) -> bool:
     """Whether ``module`` carries the API-1 instance attribute ``attr``.
 
     Plugin API 1 declared optional capabilities as instance attributes that the core probed with
     ``hasattr`` (``recompute``, ``recompute_up_projections``, ``grouped_gemm``). API 2 declares
     them as methods of the base classes; the base methods' defaults still honour the old
-    attribute for this release, with one warning per class naming the method to implement."""
+    attribute for this release, with one warning per class saying what to write instead (``fix``)."""
     if attr not in vars(module):
         return False
     key = (type(module), attr)
     if key not in _warned_api1:
         _warned_api1.add(key)
         cls = f"{type(module).__module__}.{type(module).__qualname__}"
-        warnings.warn(f"{cls}: the attribute {attr!r} is plugin API 1, probed for one more release; "
-                      f"override {method}() of its moeframe.plugin base class instead", PluginDeprecationWarning,
-                      stacklevel=3)
+        warnings.warn(f"{cls}: the attribute {attr!r} is plugin API 1, honoured for one more release; "
+                      f"{fix} (moeframe.plugin)", PluginDeprecationWarning, stacklevel=3)
     return True
 
 
@@ -245,7 +244,8 @@ class AttentionBase(nn.Module, abc.ABC):
         """Selective activation checkpointing (``runtime.activation_checkpointing: selective``) turns
         this on: recompute in backward what is cheap to redo and wide to keep (MLA: the query and
         key/value up-projections). The default keeps every activation, which is always correct."""
-        if _api1_attribute(self, "recompute_up_projections", "AttentionBase.set_selective_recompute"):
+        fix = "override AttentionBase.set_selective_recompute() instead"
+        if _api1_attribute(self, "recompute_up_projections", fix):
             self.recompute_up_projections = enabled
 
 
@@ -334,7 +334,8 @@ class ExpertsBase(nn.Module, abc.ABC):
 
     def has_grouped_gemm_seam(self) -> bool:
         """Whether a precision plugin may take over this module's projections."""
-        return type(self).grouped_gemm_seam or _api1_attribute(self, "grouped_gemm", "ExpertsBase.grouped_gemm_seam")
+        return type(self).grouped_gemm_seam or _api1_attribute(
+            self, "grouped_gemm", "declare the seam with the class attribute grouped_gemm_seam = True instead")
 
     def set_grouped_gemm(self, gemm: Optional["GroupedGemm"]) -> None:
         """Run the projections through ``gemm`` (None: this module's own GEMMs)."""
@@ -357,7 +358,7 @@ class ExpertsBase(nn.Module, abc.ABC):
     def set_selective_recompute(self, enabled: bool) -> None:
         """Selective activation checkpointing turns this on: keep only the gathered expert input
         for backward and recompute the wide hidden activations there. The default keeps all."""
-        if _api1_attribute(self, "recompute", "ExpertsBase.set_selective_recompute"):
+        if _api1_attribute(self, "recompute", "override ExpertsBase.set_selective_recompute() instead"):
             self.recompute = enabled
 
 
