@@ -19,9 +19,9 @@ What is here, by use:
   (``marks_phases``, ``mark_phase``, ``set_phase_timer``, ``PhaseTimer``), the router's
   ``balance_state`` and ``update_after_step``;
 - **helpers** plugins legitimately need: attention masks (``document_mask``,
-  ``cached_causal_mask``), routing (``count_per_expert``, ``limit_to_groups``), MoE-layer discovery
-  (``moe_layers``), the grouped-GEMM capability test (``grouped_mm_supported``), weight init
-  (``default_init``, ``init_random_stream``), the FP8 block format (``quantize_blocks`` and its
+  ``cached_causal_mask``), routing (``gate_logits_fp32``, ``count_per_expert``,
+  ``limit_to_groups``), MoE-layer discovery (``moe_layers``), the grouped-GEMM capability test
+  (``grouped_mm_supported``), weight init (``default_init``, ``init_random_stream``), the FP8 block format (``quantize_blocks`` and its
   constants), parallel-layout checks (``check_ep_layout``, ``check_zero_layout``), atomic
   checkpoint IO (``partial_name``, ``replace_folder``), ``ConfigError``;
 - the core's **baseline plugins**, to extend or reuse: ``MultiHeadAttention``/``MHAOptions``
@@ -63,7 +63,7 @@ from moeframe.model.experts import GroupedExperts, grouped_mm_supported
 from moeframe.model.moe import moe_layers
 from moeframe.model.norm import RMSNorm
 from moeframe.model.rope import apply_rope, rope_cos_sin
-from moeframe.model.router import count_per_expert, limit_to_groups
+from moeframe.model.router import count_per_expert, gate_logits_fp32, limit_to_groups
 from moeframe.registry import PLUGIN_API
 
 # The plugin API this moeframe provides; a plugin declares the one it targets as ``plugin_api``.
@@ -83,7 +83,8 @@ __all__ = [
     "PluginOptions", "RMSNorm", "RouterBase", "RouterOutput",
     "apply_rope", "build_decoder", "registry", "resolve_model_config", "rope_cos_sin",
     "cached_causal_mask", "check_ep_layout", "check_zero_layout", "count_per_expert", "default_init",
-    "dequantize_blocks", "describe_type", "document_mask", "grouped_mm_supported", "init_random_stream",
+    "dequantize_blocks", "describe_type", "document_mask", "gate_logits_fp32", "grouped_mm_supported",
+    "init_random_stream",
     "limit_to_groups", "moe_layers", "options_as_config", "parse_options", "partial_name", "quantize_blocks",
     "replace_folder",
 ]
