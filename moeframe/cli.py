@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from moeframe import registry
-from moeframe.config import ConfigError
+from moeframe.config import ConfigError, with_plugin_defaults
 
 TRAINER_COMMANDS = ("fit", "validate", "test", "predict")
 
@@ -178,6 +178,7 @@ def build_cli(args: Optional[list[str]] = None, run: bool = True, **kwargs: Any)
             section = self.config.get(self.config.get("subcommand") or "", None)
             if section is not None and section.get("ckpt_path"):
                 section["ckpt_path"] = _checked_ckpt_path(section)
+            _write_plugin_defaults(self.config)
 
         def _parse_ckpt_path(self) -> None:
             # LightningCLI replaces the model's arguments with the hyperparameters stored in the
@@ -186,8 +187,10 @@ def build_cli(args: Optional[list[str]] = None, run: bool = True, **kwargs: Any)
             given = _model_config_of(self.config)
             super()._parse_ckpt_path()
             stored = _model_config_of(self.config)
-            if given is not None and stored is not None and given != stored:
+            # a checkpoint from before plugin defaults were written out names fewer options
+            if given is not None and stored is not None and with_plugin_defaults(given) != with_plugin_defaults(stored):
                 _raise_config_mismatch(given, stored)
+            _write_plugin_defaults(self.config)
 
         def instantiate_trainer(self, **kwargs: Any) -> Any:
             # the model and the data exist now, nothing is built: values that only conflict with
@@ -259,8 +262,11 @@ def no_abbrev_parser_class() -> type:
 
 
 def plugins_command(argv: list[str]) -> int:
+    if argv[:1] == ["show"]:
+        return plugins_show_command(argv[1:])
     parser = argparse.ArgumentParser(allow_abbrev=False, prog="moeframe plugins",
-                                     description="List installed moeframe plugins.")
+                                     description="List installed moeframe plugins; `moeframe plugins show KIND NAME` "
+                                                 "describes one plugin's options.")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     args = parser.parse_args(argv)
     infos = registry.all_plugins()
@@ -279,8 +285,55 @@ def plugins_command(argv: list[str]) -> int:
     return 0
 
 
+def _yaml_value(value: Any) -> str:
+    import yaml
+
+    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+
+
+def plugins_show_command(argv: list[str]) -> int:
+    """``moeframe plugins show KIND NAME [--json]``: one plugin's options with types, defaults and
+    docs, read from the plugin's own code (installed third-party plugins included)."""
+    from moeframe.optiondocs import REQUIRED, constructor_docs, option_docs, own_doc
+
+    parser = argparse.ArgumentParser(allow_abbrev=False, prog="moeframe plugins show",
+                                     description="Describe one plugin: its options with types, defaults and docs.")
+    parser.add_argument("kind", help=f"one of {', '.join(registry.KINDS)}")
+    parser.add_argument("name", help="the plugin's registered name (see `moeframe plugins`)")
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+    args = parser.parse_args(argv)
+    try:
+        info = registry.resolve(args.kind, args.name)
+        cls = registry.load(args.kind, args.name)
+    except registry.PluginError as exc:
+        raise ConfigError(str(exc)) from None
+    model_part = isinstance(getattr(cls, "Options", None), type) and args.kind not in ("precision", "strategy")
+    options = option_docs(cls.Options) if model_part else constructor_docs(cls)
+    if args.json:
+        rows = [{"name": o.name, "type": o.type_words, "required": o.default is REQUIRED,
+                 "default": None if o.default is REQUIRED else o.default, "doc": o.doc} for o in options]
+        print(json.dumps({**info.__dict__, "plugin_api": registry.declared_plugin_api(cls), "options": rows},
+                         indent=2, default=str))
+        return 0
+    print(f"{args.kind} plugin {args.name!r}: {info.value} from {info.distribution} {info.version} "
+          f"(plugin API {registry.declared_plugin_api(cls)})")
+    summary = own_doc(cls).split("\n\n")[0].replace("\n", " ")
+    if summary:
+        print(f"  {summary}")
+    where = (f"model config: {args.kind}: {{name: {args.name}, OPTION: VALUE, ...}}" if model_part else
+             "constructor arguments")
+    print(f"options ({where}):" if options else "options: none")
+    for o in options:
+        default = "required" if o.default is REQUIRED else f"default {_yaml_value(o.default)}"
+        print(f"  {o.name}: {o.type_words or 'any value'}; {default}")
+        if o.doc:
+            print(f"      {o.doc}")
+    return 0
+
+
 EXTRA_COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
-    "plugins": (plugins_command, "list installed plugins by kind, name, distribution and version"),
+    "plugins": (plugins_command, "list installed plugins by kind, name, distribution and version; "
+                                 "`plugins show KIND NAME`: one plugin's options"),
     "convert": (lambda argv: importlib.import_module("moeframe.convert.hf").convert_command(argv),
                 "HF DeepSeek-V3/V2 folders <-> moeframe checkpoints (BF16 or FP8 block format)"),
     "inspect": (lambda argv: importlib.import_module("moeframe.inspect").inspect_command(argv),
@@ -326,6 +379,20 @@ def _model_config_of(config: Any) -> Optional[dict[str, Any]]:
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return dataclasses.asdict(value)
     return value if isinstance(value, dict) else None
+
+
+def _write_plugin_defaults(config: Any) -> None:
+    """Every plugin option, defaults included, into the run's model config: the ``config.yaml``
+    Lightning saves (and the checkpoints' hyperparameters) then reproduce the run by themselves."""
+    subcommand = config.get("subcommand") if config is not None else None
+    section = config.get(subcommand, None) if subcommand else config  # run=False: no subcommand
+    value = section.get("model.init_args.config", None) if section is not None else None
+    if value is None or not hasattr(value, "get"):
+        return
+    plain = value.as_dict() if hasattr(value, "as_dict") else dict(value)
+    for key, spec in with_plugin_defaults(plain).items():
+        if spec != plain.get(key):
+            value[key] = spec
 
 
 def _raise_config_mismatch(given: dict[str, Any], stored: dict[str, Any]) -> None:

@@ -8,15 +8,15 @@ the field and the fix, long before a tensor exists.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Literal, Optional
 
 from moeframe import registry
 from moeframe.errors import ConfigError
-from moeframe.model.base import PluginOptions, parse_options
+from moeframe.model.base import PluginOptions, options_as_config, parse_options
 
 __all__ = ["ConfigError", "ModelConfig", "ModelPlan", "OptimConfig", "PluginChoice", "RuntimeConfig",
-           "resolve_model_config"]
+           "resolve_model_config", "with_plugin_defaults"]
 
 
 def _default(name: str) -> Any:
@@ -143,6 +143,30 @@ def _resolve_plugin(kind: str, spec: Any, cfg: ModelConfig) -> PluginChoice:
     except ValueError as exc:
         raise ConfigError(f"model.{kind}: {exc}") from None
     return PluginChoice(kind, name, cls, options)
+
+
+def plugin_spec_with_defaults(kind: str, spec: Any) -> Any:
+    """``{name: ..., <every option of that plugin, defaults included>}``; ``spec`` unchanged when it
+    does not resolve (validation reports that later, with its own message)."""
+    if isinstance(spec, str):
+        spec = {"name": spec}
+    if not (isinstance(spec, dict) and isinstance(spec.get("name"), str)):
+        return spec
+    try:
+        cls = registry.load(kind, spec["name"])
+        options = parse_options(kind, spec["name"], cls.Options, {k: v for k, v in spec.items() if k != "name"})
+    except ValueError:
+        return spec
+    return {"name": spec["name"], **options_as_config(options)}
+
+
+def with_plugin_defaults(model: dict[str, Any]) -> dict[str, Any]:
+    """A model config mapping whose plugin fields name every option, defaults included.
+
+    Why: a run's ``config.yaml`` (and its checkpoints' hyperparameters) must reproduce the run even
+    after a plugin release changes a default; written out, the options no longer depend on it."""
+    kinds = [f.name for f in fields(ModelConfig) if f.name in registry.KINDS]
+    return {k: plugin_spec_with_defaults(k, v) if k in kinds else v for k, v in model.items()}
 
 
 def resolve_model_config(cfg: ModelConfig) -> ModelPlan:

@@ -37,10 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moeframe.config import ModelConfig
-from moeframe.model.attention import document_mask
-from moeframe.model.base import AttentionBase, AttentionCache, PluginOptions
-from moeframe.model.rope import apply_rope, rope_cos_sin
+from moeframe.plugin import (AttentionBase, AttentionCache, ModelConfig, PluginOptions, apply_rope, document_mask,
+                             rope_cos_sin)
 
 
 @dataclass
@@ -90,9 +88,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from moeframe.config import ModelConfig
-from moeframe.model.base import PluginOptions, RouterBase, RouterOutput
-from moeframe.model.router import gate_logits_fp32
+from moeframe.plugin import ModelConfig, PluginOptions, RouterBase, RouterOutput, gate_logits_fp32
 
 
 @dataclass
@@ -136,8 +132,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moeframe.config import ModelConfig
-from moeframe.model.base import ExpertsBase, PluginOptions
+from moeframe.plugin import ExpertsBase, ModelConfig, PluginOptions
 
 
 @dataclass
@@ -179,7 +174,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moeframe.model.base import NormBase, PluginOptions
+from moeframe.plugin import NormBase, PluginOptions
 
 
 @dataclass
@@ -283,7 +278,7 @@ _TEST_HEAD = '''"""Plugin ``$name``: registered through its entry point, and moe
 
 from __future__ import annotations
 
-from moeframe import registry
+from moeframe.plugin import registry
 from moeframe.testing import $check, tiny_config
 from $module.plugin import $cls
 
@@ -422,8 +417,7 @@ _PRECISION_TESTS = '''"""Plugin ``$name``: registered through its entry point, a
 
 from __future__ import annotations
 
-from moeframe import registry
-from moeframe.model.decoder import build_decoder
+from moeframe.plugin import build_decoder, registry
 from moeframe.testing import check_precision_contract, tiny_config
 from $module.plugin import $cls, converted_names
 

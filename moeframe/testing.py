@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moeframe.config import ModelConfig, resolve_model_config
+from moeframe.model.base import ExpertsBase
 from moeframe.model.decoder import Decoder, build_decoder
 
 
@@ -423,7 +424,7 @@ def _module_signature(model: nn.Module) -> dict[str, tuple[type, dict[str, tuple
     """Per module name: its type, its own parameters' dtypes and tensor classes, and the type of its
     ``grouped_gemm`` hook (stacked experts whose projections a precision plugin took over)."""
     return {name: (type(m), {p_name: (p.dtype, type(p.data)) for p_name, p in m.named_parameters(recurse=False)},
-                   type(getattr(m, "grouped_gemm", None)))
+                   type(m.grouped_gemm if isinstance(m, ExpertsBase) else None))
             for name, m in model.named_modules()}
 
 

@@ -72,7 +72,9 @@ def test_example_package_installs_passes_its_tests_lists_and_trains(tmp_path: Pa
         losses = {int(r["step"]): float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")}
     assert sorted(losses) == [0, 1] and all(math.isfinite(v) for v in losses.values())
     resolved = yaml.safe_load((version / "config.yaml").read_text())
-    assert resolved["model"]["init_args"]["config"]["attention"] == {"name": "swa", "window": 64, "n_kv_heads": 2}
+    # every option of the third-party plugin is recorded, the defaults it did not give included
+    assert resolved["model"]["init_args"]["config"]["attention"] == {"name": "swa", "window": 64, "n_kv_heads": 2,
+                                                                     "qkv_bias": False}
     assert (version / "checkpoints" / "last.ckpt").exists()
 
 

@@ -18,9 +18,12 @@ from typing import Any
 
 import yaml
 
+# the same reading of option docs as `moeframe plugins show` (comments beside fields, docstrings)
+from moeframe.optiondocs import arg_docs as _arg_docs
+from moeframe.optiondocs import docstring_fields, field_comments
+from moeframe.optiondocs import own_doc as _own_doc
+
 PAGE = "reference/config.md"
-_FIELD_LINE = re.compile(r"^\s+(\w+)\s*:[^#]*?(?:#\s*(.*))?$")
-_COMMENT_LINE = re.compile(r"^\s+#\s?(.*)$")
 
 
 def _yaml(value: Any) -> str:
@@ -38,43 +41,6 @@ def _yaml(value: Any) -> str:
 
 def _cell(text: str) -> str:
     return text.replace("|", " or ").replace("\n", " ").strip()
-
-
-def field_comments(cls: type) -> dict[str, str]:
-    """The comment on a field's line, or the comment lines just above it, per field name."""
-    try:
-        lines = inspect.getsource(cls).splitlines()
-    except (OSError, TypeError):
-        return {}
-    comments: dict[str, str] = {}
-    above: list[str] = []
-    for line in lines[1:]:
-        comment = _COMMENT_LINE.match(line)
-        if comment:
-            above.append(comment.group(1))
-            continue
-        match = _FIELD_LINE.match(line)
-        if match and not line.strip().startswith(("def ", "return", "@")):
-            text = match.group(2) or " ".join(above)
-            if text:
-                comments[match.group(1)] = text
-        above = []
-    return comments
-
-
-def _own_doc(obj: type) -> str:
-    """A class's own docstring (dataclasses invent one from the signature: not that)."""
-    doc = obj.__dict__.get("__doc__") or ""
-    if doc.startswith(f"{obj.__name__}("):
-        return ""
-    return inspect.cleandoc(doc)
-
-
-def docstring_fields(doc: str) -> dict[str, str]:
-    """``field``: explanation pairs of a docstring written as "``a``: ...; ``b``: ..."."""
-    text = " ".join(doc.split())
-    pattern = re.compile(r"``(\w+)``:\s*(.*?)(?=\s*``\w+``:|$)")
-    return {m.group(1): m.group(2).rstrip(" ;") for m in pattern.finditer(text)}
 
 
 def _dataclass_table(cls: type) -> list[str]:
@@ -98,23 +64,6 @@ def _type_name(annotation: Any) -> str:
     if not isinstance(annotation, str) and typing.get_origin(annotation) is not None:
         text = str(annotation)
     return text.replace("typing.", "").replace("NoneType", "None")
-
-
-def _arg_docs(obj: Any) -> dict[str, str]:
-    """``name: text`` entries of a Google-style ``Args:`` docstring section."""
-    doc = inspect.getdoc(obj) or ""
-    docs: dict[str, str] = {}
-    current = None
-    for line in doc.splitlines():
-        match = re.match(r"^\s*(\w+)(?: \([^)]*\))?: (.*)$", line)
-        if match:
-            current = match.group(1)
-            docs[current] = match.group(2)
-        elif current and line.startswith(" " * 8) and line.strip():
-            docs[current] += " " + line.strip()
-        elif not line.strip():
-            current = None
-    return docs
 
 
 def _signature_table(cls: type) -> list[str]:

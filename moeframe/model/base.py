@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import difflib
 import types
 import typing
+import warnings
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, Optional
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Optional
 
 import torch
 from torch import nn
@@ -54,20 +56,52 @@ def _type_ok(value: Any, annotation: Any) -> bool:
     return True  # richer types are checked by the plugin's own validate()
 
 
+_TYPE_WORDS: dict[Any, str] = {
+    bool: "true or false", int: "a whole number", float: "a number", str: "a string",
+    type(None): "null",
+}
+
+
+def describe_type(annotation: Any) -> str:
+    """An option's type as words a config author reads: ``true or false``, ``a whole number or
+    null``, ``one of 'absorbed', 'expanded'`` (used in errors and ``moeframe plugins show``)."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        words = [describe_type(a) for a in typing.get_args(annotation) if a is not type(None)]
+        nullable = type(None) in typing.get_args(annotation)
+        return " or ".join(words + (["null"] if nullable else []))
+    if origin is typing.Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(annotation))
+    if origin in (list, tuple):
+        return "a list"
+    return _TYPE_WORDS.get(annotation, getattr(annotation, "__name__", str(annotation)))
+
+
+def _yaml_value(value: Any) -> str:
+    """A value as it reads in YAML (``true``, ``null``, ``'maybe'``), for error messages."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return "null" if value is None else repr(value)
+
+
+def _unknown_option(kind: str, name: str, key: str, fields: list[str]) -> str:
+    close = difflib.get_close_matches(key, fields, n=1)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    valid = ", ".join(fields) or "(this plugin takes no options)"
+    return f"{kind} plugin {name!r} has no option {key!r}.{hint} Its options are: {valid}"
+
+
 def parse_options(kind: str, name: str, cls: type[PluginOptions], values: dict[str, Any]) -> PluginOptions:
-    """Build ``cls`` from a config mapping, rejecting unknown fields and wrong primitive types."""
+    """Build ``cls`` from a config mapping, rejecting unknown fields (with a did-you-mean) and
+    wrong primitive types (as a sentence: ``option 'x' must be true or false, got 'maybe'``)."""
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for key, value in values.items():
         if key not in fields:
-            valid = ", ".join(fields) or "(this plugin takes no options)"
-            raise ValueError(
-                f"{kind} plugin {name!r} has no option {key!r}; its options are: {valid}"
-            )
+            raise ValueError(_unknown_option(kind, name, key, list(fields)))
         if not _type_ok(value, hints[key]):
-            raise ValueError(
-                f"{kind} plugin {name!r}: option {key!r} must be {hints[key]}, got {value!r}"
-            )
+            raise ValueError(f"{kind} plugin {name!r}: option {key!r} must be {describe_type(hints[key])}, "
+                             f"got {_yaml_value(value)}")
     missing = [
         f.name for f in fields.values()
         if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
@@ -78,6 +112,47 @@ def parse_options(kind: str, name: str, cls: type[PluginOptions], values: dict[s
     # ints are accepted where floats are expected; store them as floats
     coerced = {k: float(v) if hints[k] is float else v for k, v in values.items()}
     return cls(**coerced)
+
+
+def options_as_config(options: PluginOptions) -> dict[str, Any]:
+    """Every option of a parsed ``Options``, defaults included, as plain config values: what a
+    run's ``config.yaml`` records so that it reproduces the run whatever later defaults become."""
+    return {f.name: _plain(getattr(options, f.name)) for f in dataclasses.fields(options)}
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {k: _plain(v) for k, v in dataclasses.asdict(value).items()}
+    return value
+
+
+class PluginDeprecationWarning(FutureWarning):
+    """A plugin uses a form of plugin API 1 that still works in this release (shown to users)."""
+
+
+_warned_api1: set[tuple[type, str]] = set()
+
+
+def _api1_attribute(module: nn.Module, attr: str, fix: str) -> bool:
+    """Whether ``module`` carries the API-1 instance attribute ``attr``.
+
+    Plugin API 1 declared optional capabilities as instance attributes that the core probed with
+    ``hasattr`` (``recompute``, ``recompute_up_projections``, ``grouped_gemm``). API 2 declares
+    them as methods of the base classes; the base methods' defaults still honour the old
+    attribute for this release, with one warning per class saying what to write instead (``fix``)."""
+    if attr not in vars(module):
+        return False
+    key = (type(module), attr)
+    if key not in _warned_api1:
+        _warned_api1.add(key)
+        cls = f"{type(module).__module__}.{type(module).__qualname__}"
+        warnings.warn(f"{cls}: the attribute {attr!r} is plugin API 1, honoured for one more release; "
+                      f"{fix} (moeframe.plugin)", PluginDeprecationWarning, stacklevel=3)
+    return True
 
 
 class AttentionCache:
@@ -165,6 +240,14 @@ class AttentionBase(nn.Module, abc.ABC):
         """Values one layer's cache stores per token (multiply by the element size for bytes)."""
         raise NotImplementedError(f"attention plugin {cls.__qualname__} does not report its cache size")
 
+    def set_selective_recompute(self, enabled: bool) -> None:
+        """Selective activation checkpointing (``runtime.activation_checkpointing: selective``) turns
+        this on: recompute in backward what is cheap to redo and wide to keep (MLA: the query and
+        key/value up-projections). The default keeps every activation, which is always correct."""
+        fix = "override AttentionBase.set_selective_recompute() instead"
+        if _api1_attribute(self, "recompute_up_projections", fix):
+            self.recompute_up_projections = enabled
+
 
 @dataclass
 class RouterOutput:
@@ -205,6 +288,18 @@ class RouterBase(nn.Module, abc.ABC):
         whole global batch (all micro-batches, all ranks). Routers trained only by gradients
         ignore it; a bias-balanced router (DeepSeek-V3's aux-loss-free rule) updates here."""
 
+    def balance_state(self) -> dict[str, torch.Tensor]:
+        """Named tensors of the router's balancing state, logged by the ``ExpertBalance`` callback as
+        ``balance/<name>_min`` and ``_max`` per layer (the aux-free router: its ``bias``). A router
+        balanced by gradients only has none."""
+        return {}
+
+
+# (projection name, expert-sorted rows x_NI, stacked weight w_EOI, row ends offs_E) -> y_NO
+GroupedGemm = Callable[[str, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+# told a phase name ("moe_dispatch", "moe_experts") or None (phase over)
+PhaseTimer = Callable[[Optional[str]], None]
+
 
 class ExpertsBase(nn.Module, abc.ABC):
     """The routed experts of one MoE layer. ``forward(x_TD, weights_TK, indices_TK) -> y_TD``.
@@ -224,6 +319,47 @@ class ExpertsBase(nn.Module, abc.ABC):
         self, x_TD: torch.Tensor, weights_TK: torch.Tensor, indices_TK: torch.Tensor
     ) -> torch.Tensor:
         """Combine the chosen experts' outputs, weighted, per token."""
+
+    # -- declared hooks (plugin API 2) -------------------------------------------------------------
+    # The grouped-GEMM seam: a plugin that computes its three projections over expert-sorted rows
+    # sets ``grouped_gemm_seam = True`` and calls ``self.grouped_gemm(name, x_NI, w_EOI, offs_E)``
+    # for each when it is not None; a precision plugin (fp8) installs its GEMM with
+    # ``set_grouped_gemm``. The weights stay this module's Parameters.
+    grouped_gemm_seam: ClassVar[bool] = False
+    grouped_gemm: Optional["GroupedGemm"] = None
+    # Phase marks: a plugin that calls ``self.mark_phase`` at its dispatch/compute boundaries sets
+    # ``marks_phases = True``; the throughput breakdown then times its phases instead of the whole.
+    marks_phases: ClassVar[bool] = False
+    phase_timer: Optional["PhaseTimer"] = None
+
+    def has_grouped_gemm_seam(self) -> bool:
+        """Whether a precision plugin may take over this module's projections."""
+        return type(self).grouped_gemm_seam or _api1_attribute(
+            self, "grouped_gemm", "declare the seam with the class attribute grouped_gemm_seam = True instead")
+
+    def set_grouped_gemm(self, gemm: Optional["GroupedGemm"]) -> None:
+        """Run the projections through ``gemm`` (None: this module's own GEMMs)."""
+        if not self.has_grouped_gemm_seam():
+            cls = f"{type(self).__module__}.{type(self).__qualname__}"
+            raise TypeError(f"experts plugin {cls} has no grouped-GEMM seam: set grouped_gemm_seam = True "
+                            "and run its projections through self.grouped_gemm when it is set")
+        self.grouped_gemm = gemm
+
+    def set_phase_timer(self, timer: Optional["PhaseTimer"]) -> None:
+        """Install (None: remove) the callback ``mark_phase`` reports to; only for one measured step."""
+        self.phase_timer = timer
+
+    def mark_phase(self, name: Optional[str]) -> None:
+        """Tell the phase timer, if any, that the forward enters ``"moe_dispatch"`` (sort, gather,
+        combine), ``"moe_experts"`` (the expert GEMMs) or leaves its phases (None)."""
+        if self.phase_timer is not None:
+            self.phase_timer(name)
+
+    def set_selective_recompute(self, enabled: bool) -> None:
+        """Selective activation checkpointing turns this on: keep only the gathered expert input
+        for backward and recompute the wide hidden activations there. The default keeps all."""
+        if _api1_attribute(self, "recompute", "override ExpertsBase.set_selective_recompute() instead"):
+            self.recompute = enabled
 
 
 class NormBase(nn.Module, abc.ABC):

@@ -88,10 +88,8 @@ class Block(nn.Module):
         selective = mode == "selective"
         if isinstance(self.ffn, MoE):
             self.ffn.recompute_shared = selective
-            if hasattr(self.ffn.experts, "recompute"):
-                self.ffn.experts.recompute = selective
-        if hasattr(self.attn, "recompute_up_projections"):
-            self.attn.recompute_up_projections = selective
+            self.ffn.experts.set_selective_recompute(selective)  # declared hooks of the plugin bases
+        self.attn.set_selective_recompute(selective)
 
     def forward(
         self,

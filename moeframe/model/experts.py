@@ -16,27 +16,29 @@ when the dtype is not bf16: torch's own shape function for ``_grouped_mm`` accep
 although the CPU kernel runs float32 too, so without the op tracing would fail (or break the
 graph) exactly on the MoE hot path. The op runs the same kernel, so results are identical.
 
-Precision plugins may take over the three projections: ``grouped_gemm``, ``None`` by default, is
-called as ``grouped_gemm(projection, x_NI, w_EOI, offs_E)`` for ``w1``, ``w3`` and ``w2`` when
-set (the ``fp8`` plugin installs its FP8 grouped GEMM there). The weights stay ordinary
-Parameters of this module, so optimizers, ZeRO and checkpoints see no difference.
+Precision plugins may take over the three projections through the grouped-GEMM seam declared on
+``ExpertsBase``: ``set_grouped_gemm(gemm)`` makes the forward call ``gemm(projection, x_NI, w_EOI,
+offs_E)`` for ``w1``, ``w3`` and ``w2`` (the ``fp8`` plugin installs its FP8 grouped GEMM there).
+The weights stay ordinary Parameters of this module, so optimizers, ZeRO and checkpoints see no
+difference.
 
-Step-time breakdown: :func:`set_phase_timer` installs a callback that the forward calls at the
-boundaries of dispatch (sort, gather, combine) and expert compute (the grouped GEMMs); it is
-``None`` unless a breakdown step is being measured (``moeframe.training.throughput``).
+Step-time breakdown: ``ExpertsBase.set_phase_timer`` installs a callback that the forward calls
+(``mark_phase``) at the boundaries of dispatch (sort, gather, combine) and expert compute (the
+grouped GEMMs); it is ``None`` unless a breakdown step is being measured
+(``moeframe.training.throughput``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from moeframe.model.base import ExpertsBase, PluginOptions
+from moeframe.model.base import ExpertsBase, GroupedGemm, PhaseTimer, PluginOptions  # noqa: F401 (re-exported)
 from moeframe.model.router import count_per_expert
 
 if TYPE_CHECKING:
@@ -56,24 +58,6 @@ class GroupedOptions(PluginOptions):
     def validate(self, config: "ModelConfig") -> None:
         if self.cpu_bf16_group_multiple < 0:
             raise ValueError(f"cpu_bf16_group_multiple must be >= 0 (0 = off), got {self.cpu_bf16_group_multiple}")
-
-
-# (projection name, expert-sorted rows x_NI, stacked weight w_EOI, row ends offs_E) -> y_NO
-GroupedGemm = Callable[[str, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-PhaseTimer = Callable[[Optional[str]], None]
-_phase_timer: Optional[PhaseTimer] = None
-
-
-def set_phase_timer(timer: Optional[PhaseTimer]) -> None:
-    """Install (or with None remove) the callback told ``"moe_dispatch"``, ``"moe_experts"`` or
-    ``None`` (phase over) as the experts' forward moves between phases."""
-    global _phase_timer
-    _phase_timer = timer
-
-
-def _phase(name: Optional[str]) -> None:
-    if _phase_timer is not None:
-        _phase_timer(name)
 
 
 def grouped_mm_supported(x: torch.Tensor, w_EXY: torch.Tensor) -> bool:
@@ -160,11 +144,14 @@ def _grouped_linear(x_ND: torch.Tensor, w_EOD: torch.Tensor, offs_E: torch.Tenso
 class GroupedExperts(ExpertsBase):
     """E SwiGLU experts; ``w1``/``w3`` [E, F, D] and ``w2`` [E, D, F] (checkpoint layout per expert).
 
-    ``recompute`` (set by selective activation checkpointing): the expert FFN keeps only its
-    gathered input for backward and recomputes the [N, F] hidden activations there."""
+    ``recompute`` (``set_selective_recompute``, by selective activation checkpointing): the expert
+    FFN keeps only its gathered input for backward and recomputes the [N, F] hidden activations
+    there."""
 
     Options = GroupedOptions
     plugin_api = "1"  # the moeframe plugin API this class is written against
+    grouped_gemm_seam = True  # projections run through self.grouped_gemm when a precision plugin sets it
+    marks_phases = True
 
     def __init__(
         self, config: "ModelConfig", options: GroupedOptions, num_experts: int, dim: int, hidden_dim: int
@@ -174,10 +161,13 @@ class GroupedExperts(ExpertsBase):
         self.use_grouped_mm = options.use_grouped_mm
         self.cpu_bf16_group_multiple = options.cpu_bf16_group_multiple
         self.recompute = False
-        self.grouped_gemm: Optional[GroupedGemm] = None  # see the module docstring
+        self.grouped_gemm: Optional[GroupedGemm] = None  # the seam (see the module docstring)
         self.w1 = nn.Parameter(torch.empty(num_experts, hidden_dim, dim))
         self.w2 = nn.Parameter(torch.empty(num_experts, dim, hidden_dim))
         self.w3 = nn.Parameter(torch.empty(num_experts, hidden_dim, dim))
+
+    def set_selective_recompute(self, enabled: bool) -> None:
+        self.recompute = enabled
 
     def _ffn(self, x_ND: torch.Tensor, offs_E: torch.Tensor, counts: list[int] | None) -> torch.Tensor:
         # Not fused into one GEMM over [w1; w3] (~15% less bf16 expert time on the CPU): the wider
@@ -203,7 +193,7 @@ class GroupedExperts(ExpertsBase):
         return _grouped_linear(x_NI, w_EOI, offs_E, counts)
 
     def forward(self, x_TD: torch.Tensor, weights_TK: torch.Tensor, indices_TK: torch.Tensor) -> torch.Tensor:
-        _phase("moe_dispatch")
+        self.mark_phase("moe_dispatch")
         T, K = indices_TK.shape
         order_N = indices_TK.flatten().argsort(stable=True)
         token_N = order_N // K  # which token each sorted slot belongs to
@@ -217,15 +207,15 @@ class GroupedExperts(ExpertsBase):
         if multiple:
             x_ND, counts_E, offs_E, slot_N = pad_expert_groups(x_ND, counts_E, multiple)
         counts = None if fast else counts_E.tolist()
-        _phase("moe_experts")
+        self.mark_phase("moe_experts")
         if self.recompute and torch.is_grad_enabled():
             y_ND = checkpoint(self._ffn, x_ND, offs_E, counts, use_reentrant=False)
         else:
             y_ND = self._ffn(x_ND, offs_E, counts)
-        _phase("moe_dispatch")  # the combine: weight, scatter back to tokens
+        self.mark_phase("moe_dispatch")  # the combine: weight, scatter back to tokens
         if multiple:
             y_ND = y_ND.index_select(0, slot_N)
         y_ND = y_ND * weights_TK.flatten().index_select(0, order_N).unsqueeze(-1).to(y_ND.dtype)
         y_TD = torch.zeros_like(x_TD).index_add_(0, token_N, y_ND)
-        _phase(None)
+        self.mark_phase(None)
         return y_TD

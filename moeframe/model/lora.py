@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moeframe.errors import ConfigError
-from moeframe.model.base import AttentionBase
+from moeframe.model.base import AttentionBase, ExpertsBase
 from moeframe.model.experts import GroupedExperts, _grouped_linear, grouped_mm_supported, pad_expert_groups
 from moeframe.model.moe import MoE
 
@@ -77,11 +77,14 @@ class LoRALinear(nn.Module):
         return self.base
 
 
-class LoRAGroupedExperts(nn.Module):
-    """Per-expert adapters on the stacked ``w1``, ``w2``, ``w3`` of a frozen ``GroupedExperts``."""
+class LoRAGroupedExperts(ExpertsBase):
+    """Per-expert adapters on the stacked ``w1``, ``w2``, ``w3`` of a frozen ``GroupedExperts``.
+
+    An experts module like the one it wraps (the decoder calls its declared hooks); it declares no
+    grouped-GEMM seam of its own: a precision plugin takes over the base layer's projections."""
 
     def __init__(self, base: GroupedExperts, rank: int, scale: float) -> None:
-        super().__init__()
+        nn.Module.__init__(self)  # wraps a built experts module; no model config to pass
         self.base, self.scale, self.num_experts = base, scale, base.num_experts
         for name in ("w1", "w2", "w3"):
             w_EOI = getattr(base, name)

@@ -63,3 +63,9 @@ class MoE(nn.Module):
             else:
                 y_TD = y_TD + self.shared_experts(x_TD)
         return y_TD.view_as(x_BTD), routing.aux_loss
+
+
+def moe_layers(module: nn.Module) -> list[tuple[str, MoE]]:
+    """Every MoE layer under ``module``, in model order, with its qualified name (a strategy that
+    swaps the experts, a callback that reads the routed-token counts ``tokens_per_expert``)."""
+    return [(name, m) for name, m in module.named_modules() if isinstance(m, MoE)]

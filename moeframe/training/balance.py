@@ -46,7 +46,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from torch import nn
 from torchmetrics import Metric
 
-from moeframe.model.moe import MoE
+from moeframe.model.moe import MoE, moe_layers
 from moeframe.training.callbacks import log_dir
 
 __all__ = ["ExpertBalance", "MaxVioBatch", "MaxVioGlobal", "all_reduce_sum", "max_violation", "moe_layers",
@@ -99,11 +99,6 @@ class MaxVioGlobal(Metric):
 
 
 # -- the once-per-step work -----------------------------------------------------------------------
-def moe_layers(module: nn.Module) -> list[tuple[str, MoE]]:
-    """Every MoE layer under ``module``, in model order, with its qualified name."""
-    return [(name, m) for name, m in module.named_modules() if isinstance(m, MoE)]
-
-
 def _read_counts(layers: list[tuple[str, MoE]]) -> torch.Tensor:
     return torch.stack([m.tokens_per_expert.detach().to(torch.float64) for _, m in layers])
 
@@ -221,11 +216,10 @@ class ExpertBalance(Callback):
         metrics["balance/maxvio_batch"] = float(maxvio_L.mean())
         metrics["balance/dead_expert_fraction"] = sum(self._dead_this_window) / max(len(self._dead_this_window), 1)
         self._dead_this_window = []
-        biases = [(n, getattr(m.gate, "e_score_correction_bias", None)) for n, m in self.layers]
-        for name, bias in biases:
-            if isinstance(bias, torch.Tensor):
-                metrics[f"balance/bias_min/{_layer_tag(name)}"] = float(bias.min())
-                metrics[f"balance/bias_max/{_layer_tag(name)}"] = float(bias.max())
+        for name, m in self.layers:  # the router's declared balancing state (aux_free: its bias)
+            for key, state in m.gate.balance_state().items():
+                metrics[f"balance/{key}_min/{_layer_tag(name)}"] = float(state.min())
+                metrics[f"balance/{key}_max/{_layer_tag(name)}"] = float(state.max())
         return metrics
 
     def _track_starvation(self, starved_LE: torch.Tensor, step: int) -> None:

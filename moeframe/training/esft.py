@@ -37,7 +37,7 @@ from torch import nn
 
 from moeframe.errors import ConfigError
 from moeframe.model.base import RouterOutput
-from moeframe.model.moe import MoE
+from moeframe.model.moe import MoE, moe_layers
 
 
 @dataclass
@@ -58,10 +58,6 @@ class ESFTOptions:
             raise ConfigError(f"model.esft.mass_fraction must be in (0, 1], got {self.mass_fraction}")
         if self.num_batches <= 0:
             raise ConfigError(f"model.esft.num_batches must be > 0, got {self.num_batches}")
-
-
-def moe_layers(decoder: nn.Module) -> list[tuple[str, MoE]]:
-    return [(n, m) for n, m in decoder.named_modules() if isinstance(m, MoE)]
 
 
 @torch.no_grad()

@@ -110,12 +110,11 @@ class _ForwardBreakdown:
     callback; installed for one step, then removed."""
 
     def __init__(self, model: torch.nn.Module, clock: _StepTimer) -> None:
-        from moeframe.model import experts as experts_module
         from moeframe.model.base import AttentionBase, ExpertsBase, RouterBase
         from moeframe.model.moe import MoE
 
         self.clock, self.totals = clock, {}
-        self._experts_module = experts_module
+        self._phased: list[ExpertsBase] = []  # experts that mark their own phases (marks_phases)
         self._handles: list[Any] = []
         self._phase: Optional[tuple[str, float]] = None
         kinds: list[tuple[str, torch.nn.Module]] = []
@@ -124,7 +123,9 @@ class _ForwardBreakdown:
                 kinds.append(("forward_attention", m))
             elif isinstance(m, RouterBase):
                 kinds.append(("forward_router", m))
-            elif isinstance(m, ExpertsBase) and not hasattr(m, "recompute"):
+            elif isinstance(m, ExpertsBase) and m.marks_phases:
+                self._phased.append(m)
+            elif isinstance(m, ExpertsBase):
                 kinds.append(("forward_moe_experts", m))  # an experts plugin without phase marks
             elif isinstance(m, MoE) and m.shared_experts is not None:
                 kinds.append(("forward_shared_experts", m.shared_experts))
@@ -132,7 +133,8 @@ class _ForwardBreakdown:
             self._handles.append(module.register_forward_pre_hook(self._start(key)))
             self._handles.append(module.register_forward_hook(self._stop(key)))
         self._starts: dict[str, float] = {}
-        experts_module.set_phase_timer(self._mark_phase)
+        for m in self._phased:
+            m.set_phase_timer(self._mark_phase)
 
     @staticmethod
     def _in_backward() -> bool:
@@ -164,7 +166,8 @@ class _ForwardBreakdown:
     def remove(self) -> None:
         for h in self._handles:
             h.remove()
-        self._experts_module.set_phase_timer(None)
+        for m in self._phased:
+            m.set_phase_timer(None)
 
 
 class ModelThroughput(Callback):

@@ -9,9 +9,7 @@ import math
 import pytest
 import torch
 
-from moeframe import registry
-from moeframe.config import ConfigError, resolve_model_config
-from moeframe.model.decoder import build_decoder
+from moeframe.plugin import ConfigError, apply_rope, build_decoder, registry, resolve_model_config, rope_cos_sin
 from moeframe.testing import (
     check_attention_contract,
     check_cache_matches_full,
@@ -66,8 +64,6 @@ def test_training_path_matches_a_naive_window() -> None:
         for p in attn.parameters():
             p.normal_(0, 0.2)
         q, k, v = (w(x).view(1, 10, 4, 8).transpose(1, 2)[0] for w in (attn.wq, attn.wk, attn.wv))
-        from moeframe.model.rope import apply_rope, rope_cos_sin
-
         cos, sin = rope_cos_sin(positions, 8, config.rope_theta, x.dtype)
         ref = naive_window_attention(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, window=4)
         expected = attn.wo(ref.transpose(0, 1).reshape(1, 10, 32))

@@ -22,11 +22,10 @@ from typing import TYPE_CHECKING, Optional
 import torch
 import torch.nn.functional as F
 
-from moeframe.model.attention import MHAOptions, MultiHeadAttention, document_mask
-from moeframe.model.base import AttentionCache
+from moeframe.plugin import AttentionCache, MHAOptions, MultiHeadAttention, document_mask
 
 if TYPE_CHECKING:
-    from moeframe.config import ModelConfig
+    from moeframe.plugin import ModelConfig
 
 
 @dataclass

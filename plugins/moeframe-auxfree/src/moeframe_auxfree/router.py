@@ -44,11 +44,11 @@ from typing import Literal, TYPE_CHECKING, Any, Callable, ClassVar, Optional
 import torch
 from torch import nn
 
-from moeframe.model.base import PluginOptions, RouterBase, RouterOutput
-from moeframe.model.router import count_per_expert, gate_logits_fp32, limit_to_groups
+from moeframe.plugin import (PluginOptions, RouterBase, RouterOutput, count_per_expert, gate_logits_fp32,
+                             limit_to_groups)
 
 if TYPE_CHECKING:
-    from moeframe.config import ModelConfig
+    from moeframe.plugin import ModelConfig
 
 __all__ = ["AuxFreeOptions", "AuxFreeRouter", "bias_step", "select_experts", "sequence_balance_loss"]
 
@@ -220,6 +220,10 @@ class AuxFreeRouter(RouterBase):
         if seq_len <= 0 or num_tokens % seq_len:
             raise ValueError(f"router aux_free: seq_len={seq_len} does not divide the {num_tokens} routed tokens")
         return seq_len
+
+    def balance_state(self) -> dict[str, torch.Tensor]:
+        """The bias the balance metrics log (``balance/bias_min``, ``balance/bias_max``)."""
+        return {"bias": self.e_score_correction_bias}
 
     @torch.no_grad()
     def update_after_step(self, tokens_per_expert_E: torch.Tensor) -> None:

@@ -1,9 +1,9 @@
 """Which modules run in FP8, and the swap itself.
 
 Two kinds of module run their GEMMs in FP8: ``nn.Linear`` (swapped for ``FP8Linear``, same
-Parameters) and routed experts stored as stacked weights, recognised by their ``grouped_gemm``
-hook (moeframe's ``GroupedExperts``, the parallel plugin's ``EPExperts``; see
-``moeframe.model.experts``), into which an ``FP8GroupedGemm`` is installed.
+Parameters) and routed experts stored as stacked weights that declare the grouped-GEMM seam of
+``ExpertsBase`` (moeframe's ``GroupedExperts``, the parallel plugin's ``EPExperts``), into which
+an ``FP8GroupedGemm`` is installed with ``set_grouped_gemm``.
 
 Default selection (DeepSeek-V3): every Linear and every stacked-experts module except what the
 model declares high precision. A model declares it with a ``high_precision_modules()`` method returning names relative
@@ -25,6 +25,7 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
+from moeframe.plugin import ExpertsBase
 from moeframe_fp8.grouped import FP8GroupedGemm
 from moeframe_fp8.linear import SUPPORTED_DTYPES, FP8ConfigError, FP8Linear, FP8Recipe
 
@@ -36,8 +37,9 @@ class FP8SelectionError(FP8ConfigError):
 
 
 def is_stacked_experts(module: nn.Module) -> bool:
-    """Routed experts whose projections a precision plugin may take over (``grouped_gemm`` hook)."""
-    return not isinstance(module, nn.Linear) and hasattr(module, "grouped_gemm")
+    """Routed experts whose projections a precision plugin may take over: they declare the
+    grouped-GEMM seam of ``ExpertsBase`` (``grouped_gemm_seam``)."""
+    return isinstance(module, ExpertsBase) and module.has_grouped_gemm_seam()
 
 
 def _eligible(module: nn.Module) -> bool:
@@ -119,7 +121,7 @@ def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
-def _install_grouped_gemm(experts: nn.Module, recipe: FP8Recipe, name: str) -> None:
+def _install_grouped_gemm(experts: ExpertsBase, recipe: FP8Recipe, name: str) -> None:
     """Hand the experts' three projections to an FP8GroupedGemm (once)."""
     current = experts.grouped_gemm
     if isinstance(current, FP8GroupedGemm):
@@ -133,7 +135,7 @@ def _install_grouped_gemm(experts: nn.Module, recipe: FP8Recipe, name: str) -> N
             what = "missing" if not isinstance(w, torch.Tensor) else f"{w.dtype} of shape {tuple(w.shape)}"
             raise FP8ConfigError(f"fp8: experts {name!r} need float32/bfloat16/float16 stacked weights w1/w2/w3 "
                                  f"[experts, out, in]; {p} is {what}: exclude it (exclude: ['{name}'])")
-    experts.grouped_gemm = FP8GroupedGemm(recipe, name)
+    experts.set_grouped_gemm(FP8GroupedGemm(recipe, name))
 
 
 def converted_modules(root: nn.Module) -> dict[str, FP8Module]:

@@ -24,7 +24,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from moeframe.errors import ConfigError
+from moeframe.plugin import ConfigError
 from moeframe_fp8.gemm import Backend, gemm
 from moeframe_fp8.quantize import dequantize_tiles, quantize_tiles, quantize_weight, tensor_stats
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from moeframe.convert.fp8 import AMAX_FLOOR, BLOCK, E4M3_MAX, quantize_blocks
+from moeframe.plugin import AMAX_FLOOR, BLOCK, E4M3_MAX, quantize_blocks
 
 __all__ = ["TILE", "BLOCK", "E4M3_MAX", "AMAX_FLOOR", "FP8", "num_tiles", "scale_from_amax", "quantize_tiles",
            "quantize_weight", "dequantize_tiles", "TensorStats", "tensor_stats"]

@@ -48,13 +48,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from moeframe.model.attention import cached_causal_mask, document_mask
-from moeframe.model.base import AttentionBase, AttentionCache, PluginOptions, parse_options
-from moeframe.model.norm import RMSNorm
+from moeframe.plugin import (AttentionBase, AttentionCache, PluginOptions, RMSNorm, cached_causal_mask,
+                             document_mask, parse_options)
 from moeframe_mla.rope import YaRN, rope_cos_sin, rope_inv_freq, rotate, yarn_cos_sin_scale, yarn_mscale
 
 if TYPE_CHECKING:
-    from moeframe.config import ModelConfig
+    from moeframe.plugin import ModelConfig
 
 __all__ = ["HF_PARAM_NAMES", "LatentCache", "MLAOptions", "MultiHeadLatentAttention",
            "kv_cache_bytes_per_token", "kv_cache_values_per_token", "per_head_kv_values_per_token",
@@ -206,9 +205,12 @@ class MultiHeadLatentAttention(AttentionBase):
         self.wo = nn.Linear(H * options.v_head_dim, config.dim, bias=False)
         # fast path (see _expand_kv); False runs the unpadded reference
         self.pad_values_for_flash = True
-        # selective activation checkpointing: recompute the query and key/value up-projections
-        # (wq_b, wkv_b) in backward instead of keeping their per-head outputs
+        # selective activation checkpointing (set_selective_recompute): recompute the query and
+        # key/value up-projections (wq_b, wkv_b) in backward instead of keeping their per-head outputs
         self.recompute_up_projections = False
+
+    def set_selective_recompute(self, enabled: bool) -> None:
+        self.recompute_up_projections = enabled
 
     # -- cache contract -------------------------------------------------------------------------
     @classmethod

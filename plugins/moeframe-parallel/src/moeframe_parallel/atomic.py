@@ -17,7 +17,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Optional
 
-from moeframe.training.reliability import partial_name, remove_stale_partials, replace_folder
+from moeframe.plugin import partial_name, remove_stale_partials, replace_folder
 
 __all__ = ["AtomicFolderCheckpoints"]
 

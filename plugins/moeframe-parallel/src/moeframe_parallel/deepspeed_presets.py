@@ -27,7 +27,7 @@ from typing import Any, Generator, Optional
 from lightning.pytorch.accelerators.cuda import CUDAAccelerator
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
 from lightning.fabric.utilities.seed import reset_seed
-from moeframe.layout import check_zero_layout
+from moeframe.plugin import check_zero_layout, moe_layers
 from moeframe_parallel.atomic import AtomicFolderCheckpoints
 
 __all__ = ["CPUCapableDeepSpeedStrategy", "Zero1Strategy", "Zero2Strategy", "Zero3Strategy", "Zero3OffloadStrategy",
@@ -175,7 +175,6 @@ def _register_router_weights_with_moe(model: Any) -> None:
     Registering the router weights as external parameters of the enclosing MoE layer (whose
     output is a plain tuple) makes ZeRO-3 gather them together with that layer."""
     import deepspeed
-    from moeframe.training.balance import moe_layers
 
     for _, moe in moe_layers(model):
         for param in moe.gate.parameters():

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed._functional_collectives import all_to_all_single, all_to_all_single_autograd
 
-from moeframe.model.experts import GroupedGemm, grouped_mm_supported
+from moeframe.plugin import ExpertsBase, GroupedGemm, grouped_mm_supported, moe_layers
 
 __all__ = ["EPExperts", "expert_ffn"]
 
@@ -51,7 +51,7 @@ def _linear_per_expert(x_RD: torch.Tensor, w_EOD: torch.Tensor, counts_E: torch.
 def expert_ffn(x_RD: torch.Tensor, w1_EFD: torch.Tensor, w2_EDF: torch.Tensor, w3_EFD: torch.Tensor,
                counts_E: torch.Tensor, grouped_gemm: Optional[GroupedGemm] = None) -> torch.Tensor:
     """SwiGLU experts over rows already grouped by expert (``counts_E`` rows each); a precision
-    plugin's ``grouped_gemm`` (see ``moeframe.model.experts``) runs the projections when given."""
+    plugin's ``grouped_gemm`` (the experts seam of ``moeframe.plugin``) runs the projections when given."""
     if grouped_gemm is not None:
         offs_E = counts_E.cumsum(0).to(torch.int32)
 
@@ -64,15 +64,18 @@ def expert_ffn(x_RD: torch.Tensor, w1_EFD: torch.Tensor, w2_EDF: torch.Tensor, w
     return project("w2", h_RF, w2_EDF)
 
 
-class EPExperts(nn.Module):
+class EPExperts(ExpertsBase):
     """The local shard of a layer's routed experts, with token dispatch over ``ep_group``.
 
     Built from a full (unsharded) experts module by ``from_full``, which keeps this rank's
-    slice of the stacked weights; the forward has the experts-plugin signature.
+    slice of the stacked weights; the forward has the experts-plugin signature, and the
+    grouped-GEMM seam is declared as on the core's grouped experts (fp8 runs here too).
     """
 
+    grouped_gemm_seam = True
+
     def __init__(self, num_experts: int, dim: int, hidden_dim: int, ep_group: dist.ProcessGroup) -> None:
-        super().__init__()
+        nn.Module.__init__(self)  # built from a full experts module (from_full), not from a model config
         self.ep_group = ep_group
         self.ep_size = dist.get_world_size(ep_group)
         self.ep_rank = dist.get_rank(ep_group)
@@ -91,7 +94,8 @@ class EPExperts(nn.Module):
         with torch.no_grad():
             for name in ("w1", "w2", "w3"):
                 getattr(shard, name).copy_(shard.local_slice(getattr(full, name)))
-        shard.grouped_gemm = getattr(full, "grouped_gemm", None)  # fp8 converted before the swap stays fp8
+        if isinstance(full, ExpertsBase) and full.has_grouped_gemm_seam():
+            shard.set_grouped_gemm(full.grouped_gemm)  # fp8 converted before the swap stays fp8
         return shard
 
     def local_slice(self, full_E: torch.Tensor) -> torch.Tensor:
@@ -136,8 +140,6 @@ class EPExperts(nn.Module):
 
 def replace_experts(model: nn.Module, ep_group: dist.ProcessGroup) -> list[str]:
     """Swap every MoE layer's experts for its EP shard; return the qualified names swapped."""
-    from moeframe.training.balance import moe_layers
-
     swapped = []
     for name, moe in moe_layers(model):
         if not isinstance(moe.experts, EPExperts):

@@ -37,7 +37,7 @@ from lightning.pytorch.strategies import DDPStrategy
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from moeframe.layout import check_ep_layout
+from moeframe.plugin import check_ep_layout
 from moeframe_parallel.ep_experts import EPExperts, ep_modules, replace_experts
 
 __all__ = ["ExpertParallelStrategy", "EP2DDPStrategy", "check_ep_size", "new_ep_groups"]

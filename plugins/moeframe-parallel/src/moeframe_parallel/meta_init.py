@@ -22,8 +22,7 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from moeframe.model.base import default_init
-from moeframe.model.decoder import init_random_stream
+from moeframe.plugin import default_init, init_random_stream
 
 __all__ = ["has_meta_tensors", "materialize_sharded"]
 
