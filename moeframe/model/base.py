@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING, Any, ClassVar, Optional
 import torch
 from torch import nn
 
+from moeframe.model.hfnames import HFNamed
+
 if TYPE_CHECKING:
     from moeframe.config import ModelConfig
 
@@ -121,7 +123,7 @@ class AttentionCache:
         return start, end
 
 
-class AttentionBase(nn.Module, abc.ABC):
+class AttentionBase(nn.Module, HFNamed, abc.ABC):
     """Causal self-attention. ``forward(x_BTD, positions_T, document_ids_BT, cache=None) -> y_BTD``.
 
     ``document_ids_BT`` (optional) marks packed documents; a token must never attend to a token
@@ -181,7 +183,7 @@ class RouterOutput:
     aux_loss: Optional[torch.Tensor] = None
 
 
-class RouterBase(nn.Module, abc.ABC):
+class RouterBase(nn.Module, HFNamed, abc.ABC):
     """Token-to-expert routing. ``forward(x_TD) -> RouterOutput``.
 
     A router's parameters and buffers are high precision (fp32): low-precision plugins must leave
@@ -206,7 +208,7 @@ class RouterBase(nn.Module, abc.ABC):
         ignore it; a bias-balanced router (DeepSeek-V3's aux-loss-free rule) updates here."""
 
 
-class ExpertsBase(nn.Module, abc.ABC):
+class ExpertsBase(nn.Module, HFNamed, abc.ABC):
     """The routed experts of one MoE layer. ``forward(x_TD, weights_TK, indices_TK) -> y_TD``.
 
     ``y_t = Σ_k weights[t,k] · expert_{indices[t,k]}(x_t)``; every token is processed (dropless).
@@ -226,7 +228,7 @@ class ExpertsBase(nn.Module, abc.ABC):
         """Combine the chosen experts' outputs, weighted, per token."""
 
 
-class NormBase(nn.Module, abc.ABC):
+class NormBase(nn.Module, HFNamed, abc.ABC):
     """A normalisation layer over the last dimension. ``forward(x) -> x``."""
 
     Options: ClassVar[type[PluginOptions]] = PluginOptions
