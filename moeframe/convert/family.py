@@ -73,6 +73,12 @@ class HFFamily(abc.ABC):
         """The HF module path of the decoder module ``module`` (``layers.3.attn`` ->
         ``model.layers.3.self_attn``), or None when this family has no place for it."""
 
+    def tensor_key(self, prefix: str, declared: str) -> str:
+        """The full HF key of a part's tensor: its module prefix and the name the part declared.
+        A family whose released files use older names for a part (Mixtral's ``w1`` for
+        ``gate_proj``) renames here, keeping the part's declaration the same for every family."""
+        return f"{prefix}.{declared}"
+
     def core_tensor(self, key: str, config: "ModelConfig") -> Optional[HFTensor]:
         """The HF tensor of a state-dict key owned by no named part (the embedding, the head,
         core projections), or None when the family has none."""

@@ -76,8 +76,9 @@ def _part_tensors(key: str, shape: tuple[int, ...], path: str, part: nn.Module, 
         raise ConfigError(f"HF family {family.name!r} has no place for the decoder module {path!r}")
     router = isinstance(part, RouterBase)  # router state stays fp32 and is never quantised
     if EXPERT in template:
-        return [HFTensor(f"{prefix}.{template.replace(EXPERT, str(k))}", k, router, not router) for k in range(shape[0])]
-    return [HFTensor(f"{prefix}.{template}", None, router, not router)]
+        return [HFTensor(family.tensor_key(prefix, template.replace(EXPERT, str(k))), k, router, not router)
+                for k in range(shape[0])]
+    return [HFTensor(family.tensor_key(prefix, template), None, router, not router)]
 
 
 def tensor_map(decoder: Decoder, family: HFFamily) -> dict[str, list[HFTensor]]:
@@ -97,7 +98,20 @@ def tensor_map(decoder: Decoder, family: HFFamily) -> dict[str, list[HFTensor]]:
         if core is None:
             raise ConfigError(f"moeframe tensor {key!r} has no HF name in family {family.name!r}")
         out[key] = [core]
+    _check_unique(out, family)
     return out
+
+
+def _check_unique(names: dict[str, list[HFTensor]], family: HFFamily) -> None:
+    """Two moeframe tensors written to one HF key would silently keep only the last."""
+    owner: dict[str, str] = {}
+    for key, tensors in names.items():
+        for t in tensors:
+            if t.key in owner:
+                raise ConfigError(f"HF family {family.name!r} maps both {owner[t.key]!r} and {key!r} to the HF "
+                                  f"tensor {t.key!r}; the parts' hf_tensor_names or the family's module_prefix "
+                                  "must give each tensor its own name")
+            owner[t.key] = key
 
 
 # -- config ---------------------------------------------------------------------------------------
