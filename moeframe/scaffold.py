@@ -66,6 +66,11 @@ class $cls(AttentionBase):
         self.wqkv = nn.Linear(config.dim, 3 * config.dim, bias=options.qkv_bias)
         self.wo = nn.Linear(config.dim, config.dim, bias=False)
 
+    @classmethod
+    def hf_tensor_names(cls, family: str) -> dict[str, Optional[str]]:
+        # its names in HF checkpoints, below the attention module (what `moeframe convert` writes)
+        return {"wqkv.weight": "qkv_proj.weight", "wqkv.bias": "qkv_proj.bias", "wo.weight": "o_proj.weight"}
+
     def forward(self, x_BTD: torch.Tensor, positions_T: torch.Tensor,
                 document_ids_BT: Optional[torch.Tensor] = None, cache: Optional[AttentionCache] = None) -> torch.Tensor:
         if cache is not None:
@@ -86,6 +91,7 @@ _ROUTER = '''"""Router plugin ``$name``: softmax top-k with renormalised weights
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -117,6 +123,11 @@ class $cls(RouterBase):
         self.top_k, self.route_scale, self.temperature = config.n_activated_experts, config.route_scale, options.temperature
         self.weight = nn.Parameter(torch.empty(config.n_routed_experts, config.dim))
 
+    @classmethod
+    def hf_tensor_names(cls, family: str) -> dict[str, Optional[str]]:
+        # its names in HF checkpoints, below the router's module (what `moeframe convert` writes)
+        return {"weight": "weight"}
+
     def forward(self, x_TD: torch.Tensor) -> RouterOutput:
         # routing in fp32: bf16 scores flip near-tied choices
         scores_TE = (F.linear(x_TD.float(), self.weight.float()) / self.temperature).softmax(dim=-1)
@@ -131,6 +142,7 @@ _EXPERTS = '''"""Experts plugin ``$name``: SwiGLU experts, one loop over the exp
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -158,6 +170,11 @@ class $cls(ExpertsBase):
         self.w2 = nn.Parameter(torch.empty(num_experts, dim, hidden_dim))
         self.w3 = nn.Parameter(torch.empty(num_experts, hidden_dim, dim))
 
+    @classmethod
+    def hf_tensor_names(cls, family: str) -> dict[str, Optional[str]]:
+        # one SwiGLU per expert in HF checkpoints: {e} is the expert index along dim 0
+        return {"w1": "{e}.gate_proj.weight", "w3": "{e}.up_proj.weight", "w2": "{e}.down_proj.weight"}
+
     def forward(self, x_TD: torch.Tensor, weights_TK: torch.Tensor, indices_TK: torch.Tensor) -> torch.Tensor:
         y_TD = torch.zeros_like(x_TD)
         for e in indices_TK.unique().tolist():
@@ -174,6 +191,7 @@ _NORM = '''"""Norm plugin ``$name``: layer normalisation without bias (a startin
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -197,6 +215,10 @@ class $cls(NormBase):
         super().__init__(dim, eps, options)
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
+
+    @classmethod
+    def hf_tensor_names(cls, family: str) -> dict[str, Optional[str]]:
+        return {"weight": "weight"}  # its name in HF checkpoints, below the norm's module
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.layer_norm(x.float(), (x.shape[-1],), self.weight.float(), None, self.eps).to(x.dtype)
