@@ -193,3 +193,25 @@ def test_unknown_model_type_lists_the_installed_families(tmp_path: Path, mixtral
     message = str(err.value)
     assert "model_type 'llama' is not a DeepSeek-V3/V2 / Mixtral checkpoint" in message
     assert "deepseek_v2, deepseek_v3, mixtral" in message and "'moeframe.hf_family'" in message
+
+
+CLASHING = '''
+from moeframe_mixtral_family import MixtralFamily
+
+class ClashingFamily(MixtralFamily):
+    """Puts both norms of a block at one HF path: two tensors, one name."""
+
+    def module_prefix(self, module, config):
+        return super().module_prefix(module.replace("ffn_norm", "attn_norm"), config)
+'''
+
+
+@pytest.mark.bad_input
+def test_two_tensors_with_one_hf_name_are_refused(tmp_path: Path, mixtral_family) -> None:
+    mixtral_family("moeframe-clashing", {"moeframe.hf_family": {"clashing": "moeframe_clashing:ClashingFamily"}},
+                   CLASHING)
+    config = tiny_config(first_k_dense=0, n_shared_experts=0, router={"name": "topk", "norm_topk_prob": True})
+    with pytest.raises(ConfigError, match=r"maps both 'layers\.0\.attn_norm\.weight' and 'layers\.0\.ffn_norm\.weight' "
+                                          r"to the HF tensor 'model\.layers\.0\.input_layernorm\.weight'"):
+        to_hf(build_decoder(config), tmp_path / "out", progress=False, family="clashing")
+    assert not (tmp_path / "out").exists()
