@@ -68,11 +68,11 @@ KINDS: dict[str, Kind] = {
         Kind("router", "moeframe.model.base:RouterBase"),
         Kind("experts", "moeframe.model.base:ExpertsBase"),
         Kind("norm", "moeframe.model.base:NormBase"),
-        # HF checkpoint families (DeepSeek-V3/V2, ...), registered under the model_type they read
-        Kind("hf_family", "moeframe.convert.family:HFFamily"),
         # Precision and strategies are Lightning's own extension points.
         Kind("precision", "lightning.pytorch.plugins.precision:Precision"),
         Kind("strategy", "lightning.pytorch.strategies:Strategy"),
+        # HF checkpoint families (DeepSeek-V3/V2, ...), registered under the model_type they read
+        Kind("hf_family", "moeframe.convert.family:HFFamily"),
     )
 }
 
