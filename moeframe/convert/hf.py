@@ -35,7 +35,7 @@ from torch import nn
 from moeframe import registry
 from moeframe.config import ConfigError, ModelConfig
 from moeframe.convert.family import HFFamily, HFTensor, family_for_export, family_for_model_type
-from moeframe.convert.fp8 import dequantize_blocks, quantize_blocks
+from moeframe.convert.fp8 import ScaleLookup, dequantize_blocks, quantize_blocks
 from moeframe.model.base import RouterBase
 from moeframe.model.decoder import Decoder, build_decoder
 from moeframe.model.hfnames import EXPERT, HFNamed
@@ -146,6 +146,13 @@ def _shard_files(folder: Path) -> list[Path]:
     return files
 
 
+def _scale_lookup(folder: Path, files: list[Path]) -> ScaleLookup:
+    """FP8 scales found through the index's weight_map (or the shards' headers without one)."""
+    index = folder / "model.safetensors.index.json"
+    weight_map = json.loads(index.read_text())["weight_map"] if index.is_file() else None
+    return ScaleLookup(folder, files, weight_map, _safe_open)
+
+
 def _check_quantization(hf: dict[str, Any], path: Path) -> bool:
     q = hf.get("quantization_config")
     if q is None:
@@ -187,6 +194,7 @@ def from_hf(path: str | Path, dtype: torch.dtype = torch.float32, progress: bool
     decoder.init_weights()  # buffers that checkpoints do not carry start from their defaults
     decoder.to(dtype)
     targets, filled = _targets(decoder, family), set()
+    scales = _scale_lookup(folder, files) if fp8 else None
     for file in tqdm(files, desc="loading shards", disable=not progress):
         with _safe_open(file) as f:
             keys = set(f.keys())
@@ -198,9 +206,10 @@ def from_hf(path: str | Path, dtype: torch.dtype = torch.float32, progress: bool
                                       "the one that belongs to these shards?")
                 value = f.get_tensor(key)
                 if value.dtype == torch.float8_e4m3fn:
-                    if not fp8 or f"{key}_scale_inv" not in keys:
-                        raise ConfigError(f"{file.name}: {key} is FP8 but has no {key}_scale_inv in the same shard")
-                    value = dequantize_blocks(value, f.get_tensor(f"{key}_scale_inv"))
+                    if scales is None:
+                        raise ConfigError(f"{file.name}: {key} is FP8 but config.json has no quantization_config "
+                                          "(quant_method fp8); is config.json the one that belongs to these shards?")
+                    value = dequantize_blocks(value, scales.scale_for(key, file, f))
                 _copy_into(targets[key], value, key, file)
                 filled.add(key)
     missing = sorted(set(targets) - filled)

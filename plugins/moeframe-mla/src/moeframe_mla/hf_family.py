@@ -11,7 +11,10 @@ the family decides:
 - multi-token prediction: depth k is HF layer ``n_layers + k - 1`` (layer 61 in DeepSeek-V3),
   its own ``enorm``/``hnorm``/``eh_proj``/``shared_head.norm`` then a full block under the usual
   per-layer names; released checkpoints also store a copy of the embedding and the head in
-  every MTP layer, which export writes and import skips (moeframe shares the main model's).
+  every MTP layer, which export writes and import skips (moeframe shares the main model's);
+- what stays BF16 in an FP8 export, as in the release (safetensors headers of DeepSeek-V3): the
+  embedding, the head and its MTP copy, and the MTP projection ``eh_proj``; routers (fp32) and
+  1-D tensors never quantise anyway.
 """
 
 from __future__ import annotations
@@ -118,7 +121,8 @@ class DeepSeekFamily(HFFamily):
             return HFTensor(_CORE_TENSORS[key], quantizable=False)
         module, _, leaf = key.rpartition(".")
         prefix = self.module_prefix(module, config) if module.startswith("mtp.") else None
-        return None if prefix is None else HFTensor(f"{prefix}.{leaf}")
+        # the MTP projection eh_proj is BF16 in the released FP8 checkpoint (only its block is FP8)
+        return None if prefix is None else HFTensor(f"{prefix}.{leaf}", quantizable=False)
 
     def exported_copies(self, state: dict[str, "torch.Tensor"], config: ModelConfig, mtp: bool
                         ) -> Iterator[tuple[HFTensor, "torch.Tensor"]]:
@@ -126,7 +130,7 @@ class DeepSeekFamily(HFFamily):
             layer = f"model.layers.{config.n_layers + k}"
             # separate storage: safetensors refuses tensors that share memory
             yield HFTensor(f"{layer}.embed_tokens.weight", quantizable=False), state["embed.weight"].clone()
-            yield HFTensor(f"{layer}.shared_head.head.weight"), state["head.weight"].clone()
+            yield HFTensor(f"{layer}.shared_head.head.weight", quantizable=False), state["head.weight"].clone()
 
     def skipped_on_import(self, hf_key: str, config: ModelConfig) -> bool:
         """MTP layers beyond the loaded depth, and the MTP layers' copies of the shared weights."""
