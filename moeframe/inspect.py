@@ -26,7 +26,8 @@ from typing import Any, Optional
 from torch import nn
 
 from moeframe.config import ConfigError, ModelConfig
-from moeframe.layout import ParallelLayout, strategy_for
+from moeframe import registry
+from moeframe.layout import BUILTIN_PRECISION, ParallelLayout, precision_bytes, strategy_for
 from moeframe.model.base import AttentionBase, NormBase, RouterBase
 from moeframe.model.decoder import Decoder, build_decoder
 from moeframe.model.ffn import SwiGLU
@@ -152,9 +153,8 @@ def memory_per_gpu(counts: dict[str, int], zero: int, dp: int, ep: int, precisio
     routed = counts["routed_experts"]  # MTP modules train too: they are in the memory estimate
     dense = sum(counts.values()) - routed
     expert_dp = max(1, dp // ep)  # expert weights are data-parallel over the remaining ranks
-    weight_bytes = 1 if precision == "fp8" else 2
-    master = 4  # fp32 master weights (bf16 and fp8 training both keep them)
-    moment_bytes = 2 if precision == "fp8" else 4  # V3 keeps AdamW moments in BF16 with FP8
+    per_param = precision_bytes(precision)  # as the precision plugin declares it
+    weight_bytes, master, moment_bytes = per_param.weights, per_param.master, per_param.moment
 
     def sharded(n_dense: float, n_routed: float, stage_min: int) -> float:
         return (n_dense / dp + n_routed / expert_dp) if zero >= stage_min else n_dense + n_routed
@@ -168,7 +168,7 @@ def memory_per_gpu(counts: dict[str, int], zero: int, dp: int, ep: int, precisio
 
 
 def inspect_model(cfg: ModelConfig, name: str, seq_len: int = 4096, zero: int = 1, dp: int = 1, ep: int = 1,
-                  precision: str = "bf16") -> Report:
+                  precision: str = BUILTIN_PRECISION) -> Report:
     # the strategies' own checks: a layout accepted here is one `moeframe fit` accepts
     layout = ParallelLayout(world_size=dp, ep=ep, zero=zero).validate(cfg.n_routed_experts)
     decoder = build_decoder(cfg, device="meta")
@@ -223,7 +223,7 @@ def print_report(r: Report, zero: int, dp: int, ep: int, precision: str) -> None
     print(f"KV cache bytes/token (bf16)      {kv}   (plain per-head K/V: {r.naive_kv_cache_bytes_per_token:,})")
     print(f"training FLOPs/token (T={r.seq_len})  {r.training_flops_per_token:.4g}")
     lay = r.layout
-    strategy = lay["strategy"] or "none yet (no moeframe-parallel preset composes ZeRO with EP; estimate only)"
+    strategy = lay["strategy"] or "none yet (no installed strategy declares this layout; estimate only)"
     print(f"parallel layout: {lay['world_size']} ranks = EP {lay['ep']} x expert-DP {lay['expert_dp']}; "
           f"{lay['experts_per_rank_per_layer']} routed experts per rank per MoE layer; per rank before ZeRO: "
           f"{_fmt(lay['routed_expert_params_per_rank'])} routed-expert + {_fmt(lay['dense_params_per_rank'])} "
@@ -242,7 +242,8 @@ def inspect_command(argv: list[str]) -> int:
     p.add_argument("--zero", type=int, default=1, help="ZeRO stage for the memory estimate (0 = plain data parallel)")
     p.add_argument("--dp", type=int, default=1, help="data-parallel ranks (including expert-parallel ones)")
     p.add_argument("--ep", type=int, default=1, help="expert-parallel degree")
-    p.add_argument("--precision", choices=["bf16", "fp8"], default="bf16")
+    p.add_argument("--precision", choices=[BUILTIN_PRECISION, *sorted(registry.available("precision"))],
+                   default=BUILTIN_PRECISION, help="bf16 or an installed precision plugin (its declared bytes per parameter)")
     args = p.parse_args(argv)
     for name in ("seq_len", "dp", "ep"):
         if getattr(args, name) <= 0:

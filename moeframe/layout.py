@@ -1,7 +1,7 @@
 """Parallel layouts: which ranks hold which weights, validated in one place.
 
-The strategies of the ``moeframe-parallel`` plugin and ``moeframe inspect`` both call these checks,
-so a layout ``inspect`` accepts is one the strategies accept, with the same message when it is not.
+Strategy plugins and ``moeframe inspect`` both call these checks, so a layout ``inspect`` accepts
+is one the strategies accept, with the same message when it is not.
 They are plain arithmetic (no torch, no process group): a wrong layout must fail before any
 collective exists, because a bad layout inside a collective is a hang, not an error.
 
@@ -9,16 +9,23 @@ Terms (Megatron/DeepSeek usage): the *world* is every rank; dense weights are da
 the whole world; routed experts are split over an *EP group* of ``ep`` ranks (each holds
 ``n_routed_experts / ep`` of them) and each expert shard is data-parallel over the
 ``world / ep`` ranks that hold the same shard (*expert-DP*).
+
+Strategies and precisions describe themselves: a strategy plugin that runs layouts derives from
+``DescribesLayout`` and says which (``runs_layout``); a precision plugin derives from
+``DescribesMemory`` and says what it keeps per parameter (``training_bytes``). ``strategy_for``
+and ``moeframe inspect`` read those declarations from the installed plugins, so this module
+names no strategy or precision plugin.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 from moeframe.errors import ConfigError
 
-__all__ = ["ParallelLayout", "check_ep_layout", "check_zero_layout", "strategy_for"]
+__all__ = ["DescribesLayout", "DescribesMemory", "ParallelLayout", "TrainingBytes", "check_ep_layout",
+           "check_zero_layout", "precision_bytes", "strategy_for"]
 
 
 def check_ep_layout(ep_size: int, world_size: int, num_experts: Optional[int]) -> None:
@@ -42,7 +49,7 @@ def check_zero_layout(stage: int, offload_parameters: bool = False, offload_para
         raise ConfigError(f"DeepSpeed ZeRO stage must be 1, 2 or 3, got {stage}")
     if offload_parameters and stage != 3:
         raise ConfigError(f"offload_parameters=True needs ZeRO stage 3 (only stage 3 partitions the parameters), "
-                          f"got stage {stage}: use strategy zero3_offload, or set offload_parameters false")
+                          f"got stage {stage}: use a ZeRO stage-3 strategy, or set offload_parameters false")
     if "nvme" in (offload_params_device, offload_optimizer_device) and not nvme_path:
         raise ConfigError("offloading to nvme needs nvme_path (a folder on a local NVMe drive)")
     if offload_params_device == "nvme" and stage != 3:
@@ -73,10 +80,76 @@ class ParallelLayout:
         return n_routed_experts // self.ep
 
 
-def strategy_for(layout: ParallelLayout) -> Optional[str]:
-    """The ``--trainer.strategy`` value that runs ``layout``, or None when no preset composes it."""
-    if layout.ep > 1:
-        return None if layout.zero else ("ep2_ddp" if layout.ep == 2 else f"ep (ep_size={layout.ep})")
-    if layout.zero:
-        return "zero3_offload" if layout.offload_parameters else f"zero{layout.zero}"
-    return "ddp" if layout.world_size > 1 else "auto"
+class DescribesLayout:
+    """Mixed into a strategy plugin (a Lightning ``Strategy``) that runs parallel layouts, so that
+    ``moeframe inspect`` can name the ``--trainer.strategy`` for a layout it estimates."""
+
+    @classmethod
+    def runs_layout(cls, layout: ParallelLayout) -> Optional[dict[str, Any]]:
+        """The init arguments with which this strategy runs ``layout`` (``{}``: as registered),
+        or None when it does not run it."""
+        return None
+
+
+def _installed_strategies() -> dict[str, type]:
+    from moeframe import registry
+
+    strategies = {}
+    for name in sorted(registry.available("strategy")):
+        try:
+            strategies[name] = registry.load("strategy", name)
+        except registry.PluginError:  # a broken strategy package must not break an estimate
+            continue
+    return strategies
+
+
+def strategy_for(layout: ParallelLayout, strategies: Optional[dict[str, type]] = None) -> Optional[str]:
+    """The ``--trainer.strategy`` value that runs ``layout`` (e.g. ``name (ep_size=4)``), or None
+    when no installed strategy declares it; plain data parallelism is Lightning's own ``ddp``.
+    Among several strategies the one needing the fewest arguments wins (a preset over a knob)."""
+    if layout.ep == 1 and not layout.zero:
+        return "ddp" if layout.world_size > 1 else "auto"
+    found = []
+    for name, cls in (_installed_strategies() if strategies is None else strategies).items():
+        args = cls.runs_layout(layout) if issubclass(cls, DescribesLayout) else None
+        if args is not None:
+            found.append((len(args), name, args))
+    if not found:
+        return None
+    _, name, args = min(found, key=lambda f: (f[0], f[1]))
+    return name if not args else f"{name} ({', '.join(f'{k}={v}' for k, v in args.items())})"
+
+
+@dataclass(frozen=True)
+class TrainingBytes:
+    """Bytes per parameter a precision keeps for training: the weights it computes with, the fp32
+    master copy, and each of AdamW's two moments."""
+
+    weights: int = 2
+    master: int = 4
+    moment: int = 4
+
+
+class DescribesMemory:
+    """Mixed into a precision plugin so that ``moeframe inspect --precision NAME`` can estimate
+    its memory."""
+
+    @classmethod
+    def training_bytes(cls) -> TrainingBytes:
+        return TrainingBytes()
+
+
+BUILTIN_PRECISION = "bf16"  # bf16 weights, fp32 master weights and moments: TrainingBytes()
+
+
+def precision_bytes(name: str) -> TrainingBytes:
+    """What precision ``name`` (``bf16`` or an installed precision plugin) keeps per parameter."""
+    if name == BUILTIN_PRECISION:
+        return TrainingBytes()
+    from moeframe import registry
+
+    cls = registry.load("precision", name)
+    if not issubclass(cls, DescribesMemory):
+        raise ConfigError(f"precision plugin {name!r} does not describe its memory: it must derive from "
+                          "moeframe.layout.DescribesMemory and return its TrainingBytes from training_bytes()")
+    return cls.training_bytes()

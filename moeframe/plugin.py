@@ -24,6 +24,10 @@ What is here, by use:
   (``grouped_mm_supported``), weight init (``default_init``, ``init_random_stream``), the FP8 block format (``quantize_blocks`` and its
   constants), parallel-layout checks (``check_ep_layout``, ``check_zero_layout``), atomic
   checkpoint IO (``partial_name``, ``replace_folder``, ``remove_stale_partials``), ``ConfigError``;
+- **names and layouts a plugin declares**: ``HFNamed`` (a part's HF tensor names and config
+  fields; ``EXPERT`` stands for the expert index), ``HFFamily``/``HFTensor`` (a checkpoint-family
+  adapter, entry-point kind ``hf_family``), ``DescribesLayout``/``ParallelLayout`` (a strategy's
+  parallel layout), ``DescribesMemory``/``TrainingBytes`` (a precision's bytes per parameter);
 - the core's **baseline plugins**, to extend or reuse: ``MultiHeadAttention``/``MHAOptions``
   (with ``KVCache``, ``rope_cos_sin``, ``apply_rope``), ``RMSNorm``, ``GroupedExperts``;
 - for a plugin's own tests: ``registry`` (``registry.load(kind, name)`` is what a run does),
@@ -40,7 +44,8 @@ from moeframe import registry
 from moeframe.config import ModelConfig, resolve_model_config
 from moeframe.convert.fp8 import AMAX_FLOOR, BLOCK, E4M3_MAX, dequantize_blocks, quantize_blocks
 from moeframe.errors import ConfigError
-from moeframe.layout import check_ep_layout, check_zero_layout
+from moeframe.convert.family import HFFamily, HFTensor
+from moeframe.layout import DescribesLayout, DescribesMemory, ParallelLayout, TrainingBytes, check_ep_layout, check_zero_layout
 from moeframe.model.attention import KVCache, MHAOptions, MultiHeadAttention, cached_causal_mask, document_mask
 from moeframe.model.base import (
     AttentionBase,
@@ -61,6 +66,7 @@ from moeframe.model.base import (
 from moeframe.model.decoder import build_decoder, init_random_stream
 from moeframe.model.experts import GroupedExperts, grouped_mm_supported
 from moeframe.model.moe import moe_layers
+from moeframe.model.hfnames import EXPERT, HFNamed
 from moeframe.model.norm import RMSNorm
 from moeframe.model.rope import apply_rope, rope_cos_sin
 from moeframe.model.router import count_per_expert, gate_logits_fp32, limit_to_groups
@@ -78,7 +84,8 @@ _LAZY: dict[str, str] = {
 }
 
 __all__ = [
-    "AMAX_FLOOR", "BLOCK", "E4M3_MAX", "PLUGIN_API_VERSION",
+    "AMAX_FLOOR", "BLOCK", "E4M3_MAX", "EXPERT", "PLUGIN_API_VERSION",
+    "DescribesLayout", "DescribesMemory", "HFFamily", "HFNamed", "HFTensor", "ParallelLayout", "TrainingBytes",
     "AttentionBase", "AttentionCache", "ConfigError", "ExpertsBase", "GroupedExperts", "GroupedGemm", "KVCache",
     "MHAOptions", "ModelConfig", "MultiHeadAttention", "NormBase", "PhaseTimer", "PluginDeprecationWarning",
     "PluginOptions", "RMSNorm", "RouterBase", "RouterOutput",

@@ -71,6 +71,8 @@ KINDS: dict[str, Kind] = {
         # Precision and strategies are Lightning's own extension points.
         Kind("precision", "lightning.pytorch.plugins.precision:Precision"),
         Kind("strategy", "lightning.pytorch.strategies:Strategy"),
+        # HF checkpoint families (DeepSeek-V3/V2, ...), registered under the model_type they read
+        Kind("hf_family", "moeframe.convert.family:HFFamily"),
     )
 }
 

@@ -22,7 +22,7 @@ _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 
 # The class-name suffix of each kind, and the module the plugin lives in.
 _SUFFIX = {"attention": "Attention", "router": "Router", "experts": "Experts", "norm": "Norm",
-           "precision": "Precision", "strategy": "Strategy"}
+           "precision": "Precision", "strategy": "Strategy", "hf_family": "Family"}
 
 # -- the plugin module, one per kind (string.Template: $name, $cls, $module, $dist) -------------
 
@@ -64,6 +64,11 @@ class $cls(AttentionBase):
         self.wqkv = nn.Linear(config.dim, 3 * config.dim, bias=options.qkv_bias)
         self.wo = nn.Linear(config.dim, config.dim, bias=False)
 
+    @classmethod
+    def hf_tensor_names(cls, family: str) -> dict[str, Optional[str]]:
+        # its names in HF checkpoints, below the attention module (what `moeframe convert` writes)
+        return {"wqkv.weight": "qkv_proj.weight", "wqkv.bias": "qkv_proj.bias", "wo.weight": "o_proj.weight"}
+
     def forward(self, x_BTD: torch.Tensor, positions_T: torch.Tensor,
                 document_ids_BT: Optional[torch.Tensor] = None, cache: Optional[AttentionCache] = None) -> torch.Tensor:
         if cache is not None:
@@ -84,6 +89,7 @@ _ROUTER = '''"""Router plugin ``$name``: softmax top-k with renormalised weights
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from torch import nn
@@ -113,6 +119,11 @@ class $cls(RouterBase):
         self.top_k, self.route_scale, self.temperature = config.n_activated_experts, config.route_scale, options.temperature
         self.weight = nn.Parameter(torch.empty(config.n_routed_experts, config.dim))
 
+    @classmethod
+    def hf_tensor_names(cls, family: str) -> dict[str, Optional[str]]:
+        # its names in HF checkpoints, below the router's module (what `moeframe convert` writes)
+        return {"weight": "weight"}
+
     def forward(self, x_TD: torch.Tensor) -> RouterOutput:
         # routing in fp32, also under autocast (bf16-mixed re-casts F.linear): bf16 scores flip near-tied choices
         scores_TE = (gate_logits_fp32(x_TD, self.weight) / self.temperature).softmax(dim=-1)
@@ -127,6 +138,7 @@ _EXPERTS = '''"""Experts plugin ``$name``: SwiGLU experts, one loop over the exp
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -153,6 +165,11 @@ class $cls(ExpertsBase):
         self.w2 = nn.Parameter(torch.empty(num_experts, dim, hidden_dim))
         self.w3 = nn.Parameter(torch.empty(num_experts, hidden_dim, dim))
 
+    @classmethod
+    def hf_tensor_names(cls, family: str) -> dict[str, Optional[str]]:
+        # one SwiGLU per expert in HF checkpoints: {e} is the expert index along dim 0
+        return {"w1": "{e}.gate_proj.weight", "w3": "{e}.up_proj.weight", "w2": "{e}.down_proj.weight"}
+
     def forward(self, x_TD: torch.Tensor, weights_TK: torch.Tensor, indices_TK: torch.Tensor) -> torch.Tensor:
         y_TD = torch.zeros_like(x_TD)
         for e in indices_TK.unique().tolist():
@@ -169,6 +186,7 @@ _NORM = '''"""Norm plugin ``$name``: layer normalisation without bias (a startin
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -192,6 +210,10 @@ class $cls(NormBase):
         super().__init__(dim, eps, options)
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
+
+    @classmethod
+    def hf_tensor_names(cls, family: str) -> dict[str, Optional[str]]:
+        return {"weight": "weight"}  # its name in HF checkpoints, below the norm's module
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.layer_norm(x.float(), (x.shape[-1],), self.weight.float(), None, self.eps).to(x.dtype)
@@ -269,8 +291,70 @@ class $cls(DDPStrategy):
         super().__init__(**kwargs)
 '''
 
+_HF_FAMILY = '''"""HF checkpoint family ``$name``: folders whose config.json says ``model_type: $name`` (a starting point).
+
+A family knows the HF module tree and the model-wide config fields; every part (attention,
+router, experts, norm) names its own tensors and options (``hf_tensor_names``, ``hf_config``,
+``options_from_hf`` on its class). This one lays a moeframe decoder out in the Llama/DeepSeek
+tree (``model.layers.i.self_attn``, ``.mlp.experts.e``, ...) and records which plugin each part
+is, so any parts that declare their names convert. Adapt ``config_*`` to a real family's fields.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import fields
+from typing import Any, Optional
+
+from moeframe import registry
+from moeframe.config import ConfigError, ModelConfig, resolve_model_config
+from moeframe.convert.family import HFFamily, HFTensor
+
+_PARTS = ("attention", "router", "experts", "norm")
+_BLOCK = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm", "attn": "self_attn", "ffn": "mlp"}
+_CORE = {"embed.weight": "model.embed_tokens.weight", "head.weight": "lm_head.weight"}
+
+
+class $cls(HFFamily):
+    display_name = "$name"
+    model_type = "$name"
+    plugin_api = "$api"  # the moeframe plugin API this class is written against
+
+    def config_from_hf(self, hf: dict[str, Any], path: str, mtp: bool) -> ModelConfig:
+        try:
+            core = {f.name: hf["moeframe"][f.name] for f in fields(ModelConfig) if f.name not in _PARTS}
+            parts = {kind: {"name": hf[f"{kind}_type"],
+                            **registry.load(kind, hf[f"{kind}_type"]).options_from_hf(self.name, hf)} for kind in _PARTS}
+        except KeyError as exc:
+            raise ConfigError(f"{path}: missing field {exc.args[0]!r} for a $name checkpoint") from None
+        return ModelConfig(**core, **parts)
+
+    def config_to_hf(self, config: ModelConfig, mtp: bool) -> dict[str, Any]:
+        if config.mtp_depth and mtp:
+            raise ConfigError("$name checkpoints have no multi-token-prediction layers; export with mtp=False")
+        plan = resolve_model_config(config)
+        out: dict[str, Any] = {"model_type": self.model_type,
+                               "moeframe": {f.name: getattr(config, f.name) for f in fields(ModelConfig) if f.name not in _PARTS}}
+        for kind in _PARTS:
+            choice = getattr(plan, kind)
+            out[f"{kind}_type"] = choice.name
+            out.update(choice.cls.hf_config(self.name, config, choice.options))
+        return out
+
+    def module_prefix(self, module: str, config: ModelConfig) -> Optional[str]:
+        if module == "norm":
+            return "model.norm"
+        m = re.fullmatch(r"layers\\.(\\d+)\\.([a-z_]+)(\\..+)?", module)
+        if m is None or m.group(2) not in _BLOCK:
+            return None
+        return f"model.layers.{m.group(1)}.{_BLOCK[m.group(2)]}{m.group(3) or ''}"
+
+    def core_tensor(self, key: str, config: ModelConfig) -> Optional[HFTensor]:
+        return HFTensor(_CORE[key], quantizable=False) if key in _CORE else None
+'''
+
 _MODULES = {"attention": _ATTENTION, "router": _ROUTER, "experts": _EXPERTS, "norm": _NORM,
-            "precision": _PRECISION, "strategy": _STRATEGY}
+            "precision": _PRECISION, "strategy": _STRATEGY, "hf_family": _HF_FAMILY}
 
 # -- the tests: the kind's contract check from moeframe.testing ----------------------------------
 
@@ -311,6 +395,12 @@ def test_experts_contract() -> None:
 def test_norm_contract() -> None:
     check_norm_contract(tiny_config(norm={"name": "$name"}))
 ''',
+    "hf_family": '''
+
+def test_hf_family_contract() -> None:
+    # a tiny model exported to a $name folder and imported back: every tensor and the logits equal
+    check_hf_family_contract(tiny_config(), family="$name")
+''',
     "strategy": '''
 
 def test_strategy_contract() -> None:
@@ -322,7 +412,8 @@ def test_strategy_contract() -> None:
 
 _CHECKS = {"attention": "check_attention_contract", "router": "check_router_contract",
            "experts": "check_experts_contract", "norm": "check_norm_contract",
-           "precision": "check_precision_contract", "strategy": "check_strategy_contract"}
+           "precision": "check_precision_contract", "strategy": "check_strategy_contract",
+           "hf_family": "check_hf_family_contract"}
 
 _PYPROJECT = '''[build-system]
 requires = ["setuptools>=64"]
@@ -374,6 +465,7 @@ _USAGE = {
     "norm": "Select it in a model config: `norm: {name: $name}`.\n",
     "precision": "It is a Lightning `Precision`: select it by name, `moeframe fit -c run.yaml --trainer.plugins $name`.\n",
     "strategy": "Select it on the command line: `moeframe fit -c run.yaml --trainer.strategy $name`.\n",
+    "hf_family": "`moeframe convert` reads folders whose config.json has `model_type: $name`; export with `--family $name`.\n",
 }
 
 

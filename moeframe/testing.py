@@ -10,7 +10,9 @@ would and raises AssertionError with a readable message when a contract is broke
 - experts: :func:`check_experts_contract` (parity with a naive per-pair loop, forward and backward);
 - norm: :func:`check_norm_contract`;
 - precision: :func:`check_precision_contract` (converts only what it claims, gradients flow);
-- strategy: :func:`check_strategy_contract` (registers, trains 2 steps on 2 CPU processes).
+- strategy: :func:`check_strategy_contract` (registers, trains 2 steps on 2 CPU processes);
+- HF checkpoint family, or a part's HF names in a family: :func:`check_hf_family_contract`
+  (export, import, every tensor and the logits come back exactly).
 
 :func:`tiny_config` gives the CPU-sized model config they are meant to run on.
 """
@@ -416,6 +418,44 @@ def check_norm_contract(config: ModelConfig) -> None:
     other.load_state_dict(norm.state_dict(), strict=True)
     with torch.no_grad():
         assert torch.equal(other(x_BTD), norm(x_BTD)), f"{name}: a state-dict round trip changed the output"
+
+
+# -- HF checkpoint families and the parts' HF names -------------------------------------------
+
+def check_hf_family_contract(config: ModelConfig, family: str | None = None, seq_len: int = 8) -> Path:
+    """A model of ``config`` (its weights and buffers randomised, so a swapped name shows)
+    exported to an HF folder of ``family`` (default: the one installed family it fits) in fp32
+    and imported back: the folder's ``config.json`` names a ``model_type`` whose family reads it;
+    every tensor HF checkpoints carry comes back bit for bit; the logits are equal. Checks a family
+    adapter, and a part plugin's ``hf_tensor_names``/``hf_config``/``options_from_hf`` in a family.
+    Returns the exported folder (a temporary directory) for further checks."""
+    import json
+
+    from moeframe.convert.hf import from_hf, tensor_map, to_hf
+    from moeframe.convert.family import family_for_export
+
+    torch.manual_seed(0)
+    decoder = build_decoder(config).eval()
+    with torch.no_grad():
+        for t in decoder.state_dict().values():
+            if t.is_floating_point():
+                t.copy_(torch.randn_like(t) * 0.1)
+    chosen = family_for_export(config, family)
+    folder = Path(tempfile.mkdtemp(prefix="moeframe-hf-family-")) / "hf"
+    to_hf(decoder, folder, dtype=torch.float32, progress=False, family=family)
+    model_type = json.loads((folder / "config.json").read_text()).get("model_type")
+    back = from_hf(folder, progress=False).eval()
+    carried = {k for k, names in tensor_map(decoder, chosen).items() if names}
+    mine, theirs = decoder.state_dict(), back.state_dict()
+    for key in sorted(carried):
+        assert key in theirs and torch.equal(mine[key], theirs[key]), (
+            f"HF family {chosen.name!r} (model_type {model_type!r}): tensor {key} did not come back unchanged")
+    ids_BT = torch.randint(0, config.vocab_size, (2, seq_len))
+    with torch.no_grad():
+        assert torch.equal(decoder(ids_BT).logits, back(ids_BT).logits), (
+            f"HF family {chosen.name!r}: the imported model computes different logits (an option the "
+            "parts' hf_config/options_from_hf do not carry, or the family's config fields)")
+    return folder
 
 
 # -- precision plugins ------------------------------------------------------------------------

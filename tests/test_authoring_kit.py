@@ -95,7 +95,7 @@ def test_new_plugin_packages_install_and_pass_their_own_tests(tmp_path: Path) ->
     listing = run(CLI + ["plugins", "--json"], cwd=tmp_path, site=site).stdout
     names = {(p["kind"], p["name"], p["distribution"]) for p in json.loads(listing)}
     for kind in registry.KINDS:
-        assert (kind, f"my_{kind}", f"moeframe-my-{kind}") in names
+        assert (kind, f"my_{kind}", f"moeframe-my-{kind.replace('_', '-')}") in names  # dists use dashes
     tests = run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--import-mode=importlib",
                  "--rootdir", str(tmp_path), *[str(p / "tests") for p in packages]], cwd=tmp_path, site=site, timeout=420)
     assert f"{2 * len(registry.KINDS)} passed" in tests.stdout, tests.stdout[-2000:]

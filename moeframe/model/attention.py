@@ -11,7 +11,7 @@ Shapes: G key/value heads, d head size, S cached tokens (see ``moeframe.model.ba
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -97,6 +97,21 @@ class MultiHeadAttention(AttentionBase):
     @classmethod
     def kv_cache_values_per_token(cls, config: "ModelConfig", options: MHAOptions) -> int:
         return 2 * (options.n_kv_heads or config.n_heads) * config.head_dim
+
+    @classmethod
+    def hf_tensor_names(cls, family: str) -> dict[str, Optional[str]]:
+        # the names of HF transformers' Llama-style attention (``self_attn.q_proj`` ...)
+        names = {f"w{p}.{t}": f"{p}_proj.{t}" for p in "qkv" for t in ("weight", "bias")}
+        return {**names, "wo.weight": "o_proj.weight"}
+
+    @classmethod
+    def hf_config(cls, family: str, config: "ModelConfig", options: PluginOptions) -> dict[str, Any]:
+        assert isinstance(options, MHAOptions)
+        return {"num_key_value_heads": options.n_kv_heads or config.n_heads, "attention_bias": options.qkv_bias}
+
+    @classmethod
+    def options_from_hf(cls, family: str, hf: dict[str, Any]) -> dict[str, Any]:
+        return {"n_kv_heads": hf.get("num_key_value_heads"), "qkv_bias": bool(hf.get("attention_bias", False))}
 
     def new_cache(self, batch_size: int, max_len: int, device: torch.device, dtype: torch.dtype) -> KVCache:
         return KVCache(batch_size, self.n_kv_heads, self.head_dim, max_len, device, dtype)

@@ -25,6 +25,8 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar, Optional
 import torch
 from torch import nn
 
+from moeframe.model.hfnames import HFNamed
+
 if TYPE_CHECKING:
     from moeframe.config import ModelConfig
 
@@ -196,7 +198,7 @@ class AttentionCache:
         return start, end
 
 
-class AttentionBase(nn.Module, abc.ABC):
+class AttentionBase(nn.Module, HFNamed, abc.ABC):
     """Causal self-attention. ``forward(x_BTD, positions_T, document_ids_BT, cache=None) -> y_BTD``.
 
     ``document_ids_BT`` (optional) marks packed documents; a token must never attend to a token
@@ -264,7 +266,7 @@ class RouterOutput:
     aux_loss: Optional[torch.Tensor] = None
 
 
-class RouterBase(nn.Module, abc.ABC):
+class RouterBase(nn.Module, HFNamed, abc.ABC):
     """Token-to-expert routing. ``forward(x_TD) -> RouterOutput``.
 
     A router's parameters and buffers are high precision (fp32): low-precision plugins must leave
@@ -301,7 +303,7 @@ GroupedGemm = Callable[[str, torch.Tensor, torch.Tensor, torch.Tensor], torch.Te
 PhaseTimer = Callable[[Optional[str]], None]
 
 
-class ExpertsBase(nn.Module, abc.ABC):
+class ExpertsBase(nn.Module, HFNamed, abc.ABC):
     """The routed experts of one MoE layer. ``forward(x_TD, weights_TK, indices_TK) -> y_TD``.
 
     ``y_t = Σ_k weights[t,k] · expert_{indices[t,k]}(x_t)``; every token is processed (dropless).
@@ -362,7 +364,7 @@ class ExpertsBase(nn.Module, abc.ABC):
             self.recompute = enabled
 
 
-class NormBase(nn.Module, abc.ABC):
+class NormBase(nn.Module, HFNamed, abc.ABC):
     """A normalisation layer over the last dimension. ``forward(x) -> x``."""
 
     Options: ClassVar[type[PluginOptions]] = PluginOptions

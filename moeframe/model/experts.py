@@ -39,6 +39,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from moeframe.model.base import ExpertsBase, GroupedGemm, PhaseTimer, PluginOptions  # noqa: F401 (re-exported)
+from moeframe.model.hfnames import EXPERT
 from moeframe.model.router import count_per_expert
 
 if TYPE_CHECKING:
@@ -168,6 +169,12 @@ class GroupedExperts(ExpertsBase):
 
     def set_selective_recompute(self, enabled: bool) -> None:
         self.recompute = enabled
+
+    @classmethod
+    def hf_tensor_names(cls, family: str) -> dict[str, Optional[str]]:
+        # stacked [E, ...] here, one SwiGLU per expert in HF checkpoints
+        return {"w1": f"{EXPERT}.gate_proj.weight", "w3": f"{EXPERT}.up_proj.weight",
+                "w2": f"{EXPERT}.down_proj.weight"}
 
     def _ffn(self, x_ND: torch.Tensor, offs_E: torch.Tensor, counts: list[int] | None) -> torch.Tensor:
         # Not fused into one GEMM over [w1; w3] (~15% less bf16 expert time on the CPU): the wider

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from torch import nn
@@ -25,6 +26,10 @@ class RMSNorm(NormBase):
         super().__init__(dim, eps, options)
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
+
+    @classmethod
+    def hf_tensor_names(cls, family: str) -> dict[str, Optional[str]]:
+        return {"weight": "weight"}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return nn.functional.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).to(x.dtype)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -91,6 +91,22 @@ class TopKRouter(RouterBase):
         self.topk_groups = config.n_limited_groups
         self.route_scale = config.route_scale
         self.weight = nn.Parameter(torch.empty(config.n_routed_experts, config.dim))
+
+    @classmethod
+    def hf_tensor_names(cls, family: str) -> dict[str, Optional[str]]:
+        return {"weight": "weight"}
+
+    @classmethod
+    def hf_config(cls, family: str, config: "ModelConfig", options: PluginOptions) -> dict[str, Any]:
+        assert isinstance(options, TopKOptions)
+        # HF's names for softmax top-k routing (DeepSeek-V2's ``greedy``) and its balance loss α
+        return {"scoring_func": "softmax", "topk_method": "greedy", "norm_topk_prob": options.norm_topk_prob,
+                "aux_loss_alpha": options.aux_loss_coef}
+
+    @classmethod
+    def options_from_hf(cls, family: str, hf: dict[str, Any]) -> dict[str, Any]:
+        return {"norm_topk_prob": bool(hf.get("norm_topk_prob", False)),
+                "aux_loss_coef": float(hf.get("aux_loss_alpha", 0.001))}
 
     def forward(self, x_TD: torch.Tensor) -> RouterOutput:
         # routing decisions are made in fp32 (also under autocast): bf16 logits flip near-tied choices

@@ -231,7 +231,8 @@ class ExpertBalance(Callback):
             # warned once, when the streak reaches the patience; a longer streak does not repeat it
             _warn_rank_zero(f"expert {expert} of MoE layer {self.layers[layer][0]!r} has received no token "
                             f"for {self.dead_expert_patience} optimizer steps (step {step}); it is dead "
-                            "weight: consider a balancing router (aux_free) or a larger balance coefficient")
+                            "weight: consider a bias-balanced router (see `moeframe plugins`) or a larger "
+                            "balance coefficient")
 
     # -- validation: never moves a bias, measures MaxVio_global -----------------------------------------
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

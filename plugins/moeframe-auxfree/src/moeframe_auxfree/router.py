@@ -178,6 +178,22 @@ class AuxFreeRouter(RouterBase):
         self.register_buffer("num_tokens_seen", torch.zeros((), dtype=torch.int64))  # global, for token schedules
         self._warned_no_seq_len = False
 
+    # -- HF form (DeepSeek-V3's ``mlp.gate``; see moeframe.model.hfnames) -----------------------
+    @classmethod
+    def hf_tensor_names(cls, family: str) -> dict[str, Optional[str]]:
+        # the step and token counters drive the bias schedule; HF checkpoints do not carry them
+        return {"weight": "weight", "e_score_correction_bias": "e_score_correction_bias",
+                "num_bias_updates": None, "num_tokens_seen": None}
+
+    @classmethod
+    def hf_config(cls, family: str, config: "ModelConfig", options: PluginOptions) -> dict[str, Any]:
+        assert isinstance(options, AuxFreeOptions)
+        return {"scoring_func": "sigmoid", "topk_method": "noaux_tc", "norm_topk_prob": options.norm_topk_prob}
+
+    @classmethod
+    def options_from_hf(cls, family: str, hf: dict[str, Any]) -> dict[str, Any]:
+        return {"norm_topk_prob": bool(hf.get("norm_topk_prob", True))}
+
     def init_weights(self, std: float) -> None:
         with torch.no_grad():
             nn.init.normal_(self.weight, mean=0.0, std=std)

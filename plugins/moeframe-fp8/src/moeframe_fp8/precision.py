@@ -43,6 +43,7 @@ from lightning.pytorch.utilities import GradClipAlgorithmType, rank_zero_info, r
 from torch import nn
 from torch.optim import Optimizer
 
+from moeframe.plugin import DescribesMemory, TrainingBytes
 from moeframe_fp8.convert import FP8Module, convert_to_fp8, converted_modules
 from moeframe_fp8.grouped import FP8GroupedGemm
 from moeframe_fp8.gemm import BACKENDS, GemmFn, disagreement, gemm_hopper, hopper_available
@@ -88,7 +89,7 @@ def _unsupported_strategy(strategy: Any) -> Optional[str]:
     return None
 
 
-class FP8Precision(DeepSpeedPrecision):
+class FP8Precision(DeepSpeedPrecision, DescribesMemory):
     """DeepSeek-V3 fine-grained FP8 training (E4M3, 1×128 / 128×128 scaling) for Lightning.
 
     Args:
@@ -101,6 +102,12 @@ class FP8Precision(DeepSpeedPrecision):
     """
 
     plugin_api = "1"  # the moeframe plugin API this class is written against
+
+    @classmethod
+    def training_bytes(cls) -> TrainingBytes:
+        """For ``moeframe inspect --precision fp8``: FP8 weights, fp32 masters, and AdamW moments in
+        BF16 as the V3 recipe keeps them (``bf16_moments: true``)."""
+        return TrainingBytes(weights=1, master=4, moment=2)
 
     def __init__(self, modules: Optional[list[str]] = None, exclude: Optional[list[str]] = None,
                  scale_format: Literal["fp32", "pow2"] = "fp32", backend: Literal["auto", "emulated", "hopper"] = "auto",

@@ -41,7 +41,7 @@ L = C + R (a cached latent row), N = T·H query rows of the absorbed attention.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal, Optional
+from typing import TYPE_CHECKING, Any, Literal, Optional
 
 import torch
 import torch.nn.functional as F
@@ -50,7 +50,7 @@ from torch.utils.checkpoint import checkpoint
 
 from moeframe.plugin import (AttentionBase, AttentionCache, PluginOptions, RMSNorm, cached_causal_mask,
                              document_mask, parse_options)
-from moeframe_mla.rope import YaRN, rope_cos_sin, rope_inv_freq, rotate, yarn_cos_sin_scale, yarn_mscale
+from moeframe_mla.rope import YaRN, hf_rope_parameters, rope_cos_sin, rope_inv_freq, rotate, yarn_cos_sin_scale, yarn_mscale
 
 if TYPE_CHECKING:
     from moeframe.plugin import ModelConfig
@@ -219,6 +219,39 @@ class MultiHeadLatentAttention(AttentionBase):
 
     def new_cache(self, batch_size: int, max_len: int, device: torch.device, dtype: torch.dtype) -> LatentCache:
         return LatentCache(batch_size, self.kv_lora_rank, self.qk_rope_head_dim, max_len, device, dtype)
+
+    # -- HF form (the checkpoint families read these; see moeframe.model.hfnames) ---------------
+    @classmethod
+    def hf_tensor_names(cls, family: str) -> dict[str, Optional[str]]:
+        return {f"{ours}.weight": f"{theirs}.weight" for ours, theirs in HF_PARAM_NAMES.items()}
+
+    @classmethod
+    def hf_config(cls, family: str, config: "ModelConfig", options: PluginOptions) -> dict[str, Any]:
+        assert isinstance(options, MLAOptions)
+        rope: dict[str, Any] = {"rope_theta": options.rope_theta or config.rope_theta, "rope_type": "default"}
+        if options.rope_factor != 1.0:
+            rope.update(rope_type="yarn", factor=options.rope_factor,
+                        original_max_position_embeddings=options.original_seq_len, beta_fast=options.beta_fast,
+                        beta_slow=options.beta_slow, mscale=options.mscale, mscale_all_dim=options.mscale_all_dim)
+        return {"num_key_value_heads": config.n_heads, "kv_lora_rank": options.kv_lora_rank,
+                "q_lora_rank": options.q_lora_rank, "qk_rope_head_dim": options.qk_rope_head_dim,
+                "v_head_dim": options.v_head_dim, "qk_nope_head_dim": options.qk_nope_head_dim,
+                "rope_parameters": rope, "rope_interleave": options.rope_interleave, "attention_bias": False}
+
+    @classmethod
+    def options_from_hf(cls, family: str, hf: dict[str, Any]) -> dict[str, Any]:
+        options: dict[str, Any] = {
+            "q_lora_rank": hf.get("q_lora_rank"), "kv_lora_rank": hf["kv_lora_rank"],
+            "qk_nope_head_dim": hf["qk_nope_head_dim"], "qk_rope_head_dim": hf["qk_rope_head_dim"],
+            "v_head_dim": hf["v_head_dim"], "rope_interleave": bool(hf.get("rope_interleave", True)),
+        }
+        _, scaling = hf_rope_parameters(hf)
+        if scaling and scaling.get("rope_type", scaling.get("type")) == "yarn":
+            options.update(rope_factor=float(scaling["factor"]),
+                           original_seq_len=int(scaling["original_max_position_embeddings"]))
+            options.update({k: float(scaling[k]) for k in ("beta_fast", "beta_slow", "mscale", "mscale_all_dim")
+                            if scaling.get(k) is not None})
+        return options
 
     # -- projections ----------------------------------------------------------------------------
     def _rope(self, positions_T: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
@@ -99,3 +99,12 @@ def rotate(x_BTHR: torch.Tensor, cos_TP: torch.Tensor, sin_TP: torch.Tensor, int
     half = x.shape[-1] // 2
     x0, x1 = x[..., :half], x[..., half:]
     return torch.cat((x0 * cos - x1 * sin, x1 * cos + x0 * sin), dim=-1).to(x_BTHR.dtype)
+
+
+def hf_rope_parameters(hf: dict[str, Any]) -> tuple[float, Optional[dict[str, Any]]]:
+    """(theta, scaling) from an HF ``config.json``: transformers 5 writes ``rope_parameters``,
+    older configs ``rope_theta`` and ``rope_scaling``; scaling is None for plain RoPE."""
+    params = hf.get("rope_parameters") or {}
+    theta = float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    scaling = hf.get("rope_scaling") or (params if params.get("rope_type", "default") != "default" else None)
+    return theta, scaling

@@ -22,12 +22,12 @@ from __future__ import annotations
 import argparse
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Generator, Optional
+from typing import Any, ClassVar, Generator, Optional
 
 from lightning.pytorch.accelerators.cuda import CUDAAccelerator
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
 from lightning.fabric.utilities.seed import reset_seed
-from moeframe.plugin import check_zero_layout, moe_layers
+from moeframe.plugin import DescribesLayout, ParallelLayout, check_zero_layout, moe_layers
 from moeframe_parallel.atomic import AtomicFolderCheckpoints
 
 __all__ = ["CPUCapableDeepSpeedStrategy", "Zero1Strategy", "Zero2Strategy", "Zero3Strategy", "Zero3OffloadStrategy",
@@ -41,8 +41,18 @@ def check_zero_settings(stage: int, offload_parameters: bool, offload_params_dev
     check_zero_layout(stage, offload_parameters, offload_params_device, offload_optimizer_device, nvme_path)
 
 
-class CPUCapableDeepSpeedStrategy(AtomicFolderCheckpoints, DeepSpeedStrategy):
+class CPUCapableDeepSpeedStrategy(AtomicFolderCheckpoints, DeepSpeedStrategy, DescribesLayout):
     """Lightning's DeepSpeedStrategy, also on a CPU accelerator (gloo), with atomic checkpoint folders."""
+
+    # the layout a preset runs as registered (None: not a preset), for ``moeframe inspect``
+    zero_stage: ClassVar[Optional[int]] = None
+    offloads_parameters: ClassVar[bool] = False
+
+    @classmethod
+    def runs_layout(cls, layout: ParallelLayout) -> Optional[dict[str, Any]]:
+        runs = (cls.zero_stage is not None and layout.ep == 1 and layout.zero == cls.zero_stage
+                and layout.offload_parameters == cls.offloads_parameters)
+        return {} if runs else None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         check_zero_settings(kwargs.get("stage", 2), kwargs.get("offload_parameters", False),
@@ -185,6 +195,7 @@ class Zero1Strategy(CPUCapableDeepSpeedStrategy):
     """``zero1``: optimizer state partitioned over the data-parallel ranks."""
 
     strategy_name = "zero1"
+    zero_stage = 1
 
     def __init__(self, **kwargs: Any) -> None:
         kwargs.setdefault("stage", 1)
@@ -195,6 +206,7 @@ class Zero2Strategy(CPUCapableDeepSpeedStrategy):
     """``zero2``: optimizer state and gradients partitioned."""
 
     strategy_name = "zero2"
+    zero_stage = 2
 
     def __init__(self, **kwargs: Any) -> None:
         kwargs.setdefault("stage", 2)
@@ -205,6 +217,7 @@ class Zero3Strategy(CPUCapableDeepSpeedStrategy):
     """``zero3``: optimizer state, gradients and parameters partitioned."""
 
     strategy_name = "zero3"
+    zero_stage = 3
 
     def __init__(self, **kwargs: Any) -> None:
         kwargs.setdefault("stage", 3)
@@ -220,6 +233,7 @@ class Zero3OffloadStrategy(CPUCapableDeepSpeedStrategy):
     """
 
     strategy_name = "zero3_offload"
+    zero_stage, offloads_parameters = 3, True
 
     def __init__(self, **kwargs: Any) -> None:
         kwargs.setdefault("stage", 3)

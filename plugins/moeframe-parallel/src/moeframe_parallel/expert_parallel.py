@@ -37,7 +37,7 @@ from lightning.pytorch.strategies import DDPStrategy
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from moeframe.plugin import check_ep_layout
+from moeframe.plugin import DescribesLayout, ParallelLayout, check_ep_layout
 from moeframe_parallel.ep_experts import EPExperts, ep_modules, replace_experts
 
 __all__ = ["ExpertParallelStrategy", "EP2DDPStrategy", "check_ep_size", "new_ep_groups"]
@@ -65,10 +65,14 @@ def new_ep_groups(ep_size: int) -> tuple[dist.ProcessGroup, dist.ProcessGroup]:
     return ep_group, edp_group
 
 
-class ExpertParallelStrategy(DDPStrategy):
+class ExpertParallelStrategy(DDPStrategy, DescribesLayout):
     """DDP with the routed experts sharded over ``ep_size`` ranks (``ep_size=1``: plain DDP)."""
 
     strategy_name = "ep"
+
+    @classmethod
+    def runs_layout(cls, layout: ParallelLayout) -> Optional[dict[str, Any]]:
+        return {"ep_size": layout.ep} if layout.ep > 1 and not layout.zero else None
 
     def __init__(self, ep_size: int = 2, **kwargs: Any) -> None:
         check_ep_size(ep_size, ep_size, None)
@@ -165,6 +169,10 @@ class EP2DDPStrategy(ExpertParallelStrategy):
     """``ep2_ddp``: experts sharded over pairs of ranks, data parallel across the pairs."""
 
     strategy_name = "ep2_ddp"
+
+    @classmethod
+    def runs_layout(cls, layout: ParallelLayout) -> Optional[dict[str, Any]]:
+        return {} if layout.ep == 2 and not layout.zero else None
 
     def __init__(self, **kwargs: Any) -> None:
         kwargs.setdefault("ep_size", 2)
