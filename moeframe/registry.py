@@ -15,6 +15,7 @@ from __future__ import annotations
 import difflib
 import importlib
 import importlib.metadata as md
+import warnings
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -23,6 +24,7 @@ __all__ = [
     "KINDS",
     "PLUGIN_API",
     "SUPPORTED_PLUGIN_APIS",
+    "PluginDeprecationWarning",
     "PluginError",
     "PluginInfo",
     "available",
@@ -40,9 +42,20 @@ __all__ = [
 # plugin targeting an API this moeframe does not provide is refused at load with both versions
 # named, instead of failing later inside a forward pass. A plugin that declares nothing is taken
 # to target "1", the API that existed before plugins declared one.
-PLUGIN_API = "1"
-SUPPORTED_PLUGIN_APIS: tuple[str, ...] = ("1",)
+# API 2 adds the forward context and the layer index (moeframe.model.context); API-1 plugins are
+# still called with their own signatures for this release, with one PluginDeprecationWarning.
+PLUGIN_API = "2"
+SUPPORTED_PLUGIN_APIS: tuple[str, ...] = ("1", "2")
+DEPRECATED_PLUGIN_APIS: tuple[str, ...] = ("1",)
 _UNDECLARED_PLUGIN_API = "1"
+
+
+# the kinds whose signatures API 2 changed (precision and strategies are Lightning's, unchanged)
+_CONTEXT_KINDS = ("attention", "router", "experts", "norm")
+
+
+class PluginDeprecationWarning(FutureWarning):
+    """A plugin uses a form moeframe still accepts but will remove (shown to users by default)."""
 
 
 @dataclass(frozen=True)
@@ -68,6 +81,7 @@ KINDS: dict[str, Kind] = {
         Kind("router", "moeframe.model.base:RouterBase"),
         Kind("experts", "moeframe.model.base:ExpertsBase"),
         Kind("norm", "moeframe.model.base:NormBase"),
+        Kind("residual", "moeframe.model.base:ResidualBase"),
         # Precision and strategies are Lightning's own extension points.
         Kind("precision", "lightning.pytorch.plugins.precision:Precision"),
         Kind("strategy", "lightning.pytorch.strategies:Strategy"),
@@ -192,6 +206,12 @@ def declared_plugin_api(cls: type) -> str:
 
 def _check_plugin_api(cls: type, info: PluginInfo) -> None:
     declared = declared_plugin_api(cls)
+    if declared in DEPRECATED_PLUGIN_APIS and info.kind in _CONTEXT_KINDS:
+        from moeframe.model.compat import api1_message
+
+        # once per plugin and process: loading is cached
+        warnings.warn(api1_message(info.kind, info.name, info.distribution, info.version),
+                      PluginDeprecationWarning, stacklevel=2)
     if declared in SUPPORTED_PLUGIN_APIS:
         return
     from moeframe import __version__

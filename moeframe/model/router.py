@@ -8,13 +8,14 @@ probabilities as gate weights, and ``α·E·Σ_i f_i·P_i`` pushing the load tow
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from moeframe.model.base import PluginOptions, RouterBase, RouterOutput
+from moeframe.model.context import ForwardContext
 
 if TYPE_CHECKING:
     from moeframe.config import ModelConfig
@@ -61,10 +62,10 @@ def switch_balance_loss(scores_TE: torch.Tensor, counts_E: torch.Tensor, k: int)
 
 class TopKRouter(RouterBase):
     Options = TopKOptions
-    plugin_api = "1"  # the moeframe plugin API this class is written against
+    plugin_api = "2"  # the moeframe plugin API this class is written against
 
-    def __init__(self, config: "ModelConfig", options: TopKOptions) -> None:
-        super().__init__(config, options)
+    def __init__(self, config: "ModelConfig", options: TopKOptions, layer_id: Optional[int] = None) -> None:
+        super().__init__(config, options, layer_id)
         self.options = options
         self.top_k = config.n_activated_experts
         self.n_groups = config.n_expert_groups
@@ -72,7 +73,7 @@ class TopKRouter(RouterBase):
         self.route_scale = config.route_scale
         self.weight = nn.Parameter(torch.empty(config.n_routed_experts, config.dim))
 
-    def forward(self, x_TD: torch.Tensor) -> RouterOutput:
+    def forward(self, x_TD: torch.Tensor, ctx: Optional[ForwardContext] = None) -> RouterOutput:
         # routing decisions are made in fp32: bf16 logits flip near-tied choices
         scores_TE = F.linear(x_TD.float(), self.weight.float()).softmax(dim=-1)
         select_TE = scores_TE

@@ -148,7 +148,8 @@ class PretrainModule(L.LightningModule):
     def forward(self, input_ids: torch.Tensor, document_ids: Optional[torch.Tensor] = None,
                 mtp: bool = False) -> DecoderOutput:
         assert self.decoder is not None, "configure_model() builds the decoder"
-        return self.decoder(input_ids, document_ids, mtp=mtp)
+        # the training progress reaches the plugins through the forward context
+        return self.decoder(input_ids, document_ids, mtp=mtp, step=self.global_step, tokens_seen=self.tokens_seen)
 
     def current_mtp_lambda(self) -> float:
         position = self.tokens_seen if self.mtp_lambda_schedule_unit == "tokens" else self.global_step

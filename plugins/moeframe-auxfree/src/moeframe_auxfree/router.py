@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moeframe.model.base import PluginOptions, RouterBase, RouterOutput
+from moeframe.model.context import ForwardContext
 from moeframe.model.router import count_per_expert, limit_to_groups
 
 if TYPE_CHECKING:
@@ -161,12 +162,9 @@ class AuxFreeRouter(RouterBase):
     """Sigmoid, bias-balanced, group-limited top-k router of DeepSeek-V3 (see the module docs)."""
 
     Options = AuxFreeOptions
-    plugin_api = "1"  # the moeframe plugin API this class is written against
-    # the sequence-wise loss needs to know where one sequence ends (MoE passes ``seq_len``)
-    takes_seq_len: ClassVar[bool] = True
-
-    def __init__(self, config: "ModelConfig", options: AuxFreeOptions) -> None:
-        super().__init__(config, options)
+    plugin_api = "2"  # the moeframe plugin API this class is written against
+    def __init__(self, config: "ModelConfig", options: AuxFreeOptions, layer_id: Optional[int] = None) -> None:
+        super().__init__(config, options, layer_id)
         self.options = options
         self.top_k = config.n_activated_experts
         self.n_groups = config.n_expert_groups
@@ -197,7 +195,9 @@ class AuxFreeRouter(RouterBase):
                                             else bias.to(device=moved.device, dtype=torch.float32))
         return self
 
-    def forward(self, x_TD: torch.Tensor, seq_len: Optional[int] = None) -> RouterOutput:
+    def forward(self, x_TD: torch.Tensor, ctx: Optional[ForwardContext] = None) -> RouterOutput:
+        # the sequence-wise loss needs to know where one sequence ends: x_TD is B·T flat rows
+        seq_len = None if ctx is None else ctx.seq_len
         scores_TE = F.linear(x_TD.float(), self.weight.float()).sigmoid()
         indices_TK = select_experts(scores_TE + self.e_score_correction_bias.float(),
                                     self.top_k, self.n_groups, self.n_limited_groups)

@@ -50,6 +50,7 @@ from torch.utils.checkpoint import checkpoint
 
 from moeframe.model.attention import cached_causal_mask, document_mask
 from moeframe.model.base import AttentionBase, AttentionCache, PluginOptions, parse_options
+from moeframe.model.context import ForwardContext
 from moeframe.model.norm import RMSNorm
 from moeframe_mla.rope import YaRN, rope_cos_sin, rope_inv_freq, rotate, yarn_cos_sin_scale, yarn_mscale
 
@@ -176,7 +177,7 @@ class MultiHeadLatentAttention(AttentionBase):
     """MLA with the parameter names of DeepSeek's reference code (see the module docstring)."""
 
     Options = MLAOptions
-    plugin_api = "1"  # the moeframe plugin API this class is written against
+    plugin_api = "2"  # the moeframe plugin API this class is written against
 
     def __init__(self, config: "ModelConfig", options: MLAOptions, layer_id: int) -> None:
         super().__init__(config, options, layer_id)
@@ -247,15 +248,10 @@ class MultiHeadLatentAttention(AttentionBase):
         return self.kv_norm(c_kv_BTC), k_pe_BTR
 
     # -- attention ------------------------------------------------------------------------------
-    def forward(
-        self,
-        x_BTD: torch.Tensor,
-        positions_T: torch.Tensor,
-        document_ids_BT: Optional[torch.Tensor] = None,
-        cache: Optional[AttentionCache] = None,
-    ) -> torch.Tensor:
+    def forward(self, x_BTD: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         B, T, _ = x_BTD.shape
-        cos_TP, sin_TP = self._rope(positions_T)
+        document_ids_BT, cache = ctx.document_ids_BT, ctx.cache
+        cos_TP, sin_TP = self._rope(ctx.positions_T)
         q_nope_BTHd, q_pe_BTHR = self._query(x_BTD, cos_TP, sin_TP)
         c_kv_BTC, k_pe_BTR = self._latent(x_BTD, cos_TP, sin_TP)
         if cache is None:
