@@ -200,8 +200,20 @@ def _load_cached(kind: str, name: str) -> Any:
 
 
 def declared_plugin_api(cls: type) -> str:
-    """The plugin API a plugin class targets (its ``plugin_api`` attribute, as a string)."""
-    return str(getattr(cls, "plugin_api", _UNDECLARED_PLUGIN_API))
+    """The plugin API a plugin class targets (its ``plugin_api`` attribute, as a string).
+
+    The signatures a class is called with are those of the class that wrote its ``forward`` and
+    ``__init__``: so the declaration is read from the nearest class in the MRO that defines
+    ``plugin_api``, ``forward`` or ``__init__``. A subclass of an API-2 plugin that overrides
+    ``forward`` without declaring an API is an API-1 plugin (it was written before declarations
+    mattered); one that overrides nothing inherits its base's API."""
+    for klass in cls.__mro__:
+        own = vars(klass)
+        if "plugin_api" in own:
+            return str(own["plugin_api"])
+        if "forward" in own or "__init__" in own:
+            return _UNDECLARED_PLUGIN_API
+    return _UNDECLARED_PLUGIN_API
 
 
 def _check_plugin_api(cls: type, info: PluginInfo) -> None:

@@ -40,6 +40,15 @@ def api1_message(kind: str, name: str, distribution: str, version: str) -> str:
             f"{API2_CHANGES.get(kind, 'follow docs/guides/plugins.md')} (see docs/guides/plugins.md).")
 
 
+def as_context(ctx_or_positions_T: Any, document_ids_BT: Optional[torch.Tensor] = None,
+               cache: Any = None) -> ForwardContext:
+    """The context an API-2 plugin's ``forward`` works with, also when an API-1 subclass calls it
+    the old way (``super().forward(x_BTD, positions_T, document_ids_BT, cache)``)."""
+    if isinstance(ctx_or_positions_T, ForwardContext):
+        return ctx_or_positions_T
+    return ForwardContext(ctx_or_positions_T, None, document_ids_BT, cache=cache)
+
+
 # -- construction --------------------------------------------------------------------------------
 def build_attention(choice: "PluginChoice", config: "ModelConfig", layer_id: int) -> torch.nn.Module:
     return choice.cls(config, choice.options, layer_id)  # same constructor in API 1 and 2

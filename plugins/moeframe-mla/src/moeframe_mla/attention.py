@@ -50,6 +50,7 @@ from torch.utils.checkpoint import checkpoint
 
 from moeframe.model.attention import cached_causal_mask, document_mask
 from moeframe.model.base import AttentionBase, AttentionCache, PluginOptions, parse_options
+from moeframe.model.compat import as_context
 from moeframe.model.context import ForwardContext
 from moeframe.model.norm import RMSNorm
 from moeframe_mla.rope import YaRN, rope_cos_sin, rope_inv_freq, rotate, yarn_cos_sin_scale, yarn_mscale
@@ -248,7 +249,10 @@ class MultiHeadLatentAttention(AttentionBase):
         return self.kv_norm(c_kv_BTC), k_pe_BTR
 
     # -- attention ------------------------------------------------------------------------------
-    def forward(self, x_BTD: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+    def forward(self, x_BTD: torch.Tensor, ctx: ForwardContext, document_ids_BT: Optional[torch.Tensor] = None,
+                cache: Optional[AttentionCache] = None) -> torch.Tensor:
+        # the last two: API-1 subclasses may still call super().forward(x, positions_T, document_ids_BT, cache)
+        ctx = as_context(ctx, document_ids_BT, cache)
         B, T, _ = x_BTD.shape
         document_ids_BT, cache = ctx.document_ids_BT, ctx.cache
         cos_TP, sin_TP = self._rope(ctx.positions_T)
