@@ -277,7 +277,8 @@ def test_context_plugins_train_through_moeframe_fit(site: Path, tmp_path: Path) 
     assert sorted(losses) == [0, 1, 2] and all(math.isfinite(v) for v in losses.values())
     saved = yaml.safe_load((version / "config.yaml").read_text())["model"]["init_args"]["config"]
     assert saved["residual"]["name"] == "two_stream" and saved["layers"][0]["router"]["name"] == "token_hash"
-    state = torch.load(version / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
+    (ckpt,) = (tmp_path / "run").rglob("*.ckpt")
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
     assert "decoder.layers.1.ffn.gate.tid2eid" in state and "decoder.layers.2.residual.out_S" in state
 
 
