@@ -22,7 +22,7 @@ _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 
 # The class-name suffix of each kind, and the module the plugin lives in.
 _SUFFIX = {"attention": "Attention", "router": "Router", "experts": "Experts", "norm": "Norm",
-           "precision": "Precision", "strategy": "Strategy"}
+           "residual": "Residual", "precision": "Precision", "strategy": "Strategy"}
 
 # -- the plugin module, one per kind (string.Template: $name, $cls, $module, $dist) -------------
 
@@ -31,7 +31,6 @@ _ATTENTION = '''"""Attention plugin ``$name``: causal multi-head attention with 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -39,7 +38,8 @@ from torch import nn
 
 from moeframe.config import ModelConfig
 from moeframe.model.attention import document_mask
-from moeframe.model.base import AttentionBase, AttentionCache, PluginOptions
+from moeframe.model.base import AttentionBase, PluginOptions
+from moeframe.model.context import ForwardContext
 from moeframe.model.rope import apply_rope, rope_cos_sin
 
 
@@ -55,7 +55,7 @@ class ${cls}Options(PluginOptions):
 
 
 class $cls(AttentionBase):
-    """``forward(x_BTD, positions_T, document_ids_BT) -> y_BTD``, causal, documents kept apart."""
+    """``forward(x_BTD, ctx) -> y_BTD``, causal, documents (``ctx.document_ids_BT``) kept apart."""
 
     Options = ${cls}Options
     plugin_api = "$api"  # the moeframe plugin API this class is written against
@@ -66,18 +66,17 @@ class $cls(AttentionBase):
         self.wqkv = nn.Linear(config.dim, 3 * config.dim, bias=options.qkv_bias)
         self.wo = nn.Linear(config.dim, config.dim, bias=False)
 
-    def forward(self, x_BTD: torch.Tensor, positions_T: torch.Tensor,
-                document_ids_BT: Optional[torch.Tensor] = None, cache: Optional[AttentionCache] = None) -> torch.Tensor:
-        if cache is not None:
+    def forward(self, x_BTD: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        if ctx.decoding:
             raise NotImplementedError("$name has no KV cache yet: implement new_cache() to decode incrementally")
         B, T, D = x_BTD.shape
         q, k, v = self.wqkv(x_BTD).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        cos, sin = rope_cos_sin(positions_T, self.head_dim, self.rope_theta, x_BTD.dtype)
+        cos, sin = rope_cos_sin(ctx.positions_T, self.head_dim, self.rope_theta, x_BTD.dtype)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if document_ids_BT is None:
+        if ctx.document_ids_BT is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=document_mask(document_ids_BT))
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=document_mask(ctx.document_ids_BT))
         return self.wo(out.transpose(1, 2).reshape(B, T, D))
 '''
 
@@ -93,6 +92,7 @@ from torch import nn
 
 from moeframe.config import ModelConfig
 from moeframe.model.base import PluginOptions, RouterBase, RouterOutput
+from moeframe.model.context import ForwardContext
 
 
 @dataclass
@@ -107,17 +107,19 @@ class ${cls}Options(PluginOptions):
 
 
 class $cls(RouterBase):
-    """``forward(x_TD) -> RouterOutput``: K experts per token, weights summing to route_scale."""
+    """``forward(x_TD, ctx) -> RouterOutput``: K experts per token, weights summing to route_scale.
+    ``x_TD`` is the block's normalised residual, flattened (B*T rows); ``ctx`` is the forward context
+    (``ctx.token_ids_BT.flatten()`` are the rows' token ids, ``ctx.layer_id`` the layer, ``ctx.step``)."""
 
     Options = ${cls}Options
     plugin_api = "$api"  # the moeframe plugin API this class is written against
 
-    def __init__(self, config: ModelConfig, options: ${cls}Options) -> None:
-        super().__init__(config, options)
+    def __init__(self, config: ModelConfig, options: ${cls}Options, layer_id: int) -> None:
+        super().__init__(config, options, layer_id)
         self.top_k, self.route_scale, self.temperature = config.n_activated_experts, config.route_scale, options.temperature
         self.weight = nn.Parameter(torch.empty(config.n_routed_experts, config.dim))
 
-    def forward(self, x_TD: torch.Tensor) -> RouterOutput:
+    def forward(self, x_TD: torch.Tensor, ctx: ForwardContext) -> RouterOutput:
         # routing in fp32: bf16 scores flip near-tied choices
         scores_TE = (F.linear(x_TD.float(), self.weight.float()) / self.temperature).softmax(dim=-1)
         top_TK = scores_TE.topk(self.top_k, dim=-1)
@@ -138,6 +140,7 @@ from torch import nn
 
 from moeframe.config import ModelConfig
 from moeframe.model.base import ExpertsBase, PluginOptions
+from moeframe.model.context import ForwardContext
 
 
 @dataclass
@@ -152,13 +155,15 @@ class $cls(ExpertsBase):
     Options = ${cls}Options
     plugin_api = "$api"  # the moeframe plugin API this class is written against
 
-    def __init__(self, config: ModelConfig, options: ${cls}Options, num_experts: int, dim: int, hidden_dim: int) -> None:
-        super().__init__(config, options, num_experts, dim, hidden_dim)
+    def __init__(self, config: ModelConfig, options: ${cls}Options, num_experts: int, dim: int, hidden_dim: int,
+                 layer_id: int) -> None:
+        super().__init__(config, options, num_experts, dim, hidden_dim, layer_id)
         self.w1 = nn.Parameter(torch.empty(num_experts, hidden_dim, dim))
         self.w2 = nn.Parameter(torch.empty(num_experts, dim, hidden_dim))
         self.w3 = nn.Parameter(torch.empty(num_experts, hidden_dim, dim))
 
-    def forward(self, x_TD: torch.Tensor, weights_TK: torch.Tensor, indices_TK: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_TD: torch.Tensor, weights_TK: torch.Tensor, indices_TK: torch.Tensor,
+                ctx: ForwardContext) -> torch.Tensor:
         y_TD = torch.zeros_like(x_TD)
         for e in indices_TK.unique().tolist():
             token_N, slot_N = (indices_TK == e).nonzero(as_tuple=True)
@@ -174,12 +179,14 @@ _NORM = '''"""Norm plugin ``$name``: layer normalisation without bias (a startin
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from moeframe.model.base import NormBase, PluginOptions
+from moeframe.model.context import ForwardContext
 
 
 @dataclass
@@ -193,12 +200,12 @@ class $cls(NormBase):
     Options = ${cls}Options
     plugin_api = "$api"  # the moeframe plugin API this class is written against
 
-    def __init__(self, dim: int, eps: float, options: ${cls}Options) -> None:
-        super().__init__(dim, eps, options)
+    def __init__(self, dim: int, eps: float, options: ${cls}Options, layer_id: Optional[int] = None) -> None:
+        super().__init__(dim, eps, options, layer_id)
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ctx: Optional[ForwardContext] = None) -> torch.Tensor:
         return F.layer_norm(x.float(), (x.shape[-1],), self.weight.float(), None, self.eps).to(x.dtype)
 '''
 
@@ -274,8 +281,52 @@ class $cls(DDPStrategy):
         super().__init__(**kwargs)
 '''
 
+_RESIDUAL = '''"""Residual plugin ``$name``: the pre-norm residual with a learned scale per sublayer
+(a starting point; several streams, as in hyper-connections, are a state of shape [B, T, n, D])."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from moeframe.config import ModelConfig
+from moeframe.model.base import PluginOptions, ResidualBase
+from moeframe.model.context import ForwardContext
+
+
+@dataclass
+class ${cls}Options(PluginOptions):
+    """The options a config can give: ``residual: {name: $name, init_scale: 1.0}``."""
+
+    init_scale: float = 1.0
+
+
+class $cls(ResidualBase):
+    """``h = x + a * attention(x)``, ``out = h + f * ffn(h)``; ``a`` and ``f`` are learned scalars."""
+
+    Options = ${cls}Options
+    plugin_api = "$api"  # the moeframe plugin API this class is written against
+
+    def __init__(self, config: ModelConfig, options: ${cls}Options, layer_id: int) -> None:
+        super().__init__(config, options, layer_id)
+        self.init_scale = options.init_scale
+        self.scale_2 = nn.Parameter(torch.empty(2))
+
+    def init_weights(self, std: float) -> None:
+        with torch.no_grad():
+            self.scale_2.fill_(self.init_scale)
+
+    def forward(self, h_BTD: torch.Tensor, attention: Callable[[torch.Tensor], torch.Tensor],
+                ffn: Callable[[torch.Tensor], torch.Tensor], ctx: ForwardContext) -> torch.Tensor:
+        h_BTD = h_BTD + self.scale_2[0].to(h_BTD.dtype) * attention(h_BTD)
+        return h_BTD + self.scale_2[1].to(h_BTD.dtype) * ffn(h_BTD)
+'''
+
 _MODULES = {"attention": _ATTENTION, "router": _ROUTER, "experts": _EXPERTS, "norm": _NORM,
-            "precision": _PRECISION, "strategy": _STRATEGY}
+            "residual": _RESIDUAL, "precision": _PRECISION, "strategy": _STRATEGY}
 
 # -- the tests: the kind's contract check from moeframe.testing ----------------------------------
 
@@ -316,6 +367,11 @@ def test_experts_contract() -> None:
 def test_norm_contract() -> None:
     check_norm_contract(tiny_config(norm={"name": "$name"}))
 ''',
+    "residual": '''
+
+def test_residual_contract() -> None:
+    check_residual_contract(tiny_config(residual={"name": "$name"}))
+''',
     "strategy": '''
 
 def test_strategy_contract() -> None:
@@ -326,7 +382,7 @@ def test_strategy_contract() -> None:
 }
 
 _CHECKS = {"attention": "check_attention_contract", "router": "check_router_contract",
-           "experts": "check_experts_contract", "norm": "check_norm_contract",
+           "experts": "check_experts_contract", "norm": "check_norm_contract", "residual": "check_residual_contract",
            "precision": "check_precision_contract", "strategy": "check_strategy_contract"}
 
 _PYPROJECT = '''[build-system]
@@ -377,6 +433,7 @@ _USAGE = {
     "router": "Select it in a model config: `router: {name: $name, temperature: 1.0}`.\n",
     "experts": "Select it in a model config: `experts: {name: $name}`.\n",
     "norm": "Select it in a model config: `norm: {name: $name}`.\n",
+    "residual": "Select it in a model config: `residual: {name: $name}` (or for some layers in `layers`).\n",
     "precision": "It is a Lightning `Precision`: select it by name, `moeframe fit -c run.yaml --trainer.plugins $name`.\n",
     "strategy": "Select it on the command line: `moeframe fit -c run.yaml --trainer.strategy $name`.\n",
 }

@@ -11,6 +11,7 @@ import torch
 
 from moeframe import registry
 from moeframe.config import ConfigError, resolve_model_config
+from moeframe.model.context import ForwardContext
 from moeframe.model.decoder import build_decoder
 from moeframe.testing import (
     check_attention_contract,
@@ -71,7 +72,7 @@ def test_training_path_matches_a_naive_window() -> None:
         cos, sin = rope_cos_sin(positions, 8, config.rope_theta, x.dtype)
         ref = naive_window_attention(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, window=4)
         expected = attn.wo(ref.transpose(0, 1).reshape(1, 10, 32))
-        torch.testing.assert_close(attn(x, positions), expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(attn(x, ForwardContext(positions)), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_a_window_covering_the_sequence_is_exactly_mha() -> None:
