@@ -64,7 +64,8 @@ class ModelConfig:
     router: dict[str, Any] = _default("topk")
     experts: dict[str, Any] = _default("grouped")
     norm: dict[str, Any] = _default("rmsnorm")
-    residual: dict[str, Any] = _default("prenorm")
+    residual: dict[str, Any] = _default("prenorm")  # how a block's sublayers connect (the residual stream)
+    # per-layer overrides: [{first: i, last: j, router: {name: ...}, ...}] (see the class docstring)
     layers: list[dict[str, Any]] = field(default_factory=list)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
