@@ -422,3 +422,31 @@ def test_api1_and_api2_plugins_mix_in_one_model(site: Path) -> None:
     decoder = build_decoder(cfg)
     assert [type(b.ffn.gate).__name__ for b in decoder.layers[1:]] == ["TokenHashRouter", "OldRouter"]
     check_cache_matches_full(cfg)
+
+
+def test_a_model_config_saved_before_api2_loads_with_the_new_fields_defaulted(tmp_path: Path) -> None:
+    """Checkpoints store the ModelConfig object in hyper_parameters; one pickled by the previous
+    release has no ``residual``/``layers``: it loads (weights_only) and builds the same decoder."""
+    cfg = tiny_config()
+    old = ModelConfig.__new__(ModelConfig)
+    old.__dict__.update({k: v for k, v in vars(cfg).items() if k not in ("residual", "layers")})
+    torch.save({"hyper_parameters": {"config": old}}, tmp_path / "old.ckpt")
+    loaded = torch.load(tmp_path / "old.ckpt", weights_only=True)["hyper_parameters"]["config"]
+    assert loaded == cfg and loaded.residual == {"name": "prenorm"} and loaded.layers == []
+    torch.manual_seed(0)
+    a = build_decoder(loaded)
+    torch.manual_seed(0)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), build_decoder(cfg).state_dict().values()))
+
+
+def test_a_bias_balanced_router_in_some_layers_only_still_gets_its_balance_callback(tmp_path: Path) -> None:
+    """aux_free updates its bias in ExpertBalance; chosen for one layer only, it must still move."""
+    from moeframe.training.balance import ExpertBalance
+    from moeframe.training.pretrain import PretrainModule
+
+    module = PretrainModule(tiny_config(n_layers=3, layers=[{"first": 2, "router": {"name": "aux_free"}}]))
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        default_root_dir=tmp_path)
+    module.trainer = trainer
+    module._ensure_balance_callback()
+    assert any(isinstance(cb, ExpertBalance) for cb in trainer.callbacks)
