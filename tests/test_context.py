@@ -135,6 +135,7 @@ def test_test_package_passes_its_contract_checks(site: Path) -> None:
     check_cache_matches_full(hashed_config(), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_runtime_settings_give_the_eager_results_with_context_plugins(site: Path) -> None:
     """compile: block, full and selective checkpointing: same logits and gradients as eager."""
     ids = torch.randint(0, 64, (2, 12))
