@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
-from typing import Literal, TYPE_CHECKING, Any, Callable, ClassVar, Optional
+from typing import Literal, TYPE_CHECKING, Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
