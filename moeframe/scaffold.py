@@ -87,12 +87,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from moeframe.config import ModelConfig
 from moeframe.model.base import PluginOptions, RouterBase, RouterOutput
 from moeframe.model.context import ForwardContext
+from moeframe.model.router import gate_logits_fp32
 
 
 @dataclass
@@ -120,8 +120,8 @@ class $cls(RouterBase):
         self.weight = nn.Parameter(torch.empty(config.n_routed_experts, config.dim))
 
     def forward(self, x_TD: torch.Tensor, ctx: ForwardContext) -> RouterOutput:
-        # routing in fp32: bf16 scores flip near-tied choices
-        scores_TE = (F.linear(x_TD.float(), self.weight.float()) / self.temperature).softmax(dim=-1)
+        # routing in fp32, also under autocast (bf16-mixed re-casts F.linear): bf16 scores flip near-tied choices
+        scores_TE = (gate_logits_fp32(x_TD, self.weight) / self.temperature).softmax(dim=-1)
         top_TK = scores_TE.topk(self.top_k, dim=-1)
         weights_TK = top_TK.values / top_TK.values.sum(dim=-1, keepdim=True)
         counts_E = torch.bincount(top_TK.indices.flatten(), minlength=scores_TE.shape[1])

@@ -230,12 +230,29 @@ def _route(router: Any, x_TD: torch.Tensor, seq_len: int, config: ModelConfig | 
     return call_router(router, x_TD, ctx)
 
 
+def _check_routes_in_fp32_under_autocast(router: Any, x_TD: torch.Tensor, seq_len: int, fp32: Any, name: str) -> None:
+    """Under bf16 autocast (``bf16-mixed``, the FP8 plugin) the router must decide exactly as in
+    fp32: autocast re-casts ``F.linear``'s inputs to bf16 even after ``.float()``, so a gate that
+    does not switch autocast off (``moeframe.model.router.gate_logits_fp32``) routes in bf16."""
+    with torch.autocast(x_TD.device.type, dtype=torch.bfloat16):
+        mixed = _route(router, x_TD, seq_len)
+    assert mixed.weights_TK.dtype == torch.float32, \
+        f"{name}: under bf16 autocast the gate weights are {mixed.weights_TK.dtype}, expected fp32 (disable autocast around the gate)"
+    changed = (mixed.indices_TK.sort(dim=-1).values != fp32.indices_TK.sort(dim=-1).values).any(dim=-1)
+    assert not changed.any(), (f"{name}: under bf16 autocast {int(changed.sum())} of {changed.numel()} tokens chose other "
+                               "experts than in fp32: route in fp32 (disable autocast around the gate projection)")
+    diff = (mixed.weights_TK - fp32.weights_TK).abs().max().item()
+    assert diff <= 1e-6 * max(1.0, float(fp32.weights_TK.abs().max())), \
+        f"{name}: under bf16 autocast the gate weights differ from fp32 by {diff:.2e}: the gate ran in bf16"
+
+
 def check_router_contract(config: ModelConfig, num_sequences: int = 4, seq_len: int = 12,
                           weights_sum_to: float | None = None) -> None:
     """Every check a router plugin must pass, on the router the registry builds for ``config``.
 
     - shapes and dtypes: ``weights_TK`` fp32 [T, K] (also for bf16 input), ``indices_TK``
       integer [T, K], ``tokens_per_expert_E`` [E];
+    - fp32 routing under bf16 autocast: the same experts and gate weights as without autocast;
     - indices in range: every index in ``[0, E)``, each token's K experts distinct;
     - weights: finite, in ``[0, route_scale]``; with ``weights_sum_to`` (e.g. ``route_scale`` for
       a router that normalises its top-k weights) each token's weights sum to it;
@@ -284,6 +301,7 @@ def check_router_contract(config: ModelConfig, num_sequences: int = 4, seq_len: 
     low = _route(router, x_TD.to(torch.bfloat16), seq_len, config)
     assert low.weights_TK.dtype == torch.float32, f"{name}: bf16 input gave {low.weights_TK.dtype} gate weights, expected fp32"
     assert int(low.indices_TK.min()) >= 0 and int(low.indices_TK.max()) < E, f"{name}: bf16 input gave indices out of range"
+    _check_routes_in_fp32_under_autocast(router, x_TD, seq_len, out, name)
 
     trained = _route(router.train(), x_TD, seq_len, config)
     if trained.aux_loss is not None:

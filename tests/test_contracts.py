@@ -111,7 +111,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from moeframe.model.attention import MultiHeadAttention
-from moeframe.model.base import NormBase
+from moeframe.model.base import NormBase, RouterOutput
 from moeframe.model.experts import GroupedExperts
 from moeframe.model.router import TopKRouter
 
@@ -137,6 +137,15 @@ class TwiceRouter(TopKRouter):
         out.indices_TK = out.indices_TK[:, :1].expand_as(out.indices_TK).contiguous()
         out.tokens_per_expert_E = torch.bincount(out.indices_TK.flatten(), minlength=out.tokens_per_expert_E.numel())
         return out
+
+
+class BF16GateRouter(TopKRouter):
+    """Casts to fp32 but leaves autocast on: under bf16-mixed its gate runs in bf16."""
+    def forward(self, x_TD):
+        scores_TE = F.linear(x_TD.float(), self.weight.float()).softmax(dim=-1)
+        top_TK = scores_TE.topk(self.top_k, dim=-1)
+        counts_E = torch.bincount(top_TK.indices.flatten(), minlength=scores_TE.shape[1])
+        return RouterOutput(top_TK.values * self.route_scale, top_TK.indices, counts_E)
 
 
 class UnweightedExperts(GroupedExperts):
@@ -168,6 +177,7 @@ def broken_plugins(tmp_path_factory: pytest.TempPathFactory):
         [moeframe.router]
         uncounted = broken_plugins:UncountedRouter
         twice = broken_plugins:TwiceRouter
+        bf16gate = broken_plugins:BF16GateRouter
         [moeframe.experts]
         unweighted = broken_plugins:UnweightedExperts
         [moeframe.norm]
@@ -186,9 +196,10 @@ def broken_plugins(tmp_path_factory: pytest.TempPathFactory):
     (check_attention_contract, {"attention": {"name": "peeking"}}, "leaked into earlier positions"),
     (check_router_contract, {"router": {"name": "uncounted"}}, "tokens_per_expert_E .* != the counts of indices_TK"),
     (check_router_contract, {"router": {"name": "twice"}}, "chose an expert twice"),
+    (check_router_contract, {"router": {"name": "bf16gate"}}, "under bf16 autocast (the gate weights are torch.bfloat16|.*chose other experts|the gate weights differ)"),
     (check_experts_contract, {"experts": {"name": "unweighted"}}, "batched output != the per-pair loop"),
     (check_norm_contract, {"norm": {"name": "scalenorm"}}, "does not normalise"),
-], ids=["attention-not-causal", "router-uncounted", "router-duplicates", "experts-unweighted", "norm-scale-only"])
+], ids=["attention-not-causal", "router-uncounted", "router-duplicates", "router-bf16-gate", "experts-unweighted", "norm-scale-only"])
 def test_each_check_catches_its_broken_plugin(broken_plugins, check, changes: dict, message: str) -> None:
     assert registry.resolve(next(iter(changes)), next(iter(changes.values()))["name"]).distribution == "broken-plugins"
     with pytest.raises(AssertionError, match=message):

@@ -171,6 +171,114 @@ def test_fp8_export_has_the_released_layout(tmp_path: Path) -> None:
     assert (a - b).abs().max() <= a.abs().max() / 16
 
 
+def _quantised_like_the_release(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Every 2-D projection as E4M3 + its ``weight_scale_inv``; embedding, head, gate, norms kept."""
+    out: dict[str, torch.Tensor] = {}
+    for key, value in tensors.items():
+        if value.dim() == 2 and not any(s in key for s in ("embed_tokens", "lm_head", "mlp.gate.weight", "norm")):
+            out[key], out[f"{key}_scale_inv"] = _reference_fp8(value)
+        else:
+            out[key] = value
+    return out
+
+
+def _write_hf_shards(folder: Path, config: dict, shards: list[dict[str, torch.Tensor]]) -> None:
+    """An HF checkpoint folder as transformers writes one: numbered shards and an index."""
+    folder.mkdir()
+    n, weight_map = len(shards), {}
+    for i, tensors in enumerate(shards, start=1):
+        name = f"model-{i:05d}-of-{n:05d}.safetensors"
+        save_file(tensors, str(folder / name), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(tensors, name))
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+def _fp8_single_and_spread(tmp_path: Path) -> tuple[Path, Path, dict[str, int]]:
+    """The same FP8 checkpoint twice: one shard, and three shards whose scales lie before, after
+    and in their weight's shard (the released V3 checkpoint has scales across shard boundaries)."""
+    _hf_v3(tmp_path / "hf", q_lora_rank=16, n_group=2, topk_group=1)
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                     "weight_block_size": [128, 128]}
+    quantised = _quantised_like_the_release(_tensors(tmp_path / "hf"))
+    single = tmp_path / "single"
+    single.mkdir()
+    save_file(quantised, str(single / "model.safetensors"), metadata={"format": "pt"})
+    (single / "config.json").write_text(json.dumps(config))
+    shards: list[dict[str, torch.Tensor]] = [{}, {}, {}]
+    placement = {"before": 0, "after": 0, "same": 0}
+    weights = sorted(k for k in quantised if not k.endswith("_scale_inv"))
+    for i, key in enumerate(weights):
+        home = i % 3
+        shards[home][key] = quantised[key]
+        if f"{key}_scale_inv" in quantised:
+            where = (home + i // 3) % 3  # walks every offset: the scale before, after or beside its weight
+            shards[where][f"{key}_scale_inv"] = quantised[f"{key}_scale_inv"]
+            placement["same" if where == home else "before" if where < home else "after"] += 1
+    _write_hf_shards(tmp_path / "spread", config, shards)
+    return single, tmp_path / "spread", placement
+
+
+def test_fp8_scales_are_found_in_other_shards_through_the_index(tmp_path: Path) -> None:
+    single, spread, placement = _fp8_single_and_spread(tmp_path)
+    assert min(placement.values()) >= 3, placement  # every relation really occurs
+    one, many = from_hf(single, progress=False).state_dict(), from_hf(spread, progress=False).state_dict()
+    assert set(one) == set(many)
+    for key, value in one.items():
+        assert torch.equal(many[key], value), key
+    # and the folder converts through the command as well (same lookup)
+    assert main(["convert", str(spread), str(tmp_path / "mf")]) == 0
+    # without an index the shards' own headers say where each scale is
+    (spread / "model.safetensors.index.json").unlink()
+    unindexed = from_hf(spread, progress=False).state_dict()
+    assert all(torch.equal(unindexed[key], value) for key, value in one.items())
+
+
+@pytest.mark.bad_input
+def test_fp8_scale_missing_from_every_shard_is_one_clear_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    _, spread, _ = _fp8_single_and_spread(tmp_path)
+    index = json.loads((spread / "model.safetensors.index.json").read_text())
+    lost = "model.layers.1.self_attn.o_proj.weight_scale_inv"
+    shard = spread / index["weight_map"].pop(lost)
+    tensors = load_file(str(shard))
+    del tensors[lost]
+    save_file(tensors, str(shard), metadata={"format": "pt"})
+    (spread / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(ConfigError, match=r"model\.layers\.1\.self_attn\.o_proj\.weight .*is FP8 but .*_scale_inv is in no shard"):
+        from_hf(spread, progress=False)
+    capsys.readouterr()
+    assert main(["convert", str(spread), str(tmp_path / "mf")]) == 2
+    err = capsys.readouterr().err
+    assert len([line for line in err.splitlines() if lost in line]) == 1 and "Traceback" not in err
+    assert not (tmp_path / "mf").exists()
+
+
+def test_fp8_export_keeps_the_mtp_projection_and_head_copy_in_bf16(tmp_path: Path) -> None:
+    """The released checkpoint stores layer 61's ``eh_proj`` (and its ``shared_head.head`` copy)
+    in BF16 with no scale, while the MTP block's attention and experts are FP8."""
+    import yaml
+
+    from moeframe.config import ModelConfig
+    from moeframe.model.decoder import build_decoder
+
+    cfg = ModelConfig(**yaml.safe_load((Path(__file__).parents[1] / "configs" / "model" / "tiny-v3.yaml").read_text()))
+    torch.manual_seed(0)
+    decoder = build_decoder(cfg)
+    to_hf(decoder, tmp_path / "fp8", fp8=True, progress=False)
+    mtp = f"model.layers.{cfg.n_layers}"
+    keys: dict[str, torch.dtype] = {}
+    for file in (tmp_path / "fp8").glob("*.safetensors"):
+        with safe_open(str(file), "pt") as f:
+            keys.update({k: f.get_slice(k).get_dtype() for k in f.keys()})
+    assert keys[f"{mtp}.eh_proj.weight"] == "BF16" and f"{mtp}.eh_proj.weight_scale_inv" not in keys
+    assert keys[f"{mtp}.shared_head.head.weight"] == "BF16" and f"{mtp}.shared_head.head.weight_scale_inv" not in keys
+    assert keys[f"{mtp}.self_attn.kv_b_proj.weight"] == "F8_E4M3" and f"{mtp}.self_attn.kv_b_proj.weight_scale_inv" in keys
+    assert keys[f"{mtp}.mlp.experts.0.down_proj.weight"] == "F8_E4M3"
+    again = from_hf(tmp_path / "fp8", progress=False)
+    torch.testing.assert_close(again.mtp[0].eh_proj.weight, decoder.mtp[0].eh_proj.weight.to(torch.bfloat16).float())
+
+
 def test_lightning_checkpoint_exports(tmp_path: Path) -> None:
     """A checkpoint of a PretrainModule (what `moeframe fit` writes) converts to HF."""
     from moeframe.training.pretrain import PretrainModule

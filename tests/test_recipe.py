@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import lightning as L
@@ -91,3 +92,98 @@ def test_gamma_freezes_by_tokens(data: PretrainDataModule) -> None:
     router.update_after_step(counts)  # token 640 onwards: γ = 0
     assert torch.equal(router.e_score_correction_bias, frozen)
     assert int(router.num_tokens_seen) == 21 * 32
+
+
+# -- the 671B recipe's stages: plain RoPE in pretraining, YaRN in the long-context extension ------
+REPO = Path(__file__).resolve().parents[1]
+PRETRAIN = REPO / "configs" / "pretrain"
+# V3 report §4.3: YaRN with s = 40, α = 1, β = 32 and √t = 0.1·ln s + 1 in both extension stages;
+# 1000 steps each, 32K tokens x 1920 sequences then 128K x 480, learning rate 7.3e-6
+EXTENSION_STAGES = [("v3-671b-ext32k.yaml", 32 * 1024, 1920, "v3-671b.yaml"),
+                    ("v3-671b-ext128k.yaml", 128 * 1024, 480, "v3-671b-ext32k.yaml")]
+
+
+def _cli(config: Path, tmp_path: Path):
+    from moeframe.cli import build_cli
+
+    return build_cli(args=["-c", str(config), "--trainer.default_root_dir", str(tmp_path)], run=False)
+
+
+def _yarn(cli) -> tuple[float, float, float, float]:
+    options = cli.model.plan.attention.options
+    return options.rope_factor, options.beta_slow, options.beta_fast, options.mscale_all_dim
+
+
+def test_v3_pretraining_uses_plain_rope_at_4k(tmp_path: Path) -> None:
+    cli = _cli(PRETRAIN / "v3-671b.yaml", tmp_path)
+    assert cli.model.plan.attention.name == "mla"
+    assert cli.model.plan.attention.options.rope_factor == 1.0  # no YaRN from step 0
+    assert cli.model.config.max_seq_len == 4096 and cli.config.data.init_args.seq_len == 4096
+
+
+def _released_yarn_softmax_scale() -> float:
+    """V3's softmax scale at 40x: (128 + 64)^-0.5 · (0.1·ln 40 + 1)², from the report's numbers."""
+    return (128 + 64) ** -0.5 * (0.1 * math.log(40) + 1) ** 2
+
+
+@pytest.mark.parametrize("stage,seq_len,sequences,previous", EXTENSION_STAGES, ids=["32k", "128k"])
+def test_v3_extension_stages_apply_yarn_from_the_previous_checkpoint(stage: str, seq_len: int, sequences: int,
+                                                                     previous: str, tmp_path: Path) -> None:
+    import yaml
+    from moeframe_mla.attention import softmax_scale
+
+    from moeframe.training.callbacks import BatchSizeRamp
+
+    cli = _cli(PRETRAIN / stage, tmp_path)
+    assert _yarn(cli) == (40.0, 1.0, 32.0, 1.0)  # s, α, β, mscale coefficient
+    assert cli.model.plan.attention.options.original_seq_len == 4096
+    assert softmax_scale(cli.model.plan.attention.options) == pytest.approx(_released_yarn_softmax_scale(), rel=1e-12)
+    assert cli.config.data.init_args.seq_len == seq_len <= cli.model.config.max_seq_len
+    ramp = next(cb for cb in cli.trainer.callbacks if isinstance(cb, BatchSizeRamp))
+    # a constant global batch: one sequence per micro-batch on one rank accumulates all of them, always
+    assert ramp.target_accumulation(0, 1, 1) == sequences == ramp.target_accumulation(1e12, 1, 1)
+    assert cli.trainer.max_steps == 1000
+    assert cli.model.optim.lr == 7.3e-6 and cli.model.optim.schedule == "constant" and cli.model.optim.warmup_steps == 0
+    # it continues from the previous stage's last checkpoint (weights), with the same shapes
+    before = yaml.safe_load((PRETRAIN / previous).read_text())["trainer"]["default_root_dir"]
+    assert cli.model.init_from == f"{before}/logs/version_0/checkpoints/last.ckpt"
+    pretrain = _cli(PRETRAIN / "v3-671b.yaml", tmp_path).model.config
+    from moeframe.training.finetune import SHAPE_FIELDS
+
+    assert all(getattr(pretrain, f) == getattr(cli.model.config, f) for f in SHAPE_FIELDS)
+
+
+def test_released_v3_preset_carries_yarn(tmp_path: Path) -> None:
+    from moeframe.cli import build_cli
+
+    cli = build_cli(args=["-c", str(PRETRAIN / "tiny.yaml"), "--model.init_args.config",
+                          str(REPO / "configs" / "model" / "v3-671b.yaml"), "--trainer.default_root_dir",
+                          str(tmp_path)], run=False)
+    assert _yarn(cli) == (40.0, 1.0, 32.0, 1.0)
+    assert cli.model.config.max_seq_len == 163840  # max_position_embeddings of the release
+
+
+def test_an_extension_stage_starts_from_plain_rope_weights_with_yarn_on(tmp_path: Path) -> None:
+    """The extension stages' mechanism at toy size: the pretraining weights (no YaRN) load into the
+    same model with YaRN switched on (YaRN adds no tensors), through ``init_from``."""
+    import dataclasses
+
+    import yaml
+
+    from moeframe.convert import save_moeframe
+    from moeframe.model.decoder import build_decoder
+    from moeframe.training.finetune import FinetuneModule
+
+    plain = ModelConfig(**yaml.safe_load((REPO / "configs" / "model" / "tiny-v3.yaml").read_text()))
+    torch.manual_seed(0)
+    pretrained = build_decoder(plain)
+    save_moeframe(pretrained, tmp_path / "pretrained")
+    yarn = dataclasses.replace(plain, max_seq_len=4 * plain.max_seq_len, attention={
+        **plain.attention, "rope_factor": 4.0, "original_seq_len": plain.max_seq_len, "beta_fast": 32.0, "beta_slow": 1.0})
+    stage = FinetuneModule(init_from=str(tmp_path / "pretrained"), config=yarn, method="full", num_samples=0)
+    stage.configure_model()
+    assert stage.plan.attention.options.rope_factor == 4.0
+    assert all(torch.equal(stage.decoder.state_dict()[k], v) for k, v in pretrained.state_dict().items())
+    ids = torch.randint(0, plain.vocab_size, (1, 24))
+    with torch.no_grad():  # same weights, other positions encoding: the logits differ
+        assert not torch.allclose(stage.decoder(ids).logits, pretrained(ids).logits)

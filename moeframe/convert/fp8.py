@@ -5,12 +5,24 @@ A weight ``W [out, in]`` is stored as ``float8_e4m3fn`` plus ``weight_scale_inv`
 the right and bottom edges may be partial (dimensions that are not multiples of 128); their
 scale covers only the elements that exist. ``scale = amax / 448`` (E4M3's largest finite value),
 with amax floored at 1e-4 so an all-zero block does not divide by zero.
+
+Where a scale lies: the released DeepSeek-V3 checkpoint does not keep every ``weight_scale_inv``
+in its weight's shard (a shard boundary can fall between the two); ``model.safetensors.index.json``'s
+``weight_map`` is the authority, as in DeepSeek's own ``fp8_cast_bf16.py``. :class:`ScaleLookup`
+reads a scale from the shard the map names, opening another shard lazily (safetensors maps the
+file and reads only the requested tensor), so converting never holds more than the current shard.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any, Callable, Optional
+
 import torch
 import torch.nn.functional as F
+
+from moeframe.config import ConfigError
 
 BLOCK = 128
 E4M3_MAX = 448.0
@@ -49,3 +61,48 @@ def quantize_blocks(w: torch.Tensor, block: int = BLOCK, power_of_two: bool = Fa
         scale = torch.exp2(torch.ceil(torch.log2(scale)))
     q = (tiles / scale[:, None, :, None]).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
     return q.view(br * block, bc * block)[:rows, :cols].contiguous(), scale.contiguous()
+
+
+class ScaleLookup:
+    """``weight_scale_inv`` of an FP8 weight, from whichever shard of ``folder`` holds it.
+
+    ``weight_map`` is the index's tensor -> shard file map; without an index it is built from the
+    shards' headers (cheap: no tensor data is read). ``open_shard(path)`` returns a safetensors
+    handle; at most ``keep_open`` other shards stay open (scales sit near their weights).
+    """
+
+    def __init__(self, folder: Path, files: list[Path], weight_map: Optional[dict[str, str]],
+                 open_shard: Callable[[Path], Any], keep_open: int = 2) -> None:
+        self.folder, self.open_shard, self.keep_open = folder, open_shard, keep_open
+        self.weight_map = weight_map if weight_map is not None else self._map_from_headers(files)
+        self._handles: "OrderedDict[str, Any]" = OrderedDict()
+
+    def _map_from_headers(self, files: list[Path]) -> dict[str, str]:
+        weight_map: dict[str, str] = {}
+        for file in files:
+            weight_map.update(dict.fromkeys(self.open_shard(file).keys(), file.name))
+        return weight_map
+
+    def _handle(self, name: str) -> Any:
+        if name not in self._handles:
+            self._handles[name] = self.open_shard(self.folder / name)
+            if len(self._handles) > self.keep_open:
+                self._handles.popitem(last=False)  # dropping the handle unmaps the file
+        self._handles.move_to_end(name)
+        return self._handles[name]
+
+    def scale_for(self, key: str, file: Path, current: Any) -> torch.Tensor:
+        """The scale of FP8 tensor ``key`` read from ``file`` (whose open handle is ``current``)."""
+        scale_key = f"{key}_scale_inv"
+        shard = self.weight_map.get(scale_key)
+        if shard is None and scale_key in current.keys():
+            shard = file.name  # an index that forgot a tensor of this very shard
+        if shard is None:
+            raise ConfigError(f"{self.folder}: {key} (in {file.name}) is FP8 but {scale_key} is in no shard; "
+                              "the checkpoint is incomplete: download or convert it again")
+        handle = current if shard == file.name else self._handle(shard)
+        try:
+            return handle.get_tensor(scale_key)
+        except Exception as exc:  # safetensors' own error type for a key the shard lacks
+            raise ConfigError(f"{self.folder}: model.safetensors.index.json puts {scale_key} in {shard}, which "
+                              "does not hold it; the index does not belong to these shards") from exc

@@ -31,7 +31,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from moeframe.config import ConfigError, ModelConfig
-from moeframe.convert.fp8 import dequantize_blocks, quantize_blocks
+from moeframe.convert.fp8 import ScaleLookup, dequantize_blocks, quantize_blocks
 from moeframe.model.decoder import Decoder, build_decoder
 
 # (moeframe regex, HF template). Per-layer names; {i} is the layer index.
@@ -60,8 +60,12 @@ _GLOBAL_NAMES = {"embed.weight": "model.embed_tokens.weight", "norm.weight": "mo
                  "head.weight": "lm_head.weight"}
 # moeframe-only state that HF checkpoints do not carry
 _NOT_IN_HF = re.compile(r"(^|\.)(num_bias_updates|num_tokens_seen)$")
-# HF modules kept in high precision in the released FP8 checkpoints
-_NEVER_FP8 = re.compile(r"(embed_tokens|lm_head|\.gate\.weight|layernorm|norm\.weight|e_score_correction_bias)")
+# HF modules kept in high precision in the released FP8 checkpoints. The MTP module's own
+# projection ``eh_proj`` and its copy of the output head (``shared_head.head``) are BF16 there
+# without a weight_scale_inv (safetensors headers of deepseek-ai/DeepSeek-V3); only its
+# transformer block (attention, experts) is FP8.
+_NEVER_FP8 = re.compile(r"(embed_tokens|lm_head|\.gate\.weight|layernorm|norm\.weight|e_score_correction_bias"
+                        r"|\.eh_proj\.weight|shared_head\.head\.weight)")
 
 
 _MTP_NAMES = {"enorm.weight": "enorm.weight", "hnorm.weight": "hnorm.weight", "eh_proj.weight": "eh_proj.weight",
@@ -193,6 +197,13 @@ def _shard_files(folder: Path) -> list[Path]:
     return files
 
 
+def _scale_lookup(folder: Path, files: list[Path]) -> ScaleLookup:
+    """FP8 scales found through the index's weight_map (or the shards' headers without one)."""
+    index = folder / "model.safetensors.index.json"
+    weight_map = json.loads(index.read_text())["weight_map"] if index.is_file() else None
+    return ScaleLookup(folder, files, weight_map, _safe_open)
+
+
 def _check_quantization(hf: dict[str, Any], path: Path) -> bool:
     q = hf.get("quantization_config")
     if q is None:
@@ -247,6 +258,7 @@ def from_hf(path: str | Path, dtype: torch.dtype = torch.float32, progress: bool
     decoder.init_weights()  # buffers that checkpoints do not carry start from their defaults
     decoder.to(dtype)
     targets, filled = _targets(decoder), set()
+    scales = _scale_lookup(folder, files) if fp8 else None
     for file in tqdm(files, desc="loading shards", disable=not progress):
         with _safe_open(file) as f:
             keys = set(f.keys())
@@ -258,9 +270,10 @@ def from_hf(path: str | Path, dtype: torch.dtype = torch.float32, progress: bool
                                       "the one that belongs to these shards?")
                 value = f.get_tensor(key)
                 if value.dtype == torch.float8_e4m3fn:
-                    if not fp8 or f"{key}_scale_inv" not in keys:
-                        raise ConfigError(f"{file.name}: {key} is FP8 but has no {key}_scale_inv in the same shard")
-                    value = dequantize_blocks(value, f.get_tensor(f"{key}_scale_inv"))
+                    if scales is None:
+                        raise ConfigError(f"{file.name}: {key} is FP8 but config.json has no quantization_config "
+                                          "(quant_method fp8); is config.json the one that belongs to these shards?")
+                    value = dequantize_blocks(value, scales.scale_for(key, file, f))
                 _copy_into(targets[key], value, key, file)
                 filled.add(key)
     missing = sorted(set(targets) - filled)

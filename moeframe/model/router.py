@@ -3,10 +3,16 @@
 This is the classic baseline (GShard/Switch, DeepSeek-V2): probabilities ``softmax(x·Wᵀ)`` in
 fp32, optional group-limited selection (a group scores by its best expert, as in V2), the top-k
 probabilities as gate weights, and ``α·E·Σ_i f_i·P_i`` pushing the load towards uniform.
+
+Routing precision: the gate projection runs through :func:`gate_logits_fp32`, which switches
+autocast off around it. Casting the inputs to fp32 is not enough: autocast (``bf16-mixed``, the
+FP8 plugin) re-casts ``F.linear``'s inputs to bf16, and bf16 logits flip near-tied expert choices
+(benchmarks/RESULTS.md measures how many tokens change their expert set).
 """
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Optional
 
@@ -32,6 +38,20 @@ class TopKOptions(PluginOptions):
     def validate(self, config: "ModelConfig") -> None:
         if self.aux_loss_coef < 0:
             raise ValueError(f"aux_loss_coef must be >= 0, got {self.aux_loss_coef}")
+
+
+def _autocast_off(device_type: str) -> AbstractContextManager:
+    """A context with autocast disabled on ``device_type`` (nothing to do where autocast cannot run,
+    e.g. the meta device of ``moeframe inspect``, or where it is not enabled)."""
+    if device_type not in ("cpu", "cuda", "xpu", "mps", "hpu") or not torch.is_autocast_enabled(device_type):
+        return nullcontext()
+    return torch.autocast(device_type=device_type, enabled=False)
+
+
+def gate_logits_fp32(x_TD: torch.Tensor, weight_ED: torch.Tensor) -> torch.Tensor:
+    """Router logits ``x·Wᵀ`` [T, E] in fp32 under any autocast: routing decisions are made in fp32."""
+    with _autocast_off(x_TD.device.type):
+        return F.linear(x_TD.float(), weight_ED.float())
 
 
 def limit_to_groups(scores_TE: torch.Tensor, group_scores_TG: torch.Tensor, keep: int) -> torch.Tensor:
@@ -74,8 +94,8 @@ class TopKRouter(RouterBase):
         self.weight = nn.Parameter(torch.empty(config.n_routed_experts, config.dim))
 
     def forward(self, x_TD: torch.Tensor, ctx: Optional[ForwardContext] = None) -> RouterOutput:
-        # routing decisions are made in fp32: bf16 logits flip near-tied choices
-        scores_TE = F.linear(x_TD.float(), self.weight.float()).softmax(dim=-1)
+        # routing decisions are made in fp32 (also under autocast): bf16 logits flip near-tied choices
+        scores_TE = gate_logits_fp32(x_TD, self.weight).softmax(dim=-1)
         select_TE = scores_TE
         if self.n_groups > 1:
             group_best_TG = scores_TE.view(scores_TE.shape[0], self.n_groups, -1).amax(dim=-1)

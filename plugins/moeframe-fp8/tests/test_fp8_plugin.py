@@ -183,3 +183,23 @@ def test_moeframe_fit_single_device_with_stats_and_bf16_moments(tmp_path: Path, 
     # FP8Linear keeps nn.Linear's names: the checkpoint loads into a plain decoder (strict)
     decoder = load_moeframe(root / "logs" / "version_0" / "checkpoints" / "last.ckpt")
     assert not any(isinstance(m, FP8Linear) for m in decoder.modules())
+
+
+def test_routers_decide_in_fp32_inside_the_fp8_forward_context() -> None:
+    """The plugin runs the forward under bf16 autocast outside the FP8 GEMMs; the router (declared
+    high precision, so not converted) must still route exactly as in fp32."""
+    config = tiny_config(n_routed_experts=64, n_activated_experts=8, n_expert_groups=8, n_limited_groups=4, dim=64,
+                         router={"name": "aux_free"})
+    torch.manual_seed(0)
+    decoder = build_decoder(config)
+    plugin = FP8Precision()
+    plugin.convert_module(decoder)
+    router = decoder.layers[1].ffn.gate
+    torch.nn.init.normal_(router.weight, std=0.02)
+    x_TD = torch.randn(2048, config.dim).bfloat16().float()
+    with torch.no_grad():
+        fp32 = router(x_TD, seq_len=2048)
+        with plugin.forward_context():
+            mixed = router(x_TD, seq_len=2048)
+    assert mixed.weights_TK.dtype == torch.float32
+    assert torch.equal(mixed.indices_TK, fp32.indices_TK) and torch.equal(mixed.weights_TK, fp32.weights_TK)

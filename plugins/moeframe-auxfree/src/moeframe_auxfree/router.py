@@ -5,7 +5,7 @@ with gradient: the loss that spreads tokens over experts competes with the langu
 loss, and the stronger it is the worse the model (arXiv 2408.15664). DeepSeek-V3 balances with a
 per-expert bias ``b`` that is added to the affinities *for choosing experts only*:
 
-    s_TE   = sigmoid(x_TD · W_EDᵀ)              affinities, fp32 (bf16 flips near-ties)
+    s_TE   = sigmoid(x_TD · W_EDᵀ)              affinities, fp32 even under autocast (bf16 flips near-ties)
     choose = top-k of (s_TE + b_E)               within the kept groups, see below
     g_TK   = s[chosen] / Σ s[chosen] · route_scale   gate weights from the UNBIASED scores
 
@@ -42,12 +42,11 @@ from dataclasses import dataclass, field
 from typing import Literal, TYPE_CHECKING, Any, Callable, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from moeframe.model.base import PluginOptions, RouterBase, RouterOutput
 from moeframe.model.context import ForwardContext
-from moeframe.model.router import count_per_expert, limit_to_groups
+from moeframe.model.router import count_per_expert, gate_logits_fp32, limit_to_groups
 
 if TYPE_CHECKING:
     from moeframe.config import ModelConfig
@@ -198,7 +197,7 @@ class AuxFreeRouter(RouterBase):
     def forward(self, x_TD: torch.Tensor, ctx: Optional[ForwardContext] = None) -> RouterOutput:
         # the sequence-wise loss needs to know where one sequence ends: x_TD is B·T flat rows
         seq_len = None if ctx is None else ctx.seq_len
-        scores_TE = F.linear(x_TD.float(), self.weight.float()).sigmoid()
+        scores_TE = gate_logits_fp32(x_TD, self.weight).sigmoid()  # fp32 even under autocast
         indices_TK = select_experts(scores_TE + self.e_score_correction_bias.float(),
                                     self.top_k, self.n_groups, self.n_limited_groups)
         weights_TK = scores_TE.gather(1, indices_TK)

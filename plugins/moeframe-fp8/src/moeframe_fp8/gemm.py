@@ -15,19 +15,28 @@ accumulator: the promotion every 128 elements of K that DeepSeek-V3 does on Hopp
 whole tiles (zeros add nothing), ``b`` is handed over column-major and the scales in the layouts
 cuBLAS documents: 1×128 scales outer-dimension-major, 128×128 scales ``[ceil(K/128) rounded up to
 4, blocks of N]`` with K blocks contiguous.
+
+``hopper`` has not yet been verified on real hardware, so ``backend: auto`` does not trust it:
+:func:`disagreement` runs a candidate backend on a few tiles of the three GEMM shapes FP8 training
+uses (forward, input gradient through the transposed weight, weight gradient), with ragged edges,
+against ``gemm_emulated``, and the precision plugin falls back to ``emulated`` when they differ.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Callable, Literal, Optional
 
 import torch
 import torch.nn.functional as F
 
-from moeframe_fp8.quantize import TILE, num_tiles
+from moeframe_fp8.quantize import TILE, num_tiles, quantize_tiles, quantize_weight
 
 Backend = Literal["emulated", "hopper"]
 BACKENDS = ("auto", "emulated", "hopper")
+# (a_q, a_scale, b_q, b_scale, b_blocks, out_dtype) -> [M, N], the signature of gemm_hopper
+GemmFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, bool, torch.dtype], torch.Tensor]
+# a wrong tile or scale layout is off by O(1); bf16 output rounding and accumulation order by < 1e-2
+PROBE_TOLERANCE = 2e-2
 
 
 def _b_scale_columns(b_scale: torch.Tensor, k: int, n: int, b_blocks: bool) -> torch.Tensor:
@@ -104,3 +113,43 @@ def gemm(a_q: torch.Tensor, a_scale: torch.Tensor, b_q: torch.Tensor, b_scale: t
     if backend == "hopper":
         return gemm_hopper(a_q, a_scale, b_q, b_scale, b_blocks, out_dtype)
     return gemm_emulated(a_q, a_scale, b_q, b_scale, b_blocks).to(out_dtype)
+
+
+def _probe_gemms(device: torch.device) -> list[tuple[str, tuple, bool, torch.dtype]]:
+    """Operands of the three GEMM kinds an FP8 Linear runs, at sizes with partial tiles and blocks
+    (M 40, K 320 = 2.5 tiles, N 200), on ``device``; scales vary by column so a transposed or
+    misplaced scale shows."""
+    g = torch.Generator().manual_seed(0)
+    M, K, N = 40, 320, 200
+    x_MK = torch.randn(M, K, generator=g) * torch.logspace(-2, 1, K)
+    w_NK = torch.randn(N, K, generator=g) * torch.logspace(1, -2, N)[:, None]
+    dy_MN = torch.randn(M, N, generator=g) * torch.logspace(-1, 1, N)
+    xq, xs = quantize_tiles(x_MK)
+    wq, ws = quantize_weight(w_NK)
+    dyq, dys = quantize_tiles(dy_MN)
+    dyq_NM, dys_NG = quantize_tiles(dy_MN.t())
+    xq_KM, xs_KG = quantize_tiles(x_MK.t())
+    on = lambda *ts: tuple(t.to(device) for t in ts)  # noqa: E731
+    return [("forward [40, 320] x [320, 200], 128x128 weight blocks", on(xq, xs, wq, ws), True, torch.bfloat16),
+            ("input gradient [40, 200] x [200, 320], transposed weight blocks", on(dyq, dys, wq.t(), ws.t()), True,
+             torch.bfloat16),
+            ("weight gradient [200, 40] x [40, 320], 1x128 tiles", on(dyq_NM, dys_NG, xq_KM, xs_KG), False, torch.float32)]
+
+
+def disagreement(candidate: GemmFn, device: torch.device, tolerance: float = PROBE_TOLERANCE) -> Optional[str]:
+    """None when ``candidate`` computes what ``gemm_emulated`` computes on the probe GEMMs, else
+    one line naming the first GEMM that differs and its max absolute and relative difference
+    (relative to the largest reference value)."""
+    for what, operands, b_blocks, out_dtype in _probe_gemms(device):
+        reference = gemm_emulated(*operands, b_blocks)
+        try:
+            got = candidate(*operands, b_blocks, out_dtype).float()
+        except Exception as exc:  # any failure of an unverified kernel means: do not use it
+            return f"{what}: it failed ({(str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]})"
+        if got.shape != reference.shape:
+            return f"{what}: it returned shape {tuple(got.shape)}, expected {tuple(reference.shape)}"
+        diff = (got - reference).abs().max().item() if got.numel() else 0.0
+        relative = diff / max(reference.abs().max().item(), 1e-30)
+        if not torch.isfinite(got).all() or not relative <= tolerance:
+            return f"{what}: max abs difference {diff:.3g}, max relative difference {relative:.3g} (tolerance {tolerance:g})"
+    return None

@@ -23,7 +23,8 @@ Options (all validated at construction, before anything is built):
 - ``modules``/``exclude``: fnmatch patterns over module names (see ``moeframe_fp8.convert``);
   default every Linear the model does not declare high precision.
 - ``scale_format``: ``fp32`` (scale = amax/448) or ``pow2`` (rounded up to a power of two).
-- ``backend``: ``auto`` (``hopper`` on a capability-9.0 GPU, else ``emulated``), ``emulated``,
+- ``backend``: ``auto`` (``hopper`` on a capability-9.0 GPU if it agrees with ``emulated`` on a few
+  probe tiles at start-up, else ``emulated``), ``emulated``,
   ``hopper`` (an error naming the requirement when it cannot run).
 - ``bf16_moments``: keep the optimizer's Adam moments in BF16 between steps (DeepSeek-V3); the
   update itself is computed in fp32.
@@ -44,24 +45,38 @@ from torch.optim import Optimizer
 
 from moeframe_fp8.convert import FP8Module, convert_to_fp8, converted_modules
 from moeframe_fp8.grouped import FP8GroupedGemm
-from moeframe_fp8.gemm import BACKENDS, hopper_available
+from moeframe_fp8.gemm import BACKENDS, GemmFn, disagreement, gemm_hopper, hopper_available
 from moeframe_fp8.linear import FP8ConfigError, FP8Recipe
 
-__all__ = ["FP8Precision", "resolve_backend", "MOMENT_KEYS"]
+__all__ = ["FP8Precision", "checked_backend", "resolve_backend", "MOMENT_KEYS"]
 
 SCALE_FORMATS = ("fp32", "pow2")
 MOMENT_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 
 
 def resolve_backend(backend: str, device: torch.device) -> Literal["emulated", "hopper"]:
-    """The backend that runs on ``device``; ``hopper`` where it cannot run is an FP8ConfigError."""
+    """The backend that runs on ``device``; ``hopper`` where it cannot run is an FP8ConfigError.
+    ``auto`` takes ``hopper`` only where it agrees with ``emulated`` (see :func:`checked_backend`)."""
     usable, why = hopper_available(device)
     if backend == "auto":
-        return "hopper" if usable else "emulated"
+        return checked_backend("hopper", gemm_hopper, device) if usable else "emulated"
     if backend == "hopper" and not usable:
         raise FP8ConfigError(f"fp8 backend 'hopper' cannot run: {why}. Use backend 'emulated' (any device, same "
                            "quantisation, slow) or 'auto' (hopper where available)")
     return backend  # type: ignore[return-value]
+
+
+def checked_backend(name: Literal["hopper"], candidate: GemmFn, device: torch.device) -> Literal["emulated", "hopper"]:
+    """``name`` if ``candidate`` (its GEMM) matches the emulated GEMM on a few probe tiles on
+    ``device``, else ``emulated`` with one warning naming the disagreement. ``auto`` runs this at
+    start-up until a GPU run has verified ``hopper`` (benchmarks/fp8_linear.py on an H100/H200);
+    an explicit ``backend: hopper`` is the user's choice and is not second-guessed."""
+    problem = disagreement(candidate, device)
+    if problem is None:
+        return name
+    rank_zero_warn(f"fp8: backend 'auto' falls back to 'emulated' (slow): '{name}' disagrees with 'emulated' on "
+                   f"{problem}. Report it with your GPU and torch version; set backend: emulated to skip this check")
+    return "emulated"
 
 
 def _unsupported_strategy(strategy: Any) -> Optional[str]:

@@ -110,8 +110,10 @@ def tensor_stats(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> Tenso
     finite = torch.isfinite(x)
     amax = x[finite].abs().amax() if finite.any() else torch.tensor(float("nan"))
     # an element overflows when |x| exceeds 448 times the largest scale used for it; with dynamic
-    # amax scaling only non-finite values can, but a bad scale (e.g. a stale one) would show here
-    too_big = ~finite | (x.abs() > E4M3_MAX * scale.max())
+    # amax scaling only non-finite values can, but a bad scale (e.g. a stale one) would show here.
+    # (amax / 448) · 448 can round one ulp below amax: a few ulps of slack keep the tile's own
+    # maximum from counting as an overflow.
+    too_big = ~finite | (x.abs() > E4M3_MAX * scale.max() * (1 + 4 * torch.finfo(torch.float32).eps))
     n = max(1, x.numel())
     return TensorStats(
         amax=float(amax), scale_min=float(scale.min()), scale_max=float(scale.max()),
