@@ -230,12 +230,13 @@ def _route(router: Any, x_TD: torch.Tensor, seq_len: int, config: ModelConfig | 
     return call_router(router, x_TD, ctx)
 
 
-def _check_routes_in_fp32_under_autocast(router: Any, x_TD: torch.Tensor, seq_len: int, fp32: Any, name: str) -> None:
+def _check_routes_in_fp32_under_autocast(router: Any, x_TD: torch.Tensor, seq_len: int, fp32: Any, name: str,
+                                         config: ModelConfig | None = None) -> None:
     """Under bf16 autocast (``bf16-mixed``, the FP8 plugin) the router must decide exactly as in
     fp32: autocast re-casts ``F.linear``'s inputs to bf16 even after ``.float()``, so a gate that
     does not switch autocast off (``moeframe.model.router.gate_logits_fp32``) routes in bf16."""
     with torch.autocast(x_TD.device.type, dtype=torch.bfloat16):
-        mixed = _route(router, x_TD, seq_len)
+        mixed = _route(router, x_TD, seq_len, config)  # the token ids `fp32` was routed with
     assert mixed.weights_TK.dtype == torch.float32, \
         f"{name}: under bf16 autocast the gate weights are {mixed.weights_TK.dtype}, expected fp32 (disable autocast around the gate)"
     changed = (mixed.indices_TK.sort(dim=-1).values != fp32.indices_TK.sort(dim=-1).values).any(dim=-1)
@@ -301,7 +302,7 @@ def check_router_contract(config: ModelConfig, num_sequences: int = 4, seq_len: 
     low = _route(router, x_TD.to(torch.bfloat16), seq_len, config)
     assert low.weights_TK.dtype == torch.float32, f"{name}: bf16 input gave {low.weights_TK.dtype} gate weights, expected fp32"
     assert int(low.indices_TK.min()) >= 0 and int(low.indices_TK.max()) < E, f"{name}: bf16 input gave indices out of range"
-    _check_routes_in_fp32_under_autocast(router, x_TD, seq_len, out, name)
+    _check_routes_in_fp32_under_autocast(router, x_TD, seq_len, out, name, config)
 
     trained = _route(router.train(), x_TD, seq_len, config)
     if trained.aux_loss is not None:

@@ -326,7 +326,8 @@ class OldRouter(RouterBase):
 
     def forward(self, x_TD, seq_len):
         assert x_TD.shape[0] % seq_len == 0
-        scores_TE = F.linear(x_TD.float(), self.weight.float()).softmax(-1)
+        with torch.autocast(x_TD.device.type, enabled=False):
+            scores_TE = F.linear(x_TD.float(), self.weight.float()).softmax(-1)
         weights_TK, indices_TK = scores_TE.topk(self.k, dim=-1)
         counts_E = torch.bincount(indices_TK.flatten(), minlength=scores_TE.shape[1])
         return RouterOutput(weights_TK, indices_TK, counts_E)

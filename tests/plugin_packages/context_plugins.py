@@ -58,7 +58,8 @@ class TokenHashRouter(RouterBase):
         if ctx is None or ctx.token_ids_BT is None:
             raise ValueError("router token_hash routes by token id: it needs ctx.token_ids_BT")
         indices_TK = self.tid2eid[ctx.token_ids_BT.flatten()]
-        scores_TE = F.linear(x_TD.float(), self.weight.float()).sigmoid()
+        with torch.autocast(x_TD.device.type, enabled=False):  # gate weights in fp32, also under autocast
+            scores_TE = F.linear(x_TD.float(), self.weight.float()).sigmoid()
         weights_TK = scores_TE.gather(1, indices_TK)
         weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
         counts_E = torch.zeros(self.num_experts, dtype=torch.int64, device=x_TD.device)
