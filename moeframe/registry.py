@@ -150,9 +150,10 @@ def available(kind: str) -> dict[str, list[PluginInfo]]:
 def _unknown_name_message(kind: Kind, name: str, names: list[str]) -> str:
     close = difflib.get_close_matches(name, names, n=1)
     hint = f" Did you mean {close[0]!r}?" if close else ""
-    # no plugin at all of a kind moeframe itself provides one of: the installed metadata predates the kind
-    listing = ", ".join(sorted(names)) or ("none installed (moeframe's own entry points are missing: "
-                                           "reinstall moeframe, e.g. pip install -e .)")
+    listing = ", ".join(sorted(names)) or "none installed"
+    if not names and kind.name in _CONTEXT_KINDS + ("residual",):
+        # moeframe itself registers one of these: the installed metadata predates the kind
+        listing += " (moeframe's own entry points are missing: reinstall moeframe, e.g. pip install -e .)"
     return (
         f"unknown {kind.name} plugin {name!r}.{hint} Available {kind.name} plugins: {listing}. "
         f"A package provides one by declaring an entry point in the group {kind.group!r} "
