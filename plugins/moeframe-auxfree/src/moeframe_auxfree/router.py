@@ -196,7 +196,8 @@ class AuxFreeRouter(RouterBase):
 
     def forward(self, x_TD: torch.Tensor, ctx: Optional[ForwardContext] = None) -> RouterOutput:
         # the sequence-wise loss needs to know where one sequence ends: x_TD is B·T flat rows
-        seq_len = None if ctx is None else ctx.seq_len
+        # (an int: an API-1 subclass calling super().forward(x_TD, seq_len))
+        seq_len = ctx if isinstance(ctx, int) or ctx is None else ctx.seq_len
         scores_TE = gate_logits_fp32(x_TD, self.weight).sigmoid()  # fp32 even under autocast
         indices_TK = select_experts(scores_TE + self.e_score_correction_bias.float(),
                                     self.top_k, self.n_groups, self.n_limited_groups)
