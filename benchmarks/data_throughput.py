@@ -3,7 +3,7 @@ with what the tiny model consumes per training step on this machine.
 
     python benchmarks/data_throughput.py [--max-bytes 20000000] [--steps 30]
 
-Prints: prepare tokens/s with 1 and 2 workers; DataLoader tokens/s (memmap windows, shuffled,
+Prints: prepare tokens/s with 1 and 2 workers; DataLoader tokens/s (windows read with pread, shuffled,
 0 and 2 workers); tiny-model training tokens/s (forward + backward + AdamW); and the ratio of
 loader supply to model demand (above 1: the loader keeps up).
 """

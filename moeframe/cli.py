@@ -21,13 +21,28 @@ from moeframe.config import ConfigError
 TRAINER_COMMANDS = ("fit", "validate", "test", "predict")
 
 
-def default_loggers(save_dir: str) -> list[dict[str, Any]]:
-    """CSV always (plain files anyone can read); TensorBoard too when it is installed."""
-    loggers = [{"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": save_dir, "name": "logs"}}]
+def default_loggers(save_dir: str, version: Optional[int] = None) -> list[dict[str, Any]]:
+    """CSV always (plain files anyone can read); TensorBoard too when it is installed; both in
+    ``<save_dir>/logs/version_<version>`` (None: Lightning picks the next free one)."""
+    init_args: dict[str, Any] = {"save_dir": save_dir, "name": "logs"}
+    if version is not None:
+        init_args["version"] = version
+    loggers = [{"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": dict(init_args)}]
     if importlib.util.find_spec("tensorboard") is not None:
-        loggers.append({"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-                        "init_args": {"save_dir": save_dir, "name": "logs"}})
+        loggers.append({"class_path": "lightning.pytorch.loggers.TensorBoardLogger", "init_args": dict(init_args)})
     return loggers
+
+
+def claim_default_log_version(save_dir: str) -> Optional[int]:
+    """The run's own ``<save_dir>/logs/version_N``, claimed atomically (``moeframe.training.logversions``)
+    by rank 0; other ranks never write logs (and ModelCheckpoint takes rank 0's folder), so they claim nothing."""
+    from lightning.pytorch.utilities import rank_zero_only
+
+    from moeframe.training.logversions import claim_log_version
+
+    if rank_zero_only.rank != 0 or "://" in save_dir:  # a remote (fsspec) root keeps Lightning's own choice
+        return None
+    return claim_log_version(Path(save_dir) / "logs")
 
 
 def check_strategy_name(name: str) -> None:
@@ -174,13 +189,37 @@ def build_cli(args: Optional[list[str]] = None, run: bool = True, **kwargs: Any)
             if given is not None and stored is not None and given != stored:
                 _raise_config_mismatch(given, stored)
 
+        def instantiate_trainer(self, **kwargs: Any) -> Any:
+            # the model and the data exist now, nothing is built: values that only conflict with
+            # each other (data.seq_len > model.max_seq_len, ...) are one line here, not a traceback
+            # from the first training step
+            from moeframe.training.pretrain import PretrainModule
+
+            if isinstance(self.model, PretrainModule) and self.datamodule is not None:
+                self.model.check_data(self.datamodule)
+            return super().instantiate_trainer(**kwargs)
+
         def before_instantiate_classes(self) -> None:
             config = self.config[self.subcommand] if self.subcommand else self.config
             trainer = config["trainer"]
             if isinstance(trainer.get("strategy"), str):
                 check_strategy_name(trainer["strategy"])
             if trainer.get("logger") in (None, True):
-                trainer["logger"] = default_loggers(trainer.get("default_root_dir") or ".")
+                root = trainer.get("default_root_dir") or "."
+                self.claimed_log_version = (root, claim_default_log_version(root))
+                trainer["logger"] = default_loggers(root, self.claimed_log_version[1])
+
+        def instantiate_classes(self) -> None:
+            try:
+                super().instantiate_classes()
+            except BaseException:
+                # a run that stops at config time leaves no empty version folder behind
+                root, version = getattr(self, "claimed_log_version", (None, None))
+                if version is not None:
+                    from moeframe.training.logversions import release_log_version
+
+                    release_log_version(Path(root) / "logs", version)
+                raise
 
     return MoeframeCLI(
         L.LightningModule,
@@ -357,6 +396,18 @@ def _parse_error_message(exc: Exception) -> str:
     return "\n".join(lines) + "\n(run with --help to see the accepted options)"
 
 
+def _fault_reason(exc: Exception) -> str:
+    """The fault's own message: one raised in a DataLoader worker reaches the main process re-raised
+    by torch as "Caught <type> in DataLoader worker process N." plus the worker's traceback, whose
+    last line is ``<module>.<type>: <message>``."""
+    text = str(exc)
+    if "Original Traceback" not in text:
+        return text
+    last = text.strip().splitlines()[-1]
+    prefix = f"{type(exc).__module__}.{type(exc).__qualname__}: "
+    return last[len(prefix):] if last.startswith(prefix) else last
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     from_shell = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -381,7 +432,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         build_cli(args=None if from_shell else argv)
     except TrainingFault as exc:
         # a run that stopped for a reason the user must act on: the reason, not the stack
-        print(f"moeframe: error: {exc}", file=sys.stderr)
+        print(f"moeframe: error: {_fault_reason(exc)}", file=sys.stderr)
         return 1
     except RuntimeError as exc:
         if "Error(s) in loading state_dict" not in str(exc):

@@ -14,7 +14,9 @@ HOOKS_JSON keys (all optional):
   fsize_limit_at / fsize_limit: after that step, the process may not write files larger than
       ``fsize_limit`` bytes (RLIMIT_FSIZE): a real EFBIG on the next checkpoint, as a full disk;
   final: save the final state there with ``trainer.save_checkpoint`` when training ends;
-  delete_at / delete: after that step, delete folder ``delete`` (the data).
+  delete_at / delete: after that step, delete folder ``delete`` (the data);
+  truncate_at / truncate / truncate_to: after that step, cut file ``truncate`` (a shard) to
+      ``truncate_to`` bytes, as a copy still in progress or someone else's ``truncate`` would.
 """
 
 from __future__ import annotations
@@ -40,11 +42,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 class TestHooks(L.Callback):
     def __init__(self, pause_at: int = 0, ready: str = "", rng_log: str = "", nan_at: int = 0, nan_module: str = "",
                  fsize_limit_at: int = 0, fsize_limit: int = 0, final: str = "", delete_at: int = 0,
-                 delete: str = "") -> None:
+                 delete: str = "", truncate_at: int = 0, truncate: str = "", truncate_to: int = 0) -> None:
         self.pause_at, self.ready, self.rng_log = pause_at, ready, rng_log
         self.nan_at, self.nan_module = nan_at, nan_module
         self.fsize_limit_at, self.fsize_limit, self.final = fsize_limit_at, fsize_limit, final
         self.delete_at, self.delete = delete_at, delete
+        self.truncate_at, self.truncate, self.truncate_to = truncate_at, truncate, truncate_to
 
     @property
     def state_key(self) -> str:
@@ -79,6 +82,8 @@ class TestHooks(L.Callback):
             resource.setrlimit(resource.RLIMIT_FSIZE, (self.fsize_limit, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
         if self.delete_at and step == self.delete_at and trainer.global_rank == 0:
             shutil.rmtree(self.delete)
+        if self.truncate_at and step == self.truncate_at and trainer.global_rank == 0:
+            os.truncate(self.truncate, self.truncate_to)
         if self.pause_at and step == self.pause_at and trainer.global_rank == 0:
             self._pause(trainer)
 

@@ -128,3 +128,78 @@ def test_print_config_shows_the_resolved_model(tmp_path: Path) -> None:
     result = _moeframe(["fit", "-c", str(CONFIGS / "pretrain" / "tiny.yaml"), "--print_config"], cwd=tmp_path, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "n_routed_experts: 8" in result.stdout and "class_path: moeframe.training.pretrain.PretrainModule" in result.stdout
+
+
+# values that are only wrong next to each other: caught when the model and the data are instantiated
+DATA_MODEL_CONFLICTS = [
+    (["--data.init_args.seq_len", "2048"], "data.seq_len=2048 is longer than model.max_seq_len=1024"),
+    (["--model.init_args.config.vocab_size", "100"], "the tokenizer has 257 tokens but model.vocab_size=100"),
+    (["--model.init_args.config.mtp_depth", "2", "--data.init_args.seq_len", "2"],
+     "model.mtp_depth=2 leaves no token to predict in sequences of data.seq_len=2"),
+]
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize(("override", "message"), DATA_MODEL_CONFLICTS, ids=["seq_len", "vocab_size", "mtp_depth"])
+def test_data_and_model_conflicts_are_caught_at_config_time(override: list[str], message: str, tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    from moeframe.config import ConfigError
+
+    args = ["-c", str(CONFIGS / "pretrain" / "tiny.yaml"), "--trainer.default_root_dir", str(tmp_path), *override]
+    with pytest.raises(ConfigError, match=message):
+        build_cli(args=args, run=False)  # instantiation only: no trainer, no fit, no decoder
+    assert main(["fit", *args]) == 2
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.startswith("moeframe: error:")]
+    assert len(lines) == 1 and message in lines[0] and "Traceback" not in err, err[-3000:]
+
+
+# -- runs sharing a default_root_dir -------------------------------------------------------------------
+def test_log_version_claims_racing_in_processes_are_all_distinct(tmp_path: Path) -> None:
+    """Eight processes claim a version in the same folder at the same moment: eight versions."""
+    import multiprocessing
+
+    from moeframe.training.logversions import claim_log_version
+
+    (tmp_path / "logs" / "version_3").mkdir(parents=True)  # an earlier run's
+    with multiprocessing.get_context("fork").Pool(8) as pool:
+        claimed = pool.map(claim_log_version, [tmp_path / "logs"] * 8)
+    assert sorted(claimed) == list(range(4, 12))
+
+
+def test_runs_in_the_same_root_dir_get_their_own_log_version(tmp_path: Path) -> None:
+    """Lightning's loggers choose a version by listing folders when they first write, so two runs
+    instantiated before either wrote took the same one; each CLI run now claims its own."""
+    args = ["-c", str(CONFIGS / "pretrain" / "tiny.yaml"), "--trainer.default_root_dir", str(tmp_path), *FAST]
+    first, second = build_cli(args=args, run=False), build_cli(args=args, run=False)
+    assert [lg.version for lg in first.trainer.loggers] == [0] * len(first.trainer.loggers)
+    assert [lg.version for lg in second.trainer.loggers] == [1] * len(second.trainer.loggers)
+    assert first.trainer.log_dir != second.trainer.log_dir
+
+
+@pytest.mark.bad_input
+def test_a_run_stopped_at_config_time_leaves_no_empty_log_version(tmp_path: Path) -> None:
+    assert main(["fit", "-c", str(CONFIGS / "pretrain" / "tiny.yaml"), "--trainer.default_root_dir", str(tmp_path),
+                 "--model.init_args.config.n_heads", "5"]) == 2
+    assert not list((tmp_path / "logs").glob("version_*"))
+
+
+@pytest.mark.slow
+def test_two_runs_started_together_in_one_root_dir_both_keep_their_logs(tmp_path: Path) -> None:
+    args = ["fit", "-c", str(CONFIGS / "pretrain" / "tiny.yaml"), "--trainer.default_root_dir", str(tmp_path),
+            "--trainer.max_steps", "3", "--trainer.log_every_n_steps", "1", "--trainer.limit_val_batches", "0",
+            "--trainer.num_sanity_val_steps", "0", "--data.init_args.max_bytes", "300000",
+            "--data.init_args.seq_len", "32", "--data.init_args.batch_size", "4"]
+    runs = [subprocess.Popen([sys.executable, "-m", "moeframe.cli", *args, "--seed_everything", str(seed)], cwd=tmp_path,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=clean_env())
+            for seed in (1, 2)]
+    outputs = [run.communicate(timeout=300)[0] for run in runs]
+    assert [run.returncode for run in runs] == [0, 0], "\n".join(out[-2000:] for out in outputs)
+    losses = []
+    for version in (0, 1):
+        rows = list(csv.DictReader((tmp_path / "logs" / f"version_{version}" / "metrics.csv").open()))
+        steps = [int(r["step"]) for r in rows if r.get("train/loss")]
+        assert steps == [0, 1, 2], rows  # one run's rows, each step once
+        losses.append([r["train/loss"] for r in rows if r.get("train/loss")])
+        assert (tmp_path / "logs" / f"version_{version}" / "checkpoints" / "last.ckpt").is_file()
+    assert losses[0] != losses[1]  # two different seeds: two different runs, not one run's rows twice

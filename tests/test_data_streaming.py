@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import struct
 import subprocess
 import sys
@@ -80,6 +81,21 @@ def test_truncated_bin_is_rejected(tmp_path: Path, prepared: Path) -> None:
     bin_.write_bytes(bin_.read_bytes()[:-2])
     with pytest.raises(ConfigError, match="truncated"):
         IndexedDataset(bin_.with_suffix(""))
+
+
+@pytest.mark.bad_input
+def test_bin_truncated_after_opening_is_a_fault_naming_the_file(tmp_path: Path, prepared: Path) -> None:
+    """Cut short after it was opened (and read): the next read past the new end is a TrainingFault
+    naming the file, where a memory-mapped read would have been a SIGBUS."""
+    from moeframe.errors import TrainingFault
+
+    ds = IndexedDataset(prepared / "train" / "shard_00000")
+    head = ds.read(0, 8).copy()
+    os.truncate(ds.bin_path, 6)
+    assert np.array_equal(ds.read(0, 3), head[:3])  # what is still there reads as before
+    with pytest.raises(TrainingFault, match=f"the shard {ds.bin_path} is 6 bytes now, but its index describes "
+                                            f"{ds.num_bytes}: it was truncated during the run"):
+        ds.read(0, 8)
 
 
 # -- prepare: idempotent, atomic, bad input -----------------------------------------------------
@@ -188,10 +204,11 @@ def test_blend_follows_weights_deterministically() -> None:
     assert set(order[order[:, 0] == 1, 1]) == set(range(10))
 
 
-def _run(script_args: list[str], timeout: int = 240) -> None:
+def _run(script_args: list[str], timeout: int = 240) -> str:
     result = subprocess.run([sys.executable, str(REPO / "tests" / "resume_script.py"), *script_args],
                             capture_output=True, text=True, timeout=timeout, env=clean_env())
     assert result.returncode == 0, result.stderr[-4000:]
+    return result.stdout + result.stderr
 
 
 def _seen(path: Path, rank: int) -> list[list]:
@@ -206,7 +223,10 @@ def test_resume_mid_epoch_sees_exactly_the_uninterrupted_batches(tmp_path: Path,
     total, cut = 14, 6
     # the uninterrupted run leaves a checkpoint after step 6, as a preempted run would
     _run([str(prepared), str(tmp_path / "full"), str(total), str(devices), str(workers), "-", str(cut), str(tmp_path)])
-    _run([str(prepared), str(tmp_path / "resumed"), str(total), str(devices), str(workers), str(tmp_path / f"step{cut}.ckpt")])
+    out = _run([str(prepared), str(tmp_path / "resumed"), str(total), str(devices), str(workers),
+                str(tmp_path / f"step{cut}.ckpt")])
+    # Lightning's "dataloader is not resumable" warning would contradict the exact resume checked below
+    assert "not resumable" not in out, out[-3000:]
     for rank in range(devices):
         full = _seen(tmp_path / "full", rank)
         resumed = _seen(tmp_path / "resumed", rank)

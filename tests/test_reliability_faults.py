@@ -241,6 +241,36 @@ def test_data_folder_disappearing_mid_run_is_one_line(tmp_path: Path) -> None:
     one_line_error(out, f"the data folder {tmp_path / 'data'} disappeared during the run")
 
 
+@pytest.mark.slow
+@pytest.mark.bad_input
+@pytest.mark.parametrize("workers", [0, 1])
+def test_shard_truncated_mid_run_is_one_line_and_keeps_the_checkpoints(tmp_path: Path, workers: int) -> None:
+    """A .bin cut short while the run reads it: a memory-mapped read past the new end of file would be
+    a SIGBUS (the process dies silently); here it is one line naming the file, exit 1, and the
+    checkpoints written before stay intact (in a DataLoader worker too)."""
+    from moeframe.data.prepare import collect_sources, prepare
+
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    for i in range(30):
+        (raw / f"d{i}.txt").write_text(f"document {i} " + "some words to train on " * 20)
+    prepare(collect_sources([raw]), tmp_path / "data", workers=1, quiet=True)
+    shard = tmp_path / "data" / "train" / "shard_00000.bin"
+    saver = {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+             "init_args": {"dirpath": str(tmp_path / "ck"), "every_n_train_steps": 1, "save_top_k": -1,
+                           "filename": "s{step}", "auto_insert_metric_name": False}}
+    code, out = run({"truncate_at": 2, "truncate": str(shard), "truncate_to": 64},
+                    fit_args(tmp_path / "run", 8, "--data.init_args.path", str(tmp_path / "data"),
+                             "--data.init_args.num_workers", str(workers), "--trainer.callbacks+", json.dumps(saver)),
+                    tmp_path)
+    assert code == 1, out[-3000:]
+    one_line_error(out, f"the shard {shard} is 64 bytes now, but its index describes")
+    assert "truncated during the run" in out
+    for step in (1, 2):
+        assert verify_checkpoint(tmp_path / "ck" / f"s{step}.ckpt") is None
+    assert not list((tmp_path / "ck").glob(".partial-*"))
+
+
 # -- bad input: one line, non-zero exit, before compute ---------------------------------------------
 @pytest.fixture(scope="module")
 def trained_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:

@@ -13,19 +13,26 @@ trains there. The layout (all integers little-endian):
           starting with 0 and ending with the sequence count).
 
 moeframe writes one sequence per document (as Megatron's ``preprocess_data.py`` does without
-sentence splitting), so the document indices are ``0, 1, …, n``. Both files are read through
-``numpy.memmap``: opening a dataset costs the index only, never the tokens.
+sentence splitting), so the document indices are ``0, 1, …, n``. Opening a dataset costs the
+index only (a ``numpy.memmap``), never the tokens.
+
+Tokens are read with ``os.pread`` on an open descriptor, not through a memory map: a ``.bin`` cut
+short while a run reads it (a copy still in progress, a quota, someone else's ``truncate``) makes
+a memory-mapped read past the new end of file a SIGBUS, which kills the process with no message
+and no checkpoint. ``pread`` returns fewer bytes instead, which ``read`` turns into one line naming
+the file. The cost is one system call and one copy per window (see benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
 
+import os
 import struct
 from pathlib import Path
 from typing import BinaryIO, Optional
 
 import numpy as np
 
-from moeframe.errors import ConfigError
+from moeframe.errors import ConfigError, TrainingFault
 
 INDEX_HEADER = b"MMIDIDX\x00\x00"
 INDEX_VERSION = 1
@@ -87,22 +94,26 @@ class IndexedDatasetWriter:
 
 
 class IndexedDataset:
-    """A read-only, memory-mapped Megatron dataset given its prefix (``path/name`` without suffix)."""
+    """A read-only Megatron dataset given its prefix (``path/name`` without suffix): the index
+    memory-mapped, the tokens read through bounds-checked ``os.pread`` calls (see the module docstring)."""
 
     def __init__(self, prefix: str | Path) -> None:
         self.prefix = Path(prefix)
-        idx, bin_ = self.prefix.with_suffix(".idx"), self.prefix.with_suffix(".bin")
-        for f in (idx, bin_):
+        idx, self.bin_path = self.prefix.with_suffix(".idx"), self.prefix.with_suffix(".bin")
+        for f in (idx, self.bin_path):
             if not f.is_file():
-                raise ConfigError(f"indexed dataset {str(self.prefix)!r}: missing {f.name} (expected {idx.name} + {bin_.name})")
+                raise ConfigError(f"indexed dataset {str(self.prefix)!r}: missing {f.name} "
+                                  f"(expected {idx.name} + {self.bin_path.name})")
         self._read_index(idx)
-        expected = int(self.sequence_lengths.astype(np.int64).sum()) * self.dtype.itemsize
-        if bin_.stat().st_size != expected:
+        self.num_bytes = int(self.sequence_lengths.astype(np.int64).sum()) * self.dtype.itemsize
+        if self.bin_path.stat().st_size != self.num_bytes:
             raise ConfigError(
-                f"indexed dataset {bin_}: {bin_.stat().st_size} bytes, but its index describes {expected}; "
-                "the .bin is truncated or belongs to another index: prepare the data again"
+                f"indexed dataset {self.bin_path}: {self.bin_path.stat().st_size} bytes, but its index describes "
+                f"{self.num_bytes}; the .bin is truncated or belongs to another index: prepare the data again"
             )
-        self.tokens = np.memmap(bin_, dtype=self.dtype, mode="r") if expected else np.zeros(0, self.dtype)
+        # opened now, as a memory map would be: a folder deleted during the run stays readable until
+        # the check at the next epoch (PretrainDataModule._check_still_there) says so in one line
+        self._fd: Optional[int] = os.open(self.bin_path, os.O_RDONLY)
 
     def _read_index(self, idx: Path) -> None:
         with open(idx, "rb") as f:
@@ -126,8 +137,45 @@ class IndexedDataset:
 
     @property
     def num_tokens(self) -> int:
-        return len(self.tokens)
+        return self.num_bytes // self.dtype.itemsize
+
+    @property
+    def tokens(self) -> np.ndarray:
+        """Every token as a read-only memory map, for looking at the data (as before ``read``
+        existed). Unchecked: a file truncated while mapped is a SIGBUS here; training uses ``read``."""
+        if self.num_bytes == 0:
+            return np.zeros(0, self.dtype)
+        return np.memmap(self.bin_path, dtype=self.dtype, mode="r", shape=(self.num_tokens,))
+
+    def _descriptor(self) -> int:
+        # forked DataLoader workers share it (pread has no file offset); an unpickled copy reopens
+        if self._fd is None:
+            self._fd = os.open(self.bin_path, os.O_RDONLY)
+        return self._fd
+
+    def __getstate__(self) -> dict:
+        # a worker started by spawn/forkserver opens its own descriptor
+        return {**self.__dict__, "_fd": None}
+
+    def __del__(self) -> None:
+        if getattr(self, "_fd", None) is not None:
+            os.close(self._fd)
+
+    def read(self, start: int, count: int) -> np.ndarray:
+        """Tokens ``[start, start + count)``; a file cut short since it was opened is a TrainingFault."""
+        count = max(0, min(count, self.num_tokens - start))
+        if count == 0:
+            return np.zeros(0, self.dtype)
+        itemsize = self.dtype.itemsize
+        data = os.pread(self._descriptor(), count * itemsize, start * itemsize)
+        if len(data) < count * itemsize:
+            raise TrainingFault(
+                f"the shard {self.bin_path} is {os.fstat(self._descriptor()).st_size} bytes now, but its index "
+                f"describes {self.num_bytes}: it was truncated during the run; restore it (or prepare the data "
+                "again) and resume from the last checkpoint"
+            )
+        return np.frombuffer(data, dtype=self.dtype)
 
     def __getitem__(self, i: int) -> np.ndarray:
         start = int(self.sequence_pointers[i]) // self.dtype.itemsize
-        return np.asarray(self.tokens[start: start + int(self.sequence_lengths[i])])
+        return self.read(start, int(self.sequence_lengths[i]))

@@ -8,7 +8,8 @@ Where the tokens come from (``path``, one entry or a list blended by ``weights``
 - raw text files/folders/JSONL, prepared into the cache folder first.
 
 Sequences: each shard's token stream is cut into windows of ``seq_len + 1`` tokens (inputs plus
-shifted labels), read through numpy memmaps, so the data never has to fit in memory.
+shifted labels), each read from its file when its batch is built (bounds-checked ``pread``, see
+``moeframe.data.indexed``), so the data never has to fit in memory.
 
 Order: each epoch, a blend of the datasets by ``weights`` (a dataset smaller than its share is
 repeated, a larger one subsampled) is shuffled with ``seed + epoch``. Rank ``r`` of ``W`` takes
@@ -64,7 +65,7 @@ class TokenSource:
     def window(self, i: int) -> np.ndarray:
         shard = int(np.searchsorted(self.offsets, i, side="right") - 1)
         start = (i - int(self.offsets[shard])) * self.seq_len
-        return np.asarray(self.shards[shard].tokens[start: start + self.seq_len + 1], dtype=np.int64)
+        return self.shards[shard].read(start, self.seq_len + 1).astype(np.int64)
 
 
 def blend_order(sizes: list[int], weights: list[float], seed: int, epoch: int) -> np.ndarray:
@@ -139,6 +140,16 @@ class _ResumableLoader(DataLoader):
     def __iter__(self) -> Any:
         self.datamodule._position(self.dataset)
         return super().__iter__()
+
+    # Lightning's fit loop calls a loader resumable when it has state_dict/load_state_dict (else it
+    # warns on every mid-epoch resume that the run may repeat or skip data, which is not the case
+    # here) and saves that state in the checkpoint's loop state. The position it saves is the
+    # DataModule's own (also saved in the DataModule's checkpoint entry, read before this one).
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.datamodule.epoch, "consumed": self.datamodule.consumed}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        self.datamodule.epoch, self.datamodule.consumed = state_dict["epoch"], state_dict["consumed"]
 
 
 @dataclass
@@ -263,7 +274,7 @@ class PretrainDataModule(L.LightningDataModule):
         dataset = IndexedDataset(prefix)
         full = TokenSource([dataset], self.seq_len, str(prefix))
         # a cheap sanity check on the head of the data (a full scan would read terabytes)
-        head_max = int(np.asarray(dataset.tokens[:10_000_000]).max()) if dataset.num_tokens else 0
+        head_max = int(dataset.read(0, 10_000_000).max()) if dataset.num_tokens else 0
         if head_max >= self.vocab_size:
             raise ConfigError(f"{prefix} holds token id {head_max}, beyond the tokenizer's vocabulary of "
                               f"{self.vocab_size}; use the tokenizer the data was made with")
@@ -292,8 +303,8 @@ class PretrainDataModule(L.LightningDataModule):
 
     # -- loaders and exact resume --------------------------------------------------------------
     def _check_still_there(self, dataset: ShardedBatches) -> None:
-        """Shards open as memory maps keep working when their folder is deleted (the kernel keeps
-        the files until they are closed), but the next restart would fail and an unmounted
+        """Open shards keep working when their folder is deleted (the kernel keeps the files until
+        their descriptors are closed), but the next restart would fail and an unmounted
         filesystem fails reads: stop with one line at the next epoch or validation instead."""
         from moeframe.errors import TrainingFault
 

@@ -1,4 +1,4 @@
-"""Callbacks every moeframe run uses: token throughput and the loss-curve plot."""
+"""Callbacks every moeframe run uses: token throughput, the loss-curve plot, the logger step after a resume."""
 
 from __future__ import annotations
 
@@ -143,3 +143,35 @@ class BatchSizeRamp(Callback):
         if target != trainer.accumulate_grad_batches and ready % target == 0:
             trainer.accumulate_grad_batches = target
         pl_module.log("train/global_batch", float(trainer.accumulate_grad_batches * micro * trainer.world_size))
+
+
+class LoggerStepAfterResume(Callback):
+    """Keeps the step Lightning hands the loggers equal to the optimizer step, across resumes.
+
+    Lightning 2.6 keeps the logger step in ``fit_loop.epoch_loop._batches_that_stepped`` and
+    increments it at the very end of each training step, after validation. When it restores a
+    checkpoint it guesses from the progress counters whether the saved value was taken before that
+    increment (a save during validation within the step) or after it; a checkpoint written at the
+    end of an epoch (``ModelCheckpoint`` with epoch-end validation) or after ``fit`` returned looks
+    the same and gets one increment too many: every later row of metrics.csv (train and val) is
+    labelled one step late. With automatic optimization the logger step equals ``global_step``
+    whenever a batch starts and when an epoch ends in an uninterrupted run, so it is set to that
+    there. Added first among the callbacks (``ensure_logger_step_alignment``), before any other
+    logs in the same hook.
+    """
+
+    def _align(self, trainer: L.Trainer) -> None:
+        if trainer.lightning_module.automatic_optimization:
+            trainer.fit_loop.epoch_loop._batches_that_stepped = trainer.global_step
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        self._align(trainer)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._align(trainer)
+
+
+def ensure_logger_step_alignment(trainer: L.Trainer) -> None:
+    """Put ``LoggerStepAfterResume`` first among the trainer's callbacks (once)."""
+    if not any(isinstance(cb, LoggerStepAfterResume) for cb in trainer.callbacks):
+        trainer.callbacks.insert(0, LoggerStepAfterResume())

@@ -122,7 +122,22 @@ class PretrainModule(L.LightningModule):
             from moeframe.training.reliability import ensure_reliability_callback
 
             ensure_reliability_callback(self.trainer, self, stage)
-        datamodule = getattr(self.trainer, "datamodule", None)
+            from moeframe.training.callbacks import ensure_logger_step_alignment
+
+            ensure_logger_step_alignment(self.trainer)  # logged steps after a resume: see its docstring
+        self.check_data(getattr(self.trainer, "datamodule", None))
+
+    def check_data(self, datamodule: Any) -> None:
+        """Data settings that are only wrong next to this model's: a ConfigError before anything is
+        built. The CLI calls it as soon as both are instantiated (before the trainer, before any
+        process is launched); ``setup`` calls it again for runs assembled in Python."""
+        seq_len = getattr(datamodule, "seq_len", None)
+        if seq_len is not None and seq_len > self.config.max_seq_len:
+            raise ConfigError(f"data.seq_len={seq_len} is longer than model.max_seq_len={self.config.max_seq_len}; "
+                              f"lower data.seq_len or raise model.max_seq_len")
+        if seq_len is not None and self.config.mtp_depth >= seq_len:  # depth k predicts labels[:, k:]
+            raise ConfigError(f"model.mtp_depth={self.config.mtp_depth} leaves no token to predict in sequences of "
+                              f"data.seq_len={seq_len}; use a data.seq_len above model.mtp_depth")
         data_vocab = getattr(datamodule, "vocab_size", None)
         if data_vocab is not None and data_vocab > self.config.vocab_size:
             raise ConfigError(
