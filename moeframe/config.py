@@ -8,6 +8,8 @@ the field and the fix, long before a tensor exists.
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal, Optional
 
@@ -15,8 +17,11 @@ from moeframe import registry
 from moeframe.errors import ConfigError
 from moeframe.model.base import PluginOptions, options_as_config, parse_options
 
-__all__ = ["ConfigError", "ModelConfig", "ModelPlan", "OptimConfig", "PluginChoice", "RuntimeConfig",
-           "resolve_model_config", "with_plugin_defaults"]
+__all__ = ["ConfigError", "LayerPlan", "ModelConfig", "ModelPlan", "OptimConfig", "PluginChoice",
+           "RuntimeConfig", "resolve_model_config", "with_plugin_defaults"]
+
+# the plugin kinds a model config chooses, globally and per layer
+MODEL_KINDS: tuple[str, ...] = ("attention", "router", "experts", "norm", "residual")
 
 
 def _default(name: str) -> Any:
@@ -27,8 +32,13 @@ def _default(name: str) -> Any:
 class ModelConfig:
     """A DeepSeek-style MoE decoder. Field names follow the DeepSeek-V3 reference code.
 
-    Plugin fields (``attention``, ``router``, ``experts``, ``norm``) are mappings with the
-    registered plugin ``name`` plus that plugin's own options.
+    Plugin fields (``attention``, ``router``, ``experts``, ``norm``, ``residual``) are mappings
+    with the registered plugin ``name`` plus that plugin's own options.
+
+    ``layers``: per-layer choices, a list of ``{first: i, last: j, <kind>: {...}, ...}`` (layer ids,
+    both inclusive; MTP blocks continue after the last layer). Each overrides the named kinds for
+    those layers: a mapping with another ``name`` replaces the plugin (and its options), one without
+    ``name`` (or with the same name) changes only the given options. Later entries win.
     """
 
     vocab_size: int = 512
@@ -54,6 +64,15 @@ class ModelConfig:
     router: dict[str, Any] = _default("topk")
     experts: dict[str, Any] = _default("grouped")
     norm: dict[str, Any] = _default("rmsnorm")
+    residual: dict[str, Any] = _default("prenorm")  # how a block's sublayers connect (the residual stream)
+    # per-layer overrides: [{first: i, last: j, router: {name: ...}, ...}] (see the class docstring)
+    layers: list[dict[str, Any]] = field(default_factory=list)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # configs pickled by an older moeframe (checkpoint hyper_parameters) lack newer fields
+        defaults = {f.name: f.default_factory() for f in dataclasses.fields(self)  # type: ignore[misc]
+                    if f.default_factory is not dataclasses.MISSING}
+        self.__dict__.update({**defaults, **state})
 
     @property
     def head_dim(self) -> int:
@@ -71,14 +90,38 @@ class PluginChoice:
 
 
 @dataclass(frozen=True)
+class LayerPlan:
+    """The plugins of one block (the model's choices with that layer's overrides applied)."""
+
+    layer_id: int
+    attention: PluginChoice
+    router: PluginChoice
+    experts: PluginChoice
+    norm: PluginChoice
+    residual: PluginChoice
+
+
+@dataclass(frozen=True)
 class ModelPlan:
-    """A validated ModelConfig plus its resolved plugins: everything the builder needs."""
+    """A validated ModelConfig plus its resolved plugins: everything the builder needs.
+
+    ``attention`` ... ``residual`` are the model-wide choices (also used outside the blocks: the
+    final norm, MTP's norms); ``layer(i)`` gives block i's choices with per-layer overrides."""
 
     config: ModelConfig
     attention: PluginChoice
     router: PluginChoice
     experts: PluginChoice
     norm: PluginChoice
+    residual: PluginChoice
+    overrides: tuple[LayerPlan, ...] = ()
+
+    def layer(self, layer_id: int) -> LayerPlan:
+        """The plugins of block ``layer_id`` (MTP blocks continue after the last layer)."""
+        for plan in self.overrides:
+            if plan.layer_id == layer_id:
+                return plan
+        return LayerPlan(layer_id, self.attention, self.router, self.experts, self.norm, self.residual)
 
 
 def _require(ok: bool, message: str) -> None:
@@ -129,11 +172,12 @@ def _divisor_near(n: int, guess: int) -> int:
     return min(divisors, key=lambda d: abs(d - guess))
 
 
-def _resolve_plugin(kind: str, spec: Any, cfg: ModelConfig) -> PluginChoice:
+def _resolve_plugin(kind: str, spec: Any, cfg: ModelConfig, where: Optional[str] = None) -> PluginChoice:
+    where = where or f"model.{kind}"
     if isinstance(spec, str):
         spec = {"name": spec}
     _require(isinstance(spec, dict) and isinstance(spec.get("name"), str),
-             f"model.{kind} must be a mapping with a plugin 'name', e.g. {kind}: {{name: ...}}; "
+             f"{where} must be a mapping with a plugin 'name', e.g. {kind}: {{name: ...}}; "
              f"got {spec!r}")
     name = spec["name"]
     try:
@@ -141,7 +185,7 @@ def _resolve_plugin(kind: str, spec: Any, cfg: ModelConfig) -> PluginChoice:
         options = parse_options(kind, name, cls.Options, {k: v for k, v in spec.items() if k != "name"})
         options.validate(cfg)
     except ValueError as exc:
-        raise ConfigError(f"model.{kind}: {exc}") from None
+        raise ConfigError(f"{where}: {exc}") from None
     return PluginChoice(kind, name, cls, options)
 
 
@@ -166,18 +210,72 @@ def with_plugin_defaults(model: dict[str, Any]) -> dict[str, Any]:
     Why: a run's ``config.yaml`` (and its checkpoints' hyperparameters) must reproduce the run even
     after a plugin release changes a default; written out, the options no longer depend on it."""
     kinds = [f.name for f in fields(ModelConfig) if f.name in registry.KINDS]
-    return {k: plugin_spec_with_defaults(k, v) if k in kinds else v for k, v in model.items()}
+    out = {k: plugin_spec_with_defaults(k, v) if k in kinds else v for k, v in model.items()}
+    if isinstance(out.get("layers"), list):
+        out["layers"] = [_layer_entry_with_defaults(entry) for entry in out["layers"]]
+    return out
+
+
+def _layer_entry_with_defaults(entry: Any) -> Any:
+    """A per-layer override that names its plugin is written out whole; one without a name only
+    changes options of the model's plugin, whose defaults the model-level field already records."""
+    if not isinstance(entry, dict):
+        return entry
+    return {k: plugin_spec_with_defaults(k, v) if k in MODEL_KINDS and isinstance(v, (str, dict))
+            and (isinstance(v, str) or "name" in v) else v for k, v in entry.items()}
+def _layer_range(entry: Any, i: int, n_blocks: int, cfg: ModelConfig) -> range:
+    where = f"model.layers[{i}]"
+    _require(isinstance(entry, dict), f"{where} must be a mapping like {{first: 0, last: 1, router: {{name: ...}}}}, "
+                                      f"got {entry!r}")
+    unknown = sorted(set(entry) - {"first", "last", *MODEL_KINDS})
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], ["first", "last", *MODEL_KINDS], n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(f"{where} has no field {unknown[0]!r}{hint}; its fields are first, last and the "
+                          f"plugin kinds {', '.join(MODEL_KINDS)}")
+    first, last = entry.get("first"), entry.get("last", entry.get("first"))
+    ok = all(isinstance(v, int) and not isinstance(v, bool) for v in (first, last))
+    _require(ok and 0 <= first <= last < n_blocks,
+             f"{where}: first={first!r}, last={last!r} must be layer ids with 0 <= first <= last <= {n_blocks - 1} "
+             f"({cfg.n_layers} layers + {cfg.mtp_depth} MTP blocks)")
+    return range(first, last + 1)
+
+
+def _layer_spec(base: Any, override: Any) -> Any:
+    """An override without a (different) name keeps the model's plugin and changes its options."""
+    base = {"name": base} if isinstance(base, str) else base
+    if isinstance(override, str):
+        override = {"name": override}
+    if isinstance(override, dict) and isinstance(base, dict) and override.get("name", base.get("name")) == base.get("name"):
+        return {**base, **override}
+    return override
+
+
+def _resolve_layers(cfg: ModelConfig, model: dict[str, PluginChoice]) -> tuple[LayerPlan, ...]:
+    """Per-layer plugin choices; every overridden layer is resolved (and named in errors)."""
+    _require(isinstance(cfg.layers, list), f"model.layers must be a list of layer ranges, got {cfg.layers!r}")
+    n_blocks = cfg.n_layers + cfg.mtp_depth
+    specs: dict[int, dict[str, Any]] = {}
+    for i, entry in enumerate(cfg.layers):
+        for layer_id in _layer_range(entry, i, n_blocks, cfg):
+            layer = specs.setdefault(layer_id, {})
+            for kind in MODEL_KINDS:
+                if kind in entry:
+                    layer[kind] = _layer_spec(layer.get(kind, getattr(cfg, kind)), entry[kind])
+    plans = []
+    for layer_id, layer in sorted(specs.items()):
+        chosen = {kind: _resolve_plugin(kind, spec, cfg, f"model.layers (layer {layer_id}) {kind}")
+                  for kind, spec in layer.items()}
+        plans.append(LayerPlan(layer_id, **{kind: chosen.get(kind, model[kind]) for kind in MODEL_KINDS}))
+    return tuple(plans)
 
 
 def resolve_model_config(cfg: ModelConfig) -> ModelPlan:
     """Validate ``cfg`` completely and resolve its plugins; raise ConfigError on any mistake."""
     _require(isinstance(cfg, ModelConfig), f"expected a ModelConfig, got {type(cfg).__name__}")
     _check_shapes(cfg)
-    return ModelPlan(
-        cfg,
-        **{kind: _resolve_plugin(kind, getattr(cfg, kind), cfg)
-           for kind in ("attention", "router", "experts", "norm")},
-    )
+    model = {kind: _resolve_plugin(kind, getattr(cfg, kind), cfg) for kind in MODEL_KINDS}
+    return ModelPlan(cfg, **model, overrides=_resolve_layers(cfg, model))
 
 
 @dataclass

@@ -4,9 +4,10 @@ Nothing is allocated: the decoder is built on ``torch.device("meta")`` and every
 from its parameter shapes, so the 671B preset is inspected in seconds on a laptop.
 
 - Parameters by component, total and *activated per token* (every non-routed parameter plus
-  K/E of the routed experts of each MoE layer), with and without the input embedding.
-- KV-cache bytes per token: as the attention plugin stores it (absorbed latent for MLA) and as a
-  plain per-head K/V cache would.
+  K/E of the routed experts of each MoE layer), with and without the input embedding; and per
+  layer, with the plugins each layer uses (per-layer choices in ``model.layers`` change them).
+- KV-cache bytes per token: as each layer's attention plugin stores it (absorbed latent for MLA)
+  and as a plain per-head K/V cache would.
 - Training FLOPs per token: 6 per activated matrix parameter (forward 2, backward 4; the
   embedding lookup is not a matmul) plus the attention core, ``6·H·(d_qk + d_v)·T/2`` per layer
   for causal attention over a sequence of T tokens.
@@ -19,7 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
@@ -28,12 +29,13 @@ from torch import nn
 from moeframe.config import ConfigError, ModelConfig
 from moeframe import registry
 from moeframe.layout import BUILTIN_PRECISION, ParallelLayout, precision_bytes, strategy_for
-from moeframe.model.base import AttentionBase, NormBase, RouterBase
+from moeframe.model.base import AttentionBase, NormBase, ResidualBase, RouterBase
 from moeframe.model.decoder import Decoder, build_decoder
 from moeframe.model.ffn import SwiGLU
 from moeframe.model.moe import MoE
 
-COMPONENTS = ("embedding", "head", "attention", "dense_ffn", "routed_experts", "shared_experts", "router", "norms", "mtp")
+COMPONENTS = ("embedding", "head", "attention", "dense_ffn", "routed_experts", "shared_experts", "router", "norms",
+              "residual", "mtp")
 
 
 @dataclass
@@ -50,6 +52,8 @@ class Report:
     seq_len: int
     memory_per_gpu_gib: dict[str, float]
     layout: dict[str, Any]
+    # per main layer: its id, the plugins it uses, its parameters and those activated per token
+    layers: list[dict[str, Any]] = field(default_factory=list)
 
 
 def load_model_config(path: str | Path, role: str = "model config") -> ModelConfig:
@@ -95,6 +99,8 @@ def _owners(decoder: Decoder) -> dict[str, str]:
             owners[name] = "dense_ffn"
         elif isinstance(m, NormBase):
             owners[name] = "norms"
+        elif isinstance(m, ResidualBase):
+            owners[name] = "residual"
     owners["embed"], owners["head"] = "embedding", "head"
     return dict(sorted(owners.items(), key=lambda kv: -len(kv[0])))
 
@@ -107,11 +113,32 @@ def count_by_component(decoder: Decoder) -> dict[str, int]:
     return counts
 
 
+def _inactive_routed_of(moe: MoE, cfg: ModelConfig) -> int:
+    """Routed-expert parameters a token does not use in one MoE layer (all but K/E of them)."""
+    n = sum(p.numel() for p in moe.experts.parameters())
+    return n - n * cfg.n_activated_experts // cfg.n_routed_experts
+
+
 def _inactive_routed(decoder: Decoder) -> int:
-    cfg = decoder.config
-    per_layer = [sum(p.numel() for p in m.experts.parameters()) for name, m in decoder.moe_layers()
-                 if not name.startswith("mtp.")]
-    return sum(n - n * cfg.n_activated_experts // cfg.n_routed_experts for n in per_layer)
+    return sum(_inactive_routed_of(m, decoder.config) for name, m in decoder.moe_layers()
+               if not name.startswith("mtp."))
+
+
+def per_layer(decoder: Decoder) -> list[dict[str, Any]]:
+    """Each main layer's plugins (by registered name), parameters and activated parameters."""
+    from moeframe.config import resolve_model_config
+
+    plan = resolve_model_config(decoder.config)
+    rows = []
+    for block in decoder.layers:
+        layer = plan.layer(block.layer_id)
+        params = sum(p.numel() for p in block.parameters())
+        moe = block.ffn if isinstance(block.ffn, MoE) else None
+        rows.append({"layer": block.layer_id, "attention": layer.attention.name,
+                     "router": layer.router.name if moe else None, "experts": layer.experts.name if moe else None,
+                     "norm": layer.norm.name, "residual": layer.residual.name, "params": params,
+                     "activated": params - (_inactive_routed_of(moe, decoder.config) if moe else 0)})
+    return rows
 
 
 def _attention_dims(attn: nn.Module) -> tuple[int, int, int]:
@@ -131,15 +158,19 @@ def training_flops_per_token(decoder: Decoder, activated_matmul_params: int, seq
 
 def kv_bytes_per_token(decoder: Decoder, element_bytes: int) -> tuple[Optional[int], int]:
     """(as the plugin caches it, as a plain per-head K and V cache would), all layers."""
+    from moeframe.config import resolve_model_config
+
     cfg = decoder.config
-    attn = decoder.layers[0].attn
-    heads, qk, v = _attention_dims(attn)
-    naive = cfg.n_layers * heads * (qk + v) * element_bytes
-    try:
-        values = type(attn).kv_cache_values_per_token(cfg, attn_options(decoder))
-    except NotImplementedError:
-        return None, naive
-    return cfg.n_layers * values * element_bytes, naive
+    plan = resolve_model_config(cfg)
+    naive, values = 0, 0
+    for block in decoder.layers:
+        heads, qk, v = _attention_dims(block.attn)
+        naive += heads * (qk + v) * element_bytes
+        try:
+            values += type(block.attn).kv_cache_values_per_token(cfg, plan.layer(block.layer_id).attention.options)
+        except NotImplementedError:
+            return None, naive
+    return values * element_bytes, naive
 
 
 def attn_options(decoder: Decoder) -> Any:
@@ -178,7 +209,8 @@ def inspect_model(cfg: ModelConfig, name: str, seq_len: int = 4096, zero: int = 
     kv, naive = kv_bytes_per_token(decoder, element_bytes=2)
     return Report(name, counts, total, total + counts["mtp"], activated, activated - counts["embedding"], kv, naive,
                   decoder_training_flops_per_token(decoder, seq_len, counts), seq_len,
-                  memory_per_gpu(counts, zero, dp, ep, precision), layout_section(layout, cfg, counts))
+                  memory_per_gpu(counts, zero, dp, ep, precision), layout_section(layout, cfg, counts),
+                  per_layer(decoder))
 
 
 def layout_section(layout: ParallelLayout, cfg: ModelConfig, counts: dict[str, int]) -> dict[str, Any]:
@@ -219,6 +251,8 @@ def print_report(r: Report, zero: int, dp: int, ep: int, precision: str) -> None
         print(f"total with MTP modules           {_fmt(r.total_with_mtp)}")
     print(f"activated per token              {_fmt(r.activated)}")
     print(f"activated per token, no embedding {_fmt(r.activated_without_embedding)}")
+    if _layers_differ(r.layers):
+        _print_layers(r.layers)
     kv = f"{r.kv_cache_bytes_per_token:,}" if r.kv_cache_bytes_per_token is not None else "n/a (plugin has no cache)"
     print(f"KV cache bytes/token (bf16)      {kv}   (plain per-head K/V: {r.naive_kv_cache_bytes_per_token:,})")
     print(f"training FLOPs/token (T={r.seq_len})  {r.training_flops_per_token:.4g}")
@@ -232,6 +266,22 @@ def print_report(r: Report, zero: int, dp: int, ep: int, precision: str) -> None
     print(f"memory per GPU, ZeRO-{zero} DP={dp} EP={ep} {precision}: weights {m['weights']:.1f} GiB, "
           f"gradients {m['gradients']:.1f} GiB, optimizer {m['optimizer']:.1f} GiB, total {m['total']:.1f} GiB "
           "(activations not included)")
+
+
+def _layers_differ(rows: list[dict[str, Any]]) -> bool:
+    """Whether per-layer choices make layers of one kind (dense or MoE) differ."""
+    def signature(row: dict[str, Any]) -> tuple:
+        return tuple(row[k] for k in ("attention", "router", "experts", "norm", "residual", "params"))
+
+    return any(len({signature(row) for row in rows if bool(row["router"]) is moe}) > 1 for moe in (True, False))
+
+
+def _print_layers(rows: list[dict[str, Any]]) -> None:
+    print("per layer:")
+    for row in rows:
+        ffn = f"{row['router']}/{row['experts']}" if row["router"] else "dense"
+        print(f"  layer {row['layer']:<3} {row['attention']:<10} {ffn:<20} {row['norm']:<9} {row['residual']:<10} "
+              f"params {_fmt(row['params'])}, activated {_fmt(row['activated'])}")
 
 
 def inspect_command(argv: list[str]) -> int:

@@ -13,6 +13,10 @@ What is here, by use:
   (+ ``AttentionCache``), ``RouterBase`` (+ ``RouterOutput``), ``ExpertsBase``, ``NormBase``,
   ``PluginOptions`` and ``parse_options`` (for options nested in options), ``ModelConfig`` (what
   every constructor receives);
+- the **forward context** every model-part plugin's ``forward`` receives (``ForwardContext``: layer
+  index, token ids, positions, document ids, the cache while decoding, step and tokens seen), and
+  ``as_context`` for an API-2 ``forward`` that API-1 subclasses still call the old way; the
+  residual-stream base ``ResidualBase`` (and ``Sublayer``, what it is handed);
 - the **declared hooks** on those bases (no attribute probing): ``set_selective_recompute``
   (attention, experts), the grouped-GEMM seam of experts (``grouped_gemm_seam``,
   ``set_grouped_gemm``, the ``GroupedGemm`` signature), the phase timer of experts
@@ -49,6 +53,8 @@ from moeframe.layout import DescribesLayout, DescribesMemory, ParallelLayout, Tr
 from moeframe.model.attention import KVCache, MHAOptions, MultiHeadAttention, cached_causal_mask, document_mask
 from moeframe.model.base import (
     AttentionBase,
+    ResidualBase,
+    Sublayer,
     AttentionCache,
     ExpertsBase,
     GroupedGemm,
@@ -63,6 +69,8 @@ from moeframe.model.base import (
     options_as_config,
     parse_options,
 )
+from moeframe.model.compat import as_context
+from moeframe.model.context import ForwardContext
 from moeframe.model.decoder import build_decoder, init_random_stream
 from moeframe.model.experts import GroupedExperts, grouped_mm_supported
 from moeframe.model.moe import moe_layers
@@ -85,6 +93,7 @@ _LAZY: dict[str, str] = {
 
 __all__ = [
     "AMAX_FLOOR", "BLOCK", "E4M3_MAX", "EXPERT", "PLUGIN_API_VERSION",
+    "ForwardContext", "ResidualBase", "Sublayer", "as_context",
     "DescribesLayout", "DescribesMemory", "HFFamily", "HFNamed", "HFTensor", "ParallelLayout", "TrainingBytes",
     "AttentionBase", "AttentionCache", "ConfigError", "ExpertsBase", "GroupedExperts", "GroupedGemm", "KVCache",
     "MHAOptions", "ModelConfig", "MultiHeadAttention", "NormBase", "PhaseTimer", "PluginDeprecationWarning",

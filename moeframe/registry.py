@@ -15,6 +15,7 @@ from __future__ import annotations
 import difflib
 import importlib
 import importlib.metadata as md
+import warnings
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -23,6 +24,7 @@ __all__ = [
     "KINDS",
     "PLUGIN_API",
     "SUPPORTED_PLUGIN_APIS",
+    "PluginDeprecationWarning",
     "PluginError",
     "PluginInfo",
     "available",
@@ -40,9 +42,20 @@ __all__ = [
 # plugin targeting an API this moeframe does not provide is refused at load with both versions
 # named, instead of failing later inside a forward pass. A plugin that declares nothing is taken
 # to target "1", the API that existed before plugins declared one.
-PLUGIN_API = "1"
-SUPPORTED_PLUGIN_APIS: tuple[str, ...] = ("1",)
+# API 2 adds the forward context and the layer index (moeframe.model.context); API-1 plugins are
+# still called with their own signatures for this release, with one PluginDeprecationWarning.
+PLUGIN_API = "2"
+SUPPORTED_PLUGIN_APIS: tuple[str, ...] = ("1", "2")
+DEPRECATED_PLUGIN_APIS: tuple[str, ...] = ("1",)
 _UNDECLARED_PLUGIN_API = "1"
+
+
+# the kinds whose signatures API 2 changed (precision and strategies are Lightning's, unchanged)
+_CONTEXT_KINDS = ("attention", "router", "experts", "norm")
+
+
+class PluginDeprecationWarning(FutureWarning):
+    """A plugin uses a form moeframe still accepts but will remove (shown to users by default)."""
 
 
 @dataclass(frozen=True)
@@ -68,6 +81,7 @@ KINDS: dict[str, Kind] = {
         Kind("router", "moeframe.model.base:RouterBase"),
         Kind("experts", "moeframe.model.base:ExpertsBase"),
         Kind("norm", "moeframe.model.base:NormBase"),
+        Kind("residual", "moeframe.model.base:ResidualBase"),
         # Precision and strategies are Lightning's own extension points.
         Kind("precision", "lightning.pytorch.plugins.precision:Precision"),
         Kind("strategy", "lightning.pytorch.strategies:Strategy"),
@@ -139,6 +153,9 @@ def _unknown_name_message(kind: Kind, name: str, names: list[str]) -> str:
     close = difflib.get_close_matches(name, names, n=1)
     hint = f" Did you mean {close[0]!r}?" if close else ""
     listing = ", ".join(sorted(names)) or "none installed"
+    if not names and kind.name in _CONTEXT_KINDS + ("residual",):
+        # moeframe itself registers one of these: the installed metadata predates the kind
+        listing += " (moeframe's own entry points are missing: reinstall moeframe, e.g. pip install -e .)"
     return (
         f"unknown {kind.name} plugin {name!r}.{hint} Available {kind.name} plugins: {listing}. "
         f"A package provides one by declaring an entry point in the group {kind.group!r} "
@@ -188,12 +205,30 @@ def _load_cached(kind: str, name: str) -> Any:
 
 
 def declared_plugin_api(cls: type) -> str:
-    """The plugin API a plugin class targets (its ``plugin_api`` attribute, as a string)."""
-    return str(getattr(cls, "plugin_api", _UNDECLARED_PLUGIN_API))
+    """The plugin API a plugin class targets (its ``plugin_api`` attribute, as a string).
+
+    The signatures a class is called with are those of the class that wrote its ``forward`` and
+    ``__init__``: so the declaration is read from the nearest class in the MRO that defines
+    ``plugin_api``, ``forward`` or ``__init__``. A subclass of an API-2 plugin that overrides
+    ``forward`` without declaring an API is an API-1 plugin (it was written before declarations
+    mattered); one that overrides nothing inherits its base's API."""
+    for klass in cls.__mro__:
+        own = vars(klass)
+        if "plugin_api" in own:
+            return str(own["plugin_api"])
+        if "forward" in own or "__init__" in own:
+            return _UNDECLARED_PLUGIN_API
+    return _UNDECLARED_PLUGIN_API
 
 
 def _check_plugin_api(cls: type, info: PluginInfo) -> None:
     declared = declared_plugin_api(cls)
+    if declared in DEPRECATED_PLUGIN_APIS and info.kind in _CONTEXT_KINDS:
+        from moeframe.model.compat import api1_message
+
+        # once per plugin and process: loading is cached
+        warnings.warn(api1_message(info.kind, info.name, info.distribution, info.version),
+                      PluginDeprecationWarning, stacklevel=2)
     if declared in SUPPORTED_PLUGIN_APIS:
         return
     from moeframe import __version__

@@ -22,7 +22,7 @@ _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 
 # The class-name suffix of each kind, and the module the plugin lives in.
 _SUFFIX = {"attention": "Attention", "router": "Router", "experts": "Experts", "norm": "Norm",
-           "precision": "Precision", "strategy": "Strategy", "hf_family": "Family"}
+           "residual": "Residual", "precision": "Precision", "strategy": "Strategy", "hf_family": "Family"}
 
 # -- the plugin module, one per kind (string.Template: $name, $cls, $module, $dist) -------------
 
@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moeframe.plugin import (AttentionBase, AttentionCache, ModelConfig, PluginOptions, apply_rope, document_mask,
+from moeframe.plugin import (AttentionBase, ForwardContext, ModelConfig, PluginOptions, apply_rope, document_mask,
                              rope_cos_sin)
 
 
@@ -53,7 +53,7 @@ class ${cls}Options(PluginOptions):
 
 
 class $cls(AttentionBase):
-    """``forward(x_BTD, positions_T, document_ids_BT) -> y_BTD``, causal, documents kept apart."""
+    """``forward(x_BTD, ctx) -> y_BTD``, causal, documents (``ctx.document_ids_BT``) kept apart."""
 
     Options = ${cls}Options
     plugin_api = "$api"  # the moeframe plugin API this class is written against
@@ -69,18 +69,17 @@ class $cls(AttentionBase):
         # its names in HF checkpoints, below the attention module (what `moeframe convert` writes)
         return {"wqkv.weight": "qkv_proj.weight", "wqkv.bias": "qkv_proj.bias", "wo.weight": "o_proj.weight"}
 
-    def forward(self, x_BTD: torch.Tensor, positions_T: torch.Tensor,
-                document_ids_BT: Optional[torch.Tensor] = None, cache: Optional[AttentionCache] = None) -> torch.Tensor:
-        if cache is not None:
+    def forward(self, x_BTD: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        if ctx.decoding:
             raise NotImplementedError("$name has no KV cache yet: implement new_cache() to decode incrementally")
         B, T, D = x_BTD.shape
         q, k, v = self.wqkv(x_BTD).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        cos, sin = rope_cos_sin(positions_T, self.head_dim, self.rope_theta, x_BTD.dtype)
+        cos, sin = rope_cos_sin(ctx.positions_T, self.head_dim, self.rope_theta, x_BTD.dtype)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if document_ids_BT is None:
+        if ctx.document_ids_BT is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=document_mask(document_ids_BT))
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=document_mask(ctx.document_ids_BT))
         return self.wo(out.transpose(1, 2).reshape(B, T, D))
 '''
 
@@ -94,7 +93,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from moeframe.plugin import ModelConfig, PluginOptions, RouterBase, RouterOutput, gate_logits_fp32
+from moeframe.plugin import ForwardContext, ModelConfig, PluginOptions, RouterBase, RouterOutput, gate_logits_fp32
 
 
 @dataclass
@@ -109,13 +108,15 @@ class ${cls}Options(PluginOptions):
 
 
 class $cls(RouterBase):
-    """``forward(x_TD) -> RouterOutput``: K experts per token, weights summing to route_scale."""
+    """``forward(x_TD, ctx) -> RouterOutput``: K experts per token, weights summing to route_scale.
+    ``x_TD`` is the block's normalised residual, flattened (B*T rows); ``ctx`` is the forward context
+    (``ctx.token_ids_BT.flatten()`` are the rows' token ids, ``ctx.layer_id`` the layer, ``ctx.step``)."""
 
     Options = ${cls}Options
     plugin_api = "$api"  # the moeframe plugin API this class is written against
 
-    def __init__(self, config: ModelConfig, options: ${cls}Options) -> None:
-        super().__init__(config, options)
+    def __init__(self, config: ModelConfig, options: ${cls}Options, layer_id: int) -> None:
+        super().__init__(config, options, layer_id)
         self.top_k, self.route_scale, self.temperature = config.n_activated_experts, config.route_scale, options.temperature
         self.weight = nn.Parameter(torch.empty(config.n_routed_experts, config.dim))
 
@@ -124,7 +125,7 @@ class $cls(RouterBase):
         # its names in HF checkpoints, below the router's module (what `moeframe convert` writes)
         return {"weight": "weight"}
 
-    def forward(self, x_TD: torch.Tensor) -> RouterOutput:
+    def forward(self, x_TD: torch.Tensor, ctx: ForwardContext) -> RouterOutput:
         # routing in fp32, also under autocast (bf16-mixed re-casts F.linear): bf16 scores flip near-tied choices
         scores_TE = (gate_logits_fp32(x_TD, self.weight) / self.temperature).softmax(dim=-1)
         top_TK = scores_TE.topk(self.top_k, dim=-1)
@@ -144,7 +145,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moeframe.plugin import ExpertsBase, ModelConfig, PluginOptions
+from moeframe.plugin import ExpertsBase, ForwardContext, ModelConfig, PluginOptions
 
 
 @dataclass
@@ -159,8 +160,9 @@ class $cls(ExpertsBase):
     Options = ${cls}Options
     plugin_api = "$api"  # the moeframe plugin API this class is written against
 
-    def __init__(self, config: ModelConfig, options: ${cls}Options, num_experts: int, dim: int, hidden_dim: int) -> None:
-        super().__init__(config, options, num_experts, dim, hidden_dim)
+    def __init__(self, config: ModelConfig, options: ${cls}Options, num_experts: int, dim: int, hidden_dim: int,
+                 layer_id: int) -> None:
+        super().__init__(config, options, num_experts, dim, hidden_dim, layer_id)
         self.w1 = nn.Parameter(torch.empty(num_experts, hidden_dim, dim))
         self.w2 = nn.Parameter(torch.empty(num_experts, dim, hidden_dim))
         self.w3 = nn.Parameter(torch.empty(num_experts, hidden_dim, dim))
@@ -170,7 +172,8 @@ class $cls(ExpertsBase):
         # one SwiGLU per expert in HF checkpoints: {e} is the expert index along dim 0
         return {"w1": "{e}.gate_proj.weight", "w3": "{e}.up_proj.weight", "w2": "{e}.down_proj.weight"}
 
-    def forward(self, x_TD: torch.Tensor, weights_TK: torch.Tensor, indices_TK: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_TD: torch.Tensor, weights_TK: torch.Tensor, indices_TK: torch.Tensor,
+                ctx: ForwardContext) -> torch.Tensor:
         y_TD = torch.zeros_like(x_TD)
         for e in indices_TK.unique().tolist():
             token_N, slot_N = (indices_TK == e).nonzero(as_tuple=True)
@@ -192,7 +195,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moeframe.plugin import NormBase, PluginOptions
+from moeframe.plugin import ForwardContext, NormBase, PluginOptions
 
 
 @dataclass
@@ -206,8 +209,8 @@ class $cls(NormBase):
     Options = ${cls}Options
     plugin_api = "$api"  # the moeframe plugin API this class is written against
 
-    def __init__(self, dim: int, eps: float, options: ${cls}Options) -> None:
-        super().__init__(dim, eps, options)
+    def __init__(self, dim: int, eps: float, options: ${cls}Options, layer_id: Optional[int] = None) -> None:
+        super().__init__(dim, eps, options, layer_id)
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
@@ -215,7 +218,7 @@ class $cls(NormBase):
     def hf_tensor_names(cls, family: str) -> dict[str, Optional[str]]:
         return {"weight": "weight"}  # its name in HF checkpoints, below the norm's module
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ctx: Optional[ForwardContext] = None) -> torch.Tensor:
         return F.layer_norm(x.float(), (x.shape[-1],), self.weight.float(), None, self.eps).to(x.dtype)
 '''
 
@@ -306,9 +309,7 @@ import re
 from dataclasses import fields
 from typing import Any, Optional
 
-from moeframe import registry
-from moeframe.config import ConfigError, ModelConfig, resolve_model_config
-from moeframe.convert.family import HFFamily, HFTensor
+from moeframe.plugin import ConfigError, HFFamily, HFTensor, ModelConfig, registry, resolve_model_config
 
 _PARTS = ("attention", "router", "experts", "norm")
 _BLOCK = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm", "attn": "self_attn", "ffn": "mlp"}
@@ -353,8 +354,50 @@ class $cls(HFFamily):
         return HFTensor(_CORE[key], quantizable=False) if key in _CORE else None
 '''
 
+_RESIDUAL = '''"""Residual plugin ``$name``: the pre-norm residual with a learned scale per sublayer
+(a starting point; several streams, as in hyper-connections, are a state of shape [B, T, n, D])."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from moeframe.plugin import ForwardContext, ModelConfig, PluginOptions, ResidualBase
+
+
+@dataclass
+class ${cls}Options(PluginOptions):
+    """The options a config can give: ``residual: {name: $name, init_scale: 1.0}``."""
+
+    init_scale: float = 1.0
+
+
+class $cls(ResidualBase):
+    """``h = x + a * attention(x)``, ``out = h + f * ffn(h)``; ``a`` and ``f`` are learned scalars."""
+
+    Options = ${cls}Options
+    plugin_api = "$api"  # the moeframe plugin API this class is written against
+
+    def __init__(self, config: ModelConfig, options: ${cls}Options, layer_id: int) -> None:
+        super().__init__(config, options, layer_id)
+        self.init_scale = options.init_scale
+        self.scale_2 = nn.Parameter(torch.empty(2))
+
+    def init_weights(self, std: float) -> None:
+        with torch.no_grad():
+            self.scale_2.fill_(self.init_scale)
+
+    def forward(self, h_BTD: torch.Tensor, attention: Callable[[torch.Tensor], torch.Tensor],
+                ffn: Callable[[torch.Tensor], torch.Tensor], ctx: ForwardContext) -> torch.Tensor:
+        h_BTD = h_BTD + self.scale_2[0].to(h_BTD.dtype) * attention(h_BTD)
+        return h_BTD + self.scale_2[1].to(h_BTD.dtype) * ffn(h_BTD)
+'''
+
 _MODULES = {"attention": _ATTENTION, "router": _ROUTER, "experts": _EXPERTS, "norm": _NORM,
-            "precision": _PRECISION, "strategy": _STRATEGY, "hf_family": _HF_FAMILY}
+            "residual": _RESIDUAL, "precision": _PRECISION, "strategy": _STRATEGY, "hf_family": _HF_FAMILY}
 
 # -- the tests: the kind's contract check from moeframe.testing ----------------------------------
 
@@ -401,6 +444,11 @@ def test_hf_family_contract() -> None:
     # a tiny model exported to a $name folder and imported back: every tensor and the logits equal
     check_hf_family_contract(tiny_config(), family="$name")
 ''',
+    "residual": '''
+
+def test_residual_contract() -> None:
+    check_residual_contract(tiny_config(residual={"name": "$name"}))
+''',
     "strategy": '''
 
 def test_strategy_contract() -> None:
@@ -411,7 +459,7 @@ def test_strategy_contract() -> None:
 }
 
 _CHECKS = {"attention": "check_attention_contract", "router": "check_router_contract",
-           "experts": "check_experts_contract", "norm": "check_norm_contract",
+           "experts": "check_experts_contract", "norm": "check_norm_contract", "residual": "check_residual_contract",
            "precision": "check_precision_contract", "strategy": "check_strategy_contract",
            "hf_family": "check_hf_family_contract"}
 
@@ -463,6 +511,7 @@ _USAGE = {
     "router": "Select it in a model config: `router: {name: $name, temperature: 1.0}`.\n",
     "experts": "Select it in a model config: `experts: {name: $name}`.\n",
     "norm": "Select it in a model config: `norm: {name: $name}`.\n",
+    "residual": "Select it in a model config: `residual: {name: $name}` (or for some layers in `layers`).\n",
     "precision": "It is a Lightning `Precision`: select it by name, `moeframe fit -c run.yaml --trainer.plugins $name`.\n",
     "strategy": "Select it on the command line: `moeframe fit -c run.yaml --trainer.strategy $name`.\n",
     "hf_family": "`moeframe convert` reads folders whose config.json has `model_type: $name`; export with `--family $name`.\n",

@@ -9,12 +9,15 @@ would and raises AssertionError with a readable message when a contract is broke
   determinism, gradients, state dict);
 - experts: :func:`check_experts_contract` (parity with a naive per-pair loop, forward and backward);
 - norm: :func:`check_norm_contract`;
+- residual: :func:`check_residual_contract` (shapes, each sublayer once, per token, gradients,
+  state dict, cached decoding);
 - precision: :func:`check_precision_contract` (converts only what it claims, gradients flow);
 - strategy: :func:`check_strategy_contract` (registers, trains 2 steps on 2 CPU processes);
 - HF checkpoint family, or a part's HF names in a family: :func:`check_hf_family_contract`
   (export, import, every tensor and the logits come back exactly).
 
-:func:`tiny_config` gives the CPU-sized model config they are meant to run on.
+:func:`tiny_config` gives the CPU-sized model config they are meant to run on. Plugins of plugin
+API 1 and 2 are both checked, each called with its own signatures (``moeframe.model.compat``).
 """
 
 from __future__ import annotations
@@ -35,6 +38,8 @@ from torch import nn
 
 from moeframe.config import ModelConfig, resolve_model_config
 from moeframe.model.base import ExpertsBase
+from moeframe.model.compat import call_attention, call_experts, call_norm, call_router
+from moeframe.model.context import ForwardContext
 from moeframe.model.decoder import Decoder, build_decoder
 
 
@@ -103,16 +108,24 @@ def _checked_decoder(config: ModelConfig, seed: int) -> Decoder:
     return decoder
 
 
+def _context(config: ModelConfig, batch_size: int, seq_len: int, layer_id: int | None, seed: int = 0) -> ForwardContext:
+    """A training-forward context for ``batch_size`` sequences of random token ids."""
+    g = torch.Generator().manual_seed(seed)
+    ids_BT = torch.randint(0, config.vocab_size, (batch_size, seq_len), generator=g)
+    return ForwardContext(torch.arange(seq_len), ids_BT, layer_id=layer_id)
+
+
 def check_attention_shapes_and_dtypes(config: ModelConfig, seq_len: int = 10) -> None:
     """The attention maps [B, T, D] to [B, T, D] in fp32 and in bf16 (output dtype = input dtype)."""
     decoder = _checked_decoder(config, seed=0)
     attn = decoder.layers[0].attn
     x = torch.randn(3, seq_len, config.dim)
+    ctx = _context(config, 3, seq_len, layer_id=0)
     with torch.no_grad():
-        y = attn(x, torch.arange(seq_len))
+        y = call_attention(attn, x, ctx)
         assert y.shape == x.shape and y.dtype == torch.float32, f"attention gave {y.shape} {y.dtype} for {x.shape}"
         attn_bf16 = attn.to(torch.bfloat16)
-        y16 = attn_bf16(x.to(torch.bfloat16), torch.arange(seq_len))
+        y16 = call_attention(attn_bf16, x.to(torch.bfloat16), ctx)
     assert y16.dtype == torch.bfloat16, f"bf16 input gave a {y16.dtype} output"
     assert torch.isfinite(y16).all(), "bf16 attention produced non-finite values"
     torch.testing.assert_close(y16.float(), y, rtol=0.1, atol=0.1,
@@ -211,17 +224,22 @@ def _moe_layer(decoder: Decoder) -> Any:
     return layer
 
 
-def _route(router: Any, x_TD: torch.Tensor, seq_len: int) -> Any:
-    """Call a router the way the MoE layer does (``seq_len`` only for routers that take it)."""
-    return router(x_TD, seq_len=seq_len) if getattr(router, "takes_seq_len", False) else router(x_TD)
+def _route(router: Any, x_TD: torch.Tensor, seq_len: int, config: ModelConfig | None = None) -> Any:
+    """Call a router the way the MoE layer does: with the context of B = T/seq_len sequences of
+    random token ids (the same ids for the same call shape, so routing by id is deterministic)."""
+    vocab = config.vocab_size if config is not None else 2
+    layer_id = config.first_k_dense if config is not None else None
+    ctx = _context(ModelConfig(vocab_size=vocab), x_TD.shape[0] // seq_len, seq_len, layer_id)
+    return call_router(router, x_TD, ctx)
 
 
-def _check_routes_in_fp32_under_autocast(router: Any, x_TD: torch.Tensor, seq_len: int, fp32: Any, name: str) -> None:
+def _check_routes_in_fp32_under_autocast(router: Any, x_TD: torch.Tensor, seq_len: int, fp32: Any, name: str,
+                                         config: ModelConfig | None = None) -> None:
     """Under bf16 autocast (``bf16-mixed``, the FP8 plugin) the router must decide exactly as in
     fp32: autocast re-casts ``F.linear``'s inputs to bf16 even after ``.float()``, so a gate that
     does not switch autocast off (``moeframe.model.router.gate_logits_fp32``) routes in bf16."""
     with torch.autocast(x_TD.device.type, dtype=torch.bfloat16):
-        mixed = _route(router, x_TD, seq_len)
+        mixed = _route(router, x_TD, seq_len, config)  # the token ids `fp32` was routed with
     assert mixed.weights_TK.dtype == torch.float32, \
         f"{name}: under bf16 autocast the gate weights are {mixed.weights_TK.dtype}, expected fp32 (disable autocast around the gate)"
     changed = (mixed.indices_TK.sort(dim=-1).values != fp32.indices_TK.sort(dim=-1).values).any(dim=-1)
@@ -257,7 +275,7 @@ def check_router_contract(config: ModelConfig, num_sequences: int = 4, seq_len: 
     router = _moe_layer(decoder).gate
     x_TD = torch.randn(num_tokens, config.dim)
 
-    out = _route(router.eval(), x_TD, seq_len)
+    out = _route(router.eval(), x_TD, seq_len, config)
     name = type(router).__qualname__
     assert out.weights_TK.shape == (num_tokens, K), f"{name}: weights_TK is {tuple(out.weights_TK.shape)}, expected {(num_tokens, K)}"
     assert out.indices_TK.shape == (num_tokens, K), f"{name}: indices_TK is {tuple(out.indices_TK.shape)}, expected {(num_tokens, K)}"
@@ -280,16 +298,16 @@ def check_router_contract(config: ModelConfig, num_sequences: int = 4, seq_len: 
     assert torch.equal(out.tokens_per_expert_E.long(), counts_E), \
         f"{name}: tokens_per_expert_E {out.tokens_per_expert_E.tolist()} != the counts of indices_TK {counts_E.tolist()}"
 
-    again = _route(router, x_TD.clone(), seq_len)
+    again = _route(router, x_TD.clone(), seq_len, config)
     assert torch.equal(again.indices_TK, out.indices_TK) and torch.equal(again.weights_TK, out.weights_TK), \
         f"{name}: the same input routed differently twice (eval mode must be deterministic)"
 
-    low = _route(router, x_TD.to(torch.bfloat16), seq_len)
+    low = _route(router, x_TD.to(torch.bfloat16), seq_len, config)
     assert low.weights_TK.dtype == torch.float32, f"{name}: bf16 input gave {low.weights_TK.dtype} gate weights, expected fp32"
     assert int(low.indices_TK.min()) >= 0 and int(low.indices_TK.max()) < E, f"{name}: bf16 input gave indices out of range"
-    _check_routes_in_fp32_under_autocast(router, x_TD, seq_len, out, name)
+    _check_routes_in_fp32_under_autocast(router, x_TD, seq_len, out, name, config)
 
-    trained = _route(router.train(), x_TD, seq_len)
+    trained = _route(router.train(), x_TD, seq_len, config)
     if trained.aux_loss is not None:
         assert trained.aux_loss.dim() == 0 and torch.isfinite(trained.aux_loss), \
             f"{name}: aux_loss must be a finite scalar, got {trained.aux_loss}"
@@ -303,7 +321,7 @@ def check_router_contract(config: ModelConfig, num_sequences: int = 4, seq_len: 
 
     other = _moe_layer(_checked_decoder(config, seed=1)).gate.eval()
     other.load_state_dict(router.state_dict(), strict=True)
-    a, b = _route(router.eval(), x_TD, seq_len), _route(other, x_TD, seq_len)
+    a, b = _route(router.eval(), x_TD, seq_len, config), _route(other, x_TD, seq_len, config)
     assert torch.equal(a.indices_TK, b.indices_TK) and torch.equal(a.weights_TK, b.weights_TK), \
         f"{name}: a router loaded from another's state dict routes differently (is some state not in the state dict?)"
 
@@ -342,14 +360,17 @@ def check_experts_contract(config: ModelConfig, num_tokens: int = 29, dtype: tor
     x_TD = torch.randn(num_tokens, D, dtype=dtype, requires_grad=True)
     weights_TK, indices_TK = _routing_with_an_idle_expert(num_tokens, E, K, seed=1)
     weights_TK.requires_grad_(True)
-    y_TD = experts(x_TD, weights_TK, indices_TK)
+    ctx = _context(config, 1, num_tokens, layer_id=config.first_k_dense)
+    y_TD = call_experts(experts, x_TD, weights_TK, indices_TK, ctx)
     assert y_TD.shape == x_TD.shape and y_TD.dtype == dtype, f"{name}: output {tuple(y_TD.shape)} {y_TD.dtype} for input {tuple(x_TD.shape)} {dtype}"
     grad_TD = torch.randn_like(y_TD)
     batched = torch.autograd.grad(y_TD, [x_TD, weights_TK, *experts.parameters()], grad_TD, allow_unused=True)
 
     rows = []
     for t in range(num_tokens):
-        pairs = [weights_TK[t, k].to(dtype) * experts(x_TD[t:t + 1], torch.ones(1, 1), indices_TK[t, k].view(1, 1))[0]
+        row_ctx = dataclasses.replace(ctx, positions_T=ctx.positions_T[t:t + 1], token_ids_BT=ctx.token_ids_BT[:, t:t + 1])
+        pairs = [weights_TK[t, k].to(dtype)
+                 * call_experts(experts, x_TD[t:t + 1], torch.ones(1, 1), indices_TK[t, k].view(1, 1), row_ctx)[0]
                  for k in range(K)]
         rows.append(torch.stack(pairs).sum(0))
     loop_TD = torch.stack(rows)
@@ -386,29 +407,32 @@ def check_norm_contract(config: ModelConfig) -> None:
     torch.manual_seed(0)
     norm = build_decoder(config).norm
     name = type(norm).__qualname__
+
+    def run(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return call_norm(module, x, None)  # as the final norm is called: no block, no context
     with torch.no_grad():
         for p in norm.parameters():
             p.add_(0.3 * torch.randn_like(p))  # away from the identity init, so the scale matters
     x_BTD = 3.0 * torch.randn(2, 5, config.dim) + 0.5
-    y_BTD = norm(x_BTD)
+    y_BTD = run(norm, x_BTD)
     assert y_BTD.shape == x_BTD.shape and y_BTD.dtype == x_BTD.dtype, f"{name}: gave {tuple(y_BTD.shape)} {y_BTD.dtype}"
     with torch.no_grad():
-        y16 = norm(x_BTD.to(torch.bfloat16))
+        y16 = run(norm, x_BTD.to(torch.bfloat16))
     assert y16.dtype == torch.bfloat16, f"{name}: bf16 input gave a {y16.dtype} output"
     torch.testing.assert_close(y16.float(), y_BTD.detach(), rtol=0.05, atol=0.05,
                                msg=lambda m: f"{name}: bf16 output far from fp32: {m}")
     with torch.no_grad():
-        torch.testing.assert_close(norm(7.0 * x_BTD), y_BTD, rtol=1e-4, atol=1e-4,
+        torch.testing.assert_close(run(norm, 7.0 * x_BTD), y_BTD, rtol=1e-4, atol=1e-4,
                                    msg=lambda m: f"{name}: output changes with the input's scale, so it does not normalise: {m}")
         changed = x_BTD.clone()
         changed[0, 2] = torch.randn(config.dim)
-        after = norm(changed)
+        after = run(norm, changed)
     mask = torch.ones(2, 5, dtype=torch.bool)
     mask[0, 2] = False
     assert torch.equal(after[mask], y_BTD.detach()[mask]), f"{name}: changing one position changed others"
     assert not torch.allclose(after[0, 2], y_BTD[0, 2]), f"{name}: changing a position did not change its output"
     x = x_BTD.clone().requires_grad_(True)
-    norm(x).pow(2).sum().backward()
+    run(norm, x).pow(2).sum().backward()
     assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0, f"{name}: no gradient reached the input"
     for pname, p in norm.named_parameters():
         if p.requires_grad:
@@ -417,7 +441,68 @@ def check_norm_contract(config: ModelConfig) -> None:
     other = build_decoder(config).norm
     other.load_state_dict(norm.state_dict(), strict=True)
     with torch.no_grad():
-        assert torch.equal(other(x_BTD), norm(x_BTD)), f"{name}: a state-dict round trip changed the output"
+        assert torch.equal(run(other, x_BTD), run(norm, x_BTD)), f"{name}: a state-dict round trip changed the output"
+
+
+# -- residual plugins -------------------------------------------------------------------------
+
+def check_residual_contract(config: ModelConfig, seq_len: int = 10) -> None:
+    """Every check a residual plugin must pass, on the residuals the registry builds for ``config``.
+
+    Through the blocks' residuals alone (expand on the first, every block, reduce on the last, as
+    the decoder does), with stand-in sublayers: each block calls its ``attention`` and ``ffn``
+    exactly once with a [B, T, D] input (MoE balance counts and losses depend on it); the result is
+    [B, T, D] in the input's dtype; the stream is per token (changing one position changes no other
+    position's output); gradients reach the input and every residual parameter. Then the whole
+    model: meta build, causality, state-dict round trip and cached decoding = the full forward.
+    """
+    check_meta_build(config)
+    decoder = _checked_decoder(config, seed=0)
+    blocks = list(decoder.layers)
+    name = type(blocks[0].residual).__qualname__
+    B, D = 2, config.dim
+    g = torch.Generator().manual_seed(3)
+    w_attn_DD, w_ffn_DD = 0.3 * torch.randn(D, D, generator=g), 0.3 * torch.randn(D, D, generator=g)
+    calls: list[str] = []
+
+    def sublayer(label: str, w_DD: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+        def run(x_BTD: torch.Tensor) -> torch.Tensor:
+            assert tuple(x_BTD.shape) == (B, seq_len, D), \
+                f"{name}: the {label} sublayer got {tuple(x_BTD.shape)}, expected {(B, seq_len, D)}"
+            calls.append(label)
+            return torch.tanh(x_BTD @ w_DD.to(x_BTD.dtype))
+        return run
+
+    def stream(x_BTD: torch.Tensor) -> torch.Tensor:
+        ctx = _context(config, B, seq_len, layer_id=0)
+        h = blocks[0].residual.expand(x_BTD, ctx)
+        for block in blocks:
+            calls.clear()
+            h = block.residual(h, sublayer("attention", w_attn_DD), sublayer("ffn", w_ffn_DD), ctx.for_layer(block.layer_id))
+            assert sorted(calls) == ["attention", "ffn"], f"{name}: a block must call attention and ffn once each, called {calls}"
+        return blocks[-1].residual.reduce(h, ctx.for_layer(blocks[-1].layer_id))
+
+    x_BTD = torch.randn(B, seq_len, D, requires_grad=True)
+    y_BTD = stream(x_BTD)
+    assert y_BTD.shape == x_BTD.shape and y_BTD.dtype == x_BTD.dtype, \
+        f"{name}: expand -> blocks -> reduce gave {tuple(y_BTD.shape)} {y_BTD.dtype} for {tuple(x_BTD.shape)} {x_BTD.dtype}"
+    with torch.no_grad():
+        changed = x_BTD.detach().clone()
+        changed[0, 3] += 1.0
+        after = stream(changed)
+    mask = torch.ones(B, seq_len, dtype=torch.bool)
+    mask[0, 3] = False
+    assert torch.equal(after[mask], y_BTD.detach()[mask]), f"{name}: changing one position changed others (mixing along T)"
+    y_BTD.pow(2).sum().backward()
+    assert x_BTD.grad is not None and x_BTD.grad.abs().sum() > 0, f"{name}: no gradient reached the input"
+    for block in blocks:
+        for pname, p in block.residual.named_parameters():
+            if p.requires_grad:
+                assert p.grad is not None and p.grad.abs().sum() > 0, \
+                    f"{name}: no gradient reached parameter {pname} of layer {block.layer_id}"
+    check_causal(config)
+    check_state_dict_round_trip(config)
+    check_cache_matches_full(config)
 
 
 # -- HF checkpoint families and the parts' HF names -------------------------------------------

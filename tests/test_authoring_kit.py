@@ -131,11 +131,11 @@ from moeframe.model.base import NormBase
 class FutureNorm(NormBase):
     plugin_api = "{api}"
 
-    def __init__(self, dim, eps, options):
+    def __init__(self, dim, eps, options, layer_id=None):
         super().__init__(dim, eps, options)
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x):
+    def forward(self, x, ctx=None):
         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * self.weight
 '''
 
@@ -153,7 +153,7 @@ def install_fake_distribution(site: Path, dist: str, version: str, module: str, 
 def test_a_plugin_for_another_plugin_api_is_refused_naming_both_versions(tmp_path: Path) -> None:
     site = tmp_path / "site"
     install_fake_distribution(site, "future-norms", "2.0.0", "future_norms",
-                              "[moeframe.norm]\nfuturenorm = future_norms:FutureNorm\n", FUTURE_NORM.format(api="2"))
+                              "[moeframe.norm]\nfuturenorm = future_norms:FutureNorm\n", FUTURE_NORM.format(api="3"))
     install_fake_distribution(site, "current-norms", "1.0.0", "current_norms",
                               "[moeframe.norm]\ncurrentnorm = current_norms:FutureNorm\n",
                               FUTURE_NORM.format(api=registry.PLUGIN_API))
@@ -167,8 +167,8 @@ def test_a_plugin_for_another_plugin_api_is_refused_naming_both_versions(tmp_pat
     assert refused.returncode == 2, refused.stderr
     message = refused.stderr.strip()
     assert len(message.splitlines()) == 1, message  # one line, no traceback
-    assert "norm plugin 'futurenorm' from distribution future-norms 2.0.0 targets moeframe plugin API 2" in message
-    assert f"provides plugin API {registry.PLUGIN_API}" in message
+    assert "norm plugin 'futurenorm' from distribution future-norms 2.0.0 targets moeframe plugin API 3" in message
+    assert f"provides plugin API {' or '.join(registry.SUPPORTED_PLUGIN_APIS)}" in message
 
     accepted = subprocess.run(CLI + ["inspect", "current.yaml"], cwd=tmp_path, env=env, capture_output=True,
                               text=True, timeout=120)

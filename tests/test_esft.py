@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from moeframe.cli import main
+from moeframe.model.context import ForwardContext
 from moeframe.training.esft import ESFTOptions, select_experts
 from moeframe.training.finetune import FinetuneModule
 
@@ -32,15 +33,16 @@ def _routed_counts(folder: Path, data, num_batches: int) -> dict[str, torch.Tens
     counts = {n: torch.zeros(m.num_experts) for n, m in decoder.moe_layers()}
     for batch in islice(iter(data.train_dataloader()), num_batches):
         h = decoder.embed(batch["input_ids"])
-        positions = torch.arange(h.shape[1])
+        ctx = ForwardContext(torch.arange(h.shape[1]), batch["input_ids"], batch["document_ids"])
         answer = (batch["labels"] != -100).flatten()
         for block in decoder.layers:
+            layer_ctx = ctx.for_layer(block.layer_id)
             if hasattr(block.ffn, "gate"):
-                after_attn = h + block.attn(block.attn_norm(h), positions, batch["document_ids"])
-                routing = block.ffn.gate(block.ffn_norm(after_attn).flatten(0, 1))
+                after_attn = h + block.attn(block.attn_norm(h), layer_ctx)
+                routing = block.ffn.gate(block.ffn_norm(after_attn).flatten(0, 1), layer_ctx)
                 name = f"layers.{block.layer_id}.ffn"
                 counts[name] += torch.bincount(routing.indices_TK[answer].flatten(), minlength=len(counts[name]))
-            h, _ = block(h, positions, batch["document_ids"])
+            h, _ = block(h, layer_ctx)
     return counts
 
 

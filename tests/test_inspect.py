@@ -21,6 +21,7 @@ def test_tiny_preset_counts_by_hand(capsys: pytest.CaptureFixture[str]) -> None:
         "embedding": V * D, "head": V * D, "attention": L * 4 * D * D, "dense_ffn": 3 * D * Fd,
         "routed_experts": moe_layers * E * 3 * D * F, "shared_experts": moe_layers * 3 * D * F,
         "router": moe_layers * E * D, "norms": (2 * L + 1) * D, "mtp": 0,
+        "residual": 0,  # the default pre-norm residual has no parameters
     }
     assert r["parameters"] == expected
     assert r["total"] == sum(expected.values())

@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader
 
 from .conftest import REPO, clean_env
 from moeframe.config import ConfigError, ModelConfig, RuntimeConfig
+from moeframe.model.context import ForwardContext
 from moeframe.model.decoder import Decoder, build_decoder
 from moeframe.model.experts import grouped_mm_op
 from moeframe.model.router import count_per_expert
@@ -219,7 +220,8 @@ def test_blocks_compile_in_one_graph_with_identical_results(combo: str) -> None:
         assert torch.allclose(grads1[name], g, atol=1e-6), name
     for (_, a), (_, b) in zip(model.moe_layers(), reference.moe_layers()):
         assert torch.equal(a.tokens_per_expert, b.tokens_per_expert)
-    explanation = torch._dynamo.explain(reference.layers[1])(torch.randn(2, 16, cfg.dim), torch.arange(16))
+    ctx = ForwardContext(torch.arange(16), ids, layer_id=1)
+    explanation = torch._dynamo.explain(reference.layers[1])(torch.randn(2, 16, cfg.dim), ctx)
     assert explanation.graph_break_count == 0, explanation.break_reasons
     torch._dynamo.reset()
 

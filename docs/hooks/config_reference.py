@@ -116,7 +116,7 @@ def _plugin_sections() -> list[str]:
                     f"`{info.value}` from **{info.distribution} {info.version}**, plugin API "
                     f"{registry.declared_plugin_api(cls)}.", "", _plugin_description(cls), ""]
             options = getattr(cls, "Options", None)
-            if kind in ("attention", "router", "experts", "norm") and options is not None:
+            if kind in ("attention", "router", "experts", "norm", "residual") and options is not None:
                 doc = _own_doc(options)
                 if doc:
                     out += [doc.replace("\n", " "), ""]

@@ -53,6 +53,11 @@ class HFFamily(abc.ABC):
 
     display_name: ClassVar[str] = ""  # for messages, e.g. "DeepSeek-V3/V2"
     model_type: ClassVar[str] = ""  # the model_type written on export
+    # A family whose config.json records per-layer plugin choices (``model.layers``) and a residual
+    # other than the default sets these; otherwise such a model is refused on export rather than
+    # written as a checkpoint that silently computes something else.
+    records_per_layer_choices: ClassVar[bool] = False
+    records_residual: ClassVar[bool] = False
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -127,7 +132,26 @@ def family_for_model_type(model_type: Any, path: str) -> HFFamily:
         "by registering an HFFamily subclass in the entry-point group 'moeframe.hf_family'")
 
 
+def _structure_problem(family: HFFamily, config: "ModelConfig") -> Optional[str]:
+    """What of the model's structure the family's checkpoints cannot record (see the class flags)."""
+    from dataclasses import fields
+
+    from moeframe.config import ModelConfig
+
+    if config.layers and not family.records_per_layer_choices:
+        return ("the model chooses plugins per layer (model.layers), which this family's checkpoints "
+                "cannot record; export a model with one plugin per kind, or use a family that records them")
+    default = next(f for f in fields(ModelConfig) if f.name == "residual").default_factory()  # type: ignore[misc]
+    residual = config.residual if isinstance(config.residual, dict) else {"name": config.residual}
+    if residual.get("name") != default.get("name") and not family.records_residual:
+        return (f"the model's residual stream {residual.get('name')!r} has no form in this family's "
+                f"checkpoints (they assume {default.get('name')!r}); use a family that records it")
+    return None
+
+
 def _export_problem(family: HFFamily, config: "ModelConfig") -> Optional[str]:
+    if (problem := _structure_problem(family, config)) is not None:
+        return problem
     try:
         family.config_to_hf(config, mtp=True)
     except ConfigError as exc:

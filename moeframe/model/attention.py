@@ -18,6 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from moeframe.model.base import AttentionBase, AttentionCache, PluginOptions
+from moeframe.model.compat import as_context
+from moeframe.model.context import ForwardContext
 from moeframe.model.rope import apply_rope, rope_cos_sin
 
 if TYPE_CHECKING:
@@ -81,7 +83,7 @@ class KVCache(AttentionCache):
 
 class MultiHeadAttention(AttentionBase):
     Options = MHAOptions
-    plugin_api = "1"  # the moeframe plugin API this class is written against
+    plugin_api = "2"  # the moeframe plugin API this class is written against
 
     def __init__(self, config: "ModelConfig", options: MHAOptions, layer_id: int) -> None:
         super().__init__(config, options, layer_id)
@@ -128,15 +130,13 @@ class MultiHeadAttention(AttentionBase):
         cos, sin = rope_cos_sin(positions_T, self.head_dim, self.rope_theta, x_BTD.dtype)
         return apply_rope(q_BHTd, cos, sin), apply_rope(k_BGTd, cos, sin), v_BGTd
 
-    def forward(
-        self,
-        x_BTD: torch.Tensor,
-        positions_T: torch.Tensor,
-        document_ids_BT: Optional[torch.Tensor] = None,
-        cache: Optional[AttentionCache] = None,
-    ) -> torch.Tensor:
+    def forward(self, x_BTD: torch.Tensor, ctx: ForwardContext, document_ids_BT: Optional[torch.Tensor] = None,
+                cache: Optional[AttentionCache] = None) -> torch.Tensor:
+        # the last two: API-1 subclasses may still call super().forward(x, positions_T, document_ids_BT, cache)
+        ctx = as_context(ctx, document_ids_BT, cache)
         B, T, _ = x_BTD.shape
-        q_BHTd, k_BGTd, v_BGTd = self.project_qkv(x_BTD, positions_T)
+        document_ids_BT, cache = ctx.document_ids_BT, ctx.cache
+        q_BHTd, k_BGTd, v_BGTd = self.project_qkv(x_BTD, ctx.positions_T)
         gqa = self.n_kv_heads != self.n_heads
         if cache is not None:
             if document_ids_BT is not None:

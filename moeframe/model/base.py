@@ -9,6 +9,12 @@ with the plugin's name, the field and the fields that exist.
 Shape legend used across moeframe: B batch, T sequence, D model width, H heads, K experts per
 token, E experts, F expert/FFN width, V vocabulary, N tokens routed (T·K after flattening),
 S tokens held by a KV cache (the cached ones plus the T new ones).
+
+Plugin API 2 (this release): every model-part plugin also receives the forward context
+(:class:`moeframe.model.context.ForwardContext`: layer index, token ids, positions, document ids,
+the cache while decoding, the training step) and its layer index at construction. A plugin
+declares the API it targets with ``plugin_api = "2"``; plugins of API 1 (``"1"`` or nothing
+declared) keep their old signatures, with one deprecation warning (``moeframe.model.compat``).
 """
 
 from __future__ import annotations
@@ -26,6 +32,8 @@ import torch
 from torch import nn
 
 from moeframe.model.hfnames import HFNamed
+from moeframe.model.context import ForwardContext
+from moeframe.registry import PluginDeprecationWarning  # noqa: F401 (one class for every API-1 warning)
 
 if TYPE_CHECKING:
     from moeframe.config import ModelConfig
@@ -132,10 +140,6 @@ def _plain(value: Any) -> Any:
     return value
 
 
-class PluginDeprecationWarning(FutureWarning):
-    """A plugin uses a form of plugin API 1 that still works in this release (shown to users)."""
-
-
 _warned_api1: set[tuple[type, str]] = set()
 
 
@@ -199,18 +203,18 @@ class AttentionCache:
 
 
 class AttentionBase(nn.Module, HFNamed, abc.ABC):
-    """Causal self-attention. ``forward(x_BTD, positions_T, document_ids_BT, cache=None) -> y_BTD``.
+    """Causal self-attention. API 2: ``forward(x_BTD, ctx) -> y_BTD``, the positions, document
+    ids and cache read from ``ctx``. (API 1, deprecated: ``forward(x_BTD, positions_T,
+    document_ids_BT, cache=None)``.) ``x_BTD`` is the normalised residual of the block.
 
-    ``document_ids_BT`` (optional) marks packed documents; a token must never attend to a token
-    of another document when it is given.
+    ``ctx.document_ids_BT`` (optional) marks packed documents; a token must never attend to a
+    token of another document when it is given.
 
-    Incremental decoding (optional): a plugin that supports it overrides ``new_cache`` and
-    accepts ``cache`` in ``forward``. With a cache, the T new tokens are at positions
-    ``cache.length ...`` (the decoder passes exactly those as ``positions_T``); the plugin
-    stores what it needs of them, attends from them to every cached token and to the earlier
-    new tokens, and advances the cache (``AttentionCache.reserve``). Without a cache,
-    ``forward`` is the training path and must not require the argument, so plugins written
-    before the cache API keep working for training.
+    Incremental decoding (optional): a plugin that supports it overrides ``new_cache``. With a
+    cache (``ctx.cache``, ``ctx.decoding``), the T new tokens are at positions ``cache.length ...``
+    (``ctx.positions_T`` holds exactly those); the plugin stores what it needs of them, attends from
+    them to every cached token and to the earlier new tokens, and advances the cache
+    (``AttentionCache.reserve``). Without a cache, ``forward`` is the training path.
     """
 
     Options: ClassVar[type[PluginOptions]] = PluginOptions
@@ -219,13 +223,7 @@ class AttentionBase(nn.Module, HFNamed, abc.ABC):
         super().__init__()
 
     @abc.abstractmethod
-    def forward(
-        self,
-        x_BTD: torch.Tensor,
-        positions_T: torch.Tensor,
-        document_ids_BT: Optional[torch.Tensor] = None,
-        cache: Optional[AttentionCache] = None,
-    ) -> torch.Tensor:
+    def forward(self, x_BTD: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         """Attend causally over T (and over the cached tokens); return the output projected to D."""
 
     def new_cache(
@@ -267,22 +265,28 @@ class RouterOutput:
 
 
 class RouterBase(nn.Module, HFNamed, abc.ABC):
-    """Token-to-expert routing. ``forward(x_TD) -> RouterOutput``.
+    """Token-to-expert routing. API 2: ``__init__(config, options, layer_id)``,
+    ``forward(x_TD, ctx) -> RouterOutput``. (API 1, deprecated: ``__init__(config, options)``,
+    ``forward(x_TD)`` or, with ``takes_seq_len``, ``forward(x_TD, seq_len)``.)
+
+    ``x_TD`` is the normalised residual of the block (the FFN's input), flattened: B·T rows,
+    sequence after sequence, so ``ctx.token_ids_BT.flatten()`` names the token of each row and
+    ``ctx.seq_len`` regroups rows into sequences.
 
     A router's parameters and buffers are high precision (fp32): low-precision plugins must leave
     them alone (see ``Decoder.high_precision_modules``).
     """
 
     Options: ClassVar[type[PluginOptions]] = PluginOptions
-    # A router that needs the sequence structure of its flat input (a per-sequence balance loss)
-    # sets this and takes ``forward(x_TD, seq_len)``: x_TD is then B sequences of seq_len tokens.
+    # API 1 only: a router that needs the sequence structure of its flat input sets this and takes
+    # ``forward(x_TD, seq_len)``. API-2 routers read ``ctx.seq_len`` instead.
     takes_seq_len: ClassVar[bool] = False
 
-    def __init__(self, config: "ModelConfig", options: PluginOptions) -> None:
+    def __init__(self, config: "ModelConfig", options: PluginOptions, layer_id: Optional[int] = None) -> None:
         super().__init__()
 
     @abc.abstractmethod
-    def forward(self, x_TD: torch.Tensor) -> RouterOutput:
+    def forward(self, x_TD: torch.Tensor, ctx: ForwardContext) -> RouterOutput:
         """Choose K experts and their gate weights for every token."""
 
     def update_after_step(self, tokens_per_expert_E: torch.Tensor) -> None:
@@ -304,7 +308,9 @@ PhaseTimer = Callable[[Optional[str]], None]
 
 
 class ExpertsBase(nn.Module, HFNamed, abc.ABC):
-    """The routed experts of one MoE layer. ``forward(x_TD, weights_TK, indices_TK) -> y_TD``.
+    """The routed experts of one MoE layer. API 2: ``__init__(config, options, num_experts, dim,
+    hidden_dim, layer_id)``, ``forward(x_TD, weights_TK, indices_TK, ctx) -> y_TD``. (API 1,
+    deprecated: the same without ``layer_id`` and ``ctx``.)
 
     ``y_t = Σ_k weights[t,k] · expert_{indices[t,k]}(x_t)``; every token is processed (dropless).
     """
@@ -312,13 +318,14 @@ class ExpertsBase(nn.Module, HFNamed, abc.ABC):
     Options: ClassVar[type[PluginOptions]] = PluginOptions
 
     def __init__(
-        self, config: "ModelConfig", options: PluginOptions, num_experts: int, dim: int, hidden_dim: int
+        self, config: "ModelConfig", options: PluginOptions, num_experts: int, dim: int, hidden_dim: int,
+        layer_id: Optional[int] = None,
     ) -> None:
         super().__init__()
 
     @abc.abstractmethod
     def forward(
-        self, x_TD: torch.Tensor, weights_TK: torch.Tensor, indices_TK: torch.Tensor
+        self, x_TD: torch.Tensor, weights_TK: torch.Tensor, indices_TK: torch.Tensor, ctx: ForwardContext
     ) -> torch.Tensor:
         """Combine the chosen experts' outputs, weighted, per token."""
 
@@ -365,12 +372,53 @@ class ExpertsBase(nn.Module, HFNamed, abc.ABC):
 
 
 class NormBase(nn.Module, HFNamed, abc.ABC):
-    """A normalisation layer over the last dimension. ``forward(x) -> x``."""
+    """A normalisation layer over the last dimension. API 2: ``__init__(dim, eps, options,
+    layer_id=None)``, ``forward(x, ctx=None) -> x``. ``layer_id`` (and ``ctx.layer_id``) is None for
+    norms outside the blocks (the final norm, MTP's input and output norms); ``ctx`` is None where a
+    plugin uses a norm inside itself.
+    (API 1, deprecated: ``__init__(dim, eps, options)``, ``forward(x)``.)"""
 
     Options: ClassVar[type[PluginOptions]] = PluginOptions
 
-    def __init__(self, dim: int, eps: float, options: PluginOptions) -> None:
+    def __init__(self, dim: int, eps: float, options: PluginOptions, layer_id: Optional[int] = None) -> None:
         super().__init__()
+
+
+# a block's sublayer as the residual sees it: its normalised computation, input -> output [.., D]
+Sublayer = Callable[[torch.Tensor], torch.Tensor]
+
+
+class ResidualBase(nn.Module, HFNamed, abc.ABC):
+    """The residual stream of one block: how the block's two sublayers connect.
+
+    ``forward(h, attention, ffn, ctx) -> h``: ``attention`` and ``ffn`` are callables taking a
+    [B, T, D] input and returning [B, T, D]; each normalises its input itself (``attn(attn_norm(.))``,
+    ``ffn(ffn_norm(.))``). ``h`` is whatever the plugin carries between blocks: [B, T, D] for one
+    stream (the default ``prenorm``: ``h = h + attention(h); h + ffn(h)``), e.g. [B, T, n, D] for
+    n streams (hyper-connections). ``expand`` turns the embedding into that state before the first
+    block and ``reduce`` turns it back into [B, T, D] after the last one (the decoder calls them on
+    the first and the last block's residual, so learned reduction weights belong to the last
+    layer, ``layer_id == config.n_layers - 1``; each MTP block expands and reduces its own).
+    Everything must be per token (no mixing along T), so that decoding with a cache equals the
+    full forward.
+    """
+
+    Options: ClassVar[type[PluginOptions]] = PluginOptions
+
+    def __init__(self, config: "ModelConfig", options: PluginOptions, layer_id: int) -> None:
+        super().__init__()
+
+    def expand(self, x_BTD: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        """The residual state the first block receives, from the embedding (default: itself)."""
+        return x_BTD
+
+    def reduce(self, h: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        """The [B, T, D] hidden state the final norm and head receive (default: itself)."""
+        return h
+
+    @abc.abstractmethod
+    def forward(self, h: torch.Tensor, attention: Sublayer, ffn: Sublayer, ctx: ForwardContext) -> torch.Tensor:
+        """Run the block's sublayers on the residual state; return the next state."""
 
 
 def default_init(module: nn.Module, std: float) -> None:

@@ -1,8 +1,12 @@
 """Decoder assembly: embedding → blocks → final norm → output head.
 
-Every block is pre-norm: ``h = x + attn(norm(x))``, ``out = h + ffn(norm(h))``, where ``ffn`` is
-a dense SwiGLU for the first ``first_k_dense`` layers and a MoE layer afterwards. Which attention,
-router, experts and norm are used is decided by the registry (see ``moeframe.config``).
+Every block has two sublayers, ``attn(attn_norm(.))`` and ``ffn(ffn_norm(.))``, where ``ffn`` is a
+dense SwiGLU for the first ``first_k_dense`` layers and a MoE layer afterwards; the block's residual
+plugin connects them (the default ``prenorm``: ``h = x + attn(norm(x))``, ``out = h + ffn(norm(h))``).
+Which attention, router, experts, norm and residual each block uses is decided by the registry and
+the per-layer choices of the config (see ``moeframe.config``). Every plugin of API 2 also receives
+the forward context (``moeframe.model.context``) that the decoder builds per forward and narrows
+per block.
 
 Build on the meta device (``build_decoder(cfg, device="meta")``) to inspect any size without
 allocating, then ``materialize`` on a real device, which initialises every weight.
@@ -23,7 +27,9 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from moeframe.config import ModelConfig, ModelPlan, resolve_model_config
-from moeframe.model.base import AttentionCache, NormBase, RouterBase, default_init
+from moeframe.model.base import AttentionCache, NormBase, ResidualBase, RouterBase, default_init
+from moeframe.model.compat import build_attention, build_norm, call_attention, call_norm
+from moeframe.model.context import ForwardContext
 from moeframe.model.ffn import SwiGLU
 from moeframe.model.moe import MoE
 
@@ -65,16 +71,22 @@ class DecoderCache:
 
 
 class Block(nn.Module):
+    """One transformer block: ``forward(h, ctx) -> (h, aux_loss)``; ``h`` is the residual plugin's
+    state ([B, T, D] for one stream)."""
+
     def __init__(self, plan: ModelPlan, layer_id: int) -> None:
         super().__init__()
         cfg = plan.config
+        layer = plan.layer(layer_id)
         self.layer_id = layer_id
-        self.attn_norm = plan.norm.cls(cfg.dim, cfg.norm_eps, plan.norm.options)
-        self.attn = plan.attention.cls(cfg, plan.attention.options, layer_id)
-        self.ffn_norm = plan.norm.cls(cfg.dim, cfg.norm_eps, plan.norm.options)
+        self.attn_norm = build_norm(layer.norm, cfg, layer_id)
+        self.attn = build_attention(layer.attention, cfg, layer_id)
+        self.ffn_norm = build_norm(layer.norm, cfg, layer_id)
         self.ffn: Union[SwiGLU, MoE] = (
-            SwiGLU(cfg.dim, cfg.dense_ffn_dim) if layer_id < cfg.first_k_dense else MoE(plan)
+            SwiGLU(cfg.dim, cfg.dense_ffn_dim) if layer_id < cfg.first_k_dense else MoE(plan, layer_id)
         )
+        # a parameter-free residual (prenorm) adds no state-dict entries: checkpoints are unchanged
+        self.residual: ResidualBase = layer.residual.cls(cfg, layer.residual.options, layer_id)
         self.checkpointing: CheckpointMode = "none"
 
     def set_activation_checkpointing(self, mode: CheckpointMode) -> None:
@@ -91,35 +103,30 @@ class Block(nn.Module):
             self.ffn.experts.set_selective_recompute(selective)  # declared hooks of the plugin bases
         self.attn.set_selective_recompute(selective)
 
-    def forward(
-        self,
-        x_BTD: torch.Tensor,
-        positions_T: torch.Tensor,
-        document_ids_BT: Optional[torch.Tensor] = None,
-        cache: Optional[AttentionCache] = None,
-    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        if self.checkpointing == "full" and cache is None and torch.is_grad_enabled():
-            return checkpoint(self._forward, x_BTD, positions_T, document_ids_BT, None, use_reentrant=False)
-        return self._forward(x_BTD, positions_T, document_ids_BT, cache)
+    def forward(self, h: torch.Tensor, ctx: ForwardContext) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """``ctx`` is this block's context (``ForwardContext.for_layer``: its layer id and cache)."""
+        if self.checkpointing == "full" and ctx.cache is None and torch.is_grad_enabled():
+            return checkpoint(self._forward, h, ctx, use_reentrant=False)
+        return self._forward(h, ctx)
 
-    def _forward(
-        self,
-        x_BTD: torch.Tensor,
-        positions_T: torch.Tensor,
-        document_ids_BT: Optional[torch.Tensor],
-        cache: Optional[AttentionCache],
-    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        a_BTD = self.attn_norm(x_BTD)
-        # `cache` is passed only when used, so attention plugins without a cache keep working
-        attn_BTD = (self.attn(a_BTD, positions_T, document_ids_BT) if cache is None
-                    else self.attn(a_BTD, positions_T, document_ids_BT, cache=cache))
-        h_BTD = x_BTD + attn_BTD
-        if isinstance(self.ffn, MoE):
-            y_BTD, aux_loss = self.ffn(self.ffn_norm(h_BTD))
-            return h_BTD + y_BTD, aux_loss
-        if self.checkpointing == "selective" and torch.is_grad_enabled():
-            return h_BTD + checkpoint(self.ffn, self.ffn_norm(h_BTD), use_reentrant=False), None
-        return h_BTD + self.ffn(self.ffn_norm(h_BTD)), None
+    def _forward(self, h: torch.Tensor, ctx: ForwardContext) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        aux_losses: list[Optional[torch.Tensor]] = []
+
+        def attention(x_BTD: torch.Tensor) -> torch.Tensor:
+            return call_attention(self.attn, call_norm(self.attn_norm, x_BTD, ctx), ctx)
+
+        def ffn(x_BTD: torch.Tensor) -> torch.Tensor:
+            a_BTD = call_norm(self.ffn_norm, x_BTD, ctx)
+            if isinstance(self.ffn, MoE):
+                y_BTD, aux_loss = self.ffn(a_BTD, ctx)
+                aux_losses.append(aux_loss)
+                return y_BTD
+            if self.checkpointing == "selective" and torch.is_grad_enabled():
+                return checkpoint(self.ffn, a_BTD, use_reentrant=False)
+            return self.ffn(a_BTD)
+
+        h = self.residual(h, attention, ffn, ctx)
+        return h, (aux_losses[-1] if aux_losses else None)
 
 
 class MTPModule(nn.Module):
@@ -133,16 +140,21 @@ class MTPModule(nn.Module):
     def __init__(self, plan: ModelPlan, layer_id: int) -> None:
         super().__init__()
         cfg = plan.config
-        self.enorm = plan.norm.cls(cfg.dim, cfg.norm_eps, plan.norm.options)
-        self.hnorm = plan.norm.cls(cfg.dim, cfg.norm_eps, plan.norm.options)
+        self.enorm = build_norm(plan.norm, cfg, None)
+        self.hnorm = build_norm(plan.norm, cfg, None)
         self.eh_proj = nn.Linear(2 * cfg.dim, cfg.dim, bias=False)
         self.block = Block(plan, layer_id)  # dense or MoE by layer index, like the main layers
-        self.norm = plan.norm.cls(cfg.dim, cfg.norm_eps, plan.norm.options)
+        self.norm = build_norm(plan.norm, cfg, None)
 
-    def forward(self, h_BTD: torch.Tensor, emb_BTD: torch.Tensor, positions_T: torch.Tensor,
-                document_ids_BT: Optional[torch.Tensor]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        x_BTD = self.eh_proj(torch.cat([self.enorm(emb_BTD), self.hnorm(h_BTD)], dim=-1))
-        return self.block(x_BTD, positions_T, document_ids_BT)
+    def forward(self, h_BTD: torch.Tensor, emb_BTD: torch.Tensor,
+                ctx: ForwardContext) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """``ctx``: this depth's context (``ForwardContext.shifted`` then ``for_layer``)."""
+        outside = ctx.for_layer(None)  # these norms belong to no block
+        x_BTD = self.eh_proj(torch.cat([call_norm(self.enorm, emb_BTD, outside),
+                                        call_norm(self.hnorm, h_BTD, outside)], dim=-1))
+        residual = self.block.residual
+        h, aux = self.block(residual.expand(x_BTD, ctx), ctx)
+        return residual.reduce(h, ctx), aux
 
 
 class Decoder(nn.Module):
@@ -156,7 +168,7 @@ class Decoder(nn.Module):
         self.config = config
         self.embed = nn.Embedding(config.vocab_size, config.dim)
         self.layers = nn.ModuleList(Block(plan, i) for i in range(config.n_layers))
-        self.norm = plan.norm.cls(config.dim, config.norm_eps, plan.norm.options)
+        self.norm = build_norm(plan.norm, config, None)
         self.head = nn.Linear(config.dim, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.head.weight = self.embed.weight
@@ -209,34 +221,39 @@ class Decoder(nn.Module):
         positions_T: Optional[torch.Tensor] = None,
         cache: Optional[DecoderCache] = None,
         mtp: bool = False,
+        step: int = 0,
+        tokens_seen: int = 0,
     ) -> DecoderOutput:
-        """``mtp=True`` also runs the MTP modules (training); generation leaves them out."""
+        """``mtp=True`` also runs the MTP modules (training); generation leaves them out.
+        ``step``/``tokens_seen``: the training progress the plugins see in their context."""
         T = input_ids_BT.shape[1]
         positions_T = self._positions(T, input_ids_BT.device, positions_T, document_ids_BT, cache)
+        ctx = ForwardContext(positions_T, input_ids_BT, document_ids_BT, step=step, tokens_seen=tokens_seen)
         emb_BTD = self.embed(input_ids_BT)
-        x_BTD = emb_BTD
         aux_losses: dict[str, torch.Tensor] = {}
+        h = self.layers[0].residual.expand(emb_BTD, ctx.for_layer(0))
         for i, block in enumerate(self.layers):
-            x_BTD, aux = block(x_BTD, positions_T, document_ids_BT, None if cache is None else cache.layers[i])
+            h, aux = block(h, ctx.for_layer(block.layer_id, None if cache is None else cache.layers[i]))
             if aux is not None:
                 aux_losses[f"layer{block.layer_id}"] = aux
-        logits_BTV = self.head(self.norm(x_BTD))
-        mtp_logits = self._mtp(x_BTD, emb_BTD, positions_T, document_ids_BT, aux_losses) if mtp and cache is None else []
+        x_BTD = self.layers[-1].residual.reduce(h, ctx.for_layer(self.layers[-1].layer_id))
+        logits_BTV = self.head(call_norm(self.norm, x_BTD, ctx))
+        mtp_logits = self._mtp(x_BTD, emb_BTD, ctx, aux_losses) if mtp and cache is None else []
         aux_loss = sum(aux_losses.values(), torch.zeros((), device=logits_BTV.device))
         return DecoderOutput(logits_BTV, aux_loss, aux_losses, mtp_logits)
 
-    def _mtp(self, h_BTD: torch.Tensor, emb_BTD: torch.Tensor, positions_T: torch.Tensor,
-             document_ids_BT: Optional[torch.Tensor], aux_losses: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+    def _mtp(self, h_BTD: torch.Tensor, emb_BTD: torch.Tensor, ctx: ForwardContext,
+             aux_losses: dict[str, torch.Tensor]) -> list[torch.Tensor]:
         """Depth k sees h_{k-1} at positions 0..T-1-k and the embedding of the token k ahead."""
         T, out = h_BTD.shape[1], []
         for k, module in enumerate(self.mtp, start=1):
             if T - k <= 0:
                 break
-            docs = None if document_ids_BT is None else document_ids_BT[:, : T - k]
-            h_BTD, aux = module(h_BTD[:, : T - k], emb_BTD[:, k:], positions_T[: T - k], docs)
+            depth_ctx = ctx.shifted(k).for_layer(module.block.layer_id)
+            h_BTD, aux = module(h_BTD[:, : T - k], emb_BTD[:, k:], depth_ctx)
             if aux is not None:
                 aux_losses[f"mtp{k}"] = aux
-            out.append(self.head(module.norm(h_BTD)))
+            out.append(self.head(call_norm(module.norm, h_BTD, depth_ctx.for_layer(None))))
         return out
 
     def blocks(self) -> list[Block]:
@@ -272,7 +289,7 @@ class Decoder(nn.Module):
         """Modules a low-precision plugin (FP8, bf16-true casts) must leave in full precision:
         embedding, output head, routers and norms (DeepSeek-V3 keeps them in BF16/FP32)."""
         keep = ["embed", "head"]
-        keep += [n for n, m in self.named_modules() if isinstance(m, (RouterBase, NormBase))]
+        keep += [n for n, m in self.named_modules() if isinstance(m, (RouterBase, NormBase, ResidualBase))]
         return keep
 
 
@@ -311,11 +328,14 @@ def materialize(decoder: Decoder, device: Union[str, torch.device] = "cpu") -> D
 
 
 def kv_cache_bytes_per_token(config: ModelConfig, dtype: torch.dtype = torch.bfloat16) -> int:
-    """Bytes the whole model's KV cache holds per token (every layer), from the attention
+    """Bytes the whole model's KV cache holds per token (every layer), from each layer's attention
     plugin's own count; nothing is built."""
     plan = resolve_model_config(config)
-    values = plan.attention.cls.kv_cache_values_per_token(config, plan.attention.options)
-    return config.n_layers * values * dtype.itemsize
+    values = 0
+    for layer_id in range(config.n_layers):
+        attention = plan.layer(layer_id).attention
+        values += attention.cls.kv_cache_values_per_token(config, attention.options)
+    return values * dtype.itemsize
 
 
 def count_parameters(decoder: nn.Module) -> int:

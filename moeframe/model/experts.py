@@ -39,6 +39,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from moeframe.model.base import ExpertsBase, GroupedGemm, PhaseTimer, PluginOptions  # noqa: F401 (re-exported)
+from moeframe.model.context import ForwardContext
 from moeframe.model.hfnames import EXPERT
 from moeframe.model.router import count_per_expert
 
@@ -150,14 +151,15 @@ class GroupedExperts(ExpertsBase):
     there."""
 
     Options = GroupedOptions
-    plugin_api = "1"  # the moeframe plugin API this class is written against
+    plugin_api = "2"  # the moeframe plugin API this class is written against
     grouped_gemm_seam = True  # projections run through self.grouped_gemm when a precision plugin sets it
     marks_phases = True
 
     def __init__(
-        self, config: "ModelConfig", options: GroupedOptions, num_experts: int, dim: int, hidden_dim: int
+        self, config: "ModelConfig", options: GroupedOptions, num_experts: int, dim: int, hidden_dim: int,
+        layer_id: Optional[int] = None,
     ) -> None:
-        super().__init__(config, options, num_experts, dim, hidden_dim)
+        super().__init__(config, options, num_experts, dim, hidden_dim, layer_id)
         self.num_experts = num_experts
         self.use_grouped_mm = options.use_grouped_mm
         self.cpu_bf16_group_multiple = options.cpu_bf16_group_multiple
@@ -199,7 +201,8 @@ class GroupedExperts(ExpertsBase):
             return self.grouped_gemm(name, x_NI, w_EOI, offs_E)
         return _grouped_linear(x_NI, w_EOI, offs_E, counts)
 
-    def forward(self, x_TD: torch.Tensor, weights_TK: torch.Tensor, indices_TK: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_TD: torch.Tensor, weights_TK: torch.Tensor, indices_TK: torch.Tensor,
+                ctx: Optional[ForwardContext] = None) -> torch.Tensor:
         self.mark_phase("moe_dispatch")
         T, K = indices_TK.shape
         order_N = indices_TK.flatten().argsort(stable=True)

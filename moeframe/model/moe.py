@@ -15,6 +15,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from moeframe.config import ModelPlan
+from moeframe.model.compat import build_experts, build_router, call_experts, call_router
+from moeframe.model.context import ForwardContext
 from moeframe.model.ffn import SwiGLU
 
 
@@ -30,12 +32,13 @@ def _recomputing_in_backward() -> bool:
 
 
 class MoE(nn.Module):
-    def __init__(self, plan: ModelPlan) -> None:
+    def __init__(self, plan: ModelPlan, layer_id: int = 0) -> None:
         super().__init__()
         cfg = plan.config
+        layer = plan.layer(layer_id)
         self.num_experts = cfg.n_routed_experts
-        self.gate = plan.router.cls(cfg, plan.router.options)
-        self.experts = plan.experts.cls(cfg, plan.experts.options, cfg.n_routed_experts, cfg.dim, cfg.moe_ffn_dim)
+        self.gate = build_router(layer.router, cfg, layer_id)
+        self.experts = build_experts(layer.experts, cfg, layer_id)
         self.shared_experts: Optional[SwiGLU] = (
             SwiGLU(cfg.dim, cfg.n_shared_experts * cfg.moe_ffn_dim) if cfg.n_shared_experts else None
         )
@@ -49,14 +52,18 @@ class MoE(nn.Module):
     def init_weights(self, std: float) -> None:
         self.tokens_per_expert.zero_()
 
-    def forward(self, x_BTD: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    def forward(self, x_BTD: torch.Tensor, ctx: Optional[ForwardContext] = None
+                ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """``ctx`` defaults to a context of positions only (a layer called on its own)."""
+        if ctx is None:
+            ctx = ForwardContext(torch.arange(x_BTD.shape[1], device=x_BTD.device))
         x_TD = x_BTD.reshape(-1, x_BTD.shape[-1])
-        routing = self.gate(x_TD, seq_len=x_BTD.shape[1]) if self.gate.takes_seq_len else self.gate(x_TD)
+        routing = call_router(self.gate, x_TD, ctx)
         # activation checkpointing re-runs this forward inside backward: count each token once
         if not _recomputing_in_backward():
             with torch.no_grad():
                 self.tokens_per_expert.add_(routing.tokens_per_expert_E.to(self.tokens_per_expert.dtype))
-        y_TD = self.experts(x_TD, routing.weights_TK, routing.indices_TK)
+        y_TD = call_experts(self.experts, x_TD, routing.weights_TK, routing.indices_TK, ctx)
         if self.shared_experts is not None:
             if self.recompute_shared and torch.is_grad_enabled():
                 y_TD = y_TD + checkpoint(self.shared_experts, x_TD, use_reentrant=False)

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from moeframe.model.base import NormBase, PluginOptions
+from moeframe.model.context import ForwardContext
 
 
 @dataclass
@@ -20,10 +21,11 @@ class RMSNorm(NormBase):
     """``x / rms(x) · g``, computed in fp32 whatever the input dtype (low precision loses the rms)."""
 
     Options = RMSNormOptions
-    plugin_api = "1"  # the moeframe plugin API this class is written against
+    plugin_api = "2"  # the moeframe plugin API this class is written against
 
-    def __init__(self, dim: int, eps: float, options: PluginOptions = RMSNormOptions()) -> None:
-        super().__init__(dim, eps, options)
+    def __init__(self, dim: int, eps: float, options: PluginOptions = RMSNormOptions(),
+                 layer_id: Optional[int] = None) -> None:
+        super().__init__(dim, eps, options, layer_id)
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
@@ -31,5 +33,5 @@ class RMSNorm(NormBase):
     def hf_tensor_names(cls, family: str) -> dict[str, Optional[str]]:
         return {"weight": "weight"}
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ctx: Optional[ForwardContext] = None) -> torch.Tensor:
         return nn.functional.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).to(x.dtype)

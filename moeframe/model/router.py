@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moeframe.model.base import PluginOptions, RouterBase, RouterOutput
+from moeframe.model.context import ForwardContext
 
 if TYPE_CHECKING:
     from moeframe.config import ModelConfig
@@ -81,10 +82,10 @@ def switch_balance_loss(scores_TE: torch.Tensor, counts_E: torch.Tensor, k: int)
 
 class TopKRouter(RouterBase):
     Options = TopKOptions
-    plugin_api = "1"  # the moeframe plugin API this class is written against
+    plugin_api = "2"  # the moeframe plugin API this class is written against
 
-    def __init__(self, config: "ModelConfig", options: TopKOptions) -> None:
-        super().__init__(config, options)
+    def __init__(self, config: "ModelConfig", options: TopKOptions, layer_id: Optional[int] = None) -> None:
+        super().__init__(config, options, layer_id)
         self.options = options
         self.top_k = config.n_activated_experts
         self.n_groups = config.n_expert_groups
@@ -108,7 +109,7 @@ class TopKRouter(RouterBase):
         return {"norm_topk_prob": bool(hf.get("norm_topk_prob", False)),
                 "aux_loss_coef": float(hf.get("aux_loss_alpha", 0.001))}
 
-    def forward(self, x_TD: torch.Tensor) -> RouterOutput:
+    def forward(self, x_TD: torch.Tensor, ctx: Optional[ForwardContext] = None) -> RouterOutput:
         # routing decisions are made in fp32 (also under autocast): bf16 logits flip near-tied choices
         scores_TE = gate_logits_fp32(x_TD, self.weight).softmax(dim=-1)
         select_TE = scores_TE

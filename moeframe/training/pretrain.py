@@ -104,11 +104,14 @@ class PretrainModule(L.LightningModule):
         from moeframe.model.base import RouterBase
         from moeframe.training.balance import ExpertBalance
 
-        router = self.plan.router.cls
-        if router.update_after_step is RouterBase.update_after_step:
+        # any layer's router counts: per-layer choices may put a bias-balanced router in some layers only
+        blocks = range(self.config.n_layers + self.config.mtp_depth)
+        updating = [c for c in (self.plan.layer(i).router for i in blocks)
+                    if c.cls.update_after_step is not RouterBase.update_after_step]
+        if not updating:
             return
         if not any(isinstance(cb, ExpertBalance) for cb in self.trainer.callbacks):
-            rank_zero_info(f"adding the ExpertBalance callback: router {self.plan.router.name!r} updates its "
+            rank_zero_info(f"adding the ExpertBalance callback: router {updating[0].name!r} updates its "
                            "state from the global expert counts after every optimizer step")
             self.trainer.callbacks.append(ExpertBalance())
 
@@ -163,7 +166,8 @@ class PretrainModule(L.LightningModule):
     def forward(self, input_ids: torch.Tensor, document_ids: Optional[torch.Tensor] = None,
                 mtp: bool = False) -> DecoderOutput:
         assert self.decoder is not None, "configure_model() builds the decoder"
-        return self.decoder(input_ids, document_ids, mtp=mtp)
+        # the training progress reaches the plugins through the forward context
+        return self.decoder(input_ids, document_ids, mtp=mtp, step=self.global_step, tokens_seen=self.tokens_seen)
 
     def current_mtp_lambda(self) -> float:
         position = self.tokens_seen if self.mtp_lambda_schedule_unit == "tokens" else self.global_step

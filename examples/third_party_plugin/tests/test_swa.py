@@ -9,7 +9,8 @@ import math
 import pytest
 import torch
 
-from moeframe.plugin import ConfigError, apply_rope, build_decoder, registry, resolve_model_config, rope_cos_sin
+from moeframe.plugin import (ConfigError, ForwardContext, apply_rope, build_decoder, registry, resolve_model_config,
+                             rope_cos_sin)
 from moeframe.testing import (
     check_attention_contract,
     check_cache_matches_full,
@@ -67,7 +68,7 @@ def test_training_path_matches_a_naive_window() -> None:
         cos, sin = rope_cos_sin(positions, 8, config.rope_theta, x.dtype)
         ref = naive_window_attention(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, window=4)
         expected = attn.wo(ref.transpose(0, 1).reshape(1, 10, 32))
-        torch.testing.assert_close(attn(x, positions), expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(attn(x, ForwardContext(positions)), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_a_window_covering_the_sequence_is_exactly_mha() -> None:

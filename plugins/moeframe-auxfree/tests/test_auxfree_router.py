@@ -13,6 +13,7 @@ from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3TopkR
 
 from moeframe import registry
 from moeframe.config import ConfigError, ModelConfig, resolve_model_config
+from moeframe.model.context import ForwardContext
 from moeframe.model.decoder import build_decoder
 from moeframe.testing import check_router_contract
 from moeframe_auxfree import AuxFreeOptions, AuxFreeRouter, sequence_balance_loss
@@ -172,16 +173,21 @@ def _router_with_scores(alpha: float) -> tuple[AuxFreeRouter, torch.Tensor]:
     return router, torch.eye(4)
 
 
+def sequences_of(seq_len: int) -> ForwardContext:
+    """The forward context of sequences of ``seq_len`` tokens (what the MoE layer passes)."""
+    return ForwardContext(torch.arange(seq_len))
+
+
 def test_router_applies_alpha_per_sequence_in_training_only():
     router, x_TD = _router_with_scores(alpha=0.01)
-    out = router.train()(x_TD, seq_len=2)
+    out = router.train()(x_TD, sequences_of(2))
     assert torch.equal(out.indices_TK, CHOICES_TK)
     assert math.isclose(float(out.aux_loss), 0.0135, rel_tol=1e-5)
     out.aux_loss.backward()  # P carries the gradient to the gate weight; the bias gets none
     assert router.weight.grad is not None and router.weight.grad.abs().sum() > 0
-    assert router.eval()(x_TD, seq_len=2).aux_loss is None
+    assert router.eval()(x_TD, sequences_of(2)).aux_loss is None
     router, x_TD = _router_with_scores(alpha=0.0)
-    assert router.train()(x_TD, seq_len=2).aux_loss is None
+    assert router.train()(x_TD, sequences_of(2)).aux_loss is None
 
 
 def test_without_seq_len_the_batch_is_one_sequence_and_it_says_so():
@@ -194,17 +200,17 @@ def test_without_seq_len_the_batch_is_one_sequence_and_it_says_so():
 def test_seq_len_must_divide_the_tokens():
     router, x_TD = _router_with_scores(alpha=0.01)
     with pytest.raises(ValueError, match="seq_len=3 does not divide the 4 routed tokens"):
-        router.train()(x_TD, seq_len=3)
+        router.train()(x_TD, sequences_of(3))
 
 
 def test_moe_layer_passes_the_sequence_structure():
-    """Through the real decoder: B sequences of T tokens reach the router as seq_len=T. Needs the
-    core MoE to honour ``RouterBase.takes_seq_len``."""
+    """Through the real decoder: B sequences of T tokens reach the router as a context with
+    seq_len=T (the sequence-wise loss needs it)."""
     torch.manual_seed(0)
     decoder = build_decoder(tiny_config(router={"name": "aux_free", "seq_aux_loss_coef": 1.0}))
     seen: list = []
     gate = decoder.layers[1].ffn.gate
-    gate.register_forward_hook(lambda m, args, kwargs, out: seen.append(kwargs.get("seq_len")), with_kwargs=True)
+    gate.register_forward_hook(lambda m, args, kwargs, out: seen.append(args[1].seq_len), with_kwargs=True)
     decoder.train()(torch.randint(0, 64, (3, 10)))
     assert seen == [10]
 

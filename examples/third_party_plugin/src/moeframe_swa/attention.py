@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Optional
 import torch
 import torch.nn.functional as F
 
-from moeframe.plugin import AttentionCache, MHAOptions, MultiHeadAttention, document_mask
+from moeframe.plugin import AttentionCache, ForwardContext, MHAOptions, MultiHeadAttention, document_mask
 
 if TYPE_CHECKING:
     from moeframe.plugin import ModelConfig
@@ -81,7 +81,7 @@ class SlidingWindowAttention(MultiHeadAttention):
     """Grouped-query attention with RoPE over a sliding window of ``options.window`` tokens."""
 
     Options = SWAOptions
-    plugin_api = "1"  # the moeframe plugin API this class is written against
+    plugin_api = "2"  # the moeframe plugin API this class is written against
 
     def __init__(self, config: "ModelConfig", options: SWAOptions, layer_id: int) -> None:
         super().__init__(config, options, layer_id)
@@ -95,13 +95,9 @@ class SlidingWindowAttention(MultiHeadAttention):
         # per token held; the cache holds at most `window` tokens, so its size stops growing there
         return 2 * (options.n_kv_heads or config.n_heads) * config.head_dim
 
-    def forward(
-        self,
-        x_BTD: torch.Tensor,
-        positions_T: torch.Tensor,
-        document_ids_BT: Optional[torch.Tensor] = None,
-        cache: Optional[AttentionCache] = None,
-    ) -> torch.Tensor:
+    def forward(self, x_BTD: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        """``ctx``: the forward context (positions, packed documents, the cache while decoding)."""
+        positions_T, document_ids_BT, cache = ctx.positions_T, ctx.document_ids_BT, ctx.cache
         B, T, _ = x_BTD.shape
         q_BHTd, k_BGTd, v_BGTd = self.project_qkv(x_BTD, positions_T)  # mha's projections and RoPE
         if cache is not None:

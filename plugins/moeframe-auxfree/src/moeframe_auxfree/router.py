@@ -39,13 +39,13 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
-from typing import Literal, TYPE_CHECKING, Any, Callable, ClassVar, Optional
+from typing import Literal, TYPE_CHECKING, Any, Callable, Optional
 
 import torch
 from torch import nn
 
-from moeframe.plugin import (PluginOptions, RouterBase, RouterOutput, count_per_expert, gate_logits_fp32,
-                             limit_to_groups)
+from moeframe.plugin import (ForwardContext, PluginOptions, RouterBase, RouterOutput, count_per_expert,
+                             gate_logits_fp32, limit_to_groups)
 
 if TYPE_CHECKING:
     from moeframe.plugin import ModelConfig
@@ -160,12 +160,9 @@ class AuxFreeRouter(RouterBase):
     """Sigmoid, bias-balanced, group-limited top-k router of DeepSeek-V3 (see the module docs)."""
 
     Options = AuxFreeOptions
-    plugin_api = "1"  # the moeframe plugin API this class is written against
-    # the sequence-wise loss needs to know where one sequence ends (MoE passes ``seq_len``)
-    takes_seq_len: ClassVar[bool] = True
-
-    def __init__(self, config: "ModelConfig", options: AuxFreeOptions) -> None:
-        super().__init__(config, options)
+    plugin_api = "2"  # the moeframe plugin API this class is written against
+    def __init__(self, config: "ModelConfig", options: AuxFreeOptions, layer_id: Optional[int] = None) -> None:
+        super().__init__(config, options, layer_id)
         self.options = options
         self.top_k = config.n_activated_experts
         self.n_groups = config.n_expert_groups
@@ -212,7 +209,10 @@ class AuxFreeRouter(RouterBase):
                                             else bias.to(device=moved.device, dtype=torch.float32))
         return self
 
-    def forward(self, x_TD: torch.Tensor, seq_len: Optional[int] = None) -> RouterOutput:
+    def forward(self, x_TD: torch.Tensor, ctx: Optional[ForwardContext] = None) -> RouterOutput:
+        # the sequence-wise loss needs to know where one sequence ends: x_TD is B·T flat rows
+        # (an int: an API-1 subclass calling super().forward(x_TD, seq_len))
+        seq_len = ctx if isinstance(ctx, int) or ctx is None else ctx.seq_len
         scores_TE = gate_logits_fp32(x_TD, self.weight).sigmoid()  # fp32 even under autocast
         indices_TK = select_experts(scores_TE + self.e_score_correction_bias.float(),
                                     self.top_k, self.n_groups, self.n_limited_groups)

@@ -48,8 +48,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from moeframe.plugin import (AttentionBase, AttentionCache, PluginOptions, RMSNorm, cached_causal_mask,
-                             document_mask, parse_options)
+from moeframe.plugin import (AttentionBase, AttentionCache, ForwardContext, PluginOptions, RMSNorm, as_context,
+                             cached_causal_mask, document_mask, parse_options)
 from moeframe_mla.rope import YaRN, hf_rope_parameters, rope_cos_sin, rope_inv_freq, rotate, yarn_cos_sin_scale, yarn_mscale
 
 if TYPE_CHECKING:
@@ -175,7 +175,7 @@ class MultiHeadLatentAttention(AttentionBase):
     """MLA with the parameter names of DeepSeek's reference code (see the module docstring)."""
 
     Options = MLAOptions
-    plugin_api = "1"  # the moeframe plugin API this class is written against
+    plugin_api = "2"  # the moeframe plugin API this class is written against
 
     def __init__(self, config: "ModelConfig", options: MLAOptions, layer_id: int) -> None:
         super().__init__(config, options, layer_id)
@@ -282,15 +282,13 @@ class MultiHeadLatentAttention(AttentionBase):
         return self.kv_norm(c_kv_BTC), k_pe_BTR
 
     # -- attention ------------------------------------------------------------------------------
-    def forward(
-        self,
-        x_BTD: torch.Tensor,
-        positions_T: torch.Tensor,
-        document_ids_BT: Optional[torch.Tensor] = None,
-        cache: Optional[AttentionCache] = None,
-    ) -> torch.Tensor:
+    def forward(self, x_BTD: torch.Tensor, ctx: ForwardContext, document_ids_BT: Optional[torch.Tensor] = None,
+                cache: Optional[AttentionCache] = None) -> torch.Tensor:
+        # the last two: API-1 subclasses may still call super().forward(x, positions_T, document_ids_BT, cache)
+        ctx = as_context(ctx, document_ids_BT, cache)
         B, T, _ = x_BTD.shape
-        cos_TP, sin_TP = self._rope(positions_T)
+        document_ids_BT, cache = ctx.document_ids_BT, ctx.cache
+        cos_TP, sin_TP = self._rope(ctx.positions_T)
         q_nope_BTHd, q_pe_BTHR = self._query(x_BTD, cos_TP, sin_TP)
         c_kv_BTC, k_pe_BTR = self._latent(x_BTD, cos_TP, sin_TP)
         if cache is None:
