@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +29,7 @@ from torch import nn
 
 from moeframe.errors import ConfigError
 from moeframe.model.base import AttentionBase, ExpertsBase
+from moeframe.model.context import ForwardContext
 from moeframe.model.experts import GroupedExperts, _grouped_linear, grouped_mm_supported, pad_expert_groups
 from moeframe.model.moe import MoE
 
@@ -83,6 +85,8 @@ class LoRAGroupedExperts(ExpertsBase):
     An experts module like the one it wraps (the decoder calls its declared hooks); it declares no
     grouped-GEMM seam of its own: a precision plugin takes over the base layer's projections."""
 
+    plugin_api = "2"  # called with the forward context (unused: adapters are per expert, not per token)
+
     def __init__(self, base: GroupedExperts, rank: int, scale: float) -> None:
         nn.Module.__init__(self)  # wraps a built experts module; no model config to pass
         self.base, self.scale, self.num_experts = base, scale, base.num_experts
@@ -103,7 +107,8 @@ class LoRAGroupedExperts(ExpertsBase):
         # the frozen base through the base's own projection (an FP8 grouped GEMM when fp8 set one)
         return self.base.project(name, x_NI, offs_E, counts) + low_rank * self.scale
 
-    def forward(self, x_TD: torch.Tensor, weights_TK: torch.Tensor, indices_TK: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_TD: torch.Tensor, weights_TK: torch.Tensor, indices_TK: torch.Tensor,
+                ctx: Optional[ForwardContext] = None) -> torch.Tensor:
         # the base layer's sorted layout (see moeframe.model.experts), with adapters on each projection
         K = indices_TK.shape[1]
         order_N = indices_TK.flatten().argsort(stable=True)

@@ -23,8 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moeframe.model.base import PluginOptions, ResidualBase, RouterBase, RouterOutput
-from moeframe.model.context import ForwardContext
+from moeframe.plugin import ForwardContext, PluginOptions, ResidualBase, RouterBase, RouterOutput
 
 
 @dataclass

@@ -14,6 +14,7 @@ from moeframe import registry
 from moeframe.cli import main
 from moeframe.convert.hf import load_moeframe
 from moeframe.model.decoder import build_decoder
+from moeframe.plugin import ForwardContext
 from moeframe.testing import check_precision_contract, tiny_config
 from moeframe_fp8 import (FP8ConfigError, FP8GroupedGemm, FP8Linear, FP8Precision, FP8Recipe, FP8SelectionError,
                           convert_to_fp8)
@@ -197,9 +198,10 @@ def test_routers_decide_in_fp32_inside_the_fp8_forward_context() -> None:
     router = decoder.layers[1].ffn.gate
     torch.nn.init.normal_(router.weight, std=0.02)
     x_TD = torch.randn(2048, config.dim).bfloat16().float()
+    ctx = ForwardContext(torch.arange(2048), layer_id=1)  # one sequence of 2048 tokens
     with torch.no_grad():
-        fp32 = router(x_TD, seq_len=2048)
+        fp32 = router(x_TD, ctx)
         with plugin.forward_context():
-            mixed = router(x_TD, seq_len=2048)
+            mixed = router(x_TD, ctx)
     assert mixed.weights_TK.dtype == torch.float32
     assert torch.equal(mixed.indices_TK, fp32.indices_TK) and torch.equal(mixed.weights_TK, fp32.weights_TK)

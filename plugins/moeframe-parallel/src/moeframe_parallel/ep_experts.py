@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed._functional_collectives import all_to_all_single, all_to_all_single_autograd
 
-from moeframe.plugin import ExpertsBase, GroupedGemm, grouped_mm_supported, moe_layers
+from moeframe.plugin import ExpertsBase, ForwardContext, GroupedGemm, grouped_mm_supported, moe_layers
 
 __all__ = ["EPExperts", "expert_ffn"]
 
@@ -73,6 +73,7 @@ class EPExperts(ExpertsBase):
     """
 
     grouped_gemm_seam = True
+    plugin_api = "2"  # called with the forward context (unused: dispatch depends on the routing alone)
 
     def __init__(self, num_experts: int, dim: int, hidden_dim: int, ep_group: dist.ProcessGroup) -> None:
         nn.Module.__init__(self)  # built from a full experts module (from_full), not from a model config
@@ -103,7 +104,8 @@ class EPExperts(ExpertsBase):
         start = self.ep_rank * self.num_local_experts
         return full_E[start:start + self.num_local_experts]
 
-    def forward(self, x_TD: torch.Tensor, weights_TK: torch.Tensor, indices_TK: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_TD: torch.Tensor, weights_TK: torch.Tensor, indices_TK: torch.Tensor,
+                ctx: Optional[ForwardContext] = None) -> torch.Tensor:
         T, K = indices_TK.shape
         # 1. permute: rows sorted by expert are also grouped by destination rank
         order_N = indices_TK.flatten().argsort(stable=True)
