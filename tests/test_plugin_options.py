@@ -3,6 +3,8 @@ run's ``config.yaml``, and ``moeframe plugins show KIND NAME`` (a third-party pl
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import textwrap
 from dataclasses import dataclass, field
@@ -89,6 +91,24 @@ def test_plugin_defaults_are_written_out_and_parse_back_to_the_same_options() ->
         assert getattr(given, kind).options == getattr(written, kind).options
     # what does not resolve is left for validation to report with its own message
     assert with_plugin_defaults({"attention": {"name": "nope", "x": 1}}) == {"attention": {"name": "nope", "x": 1}}
+
+
+def test_per_layer_overrides_that_name_a_plugin_are_written_out_with_its_defaults() -> None:
+    """A layer range that switches plugin records all of that plugin's options; one that only changes
+    options of the model's plugin stays as given (the model-level field records the rest)."""
+    layers = [{"first": 1, "last": 1, "router": {"name": "aux_free"}},
+              {"first": 0, "last": 0, "router": {"aux_loss_coef": 0.05}}]
+    full = with_plugin_defaults({"router": {"name": "topk"}, "layers": layers})
+    def option_names(kind: str, name: str) -> set[str]:
+        return {"name"} | {f.name for f in dataclasses.fields(registry.load(kind, name).Options)}
+
+    assert set(full["router"]) == option_names("router", "topk")
+    switched, tuned = full["layers"]
+    assert switched["first"] == 1 and set(switched["router"]) == option_names("router", "aux_free")
+    assert tuned == layers[1]
+    config = tiny_config(n_layers=2, **full)
+    plan = resolve_model_config(config)
+    assert plan.layer(1).router.name == "aux_free" and plan.layer(0).router.options.aux_loss_coef == 0.05
 
 
 @pytest.mark.slow
