@@ -65,7 +65,7 @@ def middle_of_entry(path: Path, suffix: str) -> int:
     with open(path, "rb") as f:
         f.seek(info.header_offset + 26)
         name_len, extra_len = struct.unpack("<HH", f.read(4))
-    return info.header_offset + 30 + name_len + extra_len + info.file_size // 2
+    return info.header_offset + 30 + name_len + extra_len + info.compress_size // 2  # stored bytes
 
 
 def save_in_child(target: Path, step: int, marker: Path, slow_s: int = 120) -> subprocess.Popen:
@@ -178,6 +178,22 @@ def test_a_copy_without_its_sidecar_damaged_inside_a_tensor_is_caught(tmp_path: 
     finally:
         torch.serialization.set_crc32_options(True)
     assert verify_checkpoint(copies / "no_crc.ckpt") is None
+
+
+def test_an_archive_repacked_with_compression_is_checked_by_inflating_it(tmp_path: Path) -> None:
+    """torch.save stores entries uncompressed; a checkpoint repacked with deflate (by an archiver) is
+    still checked, entry by entry, through zipfile's own CRC check, and loads when intact."""
+    plain, packed = tmp_path / "plain.ckpt", tmp_path / "packed.ckpt"
+    torch.save({"global_step": 3, "w": torch.arange(4096, dtype=torch.float32)}, plain)
+    with zipfile.ZipFile(plain) as src, zipfile.ZipFile(packed, "w", zipfile.ZIP_DEFLATED) as dst:
+        for info in src.infolist():
+            dst.writestr(info.filename, src.read(info.filename))
+    assert verify_checkpoint(packed) is None
+    assert AtomicCheckpointIO().load_checkpoint(packed)["global_step"] == 3
+    with zipfile.ZipFile(packed) as archive:
+        entry = max(archive.infolist(), key=lambda i: i.compress_size)  # the tensor's data
+    rot(packed, middle_of_entry(packed, entry.filename))
+    assert verify_checkpoint(packed) is not None
 
 
 @pytest.mark.slow

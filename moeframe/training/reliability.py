@@ -175,13 +175,18 @@ def _write_sidecar(tmp: Path, entries: list[dict[str, Any]]) -> None:
     _write_durably(tmp, json.dumps(record).encode())
 
 
+class _CompressedArchive(Exception):
+    """An archive repacked with compressed entries (torch.save never writes them): checked by
+    inflating each entry instead of reading the stored bytes (``_compressed_archive_problem``)."""
+
+
 def _archive_entries(f: BinaryIO) -> list[_Entry]:
     """Every entry's byte range, from the central directory and each entry's local header (whose
     name and padding lengths say where the data starts). Raises on a damaged directory."""
     entries = []
     for info in zipfile.ZipFile(f).infolist():
         if info.compress_type != zipfile.ZIP_STORED:
-            raise NotImplementedError(f"entry {info.filename} is compressed")
+            raise _CompressedArchive(info.filename)
         f.seek(info.header_offset)
         signature, name_len, extra_len = _LOCAL_HEADER.unpack(f.read(_LOCAL_HEADER.size))
         if signature != b"PK\x03\x04":
@@ -243,7 +248,7 @@ def _file_problem(path: Path) -> Optional[str]:
             # bytes that match the SHA-256 taken when they were written are the bytes torch wrote,
             # CRC32s included: with a sidecar for this file the digest alone decides (one hash, not two)
             bad, sha = _stream_check(f, [] if expected else _archive_entries(f), sha256=bool(expected))
-    except NotImplementedError:  # compressed entries, which torch.save never writes
+    except _CompressedArchive:
         return _compressed_archive_problem(path)
     except (zipfile.BadZipFile, struct.error, ValueError, EOFError, OSError):
         return _NOT_AN_ARCHIVE
