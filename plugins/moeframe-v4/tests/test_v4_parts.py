@@ -175,3 +175,18 @@ def test_a_decoder_of_v4_parts_trains_and_the_gate_bias_balances() -> None:
     counts = torch.tensor([10.0, 0, 0, 0, 0, 0, 0, 30.0])
     gate.update_after_step(counts)
     assert gate.bias[0] < 0 < gate.bias[1] and gate.bias[7] < 0  # over-loaded experts pushed down
+
+
+@pytest.mark.bad_input
+def test_the_v4_family_refuses_a_model_it_cannot_record_and_bad_options_fail_at_config_time(tmp_path) -> None:
+    from moeframe.convert.hf import to_hf
+    from moeframe.plugin import ConfigError, resolve_model_config
+
+    decoder = build_decoder(model_config(attention={"name": "mha"}))
+    with pytest.raises(ConfigError, match="need attention v4 in every layer; layer 0 uses 'mha'"):
+        to_hf(decoder, tmp_path / "out", family="deepseek_v4", progress=False)
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(ConfigError, match="hc_mult must be >= 1"):
+        resolve_model_config(model_config(residual={"name": "hyper", "hc_mult": 0}))
+    with pytest.raises(ConfigError, match="score_func"):
+        resolve_model_config(model_config(router={"name": "v4_gate", "score_func": "softmax"}))
