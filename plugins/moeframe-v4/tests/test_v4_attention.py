@@ -216,3 +216,26 @@ def test_inconsistent_options_are_rejected_at_config_time(changes: dict[str, Any
     assert message.startswith("model.attention:"), message
     for fragment in fragments:
         assert fragment in message, message
+
+
+def test_selective_recompute_gives_the_same_gradients() -> None:
+    """Recomputing the queries in backward (``activation_checkpointing: selective``) changes no
+    gradient, and the checkpoint really holds the queries' inputs instead of their outputs."""
+    grads, saved = [], []
+    for recompute in (False, True):
+        ours = _ours("compressed_sparse_attention")
+        torch.manual_seed(2)
+        with torch.no_grad():
+            for p in ours.parameters():
+                p.normal_(0.0, 0.3)
+        ours.set_selective_recompute(recompute)
+        x = torch.randn(2, T, DIM, requires_grad=True)
+        numels: list[int] = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: numels.append(t.numel()) or t, lambda t: t):
+            y = ours(x, ForwardContext(torch.arange(T)))
+        y.square().sum().backward()
+        grads.append([x.grad] + [p.grad for p in ours.parameters()])
+        saved.append(sum(numels))
+    for plain, recomputed in zip(*grads):
+        torch.testing.assert_close(recomputed, plain, rtol=1e-5, atol=1e-6)
+    assert saved[1] < saved[0] - 2 * T * HEADS * HEAD_DIM, saved  # at least the rotated queries are not kept

@@ -48,6 +48,7 @@ from typing import TYPE_CHECKING, Any, Literal, Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from moeframe.plugin import AttentionBase, AttentionCache, ForwardContext, PluginOptions, RMSNorm, default_init
 from moeframe_v4.attn_compress import Compressor, Indexer, PoolState
@@ -218,11 +219,17 @@ class V4Attention(AttentionBase):
         self.compressor = None if rate is None else Compressor(config.dim, d, rate, overlap=csa, eps=eps)
         self.indexer = Indexer(config.dim, options.q_lora_rank, options.index_n_heads, options.index_head_dim,
                                options.index_topk, rate, eps) if csa and rate else None
+        # selective activation checkpointing: recompute the per-head queries (H·d wide: 32,768 values
+        # a token for V4-Flash) in backward from the Q-wide latent instead of keeping them
+        self.recompute_queries = False
 
     def init_weights(self, std: float) -> None:
         default_init(self, std)
         if self.sinks is not None:
             nn.init.zeros_(self.sinks)  # no sink at first: plain softmax
+
+    def set_selective_recompute(self, enabled: bool) -> None:
+        self.recompute_queries = enabled
 
     # -- cache contract -------------------------------------------------------------------------
     @classmethod
@@ -297,7 +304,10 @@ class V4Attention(AttentionBase):
         inv_freq_P = self.rope_setting.inv_freq_P(self.rope_head_dim, x_BTD.device)
         cos_TP, sin_TP = rope_cos_sin_P(positions_T, inv_freq_P)
         q_latent_BTQ = self.q_a_norm(self.q_a_proj(x_BTD))
-        q_BTHd = self._queries(q_latent_BTQ, cos_TP, sin_TP)
+        if self.recompute_queries and torch.is_grad_enabled():
+            q_BTHd = checkpoint(self._queries, q_latent_BTQ, cos_TP, sin_TP, use_reentrant=False)
+        else:
+            q_BTHd = self._queries(q_latent_BTQ, cos_TP, sin_TP)
         kv_BTd = apply_rope_tail(self.kv_norm(self.kv_proj(x_BTD)), cos_TP, sin_TP)
         if cache is None:
             keys_BSd, key_positions_S = kv_BTd, positions_T
