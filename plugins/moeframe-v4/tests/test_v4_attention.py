@@ -239,3 +239,21 @@ def test_selective_recompute_gives_the_same_gradients() -> None:
     for plain, recomputed in zip(*grads):
         torch.testing.assert_close(recomputed, plain, rtol=1e-5, atol=1e-6)
     assert saved[1] < saved[0] - 2 * T * HEADS * HEAD_DIM, saved  # at least the rotated queries are not kept
+
+
+def test_hf_config_fields_round_trip_through_transformers() -> None:
+    """The fields ``hf_config`` writes build the same DeepseekV4Config attention as the parity's
+    config, and ``options_from_hf`` reads transformers' saved form back to the same options."""
+    cfg = tiny_config(dim=DIM, n_heads=HEADS, attention={**OPTIONS, "layer_type": "compressed_sparse_attention"})
+    plan = resolve_model_config(cfg)
+    fields = V4Attention.hf_config("deepseek_v4", plan.config, plan.attention.options)
+    written = DeepseekV4Config(vocab_size=64, hidden_size=DIM, num_attention_heads=HEADS, num_hidden_layers=1,
+                               layer_types=["compressed_sparse_attention"], mlp_layer_types=["moe"],
+                               max_position_embeddings=32, **fields)
+    reference = _hf_config("compressed_sparse_attention")
+    for key in ("head_dim", "q_lora_rank", "sliding_window", "compress_rates", "index_n_heads", "index_head_dim",
+                "index_topk", "o_groups", "o_lora_rank", "qk_rope_head_dim", "num_key_value_heads", "rope_parameters"):
+        assert getattr(written, key) == getattr(reference, key), key
+    read = V4Attention.options_from_hf("deepseek_v4", written.to_dict())
+    expected = {k: v for k, v in OPTIONS.items() if k != "name"}
+    assert {k: read[k] for k in expected} == expected and set(read) == set(expected)
