@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 import torch
-from transformers import DeepseekV4Config
+from transformers import DeepseekV4Config, DynamicCache
 from transformers.masking_utils import create_sliding_window_causal_mask
 from transformers.models.deepseek_v4.modeling_deepseek_v4 import DeepseekV4Attention, DeepseekV4RotaryEmbedding
 
@@ -128,23 +128,39 @@ def test_every_path_moves_the_output(layer_type: str, change: str) -> None:
     assert (_ours_forward(ours, x) - ref).abs().max().item() > 1e-3
 
 
+PIECES = [(0, 7), (7, 8), (8, 9), (9, 10), (10, 19), (19, 20), (20, 21), (21, 23)]
+
+
+def _hf_decode(hf: DeepseekV4Attention, hf_cfg: DeepseekV4Config, x_BTD: torch.Tensor) -> torch.Tensor:
+    """HF's own cached decoding over the same pieces (its cache layer of the layer type)."""
+    cache, rotary, outputs = DynamicCache(config=hf_cfg), DeepseekV4RotaryEmbedding(hf_cfg), []
+    for start, end in PIECES:
+        x_piece, positions_BT = x_BTD[:, start:end], torch.arange(start, end)[None].expand(x_BTD.shape[0], -1)
+        embeddings = {kind: rotary(x_piece, positions_BT, layer_type=kind) for kind in ("main", "compress")}
+        mask = create_sliding_window_causal_mask(config=hf_cfg, inputs_embeds=x_piece, attention_mask=None,
+                                                 cache=cache, position_ids=positions_BT)
+        with torch.no_grad():
+            outputs.append(hf(x_piece, embeddings, positions_BT, mask, cache=cache)[0])
+    return torch.cat(outputs, dim=1)
+
+
 @pytest.mark.parametrize("layer_type", LAYER_TYPES)
 def test_decoding_with_the_cache_equals_the_full_forward(layer_type: str) -> None:
     """A prefill, single tokens, a chunk that completes several windows at once, single tokens again:
-    the unfinished windows, the CSA overlap across calls and the sliding keys all cross call edges."""
-    ours = _ours(layer_type)
-    with torch.no_grad():
-        for p in ours.parameters():
-            p.normal_(0.0, 0.3)
+    the unfinished windows, the CSA overlap across calls and the sliding keys all cross call edges.
+    Equal to our full forward, and to HF's cached decoding over the same pieces."""
+    hf, ours, hf_cfg = _pair(layer_type)
     x = torch.randn(2, T, DIM)
     full = _ours_forward(ours, x)
     cache = ours.new_cache(2, T, x.device, x.dtype)
     pieces = []
-    for start, end in [(0, 7), (7, 8), (8, 9), (9, 10), (10, 19), (19, 20), (20, 21), (21, 23)]:
+    for start, end in PIECES:
         with torch.no_grad():
             pieces.append(ours(x[:, start:end], ForwardContext(torch.arange(start, end), cache=cache)))
     assert cache.length == T
-    torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=0, atol=1e-5)
+    decoded = torch.cat(pieces, dim=1)
+    torch.testing.assert_close(decoded, full, rtol=0, atol=1e-5)
+    assert (decoded - _hf_decode(hf, hf_cfg, x)).abs().max().item() <= 1e-4
 
 
 def _three_types(**changes: Any) -> Any:
