@@ -24,7 +24,9 @@ from moeframe_v4.attention import HF_TENSOR_NAMES, LAYER_TYPES, V4Attention
 from moeframe_v4.attn_rope import RopeSetting
 
 DIM, HEADS, HEAD_DIM, ROPE, Q_LORA, WINDOW, CSA, HCA = 32, 4, 16, 8, 12, 6, 4, 8
-INDEX = dict(index_n_heads=3, index_head_dim=12, index_topk=2)
+# 8 indexer heads: with fewer, entries that every head scores below zero often tie at exactly 0,
+# where HF's topk picks arbitrarily and ours keeps the earlier entry (see the ties test)
+INDEX = dict(index_n_heads=8, index_head_dim=12, index_topk=2)
 THETA, COMPRESS_THETA = 500.0, 2000.0  # small thetas: the slow pairs turn visibly within 23 positions
 YARN = dict(factor=4.0, original_max_position_embeddings=8, beta_fast=4.0, beta_slow=1.0)
 T = 23
@@ -161,6 +163,23 @@ def test_decoding_with_the_cache_equals_the_full_forward(layer_type: str) -> Non
     decoded = torch.cat(pieces, dim=1)
     torch.testing.assert_close(decoded, full, rtol=0, atol=1e-5)
     assert (decoded - _hf_decode(hf, hf_cfg, x)).abs().max().item() <= 1e-4
+
+
+def test_indexer_ties_are_broken_the_same_way_while_decoding() -> None:
+    """Entries that every indexer head scores below zero tie at exactly 0 (ReLU). Here all do (no
+    indexer query), so the top-k is decided by tie-breaking alone: decoding picks what the full
+    forward picks (the earlier entries)."""
+    ours = _ours("compressed_sparse_attention")
+    with torch.no_grad():
+        for p in ours.parameters():
+            p.normal_(0.0, 0.3)
+        ours.indexer.q_b_proj.weight.zero_()
+    x = torch.randn(2, T, DIM)
+    full = _ours_forward(ours, x)
+    cache = ours.new_cache(2, T, x.device, x.dtype)
+    with torch.no_grad():
+        decoded = torch.cat([ours(x[:, s:e], ForwardContext(torch.arange(s, e), cache=cache)) for s, e in PIECES], 1)
+    torch.testing.assert_close(decoded, full, rtol=0, atol=1e-5)
 
 
 def _three_types(**changes: Any) -> Any:
