@@ -91,9 +91,12 @@ def test_registered_through_the_entry_point() -> None:
     assert registry.resolve("attention", "v4").distribution == "moeframe-v4"
 
 
+@pytest.mark.parametrize("query_block", [512, 5], ids=["one-block", "blocks-of-5"])
 @pytest.mark.parametrize("layer_type", LAYER_TYPES)
-def test_matches_hf_deepseek_v4_attention(layer_type: str) -> None:
+def test_matches_hf_deepseek_v4_attention(layer_type: str, query_block: int) -> None:
+    """Also with the training forward cut into query blocks shorter than the window (5 < 6)."""
     hf, ours, hf_cfg = _pair(layer_type)
+    ours.query_block = query_block
     torch.manual_seed(1)
     x = torch.randn(2, T, DIM)
     ref = _hf_forward(hf, hf_cfg, x)
@@ -209,7 +212,7 @@ def test_packed_documents_do_not_leak_through_compressed_entries() -> None:
     """Rewriting the first document leaves the second unchanged in every layer type, although
     the second starts mid-window (its first compressed windows pool tokens of both)."""
     for layer_type in LAYER_TYPES:
-        ours = _ours(layer_type)
+        ours = _ours(layer_type, query_block=4)  # blocks that straddle the documents' edge too
         with torch.no_grad():
             for p in ours.parameters():
                 p.normal_(0.0, 0.3)
@@ -292,3 +295,25 @@ def test_hf_config_fields_round_trip_through_transformers() -> None:
     read = V4Attention.options_from_hf("deepseek_v4", written.to_dict())
     expected = {k: v for k, v in OPTIONS.items() if k != "name"}
     assert {k: read[k] for k in expected} == expected and set(read) == set(expected)
+
+
+def test_query_blocks_keep_fewer_values_for_backward_and_the_same_gradients() -> None:
+    """Sliding layers read 6 keys per query: blocks of 4 queries keep far fewer logits for backward
+    than one block of 23 (23·23 per head), with the same gradients."""
+    grads, saved = [], []
+    for block in (512, 4):
+        ours = _ours("sliding_attention", query_block=block)
+        torch.manual_seed(3)
+        with torch.no_grad():
+            for p in ours.parameters():
+                p.normal_(0.0, 0.3)
+        x = torch.randn(2, T, DIM, requires_grad=True)
+        numels: list[int] = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: numels.append(t.numel()) or t, lambda t: t):
+            y = ours(x, ForwardContext(torch.arange(T)))
+        y.square().sum().backward()
+        grads.append([x.grad] + [p.grad for p in ours.parameters()])
+        saved.append(sum(numels))
+    for whole, blocked in zip(*grads):
+        torch.testing.assert_close(blocked, whole, rtol=1e-5, atol=1e-6)
+    assert saved[1] < saved[0] - 2 * HEADS * T * T, saved  # at least one [B, H, T, T] logits tensor fewer

@@ -81,7 +81,9 @@ class V4AttentionOptions(PluginOptions):
     ``rope_theta``: the ``main`` rotary base, null = ``model.rope_theta``. The ``compress`` rotary
     (layers with a compressor) uses ``compress_rope_theta`` and YaRN when ``compress_rope_factor`` > 1
     (then ``compress_original_seq_len`` is required; HF: ``rope_parameters.compress``).
-    ``attention_sink``: the learned per-head sink logit (every released V4 has it).
+    ``attention_sink``: the learned per-head sink logit (every released V4 has it). ``query_block``:
+    queries per block of the training forward (bounds its logits to T·(block + window + entries));
+    numerics do not depend on it.
     """
 
     layer_type: LayerType = "sliding_attention"
@@ -97,6 +99,7 @@ class V4AttentionOptions(PluginOptions):
     o_groups: int = 8
     o_lora_rank: int = 1024
     attention_sink: bool = True
+    query_block: int = 512
     rope_theta: Optional[float] = None
     compress_rope_theta: float = 160000.0
     compress_rope_factor: float = 1.0
@@ -106,7 +109,7 @@ class V4AttentionOptions(PluginOptions):
 
     def validate(self, config: "ModelConfig") -> None:
         for name in ("head_dim", "q_lora_rank", "sliding_window", "compress_rate_csa", "compress_rate_hca",
-                     "index_n_heads", "index_topk", "o_groups", "o_lora_rank"):
+                     "index_n_heads", "index_topk", "o_groups", "o_lora_rank", "query_block"):
             _require(getattr(self, name) > 0, f"{name}={getattr(self, name)} must be > 0")
         _require(self.rope_head_dim > 0 and self.rope_head_dim % 2 == 0 and self.rope_head_dim <= self.head_dim,
                  f"rope_head_dim={self.rope_head_dim} must be a positive even number (RoPE turns channel pairs) "
@@ -204,6 +207,7 @@ class V4Attention(AttentionBase):
         self.n_heads, self.head_dim, self.eps = H, d, eps
         self.layer_type = options.layer_type
         self.window = options.sliding_window
+        self.query_block = options.query_block
         self.rope_head_dim = options.rope_head_dim
         self.rope_setting = options.rope(config)
         self.q_a_proj = nn.Linear(config.dim, options.q_lora_rank, bias=False)
@@ -313,9 +317,14 @@ class V4Attention(AttentionBase):
             keys_BSd, key_positions_S = kv_BTd, positions_T
         else:
             keys_BSd, key_positions_S = cache.slide(kv_BTd, start)
-        near_BTS = self._window_mask(positions_T, key_positions_S, docs_BT)
         far_BNd, far_BTN = self._compressed(x_BTD, q_latent_BTQ, cos_TP, sin_TP, inv_freq_P, ctx)
-        o_BTHd = self._attend(q_BTHd, keys_BSd, near_BTS, far_BNd, far_BTN)
+        blocks = []
+        for a, b, lo, hi in self._query_blocks(T, keys_BSd.shape[1], chunked=cache is None):
+            docs = None if docs_BT is None else (docs_BT[:, a:b], docs_BT[:, lo:hi])
+            near_BtS = self._window_mask(positions_T[a:b], key_positions_S[lo:hi], docs)
+            far_BtN = None if far_BTN is None else far_BTN[:, a:b]
+            blocks.append(self._attend(q_BTHd[:, a:b], keys_BSd[:, lo:hi], near_BtS, far_BNd, far_BtN))
+        o_BTHd = torch.cat(blocks, dim=1)
         # the value was the rotated key: turn its rope channels back by the query's own position
         o_BTHd = apply_rope_tail(o_BTHd, cos_TP[:, None], -sin_TP[:, None])
         grouped_BTGO = self.o_a_proj(o_BTHd.reshape(B, T, self.o_a_proj.groups, -1))
@@ -327,14 +336,26 @@ class V4Attention(AttentionBase):
         q_BTHd = F.rms_norm(q_BTHd.float(), (self.head_dim,), None, self.eps).to(q_BTHd.dtype)  # no scale
         return apply_rope_tail(q_BTHd, cos_TP[:, None], sin_TP[:, None])
 
+    def _query_blocks(self, T: int, S: int, chunked: bool) -> list[tuple[int, int, int, int]]:
+        """(first query, end, first key, end) per block of queries. Training (``chunked``: the keys
+        are the T tokens themselves) cuts the queries into blocks of ``query_block``, each reading
+        only the keys of its window, so the logits hold T·(block + window + entries) values instead
+        of T·(T + entries). Decoding: one block over every kept key."""
+        if not chunked or T <= self.query_block:
+            return [(0, T, 0, S)]
+        C = self.query_block
+        return [(a, min(a + C, T), max(0, a - self.window + 1), min(a + C, T)) for a in range(0, T, C)]
+
     def _window_mask(self, positions_T: torch.Tensor, key_positions_S: torch.Tensor,
-                     docs_BT: Optional[torch.Tensor]) -> torch.Tensor:
-        """[B or 1, T, S]: keys at most ``window - 1`` positions back, never ahead, same document."""
+                     docs: Optional[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """[B or 1, T, S]: keys at most ``window - 1`` positions back, never ahead, same document
+        (``docs``: the queries' and the keys' document ids)."""
         gap_TS = positions_T[:, None] - key_positions_S[None, :]
         near_1TS = ((gap_TS >= 0) & (gap_TS < self.window))[None]
-        if docs_BT is None:
+        if docs is None:
             return near_1TS
-        return near_1TS & (docs_BT[:, :, None] == docs_BT[:, None, :])
+        query_docs_BT, key_docs_BS = docs
+        return near_1TS & (query_docs_BT[:, :, None] == key_docs_BS[:, None, :])
 
     def _compressed(self, x_BTD: torch.Tensor, q_latent_BTQ: torch.Tensor, cos_TP: torch.Tensor,
                     sin_TP: torch.Tensor, inv_freq_P: torch.Tensor, ctx: ForwardContext
