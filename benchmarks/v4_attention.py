@@ -5,7 +5,7 @@ cached decoding (a prefill, then one token per step), CPU time on one thread (th
 shared, so wall time says little), plus the bytes each cache holds at the end and the largest
 output difference. Shapes are V4-Flash's ratios at a CPU size (see SHAPE).
 
-    python benchmarks/v4_attention.py [--seq 512] [--prefill 256] [--steps 128]
+    python benchmarks/v4_attention.py [--seq 2048] [--prefill 256] [--steps 128]
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from moeframe.testing import tiny_config
 from moeframe_v4.attention import HF_TENSOR_NAMES, LAYER_TYPES, V4Attention
 
 SHAPE: dict[str, Any] = dict(dim=256, heads=8, head_dim=64, rope=16, q_lora=64, window=64, csa=4, hca=32,
-                             index_heads=4, index_dim=32, topk=32, o_groups=2, o_lora=64)
+                             index_heads=16, index_dim=32, topk=32, o_groups=2, o_lora=64)
 
 
 def _pair(layer_type: str) -> tuple[DeepseekV4Attention, V4Attention, DeepseekV4Config]:
@@ -68,9 +68,14 @@ def _cpu_seconds(fn: Callable[[], Any]) -> tuple[float, Any]:
     return time.process_time() - start, out
 
 
-def _train_step(module: torch.nn.Module, call: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+def _train_step(module: torch.nn.Module, call: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
+                kept: list[int] | None = None) -> torch.Tensor:
+    """Forward + backward; ``kept`` collects the bytes autograd keeps for backward (views counted
+    by their own size: an upper bound where saved tensors share storage)."""
     module.zero_grad(set_to_none=True)
-    y = call(x)
+    sink = kept if kept is not None else []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: sink.append(t.numel() * t.element_size()) or t, lambda t: t):
+        y = call(x)
     y.square().mean().backward()
     return y.detach()
 
@@ -100,14 +105,17 @@ def measure(layer_type: str, seq: int, prefill: int, steps: int) -> dict[str, An
     ours_call = lambda x_: ours(x_, ForwardContext(torch.arange(x_.shape[1])))  # noqa: E731
     hf_call = lambda x_: _hf_call(hf, hf_cfg, x_, 0, None)  # noqa: E731
     _train_step(ours, ours_call, x[:, :64]), _train_step(hf, hf_call, x[:, :64])  # warm-up
-    t_ours, y_ours = _cpu_seconds(lambda: _train_step(ours, ours_call, x))
-    t_hf, y_hf = _cpu_seconds(lambda: _train_step(hf, hf_call, x))
+    kept_ours: list[int] = []
+    kept_hf: list[int] = []
+    t_ours, y_ours = _cpu_seconds(lambda: _train_step(ours, ours_call, x, kept_ours))
+    t_hf, y_hf = _cpu_seconds(lambda: _train_step(hf, hf_call, x, kept_hf))
     xd = x[:, : prefill + steps]
     our_cache = ours.new_cache(1, prefill + steps, x.device, x.dtype)
     hf_cache = DynamicCache(config=hf_cfg)
     d_ours, z_ours = _cpu_seconds(lambda: _decode(lambda x_, s: ours(x_, ForwardContext(torch.arange(s, s + x_.shape[1]), cache=our_cache)), xd, prefill))
     d_hf, z_hf = _cpu_seconds(lambda: _decode(lambda x_, s: _hf_call(hf, hf_cfg, x_, s, hf_cache), xd, prefill))
     return {"layer_type": layer_type, "train_ours_s": t_ours, "train_hf_s": t_hf,
+            "kept_ours_mb": sum(kept_ours) / 2**20, "kept_hf_mb": sum(kept_hf) / 2**20,
             "train_max_diff": (y_ours - y_hf).abs().max().item(),
             "decode_ours_ms": 1e3 * d_ours / steps, "decode_hf_ms": 1e3 * d_hf / steps,
             "decode_max_diff": (z_ours - z_hf).abs().max().item(),
@@ -116,17 +124,18 @@ def measure(layer_type: str, seq: int, prefill: int, steps: int) -> dict[str, An
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--seq", type=int, default=512)
+    parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--prefill", type=int, default=256)
     parser.add_argument("--steps", type=int, default=128)
     args = parser.parse_args()
     torch.set_num_threads(1)
     print(f"shape {SHAPE}; train T={args.seq}; decode prefill {args.prefill} + {args.steps} steps; fp32, 1 thread")
-    print("| layer type | train fwd+bwd ours / HF (CPU s) | decode per token ours / HF (CPU ms) | cache bytes ours / HF | max abs diff train / decode |")
-    print("|---|---:|---:|---:|---:|")
+    print("| layer type | train fwd+bwd ours / HF (CPU s) | kept for backward ours / HF (MiB) | decode per token ours / HF (CPU ms) | cache bytes ours / HF | max abs diff train / decode |")
+    print("|---|---:|---:|---:|---:|---:|")
     for layer_type in LAYER_TYPES:
         r = measure(layer_type, args.seq, args.prefill, args.steps)
-        print(f"| {layer_type} | {r['train_ours_s']:.2f} / {r['train_hf_s']:.2f} | {r['decode_ours_ms']:.2f} / "
+        print(f"| {layer_type} | {r['train_ours_s']:.2f} / {r['train_hf_s']:.2f} | {r['kept_ours_mb']:.1f} / "
+              f"{r['kept_hf_mb']:.1f} | {r['decode_ours_ms']:.2f} / "
               f"{r['decode_hf_ms']:.2f} | {r['cache_ours_bytes']:,} / {r['cache_hf_bytes']:,} | "
               f"{r['train_max_diff']:.1e} / {r['decode_max_diff']:.1e} |")
 
