@@ -42,6 +42,7 @@ d head_dim, Q q_lora_rank, G o_groups, O o_lora_rank, P rotated pairs (rope_head
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, Optional
 
@@ -163,6 +164,7 @@ class GroupedLinear(nn.Module):
         super().__init__()
         self.groups = groups
         self.weight = nn.Parameter(torch.empty(groups * out_per_group, in_per_group))
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))  # as nn.Linear; the decoder re-initialises
 
     def forward(self, x_BTGI: torch.Tensor) -> torch.Tensor:
         w_GOI = self.weight.view(self.groups, -1, self.weight.shape[-1])
@@ -318,13 +320,7 @@ class V4Attention(AttentionBase):
         else:
             keys_BSd, key_positions_S = cache.slide(kv_BTd, start)
         far_BNd, far_BTN = self._compressed(x_BTD, q_latent_BTQ, cos_TP, sin_TP, inv_freq_P, ctx)
-        blocks = []
-        for a, b, lo, hi in self._query_blocks(T, keys_BSd.shape[1], chunked=cache is None):
-            docs = None if docs_BT is None else (docs_BT[:, a:b], docs_BT[:, lo:hi])
-            near_BtS = self._window_mask(positions_T[a:b], key_positions_S[lo:hi], docs)
-            far_BtN = None if far_BTN is None else far_BTN[:, a:b]
-            blocks.append(self._attend(q_BTHd[:, a:b], keys_BSd[:, lo:hi], near_BtS, far_BNd, far_BtN))
-        o_BTHd = torch.cat(blocks, dim=1)
+        o_BTHd = self._attend_blocks(q_BTHd, keys_BSd, key_positions_S, far_BNd, far_BTN, ctx)
         # the value was the rotated key: turn its rope channels back by the query's own position
         o_BTHd = apply_rope_tail(o_BTHd, cos_TP[:, None], -sin_TP[:, None])
         grouped_BTGO = self.o_a_proj(o_BTHd.reshape(B, T, self.o_a_proj.groups, -1))
@@ -335,6 +331,19 @@ class V4Attention(AttentionBase):
         q_BTHd = self.q_b_proj(q_latent_BTQ).view(B, T, self.n_heads, self.head_dim)
         q_BTHd = F.rms_norm(q_BTHd.float(), (self.head_dim,), None, self.eps).to(q_BTHd.dtype)  # no scale
         return apply_rope_tail(q_BTHd, cos_TP[:, None], sin_TP[:, None])
+
+    def _attend_blocks(self, q_BTHd: torch.Tensor, keys_BSd: torch.Tensor, key_positions_S: torch.Tensor,
+                       far_BNd: Optional[torch.Tensor], far_BTN: Optional[torch.Tensor], ctx: ForwardContext
+                       ) -> torch.Tensor:
+        """The attention output [B, T, H, d], block of queries after block (see ``_query_blocks``)."""
+        positions_T, docs_BT = ctx.positions_T, ctx.document_ids_BT
+        blocks = []
+        for a, b, lo, hi in self._query_blocks(q_BTHd.shape[1], keys_BSd.shape[1], chunked=ctx.cache is None):
+            docs = None if docs_BT is None else (docs_BT[:, a:b], docs_BT[:, lo:hi])
+            near_BtS = self._window_mask(positions_T[a:b], key_positions_S[lo:hi], docs)
+            far_BtN = None if far_BTN is None else far_BTN[:, a:b]
+            blocks.append(self._attend(q_BTHd[:, a:b], keys_BSd[:, lo:hi], near_BtS, far_BNd, far_BtN))
+        return torch.cat(blocks, dim=1)
 
     def _query_blocks(self, T: int, S: int, chunked: bool) -> list[tuple[int, int, int, int]]:
         """(first query, end, first key, end) per block of queries. Training (``chunked``: the keys
