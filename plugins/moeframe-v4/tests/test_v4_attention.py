@@ -317,3 +317,11 @@ def test_query_blocks_keep_fewer_values_for_backward_and_the_same_gradients() ->
     for whole, blocked in zip(*grads):
         torch.testing.assert_close(blocked, whole, rtol=1e-5, atol=1e-6)
     assert saved[1] < saved[0] - 2 * HEADS * T * T, saved  # at least one [B, H, T, T] logits tensor fewer
+
+
+@pytest.mark.bad_input
+def test_a_model_without_sinks_is_refused_on_hf_export() -> None:
+    cfg = tiny_config(dim=DIM, n_heads=HEADS, attention={**OPTIONS, "attention_sink": False})
+    plan = resolve_model_config(cfg)
+    with pytest.raises(ConfigError, match="attention_sink: false has no HF form"):
+        V4Attention.hf_config("deepseek_v4", plan.config, plan.attention.options)

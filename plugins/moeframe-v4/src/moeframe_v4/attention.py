@@ -51,7 +51,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from moeframe.plugin import AttentionBase, AttentionCache, ForwardContext, PluginOptions, RMSNorm, default_init
+from moeframe.plugin import (AttentionBase, AttentionCache, ConfigError, ForwardContext, PluginOptions, RMSNorm,
+                             default_init)
 from moeframe_v4.attn_compress import Compressor, Indexer, PoolState
 from moeframe_v4.attn_rope import RopeSetting, apply_rope_tail, rope_cos_sin_P
 
@@ -264,7 +265,10 @@ class V4Attention(AttentionBase):
     def hf_config(cls, family: str, config: "ModelConfig", options: PluginOptions) -> dict[str, Any]:
         """The fields shared by all layers; the family writes ``layer_types`` from each layer's option."""
         assert isinstance(options, V4AttentionOptions)
-        factor = options.head_dim and options.rope_head_dim / options.head_dim
+        if not options.attention_sink:
+            raise ConfigError("attention_sink: false has no HF form (transformers' DeepseekV4Attention always has a "
+                              "sink; a zero sink is not the same as none): export with attention_sink: true")
+        factor = options.rope_head_dim / options.head_dim
         compress: dict[str, Any] = {"rope_type": "default", "rope_theta": options.compress_rope_theta,
                                     "partial_rotary_factor": factor}
         if options.compress_rope_factor > 1:
