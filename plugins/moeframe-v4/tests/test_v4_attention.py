@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 import torch
-from transformers import DeepseekV4Config
+from transformers import DeepseekV4Config, DynamicCache
 from transformers.masking_utils import create_sliding_window_causal_mask
 from transformers.models.deepseek_v4.modeling_deepseek_v4 import DeepseekV4Attention, DeepseekV4RotaryEmbedding
 
@@ -24,7 +24,9 @@ from moeframe_v4.attention import HF_TENSOR_NAMES, LAYER_TYPES, V4Attention
 from moeframe_v4.attn_rope import RopeSetting
 
 DIM, HEADS, HEAD_DIM, ROPE, Q_LORA, WINDOW, CSA, HCA = 32, 4, 16, 8, 12, 6, 4, 8
-INDEX = dict(index_n_heads=3, index_head_dim=12, index_topk=2)
+# 8 indexer heads: with fewer, entries that every head scores below zero often tie at exactly 0,
+# where HF's topk picks arbitrarily and ours keeps the earlier entry (see the ties test)
+INDEX = dict(index_n_heads=8, index_head_dim=12, index_topk=2)
 THETA, COMPRESS_THETA = 500.0, 2000.0  # small thetas: the slow pairs turn visibly within 23 positions
 YARN = dict(factor=4.0, original_max_position_embeddings=8, beta_fast=4.0, beta_slow=1.0)
 T = 23
@@ -89,9 +91,12 @@ def test_registered_through_the_entry_point() -> None:
     assert registry.resolve("attention", "v4").distribution == "moeframe-v4"
 
 
+@pytest.mark.parametrize("query_block", [512, 5], ids=["one-block", "blocks-of-5"])
 @pytest.mark.parametrize("layer_type", LAYER_TYPES)
-def test_matches_hf_deepseek_v4_attention(layer_type: str) -> None:
+def test_matches_hf_deepseek_v4_attention(layer_type: str, query_block: int) -> None:
+    """Also with the training forward cut into query blocks shorter than the window (5 < 6)."""
     hf, ours, hf_cfg = _pair(layer_type)
+    ours.query_block = query_block
     torch.manual_seed(1)
     x = torch.randn(2, T, DIM)
     ref = _hf_forward(hf, hf_cfg, x)
@@ -128,23 +133,56 @@ def test_every_path_moves_the_output(layer_type: str, change: str) -> None:
     assert (_ours_forward(ours, x) - ref).abs().max().item() > 1e-3
 
 
+PIECES = [(0, 7), (7, 8), (8, 9), (9, 10), (10, 19), (19, 20), (20, 21), (21, 23)]
+
+
+def _hf_decode(hf: DeepseekV4Attention, hf_cfg: DeepseekV4Config, x_BTD: torch.Tensor) -> torch.Tensor:
+    """HF's own cached decoding over the same pieces (its cache layer of the layer type)."""
+    cache, rotary, outputs = DynamicCache(config=hf_cfg), DeepseekV4RotaryEmbedding(hf_cfg), []
+    for start, end in PIECES:
+        x_piece, positions_BT = x_BTD[:, start:end], torch.arange(start, end)[None].expand(x_BTD.shape[0], -1)
+        embeddings = {kind: rotary(x_piece, positions_BT, layer_type=kind) for kind in ("main", "compress")}
+        mask = create_sliding_window_causal_mask(config=hf_cfg, inputs_embeds=x_piece, attention_mask=None,
+                                                 cache=cache, position_ids=positions_BT)
+        with torch.no_grad():
+            outputs.append(hf(x_piece, embeddings, positions_BT, mask, cache=cache)[0])
+    return torch.cat(outputs, dim=1)
+
+
 @pytest.mark.parametrize("layer_type", LAYER_TYPES)
 def test_decoding_with_the_cache_equals_the_full_forward(layer_type: str) -> None:
     """A prefill, single tokens, a chunk that completes several windows at once, single tokens again:
-    the unfinished windows, the CSA overlap across calls and the sliding keys all cross call edges."""
-    ours = _ours(layer_type)
-    with torch.no_grad():
-        for p in ours.parameters():
-            p.normal_(0.0, 0.3)
+    the unfinished windows, the CSA overlap across calls and the sliding keys all cross call edges.
+    Equal to our full forward, and to HF's cached decoding over the same pieces."""
+    hf, ours, hf_cfg = _pair(layer_type)
     x = torch.randn(2, T, DIM)
     full = _ours_forward(ours, x)
     cache = ours.new_cache(2, T, x.device, x.dtype)
     pieces = []
-    for start, end in [(0, 7), (7, 8), (8, 9), (9, 10), (10, 19), (19, 20), (20, 21), (21, 23)]:
+    for start, end in PIECES:
         with torch.no_grad():
             pieces.append(ours(x[:, start:end], ForwardContext(torch.arange(start, end), cache=cache)))
     assert cache.length == T
-    torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=0, atol=1e-5)
+    decoded = torch.cat(pieces, dim=1)
+    torch.testing.assert_close(decoded, full, rtol=0, atol=1e-5)
+    assert (decoded - _hf_decode(hf, hf_cfg, x)).abs().max().item() <= 1e-4
+
+
+def test_indexer_ties_are_broken_the_same_way_while_decoding() -> None:
+    """Entries that every indexer head scores below zero tie at exactly 0 (ReLU). Here all do (no
+    indexer query), so the top-k is decided by tie-breaking alone: decoding picks what the full
+    forward picks (the earlier entries)."""
+    ours = _ours("compressed_sparse_attention")
+    with torch.no_grad():
+        for p in ours.parameters():
+            p.normal_(0.0, 0.3)
+        ours.indexer.q_b_proj.weight.zero_()
+    x = torch.randn(2, T, DIM)
+    full = _ours_forward(ours, x)
+    cache = ours.new_cache(2, T, x.device, x.dtype)
+    with torch.no_grad():
+        decoded = torch.cat([ours(x[:, s:e], ForwardContext(torch.arange(s, e), cache=cache)) for s, e in PIECES], 1)
+    torch.testing.assert_close(decoded, full, rtol=0, atol=1e-5)
 
 
 def _three_types(**changes: Any) -> Any:
@@ -174,7 +212,7 @@ def test_packed_documents_do_not_leak_through_compressed_entries() -> None:
     """Rewriting the first document leaves the second unchanged in every layer type, although
     the second starts mid-window (its first compressed windows pool tokens of both)."""
     for layer_type in LAYER_TYPES:
-        ours = _ours(layer_type)
+        ours = _ours(layer_type, query_block=4)  # blocks that straddle the documents' edge too
         with torch.no_grad():
             for p in ours.parameters():
                 p.normal_(0.0, 0.3)
@@ -216,3 +254,74 @@ def test_inconsistent_options_are_rejected_at_config_time(changes: dict[str, Any
     assert message.startswith("model.attention:"), message
     for fragment in fragments:
         assert fragment in message, message
+
+
+def test_selective_recompute_gives_the_same_gradients() -> None:
+    """Recomputing the queries in backward (``activation_checkpointing: selective``) changes no
+    gradient, and the checkpoint really holds the queries' inputs instead of their outputs."""
+    grads, saved = [], []
+    for recompute in (False, True):
+        ours = _ours("compressed_sparse_attention")
+        torch.manual_seed(2)
+        with torch.no_grad():
+            for p in ours.parameters():
+                p.normal_(0.0, 0.3)
+        ours.set_selective_recompute(recompute)
+        x = torch.randn(2, T, DIM, requires_grad=True)
+        numels: list[int] = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: numels.append(t.numel()) or t, lambda t: t):
+            y = ours(x, ForwardContext(torch.arange(T)))
+        y.square().sum().backward()
+        grads.append([x.grad] + [p.grad for p in ours.parameters()])
+        saved.append(sum(numels))
+    for plain, recomputed in zip(*grads):
+        torch.testing.assert_close(recomputed, plain, rtol=1e-5, atol=1e-6)
+    assert saved[1] < saved[0] - 2 * T * HEADS * HEAD_DIM, saved  # at least the rotated queries are not kept
+
+
+def test_hf_config_fields_round_trip_through_transformers() -> None:
+    """The fields ``hf_config`` writes build the same DeepseekV4Config attention as the parity's
+    config, and ``options_from_hf`` reads transformers' saved form back to the same options."""
+    cfg = tiny_config(dim=DIM, n_heads=HEADS, attention={**OPTIONS, "layer_type": "compressed_sparse_attention"})
+    plan = resolve_model_config(cfg)
+    fields = V4Attention.hf_config("deepseek_v4", plan.config, plan.attention.options)
+    written = DeepseekV4Config(vocab_size=64, hidden_size=DIM, num_attention_heads=HEADS, num_hidden_layers=1,
+                               layer_types=["compressed_sparse_attention"], mlp_layer_types=["moe"],
+                               max_position_embeddings=32, **fields)
+    reference = _hf_config("compressed_sparse_attention")
+    for key in ("head_dim", "q_lora_rank", "sliding_window", "compress_rates", "index_n_heads", "index_head_dim",
+                "index_topk", "o_groups", "o_lora_rank", "qk_rope_head_dim", "num_key_value_heads", "rope_parameters"):
+        assert getattr(written, key) == getattr(reference, key), key
+    read = V4Attention.options_from_hf("deepseek_v4", written.to_dict())
+    expected = {k: v for k, v in OPTIONS.items() if k != "name"}
+    assert {k: read[k] for k in expected} == expected and set(read) == set(expected)
+
+
+def test_query_blocks_keep_fewer_values_for_backward_and_the_same_gradients() -> None:
+    """Sliding layers read 6 keys per query: blocks of 4 queries keep far fewer logits for backward
+    than one block of 23 (23·23 per head), with the same gradients."""
+    grads, saved = [], []
+    for block in (512, 4):
+        ours = _ours("sliding_attention", query_block=block)
+        torch.manual_seed(3)
+        with torch.no_grad():
+            for p in ours.parameters():
+                p.normal_(0.0, 0.3)
+        x = torch.randn(2, T, DIM, requires_grad=True)
+        numels: list[int] = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: numels.append(t.numel()) or t, lambda t: t):
+            y = ours(x, ForwardContext(torch.arange(T)))
+        y.square().sum().backward()
+        grads.append([x.grad] + [p.grad for p in ours.parameters()])
+        saved.append(sum(numels))
+    for whole, blocked in zip(*grads):
+        torch.testing.assert_close(blocked, whole, rtol=1e-5, atol=1e-6)
+    assert saved[1] < saved[0] - 2 * HEADS * T * T, saved  # at least one [B, H, T, T] logits tensor fewer
+
+
+@pytest.mark.bad_input
+def test_a_model_without_sinks_is_refused_on_hf_export() -> None:
+    cfg = tiny_config(dim=DIM, n_heads=HEADS, attention={**OPTIONS, "attention_sink": False})
+    plan = resolve_model_config(cfg)
+    with pytest.raises(ConfigError, match="attention_sink: false has no HF form"):
+        V4Attention.hf_config("deepseek_v4", plan.config, plan.attention.options)

@@ -42,14 +42,17 @@ d head_dim, Q q_lora_rank, G o_groups, O o_lora_rank, P rotated pairs (rope_head
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
-from moeframe.plugin import AttentionBase, AttentionCache, ForwardContext, PluginOptions, RMSNorm, default_init
+from moeframe.plugin import (AttentionBase, AttentionCache, ConfigError, ForwardContext, PluginOptions, RMSNorm,
+                             default_init)
 from moeframe_v4.attn_compress import Compressor, Indexer, PoolState
 from moeframe_v4.attn_rope import RopeSetting, apply_rope_tail, rope_cos_sin_P
 
@@ -80,7 +83,9 @@ class V4AttentionOptions(PluginOptions):
     ``rope_theta``: the ``main`` rotary base, null = ``model.rope_theta``. The ``compress`` rotary
     (layers with a compressor) uses ``compress_rope_theta`` and YaRN when ``compress_rope_factor`` > 1
     (then ``compress_original_seq_len`` is required; HF: ``rope_parameters.compress``).
-    ``attention_sink``: the learned per-head sink logit (every released V4 has it).
+    ``attention_sink``: the learned per-head sink logit (every released V4 has it). ``query_block``:
+    queries per block of the training forward (bounds its logits to T·(block + window + entries));
+    numerics do not depend on it.
     """
 
     layer_type: LayerType = "sliding_attention"
@@ -96,6 +101,7 @@ class V4AttentionOptions(PluginOptions):
     o_groups: int = 8
     o_lora_rank: int = 1024
     attention_sink: bool = True
+    query_block: int = 512
     rope_theta: Optional[float] = None
     compress_rope_theta: float = 160000.0
     compress_rope_factor: float = 1.0
@@ -105,7 +111,7 @@ class V4AttentionOptions(PluginOptions):
 
     def validate(self, config: "ModelConfig") -> None:
         for name in ("head_dim", "q_lora_rank", "sliding_window", "compress_rate_csa", "compress_rate_hca",
-                     "index_n_heads", "index_topk", "o_groups", "o_lora_rank"):
+                     "index_n_heads", "index_topk", "o_groups", "o_lora_rank", "query_block"):
             _require(getattr(self, name) > 0, f"{name}={getattr(self, name)} must be > 0")
         _require(self.rope_head_dim > 0 and self.rope_head_dim % 2 == 0 and self.rope_head_dim <= self.head_dim,
                  f"rope_head_dim={self.rope_head_dim} must be a positive even number (RoPE turns channel pairs) "
@@ -159,6 +165,7 @@ class GroupedLinear(nn.Module):
         super().__init__()
         self.groups = groups
         self.weight = nn.Parameter(torch.empty(groups * out_per_group, in_per_group))
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))  # as nn.Linear; the decoder re-initialises
 
     def forward(self, x_BTGI: torch.Tensor) -> torch.Tensor:
         w_GOI = self.weight.view(self.groups, -1, self.weight.shape[-1])
@@ -203,6 +210,7 @@ class V4Attention(AttentionBase):
         self.n_heads, self.head_dim, self.eps = H, d, eps
         self.layer_type = options.layer_type
         self.window = options.sliding_window
+        self.query_block = options.query_block
         self.rope_head_dim = options.rope_head_dim
         self.rope_setting = options.rope(config)
         self.q_a_proj = nn.Linear(config.dim, options.q_lora_rank, bias=False)
@@ -218,11 +226,17 @@ class V4Attention(AttentionBase):
         self.compressor = None if rate is None else Compressor(config.dim, d, rate, overlap=csa, eps=eps)
         self.indexer = Indexer(config.dim, options.q_lora_rank, options.index_n_heads, options.index_head_dim,
                                options.index_topk, rate, eps) if csa and rate else None
+        # selective activation checkpointing: recompute the per-head queries (H·d wide: 32,768 values
+        # a token for V4-Flash) in backward from the Q-wide latent instead of keeping them
+        self.recompute_queries = False
 
     def init_weights(self, std: float) -> None:
         default_init(self, std)
         if self.sinks is not None:
             nn.init.zeros_(self.sinks)  # no sink at first: plain softmax
+
+    def set_selective_recompute(self, enabled: bool) -> None:
+        self.recompute_queries = enabled
 
     # -- cache contract -------------------------------------------------------------------------
     @classmethod
@@ -251,7 +265,10 @@ class V4Attention(AttentionBase):
     def hf_config(cls, family: str, config: "ModelConfig", options: PluginOptions) -> dict[str, Any]:
         """The fields shared by all layers; the family writes ``layer_types`` from each layer's option."""
         assert isinstance(options, V4AttentionOptions)
-        factor = options.head_dim and options.rope_head_dim / options.head_dim
+        if not options.attention_sink:
+            raise ConfigError("attention_sink: false has no HF form (transformers' DeepseekV4Attention always has a "
+                              "sink; a zero sink is not the same as none): export with attention_sink: true")
+        factor = options.rope_head_dim / options.head_dim
         compress: dict[str, Any] = {"rope_type": "default", "rope_theta": options.compress_rope_theta,
                                     "partial_rotary_factor": factor}
         if options.compress_rope_factor > 1:
@@ -297,15 +314,17 @@ class V4Attention(AttentionBase):
         inv_freq_P = self.rope_setting.inv_freq_P(self.rope_head_dim, x_BTD.device)
         cos_TP, sin_TP = rope_cos_sin_P(positions_T, inv_freq_P)
         q_latent_BTQ = self.q_a_norm(self.q_a_proj(x_BTD))
-        q_BTHd = self._queries(q_latent_BTQ, cos_TP, sin_TP)
+        if self.recompute_queries and torch.is_grad_enabled():
+            q_BTHd = checkpoint(self._queries, q_latent_BTQ, cos_TP, sin_TP, use_reentrant=False)
+        else:
+            q_BTHd = self._queries(q_latent_BTQ, cos_TP, sin_TP)
         kv_BTd = apply_rope_tail(self.kv_norm(self.kv_proj(x_BTD)), cos_TP, sin_TP)
         if cache is None:
             keys_BSd, key_positions_S = kv_BTd, positions_T
         else:
             keys_BSd, key_positions_S = cache.slide(kv_BTd, start)
-        near_BTS = self._window_mask(positions_T, key_positions_S, docs_BT)
         far_BNd, far_BTN = self._compressed(x_BTD, q_latent_BTQ, cos_TP, sin_TP, inv_freq_P, ctx)
-        o_BTHd = self._attend(q_BTHd, keys_BSd, near_BTS, far_BNd, far_BTN)
+        o_BTHd = self._attend_blocks(q_BTHd, keys_BSd, key_positions_S, far_BNd, far_BTN, ctx)
         # the value was the rotated key: turn its rope channels back by the query's own position
         o_BTHd = apply_rope_tail(o_BTHd, cos_TP[:, None], -sin_TP[:, None])
         grouped_BTGO = self.o_a_proj(o_BTHd.reshape(B, T, self.o_a_proj.groups, -1))
@@ -317,14 +336,39 @@ class V4Attention(AttentionBase):
         q_BTHd = F.rms_norm(q_BTHd.float(), (self.head_dim,), None, self.eps).to(q_BTHd.dtype)  # no scale
         return apply_rope_tail(q_BTHd, cos_TP[:, None], sin_TP[:, None])
 
+    def _attend_blocks(self, q_BTHd: torch.Tensor, keys_BSd: torch.Tensor, key_positions_S: torch.Tensor,
+                       far_BNd: Optional[torch.Tensor], far_BTN: Optional[torch.Tensor], ctx: ForwardContext
+                       ) -> torch.Tensor:
+        """The attention output [B, T, H, d], block of queries after block (see ``_query_blocks``)."""
+        positions_T, docs_BT = ctx.positions_T, ctx.document_ids_BT
+        blocks = []
+        for a, b, lo, hi in self._query_blocks(q_BTHd.shape[1], keys_BSd.shape[1], chunked=ctx.cache is None):
+            docs = None if docs_BT is None else (docs_BT[:, a:b], docs_BT[:, lo:hi])
+            near_BtS = self._window_mask(positions_T[a:b], key_positions_S[lo:hi], docs)
+            far_BtN = None if far_BTN is None else far_BTN[:, a:b]
+            blocks.append(self._attend(q_BTHd[:, a:b], keys_BSd[:, lo:hi], near_BtS, far_BNd, far_BtN))
+        return torch.cat(blocks, dim=1)
+
+    def _query_blocks(self, T: int, S: int, chunked: bool) -> list[tuple[int, int, int, int]]:
+        """(first query, end, first key, end) per block of queries. Training (``chunked``: the keys
+        are the T tokens themselves) cuts the queries into blocks of ``query_block``, each reading
+        only the keys of its window, so the logits hold T·(block + window + entries) values instead
+        of T·(T + entries). Decoding: one block over every kept key."""
+        if not chunked or T <= self.query_block:
+            return [(0, T, 0, S)]
+        C = self.query_block
+        return [(a, min(a + C, T), max(0, a - self.window + 1), min(a + C, T)) for a in range(0, T, C)]
+
     def _window_mask(self, positions_T: torch.Tensor, key_positions_S: torch.Tensor,
-                     docs_BT: Optional[torch.Tensor]) -> torch.Tensor:
-        """[B or 1, T, S]: keys at most ``window - 1`` positions back, never ahead, same document."""
+                     docs: Optional[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """[B or 1, T, S]: keys at most ``window - 1`` positions back, never ahead, same document
+        (``docs``: the queries' and the keys' document ids)."""
         gap_TS = positions_T[:, None] - key_positions_S[None, :]
         near_1TS = ((gap_TS >= 0) & (gap_TS < self.window))[None]
-        if docs_BT is None:
+        if docs is None:
             return near_1TS
-        return near_1TS & (docs_BT[:, :, None] == docs_BT[:, None, :])
+        query_docs_BT, key_docs_BS = docs
+        return near_1TS & (query_docs_BT[:, :, None] == key_docs_BS[:, None, :])
 
     def _compressed(self, x_BTD: torch.Tensor, q_latent_BTQ: torch.Tensor, cos_TP: torch.Tensor,
                     sin_TP: torch.Tensor, inv_freq_P: torch.Tensor, ctx: ForwardContext

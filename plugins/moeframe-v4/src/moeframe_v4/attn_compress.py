@@ -19,7 +19,9 @@ window ``w`` (``2m`` slots, stride ``m``), so no boundary cuts context in half. 
 previous window: those slots get weight 0. At 1/4 of the tokens there are still too many entries
 to read all of them, so a small *lightning indexer* picks ``index_topk`` entries per query: it
 runs its own (narrower) compressor, scores ``Σ_h w_{t,h} · ReLU(q_{t,h} · k_s)`` with a few cheap
-heads whose queries come from the attention's low-rank query latent, and keeps the best.
+heads whose queries come from the attention's low-rank query latent, and keeps the best. Exact
+ties (all heads below zero: score 0) go to the earlier entry, so that decoding picks what the
+full forward picks; transformers' ``topk`` breaks them arbitrarily.
 
 Causality. Entry ``w`` summarises tokens up to ``(w+1)·m - 1``; the query at position ``t`` may
 read it only when that window is complete, ``(w+1)·m ≤ t + 1``. Unfinished windows wait in the
@@ -202,6 +204,9 @@ class Indexer(Compressor):
         relu_BTIN = F.relu(torch.einsum("btji,bni->btjn", q_BTIi.float(), keys_BNi.float())) * self.head_dim ** -0.5
         head_weight_BTI = self.weights_proj(x_BTD).float() * self.num_heads ** -0.5
         score_BTN = (relu_BTIN * head_weight_BTI[..., None]).sum(dim=2).masked_fill(~readable_BTN, float("-inf"))
-        top_BTk = score_BTN.topk(min(self.topk, N), dim=-1).indices
+        # ties are real: an entry every head scores below zero scores exactly 0 after the ReLU. topk
+        # breaks ties arbitrarily, and differently for the N entries of a full forward than for the
+        # fewer of a decoding step; a stable sort keeps the earlier entry, the same in both
+        top_BTk = score_BTN.sort(dim=-1, descending=True, stable=True).indices[..., : self.topk]
         chosen_BTN = torch.zeros_like(readable_BTN).scatter_(-1, top_BTk, True)
         return chosen_BTN & readable_BTN
