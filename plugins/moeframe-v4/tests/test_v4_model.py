@@ -11,10 +11,9 @@ window and several compression blocks (so every attention path matters); the Swi
 small enough that the clamp is active.
 
 Why the indexer has 8 heads here: its score is a sum of ReLUs, so an entry whose every head is
-negative scores exactly 0; two readable entries tied at 0 make top-k pick either one, and the
-cached and the full forward (N differs) break such ties differently, in transformers as here.
-With 2 heads such ties occur in these tiny shapes; with 8 they do not (checked), so the
-comparison measures the computation, not tie-breaking.
+negative scores exactly 0. moeframe gives such ties to the earlier entry; transformers' top-k picks
+any of them, so with ties the two may select differently. With 2 heads such ties occur in these
+tiny shapes; with 8 they do not (checked), so the comparison measures the computation.
 """
 
 from __future__ import annotations
