@@ -21,20 +21,45 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def run(optimizer: str, steps: int, batch: int, root: Path) -> dict[str, float]:
-    args = ["fit", "-c", str(REPO / "configs/pretrain/tiny-v4.yaml"), "--trainer.default_root_dir", str(root),
-            "--model.init_args.optim.optimizer", optimizer, "--model.init_args.optim.warmup_steps", "10",
-            "--data.init_args.seq_len", "64", "--data.init_args.batch_size", str(batch),
-            "--data.init_args.max_bytes", "1000000", "--trainer.max_steps", str(steps),
-            "--trainer.val_check_interval", str(steps), "--trainer.limit_val_batches", "8",
-            "--trainer.num_sanity_val_steps", "0", "--trainer.log_every_n_steps", "1"]
+    args = [
+        "fit",
+        "-c",
+        str(REPO / "configs/pretrain/tiny-v4.yaml"),
+        "--trainer.default_root_dir",
+        str(root),
+        "--model.init_args.optim.optimizer",
+        optimizer,
+        "--model.init_args.optim.warmup_steps",
+        "10",
+        "--data.init_args.seq_len",
+        "64",
+        "--data.init_args.batch_size",
+        str(batch),
+        "--data.init_args.max_bytes",
+        "1000000",
+        "--trainer.max_steps",
+        str(steps),
+        "--trainer.val_check_interval",
+        str(steps),
+        "--trainer.limit_val_batches",
+        "8",
+        "--trainer.num_sanity_val_steps",
+        "0",
+        "--trainer.log_every_n_steps",
+        "1",
+    ]
     start = time.perf_counter()
     assert main(args) == 0
     elapsed = time.perf_counter() - start
     rows = list(csv.DictReader(next(root.rglob("metrics.csv")).open()))
     train = [float(r["train/loss"]) for r in rows if r.get("train/loss")]
     val = [float(r["val/loss"]) for r in rows if r.get("val/loss")]
-    return {"train_last10": sum(train[-10:]) / len(train[-10:]), "train_first": train[0], "val": val[-1],
-            "s_per_step": elapsed / steps}
+    return {
+        "train_last10": sum(train[-10:]) / len(train[-10:]),
+        "train_first": train[0],
+        "val": val[-1],
+        "s_per_step": elapsed / steps,
+    }
 
 
 def cli() -> None:
