@@ -113,7 +113,13 @@ class PretrainModule(L.LightningModule):
         if not any(isinstance(cb, ExpertBalance) for cb in self.trainer.callbacks):
             rank_zero_info(f"adding the ExpertBalance callback: router {updating[0].name!r} updates its "
                            "state from the global expert counts after every optimizer step")
-            self.trainer.callbacks.append(ExpertBalance())
+            # before the checkpoint callbacks (Lightning runs those last): a checkpoint saved at a
+            # step must hold the bias update of that step, or a resume diverges from the full run
+            from lightning.pytorch.callbacks import Checkpoint
+
+            callbacks = self.trainer.callbacks
+            at = next((i for i, cb in enumerate(callbacks) if isinstance(cb, Checkpoint)), len(callbacks))
+            callbacks.insert(at, ExpertBalance())
 
     def setup(self, stage: str) -> None:
         if stage == "fit":

@@ -160,11 +160,21 @@ class PipelineStrategy(DDPStrategy, DescribesLayout):
         self._pending: list[tuple[nn.Parameter, torch.Tensor]] = []
         self._warm = False
 
-    # -- before any process group: validate --------------------------------------------------------
-    def setup_environment(self) -> None:
-        config = getattr(self.lightning_module, "config", None)
+    # -- before any process starts: validate against the model -------------------------------------
+    @property
+    def launcher(self) -> Any:
+        # Trainer.fit asks for the launcher once the model is attached and before it starts the
+        # other ranks: the earliest point where the layer count and the world size are both known
+        self.check_layout()
+        return self._launcher
+
+    def check_layout(self) -> None:
+        config = getattr(self.lightning_module, "config", None) if self._lightning_module is not None else None
         check_pipeline(self.pp_size, self.schedule_name, self.vpp, self.microbatches,
                        getattr(config, "n_layers", None), self.layers_per_stage, self.num_nodes * self.num_processes)
+
+    def setup_environment(self) -> None:
+        self.check_layout()
         super().setup_environment()
 
     # -- ranks -------------------------------------------------------------------------------------------
@@ -308,7 +318,7 @@ class PipelineStrategy(DDPStrategy, DescribesLayout):
         aux = aux_1.sum()
         out = DecoderOutput(logits_BTV, aux, {"pipeline": aux} if aux.requires_grad else {}, list(mtp_logits))
         loss, metrics = self.lightning_module.training_loss(out, labels_BT)
-        self._metrics.append({"loss": float(loss.detach()), **{k: float(v) for k, v in metrics.items()}})
+        self._metrics.append({"loss": float(loss.detach()), **{k: float(torch.as_tensor(v).detach()) for k, v in metrics.items()}})
         # the mean over micro-batches and over Lightning's accumulated batches, as without PP
         return loss / (self.microbatches * self.lightning_module.trainer.accumulate_grad_batches)
 
