@@ -98,6 +98,17 @@ class DescribesLayout:
         or None when it does not run it."""
         return None
 
+    @classmethod
+    def plan_pipeline(cls, config: Any, pp: int, vpp: Optional[int], schedule: str,
+                      microbatches: Optional[int]) -> Optional[dict[str, Any]]:
+        """For a strategy that runs pipeline parallelism: how it would run the model ``config`` on
+        ``pp`` ranks × ``vpp`` stages with ``schedule`` (the same split a run makes):
+        ``{"layers_per_stage", "stage_ranks", "vpp", "microbatches",
+        "bubble_fraction", "in_flight"}`` (``in_flight``: per rank, the micro-batch activations of
+        one stage held at the peak), raising ConfigError for a layout it refuses; None when this
+        strategy has no pipeline."""
+        return None
+
     def model_state_shapes(self) -> Optional[dict[str, Any]]:
         """The whole model's state-dict entries (tensors; meta ones will do) for a strategy whose ranks
         each hold only part of the model (pipeline stages), so that a checkpoint is checked against

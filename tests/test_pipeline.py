@@ -192,3 +192,19 @@ def test_stage_boundaries_follow_the_cost_and_the_rank_layout() -> None:
     assert split_by_cost([1, 3, 3, 3], 2, last_extra=0) == [2, 2]
     assert split_by_cost([1, 3, 3, 3], 2, last_extra=4) == [3, 1]
     assert stage_ranks(2, 2, "zbv") == [0, 1, 1, 0] and stage_ranks(2, 2, "interleaved_1f1b") == [0, 1, 0, 1]
+
+
+def test_inspect_pipeline_section_accounts_for_every_parameter_once() -> None:
+    from moeframe.model.decoder import build_decoder
+    from moeframe.pipeline_estimate import pipeline_section
+    from _pp_common import model_config
+
+    cfg = model_config()
+    section = pipeline_section(cfg, pp=2, vpp=None, schedule="1f1b", microbatches=6, ep=1, seq_len=16)
+    whole = sum(p.numel() for p in build_decoder(cfg, device="meta").parameters())
+    assert sum(st["params"] for st in section["stages"]) == whole
+    assert [st["layers"] for st in section["stages"]] == [[0, 2], [3, 3]]  # the head weighs on the last stage
+    assert section["bubble_fraction"] == pytest.approx((2 - 1) / (6 + 2 - 1))  # 1F1B: (p - 1) / (m + p - 1)
+    gpipe = pipeline_section(cfg, pp=2, vpp=None, schedule="gpipe", microbatches=6, seq_len=16)
+    # GPipe keeps all 6 micro-batches in flight, 1F1B at most pp = 2 on rank 0
+    assert gpipe["ranks"][0]["activation_bytes_in_flight"] == 3 * section["ranks"][0]["activation_bytes_in_flight"]

@@ -44,8 +44,10 @@ from torch import nn
 
 from moeframe.plugin import ConfigError, DecoderOutput, DescribesLayout, ParallelLayout, build_decoder
 from moeframe_parallel.pipeline_layout import (
+    bubble_fraction,
     check_pipeline,
     default_vpp,
+    in_flight,
     schedule_spec,
     split_by_cost,
     stage_ranks,
@@ -136,7 +138,19 @@ class PipelineStrategy(DDPStrategy, DescribesLayout):
 
     @classmethod
     def runs_layout(cls, layout: ParallelLayout) -> Optional[dict[str, Any]]:
-        return None  # ParallelLayout has no pipeline degree; `moeframe inspect --pp` names this strategy
+        return None  # ParallelLayout has no pipeline degree; `moeframe inspect --pp` asks plan_pipeline
+
+    @classmethod
+    def plan_pipeline(cls, config: Any, pp: int, vpp: Optional[int], schedule: str,
+                      microbatches: Optional[int]) -> Optional[dict[str, Any]]:
+        vpp = default_vpp(schedule) if vpp is None else vpp
+        microbatches = pp * vpp if microbatches is None else microbatches
+        check_pipeline(pp, schedule, vpp, microbatches, config.n_layers)
+        costs, last_extra = layer_costs(config)
+        return {"layers_per_stage": split_by_cost(costs, pp * vpp, last_extra=last_extra),
+                "stage_ranks": stage_ranks(pp, vpp, schedule), "vpp": vpp, "microbatches": microbatches,
+                "bubble_fraction": bubble_fraction(schedule, pp, microbatches, vpp),
+                "in_flight": in_flight(schedule, pp, microbatches, vpp)}
 
     def __init__(self, pp_size: int = 2, schedule: str = "1f1b", microbatches: Optional[int] = None,
                  vpp: Optional[int] = None, layers_per_stage: Optional[list[int]] = None, ep_size: int = 1,

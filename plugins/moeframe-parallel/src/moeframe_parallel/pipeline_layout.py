@@ -28,8 +28,8 @@ from typing import Optional, Sequence
 
 from moeframe.plugin import ConfigError
 
-__all__ = ["SCHEDULES", "ScheduleSpec", "bubble_fraction", "check_pipeline", "default_vpp", "split_by_cost",
-           "stage_ranks"]
+__all__ = ["SCHEDULES", "ScheduleSpec", "bubble_fraction", "check_pipeline", "default_vpp", "in_flight",
+           "split_by_cost", "stage_ranks"]
 
 
 @dataclass(frozen=True)
@@ -155,3 +155,18 @@ def bubble_fraction(schedule: str, pp: int, microbatches: int, vpp: Optional[int
         "dualpipev": (pp - 1) * (F + 2 * B - 3 * W),
     }[schedule if schedule_spec(schedule) else schedule]
     return idle / (idle + work)
+
+
+def in_flight(schedule: str, pp: int, microbatches: int, vpp: Optional[int] = None) -> list[float]:
+    """Per rank, the activations it holds at the peak, in units of one stage's activations of one
+    micro-batch (a chunk of 1/vpp of a rank's layers counts 1/vpp): GPipe keeps every micro-batch;
+    1F1B keeps pp − r on rank r; interleaved 1F1B warms up 2(pp − r − 1) + (vpp − 1)·pp + 1 chunks
+    (Megatron's count); ZB-V keeps about pp like 1F1B, DualPipeV pp + 1 (their papers' tables)."""
+    vpp = vpp or default_vpp(schedule)
+    if schedule == "gpipe":
+        return [float(microbatches)] * pp
+    if schedule == "1f1b":
+        return [float(min(pp - r, microbatches)) for r in range(pp)]
+    if schedule in ("interleaved_1f1b", "interleaved_zb"):
+        return [min(2 * (pp - r - 1) + (vpp - 1) * pp + 1, microbatches * vpp) / vpp for r in range(pp)]
+    return [float(pp + (1 if schedule == "dualpipev" else 0))] * pp
