@@ -53,7 +53,9 @@ def main() -> None:
     out, jobs = Path(sys.argv[1]), json.loads(Path(sys.argv[2]).read_text())
     world = int(os.environ["WORLD_SIZE"])
     results = {job["name"]: run(out.parent, job, world) for job in jobs}
-    if int(os.environ["LOCAL_RANK"]) == 0:
+    rank = int(os.environ["LOCAL_RANK"])
+    out.with_suffix(f".rank{rank}.json").write_text(json.dumps(results))
+    if rank == 0:
         out.write_text(json.dumps(results))
 
 
