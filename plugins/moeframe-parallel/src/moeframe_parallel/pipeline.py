@@ -256,8 +256,6 @@ class PipelineStrategy(DDPStrategy, DescribesLayout):
         for name in ("embed", "norm", "head", "mtp"):
             if not holds(name):
                 setattr(decoder, name, None)
-        if decoder.head is not None and decoder.config.tie_embeddings:
-            decoder.head.weight = decoder.embed.weight
 
     def _setup_model(self, model: nn.Module) -> nn.Module:
         return model  # no DDP wrapper: the schedule runs the backward, gradients are reduced below
