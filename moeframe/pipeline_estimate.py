@@ -65,7 +65,10 @@ def pipeline_section(cfg: ModelConfig, pp: int, vpp: Optional[int], schedule: st
     stages, start = [], 0
     for s, (count, rank) in enumerate(zip(plan["layers_per_stage"], plan["stage_ranks"])):
         params = sum(held[start:start + count]) + (embed if s == 0 else 0)
-        params += last_extra if s == len(plan["layers_per_stage"]) - 1 else 0
+        if s == len(plan["layers_per_stage"]) - 1:
+            params += last_extra
+            copy = rank != plan["stage_ranks"][0] and (cfg.mtp_depth > 0 or cfg.tie_embeddings)
+            params += embed if copy else 0  # MTP / the tied head need the embedding on this rank too
         stages.append({"stage": s, "rank": rank, "layers": [start, start + count - 1], "params": int(params)})
         start += count
     per_layer_bytes = ACTIVATION_BYTES_PER_BTD * micro_batch_size * seq_len * cfg.dim
@@ -81,7 +84,11 @@ def pipeline_section(cfg: ModelConfig, pp: int, vpp: Optional[int], schedule: st
 
 
 def _gib(n: float) -> str:
-    return f"{n / 1024 ** 3:.2f} GiB"
+    return f"{n / 1024 ** 3:.2f} GiB" if n >= 1024 ** 3 else f"{n / 1024 ** 2:.1f} MiB"
+
+
+def _count(n: float) -> str:
+    return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.2f} M"
 
 
 def print_pipeline(section: dict[str, Any]) -> None:
@@ -91,7 +98,7 @@ def print_pipeline(section: dict[str, Any]) -> None:
           f"bubble {100 * s['bubble_fraction']:.1f}% (analytic); --trainer.strategy {s['strategy']}")
     for st in s["stages"]:
         print(f"  stage {st['stage']:<3} rank {st['rank']:<3} layers {st['layers'][0]}-{st['layers'][1]:<4} "
-              f"params {st['params'] / 1e9:.2f} B")
+              f"params {_count(st['params'])}")
     for r in s["ranks"]:
-        print(f"  rank {r['rank']:<3} params {r['params'] / 1e9:.2f} B, activations in flight "
+        print(f"  rank {r['rank']:<3} params {_count(r['params'])}, activations in flight "
               f"{_gib(r['activation_bytes_in_flight'])} (bf16, estimate)")

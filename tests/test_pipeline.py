@@ -206,7 +206,8 @@ def test_inspect_pipeline_section_accounts_for_every_parameter_once() -> None:
     cfg = model_config()
     section = pipeline_section(cfg, pp=2, vpp=None, schedule="1f1b", microbatches=6, ep=1, seq_len=16)
     whole = sum(p.numel() for p in build_decoder(cfg, device="meta").parameters())
-    assert sum(st["params"] for st in section["stages"]) == whole
+    embed_copy = cfg.vocab_size * cfg.dim  # the last stage's copy of the embedding (MTP)
+    assert sum(st["params"] for st in section["stages"]) == whole + embed_copy
     assert [st["layers"] for st in section["stages"]] == [[0, 2], [3, 3]]  # the head weighs on the last stage
     assert section["bubble_fraction"] == pytest.approx((2 - 1) / (6 + 2 - 1))  # 1F1B: (p - 1) / (m + p - 1)
     gpipe = pipeline_section(cfg, pp=2, vpp=None, schedule="gpipe", microbatches=6, seq_len=16)

@@ -173,6 +173,7 @@ class PipelineStrategy(DDPStrategy, DescribesLayout):
         self._metrics: list[dict[str, float]] = []
         self._pending: list[tuple[nn.Parameter, torch.Tensor]] = []
         self._warm = False
+        self._batch_shape: Optional[tuple[int, ...]] = None
 
     # -- before any process starts: validate against the model -------------------------------------
     @property
@@ -234,7 +235,9 @@ class PipelineStrategy(DDPStrategy, DescribesLayout):
         self.stage_modules = [StageModule(decoder, module, *bounds[s], first=s == 0, last=s == last) for s in mine]
         self._drop_others(decoder, mine, bounds)
         super().setup(trainer)
-        self._build_schedule(mine, len(bounds))
+        self._mine, self._num_stages = mine, len(bounds)
+        self._holds_last = any(m.last for m in self.stage_modules)
+        self._last_rank = stage_ranks(self.pp_size, self.vpp, self.schedule_name)[-1]
         self.precision_plugin.clip_grad_by_norm = MethodType(_pp_clip_grad_by_norm(self), self.precision_plugin)
 
     def _stage_bounds(self, config: Any) -> list[tuple[int, int]]:
@@ -273,8 +276,6 @@ class PipelineStrategy(DDPStrategy, DescribesLayout):
         # scaling would also divide gradients accumulated over earlier batches
         first = stages[0] if self.vpp == 1 else stages
         self.schedule = cls(first, n_microbatches=self.microbatches, loss_fn=self._loss_fn, scale_grads=False)
-        self._holds_last = any(m.last for m in self.stage_modules)
-        self._last_rank = stage_ranks(self.pp_size, self.vpp, self.schedule_name)[-1]
 
     # -- one training step: the schedule runs every forward and backward -----------------------------
     def training_step(self, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -287,6 +288,11 @@ class PipelineStrategy(DDPStrategy, DescribesLayout):
         inputs = {"input_ids": batch["input_ids"]}
         if batch.get("document_ids") is not None:
             inputs["document_ids"] = batch["document_ids"]
+        if tuple(batch["input_ids"].shape) != self._batch_shape:
+            # stages learn the shapes they exchange once: a new batch shape (a batch-size ramp, a
+            # shorter last batch) gets a new schedule, warmed up again
+            self._build_schedule(self._mine, self._num_stages)
+            self._batch_shape, self._warm = tuple(batch["input_ids"].shape), False
         if not self._warm:
             self._warm_up(batch, inputs)
         self._metrics = []
