@@ -39,7 +39,7 @@ def run(root: Path, job: dict, world: int) -> dict:
     save = ModelCheckpoint(dirpath=root / job["name"], every_n_train_steps=1, save_top_k=-1,
                            filename="step{step}", auto_insert_metric_name=False)
     trainer = L.Trainer(devices=world, strategy=strategy, max_steps=job["steps"], callbacks=[losses, save],
-                        default_root_dir=root, **trainer_settings())
+                        default_root_dir=root, **{**trainer_settings(), **job.get("trainer", {})})
     ckpt = None
     if "resume_from_step" in job:
         ckpt = str(root / job["resume_name"] / f"step{job['resume_from_step']}.ckpt")

@@ -92,6 +92,8 @@ def pp2(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
             for name, opts in SCHEDULES.items()]
     jobs.append({"name": "resumed", "strategy": {"pp_size": 2, "schedule": "1f1b"}, "steps": STEPS,
                  "resume_name": "1f1b", "resume_from_step": 1})
+    jobs.append({"name": "accumulated", "strategy": {"pp_size": 2, "schedule": "1f1b"}, "steps": 2,
+                 "trainer": {"accumulate_grad_batches": 2}})
     return root, launch(2, jobs, root)
 
 
@@ -122,6 +124,13 @@ def test_pp2_weights_equal_the_single_process_run_and_the_checkpoint_is_whole(pp
         assert torch.equal(state[name], holder[name]), name
         torch.testing.assert_close(state[name], value, atol=5e-3, rtol=0)  # AdamW steps of lr 1e-2
     torch.testing.assert_close(ranks[0]["decoder.embed.weight"], ranks[1]["decoder.embed.weight"], atol=0, rtol=0)
+
+
+@pytest.mark.slow
+def test_pp2_gradient_accumulation_equals_the_single_process_run(pp2, tmp_path: Path) -> None:
+    _, results = pp2
+    expected, _ = single_process(tmp_path, steps=2, accumulate=2)  # 4 batches, 2 optimizer steps
+    assert results["accumulated"]["losses"] == pytest.approx(expected, abs=LOSS_ATOL, rel=0)
 
 
 @pytest.mark.slow
