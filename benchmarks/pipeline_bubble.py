@@ -32,8 +32,9 @@ DIM, LAYERS_PER_RANK, MICRO_BATCH, TOKENS = 256, 4, 4, 64
 
 def stage_module(layers: int, seed: int) -> nn.Module:
     torch.manual_seed(seed)
-    return nn.Sequential(*(nn.Sequential(nn.Linear(DIM, 4 * DIM), nn.GELU(), nn.Linear(4 * DIM, DIM))
-                           for _ in range(layers)))
+    return nn.Sequential(
+        *(nn.Sequential(nn.Linear(DIM, 4 * DIM), nn.GELU(), nn.Linear(4 * DIM, DIM)) for _ in range(layers))
+    )
 
 
 def loss_fn(y: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -72,7 +73,7 @@ def measure(schedule: str, pp: int, microbatches: int, steps: int, rank: int) ->
     return 1.0 - busy / statistics.median(times)
 
 
-def worker(rank: int, pp: int, port: int, microbatches: int, steps: int, queue: "mp.Queue") -> None:
+def worker(rank: int, pp: int, port: int, microbatches: int, steps: int, queue: mp.Queue) -> None:
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=pp)
@@ -100,7 +101,9 @@ def main() -> None:
     while not queue.empty():
         schedule, idle = queue.get()
         vpp = default_vpp(schedule)
-        print(f"{schedule:<18} {vpp:>3} {bubble_fraction(schedule, args.pp, args.microbatches, vpp):>15.1%} {idle:>13.1%}")
+        print(
+            f"{schedule:<18} {vpp:>3} {bubble_fraction(schedule, args.pp, args.microbatches, vpp):>15.1%} {idle:>13.1%}"
+        )
 
 
 if __name__ == "__main__":

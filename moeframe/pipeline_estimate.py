@@ -13,7 +13,7 @@ layers hold somewhat different tensors; the figure is for planning, not a measur
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 from moeframe.config import ModelConfig
 from moeframe.errors import ConfigError
@@ -39,32 +39,44 @@ def _layer_params(cfg: ModelConfig, ep: int) -> tuple[list[float], list[float], 
 
     held, active = zip(*(sizes(b) for b in decoder.layers))
     embed = decoder.embed.weight.numel()
-    mtp = sum(sizes(m.block)[0] + sum(p.numel() for n, p in m.named_parameters() if not n.startswith("block."))
-              for m in decoder.mtp)
+    mtp = sum(
+        sizes(m.block)[0] + sum(p.numel() for n, p in m.named_parameters() if not n.startswith("block."))
+        for m in decoder.mtp
+    )
     head = decoder.head.weight.numel() if not cfg.tie_embeddings else 0
     last = head + sum(p.numel() for p in decoder.norm.parameters()) + mtp
     return list(held), list(active), float(embed), float(last)
 
 
-def _plan(cfg: ModelConfig, pp: int, vpp: Optional[int], schedule: str, microbatches: Optional[int]) -> dict[str, Any]:
+def _plan(cfg: ModelConfig, pp: int, vpp: int | None, schedule: str, microbatches: int | None) -> dict[str, Any]:
     for name, cls in _installed_strategies().items():
         if isinstance(cls, type) and issubclass(cls, DescribesLayout):
             plan = cls.plan_pipeline(cfg, pp, vpp, schedule, microbatches)
             if plan is not None:
                 return {**plan, "strategy": name}
-    raise ConfigError("no installed strategy runs pipeline parallelism (--pp): install moeframe-parallel "
-                      "(`pip install -e plugins/moeframe-parallel`)")
+    raise ConfigError(
+        "no installed strategy runs pipeline parallelism (--pp): install moeframe-parallel "
+        "(`pip install -e plugins/moeframe-parallel`)"
+    )
 
 
-def pipeline_section(cfg: ModelConfig, pp: int, vpp: Optional[int], schedule: str, microbatches: Optional[int],
-                     ep: int = 1, seq_len: int = 4096, micro_batch_size: int = 1) -> dict[str, Any]:
+def pipeline_section(
+    cfg: ModelConfig,
+    pp: int,
+    vpp: int | None,
+    schedule: str,
+    microbatches: int | None,
+    ep: int = 1,
+    seq_len: int = 4096,
+    micro_batch_size: int = 1,
+) -> dict[str, Any]:
     """Per stage: layers, rank, parameters held (routed experts / ep); per rank: parameters and
     the activation bytes in flight at the peak; the schedule's bubble fraction."""
     held, active, embed, last_extra = _layer_params(cfg, ep)
     plan = _plan(cfg, pp, vpp, schedule, microbatches)
     stages, start = [], 0
     for s, (count, rank) in enumerate(zip(plan["layers_per_stage"], plan["stage_ranks"])):
-        params = sum(held[start:start + count]) + (embed if s == 0 else 0)
+        params = sum(held[start : start + count]) + (embed if s == 0 else 0)
         if s == len(plan["layers_per_stage"]) - 1:
             params += last_extra
             copy = rank != plan["stage_ranks"][0] and (cfg.mtp_depth > 0 or cfg.tie_embeddings)
@@ -76,15 +88,30 @@ def pipeline_section(cfg: ModelConfig, pp: int, vpp: Optional[int], schedule: st
     for r in range(pp):
         mine = [st for st in stages if st["rank"] == r]
         layers = sum(st["layers"][1] - st["layers"][0] + 1 for st in mine) / len(mine)  # per stage, mean
-        ranks.append({"rank": r, "params": sum(st["params"] for st in mine),
-                      "activation_bytes_in_flight": int(plan["in_flight"][r] * layers * per_layer_bytes)})
-    return {"pp": pp, "vpp": plan["vpp"], "schedule": schedule, "microbatches": plan["microbatches"],
-            "micro_batch_size": micro_batch_size, "seq_len": seq_len, "ep": ep,
-            "bubble_fraction": plan["bubble_fraction"], "strategy": plan["strategy"], "stages": stages, "ranks": ranks}
+        ranks.append(
+            {
+                "rank": r,
+                "params": sum(st["params"] for st in mine),
+                "activation_bytes_in_flight": int(plan["in_flight"][r] * layers * per_layer_bytes),
+            }
+        )
+    return {
+        "pp": pp,
+        "vpp": plan["vpp"],
+        "schedule": schedule,
+        "microbatches": plan["microbatches"],
+        "micro_batch_size": micro_batch_size,
+        "seq_len": seq_len,
+        "ep": ep,
+        "bubble_fraction": plan["bubble_fraction"],
+        "strategy": plan["strategy"],
+        "stages": stages,
+        "ranks": ranks,
+    }
 
 
 def _gib(n: float) -> str:
-    return f"{n / 1024 ** 3:.2f} GiB" if n >= 1024 ** 3 else f"{n / 1024 ** 2:.1f} MiB"
+    return f"{n / 1024**3:.2f} GiB" if n >= 1024**3 else f"{n / 1024**2:.1f} MiB"
 
 
 def _count(n: float) -> str:
@@ -93,12 +120,18 @@ def _count(n: float) -> str:
 
 def print_pipeline(section: dict[str, Any]) -> None:
     s = section
-    print(f"pipeline: PP {s['pp']} x vpp {s['vpp']} ({len(s['stages'])} stages), schedule {s['schedule']}, "
-          f"{s['microbatches']} micro-batches of {s['micro_batch_size']} x {s['seq_len']} tokens, EP {s['ep']}; "
-          f"bubble {100 * s['bubble_fraction']:.1f}% (analytic); --trainer.strategy {s['strategy']}")
+    print(
+        f"pipeline: PP {s['pp']} x vpp {s['vpp']} ({len(s['stages'])} stages), schedule {s['schedule']}, "
+        f"{s['microbatches']} micro-batches of {s['micro_batch_size']} x {s['seq_len']} tokens, EP {s['ep']}; "
+        f"bubble {100 * s['bubble_fraction']:.1f}% (analytic); --trainer.strategy {s['strategy']}"
+    )
     for st in s["stages"]:
-        print(f"  stage {st['stage']:<3} rank {st['rank']:<3} layers {st['layers'][0]}-{st['layers'][1]:<4} "
-              f"params {_count(st['params'])}")
+        print(
+            f"  stage {st['stage']:<3} rank {st['rank']:<3} layers {st['layers'][0]}-{st['layers'][1]:<4} "
+            f"params {_count(st['params'])}"
+        )
     for r in s["ranks"]:
-        print(f"  rank {r['rank']:<3} params {_count(r['params'])}, activations in flight "
-              f"{_gib(r['activation_bytes_in_flight'])} (bf16, estimate)")
+        print(
+            f"  rank {r['rank']:<3} params {_count(r['params'])}, activations in flight "
+            f"{_gib(r['activation_bytes_in_flight'])} (bf16, estimate)"
+        )

@@ -33,5 +33,13 @@ def data_module(batch_size: int = 4) -> PretrainDataModule:
 
 
 def trainer_settings() -> dict[str, Any]:
-    return dict(accelerator="cpu", gradient_clip_val=0.5, limit_val_batches=0, num_sanity_val_steps=0,
-                logger=False, enable_progress_bar=False, enable_model_summary=False, deterministic=False)
+    return dict(
+        accelerator="cpu",
+        gradient_clip_val=0.5,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        deterministic=False,
+    )

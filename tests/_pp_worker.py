@@ -36,10 +36,21 @@ def run(root: Path, job: dict, world: int) -> dict:
     pp_cls = registry.load("strategy", "pp")
     strategy = pp_cls(timeout=timedelta(seconds=120), **job["strategy"])
     losses = Losses()
-    save = ModelCheckpoint(dirpath=root / job["name"], every_n_train_steps=1, save_top_k=-1,
-                           filename="step{step}", auto_insert_metric_name=False)
-    trainer = L.Trainer(devices=world, strategy=strategy, max_steps=job["steps"], callbacks=[losses, save],
-                        default_root_dir=root, **{**trainer_settings(), **job.get("trainer", {})})
+    save = ModelCheckpoint(
+        dirpath=root / job["name"],
+        every_n_train_steps=1,
+        save_top_k=-1,
+        filename="step{step}",
+        auto_insert_metric_name=False,
+    )
+    trainer = L.Trainer(
+        devices=world,
+        strategy=strategy,
+        max_steps=job["steps"],
+        callbacks=[losses, save],
+        default_root_dir=root,
+        **{**trainer_settings(), **job.get("trainer", {})},
+    )
     ckpt = None
     if "resume_from_step" in job:
         ckpt = str(root / job["resume_name"] / f"step{job['resume_from_step']}.ckpt")

@@ -13,7 +13,6 @@ single-process layout (a run without PP resumes from it, ``moeframe convert`` ex
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -35,9 +34,12 @@ from moeframe.training.balance import ExpertBalance  # noqa: E402
 LOSS_ATOL = 2e-4
 STEPS = 3
 SCHEDULES = {  # name: strategy options (the 4-sequence batch as 2 or 4 micro-batches)
-    "gpipe": {}, "1f1b": {},
-    "interleaved_1f1b": {"microbatches": 4}, "interleaved_zb": {"microbatches": 4},
-    "zbv": {"microbatches": 4}, "dualpipev": {"microbatches": 4},
+    "gpipe": {},
+    "1f1b": {},
+    "interleaved_1f1b": {"microbatches": 4},
+    "interleaved_zb": {"microbatches": 4},
+    "zbv": {"microbatches": 4},
+    "dualpipev": {"microbatches": 4},
 }
 
 
@@ -59,11 +61,29 @@ def launch(world: int, jobs: list[dict], root: Path, timeout: float = 420) -> di
     (root / "jobs.json").write_text(json.dumps(jobs))
     procs = []
     for rank in range(world):
-        env = clean_env(LOCAL_RANK=str(rank), NODE_RANK="0", WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
-                        MASTER_PORT=str(port), OMP_NUM_THREADS="1")
-        procs.append(subprocess.Popen([sys.executable, str(REPO / "tests" / "_pp_worker.py"), str(root / "out.json"),
-                                       str(root / "jobs.json")], env=env, cwd=root, stdout=subprocess.PIPE,
-                                      stderr=subprocess.STDOUT, text=True))
+        env = clean_env(
+            LOCAL_RANK=str(rank),
+            NODE_RANK="0",
+            WORLD_SIZE=str(world),
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+            OMP_NUM_THREADS="1",
+        )
+        procs.append(
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    str(REPO / "tests" / "_pp_worker.py"),
+                    str(root / "out.json"),
+                    str(root / "jobs.json"),
+                ],
+                env=env,
+                cwd=root,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
     outputs = []
     try:
         for p in procs:
@@ -75,11 +95,22 @@ def launch(world: int, jobs: list[dict], root: Path, timeout: float = 420) -> di
     return json.loads((root / "out.json").read_text())
 
 
-def single_process(root: Path, steps: int = STEPS, ckpt_path: str | None = None, accumulate: int = 1,
-                   ) -> tuple[list[float], dict[str, torch.Tensor]]:
+def single_process(
+    root: Path,
+    steps: int = STEPS,
+    ckpt_path: str | None = None,
+    accumulate: int = 1,
+) -> tuple[list[float], dict[str, torch.Tensor]]:
     losses = Losses()
-    trainer = L.Trainer(devices=1, max_steps=steps, accumulate_grad_batches=accumulate, enable_checkpointing=False,
-                        callbacks=[losses, ExpertBalance()], default_root_dir=root, **trainer_settings())
+    trainer = L.Trainer(
+        devices=1,
+        max_steps=steps,
+        accumulate_grad_batches=accumulate,
+        enable_checkpointing=False,
+        callbacks=[losses, ExpertBalance()],
+        default_root_dir=root,
+        **trainer_settings(),
+    )
     trainer.fit(pretrain_module(), data_module(), ckpt_path=ckpt_path)
     return losses.losses, {n: p.detach().clone() for n, p in trainer.lightning_module.named_parameters()}
 
@@ -88,12 +119,27 @@ def single_process(root: Path, steps: int = STEPS, ckpt_path: str | None = None,
 def pp2(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     """Every schedule with PP=2 and a resume from step 1 of the 1f1b run, in ONE launch of 2 ranks."""
     root = tmp_path_factory.mktemp("pp2")
-    jobs = [{"name": name, "strategy": {"pp_size": 2, "schedule": name, **opts}, "steps": STEPS}
-            for name, opts in SCHEDULES.items()]
-    jobs.append({"name": "resumed", "strategy": {"pp_size": 2, "schedule": "1f1b"}, "steps": STEPS,
-                 "resume_name": "1f1b", "resume_from_step": 1})
-    jobs.append({"name": "accumulated", "strategy": {"pp_size": 2, "schedule": "1f1b"}, "steps": 2,
-                 "trainer": {"accumulate_grad_batches": 2}})
+    jobs = [
+        {"name": name, "strategy": {"pp_size": 2, "schedule": name, **opts}, "steps": STEPS}
+        for name, opts in SCHEDULES.items()
+    ]
+    jobs.append(
+        {
+            "name": "resumed",
+            "strategy": {"pp_size": 2, "schedule": "1f1b"},
+            "steps": STEPS,
+            "resume_name": "1f1b",
+            "resume_from_step": 1,
+        }
+    )
+    jobs.append(
+        {
+            "name": "accumulated",
+            "strategy": {"pp_size": 2, "schedule": "1f1b"},
+            "steps": 2,
+            "trainer": {"accumulate_grad_batches": 2},
+        }
+    )
     return root, launch(2, jobs, root)
 
 
@@ -146,15 +192,26 @@ def test_a_pp_checkpoint_resumes_without_pp_and_converts_to_hf(pp2, tmp_path: Pa
     losses, _ = single_process(tmp_path, ckpt_path=step1)  # weights, AdamW state, data position
     assert losses == pytest.approx(results["1f1b"]["losses"][1:], abs=LOSS_ATOL, rel=0)
     out = tmp_path / "hf"
-    subprocess.run([sys.executable, "-m", "moeframe.cli", "convert", results["1f1b"]["ckpt"], str(out)],
-                   env=clean_env(), check=True, capture_output=True, timeout=180)
+    subprocess.run(
+        [sys.executable, "-m", "moeframe.cli", "convert", results["1f1b"]["ckpt"], str(out)],
+        env=clean_env(),
+        check=True,
+        capture_output=True,
+        timeout=180,
+    )
     assert (out / "config.json").is_file() and list(out.glob("*.safetensors"))
 
 
 @pytest.mark.slow
 def test_pp4_and_pp2_x_dp2_losses_equal_the_single_process_run(tmp_path: Path, reference) -> None:
-    results = launch(4, [{"name": "pp4", "strategy": {"pp_size": 4, "schedule": "1f1b"}, "steps": STEPS},
-                         {"name": "pp2dp2", "strategy": {"pp_size": 2, "schedule": "1f1b"}, "steps": STEPS}], tmp_path)
+    results = launch(
+        4,
+        [
+            {"name": "pp4", "strategy": {"pp_size": 4, "schedule": "1f1b"}, "steps": STEPS},
+            {"name": "pp2dp2", "strategy": {"pp_size": 2, "schedule": "1f1b"}, "steps": STEPS},
+        ],
+        tmp_path,
+    )
     assert results["pp4"]["losses"] == pytest.approx(reference[0], abs=LOSS_ATOL, rel=0)
     # the two replicas (ranks 0-1 and 2-3) read alternate sequences: one step sees the 8 sequences a single
     # process accumulates over 2 batches of 4. Each reports the mean over its own; Lightning reports a
@@ -162,8 +219,9 @@ def test_pp4_and_pp2_x_dp2_losses_equal_the_single_process_run(tmp_path: Path, r
     replica1 = json.loads((tmp_path / "out.rank2.json").read_text())["pp2dp2"]["losses"]
     step_means = [(a + b) / 2 for a, b in zip(results["pp2dp2"]["losses"], replica1)]
     accumulated, _ = single_process(tmp_path / "acc", accumulate=2)
-    assert step_means == pytest.approx([a + b for a, b in zip(accumulated[0::2], accumulated[1::2])],
-                                       abs=LOSS_ATOL, rel=0)
+    assert step_means == pytest.approx(
+        [a + b for a, b in zip(accumulated[0::2], accumulated[1::2])], abs=LOSS_ATOL, rel=0
+    )
 
 
 # -- bad input: one line, before any process group ----------------------------------------------------------
@@ -185,8 +243,13 @@ def test_fewer_microbatches_than_stages_is_refused() -> None:
 
 @pytest.mark.bad_input
 def test_a_layer_count_that_cannot_be_split_stops_fit_before_any_process_group(tmp_path: Path) -> None:
-    trainer = L.Trainer(devices=2, strategy=pp(pp_size=2, schedule="interleaved_1f1b", vpp=3, microbatches=6),
-                        max_steps=1, default_root_dir=tmp_path, **trainer_settings())
+    trainer = L.Trainer(
+        devices=2,
+        strategy=pp(pp_size=2, schedule="interleaved_1f1b", vpp=3, microbatches=6),
+        max_steps=1,
+        default_root_dir=tmp_path,
+        **trainer_settings(),
+    )
     with pytest.raises(ConfigError, match=r"model.n_layers=4 cannot be split into 6 pipeline stages"):
         trainer.fit(pretrain_module(), data_module())
     assert not torch.distributed.is_initialized()
@@ -208,9 +271,10 @@ def test_stage_boundaries_follow_the_cost_and_the_rank_layout() -> None:
 
 
 def test_inspect_pipeline_section_accounts_for_every_parameter_once() -> None:
+    from _pp_common import model_config
+
     from moeframe.model.decoder import build_decoder
     from moeframe.pipeline_estimate import pipeline_section
-    from _pp_common import model_config
 
     cfg = model_config()
     section = pipeline_section(cfg, pp=2, vpp=None, schedule="1f1b", microbatches=6, ep=1, seq_len=16)

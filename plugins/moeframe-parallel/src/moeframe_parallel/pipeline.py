@@ -33,9 +33,10 @@ through the pipeline (set ``limit_val_batches: 0``), activation checkpointing is
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping, Sequence
 from datetime import timedelta
 from types import MethodType
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -83,8 +84,9 @@ class StageModule(nn.Module):
         self._decoder = [decoder]  # a list: not a submodule, so this stage's parameters are its own
         self._owner = [owner]  # the LightningModule: the training progress the context carries
 
-    def forward(self, *inputs: torch.Tensor, input_ids: torch.Tensor,
-                document_ids: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, ...]:
+    def forward(
+        self, *inputs: torch.Tensor, input_ids: torch.Tensor, document_ids: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, ...]:
         decoder, owner = self._decoder[0], self._owner[0]
         ctx = decoder.context(input_ids, document_ids, step=owner.global_step, tokens_seen=owner.tokens_seen)
         aux_losses: dict[str, torch.Tensor] = {}
@@ -137,43 +139,57 @@ class PipelineStrategy(DDPStrategy, DescribesLayout):
     strategy_name = "pp"
 
     @classmethod
-    def runs_layout(cls, layout: ParallelLayout) -> Optional[dict[str, Any]]:
+    def runs_layout(cls, layout: ParallelLayout) -> dict[str, Any] | None:
         return None  # ParallelLayout has no pipeline degree; `moeframe inspect --pp` asks plan_pipeline
 
     @classmethod
-    def plan_pipeline(cls, config: Any, pp: int, vpp: Optional[int], schedule: str,
-                      microbatches: Optional[int]) -> Optional[dict[str, Any]]:
+    def plan_pipeline(
+        cls, config: Any, pp: int, vpp: int | None, schedule: str, microbatches: int | None
+    ) -> dict[str, Any] | None:
         vpp = default_vpp(schedule) if vpp is None else vpp
         microbatches = pp * vpp if microbatches is None else microbatches
         check_pipeline(pp, schedule, vpp, microbatches, config.n_layers)
         costs, last_extra = layer_costs(config)
-        return {"layers_per_stage": split_by_cost(costs, pp * vpp, last_extra=last_extra),
-                "stage_ranks": stage_ranks(pp, vpp, schedule), "vpp": vpp, "microbatches": microbatches,
-                "bubble_fraction": bubble_fraction(schedule, pp, microbatches, vpp),
-                "in_flight": in_flight(schedule, pp, microbatches, vpp)}
+        return {
+            "layers_per_stage": split_by_cost(costs, pp * vpp, last_extra=last_extra),
+            "stage_ranks": stage_ranks(pp, vpp, schedule),
+            "vpp": vpp,
+            "microbatches": microbatches,
+            "bubble_fraction": bubble_fraction(schedule, pp, microbatches, vpp),
+            "in_flight": in_flight(schedule, pp, microbatches, vpp),
+        }
 
-    def __init__(self, pp_size: int = 2, schedule: str = "1f1b", microbatches: Optional[int] = None,
-                 vpp: Optional[int] = None, layers_per_stage: Optional[list[int]] = None, ep_size: int = 1,
-                 **kwargs: Any) -> None:
+    def __init__(
+        self,
+        pp_size: int = 2,
+        schedule: str = "1f1b",
+        microbatches: int | None = None,
+        vpp: int | None = None,
+        layers_per_stage: list[int] | None = None,
+        ep_size: int = 1,
+        **kwargs: Any,
+    ) -> None:
         vpp = default_vpp(schedule) if vpp is None else vpp  # also rejects an unknown schedule name
         microbatches = pp_size * vpp if microbatches is None else microbatches
         check_pipeline(pp_size, schedule, vpp, microbatches, layers_per_stage=layers_per_stage)
         if ep_size != 1:
-            raise ConfigError("strategy 'pp' with ep_size > 1 is not supported yet: the expert-parallel and pipeline "
-                              "groups must be built together; use ep_size=1 (or strategy 'ep' without PP)")
+            raise ConfigError(
+                "strategy 'pp' with ep_size > 1 is not supported yet: the expert-parallel and pipeline "
+                "groups must be built together; use ep_size=1 (or strategy 'ep' without PP)"
+            )
         kwargs.setdefault("timeout", timedelta(minutes=30))
         super().__init__(**kwargs)
         self.pp_size, self.schedule_name, self.vpp = pp_size, schedule, vpp
         self.microbatches, self.layers_per_stage = microbatches, layers_per_stage
-        self.pp_group: Optional[dist.ProcessGroup] = None
-        self.dp_group: Optional[dist.ProcessGroup] = None
-        self.embed_group: Optional[dist.ProcessGroup] = None
+        self.pp_group: dist.ProcessGroup | None = None
+        self.dp_group: dist.ProcessGroup | None = None
+        self.embed_group: dist.ProcessGroup | None = None
         self._whole_state: dict[str, torch.Tensor] = {}
         self._whole_param_names: list[str] = []
         self._metrics: list[dict[str, float]] = []
         self._pending: list[tuple[nn.Parameter, torch.Tensor]] = []
         self._warm = False
-        self._batch_shape: Optional[tuple[int, ...]] = None
+        self._batch_shape: tuple[int, ...] | None = None
 
     # -- before any process starts: validate against the model -------------------------------------
     @property
@@ -185,8 +201,15 @@ class PipelineStrategy(DDPStrategy, DescribesLayout):
 
     def check_layout(self) -> None:
         config = getattr(self.lightning_module, "config", None) if self._lightning_module is not None else None
-        check_pipeline(self.pp_size, self.schedule_name, self.vpp, self.microbatches,
-                       getattr(config, "n_layers", None), self.layers_per_stage, self.num_nodes * self.num_processes)
+        check_pipeline(
+            self.pp_size,
+            self.schedule_name,
+            self.vpp,
+            self.microbatches,
+            getattr(config, "n_layers", None),
+            self.layers_per_stage,
+            self.num_nodes * self.num_processes,
+        )
 
     def setup_environment(self) -> None:
         self.check_layout()
@@ -225,7 +248,9 @@ class PipelineStrategy(DDPStrategy, DescribesLayout):
     def setup(self, trainer: Any) -> None:
         module = self.lightning_module
         decoder = module.decoder
-        self._whole_state = {k: torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in module.state_dict().items()}
+        self._whole_state = {
+            k: torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in module.state_dict().items()
+        }
         self._whole_param_names = [n for n, _ in module.named_parameters()]
         self._new_groups()
         bounds = self._stage_bounds(decoder.config)
@@ -269,8 +294,10 @@ class PipelineStrategy(DDPStrategy, DescribesLayout):
     def _build_schedule(self, mine: list[int], num_stages: int) -> None:
         from torch.distributed import pipelining
 
-        stages = [pipelining.PipelineStage(m, s, num_stages, self.root_device, group=self.pp_group)
-                  for m, s in zip(self.stage_modules, mine)]
+        stages = [
+            pipelining.PipelineStage(m, s, num_stages, self.root_device, group=self.pp_group)
+            for m, s in zip(self.stage_modules, mine)
+        ]
         cls = getattr(pipelining, schedule_spec(self.schedule_name).torch_class)
         # scale_grads=False: the loss is divided by the micro-batch count here; the schedule's own
         # scaling would also divide gradients accumulated over earlier batches
@@ -282,8 +309,10 @@ class PipelineStrategy(DDPStrategy, DescribesLayout):
         batch = args[0]
         module = self.lightning_module
         if batch["input_ids"].shape[0] % self.microbatches:
-            raise ConfigError(f"the batch of {batch['input_ids'].shape[0]} sequences does not split into "
-                              f"microbatches={self.microbatches}; use a data.batch_size that is a multiple of it")
+            raise ConfigError(
+                f"the batch of {batch['input_ids'].shape[0]} sequences does not split into "
+                f"microbatches={self.microbatches}; use a data.batch_size that is a multiple of it"
+            )
         module.account_batch(batch)
         inputs = {"input_ids": batch["input_ids"]}
         if batch.get("document_ids") is not None:
@@ -336,13 +365,15 @@ class PipelineStrategy(DDPStrategy, DescribesLayout):
         aux = aux_1.sum()
         out = DecoderOutput(logits_BTV, aux, {"pipeline": aux} if aux.requires_grad else {}, list(mtp_logits))
         loss, metrics = self.lightning_module.training_loss(out, labels_BT)
-        self._metrics.append({"loss": float(loss.detach()), **{k: float(torch.as_tensor(v).detach()) for k, v in metrics.items()}})
+        self._metrics.append(
+            {"loss": float(loss.detach()), **{k: float(torch.as_tensor(v).detach()) for k, v in metrics.items()}}
+        )
         # the mean over micro-batches and over Lightning's accumulated batches, as without PP
         return loss / (self.microbatches * self.lightning_module.trainer.accumulate_grad_batches)
 
     def _step_metrics(self) -> dict[str, float]:
         """The micro-batch means, from the rank of the last stage to the whole pipeline."""
-        mine = self._metrics[-self.microbatches:]  # the first step also runs the loss once to learn shapes
+        mine = self._metrics[-self.microbatches :]  # the first step also runs the loss once to learn shapes
         means = {k: sum(m[k] for m in mine) / len(mine) for k in mine[0]} if mine else {}
         box = [means]
         src = dist.get_global_rank(self.pp_group, self._last_rank)
@@ -359,8 +390,10 @@ class PipelineStrategy(DDPStrategy, DescribesLayout):
         return self.precision_plugin.post_backward(closure_loss, module)
 
     def validation_step(self, *args: Any, **kwargs: Any) -> Any:
-        raise ConfigError("strategy 'pp' does not run validation through the pipeline yet: set "
-                          "trainer.limit_val_batches=0 (validate the checkpoint without PP)")
+        raise ConfigError(
+            "strategy 'pp' does not run validation through the pipeline yet: set "
+            "trainer.limit_val_batches=0 (validate the checkpoint without PP)"
+        )
 
     # -- once per optimizer step: tied copies and data parallelism ------------------------------------
     def optimizer_step(self, optimizer: Any, closure: Callable[[], Any], model: Any = None, **kwargs: Any) -> Any:
@@ -386,11 +419,14 @@ class PipelineStrategy(DDPStrategy, DescribesLayout):
 
     def counts_embedding_twice(self) -> bool:
         """This rank holds the copy of the embedding that another rank (the first stage's) also holds."""
-        return self.embed_group is not None and self.lightning_module.decoder.embed is not None and \
-            not any(m.first for m in self.stage_modules)
+        return (
+            self.embed_group is not None
+            and self.lightning_module.decoder.embed is not None
+            and not any(m.first for m in self.stage_modules)
+        )
 
     # -- checkpoints: the single-process layout ---------------------------------------------------------
-    def model_state_shapes(self) -> Optional[dict[str, Any]]:
+    def model_state_shapes(self) -> dict[str, Any] | None:
         return self._whole_state or None
 
     def lightning_module_state_dict(self) -> dict[str, Any]:
@@ -403,8 +439,10 @@ class PipelineStrategy(DDPStrategy, DescribesLayout):
         state = {k: v for k, v in checkpoint["state_dict"].items() if k in local}
         missing = [k for k in local if k not in state]
         if strict and missing:
-            raise ConfigError(f"the checkpoint lacks {len(missing)} tensors of this pipeline stage, e.g. {missing[:3]}; "
-                              "resume with the model config it was trained with")
+            raise ConfigError(
+                f"the checkpoint lacks {len(missing)} tensors of this pipeline stage, e.g. {missing[:3]}; "
+                "resume with the model config it was trained with"
+            )
         self.lightning_module.load_state_dict(state, strict=False)
 
     def optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
@@ -412,28 +450,41 @@ class PipelineStrategy(DDPStrategy, DescribesLayout):
         (group by group, model order), the state of each from the rank that trains it."""
         names = self._param_names(optimizer)
         state = optimizer.state_dict()
-        local = {"groups": [[names[i] for i in g["params"]] for g in state["param_groups"]],
-                 "state": {names[i]: _to_cpu(s) for i, s in state["state"].items()}}
+        local = {
+            "groups": [[names[i] for i in g["params"]] for g in state["param_groups"]],
+            "state": {names[i]: _to_cpu(s) for i, s in state["state"].items()},
+        }
         parts = _gather_objects(local, self.pp_group)
         whole_state = _merge([p["state"] for p in parts])
         group_of = {n: g for p in parts for g, group in enumerate(p["groups"]) for n in group}
         index, out_groups, out_state = 0, [], {}
         for g, group in enumerate(state["param_groups"]):
             members = [n for n in self._whole_param_names if group_of.get(n) == g]
-            out_groups.append({**{k: v for k, v in group.items() if k != "params"},
-                               "params": list(range(index, index + len(members)))})
+            out_groups.append(
+                {
+                    **{k: v for k, v in group.items() if k != "params"},
+                    "params": list(range(index, index + len(members))),
+                }
+            )
             for n in members:
                 if n in whole_state:
                     out_state[index] = whole_state[n]
                 index += 1
-        return {"state": out_state, "param_groups": out_groups, "moeframe_param_names": [
-            [n for n in self._whole_param_names if group_of.get(n) == g] for g in range(len(out_groups))]}
+        return {
+            "state": out_state,
+            "param_groups": out_groups,
+            "moeframe_param_names": [
+                [n for n in self._whole_param_names if group_of.get(n) == g] for g in range(len(out_groups))
+            ],
+        }
 
     def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
         for optimizer, whole in zip(self.optimizers, checkpoint["optimizer_states"]):
             if "moeframe_param_names" not in whole:
-                raise ConfigError("this checkpoint's optimizer state was not saved by strategy 'pp' and does not "
-                                  "name its parameters: resume it without PP, or load weights only")
+                raise ConfigError(
+                    "this checkpoint's optimizer state was not saved by strategy 'pp' and does not "
+                    "name its parameters: resume it without PP, or load weights only"
+                )
             by_name: dict[str, Any] = {}
             for group, group_names in zip(whole["param_groups"], whole["moeframe_param_names"]):
                 for i, n in zip(group["params"], group_names):

@@ -23,13 +23,21 @@ not; arXiv 2401.10241, 2412.19437). They are estimates from idealised costs: the
 from __future__ import annotations
 
 import difflib
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Sequence
 
 from moeframe.plugin import ConfigError
 
-__all__ = ["SCHEDULES", "ScheduleSpec", "bubble_fraction", "check_pipeline", "default_vpp", "in_flight",
-           "split_by_cost", "stage_ranks"]
+__all__ = [
+    "SCHEDULES",
+    "ScheduleSpec",
+    "bubble_fraction",
+    "check_pipeline",
+    "default_vpp",
+    "in_flight",
+    "split_by_cost",
+    "stage_ranks",
+]
 
 
 @dataclass(frozen=True)
@@ -45,14 +53,20 @@ class ScheduleSpec:
 
 
 SCHEDULES: dict[str, ScheduleSpec] = {
-    "gpipe": ScheduleSpec("ScheduleGPipe", 1, True, "loop", "all forwards, then all backwards: m activations in flight"),
+    "gpipe": ScheduleSpec(
+        "ScheduleGPipe", 1, True, "loop", "all forwards, then all backwards: m activations in flight"
+    ),
     "1f1b": ScheduleSpec("Schedule1F1B", 1, True, "loop", "one forward, one backward: at most p activations in flight"),
-    "interleaved_1f1b": ScheduleSpec("ScheduleInterleaved1F1B", 2, False, "loop",
-                                     "1F1B over vpp chunks per rank: bubble / vpp, more messages"),
-    "interleaved_zb": ScheduleSpec("ScheduleInterleavedZeroBubble", 2, False, "loop",
-                                   "interleaved, weight gradients moved into the bubble"),
+    "interleaved_1f1b": ScheduleSpec(
+        "ScheduleInterleaved1F1B", 2, False, "loop", "1F1B over vpp chunks per rank: bubble / vpp, more messages"
+    ),
+    "interleaved_zb": ScheduleSpec(
+        "ScheduleInterleavedZeroBubble", 2, False, "loop", "interleaved, weight gradients moved into the bubble"
+    ),
     "zbv": ScheduleSpec("ScheduleZBVZeroBubble", 2, True, "v", "zero bubble, V-shaped: 2 chunks per rank"),
-    "dualpipev": ScheduleSpec("ScheduleDualPipeV", 2, True, "v", "DeepSeek's DualPipe folded into a V: 2 chunks per rank"),
+    "dualpipev": ScheduleSpec(
+        "ScheduleDualPipeV", 2, True, "v", "DeepSeek's DualPipe folded into a V: 2 chunks per rank"
+    ),
 }
 
 
@@ -68,32 +82,47 @@ def default_vpp(schedule: str) -> int:
     return schedule_spec(schedule).vpp
 
 
-def check_pipeline(pp: int, schedule: str, vpp: int, microbatches: int, n_layers: Optional[int] = None,
-                   layers_per_stage: Optional[Sequence[int]] = None, world_size: Optional[int] = None) -> None:
+def check_pipeline(
+    pp: int,
+    schedule: str,
+    vpp: int,
+    microbatches: int,
+    n_layers: int | None = None,
+    layers_per_stage: Sequence[int] | None = None,
+    world_size: int | None = None,
+) -> None:
     """ConfigError, one line naming the fix, for a pipeline layout that cannot run."""
     spec = schedule_spec(schedule)
     if pp < 2:
-        raise ConfigError(f"pp_size must be >= 2 (got {pp}); a single stage is plain training: use strategy auto or ddp")
+        raise ConfigError(
+            f"pp_size must be >= 2 (got {pp}); a single stage is plain training: use strategy auto or ddp"
+        )
     if (spec.exact_vpp and vpp != spec.vpp) or vpp < spec.vpp:
         need = f"exactly {spec.vpp}" if spec.exact_vpp else f"at least {spec.vpp}"
         raise ConfigError(f"schedule {schedule!r} needs vpp={need} virtual stages per rank, got vpp={vpp}")
     stages = pp * vpp
     if microbatches < stages:
-        raise ConfigError(f"microbatches={microbatches} is below the {stages} pipeline stages (pp_size={pp} x vpp={vpp}): "
-                          f"use at least {stages} micro-batches, or fewer stages")
+        raise ConfigError(
+            f"microbatches={microbatches} is below the {stages} pipeline stages (pp_size={pp} x vpp={vpp}): "
+            f"use at least {stages} micro-batches, or fewer stages"
+        )
     if spec.style == "loop" and vpp > 1 and microbatches % pp:
         raise ConfigError(f"schedule {schedule!r} needs microbatches a multiple of pp_size={pp}, got {microbatches}")
     if world_size is not None and world_size % pp:
-        raise ConfigError(f"pp_size={pp} does not divide the world size {world_size} (num_nodes x devices); "
-                          f"the data-parallel degree is world / pp_size")
+        raise ConfigError(
+            f"pp_size={pp} does not divide the world size {world_size} (num_nodes x devices); "
+            f"the data-parallel degree is world / pp_size"
+        )
     if layers_per_stage is not None:
         _check_explicit(layers_per_stage, stages, n_layers)
     elif n_layers is not None and n_layers < stages:
-        raise ConfigError(f"model.n_layers={n_layers} cannot be split into {stages} pipeline stages (pp_size={pp} x "
-                          f"vpp={vpp}): every stage needs a layer; use at most {n_layers} stages")
+        raise ConfigError(
+            f"model.n_layers={n_layers} cannot be split into {stages} pipeline stages (pp_size={pp} x "
+            f"vpp={vpp}): every stage needs a layer; use at most {n_layers} stages"
+        )
 
 
-def _check_explicit(layers_per_stage: Sequence[int], stages: int, n_layers: Optional[int]) -> None:
+def _check_explicit(layers_per_stage: Sequence[int], stages: int, n_layers: int | None) -> None:
     counts = list(layers_per_stage)
     if len(counts) != stages or any(c < 1 for c in counts):
         raise ConfigError(f"layers_per_stage={counts} must list {stages} positive layer counts (pp_size x vpp)")
@@ -141,7 +170,7 @@ def stage_ranks(pp: int, vpp: int, schedule: str) -> list[int]:
     return [s % pp for s in range(stages)]
 
 
-def bubble_fraction(schedule: str, pp: int, microbatches: int, vpp: Optional[int] = None) -> float:
+def bubble_fraction(schedule: str, pp: int, microbatches: int, vpp: int | None = None) -> float:
     """Idle share of a rank's step time, from the unit costs of the module docstring."""
     vpp = vpp or default_vpp(schedule)
     F, B, W = 1.0, 2.0, 1.0  # per stage and micro-batch
@@ -157,7 +186,7 @@ def bubble_fraction(schedule: str, pp: int, microbatches: int, vpp: Optional[int
     return idle / (idle + work)
 
 
-def in_flight(schedule: str, pp: int, microbatches: int, vpp: Optional[int] = None) -> list[float]:
+def in_flight(schedule: str, pp: int, microbatches: int, vpp: int | None = None) -> list[float]:
     """Per rank, the activations it holds at the peak, in units of one stage's activations of one
     micro-batch (a chunk of 1/vpp of a rank's layers counts 1/vpp): GPipe keeps every micro-batch;
     1F1B keeps pp − r on rank r; interleaved 1F1B warms up 2(pp − r − 1) + (vpp − 1)·pp + 1 chunks
