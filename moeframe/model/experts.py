@@ -153,12 +153,18 @@ def pad_expert_groups_static(x_ND: torch.Tensor, expert_N: torch.Tensor, counts_
     return x_MD, padded_E.cumsum(0).to(torch.int32), slot_N
 
 
+def grouped_mm(x_NI: torch.Tensor, w_EIO: torch.Tensor, offs_E: torch.Tensor) -> torch.Tensor:
+    """``F.grouped_mm(x, w, offs=offs)`` that also traces in float32 under ``torch.compile`` (through
+    ``moeframe::grouped_mm``, see the module docstring); same kernel, same results."""
+    if torch.compiler.is_compiling() and x_NI.dtype != torch.bfloat16:
+        return grouped_mm_op(x_NI, w_EIO, offs_E)
+    return F.grouped_mm(x_NI, w_EIO, offs=offs_E)
+
+
 def _grouped_linear(x_ND: torch.Tensor, w_EOD: torch.Tensor, offs_E: torch.Tensor, counts: list[int] | None) -> torch.Tensor:
     """Per-expert ``x @ w_eᵀ`` over contiguous token slices; ``counts`` given → loop fallback."""
     if counts is None:
-        if torch.compiler.is_compiling() and x_ND.dtype != torch.bfloat16:
-            return grouped_mm_op(x_ND, w_EOD.transpose(-2, -1), offs_E)
-        return F.grouped_mm(x_ND, w_EOD.transpose(-2, -1), offs=offs_E)
+        return grouped_mm(x_ND, w_EOD.transpose(-2, -1), offs_E)
     chunks = torch.split(x_ND, counts)
     return torch.cat([c @ w.T for c, w in zip(chunks, w_EOD)], dim=0)
 
