@@ -22,6 +22,7 @@ from string import Template
 from typing import Optional
 
 from moeframe import __version__, registry
+from moeframe.commands.signature import run_function
 from moeframe.errors import ConfigError
 
 _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
@@ -130,3 +131,7 @@ def new_plugin(kind: str, name: str, out: Optional[Path] = None) -> int:
         print(f"wrote {path}")
     print(f"\nnext: pip install -e '{out}[test]' && python -m pytest {out}")
     return 0
+
+
+def command(argv: list[str]) -> int:
+    return run_function(new_plugin, argv, "moeframe new-plugin", short={"-o": "--out"})

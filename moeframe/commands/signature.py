@@ -70,12 +70,12 @@ def build_parser(function: Callable[..., Any], prog: str, skip: Sequence[str] = 
 
     description = (inspect.getdoc(function) or "").split("\n\n")[0]
     parser = ArgumentParser(prog=prog, description=description, usage=usage_line(function, prog, skip),
-                            exit_on_error=False)
+                            exit_on_error=False, allow_abbrev=False)
     parser.add_function_arguments(function, as_group=False, as_positional=True, skip=set(skip))
     return parser
 
 
-def normalised_argv(function: Callable[..., Any], argv: Sequence[str], short: Mapping[str, str],
+def normalised_argv(function: Callable[..., Any], argv: Sequence[str], prog: str, short: Mapping[str, str],
                     skip: Sequence[str] = ()) -> list[str]:
     """``argv`` as ``function``'s parser reads it: short forms expanded; dashed spellings
     (``--seq-len``) as the parameter's flag (``--seq_len``, warning once per spelling); a bool flag
@@ -90,8 +90,13 @@ def normalised_argv(function: Callable[..., Any], argv: Sequence[str], short: Ma
             warnings.warn(f"{flag} is now spelled {new}; the old spelling will be removed in a later release",
                           CommandDeprecationWarning, stacklevel=4)
             flag = new
+        if flag in ("-h", "--help"):
+            words.append(flag)
+            continue
         if flag not in options:
-            (positional if not flag.startswith("-") else words).append(flag + eq + value)
+            if flag.startswith("-") and flag != "-":  # before the parser, which would take a prefix as the flag
+                raise ConfigError(unknown_option_line(flag, function, prog, skip))
+            positional.append(flag + eq + value)
             continue
         if params[options[flag]].annotation in (bool, "bool"):
             if not eq and args and args[0].lower() in _BOOL_WORDS:
@@ -117,16 +122,20 @@ def _positional_words(function: Callable[..., Any], given: list[str], skip: Sequ
     return out + given  # extra words: the parser reports them
 
 
+def unknown_option_line(flag: str, function: Callable[..., Any], prog: str, skip: Sequence[str] = ()) -> str:
+    options = list(option_names(function, skip))
+    close = difflib.get_close_matches("--" + flag.lstrip("-").replace("-", "_"), options, n=1, cutoff=0.5)
+    hint = f" Did you mean {close[0]}?" if close else ""
+    return f"unknown option {flag} of {prog}.{hint} Accepted: {', '.join(options) or 'none'}; see {prog} --help"
+
+
 def parse_error_line(message: str, function: Callable[..., Any], prog: str, skip: Sequence[str] = ()) -> str:
     """One line for a jsonargparse error on ``function``'s command line, with a did-you-mean."""
     options = list(option_names(function, skip))
     message = re.sub(r"Expected a <class '(\w+)'>", r"expected \1", " ".join(message.split()))
     unknown = re.search(r"unrecognized arguments: (\S+)", message, re.I)
     if unknown and unknown.group(1).startswith("-"):
-        flag = unknown.group(1).split("=")[0]
-        close = difflib.get_close_matches("--" + flag.lstrip("-").replace("-", "_"), options, n=1, cutoff=0.5)
-        hint = f" Did you mean {close[0]}?" if close else ""
-        return f"unknown option {flag} of {prog}.{hint} Accepted: {', '.join(options) or 'none'}; see {prog} --help"
+        return unknown_option_line(unknown.group(1).split("=")[0], function, prog, skip)
     if unknown:
         return f"unexpected argument {unknown.group(1)!r}; usage: {usage_line(function, prog, skip)} (see --help)"
     key = re.search(r'[Kk]ey "([\w.]+)": (.*)', message)
@@ -144,7 +153,7 @@ def parse_function_args(function: Callable[..., Any], argv: Sequence[str], prog:
     from jsonargparse import ArgumentError
 
     parser = build_parser(function, prog, skip)
-    args = normalised_argv(function, argv, short or {}, skip)
+    args = normalised_argv(function, argv, prog, short or {}, skip)
     try:
         namespace = parser.parse_args(args)
     except ArgumentError as exc:
