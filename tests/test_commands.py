@@ -203,3 +203,19 @@ def test_the_template_plugin_modules_are_real_modules(kind: str) -> None:
     for rel, text in files.items():
         assert "template" not in text.lower() and "TemplateName" not in text, rel
     assert f'{new_plugin.class_name(f"fresh_{kind}", kind)}' in files[f"src/moeframe_fresh_{kind}/plugin.py"]
+
+
+def test_the_cli_page_lists_every_flag_of_every_command() -> None:
+    from moeframe.commands import convert, esft_select, generate, inspect, plugins, prepare
+    from moeframe.commands.signature import option_names
+
+    table = (REPO / "docs" / "cli.md").read_text().split("## Flags by command")[1]
+    functions = {"plugins": plugins.plugins, "plugins show": plugins.show, "inspect": inspect.inspect,
+                 "prepare": prepare.prepare, "convert": convert.convert, "generate": generate.generate,
+                 "esft-select": esft_select.esft_select, "new-plugin": new_plugin.new_plugin}
+    assert set(functions) == {*EXTRA_COMMANDS, "plugins show"}
+    for name, function in functions.items():
+        row = next(ln for ln in table.splitlines() if ln.startswith(f"| `{name}` |"))
+        skip = {"out"} if name == "generate" else {"overrides"} if name == "esft-select" else set()
+        for flag in set(option_names(function)) - {f"--{s}" for s in skip}:
+            assert f"`{flag}`" in row or f"`-o`/`{flag}`" in row or f"`-c`/`{flag}`" in row, (name, flag)
