@@ -25,7 +25,7 @@ MOEFRAME = [sys.executable, "-m", "moeframe.cli"]
 TINY = REPO / "configs" / "pretrain" / "tiny.yaml"
 FIT_ARGS = ["-c", str(TINY), "--trainer.max_steps", "1", "--trainer.limit_val_batches", "0",
             "--trainer.num_sanity_val_steps", "0", "--trainer.enable_progress_bar", "false",
-            "--trainer.logger", "false", "--trainer.enable_checkpointing", "false",
+            "--trainer.logger", "false",
             "--data.init_args.max_bytes", "200000"]
 
 
@@ -113,11 +113,17 @@ def measure_fit(work: Path) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--fit-only", action="store_true", help="only the fit breakdown (and import lightning)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        medians = measure_commands(args.repeats, work)
-        torch_s = medians['python -c "import torch"']
+        if args.fit_only:
+            lightning = [sys.executable, "-c", "import lightning"]
+            medians = {'python -c "import lightning"': statistics.median(_seconds(lightning, work)
+                                                                         for _ in range(args.repeats))}
+        else:
+            medians = measure_commands(args.repeats, work)
+        torch_s = medians.get('python -c "import torch"', float("nan"))
         print(f"start-up, median of {args.repeats} fresh processes each (interleaved):")
         print(f"  {'command':<48} {'seconds':>8} {'/ import torch':>15}")
         for name, seconds in medians.items():
