@@ -23,10 +23,22 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 MOEFRAME = [sys.executable, "-m", "moeframe.cli"]
 TINY = REPO / "configs" / "pretrain" / "tiny.yaml"
-FIT_ARGS = ["-c", str(TINY), "--trainer.max_steps", "1", "--trainer.limit_val_batches", "0",
-            "--trainer.num_sanity_val_steps", "0", "--trainer.enable_progress_bar", "false",
-            "--trainer.logger", "false",
-            "--data.init_args.max_bytes", "200000"]
+FIT_ARGS = [
+    "-c",
+    str(TINY),
+    "--trainer.max_steps",
+    "1",
+    "--trainer.limit_val_batches",
+    "0",
+    "--trainer.num_sanity_val_steps",
+    "0",
+    "--trainer.enable_progress_bar",
+    "false",
+    "--trainer.logger",
+    "false",
+    "--data.init_args.max_bytes",
+    "200000",
+]
 
 
 def _inputs(work: Path) -> dict[str, list[str]]:
@@ -44,20 +56,35 @@ def _inputs(work: Path) -> dict[str, list[str]]:
         "moeframe plugins": [*MOEFRAME, "plugins"],
         "moeframe inspect tiny.yaml --zero 0": [*MOEFRAME, "inspect", model, "--zero", "0"],
         "moeframe inspect tiny.yaml (default --zero 1)": [*MOEFRAME, "inspect", model],
-        "moeframe prepare (4 small files)": [*MOEFRAME, "prepare", str(corpus), "-o", str(work / "prepared{i}"),
-                                             "--workers", "1"],
-        "moeframe convert (tiny moeframe -> HF)": [*MOEFRAME, "convert", str(work / "mf"), str(work / "hf{i}"),
-                                                    "--dtype", "float32"],
+        "moeframe prepare (4 small files)": [
+            *MOEFRAME,
+            "prepare",
+            str(corpus),
+            "-o",
+            str(work / "prepared{i}"),
+            "--workers",
+            "1",
+        ],
+        "moeframe convert (tiny moeframe -> HF)": [
+            *MOEFRAME,
+            "convert",
+            str(work / "mf"),
+            str(work / "hf{i}"),
+            "--dtype",
+            "float32",
+        ],
         "moeframe new-plugin norm": [*MOEFRAME, "new-plugin", "norm", "bench_norm", "-o", str(work / "plugin{i}")],
         "moeframe fit --help": [*MOEFRAME, "fit", "--help"],
     }
 
 
 def _save_tiny_moeframe_folder(path: Path) -> None:
-    code = ("import sys, yaml; from moeframe.config import ModelConfig; from moeframe.model.decoder import build_decoder;"
-            "from moeframe.convert.hf import save_moeframe; import torch; torch.manual_seed(0);"
-            f"cfg = ModelConfig(**yaml.safe_load(open({str(REPO / 'configs/model/tiny-v3.yaml')!r})));"
-            f"save_moeframe(build_decoder(cfg), {str(path)!r})")
+    code = (
+        "import sys, yaml; from moeframe.config import ModelConfig; from moeframe.model.decoder import build_decoder;"
+        "from moeframe.convert.hf import save_moeframe; import torch; torch.manual_seed(0);"
+        f"cfg = ModelConfig(**yaml.safe_load(open({str(REPO / 'configs/model/tiny-v3.yaml')!r})));"
+        f"save_moeframe(build_decoder(cfg), {str(path)!r})"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
 
 
@@ -103,8 +130,12 @@ print(json.dumps({"imports (lightning + moeframe)": t1 - t0, "config (parse, ins
 
 
 def measure_fit(work: Path) -> dict[str, float]:
-    done = subprocess.run([sys.executable, "-c", FIT_PHASES, *FIT_ARGS, "--trainer.default_root_dir", str(work / "fit")],
-                          cwd=work, capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "-c", FIT_PHASES, *FIT_ARGS, "--trainer.default_root_dir", str(work / "fit")],
+        cwd=work,
+        capture_output=True,
+        text=True,
+    )
     if done.returncode != 0:
         raise RuntimeError(done.stderr[-3000:])
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -119,8 +150,11 @@ def main() -> None:
         work = Path(tmp)
         if args.fit_only:
             lightning = [sys.executable, "-c", "import lightning"]
-            medians = {'python -c "import lightning"': statistics.median(_seconds(lightning, work)
-                                                                         for _ in range(args.repeats))}
+            medians = {
+                'python -c "import lightning"': statistics.median(
+                    _seconds(lightning, work) for _ in range(args.repeats)
+                )
+            }
         else:
             medians = measure_commands(args.repeats, work)
         torch_s = medians.get('python -c "import torch"', float("nan"))
@@ -130,8 +164,10 @@ def main() -> None:
             print(f"  {name:<48} {seconds:8.2f} {seconds / torch_s:15.2f}")
         phases = measure_fit(work)
         lightning_s = medians['python -c "import lightning"']
-        print(f"\ntiny fit (configs/pretrain/tiny.yaml, 1 step) in one fresh process; "
-              f"python -c \"import lightning\" = {lightning_s:.2f} s (median above):")
+        print(
+            f"\ntiny fit (configs/pretrain/tiny.yaml, 1 step) in one fresh process; "
+            f'python -c "import lightning" = {lightning_s:.2f} s (median above):'
+        )
         for name, seconds in phases.items():
             print(f"  {name:<48} {seconds:8.2f} {seconds / lightning_s:8.2f}x import lightning")
         print(f"  {'total':<48} {sum(phases.values()):8.2f}")

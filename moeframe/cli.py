@@ -12,7 +12,7 @@ from typing import Any
 
 from moeframe.commands.main import EXTRA_COMMANDS, TRAINER_COMMANDS, main
 
-__all__ = ["EXTRA_COMMANDS", "TRAINER_COMMANDS", "build_cli", "main"]
+__all__ = ["EXTRA_COMMANDS", "TRAINER_COMMANDS", "main"]  # and build_cli, imported on first use
 
 
 def __getattr__(name: str) -> Any:

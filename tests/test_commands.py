@@ -57,21 +57,27 @@ def test_nothing_outside_the_command_layer_imports_it() -> None:
 
 
 def test_the_ast_scan_sees_an_import_of_the_command_layer(tmp_path: Path) -> None:
-    (tmp_path / "m.py").write_text("def f():\n    from moeframe.commands.train import build_cli\n"
-                                   "from moeframe import cli\n")
-    assert {n for n in _imports(tmp_path / "m.py") if _is_command_module(n)} == {"moeframe.commands.train",
-                                                                                 "moeframe.commands.train.build_cli",
-                                                                                 "moeframe.cli"}
+    (tmp_path / "m.py").write_text(
+        "def f():\n    from moeframe.commands.train import build_cli\nfrom moeframe import cli\n"
+    )
+    assert {n for n in _imports(tmp_path / "m.py") if _is_command_module(n)} == {
+        "moeframe.commands.train",
+        "moeframe.commands.train.build_cli",
+        "moeframe.cli",
+    }
 
 
 def _fresh(code: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                          env=clean_env(), cwd=REPO)
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=clean_env(), cwd=REPO
+    )
 
 
 def test_importing_the_model_and_training_loads_no_command_module() -> None:
-    done = _fresh("import sys, moeframe.model, moeframe.training\n"
-                  f"print([m for m in sys.modules if m.startswith({COMMAND_MODULES!r})])")
+    done = _fresh(
+        "import sys, moeframe.model, moeframe.training\n"
+        f"print([m for m in sys.modules if m.startswith({COMMAND_MODULES!r})])"
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
 
@@ -81,13 +87,23 @@ def test_commands_that_do_not_train_load_no_heavy_package(tmp_path: Path) -> Non
     fresh process: none of them imports Lightning, DeepSpeed, transformers or matplotlib."""
     # inspect with a single-process layout: naming the strategy for a ZeRO or EP layout (the default
     # --zero 1 included) loads the strategy plugins, which are Lightning classes
-    runs = [["--help"], ["plugins"], ["plugins", "--json"], ["inspect", "configs/pretrain/tiny-v3.yaml", "--zero", "0"],
-            ["inspect", "configs/model/v3-671b.yaml", "--zero", "0", "--json"], ["convert", "--help"],
-            ["prepare", "--help"], ["generate", "--help"], ["new-plugin", "norm", "probe_norm", "-o", str(tmp_path / "p")]]
-    code = ("import sys\nfrom moeframe.cli import main\ncodes = []\n"
-            f"for argv in {runs!r}:\n"
-            "    try:\n        codes.append(main(argv))\n    except SystemExit as exc:\n        codes.append(exc.code)\n"
-            f"print('CODES', codes, 'HEAVY', sorted({{m.split('.')[0] for m in sys.modules}} & {set(HEAVY)!r}))")
+    runs = [
+        ["--help"],
+        ["plugins"],
+        ["plugins", "--json"],
+        ["inspect", "configs/pretrain/tiny-v3.yaml", "--zero", "0"],
+        ["inspect", "configs/model/v3-671b.yaml", "--zero", "0", "--json"],
+        ["convert", "--help"],
+        ["prepare", "--help"],
+        ["generate", "--help"],
+        ["new-plugin", "norm", "probe_norm", "-o", str(tmp_path / "p")],
+    ]
+    code = (
+        "import sys\nfrom moeframe.cli import main\ncodes = []\n"
+        f"for argv in {runs!r}:\n"
+        "    try:\n        codes.append(main(argv))\n    except SystemExit as exc:\n        codes.append(exc.code)\n"
+        f"print('CODES', codes, 'HEAVY', sorted({{m.split('.')[0] for m in sys.modules}} & {set(HEAVY)!r}))"
+    )
     done = _fresh(code)
     assert done.returncode == 0, done.stderr[-3000:]
     last = done.stdout.strip().splitlines()[-1]
@@ -112,21 +128,33 @@ def test_every_command_has_help_from_its_signature(command: str, capsys: pytest.
 
 
 @pytest.mark.bad_input
-@pytest.mark.parametrize("command, typo, meant", [
-    (["plugins"], "--jsn", "--json"), (["plugins", "show", "attention", "mla"], "--jason", "--json"),
-    (["inspect", "m.yaml"], "--seqlen", "--seq_len"), (["prepare", "x.txt", "-o", "out"], "--worker", "--workers"),
-    (["convert", "a", "b"], "--drop_mpt", "--drop_mtp"), (["generate", "c.ckpt"], "--temprature", "--temperature"),
-    (["new-plugin", "norm", "x"], "--output", "--out"),  # esft-select passes other flags on to the training parser
-])
+@pytest.mark.parametrize(
+    "command, typo, meant",
+    [
+        (["plugins"], "--jsn", "--json"),
+        (["plugins", "show", "attention", "mla"], "--jason", "--json"),
+        (["inspect", "m.yaml"], "--seqlen", "--seq_len"),
+        (["prepare", "x.txt", "-o", "out"], "--worker", "--workers"),
+        (["convert", "a", "b"], "--drop_mpt", "--drop_mtp"),
+        (["generate", "c.ckpt"], "--temprature", "--temperature"),
+        (["new-plugin", "norm", "x"], "--output", "--out"),  # esft-select passes other flags on to the training parser
+    ],
+)
 def test_an_unknown_flag_gets_the_same_did_you_mean_in_every_command(
-        command: list[str], typo: str, meant: str, capsys: pytest.CaptureFixture[str], tmp_path: Path,
-        monkeypatch: pytest.MonkeyPatch) -> None:
+    command: list[str],
+    typo: str,
+    meant: str,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     monkeypatch.chdir(tmp_path)
     assert main([*command, typo, "1"]) == 2
     err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
     prog = "moeframe " + " ".join(command[:2] if command[:2] == ["plugins", "show"] else command[:1])
-    assert len(err) == 1 and err[0].startswith(f"moeframe {command[0]}: error: unknown option {typo} of {prog}. "
-                                               f"Did you mean {meant}?"), err
+    assert len(err) == 1 and err[0].startswith(
+        f"moeframe {command[0]}: error: unknown option {typo} of {prog}. Did you mean {meant}?"
+    ), err
     assert list(tmp_path.iterdir()) == []  # nothing ran
 
 
@@ -134,8 +162,10 @@ def test_an_unknown_flag_gets_the_same_did_you_mean_in_every_command(
 def test_a_value_of_the_wrong_type_names_the_flag(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["inspect", str(REPO / "configs/model/tiny.yaml"), "--seq_len", "many"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err == ("moeframe inspect: error: --seq_len: expected int. Got value: many; give a value of that type "
-                   "(see moeframe inspect --help)"), err
+    assert err == (
+        "moeframe inspect: error: --seq_len: expected int. Got value: many; give a value of that type "
+        "(see moeframe inspect --help)"
+    ), err
 
 
 def test_old_dashed_spellings_work_with_one_deprecation_warning(capsys: pytest.CaptureFixture[str]) -> None:
@@ -149,7 +179,8 @@ def test_old_dashed_spellings_work_with_one_deprecation_warning(capsys: pytest.C
     assert old == new and new["seq_len"] == 256
     deprecations = [w for w in caught if issubclass(w.category, CommandDeprecationWarning)]
     assert [str(w.message) for w in deprecations] == [
-        "--seq-len is now spelled --seq_len; the old spelling will be removed in a later release"]
+        "--seq-len is now spelled --seq_len; the old spelling will be removed in a later release"
+    ]
 
 
 def test_a_bool_flag_is_a_switch_or_takes_a_value(capsys: pytest.CaptureFixture[str]) -> None:
@@ -202,7 +233,7 @@ def test_the_template_plugin_modules_are_real_modules(kind: str) -> None:
     files = new_plugin.render(kind, f"fresh_{kind}")
     for rel, text in files.items():
         assert "template" not in text.lower() and "TemplateName" not in text, rel
-    assert f'{new_plugin.class_name(f"fresh_{kind}", kind)}' in files[f"src/moeframe_fresh_{kind}/plugin.py"]
+    assert f"{new_plugin.class_name(f'fresh_{kind}', kind)}" in files[f"src/moeframe_fresh_{kind}/plugin.py"]
 
 
 def test_the_cli_page_lists_every_flag_of_every_command() -> None:
@@ -210,9 +241,16 @@ def test_the_cli_page_lists_every_flag_of_every_command() -> None:
     from moeframe.commands.signature import option_names
 
     table = (REPO / "docs" / "cli.md").read_text().split("## Flags by command")[1]
-    functions = {"plugins": plugins.plugins, "plugins show": plugins.show, "inspect": inspect.inspect,
-                 "prepare": prepare.prepare, "convert": convert.convert, "generate": generate.generate,
-                 "esft-select": esft_select.esft_select, "new-plugin": new_plugin.new_plugin}
+    functions = {
+        "plugins": plugins.plugins,
+        "plugins show": plugins.show,
+        "inspect": inspect.inspect,
+        "prepare": prepare.prepare,
+        "convert": convert.convert,
+        "generate": generate.generate,
+        "esft-select": esft_select.esft_select,
+        "new-plugin": new_plugin.new_plugin,
+    }
     assert set(functions) == {*EXTRA_COMMANDS, "plugins show"}
     for name, function in functions.items():
         row = next(ln for ln in table.splitlines() if ln.startswith(f"| `{name}` |"))

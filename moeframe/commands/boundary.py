@@ -10,12 +10,12 @@ another library's message.
 from __future__ import annotations
 
 import sys
-from typing import Callable, Iterator, Optional
+from collections.abc import Callable, Iterator
 
 
 def _chain(exc: BaseException) -> Iterator[BaseException]:
     seen: set[int] = set()
-    current: Optional[BaseException] = exc
+    current: BaseException | None = exc
     while current is not None and id(current) not in seen:
         seen.add(id(current))
         yield current
@@ -33,12 +33,15 @@ def _parse_error_message(exc: BaseException) -> str:
     explained = explain_parse_error(str(exc))
     if explained:
         return explained
-    lines = [ln for ln in str(exc).splitlines()
-             if not ln.strip().startswith(("Given value", "- Expected a <class 'NoneType'>", "Subtypes:"))]
+    lines = [
+        ln
+        for ln in str(exc).splitlines()
+        if not ln.strip().startswith(("Given value", "- Expected a <class 'NoneType'>", "Subtypes:"))
+    ]
     return " ".join(" ".join(lines).split()) + " (run with --help to see the accepted options)"
 
 
-def ckpt_path_of(argv: list[str]) -> Optional[str]:
+def ckpt_path_of(argv: list[str]) -> str | None:
     for i, arg in enumerate(argv):
         if arg == "--ckpt_path" and i + 1 < len(argv):
             return argv[i + 1]
@@ -47,7 +50,7 @@ def ckpt_path_of(argv: list[str]) -> Optional[str]:
     return None
 
 
-def user_error(exc: BaseException, argv: list[str]) -> Optional[str]:
+def user_error(exc: BaseException, argv: list[str]) -> str | None:
     """The one line a bad input gets (see ``moeframe.badinput.user_error_line``), else None."""
     from argparse import ArgumentError
 
@@ -88,4 +91,4 @@ def fault_reason(exc: Exception) -> str:
         return text
     last = text.strip().splitlines()[-1]
     prefix = f"{type(exc).__module__}.{type(exc).__qualname__}: "
-    return last[len(prefix):] if last.startswith(prefix) else last
+    return last[len(prefix) :] if last.startswith(prefix) else last

@@ -7,13 +7,13 @@ import os
 import shutil
 import uuid
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal
 
 from moeframe.commands.signature import run_function
 from moeframe.errors import ConfigError
 
 
-def _check_family(family: Optional[str]) -> None:
+def _check_family(family: str | None) -> None:
     import difflib
 
     from moeframe import registry
@@ -22,12 +22,21 @@ def _check_family(family: Optional[str]) -> None:
     if family is not None and family not in known:
         close = difflib.get_close_matches(family, known, n=1)
         hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise ConfigError(f"--family {family!r} is not an installed checkpoint family.{hint} "
-                          f"Choose one of {', '.join(known) or 'none installed'}")
+        raise ConfigError(
+            f"--family {family!r} is not an installed checkpoint family.{hint} "
+            f"Choose one of {', '.join(known) or 'none installed'}"
+        )
 
 
-def convert(src: str, dst: str, *, fp8: bool = False, dtype: Literal["bfloat16", "float32"] = "bfloat16",
-            drop_mtp: bool = False, family: Optional[str] = None) -> int:
+def convert(
+    src: str,
+    dst: str,
+    *,
+    fp8: bool = False,
+    dtype: Literal["bfloat16", "float32"] = "bfloat16",
+    drop_mtp: bool = False,
+    family: str | None = None,
+) -> int:
     """Convert between HF checkpoint folders (of an installed checkpoint family, DeepSeek-V3/V2
     first-party) and moeframe checkpoints. The direction follows SRC: an HF folder (config.json)
     becomes a moeframe folder; a Lightning .ckpt or a moeframe folder (moeframe.yaml) becomes an HF folder.
@@ -58,8 +67,10 @@ def convert(src: str, dst: str, *, fp8: bool = False, dtype: Literal["bfloat16",
         to_hf(load_moeframe(source), out, fp8=fp8, dtype=getattr(torch, dtype), mtp=not drop_mtp, family=family)
         print(f"wrote HF checkpoint {out}{' (FP8 block format)' if fp8 else ''}")
     else:
-        raise ConfigError(f"{source} is neither an HF folder (config.json) nor a moeframe checkpoint "
-                          "(a Lightning .ckpt or a folder with moeframe.yaml)")
+        raise ConfigError(
+            f"{source} is neither an HF folder (config.json) nor a moeframe checkpoint "
+            "(a Lightning .ckpt or a folder with moeframe.yaml)"
+        )
     return 0
 
 

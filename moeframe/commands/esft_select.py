@@ -4,7 +4,7 @@ the experts of the config's ``init_from`` model on its training data and write t
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from moeframe.commands.signature import run_function
 from moeframe.errors import ConfigError
@@ -19,7 +19,7 @@ def _split(argv: list[str]) -> tuple[list[str], list[str]]:
         flag = argv[i].split("=", 1)[0]
         if flag in ("-c", "--config", "--out"):
             take = 1 if "=" in argv[i] else 2
-            own += argv[i:i + take]
+            own += argv[i : i + take]
             i += take
         elif flag in ("-h", "--help"):
             own.append(argv[i])
@@ -54,7 +54,9 @@ def esft_select(*, config: str, out: str, overrides: Sequence[str] = ()) -> int:
     selection = module.compute_esft_selection(module.initial_decoder(), data)
     path = write_selection(selection, out)
     for name, entry in selection["layers"].items():
-        print(f"{name}: experts {entry['selected']} ({sum(entry['scores'][e] for e in entry['selected']):.1%} of the routing)")
+        print(
+            f"{name}: experts {entry['selected']} ({sum(entry['scores'][e] for e in entry['selected']):.1%} of the routing)"
+        )
     print(f"wrote {path} ({selection['num_tokens']} answer tokens scored)")
     return 0
 

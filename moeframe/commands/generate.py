@@ -4,15 +4,26 @@
 from __future__ import annotations
 
 import sys
-from typing import Optional, TextIO
+from typing import TextIO
 
 from moeframe.commands.signature import run_function
 from moeframe.errors import ConfigError
 
 
-def generate(checkpoint: str, *, prompt: str = "", max_new_tokens: int = 200, temperature: float = 0.0,
-             top_p: float = 1.0, seed: int = 0, tokenizer: str = "byte", no_cache: bool = False,
-             stop_at_eos: bool = False, device: str = "cpu", out: Optional[TextIO] = None) -> int:
+def generate(
+    checkpoint: str,
+    *,
+    prompt: str = "",
+    max_new_tokens: int = 200,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    tokenizer: str = "byte",
+    no_cache: bool = False,
+    stop_at_eos: bool = False,
+    device: str = "cpu",
+    out: TextIO | None = None,
+) -> int:
     """Generate text from a PretrainModule checkpoint (greedy or top-p sampling, KV cache).
 
     Args:
@@ -39,20 +50,31 @@ def generate(checkpoint: str, *, prompt: str = "", max_new_tokens: int = 200, te
     vocab = load_tokenizer(tokenizer)
     decoder = load_decoder(checkpoint, device)
     if vocab.vocab_size > decoder.config.vocab_size:
-        raise ConfigError(f"the tokenizer has {vocab.vocab_size} tokens but the model only "
-                          f"{decoder.config.vocab_size}: pass the tokenizer it was trained with (--tokenizer)")
+        raise ConfigError(
+            f"the tokenizer has {vocab.vocab_size} tokens but the model only "
+            f"{decoder.config.vocab_size}: pass the tokenizer it was trained with (--tokenizer)"
+        )
     ids = vocab.encode(prompt) or [vocab.eos_id]
     prompt_BT = torch.tensor([ids], device=device)
     new_tokens = min(max_new_tokens, decoder.config.max_seq_len - len(ids))
     if new_tokens <= 0:
-        raise ConfigError(f"the prompt ({len(ids)} tokens) fills model.max_seq_len={decoder.config.max_seq_len}; "
-                          "shorten the prompt")
+        raise ConfigError(
+            f"the prompt ({len(ids)} tokens) fills model.max_seq_len={decoder.config.max_seq_len}; shorten the prompt"
+        )
     generator = torch.Generator(device=device).manual_seed(seed)
     stream = TextStream(vocab, out)
     out.write(prompt)
-    for token_B in generate_ids(decoder, prompt_BT, new_tokens, temperature, top_p, use_cache=not no_cache,
-                                eos_id=vocab.eos_id if stop_at_eos else None, vocab_limit=vocab.vocab_size,
-                                generator=generator):
+    for token_B in generate_ids(
+        decoder,
+        prompt_BT,
+        new_tokens,
+        temperature,
+        top_p,
+        use_cache=not no_cache,
+        eos_id=vocab.eos_id if stop_at_eos else None,
+        vocab_limit=vocab.vocab_size,
+        generator=generator,
+    ):
         stream.put(int(token_B[0]))
     stream.finish()
     out.write("\n")
@@ -60,5 +82,5 @@ def generate(checkpoint: str, *, prompt: str = "", max_new_tokens: int = 200, te
     return 0
 
 
-def command(argv: list[str], out: Optional[TextIO] = None) -> int:
+def command(argv: list[str], out: TextIO | None = None) -> int:
     return run_function(generate, argv, "moeframe generate", out=out)

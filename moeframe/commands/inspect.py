@@ -25,12 +25,26 @@ def _check_precision(precision: str) -> None:
     if precision not in choices:
         close = difflib.get_close_matches(precision, choices, n=1)
         hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise ConfigError(f"--precision {precision!r} is not {BUILTIN_PRECISION} or an installed precision plugin.{hint} "
-                          f"Choose one of {', '.join(choices)}")
+        raise ConfigError(
+            f"--precision {precision!r} is not {BUILTIN_PRECISION} or an installed precision plugin.{hint} "
+            f"Choose one of {', '.join(choices)}"
+        )
 
 
-def inspect(config: str, *, json: bool = False, seq_len: int = 4096, zero: int = 1, dp: int = 1, ep: int = 1,
-            precision: str = BUILTIN_PRECISION) -> int:
+def inspect(
+    config: str,
+    *,
+    json: bool = False,
+    seq_len: int = 4096,
+    zero: int = 1,
+    dp: int = 1,
+    ep: int = 1,
+    precision: str = BUILTIN_PRECISION,
+    pp: int | None = None,
+    vpp: int | None = None,
+    schedule: str = "1f1b",
+    microbatches: int | None = None,
+) -> int:
     """Parameters, activated parameters, KV cache, FLOPs and memory of a model config, computed on
     the meta device (nothing is allocated).
 
@@ -42,6 +56,10 @@ def inspect(config: str, *, json: bool = False, seq_len: int = 4096, zero: int =
         dp: data-parallel ranks (including expert-parallel ones)
         ep: expert-parallel degree
         precision: bf16 or an installed precision plugin (its declared bytes per parameter)
+        pp: pipeline ranks: per-stage parameters, activations, bubble
+        vpp: virtual stages per pipeline rank (default: the schedule's)
+        schedule: pipeline schedule (gpipe, 1f1b, interleaved_1f1b, ...)
+        microbatches: micro-batches per batch (default: the stages)
     """
     import json as json_text
     from dataclasses import asdict
@@ -50,11 +68,21 @@ def inspect(config: str, *, json: bool = False, seq_len: int = 4096, zero: int =
 
     _check_positive(seq_len=seq_len, dp=dp, ep=ep)
     _check_precision(precision)
-    report = inspect_model(load_model_config(config), Path(config).stem, seq_len, zero, dp, ep, precision)
+    model = load_model_config(config)
+    report = inspect_model(model, Path(config).stem, seq_len, zero, dp, ep, precision)
+    section = None
+    if pp is not None:
+        from moeframe.pipeline_estimate import pipeline_section
+
+        section = pipeline_section(model, pp, vpp, schedule, microbatches, ep, seq_len)
     if json:
-        print(json_text.dumps(asdict(report), indent=2))
+        print(json_text.dumps({**asdict(report), **({"pipeline": section} if section else {})}, indent=2))
     else:
         print_report(report, zero, dp, ep, precision)
+        if section:
+            from moeframe.pipeline_estimate import print_pipeline
+
+            print_pipeline(section)
     return 0
 
 

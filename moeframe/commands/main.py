@@ -8,15 +8,17 @@ from __future__ import annotations
 
 import importlib
 import sys
-from typing import Callable, Optional
+from collections.abc import Callable
 
 from moeframe.commands.boundary import guarded
 
 TRAINER_COMMANDS = ("fit", "validate", "test", "predict")
-_TRAINER_HELP = {"fit": "train a model (resume with --ckpt_path CKPT or last)",
-                 "validate": "evaluate a checkpoint on the validation data",
-                 "test": "evaluate a checkpoint on the test data",
-                 "predict": "run predict_step over the DataModule's predict data"}
+_TRAINER_HELP = {
+    "fit": "train a model (resume with --ckpt_path CKPT or last)",
+    "validate": "evaluate a checkpoint on the validation data",
+    "test": "evaluate a checkpoint on the test data",
+    "predict": "run predict_step over the DataModule's predict data",
+}
 
 
 def _lazy(module: str) -> Callable[[list[str]], int]:
@@ -25,25 +27,37 @@ def _lazy(module: str) -> Callable[[list[str]], int]:
 
 
 EXTRA_COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
-    "plugins": (_lazy("plugins"), "list installed plugins by kind, name, distribution and version; "
-                                  "`plugins show KIND NAME`: one plugin's options"),
+    "plugins": (
+        _lazy("plugins"),
+        "list installed plugins by kind, name, distribution and version; "
+        "`plugins show KIND NAME`: one plugin's options",
+    ),
     "convert": (_lazy("convert"), "HF DeepSeek-V3/V2 folders <-> moeframe checkpoints (BF16 or FP8 block format)"),
-    "inspect": (_lazy("inspect"),
-                "parameters, activated parameters, KV cache, FLOPs and memory of a model config (meta device)"),
+    "inspect": (
+        _lazy("inspect"),
+        "parameters, activated parameters, KV cache, FLOPs and memory of a model config (meta device)",
+    ),
     "prepare": (_lazy("prepare"), "tokenise text/JSONL/Parquet once into Megatron-format token shards"),
     "generate": (_lazy("generate"), "generate text from a trained checkpoint (greedy or top-p sampling, KV cache)"),
-    "esft-select": (_lazy("esft_select"),
-                    "score experts on a fine-tuning config's data and write the ESFT expert selection (JSON)"),
-    "new-plugin": (_lazy("new_plugin"),
-                   "write a plugin package skeleton (entry point, working plugin, contract tests) for KIND NAME"),
+    "esft-select": (
+        _lazy("esft_select"),
+        "score experts on a fine-tuning config's data and write the ESFT expert selection (JSON)",
+    ),
+    "new-plugin": (
+        _lazy("new_plugin"),
+        "write a plugin package skeleton (entry point, working plugin, contract tests) for KIND NAME",
+    ),
 }
 
 
 def print_help(file=None) -> None:  # noqa: ANN001 (a text stream)
     file = file or sys.stdout
-    print("usage: moeframe COMMAND [options]   (moeframe COMMAND --help for a command's options)\n\n"
-          "Train DeepSeek-V3-style Mixture-of-Experts models on PyTorch Lightning.\n\n"
-          "training (LightningCLI: -c RUN.yaml [--section.key value ...] [--print_config]):", file=file)
+    print(
+        "usage: moeframe COMMAND [options]   (moeframe COMMAND --help for a command's options)\n\n"
+        "Train DeepSeek-V3-style Mixture-of-Experts models on PyTorch Lightning.\n\n"
+        "training (LightningCLI: -c RUN.yaml [--section.key value ...] [--print_config]):",
+        file=file,
+    )
     for name, text in _TRAINER_HELP.items():
         print(f"  {name:<12} {text}", file=file)
     print("\nother commands:", file=file)
@@ -51,7 +65,7 @@ def print_help(file=None) -> None:  # noqa: ANN001 (a text stream)
         print(f"  {name:<12} {text}", file=file)
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     from_shell = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in EXTRA_COMMANDS:
@@ -72,6 +86,8 @@ def _unknown_command(name: str) -> int:
     known = [*TRAINER_COMMANDS, *EXTRA_COMMANDS]
     close = difflib.get_close_matches(name, known, n=1)
     hint = f" Did you mean {close[0]!r}?" if close else ""
-    print(f"moeframe: error: unknown command {name!r}.{hint} Choose one of {', '.join(known)} "
-          "(see moeframe --help)", file=sys.stderr)
+    print(
+        f"moeframe: error: unknown command {name!r}.{hint} Choose one of {', '.join(known)} (see moeframe --help)",
+        file=sys.stderr,
+    )
     return 2

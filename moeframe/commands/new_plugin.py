@@ -19,7 +19,6 @@ import re
 from importlib import resources
 from pathlib import Path
 from string import Template
-from typing import Optional
 
 from moeframe import __version__, registry
 from moeframe.commands.signature import run_function
@@ -29,13 +28,27 @@ _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 TEMPLATE_NAME = "template_name"  # the plugin name the template files are written for
 
 # The class-name suffix of each kind.
-_SUFFIX = {"attention": "Attention", "router": "Router", "experts": "Experts", "norm": "Norm",
-           "residual": "Residual", "precision": "Precision", "strategy": "Strategy", "hf_family": "Family"}
+_SUFFIX = {
+    "attention": "Attention",
+    "router": "Router",
+    "experts": "Experts",
+    "norm": "Norm",
+    "residual": "Residual",
+    "precision": "Precision",
+    "strategy": "Strategy",
+    "hf_family": "Family",
+}
 
-_CHECKS = {"attention": "check_attention_contract", "router": "check_router_contract",
-           "experts": "check_experts_contract", "norm": "check_norm_contract", "residual": "check_residual_contract",
-           "precision": "check_precision_contract", "strategy": "check_strategy_contract",
-           "hf_family": "check_hf_family_contract"}
+_CHECKS = {
+    "attention": "check_attention_contract",
+    "router": "check_router_contract",
+    "experts": "check_experts_contract",
+    "norm": "check_norm_contract",
+    "residual": "check_residual_contract",
+    "precision": "check_precision_contract",
+    "strategy": "check_strategy_contract",
+    "hf_family": "check_hf_family_contract",
+}
 
 _USAGE = {
     "attention": "Select it in a model config: `attention: {name: $name}`.\n",
@@ -68,12 +81,16 @@ def _check_name(kind: str, name: str) -> None:
     if kind not in registry.KINDS:
         raise ConfigError(f"unknown plugin kind {kind!r}; the kinds are: {', '.join(registry.KINDS)}")
     if not _NAME.match(name):
-        raise ConfigError(f"plugin name {name!r} must be lowercase letters, digits and underscores, starting with a "
-                          f"letter: it is the entry-point name configs use and the module moeframe_{name}")
+        raise ConfigError(
+            f"plugin name {name!r} must be lowercase letters, digits and underscores, starting with a "
+            f"letter: it is the entry-point name configs use and the module moeframe_{name}"
+        )
     taken = registry.available(kind).get(name)
     if taken:
-        raise ConfigError(f"{kind} plugin {name!r} is already provided by {taken[0].distribution} {taken[0].version}; "
-                          "two distributions claiming one name are refused at load time: choose another name")
+        raise ConfigError(
+            f"{kind} plugin {name!r} is already provided by {taken[0].distribution} {taken[0].version}; "
+            "two distributions claiming one name are refused at load time: choose another name"
+        )
 
 
 def _renamed(text: str, kind: str, name: str) -> str:
@@ -89,9 +106,17 @@ def render(kind: str, name: str) -> dict[str, str]:
     """The files of the package for ``kind``/``name``: relative path -> text."""
     _check_name(kind, name)
     module = f"moeframe_{name}"
-    values = {"name": name, "kind": kind, "cls": class_name(name, kind), "module": module, "dist": _dist_name(name),
-              "group": registry.KINDS[kind].group, "api": registry.PLUGIN_API, "check": _CHECKS[kind],
-              "moeframe_version": __version__}
+    values = {
+        "name": name,
+        "kind": kind,
+        "cls": class_name(name, kind),
+        "module": module,
+        "dist": _dist_name(name),
+        "group": registry.KINDS[kind].group,
+        "api": registry.PLUGIN_API,
+        "check": _CHECKS[kind],
+        "moeframe_version": __version__,
+    }
     values["usage"] = Template(_USAGE[kind]).substitute(values)
     return {
         "pyproject.toml": Template(template_text("pyproject.toml.template")).substitute(values),
@@ -116,7 +141,7 @@ def write_package(kind: str, name: str, out_dir: Path) -> list[Path]:
     return written
 
 
-def new_plugin(kind: str, name: str, out: Optional[Path] = None) -> int:
+def new_plugin(kind: str, name: str, out: Path | None = None) -> int:
     """Write a plugin package skeleton (pyproject with the entry point, a working minimal plugin,
     tests calling moeframe.testing, README) that passes its own tests as generated.
 

@@ -62,13 +62,28 @@ def show(kind: str, name: str, *, json: bool = False) -> int:
     model_part = isinstance(getattr(cls, "Options", None), type) and kind not in ("precision", "strategy")
     options = option_docs(cls.Options) if model_part else constructor_docs(cls)
     if json:
-        rows = [{"name": o.name, "type": o.type_words, "required": o.default is REQUIRED,
-                 "default": None if o.default is REQUIRED else o.default, "doc": o.doc} for o in options]
-        print(json_text.dumps({**info.__dict__, "plugin_api": registry.declared_plugin_api(cls), "options": rows},
-                              indent=2, default=str))
+        rows = [
+            {
+                "name": o.name,
+                "type": o.type_words,
+                "required": o.default is REQUIRED,
+                "default": None if o.default is REQUIRED else o.default,
+                "doc": o.doc,
+            }
+            for o in options
+        ]
+        print(
+            json_text.dumps(
+                {**info.__dict__, "plugin_api": registry.declared_plugin_api(cls), "options": rows},
+                indent=2,
+                default=str,
+            )
+        )
         return 0
-    print(f"{kind} plugin {name!r}: {info.value} from {info.distribution} {info.version} "
-          f"(plugin API {registry.declared_plugin_api(cls)})")
+    print(
+        f"{kind} plugin {name!r}: {info.value} from {info.distribution} {info.version} "
+        f"(plugin API {registry.declared_plugin_api(cls)})"
+    )
     summary = own_doc(cls).split("\n\n")[0].replace("\n", " ")
     if summary:
         print(f"  {summary}")

@@ -10,10 +10,19 @@ from moeframe.commands.signature import run_function
 from moeframe.errors import ConfigError
 
 
-def prepare(inputs: list[str], *, output: str, tokenizer: str = "byte", eos_token: str | None = None,
-            field: str = "text", val_permille: int = 50, workers: int = max(1, os.cpu_count() or 2),
-            shard_tokens: int = 100_000_000, on_decode_error: Literal["skip", "error"] = "skip",
-            overwrite: bool = False) -> int:
+def prepare(
+    inputs: list[str],
+    *,
+    output: str,
+    tokenizer: str = "byte",
+    eos_token: str | None = None,
+    field: str = "text",
+    val_permille: int = 50,
+    workers: int = max(1, os.cpu_count() or 2),
+    shard_tokens: int = 100_000_000,
+    on_decode_error: Literal["skip", "error"] = "skip",
+    overwrite: bool = False,
+) -> int:
     """Tokenise text files, folders, JSONL or Parquet once into Megatron-format .bin/.idx shards with
     a held-out split and a meta.json recording the tokenizer.
 
@@ -35,11 +44,22 @@ def prepare(inputs: list[str], *, output: str, tokenizer: str = "byte", eos_toke
         if value <= 0:
             raise ConfigError(f"--{name} must be a positive integer, got {value}; give a number above 0")
     from moeframe.badinput import check_output_path
-    from moeframe.data.prepare import collect_sources, prepare as prepare_dataset
+    from moeframe.data.prepare import collect_sources
+    from moeframe.data.prepare import prepare as prepare_dataset
 
     check_output_path(output, "--output", folder=True)
-    summary = prepare_dataset(collect_sources(inputs), output, tokenizer, eos_token, field, val_permille, workers,
-                              shard_tokens, on_decode_error, overwrite)
+    summary = prepare_dataset(
+        collect_sources(inputs),
+        output,
+        tokenizer,
+        eos_token,
+        field,
+        val_permille,
+        workers,
+        shard_tokens,
+        on_decode_error,
+        overwrite,
+    )
     print(summary.line())
     return 0
 

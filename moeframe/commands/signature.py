@@ -20,7 +20,8 @@ import difflib
 import inspect
 import re
 import warnings
-from typing import Any, Callable, Mapping, Optional, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 from moeframe.errors import ConfigError
 
@@ -69,14 +70,20 @@ def build_parser(function: Callable[..., Any], prog: str, skip: Sequence[str] = 
     from jsonargparse import ArgumentParser
 
     description = (inspect.getdoc(function) or "").split("\n\n")[0]
-    parser = ArgumentParser(prog=prog, description=description, usage=usage_line(function, prog, skip),
-                            exit_on_error=False, allow_abbrev=False)
+    parser = ArgumentParser(
+        prog=prog,
+        description=description,
+        usage=usage_line(function, prog, skip),
+        exit_on_error=False,
+        allow_abbrev=False,
+    )
     parser.add_function_arguments(function, as_group=False, as_positional=True, skip=set(skip))
     return parser
 
 
-def normalised_argv(function: Callable[..., Any], argv: Sequence[str], prog: str, short: Mapping[str, str],
-                    skip: Sequence[str] = ()) -> list[str]:
+def normalised_argv(
+    function: Callable[..., Any], argv: Sequence[str], prog: str, short: Mapping[str, str], skip: Sequence[str] = ()
+) -> list[str]:
     """``argv`` as ``function``'s parser reads it: short forms expanded; dashed spellings
     (``--seq-len``) as the parameter's flag (``--seq_len``, warning once per spelling); a bool flag
     without a value (``--json``) set to true; the words of a ``list`` positional as one list."""
@@ -87,8 +94,11 @@ def normalised_argv(function: Callable[..., Any], argv: Sequence[str], prog: str
         flag, eq, value = args.pop(0).partition("=")
         flag = short.get(flag, flag)
         if flag.startswith("--") and "-" in flag[2:] and (new := "--" + flag[2:].replace("-", "_")) in options:
-            warnings.warn(f"{flag} is now spelled {new}; the old spelling will be removed in a later release",
-                          CommandDeprecationWarning, stacklevel=4)
+            warnings.warn(
+                f"{flag} is now spelled {new}; the old spelling will be removed in a later release",
+                CommandDeprecationWarning,
+                stacklevel=4,
+            )
             flag = new
         if flag in ("-h", "--help"):
             words.append(flag)
@@ -147,8 +157,13 @@ def parse_error_line(message: str, function: Callable[..., Any], prog: str, skip
     return f"{message}; see {prog} --help"
 
 
-def parse_function_args(function: Callable[..., Any], argv: Sequence[str], prog: str,
-                        short: Optional[Mapping[str, str]] = None, skip: Sequence[str] = ()) -> dict[str, Any]:
+def parse_function_args(
+    function: Callable[..., Any],
+    argv: Sequence[str],
+    prog: str,
+    short: Mapping[str, str] | None = None,
+    skip: Sequence[str] = (),
+) -> dict[str, Any]:
     """The keyword arguments ``argv`` gives ``function`` (``--help`` prints and exits 0)."""
     from jsonargparse import ArgumentError
 
@@ -162,7 +177,12 @@ def parse_function_args(function: Callable[..., Any], argv: Sequence[str], prog:
     return {k: v for k, v in namespace.as_dict().items() if k in params and k not in skip}
 
 
-def run_function(function: Callable[..., int], argv: Sequence[str], prog: str,
-                 short: Optional[Mapping[str, str]] = None, **fixed: Any) -> int:
+def run_function(
+    function: Callable[..., int],
+    argv: Sequence[str],
+    prog: str,
+    short: Mapping[str, str] | None = None,
+    **fixed: Any,
+) -> int:
     """Parse ``argv`` against ``function`` and call it; ``fixed`` are arguments that are not flags."""
     return function(**parse_function_args(function, argv, prog, short, skip=tuple(fixed)), **fixed)

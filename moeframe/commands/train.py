@@ -15,7 +15,7 @@ import importlib.util
 import json
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from moeframe import registry
 from moeframe.config import ConfigError, with_plugin_defaults
@@ -23,7 +23,7 @@ from moeframe.config import ConfigError, with_plugin_defaults
 TRAINER_COMMANDS = ("fit", "validate", "test", "predict")
 
 
-def default_loggers(save_dir: str, version: Optional[int] = None) -> list[dict[str, Any]]:
+def default_loggers(save_dir: str, version: int | None = None) -> list[dict[str, Any]]:
     """CSV always (plain files anyone can read); TensorBoard too when it is installed; both in
     ``<save_dir>/logs/version_<version>`` (None: Lightning picks the next free one)."""
     init_args: dict[str, Any] = {"save_dir": save_dir, "name": "logs"}
@@ -35,7 +35,7 @@ def default_loggers(save_dir: str, version: Optional[int] = None) -> list[dict[s
     return loggers
 
 
-def claim_default_log_version(save_dir: str) -> Optional[int]:
+def claim_default_log_version(save_dir: str) -> int | None:
     """The run's own ``<save_dir>/logs/version_N``, claimed atomically (``moeframe.training.logversions``)
     by rank 0; other ranks never write logs (and ModelCheckpoint takes rank 0's folder), so they claim nothing."""
     from lightning.pytorch.utilities import rank_zero_only
@@ -59,8 +59,10 @@ def check_strategy_name(name: str) -> None:
         return
     close = difflib.get_close_matches(name, known, n=1)
     hint = f" Did you mean {close[0]!r}?" if close else ""
-    raise ConfigError(f"unknown trainer.strategy {name!r}.{hint} Available: {', '.join(known)}. moeframe plugins "
-                      f"add strategies through the entry-point group {registry.KINDS['strategy'].group!r}.")
+    raise ConfigError(
+        f"unknown trainer.strategy {name!r}.{hint} Available: {', '.join(known)}. moeframe plugins "
+        f"add strategies through the entry-point group {registry.KINDS['strategy'].group!r}."
+    )
 
 
 PLUGINS_PARSER_MODE = "moeframe_yaml"
@@ -101,10 +103,12 @@ def resolve_precision_plugin(entry: Any) -> Any:
         return entry
     close = difflib.get_close_matches(name, list(registered), n=1)
     hint = f" Did you mean {close[0]!r}?" if close else ""
-    raise ConfigError(f"unknown trainer.plugins entry {name!r}.{hint} Registered precision plugins: "
-                      f"{', '.join(sorted(registered)) or 'none installed'}; a Lightning plugin can also be given by "
-                      f"class path (package.module.Class). moeframe plugins add precision plugins through the "
-                      f"entry-point group {registry.KINDS['precision'].group!r}.")
+    raise ConfigError(
+        f"unknown trainer.plugins entry {name!r}.{hint} Registered precision plugins: "
+        f"{', '.join(sorted(registered)) or 'none installed'}; a Lightning plugin can also be given by "
+        f"class path (package.module.Class). moeframe plugins add precision plugins through the "
+        f"entry-point group {registry.KINDS['precision'].group!r}."
+    )
 
 
 def _resolve_plugins_value(value: Any) -> Any:
@@ -132,8 +136,9 @@ def _register_plugins_loader() -> None:
     import yaml
 
     yaml_load = jsonargparse.get_loader("yaml")
-    jsonargparse.set_loader(PLUGINS_PARSER_MODE, lambda stream: _resolve_config_plugins(yaml_load(stream)),
-                            exceptions=(yaml.YAMLError,))
+    jsonargparse.set_loader(
+        PLUGINS_PARSER_MODE, lambda stream: _resolve_config_plugins(yaml_load(stream)), exceptions=(yaml.YAMLError,)
+    )
 
 
 def resolve_plugin_args(argv: list[str]) -> list[str]:
@@ -157,7 +162,7 @@ def _plugins_arg(value: str) -> str:
     return value if resolved == value else json.dumps(resolved)
 
 
-def build_cli(args: Optional[list[str]] = None, run: bool = True, **kwargs: Any) -> Any:
+def build_cli(args: list[str] | None = None, run: bool = True, **kwargs: Any) -> Any:
     """The LightningCLI behind ``moeframe fit|validate|test|predict`` (``run=False`` to only
     parse and instantiate, as the config tests do)."""
     # imported here so `moeframe plugins` stays fast (lightning takes seconds to import)
@@ -243,7 +248,7 @@ def build_cli(args: Optional[list[str]] = None, run: bool = True, **kwargs: Any)
     )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def no_abbrev_parser_class() -> type:
     """Lightning's parser without option abbreviations: argparse would take an unambiguous prefix
     as the option (``--model.config.n_head 2`` silently setting ``n_heads``), and a typo must be an
@@ -261,7 +266,7 @@ def no_abbrev_parser_class() -> type:
     return NoAbbrevArgumentParser
 
 
-def _resumable_checkpoint(root: str) -> Optional[str]:
+def _resumable_checkpoint(root: str) -> str | None:
     """``--ckpt_path last``: the newest intact checkpoint anywhere under the run's root (every
     logger version, preemption and SLURM checkpoints), so a restarted job just says ``last``."""
     from lightning.pytorch.utilities import rank_zero_info
@@ -269,12 +274,15 @@ def _resumable_checkpoint(root: str) -> Optional[str]:
     from moeframe.training.reliability import find_resumable_checkpoint
 
     found = find_resumable_checkpoint(Path(root))
-    rank_zero_info(f"--ckpt_path last: resuming from {found}" if found else
-                   f"--ckpt_path last: no checkpoint under {root} yet, starting from scratch")
+    rank_zero_info(
+        f"--ckpt_path last: resuming from {found}"
+        if found
+        else f"--ckpt_path last: no checkpoint under {root} yet, starting from scratch"
+    )
     return str(found) if found else None
 
 
-def _model_config_of(config: Any) -> Optional[dict[str, Any]]:
+def _model_config_of(config: Any) -> dict[str, Any] | None:
     """The model config (``model.init_args.config``) of a parsed run config as plain data."""
     import dataclasses
 
@@ -311,24 +319,32 @@ def _raise_config_mismatch(given: dict[str, Any], stored: dict[str, Any]) -> Non
     from moeframe.model.decoder import build_decoder
     from moeframe.training.reliability import state_dict_differences
 
-    fields = [f"{k}: {stored.get(k)!r} in the checkpoint, {given.get(k)!r} given"
-              for k in sorted(set(given) | set(stored)) if given.get(k) != stored.get(k)]
+    fields = [
+        f"{k}: {stored.get(k)!r} in the checkpoint, {given.get(k)!r} given"
+        for k in sorted(set(given) | set(stored))
+        if given.get(k) != stored.get(k)
+    ]
     tensors = ""
     try:
         names = {f.name for f in dataclasses.fields(ModelConfig)}
-        built = [build_decoder(ModelConfig(**{k: v for k, v in cfg.items() if k in names}), device="meta").state_dict()
-                 for cfg in (given, stored)]
+        built = [
+            build_decoder(ModelConfig(**{k: v for k, v in cfg.items() if k in names}), device="meta").state_dict()
+            for cfg in (given, stored)
+        ]
         tensors = state_dict_differences(built[0], built[1])
     except Exception as exc:  # a config that does not even build is reported by its fields alone
         tensors = ""
         import logging
+
         logging.getLogger(__name__).debug(f"could not build both configs: {exc}")
-    raise CheckpointError(f"the checkpoint was made with another model config ({'; '.join(fields[:4])})"
-                          + (f"; tensors: {tensors}" if tensors else "")
-                          + "; resume with the config it was trained with, or drop the --ckpt_path")
+    raise CheckpointError(
+        f"the checkpoint was made with another model config ({'; '.join(fields[:4])})"
+        + (f"; tensors: {tensors}" if tensors else "")
+        + "; resume with the config it was trained with, or drop the --ckpt_path"
+    )
 
 
-def _checked_ckpt_path(section: Any) -> Optional[str]:
+def _checked_ckpt_path(section: Any) -> str | None:
     """``ckpt_path`` of a subcommand's config, resolved and verified: ``last`` is the newest intact
     checkpoint under the run's root; a truncated or corrupt file is one clear line, or, when the
     run's Reliability callback says ``on_corrupt_checkpoint: previous``, the newest intact
@@ -345,8 +361,10 @@ def _checked_ckpt_path(section: Any) -> Optional[str]:
     if path in ("best", "hpc", "registry") or "://" in str(path):
         return path
     if not Path(path).exists():
-        raise CheckpointError(f"--ckpt_path {path} does not exist; check the path, or pass `last` to resume from the "
-                              "newest checkpoint under trainer.default_root_dir")
+        raise CheckpointError(
+            f"--ckpt_path {path} does not exist; check the path, or pass `last` to resume from the "
+            "newest checkpoint under trainer.default_root_dir"
+        )
     problem = verify_checkpoint(Path(path)) or _not_a_lightning_checkpoint(Path(path))
     if problem is None:
         return path
@@ -358,12 +376,15 @@ def _checked_ckpt_path(section: Any) -> Optional[str]:
     if policy == "previous" and fallback is not None:
         rank_zero_warn(f"checkpoint {path} is unusable: {problem}; resuming from {fallback} instead")
         return str(fallback)
-    hint = (f"; the newest intact one beside it is {fallback}" if fallback else
-            "; pass another checkpoint written by `moeframe fit`, or `last`")
+    hint = (
+        f"; the newest intact one beside it is {fallback}"
+        if fallback
+        else "; pass another checkpoint written by `moeframe fit`, or `last`"
+    )
     raise CheckpointError(f"checkpoint {path} is unusable: {problem}{hint}")
 
 
-def _not_a_lightning_checkpoint(path: Path) -> Optional[str]:
+def _not_a_lightning_checkpoint(path: Path) -> str | None:
     """Why a checkpoint file that is a complete torch file is still not a Lightning checkpoint
     (Lightning itself would fail with a KeyError), else None. Memory-mapped: tensors are not read."""
     import torch

@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moeframe.plugin import (AttentionBase, ForwardContext, ModelConfig, PluginOptions, apply_rope, document_mask,
-                             rope_cos_sin)
+from moeframe.plugin import (
+    AttentionBase,
+    ForwardContext,
+    ModelConfig,
+    PluginOptions,
+    apply_rope,
+    document_mask,
+    rope_cos_sin,
+)
 
 
 @dataclass
@@ -37,13 +43,15 @@ class TemplateNameAttention(AttentionBase):
         self.wo = nn.Linear(config.dim, config.dim, bias=False)
 
     @classmethod
-    def hf_tensor_names(cls, family: str) -> dict[str, Optional[str]]:
+    def hf_tensor_names(cls, family: str) -> dict[str, str | None]:
         # its names in HF checkpoints, below the attention module (what `moeframe convert` writes)
         return {"wqkv.weight": "qkv_proj.weight", "wqkv.bias": "qkv_proj.bias", "wo.weight": "o_proj.weight"}
 
     def forward(self, x_BTD: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         if ctx.decoding:
-            raise NotImplementedError("template_name has no KV cache yet: implement new_cache() to decode incrementally")
+            raise NotImplementedError(
+                "template_name has no KV cache yet: implement new_cache() to decode incrementally"
+            )
         B, T, D = x_BTD.shape
         q, k, v = self.wqkv(x_BTD).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         cos, sin = rope_cos_sin(ctx.positions_T, self.head_dim, self.rope_theta, x_BTD.dtype)

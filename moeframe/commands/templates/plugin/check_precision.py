@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from moeframe_template_name.plugin import TemplateNamePrecision, converted_names
+
 from moeframe.plugin import build_decoder, registry
 from moeframe.testing import check_precision_contract, tiny_config
-from moeframe_template_name.plugin import TemplateNamePrecision, converted_names
 
 
 def test_registered_through_the_entry_point() -> None:

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from moeframe_template_name.plugin import TemplateNameResidual
+
 from moeframe.plugin import registry
 from moeframe.testing import check_residual_contract, tiny_config
-from moeframe_template_name.plugin import TemplateNameResidual
 
 
 def test_registered_through_the_entry_point() -> None:

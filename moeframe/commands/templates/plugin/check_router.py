@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from moeframe_template_name.plugin import TemplateNameRouter
+
 from moeframe.plugin import registry
 from moeframe.testing import check_router_contract, tiny_config
-from moeframe_template_name.plugin import TemplateNameRouter
 
 
 def test_registered_through_the_entry_point() -> None:
@@ -14,4 +15,6 @@ def test_registered_through_the_entry_point() -> None:
 
 def test_router_contract() -> None:
     check_router_contract(tiny_config(router={"name": "template_name"}), weights_sum_to=1.0)
-    check_router_contract(tiny_config(router={"name": "template_name", "temperature": 0.5}, route_scale=2.5), weights_sum_to=2.5)
+    check_router_contract(
+        tiny_config(router={"name": "template_name", "temperature": 0.5}, route_scale=2.5), weights_sum_to=2.5
+    )

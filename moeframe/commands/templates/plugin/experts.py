@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -24,20 +23,28 @@ class TemplateNameExperts(ExpertsBase):
     Options = TemplateNameExpertsOptions
     plugin_api = "2"  # the moeframe plugin API this class is written against
 
-    def __init__(self, config: ModelConfig, options: TemplateNameExpertsOptions, num_experts: int, dim: int, hidden_dim: int,
-                 layer_id: int) -> None:
+    def __init__(
+        self,
+        config: ModelConfig,
+        options: TemplateNameExpertsOptions,
+        num_experts: int,
+        dim: int,
+        hidden_dim: int,
+        layer_id: int,
+    ) -> None:
         super().__init__(config, options, num_experts, dim, hidden_dim, layer_id)
         self.w1 = nn.Parameter(torch.empty(num_experts, hidden_dim, dim))
         self.w2 = nn.Parameter(torch.empty(num_experts, dim, hidden_dim))
         self.w3 = nn.Parameter(torch.empty(num_experts, hidden_dim, dim))
 
     @classmethod
-    def hf_tensor_names(cls, family: str) -> dict[str, Optional[str]]:
+    def hf_tensor_names(cls, family: str) -> dict[str, str | None]:
         # one SwiGLU per expert in HF checkpoints: {e} is the expert index along dim 0
         return {"w1": "{e}.gate_proj.weight", "w3": "{e}.up_proj.weight", "w2": "{e}.down_proj.weight"}
 
-    def forward(self, x_TD: torch.Tensor, weights_TK: torch.Tensor, indices_TK: torch.Tensor,
-                ctx: ForwardContext) -> torch.Tensor:
+    def forward(
+        self, x_TD: torch.Tensor, weights_TK: torch.Tensor, indices_TK: torch.Tensor, ctx: ForwardContext
+    ) -> torch.Tensor:
         y_TD = torch.zeros_like(x_TD)
         for e in indices_TK.unique().tolist():
             token_N, slot_N = (indices_TK == e).nonzero(as_tuple=True)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import fields
-from typing import Any, Optional
+from typing import Any
 
 from moeframe.plugin import ConfigError, HFFamily, HFTensor, ModelConfig, registry, resolve_model_config
 
@@ -28,8 +28,13 @@ class TemplateNameFamily(HFFamily):
     def config_from_hf(self, hf: dict[str, Any], path: str, mtp: bool) -> ModelConfig:
         try:
             core = {f.name: hf["moeframe"][f.name] for f in fields(ModelConfig) if f.name not in _PARTS}
-            parts = {kind: {"name": hf[f"{kind}_type"],
-                            **registry.load(kind, hf[f"{kind}_type"]).options_from_hf(self.name, hf)} for kind in _PARTS}
+            parts = {
+                kind: {
+                    "name": hf[f"{kind}_type"],
+                    **registry.load(kind, hf[f"{kind}_type"]).options_from_hf(self.name, hf),
+                }
+                for kind in _PARTS
+            }
         except KeyError as exc:
             raise ConfigError(f"{path}: missing field {exc.args[0]!r} for a template_name checkpoint") from None
         return ModelConfig(**core, **parts)
@@ -38,15 +43,17 @@ class TemplateNameFamily(HFFamily):
         if config.mtp_depth and mtp:
             raise ConfigError("template_name checkpoints have no multi-token-prediction layers; export with mtp=False")
         plan = resolve_model_config(config)
-        out: dict[str, Any] = {"model_type": self.model_type,
-                               "moeframe": {f.name: getattr(config, f.name) for f in fields(ModelConfig) if f.name not in _PARTS}}
+        out: dict[str, Any] = {
+            "model_type": self.model_type,
+            "moeframe": {f.name: getattr(config, f.name) for f in fields(ModelConfig) if f.name not in _PARTS},
+        }
         for kind in _PARTS:
             choice = getattr(plan, kind)
             out[f"{kind}_type"] = choice.name
             out.update(choice.cls.hf_config(self.name, config, choice.options))
         return out
 
-    def module_prefix(self, module: str, config: ModelConfig) -> Optional[str]:
+    def module_prefix(self, module: str, config: ModelConfig) -> str | None:
         if module == "norm":
             return "model.norm"
         m = re.fullmatch(r"layers\.(\d+)\.([a-z_]+)(\..+)?", module)
@@ -54,5 +61,5 @@ class TemplateNameFamily(HFFamily):
             return None
         return f"model.layers.{m.group(1)}.{_BLOCK[m.group(2)]}{m.group(3) or ''}"
 
-    def core_tensor(self, key: str, config: ModelConfig) -> Optional[HFTensor]:
+    def core_tensor(self, key: str, config: ModelConfig) -> HFTensor | None:
         return HFTensor(_CORE[key], quantizable=False) if key in _CORE else None

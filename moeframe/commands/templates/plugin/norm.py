@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -23,14 +22,14 @@ class TemplateNameNorm(NormBase):
     Options = TemplateNameNormOptions
     plugin_api = "2"  # the moeframe plugin API this class is written against
 
-    def __init__(self, dim: int, eps: float, options: TemplateNameNormOptions, layer_id: Optional[int] = None) -> None:
+    def __init__(self, dim: int, eps: float, options: TemplateNameNormOptions, layer_id: int | None = None) -> None:
         super().__init__(dim, eps, options, layer_id)
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
     @classmethod
-    def hf_tensor_names(cls, family: str) -> dict[str, Optional[str]]:
+    def hf_tensor_names(cls, family: str) -> dict[str, str | None]:
         return {"weight": "weight"}  # its name in HF checkpoints, below the norm's module
 
-    def forward(self, x: torch.Tensor, ctx: Optional[ForwardContext] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ctx: ForwardContext | None = None) -> torch.Tensor:
         return F.layer_norm(x.float(), (x.shape[-1],), self.weight.float(), None, self.eps).to(x.dtype)

@@ -32,8 +32,11 @@ def converted_names(model: nn.Module) -> list[str]:
     for prefix, sub in model.named_modules():
         if hasattr(sub, "high_precision_modules"):  # the moeframe Decoder, wherever it sits
             keep += [f"{prefix}.{k}" if prefix else k for k in sub.high_precision_modules()]
-    return [n for n, m in model.named_modules()
-            if isinstance(m, nn.Linear) and not any(n == k or n.startswith(k + ".") for k in keep)]
+    return [
+        n
+        for n, m in model.named_modules()
+        if isinstance(m, nn.Linear) and not any(n == k or n.startswith(k + ".") for k in keep)
+    ]
 
 
 class TemplateNamePrecision(Precision):

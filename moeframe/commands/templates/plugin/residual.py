@@ -3,8 +3,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import nn
@@ -34,7 +34,12 @@ class TemplateNameResidual(ResidualBase):
         with torch.no_grad():
             self.scale_2.fill_(self.init_scale)
 
-    def forward(self, h_BTD: torch.Tensor, attention: Callable[[torch.Tensor], torch.Tensor],
-                ffn: Callable[[torch.Tensor], torch.Tensor], ctx: ForwardContext) -> torch.Tensor:
+    def forward(
+        self,
+        h_BTD: torch.Tensor,
+        attention: Callable[[torch.Tensor], torch.Tensor],
+        ffn: Callable[[torch.Tensor], torch.Tensor],
+        ctx: ForwardContext,
+    ) -> torch.Tensor:
         h_BTD = h_BTD + self.scale_2[0].to(h_BTD.dtype) * attention(h_BTD)
         return h_BTD + self.scale_2[1].to(h_BTD.dtype) * ffn(h_BTD)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 from torch import nn
@@ -32,11 +31,15 @@ class TemplateNameRouter(RouterBase):
 
     def __init__(self, config: ModelConfig, options: TemplateNameRouterOptions, layer_id: int) -> None:
         super().__init__(config, options, layer_id)
-        self.top_k, self.route_scale, self.temperature = config.n_activated_experts, config.route_scale, options.temperature
+        self.top_k, self.route_scale, self.temperature = (
+            config.n_activated_experts,
+            config.route_scale,
+            options.temperature,
+        )
         self.weight = nn.Parameter(torch.empty(config.n_routed_experts, config.dim))
 
     @classmethod
-    def hf_tensor_names(cls, family: str) -> dict[str, Optional[str]]:
+    def hf_tensor_names(cls, family: str) -> dict[str, str | None]:
         # its names in HF checkpoints, below the router's module (what `moeframe convert` writes)
         return {"weight": "weight"}
 
