@@ -34,8 +34,6 @@ FIT_ARGS = [
     "0",
     "--trainer.enable_progress_bar",
     "false",
-    "--trainer.logger",
-    "false",
     "--data.init_args.max_bytes",
     "200000",
 ]
