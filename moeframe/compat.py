@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["ddp_ignore", "in_autograd_backward", "set_logger_step"]
+__all__ = ["ddp_ignore", "flush_step_metrics", "in_autograd_backward", "set_logger_step"]
 
 
 def in_autograd_backward() -> bool:
@@ -39,3 +39,10 @@ def set_logger_step(trainer: Any, step: int) -> None:
     """Set the step Lightning hands the loggers (``self.log``'s x axis). Lightning 2.6.6 keeps it in
     ``trainer.fit_loop.epoch_loop._batches_that_stepped`` and offers no setter."""
     trainer.fit_loop.epoch_loop._batches_that_stepped = step
+
+
+def flush_step_metrics(trainer: Any) -> None:
+    """Send the metrics logged during the current training step to the loggers now (Lightning
+    sends them after ``on_train_batch_end``; a callback that ends the run there would lose them).
+    Lightning 2.6.6: ``trainer._logger_connector.update_train_step_metrics()``."""
+    trainer._logger_connector.update_train_step_metrics()

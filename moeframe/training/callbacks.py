@@ -9,6 +9,8 @@ import lightning as L
 from lightning.pytorch.callbacks import Callback, ThroughputMonitor
 from lightning.pytorch.utilities import rank_zero_only
 
+from moeframe.compat import set_logger_step
+
 
 def _tokens(batch: Any) -> int:
     return int(batch["input_ids"].numel())
@@ -156,13 +158,13 @@ class LoggerStepAfterResume(Callback):
     the same and gets one increment too many: every later row of metrics.csv (train and val) is
     labelled one step late. With automatic optimization the logger step equals ``global_step``
     whenever a batch starts and when an epoch ends in an uninterrupted run, so it is set to that
-    there. Added first among the callbacks (``ensure_logger_step_alignment``), before any other
-    logs in the same hook.
+    there. ``PretrainModule.configure_callbacks`` attaches it. Its place among the callbacks does
+    not matter: ``self.log`` values are handed to the loggers after the hooks, at this step.
     """
 
     def _align(self, trainer: L.Trainer) -> None:
         if trainer.lightning_module.automatic_optimization:
-            trainer.fit_loop.epoch_loop._batches_that_stepped = trainer.global_step
+            set_logger_step(trainer, trainer.global_step)
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
         self._align(trainer)
@@ -172,6 +174,7 @@ class LoggerStepAfterResume(Callback):
 
 
 def ensure_logger_step_alignment(trainer: L.Trainer) -> None:
-    """Put ``LoggerStepAfterResume`` first among the trainer's callbacks (once)."""
+    """Put ``LoggerStepAfterResume`` first among the trainer's callbacks (once). For modules other
+    than moeframe's, whose ``configure_callbacks`` attaches it."""
     if not any(isinstance(cb, LoggerStepAfterResume) for cb in trainer.callbacks):
         trainer.callbacks.insert(0, LoggerStepAfterResume())

@@ -12,10 +12,12 @@ from typing import Any, Literal, Optional
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 import torch.nn.functional as F
 from torchmetrics import MeanMetric
 
+from moeframe.compat import ddp_ignore
 from moeframe.config import ConfigError, ModelConfig, OptimConfig, RuntimeConfig, resolve_model_config
 from moeframe.model.decoder import Decoder, DecoderOutput
 from moeframe.training.optim import build_optimizer
@@ -98,33 +100,51 @@ class PretrainModule(L.LightningModule):
         self.val_loss = MeanMetric()
 
     # -- building -----------------------------------------------------------------------------
-    def _ensure_balance_callback(self) -> None:
-        """A router that balances by state updates (aux_free's bias) would silently never move
-        without the ExpertBalance callback, so it is added when the run config lacks it."""
-        from moeframe.model.base import RouterBase
+    def configure_callbacks(self) -> list[Callback]:
+        """The callbacks every fit of this module needs, attached by Lightning (which replaces a
+        run-config callback of the same type with the one returned here): the run config's own
+        instance is returned when it has one, so its options win; otherwise a default one.
+
+        - ``LoggerStepAfterResume``: the logged step equals the optimizer step after a resume;
+        - ``ExpertBalance`` (MoE models): the one owner of the expert counts: router state updates
+          (aux_free's bias would silently never move without it), load metrics, router faults;
+        - ``Reliability``: preemption, non-finite steps, loss spikes, RNG states, atomic checkpoints.
+        """
+        from lightning.pytorch.trainer.states import TrainerFn
+
         from moeframe.training.balance import ExpertBalance
+        from moeframe.training.callbacks import LoggerStepAfterResume
+        from moeframe.training.reliability import Reliability
+
+        if self.trainer.state.fn != TrainerFn.FITTING:
+            return []
+        wanted: list[type[Callback]] = [LoggerStepAfterResume, Reliability]
+        if self.config.n_routed_experts > 0:
+            wanted.insert(1, ExpertBalance)  # before Reliability: a preemption checkpoint holds the updated router state
+        attached = [self._configured_or_default(kind) for kind in wanted]
+        _hand_legacy_router_options(attached)
+        return attached
+
+    def _configured_or_default(self, kind: type[Callback]) -> Callback:
+        for callback in self.trainer.callbacks:
+            if isinstance(callback, kind):
+                return callback
+        if kind.__name__ == "ExpertBalance":
+            self._say_why_balance_is_added()
+        return kind()
+
+    def _say_why_balance_is_added(self) -> None:
+        from moeframe.model.base import RouterBase
 
         # any layer's router counts: per-layer choices may put a bias-balanced router in some layers only
         blocks = range(self.config.n_layers + self.config.mtp_depth)
         updating = [c for c in (self.plan.layer(i).router for i in blocks)
                     if c.cls.update_after_step is not RouterBase.update_after_step]
-        if not updating:
-            return
-        if not any(isinstance(cb, ExpertBalance) for cb in self.trainer.callbacks):
+        if updating:
             rank_zero_info(f"adding the ExpertBalance callback: router {updating[0].name!r} updates its "
                            "state from the global expert counts after every optimizer step")
-            self.trainer.callbacks.append(ExpertBalance())
 
     def setup(self, stage: str) -> None:
-        if stage == "fit":
-            self._ensure_balance_callback()
-            # preemption, non-finite steps, loss spikes, router faults, RNG states, atomic checkpoints
-            from moeframe.training.reliability import ensure_reliability_callback
-
-            ensure_reliability_callback(self.trainer, self, stage)
-            from moeframe.training.callbacks import ensure_logger_step_alignment
-
-            ensure_logger_step_alignment(self.trainer)  # logged steps after a resume: see its docstring
         self.check_data(getattr(self.trainer, "datamodule", None))
 
     def check_data(self, datamodule: Any) -> None:
@@ -156,12 +176,15 @@ class PretrainModule(L.LightningModule):
     def _keep_counts_local_under_ddp(self) -> None:
         """DDP broadcasts rank 0's buffers at every forward; the per-rank expert counts must not be
         overwritten between micro-batches (ExpertBalance sums them over ranks once per step)."""
-        from torch.nn.parallel import DistributedDataParallel
-
         assert self.decoder is not None
-        counts = [f"decoder.{n}" for n, _ in self.decoder.named_buffers() if n.endswith("tokens_per_expert")]
-        already = list(getattr(self, "_ddp_params_and_buffers_to_ignore", []))
-        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(self, already + counts)
+        ddp_ignore(self, [f"decoder.{n}" for n, _ in self.decoder.named_buffers() if n.endswith("tokens_per_expert")])
+
+    def attached_trainer(self) -> Optional[L.Trainer]:
+        """The trainer running this module; None when called outside one (a test, a script)."""
+        try:
+            return self.trainer
+        except RuntimeError:  # Lightning's way of saying "not attached to a Trainer"
+            return None
 
     def forward(self, input_ids: torch.Tensor, document_ids: Optional[torch.Tensor] = None,
                 mtp: bool = False) -> DecoderOutput:
@@ -176,7 +199,8 @@ class PretrainModule(L.LightningModule):
     # -- steps ----------------------------------------------------------------------------------
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         # every rank sees a micro-batch of the same size: count the global tokens consumed
-        self.tokens_seen += batch["input_ids"].numel() * (self.trainer.world_size if self._trainer else 1)
+        trainer = self.attached_trainer()
+        self.tokens_seen += batch["input_ids"].numel() * (trainer.world_size if trainer is not None else 1)
         self.flops_per_batch = self._training_flops(batch["input_ids"])
         use_mtp = self.config.mtp_depth > 0
         out = self(batch["input_ids"], batch.get("document_ids"), mtp=use_mtp)
@@ -235,7 +259,7 @@ class PretrainModule(L.LightningModule):
         if "state_dict" in checkpoint and self.decoder is not None:
             # a checkpoint of another model config: say which tensors differ, not a traceback wall
             from moeframe.errors import CheckpointError
-            from moeframe.training.reliability import state_dict_differences
+            from moeframe.training.checkpoint_io import state_dict_differences
 
             model_state = self.state_dict()
             for name, param in self.named_parameters():  # ZeRO-3 holds placeholders; ds_shape is the real one
@@ -265,3 +289,16 @@ class PretrainModule(L.LightningModule):
         total = int(total)
         optimizer, scheduler = build_optimizer(self.decoder, self.optim, total, lambda: self.tokens_seen)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def _hand_legacy_router_options(callbacks: list[Callback]) -> None:
+    """Router-fault options given to Reliability (deprecated there) go to the ExpertBalance that
+    now owns them; done once, when the module's callbacks are assembled."""
+    from moeframe.training.balance import ExpertBalance
+    from moeframe.training.reliability import Reliability
+
+    balance = next((c for c in callbacks if isinstance(c, ExpertBalance)), None)
+    guard = next((c for c in callbacks if isinstance(c, Reliability)), None)
+    if balance is not None and guard is not None:
+        for name, value in guard.legacy_router_options().items():
+            setattr(balance, name, value)

@@ -90,11 +90,12 @@ class CPUCapableDeepSpeedStrategy(AtomicFolderCheckpoints, DeepSpeedStrategy, De
     def _auto_select_batch_size(self) -> int:
         # DeepSpeed only uses it for throughput logging. Lightning reads the loader's batch
         # sampler, which an iterable (streaming) dataset does not have; ask the DataModule first.
-        datamodule = getattr(self.lightning_module.trainer, "datamodule", None)
-        batch_size = getattr(datamodule, "batch_size", None)
+        # Without one (a loader handed to fit directly), the loader Lightning set up, if any; else 1.
+        trainer = self.lightning_module.trainer
+        batch_size = getattr(trainer.datamodule, "batch_size", None)
         if isinstance(batch_size, int) and batch_size > 0:
             return batch_size
-        loader = self.lightning_module.trainer.fit_loop._data_source.dataloader()
+        loader = trainer.train_dataloader
         return getattr(getattr(loader, "batch_sampler", None), "batch_size", None) or getattr(loader, "batch_size", 1) or 1
 
     def _device_rank(self) -> int:
