@@ -130,7 +130,7 @@ class BatchSizeRamp(Callback):
         self.start, self.end, self.ramp_tokens = start_sequences, end_sequences, ramp_tokens
 
     def target_accumulation(self, tokens: float, micro_batch: int, world_size: int) -> int:
-        from moeframe.training.schedules import piecewise
+        from moeframe.schedules import piecewise
 
         sequences = piecewise(tokens, self.start, [[self.ramp_tokens, self.end, "linear"]])
         return max(1, round(sequences / (micro_batch * world_size)))
