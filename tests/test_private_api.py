@@ -10,11 +10,12 @@ A *private touch point* is, in ``moeframe/`` and ``plugins/*/src/``:
    ``from x import _y``);
 3. a method of one of our classes that overrides a private method of a Lightning/torch/DeepSpeed
    base class (``def _setup_model_and_optimizer`` in a DeepSpeedStrategy subclass), found by
-   importing the module and looking the name up along the class's MRO.
+   importing the module and looking the name up along the class's MRO; in a class the import
+   cannot reach (defined inside a function), a ``super()._name(...)`` call.
 
-``compat.py`` holds the ones without a public replacement, one small function each; every other
-file must have none, except the allowed ones listed in ``NOT_YET_MOVED`` (each named, so a new
-one fails). The total may not grow above ``TARGET``.
+Touches on one line count once. ``compat.py`` holds the ones without a public replacement, one
+small function each; every other file may have no more than ``NOT_YET_MOVED`` names for it, and
+the total may not grow above ``TARGET``.
 """
 
 from __future__ import annotations
@@ -32,12 +33,13 @@ COMPAT = REPO / "moeframe" / "compat.py"
 # the FSDP2/auxfree overrides of nn.Module._apply, and the LightningCLI hook moeframe.cli overrides:
 # Lightning/torch offer no public seam for them yet (named in the issue 18 report).
 NOT_YET_MOVED = Counter({
-    "plugins/moeframe-parallel/src/moeframe_parallel/deepspeed_presets.py": 7,
-    "plugins/moeframe-auxfree/src/moeframe_auxfree/router.py": 1,
-    "moeframe/cli.py": 1,
+    # _setup_model_and_optimizer / _initialize_deepspeed_inference (the CPU's device rank),
+    # _init_deepspeed_distributed and _restore_zero_state (called from the public overrides)
+    "plugins/moeframe-parallel/src/moeframe_parallel/deepspeed_presets.py": 4,
+    "plugins/moeframe-auxfree/src/moeframe_auxfree/router.py": 1,  # _apply: the bias stays fp32 under .to(bf16)
+    "moeframe/cli.py": 1,  # LightningCLI._parse_ckpt_path (the command layer's; may move to compat.py)
 })
-COMPAT_TOUCHES = 4
-TARGET = COMPAT_TOUCHES + sum(NOT_YET_MOVED.values())
+TARGET = 10  # was 30 by this rule before issue 18 (4 in compat.py now)
 
 
 def _sources() -> list[Path]:
@@ -67,11 +69,16 @@ def _our_names(trees: dict[Path, ast.AST]) -> set[str]:
     return names
 
 
+def _super_call(node: ast.Attribute) -> bool:
+    return (isinstance(node.value, ast.Call) and isinstance(node.value.func, ast.Name)
+            and node.value.func.id == "super")
+
+
 def _syntactic_touches(path: Path, tree: ast.AST, ours: set[str]) -> list[str]:
     found = []
     for node in ast.walk(tree):
-        if isinstance(node, ast.Attribute) and _private(node.attr) and node.attr not in ours:
-            found.append(f"{node.lineno}: .{node.attr}")
+        if isinstance(node, ast.Attribute) and _private(node.attr) and (node.attr not in ours or _super_call(node)):
+            found.append(f"{node.lineno}: {'super()' if _super_call(node) else ''}.{node.attr}")
         elif isinstance(node, ast.Import):
             found += [f"{node.lineno}: import {a.name}" for a in node.names if any(map(_private, a.name.split(".")))]
         elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
@@ -115,7 +122,15 @@ def private_touch_points() -> dict[str, list[str]]:
     ours = _our_names({p: t for p, t in trees.items() if p != COMPAT})
     touches = {}
     for path, tree in trees.items():
-        found = _syntactic_touches(path, tree, ours) + _overrides(path)
+        overrides = _overrides(path)
+        overridden = {f.split(" ")[0].split(".")[-1] for f in overrides}
+        found, lines = list(overrides), set()
+        for touch in _syntactic_touches(path, tree, ours):
+            line, what = touch.split(": ", 1)
+            if line in lines or (what.startswith("super()") and what.split(".")[-1] in overridden):
+                continue  # one line, one touch; a super() call of an override counted with it
+            lines.add(line)
+            found.append(touch)
         if found:
             touches[str(path.relative_to(REPO))] = found
     return touches
@@ -128,14 +143,15 @@ def test_private_api_is_confined_to_compat() -> None:
     assert not unexpected, ("private Lightning/torch API outside moeframe/compat.py (use a public API, or add a "
                             f"function to compat.py with a test in tests/test_compat.py): {unexpected}")
     total = len(compat) + sum(len(t) for t in touches.values())
-    assert len(compat) <= COMPAT_TOUCHES and total <= TARGET, (compat, touches)
+    assert total <= TARGET, f"{total} private touch points, the target is {TARGET}: {compat}, {touches}"
 
 
 def test_the_scan_finds_each_kind_of_touch(tmp_path: Path) -> None:
     """The rule itself: a foreign private attribute, a private import, our own private names."""
     code = ("import torch._C\nfrom torch.distributed import _functional_collectives\n"
-            "class A:\n    def _mine(self):\n        return self._mine, trainer._logger_connector\n")
+            "class A:\n    def _mine(self):\n        return self._mine, trainer._logger_connector\n"
+            "    def _hook(self):\n        return super()._hook()\n")
     tree = ast.parse(code)
     found = _syntactic_touches(tmp_path / "x.py", tree, _our_names({tmp_path: tree}))
-    assert [f.split(": ")[1] for f in found] == ["import torch._C", "import _functional_collectives",
-                                                  "._logger_connector"]
+    assert sorted(f.split(": ")[1] for f in found) == ["._logger_connector", "import _functional_collectives",
+                                                       "import torch._C", "super()._hook"]

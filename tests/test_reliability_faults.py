@@ -125,6 +125,21 @@ def test_checkpoint_files_keep_lightnings_slurm_numbering(tmp_path: Path) -> Non
     assert _CheckpointConnector.hpc_save_path(tmp_path) == str(tmp_path / "hpc_ckpt_2.ckpt")
 
 
+def test_preemption_under_slurm_numbers_its_checkpoint_as_lightning_restores_it(tmp_path: Path) -> None:
+    """The SIGUSR1 checkpoint is named the way Lightning's own requeue handler names it, so the
+    requeued job's automatic restore (the highest hpc_ckpt_N) finds it."""
+    from lightning.pytorch.trainer.connectors.checkpoint_connector import _CheckpointConnector
+
+    from moeframe.training.reliability import hpc_checkpoint_path
+
+    trainer = L.Trainer(accelerator="cpu", logger=False, default_root_dir=tmp_path)
+    assert hpc_checkpoint_path(trainer) == tmp_path / "hpc_ckpt_1.ckpt"
+    for name in ("hpc_ckpt_1.ckpt", "hpc_ckpt_3.ckpt", "notes.txt"):
+        AtomicCheckpointIO().save_checkpoint({"step": 1}, tmp_path / name)
+    assert str(hpc_checkpoint_path(trainer)) == _CheckpointConnector.hpc_save_path(tmp_path)
+    assert hpc_checkpoint_path(trainer).name == "hpc_ckpt_4.ckpt"
+
+
 @pytest.mark.bad_input
 def test_corrupt_checkpoint_is_an_error_or_the_previous_one_is_used(tmp_path: Path) -> None:
     io_plugin = AtomicCheckpointIO()

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import torch
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
@@ -161,8 +162,10 @@ class FinetuneModule(PretrainModule):
         self.esft_selection: Optional[dict[str, list[int]]] = None
 
     # -- building -----------------------------------------------------------------------------
-    def _say_why_balance_is_added(self) -> None:
-        pass  # expert-load metrics in every fine-tuning run: nothing to explain
+    def _default_balance(self) -> Callback:
+        from moeframe.training.balance import ExpertBalance
+
+        return ExpertBalance()  # expert-load metrics and heatmaps in every fine-tuning run
 
     def initial_decoder(self) -> Decoder:
         """The decoder with the ``init_from`` weights (random without ``init_from``)."""

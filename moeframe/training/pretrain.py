@@ -101,14 +101,17 @@ class PretrainModule(L.LightningModule):
 
     # -- building -----------------------------------------------------------------------------
     def configure_callbacks(self) -> list[Callback]:
-        """The callbacks every fit of this module needs, attached by Lightning (which replaces a
-        run-config callback of the same type with the one returned here): the run config's own
-        instance is returned when it has one, so its options win; otherwise a default one.
+        """The callbacks every fit of this module needs that the run config lacks, attached by
+        Lightning after the run config's own (a run-config callback of a type returned here would
+        be replaced, so a configured one is left where it is, with its options):
 
         - ``LoggerStepAfterResume``: the logged step equals the optimizer step after a resume;
         - ``ExpertBalance`` (MoE models): the one owner of the expert counts: router state updates
           (aux_free's bias would silently never move without it), load metrics, router faults;
         - ``Reliability``: preemption, non-finite steps, loss spikes, RNG states, atomic checkpoints.
+
+        Added ones come in this order, ExpertBalance before Reliability: a preemption checkpoint
+        then holds the router state updated by the step it ends.
         """
         from lightning.pytorch.trainer.states import TrainerFn
 
@@ -120,21 +123,22 @@ class PretrainModule(L.LightningModule):
             return []
         wanted: list[type[Callback]] = [LoggerStepAfterResume, Reliability]
         if self.config.n_routed_experts > 0:
-            wanted.insert(1, ExpertBalance)  # before Reliability: a preemption checkpoint holds the updated router state
-        attached = [self._configured_or_default(kind) for kind in wanted]
-        _hand_legacy_router_options(attached)
-        return attached
+            wanted.insert(1, ExpertBalance)
+        configured = list(self.trainer.callbacks)
+        added = [self._default_callback(kind) for kind in wanted if not any(isinstance(c, kind) for c in configured)]
+        _hand_legacy_router_options(configured + added)
+        return added
 
-    def _configured_or_default(self, kind: type[Callback]) -> Callback:
-        for callback in self.trainer.callbacks:
-            if isinstance(callback, kind):
-                return callback
-        if kind.__name__ == "ExpertBalance":
-            self._say_why_balance_is_added()
-        return kind()
+    def _default_callback(self, kind: type[Callback]) -> Callback:
+        return self._default_balance() if kind.__name__ == "ExpertBalance" else kind()
 
-    def _say_why_balance_is_added(self) -> None:
+    def _default_balance(self) -> Callback:
+        """ExpertBalance for a run config without one. A router that balances by state updates
+        (aux_free's bias) would silently never move without it: said, and its heatmaps drawn as
+        when configured. For routers that learn by gradients only, it is there for the expert-load
+        metrics and router-fault events; no heatmaps nobody asked for."""
         from moeframe.model.base import RouterBase
+        from moeframe.training.balance import ExpertBalance
 
         # any layer's router counts: per-layer choices may put a bias-balanced router in some layers only
         blocks = range(self.config.n_layers + self.config.mtp_depth)
@@ -143,6 +147,7 @@ class PretrainModule(L.LightningModule):
         if updating:
             rank_zero_info(f"adding the ExpertBalance callback: router {updating[0].name!r} updates its "
                            "state from the global expert counts after every optimizer step")
+        return ExpertBalance(heatmaps=bool(updating))
 
     def setup(self, stage: str) -> None:
         self.check_data(getattr(self.trainer, "datamodule", None))
