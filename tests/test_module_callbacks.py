@@ -1,7 +1,7 @@
 """The callbacks every fit of a moeframe module needs are attached by the module itself
 (``LightningModule.configure_callbacks``): present without any run config, and a run config's
 own instance keeps its options (Lightning replaces a trainer callback by the module's callback
-of the same type, so the module hands back the configured instance)."""
+of the same type, so the module returns only the kinds the run config lacks)."""
 
 from __future__ import annotations
 
@@ -42,6 +42,7 @@ def test_needed_callbacks_are_attached_and_configured_ones_keep_their_options(tm
     balance, guard = _of(trainer, ExpertBalance), _of(trainer, Reliability)
     assert balance == [mine[0]] and guard == [mine[1]]  # the very instances, once each
     assert (balance[0].log_every_n_steps, balance[0].collapse_patience, guard[0].nonfinite) == (3, 7, "stop")
+    assert isinstance(trainer.callbacks[0], LoggerStepAfterResume)  # before LearningRateMonitor & co
     assert len(_of(trainer, LoggerStepAfterResume)) == 1
     assert isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO)  # Reliability.setup ran
 

@@ -158,8 +158,8 @@ class LoggerStepAfterResume(Callback):
     the same and gets one increment too many: every later row of metrics.csv (train and val) is
     labelled one step late. With automatic optimization the logger step equals ``global_step``
     whenever a batch starts and when an epoch ends in an uninterrupted run, so it is set to that
-    there. ``PretrainModule.configure_callbacks`` attaches it. Its place among the callbacks does
-    not matter: ``self.log`` values are handed to the loggers after the hooks, at this step.
+    there. Put first among the callbacks (``ensure_logger_step_alignment``, called by
+    ``PretrainModule.configure_callbacks``): LearningRateMonitor logs in the same hook.
     """
 
     def _align(self, trainer: L.Trainer) -> None:
@@ -174,7 +174,6 @@ class LoggerStepAfterResume(Callback):
 
 
 def ensure_logger_step_alignment(trainer: L.Trainer) -> None:
-    """Put ``LoggerStepAfterResume`` first among the trainer's callbacks (once). For modules other
-    than moeframe's, whose ``configure_callbacks`` attaches it."""
+    """Put ``LoggerStepAfterResume`` first among the trainer's callbacks (once)."""
     if not any(isinstance(cb, LoggerStepAfterResume) for cb in trainer.callbacks):
         trainer.callbacks.insert(0, LoggerStepAfterResume())

@@ -105,25 +105,28 @@ class PretrainModule(L.LightningModule):
         Lightning after the run config's own (a run-config callback of a type returned here would
         be replaced, so a configured one is left where it is, with its options):
 
-        - ``LoggerStepAfterResume``: the logged step equals the optimizer step after a resume;
         - ``ExpertBalance`` (MoE models): the one owner of the expert counts: router state updates
           (aux_free's bias would silently never move without it), load metrics, router faults;
         - ``Reliability``: preemption, non-finite steps, loss spikes, RNG states, atomic checkpoints.
 
         Added ones come in this order, ExpertBalance before Reliability: a preemption checkpoint
-        then holds the router state updated by the step it ends.
+        then holds the router state updated by the step it ends. ``LoggerStepAfterResume`` (the
+        logged step equals the optimizer step after a resume) must run before every other
+        callback's ``on_train_batch_start`` (LearningRateMonitor logs there), and Lightning puts
+        the callbacks returned here last: it is put first among the trainer's instead.
         """
         from lightning.pytorch.trainer.states import TrainerFn
 
         from moeframe.training.balance import ExpertBalance
-        from moeframe.training.callbacks import LoggerStepAfterResume
+        from moeframe.training.callbacks import ensure_logger_step_alignment
         from moeframe.training.reliability import Reliability
 
         if self.trainer.state.fn != TrainerFn.FITTING:
             return []
-        wanted: list[type[Callback]] = [LoggerStepAfterResume, Reliability]
+        ensure_logger_step_alignment(self.trainer)
+        wanted: list[type[Callback]] = [Reliability]
         if self.config.n_routed_experts > 0:
-            wanted.insert(1, ExpertBalance)
+            wanted.insert(0, ExpertBalance)
         configured = list(self.trainer.callbacks)
         added = [self._default_callback(kind) for kind in wanted if not any(isinstance(c, kind) for c in configured)]
         _hand_legacy_router_options(configured + added)
