@@ -24,8 +24,9 @@ What is here, by use:
   ``balance_state`` and ``update_after_step``;
 - **helpers** plugins legitimately need: attention masks (``document_mask``,
   ``cached_causal_mask``), routing (``gate_logits_fp32``, ``count_per_expert``,
-  ``limit_to_groups``), MoE-layer discovery (``moe_layers``), the grouped-GEMM capability test
-  (``grouped_mm_supported``), weight init (``default_init``, ``init_random_stream``), the FP8 block format (``quantize_blocks`` and its
+  ``limit_to_groups``), MoE-layer discovery (``moe_layers``), the grouped GEMM (``grouped_mm``: traces in
+  float32 under ``torch.compile`` too), its capability test (``grouped_mm_supported``) and the
+  static-size expert-group padding (``pad_expert_groups_static``), weight init (``default_init``, ``init_random_stream``), the FP8 block format (``quantize_blocks`` and its
   constants), parallel-layout checks (``check_ep_layout``, ``check_zero_layout``), atomic
   checkpoint IO (``partial_name``, ``replace_folder``, ``remove_stale_partials``), the parameters
   DDP must leave alone (``ddp_ignore``), ``ConfigError``;
@@ -37,7 +38,10 @@ What is here, by use:
   (with ``KVCache``, ``rope_cos_sin``, ``apply_rope``), ``RMSNorm``, ``GroupedExperts``;
 - for a plugin's own tests: ``registry`` (``registry.load(kind, name)`` is what a run does),
   ``resolve_model_config`` (validate a config, get the parsed options) and ``build_decoder``; the
-  contract checks are in ``moeframe.testing``.
+  contract checks are in ``moeframe.testing``;
+- for strategies that run the decoder in parts (pipeline stages): ``DecoderOutput`` (what a
+  decoder forward returns, and what ``PretrainModule.training_loss`` takes); the parts themselves
+  are methods of the decoder (``context``, ``begin``, ``run_layers``, ``finish``).
 """
 
 from __future__ import annotations
@@ -73,8 +77,8 @@ from moeframe.model.base import (
 )
 from moeframe.model.compat import as_context
 from moeframe.model.context import ForwardContext
-from moeframe.model.decoder import build_decoder, init_random_stream
-from moeframe.model.experts import GroupedExperts, grouped_mm_supported
+from moeframe.model.decoder import DecoderOutput, build_decoder, init_random_stream
+from moeframe.model.experts import GroupedExperts, grouped_mm, grouped_mm_supported, pad_expert_groups_static
 from moeframe.model.moe import moe_layers
 from moeframe.model.hfnames import EXPERT, HFNamed
 from moeframe.model.norm import RMSNorm
@@ -97,13 +101,13 @@ __all__ = [
     "AMAX_FLOOR", "BLOCK", "E4M3_MAX", "EXPERT", "PLUGIN_API_VERSION",
     "ForwardContext", "ResidualBase", "Sublayer", "as_context",
     "DescribesLayout", "DescribesMemory", "HFFamily", "HFNamed", "HFTensor", "ParallelLayout", "TrainingBytes",
-    "AttentionBase", "AttentionCache", "ConfigError", "ExpertsBase", "GroupedExperts", "GroupedGemm", "KVCache",
+    "AttentionBase", "AttentionCache", "ConfigError", "DecoderOutput", "ExpertsBase", "GroupedExperts", "GroupedGemm", "KVCache",
     "MHAOptions", "ModelConfig", "MultiHeadAttention", "NormBase", "PhaseTimer", "PluginDeprecationWarning",
     "PluginOptions", "RMSNorm", "RouterBase", "RouterOutput",
     "apply_rope", "build_decoder", "registry", "resolve_model_config", "rope_cos_sin",
     "cached_causal_mask", "check_ep_layout", "check_zero_layout", "count_per_expert", "default_init",
-    "dequantize_blocks", "describe_type", "document_mask", "gate_logits_fp32", "grouped_mm_supported",
-    "init_random_stream",
+    "dequantize_blocks", "describe_type", "document_mask", "gate_logits_fp32", "grouped_mm",
+    "grouped_mm_supported", "init_random_stream", "pad_expert_groups_static",
     "limit_to_groups", "moe_layers", "options_as_config", "parse_options", "partial_name", "quantize_blocks",
     "remove_stale_partials", "replace_folder", "ddp_ignore",
 ]

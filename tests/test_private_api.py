@@ -38,8 +38,13 @@ NOT_YET_MOVED = Counter({
     "plugins/moeframe-parallel/src/moeframe_parallel/deepspeed_presets.py": 4,
     "plugins/moeframe-auxfree/src/moeframe_auxfree/router.py": 1,  # _apply: the bias stays fp32 under .to(bf16)
     "moeframe/cli.py": 1,  # LightningCLI._parse_ckpt_path (the command layer's; may move to compat.py)
+    # arrived with the pipeline strategy (issue 20) and the FP8 speed work (issue 23), merged while
+    # issue 18 was under way: Strategy._setup_model/_register_ddp_hooks overrides, the
+    # _launcher/_lightning_module attributes; torch._assert_async
+    "plugins/moeframe-parallel/src/moeframe_parallel/pipeline.py": 4,
+    "plugins/moeframe-fp8/src/moeframe_fp8/grouped.py": 1,
 })
-TARGET = 10  # was 30 by this rule before issue 18 (4 in compat.py now)
+TARGET = 15  # was 30 by this rule before issue 18 (10 after it; 4 of them in compat.py), + 5 merged since
 
 
 def _sources() -> list[Path]:

@@ -15,6 +15,11 @@ Megatron's "alltoall" token dispatcher, dropless):
 4. *combine*: the reverse all-to-all brings each row back to the rank and the slot it came
    from; the gate weights scale it and a scatter-add sums the K experts of each token.
 
+Under ``compile: block`` the dispatch breaks the graph where the split sizes go to the host
+(``.tolist()`` for the all-to-all; exact variable splits are what keeps EP dropless without
+padding); attention, routing and the expert GEMMs before and after compile as usual. A
+fixed-capacity exchange (every peer sends T·K rows) would compile in one graph at ep× the traffic.
+
 Both all-to-alls are autograd-aware (``AllToAll``, around ``torch.distributed.all_to_all_single``):
 the backward of a dispatch is a combine of the gradients and vice versa, so gradients of the
 local experts include every rank's tokens. Only the stacked expert weights are sharded; the
@@ -34,7 +39,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from moeframe.plugin import ExpertsBase, ForwardContext, GroupedGemm, grouped_mm_supported, moe_layers
+from moeframe.plugin import ExpertsBase, ForwardContext, GroupedGemm, count_per_expert, grouped_mm_supported, moe_layers
 
 
 def all_to_all(x_ND: torch.Tensor, recv_splits: Optional[list[int]], send_splits: Optional[list[int]],
@@ -134,7 +139,7 @@ class EPExperts(ExpertsBase):
         # 1. permute: rows sorted by expert are also grouped by destination rank
         order_N = indices_TK.flatten().argsort(stable=True)
         token_N = order_N // K
-        counts_E = torch.bincount(indices_TK.flatten(), minlength=self.num_experts)
+        counts_E = count_per_expert(indices_TK, self.num_experts)  # static size, unlike bincount
         x_ND = x_TD[token_N]
         # 2. counts first: recv_counts[r, e] = rows peer r sends to my local expert e
         recv_counts_RE = self._exchange_counts(counts_E)
