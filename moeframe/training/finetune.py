@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import torch
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
@@ -161,11 +162,10 @@ class FinetuneModule(PretrainModule):
         self.esft_selection: Optional[dict[str, list[int]]] = None
 
     # -- building -----------------------------------------------------------------------------
-    def _ensure_balance_callback(self) -> None:
+    def _default_balance(self) -> Callback:
         from moeframe.training.balance import ExpertBalance
 
-        if not any(isinstance(cb, ExpertBalance) for cb in self.trainer.callbacks):
-            self.trainer.callbacks.append(ExpertBalance())  # expert-load metrics in every fine-tuning run
+        return ExpertBalance()  # expert-load metrics and heatmaps in every fine-tuning run
 
     def initial_decoder(self) -> Decoder:
         """The decoder with the ``init_from`` weights (random without ``init_from``)."""
@@ -215,7 +215,7 @@ class FinetuneModule(PretrainModule):
     def _esft_selection(self) -> dict[str, list[int]]:
         if self.esft.selection is not None:
             return esft_lib.read_selection(self.esft.selection, self.decoder)
-        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        datamodule = getattr(self.attached_trainer(), "datamodule", None)
         if datamodule is None:
             raise ConfigError("model.esft.selection is not set and there is no datamodule to compute it from")
         selection = self.compute_esft_selection(self.decoder, datamodule)
