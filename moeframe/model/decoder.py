@@ -41,14 +41,17 @@ COMPILE_MODES: tuple[str, ...] = get_args(CompileMode)
 
 @dataclass
 class DecoderOutput:
-    """``logits`` [B, T, V]; ``aux_loss``: sum of the plugins' balance losses (0 when none);
-    ``aux_losses``: the same per layer name, for logging; ``mtp_logits``: with ``mtp=True``, one
-    [B, T - k, V] tensor per MTP depth k = 1..D, position i predicting token i + k + 1."""
+    """``logits`` [B, T, V]; ``aux_loss``: sum of the plugins' balance losses and of their named
+    training losses (0 when none); ``aux_losses``: the balance losses per layer name, for logging;
+    ``mtp_logits``: with ``mtp=True``, one [B, T - k, V] tensor per MTP depth k = 1..D, position i
+    predicting token i + k + 1; ``named_losses``: the attention plugins' training losses
+    (``AttentionBase.take_training_losses``) summed over layers, by name, for logging."""
 
     logits: torch.Tensor
     aux_loss: torch.Tensor
     aux_losses: dict[str, torch.Tensor] = field(default_factory=dict)
     mtp_logits: list[torch.Tensor] = field(default_factory=list)
+    named_losses: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 class DecoderCache:
@@ -127,6 +130,12 @@ class Block(nn.Module):
 
         h = self.residual(h, attention, ffn, ctx)
         return h, (aux_losses[-1] if aux_losses else None)
+
+
+def _take_training_losses(block: Block, named: dict[str, torch.Tensor]) -> None:
+    """Add the block attention's training losses of this forward to ``named`` (summed by name)."""
+    for name, loss in block.attn.take_training_losses().items():
+        named[name] = named[name] + loss if name in named else loss
 
 
 class MTPModule(nn.Module):
@@ -232,18 +241,20 @@ class Decoder(nn.Module):
         emb_BTD = self.embed(input_ids_BT)
         aux_losses: dict[str, torch.Tensor] = {}
         h = self.layers[0].residual.expand(emb_BTD, ctx.for_layer(0))
+        named: dict[str, torch.Tensor] = {}
         for i, block in enumerate(self.layers):
             h, aux = block(h, ctx.for_layer(block.layer_id, None if cache is None else cache.layers[i]))
             if aux is not None:
                 aux_losses[f"layer{block.layer_id}"] = aux
+            _take_training_losses(block, named)
         x_BTD = self.layers[-1].residual.reduce(h, ctx.for_layer(self.layers[-1].layer_id))
         logits_BTV = self.head(call_norm(self.norm, x_BTD, ctx))
-        mtp_logits = self._mtp(x_BTD, emb_BTD, ctx, aux_losses) if mtp and cache is None else []
-        aux_loss = sum(aux_losses.values(), torch.zeros((), device=logits_BTV.device))
-        return DecoderOutput(logits_BTV, aux_loss, aux_losses, mtp_logits)
+        mtp_logits = self._mtp(x_BTD, emb_BTD, ctx, aux_losses, named) if mtp and cache is None else []
+        aux_loss = sum([*aux_losses.values(), *named.values()], torch.zeros((), device=logits_BTV.device))
+        return DecoderOutput(logits_BTV, aux_loss, aux_losses, mtp_logits, named)
 
     def _mtp(self, h_BTD: torch.Tensor, emb_BTD: torch.Tensor, ctx: ForwardContext,
-             aux_losses: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+             aux_losses: dict[str, torch.Tensor], named: dict[str, torch.Tensor]) -> list[torch.Tensor]:
         """Depth k sees h_{k-1} at positions 0..T-1-k and the embedding of the token k ahead."""
         T, out = h_BTD.shape[1], []
         for k, module in enumerate(self.mtp, start=1):
@@ -253,6 +264,7 @@ class Decoder(nn.Module):
             h_BTD, aux = module(h_BTD[:, : T - k], emb_BTD[:, k:], depth_ctx)
             if aux is not None:
                 aux_losses[f"mtp{k}"] = aux
+            _take_training_losses(module.block, named)
             out.append(self.head(call_norm(module.norm, h_BTD, depth_ctx.for_layer(None))))
         return out
 

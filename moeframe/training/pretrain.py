@@ -186,6 +186,8 @@ class PretrainModule(L.LightningModule):
         loss = ce + out.aux_loss
         if out.aux_losses:
             self.log("train/aux_loss", out.aux_loss)
+        for name, value in out.named_losses.items():  # e.g. DSA's indexer_kl, summed over layers
+            self.log(f"train/{name}", value.detach())
         if use_mtp and out.mtp_logits:
             lam = self.current_mtp_lambda()
             extra = mtp_loss(out.mtp_logits, batch["labels"])
