@@ -79,3 +79,22 @@ def test_decoding_with_the_cache_equals_no_cache(tmp_path: Path) -> None:
         steps = [ours(ids[:, :7], cache=cache).logits] + [ours(ids[:, t:t + 1], cache=cache).logits for t in range(7, 20)]
     assert (torch.cat(steps, dim=1) - full).abs().max().item() <= 1e-5
     assert cache.layers[0].length == 20 and cache.layers[0].index_keys_BSI.shape == (2, 20, TINY["index_head_dim"])
+
+
+def test_warmup_target_is_the_dense_attention_summed_over_heads(tmp_path: Path) -> None:
+    """The KL target against transformers' own per-head attention weights (dense: k >= context)."""
+    hf = _hf_v32(tmp_path / "hf", index_topk=64)
+    ours = from_hf(tmp_path / "hf", progress=False).eval()
+    ids = torch.randint(0, TINY["vocab_size"], (2, 10))
+    seen: dict[str, Any] = {}
+    ours.layers[1].attn.register_forward_pre_hook(lambda m, args: seen.update(x=args[0], ctx=args[1]))
+    with torch.no_grad():
+        weights_BHTS = hf(ids, output_attentions=True).attentions[1]
+        ours(ids)
+        attn: DeepSeekSparseAttention = ours.layers[1].attn
+        cos, sin = attn._rope(seen["ctx"].positions_T)
+        q_nope, q_pe, _ = attn._queries(seen["x"], cos, sin)
+        latent = torch.cat(attn._latent(seen["x"], cos, sin), dim=-1)
+        target = attn._dense_distribution(q_nope, q_pe, latent, attn._visible(2, 10, 0, 10, None, ids.device))
+    reference = weights_BHTS.sum(1) / weights_BHTS.sum((1, 3))[..., None]  # summed over heads, L1-normalised
+    assert (target - reference).abs().max().item() <= 1e-5
