@@ -147,6 +147,11 @@ class DeepSeekSparseAttention(MultiHeadLatentAttention):
         return {**super().hf_tensor_names(family), **{f"indexer.{n}": f"indexer.{n}" for n in _INDEXER_HF}}
 
     @classmethod
+    def hf_fp32_tensors(cls, family: str) -> frozenset[str]:
+        # the per-token head weights stay fp32 (transformers' _keep_in_fp32_modules for V3.2)
+        return frozenset({"indexer.weights_proj.weight"})
+
+    @classmethod
     def hf_config(cls, family: str, config: "ModelConfig", options: PluginOptions) -> dict[str, Any]:
         assert isinstance(options, DSAOptions)
         if family != V32_FAMILY:
