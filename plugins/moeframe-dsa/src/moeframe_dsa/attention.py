@@ -31,10 +31,12 @@ tokens per query, I indexer head width.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Any, Literal, Optional
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from moeframe.plugin import ConfigError, ForwardContext, PluginOptions, cached_causal_mask, document_mask
 from moeframe_dsa.indexer import LightningIndexer
@@ -47,7 +49,7 @@ __all__ = ["DSAOptions", "DeepSeekSparseAttention", "IndexedLatentCache", "index
 
 V32_FAMILY = "deepseek_v32"  # the only HF checkpoint family whose files hold the indexer
 # gathered latent rows per chunk of the sparse path (B·t·K rows of L values): bounds its memory
-GATHER_ROWS = 1 << 20
+GATHER_ROWS = 1 << 18
 _INDEXER_HF = ("wq_b.weight", "wk.weight", "k_norm.weight", "k_norm.bias", "weights_proj.weight")
 
 
@@ -255,17 +257,23 @@ class DeepSeekSparseAttention(MultiHeadLatentAttention):
         K, C = idx_BTK.shape[-1], self.kv_lora_rank
         q_BTHL = self._absorbed_queries(q_nope_BTHd, q_pe_BTHR)
         step = max(1, GATHER_ROWS // max(1, B * K))
-        outs, dists = [], []
-        for t in range(0, T, step):
-            rows_BtKL = latent_BSL[torch.arange(B, device=latent_BSL.device)[:, None, None], idx_BTK[:, t:t + step]]
-            scores_BtHK = torch.einsum("bthl,btkl->bthk", q_BTHL[:, t:t + step], rows_BtKL) * self.softmax_scale
-            scores_BtHK = scores_BtHK.masked_fill(~keep_BTK[:, t:t + step, None], float("-inf"))
-            p_BtHK = scores_BtHK.float().softmax(-1).to(q_BTHL.dtype)
-            outs.append(torch.einsum("bthk,btkc->bthc", p_BtHK, rows_BtKL[..., :C]))
-            dists.append(p_BtHK.detach().float().mean(2))
+        # in training each chunk is recomputed in backward: the gathered rows are never all kept
+        attend = partial(checkpoint, self._selected_chunk, use_reentrant=False) if torch.is_grad_enabled() \
+            else self._selected_chunk
+        outs, dists = zip(*[attend(q_BTHL[:, t:t + step], latent_BSL, idx_BTK[:, t:t + step], keep_BTK[:, t:t + step])
+                            for t in range(0, T, step)])
         w_uv_HvC = self.wkv_b.weight.view(H, self.qk_nope_head_dim + self.v_head_dim, C)[:, self.qk_nope_head_dim:]
         # fold the value up-projection after the weighted sum: Σ p·(W_uv c) = W_uv (Σ p·c)
-        return torch.einsum("bthc,hvc->bthv", torch.cat(outs, dim=1), w_uv_HvC), torch.cat(dists, dim=1)
+        return torch.einsum("bthc,hvc->bthv", torch.cat(outs, dim=1), w_uv_HvC), torch.cat(dists, dim=1).detach()
+
+    def _selected_chunk(self, q_BtHL: torch.Tensor, latent_BSL: torch.Tensor, idx_BtK: torch.Tensor,
+                        keep_BtK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One chunk of queries against their gathered rows: latent output [B,t,H,C], distribution [B,t,K]."""
+        B = q_BtHL.shape[0]
+        rows_BtKL = latent_BSL[torch.arange(B, device=latent_BSL.device)[:, None, None], idx_BtK]
+        scores_BtHK = torch.einsum("bthl,btkl->bthk", q_BtHL, rows_BtKL) * self.softmax_scale
+        p_BtHK = scores_BtHK.masked_fill(~keep_BtK[:, :, None], float("-inf")).float().softmax(-1).to(q_BtHL.dtype)
+        return torch.einsum("bthk,btkc->bthc", p_BtHK, rows_BtKL[..., : self.kv_lora_rank]), p_BtHK.float().mean(2)
 
     @torch.no_grad()
     def _dense_distribution(self, q_nope_BTHd: torch.Tensor, q_pe_BTHR: torch.Tensor, latent_BSL: torch.Tensor,

@@ -28,8 +28,11 @@ heads, I indexer head width, R rope channels, P = R/2 rope pairs.
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from moeframe_mla import rotate
 
@@ -68,7 +71,10 @@ class LightningIndexer(nn.Module):
         # the head weights fold in both scales: 1/sqrt(G) over heads and the dot product's 1/sqrt(I)
         w_BTG = self.weights_proj(x_BTD).float() * (self.n_heads ** -0.5 * self.softmax_scale)
         k_BSI = k_BSI.float()
-        chunks = [self._score_chunk(q_BTGI[:, t:t + QUERY_CHUNK].float(), w_BTG[:, t:t + QUERY_CHUNK], k_BSI)
+        # in training each chunk is recomputed in backward: the [B, t, G, S] ReLU inputs are not kept
+        score = partial(checkpoint, self._score_chunk, use_reentrant=False) if torch.is_grad_enabled() \
+            else self._score_chunk
+        chunks = [score(q_BTGI[:, t:t + QUERY_CHUNK].float(), w_BTG[:, t:t + QUERY_CHUNK], k_BSI)
                   for t in range(0, T, QUERY_CHUNK)]
         return torch.cat(chunks, dim=1)
 
