@@ -48,3 +48,16 @@ def test_bad_options_fail_at_config_time(changes: dict[str, Any], fragment: str)
         resolve_model_config(tiny_config(attention={**TINY_DSA, **changes}))
     message = str(info.value)
     assert fragment in message and "\n" not in message
+
+
+@pytest.mark.bad_input
+def test_the_command_line_says_it_in_one_line_with_status_2(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
+    import yaml
+
+    from moeframe.cli import main
+
+    config = tmp_path / "model.yaml"
+    config.write_text(yaml.safe_dump({"max_seq_len": 1024, "attention": {**TINY_DSA, "index_topk": 4096}}))
+    assert main(["inspect", str(config)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "index_topk=4096 must be in 1..max_seq_len=1024" in err and len(err.splitlines()) == 1
