@@ -185,39 +185,47 @@ class DeepSeekSparseAttention(MultiHeadLatentAttention):
         B, T, _ = x_BTD.shape
         cos_TP, sin_TP = self._rope(ctx.positions_T)
         q_nope_BTHd, q_pe_BTHR, q_latent_BTQ = self._queries(x_BTD, cos_TP, sin_TP)
-        c_kv_BTC, k_pe_BTR = self._latent(x_BTD, cos_TP, sin_TP)
         learn = self.training and torch.is_grad_enabled()
         # the indexer learns from its KL loss only: its inputs are cut from the main graph
         x_idx_BTD, q_idx_BTQ = (x_BTD.detach(), q_latent_BTQ.detach()) if learn else (x_BTD, q_latent_BTQ)
-        k_index_BTI = self.indexer.keys(x_idx_BTD, cos_TP, sin_TP)
-        start, cache = 0, ctx.cache
-        if cache is None:
-            latent_BSL, k_index_BSI = torch.cat((c_kv_BTC, k_pe_BTR), dim=-1), k_index_BTI
-        else:
-            if ctx.document_ids_BT is not None:
-                raise ValueError("packed documents (document_ids_BT) cannot be decoded with a cache")
-            assert isinstance(cache, IndexedLatentCache), f"dsa got a {type(cache).__name__}, not an IndexedLatentCache"
-            start = cache.length
-            latent_BSL, k_index_BSI = cache.append_indexed(c_kv_BTC, k_pe_BTR, k_index_BTI)
+        latent_BSL, k_index_BSI, start = self._store(x_BTD, x_idx_BTD, cos_TP, sin_TP, ctx)
         S = latent_BSL.shape[1]
-        sparse = self.mode == "sparse" and S > self.index_topk
-        if not (sparse or learn):  # dense and nothing to learn: the indexer is not needed
-            o_BTHv = self._attend_dense(q_nope_BTHd, q_pe_BTHR, latent_BSL, start, cache is not None, ctx.document_ids_BT)
-            return self.wo(o_BTHv.reshape(B, T, self.n_heads * self.v_head_dim))
-        visible_BTS = self._visible(B, T, start, S, ctx.document_ids_BT, x_BTD.device)
-        index_BTS = self.indexer.scores(x_idx_BTD, q_idx_BTQ, k_index_BSI, cos_TP, sin_TP)
-        index_BTS = index_BTS.masked_fill(~visible_BTS, float("-inf"))
+        sparse = self.mode == "sparse" and S > self.index_topk  # else every visible token is selected
+        if sparse or learn:
+            visible_BTS = self._visible(B, T, start, S, ctx.document_ids_BT, x_BTD.device)
+            index_BTS = self.indexer.scores(x_idx_BTD, q_idx_BTQ, k_index_BSI, cos_TP, sin_TP)
+            index_BTS = index_BTS.masked_fill(~visible_BTS, float("-inf"))
         if sparse:
             idx_BTK = index_BTS.detach().topk(self.index_topk, dim=-1).indices
             keep_BTK = visible_BTS.gather(-1, idx_BTK)
             o_BTHv, p_BTK = self._attend_selected(q_nope_BTHd, q_pe_BTHR, latent_BSL, idx_BTK, keep_BTK)
-            if learn:
-                self._losses = {"indexer_kl": self.indexer_loss_coef * indexer_kl(index_BTS.gather(-1, idx_BTK), p_BTK, keep_BTK)}
+            if learn:  # stage 2: the KL over the selected tokens only
+                self._set_kl(index_BTS.gather(-1, idx_BTK), p_BTK, keep_BTK)
         else:
-            o_BTHv = self._attend_dense(q_nope_BTHd, q_pe_BTHR, latent_BSL, start, cache is not None, ctx.document_ids_BT)
-            p_BTS = self._dense_distribution(q_nope_BTHd, q_pe_BTHR, latent_BSL, visible_BTS)
-            self._losses = {"indexer_kl": self.indexer_loss_coef * indexer_kl(index_BTS, p_BTS, visible_BTS)}
+            o_BTHv = self._attend_dense(q_nope_BTHd, q_pe_BTHR, latent_BSL, start, ctx.cache is not None,
+                                        ctx.document_ids_BT)
+            if learn:  # stage 1 (or a context within k): the KL over every visible token
+                self._set_kl(index_BTS, self._dense_distribution(q_nope_BTHd, q_pe_BTHR, latent_BSL, visible_BTS),
+                             visible_BTS)
         return self.wo(o_BTHv.reshape(B, T, self.n_heads * self.v_head_dim))
+
+    def _store(self, x_BTD: torch.Tensor, x_idx_BTD: torch.Tensor, cos_TP: torch.Tensor, sin_TP: torch.Tensor,
+               ctx: ForwardContext) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Latent rows [B,S,L] and index keys [B,S,I] of every visible token (the new ones
+        appended to the cache while decoding), and the cache position of the first new token."""
+        c_kv_BTC, k_pe_BTR = self._latent(x_BTD, cos_TP, sin_TP)
+        k_index_BTI = self.indexer.keys(x_idx_BTD, cos_TP, sin_TP)
+        cache = ctx.cache
+        if cache is None:
+            return torch.cat((c_kv_BTC, k_pe_BTR), dim=-1), k_index_BTI, 0
+        if ctx.document_ids_BT is not None:
+            raise ValueError("packed documents (document_ids_BT) cannot be decoded with a cache")
+        assert isinstance(cache, IndexedLatentCache), f"dsa got a {type(cache).__name__}, not an IndexedLatentCache"
+        start = cache.length
+        return (*cache.append_indexed(c_kv_BTC, k_pe_BTR, k_index_BTI), start)
+
+    def _set_kl(self, index_BTX: torch.Tensor, target_BTX: torch.Tensor, keep_BTX: torch.Tensor) -> None:
+        self._losses = {"indexer_kl": self.indexer_loss_coef * indexer_kl(index_BTX, target_BTX, keep_BTX)}
 
     @staticmethod
     def _visible(B: int, T: int, start: int, S: int, document_ids_BT: Optional[torch.Tensor],
