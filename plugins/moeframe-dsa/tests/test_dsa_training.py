@@ -91,3 +91,23 @@ def test_a_v3_checkpoint_without_new_parameters_is_one_clear_line(tmp_path: Path
                            new_parameters=["*.indexer.*"], train_only=["*.indexr.*"])
     with pytest.raises(ConfigError, match="matches no parameter"):
         wrong.configure_model()
+
+
+def test_the_training_step_logs_the_indexer_kl_apart() -> None:
+    from moeframe.training.pretrain import PretrainModule
+
+    class Recorded(PretrainModule):  # records what Lightning would log
+        def log(self, name: str, value: Any, *args: Any, **kwargs: Any) -> None:
+            self.logged[name] = value
+
+    module = Recorded(tiny_config(attention=TINY_DSA, mtp_depth=1))
+    module.logged = {}
+    module.configure_model()
+    ids = torch.randint(0, 64, (2, 13))
+    loss = module.training_step({"input_ids": ids[:, :-1], "labels": ids[:, 1:]}, 0)
+    kl = module.logged["train/indexer_kl"]
+    assert kl > 0 and not kl.requires_grad  # main layers and the MTP block's layer, summed
+    logged = {k: float(v) for k, v in module.logged.items()}
+    assert logged["train/aux_loss"] >= logged["train/indexer_kl"]  # the KL is part of the loss's aux terms
+    expected = logged["train/loss"] + logged["train/aux_loss"] + logged["train/mtp_lambda"] * logged["train/mtp_loss"]
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
