@@ -107,7 +107,7 @@ def test_the_training_step_logs_the_indexer_kl_apart() -> None:
     loss = module.training_step({"input_ids": ids[:, :-1], "labels": ids[:, 1:]}, 0)
     kl = module.logged["train/indexer_kl"]
     assert kl > 0 and not kl.requires_grad  # main layers and the MTP block's layer, summed
-    logged = {k: float(v) for k, v in module.logged.items()}
+    logged = {k: float(torch.as_tensor(v).detach()) for k, v in module.logged.items()}
     assert logged["train/aux_loss"] >= logged["train/indexer_kl"]  # the KL is part of the loss's aux terms
     expected = logged["train/loss"] + logged["train/aux_loss"] + logged["train/mtp_lambda"] * logged["train/mtp_loss"]
     assert loss.item() == pytest.approx(expected, rel=1e-5)
