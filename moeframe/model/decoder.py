@@ -42,10 +42,11 @@ COMPILE_MODES: tuple[str, ...] = get_args(CompileMode)
 @dataclass
 class DecoderOutput:
     """``logits`` [B, T, V]; ``aux_loss``: sum of the plugins' balance losses and of their named
-    training losses (0 when none); ``aux_losses``: the balance losses per layer name, for logging;
-    ``mtp_logits``: with ``mtp=True``, one [B, T - k, V] tensor per MTP depth k = 1..D, position i
-    predicting token i + k + 1; ``named_losses``: the attention plugins' training losses
-    (``AttentionBase.take_training_losses``) summed over layers, by name, for logging."""
+    training losses (0 when none); ``aux_losses``: the same per layer name (``layer3``; a named
+    loss as ``layer3.indexer_kl``), for logging; ``mtp_logits``: with ``mtp=True``, one
+    [B, T - k, V] tensor per MTP depth k = 1..D, position i predicting token i + k + 1;
+    ``named_losses``: the attention plugins' training losses (``AttentionBase.take_training_losses``)
+    summed over layers, by name, for logging."""
 
     logits: torch.Tensor
     aux_loss: torch.Tensor
@@ -132,10 +133,10 @@ class Block(nn.Module):
         return h, (aux_losses[-1] if aux_losses else None)
 
 
-def _take_training_losses(block: Block, named: dict[str, torch.Tensor]) -> None:
-    """Add the block attention's training losses of this forward to ``named`` (summed by name)."""
+def _take_training_losses(block: Block, where: str, aux_losses: dict[str, torch.Tensor]) -> None:
+    """The block attention's training losses of this forward, as ``<where>.<name>``."""
     for name, loss in block.attn.take_training_losses().items():
-        named[name] = named[name] + loss if name in named else loss
+        aux_losses[f"{where}.{name}"] = loss
 
 
 class MTPModule(nn.Module):
@@ -234,27 +235,62 @@ class Decoder(nn.Module):
         tokens_seen: int = 0,
     ) -> DecoderOutput:
         """``mtp=True`` also runs the MTP modules (training); generation leaves them out.
-        ``step``/``tokens_seen``: the training progress the plugins see in their context."""
+        ``step``/``tokens_seen``: the training progress the plugins see in their context.
+
+        The same as ``begin`` → ``run_layers(0, n_layers)`` → ``finish``: a pipeline strategy calls
+        those parts on the stage that holds them."""
+        ctx = self.context(input_ids_BT, document_ids_BT, positions_T, cache, step, tokens_seen)
+        aux_losses: dict[str, torch.Tensor] = {}
+        emb_BTD, h = self.begin(ctx)
+        h = self.run_layers(h, ctx, 0, len(self.layers), aux_losses, cache)
+        return self.finish(h, ctx, aux_losses, mtp=mtp and cache is None, emb_BTD=emb_BTD)
+
+    # -- the parts of a forward, for strategies that place them on different ranks (pipelining) ----
+    def context(self, input_ids_BT: torch.Tensor, document_ids_BT: Optional[torch.Tensor] = None,
+                positions_T: Optional[torch.Tensor] = None, cache: Optional[DecoderCache] = None,
+                step: int = 0, tokens_seen: int = 0) -> ForwardContext:
+        """The forward context of a whole-model forward over ``input_ids_BT`` [B, T]."""
         T = input_ids_BT.shape[1]
         positions_T = self._positions(T, input_ids_BT.device, positions_T, document_ids_BT, cache)
-        ctx = ForwardContext(positions_T, input_ids_BT, document_ids_BT, step=step, tokens_seen=tokens_seen)
-        emb_BTD = self.embed(input_ids_BT)
-        aux_losses: dict[str, torch.Tensor] = {}
-        h = self.layers[0].residual.expand(emb_BTD, ctx.for_layer(0))
-        named: dict[str, torch.Tensor] = {}
-        for i, block in enumerate(self.layers):
+        return ForwardContext(positions_T, input_ids_BT, document_ids_BT, step=step, tokens_seen=tokens_seen)
+
+    def begin(self, ctx: ForwardContext) -> tuple[torch.Tensor, torch.Tensor]:
+        """(token embeddings [B, T, D], the first block's residual state)."""
+        emb_BTD = self.embed(ctx.token_ids_BT)
+        return emb_BTD, self.layers[0].residual.expand(emb_BTD, ctx.for_layer(0))
+
+    def run_layers(self, h: torch.Tensor, ctx: ForwardContext, start: int, stop: int,
+                   aux_losses: dict[str, torch.Tensor], cache: Optional[DecoderCache] = None) -> torch.Tensor:
+        """Blocks ``layers[start:stop]`` on the residual state ``h``; their balance losses go into
+        ``aux_losses`` under ``layer<i>``, their attention's training losses under ``layer<i>.<name>``."""
+        for i in range(start, stop):
+            block = self.layers[i]
             h, aux = block(h, ctx.for_layer(block.layer_id, None if cache is None else cache.layers[i]))
             if aux is not None:
                 aux_losses[f"layer{block.layer_id}"] = aux
-            _take_training_losses(block, named)
+            _take_training_losses(block, f"layer{block.layer_id}", aux_losses)
+        return h
+
+    def finish(self, h: torch.Tensor, ctx: ForwardContext, aux_losses: dict[str, torch.Tensor],
+               mtp: bool = False, emb_BTD: Optional[torch.Tensor] = None) -> DecoderOutput:
+        """Final norm, head and (``mtp``) the MTP modules after the last block; ``emb_BTD`` is looked
+        up again from the context's token ids when not given (a last pipeline stage)."""
         x_BTD = self.layers[-1].residual.reduce(h, ctx.for_layer(self.layers[-1].layer_id))
         logits_BTV = self.head(call_norm(self.norm, x_BTD, ctx))
-        mtp_logits = self._mtp(x_BTD, emb_BTD, ctx, aux_losses, named) if mtp and cache is None else []
-        aux_loss = sum([*aux_losses.values(), *named.values()], torch.zeros((), device=logits_BTV.device))
+        mtp_logits: list[torch.Tensor] = []
+        if mtp:
+            emb_BTD = self.embed(ctx.token_ids_BT) if emb_BTD is None else emb_BTD
+            mtp_logits = self._mtp(x_BTD, emb_BTD, ctx, aux_losses)
+        aux_loss = sum(aux_losses.values(), torch.zeros((), device=logits_BTV.device))
+        named: dict[str, torch.Tensor] = {}
+        for key, loss in aux_losses.items():  # "layer3.indexer_kl" -> "indexer_kl", summed over layers
+            if "." in key:
+                name = key.split(".", 1)[1]
+                named[name] = named[name] + loss if name in named else loss
         return DecoderOutput(logits_BTV, aux_loss, aux_losses, mtp_logits, named)
 
     def _mtp(self, h_BTD: torch.Tensor, emb_BTD: torch.Tensor, ctx: ForwardContext,
-             aux_losses: dict[str, torch.Tensor], named: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+             aux_losses: dict[str, torch.Tensor]) -> list[torch.Tensor]:
         """Depth k sees h_{k-1} at positions 0..T-1-k and the embedding of the token k ahead."""
         T, out = h_BTD.shape[1], []
         for k, module in enumerate(self.mtp, start=1):
@@ -264,7 +300,7 @@ class Decoder(nn.Module):
             h_BTD, aux = module(h_BTD[:, : T - k], emb_BTD[:, k:], depth_ctx)
             if aux is not None:
                 aux_losses[f"mtp{k}"] = aux
-            _take_training_losses(module.block, named)
+            _take_training_losses(module.block, f"mtp{k}", aux_losses)
             out.append(self.head(call_norm(module.norm, h_BTD, depth_ctx.for_layer(None))))
         return out
 
