@@ -30,7 +30,8 @@ from __future__ import annotations
 
 import argparse
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
@@ -52,13 +53,16 @@ def _cpu_flash(query, key, value, dropout_p=0.0, is_causal=False, *args, out_sha
     return sdpa_flop_count(query, key, value) // (2 if is_causal else 1)
 
 
-def _cpu_flash_backward(grad_out, query, key, value, out, logsumexp, dropout_p, is_causal, *args,
-                        out_shape=None, **kwargs) -> int:
+def _cpu_flash_backward(
+    grad_out, query, key, value, out, logsumexp, dropout_p, is_causal, *args, out_shape=None, **kwargs
+) -> int:
     return sdpa_backward_flop_count(grad_out, query, key, value) // (2 if is_causal else 1)
 
 
-CPU_FLASH = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_flash,
-             torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_flash_backward}
+CPU_FLASH = {
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_flash,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_flash_backward,
+}
 
 
 def gflops(kind: str, name: str, S: int) -> float:
@@ -139,21 +143,32 @@ def report(kind: str, contexts: list[int], timed_contexts: list[int], repeats: i
     for S in timed_contexts:
         times[S] = timed(kind, S, repeats)
         print(f"{kind} S={S}: mla {times[S][0] * 1e3:.1f} ms, dsa {times[S][1] * 1e3:.1f} ms", flush=True)
-    print(f"\n{kind}: by FLOPs {crossover(flops)}; by time "
-          f"{crossover([(S, *times[S]) for S in sorted(times)])}")
-    print("| S | MLA GFLOP | DSA GFLOP | DSA / MLA | MLA ms | DSA ms | DSA / MLA |\n|---:|---:|---:|---:|---:|---:|---:|")
+    print(f"\n{kind}: by FLOPs {crossover(flops)}; by time {crossover([(S, *times[S]) for S in sorted(times)])}")
+    print(
+        "| S | MLA GFLOP | DSA GFLOP | DSA / MLA | MLA ms | DSA ms | DSA / MLA |\n|---:|---:|---:|---:|---:|---:|---:|"
+    )
     for S, mla, dsa in flops:
-        t = f"{times[S][0] * 1e3:.1f} | {times[S][1] * 1e3:.1f} | {times[S][1] / times[S][0]:.2f}" if S in times else "| |"
+        t = (
+            f"{times[S][0] * 1e3:.1f} | {times[S][1] * 1e3:.1f} | {times[S][1] / times[S][0]:.2f}"
+            if S in times
+            else "| |"
+        )
         print(f"| {S} | {mla:.3g} | {dsa:.3g} | {dsa / mla:.2f} | {t} |")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--contexts", type=int, nargs="*", default=[1024, 2048, 4096, 8192, 16384, 32768],
-                        help="context lengths whose FLOPs are counted (meta device: nothing is computed)")
+    parser.add_argument(
+        "--contexts",
+        type=int,
+        nargs="*",
+        default=[1024, 2048, 4096, 8192, 16384, 32768],
+        help="context lengths whose FLOPs are counted (meta device: nothing is computed)",
+    )
     parser.add_argument("--train", type=int, nargs="*", default=[1024, 2048, 4096, 8192], help="timed training steps")
-    parser.add_argument("--decode", type=int, nargs="*", default=[1024, 2048, 4096, 8192, 16384, 32768],
-                        help="timed decode steps")
+    parser.add_argument(
+        "--decode", type=int, nargs="*", default=[1024, 2048, 4096, 8192, 16384, 32768], help="timed decode steps"
+    )
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()

@@ -10,8 +10,17 @@ from moeframe.plugin import ConfigError, ModelConfig, build_decoder, resolve_mod
 from moeframe.testing import check_attention_contract, check_cache_nbytes, tiny_config
 from moeframe_dsa import DeepSeekSparseAttention
 
-TINY_DSA: dict[str, Any] = dict(name="dsa", q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4,
-                                v_head_dim=6, index_n_heads=4, index_head_dim=8, index_topk=5)
+TINY_DSA: dict[str, Any] = dict(
+    name="dsa",
+    q_lora_rank=16,
+    kv_lora_rank=16,
+    qk_nope_head_dim=8,
+    qk_rope_head_dim=4,
+    v_head_dim=6,
+    index_n_heads=4,
+    index_head_dim=8,
+    index_topk=5,
+)
 
 
 @pytest.mark.parametrize("changes", [{}, {"mode": "dense_warmup", "decode": "expanded"}], ids=["sparse", "warmup"])
@@ -28,21 +37,42 @@ def test_per_layer_choice_and_cache_bytes() -> None:
     assert [type(b.attn).__name__ for b in decoder.layers] == ["MultiHeadLatentAttention", "DeepSeekSparseAttention"]
     # layer 0: 16 + 4 latent values; layer 1: 16 + 4 + 8 index-key values; 2 x 9 tokens, bf16
     assert check_cache_nbytes(tiny_config(attention=TINY_DSA), num_tokens=9, batch_size=2) == 2 * 2 * 9 * 28 * 2
-    v32 = ModelConfig(dim=7168, n_heads=128, max_seq_len=163840, attention={
-        "name": "dsa", "q_lora_rank": 1536, "kv_lora_rank": 512, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64,
-        "v_head_dim": 128})  # the V3.2-Exp release: 576 latent + 128 index-key values
+    v32 = ModelConfig(
+        dim=7168,
+        n_heads=128,
+        max_seq_len=163840,
+        attention={
+            "name": "dsa",
+            "q_lora_rank": 1536,
+            "kv_lora_rank": 512,
+            "qk_nope_head_dim": 128,
+            "qk_rope_head_dim": 64,
+            "v_head_dim": 128,
+        },
+    )  # the V3.2-Exp release: 576 latent + 128 index-key values
     assert DeepSeekSparseAttention.kv_cache_values_per_token(v32, resolve_model_config(v32).attention.options) == 704
 
 
 @pytest.mark.bad_input
-@pytest.mark.parametrize(("changes", "fragment"), [
-    ({"index_topk": 65}, "index_topk=65 must be in 1..max_seq_len=64"),
-    ({"q_lora_rank": None}, "needs MLA with a query latent"),
-    ({"kv_lora_rank": 0}, "kv_lora_rank=0 must be > 0"),
-    ({"index_head_dim": 2}, "index_head_dim=2 must be >= qk_rope_head_dim=4"),
-    ({"index_n_heads": 0}, "index_n_heads=0"),
-    ({"mode": "warmup"}, "mode"),
-], ids=["topk-over-context", "no-query-latent", "no-latent", "rope-wider-than-index-head", "no-index-heads", "bad-mode"])
+@pytest.mark.parametrize(
+    ("changes", "fragment"),
+    [
+        ({"index_topk": 65}, "index_topk=65 must be in 1..max_seq_len=64"),
+        ({"q_lora_rank": None}, "needs MLA with a query latent"),
+        ({"kv_lora_rank": 0}, "kv_lora_rank=0 must be > 0"),
+        ({"index_head_dim": 2}, "index_head_dim=2 must be >= qk_rope_head_dim=4"),
+        ({"index_n_heads": 0}, "index_n_heads=0"),
+        ({"mode": "warmup"}, "mode"),
+    ],
+    ids=[
+        "topk-over-context",
+        "no-query-latent",
+        "no-latent",
+        "rope-wider-than-index-head",
+        "no-index-heads",
+        "bad-mode",
+    ],
+)
 def test_bad_options_fail_at_config_time(changes: dict[str, Any], fragment: str) -> None:
     with pytest.raises((ConfigError, ValueError)) as info:
         resolve_model_config(tiny_config(attention={**TINY_DSA, **changes}))

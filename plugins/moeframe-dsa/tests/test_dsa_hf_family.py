@@ -15,13 +15,27 @@ from moeframe.plugin import ConfigError, build_decoder, registry
 from moeframe.testing import check_hf_family_contract, tiny_config
 from moeframe_dsa.hf_family import DeepSeekV32Family
 
-DSA: dict[str, Any] = dict(name="dsa", q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8,
-                           v_head_dim=8, index_n_heads=4, index_head_dim=16, index_topk=5)
+DSA: dict[str, Any] = dict(
+    name="dsa",
+    q_lora_rank=16,
+    kv_lora_rank=16,
+    qk_nope_head_dim=8,
+    qk_rope_head_dim=8,
+    v_head_dim=8,
+    index_n_heads=4,
+    index_head_dim=16,
+    index_topk=5,
+)
 
 
 def test_family_contract_round_trips_the_indexer() -> None:
-    config = tiny_config(attention={**DSA, "rope_factor": 4.0, "original_seq_len": 16}, router={"name": "aux_free"},
-                         n_expert_groups=2, n_limited_groups=1, mtp_depth=1)
+    config = tiny_config(
+        attention={**DSA, "rope_factor": 4.0, "original_seq_len": 16},
+        router={"name": "aux_free"},
+        n_expert_groups=2,
+        n_limited_groups=1,
+        mtp_depth=1,
+    )
     folder = check_hf_family_contract(config, seq_len=12)  # 12 tokens > k: the round trip is checked sparse
     hf = json.loads((folder / "config.json").read_text())
     assert registry.load("hf_family", "deepseek_v32") is DeepSeekV32Family
@@ -43,7 +57,9 @@ def test_fp8_export_keeps_the_head_weights_fp32_and_comes_back(tmp_path: Path) -
     back = from_hf(tmp_path / "fp8", progress=False).eval()
     a, b = decoder.layers[0].attn.indexer.wk.weight, back.layers[0].attn.indexer.wk.weight
     assert (a - b).abs().max() <= a.abs().max() / 16  # E4M3 rounding per block
-    assert torch.equal(decoder.layers[0].attn.indexer.weights_proj.weight, back.layers[0].attn.indexer.weights_proj.weight)
+    assert torch.equal(
+        decoder.layers[0].attn.indexer.weights_proj.weight, back.layers[0].attn.indexer.weights_proj.weight
+    )
 
 
 @pytest.mark.bad_input

@@ -15,16 +15,35 @@ import pytest
 import torch
 import transformers
 
-from moeframe.plugin import registry
 from moeframe.convert import from_hf
+from moeframe.plugin import registry
 from moeframe_dsa import DeepSeekSparseAttention
 
-TINY: dict[str, Any] = dict(vocab_size=96, hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
-                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, n_routed_experts=8,
-                            num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1, q_lora_rank=16,
-                            kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8,
-                            max_position_embeddings=64, num_nextn_predict_layers=0, n_group=1, topk_group=1,
-                            index_n_heads=8, index_head_dim=8, index_topk=6)
+TINY: dict[str, Any] = dict(
+    vocab_size=96,
+    hidden_size=32,
+    intermediate_size=64,
+    moe_intermediate_size=16,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    n_routed_experts=8,
+    num_experts_per_tok=2,
+    n_shared_experts=1,
+    first_k_dense_replace=1,
+    q_lora_rank=16,
+    kv_lora_rank=16,
+    qk_nope_head_dim=8,
+    qk_rope_head_dim=4,
+    v_head_dim=8,
+    max_position_embeddings=64,
+    num_nextn_predict_layers=0,
+    n_group=1,
+    topk_group=1,
+    index_n_heads=8,
+    index_head_dim=8,
+    index_topk=6,
+)
 
 
 def _hf_v32(folder: Path, seed: int = 0, **changes: Any) -> transformers.DeepseekV32ForCausalLM:
@@ -46,13 +65,29 @@ def test_registered_through_the_entry_points() -> None:
     assert registry.resolve("hf_family", "deepseek_v32").distribution == "moeframe-dsa"
 
 
-@pytest.mark.parametrize("changes", [
-    dict(),
-    dict(index_topk=3, index_n_heads=4, index_head_dim=12),
-    dict(index_topk=9, qk_rope_head_dim=8, index_head_dim=8, rope_parameters={
-        "rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 16,
-        "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0}),
-], ids=["k6", "k3-wide-index-heads", "k9-yarn-rope-is-whole-index-head"])
+@pytest.mark.parametrize(
+    "changes",
+    [
+        dict(),
+        dict(index_topk=3, index_n_heads=4, index_head_dim=12),
+        dict(
+            index_topk=9,
+            qk_rope_head_dim=8,
+            index_head_dim=8,
+            rope_parameters={
+                "rope_type": "yarn",
+                "rope_theta": 10000.0,
+                "factor": 4.0,
+                "original_max_position_embeddings": 16,
+                "beta_fast": 32.0,
+                "beta_slow": 1.0,
+                "mscale": 1.0,
+                "mscale_all_dim": 1.0,
+            },
+        ),
+    ],
+    ids=["k6", "k3-wide-index-heads", "k9-yarn-rope-is-whole-index-head"],
+)
 def test_logits_match_transformers(tmp_path: Path, changes: dict[str, Any]) -> None:
     hf = _hf_v32(tmp_path / "hf", **changes)
     ours = from_hf(tmp_path / "hf", progress=False).eval()
@@ -76,7 +111,9 @@ def test_decoding_with_the_cache_equals_no_cache(tmp_path: Path) -> None:
     with torch.no_grad():
         full = ours(ids).logits
         cache = ours.new_cache(2, 20)
-        steps = [ours(ids[:, :7], cache=cache).logits] + [ours(ids[:, t:t + 1], cache=cache).logits for t in range(7, 20)]
+        steps = [ours(ids[:, :7], cache=cache).logits] + [
+            ours(ids[:, t : t + 1], cache=cache).logits for t in range(7, 20)
+        ]
     assert (torch.cat(steps, dim=1) - full).abs().max().item() <= 1e-5
     assert cache.layers[0].length == 20 and cache.layers[0].index_keys_BSI.shape == (2, 20, TINY["index_head_dim"])
 

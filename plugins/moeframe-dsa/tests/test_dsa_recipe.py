@@ -14,8 +14,10 @@ REPO = Path(__file__).resolve().parents[3]
 PRETRAIN = REPO / "configs" / "pretrain"
 # V3.2-Exp report §2.1: warm-up lr 1e-3, 1000 steps x 16 sequences x 128K tokens; sparse lr 7.3e-6,
 # 15000 steps x 480 sequences x 128K tokens, k = 2048
-STAGES = [("v32-stage1-warmup.yaml", "dense_warmup", 1.0e-3, 1000, 16, ["*.indexer.*"]),
-          ("v32-stage2-sparse.yaml", "sparse", 7.3e-6, 15000, 480, None)]
+STAGES = [
+    ("v32-stage1-warmup.yaml", "dense_warmup", 1.0e-3, 1000, 16, ["*.indexer.*"]),
+    ("v32-stage2-sparse.yaml", "sparse", 7.3e-6, 15000, 480, None),
+]
 
 
 def _cli(config: Path, tmp_path: Path):
@@ -23,8 +25,9 @@ def _cli(config: Path, tmp_path: Path):
 
 
 @pytest.mark.parametrize("stage,mode,lr,steps,sequences,train_only", STAGES, ids=["stage1-warmup", "stage2-sparse"])
-def test_release_stages_carry_the_reports_hyperparameters(stage: str, mode: str, lr: float, steps: int,
-                                                          sequences: int, train_only, tmp_path: Path) -> None:
+def test_release_stages_carry_the_reports_hyperparameters(
+    stage: str, mode: str, lr: float, steps: int, sequences: int, train_only, tmp_path: Path
+) -> None:
     from moeframe.training.callbacks import BatchSizeRamp
 
     cli = _cli(PRETRAIN / stage, tmp_path)
@@ -39,10 +42,16 @@ def test_release_stages_carry_the_reports_hyperparameters(stage: str, mode: str,
 
 
 def test_tiny_stages_chain_from_a_tiny_v3_run(tmp_path: Path) -> None:
-    warmup, sparse = _cli(PRETRAIN / "tiny-v32-warmup.yaml", tmp_path), _cli(PRETRAIN / "tiny-v32-sparse.yaml", tmp_path)
+    warmup, sparse = (
+        _cli(PRETRAIN / "tiny-v32-warmup.yaml", tmp_path),
+        _cli(PRETRAIN / "tiny-v32-sparse.yaml", tmp_path),
+    )
     assert warmup.model.init_from.startswith("runs/tiny-v3/") and warmup.model.train_only == ["*.indexer.*"]
     assert sparse.model.init_from.startswith("runs/tiny-v32-warmup/") and sparse.model.train_only is None
-    assert warmup.model.plan.attention.options.mode == "dense_warmup" and sparse.model.plan.attention.options.mode == "sparse"
+    assert (
+        warmup.model.plan.attention.options.mode == "dense_warmup"
+        and sparse.model.plan.attention.options.mode == "sparse"
+    )
     topk = sparse.model.plan.attention.options.index_topk
     assert topk < sparse.config.data.init_args.seq_len  # the sparse stage really selects
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -14,8 +13,17 @@ from moeframe.plugin import ConfigError, ForwardContext, build_decoder
 from moeframe.testing import tiny_config
 from moeframe.training.finetune import FinetuneModule
 
-TINY_DSA: dict[str, Any] = dict(name="dsa", q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4,
-                                v_head_dim=6, index_n_heads=4, index_head_dim=8, index_topk=5)
+TINY_DSA: dict[str, Any] = dict(
+    name="dsa",
+    q_lora_rank=16,
+    kv_lora_rank=16,
+    qk_nope_head_dim=8,
+    qk_rope_head_dim=4,
+    v_head_dim=6,
+    index_n_heads=4,
+    index_head_dim=8,
+    index_topk=5,
+)
 
 
 def _decoder(**attention: Any) -> torch.nn.Module:
@@ -38,10 +46,10 @@ def test_the_lm_loss_trains_the_model_and_the_kl_trains_the_indexer() -> None:
     indexer = [p for n, p in decoder.named_parameters() if ".indexer." in n]
     model = [p for n, p in decoder.named_parameters() if ".indexer." not in n]
     lm_grads = torch.autograd.grad(out.logits.square().mean(), indexer + model, retain_graph=True, allow_unused=True)
-    assert all(g is None for g in lm_grads[:len(indexer)]) and any(g is not None for g in lm_grads[len(indexer):])
+    assert all(g is None for g in lm_grads[: len(indexer)]) and any(g is not None for g in lm_grads[len(indexer) :])
     kl_grads = torch.autograd.grad(kl, indexer + model, allow_unused=True)
-    assert all(g is not None and g.abs().sum() > 0 for g in kl_grads[:len(indexer)])
-    assert all(g is None for g in kl_grads[len(indexer):])
+    assert all(g is not None and g.abs().sum() > 0 for g in kl_grads[: len(indexer)])
+    assert all(g is None for g in kl_grads[len(indexer) :])
     with torch.no_grad():  # evaluation computes no loss
         assert decoder.eval()(ids).named_losses == {}
 
@@ -68,8 +76,9 @@ def test_a_v3_checkpoint_starts_the_v32_warmup(tmp_path: Path) -> None:
     v3 = build_decoder(tiny_config(attention=mla))
     save_moeframe(v3, tmp_path / "v3")
     config = tiny_config(attention={**TINY_DSA, "mode": "dense_warmup"})
-    module = FinetuneModule(init_from=str(tmp_path / "v3"), config=config, new_parameters=["*.indexer.*"],
-                            train_only=["*.indexer.*"])
+    module = FinetuneModule(
+        init_from=str(tmp_path / "v3"), config=config, new_parameters=["*.indexer.*"], train_only=["*.indexer.*"]
+    )
     module.configure_model()
     state = module.decoder.state_dict()
     assert all(torch.equal(state[k], v) for k, v in v3.state_dict().items())
@@ -87,8 +96,12 @@ def test_a_v3_checkpoint_without_new_parameters_is_one_clear_line(tmp_path: Path
     assert "\n" not in str(info.value)
     with pytest.raises(ConfigError, match="train_only needs method: full"):
         FinetuneModule(config=tiny_config(attention=TINY_DSA), method="lora", train_only=["*.indexer.*"])
-    wrong = FinetuneModule(init_from=str(tmp_path / "v3"), config=tiny_config(attention=TINY_DSA),
-                           new_parameters=["*.indexer.*"], train_only=["*.indexr.*"])
+    wrong = FinetuneModule(
+        init_from=str(tmp_path / "v3"),
+        config=tiny_config(attention=TINY_DSA),
+        new_parameters=["*.indexer.*"],
+        train_only=["*.indexr.*"],
+    )
     with pytest.raises(ConfigError, match="matches no parameter"):
         wrong.configure_model()
 

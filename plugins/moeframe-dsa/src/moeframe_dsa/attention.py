@@ -32,7 +32,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
-from typing import TYPE_CHECKING, Any, Literal, Optional
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -69,21 +69,29 @@ class DSAOptions(MLAOptions):
     mode: Literal["sparse", "dense_warmup"] = "sparse"
     indexer_loss_coef: float = 1.0
 
-    def validate(self, config: "ModelConfig") -> None:
+    def validate(self, config: ModelConfig) -> None:
         if self.q_lora_rank is None:
-            raise ConfigError("attention dsa needs MLA with a query latent (q_lora_rank, e.g. 1536): the indexer's "
-                              "queries are up-projected from it; set q_lora_rank or use attention mla")
+            raise ConfigError(
+                "attention dsa needs MLA with a query latent (q_lora_rank, e.g. 1536): the indexer's "
+                "queries are up-projected from it; set q_lora_rank or use attention mla"
+            )
         super().validate(config)
         if self.index_n_heads <= 0 or self.index_head_dim <= 0:
-            raise ConfigError(f"attention dsa: index_n_heads={self.index_n_heads} and index_head_dim="
-                              f"{self.index_head_dim} must be > 0")
+            raise ConfigError(
+                f"attention dsa: index_n_heads={self.index_n_heads} and index_head_dim="
+                f"{self.index_head_dim} must be > 0"
+            )
         if self.qk_rope_head_dim > self.index_head_dim:
-            raise ConfigError(f"attention dsa: index_head_dim={self.index_head_dim} must be >= qk_rope_head_dim="
-                              f"{self.qk_rope_head_dim} (the indexer rotates its first qk_rope_head_dim channels)")
+            raise ConfigError(
+                f"attention dsa: index_head_dim={self.index_head_dim} must be >= qk_rope_head_dim="
+                f"{self.qk_rope_head_dim} (the indexer rotates its first qk_rope_head_dim channels)"
+            )
         if not 0 < self.index_topk <= config.max_seq_len:
-            raise ConfigError(f"attention dsa: index_topk={self.index_topk} must be in 1..max_seq_len="
-                              f"{config.max_seq_len}; with k >= the context every token is selected and the "
-                              "attention is dense: lower index_topk or use attention mla")
+            raise ConfigError(
+                f"attention dsa: index_topk={self.index_topk} must be in 1..max_seq_len="
+                f"{config.max_seq_len}; with k >= the context every token is selected and the "
+                "attention is dense: lower index_topk or use attention mla"
+            )
         if self.indexer_loss_coef < 0:
             raise ConfigError(f"attention dsa: indexer_loss_coef={self.indexer_loss_coef} must be >= 0")
 
@@ -91,21 +99,30 @@ class DSAOptions(MLAOptions):
 class IndexedLatentCache(LatentCache):
     """MLA's latent rows plus the indexer's key of each token [B, S, I]."""
 
-    def __init__(self, batch_size: int, kv_lora_rank: int, rope_dim: int, index_dim: int, max_len: int,
-                 device: torch.device, dtype: torch.dtype) -> None:
+    def __init__(
+        self,
+        batch_size: int,
+        kv_lora_rank: int,
+        rope_dim: int,
+        index_dim: int,
+        max_len: int,
+        device: torch.device,
+        dtype: torch.dtype,
+    ) -> None:
         super().__init__(batch_size, kv_lora_rank, rope_dim, max_len, device, dtype)
         self.index_keys_BSI = torch.zeros(batch_size, max_len, index_dim, device=device, dtype=dtype)
 
     def tensors(self) -> list[torch.Tensor]:
         return [self.latent_BSL, self.index_keys_BSI]
 
-    def append_indexed(self, c_kv_BTC: torch.Tensor, k_pe_BTR: torch.Tensor, k_index_BTI: torch.Tensor
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    def append_indexed(
+        self, c_kv_BTC: torch.Tensor, k_pe_BTR: torch.Tensor, k_index_BTI: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Store the new tokens; return every cached latent row [B,S,L] and index key [B,S,I]."""
         start = self.length
         latent_BSL = self.append(c_kv_BTC, k_pe_BTR)
-        self.index_keys_BSI[:, start:self.length] = k_index_BTI
-        return latent_BSL, self.index_keys_BSI[:, :self.length]
+        self.index_keys_BSI[:, start : self.length] = k_index_BTI
+        return latent_BSL, self.index_keys_BSI[:, : self.length]
 
 
 def indexer_kl(index_BTX: torch.Tensor, target_BTX: torch.Tensor, keep_BTX: torch.Tensor) -> torch.Tensor:
@@ -121,12 +138,13 @@ class DeepSeekSparseAttention(MultiHeadLatentAttention):
     Options = DSAOptions
     plugin_api = "2"
 
-    def __init__(self, config: "ModelConfig", options: DSAOptions, layer_id: int) -> None:
+    def __init__(self, config: ModelConfig, options: DSAOptions, layer_id: int) -> None:
         super().__init__(config, options, layer_id)
         assert options.q_lora_rank is not None  # DSAOptions.validate
         self.index_topk, self.mode, self.indexer_loss_coef = options.index_topk, options.mode, options.indexer_loss_coef
-        self.indexer = LightningIndexer(config.dim, options.q_lora_rank, options.index_n_heads,
-                                        options.index_head_dim, options.qk_rope_head_dim)
+        self.indexer = LightningIndexer(
+            config.dim, options.q_lora_rank, options.index_n_heads, options.index_head_dim, options.qk_rope_head_dim
+        )
         self._losses: dict[str, torch.Tensor] = {}
 
     # -- declared hooks ---------------------------------------------------------------------------
@@ -135,17 +153,18 @@ class DeepSeekSparseAttention(MultiHeadLatentAttention):
         return losses
 
     @classmethod
-    def kv_cache_values_per_token(cls, config: "ModelConfig", options: PluginOptions) -> int:
+    def kv_cache_values_per_token(cls, config: ModelConfig, options: PluginOptions) -> int:
         assert isinstance(options, DSAOptions)
         return options.kv_lora_rank + options.qk_rope_head_dim + options.index_head_dim
 
     def new_cache(self, batch_size: int, max_len: int, device: torch.device, dtype: torch.dtype) -> IndexedLatentCache:
-        return IndexedLatentCache(batch_size, self.kv_lora_rank, self.qk_rope_head_dim, self.indexer.head_dim,
-                                  max_len, device, dtype)
+        return IndexedLatentCache(
+            batch_size, self.kv_lora_rank, self.qk_rope_head_dim, self.indexer.head_dim, max_len, device, dtype
+        )
 
     # -- HF form ------------------------------------------------------------------------------------
     @classmethod
-    def hf_tensor_names(cls, family: str) -> dict[str, Optional[str]]:
+    def hf_tensor_names(cls, family: str) -> dict[str, str | None]:
         return {**super().hf_tensor_names(family), **{f"indexer.{n}": f"indexer.{n}" for n in _INDEXER_HF}}
 
     @classmethod
@@ -154,31 +173,44 @@ class DeepSeekSparseAttention(MultiHeadLatentAttention):
         return frozenset({"indexer.weights_proj.weight"})
 
     @classmethod
-    def hf_config(cls, family: str, config: "ModelConfig", options: PluginOptions) -> dict[str, Any]:
+    def hf_config(cls, family: str, config: ModelConfig, options: PluginOptions) -> dict[str, Any]:
         assert isinstance(options, DSAOptions)
         if family != V32_FAMILY:
-            raise ConfigError(f"attention dsa (its indexer) has no form in HF {family!r} checkpoints; export to "
-                              f"family {V32_FAMILY!r}")
+            raise ConfigError(
+                f"attention dsa (its indexer) has no form in HF {family!r} checkpoints; export to family {V32_FAMILY!r}"
+            )
         fields = super().hf_config(family, config, options)
         fields.pop("rope_interleave")  # V3.2 configs have none: MLA interleaved, the indexer rotate-half
-        return {**fields, "index_n_heads": options.index_n_heads, "index_head_dim": options.index_head_dim,
-                "index_topk": options.index_topk}
+        return {
+            **fields,
+            "index_n_heads": options.index_n_heads,
+            "index_head_dim": options.index_head_dim,
+            "index_topk": options.index_topk,
+        }
 
     @classmethod
     def options_from_hf(cls, family: str, hf: dict[str, Any]) -> dict[str, Any]:
         options = super().options_from_hf(family, {**hf, "rope_interleave": True})
-        return {**options, "index_n_heads": hf.get("index_n_heads", 64), "index_head_dim": hf.get("index_head_dim", 128),
-                "index_topk": hf.get("index_topk", 2048)}
+        return {
+            **options,
+            "index_n_heads": hf.get("index_n_heads", 64),
+            "index_head_dim": hf.get("index_head_dim", 128),
+            "index_topk": hf.get("index_topk", 2048),
+        }
 
     # -- forward ------------------------------------------------------------------------------------
-    def _queries(self, x_BTD: torch.Tensor, cos_TP: torch.Tensor, sin_TP: torch.Tensor
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _queries(
+        self, x_BTD: torch.Tensor, cos_TP: torch.Tensor, sin_TP: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """MLA's q_nope [B,T,H,d] and rotated q_pe [B,T,H,R], and the normalised query latent
         [B,T,Q] that the indexer's queries are projected from."""
         B, T, _ = x_BTD.shape
         q_latent_BTQ = self.q_norm(self.wq_a(x_BTD))
-        q_nope_BTHd, q_pe_BTHR = self.wq_b(q_latent_BTQ).view(B, T, self.n_heads, self.qk_head_dim).split(
-            [self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
+        q_nope_BTHd, q_pe_BTHR = (
+            self.wq_b(q_latent_BTQ)
+            .view(B, T, self.n_heads, self.qk_head_dim)
+            .split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
+        )
         return q_nope_BTHd, rotate(q_pe_BTHR, cos_TP, sin_TP, self.interleaved), q_latent_BTQ
 
     def forward(self, x_BTD: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
@@ -202,15 +234,23 @@ class DeepSeekSparseAttention(MultiHeadLatentAttention):
             if learn:  # stage 2: the KL over the selected tokens only
                 self._set_kl(index_BTS.gather(-1, idx_BTK), p_BTK, keep_BTK)
         else:
-            o_BTHv = self._attend_dense(q_nope_BTHd, q_pe_BTHR, latent_BSL, start, ctx.cache is not None,
-                                        ctx.document_ids_BT)
+            o_BTHv = self._attend_dense(
+                q_nope_BTHd, q_pe_BTHR, latent_BSL, start, ctx.cache is not None, ctx.document_ids_BT
+            )
             if learn:  # stage 1 (or a context within k): the KL over every visible token
-                self._set_kl(index_BTS, self._dense_distribution(q_nope_BTHd, q_pe_BTHR, latent_BSL, visible_BTS),
-                             visible_BTS)
+                self._set_kl(
+                    index_BTS, self._dense_distribution(q_nope_BTHd, q_pe_BTHR, latent_BSL, visible_BTS), visible_BTS
+                )
         return self.wo(o_BTHv.reshape(B, T, self.n_heads * self.v_head_dim))
 
-    def _store(self, x_BTD: torch.Tensor, x_idx_BTD: torch.Tensor, cos_TP: torch.Tensor, sin_TP: torch.Tensor,
-               ctx: ForwardContext) -> tuple[torch.Tensor, torch.Tensor, int]:
+    def _store(
+        self,
+        x_BTD: torch.Tensor,
+        x_idx_BTD: torch.Tensor,
+        cos_TP: torch.Tensor,
+        sin_TP: torch.Tensor,
+        ctx: ForwardContext,
+    ) -> tuple[torch.Tensor, torch.Tensor, int]:
         """Latent rows [B,S,L] and index keys [B,S,I] of every visible token (the new ones
         appended to the cache while decoding), and the cache position of the first new token."""
         c_kv_BTC, k_pe_BTR = self._latent(x_BTD, cos_TP, sin_TP)
@@ -228,16 +268,24 @@ class DeepSeekSparseAttention(MultiHeadLatentAttention):
         self._losses = {"indexer_kl": self.indexer_loss_coef * indexer_kl(index_BTX, target_BTX, keep_BTX)}
 
     @staticmethod
-    def _visible(B: int, T: int, start: int, S: int, document_ids_BT: Optional[torch.Tensor],
-                 device: torch.device) -> torch.Tensor:
+    def _visible(
+        B: int, T: int, start: int, S: int, document_ids_BT: torch.Tensor | None, device: torch.device
+    ) -> torch.Tensor:
         """Which cached tokens each query may see [B, T, S]: causal, and in its own document."""
         causal_TS = torch.arange(S, device=device)[None, :] <= torch.arange(start, start + T, device=device)[:, None]
         if document_ids_BT is None:
             return causal_TS.expand(B, T, S)
         return causal_TS & (document_ids_BT[:, :, None] == document_ids_BT[:, None, :])
 
-    def _attend_dense(self, q_nope_BTHd: torch.Tensor, q_pe_BTHR: torch.Tensor, latent_BSL: torch.Tensor,
-                      start: int, cached: bool, document_ids_BT: Optional[torch.Tensor]) -> torch.Tensor:
+    def _attend_dense(
+        self,
+        q_nope_BTHd: torch.Tensor,
+        q_pe_BTHR: torch.Tensor,
+        latent_BSL: torch.Tensor,
+        start: int,
+        cached: bool,
+        document_ids_BT: torch.Tensor | None,
+    ) -> torch.Tensor:
         """MLA over every visible token: its training path without a cache, else its decode path."""
         c_kv_BSC, k_pe_BSR = latent_BSL.split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
         if not cached:
@@ -256,8 +304,14 @@ class DeepSeekSparseAttention(MultiHeadLatentAttention):
         w_uk_HdC = self.wkv_b.weight.view(H, self.qk_nope_head_dim + self.v_head_dim, C)[:, : self.qk_nope_head_dim]
         return torch.cat((torch.einsum("bthd,hdc->bthc", q_nope_BTHd, w_uk_HdC), q_pe_BTHR), dim=-1)
 
-    def _attend_selected(self, q_nope_BTHd: torch.Tensor, q_pe_BTHR: torch.Tensor, latent_BSL: torch.Tensor,
-                         idx_BTK: torch.Tensor, keep_BTK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _attend_selected(
+        self,
+        q_nope_BTHd: torch.Tensor,
+        q_pe_BTHR: torch.Tensor,
+        latent_BSL: torch.Tensor,
+        idx_BTK: torch.Tensor,
+        keep_BTK: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """MQA over each query's K selected latent rows. Returns the output [B,T,H,v] and the
         attention distribution over the selected tokens, summed over heads and L1-normalised
         [B,T,K] (detached: the indexer's target)."""
@@ -266,16 +320,24 @@ class DeepSeekSparseAttention(MultiHeadLatentAttention):
         q_BTHL = self._absorbed_queries(q_nope_BTHd, q_pe_BTHR)
         step = max(1, GATHER_ROWS // max(1, B * K))
         # in training each chunk is recomputed in backward: the gathered rows are never all kept
-        attend = partial(checkpoint, self._selected_chunk, use_reentrant=False) if torch.is_grad_enabled() \
+        attend = (
+            partial(checkpoint, self._selected_chunk, use_reentrant=False)
+            if torch.is_grad_enabled()
             else self._selected_chunk
-        outs, dists = zip(*[attend(q_BTHL[:, t:t + step], latent_BSL, idx_BTK[:, t:t + step], keep_BTK[:, t:t + step])
-                            for t in range(0, T, step)])
-        w_uv_HvC = self.wkv_b.weight.view(H, self.qk_nope_head_dim + self.v_head_dim, C)[:, self.qk_nope_head_dim:]
+        )
+        outs, dists = zip(
+            *[
+                attend(q_BTHL[:, t : t + step], latent_BSL, idx_BTK[:, t : t + step], keep_BTK[:, t : t + step])
+                for t in range(0, T, step)
+            ]
+        )
+        w_uv_HvC = self.wkv_b.weight.view(H, self.qk_nope_head_dim + self.v_head_dim, C)[:, self.qk_nope_head_dim :]
         # fold the value up-projection after the weighted sum: Σ p·(W_uv c) = W_uv (Σ p·c)
         return torch.einsum("bthc,hvc->bthv", torch.cat(outs, dim=1), w_uv_HvC), torch.cat(dists, dim=1).detach()
 
-    def _selected_chunk(self, q_BtHL: torch.Tensor, latent_BSL: torch.Tensor, idx_BtK: torch.Tensor,
-                        keep_BtK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _selected_chunk(
+        self, q_BtHL: torch.Tensor, latent_BSL: torch.Tensor, idx_BtK: torch.Tensor, keep_BtK: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """One chunk of queries against their gathered rows: latent output [B,t,H,C], distribution [B,t,K]."""
         B = q_BtHL.shape[0]
         rows_BtKL = latent_BSL[torch.arange(B, device=latent_BSL.device)[:, None, None], idx_BtK]
@@ -284,8 +346,9 @@ class DeepSeekSparseAttention(MultiHeadLatentAttention):
         return torch.einsum("bthk,btkc->bthc", p_BtHK, rows_BtKL[..., : self.kv_lora_rank]), p_BtHK.float().mean(2)
 
     @torch.no_grad()
-    def _dense_distribution(self, q_nope_BTHd: torch.Tensor, q_pe_BTHR: torch.Tensor, latent_BSL: torch.Tensor,
-                            visible_BTS: torch.Tensor) -> torch.Tensor:
+    def _dense_distribution(
+        self, q_nope_BTHd: torch.Tensor, q_pe_BTHR: torch.Tensor, latent_BSL: torch.Tensor, visible_BTS: torch.Tensor
+    ) -> torch.Tensor:
         """The dense attention's distribution over the visible tokens, summed over heads and
         L1-normalised [B,T,S] (the warm-up target; each head's row sums to 1, so the mean)."""
         q_BTHL = self._absorbed_queries(q_nope_BTHd, q_pe_BTHR).float()

@@ -39,7 +39,9 @@ class DeepSeekV32Family(DeepSeekFamily):
     def config_to_hf(self, config: ModelConfig, mtp: bool) -> dict[str, Any]:
         plan = resolve_model_config(config)
         if plan.attention.name != "dsa":
-            raise ConfigError(f"HF DeepSeek-V3.2 checkpoints need attention dsa in every layer; the model uses "
-                              f"{plan.attention.name!r} (export it as deepseek_v3 instead)")
+            raise ConfigError(
+                f"HF DeepSeek-V3.2 checkpoints need attention dsa in every layer; the model uses "
+                f"{plan.attention.name!r} (export it as deepseek_v3 instead)"
+            )
         out = super().config_to_hf(config, mtp)
         return {**out, "architectures": ["DeepseekV32ForCausalLM"], "model_type": self.model_type}

@@ -52,7 +52,7 @@ class LightningIndexer(nn.Module):
         self.wk = nn.Linear(dim, head_dim, bias=False)
         self.k_norm = nn.LayerNorm(head_dim, eps=1e-6)  # a LayerNorm (with bias), not an RMSNorm
         self.weights_proj = nn.Linear(dim, n_heads, bias=False)
-        self.softmax_scale = head_dim ** -0.5
+        self.softmax_scale = head_dim**-0.5
 
     def _rotate_first(self, x_BTHI: torch.Tensor, cos_TP: torch.Tensor, sin_TP: torch.Tensor) -> torch.Tensor:
         rot, rest = x_BTHI.split([self.rope_dim, self.head_dim - self.rope_dim], dim=-1)
@@ -63,19 +63,30 @@ class LightningIndexer(nn.Module):
         k_BTI = self.k_norm(self.wk(x_BTD))
         return self._rotate_first(k_BTI[:, :, None], cos_TP, sin_TP)[:, :, 0]
 
-    def scores(self, x_BTD: torch.Tensor, q_latent_BTQ: torch.Tensor, k_BSI: torch.Tensor,
-               cos_TP: torch.Tensor, sin_TP: torch.Tensor) -> torch.Tensor:
+    def scores(
+        self,
+        x_BTD: torch.Tensor,
+        q_latent_BTQ: torch.Tensor,
+        k_BSI: torch.Tensor,
+        cos_TP: torch.Tensor,
+        sin_TP: torch.Tensor,
+    ) -> torch.Tensor:
         """Index scores I [B, T, S] in fp32 (unmasked: the caller hides invisible tokens)."""
         B, T, _ = x_BTD.shape
         q_BTGI = self._rotate_first(self.wq_b(q_latent_BTQ).view(B, T, self.n_heads, self.head_dim), cos_TP, sin_TP)
         # the head weights fold in both scales: 1/sqrt(G) over heads and the dot product's 1/sqrt(I)
-        w_BTG = self.weights_proj(x_BTD).float() * (self.n_heads ** -0.5 * self.softmax_scale)
+        w_BTG = self.weights_proj(x_BTD).float() * (self.n_heads**-0.5 * self.softmax_scale)
         k_BSI = k_BSI.float()
         # in training each chunk is recomputed in backward: the [B, t, G, S] ReLU inputs are not kept
-        score = partial(checkpoint, self._score_chunk, use_reentrant=False) if torch.is_grad_enabled() \
+        score = (
+            partial(checkpoint, self._score_chunk, use_reentrant=False)
+            if torch.is_grad_enabled()
             else self._score_chunk
-        chunks = [score(q_BTGI[:, t:t + QUERY_CHUNK].float(), w_BTG[:, t:t + QUERY_CHUNK], k_BSI)
-                  for t in range(0, T, QUERY_CHUNK)]
+        )
+        chunks = [
+            score(q_BTGI[:, t : t + QUERY_CHUNK].float(), w_BTG[:, t : t + QUERY_CHUNK], k_BSI)
+            for t in range(0, T, QUERY_CHUNK)
+        ]
         return torch.cat(chunks, dim=1)
 
     @staticmethod
