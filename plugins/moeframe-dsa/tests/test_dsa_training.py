@@ -42,7 +42,9 @@ def test_the_lm_loss_trains_the_model_and_the_kl_trains_the_indexer() -> None:
     ids = torch.randint(0, 64, (2, 12))  # 12 tokens, k = 5
     out = decoder(ids)
     kl = out.named_losses["indexer_kl"]
-    assert kl.item() > 0 and torch.allclose(out.aux_loss, kl + sum(out.aux_losses.values()))
+    per_layer = [v for k, v in out.aux_losses.items() if k.endswith(".indexer_kl")]
+    assert kl.item() > 0 and len(per_layer) == 2 and torch.allclose(kl, sum(per_layer))  # each layer's, summed
+    assert torch.allclose(out.aux_loss, sum(out.aux_losses.values()))  # and part of the training loss
     indexer = [p for n, p in decoder.named_parameters() if ".indexer." in n]
     model = [p for n, p in decoder.named_parameters() if ".indexer." not in n]
     lm_grads = torch.autograd.grad(out.logits.square().mean(), indexer + model, retain_graph=True, allow_unused=True)
