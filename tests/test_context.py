@@ -242,7 +242,7 @@ def test_inspect_counts_parameters_per_layer(site: Path) -> None:
 
 
 def test_inspect_command_prints_layers_that_differ(site: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    from moeframe.inspect import inspect_command
+    from moeframe.commands.inspect import command as inspect_command
 
     model = dataclasses.asdict(hashed_config())
     (tmp_path / "m.yaml").write_text(yaml.safe_dump(model))
