@@ -74,11 +74,12 @@ def _part_tensors(key: str, shape: tuple[int, ...], path: str, part: nn.Module, 
     prefix = family.module_prefix(path, config)
     if prefix is None:
         raise ConfigError(f"HF family {family.name!r} has no place for the decoder module {path!r}")
-    router = isinstance(part, RouterBase)  # router state stays fp32 and is never quantised
+    # router state, and what the part declares, stays fp32 and is never quantised
+    fp32 = isinstance(part, RouterBase) or rel in type(part).hf_fp32_tensors(family.name)
     if EXPERT in template:
-        return [HFTensor(family.tensor_key(prefix, template.replace(EXPERT, str(k))), k, router, not router)
+        return [HFTensor(family.tensor_key(prefix, template.replace(EXPERT, str(k))), k, fp32, not fp32)
                 for k in range(shape[0])]
-    return [HFTensor(family.tensor_key(prefix, template), None, router, not router)]
+    return [HFTensor(family.tensor_key(prefix, template), None, fp32, not fp32)]
 
 
 def tensor_map(decoder: Decoder, family: HFFamily) -> dict[str, list[HFTensor]]:

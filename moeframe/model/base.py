@@ -136,6 +136,13 @@ class AttentionBase(nn.Module, HFNamed, abc.ABC):
         """Values one layer's cache stores per token (multiply by the element size for bytes)."""
         raise NotImplementedError(f"attention plugin {cls.__qualname__} does not report its cache size")
 
+    def take_training_losses(self) -> dict[str, torch.Tensor]:
+        """Loss terms the last forward computed for training, by name, each already weighted (e.g.
+        DSA's ``indexer_kl``); the decoder calls this after every forward of the block, adds them to
+        the training loss and reports each name apart (``DecoderOutput.named_losses``, logged as
+        ``train/<name>``). A plugin returns them once and forgets them. Default: none."""
+        return {}
+
     def set_selective_recompute(self, enabled: bool) -> None:
         """Selective activation checkpointing (``runtime.activation_checkpointing: selective``) turns
         this on: recompute in backward what is cheap to redo and wide to keep (MLA: the query and

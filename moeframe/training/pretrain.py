@@ -235,6 +235,8 @@ class PretrainModule(L.LightningModule):
         loss = ce + out.aux_loss
         if out.aux_losses:
             metrics["train/aux_loss"] = out.aux_loss
+        for name, value in out.named_losses.items():  # e.g. DSA's indexer_kl, summed over layers
+            metrics[f"train/{name}"] = value.detach()
         if self.config.mtp_depth > 0 and out.mtp_logits:
             lam = self.current_mtp_lambda()
             extra = mtp_loss(out.mtp_logits, labels_BT)
