@@ -15,7 +15,7 @@ from typing import Any, Literal, Optional
 
 from moeframe import registry
 from moeframe.errors import ConfigError
-from moeframe.model.base import PluginOptions, options_as_config, parse_options
+from moeframe.options import PluginOptions, options_as_config, parse_options
 
 __all__ = ["ConfigError", "LayerPlan", "ModelConfig", "ModelPlan", "OptimConfig", "PluginChoice",
            "RuntimeConfig", "resolve_model_config", "with_plugin_defaults"]
@@ -321,7 +321,7 @@ class OptimConfig:
         _require(0 < self.decay_fraction <= 1,
                  f"optim.decay_fraction must be in (0, 1], got {self.decay_fraction}")
         if self.token_schedule is not None:
-            from moeframe.training.schedules import check_segments
+            from moeframe.schedules import check_segments
 
             try:
                 check_segments(self.token_schedule, "optim.token_schedule")

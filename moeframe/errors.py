@@ -5,18 +5,7 @@ from __future__ import annotations
 
 
 class ConfigError(ValueError):
-    """A configuration mistake the user can fix; its message says how.
-
-    Instances are remembered (``ConfigError.raised``) because the CLI's argument parser turns
-    exceptions raised while it validates a config into its own, much noisier, message; the CLI
-    reports the remembered originals instead.
-    """
-
-    raised: list["ConfigError"] = []
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
-        ConfigError.raised.append(self)
+    """A configuration mistake the user can fix; its message says how."""
 
 
 class CheckpointError(ConfigError):

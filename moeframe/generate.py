@@ -1,14 +1,14 @@
-"""Text generation from a trained checkpoint: ``moeframe generate CKPT --prompt TEXT``.
+"""Text generation from a trained checkpoint (the command: ``moeframe generate CKPT --prompt TEXT``).
 
 Decoding is incremental: the prompt goes through the decoder once (prefill), filling every
 layer's KV cache (``Decoder.new_cache``; what a layer stores is its attention plugin's business:
 per-head keys and values for ``mha``, a 576-value latent for ``mla``), then each step feeds only the
-newest token. ``--no-cache`` recomputes the whole prefix at every step instead: slower, and the
+newest token. ``use_cache=False`` (``--no_cache``) recomputes the whole prefix at every step instead: slower, and the
 reference the cache is tested against.
 
 Choosing the next token: greedy (``--temperature 0``, the default) takes the most likely one;
 otherwise the logits are divided by the temperature and sampled from the smallest set of tokens
-whose probability reaches ``--top-p`` (nucleus sampling). Tokens the tokenizer cannot decode
+whose probability reaches ``--top_p`` (nucleus sampling). Tokens the tokenizer cannot decode
 (``model.vocab_size`` is often rounded up past the tokenizer's) are never chosen. Text is printed
 as soon as it decodes to whole characters.
 
@@ -17,8 +17,6 @@ Shapes: B batch, T tokens, V vocabulary.
 
 from __future__ import annotations
 
-import argparse
-import sys
 from pathlib import Path
 from typing import Iterator, Optional, TextIO, Union
 
@@ -27,7 +25,7 @@ import torch
 from moeframe.config import ConfigError
 from moeframe.model.decoder import Decoder, build_decoder, materialize
 
-__all__ = ["load_decoder", "top_p_filter", "next_token", "generate_ids", "TextStream", "generate_command"]
+__all__ = ["load_decoder", "top_p_filter", "next_token", "generate_ids", "TextStream"]
 
 
 def load_decoder(checkpoint: Union[str, Path], device: Union[str, torch.device] = "cpu") -> Decoder:
@@ -138,59 +136,3 @@ class TextStream:
         text = self.tokenizer.decode(self.ids)
         self.out.write(text[len(self.printed):])
         self.printed = text
-
-
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(allow_abbrev=False, prog="moeframe generate",
-                                description="Generate text from a PretrainModule checkpoint.")
-    p.add_argument("checkpoint", help="a .ckpt written by `moeframe fit` (e.g. runs/tiny/logs/version_0/checkpoints/last.ckpt)")
-    p.add_argument("--prompt", default="", help="text to continue (empty: start after an end-of-document token)")
-    p.add_argument("--max-new-tokens", type=int, default=200)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass, in (0, 1]")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed")
-    p.add_argument("--tokenizer", default="byte", help="'byte' or the tokenizer.json the model was trained with")
-    p.add_argument("--no-cache", action="store_true", help="recompute the whole prefix at every step")
-    p.add_argument("--stop-at-eos", action="store_true", help="stop at the end-of-document token")
-    p.add_argument("--device", default="cpu")
-    return p
-
-
-def generate_command(argv: list[str], out: Optional[TextIO] = None) -> int:
-    """``moeframe generate``: stream a continuation of ``--prompt`` to ``out`` (default stdout)."""
-    from moeframe.data.tokenizer import load_tokenizer
-
-    out = out or sys.stdout  # looked up now: tests and callers may have replaced sys.stdout
-    args = _parser().parse_args(argv)
-    try:
-        if args.max_new_tokens <= 0 or args.temperature < 0 or not 0 < args.top_p <= 1:
-            raise ConfigError("need --max-new-tokens > 0, --temperature >= 0 and 0 < --top-p <= 1")
-        tokenizer = load_tokenizer(args.tokenizer)
-        decoder = load_decoder(args.checkpoint, args.device)
-        if tokenizer.vocab_size > decoder.config.vocab_size:
-            raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only "
-                              f"{decoder.config.vocab_size}: pass the tokenizer it was trained with (--tokenizer)")
-        prompt = tokenizer.encode(args.prompt) or [tokenizer.eos_id]
-        prompt_BT = torch.tensor([prompt], device=args.device)
-        new_tokens = min(args.max_new_tokens, decoder.config.max_seq_len - len(prompt))
-        if new_tokens <= 0:
-            raise ConfigError(f"the prompt ({len(prompt)} tokens) fills model.max_seq_len={decoder.config.max_seq_len}; "
-                              "shorten the prompt")
-    except ConfigError as exc:
-        print(f"moeframe generate: error: {exc}", file=sys.stderr)
-        return 2
-    generator = torch.Generator(device=args.device).manual_seed(args.seed)
-    stream = TextStream(tokenizer, out)
-    out.write(args.prompt)
-    for token_B in generate_ids(decoder, prompt_BT, new_tokens, args.temperature, args.top_p,
-                                use_cache=not args.no_cache, eos_id=tokenizer.eos_id if args.stop_at_eos else None,
-                                vocab_limit=tokenizer.vocab_size, generator=generator):
-        stream.put(int(token_B[0]))
-    stream.finish()
-    out.write("\n")
-    out.flush()
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(generate_command(sys.argv[1:]))

@@ -18,7 +18,6 @@ from its parameter shapes, so the 671B preset is inspected in seconds on a lapto
 
 from __future__ import annotations
 
-import argparse
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -282,40 +281,3 @@ def _print_layers(rows: list[dict[str, Any]]) -> None:
         ffn = f"{row['router']}/{row['experts']}" if row["router"] else "dense"
         print(f"  layer {row['layer']:<3} {row['attention']:<10} {ffn:<20} {row['norm']:<9} {row['residual']:<10} "
               f"params {_fmt(row['params'])}, activated {_fmt(row['activated'])}")
-
-
-def inspect_command(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(allow_abbrev=False, prog="moeframe inspect", description=__doc__.split("\n\n")[0])
-    p.add_argument("config", help="a model YAML (configs/model/*.yaml) or a run YAML that names one")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.add_argument("--seq-len", type=int, default=4096, help="sequence length for attention FLOPs")
-    p.add_argument("--zero", type=int, default=1, help="ZeRO stage for the memory estimate (0 = plain data parallel)")
-    p.add_argument("--dp", type=int, default=1, help="data-parallel ranks (including expert-parallel ones)")
-    p.add_argument("--ep", type=int, default=1, help="expert-parallel degree")
-    p.add_argument("--precision", choices=[BUILTIN_PRECISION, *sorted(registry.available("precision"))],
-                   default=BUILTIN_PRECISION, help="bf16 or an installed precision plugin (its declared bytes per parameter)")
-    p.add_argument("--pp", type=int, default=None, help="pipeline ranks: per-stage parameters, activations, bubble")
-    p.add_argument("--vpp", type=int, default=None, help="virtual stages per pipeline rank (default: the schedule's)")
-    p.add_argument("--schedule", default="1f1b", help="pipeline schedule (gpipe, 1f1b, interleaved_1f1b, ...)")
-    p.add_argument("--microbatches", type=int, default=None, help="micro-batches per batch (default: the stages)")
-    args = p.parse_args(argv)
-    for name in ("seq_len", "dp", "ep"):
-        if getattr(args, name) <= 0:
-            p.error(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
-    report = inspect_model(load_model_config(args.config), Path(args.config).stem, args.seq_len, args.zero,
-                           args.dp, args.ep, args.precision)
-    section = None
-    if args.pp is not None:
-        from moeframe.pipeline_estimate import pipeline_section
-
-        section = pipeline_section(load_model_config(args.config), args.pp, args.vpp, args.schedule,
-                                   args.microbatches, args.ep, args.seq_len)
-    if args.json:
-        print(json.dumps({**asdict(report), **({"pipeline": section} if section else {})}, indent=2))
-    else:
-        print_report(report, args.zero, args.dp, args.ep, args.precision)
-        if section:
-            from moeframe.pipeline_estimate import print_pipeline
-
-            print_pipeline(section)
-    return 0

@@ -28,7 +28,8 @@ What is here, by use:
   float32 under ``torch.compile`` too), its capability test (``grouped_mm_supported``) and the
   static-size expert-group padding (``pad_expert_groups_static``), weight init (``default_init``, ``init_random_stream``), the FP8 block format (``quantize_blocks`` and its
   constants), parallel-layout checks (``check_ep_layout``, ``check_zero_layout``), atomic
-  checkpoint IO (``partial_name``, ``replace_folder``, ``remove_stale_partials``), ``ConfigError``;
+  checkpoint IO (``partial_name``, ``replace_folder``, ``remove_stale_partials``), the parameters
+  DDP must leave alone (``ddp_ignore``), ``ConfigError``;
 - **names and layouts a plugin declares**: ``HFNamed`` (a part's HF tensor names and config
   fields; ``EXPERT`` stands for the expert index), ``HFFamily``/``HFTensor`` (a checkpoint-family
   adapter, entry-point kind ``hf_family``), ``DescribesLayout``/``ParallelLayout`` (a strategy's
@@ -49,6 +50,7 @@ import importlib
 from typing import Any
 
 from moeframe import registry
+from moeframe.compat import ddp_ignore
 from moeframe.config import ModelConfig, resolve_model_config
 from moeframe.convert.fp8 import AMAX_FLOOR, BLOCK, E4M3_MAX, dequantize_blocks, quantize_blocks
 from moeframe.errors import ConfigError
@@ -90,9 +92,9 @@ PLUGIN_API_VERSION: int = int(PLUGIN_API)
 # Checkpoint IO lives in the training layer, which imports Lightning (seconds): loaded on first
 # use, so that importing a model-part plugin (``moeframe inspect``) stays fast.
 _LAZY: dict[str, str] = {
-    "partial_name": "moeframe.training.reliability",
-    "replace_folder": "moeframe.training.reliability",
-    "remove_stale_partials": "moeframe.training.reliability",
+    "partial_name": "moeframe.training.checkpoint_io",
+    "replace_folder": "moeframe.training.checkpoint_io",
+    "remove_stale_partials": "moeframe.training.checkpoint_io",
 }
 
 __all__ = [
@@ -107,7 +109,7 @@ __all__ = [
     "dequantize_blocks", "describe_type", "document_mask", "gate_logits_fp32", "grouped_mm",
     "grouped_mm_supported", "init_random_stream", "pad_expert_groups_static",
     "limit_to_groups", "moe_layers", "options_as_config", "parse_options", "partial_name", "quantize_blocks",
-    "remove_stale_partials", "replace_folder",
+    "remove_stale_partials", "replace_folder", "ddp_ignore",
 ]
 
 

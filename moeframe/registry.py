@@ -221,11 +221,28 @@ def declared_plugin_api(cls: type) -> str:
     return _UNDECLARED_PLUGIN_API
 
 
+# What an API-1 plugin of each kind changes to target API 2 (the deprecation warning says it).
+API2_CHANGES: dict[str, str] = {
+    "attention": "take forward(x_BTD, ctx) and read positions_T, document_ids_BT and cache from ctx",
+    "router": "take __init__(config, options, layer_id) and forward(x_TD, ctx) (ctx.seq_len replaces "
+              "takes_seq_len/seq_len)",
+    "experts": "take __init__(config, options, num_experts, dim, hidden_dim, layer_id) and "
+               "forward(x_TD, weights_TK, indices_TK, ctx)",
+    "norm": "take __init__(dim, eps, options, layer_id=None) and forward(x, ctx=None)",
+}
+
+
+def api1_message(kind: str, name: str, distribution: str, version: str) -> str:
+    """The one deprecation warning an API-1 plugin gets: what it is and what to change."""
+    return (f"{kind} plugin {name!r} from distribution {distribution} {version} targets moeframe plugin "
+            f"API 1, which is deprecated and will be removed in a future release; it still runs, called "
+            f"with the API-1 signatures. To move to plugin API 2, set plugin_api = \"2\" and "
+            f"{API2_CHANGES.get(kind, 'follow docs/guides/plugins.md')} (see docs/guides/plugins.md).")
+
+
 def _check_plugin_api(cls: type, info: PluginInfo) -> None:
     declared = declared_plugin_api(cls)
     if declared in DEPRECATED_PLUGIN_APIS and info.kind in _CONTEXT_KINDS:
-        from moeframe.model.compat import api1_message
-
         # once per plugin and process: loading is cached
         warnings.warn(api1_message(info.kind, info.name, info.distribution, info.version),
                       PluginDeprecationWarning, stacklevel=2)

@@ -17,6 +17,8 @@ HOOKS_JSON keys (all optional):
   delete_at / delete: after that step, delete folder ``delete`` (the data);
   truncate_at / truncate / truncate_to: after that step, cut file ``truncate`` (a shard) to
       ``truncate_to`` bytes, as a copy still in progress or someone else's ``truncate`` would.
+  slow_save_s / slow_save_marker: every checkpoint save writes the marker file and waits that
+      long between writing the new file and renaming it into place (``tests/slow_save.py``).
 """
 
 from __future__ import annotations
@@ -103,6 +105,10 @@ class TestHooks(L.Callback):
 
 def main() -> int:
     hooks = json.loads(sys.argv[1])
+    if hooks.get("slow_save_s"):  # not a TestHooks option: patched into this process's saves
+        import slow_save
+
+        slow_save.install(float(hooks.pop("slow_save_s")), hooks.pop("slow_save_marker", ""))
     args = ["fit", *sys.argv[2:], "--trainer.callbacks+",
             json.dumps({"class_path": "reliability_script.TestHooks", "init_args": hooks})]
     from moeframe.cli import main as moeframe_main

@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from moeframe import registry, scaffold
+from moeframe import registry
+from moeframe.commands import new_plugin as scaffold
 from moeframe.config import ConfigError
 
 from .conftest import REPO, clean_env

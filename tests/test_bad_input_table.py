@@ -546,7 +546,7 @@ case("prepare", "tokenizer-missing")(
 case("prepare", "tokenizer-malformed")(
     lambda w, d: (_prepare([w.corpus], d / "out", "--tokenizer", str(_write(d / "tok.json", '{"model": '))), ["tok.json"]))
 case("prepare", "conflict-shard-tokens-zero")(
-    lambda w, d: (_prepare([w.corpus], d / "out", "--shard-tokens", "0"), ["--shard-tokens"]))
+    lambda w, d: (_prepare([w.corpus], d / "out", "--shard-tokens", "0"), ["--shard_tokens"]))
 case("prepare", "conflict-workers-zero")(lambda w, d: (_prepare([w.corpus], d / "out", "--workers", "0"), ["--workers"]))
 
 
@@ -573,7 +573,7 @@ case("inspect", "conflict-top-k-above-experts")(
                   ["n_activated_experts"]))
 case("inspect", "conflict-ep-does-not-divide-experts")(
     lambda w, d: (["inspect", str(w.model_yaml), "--ep", "3", "--dp", "3"], ["3"]))
-case("inspect", "conflict-seq-len-zero")(lambda w, d: (["inspect", str(w.model_yaml), "--seq-len", "0"], ["--seq-len"]))
+case("inspect", "conflict-seq-len-zero")(lambda w, d: (["inspect", str(w.model_yaml), "--seq-len", "0"], ["--seq_len"]))
 
 
 # -- generate ------------------------------------------------------------------------------------------
@@ -587,7 +587,7 @@ case("generate", "tokenizer-missing")(
 case("generate", "tokenizer-malformed")(
     lambda w, d: (["generate", str(w.ckpt), "--tokenizer", str(_write(d / "tok.json", "{"))], ["tok.json"]))
 case("generate", "conflict-max-new-tokens-zero")(
-    lambda w, d: (["generate", str(w.ckpt), "--max-new-tokens", "0"], ["--max-new-tokens"]))
+    lambda w, d: (["generate", str(w.ckpt), "--max-new-tokens", "0"], ["--max_new_tokens"]))
 case("generate", "conflict-prompt-fills-context")(
     lambda w, d: (["generate", str(w.ckpt), "--prompt", "x" * 80], ["max_seq_len"]))
 

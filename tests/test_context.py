@@ -242,7 +242,7 @@ def test_inspect_counts_parameters_per_layer(site: Path) -> None:
 
 
 def test_inspect_command_prints_layers_that_differ(site: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    from moeframe.inspect import inspect_command
+    from moeframe.commands.inspect import command as inspect_command
 
     model = dataclasses.asdict(hashed_config())
     (tmp_path / "m.yaml").write_text(yaml.safe_dump(model))
@@ -443,6 +443,8 @@ def test_a_model_config_saved_before_api2_loads_with_the_new_fields_defaulted(tm
 
 def test_a_bias_balanced_router_in_some_layers_only_still_gets_its_balance_callback(tmp_path: Path) -> None:
     """aux_free updates its bias in ExpertBalance; chosen for one layer only, it must still move."""
+    from lightning.pytorch.trainer.states import TrainerFn
+
     from moeframe.training.balance import ExpertBalance
     from moeframe.training.pretrain import PretrainModule
 
@@ -450,8 +452,9 @@ def test_a_bias_balanced_router_in_some_layers_only_still_gets_its_balance_callb
     trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         default_root_dir=tmp_path)
     module.trainer = trainer
-    module._ensure_balance_callback()
-    assert any(isinstance(cb, ExpertBalance) for cb in trainer.callbacks)
+    trainer.state.fn = TrainerFn.FITTING
+    (balance,) = [cb for cb in module.configure_callbacks() if isinstance(cb, ExpertBalance)]
+    assert balance.heatmaps  # recognised as a bias-balanced router: attached as when configured
 
 
 # -- HF export of what a checkpoint family cannot record ----------------------------------------

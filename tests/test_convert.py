@@ -308,7 +308,7 @@ def test_bad_checkpoints_fail_clearly_and_leave_nothing(tmp_path: Path, capsys: 
     other = tmp_path / "llama"
     other.mkdir()
     (other / "config.json").write_text(json.dumps({"model_type": "llama"}))
-    _bad(tmp_path, capsys, other, "model_type 'llama' is not a DeepSeek-V3/V2 checkpoint")
+    _bad(tmp_path, capsys, other, "model_type 'llama' is not a DeepSeek-V3/V2 / DeepSeek-V3.2 checkpoint")
     # a missing shard
     sharded = tmp_path / "sharded"
     shutil.copytree(hf, sharded)

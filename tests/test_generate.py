@@ -17,7 +17,8 @@ from moeframe.cli import main
 from moeframe.config import ModelConfig, PluginChoice, resolve_model_config
 from moeframe.data.shards import PretrainDataModule
 from moeframe.data.tokenizer import ByteTokenizer
-from moeframe.generate import TextStream, generate_command, next_token, top_p_filter
+from moeframe.commands.generate import command as generate_command
+from moeframe.generate import TextStream, next_token, top_p_filter
 from moeframe.model.attention import cached_causal_mask
 from moeframe.model.base import AttentionBase, PluginOptions
 from moeframe.model.decoder import Decoder, build_decoder, kv_cache_bytes_per_token
@@ -162,4 +163,4 @@ def test_generate_command_bad_input(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert main(["generate", str(tmp_path / "other.ckpt")]) == 2
     assert "not a checkpoint of a moeframe module" in capsys.readouterr().err
     assert main(["generate", str(tmp_path / "other.ckpt"), "--top-p", "0"]) == 2
-    assert "0 < --top-p <= 1" in capsys.readouterr().err
+    assert "0 < --top_p <= 1" in capsys.readouterr().err

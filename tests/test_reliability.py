@@ -57,9 +57,9 @@ def run_and_signal(hooks: dict[str, Any], args: list[str], cwd: Path, signum: in
     scheduler or ``kill`` would signal); with ``again_while_saving`` (a marker the checkpoint
     writer creates, slowed down by 2 s), signal it a second time while it saves."""
     ready = Path(hooks["ready"])
-    env = {} if again_while_saving is None else {"MOEFRAME_TEST_SLOW_SAVE_S": "2",
-                                                 "MOEFRAME_TEST_SLOW_SAVE_MARKER": str(again_while_saving)}
-    proc = launch(hooks, args, cwd, **env)
+    if again_while_saving is not None:
+        hooks = {**hooks, "slow_save_s": 2, "slow_save_marker": str(again_while_saving)}
+    proc = launch(hooks, args, cwd)
     deadline = time.monotonic() + timeout
     while not ready.exists():
         if proc.poll() is not None or time.monotonic() > deadline:

@@ -26,6 +26,7 @@ from moeframe.cli import main
 from moeframe.config import OptimConfig
 from moeframe.errors import CheckpointError
 from moeframe.testing import tiny_config
+from moeframe.training.balance import ExpertBalance
 from moeframe.training.reliability import (
     AtomicCheckpointIO, Reliability, find_resumable_checkpoint, first_nonfinite_module, state_dict_differences,
     verify_checkpoint,
@@ -72,12 +73,14 @@ def save_in_child(target: Path, step: int, marker: Path, slow_s: int = 120) -> s
     """A process that saves ``{"step": step}`` to ``target`` and stops for ``slow_s`` seconds in the
     window between writing the new file and renaming it over ``target``; returns once it is there."""
     child = textwrap.dedent(f"""
-        import torch
+        import sys, torch
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        import slow_save
+        slow_save.install({slow_s}, {str(marker)!r})
         from moeframe.training.reliability import AtomicCheckpointIO
         AtomicCheckpointIO().save_checkpoint({{"step": {step}, "w": torch.full((1000,), {step}.0)}}, {str(target)!r})
     """)
-    proc = subprocess.Popen([sys.executable, "-c", child], env=clean_env(MOEFRAME_TEST_SLOW_SAVE_S=str(slow_s),
-                                                                         MOEFRAME_TEST_SLOW_SAVE_MARKER=str(marker)))
+    proc = subprocess.Popen([sys.executable, "-c", child], env=clean_env())
     deadline = time.monotonic() + 120
     while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -92,12 +95,14 @@ def test_atomic_save_survives_a_kill_while_writing(tmp_path: Path) -> None:
     AtomicCheckpointIO().save_checkpoint({"step": 1, "w": torch.arange(10.0)}, target)
     marker = tmp_path / "saving"
     child = textwrap.dedent(f"""
-        import torch
+        import sys, torch
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        import slow_save
+        slow_save.install(60, {str(marker)!r})
         from moeframe.training.reliability import AtomicCheckpointIO
         AtomicCheckpointIO().save_checkpoint({{"step": 2, "w": torch.zeros(10)}}, {str(target)!r})
     """)
-    proc = subprocess.Popen([sys.executable, "-c", child], env=clean_env(MOEFRAME_TEST_SLOW_SAVE_S="60",
-                                                                         MOEFRAME_TEST_SLOW_SAVE_MARKER=str(marker)))
+    proc = subprocess.Popen([sys.executable, "-c", child], env=clean_env())
     deadline = time.monotonic() + 120
     while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -118,6 +123,21 @@ def test_checkpoint_files_keep_lightnings_slurm_numbering(tmp_path: Path) -> Non
 
     AtomicCheckpointIO().save_checkpoint({"step": 1}, tmp_path / "hpc_ckpt_1.ckpt")
     assert _CheckpointConnector.hpc_save_path(tmp_path) == str(tmp_path / "hpc_ckpt_2.ckpt")
+
+
+def test_preemption_under_slurm_numbers_its_checkpoint_as_lightning_restores_it(tmp_path: Path) -> None:
+    """The SIGUSR1 checkpoint is named the way Lightning's own requeue handler names it, so the
+    requeued job's automatic restore (the highest hpc_ckpt_N) finds it."""
+    from lightning.pytorch.trainer.connectors.checkpoint_connector import _CheckpointConnector
+
+    from moeframe.training.reliability import hpc_checkpoint_path
+
+    trainer = L.Trainer(accelerator="cpu", logger=False, default_root_dir=tmp_path)
+    assert hpc_checkpoint_path(trainer) == tmp_path / "hpc_ckpt_1.ckpt"
+    for name in ("hpc_ckpt_1.ckpt", "hpc_ckpt_3.ckpt", "notes.txt"):
+        AtomicCheckpointIO().save_checkpoint({"step": 1}, tmp_path / name)
+    assert str(hpc_checkpoint_path(trainer)) == _CheckpointConnector.hpc_save_path(tmp_path)
+    assert hpc_checkpoint_path(trainer).name == "hpc_ckpt_4.ckpt"
 
 
 @pytest.mark.bad_input
@@ -325,11 +345,11 @@ def test_skip_policy_leaves_weights_and_optimizer_untouched_and_logs_events(tmp_
     model = PretrainModule(tiny_config(vocab_size=260, n_layers=2, first_k_dense=1, n_routed_experts=4,
                                        n_activated_experts=2), OptimConfig(warmup_steps=1))
     dm = PretrainDataModule(seq_len=16, batch_size=4, max_bytes=200_000)
-    snaps, guard = _Snapshots(), Reliability(nonfinite="skip", loss_spike_window=3, loss_spike_factor=2.0,
-                                             collapse_patience=2, maxvio_threshold=0.5, maxvio_patience=2)
+    snaps, guard = _Snapshots(), Reliability(nonfinite="skip", loss_spike_window=3, loss_spike_factor=2.0)
+    balance = ExpertBalance(collapse_patience=2, maxvio_threshold=0.5, maxvio_patience=2, heatmaps=False)
     trainer = L.Trainer(accelerator="cpu", max_steps=7, logger=L.pytorch.loggers.CSVLogger(tmp_path), enable_progress_bar=False,
                         enable_model_summary=False, limit_val_batches=0, enable_checkpointing=False,
-                        callbacks=[guard, snaps, _PoisonStep(step=3, spike_step=6)], default_root_dir=tmp_path)
+                        callbacks=[guard, balance, snaps, _PoisonStep(step=3, spike_step=6)], default_root_dir=tmp_path)
     trainer.fit(model, dm)
     assert trainer.global_step == 7 and guard.skipped_steps == 1
     assert all(torch.equal(a, b) for a, b in zip(snaps.params[2], snaps.params[3]))  # step 3 changed nothing
@@ -347,6 +367,8 @@ def test_skip_policy_leaves_weights_and_optimizer_untouched_and_logs_events(tmp_
     # patience (2 steps); expert 0 gets its tokens too -> MaxVio about 1 > 0.5 for 2 steps
     collapse = [(e["step"], e["layer"], e["expert"]) for e in events if e["event"] == "expert_collapse"]
     assert collapse.count((2, "decoder.layers.1.ffn", 3)) == 1 and sum(x[2] == 3 for x in collapse) == 1
+    assert {e["event"] for e in balance.events} == {"expert_collapse", "maxvio_high"}  # their one owner
+    assert "reliability/events/expert_collapse" in metrics and "reliability/events/maxvio_high" in metrics
     high = [e for e in events if e["event"] == "maxvio_high"]
     assert (high[0]["step"], high[0]["layer"], high[0]["expert"]) == (2, "decoder.layers.1.ffn", 0)
     assert high[0]["maxvio"] > 0.5

@@ -74,11 +74,12 @@ def _part_tensors(key: str, shape: tuple[int, ...], path: str, part: nn.Module, 
     prefix = family.module_prefix(path, config)
     if prefix is None:
         raise ConfigError(f"HF family {family.name!r} has no place for the decoder module {path!r}")
-    router = isinstance(part, RouterBase)  # router state stays fp32 and is never quantised
+    # router state, and what the part declares, stays fp32 and is never quantised
+    fp32 = isinstance(part, RouterBase) or rel in type(part).hf_fp32_tensors(family.name)
     if EXPERT in template:
-        return [HFTensor(family.tensor_key(prefix, template.replace(EXPERT, str(k))), k, router, not router)
+        return [HFTensor(family.tensor_key(prefix, template.replace(EXPERT, str(k))), k, fp32, not fp32)
                 for k in range(shape[0])]
-    return [HFTensor(family.tensor_key(prefix, template), None, router, not router)]
+    return [HFTensor(family.tensor_key(prefix, template), None, fp32, not fp32)]
 
 
 def tensor_map(decoder: Decoder, family: HFFamily) -> dict[str, list[HFTensor]]:
@@ -426,48 +427,3 @@ def save_moeframe(decoder: Decoder, out: str | Path) -> Path:
              if not (decoder.config.tie_embeddings and k == "head.weight")}  # tied: stored once
     _save_safetensors(state, out / "model.safetensors")
     return out
-
-
-
-# -- the command ----------------------------------------------------------------------------------
-def convert_command(argv: list[str]) -> int:
-    """``moeframe convert SRC DST``: HF folder -> moeframe folder, or moeframe -> HF folder."""
-    import argparse
-
-    p = argparse.ArgumentParser(
-        allow_abbrev=False, prog="moeframe convert",
-        description="Convert between HF checkpoint folders (of an installed checkpoint family, DeepSeek-V3/V2 "
-                    "first-party) and moeframe checkpoints. The direction follows "
-                    "SRC: an HF folder (config.json) becomes a moeframe folder; a Lightning .ckpt or a moeframe "
-                    "folder (moeframe.yaml) becomes an HF folder.")
-    p.add_argument("src")
-    p.add_argument("dst", help="output folder (must not exist)")
-    p.add_argument("--fp8", action="store_true", help="HF export: the FP8 block format (128x128 scales, as DeepSeek released)")
-    p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16", help="HF export dtype")
-    p.add_argument("--drop-mtp", action="store_true", help="leave the multi-token-prediction modules out")
-    p.add_argument("--family", choices=sorted(registry.available("hf_family")), default=None,
-                   help="HF export: the checkpoint family (default: the one installed family the model fits)")
-    args = p.parse_args(argv)
-    src, dst = Path(args.src), Path(args.dst)
-    if dst.exists():
-        raise ConfigError(f"{dst} already exists; choose a new output folder")
-    from moeframe.badinput import check_output_path
-
-    check_output_path(dst, "output folder", folder=True)
-    if (src / "config.json").is_file():
-        decoder = from_hf(src, mtp=not args.drop_mtp)
-        partial = dst.parent / f"{dst.name}.partial-{uuid.uuid4().hex[:8]}"
-        try:
-            save_moeframe(decoder, partial)
-            os.rename(partial, dst)
-        finally:
-            shutil.rmtree(partial, ignore_errors=True)
-        print(f"wrote moeframe checkpoint {dst} (moeframe.yaml + model.safetensors)")
-    elif src.suffix == ".ckpt" or (src / "moeframe.yaml").is_file():
-        to_hf(load_moeframe(src), dst, fp8=args.fp8, dtype=getattr(torch, args.dtype), mtp=not args.drop_mtp,
-              family=args.family)
-        print(f"wrote HF checkpoint {dst}{' (FP8 block format)' if args.fp8 else ''}")
-    else:
-        raise ConfigError(f"{src} is neither an HF folder (config.json) nor a moeframe checkpoint "
-                          "(a Lightning .ckpt or a folder with moeframe.yaml)")
-    return 0

@@ -373,34 +373,3 @@ def _write_dataset(
         "tokens": sum(m["tokens"] for m in split_meta.values()),
         "bytes": total_bytes, "seconds": time.perf_counter() - start, "skipped_files": skipped,
     }
-
-
-def prepare_command(argv: list[str]) -> int:
-    """``moeframe prepare INPUT... --output DIR [--tokenizer byte|tokenizer.json] ...``"""
-    import argparse
-
-    p = argparse.ArgumentParser(allow_abbrev=False, prog="moeframe prepare", description=__doc__.split("\n\n")[0])
-    p.add_argument("inputs", nargs="+", help="text files, folders, .jsonl or .parquet files")
-    p.add_argument("-o", "--output", required=True, help="dataset folder to create")
-    p.add_argument("--tokenizer", default="byte", help="'byte' or the path of a HF tokenizer.json")
-    p.add_argument("--eos-token", default=None, help="end-of-document token (auto-detected)")
-    p.add_argument("--field", default="text", help="JSONL field / Parquet column holding the text")
-    p.add_argument("--val-permille", type=int, default=50, help="held-out share of documents, per mille (0: none)")
-    p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2)), help="tokenising processes")
-    p.add_argument("--shard-tokens", type=int, default=100_000_000, help="tokens per shard")
-    p.add_argument("--on-decode-error", choices=["skip", "error"], default="skip",
-                   help="non-UTF-8 files: skip them (counted, warned) or stop")
-    p.add_argument("--overwrite", action="store_true", help="replace a different dataset at --output")
-    args = p.parse_args(argv)
-    if not 0 <= args.val_permille < 1000:
-        p.error("--val-permille must be between 0 and 999")
-    for name in ("workers", "shard_tokens"):
-        if getattr(args, name) <= 0:
-            p.error(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
-    from moeframe.badinput import check_output_path
-
-    check_output_path(args.output, "--output", folder=True)
-    summary = prepare(collect_sources(args.inputs), args.output, args.tokenizer, args.eos_token, args.field,
-                      args.val_permille, args.workers, args.shard_tokens, args.on_decode_error, args.overwrite)
-    print(summary.line())
-    return 0

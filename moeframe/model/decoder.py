@@ -41,14 +41,18 @@ COMPILE_MODES: tuple[str, ...] = get_args(CompileMode)
 
 @dataclass
 class DecoderOutput:
-    """``logits`` [B, T, V]; ``aux_loss``: sum of the plugins' balance losses (0 when none);
-    ``aux_losses``: the same per layer name, for logging; ``mtp_logits``: with ``mtp=True``, one
-    [B, T - k, V] tensor per MTP depth k = 1..D, position i predicting token i + k + 1."""
+    """``logits`` [B, T, V]; ``aux_loss``: sum of the plugins' balance losses and of their named
+    training losses (0 when none); ``aux_losses``: the same per layer name (``layer3``; a named
+    loss as ``layer3.indexer_kl``), for logging; ``mtp_logits``: with ``mtp=True``, one
+    [B, T - k, V] tensor per MTP depth k = 1..D, position i predicting token i + k + 1;
+    ``named_losses``: the attention plugins' training losses (``AttentionBase.take_training_losses``)
+    summed over layers, by name, for logging."""
 
     logits: torch.Tensor
     aux_loss: torch.Tensor
     aux_losses: dict[str, torch.Tensor] = field(default_factory=dict)
     mtp_logits: list[torch.Tensor] = field(default_factory=list)
+    named_losses: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 class DecoderCache:
@@ -127,6 +131,12 @@ class Block(nn.Module):
 
         h = self.residual(h, attention, ffn, ctx)
         return h, (aux_losses[-1] if aux_losses else None)
+
+
+def _take_training_losses(block: Block, where: str, aux_losses: dict[str, torch.Tensor]) -> None:
+    """The block attention's training losses of this forward, as ``<where>.<name>``."""
+    for name, loss in block.attn.take_training_losses().items():
+        aux_losses[f"{where}.{name}"] = loss
 
 
 class MTPModule(nn.Module):
@@ -252,12 +262,13 @@ class Decoder(nn.Module):
     def run_layers(self, h: torch.Tensor, ctx: ForwardContext, start: int, stop: int,
                    aux_losses: dict[str, torch.Tensor], cache: Optional[DecoderCache] = None) -> torch.Tensor:
         """Blocks ``layers[start:stop]`` on the residual state ``h``; their balance losses go into
-        ``aux_losses`` under ``layer<i>``."""
+        ``aux_losses`` under ``layer<i>``, their attention's training losses under ``layer<i>.<name>``."""
         for i in range(start, stop):
             block = self.layers[i]
             h, aux = block(h, ctx.for_layer(block.layer_id, None if cache is None else cache.layers[i]))
             if aux is not None:
                 aux_losses[f"layer{block.layer_id}"] = aux
+            _take_training_losses(block, f"layer{block.layer_id}", aux_losses)
         return h
 
     def finish(self, h: torch.Tensor, ctx: ForwardContext, aux_losses: dict[str, torch.Tensor],
@@ -271,7 +282,12 @@ class Decoder(nn.Module):
             emb_BTD = self.embed(ctx.token_ids_BT) if emb_BTD is None else emb_BTD
             mtp_logits = self._mtp(x_BTD, emb_BTD, ctx, aux_losses)
         aux_loss = sum(aux_losses.values(), torch.zeros((), device=logits_BTV.device))
-        return DecoderOutput(logits_BTV, aux_loss, aux_losses, mtp_logits)
+        named: dict[str, torch.Tensor] = {}
+        for key, loss in aux_losses.items():  # "layer3.indexer_kl" -> "indexer_kl", summed over layers
+            if "." in key:
+                name = key.split(".", 1)[1]
+                named[name] = named[name] + loss if name in named else loss
+        return DecoderOutput(logits_BTV, aux_loss, aux_losses, mtp_logits, named)
 
     def _mtp(self, h_BTD: torch.Tensor, emb_BTD: torch.Tensor, ctx: ForwardContext,
              aux_losses: dict[str, torch.Tensor]) -> list[torch.Tensor]:
@@ -284,6 +300,7 @@ class Decoder(nn.Module):
             h_BTD, aux = module(h_BTD[:, : T - k], emb_BTD[:, k:], depth_ctx)
             if aux is not None:
                 aux_losses[f"mtp{k}"] = aux
+            _take_training_losses(module.block, f"mtp{k}", aux_losses)
             out.append(self.head(call_norm(module.norm, h_BTD, depth_ctx.for_layer(None))))
         return out
 

@@ -44,6 +44,13 @@ class HFNamed:
         return None
 
     @classmethod
+    def hf_fp32_tensors(cls, family: str) -> frozenset[str]:
+        """This part's state-dict keys (relative to the part) that every export keeps in fp32 and
+        never quantises to FP8 (HF's ``_keep_in_fp32_modules``; e.g. DSA's indexer head weights).
+        Router tensors always are; default: none besides."""
+        return frozenset()
+
+    @classmethod
     def hf_config(cls, family: str, config: "ModelConfig", options: "PluginOptions") -> dict[str, Any]:
         """The HF ``config.json`` fields this part's options become (on export)."""
         return {}

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from moeframe.compat import in_autograd_backward
 from moeframe.config import ModelPlan
 from moeframe.model.compat import build_experts, build_router, call_experts, call_router
 from moeframe.model.context import ForwardContext
@@ -28,7 +29,7 @@ def _recomputing_in_backward() -> bool:
     autograd-engine query, which it could not trace)."""
     if torch.compiler.is_compiling():
         return False
-    return torch._C._current_graph_task_id() != -1
+    return in_autograd_backward()
 
 
 class MoE(nn.Module):

@@ -12,7 +12,12 @@ buffer on each forward. Once per optimizer step this callback
 3. measures the balance: ``MaxVio = (max_i c_i − mean c) / mean c`` (arXiv 2408.15664) per layer
    for the step's global batch (MaxVio_batch), the share of experts that received no token, the
    router bias range when the router has one (``e_score_correction_bias``), and warns when an
-   expert has been starved for ``dead_expert_patience`` steps in a row.
+   expert has been starved for ``dead_expert_patience`` steps in a row;
+4. watches for router faults, as run events (``<log dir>/events.jsonl`` and the loggers'
+   ``reliability/events/<kind>``): an expert with no token for ``collapse_patience`` steps in a
+   row (``expert_collapse``), a layer whose MaxVio stays above ``maxvio_threshold`` for
+   ``maxvio_patience`` steps (``maxvio_high``). This callback is the one owner of the expert
+   counts: nothing else reads, reduces or zeroes them during training.
 
 Validation forwards also count. The callback sets the training counts aside when a validation
 run starts and puts them back when it ends, so validation never moves a bias; the validation
@@ -48,6 +53,7 @@ from torchmetrics import Metric
 
 from moeframe.model.moe import MoE, moe_layers
 from moeframe.training.callbacks import log_dir
+from moeframe.training.events import write_event
 
 __all__ = ["ExpertBalance", "MaxVioBatch", "MaxVioGlobal", "all_reduce_sum", "max_violation", "moe_layers",
            "synchronise_and_update"]
@@ -196,19 +202,30 @@ class ExpertBalance(Callback):
         dead_expert_patience: warn when an expert receives no token for this many optimizer
             steps in a row (0 disables the warning).
         heatmaps: write the layer × expert load heatmaps (PNG) next to the logs.
+        collapse_patience: an expert with no token for this many optimizer steps in a row is an
+            ``expert_collapse`` event (0 disables).
+        maxvio_threshold: a layer with MaxVio above this for ``maxvio_patience`` steps in a row
+            is a ``maxvio_high`` event (0 disables).
+        maxvio_patience: see ``maxvio_threshold``.
     """
 
     def __init__(self, log_every_n_steps: Optional[int] = None, dead_expert_patience: int = 100,
-                 heatmaps: bool = True) -> None:
+                 heatmaps: bool = True, collapse_patience: int = 100, maxvio_threshold: float = 4.0,
+                 maxvio_patience: int = 100) -> None:
         if log_every_n_steps is not None and log_every_n_steps <= 0:
             raise ValueError(f"ExpertBalance: log_every_n_steps must be positive, got {log_every_n_steps}")
-        if dead_expert_patience < 0:
-            raise ValueError(f"ExpertBalance: dead_expert_patience must be >= 0, got {dead_expert_patience}")
+        for name, value in (("dead_expert_patience", dead_expert_patience), ("collapse_patience", collapse_patience),
+                            ("maxvio_patience", maxvio_patience), ("maxvio_threshold", maxvio_threshold)):
+            if value < 0:
+                raise ValueError(f"ExpertBalance: {name} must be >= 0, got {value}")
         self.log_every_n_steps = log_every_n_steps
         self.dead_expert_patience = dead_expert_patience
         self.heatmaps = heatmaps
+        self.collapse_patience, self.maxvio_threshold, self.maxvio_patience = collapse_patience, maxvio_threshold, maxvio_patience
         self.layers: list[tuple[str, MoE]] = []
         self.starved_steps_LE: Optional[torch.Tensor] = None  # consecutive steps without a token
+        self.high_maxvio_L: Optional[torch.Tensor] = None  # consecutive steps with MaxVio above the threshold
+        self.events: list[dict[str, Any]] = []  # this process's router-fault events (also in events.jsonl)
         self.heatmap_paths: list[Path] = []
         self.last_metrics: dict[str, float] = {}  # the latest values sent to the loggers
         self._last_train_window: dict[str, torch.Tensor] = {}
@@ -231,6 +248,8 @@ class ExpertBalance(Callback):
         self.val_load = MaxVioGlobal(L_, E).to(device)
         if self.starved_steps_LE is None or self.starved_steps_LE.shape != (L_, E):
             self.starved_steps_LE = torch.zeros(L_, E, dtype=torch.int64)
+        if self.high_maxvio_L is None or self.high_maxvio_L.shape != (L_,):
+            self.high_maxvio_L = torch.zeros(L_, dtype=torch.int64)
         self._dead_this_window: list[float] = []
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -258,7 +277,8 @@ class ExpertBalance(Callback):
         self.train_load.update(counts_LE)
         starved_LE = counts_LE.cpu() == 0
         self._dead_this_window.append(float(starved_LE.double().mean()))
-        self._track_starvation(starved_LE, trainer.global_step)
+        self._track_starvation(trainer, starved_LE, trainer.global_step)
+        self._track_maxvio(trainer, counts_LE.cpu(), trainer.global_step)
         every = self.log_every_n_steps or trainer.log_every_n_steps or 1
         if trainer.global_step % every == 0:
             self._log(trainer, self._training_metrics())
@@ -276,9 +296,13 @@ class ExpertBalance(Callback):
                 metrics[f"balance/{key}_max/{_layer_tag(name)}"] = float(state.max())
         return metrics
 
-    def _track_starvation(self, starved_LE: torch.Tensor, step: int) -> None:
+    def _track_starvation(self, trainer: L.Trainer, starved_LE: torch.Tensor, step: int) -> None:
         assert self.starved_steps_LE is not None
         self.starved_steps_LE = torch.where(starved_LE, self.starved_steps_LE + 1, 0)
+        if self.collapse_patience:
+            for layer, expert in (self.starved_steps_LE == self.collapse_patience).nonzero().tolist():
+                write_event(trainer, self.events, "expert_collapse", step=step, layer=self.layers[layer][0],
+                            expert=expert, steps_without_tokens=self.collapse_patience)
         if not self.dead_expert_patience:
             return
         for layer, expert in (self.starved_steps_LE == self.dead_expert_patience).nonzero().tolist():
@@ -287,6 +311,17 @@ class ExpertBalance(Callback):
                             f"for {self.dead_expert_patience} optimizer steps (step {step}); it is dead "
                             "weight: consider a bias-balanced router (see `moeframe plugins`) or a larger "
                             "balance coefficient")
+
+    def _track_maxvio(self, trainer: L.Trainer, counts_LE: torch.Tensor, step: int) -> None:
+        assert self.high_maxvio_L is not None
+        maxvio_L = max_violation(counts_LE)
+        self.high_maxvio_L = torch.where(maxvio_L > self.maxvio_threshold, self.high_maxvio_L + 1, 0)
+        if not (self.maxvio_threshold > 0 and self.maxvio_patience > 0):
+            return
+        for layer in (self.high_maxvio_L == self.maxvio_patience).nonzero().flatten().tolist():
+            write_event(trainer, self.events, "maxvio_high", step=step, layer=self.layers[layer][0],
+                        expert=int(counts_LE[layer].argmax()), maxvio=float(maxvio_L[layer]),
+                        threshold=self.maxvio_threshold, steps=self.maxvio_patience)
 
     # -- validation: never moves a bias, measures MaxVio_global -----------------------------------------
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -350,10 +385,18 @@ class ExpertBalance(Callback):
 
     # -- checkpointing ----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {"starved_steps_LE": self.starved_steps_LE}
+        return {"starved_steps_LE": self.starved_steps_LE, "high_maxvio_L": self.high_maxvio_L}
+
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        # checkpoints of earlier releases kept the router-fault streaks in the Reliability
+        # callback's state; this runs before load_state_dict, which keeps them unless it has its own
+        legacy = checkpoint.get("callbacks", {}).get("moeframe.Reliability") or {}
+        self.starved_steps_LE = legacy.get("zero_load_LE", self.starved_steps_LE)
+        self.high_maxvio_L = legacy.get("high_maxvio_L", self.high_maxvio_L)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.starved_steps_LE = state_dict.get("starved_steps_LE")
+        self.starved_steps_LE = state_dict.get("starved_steps_LE", self.starved_steps_LE)
+        self.high_maxvio_L = state_dict.get("high_maxvio_L", self.high_maxvio_L)
 
 
 @rank_zero_only

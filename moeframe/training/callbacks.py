@@ -9,6 +9,8 @@ import lightning as L
 from lightning.pytorch.callbacks import Callback, ThroughputMonitor
 from lightning.pytorch.utilities import rank_zero_only
 
+from moeframe.compat import set_logger_step
+
 
 def _tokens(batch: Any) -> int:
     return int(batch["input_ids"].numel())
@@ -128,7 +130,7 @@ class BatchSizeRamp(Callback):
         self.start, self.end, self.ramp_tokens = start_sequences, end_sequences, ramp_tokens
 
     def target_accumulation(self, tokens: float, micro_batch: int, world_size: int) -> int:
-        from moeframe.training.schedules import piecewise
+        from moeframe.schedules import piecewise
 
         sequences = piecewise(tokens, self.start, [[self.ramp_tokens, self.end, "linear"]])
         return max(1, round(sequences / (micro_batch * world_size)))
@@ -156,13 +158,13 @@ class LoggerStepAfterResume(Callback):
     the same and gets one increment too many: every later row of metrics.csv (train and val) is
     labelled one step late. With automatic optimization the logger step equals ``global_step``
     whenever a batch starts and when an epoch ends in an uninterrupted run, so it is set to that
-    there. Added first among the callbacks (``ensure_logger_step_alignment``), before any other
-    logs in the same hook.
+    there. Put first among the callbacks (``ensure_logger_step_alignment``, called by
+    ``PretrainModule.configure_callbacks``): LearningRateMonitor logs in the same hook.
     """
 
     def _align(self, trainer: L.Trainer) -> None:
         if trainer.lightning_module.automatic_optimization:
-            trainer.fit_loop.epoch_loop._batches_that_stepped = trainer.global_step
+            set_logger_step(trainer, trainer.global_step)
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
         self._align(trainer)

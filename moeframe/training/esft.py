@@ -166,33 +166,3 @@ def freeze_for_esft(decoder: nn.Module, chosen: dict[str, list[int]], train_shar
         if train_shared_experts and moe.shared_experts is not None:
             moe.shared_experts.requires_grad_(True)
     return partial
-
-
-def esft_select_command(argv: list[str]) -> int:
-    """``moeframe esft-select -c FINETUNE.yaml --out selection.json [--section.key value ...]``:
-    score the experts of the config's ``init_from`` model on its training data and write the
-    selection (then set ``model.esft.selection`` to the file)."""
-    import argparse
-
-    from moeframe.cli import build_cli
-
-    p = argparse.ArgumentParser(allow_abbrev=False, prog="moeframe esft-select",
-                                description=esft_select_command.__doc__)
-    p.add_argument("-c", "--config", required=True, help="a fine-tuning config (configs/finetune/*.yaml)")
-    p.add_argument("--out", required=True, help="where to write the selection JSON")
-    args, overrides = p.parse_known_args(argv)
-    from moeframe.badinput import check_output_path, config_problem
-
-    check_output_path(args.out, "--out", folder=False)  # before minutes of scoring, not after
-    if (problem := config_problem(["-c", args.config, *overrides])) is not None:
-        raise ConfigError(problem)
-    cli = build_cli(args=["-c", args.config, *overrides], run=False)
-    module, data = cli.model, cli.datamodule
-    if not hasattr(module, "compute_esft_selection"):
-        raise ConfigError(f"{args.config}: model.class_path must be moeframe.training.finetune.FinetuneModule")
-    selection = module.compute_esft_selection(module.initial_decoder(), data)
-    path = write_selection(selection, args.out)
-    for name, entry in selection["layers"].items():
-        print(f"{name}: experts {entry['selected']} ({sum(entry['scores'][e] for e in entry['selected']):.1%} of the routing)")
-    print(f"wrote {path} ({selection['num_tokens']} answer tokens scored)")
-    return 0

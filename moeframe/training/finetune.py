@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import torch
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
@@ -106,6 +107,31 @@ def _keep_bias(tokens_per_expert_E: torch.Tensor) -> None:
     """Stands in for a router's ``update_after_step`` while its bias is frozen."""
 
 
+def _check_new_parameters(missing: list[str], unexpected: list[str], patterns: list[str], path: Path) -> None:
+    """Missing tensors must be new modules (``patterns``); extra ones are never allowed."""
+    from fnmatch import fnmatchcase
+
+    lacking = [k for k in missing if not any(fnmatchcase(k, p) for p in patterns)]
+    if unexpected or lacking:
+        what = (f"holds {unexpected[0]!r}, which model.config has no place for" if unexpected else
+                f"lacks {lacking[0]!r}, which no pattern of model.new_parameters {patterns} allows for")
+        raise ConfigError(f"the checkpoint {path} does not fit model.config: it {what}")
+    if missing:
+        rank_zero_info(f"{len(missing)} tensors are new (model.new_parameters) and keep their initialisation, "
+                       f"e.g. {missing[0]}")
+
+
+def _freeze_all_but(decoder: Decoder, patterns: list[str]) -> None:
+    """Only parameters whose name matches one of the glob ``patterns`` keep training."""
+    from fnmatch import fnmatchcase
+
+    for name, p in decoder.named_parameters():
+        p.requires_grad_(any(fnmatchcase(name, pat) for pat in patterns))
+    if not any(p.requires_grad for p in decoder.parameters()):
+        example = next(n for n, _ in decoder.named_parameters())
+        raise ConfigError(f"model.train_only {patterns} matches no parameter; names look like {example!r}")
+
+
 class FinetuneModule(PretrainModule):
     """Fine-tune a pretrained decoder (see the module docstring).
 
@@ -121,6 +147,11 @@ class FinetuneModule(PretrainModule):
         mtp_lambda: weight of the MTP loss when the model has MTP modules.
         runtime: ``torch.compile`` per block and activation checkpointing, as in pretraining;
             applied after the adapters (LoRA) are in place, so they are compiled and recomputed too.
+        new_parameters: glob patterns of parameter names the checkpoint may lack (``"*.indexer.*"``):
+            modules the config adds to the checkpoint's model (V3 -> V3.2 adds DSA's indexer) keep
+            their fresh initialisation; any other missing tensor is still an error.
+        train_only: glob patterns of the parameters that train (``method: full``); the others are
+            frozen (V3.2's dense warm-up trains the indexer alone).
     """
 
     #: ``configure_model`` loads pretrained weights, which a meta-device build would drop.
@@ -139,7 +170,12 @@ class FinetuneModule(PretrainModule):
         max_new_tokens: int = 32,
         mtp_lambda: float = 0.3,
         runtime: RuntimeConfig = RuntimeConfig(),
+        new_parameters: Optional[list[str]] = None,
+        train_only: Optional[list[str]] = None,
     ) -> None:
+        if train_only is not None and (method != "full" or not train_only):
+            raise ConfigError(f"model.train_only needs method: full and at least one pattern (got method {method!r}, "
+                              f"train_only {train_only}); e.g. train_only: ['*.indexer.*']")
         if config is None:
             if init_from is None:
                 raise ConfigError("fine-tuning needs model.init_from (a checkpoint to start from) or model.config")
@@ -154,18 +190,19 @@ class FinetuneModule(PretrainModule):
         # plain data only, so checkpoints stay loadable with torch.load(weights_only=True)
         self.save_hyperparameters({"config": config, "optim": optim, "init_from": init_from, "method": method,
                                    "lora": asdict(lora), "esft": asdict(esft), "router_bias": router_bias,
-                                   "runtime": asdict(runtime)})
+                                   "runtime": asdict(runtime), "new_parameters": new_parameters,
+                                   "train_only": train_only})
+        self.new_parameters, self.train_only = new_parameters, train_only
         self.val_token_acc = MulticlassAccuracy(num_classes=config.vocab_size, ignore_index=-100, average="micro")
         self.val_exact_match = MeanMetric()
         self._partially_trained: list[torch.nn.Parameter] = []
         self.esft_selection: Optional[dict[str, list[int]]] = None
 
     # -- building -----------------------------------------------------------------------------
-    def _ensure_balance_callback(self) -> None:
+    def _default_balance(self) -> Callback:
         from moeframe.training.balance import ExpertBalance
 
-        if not any(isinstance(cb, ExpertBalance) for cb in self.trainer.callbacks):
-            self.trainer.callbacks.append(ExpertBalance())  # expert-load metrics in every fine-tuning run
+        return ExpertBalance()  # expert-load metrics and heatmaps in every fine-tuning run
 
     def initial_decoder(self) -> Decoder:
         """The decoder with the ``init_from`` weights (random without ``init_from``)."""
@@ -178,9 +215,11 @@ class FinetuneModule(PretrainModule):
         check_same_shape(config_of_checkpoint(path), self.config, path)
         source = load_checkpoint_decoder(path)
         try:
-            decoder.load_state_dict(source.state_dict(), strict=True)
+            result = decoder.load_state_dict(source.state_dict(), strict=not self.new_parameters)
         except RuntimeError as exc:
             raise ConfigError(f"the checkpoint {path} does not fit model.config: {str(exc).splitlines()[1].strip()}") from None
+        if self.new_parameters:
+            _check_new_parameters(result.missing_keys, result.unexpected_keys, self.new_parameters, path)
         return decoder
 
     def configure_model(self) -> None:
@@ -196,6 +235,8 @@ class FinetuneModule(PretrainModule):
             self.esft_selection = self._esft_selection()
             self._partially_trained = esft_lib.freeze_for_esft(self.decoder, self.esft_selection,
                                                                self.esft.train_shared_experts)
+        if self.train_only:
+            _freeze_all_but(self.decoder, self.train_only)
         self.decoder.configure_runtime(self.runtime.activation_checkpointing, self.runtime.checkpoint_layers,
                                        self.runtime.compile)
         partial = {id(p) for p in self._partially_trained}
@@ -215,7 +256,7 @@ class FinetuneModule(PretrainModule):
     def _esft_selection(self) -> dict[str, list[int]]:
         if self.esft.selection is not None:
             return esft_lib.read_selection(self.esft.selection, self.decoder)
-        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        datamodule = getattr(self.attached_trainer(), "datamodule", None)
         if datamodule is None:
             raise ConfigError("model.esft.selection is not set and there is no datamodule to compute it from")
         selection = self.compute_esft_selection(self.decoder, datamodule)

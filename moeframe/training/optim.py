@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from moeframe.config import OptimConfig
-from moeframe.training.schedules import piecewise
+from moeframe.schedules import piecewise
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:

@@ -12,10 +12,12 @@ from typing import Any, Literal, Optional
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 import torch.nn.functional as F
 from torchmetrics import MeanMetric
 
+from moeframe.compat import ddp_ignore
 from moeframe.config import ConfigError, ModelConfig, OptimConfig, RuntimeConfig, resolve_model_config
 from moeframe.model.decoder import Decoder, DecoderOutput
 from moeframe.training.optim import build_optimizer
@@ -98,9 +100,46 @@ class PretrainModule(L.LightningModule):
         self.val_loss = MeanMetric()
 
     # -- building -----------------------------------------------------------------------------
-    def _ensure_balance_callback(self) -> None:
-        """A router that balances by state updates (aux_free's bias) would silently never move
-        without the ExpertBalance callback, so it is added when the run config lacks it."""
+    def configure_callbacks(self) -> list[Callback]:
+        """The callbacks every fit of this module needs that the run config lacks, attached by
+        Lightning after the run config's own (a run-config callback of a type returned here would
+        be replaced, so a configured one is left where it is, with its options):
+
+        - ``ExpertBalance`` (MoE models): the one owner of the expert counts: router state updates
+          (aux_free's bias would silently never move without it), load metrics, router faults;
+        - ``Reliability``: preemption, non-finite steps, loss spikes, RNG states, atomic checkpoints.
+
+        Added ones come in this order, ExpertBalance before Reliability: a preemption checkpoint
+        then holds the router state updated by the step it ends. ``LoggerStepAfterResume`` (the
+        logged step equals the optimizer step after a resume) must run before every other
+        callback's ``on_train_batch_start`` (LearningRateMonitor logs there), and Lightning puts
+        the callbacks returned here last: it is put first among the trainer's instead.
+        """
+        from lightning.pytorch.trainer.states import TrainerFn
+
+        from moeframe.training.balance import ExpertBalance
+        from moeframe.training.callbacks import ensure_logger_step_alignment
+        from moeframe.training.reliability import Reliability
+
+        if self.trainer.state.fn != TrainerFn.FITTING:
+            return []
+        ensure_logger_step_alignment(self.trainer)
+        wanted: list[type[Callback]] = [Reliability]
+        if self.config.n_routed_experts > 0:
+            wanted.insert(0, ExpertBalance)
+        configured = list(self.trainer.callbacks)
+        added = [self._default_callback(kind) for kind in wanted if not any(isinstance(c, kind) for c in configured)]
+        _hand_legacy_router_options(configured + added)
+        return added
+
+    def _default_callback(self, kind: type[Callback]) -> Callback:
+        return self._default_balance() if kind.__name__ == "ExpertBalance" else kind()
+
+    def _default_balance(self) -> Callback:
+        """ExpertBalance for a run config without one. A router that balances by state updates
+        (aux_free's bias) would silently never move without it: said, and its heatmaps drawn as
+        when configured. For routers that learn by gradients only, it is there for the expert-load
+        metrics and router-fault events; no heatmaps nobody asked for."""
         from moeframe.model.base import RouterBase
         from moeframe.training.balance import ExpertBalance
 
@@ -108,29 +147,12 @@ class PretrainModule(L.LightningModule):
         blocks = range(self.config.n_layers + self.config.mtp_depth)
         updating = [c for c in (self.plan.layer(i).router for i in blocks)
                     if c.cls.update_after_step is not RouterBase.update_after_step]
-        if not updating:
-            return
-        if not any(isinstance(cb, ExpertBalance) for cb in self.trainer.callbacks):
+        if updating:
             rank_zero_info(f"adding the ExpertBalance callback: router {updating[0].name!r} updates its "
                            "state from the global expert counts after every optimizer step")
-            # before the checkpoint callbacks (Lightning runs those last): a checkpoint saved at a
-            # step must hold the bias update of that step, or a resume diverges from the full run
-            from lightning.pytorch.callbacks import Checkpoint
-
-            callbacks = self.trainer.callbacks
-            at = next((i for i, cb in enumerate(callbacks) if isinstance(cb, Checkpoint)), len(callbacks))
-            callbacks.insert(at, ExpertBalance())
+        return ExpertBalance(heatmaps=bool(updating))
 
     def setup(self, stage: str) -> None:
-        if stage == "fit":
-            self._ensure_balance_callback()
-            # preemption, non-finite steps, loss spikes, router faults, RNG states, atomic checkpoints
-            from moeframe.training.reliability import ensure_reliability_callback
-
-            ensure_reliability_callback(self.trainer, self, stage)
-            from moeframe.training.callbacks import ensure_logger_step_alignment
-
-            ensure_logger_step_alignment(self.trainer)  # logged steps after a resume: see its docstring
         self.check_data(getattr(self.trainer, "datamodule", None))
 
     def check_data(self, datamodule: Any) -> None:
@@ -162,12 +184,15 @@ class PretrainModule(L.LightningModule):
     def _keep_counts_local_under_ddp(self) -> None:
         """DDP broadcasts rank 0's buffers at every forward; the per-rank expert counts must not be
         overwritten between micro-batches (ExpertBalance sums them over ranks once per step)."""
-        from torch.nn.parallel import DistributedDataParallel
-
         assert self.decoder is not None
-        counts = [f"decoder.{n}" for n, _ in self.decoder.named_buffers() if n.endswith("tokens_per_expert")]
-        already = list(getattr(self, "_ddp_params_and_buffers_to_ignore", []))
-        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(self, already + counts)
+        ddp_ignore(self, [f"decoder.{n}" for n, _ in self.decoder.named_buffers() if n.endswith("tokens_per_expert")])
+
+    def attached_trainer(self) -> Optional[L.Trainer]:
+        """The trainer running this module; None when called outside one (a test, a script)."""
+        try:
+            return self.trainer
+        except RuntimeError:  # Lightning's way of saying "not attached to a Trainer"
+            return None
 
     def forward(self, input_ids: torch.Tensor, document_ids: Optional[torch.Tensor] = None,
                 mtp: bool = False) -> DecoderOutput:
@@ -200,7 +225,8 @@ class PretrainModule(L.LightningModule):
         strategy has one (ranks of one pipeline share a micro-batch), else the world size."""
         from moeframe.layout import data_parallel_rank_size
 
-        return data_parallel_rank_size(self.trainer)[1] if self._trainer else 1
+        trainer = self.attached_trainer()
+        return data_parallel_rank_size(trainer)[1] if trainer is not None else 1
 
     def training_loss(self, out: DecoderOutput, labels_BT: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
         """``CE + balance terms + λ·MTP`` of one micro-batch and the metrics to log (tensors)."""
@@ -209,6 +235,8 @@ class PretrainModule(L.LightningModule):
         loss = ce + out.aux_loss
         if out.aux_losses:
             metrics["train/aux_loss"] = out.aux_loss
+        for name, value in out.named_losses.items():  # e.g. DSA's indexer_kl, summed over layers
+            metrics[f"train/{name}"] = value.detach()
         if self.config.mtp_depth > 0 and out.mtp_logits:
             lam = self.current_mtp_lambda()
             extra = mtp_loss(out.mtp_logits, labels_BT)
@@ -267,7 +295,7 @@ class PretrainModule(L.LightningModule):
         if "state_dict" in checkpoint and self.decoder is not None:
             # a checkpoint of another model config: say which tensors differ, not a traceback wall
             from moeframe.errors import CheckpointError
-            from moeframe.training.reliability import state_dict_differences
+            from moeframe.training.checkpoint_io import state_dict_differences
 
             model_state = self._whole_model_state()
             for name, param in self.named_parameters():  # ZeRO-3 holds placeholders; ds_shape is the real one
@@ -282,7 +310,8 @@ class PretrainModule(L.LightningModule):
         """The state dict of the whole model, also where each rank holds part of it (pipelining)."""
         from moeframe.layout import DescribesLayout
 
-        strategy = self.trainer.strategy if self._trainer else None
+        trainer = self.attached_trainer()
+        strategy = trainer.strategy if trainer is not None else None
         whole = strategy.model_state_shapes() if isinstance(strategy, DescribesLayout) else None
         return dict(whole) if whole is not None else self.state_dict()
 
@@ -305,3 +334,16 @@ class PretrainModule(L.LightningModule):
         total = int(total)
         optimizer, scheduler = build_optimizer(self.decoder, self.optim, total, lambda: self.tokens_seen)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def _hand_legacy_router_options(callbacks: list[Callback]) -> None:
+    """Router-fault options given to Reliability (deprecated there) go to the ExpertBalance that
+    now owns them; done once, when the module's callbacks are assembled."""
+    from moeframe.training.balance import ExpertBalance
+    from moeframe.training.reliability import Reliability
+
+    balance = next((c for c in callbacks if isinstance(c, ExpertBalance)), None)
+    guard = next((c for c in callbacks if isinstance(c, Reliability)), None)
+    if balance is not None and guard is not None:
+        for name, value in guard.legacy_router_options().items():
+            setattr(balance, name, value)

@@ -52,6 +52,8 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from moeframe.compat import in_autograd_backward
+
 Precision = Literal["bf16", "fp8"]
 
 # Dense tensor-core peaks per GPU in FLOP/s (without 2:4 structured sparsity, which NVIDIA's
@@ -209,7 +211,7 @@ class _ForwardBreakdown:
 
     @staticmethod
     def _in_backward() -> bool:
-        return torch._C._current_graph_task_id() != -1  # an activation-checkpoint recompute
+        return in_autograd_backward()  # an activation-checkpoint recompute
 
     def _add(self, key: str, seconds: float) -> None:
         self.totals[key] = self.totals.get(key, 0.0) + seconds

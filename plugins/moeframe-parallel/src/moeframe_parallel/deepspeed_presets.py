@@ -87,15 +87,12 @@ class CPUCapableDeepSpeedStrategy(AtomicFolderCheckpoints, DeepSpeedStrategy, De
         # per rank while the model is set up (fine up to models that fit one host's memory).
         yield
 
-    def _auto_select_batch_size(self) -> int:
-        # DeepSpeed only uses it for throughput logging. Lightning reads the loader's batch
-        # sampler, which an iterable (streaming) dataset does not have; ask the DataModule first.
-        datamodule = getattr(self.lightning_module.trainer, "datamodule", None)
-        batch_size = getattr(datamodule, "batch_size", None)
-        if isinstance(batch_size, int) and batch_size > 0:
-            return batch_size
-        loader = self.lightning_module.trainer.fit_loop._data_source.dataloader()
-        return getattr(getattr(loader, "batch_sampler", None), "batch_size", None) or getattr(loader, "batch_size", 1) or 1
+    def setup(self, trainer: Any) -> None:
+        # DeepSpeed only uses the micro-batch size for throughput logging. Lightning would read it
+        # from the loader's batch sampler, which an iterable (streaming) dataset does not have;
+        # ask the DataModule, else the loader Lightning has set up (none yet when fit starts), else 1.
+        self.config.setdefault("train_micro_batch_size_per_gpu", _micro_batch_size(trainer))
+        super().setup(trainer)
 
     def _device_rank(self) -> int:
         # DeepSpeedEngine compares the device rank with ints; a CPU device's index is None
@@ -151,6 +148,14 @@ class CPUCapableDeepSpeedStrategy(AtomicFolderCheckpoints, DeepSpeedStrategy, De
         self.model, _, _, _ = deepspeed.initialize(
             args=argparse.Namespace(device_rank=self._device_rank()), config=config, model=model, optimizer=None,
             lr_scheduler=None, model_parameters=[], dist_init_required=False)
+
+
+def _micro_batch_size(trainer: Any) -> int:
+    batch_size = getattr(trainer.datamodule, "batch_size", None)
+    if isinstance(batch_size, int) and batch_size > 0:
+        return batch_size
+    loader = trainer.train_dataloader
+    return getattr(getattr(loader, "batch_sampler", None), "batch_size", None) or getattr(loader, "batch_size", 1) or 1
 
 
 _CONSOLIDATED = "moeframe_zero3_consolidated"
@@ -240,8 +245,5 @@ class Zero3OffloadStrategy(CPUCapableDeepSpeedStrategy):
         kwargs.setdefault("offload_optimizer", True)
         kwargs.setdefault("offload_parameters", True)
         super().__init__(**kwargs)
-
-    def _create_default_config(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
-        config = super()._create_default_config(*args, **kwargs)
-        config.setdefault("zero_force_ds_cpu_optimizer", False)
-        return config
+        if kwargs.get("config") is None:  # Lightning built the default config: let AdamW run offloaded
+            self.config.setdefault("zero_force_ds_cpu_optimizer", False)

@@ -20,9 +20,9 @@ Under ``compile: block`` the dispatch breaks the graph where the split sizes go 
 padding); attention, routing and the expert GEMMs before and after compile as usual. A
 fixed-capacity exchange (every peer sends T·K rows) would compile in one graph at ep× the traffic.
 
-Both all-to-alls are autograd-aware (``torch.distributed._functional_collectives``): the
-backward of a dispatch is a combine of the gradients and vice versa, so gradients of the local
-experts include every rank's tokens. Only the stacked expert weights are sharded; the
+Both all-to-alls are autograd-aware (``AllToAll``, around ``torch.distributed.all_to_all_single``):
+the backward of a dispatch is a combine of the gradients and vice versa, so gradients of the
+local experts include every rank's tokens. Only the stacked expert weights are sharded; the
 parameter names (``w1``/``w2``/``w3``) and layouts are those of ``GroupedExperts``, so a
 checkpoint gathered over the EP group is an ordinary moeframe checkpoint.
 
@@ -38,9 +38,33 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from torch.distributed._functional_collectives import all_to_all_single, all_to_all_single_autograd
 
 from moeframe.plugin import ExpertsBase, ForwardContext, GroupedGemm, count_per_expert, grouped_mm_supported, moe_layers
+
+
+def all_to_all(x_ND: torch.Tensor, recv_splits: Optional[list[int]], send_splits: Optional[list[int]],
+               group: Optional[dist.ProcessGroup]) -> torch.Tensor:
+    """Rows ``send_splits[r]`` of ``x_ND`` go to rank r; returns the rows received, ``recv_splits[r]``
+    from rank r, in rank order (even splits when both are None)."""
+    rows = sum(recv_splits) if recv_splits is not None else x_ND.shape[0]
+    out_RD = x_ND.new_empty((rows, *x_ND.shape[1:]))
+    dist.all_to_all_single(out_RD, x_ND.contiguous(), recv_splits, send_splits, group=group)
+    return out_RD
+
+
+class AllToAll(torch.autograd.Function):
+    """``all_to_all`` whose backward sends the gradients back the way the rows came."""
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, x_ND: torch.Tensor, recv_splits: list[int],
+                send_splits: list[int], group: Optional[dist.ProcessGroup]) -> torch.Tensor:
+        ctx.splits, ctx.group = (recv_splits, send_splits), group  # type: ignore[attr-defined]
+        return all_to_all(x_ND, recv_splits, send_splits, group)
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad_RD: torch.Tensor) -> tuple[Optional[torch.Tensor], ...]:
+        recv_splits, send_splits = ctx.splits  # type: ignore[attr-defined]
+        return all_to_all(grad_RD, send_splits, recv_splits, ctx.group), None, None, None  # type: ignore[attr-defined]
 
 __all__ = ["EPExperts", "expert_ffn"]
 
@@ -122,7 +146,7 @@ class EPExperts(ExpertsBase):
         send_splits = counts_E.view(self.ep_size, self.num_local_experts).sum(1).tolist()
         recv_splits = recv_counts_RE.sum(1).tolist()
         # 3. dispatch, then regroup the (source rank, local expert)-ordered rows by local expert
-        x_RD = all_to_all_single_autograd(x_ND, recv_splits, send_splits, self.ep_group)
+        x_RD = AllToAll.apply(x_ND, recv_splits, send_splits, self.ep_group)
         local_expert_R = torch.repeat_interleave(
             torch.arange(self.num_local_experts, device=x_RD.device).repeat(self.ep_size), recv_counts_RE.flatten())
         by_expert_R = local_expert_R.argsort(stable=True)
@@ -130,14 +154,13 @@ class EPExperts(ExpertsBase):
         y_RD[by_expert_R] = expert_ffn(x_RD[by_expert_R], self.w1, self.w2, self.w3, recv_counts_RE.sum(0),
                                      self.grouped_gemm)
         # 4. combine: the reverse all-to-all restores this rank's sorted row order
-        y_ND = all_to_all_single_autograd(y_RD, send_splits, recv_splits, self.ep_group)
+        y_ND = AllToAll.apply(y_RD, send_splits, recv_splits, self.ep_group)
         y_ND = y_ND * weights_TK.flatten()[order_N].unsqueeze(-1).to(y_ND.dtype)
         return torch.zeros_like(x_TD).index_add_(0, token_N, y_ND)
 
     def _exchange_counts(self, counts_E: torch.Tensor) -> torch.Tensor:
         """[ep, El]: for each peer, how many rows it sends to each of my local experts."""
-        recv_E = all_to_all_single(counts_E, None, None, self.ep_group)
-        recv_E = recv_E.wait() if hasattr(recv_E, "wait") else recv_E
+        recv_E = all_to_all(counts_E, None, None, self.ep_group)
         return recv_E.view(self.ep_size, self.num_local_experts)
 
     def extra_repr(self) -> str:

@@ -35,9 +35,8 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch.strategies import DDPStrategy
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
-from moeframe.plugin import DescribesLayout, ParallelLayout, check_ep_layout
+from moeframe.plugin import DescribesLayout, ParallelLayout, check_ep_layout, ddp_ignore
 from moeframe_parallel.ep_experts import EPExperts, ep_modules, replace_experts
 
 __all__ = ["ExpertParallelStrategy", "EP2DDPStrategy", "check_ep_size", "new_ep_groups"]
@@ -96,8 +95,7 @@ class ExpertParallelStrategy(DDPStrategy, DescribesLayout):
         if not names:
             raise ValueError("strategy 'ep': the model has no MoE layer to shard")
         ignored = [n for n, _ in self.lightning_module.named_parameters() if _is_expert_param(n, names)]
-        already = list(getattr(self.lightning_module, "_ddp_params_and_buffers_to_ignore", []))  # e.g. counts
-        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(self.lightning_module, already + ignored)
+        ddp_ignore(self.lightning_module, ignored)  # added to those already ignored (the expert counts)
         super().setup(trainer)
         self.precision_plugin.clip_grad_by_norm = MethodType(_ep_clip_grad_by_norm(self), self.precision_plugin)
 
@@ -122,8 +120,8 @@ class ExpertParallelStrategy(DDPStrategy, DescribesLayout):
         if dist.get_world_size(self.edp_group) > 1:
             dist.all_reduce(flat, group=self.edp_group)
         flat.div_(self.world_size)
-        for g, new in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
-            g.copy_(new)
+        for g, new in zip(grads, flat.split([g.numel() for g in grads])):
+            g.copy_(new.view_as(g))
 
     # -- checkpoints: full [E, ...] experts, whatever the EP degree --------------------------------
     def lightning_module_state_dict(self) -> dict[str, Any]:

@@ -40,12 +40,12 @@ def _whole_parameters(module: nn.Module, device: torch.device) -> Iterator[dict[
             whole = nn.Parameter(torch.empty(param.shape, dtype=param.dtype, device=device),
                                  requires_grad=param.requires_grad)
             swapped[name] = (whole, param)
-            module._parameters[name] = whole
+            module.register_parameter(name, whole)
     try:
         yield swapped
     finally:
         for name, (_, sharded) in swapped.items():
-            module._parameters[name] = sharded
+            module.register_parameter(name, sharded)
 
 
 @torch.no_grad()

@@ -510,8 +510,8 @@ def _all_reduce_grads(params: Sequence[nn.Parameter], group: dist.ProcessGroup, 
     dist.all_reduce(flat, group=group)
     if divide > 1:
         flat.div_(divide)
-    for g, new in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
-        g.copy_(new)
+    for g, new in zip(grads, flat.split([g.numel() for g in grads])):
+        g.copy_(new.view_as(g))
 
 
 def _gather_objects(obj: Any, group: dist.ProcessGroup) -> list[Any]:

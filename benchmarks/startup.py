@@ -1,0 +1,175 @@
+"""Start-up time of the commands, side by side with ``python -c "import torch"`` (issue 23).
+
+Every command that does not train should start within 1.3x of importing torch; the training
+commands pay for Lightning. Each line is the median of ``--repeats`` fresh processes, measured
+interleaved (one round runs every command once) so that a loaded machine slows all of them alike.
+Then the breakdown of a tiny ``fit`` in one fresh process (imports, config, data preparation
+check, model build, first step) beside ``python -c "import lightning"``.
+
+    python benchmarks/startup.py [--repeats 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+MOEFRAME = [sys.executable, "-m", "moeframe.cli"]
+TINY = REPO / "configs" / "pretrain" / "tiny.yaml"
+FIT_ARGS = [
+    "-c",
+    str(TINY),
+    "--trainer.max_steps",
+    "1",
+    "--trainer.limit_val_batches",
+    "0",
+    "--trainer.num_sanity_val_steps",
+    "0",
+    "--trainer.enable_progress_bar",
+    "false",
+    "--data.init_args.max_bytes",
+    "200000",
+]
+
+
+def _inputs(work: Path) -> dict[str, list[str]]:
+    """The commands measured, with small real inputs made once in ``work``."""
+    corpus = work / "corpus"
+    corpus.mkdir()
+    for i in range(4):
+        (corpus / f"doc{i}.txt").write_text(f"document {i}: " + "the quick brown fox " * 200)
+    _save_tiny_moeframe_folder(work / "mf")
+    model = str(REPO / "configs" / "model" / "tiny.yaml")
+    return {
+        'python -c "import torch"': [sys.executable, "-c", "import torch"],
+        'python -c "import lightning"': [sys.executable, "-c", "import lightning"],
+        "moeframe --help": [*MOEFRAME, "--help"],
+        "moeframe plugins": [*MOEFRAME, "plugins"],
+        "moeframe inspect tiny.yaml --zero 0": [*MOEFRAME, "inspect", model, "--zero", "0"],
+        "moeframe inspect tiny.yaml (default --zero 1)": [*MOEFRAME, "inspect", model],
+        "moeframe prepare (4 small files)": [
+            *MOEFRAME,
+            "prepare",
+            str(corpus),
+            "-o",
+            str(work / "prepared{i}"),
+            "--workers",
+            "1",
+        ],
+        "moeframe convert (tiny moeframe -> HF)": [
+            *MOEFRAME,
+            "convert",
+            str(work / "mf"),
+            str(work / "hf{i}"),
+            "--dtype",
+            "float32",
+        ],
+        "moeframe new-plugin norm": [*MOEFRAME, "new-plugin", "norm", "bench_norm", "-o", str(work / "plugin{i}")],
+        "moeframe fit --help": [*MOEFRAME, "fit", "--help"],
+    }
+
+
+def _save_tiny_moeframe_folder(path: Path) -> None:
+    code = (
+        "import sys, yaml; from moeframe.config import ModelConfig; from moeframe.model.decoder import build_decoder;"
+        "from moeframe.convert.hf import save_moeframe; import torch; torch.manual_seed(0);"
+        f"cfg = ModelConfig(**yaml.safe_load(open({str(REPO / 'configs/model/tiny-v3.yaml')!r})));"
+        f"save_moeframe(build_decoder(cfg), {str(path)!r})"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
+
+
+def _seconds(cmd: list[str], cwd: Path) -> float:
+    start = time.perf_counter()
+    done = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
+    elapsed = time.perf_counter() - start
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr[-2000:]}")
+    return elapsed
+
+
+def measure_commands(repeats: int, work: Path) -> dict[str, float]:
+    commands = _inputs(work)
+    times: dict[str, list[float]] = {name: [] for name in commands}
+    for i in range(repeats):
+        for name, cmd in commands.items():
+            times[name].append(_seconds([a.replace("{i}", str(i)) for a in cmd], work))
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+FIT_PHASES = """
+import json, sys, time
+t0 = time.perf_counter()
+import lightning
+from moeframe import registry
+from moeframe.commands.train import build_cli
+t1 = time.perf_counter()
+registry.register_lightning_strategies()
+cli = build_cli(args=sys.argv[1:], run=False)
+t2 = time.perf_counter()
+cli.datamodule.prepare_data()
+cli.datamodule.setup("fit")
+t3 = time.perf_counter()
+cli.model.configure_model()
+t4 = time.perf_counter()
+cli.trainer.fit(cli.model, cli.datamodule)
+t5 = time.perf_counter()
+print(json.dumps({"imports (lightning + moeframe)": t1 - t0, "config (parse, instantiate, checks)": t2 - t1,
+                  "data preparation check (prepare_data + setup)": t3 - t2, "model build (configure_model)": t4 - t3,
+                  "first step (trainer.fit, max_steps=1)": t5 - t4}))
+"""
+
+
+def measure_fit(work: Path) -> dict[str, float]:
+    done = subprocess.run(
+        [sys.executable, "-c", FIT_PHASES, *FIT_ARGS, "--trainer.default_root_dir", str(work / "fit")],
+        cwd=work,
+        capture_output=True,
+        text=True,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(done.stderr[-3000:])
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--fit-only", action="store_true", help="only the fit breakdown (and import lightning)")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        if args.fit_only:
+            lightning = [sys.executable, "-c", "import lightning"]
+            medians = {
+                'python -c "import lightning"': statistics.median(
+                    _seconds(lightning, work) for _ in range(args.repeats)
+                )
+            }
+        else:
+            medians = measure_commands(args.repeats, work)
+        torch_s = medians.get('python -c "import torch"', float("nan"))
+        print(f"start-up, median of {args.repeats} fresh processes each (interleaved):")
+        print(f"  {'command':<48} {'seconds':>8} {'/ import torch':>15}")
+        for name, seconds in medians.items():
+            print(f"  {name:<48} {seconds:8.2f} {seconds / torch_s:15.2f}")
+        phases = measure_fit(work)
+        lightning_s = medians['python -c "import lightning"']
+        print(
+            f"\ntiny fit (configs/pretrain/tiny.yaml, 1 step) in one fresh process; "
+            f'python -c "import lightning" = {lightning_s:.2f} s (median above):'
+        )
+        for name, seconds in phases.items():
+            print(f"  {name:<48} {seconds:8.2f} {seconds / lightning_s:8.2f}x import lightning")
+        print(f"  {'total':<48} {sum(phases.values()):8.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,48 @@
+"""Every use of a private Lightning or torch API in moeframe and its plugins, in one place.
+
+Where Lightning or torch offer no public way to do something moeframe needs, the private access
+lives here, one small function each, with the version it was written against. ``tests/test_compat.py``
+exercises each function against the installed versions, so an upgrade that moves or renames the
+private attribute fails there, loudly and by name, rather than deep inside a training run.
+``tests/test_private_api.py`` fails when a private access appears anywhere else.
+
+Written against torch 2.13 and Lightning 2.6.6.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["ddp_ignore", "flush_step_metrics", "in_autograd_backward", "set_logger_step"]
+
+
+def in_autograd_backward() -> bool:
+    """True while autograd's engine runs the calling code, i.e. an activation-checkpoint
+    recompute during backward. torch 2.13: ``torch._C._current_graph_task_id()`` is -1 outside
+    a backward pass; torch has no public query for it."""
+    return torch._C._current_graph_task_id() != -1
+
+
+def ddp_ignore(module: nn.Module, names: list[str]) -> None:
+    """Add ``names`` (qualified parameter/buffer names of ``module``) to the ones
+    ``DistributedDataParallel`` neither all-reduces nor broadcasts. torch 2.13: DDP reads the list
+    from the module attribute ``_ddp_params_and_buffers_to_ignore`` when it wraps the module
+    (what its private ``_set_params_and_buffers_to_ignore_for_model`` writes)."""
+    already = list(getattr(module, "_ddp_params_and_buffers_to_ignore", []))
+    module._ddp_params_and_buffers_to_ignore = already + [n for n in names if n not in already]
+
+
+def set_logger_step(trainer: Any, step: int) -> None:
+    """Set the step Lightning hands the loggers (``self.log``'s x axis). Lightning 2.6.6 keeps it in
+    ``trainer.fit_loop.epoch_loop._batches_that_stepped`` and offers no setter."""
+    trainer.fit_loop.epoch_loop._batches_that_stepped = step
+
+
+def flush_step_metrics(trainer: Any) -> None:
+    """Send the metrics logged during the current training step to the loggers now (Lightning
+    sends them after ``on_train_batch_end``; a callback that ends the run there would lose them).
+    Lightning 2.6.6: ``trainer._logger_connector.update_train_step_metrics()``."""
+    trainer._logger_connector.update_train_step_metrics()

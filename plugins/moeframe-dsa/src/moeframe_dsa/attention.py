@@ -1,0 +1,356 @@
+"""DeepSeek Sparse Attention (DSA), the attention of DeepSeek-V3.2-Exp, registered as attention ``dsa``.
+
+Why. MLA made the KV cache small, but each query still attends to every earlier token: O(T²) in
+the context. DSA keeps MLA and adds a lightning indexer (``moeframe_dsa.indexer``) that scores
+every visible token cheaply (few heads, ReLU, one shared key); MLA then attends only to the
+``index_topk`` best tokens of each query (2048 in the release), in MLA's MQA (absorbed) form over
+the shared latent. The main attention's cost grows with k, not with the context; the indexer
+stays O(T·S) but with a small constant (64 heads × 128 channels in FP8 in the release).
+
+How it is trained (V3.2 report §2.1-2.2), from a dense MLA checkpoint, the ``mode`` option:
+
+- ``dense_warmup``: attention stays dense (the model computes exactly what the MLA checkpoint
+  did); only the indexer learns (freeze the rest: ``PretrainModule(train_only=["*.indexer.*"])``).
+  Its target is the main attention's distribution, summed over heads and L1-normalised;
+  loss ``Σ_t KL(p_t ‖ softmax(I_t))`` over the visible tokens.
+- ``sparse`` (default; also inference): MLA attends to the selected tokens; the indexer's KL is
+  taken over the selected tokens only, and its inputs are detached from the main graph, so the
+  language-model loss alone trains the model and the KL alone trains the indexer.
+
+The KL is reported through the declared hook ``take_training_losses`` (``indexer_kl``, scaled by
+``indexer_loss_coef``, averaged over query tokens): the decoder adds it to the training loss and
+the trainer logs it as ``train/indexer_kl``.
+
+Cache (``IndexedLatentCache``): MLA's latent row (C + R values) plus the index key (I values) per
+token and layer: 576 + 128 = 704 for V3.2.
+
+Shapes: as in ``moeframe_mla.attention`` (B, T, S, D, H, Q, C, d, R, v, L = C + R) and K selected
+tokens per query, I indexer head width.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from moeframe.plugin import ConfigError, ForwardContext, PluginOptions, cached_causal_mask, document_mask
+from moeframe_dsa.indexer import LightningIndexer
+from moeframe_mla import LatentCache, MLAOptions, MultiHeadLatentAttention, rotate
+
+if TYPE_CHECKING:
+    from moeframe.plugin import ModelConfig
+
+__all__ = ["DSAOptions", "DeepSeekSparseAttention", "IndexedLatentCache", "indexer_kl", "V32_FAMILY"]
+
+V32_FAMILY = "deepseek_v32"  # the only HF checkpoint family whose files hold the indexer
+# gathered latent rows per chunk of the sparse path (B·t·K rows of L values): bounds its memory
+GATHER_ROWS = 1 << 18
+_INDEXER_HF = ("wq_b.weight", "wk.weight", "k_norm.weight", "k_norm.bias", "weights_proj.weight")
+
+
+@dataclass
+class DSAOptions(MLAOptions):
+    """MLA's options plus the indexer (defaults: DeepSeek-V3.2-Exp).
+
+    ``index_n_heads``/``index_head_dim``: the indexer's heads and their width; ``index_topk``:
+    tokens each query attends to; ``mode``: ``sparse`` (inference, and stage 2 of the recipe) or
+    ``dense_warmup`` (stage 1: dense attention, the indexer learns to imitate it);
+    ``indexer_loss_coef``: weight of the indexer's KL loss in training.
+    """
+
+    index_n_heads: int = 64
+    index_head_dim: int = 128
+    index_topk: int = 2048
+    mode: Literal["sparse", "dense_warmup"] = "sparse"
+    indexer_loss_coef: float = 1.0
+
+    def validate(self, config: ModelConfig) -> None:
+        if self.q_lora_rank is None:
+            raise ConfigError(
+                "attention dsa needs MLA with a query latent (q_lora_rank, e.g. 1536): the indexer's "
+                "queries are up-projected from it; set q_lora_rank or use attention mla"
+            )
+        super().validate(config)
+        if self.index_n_heads <= 0 or self.index_head_dim <= 0:
+            raise ConfigError(
+                f"attention dsa: index_n_heads={self.index_n_heads} and index_head_dim="
+                f"{self.index_head_dim} must be > 0"
+            )
+        if self.qk_rope_head_dim > self.index_head_dim:
+            raise ConfigError(
+                f"attention dsa: index_head_dim={self.index_head_dim} must be >= qk_rope_head_dim="
+                f"{self.qk_rope_head_dim} (the indexer rotates its first qk_rope_head_dim channels)"
+            )
+        if not 0 < self.index_topk <= config.max_seq_len:
+            raise ConfigError(
+                f"attention dsa: index_topk={self.index_topk} must be in 1..max_seq_len="
+                f"{config.max_seq_len}; with k >= the context every token is selected and the "
+                "attention is dense: lower index_topk or use attention mla"
+            )
+        if self.indexer_loss_coef < 0:
+            raise ConfigError(f"attention dsa: indexer_loss_coef={self.indexer_loss_coef} must be >= 0")
+
+
+class IndexedLatentCache(LatentCache):
+    """MLA's latent rows plus the indexer's key of each token [B, S, I]."""
+
+    def __init__(
+        self,
+        batch_size: int,
+        kv_lora_rank: int,
+        rope_dim: int,
+        index_dim: int,
+        max_len: int,
+        device: torch.device,
+        dtype: torch.dtype,
+    ) -> None:
+        super().__init__(batch_size, kv_lora_rank, rope_dim, max_len, device, dtype)
+        self.index_keys_BSI = torch.zeros(batch_size, max_len, index_dim, device=device, dtype=dtype)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.latent_BSL, self.index_keys_BSI]
+
+    def append_indexed(
+        self, c_kv_BTC: torch.Tensor, k_pe_BTR: torch.Tensor, k_index_BTI: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store the new tokens; return every cached latent row [B,S,L] and index key [B,S,I]."""
+        start = self.length
+        latent_BSL = self.append(c_kv_BTC, k_pe_BTR)
+        self.index_keys_BSI[:, start : self.length] = k_index_BTI
+        return latent_BSL, self.index_keys_BSI[:, : self.length]
+
+
+def indexer_kl(index_BTX: torch.Tensor, target_BTX: torch.Tensor, keep_BTX: torch.Tensor) -> torch.Tensor:
+    """Mean over queries of KL(target ‖ softmax(index)) over the kept tokens (target 0 elsewhere)."""
+    log_q_BTX = F.log_softmax(index_BTX.masked_fill(~keep_BTX, float("-inf")), dim=-1).masked_fill(~keep_BTX, 0.0)
+    kl_BT = (torch.xlogy(target_BTX, target_BTX) - target_BTX * log_q_BTX).sum(-1)
+    return kl_BT.mean()
+
+
+class DeepSeekSparseAttention(MultiHeadLatentAttention):
+    """MLA + lightning indexer + top-k selection (see the module docstring)."""
+
+    Options = DSAOptions
+    plugin_api = "2"
+
+    def __init__(self, config: ModelConfig, options: DSAOptions, layer_id: int) -> None:
+        super().__init__(config, options, layer_id)
+        assert options.q_lora_rank is not None  # DSAOptions.validate
+        self.index_topk, self.mode, self.indexer_loss_coef = options.index_topk, options.mode, options.indexer_loss_coef
+        self.indexer = LightningIndexer(
+            config.dim, options.q_lora_rank, options.index_n_heads, options.index_head_dim, options.qk_rope_head_dim
+        )
+        self._losses: dict[str, torch.Tensor] = {}
+
+    # -- declared hooks ---------------------------------------------------------------------------
+    def take_training_losses(self) -> dict[str, torch.Tensor]:
+        losses, self._losses = self._losses, {}
+        return losses
+
+    @classmethod
+    def kv_cache_values_per_token(cls, config: ModelConfig, options: PluginOptions) -> int:
+        assert isinstance(options, DSAOptions)
+        return options.kv_lora_rank + options.qk_rope_head_dim + options.index_head_dim
+
+    def new_cache(self, batch_size: int, max_len: int, device: torch.device, dtype: torch.dtype) -> IndexedLatentCache:
+        return IndexedLatentCache(
+            batch_size, self.kv_lora_rank, self.qk_rope_head_dim, self.indexer.head_dim, max_len, device, dtype
+        )
+
+    # -- HF form ------------------------------------------------------------------------------------
+    @classmethod
+    def hf_tensor_names(cls, family: str) -> dict[str, str | None]:
+        return {**super().hf_tensor_names(family), **{f"indexer.{n}": f"indexer.{n}" for n in _INDEXER_HF}}
+
+    @classmethod
+    def hf_fp32_tensors(cls, family: str) -> frozenset[str]:
+        # the per-token head weights stay fp32 (transformers' _keep_in_fp32_modules for V3.2)
+        return frozenset({"indexer.weights_proj.weight"})
+
+    @classmethod
+    def hf_config(cls, family: str, config: ModelConfig, options: PluginOptions) -> dict[str, Any]:
+        assert isinstance(options, DSAOptions)
+        if family != V32_FAMILY:
+            raise ConfigError(
+                f"attention dsa (its indexer) has no form in HF {family!r} checkpoints; export to family {V32_FAMILY!r}"
+            )
+        fields = super().hf_config(family, config, options)
+        fields.pop("rope_interleave")  # V3.2 configs have none: MLA interleaved, the indexer rotate-half
+        return {
+            **fields,
+            "index_n_heads": options.index_n_heads,
+            "index_head_dim": options.index_head_dim,
+            "index_topk": options.index_topk,
+        }
+
+    @classmethod
+    def options_from_hf(cls, family: str, hf: dict[str, Any]) -> dict[str, Any]:
+        options = super().options_from_hf(family, {**hf, "rope_interleave": True})
+        return {
+            **options,
+            "index_n_heads": hf.get("index_n_heads", 64),
+            "index_head_dim": hf.get("index_head_dim", 128),
+            "index_topk": hf.get("index_topk", 2048),
+        }
+
+    # -- forward ------------------------------------------------------------------------------------
+    def _queries(
+        self, x_BTD: torch.Tensor, cos_TP: torch.Tensor, sin_TP: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """MLA's q_nope [B,T,H,d] and rotated q_pe [B,T,H,R], and the normalised query latent
+        [B,T,Q] that the indexer's queries are projected from."""
+        B, T, _ = x_BTD.shape
+        q_latent_BTQ = self.q_norm(self.wq_a(x_BTD))
+        q_nope_BTHd, q_pe_BTHR = (
+            self.wq_b(q_latent_BTQ)
+            .view(B, T, self.n_heads, self.qk_head_dim)
+            .split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
+        )
+        return q_nope_BTHd, rotate(q_pe_BTHR, cos_TP, sin_TP, self.interleaved), q_latent_BTQ
+
+    def forward(self, x_BTD: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        B, T, _ = x_BTD.shape
+        cos_TP, sin_TP = self._rope(ctx.positions_T)
+        q_nope_BTHd, q_pe_BTHR, q_latent_BTQ = self._queries(x_BTD, cos_TP, sin_TP)
+        learn = self.training and torch.is_grad_enabled()
+        # the indexer learns from its KL loss only: its inputs are cut from the main graph
+        x_idx_BTD, q_idx_BTQ = (x_BTD.detach(), q_latent_BTQ.detach()) if learn else (x_BTD, q_latent_BTQ)
+        latent_BSL, k_index_BSI, start = self._store(x_BTD, x_idx_BTD, cos_TP, sin_TP, ctx)
+        S = latent_BSL.shape[1]
+        sparse = self.mode == "sparse" and S > self.index_topk  # else every visible token is selected
+        if sparse or learn:
+            visible_BTS = self._visible(B, T, start, S, ctx.document_ids_BT, x_BTD.device)
+            index_BTS = self.indexer.scores(x_idx_BTD, q_idx_BTQ, k_index_BSI, cos_TP, sin_TP)
+            index_BTS = index_BTS.masked_fill(~visible_BTS, float("-inf"))
+        if sparse:
+            idx_BTK = index_BTS.detach().topk(self.index_topk, dim=-1).indices
+            keep_BTK = visible_BTS.gather(-1, idx_BTK)
+            o_BTHv, p_BTK = self._attend_selected(q_nope_BTHd, q_pe_BTHR, latent_BSL, idx_BTK, keep_BTK)
+            if learn:  # stage 2: the KL over the selected tokens only
+                self._set_kl(index_BTS.gather(-1, idx_BTK), p_BTK, keep_BTK)
+        else:
+            o_BTHv = self._attend_dense(
+                q_nope_BTHd, q_pe_BTHR, latent_BSL, start, ctx.cache is not None, ctx.document_ids_BT
+            )
+            if learn:  # stage 1 (or a context within k): the KL over every visible token
+                self._set_kl(
+                    index_BTS, self._dense_distribution(q_nope_BTHd, q_pe_BTHR, latent_BSL, visible_BTS), visible_BTS
+                )
+        return self.wo(o_BTHv.reshape(B, T, self.n_heads * self.v_head_dim))
+
+    def _store(
+        self,
+        x_BTD: torch.Tensor,
+        x_idx_BTD: torch.Tensor,
+        cos_TP: torch.Tensor,
+        sin_TP: torch.Tensor,
+        ctx: ForwardContext,
+    ) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Latent rows [B,S,L] and index keys [B,S,I] of every visible token (the new ones
+        appended to the cache while decoding), and the cache position of the first new token."""
+        c_kv_BTC, k_pe_BTR = self._latent(x_BTD, cos_TP, sin_TP)
+        k_index_BTI = self.indexer.keys(x_idx_BTD, cos_TP, sin_TP)
+        cache = ctx.cache
+        if cache is None:
+            return torch.cat((c_kv_BTC, k_pe_BTR), dim=-1), k_index_BTI, 0
+        if ctx.document_ids_BT is not None:
+            raise ValueError("packed documents (document_ids_BT) cannot be decoded with a cache")
+        assert isinstance(cache, IndexedLatentCache), f"dsa got a {type(cache).__name__}, not an IndexedLatentCache"
+        start = cache.length
+        return (*cache.append_indexed(c_kv_BTC, k_pe_BTR, k_index_BTI), start)
+
+    def _set_kl(self, index_BTX: torch.Tensor, target_BTX: torch.Tensor, keep_BTX: torch.Tensor) -> None:
+        self._losses = {"indexer_kl": self.indexer_loss_coef * indexer_kl(index_BTX, target_BTX, keep_BTX)}
+
+    @staticmethod
+    def _visible(
+        B: int, T: int, start: int, S: int, document_ids_BT: torch.Tensor | None, device: torch.device
+    ) -> torch.Tensor:
+        """Which cached tokens each query may see [B, T, S]: causal, and in its own document."""
+        causal_TS = torch.arange(S, device=device)[None, :] <= torch.arange(start, start + T, device=device)[:, None]
+        if document_ids_BT is None:
+            return causal_TS.expand(B, T, S)
+        return causal_TS & (document_ids_BT[:, :, None] == document_ids_BT[:, None, :])
+
+    def _attend_dense(
+        self,
+        q_nope_BTHd: torch.Tensor,
+        q_pe_BTHR: torch.Tensor,
+        latent_BSL: torch.Tensor,
+        start: int,
+        cached: bool,
+        document_ids_BT: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """MLA over every visible token: its training path without a cache, else its decode path."""
+        c_kv_BSC, k_pe_BSR = latent_BSL.split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
+        if not cached:
+            mask = None if document_ids_BT is None else document_mask(document_ids_BT)
+            return self._attend_expanded(q_nope_BTHd, q_pe_BTHR, c_kv_BSC, k_pe_BSR, mask, causal=mask is None)
+        T = q_nope_BTHd.shape[1]
+        # a single new token sees every cached one: no mask needed
+        mask_TS = None if T == 1 else cached_causal_mask(start, T, latent_BSL.device)
+        if self.decode == "absorbed":
+            return self._attend_absorbed(q_nope_BTHd, q_pe_BTHR, latent_BSL, mask_TS)
+        return self._attend_expanded(q_nope_BTHd, q_pe_BTHR, c_kv_BSC, k_pe_BSR, mask_TS, causal=False)
+
+    def _absorbed_queries(self, q_nope_BTHd: torch.Tensor, q_pe_BTHR: torch.Tensor) -> torch.Tensor:
+        """Queries in the latent space [B,T,H,L]: q_nope·(W_uk c) = (W_ukᵀ q_nope)·c."""
+        H, C = self.n_heads, self.kv_lora_rank
+        w_uk_HdC = self.wkv_b.weight.view(H, self.qk_nope_head_dim + self.v_head_dim, C)[:, : self.qk_nope_head_dim]
+        return torch.cat((torch.einsum("bthd,hdc->bthc", q_nope_BTHd, w_uk_HdC), q_pe_BTHR), dim=-1)
+
+    def _attend_selected(
+        self,
+        q_nope_BTHd: torch.Tensor,
+        q_pe_BTHR: torch.Tensor,
+        latent_BSL: torch.Tensor,
+        idx_BTK: torch.Tensor,
+        keep_BTK: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """MQA over each query's K selected latent rows. Returns the output [B,T,H,v] and the
+        attention distribution over the selected tokens, summed over heads and L1-normalised
+        [B,T,K] (detached: the indexer's target)."""
+        B, T, H, _ = q_nope_BTHd.shape
+        K, C = idx_BTK.shape[-1], self.kv_lora_rank
+        q_BTHL = self._absorbed_queries(q_nope_BTHd, q_pe_BTHR)
+        step = max(1, GATHER_ROWS // max(1, B * K))
+        # in training each chunk is recomputed in backward: the gathered rows are never all kept
+        attend = (
+            partial(checkpoint, self._selected_chunk, use_reentrant=False)
+            if torch.is_grad_enabled()
+            else self._selected_chunk
+        )
+        outs, dists = zip(
+            *[
+                attend(q_BTHL[:, t : t + step], latent_BSL, idx_BTK[:, t : t + step], keep_BTK[:, t : t + step])
+                for t in range(0, T, step)
+            ]
+        )
+        w_uv_HvC = self.wkv_b.weight.view(H, self.qk_nope_head_dim + self.v_head_dim, C)[:, self.qk_nope_head_dim :]
+        # fold the value up-projection after the weighted sum: Σ p·(W_uv c) = W_uv (Σ p·c)
+        return torch.einsum("bthc,hvc->bthv", torch.cat(outs, dim=1), w_uv_HvC), torch.cat(dists, dim=1).detach()
+
+    def _selected_chunk(
+        self, q_BtHL: torch.Tensor, latent_BSL: torch.Tensor, idx_BtK: torch.Tensor, keep_BtK: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One chunk of queries against their gathered rows: latent output [B,t,H,C], distribution [B,t,K]."""
+        B = q_BtHL.shape[0]
+        rows_BtKL = latent_BSL[torch.arange(B, device=latent_BSL.device)[:, None, None], idx_BtK]
+        scores_BtHK = torch.einsum("bthl,btkl->bthk", q_BtHL, rows_BtKL) * self.softmax_scale
+        p_BtHK = scores_BtHK.masked_fill(~keep_BtK[:, :, None], float("-inf")).float().softmax(-1).to(q_BtHL.dtype)
+        return torch.einsum("bthk,btkc->bthc", p_BtHK, rows_BtKL[..., : self.kv_lora_rank]), p_BtHK.float().mean(2)
+
+    @torch.no_grad()
+    def _dense_distribution(
+        self, q_nope_BTHd: torch.Tensor, q_pe_BTHR: torch.Tensor, latent_BSL: torch.Tensor, visible_BTS: torch.Tensor
+    ) -> torch.Tensor:
+        """The dense attention's distribution over the visible tokens, summed over heads and
+        L1-normalised [B,T,S] (the warm-up target; each head's row sums to 1, so the mean)."""
+        q_BTHL = self._absorbed_queries(q_nope_BTHd, q_pe_BTHR).float()
+        scores_BTHS = torch.einsum("bthl,bsl->bths", q_BTHL, latent_BSL.float()) * self.softmax_scale
+        return scores_BTHS.masked_fill(~visible_BTS[:, :, None], float("-inf")).softmax(-1).mean(2)

@@ -1,0 +1,128 @@
+"""Training DSA: which loss trains what, the warm-up, and V3 -> V3.2 loading."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from moeframe.convert import save_moeframe
+from moeframe.plugin import ConfigError, ForwardContext, build_decoder
+from moeframe.testing import tiny_config
+from moeframe.training.finetune import FinetuneModule
+
+TINY_DSA: dict[str, Any] = dict(
+    name="dsa",
+    q_lora_rank=16,
+    kv_lora_rank=16,
+    qk_nope_head_dim=8,
+    qk_rope_head_dim=4,
+    v_head_dim=6,
+    index_n_heads=4,
+    index_head_dim=8,
+    index_topk=5,
+)
+
+
+def _decoder(**attention: Any) -> torch.nn.Module:
+    torch.manual_seed(0)
+    decoder = build_decoder(tiny_config(attention={**TINY_DSA, **attention}))
+    with torch.no_grad():
+        for p in decoder.parameters():
+            if p.dim() >= 2:
+                p.normal_(0.0, 0.08)  # attention far from uniform, so the KL target means something
+    return decoder.train()
+
+
+def test_the_lm_loss_trains_the_model_and_the_kl_trains_the_indexer() -> None:
+    """Sparse mode: the selection is not differentiable and the indexer's inputs are detached."""
+    decoder = _decoder()
+    ids = torch.randint(0, 64, (2, 12))  # 12 tokens, k = 5
+    out = decoder(ids)
+    kl = out.named_losses["indexer_kl"]
+    per_layer = [v for k, v in out.aux_losses.items() if k.endswith(".indexer_kl")]
+    assert kl.item() > 0 and len(per_layer) == 2 and torch.allclose(kl, sum(per_layer))  # each layer's, summed
+    assert torch.allclose(out.aux_loss, sum(out.aux_losses.values()))  # and part of the training loss
+    indexer = [p for n, p in decoder.named_parameters() if ".indexer." in n]
+    model = [p for n, p in decoder.named_parameters() if ".indexer." not in n]
+    lm_grads = torch.autograd.grad(out.logits.square().mean(), indexer + model, retain_graph=True, allow_unused=True)
+    assert all(g is None for g in lm_grads[: len(indexer)]) and any(g is not None for g in lm_grads[len(indexer) :])
+    kl_grads = torch.autograd.grad(kl, indexer + model, allow_unused=True)
+    assert all(g is not None and g.abs().sum() > 0 for g in kl_grads[: len(indexer)])
+    assert all(g is None for g in kl_grads[len(indexer) :])
+    with torch.no_grad():  # evaluation computes no loss
+        assert decoder.eval()(ids).named_losses == {}
+
+
+@pytest.mark.parametrize("mode", ["dense_warmup", "sparse"])
+def test_training_the_indexer_lowers_its_kl(mode: str) -> None:
+    attn = _decoder(mode=mode).layers[1].attn  # one layer: the KL is per layer
+    optimizer = torch.optim.Adam(attn.indexer.parameters(), lr=3e-2)
+    x_BTD, ctx = torch.randn(4, 12, 32), ForwardContext(torch.arange(12), layer_id=1)
+    losses = []
+    for _ in range(25):
+        attn(x_BTD, ctx)
+        kl = attn.take_training_losses()["indexer_kl"]
+        optimizer.zero_grad()
+        kl.backward()
+        optimizer.step()
+        losses.append(kl.item())
+    assert losses[-1] < losses[0] / 2, losses
+
+
+def test_a_v3_checkpoint_starts_the_v32_warmup(tmp_path: Path) -> None:
+    """FinetuneModule: MLA weights load into DSA layers, the indexer is new, and only it trains."""
+    mla = {k: v for k, v in TINY_DSA.items() if not k.startswith("index")} | {"name": "mla"}
+    v3 = build_decoder(tiny_config(attention=mla))
+    save_moeframe(v3, tmp_path / "v3")
+    config = tiny_config(attention={**TINY_DSA, "mode": "dense_warmup"})
+    module = FinetuneModule(
+        init_from=str(tmp_path / "v3"), config=config, new_parameters=["*.indexer.*"], train_only=["*.indexer.*"]
+    )
+    module.configure_model()
+    state = module.decoder.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in v3.state_dict().items())
+    trained = {n for n, p in module.decoder.named_parameters() if p.requires_grad}
+    assert trained and trained == {n for n in state if ".indexer." in n}
+
+
+@pytest.mark.bad_input
+def test_a_v3_checkpoint_without_new_parameters_is_one_clear_line(tmp_path: Path) -> None:
+    mla = {k: v for k, v in TINY_DSA.items() if not k.startswith("index")} | {"name": "mla"}
+    save_moeframe(build_decoder(tiny_config(attention=mla)), tmp_path / "v3")
+    module = FinetuneModule(init_from=str(tmp_path / "v3"), config=tiny_config(attention=TINY_DSA))
+    with pytest.raises(ConfigError, match="does not fit model.config") as info:
+        module.configure_model()
+    assert "\n" not in str(info.value)
+    with pytest.raises(ConfigError, match="train_only needs method: full"):
+        FinetuneModule(config=tiny_config(attention=TINY_DSA), method="lora", train_only=["*.indexer.*"])
+    wrong = FinetuneModule(
+        init_from=str(tmp_path / "v3"),
+        config=tiny_config(attention=TINY_DSA),
+        new_parameters=["*.indexer.*"],
+        train_only=["*.indexr.*"],
+    )
+    with pytest.raises(ConfigError, match="matches no parameter"):
+        wrong.configure_model()
+
+
+def test_the_training_step_logs_the_indexer_kl_apart() -> None:
+    from moeframe.training.pretrain import PretrainModule
+
+    class Recorded(PretrainModule):  # records what Lightning would log
+        def log(self, name: str, value: Any, *args: Any, **kwargs: Any) -> None:
+            self.logged[name] = value
+
+    module = Recorded(tiny_config(attention=TINY_DSA, mtp_depth=1))
+    module.logged = {}
+    module.configure_model()
+    ids = torch.randint(0, 64, (2, 13))
+    loss = module.training_step({"input_ids": ids[:, :-1], "labels": ids[:, 1:]}, 0)
+    kl = module.logged["train/indexer_kl"]
+    assert kl > 0 and not kl.requires_grad  # main layers and the MTP block's layer, summed
+    logged = {k: float(torch.as_tensor(v).detach()) for k, v in module.logged.items()}
+    assert logged["train/aux_loss"] >= logged["train/indexer_kl"]  # the KL is part of the loss's aux terms
+    expected = logged["train/loss"] + logged["train/aux_loss"] + logged["train/mtp_lambda"] * logged["train/mtp_loss"]
+    assert loss.item() == pytest.approx(expected, rel=1e-5)

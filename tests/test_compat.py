@@ -1,0 +1,74 @@
+"""Each function of ``moeframe/compat.py`` against the installed Lightning and torch: a private
+attribute that moves or changes meaning fails here, by name, not inside a training run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+import torch.distributed as dist
+from lightning.pytorch.demos.boring_classes import BoringModel
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from moeframe import compat
+
+
+def test_in_autograd_backward_is_true_only_in_a_recompute() -> None:
+    seen: list[bool] = []
+
+    def block(x: torch.Tensor) -> torch.Tensor:
+        seen.append(compat.in_autograd_backward())
+        return x.sin()
+
+    x = torch.ones(3, requires_grad=True)
+    checkpoint(block, x, use_reentrant=False).sum().backward()
+    assert seen == [False, True]  # the forward, then the recompute inside backward
+
+
+def test_ddp_ignore_is_what_ddp_reads(tmp_path: Path) -> None:
+    module = nn.Linear(2, 2)
+    module.register_buffer("counts", torch.zeros(2))
+    compat.ddp_ignore(module, ["counts"])
+    compat.ddp_ignore(module, ["bias", "counts"])  # added to, never duplicated
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        ddp = nn.parallel.DistributedDataParallel(module)
+        assert ddp.parameters_to_ignore == {"counts", "bias"}
+    finally:
+        dist.destroy_process_group()
+
+
+class _Probe(L.Callback):
+    def __init__(self) -> None:
+        self.flushed: dict[str, Any] = {}
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        compat.set_logger_step(trainer, 100 + trainer.global_step)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if batch_idx == 0:
+            compat.flush_step_metrics(trainer)  # Lightning would only do it after this hook
+            self.flushed = dict(trainer.logged_metrics)
+
+
+class _Logs(BoringModel):
+    def training_step(self, batch: Any, batch_idx: int) -> Any:
+        out = super().training_step(batch, batch_idx)
+        self.log("probe", float(batch_idx + 1))
+        return out
+
+
+def test_logger_step_and_flushing_the_step_metrics(tmp_path: Path) -> None:
+    probe = _Probe()
+    trainer = L.Trainer(accelerator="cpu", max_steps=2, logger=L.pytorch.loggers.CSVLogger(tmp_path),
+                        log_every_n_steps=1, enable_progress_bar=False, enable_model_summary=False,
+                        enable_checkpointing=False, limit_val_batches=0, callbacks=[probe])
+    trainer.fit(_Logs())
+    assert float(probe.flushed["probe"]) == 1.0  # step 0's value, handed to the loggers inside the hook
+    rows = (Path(trainer.logger.log_dir) / "metrics.csv").read_text().splitlines()
+    steps = [int(r.split(",")[rows[0].split(",").index("step")]) for r in rows[1:]]
+    assert set(steps) == {100, 101}  # the logger step set before each batch
