@@ -280,7 +280,7 @@ def resolve_model_config(cfg: ModelConfig) -> ModelPlan:
 
 @dataclass
 class OptimConfig:
-    """AdamW with DeepSeek-V3 defaults and a learning-rate schedule.
+    """AdamW with DeepSeek-V3 defaults (or ``optimizer: muon``, DeepSeek-V4's) and a learning-rate schedule.
 
     ``schedule``: ``cosine`` (linear warm-up, cosine to ``min_lr_ratio·lr``), ``wsd``
     (warm-up, stable, then linear decay over the last ``decay_fraction`` of steps) or
@@ -298,8 +298,20 @@ class OptimConfig:
     # DeepSeek-V3 style: the learning rate itself by tokens seen, [[until_tokens, lr, shape], ...]
     # (see moeframe.training.schedules); when set it replaces lr/warmup_steps/schedule.
     token_schedule: Optional[list[list[Any]]] = None
+    # ``muon``: Muon (momentum + Newton-Schulz orthogonalised updates) for the hidden matrices,
+    # AdamW for embeddings, the head, norms and biases (see moeframe.training.optim)
+    optimizer: Literal["adamw", "muon"] = "adamw"
+    muon_momentum: float = 0.95
+    muon_ns_steps: int = 5
+    # Muon's update is rescaled to this RMS per matrix (0.2·sqrt(max(A, B))·lr) so that AdamW's lr fits
+    muon_update_rms: float = 0.2
 
     def validate(self) -> None:
+        _require(self.optimizer in ("adamw", "muon"), f"optim.optimizer must be adamw or muon, got {self.optimizer!r}")
+        _require(0 <= self.muon_momentum < 1, f"optim.muon_momentum must be in [0, 1), got {self.muon_momentum}")
+        _require(isinstance(self.muon_ns_steps, int) and 1 <= self.muon_ns_steps < 100,
+                 f"optim.muon_ns_steps must be a whole number in [1, 100), got {self.muon_ns_steps}")
+        _require(self.muon_update_rms > 0, f"optim.muon_update_rms must be > 0, got {self.muon_update_rms}")
         _require(self.lr > 0, f"optim.lr must be > 0, got {self.lr}")
         _require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
                  f"optim.betas must be two numbers in [0, 1), got {self.betas}")

@@ -244,6 +244,15 @@ class ExpertsBase(nn.Module, HFNamed, abc.ABC):
     marks_phases: ClassVar[bool] = False
     phase_timer: Optional["PhaseTimer"] = None
 
+    @classmethod
+    def shared_ffn(cls, config: "ModelConfig", options: PluginOptions, dim: int, hidden_dim: int
+                   ) -> Optional[nn.Module]:
+        """The shared experts' FFN of a MoE layer that uses these routed experts (``[.., dim] ->
+        [.., dim]``, width ``hidden_dim`` = n_shared · F), or None for the core's SwiGLU. Why a hook:
+        an experts plugin whose expert function differs (DeepSeek-V4 clamps the SwiGLU) must be able
+        to give the shared experts the same function; they live outside the plugin, in the MoE layer."""
+        return None
+
     def has_grouped_gemm_seam(self) -> bool:
         """Whether a precision plugin may take over this module's projections."""
         return type(self).grouped_gemm_seam or _api1_attribute(

@@ -41,9 +41,12 @@ class MoE(nn.Module):
         self.layer_id = layer_id  # the block's index: ranks holding different layers match counts by it
         self.gate = build_router(layer.router, cfg, layer_id)
         self.experts = build_experts(layer.experts, cfg, layer_id)
-        self.shared_experts: Optional[SwiGLU] = (
-            SwiGLU(cfg.dim, cfg.n_shared_experts * cfg.moe_ffn_dim) if cfg.n_shared_experts else None
-        )
+        self.shared_experts: Optional[nn.Module] = None
+        if cfg.n_shared_experts:
+            hidden = cfg.n_shared_experts * cfg.moe_ffn_dim
+            # the experts plugin may give the shared experts its own expert function (declared hook)
+            own = layer.experts.cls.shared_ffn(cfg, layer.experts.options, cfg.dim, hidden)
+            self.shared_experts = own if own is not None else SwiGLU(cfg.dim, hidden)
         # not a parameter, not saved: a running count that callbacks read and reset. Integer, so a
         # low-precision cast of the module (bf16-true) cannot round the counts.
         self.register_buffer("tokens_per_expert", torch.zeros(cfg.n_routed_experts, dtype=torch.int64),

@@ -1,8 +1,18 @@
-"""AdamW parameter groups and learning-rate schedules.
+"""Optimizers (AdamW, or Muon for the hidden matrices), their parameter groups and LR schedules.
 
 Weight decay only applies to matrices that are not embeddings: decaying norm scales, biases or
 token embeddings pulls them towards zero for no regularisation benefit (standard since GPT-2;
 DeepSeek-V3 uses weight decay 0.1 with AdamW β = (0.9, 0.95)).
+
+``optim.optimizer: muon`` (DeepSeek-V4's recipe, Muon per Jordan et al. / Liu et al. 2025): the
+hidden matrices (attention and expert projections, router gates, hyper-connection projections)
+get Muon's orthogonalised momentum update, rescaled to the RMS ``muon_update_rms`` so that the
+AdamW learning rate fits both; embeddings, the output head and every 1-D parameter (norms,
+biases, the hyper-connections' bases and scales) keep AdamW. torch's ``torch.optim.Muon`` takes
+2-D parameters only, while stacked expert weights are [E, F, D]: :class:`MuonAdamW` runs the same
+update (the same Newton-Schulz iteration, in bfloat16 as torch does) over every matrix of a stack
+at once, and holds both rules in one optimizer so that schedulers, checkpoints and strategies see
+one object. A test checks it against ``torch.optim.Muon`` and ``torch.optim.AdamW``.
 """
 
 from __future__ import annotations
@@ -31,6 +41,109 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
+def muon_param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Three groups: Muon for hidden matrices (decayed); AdamW without decay for norms, biases and
+    embeddings; AdamW with decay for the output head (``model.head``, kept out of Muon as in V4).
+    The first two line up with :func:`param_groups` (decayed first, undecayed second)."""
+    embedding = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
+    head = {id(p) for name, m in model.named_modules() if name == "head" for p in m.parameters()}
+    muon, plain, head_params = [], [], []
+    for p in model.parameters():
+        if not p.requires_grad:
+            continue
+        if id(p) in head and id(p) not in embedding:
+            head_params.append(p)
+        elif p.dim() >= 2 and id(p) not in embedding:
+            muon.append(p)
+        else:
+            plain.append(p)
+    return [
+        {"params": muon, "weight_decay": weight_decay, "use_muon": True},
+        {"params": plain, "weight_decay": 0.0, "use_muon": False},
+        {"params": head_params, "weight_decay": weight_decay, "use_muon": False},
+    ]
+
+
+def newton_schulz(g: torch.Tensor, steps: int, coefficients: tuple[float, float, float] = (3.4445, -4.775, 2.0315),
+                  eps: float = 1e-7) -> torch.Tensor:
+    """An approximate orthogonalisation ``U S' Vᵀ`` (S' near 1) of each matrix of ``g`` [..., A, B]
+    by the quintic Newton-Schulz iteration, in bfloat16 (torch's Muon does the same per matrix)."""
+    a, b, c = coefficients
+    x = g.bfloat16()
+    tall = g.shape[-2] > g.shape[-1]
+    if tall:
+        x = x.mT
+    shape = x.shape
+    x = x.reshape(-1, *shape[-2:])
+    x = x / x.norm(dim=(-2, -1), keepdim=True).clamp(min=eps)  # spectral norm at most 1
+    for _ in range(steps):  # fused multiply-adds, as torch's Muon (same bfloat16 rounding)
+        gram = x @ x.mT
+        x = torch.baddbmm(x, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    x = x.reshape(shape)
+    return x.mT if tall else x
+
+
+class MuonAdamW(torch.optim.Optimizer):
+    """Muon on groups with ``use_muon``, AdamW on the others, in one optimizer (module docstring)."""
+
+    def __init__(self, groups: list[dict], lr: float, betas: tuple[float, float], eps: float,
+                 momentum: float = 0.95, ns_steps: int = 5, update_rms: float = 0.2) -> None:
+        defaults = {"lr": lr, "betas": betas, "eps": eps, "weight_decay": 0.0, "momentum": momentum,
+                    "ns_steps": ns_steps, "update_rms": update_rms, "use_muon": False}
+        super().__init__(groups, defaults)
+
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], float]] = None) -> Optional[float]:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    (self._muon if group["use_muon"] else self._adamw)(p, group)
+        return loss
+
+    def _muon(self, p: torch.Tensor, group: dict) -> None:
+        state = self.state[p]
+        if "momentum_buffer" not in state:
+            state["momentum_buffer"] = torch.zeros_like(p)
+        buf, mu = state["momentum_buffer"], group["momentum"]
+        buf.lerp_(p.grad, 1 - mu)
+        update = p.grad.lerp(buf, mu)  # Nesterov
+        ortho = newton_schulz(update, group["ns_steps"]).to(p.dtype)
+        A, B = p.shape[-2:]
+        # torch's Muon scales by its first two dims; per matrix here (the same for 2-D parameters)
+        scaled_lr = group["lr"] * group["update_rms"] * math.sqrt(max(A, B))
+        p.mul_(1 - group["lr"] * group["weight_decay"])
+        p.add_(ortho, alpha=-scaled_lr)
+
+    def _adamw(self, p: torch.Tensor, group: dict) -> None:
+        state = self.state[p]
+        if "step" not in state:
+            state["step"] = torch.zeros((), dtype=torch.float32)
+            state["exp_avg"] = torch.zeros_like(p)
+            state["exp_avg_sq"] = torch.zeros_like(p)
+        beta1, beta2 = group["betas"]
+        state["step"] += 1
+        t = float(state["step"])
+        p.mul_(1 - group["lr"] * group["weight_decay"])
+        state["exp_avg"].lerp_(p.grad, 1 - beta1)
+        state["exp_avg_sq"].mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
+        denom = (state["exp_avg_sq"].sqrt() / math.sqrt(1 - beta2 ** t)).add_(group["eps"])
+        p.addcdiv_(state["exp_avg"], denom, value=-group["lr"] / (1 - beta1 ** t))
+
+
+def make_optimizer(model: nn.Module, optim: OptimConfig) -> torch.optim.Optimizer:
+    """The optimizer ``optim.optimizer`` names, over ``model``'s trainable parameters."""
+    if optim.optimizer == "muon":
+        return MuonAdamW(muon_param_groups(model, optim.weight_decay), lr=optim.lr, betas=tuple(optim.betas),
+                         eps=optim.eps, momentum=optim.muon_momentum, ns_steps=optim.muon_ns_steps,
+                         update_rms=optim.muon_update_rms)
+    return torch.optim.AdamW(param_groups(model, optim.weight_decay), lr=optim.lr, betas=tuple(optim.betas),
+                             eps=optim.eps)
+
+
 def lr_multiplier(step: int, total_steps: int, optim: OptimConfig) -> float:
     """The factor on ``optim.lr`` at optimizer step ``step`` (0-based) of ``total_steps``."""
     if optim.warmup_steps and step < optim.warmup_steps:
@@ -54,11 +167,10 @@ def lr_multiplier(step: int, total_steps: int, optim: OptimConfig) -> float:
 def build_optimizer(
     model: nn.Module, optim: OptimConfig, total_steps: int, tokens_seen: Optional[Callable[[], float]] = None
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
-    """AdamW and its LR schedule: by step, or by tokens seen when ``optim.token_schedule`` is set
-    (``tokens_seen`` then reports the run's count whenever the scheduler steps)."""
-    optimizer = torch.optim.AdamW(
-        param_groups(model, optim.weight_decay), lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps
-    )
+    """The optimizer (AdamW, or Muon + AdamW) and its LR schedule: by step, or by tokens seen when
+    ``optim.token_schedule`` is set (``tokens_seen`` then reports the run's count whenever the
+    scheduler steps)."""
+    optimizer = make_optimizer(model, optim)
     if optim.token_schedule is not None:
         if tokens_seen is None:
             raise ValueError("a token schedule needs the run's tokens_seen")

@@ -1,0 +1,91 @@
+"""The V4 presets: ``inspect`` counts of the released V4-Flash / V4-Pro shapes (and tiny-v4) equal
+transformers' on the meta device; ``moeframe fit -c configs/pretrain/tiny-v4.yaml`` trains."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from moeframe.cli import main
+from moeframe.convert.hf import config_to_hf
+from moeframe.inspect import inspect_model, load_model_config
+
+transformers = pytest.importorskip("transformers")
+from transformers import DeepseekV4Config, DeepseekV4ForCausalLM  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[3]
+
+
+def hf_counts(hf: dict) -> tuple[int, int]:
+    """(total, activated per token) of transformers' model on the meta device: every parameter,
+    less the routed experts a token does not use (all but K/E of each layer's, rounded as inspect)."""
+    cfg = DeepseekV4Config(**{k: v for k, v in hf.items() if k not in ("architectures", "model_type", "dtype")})
+    with torch.device("meta"):
+        model = DeepseekV4ForCausalLM(cfg)
+    total = sum(p.numel() for p in model.parameters())
+    E, K = cfg.n_routed_experts, cfg.num_experts_per_tok
+    inactive = 0
+    for layer in model.model.layers:
+        n = sum(p.numel() for p in layer.mlp.experts.parameters())
+        inactive += n - n * K // E
+    return total, total - inactive
+
+
+@pytest.mark.parametrize("preset", ["v4-flash", "v4-pro", "tiny-v4"])
+def test_inspect_counts_equal_transformers(preset: str) -> None:
+    cfg = load_model_config(REPO / "configs" / "model" / f"{preset}.yaml")
+    report = inspect_model(cfg, preset)
+    total, activated = hf_counts(config_to_hf(cfg, mtp=False, family="deepseek_v4"))
+    assert (report.total, report.activated) == (total, activated)
+    if preset == "v4-flash":  # the release: 284B total, 13B activated
+        assert round(total / 1e9) == 284 and 13e9 < activated < 14e9
+    if preset == "v4-pro":  # the release: 1.6T total, 49B activated
+        assert round(total / 1e11) == 16 and 49e9 < activated < 50e9
+
+
+@pytest.mark.slow
+def test_tiny_v4_trains_with_muon_from_its_pretrain_config(tmp_path: Path) -> None:
+    args = [
+        "fit",
+        "-c",
+        str(REPO / "configs/pretrain/tiny-v4.yaml"),
+        "--trainer.default_root_dir",
+        str(tmp_path),
+        "--data.init_args.seq_len",
+        "32",
+        "--data.init_args.batch_size",
+        "4",
+        "--data.init_args.max_bytes",
+        "200000",
+        "--trainer.max_steps",
+        "5",
+        "--trainer.limit_val_batches",
+        "0",
+        "--trainer.num_sanity_val_steps",
+        "0",
+        "--trainer.log_every_n_steps",
+        "1",
+        "--model.init_args.optim.warmup_steps",
+        "1",
+    ]
+    assert main(args) == 0
+    ckpt = next(tmp_path.rglob("last.ckpt"))
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    assert state["global_step"] == 5
+    groups = state["optimizer_states"][0]["param_groups"]
+    assert [g["use_muon"] for g in groups] == [True, False, False]  # the config chose Muon
+    weights = state["state_dict"]
+    assert any(k.endswith("residual.attn_hc.fn") for k in weights) and any(k.endswith("gate.tid2eid") for k in weights)
+    losses = _logged_losses(tmp_path)
+    assert losses[-1] < losses[0]
+
+
+def _logged_losses(root: Path) -> list[float]:
+    import csv
+
+    files = sorted(root.rglob("metrics.csv"))
+    assert files, f"no metrics.csv under {root}"
+    rows = list(csv.DictReader(files[-1].open()))
+    return [float(r["train/loss"]) for r in rows if r.get("train/loss")]
