@@ -191,8 +191,8 @@ def test_unknown_model_type_lists_the_installed_families(tmp_path: Path, mixtral
     with pytest.raises(ConfigError) as err:
         from_hf(tmp_path, progress=False)
     message = str(err.value)
-    assert "model_type 'llama' is not a DeepSeek-V3/V2 / Mixtral checkpoint" in message
-    assert "deepseek_v2, deepseek_v3, mixtral" in message and "'moeframe.hf_family'" in message
+    assert "model_type 'llama' is not a DeepSeek-V3/V2 / DeepSeek-V4 / Mixtral checkpoint" in message
+    assert "deepseek_v2, deepseek_v3, deepseek_v4, mixtral" in message and "'moeframe.hf_family'" in message
 
 
 CLASHING = '''

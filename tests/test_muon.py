@@ -52,8 +52,15 @@ def test_muon_steps_equal_torch_muon_and_adamw_steps_equal_torch_adamw() -> None
     opt = MuonAdamW(muon_param_groups(ours, wd), lr=lr, betas=(0.9, 0.95), eps=1e-8)
     matrices = [ref.proj.weight]  # torch's Muon takes 2-D parameters only
     ref_muon = torch.optim.Muon(matrices, lr=lr, weight_decay=wd, adjust_lr_fn="match_rms_adamw")
-    ref_adam = torch.optim.AdamW([{"params": [ref.embed.weight, ref.proj.bias, ref.norm], "weight_decay": 0.0},
-                                  {"params": [ref.head.weight], "weight_decay": wd}], lr=lr, betas=(0.9, 0.95), eps=1e-8)
+    ref_adam = torch.optim.AdamW(
+        [
+            {"params": [ref.embed.weight, ref.proj.bias, ref.norm], "weight_decay": 0.0},
+            {"params": [ref.head.weight], "weight_decay": wd},
+        ],
+        lr=lr,
+        betas=(0.9, 0.95),
+        eps=1e-8,
+    )
     # the stack: torch's Muon on each expert's matrix separately
     ref_slices = [nn.Parameter(ref.stack[e].detach().clone()) for e in range(3)]
     ref_stack = torch.optim.Muon(ref_slices, lr=lr, weight_decay=wd, adjust_lr_fn="match_rms_adamw")
@@ -82,7 +89,9 @@ def test_build_optimizer_chooses_muon_from_the_config_and_keeps_the_schedule() -
     opt.step()
     again, _ = build_optimizer(model, OptimConfig(optimizer="muon"), total_steps=10)
     again.load_state_dict(opt.state_dict())
-    assert torch.equal(again.state[model.proj.weight]["momentum_buffer"], opt.state[model.proj.weight]["momentum_buffer"])
+    assert torch.equal(
+        again.state[model.proj.weight]["momentum_buffer"], opt.state[model.proj.weight]["momentum_buffer"]
+    )
 
 
 @pytest.mark.bad_input

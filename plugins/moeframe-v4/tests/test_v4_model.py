@@ -11,10 +11,9 @@ window and several compression blocks (so every attention path matters); the Swi
 small enough that the clamp is active.
 
 Why the indexer has 8 heads here: its score is a sum of ReLUs, so an entry whose every head is
-negative scores exactly 0; two readable entries tied at 0 make top-k pick either one, and the
-cached and the full forward (N differs) break such ties differently, in transformers as here.
-With 2 heads such ties occur in these tiny shapes; with 8 they do not (checked), so the
-comparison measures the computation, not tie-breaking.
+negative scores exactly 0. moeframe gives such ties to the earlier entry; transformers' top-k picks
+any of them, so with ties the two may select differently. With 2 heads such ties occur in these
+tiny shapes; with 8 they do not (checked), so the comparison measures the computation.
 """
 
 from __future__ import annotations
@@ -35,22 +34,45 @@ V = 64
 SLIDING, CSA, HCA = "sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention"
 CASES: dict[str, dict[str, Any]] = {
     # every layer type, two hash layers then gated ones, two streams
-    "all-types-hc2": dict(hc_mult=2, layer_types=[SLIDING, CSA, HCA, CSA],
-                          mlp_layer_types=["hash_moe", "hash_moe", "moe", "moe"]),
+    "all-types-hc2": dict(
+        hc_mult=2, layer_types=[SLIDING, CSA, HCA, CSA], mlp_layer_types=["hash_moe", "hash_moe", "moe", "moe"]
+    ),
     # V4's four streams, compressed layers first, V3's sigmoid scores, fewer Sinkhorn iterations
-    "hc4-sigmoid": dict(hc_mult=4, layer_types=[HCA, CSA, SLIDING], mlp_layer_types=["hash_moe", "moe", "moe"],
-                        scoring_func="sigmoid", hc_sinkhorn_iters=5),
+    "hc4-sigmoid": dict(
+        hc_mult=4,
+        layer_types=[HCA, CSA, SLIDING],
+        mlp_layer_types=["hash_moe", "moe", "moe"],
+        scoring_func="sigmoid",
+        hc_sinkhorn_iters=5,
+    ),
 }
 
 
 def hf_model(case: dict[str, Any], seed: int = 0) -> DeepseekV4ForCausalLM:
     n = len(case["layer_types"])
     cfg = DeepseekV4Config(
-        vocab_size=V, hidden_size=32, moe_intermediate_size=16, num_hidden_layers=n, num_attention_heads=2,
-        head_dim=16, q_lora_rank=16, n_routed_experts=4, num_experts_per_tok=2, sliding_window=8, o_groups=2,
-        o_lora_rank=8, index_n_heads=8, index_head_dim=16, index_topk=2, partial_rotary_factor=0.5,
-        compress_rates={CSA: 2, HCA: 4}, max_position_embeddings=128, swiglu_limit=0.5,
-        routed_scaling_factor=1.5, **case)
+        vocab_size=V,
+        hidden_size=32,
+        moe_intermediate_size=16,
+        num_hidden_layers=n,
+        num_attention_heads=2,
+        head_dim=16,
+        q_lora_rank=16,
+        n_routed_experts=4,
+        num_experts_per_tok=2,
+        sliding_window=8,
+        o_groups=2,
+        o_lora_rank=8,
+        index_n_heads=8,
+        index_head_dim=16,
+        index_topk=2,
+        partial_rotary_factor=0.5,
+        compress_rates={CSA: 2, HCA: 4},
+        max_position_embeddings=128,
+        swiglu_limit=0.5,
+        routed_scaling_factor=1.5,
+        **case,
+    )
     torch.manual_seed(seed)
     model = DeepseekV4ForCausalLM(cfg).float().eval()
     with torch.no_grad():
@@ -94,7 +116,7 @@ def test_imported_v4_decodes_with_the_cache_as_without(pair: tuple) -> None:
         full = ours(ids).logits
         cache = ours.new_cache(2, 32)
         pieces = [ours(ids[:, :7], cache=cache).logits]  # a prompt, then one token at a time
-        pieces += [ours(ids[:, t:t + 1], cache=cache).logits for t in range(7, 21)]
+        pieces += [ours(ids[:, t : t + 1], cache=cache).logits for t in range(7, 21)]
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=0, atol=1e-4)
 
 

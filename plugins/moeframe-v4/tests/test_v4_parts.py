@@ -17,18 +17,43 @@ D, E, K, V = 32, 8, 2, 64
 
 
 def hf_config(**kw: object) -> DeepseekV4Config:
-    base = dict(vocab_size=V, hidden_size=D, moe_intermediate_size=16, num_hidden_layers=2, num_attention_heads=2,
-                head_dim=16, q_lora_rank=16, n_routed_experts=E, num_experts_per_tok=K, hc_mult=3,
-                routed_scaling_factor=1.5, swiglu_limit=0.05, o_groups=2, o_lora_rank=8)
+    base = dict(
+        vocab_size=V,
+        hidden_size=D,
+        moe_intermediate_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        head_dim=16,
+        q_lora_rank=16,
+        n_routed_experts=E,
+        num_experts_per_tok=K,
+        hc_mult=3,
+        routed_scaling_factor=1.5,
+        swiglu_limit=0.05,
+        o_groups=2,
+        o_lora_rank=8,
+    )
     base.update(kw)
     return DeepseekV4Config(**base)
 
 
 def model_config(**kw: object) -> ModelConfig:
-    base = dict(vocab_size=V, dim=D, n_layers=2, first_k_dense=0, n_heads=2, moe_ffn_dim=16, n_routed_experts=E,
-                n_activated_experts=K, n_shared_experts=1, route_scale=1.5, init_std=0.02,
-                router={"name": "v4_gate"}, experts={"name": "v4_swiglu", "swiglu_limit": 0.05},
-                residual={"name": "hyper", "hc_mult": 3})
+    base = dict(
+        vocab_size=V,
+        dim=D,
+        n_layers=2,
+        first_k_dense=0,
+        n_heads=2,
+        moe_ffn_dim=16,
+        n_routed_experts=E,
+        n_activated_experts=K,
+        n_shared_experts=1,
+        route_scale=1.5,
+        init_std=0.02,
+        router={"name": "v4_gate"},
+        experts={"name": "v4_swiglu", "swiglu_limit": 0.05},
+        residual={"name": "hyper", "hc_mult": 3},
+    )
     base.update(kw)
     return ModelConfig(**base)
 
@@ -36,8 +61,11 @@ def model_config(**kw: object) -> ModelConfig:
 def test_hyper_connection_block_and_head_match_transformers() -> None:
     torch.manual_seed(0)
     cfg = hf_config()
-    attn_hc, ffn_hc, head = hf_v4.DeepseekV4HyperConnection(cfg), hf_v4.DeepseekV4HyperConnection(cfg), \
-        hf_v4.DeepseekV4HyperHead(cfg)
+    attn_hc, ffn_hc, head = (
+        hf_v4.DeepseekV4HyperConnection(cfg),
+        hf_v4.DeepseekV4HyperConnection(cfg),
+        hf_v4.DeepseekV4HyperHead(cfg),
+    )
     for m in (attn_hc, ffn_hc, head):
         for p in m.parameters():
             torch.nn.init.normal_(p, std=0.5)
@@ -45,7 +73,11 @@ def test_hyper_connection_block_and_head_match_transformers() -> None:
     with torch.no_grad():
         for ours, theirs in ((mine.attn_hc, attn_hc), (mine.ffn_hc, ffn_hc)):
             ours.fn.copy_(theirs.fn), ours.base.copy_(theirs.base), ours.scale.copy_(theirs.scale)
-        mine.head.hc_fn.copy_(head.hc_fn), mine.head.hc_base.copy_(head.hc_base), mine.head.hc_scale.copy_(head.hc_scale)
+        (
+            mine.head.hc_fn.copy_(head.hc_fn),
+            mine.head.hc_base.copy_(head.hc_base),
+            mine.head.hc_scale.copy_(head.hc_scale),
+        )
     lin_a, lin_f = torch.nn.Linear(D, D), torch.nn.Linear(D, D)
     h = torch.randn(2, 5, 3, D)
     ctx = ForwardContext(torch.arange(5))
@@ -148,15 +180,17 @@ def test_a_decoder_of_v4_parts_decodes_with_a_cache_as_without() -> None:
     with torch.no_grad():
         full = decoder(ids).logits
         cache = decoder.new_cache(2, 16)
-        steps = [decoder(ids[:, :5], cache=cache).logits] + [decoder(ids[:, t:t + 1], cache=cache).logits
-                                                              for t in range(5, 9)]
+        steps = [decoder(ids[:, :5], cache=cache).logits] + [
+            decoder(ids[:, t : t + 1], cache=cache).logits for t in range(5, 9)
+        ]
     torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-5, atol=1e-5)
 
 
 def test_a_decoder_of_v4_parts_trains_and_the_gate_bias_balances() -> None:
     torch.manual_seed(5)
-    cfg = model_config(attention={"name": "mha"}, mtp_depth=1,
-                       layers=[{"first": 0, "last": 0, "router": {"name": "v4_hash"}}])
+    cfg = model_config(
+        attention={"name": "mha"}, mtp_depth=1, layers=[{"first": 0, "last": 0, "router": {"name": "v4_hash"}}]
+    )
     decoder = build_decoder(cfg)
     opt = torch.optim.AdamW(decoder.parameters(), lr=1e-2)
     ids = torch.randint(0, V, (4, 16))
@@ -164,8 +198,10 @@ def test_a_decoder_of_v4_parts_trains_and_the_gate_bias_balances() -> None:
     for _ in range(8):
         out = decoder(ids[:, :-1], mtp=True)
         loss = torch.nn.functional.cross_entropy(out.logits.flatten(0, 1), ids[:, 1:].flatten())
-        loss = loss + sum(torch.nn.functional.cross_entropy(m.flatten(0, 1), ids[:, 2 + k:].flatten())
-                          for k, m in enumerate(out.mtp_logits))
+        loss = loss + sum(
+            torch.nn.functional.cross_entropy(m.flatten(0, 1), ids[:, 2 + k :].flatten())
+            for k, m in enumerate(out.mtp_logits)
+        )
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -175,3 +211,18 @@ def test_a_decoder_of_v4_parts_trains_and_the_gate_bias_balances() -> None:
     counts = torch.tensor([10.0, 0, 0, 0, 0, 0, 0, 30.0])
     gate.update_after_step(counts)
     assert gate.bias[0] < 0 < gate.bias[1] and gate.bias[7] < 0  # over-loaded experts pushed down
+
+
+@pytest.mark.bad_input
+def test_the_v4_family_refuses_a_model_it_cannot_record_and_bad_options_fail_at_config_time(tmp_path) -> None:
+    from moeframe.convert.hf import to_hf
+    from moeframe.plugin import ConfigError, resolve_model_config
+
+    decoder = build_decoder(model_config(attention={"name": "mha"}))
+    with pytest.raises(ConfigError, match="need attention v4 in every layer; layer 0 uses 'mha'"):
+        to_hf(decoder, tmp_path / "out", family="deepseek_v4", progress=False)
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(ConfigError, match="hc_mult must be >= 1"):
+        resolve_model_config(model_config(residual={"name": "hyper", "hc_mult": 0}))
+    with pytest.raises(ConfigError, match="score_func"):
+        resolve_model_config(model_config(router={"name": "v4_gate", "score_func": "softmax"}))

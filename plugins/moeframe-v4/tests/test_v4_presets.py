@@ -47,11 +47,29 @@ def test_inspect_counts_equal_transformers(preset: str) -> None:
 
 @pytest.mark.slow
 def test_tiny_v4_trains_with_muon_from_its_pretrain_config(tmp_path: Path) -> None:
-    args = ["fit", "-c", str(REPO / "configs/pretrain/tiny-v4.yaml"), "--trainer.default_root_dir", str(tmp_path),
-            "--data.init_args.seq_len", "32", "--data.init_args.batch_size", "4",
-            "--data.init_args.max_bytes", "200000", "--trainer.max_steps", "5", "--trainer.limit_val_batches", "0",
-            "--trainer.num_sanity_val_steps", "0", "--trainer.log_every_n_steps", "1",
-            "--model.init_args.optim.warmup_steps", "1"]
+    args = [
+        "fit",
+        "-c",
+        str(REPO / "configs/pretrain/tiny-v4.yaml"),
+        "--trainer.default_root_dir",
+        str(tmp_path),
+        "--data.init_args.seq_len",
+        "32",
+        "--data.init_args.batch_size",
+        "4",
+        "--data.init_args.max_bytes",
+        "200000",
+        "--trainer.max_steps",
+        "5",
+        "--trainer.limit_val_batches",
+        "0",
+        "--trainer.num_sanity_val_steps",
+        "0",
+        "--trainer.log_every_n_steps",
+        "1",
+        "--model.init_args.optim.warmup_steps",
+        "1",
+    ]
     assert main(args) == 0
     ckpt = next(tmp_path.rglob("last.ckpt"))
     state = torch.load(ckpt, map_location="cpu", weights_only=False)

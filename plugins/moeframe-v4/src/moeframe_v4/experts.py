@@ -10,7 +10,7 @@ also hands the MoE layer a clamped shared expert through the declared ``shared_f
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -57,7 +57,7 @@ class ClampedSwiGLU(nn.Module, HFNamed):
         return self.w2(clamped_swiglu(self.w1(x), self.w3(x), self.limit))
 
     @classmethod
-    def hf_tensor_names(cls, family: str) -> dict[str, Optional[str]]:
+    def hf_tensor_names(cls, family: str) -> dict[str, str | None]:
         if _v4_names(family):  # V4 folders keep the reference's w1/w2/w3
             return {n: n for n in ("w1.weight", "w2.weight", "w3.weight")}
         return {"w1.weight": "gate_proj.weight", "w3.weight": "up_proj.weight", "w2.weight": "down_proj.weight"}
@@ -69,8 +69,15 @@ class ClampedSwiGLUExperts(GroupedExperts):
     Options = ClampedSwiGLUOptions
     plugin_api = "2"
 
-    def __init__(self, config: ModelConfig, options: ClampedSwiGLUOptions, num_experts: int, dim: int,
-                 hidden_dim: int, layer_id: Optional[int] = None) -> None:
+    def __init__(
+        self,
+        config: ModelConfig,
+        options: ClampedSwiGLUOptions,
+        num_experts: int,
+        dim: int,
+        hidden_dim: int,
+        layer_id: int | None = None,
+    ) -> None:
         super().__init__(config, options, num_experts, dim, hidden_dim, layer_id)
         self.limit = options.swiglu_limit
 
@@ -84,7 +91,7 @@ class ClampedSwiGLUExperts(GroupedExperts):
         return ClampedSwiGLU(dim, hidden_dim, options.swiglu_limit)
 
     @classmethod
-    def hf_tensor_names(cls, family: str) -> dict[str, Optional[str]]:
+    def hf_tensor_names(cls, family: str) -> dict[str, str | None]:
         if _v4_names(family):
             return {n: f"{EXPERT}.{n}.weight" for n in ("w1", "w2", "w3")}
         return super().hf_tensor_names(family)

@@ -24,7 +24,7 @@ What the family decides (each part names its own tensors and options):
 from __future__ import annotations
 
 import re
-from typing import Any, Optional
+from typing import Any
 
 from moeframe.plugin import ConfigError, HFFamily, HFTensor, ModelConfig, registry, resolve_model_config
 
@@ -40,9 +40,16 @@ _ATTN_RENAMES = (
     ("compressor.indexer.scorer.weights_proj.", "indexer.weights_proj."),
     ("compressor.indexer.q_b_proj.", "indexer.wq_b."),
     ("compressor.indexer.", "indexer.compressor."),
-    ("position_bias", "ape"), ("gate_proj.", "wgate."), ("q_a_proj.", "wq_a."), ("q_a_norm.", "q_norm."),
-    ("q_b_proj.", "wq_b."), ("kv_proj.", "wkv."), ("kv_norm.", "norm."), ("o_a_proj.", "wo_a."),
-    ("o_b_proj.", "wo_b."), ("sinks", "attn_sink"),
+    ("position_bias", "ape"),
+    ("gate_proj.", "wgate."),
+    ("q_a_proj.", "wq_a."),
+    ("q_a_norm.", "q_norm."),
+    ("q_b_proj.", "wq_b."),
+    ("kv_proj.", "wkv."),
+    ("kv_norm.", "norm."),
+    ("o_a_proj.", "wo_a."),
+    ("o_b_proj.", "wo_b."),
+    ("sinks", "attn_sink"),
 )
 
 
@@ -53,7 +60,7 @@ def _attention_leaf(declared: str) -> str:
     while rest:  # left to right, each piece renamed once
         for old, new in _ATTN_RENAMES:
             if rest.startswith(old):
-                out, rest = out + new, rest[len(old):]
+                out, rest = out + new, rest[len(old) :]
                 break
         else:
             head, dot, rest = rest.partition(".")
@@ -89,25 +96,34 @@ class DeepSeekV4Family(HFFamily):
             layer_types = list(hf.get("layer_types") or [])
             mlp_types = list(hf.get("mlp_layer_types") or [])
             if len(layer_types) != n or len(mlp_types) != n:
-                raise ConfigError(f"{path}: layer_types and mlp_layer_types must list all {n} layers "
-                                  "(transformers writes both)")
+                raise ConfigError(
+                    f"{path}: layer_types and mlp_layer_types must list all {n} layers (transformers writes both)"
+                )
             attention = {"name": "v4", **registry.load("attention", "v4").options_from_hf(self.name, hf)}
             gate = {"name": GATE, **registry.load("router", GATE).options_from_hf(self.name, hf)}
             hashed = {"name": HASH, **registry.load("router", HASH).options_from_hf(self.name, hf)}
             layers = [{"first": a, "last": b, "attention": {"layer_type": t}} for a, b, t in _runs(layer_types)]
             layers += [{"first": a, "last": b, "router": hashed} for a, b, t in _runs(mlp_types) if t == "hash_moe"]
             return ModelConfig(
-                vocab_size=hf["vocab_size"], dim=hf["hidden_size"], n_layers=n, first_k_dense=0,
-                n_heads=hf["num_attention_heads"], dense_ffn_dim=hf["moe_intermediate_size"],
-                moe_ffn_dim=hf["moe_intermediate_size"], n_routed_experts=hf["n_routed_experts"],
-                n_activated_experts=hf["num_experts_per_tok"], n_shared_experts=hf.get("n_shared_experts", 1),
+                vocab_size=hf["vocab_size"],
+                dim=hf["hidden_size"],
+                n_layers=n,
+                first_k_dense=0,
+                n_heads=hf["num_attention_heads"],
+                dense_ffn_dim=hf["moe_intermediate_size"],
+                moe_ffn_dim=hf["moe_intermediate_size"],
+                n_routed_experts=hf["n_routed_experts"],
+                n_activated_experts=hf["num_experts_per_tok"],
+                n_shared_experts=hf.get("n_shared_experts", 1),
                 route_scale=float(hf.get("routed_scaling_factor", 1.0)),
                 mtp_depth=0,  # transformers' V4 folders carry no MTP layers (module docstring)
-                norm_eps=float(hf.get("rms_norm_eps", 1e-6)), init_std=float(hf.get("initializer_range", 0.02)),
+                norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+                init_std=float(hf.get("initializer_range", 0.02)),
                 max_seq_len=int(hf.get("max_position_embeddings", 4096)),
                 rope_theta=float(hf.get("rope_theta", 10000.0)),
                 tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-                attention=attention, router=gate,
+                attention=attention,
+                router=gate,
                 experts={"name": "v4_swiglu", **registry.load("experts", "v4_swiglu").options_from_hf(self.name, hf)},
                 residual={"name": "hyper", **registry.load("residual", "hyper").options_from_hf(self.name, hf)},
                 layers=layers,
@@ -117,33 +133,49 @@ class DeepSeekV4Family(HFFamily):
 
     def _check_shape(self, config: ModelConfig, plan: Any) -> None:
         if config.first_k_dense != 0:
-            raise ConfigError(f"DeepSeek-V4 checkpoints have no dense layers: set model.first_k_dense: 0 "
-                              f"(got {config.first_k_dense})")
+            raise ConfigError(
+                f"DeepSeek-V4 checkpoints have no dense layers: set model.first_k_dense: 0 (got {config.first_k_dense})"
+            )
         if config.n_shared_experts != 1:
-            raise ConfigError(f"DeepSeek-V4 checkpoints have exactly one shared expert: set "
-                              f"model.n_shared_experts: 1 (got {config.n_shared_experts})")
+            raise ConfigError(
+                f"DeepSeek-V4 checkpoints have exactly one shared expert: set "
+                f"model.n_shared_experts: 1 (got {config.n_shared_experts})"
+            )
         for i in range(config.n_layers):
             layer = plan.layer(i)
             wanted = {"attention": ("v4",), "router": (HASH, GATE), "experts": ("v4_swiglu",), "residual": ("hyper",)}
             for kind, names in wanted.items():
                 got = getattr(layer, kind).name
                 if got not in names:
-                    raise ConfigError(f"DeepSeek-V4 checkpoints need {kind} {' or '.join(names)} in every layer; "
-                                      f"layer {i} uses {got!r}")
+                    raise ConfigError(
+                        f"DeepSeek-V4 checkpoints need {kind} {' or '.join(names)} in every layer; "
+                        f"layer {i} uses {got!r}"
+                    )
 
     def config_to_hf(self, config: ModelConfig, mtp: bool) -> dict[str, Any]:
         plan = resolve_model_config(config)
         self._check_shape(config, plan)
         out: dict[str, Any] = {
-            "architectures": ["DeepseekV4ForCausalLM"], "model_type": self.model_type,
-            "vocab_size": config.vocab_size, "hidden_size": config.dim, "num_hidden_layers": config.n_layers,
-            "num_attention_heads": config.n_heads, "moe_intermediate_size": config.moe_ffn_dim,
-            "n_routed_experts": config.n_routed_experts, "num_experts_per_tok": config.n_activated_experts,
-            "n_shared_experts": config.n_shared_experts, "routed_scaling_factor": config.route_scale,
-            "norm_topk_prob": True, "hidden_act": "silu", "max_position_embeddings": config.max_seq_len,
-            "initializer_range": config.init_std, "rms_norm_eps": config.norm_eps, "rope_theta": config.rope_theta,
+            "architectures": ["DeepseekV4ForCausalLM"],
+            "model_type": self.model_type,
+            "vocab_size": config.vocab_size,
+            "hidden_size": config.dim,
+            "num_hidden_layers": config.n_layers,
+            "num_attention_heads": config.n_heads,
+            "moe_intermediate_size": config.moe_ffn_dim,
+            "n_routed_experts": config.n_routed_experts,
+            "num_experts_per_tok": config.n_activated_experts,
+            "n_shared_experts": config.n_shared_experts,
+            "routed_scaling_factor": config.route_scale,
+            "norm_topk_prob": True,
+            "hidden_act": "silu",
+            "max_position_embeddings": config.max_seq_len,
+            "initializer_range": config.init_std,
+            "rms_norm_eps": config.norm_eps,
+            "rope_theta": config.rope_theta,
             "tie_word_embeddings": config.tie_embeddings,
-            "num_nextn_predict_layers": config.mtp_depth if mtp else 0, "dtype": "bfloat16",
+            "num_nextn_predict_layers": config.mtp_depth if mtp else 0,
+            "dtype": "bfloat16",
         }
         for kind in ("attention", "router", "experts", "residual"):
             choice = getattr(plan, kind)
@@ -153,7 +185,7 @@ class DeepSeekV4Family(HFFamily):
         return out
 
     # -- tensor names -----------------------------------------------------------------------------
-    def module_prefix(self, module: str, config: ModelConfig) -> Optional[str]:
+    def module_prefix(self, module: str, config: ModelConfig) -> str | None:
         if module == "norm":
             return "model.norm"
         mtp = re.fullmatch(r"mtp\.(\d+)\.(.+)", module)
@@ -174,13 +206,13 @@ class DeepSeekV4Family(HFFamily):
 
     def tensor_key(self, prefix: str, declared: str) -> str:
         if declared.startswith("hc_head_"):  # the streams' final collapse
-            leaf = declared[len("hc_head_"):]
+            leaf = declared[len("hc_head_") :]
             return "model.hc_head.hc_" + leaf if prefix.startswith("model.") else f"{prefix}.{declared}"
         if re.search(r"(^|\.)attn$", prefix):
             return f"{prefix}.{_attention_leaf(declared)}"
         return f"{prefix}.{declared}"
 
-    def core_tensor(self, key: str, config: ModelConfig) -> Optional[HFTensor]:
+    def core_tensor(self, key: str, config: ModelConfig) -> HFTensor | None:
         if key in _CORE:
             return HFTensor(_CORE[key], quantizable=False)
         module, _, leaf = key.rpartition(".")

@@ -23,7 +23,7 @@ Everything is per token, so decoding with a cache equals the full forward.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -82,8 +82,9 @@ class _Mixer(nn.Module):
         nn.init.zeros_(self.base)
         nn.init.ones_(self.scale)  # the three mixings start at unit temperature
 
-    def forward(self, h_BTnD: torch.Tensor, norm_eps: float, eps: float, iters: int
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(
+        self, h_BTnD: torch.Tensor, norm_eps: float, eps: float, iters: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(pre [B, T, n], post [B, T, n], comb [B, T, n, n]) in fp32."""
         n = self.n
         mixes = F.linear(_normed_flat(h_BTnD, norm_eps), self.fn.float())
@@ -133,7 +134,7 @@ class HyperConnections(ResidualBase):
         self.attn_hc = _Mixer(self.n, config.dim)
         self.ffn_hc = _Mixer(self.n, config.dim)
         # the last main block reduces the streams for the head; every MTP block reduces its own
-        self.head: Optional[_Head] = _Head(self.n, config.dim) if layer_id >= config.n_layers - 1 else None
+        self.head: _Head | None = _Head(self.n, config.dim) if layer_id >= config.n_layers - 1 else None
 
     def expand(self, x_BTD: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         return x_BTD.unsqueeze(2).expand(-1, -1, self.n, -1).contiguous()
@@ -156,9 +157,9 @@ class HyperConnections(ResidualBase):
         return self._around(self.ffn_hc, h, ffn)
 
     @classmethod
-    def hf_tensor_names(cls, family: str) -> dict[str, Optional[str]]:
+    def hf_tensor_names(cls, family: str) -> dict[str, str | None]:
         # V4 folders: hc_attn_fn ... on the layer, the head as hc_head_* (the family places it)
-        names: dict[str, Optional[str]] = {}
+        names: dict[str, str | None] = {}
         for part in ("attn", "ffn"):
             for leaf in ("fn", "base", "scale"):
                 names[f"{part}_hc.{leaf}"] = f"hc_{part}_{leaf}"
@@ -172,5 +173,8 @@ class HyperConnections(ResidualBase):
 
     @classmethod
     def options_from_hf(cls, family: str, hf: dict[str, Any]) -> dict[str, Any]:
-        return {"hc_mult": int(hf.get("hc_mult", 4)), "sinkhorn_iters": int(hf.get("hc_sinkhorn_iters", 20)),
-                "eps": float(hf.get("hc_eps", 1e-6))}
+        return {
+            "hc_mult": int(hf.get("hc_mult", 4)),
+            "sinkhorn_iters": int(hf.get("hc_sinkhorn_iters", 20)),
+            "eps": float(hf.get("hc_eps", 1e-6)),
+        }

@@ -19,8 +19,9 @@ sequence after sequence), which is all the hash router needs from the forward co
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Literal, Optional
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -85,7 +86,7 @@ class _ScoredRouter(RouterBase):
 
     plugin_api = "2"
 
-    def __init__(self, config: ModelConfig, options: Any, layer_id: Optional[int] = None) -> None:
+    def __init__(self, config: ModelConfig, options: Any, layer_id: int | None = None) -> None:
         super().__init__(config, options, layer_id)
         self.num_experts = config.n_routed_experts
         self.top_k = config.n_activated_experts
@@ -112,7 +113,7 @@ class HashRouter(_ScoredRouter):
     Options = HashRouterOptions
     plugin_api = "2"
 
-    def __init__(self, config: ModelConfig, options: HashRouterOptions, layer_id: Optional[int] = None) -> None:
+    def __init__(self, config: ModelConfig, options: HashRouterOptions, layer_id: int | None = None) -> None:
         super().__init__(config, options, layer_id)
         self.hash_seed = options.hash_seed + (layer_id or 0)
         self.register_buffer("tid2eid", torch.zeros(config.vocab_size, config.n_activated_experts, dtype=torch.long))
@@ -133,7 +134,7 @@ class HashRouter(_ScoredRouter):
         return RouterOutput(weights_TK, indices_TK, count_per_expert(indices_TK, self.num_experts))
 
     @classmethod
-    def hf_tensor_names(cls, family: str) -> dict[str, Optional[str]]:
+    def hf_tensor_names(cls, family: str) -> dict[str, str | None]:
         return {"weight": "weight", "tid2eid": "tid2eid"}
 
 
@@ -143,7 +144,7 @@ class V4GateRouter(_ScoredRouter):
     Options = V4GateOptions
     plugin_api = "2"
 
-    def __init__(self, config: ModelConfig, options: V4GateOptions, layer_id: Optional[int] = None) -> None:
+    def __init__(self, config: ModelConfig, options: V4GateOptions, layer_id: int | None = None) -> None:
         super().__init__(config, options, layer_id)
         self.bias_update_speed = options.bias_update_speed
         self.register_buffer("bias", torch.zeros(config.n_routed_experts, dtype=torch.float32))
@@ -171,5 +172,5 @@ class V4GateRouter(_ScoredRouter):
         return {"bias": self.bias}
 
     @classmethod
-    def hf_tensor_names(cls, family: str) -> dict[str, Optional[str]]:
+    def hf_tensor_names(cls, family: str) -> dict[str, str | None]:
         return {"weight": "weight", "bias": "bias"}
