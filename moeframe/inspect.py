@@ -294,14 +294,28 @@ def inspect_command(argv: list[str]) -> int:
     p.add_argument("--ep", type=int, default=1, help="expert-parallel degree")
     p.add_argument("--precision", choices=[BUILTIN_PRECISION, *sorted(registry.available("precision"))],
                    default=BUILTIN_PRECISION, help="bf16 or an installed precision plugin (its declared bytes per parameter)")
+    p.add_argument("--pp", type=int, default=None, help="pipeline ranks: per-stage parameters, activations, bubble")
+    p.add_argument("--vpp", type=int, default=None, help="virtual stages per pipeline rank (default: the schedule's)")
+    p.add_argument("--schedule", default="1f1b", help="pipeline schedule (gpipe, 1f1b, interleaved_1f1b, ...)")
+    p.add_argument("--microbatches", type=int, default=None, help="micro-batches per batch (default: the stages)")
     args = p.parse_args(argv)
     for name in ("seq_len", "dp", "ep"):
         if getattr(args, name) <= 0:
             p.error(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
     report = inspect_model(load_model_config(args.config), Path(args.config).stem, args.seq_len, args.zero,
                            args.dp, args.ep, args.precision)
+    section = None
+    if args.pp is not None:
+        from moeframe.pipeline_estimate import pipeline_section
+
+        section = pipeline_section(load_model_config(args.config), args.pp, args.vpp, args.schedule,
+                                   args.microbatches, args.ep, args.seq_len)
     if args.json:
-        print(json.dumps(asdict(report), indent=2))
+        print(json.dumps({**asdict(report), **({"pipeline": section} if section else {})}, indent=2))
     else:
         print_report(report, args.zero, args.dp, args.ep, args.precision)
+        if section:
+            from moeframe.pipeline_estimate import print_pipeline
+
+            print_pipeline(section)
     return 0

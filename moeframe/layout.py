@@ -25,7 +25,15 @@ from typing import Any, Optional
 from moeframe.errors import ConfigError
 
 __all__ = ["DescribesLayout", "DescribesMemory", "ParallelLayout", "TrainingBytes", "check_ep_layout",
-           "check_zero_layout", "precision_bytes", "strategy_for"]
+           "check_zero_layout", "data_parallel_rank_size", "precision_bytes", "strategy_for"]
+
+
+def data_parallel_rank_size(trainer: Any) -> tuple[int, int]:
+    """(replica index, replicas) of the data: every replica reads its own micro-batches. Lightning's
+    parallel strategies say it in ``distributed_sampler_kwargs``; it is the global rank and world
+    size except where several ranks share one micro-batch (the stages of one pipeline)."""
+    kwargs = getattr(trainer.strategy, "distributed_sampler_kwargs", None) or {}
+    return int(kwargs.get("rank", trainer.global_rank)), int(kwargs.get("num_replicas", trainer.world_size))
 
 
 def check_ep_layout(ep_size: int, world_size: int, num_experts: Optional[int]) -> None:
@@ -88,6 +96,23 @@ class DescribesLayout:
     def runs_layout(cls, layout: ParallelLayout) -> Optional[dict[str, Any]]:
         """The init arguments with which this strategy runs ``layout`` (``{}``: as registered),
         or None when it does not run it."""
+        return None
+
+    @classmethod
+    def plan_pipeline(cls, config: Any, pp: int, vpp: Optional[int], schedule: str,
+                      microbatches: Optional[int]) -> Optional[dict[str, Any]]:
+        """For a strategy that runs pipeline parallelism: how it would run the model ``config`` on
+        ``pp`` ranks × ``vpp`` stages with ``schedule`` (the same split a run makes):
+        ``{"layers_per_stage", "stage_ranks", "vpp", "microbatches",
+        "bubble_fraction", "in_flight"}`` (``in_flight``: per rank, the micro-batch activations of
+        one stage held at the peak), raising ConfigError for a layout it refuses; None when this
+        strategy has no pipeline."""
+        return None
+
+    def model_state_shapes(self) -> Optional[dict[str, Any]]:
+        """The whole model's state-dict entries (tensors; meta ones will do) for a strategy whose ranks
+        each hold only part of the model (pipeline stages), so that a checkpoint is checked against
+        the whole model; None: the module's own state dict is the whole model."""
         return None
 
 

@@ -36,7 +36,10 @@ What is here, by use:
   (with ``KVCache``, ``rope_cos_sin``, ``apply_rope``), ``RMSNorm``, ``GroupedExperts``;
 - for a plugin's own tests: ``registry`` (``registry.load(kind, name)`` is what a run does),
   ``resolve_model_config`` (validate a config, get the parsed options) and ``build_decoder``; the
-  contract checks are in ``moeframe.testing``.
+  contract checks are in ``moeframe.testing``;
+- for strategies that run the decoder in parts (pipeline stages): ``DecoderOutput`` (what a
+  decoder forward returns, and what ``PretrainModule.training_loss`` takes); the parts themselves
+  are methods of the decoder (``context``, ``begin``, ``run_layers``, ``finish``).
 """
 
 from __future__ import annotations
@@ -71,7 +74,7 @@ from moeframe.model.base import (
 )
 from moeframe.model.compat import as_context
 from moeframe.model.context import ForwardContext
-from moeframe.model.decoder import build_decoder, init_random_stream
+from moeframe.model.decoder import DecoderOutput, build_decoder, init_random_stream
 from moeframe.model.experts import GroupedExperts, grouped_mm_supported
 from moeframe.model.moe import moe_layers
 from moeframe.model.hfnames import EXPERT, HFNamed
@@ -95,7 +98,7 @@ __all__ = [
     "AMAX_FLOOR", "BLOCK", "E4M3_MAX", "EXPERT", "PLUGIN_API_VERSION",
     "ForwardContext", "ResidualBase", "Sublayer", "as_context",
     "DescribesLayout", "DescribesMemory", "HFFamily", "HFNamed", "HFTensor", "ParallelLayout", "TrainingBytes",
-    "AttentionBase", "AttentionCache", "ConfigError", "ExpertsBase", "GroupedExperts", "GroupedGemm", "KVCache",
+    "AttentionBase", "AttentionCache", "ConfigError", "DecoderOutput", "ExpertsBase", "GroupedExperts", "GroupedGemm", "KVCache",
     "MHAOptions", "ModelConfig", "MultiHeadAttention", "NormBase", "PhaseTimer", "PluginDeprecationWarning",
     "PluginOptions", "RMSNorm", "RouterBase", "RouterOutput",
     "apply_rope", "build_decoder", "registry", "resolve_model_config", "rope_cos_sin",

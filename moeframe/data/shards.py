@@ -34,6 +34,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from moeframe.layout import data_parallel_rank_size
 from moeframe.config import ConfigError
 
 # Lightning warns that an IterableDataset with __len__ may duplicate data across workers; this
@@ -295,7 +296,7 @@ class PretrainDataModule(L.LightningDataModule):
         self._val = ShardedBatches(vals, [1.0] * len(vals), self.batch_size, self.seed, eos, dm, False) if vals else None
         for ds in (self._train, self._val):
             if ds is not None and self.trainer is not None:
-                ds.rank, ds.world_size = self.trainer.global_rank, self.trainer.world_size
+                ds.rank, ds.world_size = data_parallel_rank_size(self.trainer)
         if len(self._train) == 0:
             raise ConfigError(f"too little data for data.batch_size={self.batch_size} on {self._train.world_size} rank(s)")
         rank_zero_info(f"data: {sum(len(s) for s in self._train.sources):,} training sequences of {self.seq_len} "

@@ -225,20 +225,51 @@ class Decoder(nn.Module):
         tokens_seen: int = 0,
     ) -> DecoderOutput:
         """``mtp=True`` also runs the MTP modules (training); generation leaves them out.
-        ``step``/``tokens_seen``: the training progress the plugins see in their context."""
+        ``step``/``tokens_seen``: the training progress the plugins see in their context.
+
+        The same as ``begin`` → ``run_layers(0, n_layers)`` → ``finish``: a pipeline strategy calls
+        those parts on the stage that holds them."""
+        ctx = self.context(input_ids_BT, document_ids_BT, positions_T, cache, step, tokens_seen)
+        aux_losses: dict[str, torch.Tensor] = {}
+        emb_BTD, h = self.begin(ctx)
+        h = self.run_layers(h, ctx, 0, len(self.layers), aux_losses, cache)
+        return self.finish(h, ctx, aux_losses, mtp=mtp and cache is None, emb_BTD=emb_BTD)
+
+    # -- the parts of a forward, for strategies that place them on different ranks (pipelining) ----
+    def context(self, input_ids_BT: torch.Tensor, document_ids_BT: Optional[torch.Tensor] = None,
+                positions_T: Optional[torch.Tensor] = None, cache: Optional[DecoderCache] = None,
+                step: int = 0, tokens_seen: int = 0) -> ForwardContext:
+        """The forward context of a whole-model forward over ``input_ids_BT`` [B, T]."""
         T = input_ids_BT.shape[1]
         positions_T = self._positions(T, input_ids_BT.device, positions_T, document_ids_BT, cache)
-        ctx = ForwardContext(positions_T, input_ids_BT, document_ids_BT, step=step, tokens_seen=tokens_seen)
-        emb_BTD = self.embed(input_ids_BT)
-        aux_losses: dict[str, torch.Tensor] = {}
-        h = self.layers[0].residual.expand(emb_BTD, ctx.for_layer(0))
-        for i, block in enumerate(self.layers):
+        return ForwardContext(positions_T, input_ids_BT, document_ids_BT, step=step, tokens_seen=tokens_seen)
+
+    def begin(self, ctx: ForwardContext) -> tuple[torch.Tensor, torch.Tensor]:
+        """(token embeddings [B, T, D], the first block's residual state)."""
+        emb_BTD = self.embed(ctx.token_ids_BT)
+        return emb_BTD, self.layers[0].residual.expand(emb_BTD, ctx.for_layer(0))
+
+    def run_layers(self, h: torch.Tensor, ctx: ForwardContext, start: int, stop: int,
+                   aux_losses: dict[str, torch.Tensor], cache: Optional[DecoderCache] = None) -> torch.Tensor:
+        """Blocks ``layers[start:stop]`` on the residual state ``h``; their balance losses go into
+        ``aux_losses`` under ``layer<i>``."""
+        for i in range(start, stop):
+            block = self.layers[i]
             h, aux = block(h, ctx.for_layer(block.layer_id, None if cache is None else cache.layers[i]))
             if aux is not None:
                 aux_losses[f"layer{block.layer_id}"] = aux
+        return h
+
+    def finish(self, h: torch.Tensor, ctx: ForwardContext, aux_losses: dict[str, torch.Tensor],
+               mtp: bool = False, emb_BTD: Optional[torch.Tensor] = None) -> DecoderOutput:
+        """Final norm, head and (``mtp``) the MTP modules after the last block; ``emb_BTD`` is looked
+        up again from the context's token ids when not given (a last pipeline stage)."""
         x_BTD = self.layers[-1].residual.reduce(h, ctx.for_layer(self.layers[-1].layer_id))
         logits_BTV = self.head(call_norm(self.norm, x_BTD, ctx))
-        mtp_logits = self._mtp(x_BTD, emb_BTD, ctx, aux_losses) if mtp and cache is None else []
+        mtp_logits: list[torch.Tensor] = []
+        if mtp:
+            emb_BTD = self.embed(ctx.token_ids_BT) if emb_BTD is None else emb_BTD
+            mtp_logits = self._mtp(x_BTD, emb_BTD, ctx, aux_losses)
         aux_loss = sum(aux_losses.values(), torch.zeros((), device=logits_BTV.device))
         return DecoderOutput(logits_BTV, aux_loss, aux_losses, mtp_logits)
 

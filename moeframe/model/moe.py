@@ -37,6 +37,7 @@ class MoE(nn.Module):
         cfg = plan.config
         layer = plan.layer(layer_id)
         self.num_experts = cfg.n_routed_experts
+        self.layer_id = layer_id  # the block's index: ranks holding different layers match counts by it
         self.gate = build_router(layer.router, cfg, layer_id)
         self.experts = build_experts(layer.experts, cfg, layer_id)
         self.shared_experts: Optional[nn.Module] = None

@@ -110,11 +110,23 @@ def _write_counts(layers: list[tuple[str, MoE]], counts_LE: torch.Tensor) -> Non
 
 @torch.no_grad()
 def synchronise_and_update(
-    layers: list[tuple[str, MoE]], all_reduce_sum: Callable[[torch.Tensor], torch.Tensor]
+    layers: list[tuple[str, MoE]], all_reduce_sum: Callable[[torch.Tensor], torch.Tensor],
+    num_layer_ids: Optional[int] = None,
 ) -> torch.Tensor:
     """Sum every layer's counts over the ranks with ONE collective, give each router its row
-    (``update_after_step``), zero the buffers; return the global counts [L, E]."""
-    counts_LE = all_reduce_sum(_read_counts(layers))
+    (``update_after_step``), zero the buffers; return the global counts [L, E] of ``layers``.
+
+    ``num_layer_ids``: the model's block count (main layers + MTP). Given, the collective carries
+    one row per layer id, so ranks that hold different layers (pipeline stages) still sum each
+    layer's counts with the ranks holding the same layer; a rank's missing layers add zeros."""
+    counts_LE = _read_counts(layers)
+    if num_layer_ids is None:
+        counts_LE = all_reduce_sum(counts_LE)
+    else:
+        rows = [m.layer_id for _, m in layers]
+        counts_RE = counts_LE.new_zeros(num_layer_ids, counts_LE.shape[-1])
+        counts_RE[rows] = counts_LE
+        counts_LE = all_reduce_sum(counts_RE)[rows]
     for (_, m), counts_E in zip(layers, counts_LE):
         m.gate.update_after_step(counts_E)
         m.tokens_per_expert.zero_()
@@ -128,6 +140,45 @@ def all_reduce_sum(counts_LE: torch.Tensor) -> torch.Tensor:
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(counts_LE, op=dist.ReduceOp.SUM)
     return counts_LE
+
+
+def _num_layer_ids(pl_module: L.LightningModule) -> Optional[int]:
+    """Blocks of the whole model (main layers + MTP) when the module says, whatever this rank holds."""
+    config = getattr(pl_module, "config", None)
+    n_layers = getattr(config, "n_layers", None)
+    return None if n_layers is None else n_layers + getattr(config, "mtp_depth", 0)
+
+
+def _join_without_layers(pl_module: L.LightningModule) -> None:
+    """A rank holding none of the model's MoE layers (a dense pipeline stage) still joins the
+    ranks that do in their one collective, with zeros: a collective some ranks skip is a hang."""
+    num_ids, config = _num_layer_ids(pl_module), getattr(pl_module, "config", None)
+    if num_ids is None or getattr(config, "first_k_dense", num_ids) >= num_ids:
+        return  # the model has no MoE layer anywhere: nobody counts
+    all_reduce_sum(torch.zeros(num_ids, config.n_routed_experts, dtype=torch.float64, device=pl_module.device))
+
+
+def counts_by_layer_id(layers: list[tuple[str, MoE]], pl_module: L.LightningModule,
+                       device: torch.device) -> Optional[torch.Tensor]:
+    """This rank's expert counts for a collective that sums them over the ranks: [R, E] float64 with
+    one row per block id of the whole model when the module's config says how many (pipeline stages
+    hold different layers; the rows line them up), else the local [L, E]; None without MoE layers."""
+    num_ids, config = _num_layer_ids(pl_module), getattr(pl_module, "config", None)
+    if num_ids is None:
+        return _read_counts(layers).to(device) if layers else None
+    if getattr(config, "first_k_dense", num_ids) >= num_ids:
+        return None
+    counts_RE = torch.zeros(num_ids, config.n_routed_experts, dtype=torch.float64, device=device)
+    if layers:
+        counts_RE[[m.layer_id for _, m in layers]] = _read_counts(layers).to(device)
+    return counts_RE
+
+
+def local_rows(counts_RE: torch.Tensor, layers: list[tuple[str, MoE]], pl_module: L.LightningModule) -> torch.Tensor:
+    """The rows of ``layers`` in counts made by ``counts_by_layer_id`` (flattened or not)."""
+    if _num_layer_ids(pl_module) is None:
+        return counts_RE.reshape(len(layers), -1)
+    return counts_RE.reshape(_num_layer_ids(pl_module), -1)[[m.layer_id for _, m in layers]]
 
 
 def _layer_tag(name: str) -> str:
@@ -193,10 +244,13 @@ class ExpertBalance(Callback):
                            batch: Any, batch_idx: int) -> None:
         # Lightning runs this after every micro-batch; global_step moves only when the optimizer
         # stepped, so the buffers now hold every micro-batch of the step's global batch.
-        if not self.layers or trainer.global_step == self._stepped_at:
+        if trainer.global_step == self._stepped_at:
             return
         self._stepped_at = trainer.global_step
-        counts_LE = synchronise_and_update(self.layers, all_reduce_sum)
+        if not self.layers:
+            _join_without_layers(pl_module)
+            return
+        counts_LE = synchronise_and_update(self.layers, all_reduce_sum, _num_layer_ids(pl_module))
         self._observe_step(trainer, counts_LE)
 
     def _observe_step(self, trainer: L.Trainer, counts_LE: torch.Tensor) -> None:

@@ -113,7 +113,13 @@ class PretrainModule(L.LightningModule):
         if not any(isinstance(cb, ExpertBalance) for cb in self.trainer.callbacks):
             rank_zero_info(f"adding the ExpertBalance callback: router {updating[0].name!r} updates its "
                            "state from the global expert counts after every optimizer step")
-            self.trainer.callbacks.append(ExpertBalance())
+            # before the checkpoint callbacks (Lightning runs those last): a checkpoint saved at a
+            # step must hold the bias update of that step, or a resume diverges from the full run
+            from lightning.pytorch.callbacks import Checkpoint
+
+            callbacks = self.trainer.callbacks
+            at = next((i for i, cb in enumerate(callbacks) if isinstance(cb, Checkpoint)), len(callbacks))
+            callbacks.insert(at, ExpertBalance())
 
     def setup(self, stage: str) -> None:
         if stage == "fit":
@@ -175,23 +181,47 @@ class PretrainModule(L.LightningModule):
 
     # -- steps ----------------------------------------------------------------------------------
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        # every rank sees a micro-batch of the same size: count the global tokens consumed
-        self.tokens_seen += batch["input_ids"].numel() * (self.trainer.world_size if self._trainer else 1)
+        self.account_batch(batch)
+        out = self(batch["input_ids"], batch.get("document_ids"), mtp=self.config.mtp_depth > 0)
+        loss, metrics = self.training_loss(out, batch["labels"])
+        self.log_training_metrics(metrics)
+        return loss
+
+    # the three parts of a training step, public so that a strategy that runs the forward itself
+    # (pipeline parallelism: the loss exists on the last stage only) keeps the step's semantics
+    def account_batch(self, batch: dict[str, torch.Tensor]) -> None:
+        """Count the tokens of this micro-batch over all data-parallel replicas (the schedules and
+        checkpoints read ``tokens_seen``) and its FLOPs (``flops_per_batch``, for MFU)."""
+        self.tokens_seen += batch["input_ids"].numel() * self._data_parallel_size()
         self.flops_per_batch = self._training_flops(batch["input_ids"])
-        use_mtp = self.config.mtp_depth > 0
-        out = self(batch["input_ids"], batch.get("document_ids"), mtp=use_mtp)
-        ce = next_token_loss(out.logits, batch["labels"])
-        self.log("train/loss", ce, prog_bar=True)
-        self.log("train/ppl", torch.exp(ce.detach()))
+
+    def _data_parallel_size(self) -> int:
+        """Replicas that each read their own micro-batch: the sampler's replica count when the
+        strategy has one (ranks of one pipeline share a micro-batch), else the world size."""
+        from moeframe.layout import data_parallel_rank_size
+
+        return data_parallel_rank_size(self.trainer)[1] if self._trainer else 1
+
+    def training_loss(self, out: DecoderOutput, labels_BT: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
+        """``CE + balance terms + λ·MTP`` of one micro-batch and the metrics to log (tensors)."""
+        ce = next_token_loss(out.logits, labels_BT)
+        metrics: dict[str, Any] = {"train/loss": ce}
         loss = ce + out.aux_loss
         if out.aux_losses:
-            self.log("train/aux_loss", out.aux_loss)
-        if use_mtp and out.mtp_logits:
+            metrics["train/aux_loss"] = out.aux_loss
+        if self.config.mtp_depth > 0 and out.mtp_logits:
             lam = self.current_mtp_lambda()
-            extra = mtp_loss(out.mtp_logits, batch["labels"])
-            self.log_dict({"train/mtp_loss": extra, "train/mtp_lambda": lam})
+            extra = mtp_loss(out.mtp_logits, labels_BT)
+            metrics.update({"train/mtp_loss": extra, "train/mtp_lambda": lam})
             loss = loss + lam * extra
-        return loss
+        return loss, metrics
+
+    def log_training_metrics(self, metrics: dict[str, Any]) -> None:
+        self.log("train/loss", metrics["train/loss"], prog_bar=True)
+        self.log("train/ppl", torch.exp(metrics["train/loss"].detach()))
+        rest = {k: v for k, v in metrics.items() if k != "train/loss"}
+        if rest:
+            self.log_dict(rest)
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         use_mtp = self.config.mtp_depth > 0
@@ -220,8 +250,10 @@ class PretrainModule(L.LightningModule):
 
         B, T = input_ids_BT.shape
         if T not in self._flops_per_token:
-            assert self.decoder is not None
-            self._flops_per_token[T] = decoder_training_flops_per_token(self.decoder, T)
+            from moeframe.model.decoder import build_decoder
+
+            # counted on a meta-device twin: the same shapes whatever part of the model this rank holds
+            self._flops_per_token[T] = decoder_training_flops_per_token(build_decoder(self.config, device="meta"), T)
         return B * T * self._flops_per_token[T]
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
@@ -237,7 +269,7 @@ class PretrainModule(L.LightningModule):
             from moeframe.errors import CheckpointError
             from moeframe.training.reliability import state_dict_differences
 
-            model_state = self.state_dict()
+            model_state = self._whole_model_state()
             for name, param in self.named_parameters():  # ZeRO-3 holds placeholders; ds_shape is the real one
                 if hasattr(param, "ds_shape") and name in model_state:
                     model_state[name] = torch.empty(tuple(param.ds_shape), device="meta")
@@ -245,6 +277,14 @@ class PretrainModule(L.LightningModule):
             if differences and self.strict_loading:
                 raise CheckpointError(f"the checkpoint was made with another model config: {differences}; "
                                       "resume with the config it was trained with")
+
+    def _whole_model_state(self) -> dict[str, Any]:
+        """The state dict of the whole model, also where each rank holds part of it (pipelining)."""
+        from moeframe.layout import DescribesLayout
+
+        strategy = self.trainer.strategy if self._trainer else None
+        whole = strategy.model_state_shapes() if isinstance(strategy, DescribesLayout) else None
+        return dict(whole) if whole is not None else self.state_dict()
 
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         out = self(batch["input_ids"], batch.get("document_ids"))

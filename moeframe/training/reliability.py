@@ -75,7 +75,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import nn
 
 from moeframe.errors import CheckpointError, TrainingFault
-from moeframe.training.balance import max_violation, moe_layers
+from moeframe.training.balance import counts_by_layer_id, local_rows, max_violation, moe_layers
 from moeframe.training.callbacks import log_dir
 
 __all__ = ["AtomicCheckpointIO", "NonFiniteError", "Reliability", "find_resumable_checkpoint", "first_nonfinite_module",
@@ -841,8 +841,9 @@ class Reliability(Callback):
                              (self._loss_sum if self._loss_sum is not None else zero).to(device),
                              torch.tensor(float(self._micro), dtype=torch.float64, device=device)])
         parts = [flags]
-        if self._layers:  # this step's expert load, summed over the ranks in the same collective
-            parts.append(torch.stack([m.tokens_per_expert.detach().to(device, torch.float64) for _, m in self._layers]).flatten())
+        counts = counts_by_layer_id(self._layers, pl_module, device)  # rows line up across pipeline stages
+        if counts is not None:  # this step's expert load, summed over the ranks in the same collective
+            parts.append(counts.flatten())
         vector = torch.cat(parts)
         if _distributed():
             dist.all_reduce(vector, op=dist.ReduceOp.SUM)
@@ -908,8 +909,7 @@ class Reliability(Callback):
         if agreed[1] == 0 and agreed[2] == 0 and agreed[4] > 0:
             self._watch_loss(trainer, agreed[3] / agreed[4], step)
         if self._layers:
-            L_ = len(self._layers)
-            counts_LE = torch.tensor(agreed[_FLAGS:], dtype=torch.float64).reshape(L_, -1)
+            counts_LE = local_rows(torch.tensor(agreed[_FLAGS:], dtype=torch.float64), self._layers, pl_module)
             self._watch_router(trainer, counts_LE, step)
             if self._own_counts:
                 self._zero_counts()

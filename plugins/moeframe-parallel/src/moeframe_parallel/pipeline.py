@@ -1,0 +1,551 @@
+"""``pp``: pipeline parallelism on ``torch.distributed.pipelining``, as a Lightning strategy.
+
+Lightning has no pipeline strategy, and a pipeline schedule does not fit Lightning's "forward,
+then ``loss.backward()``" split: the schedule interleaves the forwards and backwards of many
+micro-batches across ranks. So this DDP subclass lets the schedule own the whole step:
+``training_step`` splits the batch into micro-batches and runs ``schedule.step`` (every forward
+and backward of every stage on this rank), returns the step's loss for logging, and ``backward``
+only runs the backward hooks. Everything after the backward stays Lightning's and moeframe's:
+gradient accumulation (the loss is divided by it, as Lightning would), clipping, the optimizer,
+the LR schedule, the ExpertBalance callback, checkpoints.
+
+Layout. World = pp_size × dp ranks; consecutive ranks form one pipeline (``pp_group``), ranks
+holding the same stages form a data-parallel group (``dp_group``) that averages gradients and
+reads its own micro-batches. The decoder is cut into pp·vpp stages of whole layers (cost-balanced:
+a dense layer is cheaper than a MoE layer; or ``layers_per_stage``); the first stage also holds the
+embedding, the last one the final norm, head and MTP modules. MTP looks the next tokens up in the
+embedding and tied weights are shared with the head, so the rank of the last stage keeps a copy of
+the embedding; the two copies get the sum of their gradients before each optimizer step (same
+gradient, same AdamW state: they stay identical). Each rank drops the layers it does not run.
+
+What is global although the parameters are not: the gradient-clipping norm (squares summed over
+the pipeline, the embedding copy counted once), the expert counts of the aux-free bias update
+(``ExpertBalance`` sums them per layer id over all ranks), the sequence-balance loss (each stage
+adds its layers' term to a running sum that travels with the activations into the last stage's
+loss, so its gradient flows back through the pipeline), and checkpoints: the state dict and the
+optimizer state are gathered into the single-process layout on save (a PP checkpoint loads into a
+run without PP, ``moeframe convert`` reads it) and each rank takes its part on load.
+
+Not supported yet (a ConfigError says so): expert parallelism inside a pipeline, validation
+through the pipeline (set ``limit_val_batches: 0``), activation checkpointing is per block as usual.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from datetime import timedelta
+from types import MethodType
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from lightning.pytorch.strategies import DDPStrategy
+from torch import nn
+
+from moeframe.plugin import ConfigError, DecoderOutput, DescribesLayout, ParallelLayout, build_decoder
+from moeframe_parallel.pipeline_layout import (
+    bubble_fraction,
+    check_pipeline,
+    default_vpp,
+    in_flight,
+    schedule_spec,
+    split_by_cost,
+    stage_ranks,
+)
+
+__all__ = ["PipelineStrategy", "StageModule", "layer_costs"]
+
+
+class _Dropped(nn.Module):
+    """Stands where a layer run by another pipeline rank was: keeps the layer indices (and so the
+    state-dict names of the layers this rank holds) as they are without PP."""
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("this layer lives on another pipeline rank")
+
+
+class StageModule(nn.Module):
+    """One pipeline stage: ``layers[start:stop]`` of the decoder, with the embedding when first and
+    the final norm, head and MTP when last. Inputs between stages: the residual state and the
+    running sum of the balance losses ``aux_1`` (shape [1] per micro-batch)."""
+
+    def __init__(self, decoder: nn.Module, owner: Any, start: int, stop: int, first: bool, last: bool) -> None:
+        super().__init__()
+        self.start, self.stop, self.first, self.last = start, stop, first, last
+        self.mtp_on = last and decoder.config.mtp_depth > 0
+        self.blocks = nn.ModuleList(decoder.layers[i] for i in range(start, stop))
+        if first or (last and (self.mtp_on or decoder.config.tie_embeddings)):
+            self.embed = decoder.embed
+        if last:
+            self.norm, self.head = decoder.norm, decoder.head
+            if self.mtp_on:
+                self.mtp = decoder.mtp
+        self._decoder = [decoder]  # a list: not a submodule, so this stage's parameters are its own
+        self._owner = [owner]  # the LightningModule: the training progress the context carries
+
+    def forward(
+        self, *inputs: torch.Tensor, input_ids: torch.Tensor, document_ids: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, ...]:
+        decoder, owner = self._decoder[0], self._owner[0]
+        ctx = decoder.context(input_ids, document_ids, step=owner.global_step, tokens_seen=owner.tokens_seen)
+        aux_losses: dict[str, torch.Tensor] = {}
+        emb_BTD = None
+        if self.first:
+            emb_BTD, h = decoder.begin(ctx)
+            aux_1 = torch.zeros(1, device=input_ids.device)
+        else:
+            h, aux_1 = inputs
+        h = decoder.run_layers(h, ctx, self.start, self.stop, aux_losses)
+        aux_1 = aux_1 + sum(aux_losses.values(), torch.zeros((), device=aux_1.device))
+        if not self.last:
+            return h, aux_1
+        out = decoder.finish(h, ctx, {}, mtp=self.mtp_on, emb_BTD=emb_BTD)
+        return (out.logits, aux_1 + out.aux_loss, *out.mtp_logits)
+
+
+def layer_costs(config: Any) -> tuple[list[float], float]:
+    """Compute per layer (activated parameters: a MoE layer counts its shared and top-k routed
+    experts, a dense one its FFN) and what the last stage adds (head, MTP blocks), from a decoder
+    built on the meta device."""
+    decoder = build_decoder(config, device="meta")
+    top_k = config.n_activated_experts / max(config.n_routed_experts, 1)
+
+    def activated(block: nn.Module) -> float:
+        total = 0.0
+        for name, p in block.named_parameters():
+            total += p.numel() * (top_k if ".experts." in f".{name}" and "shared" not in name else 1.0)
+        return total
+
+    costs = [activated(b) for b in decoder.layers]
+    last = decoder.head.weight.numel() * (1 + config.mtp_depth)
+    last += sum(activated(m) for m in decoder.mtp)
+    return costs, last
+
+
+class PipelineStrategy(DDPStrategy, DescribesLayout):
+    """Pipeline parallelism over ``pp_size`` ranks (× data parallelism over the rest of the world).
+
+    Args:
+        pp_size: ranks per pipeline.
+        schedule: gpipe, 1f1b, interleaved_1f1b, interleaved_zb, zbv or dualpipev.
+        microbatches: micro-batches per batch (default: the number of stages); divides the batch.
+        vpp: virtual stages per rank (default: 1, or 2 for interleaved and V-shaped schedules).
+        layers_per_stage: layers of each of the pp·vpp stages, in model order; default: balanced
+            by compute (dense layers are lighter than MoE layers; the last stage carries the head).
+        ep_size: expert parallelism inside the pipeline; only 1 is supported yet.
+    """
+
+    strategy_name = "pp"
+
+    @classmethod
+    def runs_layout(cls, layout: ParallelLayout) -> dict[str, Any] | None:
+        return None  # ParallelLayout has no pipeline degree; `moeframe inspect --pp` asks plan_pipeline
+
+    @classmethod
+    def plan_pipeline(
+        cls, config: Any, pp: int, vpp: int | None, schedule: str, microbatches: int | None
+    ) -> dict[str, Any] | None:
+        vpp = default_vpp(schedule) if vpp is None else vpp
+        microbatches = pp * vpp if microbatches is None else microbatches
+        check_pipeline(pp, schedule, vpp, microbatches, config.n_layers)
+        costs, last_extra = layer_costs(config)
+        return {
+            "layers_per_stage": split_by_cost(costs, pp * vpp, last_extra=last_extra),
+            "stage_ranks": stage_ranks(pp, vpp, schedule),
+            "vpp": vpp,
+            "microbatches": microbatches,
+            "bubble_fraction": bubble_fraction(schedule, pp, microbatches, vpp),
+            "in_flight": in_flight(schedule, pp, microbatches, vpp),
+        }
+
+    def __init__(
+        self,
+        pp_size: int = 2,
+        schedule: str = "1f1b",
+        microbatches: int | None = None,
+        vpp: int | None = None,
+        layers_per_stage: list[int] | None = None,
+        ep_size: int = 1,
+        **kwargs: Any,
+    ) -> None:
+        vpp = default_vpp(schedule) if vpp is None else vpp  # also rejects an unknown schedule name
+        microbatches = pp_size * vpp if microbatches is None else microbatches
+        check_pipeline(pp_size, schedule, vpp, microbatches, layers_per_stage=layers_per_stage)
+        if ep_size != 1:
+            raise ConfigError(
+                "strategy 'pp' with ep_size > 1 is not supported yet: the expert-parallel and pipeline "
+                "groups must be built together; use ep_size=1 (or strategy 'ep' without PP)"
+            )
+        kwargs.setdefault("timeout", timedelta(minutes=30))
+        super().__init__(**kwargs)
+        self.pp_size, self.schedule_name, self.vpp = pp_size, schedule, vpp
+        self.microbatches, self.layers_per_stage = microbatches, layers_per_stage
+        self.pp_group: dist.ProcessGroup | None = None
+        self.dp_group: dist.ProcessGroup | None = None
+        self.embed_group: dist.ProcessGroup | None = None
+        self._whole_state: dict[str, torch.Tensor] = {}
+        self._whole_param_names: list[str] = []
+        self._metrics: list[dict[str, float]] = []
+        self._pending: list[tuple[nn.Parameter, torch.Tensor]] = []
+        self._warm = False
+        self._batch_shape: tuple[int, ...] | None = None
+
+    # -- before any process starts: validate against the model -------------------------------------
+    @property
+    def launcher(self) -> Any:
+        # Trainer.fit asks for the launcher once the model is attached and before it starts the
+        # other ranks: the earliest point where the layer count and the world size are both known
+        self.check_layout()
+        return self._launcher
+
+    def check_layout(self) -> None:
+        config = getattr(self.lightning_module, "config", None) if self._lightning_module is not None else None
+        check_pipeline(
+            self.pp_size,
+            self.schedule_name,
+            self.vpp,
+            self.microbatches,
+            getattr(config, "n_layers", None),
+            self.layers_per_stage,
+            self.num_nodes * self.num_processes,
+        )
+
+    def setup_environment(self) -> None:
+        self.check_layout()
+        super().setup_environment()
+
+    # -- ranks -------------------------------------------------------------------------------------------
+    @property
+    def pp_rank(self) -> int:
+        return self.global_rank % self.pp_size
+
+    @property
+    def dp_size(self) -> int:
+        return self.world_size // self.pp_size
+
+    @property
+    def distributed_sampler_kwargs(self) -> dict[str, int]:
+        # the ranks of one pipeline read the same micro-batches: one data-parallel replica
+        return {"num_replicas": self.dp_size, "rank": self.global_rank // self.pp_size}
+
+    def _new_groups(self) -> None:
+        """Every rank creates every group (new_group's rule); pipelines are consecutive ranks."""
+        world, pp = self.world_size, self.pp_size
+        ranks = stage_ranks(pp, self.vpp, self.schedule_name)
+        first, last = ranks[0], ranks[-1]
+        for start in range(0, world, pp):
+            group = dist.new_group(list(range(start, start + pp)))
+            embed = dist.new_group(sorted({start + first, start + last})) if first != last else None
+            if start <= self.global_rank < start + pp:
+                self.pp_group, self.embed_group = group, embed
+        for offset in range(pp):
+            group = dist.new_group(list(range(offset, world, pp)))
+            if self.pp_rank == offset:
+                self.dp_group = group
+
+    # -- after configure_model: cut the decoder, build the schedule ------------------------------------
+    def setup(self, trainer: Any) -> None:
+        module = self.lightning_module
+        decoder = module.decoder
+        self._whole_state = {
+            k: torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in module.state_dict().items()
+        }
+        self._whole_param_names = [n for n, _ in module.named_parameters()]
+        self._new_groups()
+        bounds = self._stage_bounds(decoder.config)
+        ranks = stage_ranks(self.pp_size, self.vpp, self.schedule_name)
+        mine = [s for s, r in enumerate(ranks) if r == self.pp_rank]
+        last = len(bounds) - 1
+        self.stage_modules = [StageModule(decoder, module, *bounds[s], first=s == 0, last=s == last) for s in mine]
+        self._drop_others(decoder, mine, bounds)
+        super().setup(trainer)
+        self._mine, self._num_stages = mine, len(bounds)
+        self._holds_last = any(m.last for m in self.stage_modules)
+        self._last_rank = stage_ranks(self.pp_size, self.vpp, self.schedule_name)[-1]
+        self.precision_plugin.clip_grad_by_norm = MethodType(_pp_clip_grad_by_norm(self), self.precision_plugin)
+
+    def _stage_bounds(self, config: Any) -> list[tuple[int, int]]:
+        stages = self.pp_size * self.vpp
+        if self.layers_per_stage is not None:
+            counts = list(self.layers_per_stage)
+        else:
+            costs, last_extra = layer_costs(config)
+            counts = split_by_cost(costs, stages, last_extra=last_extra)
+        starts = [sum(counts[:s]) for s in range(stages)]
+        return [(a, a + c) for a, c in zip(starts, counts)]
+
+    def _drop_others(self, decoder: nn.Module, mine: list[int], bounds: list[tuple[int, int]]) -> None:
+        kept = {i for s in mine for i in range(*bounds[s])}
+        for i in range(len(decoder.layers)):
+            if i not in kept:
+                decoder.layers[i] = _Dropped()
+        holds = lambda name: any(hasattr(m, name) for m in self.stage_modules)  # noqa: E731
+        for name in ("embed", "norm", "head", "mtp"):
+            if not holds(name):
+                setattr(decoder, name, None)
+
+    def _setup_model(self, model: nn.Module) -> nn.Module:
+        return model  # no DDP wrapper: the schedule runs the backward, gradients are reduced below
+
+    def _register_ddp_hooks(self) -> None:
+        return None
+
+    def _build_schedule(self, mine: list[int], num_stages: int) -> None:
+        from torch.distributed import pipelining
+
+        stages = [
+            pipelining.PipelineStage(m, s, num_stages, self.root_device, group=self.pp_group)
+            for m, s in zip(self.stage_modules, mine)
+        ]
+        cls = getattr(pipelining, schedule_spec(self.schedule_name).torch_class)
+        # scale_grads=False: the loss is divided by the micro-batch count here; the schedule's own
+        # scaling would also divide gradients accumulated over earlier batches
+        first = stages[0] if self.vpp == 1 else stages
+        self.schedule = cls(first, n_microbatches=self.microbatches, loss_fn=self._loss_fn, scale_grads=False)
+
+    # -- one training step: the schedule runs every forward and backward -----------------------------
+    def training_step(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        batch = args[0]
+        module = self.lightning_module
+        if batch["input_ids"].shape[0] % self.microbatches:
+            raise ConfigError(
+                f"the batch of {batch['input_ids'].shape[0]} sequences does not split into "
+                f"microbatches={self.microbatches}; use a data.batch_size that is a multiple of it"
+            )
+        module.account_batch(batch)
+        inputs = {"input_ids": batch["input_ids"]}
+        if batch.get("document_ids") is not None:
+            inputs["document_ids"] = batch["document_ids"]
+        if tuple(batch["input_ids"].shape) != self._batch_shape:
+            # stages learn the shapes they exchange once: a new batch shape (a batch-size ramp, a
+            # shorter last batch) gets a new schedule, warmed up again
+            self._build_schedule(self._mine, self._num_stages)
+            self._batch_shape, self._warm = tuple(batch["input_ids"].shape), False
+        if not self._warm:
+            self._warm_up(batch, inputs)
+        self._metrics = []
+        params = [p for p in module.parameters() if p.requires_grad]
+        earlier = [p.grad for p in params]  # batches accumulated before this one
+        for p in params:
+            p.grad = None
+        with self.precision_plugin.train_step_context():
+            self.schedule.step(target=batch["labels"] if self._holds_last else None, return_outputs=False, **inputs)
+        # Lightning zeroes the gradients between training_step and backward (at the start of an
+        # accumulation window): this batch's gradients wait aside until ``backward``
+        self._pending = [(p, p.grad) for p in params if p.grad is not None]
+        for p, g in zip(params, earlier):
+            p.grad = g
+        metrics = self._step_metrics()
+        module.log_training_metrics({k: torch.tensor(v) for k, v in metrics.items() if k != "loss"})
+        return torch.tensor(metrics["loss"], device=self.root_device)
+
+    def _warm_up(self, batch: dict[str, torch.Tensor], inputs: dict[str, torch.Tensor]) -> None:
+        """Run the first step once and forget it. Its first call makes the stages learn the shapes
+        they exchange by running their forward on placeholder tensors, which would add garbage
+        routing to the expert counts (and an extra loss): counts, random state and gradients are
+        put back as they were, so the real step sees what it would have without pipelining."""
+        module = self.lightning_module
+        counts = [b for n, b in module.named_buffers() if n.endswith("tokens_per_expert")]
+        saved = [b.clone() for b in counts]
+        params = [p for p in module.parameters() if p.requires_grad]
+        grads = [p.grad for p in params]
+        rng = torch.get_rng_state()
+        with self.precision_plugin.train_step_context():
+            self.schedule.step(target=batch["labels"] if self._holds_last else None, return_outputs=False, **inputs)
+        torch.set_rng_state(rng)
+        for b, value in zip(counts, saved):
+            b.copy_(value)
+        for p, g in zip(params, grads):
+            p.grad = g
+        self._warm = True
+
+    def _loss_fn(self, output: tuple[torch.Tensor, ...], labels_BT: torch.Tensor) -> torch.Tensor:
+        logits_BTV, aux_1, *mtp_logits = output
+        aux = aux_1.sum()
+        out = DecoderOutput(logits_BTV, aux, {"pipeline": aux} if aux.requires_grad else {}, list(mtp_logits))
+        loss, metrics = self.lightning_module.training_loss(out, labels_BT)
+        self._metrics.append(
+            {"loss": float(loss.detach()), **{k: float(torch.as_tensor(v).detach()) for k, v in metrics.items()}}
+        )
+        # the mean over micro-batches and over Lightning's accumulated batches, as without PP
+        return loss / (self.microbatches * self.lightning_module.trainer.accumulate_grad_batches)
+
+    def _step_metrics(self) -> dict[str, float]:
+        """The micro-batch means, from the rank of the last stage to the whole pipeline."""
+        mine = self._metrics[-self.microbatches :]  # the first step also runs the loss once to learn shapes
+        means = {k: sum(m[k] for m in mine) / len(mine) for k in mine[0]} if mine else {}
+        box = [means]
+        src = dist.get_global_rank(self.pp_group, self._last_rank)
+        dist.broadcast_object_list(box, src=src, group=self.pp_group)
+        return box[0]
+
+    def backward(self, closure_loss: torch.Tensor, optimizer: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """The schedule already ran the backward; the hooks still run (non-finite checks)."""
+        module = self.lightning_module
+        closure_loss = self.precision_plugin.pre_backward(closure_loss, module)
+        for p, grad in self._pending:
+            p.grad = grad if p.grad is None else p.grad.add_(grad)
+        self._pending = []
+        return self.precision_plugin.post_backward(closure_loss, module)
+
+    def validation_step(self, *args: Any, **kwargs: Any) -> Any:
+        raise ConfigError(
+            "strategy 'pp' does not run validation through the pipeline yet: set "
+            "trainer.limit_val_batches=0 (validate the checkpoint without PP)"
+        )
+
+    # -- once per optimizer step: tied copies and data parallelism ------------------------------------
+    def optimizer_step(self, optimizer: Any, closure: Callable[[], Any], model: Any = None, **kwargs: Any) -> Any:
+        def closure_then_reduce() -> Any:
+            result = closure()  # the last accumulated batch's schedule ran: .grad is complete
+            self.reduce_grads()
+            return result
+
+        return super().optimizer_step(optimizer, closure_then_reduce, model, **kwargs)
+
+    @torch.no_grad()
+    def reduce_grads(self) -> None:
+        embed = self._embedding_params()
+        if self.embed_group is not None and embed:
+            _all_reduce_grads(embed, self.embed_group)  # first and last stage: the two halves of one gradient
+        if self.dp_size > 1:
+            params = [p for p in self.lightning_module.parameters() if p.grad is not None]
+            _all_reduce_grads(params, self.dp_group, divide=self.dp_size)
+
+    def _embedding_params(self) -> list[nn.Parameter]:
+        decoder = self.lightning_module.decoder
+        return [decoder.embed.weight] if decoder.embed is not None and decoder.embed.weight.grad is not None else []
+
+    def counts_embedding_twice(self) -> bool:
+        """This rank holds the copy of the embedding that another rank (the first stage's) also holds."""
+        return (
+            self.embed_group is not None
+            and self.lightning_module.decoder.embed is not None
+            and not any(m.first for m in self.stage_modules)
+        )
+
+    # -- checkpoints: the single-process layout ---------------------------------------------------------
+    def model_state_shapes(self) -> dict[str, Any] | None:
+        return self._whole_state or None
+
+    def lightning_module_state_dict(self) -> dict[str, Any]:
+        local = {k: v.detach().cpu() for k, v in self.lightning_module.state_dict().items()}
+        merged = _merge(_gather_objects(local, self.pp_group))
+        return {k: merged[k] for k in self._whole_state if k in merged}
+
+    def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
+        local = self.lightning_module.state_dict()
+        state = {k: v for k, v in checkpoint["state_dict"].items() if k in local}
+        missing = [k for k in local if k not in state]
+        if strict and missing:
+            raise ConfigError(
+                f"the checkpoint lacks {len(missing)} tensors of this pipeline stage, e.g. {missing[:3]}; "
+                "resume with the model config it was trained with"
+            )
+        self.lightning_module.load_state_dict(state, strict=False)
+
+    def optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        """AdamW's state as a single process would have it: parameters numbered over the whole model
+        (group by group, model order), the state of each from the rank that trains it."""
+        names = self._param_names(optimizer)
+        state = optimizer.state_dict()
+        local = {
+            "groups": [[names[i] for i in g["params"]] for g in state["param_groups"]],
+            "state": {names[i]: _to_cpu(s) for i, s in state["state"].items()},
+        }
+        parts = _gather_objects(local, self.pp_group)
+        whole_state = _merge([p["state"] for p in parts])
+        group_of = {n: g for p in parts for g, group in enumerate(p["groups"]) for n in group}
+        index, out_groups, out_state = 0, [], {}
+        for g, group in enumerate(state["param_groups"]):
+            members = [n for n in self._whole_param_names if group_of.get(n) == g]
+            out_groups.append(
+                {
+                    **{k: v for k, v in group.items() if k != "params"},
+                    "params": list(range(index, index + len(members))),
+                }
+            )
+            for n in members:
+                if n in whole_state:
+                    out_state[index] = whole_state[n]
+                index += 1
+        return {
+            "state": out_state,
+            "param_groups": out_groups,
+            "moeframe_param_names": [
+                [n for n in self._whole_param_names if group_of.get(n) == g] for g in range(len(out_groups))
+            ],
+        }
+
+    def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
+        for optimizer, whole in zip(self.optimizers, checkpoint["optimizer_states"]):
+            if "moeframe_param_names" not in whole:
+                raise ConfigError(
+                    "this checkpoint's optimizer state was not saved by strategy 'pp' and does not "
+                    "name its parameters: resume it without PP, or load weights only"
+                )
+            by_name: dict[str, Any] = {}
+            for group, group_names in zip(whole["param_groups"], whole["moeframe_param_names"]):
+                for i, n in zip(group["params"], group_names):
+                    if i in whole["state"]:
+                        by_name[n] = whole["state"][i]
+            names = self._param_names(optimizer)
+            local = optimizer.state_dict()
+            local["state"] = {i: by_name[n] for i, n in names.items() if n in by_name}
+            for group, saved in zip(local["param_groups"], whole["param_groups"]):
+                group.update({k: v for k, v in saved.items() if k != "params"})
+            optimizer.load_state_dict(local)
+
+    def _param_names(self, optimizer: torch.optim.Optimizer) -> dict[int, str]:
+        """Optimizer index → parameter name (torch numbers parameters across groups)."""
+        name_of = {id(p): n for n, p in self.lightning_module.named_parameters()}
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        return {i: name_of[id(p)] for i, p in enumerate(params)}
+
+
+def _all_reduce_grads(params: Sequence[nn.Parameter], group: dist.ProcessGroup, divide: int = 1) -> None:
+    grads = [p.grad for p in params]
+    flat = torch.cat([g.flatten() for g in grads])  # one collective for all of them
+    dist.all_reduce(flat, group=group)
+    if divide > 1:
+        flat.div_(divide)
+    for g, new in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
+        g.copy_(new)
+
+
+def _gather_objects(obj: Any, group: dist.ProcessGroup) -> list[Any]:
+    out: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(out, obj, group=group)
+    return out
+
+
+def _merge(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    merged: dict[str, Any] = {}
+    for part in parts:
+        merged.update(part)
+    return merged
+
+
+def _to_cpu(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu()
+    if isinstance(value, dict):
+        return {k: _to_cpu(v) for k, v in value.items()}
+    return value
+
+
+def _pp_clip_grad_by_norm(strategy: PipelineStrategy) -> Callable[..., None]:
+    def clip_grad_by_norm(precision: Any, optimizer: torch.optim.Optimizer, clip_val: float) -> None:
+        params = [p for p in precision.main_params(optimizer) if p.grad is not None]
+        skip = {id(p) for p in strategy._embedding_params()} if strategy.counts_embedding_twice() else set()
+        squares = sum((p.grad.float().pow(2).sum() for p in params if id(p) not in skip), torch.zeros(()))
+        squares = squares.to(strategy.root_device)
+        dist.all_reduce(squares, group=strategy.pp_group)  # every stage's share of the one global norm
+        total_norm = math.sqrt(float(squares))
+        coef = min(1.0, float(clip_val) / (total_norm + 1e-6))
+        if coef < 1.0:
+            for p in params:
+                p.grad.mul_(coef)
+
+    return clip_grad_by_norm

@@ -1,0 +1,288 @@
+"""Pipeline parallelism (strategy ``pp`` of moeframe-parallel) on CPU processes over gloo.
+
+The tiny V3 model (MLA, aux-free router with its sequence-balance loss, MTP; 4 layers, 16-token
+sequences, gradient clipping on) trains 3 steps under every schedule with PP=2, under PP=4 and
+PP=2 × DP=2; each run's per-step losses must equal the single-process run's within
+``LOSS_ATOL``. The pipeline changes only the order of float sums (micro-batch means, the balance
+loss carried stage to stage, the clipping norm summed over stages), and AdamW's first steps
+magnify last-digit differences of near-zero gradients, hence an absolute 2e-4 rather than bit
+equality. A resume from a PP checkpoint in the same layout is bit-exact; the checkpoint has the
+single-process layout (a run without PP resumes from it, ``moeframe convert`` exports it).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from .conftest import REPO, clean_env
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _pp_common import data_module, pretrain_module, trainer_settings  # noqa: E402
+
+from moeframe import registry  # noqa: E402
+from moeframe.config import ConfigError  # noqa: E402
+from moeframe.training.balance import ExpertBalance  # noqa: E402
+
+LOSS_ATOL = 2e-4
+STEPS = 3
+SCHEDULES = {  # name: strategy options (the 4-sequence batch as 2 or 4 micro-batches)
+    "gpipe": {},
+    "1f1b": {},
+    "interleaved_1f1b": {"microbatches": 4},
+    "interleaved_zb": {"microbatches": 4},
+    "zbv": {"microbatches": 4},
+    "dualpipev": {"microbatches": 4},
+}
+
+
+class Losses(Callback):
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.losses.append(float(outputs["loss"]))
+
+
+def launch(world: int, jobs: list[dict], root: Path, timeout: float = 420) -> dict:
+    """Start ``world`` ranks of tests/_pp_worker.py (torchrun-style environment); rank 0's results."""
+    from socket import socket
+
+    with socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    (root / "jobs.json").write_text(json.dumps(jobs))
+    procs = []
+    for rank in range(world):
+        env = clean_env(
+            LOCAL_RANK=str(rank),
+            NODE_RANK="0",
+            WORLD_SIZE=str(world),
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+            OMP_NUM_THREADS="1",
+        )
+        procs.append(
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    str(REPO / "tests" / "_pp_worker.py"),
+                    str(root / "out.json"),
+                    str(root / "jobs.json"),
+                ],
+                env=env,
+                cwd=root,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
+    outputs = []
+    try:
+        for p in procs:
+            outputs.append(p.communicate(timeout=timeout)[0])
+    finally:
+        for p in procs:
+            p.kill()
+    assert all(p.returncode == 0 for p in procs), "\n".join(o[-3000:] for o in outputs)
+    return json.loads((root / "out.json").read_text())
+
+
+def single_process(
+    root: Path,
+    steps: int = STEPS,
+    ckpt_path: str | None = None,
+    accumulate: int = 1,
+) -> tuple[list[float], dict[str, torch.Tensor]]:
+    losses = Losses()
+    trainer = L.Trainer(
+        devices=1,
+        max_steps=steps,
+        accumulate_grad_batches=accumulate,
+        enable_checkpointing=False,
+        callbacks=[losses, ExpertBalance()],
+        default_root_dir=root,
+        **trainer_settings(),
+    )
+    trainer.fit(pretrain_module(), data_module(), ckpt_path=ckpt_path)
+    return losses.losses, {n: p.detach().clone() for n, p in trainer.lightning_module.named_parameters()}
+
+
+@pytest.fixture(scope="module")
+def pp2(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    """Every schedule with PP=2 and a resume from step 1 of the 1f1b run, in ONE launch of 2 ranks."""
+    root = tmp_path_factory.mktemp("pp2")
+    jobs = [
+        {"name": name, "strategy": {"pp_size": 2, "schedule": name, **opts}, "steps": STEPS}
+        for name, opts in SCHEDULES.items()
+    ]
+    jobs.append(
+        {
+            "name": "resumed",
+            "strategy": {"pp_size": 2, "schedule": "1f1b"},
+            "steps": STEPS,
+            "resume_name": "1f1b",
+            "resume_from_step": 1,
+        }
+    )
+    jobs.append(
+        {
+            "name": "accumulated",
+            "strategy": {"pp_size": 2, "schedule": "1f1b"},
+            "steps": 2,
+            "trainer": {"accumulate_grad_batches": 2},
+        }
+    )
+    return root, launch(2, jobs, root)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[float], dict[str, torch.Tensor]]:
+    return single_process(tmp_path_factory.mktemp("single"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("schedule", list(SCHEDULES))
+def test_pp2_losses_equal_the_single_process_run(pp2, reference, schedule: str) -> None:
+    _, results = pp2
+    expected, _ = reference
+    assert results[schedule]["losses"] == pytest.approx(expected, abs=LOSS_ATOL, rel=0)
+    assert len(set(results[schedule]["losses"])) == STEPS  # it trained: the loss moved every step
+
+
+@pytest.mark.slow
+def test_pp2_weights_equal_the_single_process_run_and_the_checkpoint_is_whole(pp2, reference) -> None:
+    root, results = pp2
+    _, expected = reference
+    ckpt = torch.load(results["1f1b"]["ckpt"], map_location="cpu", weights_only=False)
+    state = ckpt["state_dict"]
+    ranks = [torch.load(root / f"1f1b.rank{r}.params.pt") for r in range(2)]
+    assert set(ranks[0]).isdisjoint(set(ranks[1]) - {"decoder.embed.weight"})  # each stage holds its part
+    for name, value in expected.items():  # all of the model, gathered: what each rank trained, bit for bit
+        holder = next(r for r in ranks if name in r)
+        assert torch.equal(state[name], holder[name]), name
+        torch.testing.assert_close(state[name], value, atol=5e-3, rtol=0)  # AdamW steps of lr 1e-2
+    torch.testing.assert_close(ranks[0]["decoder.embed.weight"], ranks[1]["decoder.embed.weight"], atol=0, rtol=0)
+
+
+@pytest.mark.slow
+def test_pp2_gradient_accumulation_equals_the_single_process_run(pp2, tmp_path: Path) -> None:
+    _, results = pp2
+    expected, _ = single_process(tmp_path, steps=2, accumulate=2)  # 4 batches, 2 optimizer steps
+    assert results["accumulated"]["losses"] == pytest.approx(expected, abs=LOSS_ATOL, rel=0)
+
+
+@pytest.mark.slow
+def test_pp2_resume_mid_run_is_bit_exact(pp2) -> None:
+    _, results = pp2
+    assert results["resumed"]["losses"] == results["1f1b"]["losses"][1:]
+
+
+@pytest.mark.slow
+def test_a_pp_checkpoint_resumes_without_pp_and_converts_to_hf(pp2, tmp_path: Path) -> None:
+    _, results = pp2
+    step1 = str(Path(results["1f1b"]["ckpt"]).with_name("step1.ckpt"))
+    losses, _ = single_process(tmp_path, ckpt_path=step1)  # weights, AdamW state, data position
+    assert losses == pytest.approx(results["1f1b"]["losses"][1:], abs=LOSS_ATOL, rel=0)
+    out = tmp_path / "hf"
+    subprocess.run(
+        [sys.executable, "-m", "moeframe.cli", "convert", results["1f1b"]["ckpt"], str(out)],
+        env=clean_env(),
+        check=True,
+        capture_output=True,
+        timeout=180,
+    )
+    assert (out / "config.json").is_file() and list(out.glob("*.safetensors"))
+
+
+@pytest.mark.slow
+def test_pp4_and_pp2_x_dp2_losses_equal_the_single_process_run(tmp_path: Path, reference) -> None:
+    results = launch(
+        4,
+        [
+            {"name": "pp4", "strategy": {"pp_size": 4, "schedule": "1f1b"}, "steps": STEPS},
+            {"name": "pp2dp2", "strategy": {"pp_size": 2, "schedule": "1f1b"}, "steps": STEPS},
+        ],
+        tmp_path,
+    )
+    assert results["pp4"]["losses"] == pytest.approx(reference[0], abs=LOSS_ATOL, rel=0)
+    # the two replicas (ranks 0-1 and 2-3) read alternate sequences: one step sees the 8 sequences a single
+    # process accumulates over 2 batches of 4. Each reports the mean over its own; Lightning reports a
+    # batch's loss divided by the accumulation: the step's mean loss is the sum of the pair.
+    replica1 = json.loads((tmp_path / "out.rank2.json").read_text())["pp2dp2"]["losses"]
+    step_means = [(a + b) / 2 for a, b in zip(results["pp2dp2"]["losses"], replica1)]
+    accumulated, _ = single_process(tmp_path / "acc", accumulate=2)
+    assert step_means == pytest.approx(
+        [a + b for a, b in zip(accumulated[0::2], accumulated[1::2])], abs=LOSS_ATOL, rel=0
+    )
+
+
+# -- bad input: one line, before any process group ----------------------------------------------------------
+def pp(**options):
+    return registry.load("strategy", "pp")(**options)
+
+
+@pytest.mark.bad_input
+def test_a_schedule_name_typo_suggests_the_close_one() -> None:
+    with pytest.raises(ConfigError, match=r"pipeline schedule '1f1bb' is unknown; did you mean '1f1b'\?"):
+        pp(schedule="1f1bb")
+
+
+@pytest.mark.bad_input
+def test_fewer_microbatches_than_stages_is_refused() -> None:
+    with pytest.raises(ConfigError, match=r"microbatches=3 is below the 4 pipeline stages \(pp_size=2 x vpp=2\)"):
+        pp(pp_size=2, schedule="zbv", microbatches=3)
+
+
+@pytest.mark.bad_input
+def test_a_layer_count_that_cannot_be_split_stops_fit_before_any_process_group(tmp_path: Path) -> None:
+    trainer = L.Trainer(
+        devices=2,
+        strategy=pp(pp_size=2, schedule="interleaved_1f1b", vpp=3, microbatches=6),
+        max_steps=1,
+        default_root_dir=tmp_path,
+        **trainer_settings(),
+    )
+    with pytest.raises(ConfigError, match=r"model.n_layers=4 cannot be split into 6 pipeline stages"):
+        trainer.fit(pretrain_module(), data_module())
+    assert not torch.distributed.is_initialized()
+
+
+@pytest.mark.bad_input
+def test_expert_parallelism_inside_the_pipeline_is_refused_with_the_reason() -> None:
+    with pytest.raises(ConfigError, match="not supported yet: the expert-parallel and pipeline groups"):
+        pp(pp_size=2, ep_size=2)
+
+
+def test_stage_boundaries_follow_the_cost_and_the_rank_layout() -> None:
+    from moeframe_parallel.pipeline_layout import split_by_cost, stage_ranks
+
+    # a light dense layer first, heavy MoE layers after, the head on the last stage
+    assert split_by_cost([1, 3, 3, 3], 2, last_extra=0) == [2, 2]
+    assert split_by_cost([1, 3, 3, 3], 2, last_extra=4) == [3, 1]
+    assert stage_ranks(2, 2, "zbv") == [0, 1, 1, 0] and stage_ranks(2, 2, "interleaved_1f1b") == [0, 1, 0, 1]
+
+
+def test_inspect_pipeline_section_accounts_for_every_parameter_once() -> None:
+    from _pp_common import model_config
+
+    from moeframe.model.decoder import build_decoder
+    from moeframe.pipeline_estimate import pipeline_section
+
+    cfg = model_config()
+    section = pipeline_section(cfg, pp=2, vpp=None, schedule="1f1b", microbatches=6, ep=1, seq_len=16)
+    whole = sum(p.numel() for p in build_decoder(cfg, device="meta").parameters())
+    embed_copy = cfg.vocab_size * cfg.dim  # the last stage's copy of the embedding (MTP)
+    assert sum(st["params"] for st in section["stages"]) == whole + embed_copy
+    assert [st["layers"] for st in section["stages"]] == [[0, 2], [3, 3]]  # the head weighs on the last stage
+    assert section["bubble_fraction"] == pytest.approx((2 - 1) / (6 + 2 - 1))  # 1F1B: (p - 1) / (m + p - 1)
+    gpipe = pipeline_section(cfg, pp=2, vpp=None, schedule="gpipe", microbatches=6, seq_len=16)
+    # GPipe keeps all 6 micro-batches in flight, 1F1B at most pp = 2 on rank 0
+    assert gpipe["ranks"][0]["activation_bytes_in_flight"] == 3 * section["ranks"][0]["activation_bytes_in_flight"]
