@@ -232,6 +232,7 @@ def print_result(r: dict[str, Any]) -> None:
     print(f"moeframe / transformers tokens/s = {r['ratio']:.2f}x")
     if "ratio_compiled" in r:
         print(f"moeframe (compile: block) / transformers tokens/s = {r['ratio_compiled']:.2f}x")
+        print(f"moeframe compile: block / eager tokens/s = {r['ratio_compiled'] / r['ratio']:.2f}x")
 
 
 def main(argv: list[str] | None = None) -> int:

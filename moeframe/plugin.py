@@ -24,8 +24,9 @@ What is here, by use:
   ``balance_state`` and ``update_after_step``;
 - **helpers** plugins legitimately need: attention masks (``document_mask``,
   ``cached_causal_mask``), routing (``gate_logits_fp32``, ``count_per_expert``,
-  ``limit_to_groups``), MoE-layer discovery (``moe_layers``), the grouped-GEMM capability test
-  (``grouped_mm_supported``), weight init (``default_init``, ``init_random_stream``), the FP8 block format (``quantize_blocks`` and its
+  ``limit_to_groups``), MoE-layer discovery (``moe_layers``), the grouped GEMM (``grouped_mm``: traces in
+  float32 under ``torch.compile`` too), its capability test (``grouped_mm_supported``) and the
+  static-size expert-group padding (``pad_expert_groups_static``), weight init (``default_init``, ``init_random_stream``), the FP8 block format (``quantize_blocks`` and its
   constants), parallel-layout checks (``check_ep_layout``, ``check_zero_layout``), atomic
   checkpoint IO (``partial_name``, ``replace_folder``, ``remove_stale_partials``), ``ConfigError``;
 - **names and layouts a plugin declares**: ``HFNamed`` (a part's HF tensor names and config
@@ -75,7 +76,7 @@ from moeframe.model.base import (
 from moeframe.model.compat import as_context
 from moeframe.model.context import ForwardContext
 from moeframe.model.decoder import DecoderOutput, build_decoder, init_random_stream
-from moeframe.model.experts import GroupedExperts, grouped_mm_supported
+from moeframe.model.experts import GroupedExperts, grouped_mm, grouped_mm_supported, pad_expert_groups_static
 from moeframe.model.moe import moe_layers
 from moeframe.model.hfnames import EXPERT, HFNamed
 from moeframe.model.norm import RMSNorm
@@ -103,8 +104,8 @@ __all__ = [
     "PluginOptions", "RMSNorm", "RouterBase", "RouterOutput",
     "apply_rope", "build_decoder", "registry", "resolve_model_config", "rope_cos_sin",
     "cached_causal_mask", "check_ep_layout", "check_zero_layout", "count_per_expert", "default_init",
-    "dequantize_blocks", "describe_type", "document_mask", "gate_logits_fp32", "grouped_mm_supported",
-    "init_random_stream",
+    "dequantize_blocks", "describe_type", "document_mask", "gate_logits_fp32", "grouped_mm",
+    "grouped_mm_supported", "init_random_stream", "pad_expert_groups_static",
     "limit_to_groups", "moe_layers", "options_as_config", "parse_options", "partial_name", "quantize_blocks",
     "remove_stale_partials", "replace_folder",
 ]

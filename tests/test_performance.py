@@ -7,6 +7,7 @@ No wall-clock assertion: timings are the benchmarks' business (benchmarks/RESULT
 from __future__ import annotations
 
 import csv
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -109,16 +110,53 @@ def test_throughput_logs_tokens_flops_mfu_and_breakdown(tmp_path: Path) -> None:
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in module.decoder.modules())
 
 
-def test_cpu_has_no_builtin_peak_so_no_mfu(tmp_path: Path) -> None:
+def _fit_with_throughput(tmp_path: Path, callback: ModelThroughput, precision: str = "bf16-true") -> list[dict[str, str]]:
     cfg = tiny(dict(name="mha"), dict(name="topk"), n_layers=2)
     logger = CSVLogger(tmp_path, name="run")
-    trainer = L.Trainer(max_steps=2, logger=logger, callbacks=[ModelThroughput(window=2)], log_every_n_steps=1,
+    trainer = L.Trainer(max_steps=2, logger=logger, callbacks=[callback], log_every_n_steps=1,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        accelerator="cpu", devices=1, precision="bf16-true")
+                        accelerator="cpu", devices=1, precision=precision)
     trainer.fit(PretrainModule(cfg), datamodule=RandomTokens(cfg.vocab_size, 2, 8))
-    rows = [r for r in _metrics(Path(logger.log_dir)) if r.get("perf/tokens_per_sec")]
+    return [r for r in _metrics(Path(logger.log_dir)) if r.get("perf/tokens_per_sec")]
+
+
+def test_cpu_mfu_against_a_measured_peak_cached_per_machine(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                             caplog: pytest.LogCaptureFixture) -> None:
+    """No built-in peak on a CPU: the callback measures a GEMM peak in the run's dtype once, caches
+    it, says so in one info line, and logs MFU = model FLOP/s / that peak."""
+    from moeframe.training import throughput
+
+    monkeypatch.setenv("MOEFRAME_CACHE", str(tmp_path / "cache"))
+    measured: list[torch.dtype] = []
+    real = throughput.measure_gemm_peak
+    monkeypatch.setattr(throughput, "measure_gemm_peak",
+                        lambda device, dtype, size=2048: measured.append(dtype) or real(device, dtype, 256))
+    with caplog.at_level("INFO"):
+        rows = _fit_with_throughput(tmp_path / "a", ModelThroughput(window=2))
+    assert measured == [torch.bfloat16]  # bf16-true: the run's GEMMs are bf16
+    cache = json.loads((tmp_path / "cache" / "peak_flops.json").read_text())
+    (key, peak), = cache.items()
+    assert "bfloat16" in key and peak > 0
+    assert any("measured peak" in r.message and "measured now" in r.message for r in caplog.records)
+    for r in rows:
+        assert float(r["perf/mfu"]) == pytest.approx(float(r["perf/model_flops_per_sec_per_device"]) / peak, rel=1e-6)
+    # the second run on this machine reads the cache instead of measuring again
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        rows = _fit_with_throughput(tmp_path / "b", ModelThroughput(window=2))
+    assert measured == [torch.bfloat16] and rows and all(r["perf/mfu"] for r in rows)
+    assert any("measured before" in r.message for r in caplog.records)
+    # float32 is a different peak: measured and cached beside the bf16 one
+    _fit_with_throughput(tmp_path / "c", ModelThroughput(window=2), precision="32-true")
+    assert measured == [torch.bfloat16, torch.float32]
+    assert len(json.loads((tmp_path / "cache" / "peak_flops.json").read_text())) == 2
+
+
+def test_measure_peak_false_logs_no_mfu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MOEFRAME_CACHE", str(tmp_path / "cache"))
+    rows = _fit_with_throughput(tmp_path, ModelThroughput(window=2, measure_peak=False))
     assert rows and all(r["perf/model_flops_per_sec_per_device"] for r in rows)
-    assert "perf/mfu" not in rows[0] and "perf/time/forward_ms" not in rows[0]
+    assert "perf/mfu" not in rows[0] and not (tmp_path / "cache").exists()
 
 
 def test_peak_table_and_precision_detection() -> None:

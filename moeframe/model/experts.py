@@ -7,9 +7,10 @@ Where grouped_mm cannot run (unsupported dtype/device, rows not 16-byte aligned)
 loop over contiguous slices of the same sorted layout gives identical results.
 
 On the CPU in bfloat16 each expert's group of rows is first padded with zero rows to a multiple
-of 32 (:func:`pad_expert_groups`): oneDNN builds a kernel per new GEMM shape, and unpadded group
-sizes change every step. Results are unchanged; eager mode only (the padded size would be a
-data-dependent shape under ``torch.compile``).
+of 32 (:func:`pad_expert_groups_static`): oneDNN builds a kernel per new GEMM shape, and unpadded
+group sizes change every step. Results are unchanged. The padded rows live in a buffer whose size
+follows from the shapes alone (N + E·31 rows), so the padding has no host sync and compiles into
+the block's graph (``compile: block``) like the rest of the dispatch.
 
 Under ``torch.compile`` the grouped product goes through the custom op ``moeframe::grouped_mm``
 when the dtype is not bf16: torch's own shape function for ``_grouped_mm`` accepts bf16 only,
@@ -133,12 +134,37 @@ def pad_expert_groups(x_ND: torch.Tensor, counts_E: torch.Tensor, multiple: int
     return x_MD, padded_E, padded_E.cumsum(0).to(torch.int32), slot_N
 
 
+def pad_expert_groups_static(x_ND: torch.Tensor, expert_N: torch.Tensor, counts_E: torch.Tensor, multiple: int
+                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`pad_expert_groups` with a size fixed by the shapes alone, for ``torch.compile``.
+
+    Σ_e ceil(c_e/m)·m never exceeds N + E·(m-1), so the padded rows always fit a buffer of that
+    many rows: no host sync, no data-dependent shape, one graph. The rows after the last group's
+    end (``offs_E[-1]``) belong to no expert; they stay zero in ``x_MD``, the grouped GEMMs skip
+    them and the caller reads back only ``slot_N``. ``expert_N`` is the expert of each (sorted)
+    input row, which replaces ``pad_expert_groups``' ``repeat_interleave`` (data-dependent size).
+
+    Returns ``(x_MD, offs_E, slot_N)``."""
+    N, E = x_ND.shape[0], counts_E.shape[0]
+    padded_E = (counts_E + multiple - 1) // multiple * multiple
+    shift_E = (padded_E.cumsum(0) - padded_E) - (counts_E.cumsum(0) - counts_E)
+    slot_N = torch.arange(N, device=x_ND.device) + shift_E[expert_N]
+    x_MD = x_ND.new_zeros(N + E * (multiple - 1), x_ND.shape[1]).index_copy(0, slot_N, x_ND)
+    return x_MD, padded_E.cumsum(0).to(torch.int32), slot_N
+
+
+def grouped_mm(x_NI: torch.Tensor, w_EIO: torch.Tensor, offs_E: torch.Tensor) -> torch.Tensor:
+    """``F.grouped_mm(x, w, offs=offs)`` that also traces in float32 under ``torch.compile`` (through
+    ``moeframe::grouped_mm``, see the module docstring); same kernel, same results."""
+    if torch.compiler.is_compiling() and x_NI.dtype != torch.bfloat16:
+        return grouped_mm_op(x_NI, w_EIO, offs_E)
+    return F.grouped_mm(x_NI, w_EIO, offs=offs_E)
+
+
 def _grouped_linear(x_ND: torch.Tensor, w_EOD: torch.Tensor, offs_E: torch.Tensor, counts: list[int] | None) -> torch.Tensor:
     """Per-expert ``x @ w_eᵀ`` over contiguous token slices; ``counts`` given → loop fallback."""
     if counts is None:
-        if torch.compiler.is_compiling() and x_ND.dtype != torch.bfloat16:
-            return grouped_mm_op(x_ND, w_EOD.transpose(-2, -1), offs_E)
-        return F.grouped_mm(x_ND, w_EOD.transpose(-2, -1), offs=offs_E)
+        return grouped_mm(x_ND, w_EOD.transpose(-2, -1), offs_E)
     chunks = torch.split(x_ND, counts)
     return torch.cat([c @ w.T for c, w in zip(chunks, w_EOD)], dim=0)
 
@@ -186,11 +212,12 @@ class GroupedExperts(ExpertsBase):
         return self.project("w2", h_NF, offs_E, counts)
 
     def _group_multiple(self, x_TD: torch.Tensor) -> int:
-        """Rows per group multiple for :func:`pad_expert_groups`, 0 where padding does not pay: off
-        the CPU or bf16, under a precision plugin's ``grouped_gemm`` (it runs its own GEMMs) and
-        while compiling (the padded size depends on the routing, a graph break)."""
+        """Rows per group multiple for :func:`pad_expert_groups_static`, 0 where padding does not
+        pay: off the CPU or bf16 and under a precision plugin's ``grouped_gemm`` (it runs its own
+        GEMMs). The padded buffer's size depends on the shapes only, so this holds under
+        ``torch.compile`` too."""
         if (self.cpu_bf16_group_multiple and x_TD.device.type == "cpu" and x_TD.dtype == torch.bfloat16
-                and self.grouped_gemm is None and not torch.compiler.is_compiling()):
+                and self.grouped_gemm is None):
             return self.cpu_bf16_group_multiple
         return 0
 
@@ -214,7 +241,9 @@ class GroupedExperts(ExpertsBase):
         # CPU: ~40x faster than the sort-based accumulate of advanced indexing's backward)
         x_ND = x_TD.index_select(0, token_N)
         multiple = self._group_multiple(x_TD)
-        if multiple:
+        if multiple and fast:
+            x_ND, offs_E, slot_N = pad_expert_groups_static(x_ND, indices_TK.flatten()[order_N], counts_E, multiple)
+        elif multiple:  # the per-expert loop needs the group sizes on the host anyway
             x_ND, counts_E, offs_E, slot_N = pad_expert_groups(x_ND, counts_E, multiple)
         counts = None if fast else counts_E.tolist()
         self.mark_phase("moe_experts")

@@ -30,8 +30,10 @@ from torch import nn
 from moeframe.errors import ConfigError
 from moeframe.model.base import AttentionBase, ExpertsBase
 from moeframe.model.context import ForwardContext
-from moeframe.model.experts import GroupedExperts, _grouped_linear, grouped_mm_supported, pad_expert_groups
+from moeframe.model.experts import (GroupedExperts, _grouped_linear, grouped_mm_supported, pad_expert_groups,
+                                    pad_expert_groups_static)
 from moeframe.model.moe import MoE
+from moeframe.model.router import count_per_expert
 
 
 @dataclass
@@ -113,13 +115,15 @@ class LoRAGroupedExperts(ExpertsBase):
         K = indices_TK.shape[1]
         order_N = indices_TK.flatten().argsort(stable=True)
         token_N = order_N // K
-        counts_E = torch.bincount(indices_TK.flatten(), minlength=self.num_experts)
+        counts_E = count_per_expert(indices_TK, self.num_experts)  # not bincount: a graph break under compile
         offs_E = counts_E.cumsum(0).to(torch.int32)
         operands = (self.base.w1, self.base.w2, *(p for n, p in self.named_parameters(recurse=False)))
         fast = self.base.use_grouped_mm and all(grouped_mm_supported(x_TD, w) for w in operands)
         x_ND = x_TD.index_select(0, token_N)  # index_select: its backward is an index_add (see experts)
         multiple = self.base._group_multiple(x_TD)  # CPU bf16: few GEMM shapes, as the base layer does
-        if multiple:
+        if multiple and fast:
+            x_ND, offs_E, slot_N = pad_expert_groups_static(x_ND, indices_TK.flatten()[order_N], counts_E, multiple)
+        elif multiple:
             x_ND, counts_E, offs_E, slot_N = pad_expert_groups(x_ND, counts_E, multiple)
         counts = None if fast else counts_E.tolist()
         h_NF = F.silu(self._project("w1", x_ND, offs_E, counts)) * self._project("w3", x_ND, offs_E, counts)

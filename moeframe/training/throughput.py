@@ -28,14 +28,23 @@ Logged straight to the trainer's loggers by rank 0 every ``log_every_n_steps`` o
 
 Peak FLOP/s per device: ``peak_flops`` if given; else the dense (no 2:4 sparsity) tensor-core
 peak of a known GPU at the run's precision (``bf16`` or ``fp8``, read from the precision plugin
-or given as ``precision``); a CPU or an unknown GPU has no built-in peak, so MFU is logged only
-with ``peak_flops`` set.
+or given as ``precision``); else (a CPU, an unknown GPU, fp32) a *measured* peak: the best of a
+few square matrix products in the run's GEMM dtype (float32, bfloat16 or float16; FP8 runs
+measure bfloat16), taken once per machine, device, torch version, thread count and dtype and
+cached in ``$MOEFRAME_CACHE`` (default ``~/.cache/moeframe``) ``/peak_flops.json``. One info
+line says which peak was used. A measured peak is what this machine's GEMM library reaches on a
+large product, not a datasheet figure: the MFU against it says how close the run comes to the
+fastest GEMMs it could run. ``measure_peak=False`` turns the measurement off (no MFU then).
 """
 
 from __future__ import annotations
 
+import json
+import os
+import platform
 import time
 from collections import deque
+from pathlib import Path
 from typing import Any, Callable, Literal, Optional
 
 import lightning as L
@@ -92,6 +101,68 @@ def builtin_peak(device: torch.device, precision: Optional[str]) -> Optional[flo
         return None
     family = gpu_family(torch.cuda.get_device_name(device))
     return None if family is None else PEAK_FLOPS.get((family, precision))
+
+
+# -- a measured peak where none is built in -----------------------------------------------------------
+def gemm_dtype(trainer_precision: str, precision: Optional[str]) -> torch.dtype:
+    """The dtype the run's matrix products use: bf16 for bf16 and FP8 runs (FP8's non-expert GEMMs
+    and this measurement's stand-in), fp16 for fp16, else float32."""
+    if precision in ("bf16", "fp8") or "bf16" in trainer_precision:
+        return torch.bfloat16
+    if trainer_precision.startswith("16"):
+        return torch.float16
+    return torch.float32
+
+
+def peak_cache_file() -> Path:
+    return Path(os.environ.get("MOEFRAME_CACHE") or Path.home() / ".cache" / "moeframe") / "peak_flops.json"
+
+
+def _machine_key(device: torch.device, dtype: torch.dtype) -> str:
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = f"{platform.processor() or platform.machine()} x{os.cpu_count()}, {torch.get_num_threads()} threads"
+    return f"{platform.node()} | {device.type}: {name} | torch {torch.__version__} | {str(dtype).removeprefix('torch.')}"
+
+
+def measure_gemm_peak(device: torch.device, dtype: torch.dtype, size: int = 2048, repeats: int = 3) -> float:
+    """FLOP/s of the best of ``repeats`` ``size``³ products (after one warm-up) in ``dtype``."""
+    a = torch.randn(size, size, device=device).to(dtype)
+    b = torch.randn(size, size, device=device).to(dtype)
+    best = float("inf")
+    for i in range(repeats + 1):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if i:  # the first product builds kernels and warms caches
+            best = min(best, time.perf_counter() - start)
+    return 2 * size ** 3 / best
+
+
+def cached_gemm_peak(device: torch.device, dtype: torch.dtype, size: int = 2048) -> tuple[float, bool]:
+    """``(peak FLOP/s, measured now)``: from the per-machine cache, else measured and stored."""
+    path = peak_cache_file()
+    key = f"{_machine_key(device, dtype)} | {size}^3"
+    try:
+        cache = json.loads(path.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    if isinstance(cache.get(key), (int, float)) and cache[key] > 0:
+        return float(cache[key]), False
+    peak = measure_gemm_peak(device, dtype, size)
+    cache[key] = peak
+    try:  # written whole, then renamed: a concurrent reader never sees half a file
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(cache, indent=1, sort_keys=True))
+        tmp.replace(path)
+    except OSError as exc:
+        rank_zero_warn(f"ModelThroughput: could not cache the measured peak in {path} ({exc}); it is measured again next run")
+    return peak, True
 
 
 class _StepTimer:
@@ -180,17 +251,19 @@ class ModelThroughput(Callback):
         precision: ``bf16`` or ``fp8``: which built-in peak applies; default: from the precision plugin.
         window: optimizer steps averaged in each logged value.
         breakdown_every_n_steps: measure the breakdown every N optimizer steps (0: never).
+        measure_peak: where no peak is given or built in, measure one (cached per machine) and log
+            MFU against it; False: no MFU there.
     """
 
     def __init__(self, peak_flops: Optional[float] = None, precision: Optional[Precision] = None,
-                 window: int = 10, breakdown_every_n_steps: int = 0) -> None:
+                 window: int = 10, breakdown_every_n_steps: int = 0, measure_peak: bool = True) -> None:
         if peak_flops is not None and peak_flops <= 0:
             raise ValueError(f"peak_flops must be > 0 (FLOP/s of one device), got {peak_flops}")
         if precision not in (None, "bf16", "fp8"):
             raise ValueError(f"precision must be bf16 or fp8 (or unset: read from the trainer), got {precision!r}")
         if window < 1 or breakdown_every_n_steps < 0:
             raise ValueError(f"window must be >= 1 and breakdown_every_n_steps >= 0, got {window}, {breakdown_every_n_steps}")
-        self.user_peak, self.user_precision = peak_flops, precision
+        self.user_peak, self.user_precision, self.measure_peak = peak_flops, precision, measure_peak
         self.window, self.breakdown_every = window, breakdown_every_n_steps
         self.peak_flops: Optional[float] = None
         self._steps: deque[tuple[float, int, int]] = deque(maxlen=window)  # (seconds, tokens, flops)
@@ -211,8 +284,16 @@ class ModelThroughput(Callback):
         self.peak_flops = self.user_peak or builtin_peak(device, precision)
         if self.peak_flops is None:
             where = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
-            rank_zero_info(f"ModelThroughput: no built-in peak for {where} at precision {precision or 'fp32/fp16'}; "
-                           "MFU is not logged (set ModelThroughput(peak_flops=...) to log it)")
+            if self.measure_peak:
+                dtype = gemm_dtype(str(trainer.precision), precision)
+                self.peak_flops, fresh = cached_gemm_peak(device, dtype)
+                how = "measured now" if fresh else "measured before"
+                rank_zero_info(f"ModelThroughput: no built-in peak for {where}; perf/mfu uses a measured peak of "
+                               f"{self.peak_flops / 1e9:,.1f} GFLOP/s (2048^3 {str(dtype).removeprefix('torch.')} "
+                               f"matmul, {how}, cached in {peak_cache_file()})")
+            else:
+                rank_zero_info(f"ModelThroughput: no built-in peak for {where} at precision {precision or 'fp32/fp16'}; "
+                               "MFU is not logged (set ModelThroughput(peak_flops=...) to log it)")
         if not hasattr(pl_module, "flops_per_batch"):
             rank_zero_warn("ModelThroughput: the LightningModule has no flops_per_batch; FLOP/s and MFU are not logged")
 

@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 import pytest
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from moeframe.config import ModelConfig
 from moeframe.model.experts import GroupedExperts, GroupedOptions
@@ -64,7 +65,11 @@ def test_each_expert_runs_the_fp8_linear_recipe(I: int, O: int, pow2: bool) -> N
     for key in ("y", "dx", "dw"):
         assert got[key].shape == fp32[key].shape and got[key].dtype == torch.float32
         # the same quantised operands and GEMMs as the FP8 Linear on each expert's rows
-        torch.testing.assert_close(got[key], recipe[key], rtol=2e-6, atol=1e-6)
+        # bit for bit where the widths are whole multiples of 4 (every shipped model); the CPU's
+        # grouped_mm wants 16-byte rows, and a zero-padded output width (130 -> 132) lets MKL
+        # round one element in ~30k one ulp differently
+        exact = I % 4 == 0 and O % 4 == 0
+        torch.testing.assert_close(got[key], recipe[key], rtol=0 if exact else 2e-6, atol=0 if exact else 1e-6)
         assert rel(got[key], fp32[key]) <= TOLERANCE[key], (key, rel(got[key], fp32[key]))
         assert rel(got[key], fp32[key]) > 3 * rel(bf16[key], fp32[key]), key  # E4M3 really ran
     assert torch.equal(got["dw"][0], torch.zeros(O, I)) and torch.equal(got["dw"][4], torch.zeros(O, I))
@@ -73,8 +78,13 @@ def test_each_expert_runs_the_fp8_linear_recipe(I: int, O: int, pow2: bool) -> N
 @pytest.mark.bad_input
 def test_bad_offsets_and_operands_are_named() -> None:
     hook = FP8GroupedGemm(FP8Recipe(), "layers.1.ffn.experts")
-    with pytest.raises(ValueError, match=r"expert row offsets \[2, 5\] do not cover the 4 rows"):
+    # checked on the device without a host sync: a RuntimeError from torch._assert_async
+    with pytest.raises(RuntimeError, match=r"expert row offsets do not cover the 4 rows: .* exactly 4"):
         hook("w1", torch.randn(4, 8), torch.randn(2, 16, 8), offsets([2, 3]))
+    with pytest.raises(RuntimeError, match=r"expert row offsets do not cover the 4 rows"):
+        hook("w1", torch.randn(4, 8), torch.randn(2, 16, 8), torch.tensor([5, 4], dtype=torch.int32))  # falls back
+    with pytest.raises(ValueError, match=r"3 expert row offsets for 2 experts"):
+        hook("w1", torch.randn(4, 8), torch.randn(2, 16, 8), offsets([2, 1, 1]))
     with pytest.raises(ValueError, match=r"experts 'layers\.1\.ffn\.experts'\.w2: rows of shape \(4, 8\) do not fit"):
         hook("w2", torch.randn(4, 8), torch.randn(2, 8, 16), offsets([2, 2]))
     with pytest.raises(TypeError, match=r"experts 'layers\.1\.ffn\.experts'\.w1 got torch\.int64 rows"):
@@ -158,3 +168,83 @@ def test_ep_experts_keep_the_fp8_hook_and_compute_the_same(tmp_path) -> None:
     torch.testing.assert_close(y_ep, y, rtol=1e-6, atol=1e-7)
     for name in ("w1", "w2", "w3"):
         torch.testing.assert_close(getattr(shard, name).grad, getattr(experts, name).grad, rtol=1e-6, atol=1e-7)
+
+
+# -- no host synchronisation in the FP8 MoE forward/backward ----------------------------------------
+class HostReads(TorchDispatchMode):
+    """Records every op that needs tensor data on the host or whose output size depends on data.
+
+    On a GPU these are the host syncs (``.item()``/``.tolist()``/``int(t)`` all reach
+    ``aten._local_scalar_dense``; ``nonzero``, ``masked_select``, ``unique``, ``bincount`` and a
+    ``repeat_interleave`` without ``output_size`` must read the data to size their output). The
+    CPU has no device queue to wait for, so ``torch.cuda.set_sync_debug_mode`` cannot be used here;
+    the dispatcher sees the same ops on every device. ``Tensor.tolist`` reads the CPU data without
+    a dispatcher op (on a GPU it copies to the host first), so it is wrapped while the mode is on."""
+
+    NAMES = ("_local_scalar_dense", "nonzero", "masked_select", "unique", "_unique2", "unique_consecutive",
+             "bincount", "repeat_interleave")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[str] = []
+
+    def __enter__(self) -> "HostReads":
+        self._tolist = torch.Tensor.tolist
+
+        def tolist(t: torch.Tensor):  # noqa: ANN202
+            self.seen.append("Tensor.tolist")
+            return self._tolist(t)
+
+        torch.Tensor.tolist = tolist
+        return super().__enter__()
+
+    def __exit__(self, *exc) -> None:  # noqa: ANN002
+        torch.Tensor.tolist = self._tolist
+        super().__exit__(*exc)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        name = func.overloadpacket.__name__
+        if name in self.NAMES and not (name == "repeat_interleave" and (kwargs or {}).get("output_size")):
+            self.seen.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def test_the_detector_sees_host_reads() -> None:
+    with HostReads() as mode:
+        torch.tensor([1, 2]).tolist()
+        torch.tensor([0, 3]).nonzero()
+        int(torch.tensor(3))
+    assert mode.seen == ["Tensor.tolist", "aten.nonzero.default", "aten._local_scalar_dense.default"]
+    assert torch.Tensor.tolist is mode._tolist  # put back
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fp8_experts_forward_and_backward_read_nothing_on_the_host(dtype: torch.dtype) -> None:
+    experts = experts_module().to(dtype)
+    experts.grouped_gemm = FP8GroupedGemm(FP8Recipe(), "experts")
+    x = torch.randn(40, 192, dtype=dtype, requires_grad=True)
+    weights, indices = routing(40, 6)
+    with HostReads() as mode:
+        experts(x, weights, indices).float().square().sum().backward()
+    assert mode.seen == [] and experts.w1.grad is not None and x.grad is not None
+
+
+@pytest.mark.slow
+def test_fp8_experts_compile_in_one_graph_with_the_same_numbers() -> None:
+    """fullgraph=True: a host read or data-dependent shape would be a graph break, i.e. an error.
+    aot_eager traces the backward too; the numbers equal the eager ones bit for bit."""
+    torch._dynamo.reset()
+    experts = experts_module()
+    experts.grouped_gemm = FP8GroupedGemm(FP8Recipe(), "experts")
+    x = torch.randn(40, 192)
+    weights, indices = routing(40, 6)
+    results = []
+    for fn in (experts, torch.compile(experts, fullgraph=True, backend="aot_eager")):
+        experts.zero_grad()
+        x_ = x.clone().requires_grad_()
+        y = fn(x_, weights, indices)
+        y.square().sum().backward()
+        results.append([y.detach(), x_.grad] + [p.grad.clone() for p in experts.parameters()])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    torch._dynamo.reset()

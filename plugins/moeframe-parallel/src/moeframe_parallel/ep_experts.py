@@ -15,6 +15,11 @@ Megatron's "alltoall" token dispatcher, dropless):
 4. *combine*: the reverse all-to-all brings each row back to the rank and the slot it came
    from; the gate weights scale it and a scatter-add sums the K experts of each token.
 
+Under ``compile: block`` the dispatch breaks the graph where the split sizes go to the host
+(``.tolist()`` for the all-to-all; exact variable splits are what keeps EP dropless without
+padding); attention, routing and the expert GEMMs before and after compile as usual. A
+fixed-capacity exchange (every peer sends T·K rows) would compile in one graph at ep× the traffic.
+
 Both all-to-alls are autograd-aware (``torch.distributed._functional_collectives``): the
 backward of a dispatch is a combine of the gradients and vice versa, so gradients of the local
 experts include every rank's tokens. Only the stacked expert weights are sharded; the
@@ -35,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed._functional_collectives import all_to_all_single, all_to_all_single_autograd
 
-from moeframe.plugin import ExpertsBase, ForwardContext, GroupedGemm, grouped_mm_supported, moe_layers
+from moeframe.plugin import ExpertsBase, ForwardContext, GroupedGemm, count_per_expert, grouped_mm_supported, moe_layers
 
 __all__ = ["EPExperts", "expert_ffn"]
 
@@ -110,7 +115,7 @@ class EPExperts(ExpertsBase):
         # 1. permute: rows sorted by expert are also grouped by destination rank
         order_N = indices_TK.flatten().argsort(stable=True)
         token_N = order_N // K
-        counts_E = torch.bincount(indices_TK.flatten(), minlength=self.num_experts)
+        counts_E = count_per_expert(indices_TK, self.num_experts)  # static size, unlike bincount
         x_ND = x_TD[token_N]
         # 2. counts first: recv_counts[r, e] = rows peer r sends to my local expert e
         recv_counts_RE = self._exchange_counts(counts_E)
