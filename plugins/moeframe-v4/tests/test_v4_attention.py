@@ -17,9 +17,16 @@ from transformers.masking_utils import create_sliding_window_causal_mask
 from transformers.models.deepseek_v4.modeling_deepseek_v4 import DeepseekV4Attention, DeepseekV4RotaryEmbedding
 
 from moeframe.plugin import ConfigError, ForwardContext, registry, resolve_model_config
-from moeframe.testing import (check_attention_shapes_and_dtypes, check_cache_matches_full, check_causal,
-                              check_document_masking, check_greedy_generation_matches_recompute, check_meta_build,
-                              check_state_dict_round_trip, tiny_config)
+from moeframe.testing import (
+    check_attention_shapes_and_dtypes,
+    check_cache_matches_full,
+    check_causal,
+    check_document_masking,
+    check_greedy_generation_matches_recompute,
+    check_meta_build,
+    check_state_dict_round_trip,
+    tiny_config,
+)
 from moeframe_v4.attention import HF_TENSOR_NAMES, LAYER_TYPES, V4Attention
 from moeframe_v4.attn_rope import RopeSetting
 
@@ -30,22 +37,48 @@ INDEX = dict(index_n_heads=8, index_head_dim=12, index_topk=2)
 THETA, COMPRESS_THETA = 500.0, 2000.0  # small thetas: the slow pairs turn visibly within 23 positions
 YARN = dict(factor=4.0, original_max_position_embeddings=8, beta_fast=4.0, beta_slow=1.0)
 T = 23
-OPTIONS: dict[str, Any] = dict(name="v4", head_dim=HEAD_DIM, rope_head_dim=ROPE, q_lora_rank=Q_LORA,
-                               sliding_window=WINDOW, compress_rate_csa=CSA, compress_rate_hca=HCA, o_groups=2,
-                               o_lora_rank=6, rope_theta=THETA, compress_rope_theta=COMPRESS_THETA,
-                               compress_rope_factor=YARN["factor"],
-                               compress_original_seq_len=YARN["original_max_position_embeddings"],
-                               compress_beta_fast=YARN["beta_fast"], compress_beta_slow=YARN["beta_slow"], **INDEX)
+OPTIONS: dict[str, Any] = dict(
+    name="v4",
+    head_dim=HEAD_DIM,
+    rope_head_dim=ROPE,
+    q_lora_rank=Q_LORA,
+    sliding_window=WINDOW,
+    compress_rate_csa=CSA,
+    compress_rate_hca=HCA,
+    o_groups=2,
+    o_lora_rank=6,
+    rope_theta=THETA,
+    compress_rope_theta=COMPRESS_THETA,
+    compress_rope_factor=YARN["factor"],
+    compress_original_seq_len=YARN["original_max_position_embeddings"],
+    compress_beta_fast=YARN["beta_fast"],
+    compress_beta_slow=YARN["beta_slow"],
+    **INDEX,
+)
 
 
 def _hf_config(layer_type: str) -> DeepseekV4Config:
-    hf = DeepseekV4Config(vocab_size=64, hidden_size=DIM, num_attention_heads=HEADS, head_dim=HEAD_DIM,
-                          q_lora_rank=Q_LORA, num_hidden_layers=1, layer_types=[layer_type], mlp_layer_types=["moe"],
-                          partial_rotary_factor=ROPE / HEAD_DIM, sliding_window=WINDOW,
-                          compress_rates={"compressed_sparse_attention": CSA, "heavily_compressed_attention": HCA},
-                          o_groups=2, o_lora_rank=6, rope_theta=THETA, compress_rope_theta=COMPRESS_THETA,
-                          rope_parameters={"rope_type": "yarn", **YARN}, max_position_embeddings=32,
-                          rms_norm_eps=1e-6, **INDEX)
+    hf = DeepseekV4Config(
+        vocab_size=64,
+        hidden_size=DIM,
+        num_attention_heads=HEADS,
+        head_dim=HEAD_DIM,
+        q_lora_rank=Q_LORA,
+        num_hidden_layers=1,
+        layer_types=[layer_type],
+        mlp_layer_types=["moe"],
+        partial_rotary_factor=ROPE / HEAD_DIM,
+        sliding_window=WINDOW,
+        compress_rates={"compressed_sparse_attention": CSA, "heavily_compressed_attention": HCA},
+        o_groups=2,
+        o_lora_rank=6,
+        rope_theta=THETA,
+        compress_rope_theta=COMPRESS_THETA,
+        rope_parameters={"rope_type": "yarn", **YARN},
+        max_position_embeddings=32,
+        rms_norm_eps=1e-6,
+        **INDEX,
+    )
     hf._attn_implementation = "eager"
     return hf
 
@@ -65,7 +98,9 @@ def _pair(layer_type: str) -> tuple[DeepseekV4Attention, V4Attention, DeepseekV4
     ours = _ours(layer_type)
     hf_state = hf.state_dict()
     ours.load_state_dict({k: hf_state[HF_TENSOR_NAMES[k]] for k in ours.state_dict()}, strict=True)
-    assert len(hf_state) == len(ours.state_dict()), sorted(set(hf_state) - {HF_TENSOR_NAMES[k] for k in ours.state_dict()})
+    assert len(hf_state) == len(ours.state_dict()), sorted(
+        set(hf_state) - {HF_TENSOR_NAMES[k] for k in ours.state_dict()}
+    )
     return hf, ours, hf_cfg
 
 
@@ -74,8 +109,9 @@ def _hf_forward(hf: DeepseekV4Attention, hf_cfg: DeepseekV4Config, x_BTD: torch.
     positions_BT = torch.arange(T_)[None].expand(B, -1)
     rotary = DeepseekV4RotaryEmbedding(hf_cfg)
     embeddings = {kind: rotary(x_BTD, positions_BT, layer_type=kind) for kind in ("main", "compress")}
-    mask = create_sliding_window_causal_mask(config=hf_cfg, inputs_embeds=x_BTD, attention_mask=None, cache=None,
-                                             position_ids=positions_BT)
+    mask = create_sliding_window_causal_mask(
+        config=hf_cfg, inputs_embeds=x_BTD, attention_mask=None, cache=None, position_ids=positions_BT
+    )
     assert isinstance(mask, torch.Tensor), "the eager mask must be a tensor (else HF drops the compressor's mask)"
     with torch.no_grad():
         return hf(x_BTD, embeddings, positions_BT, mask)[0]
@@ -103,15 +139,18 @@ def test_matches_hf_deepseek_v4_attention(layer_type: str, query_block: int) -> 
     assert (_ours_forward(ours, x) - ref).abs().max().item() <= 1e-4
 
 
-@pytest.mark.parametrize(("layer_type", "change"), [
-    ("compressed_sparse_attention", "indexer reads every entry"),
-    ("compressed_sparse_attention", "no compressed entries"),
-    ("heavily_compressed_attention", "no compressed entries"),
-    ("sliding_attention", "no sink"),
-    ("sliding_attention", "window one larger"),
-    ("heavily_compressed_attention", "main rotary"),
-    ("compressed_sparse_attention", "compress rotary without YaRN"),
-])
+@pytest.mark.parametrize(
+    ("layer_type", "change"),
+    [
+        ("compressed_sparse_attention", "indexer reads every entry"),
+        ("compressed_sparse_attention", "no compressed entries"),
+        ("heavily_compressed_attention", "no compressed entries"),
+        ("sliding_attention", "no sink"),
+        ("sliding_attention", "window one larger"),
+        ("heavily_compressed_attention", "main rotary"),
+        ("compressed_sparse_attention", "compress rotary without YaRN"),
+    ],
+)
 def test_every_path_moves_the_output(layer_type: str, change: str) -> None:
     """Each part the parity covers changes the output by far more than the tolerance, so the parity
     above could not pass with that part missing or wrong."""
@@ -142,8 +181,9 @@ def _hf_decode(hf: DeepseekV4Attention, hf_cfg: DeepseekV4Config, x_BTD: torch.T
     for start, end in PIECES:
         x_piece, positions_BT = x_BTD[:, start:end], torch.arange(start, end)[None].expand(x_BTD.shape[0], -1)
         embeddings = {kind: rotary(x_piece, positions_BT, layer_type=kind) for kind in ("main", "compress")}
-        mask = create_sliding_window_causal_mask(config=hf_cfg, inputs_embeds=x_piece, attention_mask=None,
-                                                 cache=cache, position_ids=positions_BT)
+        mask = create_sliding_window_causal_mask(
+            config=hf_cfg, inputs_embeds=x_piece, attention_mask=None, cache=cache, position_ids=positions_BT
+        )
         with torch.no_grad():
             outputs.append(hf(x_piece, embeddings, positions_BT, mask, cache=cache)[0])
     return torch.cat(outputs, dim=1)
@@ -234,19 +274,26 @@ def test_kv_cache_values_per_token_counts_window_and_entries() -> None:
         cfg = tiny_config(dim=4096, n_heads=64, max_seq_len=1 << 20, attention={"name": "v4", "layer_type": layer_type})
         plan = resolve_model_config(cfg)
         per_type[layer_type] = V4Attention.kv_cache_values_per_token(plan.config, plan.attention.options)
-    assert per_type == {"sliding_attention": 1, "compressed_sparse_attention": 1 + (512 + 128) // 4,
-                        "heavily_compressed_attention": 1 + 512 // 128}
+    assert per_type == {
+        "sliding_attention": 1,
+        "compressed_sparse_attention": 1 + (512 + 128) // 4,
+        "heavily_compressed_attention": 1 + 512 // 128,
+    }
 
 
 @pytest.mark.bad_input
-@pytest.mark.parametrize(("changes", "fragments"), [
-    ({"layer_type": "full_attention"}, ["option 'layer_type' must be", "sliding_attention"]),
-    ({"o_groups": 3}, ["o_groups=3 must divide model.n_heads * head_dim = 64"]),
-    ({"rope_head_dim": 7}, ["rope_head_dim=7 must be a positive even number"]),
-    ({"index_head_dim": 4}, ["index_head_dim=4 must be >= rope_head_dim=8"]),
-    ({"compress_original_seq_len": None}, ["compress_rope_factor=4.0 needs compress_original_seq_len"]),
-    ({"sliding_window": 0}, ["sliding_window=0 must be > 0"]),
-], ids=lambda v: str(v)[:30])
+@pytest.mark.parametrize(
+    ("changes", "fragments"),
+    [
+        ({"layer_type": "full_attention"}, ["option 'layer_type' must be", "sliding_attention"]),
+        ({"o_groups": 3}, ["o_groups=3 must divide model.n_heads * head_dim = 64"]),
+        ({"rope_head_dim": 7}, ["rope_head_dim=7 must be a positive even number"]),
+        ({"index_head_dim": 4}, ["index_head_dim=4 must be >= rope_head_dim=8"]),
+        ({"compress_original_seq_len": None}, ["compress_rope_factor=4.0 needs compress_original_seq_len"]),
+        ({"sliding_window": 0}, ["sliding_window=0 must be > 0"]),
+    ],
+    ids=lambda v: str(v)[:30],
+)
 def test_inconsistent_options_are_rejected_at_config_time(changes: dict[str, Any], fragments: list[str]) -> None:
     with pytest.raises(ConfigError) as err:
         resolve_model_config(tiny_config(dim=DIM, n_heads=HEADS, attention={**OPTIONS, **changes}))
@@ -285,12 +332,31 @@ def test_hf_config_fields_round_trip_through_transformers() -> None:
     cfg = tiny_config(dim=DIM, n_heads=HEADS, attention={**OPTIONS, "layer_type": "compressed_sparse_attention"})
     plan = resolve_model_config(cfg)
     fields = V4Attention.hf_config("deepseek_v4", plan.config, plan.attention.options)
-    written = DeepseekV4Config(vocab_size=64, hidden_size=DIM, num_attention_heads=HEADS, num_hidden_layers=1,
-                               layer_types=["compressed_sparse_attention"], mlp_layer_types=["moe"],
-                               max_position_embeddings=32, **fields)
+    written = DeepseekV4Config(
+        vocab_size=64,
+        hidden_size=DIM,
+        num_attention_heads=HEADS,
+        num_hidden_layers=1,
+        layer_types=["compressed_sparse_attention"],
+        mlp_layer_types=["moe"],
+        max_position_embeddings=32,
+        **fields,
+    )
     reference = _hf_config("compressed_sparse_attention")
-    for key in ("head_dim", "q_lora_rank", "sliding_window", "compress_rates", "index_n_heads", "index_head_dim",
-                "index_topk", "o_groups", "o_lora_rank", "qk_rope_head_dim", "num_key_value_heads", "rope_parameters"):
+    for key in (
+        "head_dim",
+        "q_lora_rank",
+        "sliding_window",
+        "compress_rates",
+        "index_n_heads",
+        "index_head_dim",
+        "index_topk",
+        "o_groups",
+        "o_lora_rank",
+        "qk_rope_head_dim",
+        "num_key_value_heads",
+        "rope_parameters",
+    ):
         assert getattr(written, key) == getattr(reference, key), key
     read = V4Attention.options_from_hf("deepseek_v4", written.to_dict())
     expected = {k: v for k, v in OPTIONS.items() if k != "name"}

@@ -44,16 +44,23 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal, Optional
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from moeframe.plugin import (AttentionBase, AttentionCache, ConfigError, ForwardContext, PluginOptions, RMSNorm,
-                             default_init)
-from moeframe_v4.attn_compress import Compressor, Indexer, PoolState
+from moeframe.plugin import (
+    AttentionBase,
+    AttentionCache,
+    ConfigError,
+    ForwardContext,
+    PluginOptions,
+    RMSNorm,
+    default_init,
+)
+from moeframe_v4.attn_compress import Compressor, Indexer
 from moeframe_v4.attn_rope import RopeSetting, apply_rope_tail, rope_cos_sin_P
 
 if TYPE_CHECKING:
@@ -67,8 +74,10 @@ LAYER_TYPES: tuple[str, ...] = ("sliding_attention", "compressed_sparse_attentio
 _POOL = ("kv_proj.weight", "gate_proj.weight", "position_bias", "kv_norm.weight")
 # our state-dict key -> HF transformers' key under ``self_attn`` (a superset: each layer type has some)
 HF_TENSOR_NAMES: dict[str, str] = {
-    **{f"{n}.weight": f"{n}.weight" for n in ("q_a_proj", "q_a_norm", "q_b_proj", "kv_proj", "kv_norm",
-                                              "o_a_proj", "o_b_proj")},
+    **{
+        f"{n}.weight": f"{n}.weight"
+        for n in ("q_a_proj", "q_a_norm", "q_b_proj", "kv_proj", "kv_norm", "o_a_proj", "o_b_proj")
+    },
     "sinks": "sinks",
     **{f"compressor.{n}": f"compressor.{n}" for n in _POOL},
     **{f"indexer.{n}": f"compressor.indexer.{n}" for n in (*_POOL, "q_b_proj.weight")},
@@ -102,54 +111,83 @@ class V4AttentionOptions(PluginOptions):
     o_lora_rank: int = 1024
     attention_sink: bool = True
     query_block: int = 512
-    rope_theta: Optional[float] = None
+    rope_theta: float | None = None
     compress_rope_theta: float = 160000.0
     compress_rope_factor: float = 1.0
-    compress_original_seq_len: Optional[int] = None
+    compress_original_seq_len: int | None = None
     compress_beta_fast: float = 32.0
     compress_beta_slow: float = 1.0
 
-    def validate(self, config: "ModelConfig") -> None:
-        for name in ("head_dim", "q_lora_rank", "sliding_window", "compress_rate_csa", "compress_rate_hca",
-                     "index_n_heads", "index_topk", "o_groups", "o_lora_rank", "query_block"):
+    def validate(self, config: ModelConfig) -> None:
+        for name in (
+            "head_dim",
+            "q_lora_rank",
+            "sliding_window",
+            "compress_rate_csa",
+            "compress_rate_hca",
+            "index_n_heads",
+            "index_topk",
+            "o_groups",
+            "o_lora_rank",
+            "query_block",
+        ):
             _require(getattr(self, name) > 0, f"{name}={getattr(self, name)} must be > 0")
-        _require(self.rope_head_dim > 0 and self.rope_head_dim % 2 == 0 and self.rope_head_dim <= self.head_dim,
-                 f"rope_head_dim={self.rope_head_dim} must be a positive even number (RoPE turns channel pairs) "
-                 f"and at most head_dim={self.head_dim}")
-        _require(self.index_head_dim >= self.rope_head_dim,
-                 f"index_head_dim={self.index_head_dim} must be >= rope_head_dim={self.rope_head_dim}: the indexer "
-                 "rotates the same trailing channels as the attention")
+        _require(
+            self.rope_head_dim > 0 and self.rope_head_dim % 2 == 0 and self.rope_head_dim <= self.head_dim,
+            f"rope_head_dim={self.rope_head_dim} must be a positive even number (RoPE turns channel pairs) "
+            f"and at most head_dim={self.head_dim}",
+        )
+        _require(
+            self.index_head_dim >= self.rope_head_dim,
+            f"index_head_dim={self.index_head_dim} must be >= rope_head_dim={self.rope_head_dim}: the indexer "
+            "rotates the same trailing channels as the attention",
+        )
         width = config.n_heads * self.head_dim
-        _require(width % self.o_groups == 0,
-                 f"o_groups={self.o_groups} must divide model.n_heads * head_dim = {width} "
-                 "(each group projects a whole slice of the heads)")
+        _require(
+            width % self.o_groups == 0,
+            f"o_groups={self.o_groups} must divide model.n_heads * head_dim = {width} "
+            "(each group projects a whole slice of the heads)",
+        )
         _require(self.rope_theta is None or self.rope_theta > 0, f"rope_theta={self.rope_theta} must be > 0")
         _require(self.compress_rope_theta > 0, f"compress_rope_theta={self.compress_rope_theta} must be > 0")
         self._validate_yarn()
 
     def _validate_yarn(self) -> None:
-        _require(self.compress_rope_factor >= 1,
-                 f"compress_rope_factor={self.compress_rope_factor} must be >= 1 (1 = no YaRN)")
+        _require(
+            self.compress_rope_factor >= 1,
+            f"compress_rope_factor={self.compress_rope_factor} must be >= 1 (1 = no YaRN)",
+        )
         if self.compress_rope_factor == 1:
             return
-        _require(self.compress_original_seq_len is not None and self.compress_original_seq_len > 0,
-                 f"compress_rope_factor={self.compress_rope_factor} needs compress_original_seq_len (the context "
-                 f"length YaRN extends), got {self.compress_original_seq_len}")
-        _require(self.compress_beta_fast > self.compress_beta_slow > 0,
-                 f"YaRN needs compress_beta_fast > compress_beta_slow > 0, got {self.compress_beta_fast}, "
-                 f"{self.compress_beta_slow}")
+        _require(
+            self.compress_original_seq_len is not None and self.compress_original_seq_len > 0,
+            f"compress_rope_factor={self.compress_rope_factor} needs compress_original_seq_len (the context "
+            f"length YaRN extends), got {self.compress_original_seq_len}",
+        )
+        _require(
+            self.compress_beta_fast > self.compress_beta_slow > 0,
+            f"YaRN needs compress_beta_fast > compress_beta_slow > 0, got {self.compress_beta_fast}, "
+            f"{self.compress_beta_slow}",
+        )
 
-    def compress_rate(self) -> Optional[int]:
+    def compress_rate(self) -> int | None:
         """Tokens per compressed entry of this layer type (None: sliding only)."""
-        return {"compressed_sparse_attention": self.compress_rate_csa,
-                "heavily_compressed_attention": self.compress_rate_hca}.get(self.layer_type)
+        return {
+            "compressed_sparse_attention": self.compress_rate_csa,
+            "heavily_compressed_attention": self.compress_rate_hca,
+        }.get(self.layer_type)
 
-    def rope(self, config: "ModelConfig") -> RopeSetting:
+    def rope(self, config: ModelConfig) -> RopeSetting:
         """The rotary this layer uses: ``main`` for sliding layers, ``compress`` otherwise."""
         if self.layer_type == "sliding_attention":
             return RopeSetting(self.rope_theta or config.rope_theta)
-        return RopeSetting(self.compress_rope_theta, self.compress_rope_factor, self.compress_original_seq_len,
-                           self.compress_beta_fast, self.compress_beta_slow)
+        return RopeSetting(
+            self.compress_rope_theta,
+            self.compress_rope_factor,
+            self.compress_original_seq_len,
+            self.compress_beta_fast,
+            self.compress_beta_slow,
+        )
 
 
 def _require(ok: bool, message: str) -> None:
@@ -175,8 +213,17 @@ class GroupedLinear(nn.Module):
 class V4Cache(AttentionCache):
     """The last ``window - 1`` keys (right-aligned: the newest row last) and the compressors' states."""
 
-    def __init__(self, batch_size: int, max_len: int, head_dim: int, window: int, compressor: Optional[Compressor],
-                 indexer: Optional[Indexer], device: torch.device, dtype: torch.dtype) -> None:
+    def __init__(
+        self,
+        batch_size: int,
+        max_len: int,
+        head_dim: int,
+        window: int,
+        compressor: Compressor | None,
+        indexer: Indexer | None,
+        device: torch.device,
+        dtype: torch.dtype,
+    ) -> None:
         super().__init__(batch_size, max_len)
         self.recent_BWd = torch.zeros(batch_size, window - 1, head_dim, device=device, dtype=dtype)
         self.compressor = None if compressor is None else compressor.new_state(batch_size, max_len, device, dtype)
@@ -191,10 +238,10 @@ class V4Cache(AttentionCache):
         keep the newest ``window - 1`` for the next call."""
         W1 = self.recent_BWd.shape[1]
         kept = min(start, W1)
-        keys_BSd = torch.cat((self.recent_BWd[:, W1 - kept:], kv_BTd), dim=1)
+        keys_BSd = torch.cat((self.recent_BWd[:, W1 - kept :], kv_BTd), dim=1)
         keep = min(keys_BSd.shape[1], W1)
         if keep:
-            self.recent_BWd[:, W1 - keep:] = keys_BSd[:, keys_BSd.shape[1] - keep:]
+            self.recent_BWd[:, W1 - keep :] = keys_BSd[:, keys_BSd.shape[1] - keep :]
         return keys_BSd, torch.arange(start - kept, start + kv_BTd.shape[1], device=kv_BTd.device)
 
 
@@ -204,7 +251,7 @@ class V4Attention(AttentionBase):
     Options = V4AttentionOptions
     plugin_api = "2"  # the moeframe plugin API this class is written against
 
-    def __init__(self, config: "ModelConfig", options: V4AttentionOptions, layer_id: int) -> None:
+    def __init__(self, config: ModelConfig, options: V4AttentionOptions, layer_id: int) -> None:
         super().__init__(config, options, layer_id)
         H, d, eps = config.n_heads, options.head_dim, config.norm_eps
         self.n_heads, self.head_dim, self.eps = H, d, eps
@@ -224,8 +271,19 @@ class V4Attention(AttentionBase):
         rate = options.compress_rate()
         csa = options.layer_type == "compressed_sparse_attention"
         self.compressor = None if rate is None else Compressor(config.dim, d, rate, overlap=csa, eps=eps)
-        self.indexer = Indexer(config.dim, options.q_lora_rank, options.index_n_heads, options.index_head_dim,
-                               options.index_topk, rate, eps) if csa and rate else None
+        self.indexer = (
+            Indexer(
+                config.dim,
+                options.q_lora_rank,
+                options.index_n_heads,
+                options.index_head_dim,
+                options.index_topk,
+                rate,
+                eps,
+            )
+            if csa and rate
+            else None
+        )
         # selective activation checkpointing: recompute the per-head queries (H·d wide: 32,768 values
         # a token for V4-Flash) in backward from the Q-wide latent instead of keeping them
         self.recompute_queries = False
@@ -240,7 +298,7 @@ class V4Attention(AttentionBase):
 
     # -- cache contract -------------------------------------------------------------------------
     @classmethod
-    def kv_cache_values_per_token(cls, config: "ModelConfig", options: PluginOptions) -> int:
+    def kv_cache_values_per_token(cls, config: ModelConfig, options: PluginOptions) -> int:
         """Average values per token at ``model.max_seq_len`` (rounded up): the window's keys, plus
         one entry of head_dim (and one of index_head_dim for CSA) per ``m`` tokens."""
         assert isinstance(options, V4AttentionOptions)
@@ -258,33 +316,58 @@ class V4Attention(AttentionBase):
 
     # -- HF form --------------------------------------------------------------------------------
     @classmethod
-    def hf_tensor_names(cls, family: str) -> dict[str, Optional[str]]:
+    def hf_tensor_names(cls, family: str) -> dict[str, str | None]:
         return dict(HF_TENSOR_NAMES)
 
     @classmethod
-    def hf_config(cls, family: str, config: "ModelConfig", options: PluginOptions) -> dict[str, Any]:
+    def hf_config(cls, family: str, config: ModelConfig, options: PluginOptions) -> dict[str, Any]:
         """The fields shared by all layers; the family writes ``layer_types`` from each layer's option."""
         assert isinstance(options, V4AttentionOptions)
         if not options.attention_sink:
-            raise ConfigError("attention_sink: false has no HF form (transformers' DeepseekV4Attention always has a "
-                              "sink; a zero sink is not the same as none): export with attention_sink: true")
+            raise ConfigError(
+                "attention_sink: false has no HF form (transformers' DeepseekV4Attention always has a "
+                "sink; a zero sink is not the same as none): export with attention_sink: true"
+            )
         factor = options.rope_head_dim / options.head_dim
-        compress: dict[str, Any] = {"rope_type": "default", "rope_theta": options.compress_rope_theta,
-                                    "partial_rotary_factor": factor}
+        compress: dict[str, Any] = {
+            "rope_type": "default",
+            "rope_theta": options.compress_rope_theta,
+            "partial_rotary_factor": factor,
+        }
         if options.compress_rope_factor > 1:
-            compress.update(rope_type="yarn", factor=options.compress_rope_factor, attention_factor=1.0,
-                            original_max_position_embeddings=options.compress_original_seq_len,
-                            beta_fast=options.compress_beta_fast, beta_slow=options.compress_beta_slow)
-        main = {"rope_type": "default", "rope_theta": options.rope_theta or config.rope_theta,
-                "partial_rotary_factor": factor}
-        return {"num_key_value_heads": 1, "head_dim": options.head_dim, "q_lora_rank": options.q_lora_rank,
-                "sliding_window": options.sliding_window, "partial_rotary_factor": factor,
-                "compress_rates": {"compressed_sparse_attention": options.compress_rate_csa,
-                                   "heavily_compressed_attention": options.compress_rate_hca},
-                "index_n_heads": options.index_n_heads, "index_head_dim": options.index_head_dim,
-                "index_topk": options.index_topk, "o_groups": options.o_groups, "o_lora_rank": options.o_lora_rank,
-                "rope_theta": main["rope_theta"], "compress_rope_theta": options.compress_rope_theta,
-                "rope_parameters": {"main": main, "compress": compress}, "attention_bias": False}
+            compress.update(
+                rope_type="yarn",
+                factor=options.compress_rope_factor,
+                attention_factor=1.0,
+                original_max_position_embeddings=options.compress_original_seq_len,
+                beta_fast=options.compress_beta_fast,
+                beta_slow=options.compress_beta_slow,
+            )
+        main = {
+            "rope_type": "default",
+            "rope_theta": options.rope_theta or config.rope_theta,
+            "partial_rotary_factor": factor,
+        }
+        return {
+            "num_key_value_heads": 1,
+            "head_dim": options.head_dim,
+            "q_lora_rank": options.q_lora_rank,
+            "sliding_window": options.sliding_window,
+            "partial_rotary_factor": factor,
+            "compress_rates": {
+                "compressed_sparse_attention": options.compress_rate_csa,
+                "heavily_compressed_attention": options.compress_rate_hca,
+            },
+            "index_n_heads": options.index_n_heads,
+            "index_head_dim": options.index_head_dim,
+            "index_topk": options.index_topk,
+            "o_groups": options.o_groups,
+            "o_lora_rank": options.o_lora_rank,
+            "rope_theta": main["rope_theta"],
+            "compress_rope_theta": options.compress_rope_theta,
+            "rope_parameters": {"main": main, "compress": compress},
+            "attention_bias": False,
+        }
 
     @classmethod
     def options_from_hf(cls, family: str, hf: dict[str, Any]) -> dict[str, Any]:
@@ -292,12 +375,17 @@ class V4Attention(AttentionBase):
         head_dim = int(hf["head_dim"])
         rates = hf.get("compress_rates") or {}
         options: dict[str, Any] = {
-            "head_dim": head_dim, "q_lora_rank": hf["q_lora_rank"], "sliding_window": hf["sliding_window"],
+            "head_dim": head_dim,
+            "q_lora_rank": hf["q_lora_rank"],
+            "sliding_window": hf["sliding_window"],
             "rope_head_dim": _rope_head_dim(hf, head_dim),
             "compress_rate_csa": rates.get("compressed_sparse_attention", 4),
             "compress_rate_hca": rates.get("heavily_compressed_attention", 128),
-            "index_n_heads": hf["index_n_heads"], "index_head_dim": hf["index_head_dim"],
-            "index_topk": hf["index_topk"], "o_groups": hf["o_groups"], "o_lora_rank": hf["o_lora_rank"],
+            "index_n_heads": hf["index_n_heads"],
+            "index_head_dim": hf["index_head_dim"],
+            "index_topk": hf["index_topk"],
+            "o_groups": hf["o_groups"],
+            "o_lora_rank": hf["o_lora_rank"],
         }
         options.update(_rope_options_from_hf(hf))
         return options
@@ -336,9 +424,15 @@ class V4Attention(AttentionBase):
         q_BTHd = F.rms_norm(q_BTHd.float(), (self.head_dim,), None, self.eps).to(q_BTHd.dtype)  # no scale
         return apply_rope_tail(q_BTHd, cos_TP[:, None], sin_TP[:, None])
 
-    def _attend_blocks(self, q_BTHd: torch.Tensor, keys_BSd: torch.Tensor, key_positions_S: torch.Tensor,
-                       far_BNd: Optional[torch.Tensor], far_BTN: Optional[torch.Tensor], ctx: ForwardContext
-                       ) -> torch.Tensor:
+    def _attend_blocks(
+        self,
+        q_BTHd: torch.Tensor,
+        keys_BSd: torch.Tensor,
+        key_positions_S: torch.Tensor,
+        far_BNd: torch.Tensor | None,
+        far_BTN: torch.Tensor | None,
+        ctx: ForwardContext,
+    ) -> torch.Tensor:
         """The attention output [B, T, H, d], block of queries after block (see ``_query_blocks``)."""
         positions_T, docs_BT = ctx.positions_T, ctx.document_ids_BT
         blocks = []
@@ -359,8 +453,9 @@ class V4Attention(AttentionBase):
         C = self.query_block
         return [(a, min(a + C, T), max(0, a - self.window + 1), min(a + C, T)) for a in range(0, T, C)]
 
-    def _window_mask(self, positions_T: torch.Tensor, key_positions_S: torch.Tensor,
-                     docs: Optional[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    def _window_mask(
+        self, positions_T: torch.Tensor, key_positions_S: torch.Tensor, docs: tuple[torch.Tensor, torch.Tensor] | None
+    ) -> torch.Tensor:
         """[B or 1, T, S]: keys at most ``window - 1`` positions back, never ahead, same document
         (``docs``: the queries' and the keys' document ids)."""
         gap_TS = positions_T[:, None] - key_positions_S[None, :]
@@ -370,9 +465,15 @@ class V4Attention(AttentionBase):
         query_docs_BT, key_docs_BS = docs
         return near_1TS & (query_docs_BT[:, :, None] == key_docs_BS[:, None, :])
 
-    def _compressed(self, x_BTD: torch.Tensor, q_latent_BTQ: torch.Tensor, cos_TP: torch.Tensor,
-                    sin_TP: torch.Tensor, inv_freq_P: torch.Tensor, ctx: ForwardContext
-                    ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    def _compressed(
+        self,
+        x_BTD: torch.Tensor,
+        q_latent_BTQ: torch.Tensor,
+        cos_TP: torch.Tensor,
+        sin_TP: torch.Tensor,
+        inv_freq_P: torch.Tensor,
+        ctx: ForwardContext,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """The compressed entries [B, N, d] and which of them each query reads [B, T, N]."""
         if self.compressor is None:
             return None, None
@@ -382,11 +483,19 @@ class V4Attention(AttentionBase):
         entries_BNd = self.compressor.entries(x_BTD, inv_freq_P, None if cache is None else cache.compressor, origin)
         readable_BTN = self._readable(entries_BNd.shape[1], positions_T - origin, x_BTD.shape[0], ctx.document_ids_BT)
         if self.indexer is not None:
-            readable_BTN = self.indexer.select(x_BTD, q_latent_BTQ, cos_TP, sin_TP, readable_BTN, inv_freq_P,
-                                               None if cache is None else cache.indexer, origin)
+            readable_BTN = self.indexer.select(
+                x_BTD,
+                q_latent_BTQ,
+                cos_TP,
+                sin_TP,
+                readable_BTN,
+                inv_freq_P,
+                None if cache is None else cache.indexer,
+                origin,
+            )
         return entries_BNd, readable_BTN
 
-    def _readable(self, N: int, offsets_T: torch.Tensor, B: int, docs_BT: Optional[torch.Tensor]) -> torch.Tensor:
+    def _readable(self, N: int, offsets_T: torch.Tensor, B: int, docs_BT: torch.Tensor | None) -> torch.Tensor:
         """Entry w is readable at offset t once its window is complete, ``(w+1)·m <= t+1``, and (packed
         documents) when its first source token lies in the query's document."""
         assert self.compressor is not None
@@ -400,16 +509,30 @@ class V4Attention(AttentionBase):
         source_docs_BN = docs_BT[:, first_N]
         return readable_BTN & (docs_BT[:, :, None] == source_docs_BN[:, None, :])
 
-    def _attend(self, q_BTHd: torch.Tensor, keys_BSd: torch.Tensor, near_BTS: torch.Tensor,
-                far_BNd: Optional[torch.Tensor], far_BTN: Optional[torch.Tensor]) -> torch.Tensor:
+    def _attend(
+        self,
+        q_BTHd: torch.Tensor,
+        keys_BSd: torch.Tensor,
+        near_BTS: torch.Tensor,
+        far_BNd: torch.Tensor | None,
+        far_BTN: torch.Tensor | None,
+    ) -> torch.Tensor:
         """One softmax over window keys, readable entries and the sink; the key is also the value."""
-        scale = self.head_dim ** -0.5
-        logits = [torch.einsum("bthd,bsd->bhts", q_BTHd, keys_BSd).float().mul(scale)
-                  .masked_fill(~near_BTS[:, None], float("-inf"))]
+        scale = self.head_dim**-0.5
+        logits = [
+            torch.einsum("bthd,bsd->bhts", q_BTHd, keys_BSd)
+            .float()
+            .mul(scale)
+            .masked_fill(~near_BTS[:, None], float("-inf"))
+        ]
         values = [keys_BSd]
         if far_BNd is not None and far_BTN is not None:
-            logits.append(torch.einsum("bthd,bnd->bhtn", q_BTHd, far_BNd).float().mul(scale)
-                          .masked_fill(~far_BTN[:, None], float("-inf")))
+            logits.append(
+                torch.einsum("bthd,bnd->bhtn", q_BTHd, far_BNd)
+                .float()
+                .mul(scale)
+                .masked_fill(~far_BTN[:, None], float("-inf"))
+            )
             values.append(far_BNd)
         B, T, H, _ = q_BTHd.shape
         width = sum(part.shape[-1] for part in logits)
@@ -435,8 +558,10 @@ def _rope_options_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
         "compress_rope_theta": float(compress.get("rope_theta", hf.get("compress_rope_theta", 160000.0))),
     }
     if compress.get("rope_type") == "yarn":
-        options.update(compress_rope_factor=float(compress["factor"]),
-                       compress_original_seq_len=int(compress["original_max_position_embeddings"]),
-                       compress_beta_fast=float(compress.get("beta_fast") or 32.0),
-                       compress_beta_slow=float(compress.get("beta_slow") or 1.0))
+        options.update(
+            compress_rope_factor=float(compress["factor"]),
+            compress_original_seq_len=int(compress["original_max_position_embeddings"]),
+            compress_beta_fast=float(compress.get("beta_fast") or 32.0),
+            compress_beta_slow=float(compress.get("beta_slow") or 1.0),
+        )
     return options

@@ -34,8 +34,6 @@ heads, i indexer head width, P rotated channel pairs.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -51,8 +49,16 @@ class PoolState:
     the entries emitted so far (at most ``max_len // m``), and for overlapping windows the first
     series of the last complete window (entry ``w`` needs it when window ``w`` completes later)."""
 
-    def __init__(self, batch_size: int, rate: int, width: int, overlap: bool, max_len: int,
-                 device: torch.device, dtype: torch.dtype) -> None:
+    def __init__(
+        self,
+        batch_size: int,
+        rate: int,
+        width: int,
+        overlap: bool,
+        max_len: int,
+        device: torch.device,
+        dtype: torch.dtype,
+    ) -> None:
         K = 2 * width if overlap else width
         self.rate, self.width, self.overlap = rate, width, overlap
         self.pending_kv_BmK = torch.zeros(batch_size, rate, K, device=device, dtype=dtype)
@@ -61,7 +67,9 @@ class PoolState:
         self.entries_BNc = torch.zeros(batch_size, max_len // rate, width, device=device, dtype=dtype)
         self.num_entries = 0
         self.prior_kv_Bmc = torch.zeros(batch_size, rate, width, device=device, dtype=dtype) if overlap else None
-        self.prior_gate_Bmc = torch.zeros(batch_size, rate, width, device=device, dtype=torch.float32) if overlap else None
+        self.prior_gate_Bmc = (
+            torch.zeros(batch_size, rate, width, device=device, dtype=torch.float32) if overlap else None
+        )
         self.has_prior = False
 
     def tensors(self) -> list[torch.Tensor]:
@@ -79,7 +87,7 @@ class PoolState:
         self.pending_gate_BmK[:, : self.num_pending] = gate_BLK[:, usable:]
         return kv_BLK[:, :usable], gate_BLK[:, :usable], self.num_entries
 
-    def prior(self) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+    def prior(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         if not self.has_prior:
             return None
         assert self.prior_kv_Bmc is not None and self.prior_gate_Bmc is not None
@@ -95,7 +103,7 @@ class PoolState:
         """Append new entries; return every entry so far [B, N, c] (a view)."""
         end = self.num_entries + entries_Bnc.shape[1]
         assert end <= self.entries_BNc.shape[1], "the cache's reserve() bounds the tokens, hence the entries"
-        self.entries_BNc[:, self.num_entries: end] = entries_Bnc
+        self.entries_BNc[:, self.num_entries : end] = entries_Bnc
         self.num_entries = end
         return self.entries_BNc[:, :end]
 
@@ -123,8 +131,9 @@ class Compressor(nn.Module):
     def new_state(self, batch_size: int, max_len: int, device: torch.device, dtype: torch.dtype) -> PoolState:
         return PoolState(batch_size, self.rate, self.width, self.overlap, max_len, device, dtype)
 
-    def entries(self, x_BTD: torch.Tensor, inv_freq_P: torch.Tensor, state: Optional[PoolState],
-                origin: torch.Tensor) -> torch.Tensor:
+    def entries(
+        self, x_BTD: torch.Tensor, inv_freq_P: torch.Tensor, state: PoolState | None, origin: torch.Tensor
+    ) -> torch.Tensor:
         """All entries readable after these tokens, rotated: [B, N, c].
 
         Without a state (training) the windows of ``x_BTD`` itself, a trailing partial window
@@ -142,15 +151,18 @@ class Compressor(nn.Module):
         if n == 0:
             new_Bnc = kv_BTK.new_zeros(B, 0, self.width)
         else:
-            pooled_Bnc, last = self._pool(kv_BLK.unflatten(1, (n, self.rate)), gate_BLK.unflatten(1, (n, self.rate)), prior)
+            pooled_Bnc, last = self._pool(
+                kv_BLK.unflatten(1, (n, self.rate)), gate_BLK.unflatten(1, (n, self.rate)), prior
+            )
             window_start_n = origin + (first + torch.arange(n, device=x_BTD.device)) * self.rate
             new_Bnc = apply_rope_tail(pooled_Bnc, *rope_cos_sin_P(window_start_n, inv_freq_P))
             if state is not None and last is not None:
                 state.set_prior(*last)
         return new_Bnc if state is None else state.store(new_Bnc)
 
-    def _pool(self, kv_BnmK: torch.Tensor, gate_BnmK: torch.Tensor, prior: Optional[tuple[torch.Tensor, torch.Tensor]]
-              ) -> tuple[torch.Tensor, Optional[tuple[torch.Tensor, torch.Tensor]]]:
+    def _pool(
+        self, kv_BnmK: torch.Tensor, gate_BnmK: torch.Tensor, prior: tuple[torch.Tensor, torch.Tensor] | None
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
         """Softmax-gated sums over each window's slots, normalised: [B, n, c]; and, for overlapping
         windows, the last window's first series (values, biased gates) for the next call."""
         gate_BnmK = gate_BnmK.float() + self.position_bias
@@ -163,8 +175,9 @@ class Compressor(nn.Module):
         weights = slots_gate.softmax(dim=2).to(slots_kv.dtype)
         return self.kv_norm((slots_kv * weights).sum(dim=2)), last
 
-    def _overlap_slots(self, kv_BnmK: torch.Tensor, gate_BnmK: torch.Tensor,
-                       prior: Optional[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _overlap_slots(
+        self, kv_BnmK: torch.Tensor, gate_BnmK: torch.Tensor, prior: tuple[torch.Tensor, torch.Tensor] | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """[B, n, 2m, c]: window w-1's first series, then window w's second series."""
         B, _, m, _ = kv_BnmK.shape
         c = self.width
@@ -175,24 +188,32 @@ class Compressor(nn.Module):
             prev_kv_B1mc, prev_gate_B1mc = prior[0][:, None].to(kv_BnmK.dtype), prior[1][:, None]
         prev_kv = torch.cat((prev_kv_B1mc, kv_BnmK[:, :-1, :, :c]), dim=1)
         prev_gate = torch.cat((prev_gate_B1mc, gate_BnmK[:, :-1, :, :c]), dim=1)
-        return (torch.cat((prev_kv, kv_BnmK[..., c:]), dim=2),
-                torch.cat((prev_gate, gate_BnmK[..., c:]), dim=2))
+        return (torch.cat((prev_kv, kv_BnmK[..., c:]), dim=2), torch.cat((prev_gate, gate_BnmK[..., c:]), dim=2))
 
 
 class Indexer(Compressor):
     """The lightning indexer of CSA: its own overlapping compressor at width ``head_dim`` and
     ``num_heads`` cheap ReLU scoring heads; ``select`` keeps the ``topk`` best readable entries."""
 
-    def __init__(self, dim: int, q_lora_rank: int, num_heads: int, head_dim: int, topk: int, rate: int,
-                 eps: float) -> None:
+    def __init__(
+        self, dim: int, q_lora_rank: int, num_heads: int, head_dim: int, topk: int, rate: int, eps: float
+    ) -> None:
         super().__init__(dim, head_dim, rate, overlap=True, eps=eps)
         self.num_heads, self.head_dim, self.topk = num_heads, head_dim, topk
         self.q_b_proj = nn.Linear(q_lora_rank, num_heads * head_dim, bias=False)
         self.weights_proj = nn.Linear(dim, num_heads, bias=False)
 
-    def select(self, x_BTD: torch.Tensor, q_latent_BTQ: torch.Tensor, cos_TP: torch.Tensor, sin_TP: torch.Tensor,
-               readable_BTN: torch.Tensor, inv_freq_P: torch.Tensor, state: Optional[PoolState],
-               origin: torch.Tensor) -> torch.Tensor:
+    def select(
+        self,
+        x_BTD: torch.Tensor,
+        q_latent_BTQ: torch.Tensor,
+        cos_TP: torch.Tensor,
+        sin_TP: torch.Tensor,
+        readable_BTN: torch.Tensor,
+        inv_freq_P: torch.Tensor,
+        state: PoolState | None,
+        origin: torch.Tensor,
+    ) -> torch.Tensor:
         """Boolean [B, T, N]: the entries each query attends to (top-k by score among the readable)."""
         keys_BNi = self.entries(x_BTD, inv_freq_P, state, origin)
         N = keys_BNi.shape[1]
@@ -201,8 +222,8 @@ class Indexer(Compressor):
         B, T, _ = x_BTD.shape
         q_BTIi = self.q_b_proj(q_latent_BTQ).view(B, T, self.num_heads, self.head_dim)
         q_BTIi = apply_rope_tail(q_BTIi, cos_TP[:, None], sin_TP[:, None])
-        relu_BTIN = F.relu(torch.einsum("btji,bni->btjn", q_BTIi.float(), keys_BNi.float())) * self.head_dim ** -0.5
-        head_weight_BTI = self.weights_proj(x_BTD).float() * self.num_heads ** -0.5
+        relu_BTIN = F.relu(torch.einsum("btji,bni->btjn", q_BTIi.float(), keys_BNi.float())) * self.head_dim**-0.5
+        head_weight_BTI = self.weights_proj(x_BTD).float() * self.num_heads**-0.5
         score_BTN = (relu_BTIN * head_weight_BTI[..., None]).sum(dim=2).masked_fill(~readable_BTN, float("-inf"))
         # ties are real: an entry every head scores below zero scores exactly 0 after the ReLU. topk
         # breaks ties arbitrarily, and differently for the N entries of a full forward than for the

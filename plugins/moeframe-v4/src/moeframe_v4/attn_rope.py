@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 
@@ -30,14 +29,14 @@ class RopeSetting:
 
     theta: float
     factor: float = 1.0
-    original_seq_len: Optional[int] = None
+    original_seq_len: int | None = None
     beta_fast: float = 32.0
     beta_slow: float = 1.0
 
-    def inv_freq_P(self, rope_dim: int, device: Optional[torch.device] = None) -> torch.Tensor:
+    def inv_freq_P(self, rope_dim: int, device: torch.device | None = None) -> torch.Tensor:
         """Angular speed of each channel pair (YaRN: interpolated slow pairs, kept fast pairs)."""
         exponent_P = torch.arange(0, rope_dim, 2, dtype=torch.float32, device=device) / rope_dim
-        extrapolated_P = 1.0 / (self.theta ** exponent_P)
+        extrapolated_P = 1.0 / (self.theta**exponent_P)
         if self.factor <= 1:
             return extrapolated_P
         assert self.original_seq_len is not None  # the options' validate() guarantees it
@@ -50,9 +49,11 @@ class RopeSetting:
     def _ramp_bounds(self, rope_dim: int) -> tuple[float, float]:
         """Pair indices where a pair turns ``beta_fast`` resp. ``beta_slow`` times in the original
         context (YaRN's correction range), widened to whole pairs."""
+
         def pair_for(turns: float) -> float:
             assert self.original_seq_len is not None
             return rope_dim * math.log(self.original_seq_len / (turns * 2 * math.pi)) / (2 * math.log(self.theta))
+
         low = max(math.floor(pair_for(self.beta_fast)), 0)
         high = min(math.ceil(pair_for(self.beta_slow)), rope_dim - 1)
         return float(low), float(high)
@@ -71,7 +72,7 @@ def apply_rope_tail(x: torch.Tensor, cos_TP: torch.Tensor, sin_TP: torch.Tensor)
     caller when ``x`` has one. Passing ``-sin`` turns by the opposite angle (V4 uses this to take the
     query's own position back out of the attention output)."""
     P = cos_TP.shape[-1]
-    nope, rope = x[..., : -2 * P], x[..., -2 * P:]
+    nope, rope = x[..., : -2 * P], x[..., -2 * P :]
     even, odd = rope.float().unflatten(-1, (P, 2)).unbind(-1)
     turned = torch.stack((even * cos_TP - odd * sin_TP, odd * cos_TP + even * sin_TP), dim=-1).flatten(-2)
     return torch.cat((nope, turned.to(x.dtype)), dim=-1)
