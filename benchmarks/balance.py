@@ -43,10 +43,18 @@ def run(name: str, args: argparse.Namespace, data: PretrainDataModule, root: Pat
     module = PretrainModule(ModelConfig(**config), OptimConfig(lr=3e-3, warmup_steps=min(50, args.steps // 5)))
     balance = ExpertBalance(log_every_n_steps=1, heatmaps=True)
     trainer = L.Trainer(
-        accelerator="cpu", devices=1, max_steps=args.steps, gradient_clip_val=1.0,
-        val_check_interval=args.steps, limit_val_batches=args.val_batches, num_sanity_val_steps=0,
-        logger=CSVLogger(root, name=name), callbacks=[balance], enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False,
+        accelerator="cpu",
+        devices=1,
+        max_steps=args.steps,
+        gradient_clip_val=1.0,
+        val_check_interval=args.steps,
+        limit_val_batches=args.val_batches,
+        num_sanity_val_steps=0,
+        logger=CSVLogger(root, name=name),
+        callbacks=[balance],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
     )
     started = time.perf_counter()
     trainer.fit(module, data)
@@ -54,7 +62,7 @@ def run(name: str, args: argparse.Namespace, data: PretrainDataModule, root: Pat
     (metrics_csv,) = root.glob(f"{name}/version_*/metrics.csv")
     with metrics_csv.open() as f:
         maxvio = [float(r["balance/maxvio_batch"]) for r in csv.DictReader(f) if r.get("balance/maxvio_batch")]
-    last = maxvio[-args.last:]
+    last = maxvio[-args.last :]
     return {
         "router": name,
         "maxvio_batch": sum(last) / len(last),
@@ -80,19 +88,25 @@ def main() -> None:
     data = PretrainDataModule(seq_len=256, batch_size=16, max_bytes=4_000_000)
     results = [run(name, args, data, root) for name in args.routers]
 
-    print(f"\n{args.steps} steps x 16 x 256 byte tokens, seed {args.seed}; MaxVio_batch = mean of the last "
-          f"{args.last} steps; validation on {args.val_batches} batches")
+    print(
+        f"\n{args.steps} steps x 16 x 256 byte tokens, seed {args.seed}; MaxVio_batch = mean of the last "
+        f"{args.last} steps; validation on {args.val_batches} batches"
+    )
     print(f"{'router':<10} {'MaxVio_batch':>12} {'MaxVio_global':>13} {'val loss':>9} {'time (s)':>9}")
     for r in results:
-        print(f"{r['router']:<10} {r['maxvio_batch']:>12.3f} {r['maxvio_global']:>13.3f} {r['val_loss']:>9.4f} {r['seconds']:>9.0f}")
+        print(
+            f"{r['router']:<10} {r['maxvio_batch']:>12.3f} {r['maxvio_global']:>13.3f} {r['val_loss']:>9.4f} {r['seconds']:>9.0f}"
+        )
     print(f"logs and heatmaps: {root}")
     if [r["router"] for r in results] != ["topk", "aux_free"]:
         return
     base, aux = results
     balanced = aux["maxvio_batch"] <= 0.25 and aux["maxvio_batch"] < base["maxvio_batch"]
     quality = aux["val_loss"] <= base["val_loss"] * 1.01
-    print(f"aux_free MaxVio_batch <= 0.25 and below topk: {balanced}; "
-          f"val loss within 1% of topk: {quality} ({100 * (aux['val_loss'] / base['val_loss'] - 1):+.2f}%)")
+    print(
+        f"aux_free MaxVio_batch <= 0.25 and below topk: {balanced}; "
+        f"val loss within 1% of topk: {quality} ({100 * (aux['val_loss'] / base['val_loss'] - 1):+.2f}%)"
+    )
 
 
 if __name__ == "__main__":

@@ -16,8 +16,8 @@ import argparse
 import tempfile
 import time
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -51,9 +51,13 @@ def measure(path: Path, repeats: int) -> dict[str, float]:
     crc_only = best_of(repeats, lambda: verify_checkpoint(path))
     sidecar.write_bytes(kept)
     assert verify_checkpoint(path) is None
-    return {"MB": path.stat().st_size / 2**20, "crc32": crc_only, "sha256": with_sidecar,
-            "zip directory only (before)": best_of(repeats, lambda: zipfile.is_zipfile(path)),
-            "torch.load": best_of(repeats, lambda: torch.load(path, weights_only=True))}
+    return {
+        "MB": path.stat().st_size / 2**20,
+        "crc32": crc_only,
+        "sha256": with_sidecar,
+        "zip directory only (before)": best_of(repeats, lambda: zipfile.is_zipfile(path)),
+        "torch.load": best_of(repeats, lambda: torch.load(path, weights_only=True)),
+    }
 
 
 def main() -> None:
@@ -61,8 +65,10 @@ def main() -> None:
     parser.add_argument("--mb", type=float, nargs="+", default=[0.05, 23.0, 100.0], help="checkpoint sizes in MB")
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
-    print("| checkpoint | CRC32 check (no sidecar) | SHA-256 instead (sidecar describes the file) "
-          "| zip directory only (before) | torch.load |")
+    print(
+        "| checkpoint | CRC32 check (no sidecar) | SHA-256 instead (sidecar describes the file) "
+        "| zip directory only (before) | torch.load |"
+    )
     print("|---:|---:|---:|---:|---:|")
     with tempfile.TemporaryDirectory() as folder:
         for mb in args.mb:
@@ -71,8 +77,10 @@ def main() -> None:
             r = measure(path, args.repeats)
             ms = {k: f"{v * 1000:.1f} ms" for k, v in r.items() if k != "MB"}
             rate = f" ({r['MB'] / r['crc32'] / 1024:.1f} GB/s)" if r["MB"] > 1 else ""
-            print(f"| {r['MB']:.2f} MB | {ms['crc32']}{rate} | {ms['sha256']} | {ms['zip directory only (before)']} "
-                  f"| {ms['torch.load']} |")
+            print(
+                f"| {r['MB']:.2f} MB | {ms['crc32']}{rate} | {ms['sha256']} | {ms['zip directory only (before)']} "
+                f"| {ms['torch.load']} |"
+            )
             path.unlink()
 
 

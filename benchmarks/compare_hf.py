@@ -60,14 +60,15 @@ import argparse
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-
 import transformers
+
 from moeframe.convert import from_hf
 from moeframe.model.base import RouterBase
 
@@ -75,16 +76,49 @@ from moeframe.model.base import RouterBase
 # 256 experts of width 2048 in 8 groups, 4 groups kept, top-8, 1 shared, dense first layers)
 # shrunk so that one training step takes about a second on 2 cores.
 V3_SHAPED = dict(
-    vocab_size=4096, hidden_size=256, intermediate_size=640, moe_intermediate_size=64, num_hidden_layers=4,
-    first_k_dense_replace=1, num_attention_heads=8, num_key_value_heads=8, q_lora_rank=64, kv_lora_rank=64,
-    qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32, n_routed_experts=64, num_experts_per_tok=6,
-    n_group=8, topk_group=4, n_shared_experts=1, routed_scaling_factor=2.5, norm_topk_prob=True,
-    max_position_embeddings=1024, num_nextn_predict_layers=0, rope_interleave=True,
+    vocab_size=4096,
+    hidden_size=256,
+    intermediate_size=640,
+    moe_intermediate_size=64,
+    num_hidden_layers=4,
+    first_k_dense_replace=1,
+    num_attention_heads=8,
+    num_key_value_heads=8,
+    q_lora_rank=64,
+    kv_lora_rank=64,
+    qk_nope_head_dim=32,
+    qk_rope_head_dim=16,
+    v_head_dim=32,
+    n_routed_experts=64,
+    num_experts_per_tok=6,
+    n_group=8,
+    topk_group=4,
+    n_shared_experts=1,
+    routed_scaling_factor=2.5,
+    norm_topk_prob=True,
+    max_position_embeddings=1024,
+    num_nextn_predict_layers=0,
+    rope_interleave=True,
 )
-SMOKE = dict(V3_SHAPED, vocab_size=256, hidden_size=64, intermediate_size=128, moe_intermediate_size=16,
-             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, q_lora_rank=32, kv_lora_rank=16,
-             qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, n_routed_experts=8, num_experts_per_tok=2,
-             n_group=4, topk_group=2)
+SMOKE = dict(
+    V3_SHAPED,
+    vocab_size=256,
+    hidden_size=64,
+    intermediate_size=128,
+    moe_intermediate_size=16,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    q_lora_rank=32,
+    kv_lora_rank=16,
+    qk_nope_head_dim=8,
+    qk_rope_head_dim=8,
+    v_head_dim=8,
+    n_routed_experts=8,
+    num_experts_per_tok=2,
+    n_group=4,
+    topk_group=2,
+)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
@@ -93,7 +127,7 @@ def make_checkpoint(folder: Path, shape: dict[str, Any], seed: int = 0) -> None:
     torch.manual_seed(seed)
     model = transformers.DeepseekV3ForCausalLM(transformers.DeepseekV3Config(**shape))
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for _name, p in model.named_parameters():
             if p.dim() >= 2:
                 p.normal_(0, 0.02)  # transformers' init leaves the stacked experts unset on CPU
         for m in model.modules():
@@ -104,7 +138,8 @@ def make_checkpoint(folder: Path, shape: dict[str, Any], seed: int = 0) -> None:
 
 def load_hf(folder: Path, dtype: torch.dtype) -> torch.nn.Module:
     model = transformers.DeepseekV3ForCausalLM.from_pretrained(
-        folder, dtype=dtype, attn_implementation="sdpa", experts_implementation="grouped_mm")
+        folder, dtype=dtype, attn_implementation="sdpa", experts_implementation="grouped_mm"
+    )
     return model.train()
 
 
@@ -180,23 +215,28 @@ def check_logits(folder: Path, dtype: torch.dtype, ids: torch.Tensor) -> tuple[b
         theirs = hf_logits(load_hf(folder, dtype).eval(), ids).float()
     ours_err, theirs_err = (ours - ref).abs().mean().item(), (theirs - ref).abs().mean().item()
     ok = ours_err <= 1.5 * theirs_err + 1e-6
-    return ok, (f"mean |logits - fp32 reference|: moeframe {ours_err:.2e}, transformers {theirs_err:.2e} "
-                f"(moeframe within 1.5x of transformers' own {dtype} error)")
+    return ok, (
+        f"mean |logits - fp32 reference|: moeframe {ours_err:.2e}, transformers {theirs_err:.2e} "
+        f"(moeframe within 1.5x of transformers' own {dtype} error)"
+    )
 
 
 def weight_bytes(model: torch.nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
-def run(dtype_name: str, folder: Path, batch: int, seq: int, steps: int, warmup: int, vocab: int,
-        compiled: bool = False) -> dict[str, Any]:
+def run(
+    dtype_name: str, folder: Path, batch: int, seq: int, steps: int, warmup: int, vocab: int, compiled: bool = False
+) -> dict[str, Any]:
     dtype = DTYPES[dtype_name]
     gen = torch.Generator().manual_seed(1)
     ids = torch.randint(0, vocab, (batch, seq), generator=gen)
     labels = torch.randint(0, vocab, (batch, seq), generator=gen)
     ok, logits_msg = check_logits(folder, dtype, ids)
-    contestants = [trainee("transformers", load_hf(folder, dtype), ids, labels),
-                   trainee("moeframe", load_moeframe(folder, dtype), ids, labels)]
+    contestants = [
+        trainee("transformers", load_hf(folder, dtype), ids, labels),
+        trainee("moeframe", load_moeframe(folder, dtype), ids, labels),
+    ]
     if compiled:
         model = load_moeframe(folder, dtype)
         model.configure_runtime(compile="block")
@@ -213,8 +253,12 @@ def run(dtype_name: str, folder: Path, batch: int, seq: int, steps: int, warmup:
     result: dict[str, Any] = {"dtype": dtype_name, "logits_ok": ok, "logits": logits_msg}
     for c in contestants:
         median = statistics.median(c.times)
-        result[c.name] = {"step_s": median, "tokens_per_s": batch * seq / median,
-                          "peak_bytes": profiled_peak_bytes(c.step), "weight_bytes": weight_bytes(c.model)}
+        result[c.name] = {
+            "step_s": median,
+            "tokens_per_s": batch * seq / median,
+            "peak_bytes": profiled_peak_bytes(c.step),
+            "weight_bytes": weight_bytes(c.model),
+        }
     result["names"] = [c.name for c in contestants]
     result["ratio"] = result["moeframe"]["tokens_per_s"] / result["transformers"]["tokens_per_s"]
     if compiled:
@@ -227,8 +271,10 @@ def print_result(r: dict[str, Any]) -> None:
     print(f"{'':18s}{'step ms':>10s}{'tokens/s':>12s}{'peak step MiB':>15s}{'weights MiB':>13s}")
     for name in r["names"]:
         s = r[name]
-        print(f"{name:18s}{s['step_s'] * 1e3:10.1f}{s['tokens_per_s']:12,.0f}{s['peak_bytes'] / 2**20:15.1f}"
-              f"{s['weight_bytes'] / 2**20:13.1f}")
+        print(
+            f"{name:18s}{s['step_s'] * 1e3:10.1f}{s['tokens_per_s']:12,.0f}{s['peak_bytes'] / 2**20:15.1f}"
+            f"{s['weight_bytes'] / 2**20:13.1f}"
+        )
     print(f"moeframe / transformers tokens/s = {r['ratio']:.2f}x")
     if "ratio_compiled" in r:
         print(f"moeframe (compile: block) / transformers tokens/s = {r['ratio_compiled']:.2f}x")
@@ -254,9 +300,11 @@ def main(argv: list[str] | None = None) -> int:
     shape = SMOKE if args.smoke else V3_SHAPED
     batch, seq = (2, 32) if args.smoke else (args.batch, args.seq)
     steps, warmup = (2, 1) if args.smoke else (args.steps, args.warmup)
-    print(f"V3-shaped model: {shape}\nbatch {batch} x {seq} tokens, {torch.get_num_threads()} threads, "
-          f"torch {torch.__version__}, transformers {transformers.__version__} (sdpa, grouped_mm experts), "
-          f"AdamW fused, median of {steps} alternating steps after {warmup} warm-up")
+    print(
+        f"V3-shaped model: {shape}\nbatch {batch} x {seq} tokens, {torch.get_num_threads()} threads, "
+        f"torch {torch.__version__}, transformers {transformers.__version__} (sdpa, grouped_mm experts), "
+        f"AdamW fused, median of {steps} alternating steps after {warmup} warm-up"
+    )
     all_ok = True
     with tempfile.TemporaryDirectory() as tmp:
         make_checkpoint(Path(tmp), shape)

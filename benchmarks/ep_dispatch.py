@@ -51,8 +51,9 @@ def _timed(fn, timings: list[float]):
 def _rank(rank: int, world: int, port: int, tokens: int, repeats: int, queue) -> None:
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)  # 2 processes on 2 cores: one core each
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=120))
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world, timeout=timedelta(seconds=120)
+    )
     torch.manual_seed(0)
     config = ModelConfig(dim=DIM, moe_ffn_dim=HIDDEN, n_routed_experts=EXPERTS, n_activated_experts=TOP_K)
     full = GroupedExperts(config, GroupedOptions(), EXPERTS, DIM, HIDDEN)
@@ -77,8 +78,9 @@ def _rank(rank: int, world: int, port: int, tokens: int, repeats: int, queue) ->
             x_RD = _timed(lambda: all_to_all_single(x_ND, recv, send, ep_group), t["dispatch"])
             local_R = torch.repeat_interleave(torch.arange(shard.num_local_experts).repeat(world), recv_RE.flatten())
             by_expert = local_R.argsort(stable=True)
-            y_RD = _timed(lambda: expert_ffn(x_RD[by_expert], shard.w1, shard.w2, shard.w3, recv_RE.sum(0)),
-                          t["experts"])
+            y_RD = _timed(
+                lambda: expert_ffn(x_RD[by_expert], shard.w1, shard.w2, shard.w3, recv_RE.sum(0)), t["experts"]
+            )
             _timed(lambda: all_to_all_single(y_RD, send, recv, ep_group), t["combine"])
             _timed(lambda: full(x_TD, weights_TK, indices_TK), t["no_ep_layer"])
             if i >= 3:
@@ -106,12 +108,18 @@ def main() -> None:
     per_rank = queue.get()
     ms = {k: max(r[k] for r in per_rank) for k in per_rank[0]}  # the slower rank sets the pace
     a2a = ms["counts"] + ms["dispatch"] + ms["combine"]
-    print(f"EP dispatch, tiny config (D={DIM}, F={HIDDEN}, E={EXPERTS}, top-{TOP_K}), EP=2 over 2 CPU processes "
-          f"(gloo, 1 thread each), {args.tokens} tokens per rank, forward, float32, median of {args.repeats}")
+    print(
+        f"EP dispatch, tiny config (D={DIM}, F={HIDDEN}, E={EXPERTS}, top-{TOP_K}), EP=2 over 2 CPU processes "
+        f"(gloo, 1 thread each), {args.tokens} tokens per rank, forward, float32, median of {args.repeats}"
+    )
     print(f"{'phase':<34}{'ms':>9}")
-    for name, label in (("counts", "all-to-all of counts"), ("dispatch", "all-to-all dispatch (T*K x D)"),
-                        ("experts", "expert compute (4 local experts)"), ("combine", "all-to-all combine"),
-                        ("no_ep_layer", "no EP: 8 experts, one process")):
+    for name, label in (
+        ("counts", "all-to-all of counts"),
+        ("dispatch", "all-to-all dispatch (T*K x D)"),
+        ("experts", "expert compute (4 local experts)"),
+        ("combine", "all-to-all combine"),
+        ("no_ep_layer", "no EP: 8 experts, one process"),
+    ):
         print(f"{label:<34}{ms[name]:>9.2f}")
     print(f"{'all-to-all total':<34}{a2a:>9.2f}")
     print(f"all-to-all / expert compute = {a2a / ms['experts']:.2f}")

@@ -38,8 +38,9 @@ def cli(args: list[str], cwd: Path) -> float:
     """Run ``moeframe`` in a subprocess; return its wall time."""
     start = time.perf_counter()
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
-    result = subprocess.run([sys.executable, "-m", "moeframe.cli", *args], cwd=cwd, env=env,
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "moeframe.cli", *args], cwd=cwd, env=env, capture_output=True, text=True
+    )
     if result.returncode != 0:
         sys.exit(f"moeframe {' '.join(args[:3])} failed:\n{result.stderr[-4000:]}")
     return time.perf_counter() - start
@@ -51,8 +52,10 @@ def exact_match(decoder: Decoder, data: SFTDataModule, max_new_tokens: int = 12)
     eos, hits = data.tokenizer.eos_id, 0
     for ex in data.val_examples:
         prompt_BT = torch.tensor([ex.tokens[: ex.prompt_len]])
-        new = [int(t[0]) for t in generate_ids(decoder, prompt_BT, max_new_tokens, eos_id=eos,
-                                               vocab_limit=data.tokenizer.vocab_size)]
+        new = [
+            int(t[0])
+            for t in generate_ids(decoder, prompt_BT, max_new_tokens, eos_id=eos, vocab_limit=data.tokenizer.vocab_size)
+        ]
         ended = bool(new) and new[-1] == eos
         hits += ended and data.tokenizer.decode(new[:-1]) == ex.response
     return hits / len(data.val_examples)
@@ -76,20 +79,44 @@ def main() -> None:
     pretrain_s = 0.0
     pretrained = Path(args.pretrained).resolve() if args.pretrained else None
     if pretrained is None:
-        pretrain_s = cli(["fit", "-c", str(REPO / "configs/pretrain/tiny.yaml"), "--trainer.default_root_dir",
-                          str(work / "pretrain"), "--trainer.max_steps", str(args.pretrain_steps),
-                          "--trainer.val_check_interval", str(args.pretrain_steps), "--trainer.limit_val_batches", "4"],
-                         cwd=work)
+        pretrain_s = cli(
+            [
+                "fit",
+                "-c",
+                str(REPO / "configs/pretrain/tiny.yaml"),
+                "--trainer.default_root_dir",
+                str(work / "pretrain"),
+                "--trainer.max_steps",
+                str(args.pretrain_steps),
+                "--trainer.val_check_interval",
+                str(args.pretrain_steps),
+                "--trainer.limit_val_batches",
+                "4",
+            ],
+            cwd=work,
+        )
         pretrained = work / "pretrain/logs/version_0/checkpoints/last.ckpt"
     data = SFTDataModule(task_operations=tuple(args.operations))  # the embedded task, as fine-tuning sees it
     before = exact_match(load_moeframe(pretrained), data)
 
     config = REPO / "configs/finetune" / f"{args.config}.yaml"
-    finetune_s = cli(["fit", "-c", str(config), "--model.init_args.init_from", str(pretrained),
-                      "--trainer.default_root_dir", str(work / "finetune"), "--trainer.max_steps", str(args.finetune_steps),
-                      "--data.init_args.task_operations", f"[{','.join(args.operations)}]",
-                      *(["--model.init_args.optim.lr", str(args.lr)] if args.lr else [])],
-                     cwd=work)
+    finetune_s = cli(
+        [
+            "fit",
+            "-c",
+            str(config),
+            "--model.init_args.init_from",
+            str(pretrained),
+            "--trainer.default_root_dir",
+            str(work / "finetune"),
+            "--trainer.max_steps",
+            str(args.finetune_steps),
+            "--data.init_args.task_operations",
+            f"[{','.join(args.operations)}]",
+            *(["--model.init_args.optim.lr", str(args.lr)] if args.lr else []),
+        ],
+        cwd=work,
+    )
     after = exact_match(load_moeframe(work / "finetune/logs/version_0/checkpoints/last.ckpt"), data)
 
     lines = [
@@ -110,8 +137,10 @@ def main() -> None:
     print("\n".join(lines))
     if args.append_results:
         with (REPO / "benchmarks/RESULTS.md").open("a") as f:
-            f.write("\n## Fine-tuning skill gain\n\n`python benchmarks/finetune_skill.py`, torch "
-                    f"{torch.__version__.split('+')[0]} CPU, {os.cpu_count()} cores.\n\n" + "\n".join(lines) + "\n")
+            f.write(
+                "\n## Fine-tuning skill gain\n\n`python benchmarks/finetune_skill.py`, torch "
+                f"{torch.__version__.split('+')[0]} CPU, {os.cpu_count()} cores.\n\n" + "\n".join(lines) + "\n"
+            )
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -79,8 +79,11 @@ def check_hopper(device: torch.device, tokens: int, k: int, n: int) -> float:
     xq, xs = quantize_tiles(x)
     wq, ws = quantize_weight(w)
     dyq, dys = quantize_tiles(dy)
-    cases = [(xq, xs, wq, ws, True), (dyq, dys, wq.t(), ws.t(), True),
-             (*quantize_tiles(dy.t()), *quantize_tiles(x.t()), False)]
+    cases = [
+        (xq, xs, wq, ws, True),
+        (dyq, dys, wq.t(), ws.t(), True),
+        (*quantize_tiles(dy.t()), *quantize_tiles(x.t()), False),
+    ]
     worst = 0.0
     for a, a_s, b, b_s, blocks in cases:
         ref = gemm_emulated(a, a_s, b, b_s, blocks)
@@ -89,7 +92,9 @@ def check_hopper(device: torch.device, tokens: int, k: int, n: int) -> float:
     return worst
 
 
-def bench_linear(device: torch.device, backend: str, tokens: int, k: int, n: int, warmup: int, iters: int) -> tuple[float, float]:
+def bench_linear(
+    device: torch.device, backend: str, tokens: int, k: int, n: int, warmup: int, iters: int
+) -> tuple[float, float]:
     x = torch.randn(tokens, k, device=device, requires_grad=True)
     w = (torch.randn(n, k, device=device) * 0.02).requires_grad_()
     recipe = FP8Recipe(backend=backend)  # type: ignore[arg-type]
@@ -107,7 +112,9 @@ def bench_linear(device: torch.device, backend: str, tokens: int, k: int, n: int
     return timed(bf16, device, warmup, iters), timed(fp8, device, warmup, iters)
 
 
-def bench_step(device: torch.device, backend: str, tokens: int, k: int, n: int, warmup: int, iters: int) -> tuple[float, float]:
+def bench_step(
+    device: torch.device, backend: str, tokens: int, k: int, n: int, warmup: int, iters: int
+) -> tuple[float, float]:
     results = []
     for use_fp8 in (False, True):
         torch.manual_seed(0)
@@ -148,22 +155,30 @@ def main() -> None:
     iters = args.iters or (2 if args.smoke else 20)
     warmup = 1 if args.smoke else 5
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"device: {name}; torch {torch.__version__}; fp8 backend: {backend}; {tokens} tokens; "
-          f"median of {iters} after {warmup} warm-up")
+    print(
+        f"device: {name}; torch {torch.__version__}; fp8 backend: {backend}; {tokens} tokens; "
+        f"median of {iters} after {warmup} warm-up"
+    )
     if backend == "hopper":
-        print(f"hopper vs emulated GEMMs (fwd, dgrad, wgrad), max relative difference: "
-              f"{check_hopper(device, min(tokens, 1024), *shapes[0]):.2e}")
-    print(f"| layer (in->out) | what | BF16 ms | FP8 ms | BF16/FP8 |")
-    print(f"|---|---|---:|---:|---:|")
+        print(
+            f"hopper vs emulated GEMMs (fwd, dgrad, wgrad), max relative difference: "
+            f"{check_hopper(device, min(tokens, 1024), *shapes[0]):.2e}"
+        )
+    print("| layer (in->out) | what | BF16 ms | FP8 ms | BF16/FP8 |")
+    print("|---|---|---:|---:|---:|")
     for k, n in shapes:
         lin_bf16, lin_fp8 = bench_linear(device, backend, tokens, k, n, warmup, iters)
         print(f"| {k}->{n} | Linear fwd+bwd | {1e3 * lin_bf16:.2f} | {1e3 * lin_fp8:.2f} | {lin_bf16 / lin_fp8:.2f}x |")
         step_bf16, step_fp8 = bench_step(device, backend, tokens, k, n, warmup, iters)
-        print(f"| {k}->{n}->{k} SwiGLU | train step (fwd+bwd+AdamW) | {1e3 * step_bf16:.2f} | {1e3 * step_fp8:.2f} | "
-              f"{step_bf16 / step_fp8:.2f}x |")
+        print(
+            f"| {k}->{n}->{k} SwiGLU | train step (fwd+bwd+AdamW) | {1e3 * step_bf16:.2f} | {1e3 * step_fp8:.2f} | "
+            f"{step_bf16 / step_fp8:.2f}x |"
+        )
     if backend == "emulated":
-        print("(emulated backend: the FP8 numerics in fp32 arithmetic, slower than BF16 by design; "
-              "the speed figure needs an H100/H200)")
+        print(
+            "(emulated backend: the FP8 numerics in fp32 arithmetic, slower than BF16 by design; "
+            "the speed figure needs an H100/H200)"
+        )
 
 
 if __name__ == "__main__":

@@ -54,9 +54,10 @@ def run(name: str, seed: int, args: argparse.Namespace, root: Path) -> dict[str,
     # see the same batches in the same order
     data = PretrainDataModule(seq_len=args.seq_len, batch_size=args.batch_size, max_bytes=4_000_000)
     L.seed_everything(seed, verbose=False)
-    module = PretrainModule(ModelConfig(**yaml.safe_load(MODEL.read_text())),
-                            OptimConfig(lr=3e-3, warmup_steps=min(50, args.steps // 5), schedule="cosine",
-                                        min_lr_ratio=0.1))
+    module = PretrainModule(
+        ModelConfig(**yaml.safe_load(MODEL.read_text())),
+        OptimConfig(lr=3e-3, warmup_steps=min(50, args.steps // 5), schedule="cosine", min_lr_ratio=0.1),
+    )
     precision: dict[str, Any] = {
         "fp8": {"plugins": [FP8Precision(backend="emulated", scale_format=args.scale_format)]},
         "bf16": {"precision": "bf16-mixed"},
@@ -64,10 +65,21 @@ def run(name: str, seed: int, args: argparse.Namespace, root: Path) -> dict[str,
     }[name]
     label = f"{name}-{seed}"
     trainer = L.Trainer(
-        accelerator="cpu", devices=1, max_steps=args.steps, gradient_clip_val=1.0,
-        val_check_interval=args.steps, check_val_every_n_epoch=None, limit_val_batches=args.val_batches,
-        num_sanity_val_steps=0, logger=CSVLogger(root, name=label), log_every_n_steps=1, default_root_dir=root,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, **precision,
+        accelerator="cpu",
+        devices=1,
+        max_steps=args.steps,
+        gradient_clip_val=1.0,
+        val_check_interval=args.steps,
+        check_val_every_n_epoch=None,
+        limit_val_batches=args.val_batches,
+        num_sanity_val_steps=0,
+        logger=CSVLogger(root, name=label),
+        log_every_n_steps=1,
+        default_root_dir=root,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        **precision,
     )
     started = time.perf_counter()
     trainer.fit(module, data)
@@ -75,25 +87,40 @@ def run(name: str, seed: int, args: argparse.Namespace, root: Path) -> dict[str,
     metrics_csv = Path(trainer.logger.log_dir) / "metrics.csv"  # this run's version (reruns add versions)
     with metrics_csv.open() as f:
         losses = {int(r["step"]): float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")}
-    last = [losses[s] for s in sorted(losses)[-args.last:]]
+    last = [losses[s] for s in sorted(losses)[-args.last :]]
     same_weights = fp8_val_on_weights(module, data, args, root) if name == "bf16" else None
-    return {"name": name, "seed": seed, "train": sum(last) / len(last), "final_step": losses[max(losses)],
-            "fp8_val_same_weights": same_weights,
-            "val": float(trainer.callback_metrics["val/loss"]), "seconds": seconds, "first": losses[min(losses)],
-            "fp8_layers": sum(isinstance(m, FP8Linear) for m in module.modules()),
-            "fp8_experts": sum(isinstance(getattr(m, "grouped_gemm", None), FP8GroupedGemm) for m in module.modules())}
+    return {
+        "name": name,
+        "seed": seed,
+        "train": sum(last) / len(last),
+        "final_step": losses[max(losses)],
+        "fp8_val_same_weights": same_weights,
+        "val": float(trainer.callback_metrics["val/loss"]),
+        "seconds": seconds,
+        "first": losses[min(losses)],
+        "fp8_layers": sum(isinstance(m, FP8Linear) for m in module.modules()),
+        "fp8_experts": sum(isinstance(getattr(m, "grouped_gemm", None), FP8GroupedGemm) for m in module.modules()),
+    }
 
 
-def fp8_val_on_weights(trained: PretrainModule, data: PretrainDataModule, args: argparse.Namespace,
-                       root: Path) -> float:
+def fp8_val_on_weights(
+    trained: PretrainModule, data: PretrainDataModule, args: argparse.Namespace, root: Path
+) -> float:
     """Validation loss of the BF16 run's final weights with FP8 GEMMs (no training): the loss error
     of FP8 numerics alone, without the drift of two training trajectories."""
     module = PretrainModule(trained.config, trained.optim)
     module.configure_model()  # builds the decoder (the Trainer would, before validating)
     module.load_state_dict(trained.state_dict())
-    trainer = L.Trainer(accelerator="cpu", devices=1, limit_val_batches=args.val_batches, logger=False,
-                        plugins=[FP8Precision(backend="emulated", scale_format=args.scale_format)],
-                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=root)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        limit_val_batches=args.val_batches,
+        logger=False,
+        plugins=[FP8Precision(backend="emulated", scale_format=args.scale_format)],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=root,
+    )
     return float(trainer.validate(module, datamodule=data, verbose=False)[0]["val/loss"])
 
 
@@ -129,28 +156,36 @@ def report(results: dict[tuple[str, int], dict[str, Any]], args: argparse.Namesp
     seeds = args.seeds
     arms = {name: [results[(name, s)] for s in seeds if (name, s) in results] for name in ("bf16", "fp8", "fp32")}
     fp8 = arms["fp8"][0]
-    print(f"\ntiny MoE (configs/model/tiny.yaml), {args.steps} steps x {args.batch_size} x {args.seq_len} byte tokens, "
-          f"seeds {seeds}, torch {torch.__version__}, {platform.processor() or platform.machine()}, "
-          f"{torch.get_num_threads()} threads; fp8: {fp8['fp8_layers']} Linear layers and {fp8['fp8_experts']} "
-          f"routed-expert modules in E4M3 (emulated, scale {args.scale_format})")
-    print(f"{'run':<5} {'seed':>5} {'loss step 0':>11} {f'train (last {args.last})':>16} {'last step':>10} "
-          f"{'val loss':>9} {'time (s)':>9}")
+    print(
+        f"\ntiny MoE (configs/model/tiny.yaml), {args.steps} steps x {args.batch_size} x {args.seq_len} byte tokens, "
+        f"seeds {seeds}, torch {torch.__version__}, {platform.processor() or platform.machine()}, "
+        f"{torch.get_num_threads()} threads; fp8: {fp8['fp8_layers']} Linear layers and {fp8['fp8_experts']} "
+        f"routed-expert modules in E4M3 (emulated, scale {args.scale_format})"
+    )
+    print(
+        f"{'run':<5} {'seed':>5} {'loss step 0':>11} {f'train (last {args.last})':>16} {'last step':>10} "
+        f"{'val loss':>9} {'time (s)':>9}"
+    )
     for name in ("bf16", "fp8", "fp32"):
         for r in arms[name]:
-            print(f"{name:<5} {r['seed']:>5} {r['first']:>11.4f} {r['train']:>16.4f} {r['final_step']:>10.4f} "
-                  f"{r['val']:>9.4f} {r['seconds']:>9.0f}")
+            print(
+                f"{name:<5} {r['seed']:>5} {r['first']:>11.4f} {r['train']:>16.4f} {r['final_step']:>10.4f} "
+                f"{r['val']:>9.4f} {r['seconds']:>9.0f}"
+            )
     for seed in seeds:
         compare(f"fp8 vs bf16, seed {seed}", [results[("fp8", seed)]], [results[("bf16", seed)]])
     same = [(r["fp8_val_same_weights"], r["val"]) for r in arms["bf16"] if r.get("fp8_val_same_weights") is not None]
     if same:
-        print("same weights (each bf16 run's final model validated with FP8 GEMMs, no training): validation "
-              + ", ".join(f"{fp8_val:.4f} vs {val:.4f} ({100 * rel(fp8_val, val):.3f}%)" for fp8_val, val in same))
+        print(
+            "same weights (each bf16 run's final model validated with FP8 GEMMs, no training): validation "
+            + ", ".join(f"{fp8_val:.4f} vs {val:.4f} ({100 * rel(fp8_val, val):.3f}%)" for fp8_val, val in same)
+        )
     errors = compare(f"fp8 vs bf16, mean over seeds {seeds}", arms["fp8"], arms["bf16"])
     verdict = "met" if errors["train"] < 0.005 and errors["val"] < 0.005 else "NOT met"
     print(f"target < 0.5% (train and validation, seed means): {verdict}")
     # how far the same comparison moves without FP8: another seed, or float32 instead of bf16
     for i, a in enumerate(seeds):
-        for b in seeds[i + 1:]:
+        for b in seeds[i + 1 :]:
             compare(f"noise floor: bf16 seed {b} vs bf16 seed {a}", [results[("bf16", b)]], [results[("bf16", a)]])
     for seed in seeds:  # full precision as the reference, where an fp32 run of that seed exists
         if ("fp32", seed) in results:
@@ -168,8 +203,13 @@ def main() -> None:
     parser.add_argument("--val-batches", type=int, default=16)
     parser.add_argument("--scale-format", default="fp32", choices=["fp32", "pow2"])
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
-    parser.add_argument("--runs", nargs="*", default=["bf16", "fp8"], choices=["bf16", "fp8", "fp32"],
-                        help="which runs to do now (none: only compare the results saved in --out)")
+    parser.add_argument(
+        "--runs",
+        nargs="*",
+        default=["bf16", "fp8"],
+        choices=["bf16", "fp8", "fp32"],
+        help="which runs to do now (none: only compare the results saved in --out)",
+    )
     parser.add_argument("--out", type=Path, default=None, help="where the logs go (default: a temp dir)")
     args = parser.parse_args()
     if args.steps < 1 or args.last < 1:
@@ -185,12 +225,15 @@ def main() -> None:
         for seed in args.seeds:
             result = run(name, seed, args, root)
             (root / f"{name}-{seed}.json").write_text(
-                json.dumps({**result, "args": {k: str(v) for k, v in vars(args).items()}}))
+                json.dumps({**result, "args": {k: str(v) for k, v in vars(args).items()}})
+            )
     results = load_saved(root, ("bf16", "fp8", "fp32"), args.seeds)  # this run's and earlier ones in --out
     missing = [f"{n}-{s}" for n in ("bf16", "fp8") for s in args.seeds if (n, s) not in results]
     if missing:
-        print(f"saved {', '.join(f'{n}-{s}' for n, s in results)} in {root}; the comparison prints when "
-              f"{', '.join(missing)} are there too")
+        print(
+            f"saved {', '.join(f'{n}-{s}' for n, s in results)} in {root}; the comparison prints when "
+            f"{', '.join(missing)} are there too"
+        )
         return
     report(results, args)
     print(f"logs: {root}")

@@ -26,7 +26,7 @@ import platform
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import lightning as L
 import torch
@@ -39,21 +39,47 @@ from moeframe.training.throughput import ModelThroughput
 
 REPO = Path(__file__).resolve().parents[1]
 SECTION = "## GPU training step: `benchmarks/gpu.sh`"
-HEADER = ("| date (UTC) | machine | precision | compile | model (total / activated params) | batch x seq | "
-          "tokens/s | step ms | model TFLOP/s per GPU | MFU | command |\n|---|---|---|---|---|---|---:|---:|---:|---:|---|")
+HEADER = (
+    "| date (UTC) | machine | precision | compile | model (total / activated params) | batch x seq | "
+    "tokens/s | step ms | model TFLOP/s per GPU | MFU | command |\n|---|---|---|---|---|---|---:|---:|---:|---:|---|"
+)
 
 V3_ON_ONE_GPU = dict(
-    vocab_size=32768, dim=2048, n_layers=12, first_k_dense=1, n_heads=16, dense_ffn_dim=5632, moe_ffn_dim=512,
-    n_routed_experts=64, n_activated_experts=6, n_shared_experts=1, n_expert_groups=8, n_limited_groups=4,
-    route_scale=2.5, max_seq_len=4096, init_std=0.006,
-    attention=dict(name="mla", q_lora_rank=768, kv_lora_rank=256, qk_nope_head_dim=128, qk_rope_head_dim=64,
-                   v_head_dim=128),
+    vocab_size=32768,
+    dim=2048,
+    n_layers=12,
+    first_k_dense=1,
+    n_heads=16,
+    dense_ffn_dim=5632,
+    moe_ffn_dim=512,
+    n_routed_experts=64,
+    n_activated_experts=6,
+    n_shared_experts=1,
+    n_expert_groups=8,
+    n_limited_groups=4,
+    route_scale=2.5,
+    max_seq_len=4096,
+    init_std=0.006,
+    attention=dict(
+        name="mla", q_lora_rank=768, kv_lora_rank=256, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128
+    ),
     router=dict(name="aux_free", bias_update_speed=0.001, seq_aux_loss_coef=0.0001),
 )
-SMOKE = dict(V3_ON_ONE_GPU, vocab_size=256, dim=64, n_layers=2, n_heads=4, dense_ffn_dim=128, moe_ffn_dim=16,
-             n_routed_experts=8, n_activated_experts=2, n_expert_groups=4, n_limited_groups=2, max_seq_len=64,
-             attention=dict(name="mla", q_lora_rank=32, kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8,
-                            v_head_dim=16))
+SMOKE = dict(
+    V3_ON_ONE_GPU,
+    vocab_size=256,
+    dim=64,
+    n_layers=2,
+    n_heads=4,
+    dense_ffn_dim=128,
+    moe_ffn_dim=16,
+    n_routed_experts=8,
+    n_activated_experts=2,
+    n_expert_groups=4,
+    n_limited_groups=2,
+    max_seq_len=64,
+    attention=dict(name="mla", q_lora_rank=32, kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16),
+)
 
 
 class RandomTokens(Dataset):
@@ -71,7 +97,7 @@ class RandomTokens(Dataset):
         return {"input_ids": ids[:-1], "labels": ids[1:]}
 
 
-def fp8_plugin(experts: bool = True) -> Optional[Any]:
+def fp8_plugin(experts: bool = True) -> Any | None:
     """The registry's ``fp8`` precision plugin, or None when it is not installed. ``experts=False``
     keeps the routed experts in BF16 (the plugin runs them as one FP8 GEMM per expert, which the
     run with them measures against this one)."""
@@ -91,16 +117,23 @@ def machine() -> str:
 def append_row(results: Path, row: str) -> None:
     text = results.read_text() if results.exists() else ""
     if SECTION not in text:
-        text = text.rstrip("\n") + f"\n\n{SECTION}\n\nRows appended by `benchmarks/gpu_step.py` (one per run).\n\n{HEADER}\n"
+        text = (
+            text.rstrip("\n")
+            + f"\n\n{SECTION}\n\nRows appended by `benchmarks/gpu_step.py` (one per run).\n\n{HEADER}\n"
+        )
     results.write_text(text.rstrip("\n") + "\n" + row + "\n")
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--precision", choices=["bf16", "fp8"], default="bf16")
     p.add_argument("--compile", action="store_true", help="runtime.compile: block")
-    p.add_argument("--fp8-experts", action=argparse.BooleanOptionalAction, default=True,
-                   help="with --precision fp8: routed experts in FP8 too (default) or kept in BF16")
+    p.add_argument(
+        "--fp8-experts",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="with --precision fp8: routed experts in FP8 too (default) or kept in BF16",
+    )
     p.add_argument("--checkpointing", choices=["none", "full", "selective"], default="none")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=4096)
@@ -148,13 +181,26 @@ def run_one(args: argparse.Namespace, precision: str) -> None:
     module = PretrainModule(cfg, runtime=runtime)
     throughput = ModelThroughput(peak_flops=args.peak_flops, window=args.steps)
     total_steps = args.warmup + args.steps
-    loader = DataLoader(RandomTokens(cfg.vocab_size, args.seq, args.batch * total_steps), batch_size=args.batch,
-                        num_workers=2 if torch.cuda.is_available() else 0, pin_memory=torch.cuda.is_available())
+    loader = DataLoader(
+        RandomTokens(cfg.vocab_size, args.seq, args.batch * total_steps),
+        batch_size=args.batch,
+        num_workers=2 if torch.cuda.is_available() else 0,
+        pin_memory=torch.cuda.is_available(),
+    )
     trainer_kwargs: dict[str, Any] = dict(
-        max_steps=total_steps, accelerator="gpu" if torch.cuda.is_available() else "cpu", devices=1,
-        plugins=plugins, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, gradient_clip_val=1.0, callbacks=[throughput], num_sanity_val_steps=0,
-        limit_val_batches=0)
+        max_steps=total_steps,
+        accelerator="gpu" if torch.cuda.is_available() else "cpu",
+        devices=1,
+        plugins=plugins,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        gradient_clip_val=1.0,
+        callbacks=[throughput],
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+    )
     if trainer_precision is not None:
         trainer_kwargs["precision"] = trainer_precision
     start = time.perf_counter()
@@ -164,17 +210,21 @@ def run_one(args: argparse.Namespace, precision: str) -> None:
     mfu = m.get("perf/mfu")
     tflops = m["perf/model_flops_per_sec_per_device"] / 1e12
     mfu_text = f"{mfu:.1%}" if mfu is not None else "n/a (no peak)"
-    print(f"{precision}{' +compile' if args.compile else ''}: {m['perf/tokens_per_sec']:,.0f} tokens/s, "
-          f"step {m['perf/step_time_s'] * 1e3:.1f} ms, {tflops:.3g} model TFLOP/s, MFU {mfu_text} "
-          f"(last {args.steps} of {total_steps} steps; {wall:.0f} s wall; peak memory "
-          f"{torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0:.1f} GiB)")
+    print(
+        f"{precision}{' +compile' if args.compile else ''}: {m['perf/tokens_per_sec']:,.0f} tokens/s, "
+        f"step {m['perf/step_time_s'] * 1e3:.1f} ms, {tflops:.3g} model TFLOP/s, MFU {mfu_text} "
+        f"(last {args.steps} of {total_steps} steps; {wall:.0f} s wall; peak memory "
+        f"{torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0:.1f} GiB)"
+    )
     command = "python benchmarks/gpu_step.py " + " ".join(sys.argv[1:])
-    row = (f"| {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} | {machine()} | "
-           f"{precision}{'' if precision != 'fp8' or args.fp8_experts else ' (experts bf16)'}"
-           f"{' (smoke)' if args.smoke else ''} | {'block' if args.compile else 'off'} | "
-           f"{_params(report.total)} / {_params(report.activated)} | {args.batch} x {args.seq} | "
-           f"{m['perf/tokens_per_sec']:,.0f} | {m['perf/step_time_s'] * 1e3:.1f} | {tflops:.3g} | {mfu_text} | "
-           f"`{command}` |")
+    row = (
+        f"| {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} | {machine()} | "
+        f"{precision}{'' if precision != 'fp8' or args.fp8_experts else ' (experts bf16)'}"
+        f"{' (smoke)' if args.smoke else ''} | {'block' if args.compile else 'off'} | "
+        f"{_params(report.total)} / {_params(report.activated)} | {args.batch} x {args.seq} | "
+        f"{m['perf/tokens_per_sec']:,.0f} | {m['perf/step_time_s'] * 1e3:.1f} | {tflops:.3g} | {mfu_text} | "
+        f"`{command}` |"
+    )
     if args.smoke:
         row = row.replace("| ", "| smoke ", 1)
     append_row(args.results, row)

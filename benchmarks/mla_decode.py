@@ -20,7 +20,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -28,10 +28,12 @@ from moeframe.config import ModelConfig, resolve_model_config
 from moeframe_mla import MultiHeadLatentAttention, kv_cache_values_per_token, per_head_kv_values_per_token
 from moeframe_mla.attention import LatentCache
 
-V2_LITE_ATTENTION = dict(name="mla", q_lora_rank=None, kv_lora_rank=512, qk_nope_head_dim=128,
-                         qk_rope_head_dim=64, v_head_dim=128)
-V3_ATTENTION = dict(name="mla", q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128,
-                    qk_rope_head_dim=64, v_head_dim=128)
+V2_LITE_ATTENTION = dict(
+    name="mla", q_lora_rank=None, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128
+)
+V3_ATTENTION = dict(
+    name="mla", q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128
+)
 
 
 def median_seconds(step: Callable[[], None], repeats: int) -> float:
@@ -66,6 +68,7 @@ def time_context(layer: MultiHeadLatentAttention, S: int, repeats: int) -> dict[
             layer.decode = mode
             cache.length = S  # step again from the same S cached tokens
             layer(new_x, new_pos, cache=cache)
+
         return step
 
     result = {mode: median_seconds(decode(mode), repeats) for mode in ("absorbed", "expanded")}
@@ -92,23 +95,31 @@ def main() -> None:
 
     v3 = ModelConfig(dim=7168, n_heads=128, attention=V3_ATTENTION)
     latent, per_head = kv_cache_values_per_token(v3), per_head_kv_values_per_token(v3)
-    print(f"DeepSeek-V3 shape, cache values per token per layer: absorbed latent {latent} vs per-head K/V "
-          f"{per_head:,} -> {per_head / latent:.1f}x smaller\n")
+    print(
+        f"DeepSeek-V3 shape, cache values per token per layer: absorbed latent {latent} vs per-head K/V "
+        f"{per_head:,} -> {per_head / latent:.1f}x smaller\n"
+    )
 
     layer, cfg = build_layer(max(args.contexts) + 1)
     per_token = kv_cache_values_per_token(cfg)
-    print(f"one MLA layer, V2-Lite shape (dim 2048, 16 heads, kv_lora 512, rope 64), fp32, "
-          f"{torch.get_num_threads()} CPU threads, median of {args.repeats} decode steps")
-    print("| context S | absorbed ms | expanded ms | no cache ms | expanded / absorbed | no cache / absorbed "
-          "| max abs diff | cache bytes (measured = analytic) |")
+    print(
+        f"one MLA layer, V2-Lite shape (dim 2048, 16 heads, kv_lora 512, rope 64), fp32, "
+        f"{torch.get_num_threads()} CPU threads, median of {args.repeats} decode steps"
+    )
+    print(
+        "| context S | absorbed ms | expanded ms | no cache ms | expanded / absorbed | no cache / absorbed "
+        "| max abs diff | cache bytes (measured = analytic) |"
+    )
     print("|---:|---:|---:|---:|---:|---:|---:|---|")
     for S in args.contexts:
         r = time_context(layer, S, args.repeats)
         analytic = (S + 1) * per_token * 4
         diff = max(r["max |absorbed - no cache|"], r["max |absorbed - expanded|"])
-        print(f"| {S} | {r['absorbed'] * 1e3:.2f} | {r['expanded'] * 1e3:.2f} | {r['no cache'] * 1e3:.1f} "
-              f"| {r['expanded'] / r['absorbed']:.1f}x | {r['no cache'] / r['absorbed']:.1f}x | {diff:.1e} "
-              f"| {int(r['cache bytes']):,} {'=' if r['cache bytes'] == analytic else '!='} {analytic:,} |")
+        print(
+            f"| {S} | {r['absorbed'] * 1e3:.2f} | {r['expanded'] * 1e3:.2f} | {r['no cache'] * 1e3:.1f} "
+            f"| {r['expanded'] / r['absorbed']:.1f}x | {r['no cache'] / r['absorbed']:.1f}x | {diff:.1e} "
+            f"| {int(r['cache bytes']):,} {'=' if r['cache bytes'] == analytic else '!='} {analytic:,} |"
+        )
 
 
 if __name__ == "__main__":

@@ -24,12 +24,12 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-
 import transformers
+
 from moeframe.config import ModelConfig
 from moeframe.model.experts import GroupedExperts, GroupedOptions
 
@@ -44,11 +44,13 @@ def naive_loop(w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor) -> Experts:
             h = F.silu(x_TD[token] @ w1[e].T) * (x_TD[token] @ w3[e].T)
             out.index_add_(0, token, ((h @ w2[e].T) * weights_TK[token, slot, None]).to(out.dtype))
         return out
+
     return forward
 
 
-def hf_experts(w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor,
-               implementation: str) -> tuple[Experts, list[torch.Tensor]]:
+def hf_experts(
+    w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor, implementation: str
+) -> tuple[Experts, list[torch.Tensor]]:
     E, F_, D = w1.shape
     cfg = transformers.DeepseekV3Config(hidden_size=D, moe_intermediate_size=F_, n_routed_experts=E)
     cfg._experts_implementation = implementation
@@ -70,8 +72,14 @@ def median_ms(fn: Callable[[], None], repeats: int) -> float:
     return statistics.median(times) * 1e3
 
 
-def fwd_bwd(experts: Experts, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor,
-            dy: torch.Tensor, params: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def fwd_bwd(
+    experts: Experts,
+    x: torch.Tensor,
+    weights: torch.Tensor,
+    indices: torch.Tensor,
+    dy: torch.Tensor,
+    params: list[torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor]:
     x = x.detach().requires_grad_()
     y = experts(x, weights, indices)
     grads = torch.autograd.grad(y, [x, *params], dy)
@@ -85,8 +93,9 @@ def routing(T: int, E: int, K: int, seed: int) -> tuple[torch.Tensor, torch.Tens
     return scores.gather(1, indices).softmax(-1), indices
 
 
-def compare(T: int, E: int, K: int, D: int, F_: int, repeats: int, dtype: torch.dtype,
-            fresh_routing: bool = False) -> dict[str, float]:
+def compare(
+    T: int, E: int, K: int, D: int, F_: int, repeats: int, dtype: torch.dtype, fresh_routing: bool = False
+) -> dict[str, float]:
     torch.manual_seed(0)
     cfg = ModelConfig(dim=D, moe_ffn_dim=F_, n_routed_experts=E, n_activated_experts=K)
     ours = GroupedExperts(cfg, GroupedOptions(), E, D, F_)
@@ -110,8 +119,10 @@ def compare(T: int, E: int, K: int, D: int, F_: int, repeats: int, dtype: torch.
     for name, (fn, params) in contestants.items():
         y, dx = fwd_bwd(fn, x, weights, indices, dy, params)
         # relative to the largest reference value: bf16 rounds differently in each implementation
-        row[f"{name} diff"] = max(((y - ref_y).abs().max() / ref_y.abs().max()).item(),
-                                  ((dx - ref_dx).abs().max() / ref_dx.abs().max()).item())
+        row[f"{name} diff"] = max(
+            ((y - ref_y).abs().max() / ref_y.abs().max()).item(),
+            ((dx - ref_dx).abs().max() / ref_dx.abs().max()).item(),
+        )
         passes = iter(routings * (repeats + 1))
         row[name] = median_ms(lambda: fwd_bwd(fn, x, *next(passes), dy, params), repeats)
     return row
@@ -126,8 +137,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    parser.add_argument("--fresh-routing", action="store_true",
-                        help="a new routing for every timed pass (as in training) instead of one fixed routing")
+    parser.add_argument(
+        "--fresh-routing",
+        action="store_true",
+        help="a new routing for every timed pass (as in training) instead of one fixed routing",
+    )
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, checks the script runs")
     args = parser.parse_args(argv)
     torch.set_flush_denormal(True)
@@ -138,11 +152,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.smoke:
         args.tokens, args.experts, args.dim, args.ffn, args.repeats = [32], ["8:2"], 32, 16, 1
     pairs = [tuple(int(v) for v in p.split(":")) for p in args.experts]
-    print(f"routed experts fwd+bwd, D={args.dim}, F={args.ffn}, {args.dtype}, {torch.get_num_threads()} threads, "
-          f"torch {torch.__version__}, transformers {transformers.__version__}; median of {args.repeats} (ms)")
+    print(
+        f"routed experts fwd+bwd, D={args.dim}, F={args.ffn}, {args.dtype}, {torch.get_num_threads()} threads, "
+        f"torch {torch.__version__}, transformers {transformers.__version__}; median of {args.repeats} (ms)"
+    )
     names = ["moeframe", "naive loop", "transformers grouped_mm", "transformers eager"]
-    print(f"| tokens | E:K | {' | '.join(names)} | naive / moeframe | transformers grouped_mm / moeframe | "
-          f"transformers eager / moeframe | max rel. diff |")
+    print(
+        f"| tokens | E:K | {' | '.join(names)} | naive / moeframe | transformers grouped_mm / moeframe | "
+        f"transformers eager / moeframe | max rel. diff |"
+    )
     print("|---:|---|" + "---:|" * (len(names) + 4))
     ok = True
     for E, K in pairs:
@@ -150,11 +168,17 @@ def main(argv: list[str] | None = None) -> int:
             r = compare(T, E, K, args.dim, args.ffn, args.repeats, dtype, args.fresh_routing)
             diff = max(r[f"{n} diff"] for n in names)
             ok &= diff < (1e-4 if dtype == torch.float32 else 5e-2)
-            print(f"| {T} | {E}:{K} | " + " | ".join(f"{r[n]:.2f}" for n in names)
-                  + f" | {r['naive loop'] / r['moeframe']:.2f}x | {r['transformers grouped_mm'] / r['moeframe']:.2f}x"
-                  + f" | {r['transformers eager'] / r['moeframe']:.2f}x | {diff:.1e} |")
-    print("naive / moeframe etc.: time ratios, > 1 = moeframe faster; outputs and input gradients agree"
-          if ok else "MISMATCH: an implementation disagrees with moeframe")
+            print(
+                f"| {T} | {E}:{K} | "
+                + " | ".join(f"{r[n]:.2f}" for n in names)
+                + f" | {r['naive loop'] / r['moeframe']:.2f}x | {r['transformers grouped_mm'] / r['moeframe']:.2f}x"
+                + f" | {r['transformers eager'] / r['moeframe']:.2f}x | {diff:.1e} |"
+            )
+    print(
+        "naive / moeframe etc.: time ratios, > 1 = moeframe faster; outputs and input gradients agree"
+        if ok
+        else "MISMATCH: an implementation disagrees with moeframe"
+    )
     return 0 if ok else 1
 
 

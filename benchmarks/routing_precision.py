@@ -27,10 +27,22 @@ from moeframe.model.router import TopKRouter, limit_to_groups
 
 
 def _config(args: argparse.Namespace, router: dict) -> ModelConfig:
-    return ModelConfig(vocab_size=300, dim=args.dim, n_layers=2, first_k_dense=1, n_heads=2, dense_ffn_dim=64,
-                       moe_ffn_dim=16, n_routed_experts=args.experts, n_activated_experts=args.top_k,
-                       n_expert_groups=args.groups, n_limited_groups=args.kept_groups, route_scale=2.5,
-                       max_seq_len=64, router=router)
+    return ModelConfig(
+        vocab_size=300,
+        dim=args.dim,
+        n_layers=2,
+        first_k_dense=1,
+        n_heads=2,
+        dense_ffn_dim=64,
+        moe_ffn_dim=16,
+        n_routed_experts=args.experts,
+        n_activated_experts=args.top_k,
+        n_expert_groups=args.groups,
+        n_limited_groups=args.kept_groups,
+        route_scale=2.5,
+        max_seq_len=64,
+        router=router,
+    )
 
 
 def _router(cfg: ModelConfig, std: float) -> torch.nn.Module:
@@ -76,8 +88,10 @@ def main() -> None:
     torch.manual_seed(0)
     # tokens as the RMSNorm before the MoE hands them over: unit RMS, already bf16 under autocast
     x_TD = torch.randn(args.tokens, args.dim).bfloat16().float()
-    print(f"{args.tokens} tokens, dim {args.dim}, {args.experts} experts in {args.groups} groups "
-          f"(keep {args.kept_groups}), top-{args.top_k}, gate std {args.std}")
+    print(
+        f"{args.tokens} tokens, dim {args.dim}, {args.experts} experts in {args.groups} groups "
+        f"(keep {args.kept_groups}), top-{args.top_k}, gate std {args.std}"
+    )
     for router_options in ({"name": "aux_free"}, {"name": "topk", "norm_topk_prob": True}):
         router = _router(_config(args, router_options), args.std)
         with torch.no_grad():
@@ -85,10 +99,12 @@ def main() -> None:
             before = _bf16_gate_indices(router, x_TD)
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 after = router(x_TD)
-        print(f"  {router_options['name']:9s} tokens with another expert set than fp32: "
-              f"gate in bf16 {changed_fraction(before, ref.indices_TK):6.1%}, "
-              f"router under autocast {changed_fraction(after.indices_TK, ref.indices_TK):6.1%} "
-              f"(weights {after.weights_TK.dtype}, max |Δw| {(after.weights_TK - ref.weights_TK).abs().max().item():.1e})")
+        print(
+            f"  {router_options['name']:9s} tokens with another expert set than fp32: "
+            f"gate in bf16 {changed_fraction(before, ref.indices_TK):6.1%}, "
+            f"router under autocast {changed_fraction(after.indices_TK, ref.indices_TK):6.1%} "
+            f"(weights {after.weights_TK.dtype}, max |Δw| {(after.weights_TK - ref.weights_TK).abs().max().item():.1e})"
+        )
 
 
 if __name__ == "__main__":

@@ -23,16 +23,26 @@ import json
 import os
 import re
 import typing
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any
 
 from moeframe.errors import ConfigError
 
-__all__ = ["check_output_path", "config_files", "config_problem", "explain_parse_error", "load_json_file",
-           "load_yaml_file", "read_text_file", "user_error_line", "yaml_syntax_error"]
+__all__ = [
+    "check_output_path",
+    "config_files",
+    "config_problem",
+    "explain_parse_error",
+    "load_json_file",
+    "load_yaml_file",
+    "read_text_file",
+    "user_error_line",
+    "yaml_syntax_error",
+]
 
 
-def yaml_syntax_error(path: str | Path) -> Optional[str]:
+def yaml_syntax_error(path: str | Path) -> str | None:
     """``file:line:column: YAML syntax error: ...`` when ``path`` is not valid YAML, else None."""
     try:
         text = Path(path).read_text()
@@ -41,7 +51,7 @@ def yaml_syntax_error(path: str | Path) -> Optional[str]:
     return _yaml_text_error(text, path)
 
 
-def _yaml_text_error(text: str, path: str | Path) -> Optional[str]:
+def _yaml_text_error(text: str, path: str | Path) -> str | None:
     import yaml
 
     try:
@@ -75,7 +85,7 @@ _OS_HINTS = {
 }
 
 
-def os_error_line(exc: OSError) -> Optional[str]:
+def os_error_line(exc: OSError) -> str | None:
     """One line for an OSError that bad input causes (None for others, e.g. a full disk)."""
     hint = _OS_HINTS.get(exc.errno) if exc.errno is not None else None
     if hint is None and isinstance(exc, FileNotFoundError):
@@ -108,18 +118,21 @@ def load_yaml_file(path: str | Path, role: str) -> Any:
         raise ConfigError(f"{role}: {_yaml_error_line(exc, path)}") from None
 
 
-def load_json_file(path: str | Path, role: str, expect: Optional[type] = dict) -> Any:
+def load_json_file(path: str | Path, role: str, expect: type | None = dict) -> Any:
     """Parsed JSON of ``path`` (of type ``expect`` when given), else a ConfigError naming the file,
     the line and the column."""
     text = read_text_file(path, role)
     try:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise ConfigError(f"{role} {path}:{exc.lineno}:{exc.colno}: not valid JSON ({exc.msg}); fix the file or "
-                          "write it again") from None
+        raise ConfigError(
+            f"{role} {path}:{exc.lineno}:{exc.colno}: not valid JSON ({exc.msg}); fix the file or write it again"
+        ) from None
     if expect is not None and not isinstance(value, expect):
-        raise ConfigError(f"{role} {path} holds a JSON {type(value).__name__}, expected a JSON "
-                          f"{'object' if expect is dict else expect.__name__}; is this the right file?")
+        raise ConfigError(
+            f"{role} {path} holds a JSON {type(value).__name__}, expected a JSON "
+            f"{'object' if expect is dict else expect.__name__}; is this the right file?"
+        )
     return value
 
 
@@ -129,8 +142,9 @@ def check_output_path(path: str | Path, role: str, folder: bool) -> None:
     path = Path(path)
     if path.exists() and path.is_dir() != folder:
         kind = "a file" if folder else "a folder"
-        raise ConfigError(f"{role} {path} is {kind}, not the {'folder' if folder else 'file'} to write; "
-                          "choose another path")
+        raise ConfigError(
+            f"{role} {path} is {kind}, not the {'folder' if folder else 'file'} to write; choose another path"
+        )
     parent = path.parent
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent
@@ -138,12 +152,13 @@ def check_output_path(path: str | Path, role: str, folder: bool) -> None:
         raise ConfigError(f"{role} {path} cannot be created: {parent} is a file, not a folder; choose another path")
     target = path if path.exists() else parent
     if not os.access(target, os.W_OK | os.X_OK):
-        raise ConfigError(f"{role} {path} cannot be written: {target} is not writable; fix its permissions or "
-                          "choose another path")
+        raise ConfigError(
+            f"{role} {path} cannot be written: {target} is not writable; fix its permissions or choose another path"
+        )
 
 
 # -- the config files of a run, and the files they include ---------------------------------------
-def _file_problem(path: Path, role: str) -> Optional[str]:
+def _file_problem(path: Path, role: str) -> str | None:
     """Why a config file cannot be used (missing, a folder, unreadable, bad YAML), else None."""
     try:
         text = read_text_file(path, role)
@@ -169,7 +184,7 @@ def _includes(doc: Any, base: Path, where: str = "") -> Iterator[tuple[str, Path
             yield from _includes(value, base, where)
 
 
-def config_problem(argv: list[str]) -> Optional[str]:
+def config_problem(argv: list[str]) -> str | None:
     """One line about the first ``-c`` config, or file it pulls in (``model.init_args.config:
     model.yaml``, relative to the config; or ``--model.init_args.config FILE``), that is missing,
     unreadable or not valid YAML. Checked before the argument parser, whose own messages run over
@@ -194,14 +209,14 @@ def config_problem(argv: list[str]) -> Optional[str]:
 # -- the command boundary ------------------------------------------------------------------------
 def _chain(exc: BaseException) -> Iterator[BaseException]:
     seen: set[int] = set()
-    current: Optional[BaseException] = exc
+    current: BaseException | None = exc
     while current is not None and id(current) not in seen:
         seen.add(id(current))
         yield current
         current = current.__cause__ or current.__context__
 
 
-def user_error_line(exc: BaseException) -> Optional[str]:
+def user_error_line(exc: BaseException) -> str | None:
     """One line for an exception that bad input causes, looking through the exceptions that
     wrap it (the argument parser re-raises what a class raised while it was instantiated);
     None for anything else: a bug keeps its traceback."""
@@ -259,11 +274,14 @@ def _options(target: Any) -> dict[str, Any]:
         hints = typing.get_type_hints(target.__init__ if isinstance(target, type) else target)
     except (TypeError, ValueError, NameError):
         return {}
-    return {n: hints.get(n) for n, p in signature.parameters.items()
-            if n != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+    return {
+        n: hints.get(n)
+        for n, p in signature.parameters.items()
+        if n != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+    }
 
 
-def _suggest(target: Any, key: str) -> Optional[str]:
+def _suggest(target: Any, key: str) -> str | None:
     """The closest valid dotted option to ``key`` under ``target``."""
     parts, prefix = key.split("."), []
     for i, part in enumerate(parts):
@@ -280,7 +298,7 @@ def _suggest(target: Any, key: str) -> Optional[str]:
     return None
 
 
-def explain_parse_error(message: str) -> Optional[str]:
+def explain_parse_error(message: str) -> str | None:
     """One line for a jsonargparse error about an unknown option (None when it is not one)."""
     match = next((m for m in (p.search(message) for p in _UNKNOWN) if m), None)
     if match is None:

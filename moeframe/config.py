@@ -11,14 +11,23 @@ from __future__ import annotations
 import dataclasses
 import difflib
 from dataclasses import dataclass, field, fields
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 from moeframe import registry
 from moeframe.errors import ConfigError
 from moeframe.options import PluginOptions, options_as_config, parse_options
 
-__all__ = ["ConfigError", "LayerPlan", "ModelConfig", "ModelPlan", "OptimConfig", "PluginChoice",
-           "RuntimeConfig", "resolve_model_config", "with_plugin_defaults"]
+__all__ = [
+    "ConfigError",
+    "LayerPlan",
+    "ModelConfig",
+    "ModelPlan",
+    "OptimConfig",
+    "PluginChoice",
+    "RuntimeConfig",
+    "resolve_model_config",
+    "with_plugin_defaults",
+]
 
 # the plugin kinds a model config chooses, globally and per layer
 MODEL_KINDS: tuple[str, ...] = ("attention", "router", "experts", "norm", "residual")
@@ -70,8 +79,11 @@ class ModelConfig:
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         # configs pickled by an older moeframe (checkpoint hyper_parameters) lack newer fields
-        defaults = {f.name: f.default_factory() for f in dataclasses.fields(self)  # type: ignore[misc]
-                    if f.default_factory is not dataclasses.MISSING}
+        defaults = {
+            f.name: f.default_factory()
+            for f in dataclasses.fields(self)  # type: ignore[misc]
+            if f.default_factory is not dataclasses.MISSING
+        }
         self.__dict__.update({**defaults, **state})
 
     @property
@@ -139,32 +151,61 @@ def _check_positive(cfg: ModelConfig, names: tuple[str, ...]) -> None:
 
 
 def _check_shapes(cfg: ModelConfig) -> None:
-    _check_positive(cfg, ("vocab_size", "dim", "n_layers", "n_heads", "dense_ffn_dim", "moe_ffn_dim",
-                          "n_routed_experts", "n_activated_experts", "n_expert_groups",
-                          "n_limited_groups", "norm_eps", "init_std", "max_seq_len", "rope_theta",
-                          "route_scale"))
-    _require(cfg.dim % cfg.n_heads == 0,
-             f"model.n_heads={cfg.n_heads} must divide model.dim={cfg.dim}; choose heads so that "
-             f"dim/heads is a whole head size (e.g. n_heads={_divisor_near(cfg.dim, cfg.n_heads)})")
-    _require(0 <= cfg.first_k_dense <= cfg.n_layers,
-             f"model.first_k_dense={cfg.first_k_dense} must be between 0 and n_layers={cfg.n_layers}")
+    _check_positive(
+        cfg,
+        (
+            "vocab_size",
+            "dim",
+            "n_layers",
+            "n_heads",
+            "dense_ffn_dim",
+            "moe_ffn_dim",
+            "n_routed_experts",
+            "n_activated_experts",
+            "n_expert_groups",
+            "n_limited_groups",
+            "norm_eps",
+            "init_std",
+            "max_seq_len",
+            "rope_theta",
+            "route_scale",
+        ),
+    )
+    _require(
+        cfg.dim % cfg.n_heads == 0,
+        f"model.n_heads={cfg.n_heads} must divide model.dim={cfg.dim}; choose heads so that "
+        f"dim/heads is a whole head size (e.g. n_heads={_divisor_near(cfg.dim, cfg.n_heads)})",
+    )
+    _require(
+        0 <= cfg.first_k_dense <= cfg.n_layers,
+        f"model.first_k_dense={cfg.first_k_dense} must be between 0 and n_layers={cfg.n_layers}",
+    )
     _require(cfg.n_shared_experts >= 0, f"model.n_shared_experts must be >= 0, got {cfg.n_shared_experts}")
-    _require(cfg.n_activated_experts <= cfg.n_routed_experts,
-             f"model.n_activated_experts (top-k) = {cfg.n_activated_experts} is larger than "
-             f"model.n_routed_experts = {cfg.n_routed_experts}; lower top-k or add experts")
-    _require(cfg.n_routed_experts % cfg.n_expert_groups == 0,
-             f"model.n_expert_groups={cfg.n_expert_groups} must divide "
-             f"model.n_routed_experts={cfg.n_routed_experts} (experts are split into equal groups)")
-    _require(cfg.n_limited_groups <= cfg.n_expert_groups,
-             f"model.n_limited_groups={cfg.n_limited_groups} cannot exceed "
-             f"model.n_expert_groups={cfg.n_expert_groups}")
+    _require(
+        cfg.n_activated_experts <= cfg.n_routed_experts,
+        f"model.n_activated_experts (top-k) = {cfg.n_activated_experts} is larger than "
+        f"model.n_routed_experts = {cfg.n_routed_experts}; lower top-k or add experts",
+    )
+    _require(
+        cfg.n_routed_experts % cfg.n_expert_groups == 0,
+        f"model.n_expert_groups={cfg.n_expert_groups} must divide "
+        f"model.n_routed_experts={cfg.n_routed_experts} (experts are split into equal groups)",
+    )
+    _require(
+        cfg.n_limited_groups <= cfg.n_expert_groups,
+        f"model.n_limited_groups={cfg.n_limited_groups} cannot exceed model.n_expert_groups={cfg.n_expert_groups}",
+    )
     per_group = cfg.n_routed_experts // cfg.n_expert_groups
-    _require(cfg.n_activated_experts <= cfg.n_limited_groups * per_group,
-             f"model.n_activated_experts={cfg.n_activated_experts} exceeds the experts reachable in "
-             f"the kept groups ({cfg.n_limited_groups} groups x {per_group} experts); "
-             "raise n_limited_groups or lower top-k")
-    _require(isinstance(cfg.mtp_depth, int) and cfg.mtp_depth >= 0,
-             f"model.mtp_depth must be an integer >= 0 (0 disables multi-token prediction), got {cfg.mtp_depth!r}")
+    _require(
+        cfg.n_activated_experts <= cfg.n_limited_groups * per_group,
+        f"model.n_activated_experts={cfg.n_activated_experts} exceeds the experts reachable in "
+        f"the kept groups ({cfg.n_limited_groups} groups x {per_group} experts); "
+        "raise n_limited_groups or lower top-k",
+    )
+    _require(
+        isinstance(cfg.mtp_depth, int) and cfg.mtp_depth >= 0,
+        f"model.mtp_depth must be an integer >= 0 (0 disables multi-token prediction), got {cfg.mtp_depth!r}",
+    )
 
 
 def _divisor_near(n: int, guess: int) -> int:
@@ -172,13 +213,14 @@ def _divisor_near(n: int, guess: int) -> int:
     return min(divisors, key=lambda d: abs(d - guess))
 
 
-def _resolve_plugin(kind: str, spec: Any, cfg: ModelConfig, where: Optional[str] = None) -> PluginChoice:
+def _resolve_plugin(kind: str, spec: Any, cfg: ModelConfig, where: str | None = None) -> PluginChoice:
     where = where or f"model.{kind}"
     if isinstance(spec, str):
         spec = {"name": spec}
-    _require(isinstance(spec, dict) and isinstance(spec.get("name"), str),
-             f"{where} must be a mapping with a plugin 'name', e.g. {kind}: {{name: ...}}; "
-             f"got {spec!r}")
+    _require(
+        isinstance(spec, dict) and isinstance(spec.get("name"), str),
+        f"{where} must be a mapping with a plugin 'name', e.g. {kind}: {{name: ...}}; got {spec!r}",
+    )
     name = spec["name"]
     try:
         cls = registry.load(kind, name)
@@ -221,23 +263,35 @@ def _layer_entry_with_defaults(entry: Any) -> Any:
     changes options of the model's plugin, whose defaults the model-level field already records."""
     if not isinstance(entry, dict):
         return entry
-    return {k: plugin_spec_with_defaults(k, v) if k in MODEL_KINDS and isinstance(v, (str, dict))
-            and (isinstance(v, str) or "name" in v) else v for k, v in entry.items()}
+    return {
+        k: plugin_spec_with_defaults(k, v)
+        if k in MODEL_KINDS and isinstance(v, (str, dict)) and (isinstance(v, str) or "name" in v)
+        else v
+        for k, v in entry.items()
+    }
+
+
 def _layer_range(entry: Any, i: int, n_blocks: int, cfg: ModelConfig) -> range:
     where = f"model.layers[{i}]"
-    _require(isinstance(entry, dict), f"{where} must be a mapping like {{first: 0, last: 1, router: {{name: ...}}}}, "
-                                      f"got {entry!r}")
+    _require(
+        isinstance(entry, dict),
+        f"{where} must be a mapping like {{first: 0, last: 1, router: {{name: ...}}}}, got {entry!r}",
+    )
     unknown = sorted(set(entry) - {"first", "last", *MODEL_KINDS})
     if unknown:
         close = difflib.get_close_matches(unknown[0], ["first", "last", *MODEL_KINDS], n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ConfigError(f"{where} has no field {unknown[0]!r}{hint}; its fields are first, last and the "
-                          f"plugin kinds {', '.join(MODEL_KINDS)}")
+        raise ConfigError(
+            f"{where} has no field {unknown[0]!r}{hint}; its fields are first, last and the "
+            f"plugin kinds {', '.join(MODEL_KINDS)}"
+        )
     first, last = entry.get("first"), entry.get("last", entry.get("first"))
     ok = all(isinstance(v, int) and not isinstance(v, bool) for v in (first, last))
-    _require(ok and 0 <= first <= last < n_blocks,
-             f"{where}: first={first!r}, last={last!r} must be layer ids with 0 <= first <= last <= {n_blocks - 1} "
-             f"({cfg.n_layers} layers + {cfg.mtp_depth} MTP blocks)")
+    _require(
+        ok and 0 <= first <= last < n_blocks,
+        f"{where}: first={first!r}, last={last!r} must be layer ids with 0 <= first <= last <= {n_blocks - 1} "
+        f"({cfg.n_layers} layers + {cfg.mtp_depth} MTP blocks)",
+    )
     return range(first, last + 1)
 
 
@@ -246,7 +300,11 @@ def _layer_spec(base: Any, override: Any) -> Any:
     base = {"name": base} if isinstance(base, str) else base
     if isinstance(override, str):
         override = {"name": override}
-    if isinstance(override, dict) and isinstance(base, dict) and override.get("name", base.get("name")) == base.get("name"):
+    if (
+        isinstance(override, dict)
+        and isinstance(base, dict)
+        and override.get("name", base.get("name")) == base.get("name")
+    ):
         return {**base, **override}
     return override
 
@@ -264,8 +322,10 @@ def _resolve_layers(cfg: ModelConfig, model: dict[str, PluginChoice]) -> tuple[L
                     layer[kind] = _layer_spec(layer.get(kind, getattr(cfg, kind)), entry[kind])
     plans = []
     for layer_id, layer in sorted(specs.items()):
-        chosen = {kind: _resolve_plugin(kind, spec, cfg, f"model.layers (layer {layer_id}) {kind}")
-                  for kind, spec in layer.items()}
+        chosen = {
+            kind: _resolve_plugin(kind, spec, cfg, f"model.layers (layer {layer_id}) {kind}")
+            for kind, spec in layer.items()
+        }
         plans.append(LayerPlan(layer_id, **{kind: chosen.get(kind, model[kind]) for kind in MODEL_KINDS}))
     return tuple(plans)
 
@@ -297,7 +357,7 @@ class OptimConfig:
     decay_fraction: float = 0.2
     # DeepSeek-V3 style: the learning rate itself by tokens seen, [[until_tokens, lr, shape], ...]
     # (see moeframe.training.schedules); when set it replaces lr/warmup_steps/schedule.
-    token_schedule: Optional[list[list[Any]]] = None
+    token_schedule: list[list[Any]] | None = None
     # ``muon``: Muon (momentum + Newton-Schulz orthogonalised updates) for the hidden matrices,
     # AdamW for embeddings, the head, norms and biases (see moeframe.training.optim)
     optimizer: Literal["adamw", "muon"] = "adamw"
@@ -309,17 +369,20 @@ class OptimConfig:
     def validate(self) -> None:
         _require(self.optimizer in ("adamw", "muon"), f"optim.optimizer must be adamw or muon, got {self.optimizer!r}")
         _require(0 <= self.muon_momentum < 1, f"optim.muon_momentum must be in [0, 1), got {self.muon_momentum}")
-        _require(isinstance(self.muon_ns_steps, int) and 1 <= self.muon_ns_steps < 100,
-                 f"optim.muon_ns_steps must be a whole number in [1, 100), got {self.muon_ns_steps}")
+        _require(
+            isinstance(self.muon_ns_steps, int) and 1 <= self.muon_ns_steps < 100,
+            f"optim.muon_ns_steps must be a whole number in [1, 100), got {self.muon_ns_steps}",
+        )
         _require(self.muon_update_rms > 0, f"optim.muon_update_rms must be > 0, got {self.muon_update_rms}")
         _require(self.lr > 0, f"optim.lr must be > 0, got {self.lr}")
-        _require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
-                 f"optim.betas must be two numbers in [0, 1), got {self.betas}")
+        _require(
+            len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+            f"optim.betas must be two numbers in [0, 1), got {self.betas}",
+        )
         _require(self.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {self.weight_decay}")
         _require(self.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
         _require(0 <= self.min_lr_ratio <= 1, f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
-        _require(0 < self.decay_fraction <= 1,
-                 f"optim.decay_fraction must be in (0, 1], got {self.decay_fraction}")
+        _require(0 < self.decay_fraction <= 1, f"optim.decay_fraction must be in (0, 1], got {self.decay_fraction}")
         if self.token_schedule is not None:
             from moeframe.schedules import check_segments
 
@@ -344,17 +407,21 @@ class RuntimeConfig:
 
     compile: Literal["off", "block"] = "off"
     activation_checkpointing: Literal["none", "full", "selective"] = "none"
-    checkpoint_layers: Optional[list[int]] = None
+    checkpoint_layers: list[int] | None = None
 
     def validate(self, model: ModelConfig) -> None:
         _require(self.compile in ("off", "block"), f"runtime.compile must be off or block, got {self.compile!r}")
-        _require(self.activation_checkpointing in ("none", "full", "selective"),
-                 "runtime.activation_checkpointing must be none, full or selective, got "
-                 f"{self.activation_checkpointing!r}")
+        _require(
+            self.activation_checkpointing in ("none", "full", "selective"),
+            f"runtime.activation_checkpointing must be none, full or selective, got {self.activation_checkpointing!r}",
+        )
         n_blocks = model.n_layers + model.mtp_depth
         bad = [i for i in (self.checkpoint_layers or []) if not isinstance(i, int) or not 0 <= i < n_blocks]
-        _require(not bad, f"runtime.checkpoint_layers {bad} are not layer ids of this model: use 0..{n_blocks - 1} "
-                          f"({model.n_layers} layers + {model.mtp_depth} MTP blocks), or null for all")
+        _require(
+            not bad,
+            f"runtime.checkpoint_layers {bad} are not layer ids of this model: use 0..{n_blocks - 1} "
+            f"({model.n_layers} layers + {model.mtp_depth} MTP blocks), or null for all",
+        )
 
 
 # Lightning checkpoints store these in hyper_parameters; allow torch.load(weights_only=True) to

@@ -17,8 +17,9 @@ Shapes: B batch, T tokens, V vocabulary.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator, Optional, TextIO, Union
+from typing import TextIO
 
 import torch
 
@@ -28,7 +29,7 @@ from moeframe.model.decoder import Decoder, build_decoder, materialize
 __all__ = ["load_decoder", "top_p_filter", "next_token", "generate_ids", "TextStream"]
 
 
-def load_decoder(checkpoint: Union[str, Path], device: Union[str, torch.device] = "cpu") -> Decoder:
+def load_decoder(checkpoint: str | Path, device: str | torch.device = "cpu") -> Decoder:
     """The decoder of a PretrainModule Lightning checkpoint, in eval mode.
 
     Read with ``weights_only=True`` (no arbitrary unpickling): ``moeframe.config`` registers
@@ -51,8 +52,10 @@ def load_decoder(checkpoint: Union[str, Path], device: Union[str, torch.device] 
         decoder.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         detail = next((ln.strip() for ln in str(exc).splitlines()[1:] if ln.strip()), str(exc))
-        raise CheckpointError(f"{path}: the weights do not match the model config stored with them "
-                              f"({detail[:300]}); the checkpoint is damaged: copy it again or pass another") from None
+        raise CheckpointError(
+            f"{path}: the weights do not match the model config stored with them "
+            f"({detail[:300]}); the checkpoint is damaged: copy it again or pass another"
+        ) from None
     return decoder.eval()
 
 
@@ -66,8 +69,9 @@ def top_p_filter(probs_BV: torch.Tensor, top_p: float) -> torch.Tensor:
     return kept_BV / kept_BV.sum(dim=-1, keepdim=True)
 
 
-def next_token(logits_BV: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,
-               generator: Optional[torch.Generator] = None) -> torch.Tensor:
+def next_token(
+    logits_BV: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """The next token id per sequence [B]: argmax at temperature 0, else top-p sampling."""
     if temperature <= 0:
         return logits_BV.argmax(dim=-1)
@@ -85,9 +89,9 @@ def generate_ids(
     temperature: float = 0.0,
     top_p: float = 1.0,
     use_cache: bool = True,
-    eos_id: Optional[int] = None,
-    vocab_limit: Optional[int] = None,
-    generator: Optional[torch.Generator] = None,
+    eos_id: int | None = None,
+    vocab_limit: int | None = None,
+    generator: torch.Generator | None = None,
 ) -> Iterator[torch.Tensor]:
     """Yield the next token of every sequence [B], step by step (at most ``max_new_tokens``).
 
@@ -96,8 +100,10 @@ def generate_ids(
     """
     B, T = prompt_BT.shape
     if T + max_new_tokens > decoder.config.max_seq_len:
-        raise ValueError(f"prompt ({T} tokens) + max_new_tokens ({max_new_tokens}) exceeds "
-                         f"model.max_seq_len={decoder.config.max_seq_len}; ask for fewer tokens")
+        raise ValueError(
+            f"prompt ({T} tokens) + max_new_tokens ({max_new_tokens}) exceeds "
+            f"model.max_seq_len={decoder.config.max_seq_len}; ask for fewer tokens"
+        )
     cache = decoder.new_cache(B, T + max_new_tokens) if use_cache else None
     ids_BT = prompt_BT
     step_input_BT = prompt_BT
@@ -127,12 +133,12 @@ class TextStream:
         text = self.tokenizer.decode(self.ids)
         if text.endswith("\ufffd"):
             return  # the character is not complete yet
-        self.out.write(text[len(self.printed):])
+        self.out.write(text[len(self.printed) :])
         self.out.flush()
         self.printed = text
 
     def finish(self) -> None:
         """Print what was held back (generation ended inside a character)."""
         text = self.tokenizer.decode(self.ids)
-        self.out.write(text[len(self.printed):])
+        self.out.write(text[len(self.printed) :])
         self.printed = text

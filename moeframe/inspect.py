@@ -18,23 +18,31 @@ from its parameter shapes, so the 671B preset is inspected in seconds on a lapto
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from torch import nn
 
 from moeframe.config import ConfigError, ModelConfig
-from moeframe import registry
 from moeframe.layout import BUILTIN_PRECISION, ParallelLayout, precision_bytes, strategy_for
 from moeframe.model.base import AttentionBase, NormBase, ResidualBase, RouterBase
 from moeframe.model.decoder import Decoder, build_decoder
 from moeframe.model.ffn import SwiGLU
 from moeframe.model.moe import MoE
 
-COMPONENTS = ("embedding", "head", "attention", "dense_ffn", "routed_experts", "shared_experts", "router", "norms",
-              "residual", "mtp")
+COMPONENTS = (
+    "embedding",
+    "head",
+    "attention",
+    "dense_ffn",
+    "routed_experts",
+    "shared_experts",
+    "router",
+    "norms",
+    "residual",
+    "mtp",
+)
 
 
 @dataclass
@@ -45,7 +53,7 @@ class Report:
     total_with_mtp: int
     activated: int
     activated_without_embedding: int
-    kv_cache_bytes_per_token: Optional[int]
+    kv_cache_bytes_per_token: int | None
     naive_kv_cache_bytes_per_token: int
     training_flops_per_token: int
     seq_len: int
@@ -66,8 +74,10 @@ def load_model_config(path: str | Path, role: str = "model config") -> ModelConf
             return load_model_config(Path(path).parent / inner, f"model.init_args.config (in {path})")
         data = inner
     if not isinstance(data, dict):
-        raise ConfigError(f"{path} holds a YAML {type(data).__name__}, not a model config (a mapping of "
-                          "moeframe.config.ModelConfig fields); pass a configs/model/*.yaml file or a run config")
+        raise ConfigError(
+            f"{path} holds a YAML {type(data).__name__}, not a model config (a mapping of "
+            "moeframe.config.ModelConfig fields); pass a configs/model/*.yaml file or a run config"
+        )
     try:
         return ModelConfig(**data)
     except TypeError as exc:
@@ -119,8 +129,9 @@ def _inactive_routed_of(moe: MoE, cfg: ModelConfig) -> int:
 
 
 def _inactive_routed(decoder: Decoder) -> int:
-    return sum(_inactive_routed_of(m, decoder.config) for name, m in decoder.moe_layers()
-               if not name.startswith("mtp."))
+    return sum(
+        _inactive_routed_of(m, decoder.config) for name, m in decoder.moe_layers() if not name.startswith("mtp.")
+    )
 
 
 def per_layer(decoder: Decoder) -> list[dict[str, Any]]:
@@ -133,15 +144,23 @@ def per_layer(decoder: Decoder) -> list[dict[str, Any]]:
         layer = plan.layer(block.layer_id)
         params = sum(p.numel() for p in block.parameters())
         moe = block.ffn if isinstance(block.ffn, MoE) else None
-        rows.append({"layer": block.layer_id, "attention": layer.attention.name,
-                     "router": layer.router.name if moe else None, "experts": layer.experts.name if moe else None,
-                     "norm": layer.norm.name, "residual": layer.residual.name, "params": params,
-                     "activated": params - (_inactive_routed_of(moe, decoder.config) if moe else 0)})
+        rows.append(
+            {
+                "layer": block.layer_id,
+                "attention": layer.attention.name,
+                "router": layer.router.name if moe else None,
+                "experts": layer.experts.name if moe else None,
+                "norm": layer.norm.name,
+                "residual": layer.residual.name,
+                "params": params,
+                "activated": params - (_inactive_routed_of(moe, decoder.config) if moe else 0),
+            }
+        )
     return rows
 
 
 def _attention_dims(attn: nn.Module) -> tuple[int, int, int]:
-    heads = int(getattr(attn, "n_heads"))
+    heads = int(attn.n_heads)
     qk = int(getattr(attn, "qk_head_dim", getattr(attn, "head_dim", 0)))
     v = int(getattr(attn, "v_head_dim", getattr(attn, "head_dim", 0)))
     return heads, qk, v
@@ -155,7 +174,7 @@ def training_flops_per_token(decoder: Decoder, activated_matmul_params: int, seq
     return 6 * activated_matmul_params + core
 
 
-def kv_bytes_per_token(decoder: Decoder, element_bytes: int) -> tuple[Optional[int], int]:
+def kv_bytes_per_token(decoder: Decoder, element_bytes: int) -> tuple[int | None, int]:
     """(as the plugin caches it, as a plain per-head K and V cache would), all layers."""
     from moeframe.config import resolve_model_config
 
@@ -192,13 +211,24 @@ def memory_per_gpu(counts: dict[str, int], zero: int, dp: int, ep: int, precisio
     weights = sharded(dense, routed / ep, 3) * weight_bytes
     grads = sharded(dense, routed / ep, 2) * 4
     states = sharded(dense, routed / ep, 1) * (master + 2 * moment_bytes)
-    gib = 1024 ** 3
-    return {"weights": weights / gib, "gradients": grads / gib, "optimizer": states / gib,
-            "total": (weights + grads + states) / gib}
+    gib = 1024**3
+    return {
+        "weights": weights / gib,
+        "gradients": grads / gib,
+        "optimizer": states / gib,
+        "total": (weights + grads + states) / gib,
+    }
 
 
-def inspect_model(cfg: ModelConfig, name: str, seq_len: int = 4096, zero: int = 1, dp: int = 1, ep: int = 1,
-                  precision: str = BUILTIN_PRECISION) -> Report:
+def inspect_model(
+    cfg: ModelConfig,
+    name: str,
+    seq_len: int = 4096,
+    zero: int = 1,
+    dp: int = 1,
+    ep: int = 1,
+    precision: str = BUILTIN_PRECISION,
+) -> Report:
     # the strategies' own checks: a layout accepted here is one `moeframe fit` accepts
     layout = ParallelLayout(world_size=dp, ep=ep, zero=zero).validate(cfg.n_routed_experts)
     decoder = build_decoder(cfg, device="meta")
@@ -206,17 +236,31 @@ def inspect_model(cfg: ModelConfig, name: str, seq_len: int = 4096, zero: int = 
     total = sum(counts.values()) - counts["mtp"]  # what inference runs; MTP is a training aid
     activated = total - _inactive_routed(decoder)
     kv, naive = kv_bytes_per_token(decoder, element_bytes=2)
-    return Report(name, counts, total, total + counts["mtp"], activated, activated - counts["embedding"], kv, naive,
-                  decoder_training_flops_per_token(decoder, seq_len, counts), seq_len,
-                  memory_per_gpu(counts, zero, dp, ep, precision), layout_section(layout, cfg, counts),
-                  per_layer(decoder))
+    return Report(
+        name,
+        counts,
+        total,
+        total + counts["mtp"],
+        activated,
+        activated - counts["embedding"],
+        kv,
+        naive,
+        decoder_training_flops_per_token(decoder, seq_len, counts),
+        seq_len,
+        memory_per_gpu(counts, zero, dp, ep, precision),
+        layout_section(layout, cfg, counts),
+        per_layer(decoder),
+    )
 
 
 def layout_section(layout: ParallelLayout, cfg: ModelConfig, counts: dict[str, int]) -> dict[str, Any]:
     """Who holds what under ``layout`` (parameters per rank before ZeRO partitioning)."""
     routed = counts["routed_experts"]
     return {
-        "world_size": layout.world_size, "ep": layout.ep, "expert_dp": layout.expert_dp, "zero": layout.zero,
+        "world_size": layout.world_size,
+        "ep": layout.ep,
+        "expert_dp": layout.expert_dp,
+        "zero": layout.zero,
         "experts_per_rank_per_layer": layout.experts_per_rank(cfg.n_routed_experts),
         "routed_expert_params_per_rank": routed // layout.ep,
         "dense_params_per_rank": sum(counts.values()) - routed,
@@ -224,7 +268,7 @@ def layout_section(layout: ParallelLayout, cfg: ModelConfig, counts: dict[str, i
     }
 
 
-def decoder_training_flops_per_token(decoder: Decoder, seq_len: int, counts: Optional[dict[str, int]] = None) -> int:
+def decoder_training_flops_per_token(decoder: Decoder, seq_len: int, counts: dict[str, int] | None = None) -> int:
     """Training FLOPs per token of the main model (MTP modules excluded) at sequence length T."""
     counts = counts or count_by_component(decoder)
     activated = sum(counts.values()) - counts["mtp"] - _inactive_routed(decoder)
@@ -257,18 +301,23 @@ def print_report(r: Report, zero: int, dp: int, ep: int, precision: str) -> None
     print(f"training FLOPs/token (T={r.seq_len})  {r.training_flops_per_token:.4g}")
     lay = r.layout
     strategy = lay["strategy"] or "none yet (no installed strategy declares this layout; estimate only)"
-    print(f"parallel layout: {lay['world_size']} ranks = EP {lay['ep']} x expert-DP {lay['expert_dp']}; "
-          f"{lay['experts_per_rank_per_layer']} routed experts per rank per MoE layer; per rank before ZeRO: "
-          f"{_fmt(lay['routed_expert_params_per_rank'])} routed-expert + {_fmt(lay['dense_params_per_rank'])} "
-          f"dense parameters; --trainer.strategy {strategy}")
+    print(
+        f"parallel layout: {lay['world_size']} ranks = EP {lay['ep']} x expert-DP {lay['expert_dp']}; "
+        f"{lay['experts_per_rank_per_layer']} routed experts per rank per MoE layer; per rank before ZeRO: "
+        f"{_fmt(lay['routed_expert_params_per_rank'])} routed-expert + {_fmt(lay['dense_params_per_rank'])} "
+        f"dense parameters; --trainer.strategy {strategy}"
+    )
     m = r.memory_per_gpu_gib
-    print(f"memory per GPU, ZeRO-{zero} DP={dp} EP={ep} {precision}: weights {m['weights']:.1f} GiB, "
-          f"gradients {m['gradients']:.1f} GiB, optimizer {m['optimizer']:.1f} GiB, total {m['total']:.1f} GiB "
-          "(activations not included)")
+    print(
+        f"memory per GPU, ZeRO-{zero} DP={dp} EP={ep} {precision}: weights {m['weights']:.1f} GiB, "
+        f"gradients {m['gradients']:.1f} GiB, optimizer {m['optimizer']:.1f} GiB, total {m['total']:.1f} GiB "
+        "(activations not included)"
+    )
 
 
 def _layers_differ(rows: list[dict[str, Any]]) -> bool:
     """Whether per-layer choices make layers of one kind (dense or MoE) differ."""
+
     def signature(row: dict[str, Any]) -> tuple:
         return tuple(row[k] for k in ("attention", "router", "experts", "norm", "residual", "params"))
 
@@ -279,5 +328,7 @@ def _print_layers(rows: list[dict[str, Any]]) -> None:
     print("per layer:")
     for row in rows:
         ffn = f"{row['router']}/{row['experts']}" if row["router"] else "dense"
-        print(f"  layer {row['layer']:<3} {row['attention']:<10} {ffn:<20} {row['norm']:<9} {row['residual']:<10} "
-              f"params {_fmt(row['params'])}, activated {_fmt(row['activated'])}")
+        print(
+            f"  layer {row['layer']:<3} {row['attention']:<10} {ffn:<20} {row['norm']:<9} {row['residual']:<10} "
+            f"params {_fmt(row['params'])}, activated {_fmt(row['activated'])}"
+        )

@@ -20,12 +20,21 @@ names no strategy or precision plugin.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 from moeframe.errors import ConfigError
 
-__all__ = ["DescribesLayout", "DescribesMemory", "ParallelLayout", "TrainingBytes", "check_ep_layout",
-           "check_zero_layout", "data_parallel_rank_size", "precision_bytes", "strategy_for"]
+__all__ = [
+    "DescribesLayout",
+    "DescribesMemory",
+    "ParallelLayout",
+    "TrainingBytes",
+    "check_ep_layout",
+    "check_zero_layout",
+    "data_parallel_rank_size",
+    "precision_bytes",
+    "strategy_for",
+]
 
 
 def data_parallel_rank_size(trainer: Any) -> tuple[int, int]:
@@ -36,28 +45,39 @@ def data_parallel_rank_size(trainer: Any) -> tuple[int, int]:
     return int(kwargs.get("rank", trainer.global_rank)), int(kwargs.get("num_replicas", trainer.world_size))
 
 
-def check_ep_layout(ep_size: int, world_size: int, num_experts: Optional[int]) -> None:
+def check_ep_layout(ep_size: int, world_size: int, num_experts: int | None) -> None:
     """ConfigError naming the fix when ``ep_size`` cannot lay the experts out on the ranks."""
     if ep_size < 1:
         raise ConfigError(f"ep_size must be >= 1, got {ep_size}")
     if world_size < 1:
         raise ConfigError(f"the world size must be >= 1, got {world_size}")
     if world_size % ep_size:
-        raise ConfigError(f"expert parallelism: ep_size={ep_size} does not divide the world size {world_size} "
-                          f"(num_nodes x devices); choose an ep_size among the divisors of {world_size}")
+        raise ConfigError(
+            f"expert parallelism: ep_size={ep_size} does not divide the world size {world_size} "
+            f"(num_nodes x devices); choose an ep_size among the divisors of {world_size}"
+        )
     if num_experts is not None and num_experts % ep_size:
-        raise ConfigError(f"expert parallelism: ep_size={ep_size} does not divide n_routed_experts={num_experts}; "
-                          "every rank of an EP group must hold the same number of experts")
+        raise ConfigError(
+            f"expert parallelism: ep_size={ep_size} does not divide n_routed_experts={num_experts}; "
+            "every rank of an EP group must hold the same number of experts"
+        )
 
 
-def check_zero_layout(stage: int, offload_parameters: bool = False, offload_params_device: str = "cpu",
-                      offload_optimizer_device: str = "cpu", nvme_path: Optional[str] = None) -> None:
+def check_zero_layout(
+    stage: int,
+    offload_parameters: bool = False,
+    offload_params_device: str = "cpu",
+    offload_optimizer_device: str = "cpu",
+    nvme_path: str | None = None,
+) -> None:
     """ConfigError for a ZeRO setting DeepSpeed would ignore or fail on deep inside a run."""
     if stage not in (1, 2, 3):
         raise ConfigError(f"DeepSpeed ZeRO stage must be 1, 2 or 3, got {stage}")
     if offload_parameters and stage != 3:
-        raise ConfigError(f"offload_parameters=True needs ZeRO stage 3 (only stage 3 partitions the parameters), "
-                          f"got stage {stage}: use a ZeRO stage-3 strategy, or set offload_parameters false")
+        raise ConfigError(
+            f"offload_parameters=True needs ZeRO stage 3 (only stage 3 partitions the parameters), "
+            f"got stage {stage}: use a ZeRO stage-3 strategy, or set offload_parameters false"
+        )
     if "nvme" in (offload_params_device, offload_optimizer_device) and not nvme_path:
         raise ConfigError("offloading to nvme needs nvme_path (a folder on a local NVMe drive)")
     if offload_params_device == "nvme" and stage != 3:
@@ -73,7 +93,7 @@ class ParallelLayout:
     zero: int = 0
     offload_parameters: bool = False
 
-    def validate(self, n_routed_experts: Optional[int]) -> "ParallelLayout":
+    def validate(self, n_routed_experts: int | None) -> ParallelLayout:
         check_ep_layout(self.ep, self.world_size, n_routed_experts)
         if self.zero:
             check_zero_layout(self.zero, self.offload_parameters)
@@ -93,14 +113,15 @@ class DescribesLayout:
     ``moeframe inspect`` can name the ``--trainer.strategy`` for a layout it estimates."""
 
     @classmethod
-    def runs_layout(cls, layout: ParallelLayout) -> Optional[dict[str, Any]]:
+    def runs_layout(cls, layout: ParallelLayout) -> dict[str, Any] | None:
         """The init arguments with which this strategy runs ``layout`` (``{}``: as registered),
         or None when it does not run it."""
         return None
 
     @classmethod
-    def plan_pipeline(cls, config: Any, pp: int, vpp: Optional[int], schedule: str,
-                      microbatches: Optional[int]) -> Optional[dict[str, Any]]:
+    def plan_pipeline(
+        cls, config: Any, pp: int, vpp: int | None, schedule: str, microbatches: int | None
+    ) -> dict[str, Any] | None:
         """For a strategy that runs pipeline parallelism: how it would run the model ``config`` on
         ``pp`` ranks × ``vpp`` stages with ``schedule`` (the same split a run makes):
         ``{"layers_per_stage", "stage_ranks", "vpp", "microbatches",
@@ -109,7 +130,7 @@ class DescribesLayout:
         strategy has no pipeline."""
         return None
 
-    def model_state_shapes(self) -> Optional[dict[str, Any]]:
+    def model_state_shapes(self) -> dict[str, Any] | None:
         """The whole model's state-dict entries (tensors; meta ones will do) for a strategy whose ranks
         each hold only part of the model (pipeline stages), so that a checkpoint is checked against
         the whole model; None: the module's own state dict is the whole model."""
@@ -128,7 +149,7 @@ def _installed_strategies() -> dict[str, type]:
     return strategies
 
 
-def strategy_for(layout: ParallelLayout, strategies: Optional[dict[str, type]] = None) -> Optional[str]:
+def strategy_for(layout: ParallelLayout, strategies: dict[str, type] | None = None) -> str | None:
     """The ``--trainer.strategy`` value that runs ``layout`` (e.g. ``name (ep_size=4)``), or None
     when no installed strategy declares it; plain data parallelism is Lightning's own ``ddp``.
     Among several strategies the one needing the fewest arguments wins (a preset over a knob)."""
@@ -175,6 +196,8 @@ def precision_bytes(name: str) -> TrainingBytes:
 
     cls = registry.load("precision", name)
     if not issubclass(cls, DescribesMemory):
-        raise ConfigError(f"precision plugin {name!r} does not describe its memory: it must derive from "
-                          "moeframe.layout.DescribesMemory and return its TrainingBytes from training_bytes()")
+        raise ConfigError(
+            f"precision plugin {name!r} does not describe its memory: it must derive from "
+            "moeframe.layout.DescribesMemory and return its TrainingBytes from training_bytes()"
+        )
     return cls.training_bytes()

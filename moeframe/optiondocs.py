@@ -82,8 +82,10 @@ def option_docs(options_cls: type) -> list[OptionDoc]:
     """Every option of a plugin's ``Options`` dataclass, in declaration order."""
     hints = typing.get_type_hints(options_cls)
     docs = {**docstring_fields(own_doc(options_cls)), **field_comments(options_cls)}
-    return [OptionDoc(f.name, describe_type(hints.get(f.name, f.type)), _default(f), docs.get(f.name, ""))
-            for f in dataclasses.fields(options_cls)]
+    return [
+        OptionDoc(f.name, describe_type(hints.get(f.name, f.type)), _default(f), docs.get(f.name, ""))
+        for f in dataclasses.fields(options_cls)
+    ]
 
 
 def arg_docs(obj: Any) -> dict[str, str]:

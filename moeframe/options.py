@@ -22,7 +22,7 @@ __all__ = ["PluginOptions", "describe_type", "options_as_config", "parse_options
 class PluginOptions:
     """Base of every plugin's options; plugins subclass it with their own typed fields."""
 
-    def validate(self, config: "ModelConfig") -> None:
+    def validate(self, config: ModelConfig) -> None:
         """Cross-check options against the model config; raise ValueError naming the fix."""
 
 
@@ -46,7 +46,10 @@ def _type_ok(value: Any, annotation: Any) -> bool:
 
 
 _TYPE_WORDS: dict[Any, str] = {
-    bool: "true or false", int: "a whole number", float: "a number", str: "a string",
+    bool: "true or false",
+    int: "a whole number",
+    float: "a number",
+    str: "a string",
     type(None): "null",
 }
 
@@ -89,12 +92,13 @@ def parse_options(kind: str, name: str, cls: type[PluginOptions], values: dict[s
         if key not in fields:
             raise ValueError(_unknown_option(kind, name, key, list(fields)))
         if not _type_ok(value, hints[key]):
-            raise ValueError(f"{kind} plugin {name!r}: option {key!r} must be {describe_type(hints[key])}, "
-                             f"got {_yaml_value(value)}")
+            raise ValueError(
+                f"{kind} plugin {name!r}: option {key!r} must be {describe_type(hints[key])}, got {_yaml_value(value)}"
+            )
     missing = [
-        f.name for f in fields.values()
-        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-        and f.name not in values
+        f.name
+        for f in fields.values()
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and f.name not in values
     ]
     if missing:
         raise ValueError(f"{kind} plugin {name!r} needs option(s): {', '.join(missing)}")

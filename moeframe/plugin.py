@@ -52,15 +52,20 @@ from typing import Any
 from moeframe import registry
 from moeframe.compat import ddp_ignore
 from moeframe.config import ModelConfig, resolve_model_config
+from moeframe.convert.family import HFFamily, HFTensor
 from moeframe.convert.fp8 import AMAX_FLOOR, BLOCK, E4M3_MAX, dequantize_blocks, quantize_blocks
 from moeframe.errors import ConfigError
-from moeframe.convert.family import HFFamily, HFTensor
-from moeframe.layout import DescribesLayout, DescribesMemory, ParallelLayout, TrainingBytes, check_ep_layout, check_zero_layout
+from moeframe.layout import (
+    DescribesLayout,
+    DescribesMemory,
+    ParallelLayout,
+    TrainingBytes,
+    check_ep_layout,
+    check_zero_layout,
+)
 from moeframe.model.attention import KVCache, MHAOptions, MultiHeadAttention, cached_causal_mask, document_mask
 from moeframe.model.base import (
     AttentionBase,
-    ResidualBase,
-    Sublayer,
     AttentionCache,
     ExpertsBase,
     GroupedGemm,
@@ -68,8 +73,10 @@ from moeframe.model.base import (
     PhaseTimer,
     PluginDeprecationWarning,
     PluginOptions,
+    ResidualBase,
     RouterBase,
     RouterOutput,
+    Sublayer,
     default_init,
     describe_type,
     options_as_config,
@@ -79,8 +86,8 @@ from moeframe.model.compat import as_context
 from moeframe.model.context import ForwardContext
 from moeframe.model.decoder import DecoderOutput, build_decoder, init_random_stream
 from moeframe.model.experts import GroupedExperts, grouped_mm, grouped_mm_supported, pad_expert_groups_static
-from moeframe.model.moe import moe_layers
 from moeframe.model.hfnames import EXPERT, HFNamed
+from moeframe.model.moe import moe_layers
 from moeframe.model.norm import RMSNorm
 from moeframe.model.rope import apply_rope, rope_cos_sin
 from moeframe.model.router import count_per_expert, gate_logits_fp32, limit_to_groups
@@ -98,26 +105,76 @@ _LAZY: dict[str, str] = {
 }
 
 __all__ = [
-    "AMAX_FLOOR", "BLOCK", "E4M3_MAX", "EXPERT", "PLUGIN_API_VERSION",
-    "ForwardContext", "ResidualBase", "Sublayer", "as_context",
-    "DescribesLayout", "DescribesMemory", "HFFamily", "HFNamed", "HFTensor", "ParallelLayout", "TrainingBytes",
-    "AttentionBase", "AttentionCache", "ConfigError", "DecoderOutput", "ExpertsBase", "GroupedExperts", "GroupedGemm", "KVCache",
-    "MHAOptions", "ModelConfig", "MultiHeadAttention", "NormBase", "PhaseTimer", "PluginDeprecationWarning",
-    "PluginOptions", "RMSNorm", "RouterBase", "RouterOutput",
-    "apply_rope", "build_decoder", "registry", "resolve_model_config", "rope_cos_sin",
-    "cached_causal_mask", "check_ep_layout", "check_zero_layout", "count_per_expert", "default_init",
-    "dequantize_blocks", "describe_type", "document_mask", "gate_logits_fp32", "grouped_mm",
-    "grouped_mm_supported", "init_random_stream", "pad_expert_groups_static",
-    "limit_to_groups", "moe_layers", "options_as_config", "parse_options", "partial_name", "quantize_blocks",
-    "remove_stale_partials", "replace_folder", "ddp_ignore",
+    "AMAX_FLOOR",
+    "BLOCK",
+    "E4M3_MAX",
+    "EXPERT",
+    "PLUGIN_API_VERSION",
+    "ForwardContext",
+    "ResidualBase",
+    "Sublayer",
+    "as_context",
+    "DescribesLayout",
+    "DescribesMemory",
+    "HFFamily",
+    "HFNamed",
+    "HFTensor",
+    "ParallelLayout",
+    "TrainingBytes",
+    "AttentionBase",
+    "AttentionCache",
+    "ConfigError",
+    "DecoderOutput",
+    "ExpertsBase",
+    "GroupedExperts",
+    "GroupedGemm",
+    "KVCache",
+    "MHAOptions",
+    "ModelConfig",
+    "MultiHeadAttention",
+    "NormBase",
+    "PhaseTimer",
+    "PluginDeprecationWarning",
+    "PluginOptions",
+    "RMSNorm",
+    "RouterBase",
+    "RouterOutput",
+    "apply_rope",
+    "build_decoder",
+    "registry",
+    "resolve_model_config",
+    "rope_cos_sin",
+    "cached_causal_mask",
+    "check_ep_layout",
+    "check_zero_layout",
+    "count_per_expert",
+    "default_init",
+    "dequantize_blocks",
+    "describe_type",
+    "document_mask",
+    "gate_logits_fp32",
+    "grouped_mm",
+    "grouped_mm_supported",
+    "init_random_stream",
+    "pad_expert_groups_static",
+    "limit_to_groups",
+    "moe_layers",
+    "options_as_config",
+    "parse_options",
+    "partial_name",
+    "quantize_blocks",
+    "remove_stale_partials",
+    "replace_folder",
+    "ddp_ignore",
 ]
 
 
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
         return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'moeframe.plugin' has no attribute {name!r}; the plugin API offers: "
-                         f"{', '.join(__all__)}")
+    raise AttributeError(
+        f"module 'moeframe.plugin' has no attribute {name!r}; the plugin API offers: {', '.join(__all__)}"
+    )
 
 
 def __dir__() -> list[str]:

@@ -17,7 +17,7 @@ import importlib
 import importlib.metadata as md
 import warnings
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from typing import Any
 
 __all__ = [
@@ -119,7 +119,7 @@ def _distribution_of(ep: md.EntryPoint) -> tuple[str, str]:
     return dist.metadata["Name"] or dist.name, dist.version
 
 
-@lru_cache(maxsize=None)
+@cache
 def _discover(kind: str) -> tuple[PluginInfo, ...]:
     """All entry points of one kind, de-duplicated (an editable install can list a dist twice)."""
     seen: dict[tuple[str, str, str], PluginInfo] = {}
@@ -159,7 +159,7 @@ def _unknown_name_message(kind: Kind, name: str, names: list[str]) -> str:
     return (
         f"unknown {kind.name} plugin {name!r}.{hint} Available {kind.name} plugins: {listing}. "
         f"A package provides one by declaring an entry point in the group {kind.group!r} "
-        f"(e.g. [project.entry-points.\"{kind.group}\"] {name} = \"your_pkg.module:Class\") "
+        f'(e.g. [project.entry-points."{kind.group}"] {name} = "your_pkg.module:Class") '
         "and being pip-installed."
     )
 
@@ -180,7 +180,7 @@ def resolve(kind: str, name: str) -> PluginInfo:
     return infos[0]
 
 
-@lru_cache(maxsize=None)
+@cache
 def _load_cached(kind: str, name: str) -> Any:
     info = resolve(kind, name)
     module_name, _, attr = info.value.partition(":")
@@ -225,27 +225,30 @@ def declared_plugin_api(cls: type) -> str:
 API2_CHANGES: dict[str, str] = {
     "attention": "take forward(x_BTD, ctx) and read positions_T, document_ids_BT and cache from ctx",
     "router": "take __init__(config, options, layer_id) and forward(x_TD, ctx) (ctx.seq_len replaces "
-              "takes_seq_len/seq_len)",
+    "takes_seq_len/seq_len)",
     "experts": "take __init__(config, options, num_experts, dim, hidden_dim, layer_id) and "
-               "forward(x_TD, weights_TK, indices_TK, ctx)",
+    "forward(x_TD, weights_TK, indices_TK, ctx)",
     "norm": "take __init__(dim, eps, options, layer_id=None) and forward(x, ctx=None)",
 }
 
 
 def api1_message(kind: str, name: str, distribution: str, version: str) -> str:
     """The one deprecation warning an API-1 plugin gets: what it is and what to change."""
-    return (f"{kind} plugin {name!r} from distribution {distribution} {version} targets moeframe plugin "
-            f"API 1, which is deprecated and will be removed in a future release; it still runs, called "
-            f"with the API-1 signatures. To move to plugin API 2, set plugin_api = \"2\" and "
-            f"{API2_CHANGES.get(kind, 'follow docs/guides/plugins.md')} (see docs/guides/plugins.md).")
+    return (
+        f"{kind} plugin {name!r} from distribution {distribution} {version} targets moeframe plugin "
+        f"API 1, which is deprecated and will be removed in a future release; it still runs, called "
+        f'with the API-1 signatures. To move to plugin API 2, set plugin_api = "2" and '
+        f"{API2_CHANGES.get(kind, 'follow docs/guides/plugins.md')} (see docs/guides/plugins.md)."
+    )
 
 
 def _check_plugin_api(cls: type, info: PluginInfo) -> None:
     declared = declared_plugin_api(cls)
     if declared in DEPRECATED_PLUGIN_APIS and info.kind in _CONTEXT_KINDS:
         # once per plugin and process: loading is cached
-        warnings.warn(api1_message(info.kind, info.name, info.distribution, info.version),
-                      PluginDeprecationWarning, stacklevel=2)
+        warnings.warn(
+            api1_message(info.kind, info.name, info.distribution, info.version), PluginDeprecationWarning, stacklevel=2
+        )
     if declared in SUPPORTED_PLUGIN_APIS:
         return
     from moeframe import __version__

@@ -14,7 +14,7 @@ grows during V3's run (the batch-size ramp), so a step is not a fixed amount of 
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 SHAPES = ("linear", "cosine", "constant")
 
@@ -26,8 +26,10 @@ def check_segments(segments: Sequence[Segment], what: str) -> None:
     last = 0.0
     for seg in segments:
         if not (isinstance(seg, (list, tuple)) and len(seg) == 3 and seg[2] in SHAPES):
-            raise ValueError(f"{what}: each segment must be [until_tokens, value, shape] with shape one of "
-                             f"{', '.join(SHAPES)}; got {seg!r}")
+            raise ValueError(
+                f"{what}: each segment must be [until_tokens, value, shape] with shape one of "
+                f"{', '.join(SHAPES)}; got {seg!r}"
+            )
         if float(seg[0]) <= last:
             raise ValueError(f"{what}: segment ends must increase and be > 0, got {float(seg[0])} after {last}")
         last = float(seg[0])

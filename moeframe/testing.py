@@ -29,8 +29,9 @@ import os
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -44,8 +45,12 @@ from moeframe.model.decoder import Decoder, build_decoder
 
 
 def naive_experts(
-    w1_EFD: torch.Tensor, w2_EDF: torch.Tensor, w3_EFD: torch.Tensor,
-    x_TD: torch.Tensor, weights_TK: torch.Tensor, indices_TK: torch.Tensor,
+    w1_EFD: torch.Tensor,
+    w2_EDF: torch.Tensor,
+    w3_EFD: torch.Tensor,
+    x_TD: torch.Tensor,
+    weights_TK: torch.Tensor,
+    indices_TK: torch.Tensor,
 ) -> torch.Tensor:
     """The textbook MoE, one (token, expert) pair at a time: the reference for experts plugins."""
     out_TD = torch.zeros_like(x_TD)
@@ -68,8 +73,13 @@ def check_causal(config: ModelConfig, seq_len: int = 12, seed: int = 0) -> None:
             changed = ids.clone()
             changed[:, t] = (changed[:, t] + 1) % config.vocab_size
             logits = decoder(changed).logits
-            torch.testing.assert_close(logits[:, :t], base[:, :t], rtol=0, atol=1e-5,
-                                       msg=lambda m: f"token {t} leaked into earlier positions: {m}")
+            torch.testing.assert_close(
+                logits[:, :t],
+                base[:, :t],
+                rtol=0,
+                atol=1e-5,
+                msg=lambda m: f"token {t} leaked into earlier positions: {m}",
+            )
             assert not torch.allclose(logits[:, t:], base[:, t:]), f"changing token {t} changed nothing after it"
 
 
@@ -84,9 +94,19 @@ def check_meta_build(config: ModelConfig) -> Decoder:
 
 def tiny_config(**changes: Any) -> ModelConfig:
     """A CPU-sized config for contract checks (2 layers: one dense, one MoE)."""
-    base = ModelConfig(vocab_size=64, dim=32, n_layers=2, first_k_dense=1, n_heads=4, dense_ffn_dim=64,
-                       moe_ffn_dim=16, n_routed_experts=8, n_activated_experts=2, n_shared_experts=1,
-                       max_seq_len=64)
+    base = ModelConfig(
+        vocab_size=64,
+        dim=32,
+        n_layers=2,
+        first_k_dense=1,
+        n_heads=4,
+        dense_ffn_dim=64,
+        moe_ffn_dim=16,
+        n_routed_experts=8,
+        n_activated_experts=2,
+        n_shared_experts=1,
+        max_seq_len=64,
+    )
     return dataclasses.replace(base, **changes)
 
 
@@ -128,8 +148,9 @@ def check_attention_shapes_and_dtypes(config: ModelConfig, seq_len: int = 10) ->
         y16 = call_attention(attn_bf16, x.to(torch.bfloat16), ctx)
     assert y16.dtype == torch.bfloat16, f"bf16 input gave a {y16.dtype} output"
     assert torch.isfinite(y16).all(), "bf16 attention produced non-finite values"
-    torch.testing.assert_close(y16.float(), y, rtol=0.1, atol=0.1,
-                               msg=lambda m: f"bf16 attention is far from fp32: {m}")
+    torch.testing.assert_close(
+        y16.float(), y, rtol=0.1, atol=0.1, msg=lambda m: f"bf16 attention is far from fp32: {m}"
+    )
 
 
 def check_document_masking(config: ModelConfig, seq_len: int = 12) -> None:
@@ -142,8 +163,13 @@ def check_document_masking(config: ModelConfig, seq_len: int = 12) -> None:
     changed[0, :cut] = (changed[0, :cut] + 3) % config.vocab_size
     with torch.no_grad():
         base, after, unmasked = decoder(ids, docs).logits, decoder(changed, docs).logits, decoder(changed).logits
-    torch.testing.assert_close(after[0, cut:], base[0, cut:], rtol=0, atol=1e-5,
-                               msg=lambda m: f"a token attended across a document boundary: {m}")
+    torch.testing.assert_close(
+        after[0, cut:],
+        base[0, cut:],
+        rtol=0,
+        atol=1e-5,
+        msg=lambda m: f"a token attended across a document boundary: {m}",
+    )
     assert not torch.allclose(unmasked[0, cut:], base[0, cut:]), "without document ids the documents should mix"
 
 
@@ -165,14 +191,20 @@ def check_cache_matches_full(config: ModelConfig, seq_len: int = 12, prefill: in
         full = decoder(ids).logits
         cache = decoder.new_cache(2, seq_len)
         steps = [decoder(ids[:, :prefill], cache=cache).logits]
-        steps += [decoder(ids[:, t:t + 1], cache=cache).logits for t in range(prefill, seq_len)]
+        steps += [decoder(ids[:, t : t + 1], cache=cache).logits for t in range(prefill, seq_len)]
     assert cache.length == seq_len, f"the cache holds {cache.length} tokens after {seq_len}"
-    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=0, atol=atol,
-                               msg=lambda m: f"cached decoding differs from the full forward: {m}")
+    torch.testing.assert_close(
+        torch.cat(steps, dim=1),
+        full,
+        rtol=0,
+        atol=atol,
+        msg=lambda m: f"cached decoding differs from the full forward: {m}",
+    )
 
 
-def check_cache_nbytes(config: ModelConfig, num_tokens: int = 9, batch_size: int = 2,
-                       dtype: torch.dtype = torch.bfloat16) -> int:
+def check_cache_nbytes(
+    config: ModelConfig, num_tokens: int = 9, batch_size: int = 2, dtype: torch.dtype = torch.bfloat16
+) -> int:
     """The bytes a full cache really holds equal the plugin's declared values per token
     (``kv_cache_values_per_token``) × layers × tokens × batch × element size. Returns the bytes."""
     decoder = _checked_decoder(config, seed=0).to(dtype)
@@ -216,6 +248,7 @@ def check_attention_contract(config: ModelConfig, cache: bool = True) -> None:
 
 # -- router plugins ---------------------------------------------------------------------------
 
+
 def _moe_layer(decoder: Decoder) -> Any:
     from moeframe.model.moe import MoE
 
@@ -233,25 +266,31 @@ def _route(router: Any, x_TD: torch.Tensor, seq_len: int, config: ModelConfig | 
     return call_router(router, x_TD, ctx)
 
 
-def _check_routes_in_fp32_under_autocast(router: Any, x_TD: torch.Tensor, seq_len: int, fp32: Any, name: str,
-                                         config: ModelConfig | None = None) -> None:
+def _check_routes_in_fp32_under_autocast(
+    router: Any, x_TD: torch.Tensor, seq_len: int, fp32: Any, name: str, config: ModelConfig | None = None
+) -> None:
     """Under bf16 autocast (``bf16-mixed``, the FP8 plugin) the router must decide exactly as in
     fp32: autocast re-casts ``F.linear``'s inputs to bf16 even after ``.float()``, so a gate that
     does not switch autocast off (``moeframe.model.router.gate_logits_fp32``) routes in bf16."""
     with torch.autocast(x_TD.device.type, dtype=torch.bfloat16):
         mixed = _route(router, x_TD, seq_len, config)  # the token ids `fp32` was routed with
-    assert mixed.weights_TK.dtype == torch.float32, \
+    assert mixed.weights_TK.dtype == torch.float32, (
         f"{name}: under bf16 autocast the gate weights are {mixed.weights_TK.dtype}, expected fp32 (disable autocast around the gate)"
+    )
     changed = (mixed.indices_TK.sort(dim=-1).values != fp32.indices_TK.sort(dim=-1).values).any(dim=-1)
-    assert not changed.any(), (f"{name}: under bf16 autocast {int(changed.sum())} of {changed.numel()} tokens chose other "
-                               "experts than in fp32: route in fp32 (disable autocast around the gate projection)")
+    assert not changed.any(), (
+        f"{name}: under bf16 autocast {int(changed.sum())} of {changed.numel()} tokens chose other "
+        "experts than in fp32: route in fp32 (disable autocast around the gate projection)"
+    )
     diff = (mixed.weights_TK - fp32.weights_TK).abs().max().item()
-    assert diff <= 1e-6 * max(1.0, float(fp32.weights_TK.abs().max())), \
+    assert diff <= 1e-6 * max(1.0, float(fp32.weights_TK.abs().max())), (
         f"{name}: under bf16 autocast the gate weights differ from fp32 by {diff:.2e}: the gate ran in bf16"
+    )
 
 
-def check_router_contract(config: ModelConfig, num_sequences: int = 4, seq_len: int = 12,
-                          weights_sum_to: float | None = None) -> None:
+def check_router_contract(
+    config: ModelConfig, num_sequences: int = 4, seq_len: int = 12, weights_sum_to: float | None = None
+) -> None:
     """Every check a router plugin must pass, on the router the registry builds for ``config``.
 
     - shapes and dtypes: ``weights_TK`` fp32 [T, K] (also for bf16 input), ``indices_TK``
@@ -277,56 +316,79 @@ def check_router_contract(config: ModelConfig, num_sequences: int = 4, seq_len: 
 
     out = _route(router.eval(), x_TD, seq_len, config)
     name = type(router).__qualname__
-    assert out.weights_TK.shape == (num_tokens, K), f"{name}: weights_TK is {tuple(out.weights_TK.shape)}, expected {(num_tokens, K)}"
-    assert out.indices_TK.shape == (num_tokens, K), f"{name}: indices_TK is {tuple(out.indices_TK.shape)}, expected {(num_tokens, K)}"
+    assert out.weights_TK.shape == (num_tokens, K), (
+        f"{name}: weights_TK is {tuple(out.weights_TK.shape)}, expected {(num_tokens, K)}"
+    )
+    assert out.indices_TK.shape == (num_tokens, K), (
+        f"{name}: indices_TK is {tuple(out.indices_TK.shape)}, expected {(num_tokens, K)}"
+    )
     assert out.weights_TK.dtype == torch.float32, f"{name}: gate weights must be fp32, got {out.weights_TK.dtype}"
     assert not out.indices_TK.is_floating_point(), f"{name}: indices_TK must be integers, got {out.indices_TK.dtype}"
-    assert int(out.indices_TK.min()) >= 0 and int(out.indices_TK.max()) < E, \
+    assert int(out.indices_TK.min()) >= 0 and int(out.indices_TK.max()) < E, (
         f"{name}: expert indices outside [0, {E}): {out.indices_TK.min().item()}..{out.indices_TK.max().item()}"
+    )
     distinct = torch.tensor([len(set(row.tolist())) == K for row in out.indices_TK])
-    assert distinct.all(), f"{name}: token {int((~distinct).nonzero()[0])} chose an expert twice: {out.indices_TK[~distinct][0].tolist()}"
+    assert distinct.all(), (
+        f"{name}: token {int((~distinct).nonzero()[0])} chose an expert twice: {out.indices_TK[~distinct][0].tolist()}"
+    )
     w = out.weights_TK
     assert torch.isfinite(w).all() and (w >= 0).all(), f"{name}: gate weights must be finite and >= 0"
-    assert (w <= config.route_scale * (1 + 1e-6)).all(), \
+    assert (w <= config.route_scale * (1 + 1e-6)).all(), (
         f"{name}: a gate weight {w.max().item():.4f} exceeds route_scale={config.route_scale}"
+    )
     if weights_sum_to is not None:
-        torch.testing.assert_close(w.sum(-1), torch.full((num_tokens,), float(weights_sum_to)), rtol=0, atol=1e-5,
-                                   msg=lambda m: f"{name}: each token's gate weights must sum to {weights_sum_to}: {m}")
+        torch.testing.assert_close(
+            w.sum(-1),
+            torch.full((num_tokens,), float(weights_sum_to)),
+            rtol=0,
+            atol=1e-5,
+            msg=lambda m: f"{name}: each token's gate weights must sum to {weights_sum_to}: {m}",
+        )
 
     counts_E = torch.bincount(out.indices_TK.flatten().long(), minlength=E)
     assert tuple(out.tokens_per_expert_E.shape) == (E,), f"{name}: tokens_per_expert_E must have shape ({E},)"
-    assert torch.equal(out.tokens_per_expert_E.long(), counts_E), \
+    assert torch.equal(out.tokens_per_expert_E.long(), counts_E), (
         f"{name}: tokens_per_expert_E {out.tokens_per_expert_E.tolist()} != the counts of indices_TK {counts_E.tolist()}"
+    )
 
     again = _route(router, x_TD.clone(), seq_len, config)
-    assert torch.equal(again.indices_TK, out.indices_TK) and torch.equal(again.weights_TK, out.weights_TK), \
+    assert torch.equal(again.indices_TK, out.indices_TK) and torch.equal(again.weights_TK, out.weights_TK), (
         f"{name}: the same input routed differently twice (eval mode must be deterministic)"
+    )
 
     low = _route(router, x_TD.to(torch.bfloat16), seq_len, config)
-    assert low.weights_TK.dtype == torch.float32, f"{name}: bf16 input gave {low.weights_TK.dtype} gate weights, expected fp32"
-    assert int(low.indices_TK.min()) >= 0 and int(low.indices_TK.max()) < E, f"{name}: bf16 input gave indices out of range"
+    assert low.weights_TK.dtype == torch.float32, (
+        f"{name}: bf16 input gave {low.weights_TK.dtype} gate weights, expected fp32"
+    )
+    assert int(low.indices_TK.min()) >= 0 and int(low.indices_TK.max()) < E, (
+        f"{name}: bf16 input gave indices out of range"
+    )
     _check_routes_in_fp32_under_autocast(router, x_TD, seq_len, out, name, config)
 
     trained = _route(router.train(), x_TD, seq_len, config)
     if trained.aux_loss is not None:
-        assert trained.aux_loss.dim() == 0 and torch.isfinite(trained.aux_loss), \
+        assert trained.aux_loss.dim() == 0 and torch.isfinite(trained.aux_loss), (
             f"{name}: aux_loss must be a finite scalar, got {trained.aux_loss}"
+        )
     trainable = [(n, p) for n, p in router.named_parameters() if p.requires_grad]
     if trainable:
         loss = trained.weights_TK.sum() + (trained.aux_loss if trained.aux_loss is not None else 0.0)
         loss.backward()
-        assert any(p.grad is not None and p.grad.abs().sum() > 0 for _, p in trainable), \
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for _, p in trainable), (
             f"{name}: no gradient reached the router's parameters {[n for n, _ in trainable]} from the gate weights"
+        )
     router.update_after_step(counts_E)  # what ExpertBalance calls once per optimizer step
 
     other = _moe_layer(_checked_decoder(config, seed=1)).gate.eval()
     other.load_state_dict(router.state_dict(), strict=True)
     a, b = _route(router.eval(), x_TD, seq_len, config), _route(other, x_TD, seq_len, config)
-    assert torch.equal(a.indices_TK, b.indices_TK) and torch.equal(a.weights_TK, b.weights_TK), \
+    assert torch.equal(a.indices_TK, b.indices_TK) and torch.equal(a.weights_TK, b.weights_TK), (
         f"{name}: a router loaded from another's state dict routes differently (is some state not in the state dict?)"
+    )
 
 
 # -- experts plugins --------------------------------------------------------------------------
+
 
 def _routing_with_an_idle_expert(T: int, E: int, K: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Random distinct experts per token that never use expert E-1 (the empty-group path) and
@@ -337,8 +399,9 @@ def _routing_with_an_idle_expert(T: int, E: int, K: int, seed: int) -> tuple[tor
     return torch.rand(T, K, generator=g), indices_TK
 
 
-def check_experts_contract(config: ModelConfig, num_tokens: int = 29, dtype: torch.dtype = torch.float32,
-                           tol: float | None = None) -> None:
+def check_experts_contract(
+    config: ModelConfig, num_tokens: int = 29, dtype: torch.dtype = torch.float32, tol: float | None = None
+) -> None:
     """An experts plugin matches a naive loop over (token, expert) pairs, forward and backward.
 
     The plugin built by the registry for ``config`` runs once on a batch (uneven groups, one
@@ -362,39 +425,64 @@ def check_experts_contract(config: ModelConfig, num_tokens: int = 29, dtype: tor
     weights_TK.requires_grad_(True)
     ctx = _context(config, 1, num_tokens, layer_id=config.first_k_dense)
     y_TD = call_experts(experts, x_TD, weights_TK, indices_TK, ctx)
-    assert y_TD.shape == x_TD.shape and y_TD.dtype == dtype, f"{name}: output {tuple(y_TD.shape)} {y_TD.dtype} for input {tuple(x_TD.shape)} {dtype}"
+    assert y_TD.shape == x_TD.shape and y_TD.dtype == dtype, (
+        f"{name}: output {tuple(y_TD.shape)} {y_TD.dtype} for input {tuple(x_TD.shape)} {dtype}"
+    )
     grad_TD = torch.randn_like(y_TD)
     batched = torch.autograd.grad(y_TD, [x_TD, weights_TK, *experts.parameters()], grad_TD, allow_unused=True)
 
     rows = []
     for t in range(num_tokens):
-        row_ctx = dataclasses.replace(ctx, positions_T=ctx.positions_T[t:t + 1], token_ids_BT=ctx.token_ids_BT[:, t:t + 1])
-        pairs = [weights_TK[t, k].to(dtype)
-                 * call_experts(experts, x_TD[t:t + 1], torch.ones(1, 1), indices_TK[t, k].view(1, 1), row_ctx)[0]
-                 for k in range(K)]
+        row_ctx = dataclasses.replace(
+            ctx, positions_T=ctx.positions_T[t : t + 1], token_ids_BT=ctx.token_ids_BT[:, t : t + 1]
+        )
+        pairs = [
+            weights_TK[t, k].to(dtype)
+            * call_experts(experts, x_TD[t : t + 1], torch.ones(1, 1), indices_TK[t, k].view(1, 1), row_ctx)[0]
+            for k in range(K)
+        ]
         rows.append(torch.stack(pairs).sum(0))
     loop_TD = torch.stack(rows)
     looped = torch.autograd.grad(loop_TD, [x_TD, weights_TK, *experts.parameters()], grad_TD, allow_unused=True)
 
-    torch.testing.assert_close(y_TD.float(), loop_TD.float(), rtol=tol, atol=tol,
-                               msg=lambda m: f"{name}: batched output != the per-pair loop: {m}")
+    torch.testing.assert_close(
+        y_TD.float(),
+        loop_TD.float(),
+        rtol=tol,
+        atol=tol,
+        msg=lambda m: f"{name}: batched output != the per-pair loop: {m}",
+    )
     labels = ["input", "gate weights"] + [n for n, _ in experts.named_parameters()]
     for label, a, b in zip(labels, batched, looped):
         assert (a is None) == (b is None), f"{name}: the gradient of {label} exists in only one of the two paths"
         if a is not None:
-            torch.testing.assert_close(a.float(), b.float(), rtol=tol, atol=tol,
-                                       msg=lambda m, label=label: f"{name}: gradient of {label} differs from the per-pair loop: {m}")
+            torch.testing.assert_close(
+                a.float(),
+                b.float(),
+                rtol=tol,
+                atol=tol,
+                msg=lambda m, label=label: f"{name}: gradient of {label} differs from the per-pair loop: {m}",
+            )
     stacked = {n: getattr(experts, n, None) for n in ("w1", "w2", "w3")}
     Fh = stacked["w1"].shape[1] if isinstance(stacked["w1"], torch.Tensor) and stacked["w1"].dim() == 3 else None
-    if Fh and all(isinstance(w, torch.Tensor) for w in stacked.values()) and \
-            [tuple(w.shape) for w in stacked.values()] == [(E, Fh, D), (E, D, Fh), (E, Fh, D)]:
+    if (
+        Fh
+        and all(isinstance(w, torch.Tensor) for w in stacked.values())
+        and [tuple(w.shape) for w in stacked.values()] == [(E, Fh, D), (E, D, Fh), (E, Fh, D)]
+    ):
         with torch.no_grad():
             ref_TD = naive_experts(stacked["w1"], stacked["w2"], stacked["w3"], x_TD, weights_TK, indices_TK)
-        torch.testing.assert_close(y_TD.detach().float(), ref_TD.float(), rtol=tol, atol=tol,
-                                   msg=lambda m: f"{name}: output != the textbook SwiGLU MoE: {m}")
+        torch.testing.assert_close(
+            y_TD.detach().float(),
+            ref_TD.float(),
+            rtol=tol,
+            atol=tol,
+            msg=lambda m: f"{name}: output != the textbook SwiGLU MoE: {m}",
+        )
 
 
 # -- norm plugins -----------------------------------------------------------------------------
+
 
 def check_norm_contract(config: ModelConfig) -> None:
     """Every check a norm plugin must pass, on the final norm the registry builds for ``config``:
@@ -410,6 +498,7 @@ def check_norm_contract(config: ModelConfig) -> None:
 
     def run(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return call_norm(module, x, None)  # as the final norm is called: no block, no context
+
     with torch.no_grad():
         for p in norm.parameters():
             p.add_(0.3 * torch.randn_like(p))  # away from the identity init, so the scale matters
@@ -419,11 +508,17 @@ def check_norm_contract(config: ModelConfig) -> None:
     with torch.no_grad():
         y16 = run(norm, x_BTD.to(torch.bfloat16))
     assert y16.dtype == torch.bfloat16, f"{name}: bf16 input gave a {y16.dtype} output"
-    torch.testing.assert_close(y16.float(), y_BTD.detach(), rtol=0.05, atol=0.05,
-                               msg=lambda m: f"{name}: bf16 output far from fp32: {m}")
+    torch.testing.assert_close(
+        y16.float(), y_BTD.detach(), rtol=0.05, atol=0.05, msg=lambda m: f"{name}: bf16 output far from fp32: {m}"
+    )
     with torch.no_grad():
-        torch.testing.assert_close(run(norm, 7.0 * x_BTD), y_BTD, rtol=1e-4, atol=1e-4,
-                                   msg=lambda m: f"{name}: output changes with the input's scale, so it does not normalise: {m}")
+        torch.testing.assert_close(
+            run(norm, 7.0 * x_BTD),
+            y_BTD,
+            rtol=1e-4,
+            atol=1e-4,
+            msg=lambda m: f"{name}: output changes with the input's scale, so it does not normalise: {m}",
+        )
         changed = x_BTD.clone()
         changed[0, 2] = torch.randn(config.dim)
         after = run(norm, changed)
@@ -433,7 +528,9 @@ def check_norm_contract(config: ModelConfig) -> None:
     assert not torch.allclose(after[0, 2], y_BTD[0, 2]), f"{name}: changing a position did not change its output"
     x = x_BTD.clone().requires_grad_(True)
     run(norm, x).pow(2).sum().backward()
-    assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0, f"{name}: no gradient reached the input"
+    assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0, (
+        f"{name}: no gradient reached the input"
+    )
     for pname, p in norm.named_parameters():
         if p.requires_grad:
             assert p.grad is not None and p.grad.abs().sum() > 0, f"{name}: no gradient reached parameter {pname}"
@@ -445,6 +542,7 @@ def check_norm_contract(config: ModelConfig) -> None:
 
 
 # -- residual plugins -------------------------------------------------------------------------
+
 
 def check_residual_contract(config: ModelConfig, seq_len: int = 10) -> None:
     """Every check a residual plugin must pass, on the residuals the registry builds for ``config``.
@@ -467,10 +565,12 @@ def check_residual_contract(config: ModelConfig, seq_len: int = 10) -> None:
 
     def sublayer(label: str, w_DD: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
         def run(x_BTD: torch.Tensor) -> torch.Tensor:
-            assert tuple(x_BTD.shape) == (B, seq_len, D), \
+            assert tuple(x_BTD.shape) == (B, seq_len, D), (
                 f"{name}: the {label} sublayer got {tuple(x_BTD.shape)}, expected {(B, seq_len, D)}"
+            )
             calls.append(label)
             return torch.tanh(x_BTD @ w_DD.to(x_BTD.dtype))
+
         return run
 
     def stream(x_BTD: torch.Tensor) -> torch.Tensor:
@@ -478,34 +578,43 @@ def check_residual_contract(config: ModelConfig, seq_len: int = 10) -> None:
         h = blocks[0].residual.expand(x_BTD, ctx)
         for block in blocks:
             calls.clear()
-            h = block.residual(h, sublayer("attention", w_attn_DD), sublayer("ffn", w_ffn_DD), ctx.for_layer(block.layer_id))
-            assert sorted(calls) == ["attention", "ffn"], f"{name}: a block must call attention and ffn once each, called {calls}"
+            h = block.residual(
+                h, sublayer("attention", w_attn_DD), sublayer("ffn", w_ffn_DD), ctx.for_layer(block.layer_id)
+            )
+            assert sorted(calls) == ["attention", "ffn"], (
+                f"{name}: a block must call attention and ffn once each, called {calls}"
+            )
         return blocks[-1].residual.reduce(h, ctx.for_layer(blocks[-1].layer_id))
 
     x_BTD = torch.randn(B, seq_len, D, requires_grad=True)
     y_BTD = stream(x_BTD)
-    assert y_BTD.shape == x_BTD.shape and y_BTD.dtype == x_BTD.dtype, \
+    assert y_BTD.shape == x_BTD.shape and y_BTD.dtype == x_BTD.dtype, (
         f"{name}: expand -> blocks -> reduce gave {tuple(y_BTD.shape)} {y_BTD.dtype} for {tuple(x_BTD.shape)} {x_BTD.dtype}"
+    )
     with torch.no_grad():
         changed = x_BTD.detach().clone()
         changed[0, 3] += 1.0
         after = stream(changed)
     mask = torch.ones(B, seq_len, dtype=torch.bool)
     mask[0, 3] = False
-    assert torch.equal(after[mask], y_BTD.detach()[mask]), f"{name}: changing one position changed others (mixing along T)"
+    assert torch.equal(after[mask], y_BTD.detach()[mask]), (
+        f"{name}: changing one position changed others (mixing along T)"
+    )
     y_BTD.pow(2).sum().backward()
     assert x_BTD.grad is not None and x_BTD.grad.abs().sum() > 0, f"{name}: no gradient reached the input"
     for block in blocks:
         for pname, p in block.residual.named_parameters():
             if p.requires_grad:
-                assert p.grad is not None and p.grad.abs().sum() > 0, \
+                assert p.grad is not None and p.grad.abs().sum() > 0, (
                     f"{name}: no gradient reached parameter {pname} of layer {block.layer_id}"
+                )
     check_causal(config)
     check_state_dict_round_trip(config)
     check_cache_matches_full(config)
 
 
 # -- HF checkpoint families and the parts' HF names -------------------------------------------
+
 
 def check_hf_family_contract(config: ModelConfig, family: str | None = None, seq_len: int = 8) -> Path:
     """A model of ``config`` (its weights and buffers randomised, so a swapped name shows)
@@ -516,8 +625,8 @@ def check_hf_family_contract(config: ModelConfig, family: str | None = None, seq
     Returns the exported folder (a temporary directory) for further checks."""
     import json
 
-    from moeframe.convert.hf import from_hf, tensor_map, to_hf
     from moeframe.convert.family import family_for_export
+    from moeframe.convert.hf import from_hf, tensor_map, to_hf
 
     torch.manual_seed(0)
     decoder = build_decoder(config).eval()
@@ -534,28 +643,39 @@ def check_hf_family_contract(config: ModelConfig, family: str | None = None, seq
     mine, theirs = decoder.state_dict(), back.state_dict()
     for key in sorted(carried):
         assert key in theirs and torch.equal(mine[key], theirs[key]), (
-            f"HF family {chosen.name!r} (model_type {model_type!r}): tensor {key} did not come back unchanged")
+            f"HF family {chosen.name!r} (model_type {model_type!r}): tensor {key} did not come back unchanged"
+        )
     ids_BT = torch.randint(0, config.vocab_size, (2, seq_len))
     with torch.no_grad():
         assert torch.equal(decoder(ids_BT).logits, back(ids_BT).logits), (
             f"HF family {chosen.name!r}: the imported model computes different logits (an option the "
-            "parts' hf_config/options_from_hf do not carry, or the family's config fields)")
+            "parts' hf_config/options_from_hf do not carry, or the family's config fields)"
+        )
     return folder
 
 
 # -- precision plugins ------------------------------------------------------------------------
 
+
 def _module_signature(model: nn.Module) -> dict[str, tuple[type, dict[str, tuple[torch.dtype, type]], type]]:
     """Per module name: its type, its own parameters' dtypes and tensor classes, and the type of its
     ``grouped_gemm`` hook (stacked experts whose projections a precision plugin took over)."""
-    return {name: (type(m), {p_name: (p.dtype, type(p.data)) for p_name, p in m.named_parameters(recurse=False)},
-                   type(m.grouped_gemm if isinstance(m, ExpertsBase) else None))
-            for name, m in model.named_modules()}
+    return {
+        name: (
+            type(m),
+            {p_name: (p.dtype, type(p.data)) for p_name, p in m.named_parameters(recurse=False)},
+            type(m.grouped_gemm if isinstance(m, ExpertsBase) else None),
+        )
+        for name, m in model.named_modules()
+    }
 
 
-def check_precision_contract(plugin: Any, config: ModelConfig | None = None,
-                             claims: Callable[[str, nn.Module], bool] | None = None,
-                             seq_len: int = 16) -> list[str]:
+def check_precision_contract(
+    plugin: Any,
+    config: ModelConfig | None = None,
+    claims: Callable[[str, nn.Module], bool] | None = None,
+    seq_len: int = 16,
+) -> list[str]:
     """A precision plugin converts only what it claims, never the modules the model keeps in
     high precision, and gradients still flow. Returns the names of the converted modules.
 
@@ -594,16 +714,23 @@ def check_precision_contract(plugin: Any, config: ModelConfig | None = None,
     converted = sorted(n for n, sig in before.items() if n and after.get(n) != sig)
     assert converted, f"{label}: convert_module converted nothing"
     inside = [n for n in converted if any(n == k or n.startswith(k + ".") for k in keep)]
-    assert not inside, (f"{label} converted modules the model keeps in high precision (Decoder.high_precision_modules): "
-                        f"{inside}; skip them in convert_module")
+    assert not inside, (
+        f"{label} converted modules the model keeps in high precision (Decoder.high_precision_modules): "
+        f"{inside}; skip them in convert_module"
+    )
     params_after = dict(model.named_parameters())
     for key, value in kept_values.items():
-        assert key in params_after and params_after[key].dtype == value.dtype and torch.equal(params_after[key].detach(), value), \
-            f"{label} changed the high-precision parameter {key}"
+        assert (
+            key in params_after
+            and params_after[key].dtype == value.dtype
+            and torch.equal(params_after[key].detach(), value)
+        ), f"{label} changed the high-precision parameter {key}"
     if claimed is not None:
         extra, missing = sorted(set(converted) - set(claimed)), sorted(set(claimed) - set(converted))
-        assert not extra and not missing, (f"{label} converts other modules than it claims: "
-                                           f"converted but not claimed {extra}, claimed but not converted {missing}")
+        assert not extra and not missing, (
+            f"{label} converts other modules than it claims: "
+            f"converted but not claimed {extra}, claimed but not converted {missing}"
+        )
 
     ids = torch.randint(0, config.vocab_size, (2, seq_len + 1))
     with plugin.forward_context():
@@ -626,6 +753,7 @@ def check_precision_contract(plugin: Any, config: ModelConfig | None = None,
 
 # -- strategy plugins -------------------------------------------------------------------------
 
+
 @dataclasses.dataclass
 class StrategyRun:
     """What :func:`check_strategy_contract` observed: the run folder, the training loss per
@@ -641,15 +769,28 @@ def _contract_run_config(strategy: str, devices: int, max_steps: int, root: Path
     model = dataclasses.asdict(tiny_config(dim=32, n_layers=3, max_seq_len=64, vocab_size=260))
     return {
         "seed_everything": 1234,
-        "model": {"class_path": "moeframe.training.pretrain.PretrainModule",
-                  "init_args": {"config": model, "optim": {"lr": 1e-3, "warmup_steps": 1}}},
-        "data": {"class_path": "moeframe.data.shards.PretrainDataModule",
-                 "init_args": {"seq_len": 32, "batch_size": 4, "max_bytes": 200_000}},
-        "trainer": {"accelerator": "cpu", "devices": devices, "strategy": strategy, "max_steps": max_steps,
-                    "limit_val_batches": 0, "num_sanity_val_steps": 0, "log_every_n_steps": 1,
-                    "enable_progress_bar": False, "default_root_dir": str(root),
-                    "callbacks": [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                                   "init_args": {"save_last": True}}]},
+        "model": {
+            "class_path": "moeframe.training.pretrain.PretrainModule",
+            "init_args": {"config": model, "optim": {"lr": 1e-3, "warmup_steps": 1}},
+        },
+        "data": {
+            "class_path": "moeframe.data.shards.PretrainDataModule",
+            "init_args": {"seq_len": 32, "batch_size": 4, "max_bytes": 200_000},
+        },
+        "trainer": {
+            "accelerator": "cpu",
+            "devices": devices,
+            "strategy": strategy,
+            "max_steps": max_steps,
+            "limit_val_batches": 0,
+            "num_sanity_val_steps": 0,
+            "log_every_n_steps": 1,
+            "enable_progress_bar": False,
+            "default_root_dir": str(root),
+            "callbacks": [
+                {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {"save_last": True}}
+            ],
+        },
     }
 
 
@@ -665,9 +806,16 @@ def _subprocess_env(extra: dict[str, str] | None) -> dict[str, str]:
     return env
 
 
-def check_strategy_contract(name: str, devices: int = 2, max_steps: int = 2, root: str | Path | None = None,
-                            run_config: str | Path | None = None, args: Sequence[str] = (),
-                            env: dict[str, str] | None = None, timeout: float = 600) -> StrategyRun:
+def check_strategy_contract(
+    name: str,
+    devices: int = 2,
+    max_steps: int = 2,
+    root: str | Path | None = None,
+    run_config: str | Path | None = None,
+    args: Sequence[str] = (),
+    env: dict[str, str] | None = None,
+    timeout: float = 600,
+) -> StrategyRun:
     """A strategy plugin registers under ``name`` and trains ``max_steps`` optimizer steps on
     ``devices`` CPU processes through the real command line.
 
@@ -686,18 +834,34 @@ def check_strategy_contract(name: str, devices: int = 2, max_steps: int = 2, roo
 
     assert name in registry.available("strategy"), (
         f"{name!r} is not a registered moeframe strategy plugin (entry-point group 'moeframe.strategy'); "
-        f"registered: {sorted(registry.available('strategy'))}")
-    assert name in registry.register_lightning_strategies() and name in StrategyRegistry, \
+        f"registered: {sorted(registry.available('strategy'))}"
+    )
+    assert name in registry.register_lightning_strategies() and name in StrategyRegistry, (
         f"strategy {name!r} did not register into Lightning's StrategyRegistry"
+    )
     registry.load("strategy", name)  # imports, checks the base class and the plugin API
     root = Path(root) if root is not None else Path(tempfile.mkdtemp(prefix=f"moeframe-{name}-"))
     root.mkdir(parents=True, exist_ok=True)
     if run_config is None:
         run_config = root / "contract.yaml"
         run_config.write_text(yaml.safe_dump(_contract_run_config(name, devices, max_steps, root), sort_keys=False))
-    cmd = [sys.executable, "-m", "moeframe.cli", "fit", "-c", str(run_config), "--trainer.strategy", name,
-           "--trainer.devices", str(devices), "--trainer.max_steps", str(max_steps),
-           "--trainer.default_root_dir", str(root), *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "moeframe.cli",
+        "fit",
+        "-c",
+        str(run_config),
+        "--trainer.strategy",
+        name,
+        "--trainer.devices",
+        str(devices),
+        "--trainer.max_steps",
+        str(max_steps),
+        "--trainer.default_root_dir",
+        str(root),
+        *args,
+    ]
     proc = subprocess.run(cmd, env=_subprocess_env(env), cwd=root, capture_output=True, text=True, timeout=timeout)
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, f"strategy {name!r}: `moeframe fit` exited with {proc.returncode}:\n{output[-4000:]}"

@@ -27,12 +27,22 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "pretrain" / "tiny.yaml"
-SMALL = ["--data.init_args.seq_len", "32", "--data.init_args.batch_size", "4", "--data.init_args.max_bytes", "300000",
-         "--trainer.limit_val_batches", "2", "--trainer.num_sanity_val_steps", "0"]
+SMALL = [
+    "--data.init_args.seq_len",
+    "32",
+    "--data.init_args.batch_size",
+    "4",
+    "--data.init_args.max_bytes",
+    "300000",
+    "--trainer.limit_val_batches",
+    "2",
+    "--trainer.num_sanity_val_steps",
+    "0",
+]
 _CLUSTER = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK")
 
 
@@ -43,21 +53,47 @@ def child_env() -> dict[str, str]:
 
 
 def fit_command(root: Path, steps: int, every: int, small: bool, extra: list[str]) -> list[str]:
-    saver = {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-             "init_args": {"dirpath": str(root / "checkpoints"), "filename": "step{step}", "auto_insert_metric_name": False,
-                           "every_n_train_steps": every, "save_top_k": -1, "save_last": True}}
-    return [sys.executable, "-m", "moeframe.cli", "fit", "-c", str(TINY), "--trainer.default_root_dir", str(root),
-            "--trainer.max_steps", str(steps), "--trainer.val_check_interval", str(every),
-            "--trainer.log_every_n_steps", "1", "--trainer.enable_progress_bar", "false",
-            "--trainer.callbacks+", json.dumps(saver), *(SMALL if small else []), *extra]
+    saver = {
+        "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+        "init_args": {
+            "dirpath": str(root / "checkpoints"),
+            "filename": "step{step}",
+            "auto_insert_metric_name": False,
+            "every_n_train_steps": every,
+            "save_top_k": -1,
+            "save_last": True,
+        },
+    }
+    return [
+        sys.executable,
+        "-m",
+        "moeframe.cli",
+        "fit",
+        "-c",
+        str(TINY),
+        "--trainer.default_root_dir",
+        str(root),
+        "--trainer.max_steps",
+        str(steps),
+        "--trainer.val_check_interval",
+        str(every),
+        "--trainer.log_every_n_steps",
+        "1",
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.callbacks+",
+        json.dumps(saver),
+        *(SMALL if small else []),
+        *extra,
+    ]
 
 
-def run_once(cmd: list[str], log: Path, kill_after: Optional[float]) -> tuple[int, bool]:
+def run_once(cmd: list[str], log: Path, kill_after: float | None) -> tuple[int, bool]:
     """Run ``cmd``; ``kill_after`` seconds after it has started training, send SIGTERM. Returns the
     exit status and whether the signal was sent."""
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=child_env())
     sent = threading.Event()
-    timer: Optional[threading.Timer] = None
+    timer: threading.Timer | None = None
 
     def kill() -> None:
         if proc.poll() is None:
@@ -101,7 +137,9 @@ def compare(reference: Path, soaked: Path) -> list[str]:
     """Differences between the two final checkpoints and logged losses (empty: identical)."""
     import torch
 
-    a, b = (torch.load(r / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False) for r in (reference, soaked))
+    a, b = (
+        torch.load(r / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False) for r in (reference, soaked)
+    )
     problems: list[str] = []
 
     def same(x: Any, y: Any, where: str) -> None:
@@ -121,7 +159,14 @@ def compare(reference: Path, soaked: Path) -> list[str]:
         elif x != y:
             problems.append(f"{where}: {x!r} != {y!r}")
 
-    for key in ("state_dict", "optimizer_states", "lr_schedulers", "global_step", "moeframe_tokens_seen", "PretrainDataModule"):
+    for key in (
+        "state_dict",
+        "optimizer_states",
+        "lr_schedulers",
+        "global_step",
+        "moeframe_tokens_seen",
+        "PretrainDataModule",
+    ):
         same(a[key], b[key], key)
     same(a["callbacks"]["moeframe.Reliability"]["rng"], b["callbacks"]["moeframe.Reliability"]["rng"], "rng")
     ref, soak = losses_by_step(reference), losses_by_step(soaked)
@@ -142,7 +187,7 @@ def calibrate(workdir: Path, small: bool, extra: list[str]) -> float:
     return steps / max(time.monotonic() - started - short, 1e-3)
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--minutes", type=float, required=True, help="about how long the preempted run trains")
     p.add_argument("--kill-every", type=float, default=180.0, help="mean seconds between SIGTERMs (default 180)")
@@ -167,27 +212,45 @@ def main(argv: Optional[list[str]] = None) -> int:
         kill_after = args.kill_every * rng.uniform(0.5, 1.5)
         if args.max_kills is not None and kills >= args.max_kills:
             kill_after = None
-        code, killed = run_once([*fit_command(soaked, steps, every, args.small, args.extra), "--ckpt_path", "last"],
-                                args.workdir / "preempted.log", kill_after)
+        code, killed = run_once(
+            [*fit_command(soaked, steps, every, args.small, args.extra), "--ckpt_path", "last"],
+            args.workdir / "preempted.log",
+            kill_after,
+        )
         kills += killed
         restarts += 1
-        print(f"soak: run {restarts} exited with {code}{' after SIGTERM' if killed else ''}; "
-              f"at step {final_step(soaked)}/{steps} after {time.monotonic() - started:.0f} s", flush=True)
+        print(
+            f"soak: run {restarts} exited with {code}{' after SIGTERM' if killed else ''}; "
+            f"at step {final_step(soaked)}/{steps} after {time.monotonic() - started:.0f} s",
+            flush=True,
+        )
         if code not in (0, -signal.SIGTERM) or restarts > 10 * (steps // every + 2):
             print("soak: the run failed; see preempted.log", flush=True)
             return 1
     soak_s = time.monotonic() - started
     started = time.monotonic()
-    code, _ = run_once(fit_command(reference, steps, every, args.small, args.extra), args.workdir / "reference.log", None)
+    code, _ = run_once(
+        fit_command(reference, steps, every, args.small, args.extra), args.workdir / "reference.log", None
+    )
     if code != 0:
         print("soak: the reference run failed; see reference.log", flush=True)
         return 1
     problems = compare(reference, soaked)
-    preemptions = sum(1 for f in soaked.glob("logs/version_*/events.jsonl")
-                      for line in f.read_text().splitlines() if json.loads(line)["event"] == "preempted")
-    summary = {"steps": steps, "runs": restarts, "sigterms": kills, "preemption_checkpoints": preemptions,
-               "preempted_s": round(soak_s), "reference_s": round(time.monotonic() - started),
-               "identical": not problems}
+    preemptions = sum(
+        1
+        for f in soaked.glob("logs/version_*/events.jsonl")
+        for line in f.read_text().splitlines()
+        if json.loads(line)["event"] == "preempted"
+    )
+    summary = {
+        "steps": steps,
+        "runs": restarts,
+        "sigterms": kills,
+        "preemption_checkpoints": preemptions,
+        "preempted_s": round(soak_s),
+        "reference_s": round(time.monotonic() - started),
+        "identical": not problems,
+    }
     print("soak: " + json.dumps(summary), flush=True)
     for line in problems[:20]:
         print(f"soak: DIFFERENT {line}", flush=True)

@@ -56,4 +56,6 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
         skipped = sum(outcome == "skipped" for outcome in _BAD_INPUTS.values())
         passed = sum(outcome == "passed" for outcome in _BAD_INPUTS.values())
         line = f"bad inputs tried: {len(_BAD_INPUTS) - skipped} ({passed} handled with one clear line)"
-        terminalreporter.write_line(line + (f"; {skipped} not tried here (skipped, see the reasons)" if skipped else ""))
+        terminalreporter.write_line(
+            line + (f"; {skipped} not tried here (skipped, see the reasons)" if skipped else "")
+        )

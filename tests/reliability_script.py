@@ -42,9 +42,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 class TestHooks(L.Callback):
-    def __init__(self, pause_at: int = 0, ready: str = "", rng_log: str = "", nan_at: int = 0, nan_module: str = "",
-                 fsize_limit_at: int = 0, fsize_limit: int = 0, final: str = "", delete_at: int = 0,
-                 delete: str = "", truncate_at: int = 0, truncate: str = "", truncate_to: int = 0) -> None:
+    def __init__(
+        self,
+        pause_at: int = 0,
+        ready: str = "",
+        rng_log: str = "",
+        nan_at: int = 0,
+        nan_module: str = "",
+        fsize_limit_at: int = 0,
+        fsize_limit: int = 0,
+        final: str = "",
+        delete_at: int = 0,
+        delete: str = "",
+        truncate_at: int = 0,
+        truncate: str = "",
+        truncate_to: int = 0,
+    ) -> None:
         self.pause_at, self.ready, self.rng_log = pause_at, ready, rng_log
         self.nan_at, self.nan_module = nan_at, nan_module
         self.fsize_limit_at, self.fsize_limit, self.final = fsize_limit_at, fsize_limit, final
@@ -70,14 +83,19 @@ class TestHooks(L.Callback):
         if not self.rng_log:
             return
         rank = trainer.global_rank
-        draws = {"step": trainer.global_step, "torch": torch.rand(2 + rank).tolist(),
-                 "numpy": np.random.rand(1 + rank).tolist(), "python": [random.random() for _ in range(1 + rank)]}
+        draws = {
+            "step": trainer.global_step,
+            "torch": torch.rand(2 + rank).tolist(),
+            "numpy": np.random.rand(1 + rank).tolist(),
+            "python": [random.random() for _ in range(1 + rank)],
+        }
         Path(self.rng_log).mkdir(parents=True, exist_ok=True)
         with open(Path(self.rng_log) / f"rank{rank}.jsonl", "a") as f:
             f.write(json.dumps(draws) + "\n")
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         step = trainer.global_step
         if self.fsize_limit_at and step == self.fsize_limit_at:
             signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead
@@ -109,8 +127,12 @@ def main() -> int:
         import slow_save
 
         slow_save.install(float(hooks.pop("slow_save_s")), hooks.pop("slow_save_marker", ""))
-    args = ["fit", *sys.argv[2:], "--trainer.callbacks+",
-            json.dumps({"class_path": "reliability_script.TestHooks", "init_args": hooks})]
+    args = [
+        "fit",
+        *sys.argv[2:],
+        "--trainer.callbacks+",
+        json.dumps({"class_path": "reliability_script.TestHooks", "init_args": hooks}),
+    ]
     from moeframe.cli import main as moeframe_main
 
     return moeframe_main(args)

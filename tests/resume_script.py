@@ -11,13 +11,12 @@ import sys
 from datetime import timedelta
 
 import lightning as L
-import torch
 from lightning.pytorch.strategies import DDPStrategy
 
+from moeframe.config import OptimConfig
 from moeframe.data.shards import PretrainDataModule
 from moeframe.testing import tiny_config
 from moeframe.training.pretrain import PretrainModule
-from moeframe.config import OptimConfig
 
 
 class RecordBatches(L.Callback):
@@ -30,7 +29,13 @@ class RecordBatches(L.Callback):
 
 
 def main() -> None:
-    data, out, max_steps, devices, workers = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+    data, out, max_steps, devices, workers = (
+        sys.argv[1],
+        sys.argv[2],
+        int(sys.argv[3]),
+        int(sys.argv[4]),
+        int(sys.argv[5]),
+    )
     ckpt_in = sys.argv[6] if len(sys.argv) > 6 and sys.argv[6] != "-" else None
     save_every, ckpt_dir = (int(sys.argv[7]), sys.argv[8]) if len(sys.argv) > 8 else (0, None)
     L.seed_everything(0)
@@ -39,13 +44,28 @@ def main() -> None:
     recorder = RecordBatches()
     callbacks: list[L.Callback] = [recorder]
     if save_every:  # checkpoints mid-run, as a preempted job would leave them
-        callbacks.append(L.pytorch.callbacks.ModelCheckpoint(
-            dirpath=ckpt_dir, filename="step{step}", auto_insert_metric_name=False,
-            every_n_train_steps=save_every, save_top_k=-1))
+        callbacks.append(
+            L.pytorch.callbacks.ModelCheckpoint(
+                dirpath=ckpt_dir,
+                filename="step{step}",
+                auto_insert_metric_name=False,
+                every_n_train_steps=save_every,
+                save_top_k=-1,
+            )
+        )
     strategy = DDPStrategy(timeout=timedelta(seconds=60)) if devices > 1 else "auto"
-    trainer = L.Trainer(accelerator="cpu", devices=devices, strategy=strategy, max_steps=max_steps, logger=False,
-                        enable_checkpointing=bool(save_every), enable_progress_bar=False, limit_val_batches=0,
-                        enable_model_summary=False, callbacks=callbacks)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=devices,
+        strategy=strategy,
+        max_steps=max_steps,
+        logger=False,
+        enable_checkpointing=bool(save_every),
+        enable_progress_bar=False,
+        limit_val_batches=0,
+        enable_model_summary=False,
+        callbacks=callbacks,
+    )
     trainer.fit(model, dm, ckpt_path=ckpt_in)
     with open(f"{out}.rank{trainer.global_rank}.json", "w") as f:
         json.dump({"seen": recorder.seen, "epoch": dm.epoch, "consumed": dm.consumed}, f)

@@ -6,8 +6,8 @@ save) in this process; used by subprocess children (``install`` first thing) and
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 
 def install(delay_s: float, marker: str = "") -> Callable[[], None]:

@@ -30,15 +30,35 @@ CLI = [sys.executable, "-m", "moeframe.cli"]
 
 def pip_install_target(packages: list[Path], target: Path) -> None:
     """Build and install from source folders, offline: no build isolation (setuptools is the venv's)."""
-    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
-                    "--no-index", "--target", str(target), *map(str, packages)],
-                   check=True, timeout=300, env=clean_env(), capture_output=True, text=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-index",
+            "--target",
+            str(target),
+            *map(str, packages),
+        ],
+        check=True,
+        timeout=300,
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+    )
 
 
 def run(cmd: list[str], cwd: Path, site: Path, timeout: float = 300) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, cwd=cwd, env=clean_env(PYTHONPATH=str(site)), capture_output=True, text=True,
-                          timeout=timeout)
-    assert proc.returncode == 0, f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    proc = subprocess.run(
+        cmd, cwd=cwd, env=clean_env(PYTHONPATH=str(site)), capture_output=True, text=True, timeout=timeout
+    )
+    assert proc.returncode == 0, (
+        f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    )
     return proc
 
 
@@ -62,20 +82,47 @@ def test_example_package_installs_passes_its_tests_lists_and_trains(tmp_path: Pa
     # the example's own YAML selects the plugin by its entry-point name
     config = package / "configs" / "tiny-swa.yaml"
     assert yaml.safe_load(config.read_text())["model"]["init_args"]["config"]["attention"]["name"] == "swa"
-    run(CLI + ["fit", "-c", str(config), "--trainer.max_steps", "2", "--trainer.limit_val_batches", "1",
-               "--trainer.val_check_interval", "2", "--trainer.num_sanity_val_steps", "0",
-               "--trainer.log_every_n_steps", "1",
-               "--trainer.enable_progress_bar", "false", "--data.init_args.seq_len", "96",
-               "--data.init_args.batch_size", "4", "--data.init_args.max_bytes", "200000"],
-        cwd=tmp_path, site=site, timeout=420)
+    run(
+        CLI
+        + [
+            "fit",
+            "-c",
+            str(config),
+            "--trainer.max_steps",
+            "2",
+            "--trainer.limit_val_batches",
+            "1",
+            "--trainer.val_check_interval",
+            "2",
+            "--trainer.num_sanity_val_steps",
+            "0",
+            "--trainer.log_every_n_steps",
+            "1",
+            "--trainer.enable_progress_bar",
+            "false",
+            "--data.init_args.seq_len",
+            "96",
+            "--data.init_args.batch_size",
+            "4",
+            "--data.init_args.max_bytes",
+            "200000",
+        ],
+        cwd=tmp_path,
+        site=site,
+        timeout=420,
+    )
     version = tmp_path / "runs" / "tiny-swa" / "logs" / "version_0"
     with open(version / "metrics.csv") as f:
         losses = {int(r["step"]): float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")}
     assert sorted(losses) == [0, 1] and all(math.isfinite(v) for v in losses.values())
     resolved = yaml.safe_load((version / "config.yaml").read_text())
     # every option of the third-party plugin is recorded, the defaults it did not give included
-    assert resolved["model"]["init_args"]["config"]["attention"] == {"name": "swa", "window": 64, "n_kv_heads": 2,
-                                                                     "qkv_bias": False}
+    assert resolved["model"]["init_args"]["config"]["attention"] == {
+        "name": "swa",
+        "window": 64,
+        "n_kv_heads": 2,
+        "qkv_bias": False,
+    }
     assert (version / "checkpoints" / "last.ckpt").exists()
 
 
@@ -86,8 +133,13 @@ def test_new_plugin_packages_install_and_pass_their_own_tests(tmp_path: Path) ->
     packages = []
     for kind in registry.KINDS:
         out = tmp_path / f"pkg-{kind}"
-        result = subprocess.run(CLI + ["new-plugin", kind, f"my_{kind}", "-o", str(out)], env=clean_env(),
-                                capture_output=True, text=True, timeout=120)
+        result = subprocess.run(
+            CLI + ["new-plugin", kind, f"my_{kind}", "-o", str(out)],
+            env=clean_env(),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert result.returncode == 0, result.stderr
         assert (out / "pyproject.toml").exists() and (out / "README.md").exists()
         packages.append(out)
@@ -97,8 +149,23 @@ def test_new_plugin_packages_install_and_pass_their_own_tests(tmp_path: Path) ->
     names = {(p["kind"], p["name"], p["distribution"]) for p in json.loads(listing)}
     for kind in registry.KINDS:
         assert (kind, f"my_{kind}", f"moeframe-my-{kind.replace('_', '-')}") in names  # dists use dashes
-    tests = run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--import-mode=importlib",
-                 "--rootdir", str(tmp_path), *[str(p / "tests") for p in packages]], cwd=tmp_path, site=site, timeout=420)
+    tests = run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "--import-mode=importlib",
+            "--rootdir",
+            str(tmp_path),
+            *[str(p / "tests") for p in packages],
+        ],
+        cwd=tmp_path,
+        site=site,
+        timeout=420,
+    )
     assert f"{2 * len(registry.KINDS)} passed" in tests.stdout, tests.stdout[-2000:]
 
 
@@ -117,13 +184,16 @@ def test_new_plugin_refuses_taken_or_bad_names_and_used_folders(tmp_path: Path) 
 
 def test_generated_files_declare_the_entry_point_and_the_plugin_api() -> None:
     files = scaffold.render("router", "hash_router")
-    assert '[project.entry-points."moeframe.router"]\nhash_router = "moeframe_hash_router.plugin:HashRouter"' in files["pyproject.toml"]
+    assert (
+        '[project.entry-points."moeframe.router"]\nhash_router = "moeframe_hash_router.plugin:HashRouter"'
+        in files["pyproject.toml"]
+    )
     assert f'plugin_api = "{registry.PLUGIN_API}"' in files["src/moeframe_hash_router/plugin.py"]
     assert "check_router_contract" in files["tests/test_hash_router.py"]
 
 
 # -- plugin API compatibility --------------------------------------------------------------------
-FUTURE_NORM = '''
+FUTURE_NORM = """
 import torch
 from torch import nn
 from moeframe.model.base import NormBase
@@ -138,7 +208,7 @@ class FutureNorm(NormBase):
 
     def forward(self, x, ctx=None):
         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * self.weight
-'''
+"""
 
 
 def install_fake_distribution(site: Path, dist: str, version: str, module: str, entry_points: str, source: str) -> None:
@@ -153,26 +223,39 @@ def install_fake_distribution(site: Path, dist: str, version: str, module: str, 
 
 def test_a_plugin_for_another_plugin_api_is_refused_naming_both_versions(tmp_path: Path) -> None:
     site = tmp_path / "site"
-    install_fake_distribution(site, "future-norms", "2.0.0", "future_norms",
-                              "[moeframe.norm]\nfuturenorm = future_norms:FutureNorm\n", FUTURE_NORM.format(api="3"))
-    install_fake_distribution(site, "current-norms", "1.0.0", "current_norms",
-                              "[moeframe.norm]\ncurrentnorm = current_norms:FutureNorm\n",
-                              FUTURE_NORM.format(api=registry.PLUGIN_API))
+    install_fake_distribution(
+        site,
+        "future-norms",
+        "2.0.0",
+        "future_norms",
+        "[moeframe.norm]\nfuturenorm = future_norms:FutureNorm\n",
+        FUTURE_NORM.format(api="3"),
+    )
+    install_fake_distribution(
+        site,
+        "current-norms",
+        "1.0.0",
+        "current_norms",
+        "[moeframe.norm]\ncurrentnorm = current_norms:FutureNorm\n",
+        FUTURE_NORM.format(api=registry.PLUGIN_API),
+    )
     model = yaml.safe_load((REPO / "configs" / "model" / "tiny.yaml").read_text())
     (tmp_path / "future.yaml").write_text(yaml.safe_dump({**model, "norm": {"name": "futurenorm"}}))
     (tmp_path / "current.yaml").write_text(yaml.safe_dump({**model, "norm": {"name": "currentnorm"}}))
     env = clean_env(PYTHONPATH=str(site))
 
-    refused = subprocess.run(CLI + ["inspect", "future.yaml"], cwd=tmp_path, env=env, capture_output=True,
-                             text=True, timeout=120)
+    refused = subprocess.run(
+        CLI + ["inspect", "future.yaml"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+    )
     assert refused.returncode == 2, refused.stderr
     message = refused.stderr.strip()
     assert len(message.splitlines()) == 1, message  # one line, no traceback
     assert "norm plugin 'futurenorm' from distribution future-norms 2.0.0 targets moeframe plugin API 3" in message
     assert f"provides plugin API {' or '.join(registry.SUPPORTED_PLUGIN_APIS)}" in message
 
-    accepted = subprocess.run(CLI + ["inspect", "current.yaml"], cwd=tmp_path, env=env, capture_output=True,
-                              text=True, timeout=120)
+    accepted = subprocess.run(
+        CLI + ["inspect", "current.yaml"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+    )
     assert accepted.returncode == 0, accepted.stderr
 
 

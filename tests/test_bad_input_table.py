@@ -20,9 +20,9 @@ import os
 import re
 import shutil
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
 
 import pytest
 import torch
@@ -91,13 +91,21 @@ trainer:
   default_root_dir: {root}
 """
 
-SFT_LINES = "\n".join(json.dumps({"prompt": f"say {w}", "response": w.upper()}) for w in
-                      ("cat", "dog", "emu", "fox", "gnu", "hen", "owl", "yak")) + "\n"
+SFT_LINES = (
+    "\n".join(
+        json.dumps({"prompt": f"say {w}", "response": w.upper()})
+        for w in ("cat", "dog", "emu", "fox", "gnu", "hen", "owl", "yak")
+    )
+    + "\n"
+)
 
 # words a line that says what to do uses (the fix, not just the symptom)
-_FIX_WORDS = re.compile(r"\b(pass|give|choose|fix|use|set|prepare|write|check|remove|copy|convert|produce|raise|"
-                        r"lower|run|resume|drop|download|point|make|create|rename|delete|leave|install|see|keep|"
-                        r"ask|shorten|put|add|change|select|start|need|must|expected|should)\b", re.I)
+_FIX_WORDS = re.compile(
+    r"\b(pass|give|choose|fix|use|set|prepare|write|check|remove|copy|convert|produce|raise|"
+    r"lower|run|resume|drop|download|point|make|create|rename|delete|leave|install|see|keep|"
+    r"ask|shorten|put|add|change|select|start|need|must|expected|should)\b",
+    re.I,
+)
 OUTPUT_SUFFIXES = (".ckpt", ".safetensors", ".bin", ".idx", ".json", ".yaml")
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
 
@@ -118,7 +126,7 @@ class World:
     finetune_yaml: Path
 
 
-def _digests(folder: Path, skip: Optional[Path] = None) -> dict[str, str]:
+def _digests(folder: Path, skip: Path | None = None) -> dict[str, str]:
     out = {}
     for p in sorted(folder.rglob("*")):
         if p.is_file() and not (skip is not None and skip in p.parents):
@@ -154,11 +162,22 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> World:
     (root / "train.jsonl").write_text(SFT_LINES)
     (root / "val.jsonl").write_text(SFT_LINES)
     finetune_yaml = root / "finetune.yaml"
-    finetune_yaml.write_text(FINETUNE_YAML.format(init_from=ckpt, train=root / "train.jsonl", val=root / "val.jsonl",
-                                                  root=root / "ft-run"))
+    finetune_yaml.write_text(
+        FINETUNE_YAML.format(init_from=ckpt, train=root / "train.jsonl", val=root / "val.jsonl", root=root / "ft-run")
+    )
     shutil.rmtree(root / "run")
-    return World(root, root / "model.yaml", run_yaml, corpus, root / "prepared", ckpt, root / "hf",
-                 root / "train.jsonl", root / "val.jsonl", finetune_yaml)
+    return World(
+        root,
+        root / "model.yaml",
+        run_yaml,
+        corpus,
+        root / "prepared",
+        ckpt,
+        root / "hf",
+        root / "train.jsonl",
+        root / "val.jsonl",
+        finetune_yaml,
+    )
 
 
 # -- building bad inputs -------------------------------------------------------------------------
@@ -226,7 +245,7 @@ DAMAGED_CKPT: dict[str, Callable[[World, Path], Path]] = {
 }
 
 
-def _run_yaml(w: World, d: Path, model: str = "model.yaml", data: Optional[Path] = None) -> Path:
+def _run_yaml(w: World, d: Path, model: str = "model.yaml", data: Path | None = None) -> Path:
     """A copy of the run config in ``d`` (outputs under ``d/run``) with its model include and data."""
     if model == "model.yaml":
         _copy(w.model_yaml, d / "model.yaml")
@@ -235,11 +254,13 @@ def _run_yaml(w: World, d: Path, model: str = "model.yaml", data: Optional[Path]
     return path
 
 
-def _finetune_yaml(w: World, d: Path, init_from: Optional[Path] = None, train: Optional[Path] = None,
-                   extra: str = "") -> Path:
+def _finetune_yaml(
+    w: World, d: Path, init_from: Path | None = None, train: Path | None = None, extra: str = ""
+) -> Path:
     path = d / "finetune.yaml"
-    text = FINETUNE_YAML.format(init_from=init_from or w.ckpt, train=train or w.sft_train, val=w.sft_val,
-                                root=d / "run")
+    text = FINETUNE_YAML.format(
+        init_from=init_from or w.ckpt, train=train or w.sft_train, val=w.sft_val, root=d / "run"
+    )
     path.write_text(text.replace("    esft: {num_batches: 1}\n", "    esft: {num_batches: 1" + extra + "}\n"))
     return path
 
@@ -309,16 +330,17 @@ class Case:
     command: str
     kind: str
     build: Callable[[World, Path], tuple[list[str], list[str]]]
-    xfail: Optional[str] = None
+    xfail: str | None = None
 
 
 CASES: list[Case] = []
 
 
-def case(command: str, kind: str, xfail: Optional[str] = None) -> Callable:
+def case(command: str, kind: str, xfail: str | None = None) -> Callable:
     def register(build: Callable[[World, Path], tuple[list[str], list[str]]]) -> Callable:
         CASES.append(Case(command, kind, build, xfail))
         return build
+
     return register
 
 
@@ -327,23 +349,38 @@ for _cmd in ("fit", "validate"):
     case(_cmd, "missing-config")(lambda w, d, c=_cmd: ([c, "-c", str(d / "nope.yaml")], ["nope.yaml"]))
     case(_cmd, "config-is-a-directory")(lambda w, d, c=_cmd: ([c, "-c", str(_a_dir(d / "cfg.yaml"))], ["cfg.yaml"]))
     case(_cmd, "malformed-included-model-yaml")(
-        lambda w, d, c=_cmd: _after((d / "bad_model.yaml").write_text(MALFORMED_YAML),
-                                    ([c, "-c", str(_run_yaml(w, d, model="bad_model.yaml"))], ["bad_model.yaml"])))
+        lambda w, d, c=_cmd: _after(
+            (d / "bad_model.yaml").write_text(MALFORMED_YAML),
+            ([c, "-c", str(_run_yaml(w, d, model="bad_model.yaml"))], ["bad_model.yaml"]),
+        )
+    )
     case(_cmd, "missing-included-model-yaml")(
-        lambda w, d, c=_cmd: ([c, "-c", str(_run_yaml(w, d, model="gone_model.yaml"))], ["gone_model.yaml"]))
+        lambda w, d, c=_cmd: ([c, "-c", str(_run_yaml(w, d, model="gone_model.yaml"))], ["gone_model.yaml"])
+    )
     case(_cmd, "included-model-yaml-is-a-directory")(
-        lambda w, d, c=_cmd: _after(_a_dir(d / "dir_model.yaml"),
-                                    ([c, "-c", str(_run_yaml(w, d, model="dir_model.yaml"))], ["dir_model.yaml"])))
+        lambda w, d, c=_cmd: _after(
+            _a_dir(d / "dir_model.yaml"), ([c, "-c", str(_run_yaml(w, d, model="dir_model.yaml"))], ["dir_model.yaml"])
+        )
+    )
     case(_cmd, "missing-ckpt")(
-        lambda w, d, c=_cmd: ([c, "-c", str(_run_yaml(w, d)), "--ckpt_path", str(d / "gone.ckpt")], ["gone.ckpt"]))
+        lambda w, d, c=_cmd: ([c, "-c", str(_run_yaml(w, d)), "--ckpt_path", str(d / "gone.ckpt")], ["gone.ckpt"])
+    )
     case(_cmd, "ckpt-is-a-directory")(
-        lambda w, d, c=_cmd: ([c, "-c", str(_run_yaml(w, d)), "--ckpt_path", str(_a_dir(d / "dir.ckpt"))], ["dir.ckpt"]))
+        lambda w, d, c=_cmd: ([c, "-c", str(_run_yaml(w, d)), "--ckpt_path", str(_a_dir(d / "dir.ckpt"))], ["dir.ckpt"])
+    )
     for _name, _make in DAMAGED_CKPT.items():
         case(_cmd, f"ckpt-{_name}")(
-            lambda w, d, c=_cmd, m=_make: ([c, "-c", str(_run_yaml(w, d)), "--ckpt_path", str(m(w, d))], ["damaged.ckpt"]))
+            lambda w, d, c=_cmd, m=_make: (
+                [c, "-c", str(_run_yaml(w, d)), "--ckpt_path", str(m(w, d))],
+                ["damaged.ckpt"],
+            )
+        )
     case(_cmd, "ckpt-of-another-model-shape")(
-        lambda w, d, c=_cmd: ([c, "-c", str(_run_yaml(w, d)), "--ckpt_path", str(_other_shape(w, d / "other.ckpt"))],
-                              ["n_routed_experts"]))
+        lambda w, d, c=_cmd: (
+            [c, "-c", str(_run_yaml(w, d)), "--ckpt_path", str(_other_shape(w, d / "other.ckpt"))],
+            ["n_routed_experts"],
+        )
+    )
 
 
 @case("fit", "data-path-missing")
@@ -427,20 +464,33 @@ def _(w: World, d: Path):
 
 for _cmd in ("validate",):
     case(_cmd, "shard-idx-truncated")(
-        lambda w, d, c=_cmd: ([c, "-c", str(_run_yaml(w, d, data=_prepared_copy(
-            w, d, lambda p: _truncate_file(p.with_suffix(".idx"), 40))))], ["shard_00000.idx"]))
+        lambda w, d, c=_cmd: (
+            [
+                c,
+                "-c",
+                str(_run_yaml(w, d, data=_prepared_copy(w, d, lambda p: _truncate_file(p.with_suffix(".idx"), 40)))),
+            ],
+            ["shard_00000.idx"],
+        )
+    )
     case(_cmd, "data-path-missing")(
-        lambda w, d, c=_cmd: ([c, "-c", str(_run_yaml(w, d)), "--data.init_args.path", str(d / "no-data")], ["no-data"]))
+        lambda w, d, c=_cmd: ([c, "-c", str(_run_yaml(w, d)), "--data.init_args.path", str(d / "no-data")], ["no-data"])
+    )
     case(_cmd, "default-root-dir-under-a-file")(
-        lambda w, d, c=_cmd: ([c, "-c", str(_run_yaml(w, d)), "--trainer.default_root_dir",
-                               str(_a_file(d / "afile") / "run")], ["afile"]))
+        lambda w, d, c=_cmd: (
+            [c, "-c", str(_run_yaml(w, d)), "--trainer.default_root_dir", str(_a_file(d / "afile") / "run")],
+            ["afile"],
+        )
+    )
 
 
 @case("fit", "tokenizer-json-malformed")
 def _(w: World, d: Path):
     (d / "tokenizer.json").write_text('{"version": "1.0", "model": ')
-    return (["fit", "-c", str(_run_yaml(w, d)), "--data.init_args.tokenizer", str(d / "tokenizer.json")],
-            ["tokenizer.json"])
+    return (
+        ["fit", "-c", str(_run_yaml(w, d)), "--data.init_args.tokenizer", str(d / "tokenizer.json")],
+        ["tokenizer.json"],
+    )
 
 
 @case("fit", "default-root-dir-is-a-file")
@@ -462,8 +512,10 @@ def _(w: World, d: Path):
 
 @case("fit", "conflict-top-k-above-experts")
 def _(w: World, d: Path):
-    return (["fit", "-c", str(_run_yaml(w, d)), "--model.init_args.config.n_activated_experts", "6"],
-            ["n_activated_experts"])
+    return (
+        ["fit", "-c", str(_run_yaml(w, d)), "--model.init_args.config.n_activated_experts", "6"],
+        ["n_activated_experts"],
+    )
 
 
 @case("fit", "conflict-dense-layers-above-layers")
@@ -495,15 +547,18 @@ def _(w: World, d: Path):
 
 for _name, _make in DAMAGED_CKPT.items():
     case("fit", f"init-from-{_name}")(
-        lambda w, d, m=_make: (["fit", "-c", str(_finetune_yaml(w, d, init_from=m(w, d)))], ["damaged.ckpt"]))
+        lambda w, d, m=_make: (["fit", "-c", str(_finetune_yaml(w, d, init_from=m(w, d)))], ["damaged.ckpt"])
+    )
 
 
 @case("fit", "init-from-another-model-shape")
 def _(w: World, d: Path):
     _copy(w.model_yaml, d / "model.yaml")
     config = _finetune_yaml(w, d, init_from=_other_shape(w, d / "other.ckpt"))
-    return ["fit", "-c", str(config), "--model.init_args.config", str(d / "model.yaml")], ["other.ckpt",
-                                                                                         "n_routed_experts"]
+    return ["fit", "-c", str(config), "--model.init_args.config", str(d / "model.yaml")], [
+        "other.ckpt",
+        "n_routed_experts",
+    ]
 
 
 @case("fit", "esft-selection-malformed-json")
@@ -525,29 +580,47 @@ def _prepare(inputs: list[Path], out: Path, *extra: str) -> list[str]:
 
 case("prepare", "missing-input")(lambda w, d: (_prepare([d / "gone.txt"], d / "out"), ["gone.txt"]))
 case("prepare", "unreadable-input")(
-    lambda w, d: (_prepare([_chmod_000(_copy(w.corpus / "doc0.txt", d / "doc0.txt"))], d / "out"), ["doc0.txt"]))
+    lambda w, d: (_prepare([_chmod_000(_copy(w.corpus / "doc0.txt", d / "doc0.txt"))], d / "out"), ["doc0.txt"])
+)
 case("prepare", "output-is-a-file")(lambda w, d: (_prepare([w.corpus], _a_file(d / "out")), ["out"]))
 case("prepare", "output-under-a-file")(lambda w, d: (_prepare([w.corpus], _a_file(d / "afile") / "out"), ["afile"]))
-case("prepare", "output-unwritable")(lambda w, d: (_prepare([w.corpus], _chmod_555(_a_dir(d / "locked")) / "out"),
-                                                   ["locked"]))
+case("prepare", "output-unwritable")(
+    lambda w, d: (_prepare([w.corpus], _chmod_555(_a_dir(d / "locked")) / "out"), ["locked"])
+)
 case("prepare", "output-name-too-long")(lambda w, d: (_prepare([w.corpus], d / ("x" * 300)), ["xxxx"]))
 case("prepare", "jsonl-malformed-line")(
-    lambda w, d: (_prepare([_write(d / "in.jsonl", '{"text": "a"}\n{"text": \n')], d / "out"), ["in.jsonl:2"]))
+    lambda w, d: (_prepare([_write(d / "in.jsonl", '{"text": "a"}\n{"text": \n')], d / "out"), ["in.jsonl:2"])
+)
 case("prepare", "jsonl-unexpected-line")(
-    lambda w, d: (_prepare([_write(d / "in.jsonl", '{"text": "a"}\n42\n')], d / "out"), ["in.jsonl:2"]))
+    lambda w, d: (_prepare([_write(d / "in.jsonl", '{"text": "a"}\n42\n')], d / "out"), ["in.jsonl:2"])
+)
 case("prepare", "jsonl-not-utf8-strict")(
-    lambda w, d: (_prepare([_write(d / "in.jsonl", b'{"text": "\xff\xfe"}\n')], d / "out", "--on-decode-error", "error"),
-                  ["in.jsonl"]))
+    lambda w, d: (
+        _prepare([_write(d / "in.jsonl", b'{"text": "\xff\xfe"}\n')], d / "out", "--on-decode-error", "error"),
+        ["in.jsonl"],
+    )
+)
 case("prepare", "output-holds-a-damaged-dataset")(
-    lambda w, d: _after(_write(_copy(w.prepared, d / "out") / "meta.json", '{"splits": '),
-                        (_prepare([w.corpus], d / "out"), ["meta.json", "--overwrite"])))
+    lambda w, d: _after(
+        _write(_copy(w.prepared, d / "out") / "meta.json", '{"splits": '),
+        (_prepare([w.corpus], d / "out"), ["meta.json", "--overwrite"]),
+    )
+)
 case("prepare", "tokenizer-missing")(
-    lambda w, d: (_prepare([w.corpus], d / "out", "--tokenizer", str(d / "tok.json")), ["tok.json"]))
+    lambda w, d: (_prepare([w.corpus], d / "out", "--tokenizer", str(d / "tok.json")), ["tok.json"])
+)
 case("prepare", "tokenizer-malformed")(
-    lambda w, d: (_prepare([w.corpus], d / "out", "--tokenizer", str(_write(d / "tok.json", '{"model": '))), ["tok.json"]))
+    lambda w, d: (
+        _prepare([w.corpus], d / "out", "--tokenizer", str(_write(d / "tok.json", '{"model": '))),
+        ["tok.json"],
+    )
+)
 case("prepare", "conflict-shard-tokens-zero")(
-    lambda w, d: (_prepare([w.corpus], d / "out", "--shard-tokens", "0"), ["--shard_tokens"]))
-case("prepare", "conflict-workers-zero")(lambda w, d: (_prepare([w.corpus], d / "out", "--workers", "0"), ["--workers"]))
+    lambda w, d: (_prepare([w.corpus], d / "out", "--shard-tokens", "0"), ["--shard_tokens"])
+)
+case("prepare", "conflict-workers-zero")(
+    lambda w, d: (_prepare([w.corpus], d / "out", "--workers", "0"), ["--workers"])
+)
 
 
 def _write(path: Path, content: str | bytes) -> Path:
@@ -559,60 +632,94 @@ def _write(path: Path, content: str | bytes) -> Path:
 case("inspect", "missing-config")(lambda w, d: (["inspect", str(d / "gone.yaml")], ["gone.yaml"]))
 case("inspect", "config-is-a-directory")(lambda w, d: (["inspect", str(_a_dir(d / "m.yaml"))], ["m.yaml"]))
 case("inspect", "unreadable-config")(
-    lambda w, d: (["inspect", str(_chmod_000(_copy(w.model_yaml, d / "m.yaml")))], ["m.yaml"]))
+    lambda w, d: (["inspect", str(_chmod_000(_copy(w.model_yaml, d / "m.yaml")))], ["m.yaml"])
+)
 case("inspect", "malformed-yaml")(lambda w, d: (["inspect", str(_write(d / "m.yaml", MALFORMED_YAML))], ["m.yaml"]))
 case("inspect", "malformed-included-model-yaml")(
-    lambda w, d: _after(_write(d / "bad_model.yaml", MALFORMED_YAML),
-                        (["inspect", str(_run_yaml(w, d, model="bad_model.yaml"))], ["bad_model.yaml"])))
+    lambda w, d: _after(
+        _write(d / "bad_model.yaml", MALFORMED_YAML),
+        (["inspect", str(_run_yaml(w, d, model="bad_model.yaml"))], ["bad_model.yaml"]),
+    )
+)
 case("inspect", "missing-included-model-yaml")(
-    lambda w, d: (["inspect", str(_run_yaml(w, d, model="gone_model.yaml"))], ["gone_model.yaml"]))
+    lambda w, d: (["inspect", str(_run_yaml(w, d, model="gone_model.yaml"))], ["gone_model.yaml"])
+)
 case("inspect", "yaml-not-a-mapping")(lambda w, d: (["inspect", str(_write(d / "m.yaml", "- 1\n- 2\n"))], ["m.yaml"]))
 case("inspect", "conflict-top-k-above-experts")(
-    lambda w, d: (["inspect", str(_write(d / "m.yaml", MODEL_YAML.replace("n_activated_experts: 2",
-                                                                          "n_activated_experts: 6")))],
-                  ["n_activated_experts"]))
+    lambda w, d: (
+        ["inspect", str(_write(d / "m.yaml", MODEL_YAML.replace("n_activated_experts: 2", "n_activated_experts: 6")))],
+        ["n_activated_experts"],
+    )
+)
 case("inspect", "conflict-ep-does-not-divide-experts")(
-    lambda w, d: (["inspect", str(w.model_yaml), "--ep", "3", "--dp", "3"], ["3"]))
+    lambda w, d: (["inspect", str(w.model_yaml), "--ep", "3", "--dp", "3"], ["3"])
+)
 case("inspect", "conflict-seq-len-zero")(lambda w, d: (["inspect", str(w.model_yaml), "--seq-len", "0"], ["--seq_len"]))
 
 
 # -- generate ------------------------------------------------------------------------------------------
 case("generate", "missing-ckpt")(lambda w, d: (["generate", str(d / "gone.ckpt")], ["gone.ckpt"]))
 case("generate", "ckpt-is-a-directory")(lambda w, d: (["generate", str(_a_dir(d / "dir.ckpt"))], ["dir.ckpt"]))
-case("generate", "unreadable-ckpt")(lambda w, d: (["generate", str(_chmod_000(_copy(w.ckpt, d / "c.ckpt")))], ["c.ckpt"]))
+case("generate", "unreadable-ckpt")(
+    lambda w, d: (["generate", str(_chmod_000(_copy(w.ckpt, d / "c.ckpt")))], ["c.ckpt"])
+)
 for _name, _make in DAMAGED_CKPT.items():
     case("generate", f"ckpt-{_name}")(lambda w, d, m=_make: (["generate", str(m(w, d))], ["damaged.ckpt"]))
 case("generate", "tokenizer-missing")(
-    lambda w, d: (["generate", str(w.ckpt), "--tokenizer", str(d / "tok.json")], ["tok.json"]))
+    lambda w, d: (["generate", str(w.ckpt), "--tokenizer", str(d / "tok.json")], ["tok.json"])
+)
 case("generate", "tokenizer-malformed")(
-    lambda w, d: (["generate", str(w.ckpt), "--tokenizer", str(_write(d / "tok.json", "{"))], ["tok.json"]))
+    lambda w, d: (["generate", str(w.ckpt), "--tokenizer", str(_write(d / "tok.json", "{"))], ["tok.json"])
+)
 case("generate", "conflict-max-new-tokens-zero")(
-    lambda w, d: (["generate", str(w.ckpt), "--max-new-tokens", "0"], ["--max_new_tokens"]))
+    lambda w, d: (["generate", str(w.ckpt), "--max-new-tokens", "0"], ["--max_new_tokens"])
+)
 case("generate", "conflict-prompt-fills-context")(
-    lambda w, d: (["generate", str(w.ckpt), "--prompt", "x" * 80], ["max_seq_len"]))
+    lambda w, d: (["generate", str(w.ckpt), "--prompt", "x" * 80], ["max_seq_len"])
+)
 
 
 # -- convert -------------------------------------------------------------------------------------------
 case("convert", "missing-src")(lambda w, d: (["convert", str(d / "gone.ckpt"), str(d / "out")], ["gone.ckpt"]))
 case("convert", "unreadable-src")(
-    lambda w, d: (["convert", str(_chmod_000(_copy(w.ckpt, d / "c.ckpt"))), str(d / "out")], ["c.ckpt"]))
+    lambda w, d: (["convert", str(_chmod_000(_copy(w.ckpt, d / "c.ckpt"))), str(d / "out")], ["c.ckpt"])
+)
 for _name, _make in DAMAGED_CKPT.items():
-    case("convert", f"ckpt-{_name}")(lambda w, d, m=_make: (["convert", str(m(w, d)), str(d / "out")], ["damaged.ckpt"]))
+    case("convert", f"ckpt-{_name}")(
+        lambda w, d, m=_make: (["convert", str(m(w, d)), str(d / "out")], ["damaged.ckpt"])
+    )
 case("convert", "hf-config-json-malformed")(
-    lambda w, d: _after(_write(_copy(w.hf, d / "hf") / "config.json", MALFORMED_JSON),
-                        (["convert", str(d / "hf"), str(d / "out")], ["config.json"])))
+    lambda w, d: _after(
+        _write(_copy(w.hf, d / "hf") / "config.json", MALFORMED_JSON),
+        (["convert", str(d / "hf"), str(d / "out")], ["config.json"]),
+    )
+)
 case("convert", "hf-config-json-unexpected")(
-    lambda w, d: _after(_write(_copy(w.hf, d / "hf") / "config.json", "[1, 2, 3]"),
-                        (["convert", str(d / "hf"), str(d / "out")], ["config.json"])))
+    lambda w, d: _after(
+        _write(_copy(w.hf, d / "hf") / "config.json", "[1, 2, 3]"),
+        (["convert", str(d / "hf"), str(d / "out")], ["config.json"]),
+    )
+)
 case("convert", "hf-index-json-malformed")(
-    lambda w, d: _after(_write(_copy(w.hf, d / "hf") / "model.safetensors.index.json", '{"weight_map": '),
-                        (["convert", str(d / "hf"), str(d / "out")], ["model.safetensors.index.json"])))
+    lambda w, d: _after(
+        _write(_copy(w.hf, d / "hf") / "model.safetensors.index.json", '{"weight_map": '),
+        (["convert", str(d / "hf"), str(d / "out")], ["model.safetensors.index.json"]),
+    )
+)
 case("convert", "hf-safetensors-truncated")(
-    lambda w, d: _after(_copy(w.hf, d / "hf"), _truncate_file(next((d / "hf").glob("*.safetensors")), 200),
-                        (["convert", str(d / "hf"), str(d / "out")], [".safetensors"])))
+    lambda w, d: _after(
+        _copy(w.hf, d / "hf"),
+        _truncate_file(next((d / "hf").glob("*.safetensors")), 200),
+        (["convert", str(d / "hf"), str(d / "out")], [".safetensors"]),
+    )
+)
 case("convert", "hf-safetensors-random-bytes")(
-    lambda w, d: _after(_copy(w.hf, d / "hf"), _random(next((d / "hf").glob("*.safetensors"))),
-                        (["convert", str(d / "hf"), str(d / "out")], [".safetensors"])))
+    lambda w, d: _after(
+        _copy(w.hf, d / "hf"),
+        _random(next((d / "hf").glob("*.safetensors"))),
+        (["convert", str(d / "hf"), str(d / "out")], [".safetensors"]),
+    )
+)
 
 
 def _moeframe_folder(w: World, d: Path) -> Path:
@@ -621,19 +728,28 @@ def _moeframe_folder(w: World, d: Path) -> Path:
 
 
 case("convert", "moeframe-yaml-malformed")(
-    lambda w, d: _after(_write(_moeframe_folder(w, d) / "moeframe.yaml", MALFORMED_YAML),
-                        (["convert", str(d / "mf"), str(d / "out")], ["moeframe.yaml"])))
+    lambda w, d: _after(
+        _write(_moeframe_folder(w, d) / "moeframe.yaml", MALFORMED_YAML),
+        (["convert", str(d / "mf"), str(d / "out")], ["moeframe.yaml"]),
+    )
+)
 case("convert", "moeframe-safetensors-truncated")(
-    lambda w, d: _after(_truncate_file(_moeframe_folder(w, d) / "model.safetensors", 100),
-                        (["convert", str(d / "mf"), str(d / "out")], ["model.safetensors"])))
+    lambda w, d: _after(
+        _truncate_file(_moeframe_folder(w, d) / "model.safetensors", 100),
+        (["convert", str(d / "mf"), str(d / "out")], ["model.safetensors"]),
+    )
+)
 case("convert", "output-exists")(lambda w, d: (["convert", str(w.ckpt), str(_a_dir(d / "out"))], ["out"]))
 case("convert", "output-under-a-file")(
-    lambda w, d: (["convert", str(w.ckpt), str(_a_file(d / "afile") / "out")], ["afile"]))
+    lambda w, d: (["convert", str(w.ckpt), str(_a_file(d / "afile") / "out")], ["afile"])
+)
 case("convert", "hf-output-under-a-file")(
-    lambda w, d: (["convert", str(w.hf), str(_a_file(d / "afile") / "out")], ["afile"]))
+    lambda w, d: (["convert", str(w.hf), str(_a_file(d / "afile") / "out")], ["afile"])
+)
 case("convert", "output-name-too-long")(lambda w, d: (["convert", str(w.ckpt), str(d / ("x" * 300))], ["xxxx"]))
 case("convert", "output-unwritable")(
-    lambda w, d: (["convert", str(w.ckpt), str(_chmod_555(_a_dir(d / "locked")) / "out")], ["locked"]))
+    lambda w, d: (["convert", str(w.ckpt), str(_chmod_555(_a_dir(d / "locked")) / "out")], ["locked"])
+)
 
 
 # -- esft-select ---------------------------------------------------------------------------------------
@@ -643,53 +759,93 @@ def _esft(config: Path, out: Path, *extra: str) -> list[str]:
 
 case("esft-select", "missing-config")(lambda w, d: (_esft(d / "gone.yaml", d / "sel.json"), ["gone.yaml"]))
 case("esft-select", "malformed-yaml")(
-    lambda w, d: (_esft(_write(d / "ft.yaml", "model: [1\n"), d / "sel.json"), ["ft.yaml"]))
+    lambda w, d: (_esft(_write(d / "ft.yaml", "model: [1\n"), d / "sel.json"), ["ft.yaml"])
+)
 case("esft-select", "malformed-included-model-yaml")(
-    lambda w, d: _after(_write(d / "bad_model.yaml", MALFORMED_YAML),
-                        (_esft(_finetune_yaml(w, d), d / "sel.json", "--model.init_args.config", str(d / "bad_model.yaml")),
-                        ["bad_model.yaml"])))
+    lambda w, d: _after(
+        _write(d / "bad_model.yaml", MALFORMED_YAML),
+        (
+            _esft(_finetune_yaml(w, d), d / "sel.json", "--model.init_args.config", str(d / "bad_model.yaml")),
+            ["bad_model.yaml"],
+        ),
+    )
+)
 case("esft-select", "missing-init-from")(
-    lambda w, d: (_esft(_finetune_yaml(w, d, init_from=d / "gone.ckpt"), d / "sel.json"), ["gone.ckpt"]))
+    lambda w, d: (_esft(_finetune_yaml(w, d, init_from=d / "gone.ckpt"), d / "sel.json"), ["gone.ckpt"])
+)
 for _name, _make in DAMAGED_CKPT.items():
     case("esft-select", f"init-from-{_name}")(
-        lambda w, d, m=_make: (_esft(_finetune_yaml(w, d, init_from=m(w, d)), d / "sel.json"), ["damaged.ckpt"]))
+        lambda w, d, m=_make: (_esft(_finetune_yaml(w, d, init_from=m(w, d)), d / "sel.json"), ["damaged.ckpt"])
+    )
 case("esft-select", "sft-jsonl-malformed-line")(
-    lambda w, d: (_esft(_finetune_yaml(w, d, train=_write(d / "train.jsonl", SFT_LINES + "{\n")), d / "sel.json"),
-                  ["train.jsonl:9"]))
+    lambda w, d: (
+        _esft(_finetune_yaml(w, d, train=_write(d / "train.jsonl", SFT_LINES + "{\n")), d / "sel.json"),
+        ["train.jsonl:9"],
+    )
+)
 case("esft-select", "sft-jsonl-unexpected-line")(
-    lambda w, d: (_esft(_finetune_yaml(w, d, train=_write(d / "train.jsonl", SFT_LINES + "[1, 2]\n")), d / "sel.json"),
-                  ["train.jsonl:9"]))
+    lambda w, d: (
+        _esft(_finetune_yaml(w, d, train=_write(d / "train.jsonl", SFT_LINES + "[1, 2]\n")), d / "sel.json"),
+        ["train.jsonl:9"],
+    )
+)
 case("esft-select", "init-from-another-model-shape")(
-    lambda w, d: _after(_copy(w.model_yaml, d / "model.yaml"),
-                        (_esft(_finetune_yaml(w, d, init_from=_other_shape(w, d / "other.ckpt")), d / "sel.json",
-                               "--model.init_args.config", str(d / "model.yaml")), ["other.ckpt", "n_routed_experts"])))
+    lambda w, d: _after(
+        _copy(w.model_yaml, d / "model.yaml"),
+        (
+            _esft(
+                _finetune_yaml(w, d, init_from=_other_shape(w, d / "other.ckpt")),
+                d / "sel.json",
+                "--model.init_args.config",
+                str(d / "model.yaml"),
+            ),
+            ["other.ckpt", "n_routed_experts"],
+        ),
+    )
+)
 case("esft-select", "out-under-a-file")(
-    lambda w, d: (_esft(_finetune_yaml(w, d), _a_file(d / "afile") / "sel.json"), ["afile"]))
-case("esft-select", "out-is-a-directory")(lambda w, d: (_esft(_finetune_yaml(w, d), _a_dir(d / "sel.json")), ["sel.json"]))
+    lambda w, d: (_esft(_finetune_yaml(w, d), _a_file(d / "afile") / "sel.json"), ["afile"])
+)
+case("esft-select", "out-is-a-directory")(
+    lambda w, d: (_esft(_finetune_yaml(w, d), _a_dir(d / "sel.json")), ["sel.json"])
+)
 case("esft-select", "out-unwritable")(
-    lambda w, d: (_esft(_finetune_yaml(w, d), _chmod_555(_a_dir(d / "locked")) / "sel.json"), ["locked"]))
+    lambda w, d: (_esft(_finetune_yaml(w, d), _chmod_555(_a_dir(d / "locked")) / "sel.json"), ["locked"])
+)
 case("esft-select", "conflict-mass-fraction")(
-    lambda w, d: (_esft(_finetune_yaml(w, d), d / "sel.json", "--model.init_args.esft.mass_fraction", "1.5"),
-                  ["mass_fraction"]))
+    lambda w, d: (
+        _esft(_finetune_yaml(w, d), d / "sel.json", "--model.init_args.esft.mass_fraction", "1.5"),
+        ["mass_fraction"],
+    )
+)
 
 
 # -- the test ------------------------------------------------------------------------------------------
 def _params() -> list:
-    return [pytest.param(c, id=f"{c.command}-{c.kind}",
-                         marks=[pytest.mark.xfail(strict=True, reason=c.xfail)] if c.xfail else [])
-            for c in CASES]
+    return [
+        pytest.param(
+            c, id=f"{c.command}-{c.kind}", marks=[pytest.mark.xfail(strict=True, reason=c.xfail)] if c.xfail else []
+        )
+        for c in CASES
+    ]
 
 
 def _new_outputs(before: set[str], folder: Path) -> list[str]:
     """Files that appeared in the row's folder and look like a result (not logs)."""
-    return [p for p in _digests(folder) if p not in before and p.endswith(OUTPUT_SUFFIXES)
-            and not p.endswith(("events.jsonl", "hparams.yaml", "config.yaml"))]
+    return [
+        p
+        for p in _digests(folder)
+        if p not in before
+        and p.endswith(OUTPUT_SUFFIXES)
+        and not p.endswith(("events.jsonl", "hparams.yaml", "config.yaml"))
+    ]
 
 
 @pytest.mark.bad_input
 @pytest.mark.parametrize("row", _params())
-def test_bad_input_is_one_clear_line(row: Case, world: World, tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                                     monkeypatch: pytest.MonkeyPatch) -> None:
+def test_bad_input_is_one_clear_line(
+    row: Case, world: World, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.chdir(tmp_path)  # anything a command writes by default lands where it is checked
     argv, names = row.build(world, tmp_path)
     capsys.readouterr()
@@ -721,9 +877,18 @@ def test_table_covers_every_command() -> None:
     commands = {c.command for c in CASES}
     assert commands == {"fit", "validate", "prepare", "inspect", "generate", "convert", "esft-select"}
     kinds = {c.kind for c in CASES}
-    for needed in ("missing-config", "malformed-included-model-yaml", "ckpt-truncated", "ckpt-zero-length",
-                   "ckpt-random-bytes", "ckpt-foreign-torch", "ckpt-of-another-model-shape", "shard-idx-truncated",
-                   "jsonl-malformed-line", "output-under-a-file"):
+    for needed in (
+        "missing-config",
+        "malformed-included-model-yaml",
+        "ckpt-truncated",
+        "ckpt-zero-length",
+        "ckpt-random-bytes",
+        "ckpt-foreign-torch",
+        "ckpt-of-another-model-shape",
+        "shard-idx-truncated",
+        "jsonl-malformed-line",
+        "output-under-a-file",
+    ):
         assert needed in kinds, needed
 
 
@@ -763,12 +928,16 @@ def test_the_console_command_gives_the_same_line(world: World, tmp_path: Path, m
     """One row through a real process (the shell path parses sys.argv itself)."""
     import subprocess
 
-
-
     (tmp_path / "bad_model.yaml").write_text(MALFORMED_YAML)
     run = _run_yaml(world, tmp_path, model="bad_model.yaml")
-    done = subprocess.run([*moeframe_cmd, "fit", "-c", str(run)], capture_output=True, text=True, timeout=120,
-                          env=clean_env(), cwd=tmp_path)
+    done = subprocess.run(
+        [*moeframe_cmd, "fit", "-c", str(run)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=clean_env(),
+        cwd=tmp_path,
+    )
     assert done.returncode == 2 and "Traceback" not in done.stderr + done.stdout, done.stderr
     last = [ln for ln in done.stderr.splitlines() if ln.strip()][-1]
     assert last.startswith("moeframe: error:") and "bad_model.yaml:" in last and "YAML syntax error" in last, last
@@ -779,7 +948,10 @@ def test_a_damaged_dataset_is_replaced_with_overwrite(world: World, tmp_path: Pa
     """The error for a damaged output dataset offers --overwrite; that must then work."""
     out = _copy(world.prepared, tmp_path / "out")
     (out / "meta.json").write_text('{"splits": ')
-    assert main(["prepare", str(world.corpus), "-o", str(out), "--workers", "1", "--val-permille", "300",
-                 "--overwrite"]) == 0
+    assert (
+        main(["prepare", str(world.corpus), "-o", str(out), "--workers", "1", "--val-permille", "300", "--overwrite"])
+        == 0
+    )
     assert json.loads((out / "meta.json").read_text()) == json.loads((world.prepared / "meta.json").read_text()) | {
-        "seconds": json.loads((out / "meta.json").read_text())["seconds"]}
+        "seconds": json.loads((out / "meta.json").read_text())["seconds"]
+    }

@@ -48,9 +48,20 @@ def test_batch_maxvio_averages_batches_while_global_maxvio_pools_them():
 # -- through the real Trainer --------------------------------------------------------------------------
 def module(router: dict) -> PretrainModule:
     L.seed_everything(0, verbose=False)
-    cfg = ModelConfig(vocab_size=260, dim=32, n_layers=3, first_k_dense=1, n_heads=2, dense_ffn_dim=64,
-                      moe_ffn_dim=16, n_routed_experts=EXPERTS, n_activated_experts=TOP_K, n_shared_experts=1,
-                      max_seq_len=SEQ_LEN, router=router)
+    cfg = ModelConfig(
+        vocab_size=260,
+        dim=32,
+        n_layers=3,
+        first_k_dense=1,
+        n_heads=2,
+        dense_ffn_dim=64,
+        moe_ffn_dim=16,
+        n_routed_experts=EXPERTS,
+        n_activated_experts=TOP_K,
+        n_shared_experts=1,
+        max_seq_len=SEQ_LEN,
+        router=router,
+    )
     return PretrainModule(cfg, OptimConfig(lr=1e-2, warmup_steps=0))
 
 
@@ -62,9 +73,18 @@ def data() -> PretrainDataModule:
 
 
 def trainer(root: Path, callbacks: list[Callback], **kwargs) -> L.Trainer:
-    settings = dict(accelerator="cpu", devices=1, max_steps=3, limit_val_batches=2, num_sanity_val_steps=0,
-                    logger=CSVLogger(root, name="logs"), enable_progress_bar=False,
-                    enable_model_summary=False, enable_checkpointing=False, default_root_dir=root)
+    settings = dict(
+        accelerator="cpu",
+        devices=1,
+        max_steps=3,
+        limit_val_batches=2,
+        num_sanity_val_steps=0,
+        logger=CSVLogger(root, name="logs"),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        default_root_dir=root,
+    )
     settings.update(kwargs)
     return L.Trainer(callbacks=callbacks, **settings)
 
@@ -168,7 +188,9 @@ def test_warns_once_about_an_expert_that_gets_no_tokens(tmp_path, data):
         for gate in gates(model):
             gate.e_score_correction_bias[7] = -10.0  # sigmoid scores are in (0, 1): never chosen
     balance = ExpertBalance(log_every_n_steps=1, dead_expert_patience=2, heatmaps=False)
-    with pytest.warns(RuntimeWarning, match=r"expert 7 of MoE layer 'decoder.layers.1.ffn' has received no token for 2") as record:
+    with pytest.warns(
+        RuntimeWarning, match=r"expert 7 of MoE layer 'decoder.layers.1.ffn' has received no token for 2"
+    ) as record:
         trainer(tmp_path, [balance], max_steps=4).fit(model, data)
     assert len([w for w in record if "expert 7 of MoE layer 'decoder.layers.1.ffn'" in str(w.message)]) == 1
     assert balance.last_metrics["balance/dead_expert_fraction"] >= 1 / 8
@@ -176,8 +198,12 @@ def test_warns_once_about_an_expert_that_gets_no_tokens(tmp_path, data):
 
 def test_bias_is_checkpointed_and_restored_on_resume(tmp_path, data):
     first = module(AUX_FREE)
-    trainer(tmp_path, [ExpertBalance(heatmaps=False), ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)],
-            max_steps=2, enable_checkpointing=True).fit(first, data)
+    trainer(
+        tmp_path,
+        [ExpertBalance(heatmaps=False), ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)],
+        max_steps=2,
+        enable_checkpointing=True,
+    ).fit(first, data)
     ckpt = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)
     saved = ckpt["state_dict"]["decoder.layers.1.ffn.gate.e_score_correction_bias"]
     assert saved.dtype == torch.float32 and torch.equal(saved, gates(first)[0].e_score_correction_bias)
@@ -190,7 +216,8 @@ def test_bias_is_checkpointed_and_restored_on_resume(tmp_path, data):
 
     at_start, resumed = AtStart(), module(AUX_FREE)
     trainer(tmp_path / "resumed", [ExpertBalance(heatmaps=False), at_start], max_steps=3).fit(
-        resumed, data, ckpt_path=tmp_path / "ckpt" / "last.ckpt", weights_only=False)  # our own file
+        resumed, data, ckpt_path=tmp_path / "ckpt" / "last.ckpt", weights_only=False
+    )  # our own file
     assert torch.equal(at_start.bias, saved) and at_start.updates == 2
     assert int(gates(resumed)[0].num_bias_updates) == 3
 
@@ -198,9 +225,20 @@ def test_bias_is_checkpointed_and_restored_on_resume(tmp_path, data):
 # -- counting contract of the MoE layer (core) ----------------------------------------------------------
 def _moe_and_input(tokens: int):
     torch.manual_seed(0)
-    decoder = build_decoder(ModelConfig(vocab_size=64, dim=32, n_layers=2, first_k_dense=1, n_heads=2,
-                                        dense_ffn_dim=64, moe_ffn_dim=16, n_routed_experts=EXPERTS,
-                                        n_activated_experts=TOP_K, max_seq_len=tokens))
+    decoder = build_decoder(
+        ModelConfig(
+            vocab_size=64,
+            dim=32,
+            n_layers=2,
+            first_k_dense=1,
+            n_heads=2,
+            dense_ffn_dim=64,
+            moe_ffn_dim=16,
+            n_routed_experts=EXPERTS,
+            n_activated_experts=TOP_K,
+            max_seq_len=tokens,
+        )
+    )
     return decoder, decoder.layers[1].ffn, torch.randn(1, tokens, 32)
 
 

@@ -18,8 +18,16 @@ from .conftest import REPO, clean_env
 CONFIGS = REPO / "configs"
 RUN_CONFIGS = sorted(p for p in CONFIGS.rglob("*.yaml") if p.parent.name != "model")
 MODEL_CONFIGS = sorted((CONFIGS / "model").glob("*.yaml"))
-FAST = ["--data.init_args.max_bytes", "300000", "--data.init_args.seq_len", "64",
-        "--data.init_args.batch_size", "4", "--trainer.limit_val_batches", "2"]
+FAST = [
+    "--data.init_args.max_bytes",
+    "300000",
+    "--data.init_args.seq_len",
+    "64",
+    "--data.init_args.batch_size",
+    "4",
+    "--trainer.limit_val_batches",
+    "2",
+]
 
 
 @pytest.mark.parametrize("config", RUN_CONFIGS, ids=lambda p: str(p.relative_to(CONFIGS)))
@@ -30,15 +38,31 @@ def test_every_run_config_parses_and_instantiates(config: Path, tmp_path: Path) 
 
 @pytest.mark.parametrize("model_config", MODEL_CONFIGS, ids=lambda p: p.name)
 def test_every_model_config_parses_through_the_cli(model_config: Path, tmp_path: Path) -> None:
-    cli = build_cli(args=["-c", str(CONFIGS / "pretrain" / "tiny.yaml"), "--model.init_args.config",
-                          str(model_config), "--trainer.default_root_dir", str(tmp_path), *FAST], run=False)
+    cli = build_cli(
+        args=[
+            "-c",
+            str(CONFIGS / "pretrain" / "tiny.yaml"),
+            "--model.init_args.config",
+            str(model_config),
+            "--trainer.default_root_dir",
+            str(tmp_path),
+            *FAST,
+        ],
+        run=False,
+    )
     assert cli.model.plan.config.n_layers > 0  # validated and resolved, nothing allocated yet
     assert cli.model.decoder is None
 
 
 def _moeframe(args: list[str], cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "moeframe.cli", *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=timeout, env=clean_env())
+    return subprocess.run(
+        [sys.executable, "-m", "moeframe.cli", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=clean_env(),
+    )
 
 
 def _metrics(run_dir: Path) -> list[dict[str, str]]:
@@ -50,8 +74,18 @@ def _metrics(run_dir: Path) -> list[dict[str, str]]:
 
 @pytest.mark.slow
 def test_fit_end_to_end_then_resume(tmp_path: Path) -> None:
-    common = ["fit", "-c", str(CONFIGS / "pretrain" / "tiny.yaml"), "--trainer.default_root_dir", str(tmp_path),
-              "--trainer.val_check_interval", "3", "--trainer.log_every_n_steps", "1", *FAST]
+    common = [
+        "fit",
+        "-c",
+        str(CONFIGS / "pretrain" / "tiny.yaml"),
+        "--trainer.default_root_dir",
+        str(tmp_path),
+        "--trainer.val_check_interval",
+        "3",
+        "--trainer.log_every_n_steps",
+        "1",
+        *FAST,
+    ]
     first = _moeframe([*common, "--trainer.max_steps", "6"], cwd=tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
     rows = _metrics(tmp_path)
@@ -85,8 +119,10 @@ BAD_INPUTS = [
     (["--model.init_args.config.attention.name", "mhx"], "unknown attention plugin 'mhx'. Did you mean 'mha'?"),
     (["--model.init_args.config.bogus_field", "3"], "unrecognized arguments: --config.bogus_field"),
     # a prefix of a real option is a typo, not that option (argparse would expand it silently)
-    (["--model.config.n_head", "2"], "unknown option model.init_args.config.n_head of PretrainModule. "
-                                      "Did you mean model.init_args.config.n_heads?"),
+    (
+        ["--model.config.n_head", "2"],
+        "unknown option model.init_args.config.n_head of PretrainModule. Did you mean model.init_args.config.n_heads?",
+    ),
     (["--trainer.max_step", "2"], "unknown option trainer.max_step of Trainer. Did you mean trainer.max_steps?"),
     (["--model.init_args.config.n_heads", "5"], "model.n_heads=5 must divide model.dim=128"),
     (["--model.init_args.config.n_activated_experts", "9"], "larger than model.n_routed_experts"),
@@ -98,12 +134,14 @@ BAD_INPUTS = [
 
 @pytest.mark.bad_input
 @pytest.mark.parametrize(("override", "message"), BAD_INPUTS, ids=[m[:30] for _, m in BAD_INPUTS])
-def test_bad_input_gives_one_clear_line(override: list[str], message: str, tmp_path: Path,
-                                       capsys: pytest.CaptureFixture[str]) -> None:
+def test_bad_input_gives_one_clear_line(
+    override: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     (tmp_path / "empty").mkdir()
     override = [str(tmp_path / "empty") if a == "EMPTY" else a for a in override]
-    code = main(["fit", "-c", str(CONFIGS / "pretrain" / "tiny.yaml"),
-                 "--trainer.default_root_dir", str(tmp_path), *override])
+    code = main(
+        ["fit", "-c", str(CONFIGS / "pretrain" / "tiny.yaml"), "--trainer.default_root_dir", str(tmp_path), *override]
+    )
     err = capsys.readouterr().err
     assert code == 2
     assert message in err and "Traceback" not in err and "Given value" not in err
@@ -111,8 +149,11 @@ def test_bad_input_gives_one_clear_line(override: list[str], message: str, tmp_p
 
 
 def test_bad_input_exit_status_from_the_shell(tmp_path: Path) -> None:
-    result = _moeframe(["fit", "-c", str(CONFIGS / "pretrain" / "tiny.yaml"),
-                        "--model.init_args.config.n_expert_groups", "3"], cwd=tmp_path, timeout=120)
+    result = _moeframe(
+        ["fit", "-c", str(CONFIGS / "pretrain" / "tiny.yaml"), "--model.init_args.config.n_expert_groups", "3"],
+        cwd=tmp_path,
+        timeout=120,
+    )
     assert result.returncode == 2
     assert "n_expert_groups=3 must divide" in result.stderr and "Traceback" not in result.stderr
 
@@ -125,24 +166,32 @@ def test_plugins_command_lists_builtins_as_json(capsys: pytest.CaptureFixture[st
 
 
 def test_print_config_shows_the_resolved_model(tmp_path: Path) -> None:
-    result = _moeframe(["fit", "-c", str(CONFIGS / "pretrain" / "tiny.yaml"), "--print_config"], cwd=tmp_path, timeout=120)
+    result = _moeframe(
+        ["fit", "-c", str(CONFIGS / "pretrain" / "tiny.yaml"), "--print_config"], cwd=tmp_path, timeout=120
+    )
     assert result.returncode == 0, result.stderr
-    assert "n_routed_experts: 8" in result.stdout and "class_path: moeframe.training.pretrain.PretrainModule" in result.stdout
+    assert (
+        "n_routed_experts: 8" in result.stdout
+        and "class_path: moeframe.training.pretrain.PretrainModule" in result.stdout
+    )
 
 
 # values that are only wrong next to each other: caught when the model and the data are instantiated
 DATA_MODEL_CONFLICTS = [
     (["--data.init_args.seq_len", "2048"], "data.seq_len=2048 is longer than model.max_seq_len=1024"),
     (["--model.init_args.config.vocab_size", "100"], "the tokenizer has 257 tokens but model.vocab_size=100"),
-    (["--model.init_args.config.mtp_depth", "2", "--data.init_args.seq_len", "2"],
-     "model.mtp_depth=2 leaves no token to predict in sequences of data.seq_len=2"),
+    (
+        ["--model.init_args.config.mtp_depth", "2", "--data.init_args.seq_len", "2"],
+        "model.mtp_depth=2 leaves no token to predict in sequences of data.seq_len=2",
+    ),
 ]
 
 
 @pytest.mark.bad_input
 @pytest.mark.parametrize(("override", "message"), DATA_MODEL_CONFLICTS, ids=["seq_len", "vocab_size", "mtp_depth"])
-def test_data_and_model_conflicts_are_caught_at_config_time(override: list[str], message: str, tmp_path: Path,
-                                                           capsys: pytest.CaptureFixture[str]) -> None:
+def test_data_and_model_conflicts_are_caught_at_config_time(
+    override: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     from moeframe.config import ConfigError
 
     args = ["-c", str(CONFIGS / "pretrain" / "tiny.yaml"), "--trainer.default_root_dir", str(tmp_path), *override]
@@ -179,20 +228,57 @@ def test_runs_in_the_same_root_dir_get_their_own_log_version(tmp_path: Path) -> 
 
 @pytest.mark.bad_input
 def test_a_run_stopped_at_config_time_leaves_no_empty_log_version(tmp_path: Path) -> None:
-    assert main(["fit", "-c", str(CONFIGS / "pretrain" / "tiny.yaml"), "--trainer.default_root_dir", str(tmp_path),
-                 "--model.init_args.config.n_heads", "5"]) == 2
+    assert (
+        main(
+            [
+                "fit",
+                "-c",
+                str(CONFIGS / "pretrain" / "tiny.yaml"),
+                "--trainer.default_root_dir",
+                str(tmp_path),
+                "--model.init_args.config.n_heads",
+                "5",
+            ]
+        )
+        == 2
+    )
     assert not list((tmp_path / "logs").glob("version_*"))
 
 
 @pytest.mark.slow
 def test_two_runs_started_together_in_one_root_dir_both_keep_their_logs(tmp_path: Path) -> None:
-    args = ["fit", "-c", str(CONFIGS / "pretrain" / "tiny.yaml"), "--trainer.default_root_dir", str(tmp_path),
-            "--trainer.max_steps", "3", "--trainer.log_every_n_steps", "1", "--trainer.limit_val_batches", "0",
-            "--trainer.num_sanity_val_steps", "0", "--data.init_args.max_bytes", "300000",
-            "--data.init_args.seq_len", "32", "--data.init_args.batch_size", "4"]
-    runs = [subprocess.Popen([sys.executable, "-m", "moeframe.cli", *args, "--seed_everything", str(seed)], cwd=tmp_path,
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=clean_env())
-            for seed in (1, 2)]
+    args = [
+        "fit",
+        "-c",
+        str(CONFIGS / "pretrain" / "tiny.yaml"),
+        "--trainer.default_root_dir",
+        str(tmp_path),
+        "--trainer.max_steps",
+        "3",
+        "--trainer.log_every_n_steps",
+        "1",
+        "--trainer.limit_val_batches",
+        "0",
+        "--trainer.num_sanity_val_steps",
+        "0",
+        "--data.init_args.max_bytes",
+        "300000",
+        "--data.init_args.seq_len",
+        "32",
+        "--data.init_args.batch_size",
+        "4",
+    ]
+    runs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "moeframe.cli", *args, "--seed_everything", str(seed)],
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=clean_env(),
+        )
+        for seed in (1, 2)
+    ]
     outputs = [run.communicate(timeout=300)[0] for run in runs]
     assert [run.returncode for run in runs] == [0, 0], "\n".join(out[-2000:] for out in outputs)
     losses = []

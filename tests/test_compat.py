@@ -45,11 +45,14 @@ class _Probe(L.Callback):
     def __init__(self) -> None:
         self.flushed: dict[str, Any] = {}
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         compat.set_logger_step(trainer, 100 + trainer.global_step)
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         if batch_idx == 0:
             compat.flush_step_metrics(trainer)  # Lightning would only do it after this hook
             self.flushed = dict(trainer.logged_metrics)
@@ -64,9 +67,17 @@ class _Logs(BoringModel):
 
 def test_logger_step_and_flushing_the_step_metrics(tmp_path: Path) -> None:
     probe = _Probe()
-    trainer = L.Trainer(accelerator="cpu", max_steps=2, logger=L.pytorch.loggers.CSVLogger(tmp_path),
-                        log_every_n_steps=1, enable_progress_bar=False, enable_model_summary=False,
-                        enable_checkpointing=False, limit_val_batches=0, callbacks=[probe])
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=2,
+        logger=L.pytorch.loggers.CSVLogger(tmp_path),
+        log_every_n_steps=1,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        limit_val_batches=0,
+        callbacks=[probe],
+    )
     trainer.fit(_Logs())
     assert float(probe.flushed["probe"]) == 1.0  # step 0's value, handed to the loggers inside the hook
     rows = (Path(trainer.logger.log_dir) / "metrics.csv").read_text().splitlines()

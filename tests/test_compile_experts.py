@@ -24,8 +24,19 @@ from moeframe.model.experts import GroupedExperts, pad_expert_groups, pad_expert
 from moeframe.model.lora import LoRAGroupedExperts, LoRAOptions, apply_lora
 
 # 2 layers: a dense first block, then one MoE block (the one that is checked)
-TINY = dict(vocab_size=64, dim=32, n_layers=2, n_heads=2, dense_ffn_dim=64, moe_ffn_dim=16, n_routed_experts=4,
-            n_activated_experts=2, n_expert_groups=1, n_limited_groups=1, first_k_dense=1)
+TINY = dict(
+    vocab_size=64,
+    dim=32,
+    n_layers=2,
+    n_heads=2,
+    dense_ffn_dim=64,
+    moe_ffn_dim=16,
+    n_routed_experts=4,
+    n_activated_experts=2,
+    n_expert_groups=1,
+    n_limited_groups=1,
+    first_k_dense=1,
+)
 
 
 def _model(kind: str, dtype: torch.dtype) -> Decoder:
@@ -85,4 +96,4 @@ def test_static_padding_places_rows_as_the_exact_padding_does() -> None:
     x_MD, offs, slot = pad_expert_groups_static(x, expert_N, counts, 32)
     assert x_MD.shape == (69 + 5 * 31, 4)  # N + E·(m-1) whatever the routing
     assert torch.equal(offs, offs_exact) and torch.equal(slot, slot_exact)
-    assert torch.equal(x_MD[: x_exact.shape[0]], x_exact) and not x_MD[x_exact.shape[0]:].any()
+    assert torch.equal(x_MD[: x_exact.shape[0]], x_exact) and not x_MD[x_exact.shape[0] :].any()

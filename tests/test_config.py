@@ -16,7 +16,11 @@ def tiny(**changes: object) -> ModelConfig:
 def test_defaults_resolve_to_builtin_plugins() -> None:
     plan = resolve_model_config(ModelConfig())
     assert (plan.attention.name, plan.router.name, plan.experts.name, plan.norm.name) == (
-        "mha", "topk", "grouped", "rmsnorm")
+        "mha",
+        "topk",
+        "grouped",
+        "rmsnorm",
+    )
 
 
 @pytest.mark.parametrize(
@@ -26,8 +30,10 @@ def test_defaults_resolve_to_builtin_plugins() -> None:
         ({"n_activated_experts": 9}, ["n_activated_experts", "larger than", "n_routed_experts = 8"]),
         ({"n_expert_groups": 3}, ["n_expert_groups=3", "must divide", "n_routed_experts=8"]),
         ({"n_expert_groups": 4, "n_limited_groups": 5}, ["n_limited_groups=5", "cannot exceed"]),
-        ({"n_expert_groups": 4, "n_limited_groups": 1, "n_activated_experts": 3},
-         ["n_activated_experts=3", "kept groups (1 groups x 2 experts)"]),
+        (
+            {"n_expert_groups": 4, "n_limited_groups": 1, "n_activated_experts": 3},
+            ["n_activated_experts=3", "kept groups (1 groups x 2 experts)"],
+        ),
         ({"first_k_dense": 7}, ["first_k_dense=7", "n_layers=4"]),
         ({"dim": 0}, ["model.dim must be a positive number"]),
         ({"mtp_depth": -1}, ["model.mtp_depth must be an integer >= 0"]),

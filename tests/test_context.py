@@ -16,8 +16,9 @@ import subprocess
 import sys
 import textwrap
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import lightning as L
 import pytest
@@ -39,7 +40,7 @@ from moeframe.testing import (
     tiny_config,
 )
 
-from .conftest import REPO, clean_env
+from .conftest import clean_env
 from .plugin_packages import context_plugins
 
 CLI = [sys.executable, "-m", "moeframe.cli"]
@@ -63,8 +64,13 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 def hashed_config(**changes: Any) -> ModelConfig:
     """3 layers + 1 MTP block: dense, token-hash routed, top-k routed (per-layer routers), MTP
     top-k; two residual streams everywhere."""
-    base = tiny_config(n_layers=3, mtp_depth=1, router={"name": "topk"}, residual={"name": "two_stream"},
-                       layers=[{"first": 1, "last": 1, "router": {"name": "token_hash", "seed": 5}}])
+    base = tiny_config(
+        n_layers=3,
+        mtp_depth=1,
+        router={"name": "topk"},
+        residual={"name": "two_stream"},
+        layers=[{"first": 1, "last": 1, "router": {"name": "token_hash", "seed": 5}}],
+    )
     return dataclasses.replace(base, **changes)
 
 
@@ -76,6 +82,7 @@ def test_every_model_part_plugin_receives_the_context_of_its_block(site: Path) -
     def record(name: str):
         def hook(module, args, kwargs, out) -> None:
             seen[name] = next(a for a in (*args, *kwargs.values()) if isinstance(a, ForwardContext))
+
         return hook
 
     for block in decoder.blocks():
@@ -116,7 +123,8 @@ def test_hash_routed_layer_routes_by_token_id_and_the_next_layer_by_its_gate(sit
     routed: dict[int, torch.Tensor] = {}
     for block in decoder.layers[1:]:
         block.ffn.gate.register_forward_hook(
-            lambda m, args, out, i=block.layer_id: routed.__setitem__(i, out.indices_TK))
+            lambda m, args, out, i=block.layer_id: routed.__setitem__(i, out.indices_TK)
+        )
     ids = torch.randint(0, 64, (2, 10))
     with torch.no_grad():
         decoder(ids)
@@ -150,8 +158,11 @@ def test_runtime_settings_give_the_eager_results_with_context_plugins(site: Path
         return out.logits.detach(), [p.grad for p in decoder.parameters()]
 
     eager_logits, eager_grads = run()
-    for runtime in ({"activation_checkpointing": "full"}, {"activation_checkpointing": "selective"},
-                    {"compile": "block"}):
+    for runtime in (
+        {"activation_checkpointing": "full"},
+        {"activation_checkpointing": "selective"},
+        {"compile": "block"},
+    ):
         logits, grads = run(**runtime)
         torch.testing.assert_close(logits, eager_logits, rtol=1e-5, atol=1e-5, msg=lambda m: f"{runtime}: {m}")
         for a, b in zip(grads, eager_grads):
@@ -191,13 +202,19 @@ def test_two_streams_are_carried_between_blocks(site: Path) -> None:
 
 # -- per-layer choices ----------------------------------------------------------------------
 def test_layer_overrides_keep_the_plugin_and_change_options_or_replace_it(site: Path) -> None:
-    cfg = tiny_config(n_layers=4, router={"name": "topk", "aux_loss_coef": 0.01},
-                      layers=[{"first": 1, "last": 2, "router": {"aux_loss_coef": 0.5}},
-                              {"first": 2, "last": 3, "attention": {"name": "mha", "n_kv_heads": 2}},
-                              {"first": 3, "router": {"name": "token_hash"}}])
+    cfg = tiny_config(
+        n_layers=4,
+        router={"name": "topk", "aux_loss_coef": 0.01},
+        layers=[
+            {"first": 1, "last": 2, "router": {"aux_loss_coef": 0.5}},
+            {"first": 2, "last": 3, "attention": {"name": "mha", "n_kv_heads": 2}},
+            {"first": 3, "router": {"name": "token_hash"}},
+        ],
+    )
     plan = resolve_model_config(cfg)
-    routers = [(plan.layer(i).router.name, getattr(plan.layer(i).router.options, "aux_loss_coef", None))
-               for i in range(4)]
+    routers = [
+        (plan.layer(i).router.name, getattr(plan.layer(i).router.options, "aux_loss_coef", None)) for i in range(4)
+    ]
     assert routers == [("topk", 0.01), ("topk", 0.5), ("topk", 0.5), ("token_hash", None)]
     assert [plan.layer(i).attention.options.n_kv_heads for i in range(4)] == [None, None, 2, 2]
     decoder = build_decoder(cfg, device="meta")
@@ -205,16 +222,33 @@ def test_layer_overrides_keep_the_plugin_and_change_options_or_replace_it(site: 
 
 
 @pytest.mark.bad_input
-@pytest.mark.parametrize("layers,message", [
-    ([{"first": 0, "last": 9, "router": {"name": "topk"}}], r"model.layers\[0\]: first=0, last=9 must be layer ids "
-                                                            r"with 0 <= first <= last <= 2"),
-    ([{"first": 1, "routr": {"name": "topk"}}], r"model.layers\[0\] has no field 'routr' \(did you mean 'router'\?\)"),
-    ([{"first": 1}, {"first": 2, "router": {"name": "topk", "aux_loss_coef": -1}}],
-     r"model.layers \(layer 2\) router: aux_loss_coef must be >= 0"),
-    ([{"first": 2, "attention": {"name": "mha", "n_kv_head": 2}}],
-     r"model.layers \(layer 2\) attention: attention plugin 'mha' has no option 'n_kv_head'"),
-    ([{"first": 1, "router": {"name": "topkk"}}], r"model.layers \(layer 1\) router: unknown router plugin 'topkk'"),
-], ids=["range", "field", "option-value", "option-name", "plugin-name"])
+@pytest.mark.parametrize(
+    "layers,message",
+    [
+        (
+            [{"first": 0, "last": 9, "router": {"name": "topk"}}],
+            r"model.layers\[0\]: first=0, last=9 must be layer ids "
+            r"with 0 <= first <= last <= 2",
+        ),
+        (
+            [{"first": 1, "routr": {"name": "topk"}}],
+            r"model.layers\[0\] has no field 'routr' \(did you mean 'router'\?\)",
+        ),
+        (
+            [{"first": 1}, {"first": 2, "router": {"name": "topk", "aux_loss_coef": -1}}],
+            r"model.layers \(layer 2\) router: aux_loss_coef must be >= 0",
+        ),
+        (
+            [{"first": 2, "attention": {"name": "mha", "n_kv_head": 2}}],
+            r"model.layers \(layer 2\) attention: attention plugin 'mha' has no option 'n_kv_head'",
+        ),
+        (
+            [{"first": 1, "router": {"name": "topkk"}}],
+            r"model.layers \(layer 1\) router: unknown router plugin 'topkk'",
+        ),
+    ],
+    ids=["range", "field", "option-value", "option-name", "plugin-name"],
+)
 def test_layer_override_mistakes_name_the_layer(layers: list, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         resolve_model_config(tiny_config(n_layers=3, layers=layers))
@@ -231,11 +265,16 @@ def test_inspect_counts_parameters_per_layer(site: Path) -> None:
     assert per_layer[2] < per_layer[1]  # fewer key/value heads in layer 2
     assert report.total == sum(p.numel() for p in decoder.parameters())
     # a token uses K of E routed experts in the MoE layers, everything in the dense one
-    routed = [sum(p.numel() for p in b.ffn.experts.parameters()) if hasattr(b.ffn, "gate") else 0 for b in decoder.layers]
+    routed = [
+        sum(p.numel() for p in b.ffn.experts.parameters()) if hasattr(b.ffn, "gate") else 0 for b in decoder.layers
+    ]
     K, E = cfg.n_activated_experts, cfg.n_routed_experts
     assert [layer["activated"] for layer in report.layers] == [n - r + r * K // E for n, r in zip(per_layer, routed)]
-    assert [(layer["attention"], layer["router"]) for layer in report.layers] == [("mha", None), ("mha", "topk"),
-                                                                                   ("mha", "topk")]
+    assert [(layer["attention"], layer["router"]) for layer in report.layers] == [
+        ("mha", None),
+        ("mha", "topk"),
+        ("mha", "topk"),
+    ]
     # the cache: each layer's own heads
     head = cfg.dim // cfg.n_heads
     assert report.kv_cache_bytes_per_token == 2 * head * (4 + 4 + 1) * 2
@@ -261,15 +300,31 @@ def test_context_plugins_train_through_moeframe_fit(site: Path, tmp_path: Path) 
     config = {
         "seed_everything": 0,
         "model": {"class_path": "moeframe.training.pretrain.PretrainModule", "init_args": {"config": model}},
-        "data": {"class_path": "moeframe.data.shards.PretrainDataModule",
-                 "init_args": {"seq_len": 32, "batch_size": 4, "max_bytes": 100000}},
-        "trainer": {"accelerator": "cpu", "devices": 1, "max_steps": 3, "limit_val_batches": 1,
-                    "val_check_interval": 3, "num_sanity_val_steps": 0, "log_every_n_steps": 1,
-                    "enable_progress_bar": False, "default_root_dir": str(tmp_path / "run")},
+        "data": {
+            "class_path": "moeframe.data.shards.PretrainDataModule",
+            "init_args": {"seq_len": 32, "batch_size": 4, "max_bytes": 100000},
+        },
+        "trainer": {
+            "accelerator": "cpu",
+            "devices": 1,
+            "max_steps": 3,
+            "limit_val_batches": 1,
+            "val_check_interval": 3,
+            "num_sanity_val_steps": 0,
+            "log_every_n_steps": 1,
+            "enable_progress_bar": False,
+            "default_root_dir": str(tmp_path / "run"),
+        },
     }
     (tmp_path / "fit.yaml").write_text(yaml.safe_dump(config))
-    proc = subprocess.run(CLI + ["fit", "-c", "fit.yaml"], cwd=tmp_path, env=clean_env(PYTHONPATH=str(site)),
-                          capture_output=True, text=True, timeout=420)
+    proc = subprocess.run(
+        CLI + ["fit", "-c", "fit.yaml"],
+        cwd=tmp_path,
+        env=clean_env(PYTHONPATH=str(site)),
+        capture_output=True,
+        text=True,
+        timeout=420,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "PluginDeprecationWarning" not in proc.stderr  # API-2 plugins get no warning
     version = tmp_path / "run" / "logs" / "version_0"
@@ -361,7 +416,8 @@ def _install_api1(site: Path) -> None:
     info = site / "old_plugins-1.0.0.dist-info"
     info.mkdir()
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: old-plugins\nVersion: 1.0.0\n")
-    (info / "entry_points.txt").write_text(textwrap.dedent("""\
+    (info / "entry_points.txt").write_text(
+        textwrap.dedent("""\
         [moeframe.attention]
         old_attn = old_plugins:OldAttention
         [moeframe.router]
@@ -370,13 +426,19 @@ def _install_api1(site: Path) -> None:
         old_experts = old_plugins:OldExperts
         [moeframe.norm]
         old_norm = old_plugins:OldNorm
-        """))
+        """)
+    )
     (site / "old_plugins.py").write_text(API1_PACKAGE)
 
 
 def api1_config(**changes: Any) -> ModelConfig:
-    return tiny_config(attention={"name": "old_attn"}, router={"name": "old_router"},
-                       experts={"name": "old_experts"}, norm={"name": "old_norm"}, **changes)
+    return tiny_config(
+        attention={"name": "old_attn"},
+        router={"name": "old_router"},
+        experts={"name": "old_experts"},
+        norm={"name": "old_norm"},
+        **changes,
+    )
 
 
 def test_api1_package_loads_with_one_warning_per_plugin_and_trains(site: Path, tmp_path: Path) -> None:
@@ -386,10 +448,12 @@ def test_api1_package_loads_with_one_warning_per_plugin_and_trains(site: Path, t
         resolve_model_config(api1_config())  # loaded once: warned once
     messages = [str(w.message) for w in caught if issubclass(w.category, registry.PluginDeprecationWarning)]
     assert len(messages) == 4, messages
-    for kind, name, change in (("attention", "old_attn", "forward(x_BTD, ctx)"),
-                               ("router", "old_router", "__init__(config, options, layer_id) and forward(x_TD, ctx)"),
-                               ("experts", "old_experts", "forward(x_TD, weights_TK, indices_TK, ctx)"),
-                               ("norm", "old_norm", "forward(x, ctx=None)")):
+    for kind, name, change in (
+        ("attention", "old_attn", "forward(x_BTD, ctx)"),
+        ("router", "old_router", "__init__(config, options, layer_id) and forward(x_TD, ctx)"),
+        ("experts", "old_experts", "forward(x_TD, weights_TK, indices_TK, ctx)"),
+        ("norm", "old_norm", "forward(x, ctx=None)"),
+    ):
         line = next(m for m in messages if f"{kind} plugin {name!r}" in m)
         assert "from distribution old-plugins 1.0.0 targets moeframe plugin API 1" in line
         assert 'set plugin_api = "2"' in line and change in line
@@ -408,9 +472,16 @@ def test_api1_package_loads_with_one_warning_per_plugin_and_trains(site: Path, t
     L.seed_everything(0, verbose=False)
     module = PretrainModule(api1_config(vocab_size=260, max_seq_len=32))
     data = PretrainDataModule(seq_len=16, batch_size=2, max_bytes=20_000)
-    trainer = L.Trainer(accelerator="cpu", max_steps=3, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                        default_root_dir=tmp_path)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=3,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        default_root_dir=tmp_path,
+    )
     before = {n: p.detach().clone() for n, p in module.named_parameters()} if module.decoder else None
     trainer.fit(module, datamodule=data)
     assert before is None and trainer.global_step == 3
@@ -419,8 +490,10 @@ def test_api1_package_loads_with_one_warning_per_plugin_and_trains(site: Path, t
 
 def test_api1_and_api2_plugins_mix_in_one_model(site: Path) -> None:
     """An API-1 router in one layer, the API-2 hash router in another, an API-1 norm everywhere."""
-    cfg = hashed_config(norm={"name": "old_norm"},
-                        layers=[{"first": 1, "router": {"name": "token_hash"}}, {"first": 2, "router": {"name": "old_router"}}])
+    cfg = hashed_config(
+        norm={"name": "old_norm"},
+        layers=[{"first": 1, "router": {"name": "token_hash"}}, {"first": 2, "router": {"name": "old_router"}}],
+    )
     decoder = build_decoder(cfg)
     assert [type(b.ffn.gate).__name__ for b in decoder.layers[1:]] == ["TokenHashRouter", "OldRouter"]
     check_cache_matches_full(cfg)
@@ -449,8 +522,13 @@ def test_a_bias_balanced_router_in_some_layers_only_still_gets_its_balance_callb
     from moeframe.training.pretrain import PretrainModule
 
     module = PretrainModule(tiny_config(n_layers=3, layers=[{"first": 2, "router": {"name": "aux_free"}}]))
-    trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        default_root_dir=tmp_path)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        default_root_dir=tmp_path,
+    )
     module.trainer = trainer
     trainer.state.fn = TrainerFn.FITTING
     (balance,) = [cb for cb in module.configure_callbacks() if isinstance(cb, ExpertBalance)]
@@ -459,12 +537,16 @@ def test_a_bias_balanced_router_in_some_layers_only_still_gets_its_balance_callb
 
 # -- HF export of what a checkpoint family cannot record ----------------------------------------
 @pytest.mark.bad_input
-@pytest.mark.parametrize("change, reason", [
-    ({"residual": {"name": "prenorm"}}, "chooses plugins per layer"),
-    ({"layers": []}, "residual stream 'two_stream' has no form"),
-])
-def test_hf_export_refuses_structure_the_family_cannot_record(site: Path, tmp_path: Path, change: dict,
-                                                              reason: str) -> None:
+@pytest.mark.parametrize(
+    "change, reason",
+    [
+        ({"residual": {"name": "prenorm"}}, "chooses plugins per layer"),
+        ({"layers": []}, "residual stream 'two_stream' has no form"),
+    ],
+)
+def test_hf_export_refuses_structure_the_family_cannot_record(
+    site: Path, tmp_path: Path, change: dict, reason: str
+) -> None:
     """Written out, per-layer choices or another residual would silently become the family's
     default structure (a checkpoint that computes something else): refused before writing."""
     from moeframe.config import ConfigError

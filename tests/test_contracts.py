@@ -7,8 +7,7 @@ from __future__ import annotations
 
 import sys
 import textwrap
-from pathlib import Path
-from typing import Callable
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -28,20 +27,28 @@ from moeframe.testing import (
 
 
 # -- the built-in plugins ---------------------------------------------------------------------
-@pytest.mark.parametrize("changes,weights_sum_to", [
-    ({}, None),
-    ({"router": {"name": "topk", "norm_topk_prob": True}, "route_scale": 2.5}, 2.5),
-    ({"router": {"name": "topk", "aux_loss_coef": 0.0}, "n_expert_groups": 4, "n_limited_groups": 2}, None),
-], ids=["softmax", "normalised-scaled", "group-limited"])
+@pytest.mark.parametrize(
+    "changes,weights_sum_to",
+    [
+        ({}, None),
+        ({"router": {"name": "topk", "norm_topk_prob": True}, "route_scale": 2.5}, 2.5),
+        ({"router": {"name": "topk", "aux_loss_coef": 0.0}, "n_expert_groups": 4, "n_limited_groups": 2}, None),
+    ],
+    ids=["softmax", "normalised-scaled", "group-limited"],
+)
 def test_topk_router_contract(changes: dict, weights_sum_to: float | None) -> None:
     check_router_contract(tiny_config(**changes), weights_sum_to=weights_sum_to)
 
 
-@pytest.mark.parametrize("experts,dtype", [
-    ({"name": "grouped"}, torch.float32),
-    ({"name": "grouped", "use_grouped_mm": False}, torch.float32),
-    ({"name": "grouped"}, torch.bfloat16),
-], ids=["grouped_mm", "loop-fallback", "bf16"])
+@pytest.mark.parametrize(
+    "experts,dtype",
+    [
+        ({"name": "grouped"}, torch.float32),
+        ({"name": "grouped", "use_grouped_mm": False}, torch.float32),
+        ({"name": "grouped"}, torch.bfloat16),
+    ],
+    ids=["grouped_mm", "loop-fallback", "bf16"],
+)
 def test_grouped_experts_contract(experts: dict, dtype: torch.dtype) -> None:
     check_experts_contract(tiny_config(experts=experts), dtype=dtype)
 
@@ -171,7 +178,8 @@ def broken_plugins(tmp_path_factory: pytest.TempPathFactory):
     info = site / "broken_plugins-0.0.1.dist-info"
     info.mkdir()
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: broken-plugins\nVersion: 0.0.1\n")
-    (info / "entry_points.txt").write_text(textwrap.dedent("""\
+    (info / "entry_points.txt").write_text(
+        textwrap.dedent("""\
         [moeframe.attention]
         peeking = broken_plugins:PeekingAttention
         [moeframe.router]
@@ -182,7 +190,8 @@ def broken_plugins(tmp_path_factory: pytest.TempPathFactory):
         unweighted = broken_plugins:UnweightedExperts
         [moeframe.norm]
         scalenorm = broken_plugins:ScaleNorm
-        """))
+        """)
+    )
     (site / "broken_plugins.py").write_text(BROKEN)
     sys.path.insert(0, str(site))
     registry.clear_cache()
@@ -192,14 +201,33 @@ def broken_plugins(tmp_path_factory: pytest.TempPathFactory):
     registry.clear_cache()
 
 
-@pytest.mark.parametrize("check,changes,message", [
-    (check_attention_contract, {"attention": {"name": "peeking"}}, "leaked into earlier positions"),
-    (check_router_contract, {"router": {"name": "uncounted"}}, "tokens_per_expert_E .* != the counts of indices_TK"),
-    (check_router_contract, {"router": {"name": "twice"}}, "chose an expert twice"),
-    (check_router_contract, {"router": {"name": "bf16gate"}}, "under bf16 autocast (the gate weights are torch.bfloat16|.*chose other experts|the gate weights differ)"),
-    (check_experts_contract, {"experts": {"name": "unweighted"}}, "batched output != the per-pair loop"),
-    (check_norm_contract, {"norm": {"name": "scalenorm"}}, "does not normalise"),
-], ids=["attention-not-causal", "router-uncounted", "router-duplicates", "router-bf16-gate", "experts-unweighted", "norm-scale-only"])
+@pytest.mark.parametrize(
+    "check,changes,message",
+    [
+        (check_attention_contract, {"attention": {"name": "peeking"}}, "leaked into earlier positions"),
+        (
+            check_router_contract,
+            {"router": {"name": "uncounted"}},
+            "tokens_per_expert_E .* != the counts of indices_TK",
+        ),
+        (check_router_contract, {"router": {"name": "twice"}}, "chose an expert twice"),
+        (
+            check_router_contract,
+            {"router": {"name": "bf16gate"}},
+            "under bf16 autocast (the gate weights are torch.bfloat16|.*chose other experts|the gate weights differ)",
+        ),
+        (check_experts_contract, {"experts": {"name": "unweighted"}}, "batched output != the per-pair loop"),
+        (check_norm_contract, {"norm": {"name": "scalenorm"}}, "does not normalise"),
+    ],
+    ids=[
+        "attention-not-causal",
+        "router-uncounted",
+        "router-duplicates",
+        "router-bf16-gate",
+        "experts-unweighted",
+        "norm-scale-only",
+    ],
+)
 def test_each_check_catches_its_broken_plugin(broken_plugins, check, changes: dict, message: str) -> None:
     assert registry.resolve(next(iter(changes)), next(iter(changes.values()))["name"]).distribution == "broken-plugins"
     with pytest.raises(AssertionError, match=message):

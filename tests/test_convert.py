@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers  # noqa: E402  (the numerical reference; pinned in requirements.txt)
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -19,16 +20,30 @@ from moeframe.cli import main
 from moeframe.config import ConfigError
 from moeframe.convert import from_hf, load_moeframe, to_hf
 
-import transformers  # noqa: E402  (the numerical reference; pinned in requirements.txt)
+TINY = dict(
+    vocab_size=96,
+    hidden_size=32,
+    intermediate_size=64,
+    moe_intermediate_size=16,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    n_routed_experts=8,
+    num_experts_per_tok=2,
+    n_shared_experts=1,
+    first_k_dense_replace=1,
+    kv_lora_rank=16,
+    qk_nope_head_dim=8,
+    qk_rope_head_dim=4,
+    v_head_dim=8,
+    max_position_embeddings=64,
+    num_nextn_predict_layers=0,
+    n_group=1,
+    topk_group=1,
+)
 
-TINY = dict(vocab_size=96, hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=3,
-            num_attention_heads=4, num_key_value_heads=4, n_routed_experts=8, num_experts_per_tok=2,
-            n_shared_experts=1, first_k_dense_replace=1, kv_lora_rank=16, qk_nope_head_dim=8,
-            qk_rope_head_dim=4, v_head_dim=8, max_position_embeddings=64, num_nextn_predict_layers=0,
-            n_group=1, topk_group=1)
 
-
-def _hf_v3(folder: Path, seed: int = 0, **changes: object) -> "transformers.DeepseekV3ForCausalLM":
+def _hf_v3(folder: Path, seed: int = 0, **changes: object) -> transformers.DeepseekV3ForCausalLM:
     torch.manual_seed(seed)
     cfg = transformers.DeepseekV3Config(**{**TINY, **changes})
     model = transformers.DeepseekV3ForCausalLM(cfg).eval()
@@ -47,14 +62,30 @@ def _tensors(folder: Path) -> dict[str, torch.Tensor]:
     return out
 
 
-@pytest.mark.parametrize("changes", [
-    dict(q_lora_rank=16, n_group=2, topk_group=1),
-    dict(q_lora_rank=None, n_group=1, topk_group=1),
-    dict(q_lora_rank=16, n_group=4, topk_group=2, first_k_dense_replace=2, num_experts_per_tok=3),
-    dict(q_lora_rank=16, n_group=1, topk_group=1, rope_parameters={
-        "rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 16,
-        "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0}),
-], ids=["qlora-groups", "no-qlora", "groups4-dense2", "yarn"])
+@pytest.mark.parametrize(
+    "changes",
+    [
+        dict(q_lora_rank=16, n_group=2, topk_group=1),
+        dict(q_lora_rank=None, n_group=1, topk_group=1),
+        dict(q_lora_rank=16, n_group=4, topk_group=2, first_k_dense_replace=2, num_experts_per_tok=3),
+        dict(
+            q_lora_rank=16,
+            n_group=1,
+            topk_group=1,
+            rope_parameters={
+                "rope_type": "yarn",
+                "rope_theta": 10000.0,
+                "factor": 4.0,
+                "original_max_position_embeddings": 16,
+                "beta_fast": 32.0,
+                "beta_slow": 1.0,
+                "mscale": 1.0,
+                "mscale_all_dim": 1.0,
+            },
+        ),
+    ],
+    ids=["qlora-groups", "no-qlora", "groups4-dense2", "yarn"],
+)
 def test_logits_match_transformers(tmp_path: Path, changes: dict) -> None:
     hf = _hf_v3(tmp_path / "hf", **changes)
     ours = from_hf(tmp_path / "hf", progress=False).eval()
@@ -66,8 +97,9 @@ def test_logits_match_transformers(tmp_path: Path, changes: dict) -> None:
 
 def test_v2_lite_shape_imports(tmp_path: Path) -> None:
     torch.manual_seed(1)
-    cfg = transformers.DeepseekV2Config(**{**TINY, "q_lora_rank": None, "n_shared_experts": 2, "n_group": 1,
-                                           "topk_group": 1})
+    cfg = transformers.DeepseekV2Config(
+        **{**TINY, "q_lora_rank": None, "n_shared_experts": 2, "n_group": 1, "topk_group": 1}
+    )
     hf = transformers.DeepseekV2ForCausalLM(cfg).eval()
     hf.save_pretrained(tmp_path / "hf")
     ours = from_hf(tmp_path / "hf", progress=False).eval()
@@ -98,16 +130,16 @@ def _reference_fp8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     q = torch.empty(rows, cols, dtype=torch.float8_e4m3fn)
     for i in range(nr):
         for j in range(nc):
-            block = w[i * 128:(i + 1) * 128, j * 128:(j + 1) * 128].float()
+            block = w[i * 128 : (i + 1) * 128, j * 128 : (j + 1) * 128].float()
             s = max(block.abs().max().item(), 1e-4) / 448.0
             scale[i, j] = s
-            q[i * 128:(i + 1) * 128, j * 128:(j + 1) * 128] = (block / s).to(torch.float8_e4m3fn)
+            q[i * 128 : (i + 1) * 128, j * 128 : (j + 1) * 128] = (block / s).to(torch.float8_e4m3fn)
     return q, scale
 
 
 def test_fp8_checkpoint_imports_within_rounding(tmp_path: Path) -> None:
     # widths above 128 that are not multiples of it: ragged edge blocks
-    hf = _hf_v3(tmp_path / "hf", hidden_size=160, intermediate_size=200, moe_intermediate_size=136, q_lora_rank=16)
+    _hf_v3(tmp_path / "hf", hidden_size=160, intermediate_size=200, moe_intermediate_size=136, q_lora_rank=16)
     fp8_dir = tmp_path / "fp8"
     shutil.copytree(tmp_path / "hf", fp8_dir)
     tensors = _tensors(fp8_dir)
@@ -121,8 +153,12 @@ def test_fp8_checkpoint_imports_within_rounding(tmp_path: Path) -> None:
         f.unlink()
     save_file(quantised, str(fp8_dir / "model.safetensors"), metadata={"format": "pt"})
     config = json.loads((fp8_dir / "config.json").read_text())
-    config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
-                                     "weight_block_size": [128, 128]}
+    config["quantization_config"] = {
+        "quant_method": "fp8",
+        "fmt": "e4m3",
+        "activation_scheme": "dynamic",
+        "weight_block_size": [128, 128],
+    }
     (fp8_dir / "config.json").write_text(json.dumps(config))
 
     ours = from_hf(fp8_dir, progress=False).eval()
@@ -133,9 +169,18 @@ def test_fp8_checkpoint_imports_within_rounding(tmp_path: Path) -> None:
     assert not torch.equal(w, ref)  # it really went through FP8
     # the same FP8 weights dequantised by the test itself and loaded into transformers give the
     # same logits: moeframe's dequantisation (block scales, ragged edges) is exact
-    dequantised = {k: (v.float() * quantised[f"{k}_scale_inv"].repeat_interleave(128, 0)[: v.shape[0]]
-                       .repeat_interleave(128, 1)[:, : v.shape[1]]) if v.dtype == torch.float8_e4m3fn else v
-                   for k, v in quantised.items() if not k.endswith("_scale_inv")}
+    dequantised = {
+        k: (
+            v.float()
+            * quantised[f"{k}_scale_inv"]
+            .repeat_interleave(128, 0)[: v.shape[0]]
+            .repeat_interleave(128, 1)[:, : v.shape[1]]
+        )
+        if v.dtype == torch.float8_e4m3fn
+        else v
+        for k, v in quantised.items()
+        if not k.endswith("_scale_inv")
+    }
     deq_dir = tmp_path / "dequantised"
     deq_dir.mkdir()
     shutil.copy(tmp_path / "hf" / "config.json", deq_dir / "config.json")
@@ -199,8 +244,12 @@ def _fp8_single_and_spread(tmp_path: Path) -> tuple[Path, Path, dict[str, int]]:
     and in their weight's shard (the released V3 checkpoint has scales across shard boundaries)."""
     _hf_v3(tmp_path / "hf", q_lora_rank=16, n_group=2, topk_group=1)
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
-    config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
-                                     "weight_block_size": [128, 128]}
+    config["quantization_config"] = {
+        "quant_method": "fp8",
+        "fmt": "e4m3",
+        "activation_scheme": "dynamic",
+        "weight_block_size": [128, 128],
+    }
     quantised = _quantised_like_the_release(_tensors(tmp_path / "hf"))
     single = tmp_path / "single"
     single.mkdir()
@@ -236,7 +285,9 @@ def test_fp8_scales_are_found_in_other_shards_through_the_index(tmp_path: Path) 
 
 
 @pytest.mark.bad_input
-def test_fp8_scale_missing_from_every_shard_is_one_clear_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_fp8_scale_missing_from_every_shard_is_one_clear_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     _, spread, _ = _fp8_single_and_spread(tmp_path)
     index = json.loads((spread / "model.safetensors.index.json").read_text())
     lost = "model.layers.1.self_attn.o_proj.weight_scale_inv"
@@ -245,7 +296,9 @@ def test_fp8_scale_missing_from_every_shard_is_one_clear_line(tmp_path: Path, ca
     del tensors[lost]
     save_file(tensors, str(shard), metadata={"format": "pt"})
     (spread / "model.safetensors.index.json").write_text(json.dumps(index))
-    with pytest.raises(ConfigError, match=r"model\.layers\.1\.self_attn\.o_proj\.weight .*is FP8 but .*_scale_inv is in no shard"):
+    with pytest.raises(
+        ConfigError, match=r"model\.layers\.1\.self_attn\.o_proj\.weight .*is FP8 but .*_scale_inv is in no shard"
+    ):
         from_hf(spread, progress=False)
     capsys.readouterr()
     assert main(["convert", str(spread), str(tmp_path / "mf")]) == 2
@@ -273,7 +326,9 @@ def test_fp8_export_keeps_the_mtp_projection_and_head_copy_in_bf16(tmp_path: Pat
             keys.update({k: f.get_slice(k).get_dtype() for k in f.keys()})
     assert keys[f"{mtp}.eh_proj.weight"] == "BF16" and f"{mtp}.eh_proj.weight_scale_inv" not in keys
     assert keys[f"{mtp}.shared_head.head.weight"] == "BF16" and f"{mtp}.shared_head.head.weight_scale_inv" not in keys
-    assert keys[f"{mtp}.self_attn.kv_b_proj.weight"] == "F8_E4M3" and f"{mtp}.self_attn.kv_b_proj.weight_scale_inv" in keys
+    assert (
+        keys[f"{mtp}.self_attn.kv_b_proj.weight"] == "F8_E4M3" and f"{mtp}.self_attn.kv_b_proj.weight_scale_inv" in keys
+    )
     assert keys[f"{mtp}.mlp.experts.0.down_proj.weight"] == "F8_E4M3"
     again = from_hf(tmp_path / "fp8", progress=False)
     torch.testing.assert_close(again.mtp[0].eh_proj.weight, decoder.mtp[0].eh_proj.weight.to(torch.bfloat16).float())
@@ -290,8 +345,10 @@ def test_lightning_checkpoint_exports(tmp_path: Path) -> None:
     torch.save({"state_dict": module.state_dict(), "hyper_parameters": {"config": decoder.config}}, tmp_path / "m.ckpt")
     assert torch.equal(load_moeframe(tmp_path / "m.ckpt").layers[1].ffn.experts.w2, decoder.layers[1].ffn.experts.w2)
     assert main(["convert", str(tmp_path / "m.ckpt"), str(tmp_path / "out"), "--dtype", "float32"]) == 0
-    assert torch.equal(_tensors(tmp_path / "out")["model.layers.1.mlp.experts.5.down_proj.weight"],
-                       _tensors(tmp_path / "hf")["model.layers.1.mlp.experts.5.down_proj.weight"])
+    assert torch.equal(
+        _tensors(tmp_path / "out")["model.layers.1.mlp.experts.5.down_proj.weight"],
+        _tensors(tmp_path / "hf")["model.layers.1.mlp.experts.5.down_proj.weight"],
+    )
 
 
 def _bad(tmp_path: Path, capsys: pytest.CaptureFixture[str], src: Path, fragment: str) -> None:
@@ -312,8 +369,11 @@ def test_bad_checkpoints_fail_clearly_and_leave_nothing(tmp_path: Path, capsys: 
     # a missing shard
     sharded = tmp_path / "sharded"
     shutil.copytree(hf, sharded)
-    (sharded / "model.safetensors.index.json").write_text(json.dumps(
-        {"weight_map": {"model.norm.weight": "model.safetensors", "lm_head.weight": "model-00002.safetensors"}}))
+    (sharded / "model.safetensors.index.json").write_text(
+        json.dumps(
+            {"weight_map": {"model.norm.weight": "model.safetensors", "lm_head.weight": "model-00002.safetensors"}}
+        )
+    )
     _bad(tmp_path, capsys, sharded, "shard model-00002.safetensors is listed")
     # a shape mismatch
     wrong = tmp_path / "wrong"

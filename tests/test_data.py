@@ -56,8 +56,7 @@ def test_document_ids_follow_eos(tmp_path: Path) -> None:
     (tmp_path / "a.txt").write_text("ab")
     (tmp_path / "b.txt").write_text("cd")
     (tmp_path / "c.txt").write_text("e" * 40)
-    dm = _setup(PretrainDataModule(path=str(tmp_path), seq_len=16, batch_size=1, val_permille=0,
-                                   document_masking=True))
+    dm = _setup(PretrainDataModule(path=str(tmp_path), seq_len=16, batch_size=1, val_permille=0, document_masking=True))
     n_eos = 0
     for batch in dm.train_dataloader():
         ids, docs = batch["input_ids"][0].tolist(), batch["document_ids"][0].tolist()
@@ -113,8 +112,11 @@ def test_hf_tokenizer_json(tmp_path: Path) -> None:
     assert tok.eos_id == 1 and tok.vocab_size <= 300
     assert tok.decode(tok.encode("def foo(x):")) == "def foo(x):"
     (tmp_path / "code.py").write_text("def foo(x):\n    return x + 1\n" * 300)
-    dm = _setup(PretrainDataModule(path=str(tmp_path / "code.py"), tokenizer=str(tmp_path / "tokenizer.json"),
-                                   seq_len=16, val_permille=0))
+    dm = _setup(
+        PretrainDataModule(
+            path=str(tmp_path / "code.py"), tokenizer=str(tmp_path / "tokenizer.json"), seq_len=16, val_permille=0
+        )
+    )
     assert dm.vocab_size == tok.vocab_size
     stream = _stream(dm, "train")
     assert int(stream.max()) < tok.vocab_size and stream[-1] == tok.eos_id

@@ -15,7 +15,7 @@ import pytest
 from moeframe.config import ConfigError
 from moeframe.data.indexed import IndexedDataset
 from moeframe.data.prepare import collect_sources, prepare
-from moeframe.data.shards import PretrainDataModule, ShardedBatches, TokenSource, blend_order
+from moeframe.data.shards import PretrainDataModule, ShardedBatches, blend_order
 
 from .conftest import REPO, clean_env
 
@@ -43,14 +43,14 @@ def test_idx_and_bin_layout_match_megatron(tmp_path: Path) -> None:
     prefix = tmp_path / "out" / "train" / "shard_00000"
     idx = prefix.with_suffix(".idx").read_bytes()
     expected = (
-        b"MMIDIDX\x00\x00"                        # magic
-        + struct.pack("<Q", 1)                    # version
-        + struct.pack("<B", 8)                    # dtype code 8 = uint16 (byte vocab < 65500)
-        + struct.pack("<Q", 2)                    # sequences: one per document
-        + struct.pack("<Q", 3)                    # document index entries: n + 1
-        + struct.pack("<2i", 3, 4)                # lengths: 'hi'+EOS, 'abc'+EOS
-        + struct.pack("<2q", 0, 6)                # byte pointers: 0, 3 tokens * 2 bytes
-        + struct.pack("<3q", 0, 1, 2)             # document indices
+        b"MMIDIDX\x00\x00"  # magic
+        + struct.pack("<Q", 1)  # version
+        + struct.pack("<B", 8)  # dtype code 8 = uint16 (byte vocab < 65500)
+        + struct.pack("<Q", 2)  # sequences: one per document
+        + struct.pack("<Q", 3)  # document index entries: n + 1
+        + struct.pack("<2i", 3, 4)  # lengths: 'hi'+EOS, 'abc'+EOS
+        + struct.pack("<2q", 0, 6)  # byte pointers: 0, 3 tokens * 2 bytes
+        + struct.pack("<3q", 0, 1, 2)  # document indices
     )
     assert idx == expected
     assert prefix.with_suffix(".bin").read_bytes() == struct.pack("<7H", 104, 105, 256, 97, 98, 99, 256)
@@ -93,8 +93,11 @@ def test_bin_truncated_after_opening_is_a_fault_naming_the_file(tmp_path: Path, 
     head = ds.read(0, 8).copy()
     os.truncate(ds.bin_path, 6)
     assert np.array_equal(ds.read(0, 3), head[:3])  # what is still there reads as before
-    with pytest.raises(TrainingFault, match=f"the shard {ds.bin_path} is 6 bytes now, but its index describes "
-                                            f"{ds.num_bytes}: it was truncated during the run"):
+    with pytest.raises(
+        TrainingFault,
+        match=f"the shard {ds.bin_path} is 6 bytes now, but its index describes "
+        f"{ds.num_bytes}: it was truncated during the run",
+    ):
         ds.read(0, 8)
 
 
@@ -173,7 +176,9 @@ def test_tokenizer_mismatch_with_prepared_data(tmp_path: Path, prepared: Path) -
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.train_from_iterator(["lorem ipsum dolor"] * 20, trainers.BpeTrainer(vocab_size=280, special_tokens=["<unk>", "</s>"]))
+    tok.train_from_iterator(
+        ["lorem ipsum dolor"] * 20, trainers.BpeTrainer(vocab_size=280, special_tokens=["<unk>", "</s>"])
+    )
     tok.save(str(tmp_path / "tokenizer.json"))
     dm = PretrainDataModule(path=str(prepared), tokenizer=str(tmp_path / "tokenizer.json"))
     with pytest.raises(ConfigError, match="was prepared with another tokenizer"):
@@ -205,8 +210,13 @@ def test_blend_follows_weights_deterministically() -> None:
 
 
 def _run(script_args: list[str], timeout: int = 240) -> str:
-    result = subprocess.run([sys.executable, str(REPO / "tests" / "resume_script.py"), *script_args],
-                            capture_output=True, text=True, timeout=timeout, env=clean_env())
+    result = subprocess.run(
+        [sys.executable, str(REPO / "tests" / "resume_script.py"), *script_args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=clean_env(),
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     return result.stdout + result.stderr
 
@@ -223,8 +233,16 @@ def test_resume_mid_epoch_sees_exactly_the_uninterrupted_batches(tmp_path: Path,
     total, cut = 14, 6
     # the uninterrupted run leaves a checkpoint after step 6, as a preempted run would
     _run([str(prepared), str(tmp_path / "full"), str(total), str(devices), str(workers), "-", str(cut), str(tmp_path)])
-    out = _run([str(prepared), str(tmp_path / "resumed"), str(total), str(devices), str(workers),
-                str(tmp_path / f"step{cut}.ckpt")])
+    out = _run(
+        [
+            str(prepared),
+            str(tmp_path / "resumed"),
+            str(total),
+            str(devices),
+            str(workers),
+            str(tmp_path / f"step{cut}.ckpt"),
+        ]
+    )
     # Lightning's "dataloader is not resumable" warning would contradict the exact resume checked below
     assert "not resumable" not in out, out[-3000:]
     for rank in range(devices):
@@ -244,10 +262,18 @@ def test_parquet_column(tmp_path: Path) -> None:
     import pyarrow.parquet as pq
 
     (tmp_path / "raw").mkdir()
-    pq.write_table(pa.table({"content": [f"parquet row {i}" for i in range(6)], "n": list(range(6))}),
-                   tmp_path / "raw" / "rows.parquet")
-    summary = prepare(collect_sources([tmp_path / "raw"]), tmp_path / "out", field_name="content",
-                      val_permille=0, workers=1, quiet=True)
+    pq.write_table(
+        pa.table({"content": [f"parquet row {i}" for i in range(6)], "n": list(range(6))}),
+        tmp_path / "raw" / "rows.parquet",
+    )
+    summary = prepare(
+        collect_sources([tmp_path / "raw"]),
+        tmp_path / "out",
+        field_name="content",
+        val_permille=0,
+        workers=1,
+        quiet=True,
+    )
     assert summary.documents == 6
     ds = IndexedDataset(tmp_path / "out" / "train" / "shard_00000")
     assert bytes(ds[4][:-1].astype(np.uint8)) == b"parquet row 4" and ds[4][-1] == 256

@@ -60,9 +60,19 @@ def test_meta_build_allocates_nothing_and_matches() -> None:
 
 
 def test_huge_config_builds_on_meta_without_memory() -> None:
-    cfg = tiny_config(vocab_size=129280, dim=7168, n_layers=61, first_k_dense=3, n_heads=128,
-                      dense_ffn_dim=18432, moe_ffn_dim=2048, n_routed_experts=256, n_activated_experts=8,
-                      n_expert_groups=8, n_limited_groups=4)
+    cfg = tiny_config(
+        vocab_size=129280,
+        dim=7168,
+        n_layers=61,
+        first_k_dense=3,
+        n_heads=128,
+        dense_ffn_dim=18432,
+        moe_ffn_dim=2048,
+        n_routed_experts=256,
+        n_activated_experts=8,
+        n_expert_groups=8,
+        n_limited_groups=4,
+    )
     meta = build_decoder(cfg, device="meta")
     # hand count: embedding + head, per layer 4 D^2 attention (MHA) + 2 norms, FFNs, final norm
     D, V, E, Fe, Fd = 7168, 129280, 256, 2048, 18432
@@ -85,12 +95,12 @@ def _random_routing(T: int, E: int, K: int, seed: int) -> tuple[torch.Tensor, to
 @pytest.mark.parametrize(
     ("dtype", "use_grouped_mm", "dim", "tol", "fast"),
     [
-        (torch.float32, True, 32, 1e-5, True),    # grouped_mm fast path
+        (torch.float32, True, 32, 1e-5, True),  # grouped_mm fast path
         (torch.float32, False, 32, 1e-5, False),  # forced per-expert fallback
-        (torch.float32, True, 30, 1e-5, False),   # rows not 16-byte aligned: automatic fallback
-        (torch.bfloat16, True, 32, 3e-2, True),   # CPU bf16: groups padded to 32 rows (default)
+        (torch.float32, True, 30, 1e-5, False),  # rows not 16-byte aligned: automatic fallback
+        (torch.bfloat16, True, 32, 3e-2, True),  # CPU bf16: groups padded to 32 rows (default)
         (torch.bfloat16, False, 32, 3e-2, False),  # padded groups through the per-expert loop
-        (torch.bfloat16, None, 32, 3e-2, True),    # padding off (cpu_bf16_group_multiple: 0)
+        (torch.bfloat16, None, 32, 3e-2, True),  # padding off (cpu_bf16_group_multiple: 0)
     ],
 )
 def test_grouped_experts_match_naive_loop_forward_and_backward(dtype, use_grouped_mm, dim, tol, fast) -> None:
@@ -156,8 +166,10 @@ def test_cpu_bf16_expert_gemms_see_whole_multiples_of_rows(multiple: int, monkey
     sizes = [torch.diff(o.long(), prepend=o.new_zeros(1).long()) for o in seen]
     assert len(sizes) == 3  # w1, w3, w2
     if multiple:
-        assert all(bool((s % multiple == 0).all()) and torch.equal(s // multiple, (counts + multiple - 1) // multiple)
-                   for s in sizes)
+        assert all(
+            bool((s % multiple == 0).all()) and torch.equal(s // multiple, (counts + multiple - 1) // multiple)
+            for s in sizes
+        )
     else:
         assert all(torch.equal(s, counts) for s in sizes)
 

@@ -89,8 +89,9 @@ def test_every_block_has_a_known_language_and_a_valid_marker() -> None:
         assert block.lang in {"bash", "python", "yaml", "toml", "text"}, f"{block}: label the fence with a language"
         first = block.code.splitlines()[0] if block.code.strip() else ""
         if first.startswith("# docs:"):
-            assert block.marker and (block.marker.group(2) or block.marker.group(3).strip()), \
+            assert block.marker and (block.marker.group(2) or block.marker.group(3).strip()), (
                 f"{block}: write '# docs: no-run (reason)' or '# docs: exit N'"
+            )
 
 
 def test_nav_names_every_page_and_every_page_exists() -> None:
@@ -107,7 +108,9 @@ def test_every_command_has_a_runnable_example_in_the_cli_page() -> None:
         if command == "predict":  # documented; the shipped DataModules have no predict_dataloader
             assert "moeframe predict" in (DOCS / "cli.md").read_text()
             continue
-        assert re.search(rf"^moeframe {command}\b", runnable, re.M), f"cli.md has no runnable `moeframe {command}` example"
+        assert re.search(rf"^moeframe {command}\b", runnable, re.M), (
+            f"cli.md has no runnable `moeframe {command}` example"
+        )
 
 
 def test_config_reference_covers_every_typed_field() -> None:
@@ -127,7 +130,9 @@ def test_config_reference_covers_every_typed_field() -> None:
                 assert f"| `{f.name}` |" in page, f"{kind} plugin {name}: option {f.name} missing"
     # explanations come from the code: every commented ModelConfig field carries its comment
     source = (REPO / "moeframe" / "config.py").read_text()
-    commented = re.findall(r"^    (\w+): [^=\n]+= [^#\n]+#\s*(.+)$", source.split("class ModelConfig")[1].split("\n\n\n")[0], re.M)
+    commented = re.findall(
+        r"^    (\w+): [^=\n]+= [^#\n]+#\s*(.+)$", source.split("class ModelConfig")[1].split("\n\n\n")[0], re.M
+    )
     assert commented
     for name, comment in commented:
         row = re.search(rf"^\| `{name}` \|.*$", page, re.M)
@@ -154,8 +159,14 @@ def test_yaml_and_toml_blocks_parse_and_model_fragments_validate() -> None:
 @pytest.mark.slow
 def test_site_builds_strict_with_the_generated_reference(tmp_path: Path) -> None:
     site = tmp_path / "site"
-    build = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(site)],
-                           cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=300)
+    build = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(site)],
+        cwd=REPO,
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert build.returncode == 0, build.stderr[-4000:]
     assert "WARNING" not in build.stderr, build.stderr
     reference = (site / "reference" / "config" / "index.html").read_text()
@@ -186,8 +197,9 @@ def _run(block: Block, work: Path, env: dict[str, str]) -> subprocess.CompletedP
 def test_every_code_block_runs(tmp_path: Path) -> None:
     work = _workdir(tmp_path)
     # the environment's own commands first on PATH (the venv's `moeframe`, `mkdocs`, `pip`)
-    env = clean_env(PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
-                    TQDM_DISABLE="1")
+    env = clean_env(
+        PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]), TQDM_DISABLE="1"
+    )
     ran, marked, expected_failures = 0, [], 0
     seconds: dict[str, float] = {}
     for block in blocks():
@@ -203,13 +215,17 @@ def test_every_code_block_runs(tmp_path: Path) -> None:
         expected = int(marker.group(2)) if marker else 0
         assert result.returncode == expected, (
             f"{block} exited {result.returncode}, expected {expected}:\n{block.code}\n"
-            f"--- stdout\n{result.stdout[-3000:]}\n--- stderr\n{result.stderr[-3000:]}")
+            f"--- stdout\n{result.stdout[-3000:]}\n--- stderr\n{result.stderr[-3000:]}"
+        )
         if expected:
             expected_failures += 1
-            assert len(result.stderr.strip().splitlines()) == 1 and "error" in result.stderr, \
+            assert len(result.stderr.strip().splitlines()) == 1 and "error" in result.stderr, (
                 f"{block}: a documented error must be one line:\n{result.stderr}"
+            )
         ran += 1
-    print(f"\ndocs code blocks: {ran} ran ({expected_failures} of them documented errors), {len(marked)} marked no-run:")
+    print(
+        f"\ndocs code blocks: {ran} ran ({expected_failures} of them documented errors), {len(marked)} marked no-run:"
+    )
     for line in marked:
         print(f"  {line}")
     by_page: dict[str, float] = {}

@@ -49,16 +49,38 @@ def _routed_counts(folder: Path, data, num_batches: int) -> dict[str, torch.Tens
 def test_esft_select_command_writes_scores_that_match_the_routing(tmp_path: Path) -> None:
     folder = pretrained_folder(tmp_path / "pre")
     out = tmp_path / "sel.json"
-    code = main(["esft-select", "-c", str(REPO / "configs/finetune/tiny-esft.yaml"), "--out", str(out),
-                 "--model.init_args.init_from", str(folder), "--model.init_args.config", "null",
-                 "--model.init_args.esft.num_batches", "2", "--model.init_args.esft.mass_fraction", "0.6",
-                 "--data.init_args.task_num_train", "40", "--data.init_args.seq_len", "64",
-                 "--data.init_args.batch_size", "4", "--trainer.default_root_dir", str(tmp_path)])
+    code = main(
+        [
+            "esft-select",
+            "-c",
+            str(REPO / "configs/finetune/tiny-esft.yaml"),
+            "--out",
+            str(out),
+            "--model.init_args.init_from",
+            str(folder),
+            "--model.init_args.config",
+            "null",
+            "--model.init_args.esft.num_batches",
+            "2",
+            "--model.init_args.esft.mass_fraction",
+            "0.6",
+            "--data.init_args.task_num_train",
+            "40",
+            "--data.init_args.seq_len",
+            "64",
+            "--data.init_args.batch_size",
+            "4",
+            "--trainer.default_root_dir",
+            str(tmp_path),
+        ]
+    )
     assert code == 0
     selection = json.loads(out.read_text())
     data = small_data(task_num_train=40)
     counts = _routed_counts(folder, data, 2)
-    assert selection["num_tokens"] == sum(int((b["labels"] != -100).sum()) for b in islice(iter(data.train_dataloader()), 2))
+    assert selection["num_tokens"] == sum(
+        int((b["labels"] != -100).sum()) for b in islice(iter(data.train_dataloader()), 2)
+    )
     for name, entry in selection["layers"].items():
         expected = counts[name] / counts[name].sum()
         torch.testing.assert_close(torch.tensor(entry["scores"], dtype=torch.float32), expected)
@@ -72,8 +94,7 @@ def test_only_the_selected_experts_change(tmp_path: Path) -> None:
     folder = pretrained_folder(tmp_path / "pre")
     selection = {"layers": {"layers.1.ffn": {"selected": [0, 2]}, "layers.2.ffn": {"selected": [3]}}}
     path = write_json(tmp_path / "sel.json", selection)
-    module = FinetuneModule(init_from=str(folder), method="esft", optim=optim(),
-                            esft=ESFTOptions(selection=str(path)))
+    module = FinetuneModule(init_from=str(folder), method="esft", optim=optim(), esft=ESFTOptions(selection=str(path)))
     module.configure_model()
     before = {k: v.clone() for k, v in module.decoder.state_dict().items()}
     fit(module, small_data(), tmp_path, steps=3)
@@ -99,8 +120,9 @@ def test_a_selection_for_another_model_is_refused(tmp_path: Path) -> None:
     from moeframe.errors import ConfigError
 
     folder = pretrained_folder(tmp_path / "pre")
-    path = write_json(tmp_path / "sel.json", {"layers": {"layers.1.ffn": {"selected": [7]},
-                                                         "layers.2.ffn": {"selected": [0]}}})
+    path = write_json(
+        tmp_path / "sel.json", {"layers": {"layers.1.ffn": {"selected": [7]}, "layers.2.ffn": {"selected": [0]}}}
+    )
     module = FinetuneModule(init_from=str(folder), method="esft", esft=ESFTOptions(selection=str(path)))
     with pytest.raises(ConfigError, match=r"layers.1.ffn selects \[7\]"):
         module.configure_model()

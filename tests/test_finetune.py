@@ -17,9 +17,24 @@ from moeframe.training.finetune import FinetuneModule, example_exact_match
 from .conftest import REPO, clean_env
 from .test_finetune_helpers import fit, hf_folder, optim, pretrained_folder, small_data
 
-FAST = ["--data.init_args.task_num_train", "48", "--data.init_args.task_num_val", "8", "--data.init_args.seq_len", "64",
-        "--data.init_args.batch_size", "4", "--trainer.limit_val_batches", "1", "--trainer.val_check_interval", "3",
-        "--model.init_args.max_new_tokens", "4", "--model.init_args.num_samples", "1"]
+FAST = [
+    "--data.init_args.task_num_train",
+    "48",
+    "--data.init_args.task_num_val",
+    "8",
+    "--data.init_args.seq_len",
+    "64",
+    "--data.init_args.batch_size",
+    "4",
+    "--trainer.limit_val_batches",
+    "1",
+    "--trainer.val_check_interval",
+    "3",
+    "--model.init_args.max_new_tokens",
+    "4",
+    "--model.init_args.num_samples",
+    "1",
+]
 
 
 def test_exact_match_needs_every_answer_token_of_an_example() -> None:
@@ -33,10 +48,29 @@ def test_exact_match_needs_every_answer_token_of_an_example() -> None:
 def test_finetune_from_an_hf_folder_end_to_end_through_the_cli(tmp_path: Path) -> None:
     hf = hf_folder(tmp_path / "hf")
     result = subprocess.run(
-        [sys.executable, "-m", "moeframe.cli", "fit", "-c", str(REPO / "configs/finetune/tiny-esft.yaml"),
-         "--model.init_args.init_from", str(hf), "--model.init_args.config", "null", "--trainer.max_steps", "3",
-         "--trainer.default_root_dir", str(tmp_path / "run"), *FAST],
-        cwd=tmp_path, capture_output=True, text=True, timeout=300, env=clean_env())
+        [
+            sys.executable,
+            "-m",
+            "moeframe.cli",
+            "fit",
+            "-c",
+            str(REPO / "configs/finetune/tiny-esft.yaml"),
+            "--model.init_args.init_from",
+            str(hf),
+            "--model.init_args.config",
+            "null",
+            "--trainer.max_steps",
+            "3",
+            "--trainer.default_root_dir",
+            str(tmp_path / "run"),
+            *FAST,
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=clean_env(),
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     run = tmp_path / "run/logs/version_0"
     selection = json.loads((run / "esft_selection.json").read_text())
@@ -52,17 +86,41 @@ def test_finetune_from_an_hf_folder_end_to_end_through_the_cli(tmp_path: Path) -
 
 def test_a_checkpoint_of_another_shape_is_one_clear_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     folder = pretrained_folder(tmp_path / "pre")  # dim 32, the config says 128
-    code = main(["fit", "-c", str(REPO / "configs/finetune/tiny.yaml"), "--model.init_args.init_from", str(folder),
-                 "--trainer.default_root_dir", str(tmp_path), "--trainer.max_steps", "2", *FAST])
+    code = main(
+        [
+            "fit",
+            "-c",
+            str(REPO / "configs/finetune/tiny.yaml"),
+            "--model.init_args.init_from",
+            str(folder),
+            "--trainer.default_root_dir",
+            str(tmp_path),
+            "--trainer.max_steps",
+            "2",
+            *FAST,
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2
-    assert "does not match model.config (vocab_size: checkpoint 260 vs config 512; dim: checkpoint 32 vs config 128" in err
+    assert (
+        "does not match model.config (vocab_size: checkpoint 260 vs config 512; dim: checkpoint 32 vs config 128" in err
+    )
     assert "Traceback" not in err and not list(tmp_path.rglob("*.ckpt"))
 
 
 def test_a_missing_init_checkpoint_is_one_clear_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    code = main(["fit", "-c", str(REPO / "configs/finetune/tiny.yaml"), "--model.init_args.init_from",
-                 str(tmp_path / "nope.ckpt"), "--trainer.default_root_dir", str(tmp_path), *FAST])
+    code = main(
+        [
+            "fit",
+            "-c",
+            str(REPO / "configs/finetune/tiny.yaml"),
+            "--model.init_args.init_from",
+            str(tmp_path / "nope.ckpt"),
+            "--trainer.default_root_dir",
+            str(tmp_path),
+            *FAST,
+        ]
+    )
     assert code == 2 and "nope.ckpt' does not exist" in capsys.readouterr().err
 
 

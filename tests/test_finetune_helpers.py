@@ -15,8 +15,20 @@ from moeframe.data.sft import SFTDataModule
 from moeframe.model.decoder import build_decoder
 from moeframe.training.finetune import FinetuneModule
 
-TINY = dict(vocab_size=260, dim=32, n_layers=3, first_k_dense=1, n_heads=2, dense_ffn_dim=64, moe_ffn_dim=16,
-            n_routed_experts=4, n_activated_experts=2, n_shared_experts=1, max_seq_len=128, init_std=0.02)
+TINY = dict(
+    vocab_size=260,
+    dim=32,
+    n_layers=3,
+    first_k_dense=1,
+    n_heads=2,
+    dense_ffn_dim=64,
+    moe_ffn_dim=16,
+    n_routed_experts=4,
+    n_activated_experts=2,
+    n_shared_experts=1,
+    max_seq_len=128,
+    init_std=0.02,
+)
 
 
 def tiny_config(**changes: Any) -> ModelConfig:
@@ -34,9 +46,18 @@ def small_data(**kwargs: Any) -> SFTDataModule:
 
 
 def fit(module: FinetuneModule, data: SFTDataModule, root: Path, steps: int = 3) -> L.Trainer:
-    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=steps, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                        limit_val_batches=0, default_root_dir=str(root))
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        default_root_dir=str(root),
+    )
     trainer.fit(module, datamodule=data)
     return trainer
 
@@ -50,11 +71,28 @@ def write_json(path: Path, value: Any) -> Path:
     return path
 
 
-HF_TINY = dict(vocab_size=300, hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=3,
-               num_attention_heads=2, num_key_value_heads=2, n_routed_experts=4, num_experts_per_tok=2,
-               n_shared_experts=1, first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=16, qk_nope_head_dim=8,
-               qk_rope_head_dim=4, v_head_dim=8, max_position_embeddings=128, num_nextn_predict_layers=0,
-               n_group=1, topk_group=1)
+HF_TINY = dict(
+    vocab_size=300,
+    hidden_size=32,
+    intermediate_size=64,
+    moe_intermediate_size=16,
+    num_hidden_layers=3,
+    num_attention_heads=2,
+    num_key_value_heads=2,
+    n_routed_experts=4,
+    num_experts_per_tok=2,
+    n_shared_experts=1,
+    first_k_dense_replace=1,
+    kv_lora_rank=16,
+    q_lora_rank=16,
+    qk_nope_head_dim=8,
+    qk_rope_head_dim=4,
+    v_head_dim=8,
+    max_position_embeddings=128,
+    num_nextn_predict_layers=0,
+    n_group=1,
+    topk_group=1,
+)
 
 
 def hf_folder(folder: Path, seed: int = 0) -> Path:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import io
 from pathlib import Path
-from typing import Optional
 
 # lightning is imported here, not inside a test: it binds a log handler to the sys.stderr of the
 # moment, and a test's capsys stream is closed after that test
@@ -14,10 +13,10 @@ import pytest
 import torch
 
 from moeframe.cli import main
+from moeframe.commands.generate import command as generate_command
 from moeframe.config import ModelConfig, PluginChoice, resolve_model_config
 from moeframe.data.shards import PretrainDataModule
 from moeframe.data.tokenizer import ByteTokenizer
-from moeframe.commands.generate import command as generate_command
 from moeframe.generate import TextStream, next_token, top_p_filter
 from moeframe.model.attention import cached_causal_mask
 from moeframe.model.base import AttentionBase, PluginOptions
@@ -52,8 +51,9 @@ class _NoCacheAttention(AttentionBase):
         super().__init__(config, options, layer_id)
         self.proj = torch.nn.Linear(config.dim, config.dim, bias=False)
 
-    def forward(self, x_BTD: torch.Tensor, positions_T: torch.Tensor,
-                document_ids_BT: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(
+        self, x_BTD: torch.Tensor, positions_T: torch.Tensor, document_ids_BT: torch.Tensor | None = None
+    ) -> torch.Tensor:
         return self.proj(x_BTD).cumsum(dim=1)  # causal by construction
 
 
@@ -117,9 +117,16 @@ def test_stream_holds_back_incomplete_characters() -> None:
 def _train_checkpoint(path: Path) -> ModelConfig:
     cfg = tiny_config(vocab_size=260, max_seq_len=64)
     module = PretrainModule(cfg)
-    trainer = L.Trainer(accelerator="cpu", max_steps=3, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                        num_sanity_val_steps=0)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=3,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+    )
     trainer.fit(module, datamodule=PretrainDataModule(max_bytes=100_000, seq_len=32, batch_size=4))
     trainer.save_checkpoint(path)
     return cfg
@@ -129,12 +136,12 @@ def _greedy_by_recompute(path: Path, prompt: list[int], steps: int, vocab_limit:
     """The reference: load the weights by hand, recompute the whole prefix, argmax."""
     ckpt = torch.load(path, weights_only=False)
     decoder = Decoder(ckpt["hyper_parameters"]["config"])
-    decoder.load_state_dict({k[len("decoder."):]: v for k, v in ckpt["state_dict"].items()})
+    decoder.load_state_dict({k[len("decoder.") :]: v for k, v in ckpt["state_dict"].items()})
     ids = list(prompt)
     with torch.no_grad():
         for _ in range(steps):
             ids.append(int(decoder(torch.tensor([ids])).logits[0, -1, :vocab_limit].argmax()))
-    return ids[len(prompt):]
+    return ids[len(prompt) :]
 
 
 @pytest.mark.slow  # trains a tiny checkpoint with Lightning (~10-25 s on a busy 2-core CPU)
@@ -147,12 +154,18 @@ def test_generate_command_streams_the_greedy_continuation(tmp_path: Path, capsys
     assert generate_command([str(ckpt), "--prompt", prompt, "--max-new-tokens", "12"], out=out) == 0
     assert out.getvalue() == prompt + ByteTokenizer().decode(expected) + "\n"
     recomputed = io.StringIO()
-    assert generate_command([str(ckpt), "--prompt", prompt, "--max-new-tokens", "12", "--no-cache"], out=recomputed) == 0
+    assert (
+        generate_command([str(ckpt), "--prompt", prompt, "--max-new-tokens", "12", "--no-cache"], out=recomputed) == 0
+    )
     assert recomputed.getvalue() == out.getvalue()
     # sampling is reproducible under a seed and goes through the registered command
-    assert main(["generate", str(ckpt), "--prompt", prompt, "--temperature", "0.8", "--top-p", "0.9", "--seed", "3"]) == 0
+    assert (
+        main(["generate", str(ckpt), "--prompt", prompt, "--temperature", "0.8", "--top-p", "0.9", "--seed", "3"]) == 0
+    )
     first = capsys.readouterr().out
-    assert main(["generate", str(ckpt), "--prompt", prompt, "--temperature", "0.8", "--top-p", "0.9", "--seed", "3"]) == 0
+    assert (
+        main(["generate", str(ckpt), "--prompt", prompt, "--temperature", "0.8", "--top-p", "0.9", "--seed", "3"]) == 0
+    )
     assert capsys.readouterr().out == first and first.startswith(prompt)
 
 

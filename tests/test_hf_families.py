@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers  # noqa: E402  (the numerical reference; pinned in requirements.txt)
 from safetensors.torch import load_file
 
 from moeframe.cli import main
@@ -21,11 +22,9 @@ from moeframe.convert import from_hf, to_hf
 from moeframe.model.decoder import build_decoder
 from moeframe.testing import check_hf_family_contract, tiny_config
 
-import transformers  # noqa: E402  (the numerical reference; pinned in requirements.txt)
-
 from .test_registry import fake_plugins  # noqa: F401  (the fixture)
 
-MIXTRAL_FAMILY = '''
+MIXTRAL_FAMILY = """
 import re
 from moeframe import registry
 from moeframe.config import ConfigError, ModelConfig, resolve_model_config
@@ -86,16 +85,28 @@ class MixtralFamily(HFFamily):
     def core_tensor(self, key, config):
         names = {"embed.weight": "model.embed_tokens.weight", "head.weight": "lm_head.weight"}
         return HFTensor(names[key], quantizable=False) if key in names else None
-'''
+"""
 
-TINY_MIXTRAL = dict(vocab_size=96, hidden_size=32, intermediate_size=16, num_hidden_layers=2, num_attention_heads=4,
-                    num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=64)
+TINY_MIXTRAL = dict(
+    vocab_size=96,
+    hidden_size=32,
+    intermediate_size=16,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    num_local_experts=4,
+    num_experts_per_tok=2,
+    max_position_embeddings=64,
+)
 
 
 @pytest.fixture
 def mixtral_family(fake_plugins):  # noqa: F811
-    fake_plugins("moeframe-mixtral-family", {"moeframe.hf_family": {"mixtral": "moeframe_mixtral_family:MixtralFamily"}},
-                 MIXTRAL_FAMILY)
+    fake_plugins(
+        "moeframe-mixtral-family",
+        {"moeframe.hf_family": {"mixtral": "moeframe_mixtral_family:MixtralFamily"}},
+        MIXTRAL_FAMILY,
+    )
     return fake_plugins
 
 
@@ -127,8 +138,12 @@ def test_third_party_family_imports_and_exports_transformers_mixtral(tmp_path: P
 
 
 def test_third_party_family_passes_the_family_contract(mixtral_family) -> None:
-    config = tiny_config(first_k_dense=0, n_shared_experts=0, attention={"name": "mha", "n_kv_heads": 2},
-                         router={"name": "topk", "norm_topk_prob": True})
+    config = tiny_config(
+        first_k_dense=0,
+        n_shared_experts=0,
+        attention={"name": "mha", "n_kv_heads": 2},
+        router={"name": "topk", "norm_topk_prob": True},
+    )
     folder = check_hf_family_contract(config, family="mixtral")
     assert json.loads((folder / "config.json").read_text())["model_type"] == "mixtral"
 
@@ -150,25 +165,33 @@ def test_third_party_attention_exports_to_deepseek_by_its_declared_names(fake_pl
     assert json.loads((folder / "config.json").read_text())["kv_lora_rank"] == 16
 
 
-NAMELESS = '''
+NAMELESS = """
 from moeframe.model.attention import MultiHeadAttention
 
 class Nameless(MultiHeadAttention):
     @classmethod
     def hf_tensor_names(cls, family):
         return None  # what every API-1 plugin declares
-'''
+"""
 
 
 @pytest.mark.bad_input
-def test_a_part_without_names_fails_before_writing(tmp_path: Path, mixtral_family,
-                                                  capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_part_without_names_fails_before_writing(
+    tmp_path: Path, mixtral_family, capsys: pytest.CaptureFixture[str]
+) -> None:
     mixtral_family("moeframe-nameless", {"moeframe.attention": {"nameless": "moeframe_nameless:Nameless"}}, NAMELESS)
-    config = tiny_config(first_k_dense=0, n_shared_experts=0, attention={"name": "nameless"},
-                         router={"name": "topk", "norm_topk_prob": True})
+    config = tiny_config(
+        first_k_dense=0,
+        n_shared_experts=0,
+        attention={"name": "nameless"},
+        router={"name": "topk", "norm_topk_prob": True},
+    )
     decoder = build_decoder(config)
-    with pytest.raises(ConfigError, match=r"Nameless \(at layers\.0\.attn\) declares no HF tensor names.*"
-                                          r"implement its hf_tensor_names\(\)"):
+    with pytest.raises(
+        ConfigError,
+        match=r"Nameless \(at layers\.0\.attn\) declares no HF tensor names.*"
+        r"implement its hf_tensor_names\(\)",
+    ):
         to_hf(decoder, tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob("out.partial-*"))
 
@@ -192,7 +215,9 @@ def test_unknown_model_type_lists_the_installed_families(tmp_path: Path, mixtral
         from_hf(tmp_path, progress=False)
     message = str(err.value)
     assert "model_type 'llama' is not a DeepSeek-V3/V2 / DeepSeek-V3.2 / DeepSeek-V4 / Mixtral checkpoint" in message
-    assert "deepseek_v2, deepseek_v3, deepseek_v32, deepseek_v4, mixtral" in message and "'moeframe.hf_family'" in message
+    assert (
+        "deepseek_v2, deepseek_v3, deepseek_v32, deepseek_v4, mixtral" in message and "'moeframe.hf_family'" in message
+    )
 
 
 CLASHING = '''
@@ -208,10 +233,14 @@ class ClashingFamily(MixtralFamily):
 
 @pytest.mark.bad_input
 def test_two_tensors_with_one_hf_name_are_refused(tmp_path: Path, mixtral_family) -> None:
-    mixtral_family("moeframe-clashing", {"moeframe.hf_family": {"clashing": "moeframe_clashing:ClashingFamily"}},
-                   CLASHING)
+    mixtral_family(
+        "moeframe-clashing", {"moeframe.hf_family": {"clashing": "moeframe_clashing:ClashingFamily"}}, CLASHING
+    )
     config = tiny_config(first_k_dense=0, n_shared_experts=0, router={"name": "topk", "norm_topk_prob": True})
-    with pytest.raises(ConfigError, match=r"maps both 'layers\.0\.attn_norm\.weight' and 'layers\.0\.ffn_norm\.weight' "
-                                          r"to the HF tensor 'model\.layers\.0\.input_layernorm\.weight'"):
+    with pytest.raises(
+        ConfigError,
+        match=r"maps both 'layers\.0\.attn_norm\.weight' and 'layers\.0\.ffn_norm\.weight' "
+        r"to the HF tensor 'model\.layers\.0\.input_layernorm\.weight'",
+    ):
         to_hf(build_decoder(config), tmp_path / "out", progress=False, family="clashing")
     assert not (tmp_path / "out").exists()

@@ -18,9 +18,15 @@ def test_tiny_preset_counts_by_hand(capsys: pytest.CaptureFixture[str]) -> None:
     r = json.loads(capsys.readouterr().out)
     D, V, E, F, Fd, L, moe_layers = 128, 512, 8, 128, 512, 4, 3
     expected = {
-        "embedding": V * D, "head": V * D, "attention": L * 4 * D * D, "dense_ffn": 3 * D * Fd,
-        "routed_experts": moe_layers * E * 3 * D * F, "shared_experts": moe_layers * 3 * D * F,
-        "router": moe_layers * E * D, "norms": (2 * L + 1) * D, "mtp": 0,
+        "embedding": V * D,
+        "head": V * D,
+        "attention": L * 4 * D * D,
+        "dense_ffn": 3 * D * Fd,
+        "routed_experts": moe_layers * E * 3 * D * F,
+        "shared_experts": moe_layers * 3 * D * F,
+        "router": moe_layers * E * D,
+        "norms": (2 * L + 1) * D,
+        "mtp": 0,
         "residual": 0,  # the default pre-norm residual has no parameters
     }
     assert r["parameters"] == expected
@@ -45,7 +51,9 @@ def test_memory_estimate_shards_as_zero_and_ep_say() -> None:
     z1 = inspect_model(cfg, "t", zero=1, dp=4, ep=1).memory_per_gpu_gib
     z3 = inspect_model(cfg, "t", zero=3, dp=4, ep=1).memory_per_gpu_gib
     assert z1["optimizer"] == pytest.approx(full["optimizer"] / 4) and z1["weights"] == full["weights"]
-    assert z3["weights"] == pytest.approx(full["weights"] / 4) and z3["gradients"] == pytest.approx(full["gradients"] / 4)
+    assert z3["weights"] == pytest.approx(full["weights"] / 4) and z3["gradients"] == pytest.approx(
+        full["gradients"] / 4
+    )
 
 
 def test_bad_layout_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
@@ -88,14 +96,17 @@ def test_layout_section_counts_experts_per_rank() -> None:
     assert inspect_model(cfg, "t", zero=3, dp=4, ep=1).layout["strategy"] == "zero3"
 
 
-@pytest.mark.parametrize(("preset", "total", "activated", "activated_no_embedding"), [
-    # figures counted by HF transformers on the meta device (../shared/V3-REFERENCE.md §1)
-    ("v3-671b", 671_026_404_352, 37_552_282_624, 36_625_603_584),
-    ("v2-lite", 15_706_484_224, None, 2_451_435_008),
-])
-def test_released_shapes_match_transformers_counts(preset: str, total: int, activated: int | None,
-                                                   activated_no_embedding: int,
-                                                   capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize(
+    ("preset", "total", "activated", "activated_no_embedding"),
+    [
+        # figures counted by HF transformers on the meta device (../shared/V3-REFERENCE.md §1)
+        ("v3-671b", 671_026_404_352, 37_552_282_624, 36_625_603_584),
+        ("v2-lite", 15_706_484_224, None, 2_451_435_008),
+    ],
+)
+def test_released_shapes_match_transformers_counts(
+    preset: str, total: int, activated: int | None, activated_no_embedding: int, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert main(["inspect", str(REPO / "configs" / "model" / f"{preset}.yaml"), "--json"]) == 0
     r = json.loads(capsys.readouterr().out)
     assert r["total"] == total

@@ -18,8 +18,16 @@ import pytest
 
 from .conftest import REPO
 
-LAYERS = {"moeframe.registry": 1, "moeframe.config": 2, "moeframe.options": 2, "moeframe.schedules": 2,
-          "moeframe.model": 3, "moeframe.training": 4, "moeframe.cli": 5, "moeframe.commands": 5}
+LAYERS = {
+    "moeframe.registry": 1,
+    "moeframe.config": 2,
+    "moeframe.options": 2,
+    "moeframe.schedules": 2,
+    "moeframe.model": 3,
+    "moeframe.training": 4,
+    "moeframe.cli": 5,
+    "moeframe.commands": 5,
+}
 NAMES = {1: "registry", 2: "config", 3: "model", 4: "training", 5: "commands/cli"}
 
 
@@ -79,20 +87,24 @@ def test_core_layers_depend_one_way() -> None:
 
 def test_a_function_local_import_upwards_is_found(tmp_path: Path) -> None:
     module = tmp_path / "probe.py"
-    module.write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from moeframe.model import base\n"
-                      "def f():\n    from moeframe.training.schedules import piecewise\n")
+    module.write_text(
+        "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from moeframe.model import base\n"
+        "def f():\n    from moeframe.training.schedules import piecewise\n"
+    )
     assert imports(module) == [(5, "moeframe.training.schedules.piecewise")]
     assert layer("moeframe.training.schedules.piecewise") == 4 and layer("moeframe.config") == 2
 
 
-@pytest.mark.parametrize("module, forbidden", [
-    ("moeframe.registry", ("moeframe.config", "moeframe.model", "moeframe.training")),
-    ("moeframe.config", ("moeframe.model", "moeframe.training")),
-    ("moeframe.model.decoder", ("moeframe.training",)),
-])
+@pytest.mark.parametrize(
+    "module, forbidden",
+    [
+        ("moeframe.registry", ("moeframe.config", "moeframe.model", "moeframe.training")),
+        ("moeframe.config", ("moeframe.model", "moeframe.training")),
+        ("moeframe.model.decoder", ("moeframe.training",)),
+    ],
+)
 def test_importing_a_layer_loads_nothing_above_it(module: str, forbidden: tuple[str, ...]) -> None:
-    code = (f"import sys, {module}\n"
-            f"print(sorted(m for m in sys.modules if m.startswith({forbidden!r})))")
+    code = f"import sys, {module}\nprint(sorted(m for m in sys.modules if m.startswith({forbidden!r})))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "[]", out.stdout

@@ -36,7 +36,15 @@ def test_adapters_start_as_the_base_model_and_cover_attention_and_every_expert()
     assert len(adapted) == 14
     torch.testing.assert_close(decoder(IDS).logits, base, atol=0, rtol=0)
     assert {n.rsplit(".", 1)[-1] for n, p in decoder.named_parameters() if p.requires_grad} == {
-        "lora_A", "lora_B", "w1_lora_A", "w1_lora_B", "w2_lora_A", "w2_lora_B", "w3_lora_A", "w3_lora_B"}
+        "lora_A",
+        "lora_B",
+        "w1_lora_A",
+        "w1_lora_B",
+        "w2_lora_A",
+        "w2_lora_B",
+        "w3_lora_A",
+        "w3_lora_B",
+    }
 
 
 def test_merging_keeps_the_logits_and_the_parameter_names() -> None:
@@ -69,9 +77,16 @@ def test_per_expert_adapters_change_only_their_expert() -> None:
 def test_trained_lora_checkpoint_exports_merged_with_identical_logits(tmp_path: Path) -> None:
     folder = hf_folder(tmp_path / "pre")  # MLA attention and the aux_free router: what HF export expects
     module = FinetuneModule(init_from=str(folder), method="lora", lora=LoRAOptions(rank=4), optim=optim(3e-2))
-    trainer = L.Trainer(accelerator="cpu", max_steps=3, logger=False, enable_progress_bar=False,
-                        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
-                        default_root_dir=str(tmp_path))
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=3,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        default_root_dir=str(tmp_path),
+    )
     base = from_hf(folder, progress=False).eval()
     base_before = {k: v.clone() for k, v in base.state_dict().items()}
     trainer.fit(module, datamodule=small_data())
@@ -116,8 +131,9 @@ def test_bf16_cpu_lora_experts_pad_like_the_base_and_start_equal_to_it(monkeypat
     monkeypatch.setattr(F, "grouped_mm", lambda a, b, offs=None, **kw: seen.append(offs) or real(a, b, offs=offs, **kw))
     assert torch.equal(lora(x, weights, indices), y_base)
     monkeypatch.setattr(F, "grouped_mm", real)
-    assert len(seen) == 9 and all(bool((torch.diff(o.long(), prepend=o.new_zeros(1).long()) % 32 == 0).all())
-                                  for o in seen)  # base + A + B for w1, w3, w2: whole multiples of 32
+    assert len(seen) == 9 and all(
+        bool((torch.diff(o.long(), prepend=o.new_zeros(1).long()) % 32 == 0).all()) for o in seen
+    )  # base + A + B for w1, w3, w2: whole multiples of 32
     with torch.no_grad():
         for name, p in lora.named_parameters():
             if "lora_B" in name:

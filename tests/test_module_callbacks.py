@@ -23,11 +23,21 @@ def _fit(tmp_path: Path, callbacks: list[L.Callback], steps: int = 1) -> L.Train
     from moeframe.training.pretrain import PretrainModule
 
     L.seed_everything(0)
-    model = PretrainModule(tiny_config(vocab_size=260, n_layers=2, first_k_dense=1, n_routed_experts=4,
-                                       n_activated_experts=2), OptimConfig(warmup_steps=1))
-    trainer = L.Trainer(accelerator="cpu", max_steps=steps, logger=False, enable_progress_bar=False,
-                        enable_model_summary=False, limit_val_batches=0, enable_checkpointing=False,
-                        callbacks=callbacks, default_root_dir=tmp_path)
+    model = PretrainModule(
+        tiny_config(vocab_size=260, n_layers=2, first_k_dense=1, n_routed_experts=4, n_activated_experts=2),
+        OptimConfig(warmup_steps=1),
+    )
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=steps,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        enable_checkpointing=False,
+        callbacks=callbacks,
+        default_root_dir=tmp_path,
+    )
     trainer.fit(model, PretrainDataModule(seq_len=16, batch_size=2, max_bytes=50_000))
     return trainer
 

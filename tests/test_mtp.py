@@ -51,8 +51,9 @@ def test_mtp_targets_are_shifted_by_exactly_one_extra_token() -> None:
 
 
 def test_training_loss_includes_the_mtp_term_with_scheduled_lambda() -> None:
-    module = PretrainModule(tiny_config(mtp_depth=1, init_std=0.2), OptimConfig(), mtp_lambda=0.3,
-                            mtp_lambda_schedule=[[5, 0.1]])
+    module = PretrainModule(
+        tiny_config(mtp_depth=1, init_std=0.2), OptimConfig(), mtp_lambda=0.3, mtp_lambda_schedule=[[5, 0.1]]
+    )
     module.configure_model()
     window = torch.randint(0, 64, (2, 9))
     batch = {"input_ids": window[:, :-1], "labels": window[:, 1:]}
@@ -91,10 +92,14 @@ def _add_mtp_layer(folder: Path, n_layers: int) -> dict[str, torch.Tensor]:
     src = f"model.layers.{n_layers - 1}."
     for key, value in tensors.items():
         if key.startswith(src):  # a full MoE block, distinct values
-            mtp[f"model.layers.{n_layers}." + key[len(src):]] = value + 0.01 * torch.randn(value.shape, generator=g)
+            mtp[f"model.layers.{n_layers}." + key[len(src) :]] = value + 0.01 * torch.randn(value.shape, generator=g)
     D = tensors["model.norm.weight"].shape[0]
-    for name, shape in (("enorm.weight", (D,)), ("hnorm.weight", (D,)), ("eh_proj.weight", (D, 2 * D)),
-                        ("shared_head.norm.weight", (D,))):
+    for name, shape in (
+        ("enorm.weight", (D,)),
+        ("hnorm.weight", (D,)),
+        ("eh_proj.weight", (D, 2 * D)),
+        ("shared_head.norm.weight", (D,)),
+    ):
         mtp[f"model.layers.{n_layers}.{name}"] = torch.randn(shape, generator=g)
     mtp[f"model.layers.{n_layers}.embed_tokens.weight"] = tensors["model.embed_tokens.weight"].clone()
     mtp[f"model.layers.{n_layers}.shared_head.head.weight"] = tensors["lm_head.weight"].clone()
@@ -123,5 +128,7 @@ def test_hf_mtp_layer_maps_to_moeframe_and_back(tmp_path: Path) -> None:
     lean = from_hf(tmp_path / "hf", progress=False, mtp=False)
     assert lean.config.mtp_depth == 0 and len(lean.mtp) == 0
     to_hf(decoder, tmp_path / "nomtp", dtype=torch.float32, progress=False, mtp=False)
-    assert not any(k.startswith("model.layers.3.") for k in load_file(str(next((tmp_path / "nomtp").glob("*.safetensors")))))
+    assert not any(
+        k.startswith("model.layers.3.") for k in load_file(str(next((tmp_path / "nomtp").glob("*.safetensors"))))
+    )
     assert json.loads((tmp_path / "nomtp" / "config.json").read_text())["num_nextn_predict_layers"] == 0

@@ -20,23 +20,38 @@ import torch.nn.functional as F
 from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader
 
-from .conftest import REPO, clean_env
 from moeframe.config import ConfigError, ModelConfig, RuntimeConfig
 from moeframe.model.context import ForwardContext
 from moeframe.model.decoder import Decoder, build_decoder
 from moeframe.model.experts import grouped_mm_op
 from moeframe.model.router import count_per_expert
 from moeframe.training.pretrain import PretrainModule
-from moeframe.training.throughput import ModelThroughput, PEAK_FLOPS, gpu_family, precision_of
+from moeframe.training.throughput import PEAK_FLOPS, ModelThroughput, gpu_family, precision_of
+
+from .conftest import REPO, clean_env
 
 MLA = dict(name="mla", q_lora_rank=32, kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=8)
-COMBOS = {"mha+topk+grouped": (dict(name="mha"), dict(name="topk")),
-          "mla+aux_free+grouped": (MLA, dict(name="aux_free"))}
+COMBOS = {
+    "mha+topk+grouped": (dict(name="mha"), dict(name="topk")),
+    "mla+aux_free+grouped": (MLA, dict(name="aux_free")),
+}
 
 
 def tiny(attention: dict, router: dict, **changes: Any) -> ModelConfig:
-    base = dict(vocab_size=64, dim=32, n_layers=3, n_heads=2, dense_ffn_dim=64, moe_ffn_dim=16, n_routed_experts=4,
-                n_activated_experts=2, n_expert_groups=2, n_limited_groups=2, attention=attention, router=router)
+    base = dict(
+        vocab_size=64,
+        dim=32,
+        n_layers=3,
+        n_heads=2,
+        dense_ffn_dim=64,
+        moe_ffn_dim=16,
+        n_routed_experts=4,
+        n_activated_experts=2,
+        n_expert_groups=2,
+        n_limited_groups=2,
+        attention=attention,
+        router=router,
+    )
     return ModelConfig(**{**base, **changes})
 
 
@@ -77,9 +92,18 @@ def test_throughput_logs_tokens_flops_mfu_and_breakdown(tmp_path: Path) -> None:
     module = PretrainModule(cfg)
     callback = ModelThroughput(peak_flops=peak, window=1, breakdown_every_n_steps=2)
     logger = CSVLogger(tmp_path, name="run")
-    trainer = L.Trainer(max_steps=4, accumulate_grad_batches=accumulate, logger=logger, callbacks=[callback],
-                        log_every_n_steps=1, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, accelerator="cpu", devices=1)
+    trainer = L.Trainer(
+        max_steps=4,
+        accumulate_grad_batches=accumulate,
+        logger=logger,
+        callbacks=[callback],
+        log_every_n_steps=1,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+        devices=1,
+    )
     trainer.fit(module, datamodule=RandomTokens(cfg.vocab_size, batch, seq))
     rows = [r for r in _metrics(Path(logger.log_dir)) if r.get("perf/tokens_per_sec")]
     assert len(rows) == 4  # one row per optimizer step
@@ -98,11 +122,21 @@ def test_throughput_logs_tokens_flops_mfu_and_breakdown(tmp_path: Path) -> None:
         if not r.get("perf/time/forward_ms"):
             continue
         parts = {k.split("/")[-1]: float(v) for k, v in r.items() if k.startswith("perf/time/") and v}
-        assert {"forward_ms", "backward_ms", "optimizer_ms", "forward_attention_ms", "forward_router_ms",
-                "forward_moe_dispatch_ms", "forward_moe_experts_ms", "forward_shared_experts_ms"} <= set(parts)
+        assert {
+            "forward_ms",
+            "backward_ms",
+            "optimizer_ms",
+            "forward_attention_ms",
+            "forward_router_ms",
+            "forward_moe_dispatch_ms",
+            "forward_moe_experts_ms",
+            "forward_shared_experts_ms",
+        } <= set(parts)
         inside = sum(v for k, v in parts.items() if k.startswith("forward_") and k != "forward_ms")
         assert 0 < inside <= parts["forward_ms"]
-        assert sum(parts[k] for k in ("forward_ms", "backward_ms", "optimizer_ms")) <= float(r["perf/step_time_s"]) * 1e3
+        assert (
+            sum(parts[k] for k in ("forward_ms", "backward_ms", "optimizer_ms")) <= float(r["perf/step_time_s"]) * 1e3
+        )
     # nothing of the breakdown stays installed between breakdown steps
     from moeframe.model.base import ExpertsBase
 
@@ -110,18 +144,30 @@ def test_throughput_logs_tokens_flops_mfu_and_breakdown(tmp_path: Path) -> None:
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in module.decoder.modules())
 
 
-def _fit_with_throughput(tmp_path: Path, callback: ModelThroughput, precision: str = "bf16-true") -> list[dict[str, str]]:
+def _fit_with_throughput(
+    tmp_path: Path, callback: ModelThroughput, precision: str = "bf16-true"
+) -> list[dict[str, str]]:
     cfg = tiny(dict(name="mha"), dict(name="topk"), n_layers=2)
     logger = CSVLogger(tmp_path, name="run")
-    trainer = L.Trainer(max_steps=2, logger=logger, callbacks=[callback], log_every_n_steps=1,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        accelerator="cpu", devices=1, precision=precision)
+    trainer = L.Trainer(
+        max_steps=2,
+        logger=logger,
+        callbacks=[callback],
+        log_every_n_steps=1,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+        devices=1,
+        precision=precision,
+    )
     trainer.fit(PretrainModule(cfg), datamodule=RandomTokens(cfg.vocab_size, 2, 8))
     return [r for r in _metrics(Path(logger.log_dir)) if r.get("perf/tokens_per_sec")]
 
 
-def test_cpu_mfu_against_a_measured_peak_cached_per_machine(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                             caplog: pytest.LogCaptureFixture) -> None:
+def test_cpu_mfu_against_a_measured_peak_cached_per_machine(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     """No built-in peak on a CPU: the callback measures a GEMM peak in the run's dtype once, caches
     it, says so in one info line, and logs MFU = model FLOP/s / that peak."""
     from moeframe.training import throughput
@@ -129,13 +175,16 @@ def test_cpu_mfu_against_a_measured_peak_cached_per_machine(tmp_path: Path, monk
     monkeypatch.setenv("MOEFRAME_CACHE", str(tmp_path / "cache"))
     measured: list[torch.dtype] = []
     real = throughput.measure_gemm_peak
-    monkeypatch.setattr(throughput, "measure_gemm_peak",
-                        lambda device, dtype, size=2048: measured.append(dtype) or real(device, dtype, 256))
+    monkeypatch.setattr(
+        throughput,
+        "measure_gemm_peak",
+        lambda device, dtype, size=2048: measured.append(dtype) or real(device, dtype, 256),
+    )
     with caplog.at_level("INFO"):
         rows = _fit_with_throughput(tmp_path / "a", ModelThroughput(window=2))
     assert measured == [torch.bfloat16]  # bf16-true: the run's GEMMs are bf16
     cache = json.loads((tmp_path / "cache" / "peak_flops.json").read_text())
-    (key, peak), = cache.items()
+    ((key, peak),) = cache.items()
     assert "bfloat16" in key and peak > 0
     assert any("measured peak" in r.message and "measured now" in r.message for r in caplog.records)
     for r in rows:
@@ -345,8 +394,9 @@ def test_benchmark_runs_in_smoke_mode(script: str, tmp_path: Path) -> None:
     args = [sys.executable, str(REPO / "benchmarks" / script), "--smoke"]
     if script == "gpu_step.py":
         args += ["--results", str(tmp_path / "RESULTS.md")]
-    run = subprocess.run(args, capture_output=True, text=True, timeout=300, cwd=tmp_path,
-                         env=clean_env(TRANSFORMERS_VERBOSITY="error"))
+    run = subprocess.run(
+        args, capture_output=True, text=True, timeout=300, cwd=tmp_path, env=clean_env(TRANSFORMERS_VERBOSITY="error")
+    )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     if script == "compare_hf.py":
         assert "moeframe / transformers tokens/s" in run.stdout and "logits" in run.stdout

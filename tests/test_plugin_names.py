@@ -46,8 +46,12 @@ def _docstrings(tree: ast.AST) -> set[int]:
     found = set()
     for node in ast.walk(tree):
         body = getattr(node, "body", None)
-        if (isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and body
-                and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)):
+        if (
+            isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+            and body
+            and isinstance(body[0], ast.Expr)
+            and isinstance(body[0].value, ast.Constant)
+        ):
             found.add(id(body[0].value))
     return found
 
@@ -55,7 +59,9 @@ def _docstrings(tree: ast.AST) -> set[int]:
 def _core_mentions(names: set[str], packages: set[str], root: Path = REPO) -> list[str]:
     """Every string (outside docstrings) and import of moeframe/ that names a first-party plugin."""
     words = names | packages | {p.replace("_", "-") for p in packages}
-    pattern = re.compile(r"(?<![\w-])(" + "|".join(map(re.escape, sorted(words, key=len, reverse=True))) + r")(?![\w-])")
+    pattern = re.compile(
+        r"(?<![\w-])(" + "|".join(map(re.escape, sorted(words, key=len, reverse=True))) + r")(?![\w-])"
+    )
     found = []
     for file in sorted((root / "moeframe").rglob("*.py")):
         rel = file.relative_to(root).as_posix()
@@ -66,8 +72,11 @@ def _core_mentions(names: set[str], packages: set[str], root: Path = REPO) -> li
                 modules = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
                 found += [f"{rel}:{node.lineno}: imports {m}" for m in modules if m.split(".")[0] in packages]
             elif isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docs:
-                found += [f"{rel}:{node.lineno}: {m.group(1)!r} in {node.value[:70]!r}"
-                          for m in pattern.finditer(node.value) if (rel, m.group(1)) not in ALLOWED]
+                found += [
+                    f"{rel}:{node.lineno}: {m.group(1)!r} in {node.value[:70]!r}"
+                    for m in pattern.finditer(node.value)
+                    if (rel, m.group(1)) not in ALLOWED
+                ]
     return found
 
 
@@ -82,10 +91,14 @@ def test_the_scan_finds_a_plugin_name_in_the_core(tmp_path: Path) -> None:
     names, packages = _first_party()
     core = tmp_path / "moeframe"
     core.mkdir()
-    (core / "bad.py").write_text('"""Docstrings may name mla."""\nimport moeframe_mla\n\n'
-                                 'def f(cfg):\n    return cfg.attention["name"] == "mla"\n')
-    assert _core_mentions(names, packages, root=tmp_path) == ["moeframe/bad.py:2: imports moeframe_mla",
-                                               "moeframe/bad.py:5: 'mla' in 'mla'"]
+    (core / "bad.py").write_text(
+        '"""Docstrings may name mla."""\nimport moeframe_mla\n\n'
+        'def f(cfg):\n    return cfg.attention["name"] == "mla"\n'
+    )
+    assert _core_mentions(names, packages, root=tmp_path) == [
+        "moeframe/bad.py:2: imports moeframe_mla",
+        "moeframe/bad.py:5: 'mla' in 'mla'",
+    ]
 
 
 def test_first_party_strategies_describe_the_layouts_inspect_names() -> None:
@@ -132,8 +145,11 @@ class SilentPrecision(Precision):
 
 
 def test_inspect_takes_precisions_and_their_bytes_from_the_registry(fake_plugins, capsys) -> None:  # noqa: F811
-    fake_plugins("moeframe-half-state", {"moeframe.precision": {"half_state": "moeframe_half_state:HalfStatePrecision"}},
-                 HALF_PRECISION)
+    fake_plugins(
+        "moeframe-half-state",
+        {"moeframe.precision": {"half_state": "moeframe_half_state:HalfStatePrecision"}},
+        HALF_PRECISION,
+    )
     cfg = tiny_config()
     bf16 = inspect_model(cfg, "t", zero=0, precision="bf16").memory_per_gpu_gib
     half = inspect_model(cfg, "t", zero=0, precision="half_state").memory_per_gpu_gib
@@ -145,8 +161,7 @@ def test_inspect_takes_precisions_and_their_bytes_from_the_registry(fake_plugins
 
 @pytest.mark.bad_input
 def test_a_precision_that_declares_no_bytes_is_one_clear_line(fake_plugins, capsys) -> None:  # noqa: F811
-    fake_plugins("moeframe-silent", {"moeframe.precision": {"silent": "moeframe_half_state:SilentPrecision"}},
-                 None)
+    fake_plugins("moeframe-silent", {"moeframe.precision": {"silent": "moeframe_half_state:SilentPrecision"}}, None)
     fake_plugins("moeframe-half-state", {}, HALF_PRECISION)  # the module only
     assert main(["inspect", str(REPO / "configs/model/tiny.yaml"), "--precision", "silent"]) == 2
     err = capsys.readouterr().err

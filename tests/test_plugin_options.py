@@ -4,12 +4,11 @@ run's ``config.yaml``, and ``moeframe plugins show KIND NAME`` (a third-party pl
 from __future__ import annotations
 
 import dataclasses
-
 import json
 import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal
 
 import pytest
 import torch
@@ -24,9 +23,24 @@ from moeframe.testing import tiny_config
 from .conftest import REPO
 
 TINY_RUN = REPO / "configs" / "pretrain" / "tiny.yaml"
-FAST = ["--data.init_args.max_bytes", "200000", "--data.init_args.seq_len", "32", "--data.init_args.batch_size", "2",
-        "--trainer.limit_val_batches", "1", "--trainer.val_check_interval", "2", "--trainer.num_sanity_val_steps", "0",
-        "--trainer.log_every_n_steps", "1", "--trainer.enable_progress_bar", "false"]
+FAST = [
+    "--data.init_args.max_bytes",
+    "200000",
+    "--data.init_args.seq_len",
+    "32",
+    "--data.init_args.batch_size",
+    "2",
+    "--trainer.limit_val_batches",
+    "1",
+    "--trainer.val_check_interval",
+    "2",
+    "--trainer.num_sanity_val_steps",
+    "0",
+    "--trainer.log_every_n_steps",
+    "1",
+    "--trainer.enable_progress_bar",
+    "false",
+]
 
 
 @dataclass
@@ -34,21 +48,24 @@ class _Options(PluginOptions):
     elementwise_affine: bool = True
     num_groups: int = 1
     scale: float = 1.0
-    window: Optional[int] = None
+    window: int | None = None
     mode: Literal["fast", "exact"] = "exact"
     schedule: list[list[float]] = field(default_factory=list)
 
 
 @pytest.mark.bad_input
-@pytest.mark.parametrize(("values", "message"), [
-    ({"elementwise_affine": "maybe"}, "option 'elementwise_affine' must be true or false, got 'maybe'"),
-    ({"num_groups": 2.5}, "option 'num_groups' must be a whole number, got 2.5"),
-    ({"num_groups": True}, "option 'num_groups' must be a whole number, got true"),
-    ({"scale": "big"}, "option 'scale' must be a number, got 'big'"),
-    ({"window": "wide"}, "option 'window' must be a whole number or null, got 'wide'"),
-    ({"mode": "quick"}, "option 'mode' must be one of 'fast', 'exact', got 'quick'"),
-    ({"schedule": 3}, "option 'schedule' must be a list, got 3"),
-])
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"elementwise_affine": "maybe"}, "option 'elementwise_affine' must be true or false, got 'maybe'"),
+        ({"num_groups": 2.5}, "option 'num_groups' must be a whole number, got 2.5"),
+        ({"num_groups": True}, "option 'num_groups' must be a whole number, got true"),
+        ({"scale": "big"}, "option 'scale' must be a number, got 'big'"),
+        ({"window": "wide"}, "option 'window' must be a whole number or null, got 'wide'"),
+        ({"mode": "quick"}, "option 'mode' must be one of 'fast', 'exact', got 'quick'"),
+        ({"schedule": 3}, "option 'schedule' must be a list, got 3"),
+    ],
+)
 def test_a_wrong_option_type_reads_as_a_sentence(values: dict, message: str) -> None:
     with pytest.raises(ValueError) as err:
         parse_options("norm", "groupnorm", _Options, values)
@@ -57,11 +74,16 @@ def test_a_wrong_option_type_reads_as_a_sentence(values: dict, message: str) -> 
 
 @pytest.mark.bad_input
 def test_a_misspelt_option_gets_a_did_you_mean() -> None:
-    with pytest.raises(ValueError, match=r"has no option 'num_group'\. Did you mean 'num_groups'\? Its options are: "
-                                         r"elementwise_affine, num_groups, scale, window, mode, schedule"):
+    with pytest.raises(
+        ValueError,
+        match=r"has no option 'num_group'\. Did you mean 'num_groups'\? Its options are: "
+        r"elementwise_affine, num_groups, scale, window, mode, schedule",
+    ):
         parse_options("norm", "groupnorm", _Options, {"num_group": 2})
-    with pytest.raises(ConfigError, match="model.router: router plugin 'topk' has no option 'aux_los_coef'. "
-                                          "Did you mean 'aux_loss_coef'?"):
+    with pytest.raises(
+        ConfigError,
+        match="model.router: router plugin 'topk' has no option 'aux_los_coef'. Did you mean 'aux_loss_coef'?",
+    ):
         resolve_model_config(tiny_config(router={"name": "topk", "aux_los_coef": 0.1}))
     with pytest.raises(ValueError, match=r"has no option 'zzz'\. Its options are"):  # nothing close: no guess
         parse_options("norm", "groupnorm", _Options, {"zzz": 2})
@@ -69,8 +91,17 @@ def test_a_misspelt_option_gets_a_did_you_mean() -> None:
 
 @pytest.mark.bad_input
 def test_a_misspelt_option_on_the_command_line_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    code = main(["fit", "-c", str(TINY_RUN), "--trainer.default_root_dir", str(tmp_path),
-                 "--model.init_args.config.attention", "{name: mha, n_kv_head: 2}"])
+    code = main(
+        [
+            "fit",
+            "-c",
+            str(TINY_RUN),
+            "--trainer.default_root_dir",
+            str(tmp_path),
+            "--model.init_args.config.attention",
+            "{name: mha, n_kv_head: 2}",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err
     assert "attention plugin 'mha' has no option 'n_kv_head'. Did you mean 'n_kv_heads'?" in err
@@ -85,8 +116,10 @@ def test_plugin_defaults_are_written_out_and_parse_back_to_the_same_options() ->
     assert full["attention"]["decode"] == "absorbed" and full["router"]["bias_update_schedule"] == []
     assert full["norm"] == {"name": "rmsnorm"}  # no options: nothing to add
     assert with_plugin_defaults(full) == full
-    given, written = resolve_model_config(config), resolve_model_config(tiny_config(**{
-        k: full[k] for k in ("attention", "router", "experts", "norm")}))
+    given, written = (
+        resolve_model_config(config),
+        resolve_model_config(tiny_config(**{k: full[k] for k in ("attention", "router", "experts", "norm")})),
+    )
     for kind in ("attention", "router", "experts", "norm"):
         assert getattr(given, kind).options == getattr(written, kind).options
     # what does not resolve is left for validation to report with its own message
@@ -96,9 +129,12 @@ def test_plugin_defaults_are_written_out_and_parse_back_to_the_same_options() ->
 def test_per_layer_overrides_that_name_a_plugin_are_written_out_with_its_defaults() -> None:
     """A layer range that switches plugin records all of that plugin's options; one that only changes
     options of the model's plugin stays as given (the model-level field records the rest)."""
-    layers = [{"first": 1, "last": 1, "router": {"name": "aux_free"}},
-              {"first": 0, "last": 0, "router": {"aux_loss_coef": 0.05}}]
+    layers = [
+        {"first": 1, "last": 1, "router": {"name": "aux_free"}},
+        {"first": 0, "last": 0, "router": {"aux_loss_coef": 0.05}},
+    ]
     full = with_plugin_defaults({"router": {"name": "topk"}, "layers": layers})
+
     def option_names(kind: str, name: str) -> set[str]:
         return {"name"} | {f.name for f in dataclasses.fields(registry.load(kind, name).Options)}
 
@@ -181,19 +217,26 @@ def installed_third_party_norm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     registry.clear_cache()
 
 
-def test_plugins_show_describes_an_installed_third_party_plugin(installed_third_party_norm: None,
-                                                                capsys: pytest.CaptureFixture[str]) -> None:
+def test_plugins_show_describes_an_installed_third_party_plugin(
+    installed_third_party_norm: None, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert main(["plugins", "show", "norm", "scaled"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0] == "norm plugin 'scaled': moeframe_scaled:ScaledNorm from moeframe-scaled 0.3.0 (plugin API 1)"
     assert out[1] == "  A normalisation a third party wrote."
-    assert out[3:] == ["  learn_scale: true or false; default true", "      a trainable gain per channel.",
-                       "  residual_mix: a number; default 0.0", "      how much of the input passes unnormalised"]
+    assert out[3:] == [
+        "  learn_scale: true or false; default true",
+        "      a trainable gain per channel.",
+        "  residual_mix: a number; default 0.0",
+        "      how much of the input passes unnormalised",
+    ]
     assert main(["plugins", "show", "norm", "scaled", "--json"]) == 0
     shown = json.loads(capsys.readouterr().out)
     assert shown["distribution"] == "moeframe-scaled"
     assert [(o["name"], o["type"], o["default"]) for o in shown["options"]] == [
-        ("learn_scale", "true or false", True), ("residual_mix", "a number", 0.0)]
+        ("learn_scale", "true or false", True),
+        ("residual_mix", "a number", 0.0),
+    ]
 
 
 def test_plugins_show_first_party_and_lightning_kinds(capsys: pytest.CaptureFixture[str]) -> None:
@@ -206,10 +249,13 @@ def test_plugins_show_first_party_and_lightning_kinds(capsys: pytest.CaptureFixt
 
 
 @pytest.mark.bad_input
-@pytest.mark.parametrize(("args", "message"), [
-    (["router", "aux_fre"], "unknown router plugin 'aux_fre'. Did you mean 'aux_free'?"),
-    (["layer", "mla"], "unknown plugin kind 'layer'; the kinds are: attention"),
-])
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["router", "aux_fre"], "unknown router plugin 'aux_fre'. Did you mean 'aux_free'?"),
+        (["layer", "mla"], "unknown plugin kind 'layer'; the kinds are: attention"),
+    ],
+)
 def test_plugins_show_bad_names_are_one_line(args: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["plugins", "show", *args]) == 2
     err = capsys.readouterr().err

@@ -13,7 +13,6 @@ from __future__ import annotations
 import ast
 import warnings
 from pathlib import Path
-from typing import Optional
 
 import pytest
 import torch
@@ -50,25 +49,40 @@ def plugin_sources() -> list[Path]:
 
 
 def test_the_scan_sees_every_kind_of_moeframe_import() -> None:
-    source = ("import moeframe\nimport moeframe.config as c\nfrom moeframe import registry\n"
-              "from moeframe.model.base import AttentionBase\nfrom moeframe.plugin import RouterBase\n"
-              "from moeframe_mla import rope\nfrom . import sibling\nimport torch\n"
-              "def f():\n    from moeframe.training.balance import moe_layers\n")
+    source = (
+        "import moeframe\nimport moeframe.config as c\nfrom moeframe import registry\n"
+        "from moeframe.model.base import AttentionBase\nfrom moeframe.plugin import RouterBase\n"
+        "from moeframe_mla import rope\nfrom . import sibling\nimport torch\n"
+        "def f():\n    from moeframe.training.balance import moe_layers\n"
+    )
     assert sorted(moeframe_imports(source)) == [
-        (1, "moeframe"), (2, "moeframe.config"), (3, "moeframe.registry"), (4, "moeframe.model.base"),
-        (5, "moeframe.plugin"), (10, "moeframe.training.balance")]
+        (1, "moeframe"),
+        (2, "moeframe.config"),
+        (3, "moeframe.registry"),
+        (4, "moeframe.model.base"),
+        (5, "moeframe.plugin"),
+        (10, "moeframe.training.balance"),
+    ]
 
 
 def test_first_party_plugins_and_examples_import_only_the_plugin_surface() -> None:
     files = plugin_sources()
     # every first-party plugin package and the example are scanned, not an empty glob
     assert {f.relative_to(REPO).parts[1] for f in files} >= {
-        "moeframe-mla", "moeframe-auxfree", "moeframe-fp8", "moeframe-parallel", "third_party_plugin"}
+        "moeframe-mla",
+        "moeframe-auxfree",
+        "moeframe-fp8",
+        "moeframe-parallel",
+        "third_party_plugin",
+    }
     bad = []
     for f in files:
         allowed = ALLOWED_IN_TESTS if "tests" in f.relative_to(REPO).parts else ALLOWED
-        bad += [f"{f.relative_to(REPO)}:{line}: {module}" for line, module in moeframe_imports(f.read_text())
-                if module not in allowed]
+        bad += [
+            f"{f.relative_to(REPO)}:{line}: {module}"
+            for line, module in moeframe_imports(f.read_text())
+            if module not in allowed
+        ]
     assert not bad, "plugins must import only moeframe.plugin (tests also moeframe.testing):\n" + "\n".join(bad)
 
 
@@ -88,19 +102,37 @@ def test_api1_import_paths_still_work_and_are_the_same_objects() -> None:
     from moeframe.training.reliability import partial_name, replace_folder
 
     assert (AttentionBase, ExpertsBase, PluginOptions, parse_options) == (
-        plugin.AttentionBase, plugin.ExpertsBase, plugin.PluginOptions, plugin.parse_options)
+        plugin.AttentionBase,
+        plugin.ExpertsBase,
+        plugin.PluginOptions,
+        plugin.parse_options,
+    )
     assert (document_mask, cached_causal_mask, count_per_expert, limit_to_groups, moe_layers) == (
-        plugin.document_mask, plugin.cached_causal_mask, plugin.count_per_expert, plugin.limit_to_groups,
-        plugin.moe_layers)
+        plugin.document_mask,
+        plugin.cached_causal_mask,
+        plugin.count_per_expert,
+        plugin.limit_to_groups,
+        plugin.moe_layers,
+    )
     assert (partial_name, replace_folder) == (plugin.partial_name, plugin.replace_folder)
 
 
 # -- declared hooks ---------------------------------------------------------------------------------
 
+
 def test_selective_checkpointing_reaches_plugins_through_the_declared_method() -> None:
-    decoder = plugin.build_decoder(tiny_config(attention={"name": "mla", "q_lora_rank": 16, "kv_lora_rank": 16,
-                                                          "qk_nope_head_dim": 8, "qk_rope_head_dim": 8,
-                                                          "v_head_dim": 8}))
+    decoder = plugin.build_decoder(
+        tiny_config(
+            attention={
+                "name": "mla",
+                "q_lora_rank": 16,
+                "kv_lora_rank": 16,
+                "qk_nope_head_dim": 8,
+                "qk_rope_head_dim": 8,
+                "v_head_dim": 8,
+            }
+        )
+    )
     moe_experts = [m.experts for _, m in plugin.moe_layers(decoder)]
     decoder.configure_runtime("selective")
     assert all(b.attn.recompute_up_projections for b in decoder.blocks())
@@ -208,7 +240,7 @@ def test_fp8_takes_over_experts_that_declare_the_seam_only() -> None:
 def test_the_phase_timer_belongs_to_one_experts_module() -> None:
     timed, other = _grouped_experts(), _grouped_experts()
     x_TD, weights_TK, indices_TK = _routing()
-    marks: list[Optional[str]] = []
+    marks: list[str | None] = []
     timed.set_phase_timer(marks.append)
     other(x_TD, weights_TK, indices_TK)
     assert marks == []  # another layer's (or model's) forward does not report to this timer

@@ -27,17 +27,39 @@ class StepProbe(L.Callback):
         self.micro += 1
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
-        self.steps.append({"micro": self.micro + 1, "accumulate": trainer.accumulate_grad_batches,
-                           "lr": optimizer.param_groups[0]["lr"], "tokens": pl_module.tokens_seen})
+        self.steps.append(
+            {
+                "micro": self.micro + 1,
+                "accumulate": trainer.accumulate_grad_batches,
+                "lr": optimizer.param_groups[0]["lr"],
+                "tokens": pl_module.tokens_seen,
+            }
+        )
         self.micro = -1  # on_train_batch_end of this batch comes after
 
 
 def _module(**kwargs) -> PretrainModule:
     L.seed_everything(0, verbose=False)
-    cfg = ModelConfig(vocab_size=260, dim=32, n_layers=2, first_k_dense=1, n_heads=2, dense_ffn_dim=64, moe_ffn_dim=16,
-                      n_routed_experts=4, n_activated_experts=2, n_shared_experts=0, max_seq_len=SEQ, mtp_depth=1,
-                      router={"name": "aux_free", "bias_update_speed": 0.01,
-                              "bias_update_schedule": [[640, 0.0]], "bias_update_schedule_unit": "tokens"})
+    cfg = ModelConfig(
+        vocab_size=260,
+        dim=32,
+        n_layers=2,
+        first_k_dense=1,
+        n_heads=2,
+        dense_ffn_dim=64,
+        moe_ffn_dim=16,
+        n_routed_experts=4,
+        n_activated_experts=2,
+        n_shared_experts=0,
+        max_seq_len=SEQ,
+        mtp_depth=1,
+        router={
+            "name": "aux_free",
+            "bias_update_speed": 0.01,
+            "bias_update_schedule": [[640, 0.0]],
+            "bias_update_schedule_unit": "tokens",
+        },
+    )
     return PretrainModule(cfg, **kwargs)
 
 
@@ -51,13 +73,25 @@ def data() -> PretrainDataModule:
 def test_v3_recipe_mechanics_on_a_tiny_run(tmp_path: Path, data: PretrainDataModule) -> None:
     tokens_per_micro = MICRO * SEQ  # 32
     lr = [[64, 1e-2, "linear"], [320, 1e-2, "constant"], [960, 1e-3, "cosine"]]
-    module = _module(optim=OptimConfig(lr=1e-2, token_schedule=lr), mtp_lambda=0.3,
-                     mtp_lambda_schedule=[[480, 0.1]], mtp_lambda_schedule_unit="tokens")
+    module = _module(
+        optim=OptimConfig(lr=1e-2, token_schedule=lr),
+        mtp_lambda=0.3,
+        mtp_lambda_schedule=[[480, 0.1]],
+        mtp_lambda_schedule_unit="tokens",
+    )
     probe = StepProbe()
     ramp = BatchSizeRamp(start_sequences=2, end_sequences=8, ramp_tokens=20 * tokens_per_micro)
-    trainer = L.Trainer(accelerator="cpu", max_steps=14, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                        default_root_dir=tmp_path, callbacks=[ramp, probe])
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=14,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        default_root_dir=tmp_path,
+        callbacks=[ramp, probe],
+    )
     trainer.fit(module, datamodule=data)
     steps = probe.steps
     # the ramp: accumulation grows 1 -> 4 and every step averages exactly the micro-batches it was set for
@@ -99,8 +133,10 @@ REPO = Path(__file__).resolve().parents[1]
 PRETRAIN = REPO / "configs" / "pretrain"
 # V3 report §4.3: YaRN with s = 40, α = 1, β = 32 and √t = 0.1·ln s + 1 in both extension stages;
 # 1000 steps each, 32K tokens x 1920 sequences then 128K x 480, learning rate 7.3e-6
-EXTENSION_STAGES = [("v3-671b-ext32k.yaml", 32 * 1024, 1920, "v3-671b.yaml"),
-                    ("v3-671b-ext128k.yaml", 128 * 1024, 480, "v3-671b-ext32k.yaml")]
+EXTENSION_STAGES = [
+    ("v3-671b-ext32k.yaml", 32 * 1024, 1920, "v3-671b.yaml"),
+    ("v3-671b-ext128k.yaml", 128 * 1024, 480, "v3-671b-ext32k.yaml"),
+]
 
 
 def _cli(config: Path, tmp_path: Path):
@@ -127,12 +163,13 @@ def _released_yarn_softmax_scale() -> float:
 
 
 @pytest.mark.parametrize("stage,seq_len,sequences,previous", EXTENSION_STAGES, ids=["32k", "128k"])
-def test_v3_extension_stages_apply_yarn_from_the_previous_checkpoint(stage: str, seq_len: int, sequences: int,
-                                                                     previous: str, tmp_path: Path) -> None:
+def test_v3_extension_stages_apply_yarn_from_the_previous_checkpoint(
+    stage: str, seq_len: int, sequences: int, previous: str, tmp_path: Path
+) -> None:
     import yaml
-    from moeframe_mla.attention import softmax_scale
 
     from moeframe.training.callbacks import BatchSizeRamp
+    from moeframe_mla.attention import softmax_scale
 
     cli = _cli(PRETRAIN / stage, tmp_path)
     assert _yarn(cli) == (40.0, 1.0, 32.0, 1.0)  # s, α, β, mscale coefficient
@@ -156,9 +193,17 @@ def test_v3_extension_stages_apply_yarn_from_the_previous_checkpoint(stage: str,
 def test_released_v3_preset_carries_yarn(tmp_path: Path) -> None:
     from moeframe.cli import build_cli
 
-    cli = build_cli(args=["-c", str(PRETRAIN / "tiny.yaml"), "--model.init_args.config",
-                          str(REPO / "configs" / "model" / "v3-671b.yaml"), "--trainer.default_root_dir",
-                          str(tmp_path)], run=False)
+    cli = build_cli(
+        args=[
+            "-c",
+            str(PRETRAIN / "tiny.yaml"),
+            "--model.init_args.config",
+            str(REPO / "configs" / "model" / "v3-671b.yaml"),
+            "--trainer.default_root_dir",
+            str(tmp_path),
+        ],
+        run=False,
+    )
     assert _yarn(cli) == (40.0, 1.0, 32.0, 1.0)
     assert cli.model.config.max_seq_len == 163840  # max_position_embeddings of the release
 
@@ -178,8 +223,17 @@ def test_an_extension_stage_starts_from_plain_rope_weights_with_yarn_on(tmp_path
     torch.manual_seed(0)
     pretrained = build_decoder(plain)
     save_moeframe(pretrained, tmp_path / "pretrained")
-    yarn = dataclasses.replace(plain, max_seq_len=4 * plain.max_seq_len, attention={
-        **plain.attention, "rope_factor": 4.0, "original_seq_len": plain.max_seq_len, "beta_fast": 32.0, "beta_slow": 1.0})
+    yarn = dataclasses.replace(
+        plain,
+        max_seq_len=4 * plain.max_seq_len,
+        attention={
+            **plain.attention,
+            "rope_factor": 4.0,
+            "original_seq_len": plain.max_seq_len,
+            "beta_fast": 32.0,
+            "beta_slow": 1.0,
+        },
+    )
     stage = FinetuneModule(init_from=str(tmp_path / "pretrained"), config=yarn, method="full", num_samples=0)
     stage.configure_model()
     assert stage.plan.attention.options.rope_factor == 4.0

@@ -94,8 +94,9 @@ def test_wrong_base_type_names_the_distribution(fake_plugins) -> None:
 
 
 def test_broken_import_is_reported_and_isolated(fake_plugins) -> None:
-    fake_plugins("brokenpkg", {"moeframe.attention": {"broken": "brokenpkg:Attn"}},
-                 "raise RuntimeError('kaboom at import')\n")
+    fake_plugins(
+        "brokenpkg", {"moeframe.attention": {"broken": "brokenpkg:Attn"}}, "raise RuntimeError('kaboom at import')\n"
+    )
     # discovery and listing read metadata only: the broken module is never imported
     assert "broken" in registry.available("attention")
     assert any(i.name == "broken" for i in registry.all_plugins())
@@ -116,13 +117,17 @@ def test_strategy_plugins_register_lazily_into_lightning(fake_plugins) -> None:
     from lightning.pytorch import Trainer
     from lightning.pytorch.strategies import SingleDeviceStrategy, StrategyRegistry
 
-    fake_plugins("stratpkg", {"moeframe.strategy": {"one_cpu": "stratpkg:OneCPU"}}, """
+    fake_plugins(
+        "stratpkg",
+        {"moeframe.strategy": {"one_cpu": "stratpkg:OneCPU"}},
+        """
         from lightning.pytorch.strategies import SingleDeviceStrategy
         import torch
         class OneCPU(SingleDeviceStrategy):
             def __init__(self, **kwargs):
                 super().__init__(device=torch.device("cpu"), **kwargs)
-    """)
+    """,
+    )
     try:
         assert "one_cpu" in registry.register_lightning_strategies()
         assert "stratpkg" not in sys.modules  # registered, not imported
@@ -146,7 +151,7 @@ version = "0.0.7"
 scalednorm = "throwaway_norm:ScaledNorm"
 """
 
-PLUGIN_MODULE = '''
+PLUGIN_MODULE = """
 from dataclasses import dataclass
 import torch
 from torch import nn
@@ -164,7 +169,7 @@ class ScaledNorm(NormBase):
         self.weight = nn.Parameter(torch.ones(dim))
     def forward(self, x):
         return self.scale * self.weight * x / x.abs().mean(-1, keepdim=True).clamp_min(self.eps)
-'''
+"""
 
 
 @pytest.mark.slow
@@ -175,18 +180,41 @@ def test_real_plugin_package_installed_into_temp_dir(tmp_path: Path, monkeypatch
     (src / "throwaway_norm" / "__init__.py").write_text(PLUGIN_MODULE)
     target = tmp_path / "site"
     subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
-         "--target", str(target), str(src)],
-        check=True, timeout=300, env=clean_env(),
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--no-deps",
+            "--no-build-isolation",
+            "--target",
+            str(target),
+            str(src),
+        ],
+        check=True,
+        timeout=300,
+        env=clean_env(),
     )
     # a fresh process sees it through its metadata: `moeframe plugins --json`
     listing = subprocess.run(
-        [sys.executable, "-m", "moeframe.cli", "plugins", "--json"], capture_output=True, text=True,
-        timeout=120, env=clean_env(PYTHONPATH=str(target)), check=True,
+        [sys.executable, "-m", "moeframe.cli", "plugins", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=clean_env(PYTHONPATH=str(target)),
+        check=True,
     )
     found = [p for p in json.loads(listing.stdout) if p["name"] == "scalednorm"]
-    assert found == [{"kind": "norm", "name": "scalednorm", "value": "throwaway_norm:ScaledNorm",
-                      "distribution": "moeframe-throwaway-norm", "version": "0.0.7"}]
+    assert found == [
+        {
+            "kind": "norm",
+            "name": "scalednorm",
+            "value": "throwaway_norm:ScaledNorm",
+            "distribution": "moeframe-throwaway-norm",
+            "version": "0.0.7",
+        }
+    ]
     # and in this process, a config selects it by name, with its typed options
     monkeypatch.syspath_prepend(str(target))
     registry.clear_cache()

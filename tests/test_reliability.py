@@ -13,7 +13,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import pytest
@@ -26,15 +26,42 @@ TINY = REPO / "configs" / "pretrain" / "tiny.yaml"
 
 
 def fit_args(root: Path, steps: int, *extra: str) -> list[str]:
-    return ["-c", str(TINY), "--trainer.default_root_dir", str(root), "--trainer.max_steps", str(steps),
-            "--data.init_args.seq_len", "32", "--data.init_args.batch_size", "4", "--data.init_args.max_bytes", "300000",
-            "--trainer.limit_val_batches", "0", "--trainer.num_sanity_val_steps", "0", "--trainer.log_every_n_steps", "1",
-            "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false", *extra]
+    return [
+        "-c",
+        str(TINY),
+        "--trainer.default_root_dir",
+        str(root),
+        "--trainer.max_steps",
+        str(steps),
+        "--data.init_args.seq_len",
+        "32",
+        "--data.init_args.batch_size",
+        "4",
+        "--data.init_args.max_bytes",
+        "300000",
+        "--trainer.limit_val_batches",
+        "0",
+        "--trainer.num_sanity_val_steps",
+        "0",
+        "--trainer.log_every_n_steps",
+        "1",
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.enable_model_summary",
+        "false",
+        *extra,
+    ]
 
 
 def launch(hooks: dict[str, Any], args: list[str], cwd: Path, **env: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, str(SCRIPT), json.dumps(hooks), *args], cwd=cwd, env=clean_env(**env),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        [sys.executable, str(SCRIPT), json.dumps(hooks), *args],
+        cwd=cwd,
+        env=clean_env(**env),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def finish(proc: subprocess.Popen, timeout: int = 300) -> tuple[int, str]:
@@ -51,8 +78,14 @@ def run(hooks: dict[str, Any], args: list[str], cwd: Path, timeout: int = 300, *
     return finish(launch(hooks, args, cwd, **env), timeout)
 
 
-def run_and_signal(hooks: dict[str, Any], args: list[str], cwd: Path, signum: int = signal.SIGTERM,
-                   timeout: int = 300, again_while_saving: Optional[Path] = None) -> tuple[int, str]:
+def run_and_signal(
+    hooks: dict[str, Any],
+    args: list[str],
+    cwd: Path,
+    signum: int = signal.SIGTERM,
+    timeout: int = 300,
+    again_while_saving: Path | None = None,
+) -> tuple[int, str]:
     """Start a run that pauses at ``hooks['pause_at']`` and signal it there (rank 0, the process a
     scheduler or ``kill`` would signal); with ``again_while_saving`` (a marker the checkpoint
     writer creates, slowed down by 2 s), signal it a second time while it saves."""
@@ -105,8 +138,14 @@ def assert_identical(a: Any, b: Any, where: str = "") -> None:
         assert a == b, f"{where}: {a!r} != {b!r}"
 
 
-TRAINING_STATE = ("state_dict", "optimizer_states", "lr_schedulers", "global_step", "moeframe_tokens_seen",
-                  "PretrainDataModule")
+TRAINING_STATE = (
+    "state_dict",
+    "optimizer_states",
+    "lr_schedulers",
+    "global_step",
+    "moeframe_tokens_seen",
+    "PretrainDataModule",
+)
 
 
 def compare_file_checkpoints(a: Path, b: Path) -> None:
@@ -115,19 +154,28 @@ def compare_file_checkpoints(a: Path, b: Path) -> None:
         assert_identical(ca[key], cb[key], key)
     # router state (the aux-free bias would live here) and the expert counts are part of state_dict;
     # RNG states of every rank at the end of training:
-    assert_identical(ca["callbacks"]["moeframe.Reliability"]["rng"], cb["callbacks"]["moeframe.Reliability"]["rng"], "rng")
+    assert_identical(
+        ca["callbacks"]["moeframe.Reliability"]["rng"], cb["callbacks"]["moeframe.Reliability"]["rng"], "rng"
+    )
 
 
 def compare_deepspeed_checkpoints(a: Path, b: Path) -> None:
     files = sorted(p.relative_to(a) for p in (a / "checkpoint").glob("*.pt"))
-    assert [f.name for f in files] == sorted(["mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt",
-                                              "zero_pp_rank_1_mp_rank_00_optim_states.pt"]), files
+    assert [f.name for f in files] == sorted(
+        [
+            "mp_rank_00_model_states.pt",
+            "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+            "zero_pp_rank_1_mp_rank_00_optim_states.pt",
+        ]
+    ), files
     for name in files:
         ca, cb = (torch.load(root / name, map_location="cpu", weights_only=False) for root in (a, b))
         if "module" in ca:  # the module state, the client state Lightning keeps (LR schedule, data, RNG)
             for key in ("module", "lr_schedulers", "global_step", "moeframe_tokens_seen", "PretrainDataModule"):
                 assert_identical(ca[key], cb[key], f"{name}:{key}")
-            assert_identical(ca["callbacks"]["moeframe.Reliability"]["rng"], cb["callbacks"]["moeframe.Reliability"]["rng"], "rng")
+            assert_identical(
+                ca["callbacks"]["moeframe.Reliability"]["rng"], cb["callbacks"]["moeframe.Reliability"]["rng"], "rng"
+            )
         else:  # this rank's fp32 master partition and Adam moments
             assert_identical(ca["optimizer_state_dict"], cb["optimizer_state_dict"], f"{name}:optimizer_state_dict")
 
@@ -146,12 +194,18 @@ def test_sigterm_mid_epoch_then_resume_equals_uninterrupted(strategy: str, tmp_p
     extra = STRATEGIES[strategy]
     world = 2 if extra else 1
     whole, cut = tmp_path / "whole", tmp_path / "cut"
-    code, out = run({"rng_log": str(whole / "rng"), "final": str(whole / "final.ckpt")},
-                    fit_args(whole, steps, *extra), tmp_path)
+    code, out = run(
+        {"rng_log": str(whole / "rng"), "final": str(whole / "final.ckpt")}, fit_args(whole, steps, *extra), tmp_path
+    )
     assert code == 0, out[-4000:]
 
     # interrupted: SIGTERM while step `pause` ends; the checkpoint follows at the next step boundary
-    hooks = {"rng_log": str(cut / "rng"), "final": str(cut / "final.ckpt"), "pause_at": pause, "ready": str(tmp_path / "ready")}
+    hooks = {
+        "rng_log": str(cut / "rng"),
+        "final": str(cut / "final.ckpt"),
+        "pause_at": pause,
+        "ready": str(tmp_path / "ready"),
+    }
     # single process: a second SIGTERM arrives while the checkpoint is being written
     again = tmp_path / "saving" if strategy == "single" else None
     code, out = run_and_signal(hooks, fit_args(cut, steps, *extra), tmp_path, again_while_saving=again)
@@ -182,12 +236,31 @@ def test_sigterm_mid_epoch_then_resume_equals_uninterrupted(strategy: str, tmp_p
 def test_soak_script_smoke(tmp_path: Path) -> None:
     """scripts/soak.py in its quick mode: a few random SIGTERMs over a short run, restarted by its
     wrapper loop, end in the same state as the uninterrupted run."""
-    result = subprocess.run([sys.executable, str(REPO / "scripts" / "soak.py"), "--minutes", "0", "--steps", "40",
-                             # the kill lands 0.25-0.75 s into training: well before the 40 steps end
-                             "--checkpoint-every", "10", "--kill-every", "0.5", "--max-kills", "1", "--small",
-                             "--workdir", str(tmp_path)],
-                            env=clean_env(), capture_output=True, text=True, timeout=900)
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "scripts" / "soak.py"),
+            "--minutes",
+            "0",
+            "--steps",
+            "40",
+            # the kill lands 0.25-0.75 s into training: well before the 40 steps end
+            "--checkpoint-every",
+            "10",
+            "--kill-every",
+            "0.5",
+            "--max-kills",
+            "1",
+            "--small",
+            "--workdir",
+            str(tmp_path),
+        ],
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    summary = json.loads(next(ln for ln in result.stdout.splitlines() if ln.startswith("soak: {"))[len("soak: "):])
+    summary = json.loads(next(ln for ln in result.stdout.splitlines() if ln.startswith("soak: {"))[len("soak: ") :])
     assert summary["identical"] and summary["steps"] == 40
     assert summary["sigterms"] >= 1 and summary["runs"] >= 2, summary

@@ -28,13 +28,16 @@ from moeframe.errors import CheckpointError
 from moeframe.testing import tiny_config
 from moeframe.training.balance import ExpertBalance
 from moeframe.training.reliability import (
-    AtomicCheckpointIO, Reliability, find_resumable_checkpoint, first_nonfinite_module, state_dict_differences,
+    AtomicCheckpointIO,
+    Reliability,
+    find_resumable_checkpoint,
+    first_nonfinite_module,
+    state_dict_differences,
     verify_checkpoint,
 )
 
 from .conftest import clean_env
 from .test_reliability import TINY, fit_args, run
-
 
 
 def one_line_error(err: str, fragment: str) -> None:
@@ -170,8 +173,11 @@ def test_a_copy_without_its_sidecar_damaged_inside_a_tensor_is_caught(tmp_path: 
     stores for every entry, checked on every load; an older intact copy beside it is named."""
     io_plugin = AtomicCheckpointIO()
     source = tmp_path / "run" / "step4.ckpt"
-    state = {"global_step": 4, "state_dict": {"w": torch.randn(64, 64)},
-             "optimizer_states": [{"state": {0: {"exp_avg": torch.randn(64, 64), "exp_avg_sq": torch.rand(64, 64)}}}]}
+    state = {
+        "global_step": 4,
+        "state_dict": {"w": torch.randn(64, 64)},
+        "optimizer_states": [{"state": {0: {"exp_avg": torch.randn(64, 64), "exp_avg_sq": torch.rand(64, 64)}}}],
+    }
     io_plugin.save_checkpoint(state, source)
     copies = tmp_path / "copied"
     copies.mkdir()
@@ -182,9 +188,14 @@ def test_a_copy_without_its_sidecar_damaged_inside_a_tensor_is_caught(tmp_path: 
     with zipfile.ZipFile(copy) as archive:  # the entry that holds exp_avg_sq (the third tensor saved)
         entry = sorted((i for i in archive.infolist() if "/data/" in i.filename), key=lambda i: i.header_offset)[2]
     rot(copy, middle_of_entry(copy, entry.filename))
-    assert verify_checkpoint(copy) == f"its entry {entry.filename!r} does not match the CRC32 stored with it (corrupted)"
-    with pytest.raises(CheckpointError, match=f"checkpoint {copy} is unusable: its entry .* does not match the CRC32.*"
-                                              f"newest intact one beside it is {older}"):
+    assert (
+        verify_checkpoint(copy) == f"its entry {entry.filename!r} does not match the CRC32 stored with it (corrupted)"
+    )
+    with pytest.raises(
+        CheckpointError,
+        match=f"checkpoint {copy} is unusable: its entry .* does not match the CRC32.*"
+        f"newest intact one beside it is {older}",
+    ):
         io_plugin.load_checkpoint(copy)
     with pytest.warns(UserWarning, match=f"resuming from {older} instead"):
         assert AtomicCheckpointIO(on_corrupt="previous").load_checkpoint(copy)["global_step"] == 2
@@ -288,7 +299,11 @@ def test_state_dict_differences_name_the_tensors() -> None:
     model = {"a.weight": torch.zeros(4, 2), "b.weight": torch.zeros(3), "c": torch.zeros(1)}
     ckpt = {"a.weight": torch.zeros(8, 2), "b.weight": torch.zeros(3), "d": torch.zeros(1)}
     text = state_dict_differences(model, ckpt)
-    assert "a.weight (8, 2) vs (4, 2)" in text and "missing from the checkpoint: c" in text and "not in the model: d" in text
+    assert (
+        "a.weight (8, 2) vs (4, 2)" in text
+        and "missing from the checkpoint: c" in text
+        and "not in the model: d" in text
+    )
     assert state_dict_differences(model, model) == ""
 
 
@@ -325,16 +340,21 @@ class _PoisonStep(L.Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         def hook(_m: Any, _a: Any, out: torch.Tensor) -> torch.Tensor:
             return out * float("nan") if trainer.global_step + 1 == self.step else out
+
         pl_module.decoder.layers[1].attn.wo.register_forward_hook(hook)
+
         def starve_expert_3(_m: Any, _a: Any, out: Any) -> Any:
             indices = torch.where(out.indices_TK == 3, 0, out.indices_TK)
             counts = torch.bincount(indices.flatten(), minlength=out.tokens_per_expert_E.numel())
             return dataclasses.replace(out, indices_TK=indices, tokens_per_expert_E=counts.to(out.tokens_per_expert_E))
+
         pl_module.decoder.layers[1].ffn.gate.register_forward_hook(starve_expert_3)
         # a loss spike at one step (finite): logits tilted hard towards the highest token ids
         pl_module.decoder.head.register_forward_hook(
-            lambda _m, _a, out: out + torch.linspace(0, 100, out.shape[-1]) if trainer.global_step + 1 == self.spike_step
-            else out)
+            lambda _m, _a, out: (
+                out + torch.linspace(0, 100, out.shape[-1]) if trainer.global_step + 1 == self.spike_step else out
+            )
+        )
 
 
 def test_skip_policy_leaves_weights_and_optimizer_untouched_and_logs_events(tmp_path: Path) -> None:
@@ -342,14 +362,24 @@ def test_skip_policy_leaves_weights_and_optimizer_untouched_and_logs_events(tmp_
     from moeframe.training.pretrain import PretrainModule
 
     L.seed_everything(0)
-    model = PretrainModule(tiny_config(vocab_size=260, n_layers=2, first_k_dense=1, n_routed_experts=4,
-                                       n_activated_experts=2), OptimConfig(warmup_steps=1))
+    model = PretrainModule(
+        tiny_config(vocab_size=260, n_layers=2, first_k_dense=1, n_routed_experts=4, n_activated_experts=2),
+        OptimConfig(warmup_steps=1),
+    )
     dm = PretrainDataModule(seq_len=16, batch_size=4, max_bytes=200_000)
     snaps, guard = _Snapshots(), Reliability(nonfinite="skip", loss_spike_window=3, loss_spike_factor=2.0)
     balance = ExpertBalance(collapse_patience=2, maxvio_threshold=0.5, maxvio_patience=2, heatmaps=False)
-    trainer = L.Trainer(accelerator="cpu", max_steps=7, logger=L.pytorch.loggers.CSVLogger(tmp_path), enable_progress_bar=False,
-                        enable_model_summary=False, limit_val_batches=0, enable_checkpointing=False,
-                        callbacks=[guard, balance, snaps, _PoisonStep(step=3, spike_step=6)], default_root_dir=tmp_path)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=7,
+        logger=L.pytorch.loggers.CSVLogger(tmp_path),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        enable_checkpointing=False,
+        callbacks=[guard, balance, snaps, _PoisonStep(step=3, spike_step=6)],
+        default_root_dir=tmp_path,
+    )
     trainer.fit(model, dm)
     assert trainer.global_step == 7 and guard.skipped_steps == 1
     assert all(torch.equal(a, b) for a, b in zip(snaps.params[2], snaps.params[3]))  # step 3 changed nothing
@@ -377,15 +407,29 @@ def test_skip_policy_leaves_weights_and_optimizer_untouched_and_logs_events(tmp_
 @pytest.mark.slow
 def test_nonfinite_stop_names_step_layer_and_last_good_checkpoint(tmp_path: Path) -> None:
     guard = {"class_path": "moeframe.training.reliability.Reliability", "init_args": {"max_consecutive_nonfinite": 2}}
-    saver = {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-             "init_args": {"dirpath": str(tmp_path / "ck"), "every_n_train_steps": 1, "save_top_k": -1, "filename": "s{step}",
-                           "auto_insert_metric_name": False}}
-    code, out = run({"nan_at": 3, "nan_module": "decoder.layers.2.attn.wo"},
-                    fit_args(tmp_path / "run", 10, "--trainer.callbacks+", json.dumps(guard),
-                             "--trainer.callbacks+", json.dumps(saver)), tmp_path)
+    saver = {
+        "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+        "init_args": {
+            "dirpath": str(tmp_path / "ck"),
+            "every_n_train_steps": 1,
+            "save_top_k": -1,
+            "filename": "s{step}",
+            "auto_insert_metric_name": False,
+        },
+    }
+    code, out = run(
+        {"nan_at": 3, "nan_module": "decoder.layers.2.attn.wo"},
+        fit_args(
+            tmp_path / "run", 10, "--trainer.callbacks+", json.dumps(guard), "--trainer.callbacks+", json.dumps(saver)
+        ),
+        tmp_path,
+    )
     assert code == 1, out[-3000:]
-    one_line_error(out, "non-finite loss at step 4 (2 step(s) in a row; first non-finite output: "
-                        "decoder.layers.2.attn.wo); last good checkpoint: ")
+    one_line_error(
+        out,
+        "non-finite loss at step 4 (2 step(s) in a row; first non-finite output: "
+        "decoder.layers.2.attn.wo); last good checkpoint: ",
+    )
     last_good = out.split("last good checkpoint: ")[1].split()[0]
     assert verify_checkpoint(Path(last_good)) is None
     assert torch.load(last_good, weights_only=False)["global_step"] == 3  # saved after the skipped step 3
@@ -395,12 +439,22 @@ def test_nonfinite_stop_names_step_layer_and_last_good_checkpoint(tmp_path: Path
 @pytest.mark.slow
 @pytest.mark.bad_input
 def test_disk_full_while_saving_keeps_the_previous_checkpoint(tmp_path: Path) -> None:
-    saver = {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-             "init_args": {"dirpath": str(tmp_path / "ck"), "every_n_train_steps": 1, "save_top_k": -1, "filename": "s{step}",
-                           "auto_insert_metric_name": False}}
+    saver = {
+        "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+        "init_args": {
+            "dirpath": str(tmp_path / "ck"),
+            "every_n_train_steps": 1,
+            "save_top_k": -1,
+            "filename": "s{step}",
+            "auto_insert_metric_name": False,
+        },
+    }
     # after step 2 the process may not write a file over 1 MB (RLIMIT_FSIZE: a real EFBIG); a checkpoint is ~23 MB
-    code, out = run({"fsize_limit_at": 2, "fsize_limit": 1_000_000},
-                    fit_args(tmp_path / "run", 5, "--trainer.callbacks+", json.dumps(saver)), tmp_path)
+    code, out = run(
+        {"fsize_limit_at": 2, "fsize_limit": 1_000_000},
+        fit_args(tmp_path / "run", 5, "--trainer.callbacks+", json.dumps(saver)),
+        tmp_path,
+    )
     assert code == 1, out[-3000:]
     one_line_error(out, "disk full while saving checkpoint")
     assert "s2.ckpt (File too large)" in out and "the previous checkpoint" in out and "s1.ckpt is intact" in out
@@ -416,18 +470,29 @@ def test_disk_full_after_a_resume_names_the_checkpoint_it_resumed_from(tmp_path:
     checkpoint". The resumed run also removes a partial left by a save that was killed."""
     from moeframe.training.reliability import partial_name
 
-    saver = {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-             "init_args": {"every_n_train_steps": 1, "save_top_k": -1, "filename": "s{step}", "auto_insert_metric_name": False}}
+    saver = {
+        "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+        "init_args": {
+            "every_n_train_steps": 1,
+            "save_top_k": -1,
+            "filename": "s{step}",
+            "auto_insert_metric_name": False,
+        },
+    }
     root = tmp_path / "run"
     code, out = run({}, fit_args(root, 2, "--trainer.callbacks+", json.dumps(saver)), tmp_path)
     assert code == 0, out[-3000:]
     [resumed] = root.glob("**/version_0/checkpoints/s2.ckpt")
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    killed_save = resumed.parent / partial_name(resumed.parent / "s3.ckpt").name.replace(f"-{os.getpid()}-",
-                                                                                          f"-{gone.stdout.strip()}-")
+    killed_save = resumed.parent / partial_name(resumed.parent / "s3.ckpt").name.replace(
+        f"-{os.getpid()}-", f"-{gone.stdout.strip()}-"
+    )
     killed_save.write_bytes(resumed.read_bytes()[:4096])
-    code, out = run({"fsize_limit_at": 3, "fsize_limit": 1_000_000},
-                    fit_args(root, 5, "--trainer.callbacks+", json.dumps(saver), "--ckpt_path", str(resumed)), tmp_path)
+    code, out = run(
+        {"fsize_limit_at": 3, "fsize_limit": 1_000_000},
+        fit_args(root, 5, "--trainer.callbacks+", json.dumps(saver), "--ckpt_path", str(resumed)),
+        tmp_path,
+    )
     assert code == 1, out[-3000:]
     one_line_error(out, "disk full while saving checkpoint")
     assert "version_1" in out and f"the previous checkpoint {resumed} (the one this run resumed from) is intact" in out
@@ -445,9 +510,20 @@ def test_data_folder_disappearing_mid_run_is_one_line(tmp_path: Path) -> None:
     for i in range(30):
         (raw / f"d{i}.txt").write_text(f"document {i} " + "some words to train on " * 20)
     prepare(collect_sources([raw]), tmp_path / "data", workers=1, quiet=True)
-    code, out = run({"delete_at": 2, "delete": str(tmp_path / "data")},
-                    fit_args(tmp_path / "run", 8, "--data.init_args.path", str(tmp_path / "data"),
-                             "--trainer.limit_val_batches", "1", "--trainer.val_check_interval", "3"), tmp_path)
+    code, out = run(
+        {"delete_at": 2, "delete": str(tmp_path / "data")},
+        fit_args(
+            tmp_path / "run",
+            8,
+            "--data.init_args.path",
+            str(tmp_path / "data"),
+            "--trainer.limit_val_batches",
+            "1",
+            "--trainer.val_check_interval",
+            "3",
+        ),
+        tmp_path,
+    )
     assert code == 1, out[-3000:]
     one_line_error(out, f"the data folder {tmp_path / 'data'} disappeared during the run")
 
@@ -467,13 +543,30 @@ def test_shard_truncated_mid_run_is_one_line_and_keeps_the_checkpoints(tmp_path:
         (raw / f"d{i}.txt").write_text(f"document {i} " + "some words to train on " * 20)
     prepare(collect_sources([raw]), tmp_path / "data", workers=1, quiet=True)
     shard = tmp_path / "data" / "train" / "shard_00000.bin"
-    saver = {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-             "init_args": {"dirpath": str(tmp_path / "ck"), "every_n_train_steps": 1, "save_top_k": -1,
-                           "filename": "s{step}", "auto_insert_metric_name": False}}
-    code, out = run({"truncate_at": 2, "truncate": str(shard), "truncate_to": 64},
-                    fit_args(tmp_path / "run", 8, "--data.init_args.path", str(tmp_path / "data"),
-                             "--data.init_args.num_workers", str(workers), "--trainer.callbacks+", json.dumps(saver)),
-                    tmp_path)
+    saver = {
+        "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+        "init_args": {
+            "dirpath": str(tmp_path / "ck"),
+            "every_n_train_steps": 1,
+            "save_top_k": -1,
+            "filename": "s{step}",
+            "auto_insert_metric_name": False,
+        },
+    }
+    code, out = run(
+        {"truncate_at": 2, "truncate": str(shard), "truncate_to": 64},
+        fit_args(
+            tmp_path / "run",
+            8,
+            "--data.init_args.path",
+            str(tmp_path / "data"),
+            "--data.init_args.num_workers",
+            str(workers),
+            "--trainer.callbacks+",
+            json.dumps(saver),
+        ),
+        tmp_path,
+    )
     assert code == 1, out[-3000:]
     one_line_error(out, f"the shard {shard} is 64 bytes now, but its index describes")
     assert "truncated during the run" in out
@@ -492,16 +585,34 @@ def trained_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _fit(tmp_path: Path, *extra: str) -> list[str]:
-    return ["fit", "-c", str(TINY), "--trainer.default_root_dir", str(tmp_path), "--data.init_args.seq_len", "32",
-            "--data.init_args.batch_size", "4", "--data.init_args.max_bytes", "300000", "--trainer.max_steps", "4",
-            "--trainer.limit_val_batches", "0", "--trainer.num_sanity_val_steps", "0", *extra]
+    return [
+        "fit",
+        "-c",
+        str(TINY),
+        "--trainer.default_root_dir",
+        str(tmp_path),
+        "--data.init_args.seq_len",
+        "32",
+        "--data.init_args.batch_size",
+        "4",
+        "--data.init_args.max_bytes",
+        "300000",
+        "--trainer.max_steps",
+        "4",
+        "--trainer.limit_val_batches",
+        "0",
+        "--trainer.num_sanity_val_steps",
+        "0",
+        *extra,
+    ]
 
 
 @pytest.mark.slow
 @pytest.mark.bad_input
 @pytest.mark.parametrize("damage", ["truncated", "flipped", "flipped-without-sidecar"])
-def test_resuming_from_a_damaged_checkpoint_is_one_line(damage: str, trained_checkpoint: Path, tmp_path: Path,
-                                                        capsys: pytest.CaptureFixture[str]) -> None:
+def test_resuming_from_a_damaged_checkpoint_is_one_line(
+    damage: str, trained_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     bad = tmp_path / "bad.ckpt"
     if damage == "truncated":
         bad.write_bytes(trained_checkpoint.read_bytes()[: trained_checkpoint.stat().st_size // 2])
@@ -509,7 +620,9 @@ def test_resuming_from_a_damaged_checkpoint_is_one_line(damage: str, trained_che
         shutil.copy2(trained_checkpoint, bad)  # size and mtime kept: the copied sidecar describes it
         if damage == "flipped":
             (tmp_path / ".sha256").mkdir()
-            shutil.copy(trained_checkpoint.parent / ".sha256" / "final.ckpt.json", tmp_path / ".sha256" / "bad.ckpt.json")
+            shutil.copy(
+                trained_checkpoint.parent / ".sha256" / "final.ckpt.json", tmp_path / ".sha256" / "bad.ckpt.json"
+            )
         with zipfile.ZipFile(bad) as archive:
             largest = max(archive.infolist(), key=lambda i: i.file_size).filename
         rot(bad, middle_of_entry(bad, largest))
@@ -519,12 +632,18 @@ def test_resuming_from_a_damaged_checkpoint_is_one_line(damage: str, trained_che
 
 @pytest.mark.slow
 @pytest.mark.bad_input
-def test_checkpoint_from_another_config_names_the_tensors(trained_checkpoint: Path, tmp_path: Path,
-                                                          capsys: pytest.CaptureFixture[str]) -> None:
-    code = main(_fit(tmp_path, "--model.init_args.config.n_routed_experts", "4", "--ckpt_path", str(trained_checkpoint)))
+def test_checkpoint_from_another_config_names_the_tensors(
+    trained_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = main(
+        _fit(tmp_path, "--model.init_args.config.n_routed_experts", "4", "--ckpt_path", str(trained_checkpoint))
+    )
     assert code == 2
     err = capsys.readouterr().err
-    one_line_error(err, "the checkpoint was made with another model config (n_routed_experts: 8 in the checkpoint, 4 given); tensors: shape differs (checkpoint vs model): ")
+    one_line_error(
+        err,
+        "the checkpoint was made with another model config (n_routed_experts: 8 in the checkpoint, 4 given); tensors: shape differs (checkpoint vs model): ",
+    )
     assert "layers.1.ffn.experts.w1 (8, 128, 128) vs (4, 128, 128)" in err
 
 
@@ -544,14 +663,18 @@ def test_damaged_safetensors_is_one_line(damage: str, tmp_path: Path, capsys: py
 
 YAML_ERRORS = [
     ("model:\n  init_args:\n    config: {dim: 32\n", "{file}:4:1: YAML syntax error: "),
-    ("trainer:\n  max_steps: 3\n    devices: 2\n", "{file}:3:12: YAML syntax error: mapping values are not allowed here"),
+    (
+        "trainer:\n  max_steps: 3\n    devices: 2\n",
+        "{file}:3:12: YAML syntax error: mapping values are not allowed here",
+    ),
 ]
 
 
 @pytest.mark.bad_input
 @pytest.mark.parametrize(("text", "message"), YAML_ERRORS, ids=["unclosed-brace", "bad-indent"])
-def test_yaml_syntax_error_names_file_and_line(text: str, message: str, tmp_path: Path,
-                                               capsys: pytest.CaptureFixture[str]) -> None:
+def test_yaml_syntax_error_names_file_and_line(
+    text: str, message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     bad = tmp_path / "run.yaml"
     bad.write_text(text)
     assert main(["fit", "-c", str(TINY), "-c", str(bad)]) == 2
@@ -560,8 +683,10 @@ def test_yaml_syntax_error_names_file_and_line(text: str, message: str, tmp_path
 
 UNKNOWN_KEYS = [
     (["--trainer.max_stepz", "3"], "unknown option trainer.max_stepz of Trainer. Did you mean trainer.max_steps?"),
-    (["--model.init_args.optim.lrr", "3"], "unknown option model.init_args.optim.lrr of PretrainModule. "
-                                           "Did you mean model.init_args.optim.lr?"),
+    (
+        ["--model.init_args.optim.lrr", "3"],
+        "unknown option model.init_args.optim.lrr of PretrainModule. Did you mean model.init_args.optim.lr?",
+    ),
     (["--model.init_args.config.n_haeds", "3"], "Did you mean model.init_args.config.n_heads?"),
     (["--data.init_args.seqlen", "3"], "Did you mean data.init_args.seq_len?"),
 ]
@@ -569,8 +694,9 @@ UNKNOWN_KEYS = [
 
 @pytest.mark.bad_input
 @pytest.mark.parametrize(("override", "message"), UNKNOWN_KEYS, ids=[o[0] for o, _ in UNKNOWN_KEYS])
-def test_unknown_keys_get_a_did_you_mean(override: list[str], message: str, tmp_path: Path,
-                                         capsys: pytest.CaptureFixture[str]) -> None:
+def test_unknown_keys_get_a_did_you_mean(
+    override: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert main(["fit", "-c", str(TINY), "--trainer.default_root_dir", str(tmp_path), *override]) == 2
     one_line_error(capsys.readouterr().err, message)
 
@@ -609,16 +735,25 @@ def test_rng_states_are_put_back_at_the_first_batch_after_a_resume() -> None:
 
 @pytest.mark.slow
 @pytest.mark.bad_input
-def test_corrupt_checkpoint_falls_back_to_the_previous_one_when_configured(trained_checkpoint: Path, tmp_path: Path) -> None:
+def test_corrupt_checkpoint_falls_back_to_the_previous_one_when_configured(
+    trained_checkpoint: Path, tmp_path: Path
+) -> None:
     folder = tmp_path / "ck"
     folder.mkdir()
     good, bad = folder / "good.ckpt", folder / "bad.ckpt"
     shutil.copy(trained_checkpoint, good)
     time.sleep(0.05)
     bad.write_bytes(trained_checkpoint.read_bytes()[:-5000])  # newer, and cut short
-    guard = {"class_path": "moeframe.training.reliability.Reliability", "init_args": {"on_corrupt_checkpoint": "previous"}}
-    args = _fit(tmp_path, "--trainer.max_steps", "3", "--trainer.callbacks+", json.dumps(guard),
-                "--ckpt_path", str(bad))
-    with pytest.warns(UserWarning, match=r"bad.ckpt is unusable: it is not a complete torch checkpoint.*resuming from "
-                                         r".*good.ckpt instead"):
+    guard = {
+        "class_path": "moeframe.training.reliability.Reliability",
+        "init_args": {"on_corrupt_checkpoint": "previous"},
+    }
+    args = _fit(
+        tmp_path, "--trainer.max_steps", "3", "--trainer.callbacks+", json.dumps(guard), "--ckpt_path", str(bad)
+    )
+    with pytest.warns(
+        UserWarning,
+        match=r"bad.ckpt is unusable: it is not a complete torch checkpoint.*resuming from "
+        r".*good.ckpt instead",
+    ):
         assert main(args) == 0

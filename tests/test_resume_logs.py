@@ -13,11 +13,25 @@ import pytest
 from .test_reliability import fit_args, run
 
 # epochs of 4 batches, validated at each epoch end: ModelCheckpoint then saves at the epoch's end
-EPOCH_END_VAL = ["--trainer.limit_train_batches", "4", "--trainer.val_check_interval", "1.0",
-                 "--trainer.check_val_every_n_epoch", "1", "--trainer.limit_val_batches", "2"]
+EPOCH_END_VAL = [
+    "--trainer.limit_train_batches",
+    "4",
+    "--trainer.val_check_interval",
+    "1.0",
+    "--trainer.check_val_every_n_epoch",
+    "1",
+    "--trainer.limit_val_batches",
+    "2",
+]
 # validation every 4 steps within a long epoch
-MID_EPOCH_VAL = ["--trainer.val_check_interval", "4", "--trainer.check_val_every_n_epoch", "null",
-                 "--trainer.limit_val_batches", "2"]
+MID_EPOCH_VAL = [
+    "--trainer.val_check_interval",
+    "4",
+    "--trainer.check_val_every_n_epoch",
+    "null",
+    "--trainer.limit_val_batches",
+    "2",
+]
 
 
 def logged_rows(root: Path) -> list[tuple[str, int, str]]:
@@ -25,15 +39,27 @@ def logged_rows(root: Path) -> list[tuple[str, int, str]]:
     rows = []
     for f in sorted((root / "logs").glob("version_*/metrics.csv"), key=lambda p: int(p.parent.name.split("_")[1])):
         for r in csv.DictReader(f.open()):
-            rows += [(k, int(r["step"]), v) for k, v in r.items()
-                     if v and (k in ("train/loss", "val/loss") or k.startswith("lr-"))]
+            rows += [
+                (k, int(r["step"]), v)
+                for k, v in r.items()
+                if v and (k in ("train/loss", "val/loss") or k.startswith("lr-"))
+            ]
     return rows
 
 
 def _saver(folder: Path) -> str:
-    return json.dumps({"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                       "init_args": {"dirpath": str(folder), "monitor": "val/loss", "save_top_k": -1,
-                                     "filename": "s{step}", "auto_insert_metric_name": False}})
+    return json.dumps(
+        {
+            "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+            "init_args": {
+                "dirpath": str(folder),
+                "monitor": "val/loss",
+                "save_top_k": -1,
+                "filename": "s{step}",
+                "auto_insert_metric_name": False,
+            },
+        }
+    )
 
 
 @pytest.mark.slow
@@ -43,7 +69,9 @@ def test_resumed_run_logs_the_same_steps_as_the_straight_run(tmp_path: Path, che
     epoch (after its validation), or ``trainer.save_checkpoint`` after ``fit`` stopped at a step
     that was validated; every later train/loss, val/loss and learning-rate row keeps its step."""
     extra = EPOCH_END_VAL if checkpoint == "epoch_end" else MID_EPOCH_VAL
-    code, out = run({}, fit_args(tmp_path / "straight", 10, *extra, "--trainer.callbacks+", _saver(tmp_path / "ck")), tmp_path)
+    code, out = run(
+        {}, fit_args(tmp_path / "straight", 10, *extra, "--trainer.callbacks+", _saver(tmp_path / "ck")), tmp_path
+    )
     assert code == 0, out[-3000:]
     if checkpoint == "epoch_end":
         ckpt, resumed = tmp_path / "ck" / "s4.ckpt", tmp_path / "resumed"

@@ -14,9 +14,21 @@ from moeframe.config import ModelConfig, resolve_model_config
 from moeframe.model.router import gate_logits_fp32
 
 # V3's group-limited routing at 1/4 of its experts: 64 experts in 8 groups, 4 kept, top-8
-V3_SHAPED = dict(vocab_size=300, dim=256, n_layers=2, first_k_dense=1, n_heads=2, dense_ffn_dim=64, moe_ffn_dim=16,
-                 n_routed_experts=64, n_activated_experts=8, n_expert_groups=8, n_limited_groups=4, route_scale=2.5,
-                 max_seq_len=64)
+V3_SHAPED = dict(
+    vocab_size=300,
+    dim=256,
+    n_layers=2,
+    first_k_dense=1,
+    n_heads=2,
+    dense_ffn_dim=64,
+    moe_ffn_dim=16,
+    n_routed_experts=64,
+    n_activated_experts=8,
+    n_expert_groups=8,
+    n_limited_groups=4,
+    route_scale=2.5,
+    max_seq_len=64,
+)
 
 
 def _router(router: dict) -> torch.nn.Module:
@@ -28,8 +40,9 @@ def _router(router: dict) -> torch.nn.Module:
     return module
 
 
-@pytest.mark.parametrize("router", [{"name": "topk", "norm_topk_prob": True}, {"name": "aux_free"}],
-                         ids=["topk", "aux_free"])
+@pytest.mark.parametrize(
+    "router", [{"name": "topk", "norm_topk_prob": True}, {"name": "aux_free"}], ids=["topk", "aux_free"]
+)
 def test_routing_under_bf16_autocast_equals_fp32(router: dict) -> None:
     gate = _router(router)
     x_TD = torch.randn(4096, V3_SHAPED["dim"]).bfloat16().float()  # what a bf16 norm hands over

@@ -8,15 +8,31 @@ from moeframe.training.schedules import check_segments, piecewise
 
 T = 1e12
 # LR: warm-up to 2.2e-4, constant to 10T, cosine to 2.2e-5 over 4.3T, then 2.2e-5 for 333B, 7.3e-6 for 167B
-V3_LR = [[25.2e9, 2.2e-4, "linear"], [10 * T, 2.2e-4, "constant"], [14.3 * T, 2.2e-5, "cosine"],
-         [14.633 * T, 2.2e-5, "constant"], [14.8 * T, 7.3e-6, "constant"]]
+V3_LR = [
+    [25.2e9, 2.2e-4, "linear"],
+    [10 * T, 2.2e-4, "constant"],
+    [14.3 * T, 2.2e-5, "cosine"],
+    [14.633 * T, 2.2e-5, "constant"],
+    [14.8 * T, 7.3e-6, "constant"],
+]
 
 
-@pytest.mark.parametrize(("tokens", "expected"), [
-    (0, 0.0), (12.6e9, 1.1e-4), (25.2e9, 2.2e-4), (5 * T, 2.2e-4), (10 * T, 2.2e-4),
-    (12.15 * T, (2.2e-4 + 2.2e-5) / 2),  # halfway through the cosine
-    (14.3 * T, 2.2e-5), (14.5 * T, 2.2e-5), (14.633 * T, 7.3e-6), (14.7 * T, 7.3e-6), (20 * T, 7.3e-6),
-])
+@pytest.mark.parametrize(
+    ("tokens", "expected"),
+    [
+        (0, 0.0),
+        (12.6e9, 1.1e-4),
+        (25.2e9, 2.2e-4),
+        (5 * T, 2.2e-4),
+        (10 * T, 2.2e-4),
+        (12.15 * T, (2.2e-4 + 2.2e-5) / 2),  # halfway through the cosine
+        (14.3 * T, 2.2e-5),
+        (14.5 * T, 2.2e-5),
+        (14.633 * T, 7.3e-6),
+        (14.7 * T, 7.3e-6),
+        (20 * T, 7.3e-6),
+    ],
+)
 def test_v3_learning_rate_breakpoints(tokens: float, expected: float) -> None:
     assert piecewise(tokens, 0.0, V3_LR) == pytest.approx(expected, rel=1e-9, abs=1e-15)
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import re
 import typing
 from typing import Any
 
@@ -75,8 +74,10 @@ def _signature_table(cls: type) -> list[str]:
         if name == "self" or p.kind in (p.VAR_KEYWORD, p.VAR_POSITIONAL):
             continue
         default = "(required)" if p.default is inspect.Parameter.empty else _yaml(p.default)
-        rows.append(f"| `{name}` | {_cell(_type_name(hints.get(name, p.annotation)))} | `{_cell(default)}` | "
-                    f"{_cell(docs.get(name, ''))} |")
+        rows.append(
+            f"| `{name}` | {_cell(_type_name(hints.get(name, p.annotation)))} | `{_cell(default)}` | "
+            f"{_cell(docs.get(name, ''))} |"
+        )
     return rows
 
 
@@ -100,10 +101,14 @@ def _first_party(distribution: str) -> bool:
 def _plugin_sections() -> list[str]:
     from moeframe import registry
 
-    out = ["## Plugins", "",
-           "Every installed first-party plugin, by kind. A model config selects one per model-part kind with "
-           "its entry-point name and that plugin's options in one mapping, e.g. `attention: {name: mha, "
-           "n_kv_heads: 2}`; an unknown option or a wrong type fails before anything is built.", ""]
+    out = [
+        "## Plugins",
+        "",
+        "Every installed first-party plugin, by kind. A model config selects one per model-part kind with "
+        "its entry-point name and that plugin's options in one mapping, e.g. `attention: {name: mha, "
+        "n_kv_heads: 2}`; an unknown option or a wrong type fails before anything is built.",
+        "",
+    ]
     for kind, spec in registry.KINDS.items():
         out += [f"### {kind}", "", f"Entry-point group `{spec.group}`.", ""]
         names = {n: infos for n, infos in registry.available(kind).items() if _first_party(infos[0].distribution)}
@@ -112,9 +117,15 @@ def _plugin_sections() -> list[str]:
         for name, infos in sorted(names.items()):
             info = infos[0]
             cls = registry.load(kind, name)
-            out += [f"#### `{name}`", "",
-                    f"`{info.value}` from **{info.distribution} {info.version}**, plugin API "
-                    f"{registry.declared_plugin_api(cls)}.", "", _plugin_description(cls), ""]
+            out += [
+                f"#### `{name}`",
+                "",
+                f"`{info.value}` from **{info.distribution} {info.version}**, plugin API "
+                f"{registry.declared_plugin_api(cls)}.",
+                "",
+                _plugin_description(cls),
+                "",
+            ]
             options = getattr(cls, "Options", None)
             if kind in ("attention", "router", "experts", "norm", "residual") and options is not None:
                 doc = _own_doc(options)
@@ -140,17 +151,24 @@ def render() -> str:
     from moeframe.training.finetune import FinetuneModule
     from moeframe.training.pretrain import PretrainModule
 
-    out = ["# Configuration reference", "",
-           "Generated from the code when the site is built (`docs/hooks/config_reference.py`): the fields, "
-           "types and defaults are the dataclasses' and signatures' own, the explanations their comments "
-           "and docstrings. To change this page, change the code.", "",
-           "A run config (`moeframe fit -c RUN.yaml`) has the sections `model` (a LightningModule: "
-           "`class_path` + `init_args`), `data` (a LightningDataModule, the same way), `trainer` (Lightning's "
-           "Trainer arguments) and `seed_everything`; `model.init_args.config` is a model config, inline or "
-           "a path to a YAML file relative to the run config. Print any resolved config with "
-           "`moeframe fit -c RUN.yaml --print_config`.", ""]
-    for title, cls in (("Model config: `moeframe.config.ModelConfig`", ModelConfig),
-                       ("Optimizer: `moeframe.config.OptimConfig`", OptimConfig)):
+    out = [
+        "# Configuration reference",
+        "",
+        "Generated from the code when the site is built (`docs/hooks/config_reference.py`): the fields, "
+        "types and defaults are the dataclasses' and signatures' own, the explanations their comments "
+        "and docstrings. To change this page, change the code.",
+        "",
+        "A run config (`moeframe fit -c RUN.yaml`) has the sections `model` (a LightningModule: "
+        "`class_path` + `init_args`), `data` (a LightningDataModule, the same way), `trainer` (Lightning's "
+        "Trainer arguments) and `seed_everything`; `model.init_args.config` is a model config, inline or "
+        "a path to a YAML file relative to the run config. Print any resolved config with "
+        "`moeframe fit -c RUN.yaml --print_config`.",
+        "",
+    ]
+    for title, cls in (
+        ("Model config: `moeframe.config.ModelConfig`", ModelConfig),
+        ("Optimizer: `moeframe.config.OptimConfig`", OptimConfig),
+    ):
         out += [f"## {title}", "", _own_doc(cls), ""] + _dataclass_table(cls) + [""]
     out += ["## Training modules (`model:` section)", ""]
     for cls in (PretrainModule, FinetuneModule):
@@ -160,11 +178,16 @@ def render() -> str:
     for cls in (PretrainDataModule, SFTDataModule):
         out += [f"### `{cls.__module__}.{cls.__qualname__}`", "", _first_paragraph(_own_doc(cls)), ""]
         out += _signature_table(cls) + [""]
-    nested = _nested_dataclasses((PretrainModule, FinetuneModule, PretrainDataModule, SFTDataModule),
-                                 exclude=(ModelConfig, OptimConfig))
+    nested = _nested_dataclasses(
+        (PretrainModule, FinetuneModule, PretrainDataModule, SFTDataModule), exclude=(ModelConfig, OptimConfig)
+    )
     if nested:
-        out += ["## Nested option groups", "",
-                "Dataclass-typed arguments of the modules above, written as a mapping under the argument's name.", ""]
+        out += [
+            "## Nested option groups",
+            "",
+            "Dataclass-typed arguments of the modules above, written as a mapping under the argument's name.",
+            "",
+        ]
         for cls in nested:
             out += [f"### `{cls.__name__}` (`{cls.__module__}`)", "", _own_doc(cls), ""] + _dataclass_table(cls) + [""]
     out += _plugin_sections()

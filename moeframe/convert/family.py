@@ -19,8 +19,9 @@ The converter (``moeframe.convert.hf``) assembles the two; it names no family an
 from __future__ import annotations
 
 import abc
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, Iterator, Optional
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from moeframe import registry
 from moeframe.errors import ConfigError
@@ -38,7 +39,7 @@ class HFTensor:
     """One tensor of an HF checkpoint and where it comes from in a moeframe state dict."""
 
     key: str  # the full HF key
-    expert: Optional[int] = None  # the slice of a tensor stacked over experts (dim 0), or the whole
+    expert: int | None = None  # the slice of a tensor stacked over experts (dim 0), or the whole
     fp32: bool = False  # kept in fp32 in every export (router state, as HF's _keep_in_fp32_modules)
     quantizable: bool = True  # may be written as FP8 blocks when the export asks for them
 
@@ -63,18 +64,18 @@ class HFFamily(abc.ABC):
         self.name = name
 
     @abc.abstractmethod
-    def config_from_hf(self, hf: dict[str, Any], path: str, mtp: bool) -> "ModelConfig":
+    def config_from_hf(self, hf: dict[str, Any], path: str, mtp: bool) -> ModelConfig:
         """A ModelConfig (plugins chosen, their options from ``cls.options_from_hf``) from an HF
         ``config.json`` dict; ``mtp=False`` leaves the multi-token-prediction layers out. Raise
         ConfigError naming ``path`` and the field on a config this family cannot read."""
 
     @abc.abstractmethod
-    def config_to_hf(self, config: "ModelConfig", mtp: bool) -> dict[str, Any]:
+    def config_to_hf(self, config: ModelConfig, mtp: bool) -> dict[str, Any]:
         """The HF ``config.json`` of ``config`` (parts' fields from ``cls.hf_config``); raise
         ConfigError saying what to change when the model has no form in this family."""
 
     @abc.abstractmethod
-    def module_prefix(self, module: str, config: "ModelConfig") -> Optional[str]:
+    def module_prefix(self, module: str, config: ModelConfig) -> str | None:
         """The HF module path of the decoder module ``module`` (``layers.3.attn`` ->
         ``model.layers.3.self_attn``), or None when this family has no place for it."""
 
@@ -84,18 +85,19 @@ class HFFamily(abc.ABC):
         ``gate_proj``) renames here, keeping the part's declaration the same for every family."""
         return f"{prefix}.{declared}"
 
-    def core_tensor(self, key: str, config: "ModelConfig") -> Optional[HFTensor]:
+    def core_tensor(self, key: str, config: ModelConfig) -> HFTensor | None:
         """The HF tensor of a state-dict key owned by no named part (the embedding, the head,
         core projections), or None when the family has none."""
         return None
 
-    def exported_copies(self, state: dict[str, "torch.Tensor"], config: "ModelConfig", mtp: bool
-                        ) -> Iterator[tuple[HFTensor, "torch.Tensor"]]:
+    def exported_copies(
+        self, state: dict[str, torch.Tensor], config: ModelConfig, mtp: bool
+    ) -> Iterator[tuple[HFTensor, torch.Tensor]]:
         """Extra tensors the released format stores (copies of shared weights), written after the
         model's own; ``skipped_on_import`` must skip them on the way back."""
         return iter(())
 
-    def skipped_on_import(self, hf_key: str, config: "ModelConfig") -> bool:
+    def skipped_on_import(self, hf_key: str, config: ModelConfig) -> bool:
         """True for checkpoint tensors the decoder does not hold (see ``exported_copies``)."""
         return False
 
@@ -129,27 +131,32 @@ def family_for_model_type(model_type: Any, path: str) -> HFFamily:
     raise ConfigError(
         f"{path}: model_type {model_type!r} is not a {_readable(families)} checkpoint; the installed "
         f"checkpoint families read model_type {', '.join(families) or 'nothing'}. A package adds a family "
-        "by registering an HFFamily subclass in the entry-point group 'moeframe.hf_family'")
+        "by registering an HFFamily subclass in the entry-point group 'moeframe.hf_family'"
+    )
 
 
-def _structure_problem(family: HFFamily, config: "ModelConfig") -> Optional[str]:
+def _structure_problem(family: HFFamily, config: ModelConfig) -> str | None:
     """What of the model's structure the family's checkpoints cannot record (see the class flags)."""
     from dataclasses import fields
 
     from moeframe.config import ModelConfig
 
     if config.layers and not family.records_per_layer_choices:
-        return ("the model chooses plugins per layer (model.layers), which this family's checkpoints "
-                "cannot record; export a model with one plugin per kind, or use a family that records them")
+        return (
+            "the model chooses plugins per layer (model.layers), which this family's checkpoints "
+            "cannot record; export a model with one plugin per kind, or use a family that records them"
+        )
     default = next(f for f in fields(ModelConfig) if f.name == "residual").default_factory()  # type: ignore[misc]
     residual = config.residual if isinstance(config.residual, dict) else {"name": config.residual}
     if residual.get("name") != default.get("name") and not family.records_residual:
-        return (f"the model's residual stream {residual.get('name')!r} has no form in this family's "
-                f"checkpoints (they assume {default.get('name')!r}); use a family that records it")
+        return (
+            f"the model's residual stream {residual.get('name')!r} has no form in this family's "
+            f"checkpoints (they assume {default.get('name')!r}); use a family that records it"
+        )
     return None
 
 
-def _export_problem(family: HFFamily, config: "ModelConfig") -> Optional[str]:
+def _export_problem(family: HFFamily, config: ModelConfig) -> str | None:
     if (problem := _structure_problem(family, config)) is not None:
         return problem
     try:
@@ -159,7 +166,7 @@ def _export_problem(family: HFFamily, config: "ModelConfig") -> Optional[str]:
     return None
 
 
-def family_for_export(config: "ModelConfig", name: Optional[str] = None) -> HFFamily:
+def family_for_export(config: ModelConfig, name: str | None = None) -> HFFamily:
     """The family ``name``, or (None) the one installed family in which ``config`` has a form."""
     if name is not None:
         family = _load(name)
@@ -176,7 +183,9 @@ def family_for_export(config: "ModelConfig", name: Optional[str] = None) -> HFFa
     if len(fits) == 1:
         return next(f for f in by_class.values() if f.name == fits[0])
     if fits:
-        raise ConfigError(f"the model has a form in several HF checkpoint families ({', '.join(fits)}); "
-                          "choose one with --family NAME (Python: family=NAME)")
+        raise ConfigError(
+            f"the model has a form in several HF checkpoint families ({', '.join(fits)}); "
+            "choose one with --family NAME (Python: family=NAME)"
+        )
     reasons = "; ".join(f"{n}: {p}" for n, p in problems.items()) or "no checkpoint family is installed"
     raise ConfigError(f"the model has no form in any installed HF checkpoint family ({reasons})")

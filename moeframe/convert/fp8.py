@@ -16,8 +16,9 @@ file and reads only the requested tensor), so converting never holds more than t
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -38,19 +39,24 @@ def _pad_to_blocks(w: torch.Tensor, block: int) -> torch.Tensor:
     return F.pad(w, (0, _blocks(cols, block) * block - cols, 0, _blocks(rows, block) * block - rows))
 
 
-def dequantize_blocks(w_fp8: torch.Tensor, scale_inv: torch.Tensor, block: int = BLOCK,
-                      dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def dequantize_blocks(
+    w_fp8: torch.Tensor, scale_inv: torch.Tensor, block: int = BLOCK, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     """``[out, in]`` in ``dtype`` from E4M3 values and their per-block scales."""
     rows, cols = w_fp8.shape
     expected = (_blocks(rows, block), _blocks(cols, block))
     if tuple(scale_inv.shape) != expected:
-        raise ValueError(f"weight_scale_inv has shape {tuple(scale_inv.shape)}, expected {expected} "
-                         f"for a [{rows}, {cols}] weight in {block}x{block} blocks")
+        raise ValueError(
+            f"weight_scale_inv has shape {tuple(scale_inv.shape)}, expected {expected} "
+            f"for a [{rows}, {cols}] weight in {block}x{block} blocks"
+        )
     scale = scale_inv.float().repeat_interleave(block, 0)[:rows].repeat_interleave(block, 1)[:, :cols]
     return (w_fp8.float() * scale).to(dtype)
 
 
-def quantize_blocks(w: torch.Tensor, block: int = BLOCK, power_of_two: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_blocks(
+    w: torch.Tensor, block: int = BLOCK, power_of_two: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(E4M3 weight, weight_scale_inv) for a 2-D weight, 128×128 blocks, amax scaling."""
     rows, cols = w.shape
     br, bc = _blocks(rows, block), _blocks(cols, block)
@@ -71,11 +77,17 @@ class ScaleLookup:
     handle; at most ``keep_open`` other shards stay open (scales sit near their weights).
     """
 
-    def __init__(self, folder: Path, files: list[Path], weight_map: Optional[dict[str, str]],
-                 open_shard: Callable[[Path], Any], keep_open: int = 2) -> None:
+    def __init__(
+        self,
+        folder: Path,
+        files: list[Path],
+        weight_map: dict[str, str] | None,
+        open_shard: Callable[[Path], Any],
+        keep_open: int = 2,
+    ) -> None:
         self.folder, self.open_shard, self.keep_open = folder, open_shard, keep_open
         self.weight_map = weight_map if weight_map is not None else self._map_from_headers(files)
-        self._handles: "OrderedDict[str, Any]" = OrderedDict()
+        self._handles: OrderedDict[str, Any] = OrderedDict()
 
     def _map_from_headers(self, files: list[Path]) -> dict[str, str]:
         weight_map: dict[str, str] = {}
@@ -98,11 +110,15 @@ class ScaleLookup:
         if shard is None and scale_key in current.keys():
             shard = file.name  # an index that forgot a tensor of this very shard
         if shard is None:
-            raise ConfigError(f"{self.folder}: {key} (in {file.name}) is FP8 but {scale_key} is in no shard; "
-                              "the checkpoint is incomplete: download or convert it again")
+            raise ConfigError(
+                f"{self.folder}: {key} (in {file.name}) is FP8 but {scale_key} is in no shard; "
+                "the checkpoint is incomplete: download or convert it again"
+            )
         handle = current if shard == file.name else self._handle(shard)
         try:
             return handle.get_tensor(scale_key)
         except Exception as exc:  # safetensors' own error type for a key the shard lacks
-            raise ConfigError(f"{self.folder}: model.safetensors.index.json puts {scale_key} in {shard}, which "
-                              "does not hold it; the index does not belong to these shards") from exc
+            raise ConfigError(
+                f"{self.folder}: model.safetensors.index.json puts {scale_key} in {shard}, which "
+                "does not hold it; the index does not belong to these shards"
+            ) from exc

@@ -23,16 +23,16 @@ import json
 import os
 import shutil
 import uuid
+from collections.abc import Iterator
 from dataclasses import fields
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from moeframe import registry
 from moeframe.config import ConfigError, ModelConfig
 from moeframe.convert.family import HFFamily, HFTensor, family_for_export, family_for_model_type
 from moeframe.convert.fp8 import ScaleLookup, dequantize_blocks, quantize_blocks
@@ -42,7 +42,7 @@ from moeframe.model.hfnames import EXPERT, HFNamed
 
 
 # -- names ----------------------------------------------------------------------------------------
-def _part_of(key: str, parts: dict[str, nn.Module]) -> Optional[str]:
+def _part_of(key: str, parts: dict[str, nn.Module]) -> str | None:
     """The outermost named part holding state-dict ``key`` (MLA's inner norms belong to MLA)."""
     segments = key.split(".")
     for i in range(1, len(segments)):
@@ -52,22 +52,27 @@ def _part_of(key: str, parts: dict[str, nn.Module]) -> Optional[str]:
     return None
 
 
-def _part_names(part: nn.Module, path: str, family: HFFamily) -> dict[str, Optional[str]]:
+def _part_names(part: nn.Module, path: str, family: HFFamily) -> dict[str, str | None]:
     names = type(part).hf_tensor_names(family.name)  # type: ignore[attr-defined]
     if names is None:
         cls = type(part)
-        raise ConfigError(f"{cls.__module__}.{cls.__qualname__} (at {path}) declares no HF tensor names, so it "
-                          f"cannot convert to or from HF family {family.name!r}: implement its hf_tensor_names()")
+        raise ConfigError(
+            f"{cls.__module__}.{cls.__qualname__} (at {path}) declares no HF tensor names, so it "
+            f"cannot convert to or from HF family {family.name!r}: implement its hf_tensor_names()"
+        )
     return names
 
 
-def _part_tensors(key: str, shape: tuple[int, ...], path: str, part: nn.Module, family: HFFamily,
-                  config: ModelConfig) -> list[HFTensor]:
-    rel = key[len(path) + 1:]
+def _part_tensors(
+    key: str, shape: tuple[int, ...], path: str, part: nn.Module, family: HFFamily, config: ModelConfig
+) -> list[HFTensor]:
+    rel = key[len(path) + 1 :]
     names = _part_names(part, path, family)
     if rel not in names:
-        raise ConfigError(f"{type(part).__qualname__} (at {path}) declares no HF name for its tensor {rel!r} "
-                          f"(it declares {sorted(names)}): add it to hf_tensor_names()")
+        raise ConfigError(
+            f"{type(part).__qualname__} (at {path}) declares no HF name for its tensor {rel!r} "
+            f"(it declares {sorted(names)}): add it to hf_tensor_names()"
+        )
     template = names[rel]
     if template is None:  # moeframe-only state (a counter) that checkpoints do not carry
         return []
@@ -77,8 +82,10 @@ def _part_tensors(key: str, shape: tuple[int, ...], path: str, part: nn.Module, 
     # router state, and what the part declares, stays fp32 and is never quantised
     fp32 = isinstance(part, RouterBase) or rel in type(part).hf_fp32_tensors(family.name)
     if EXPERT in template:
-        return [HFTensor(family.tensor_key(prefix, template.replace(EXPERT, str(k))), k, fp32, not fp32)
-                for k in range(shape[0])]
+        return [
+            HFTensor(family.tensor_key(prefix, template.replace(EXPERT, str(k))), k, fp32, not fp32)
+            for k in range(shape[0])
+        ]
     return [HFTensor(family.tensor_key(prefix, template), None, fp32, not fp32)]
 
 
@@ -109,9 +116,11 @@ def _check_unique(names: dict[str, list[HFTensor]], family: HFFamily) -> None:
     for key, tensors in names.items():
         for t in tensors:
             if t.key in owner:
-                raise ConfigError(f"HF family {family.name!r} maps both {owner[t.key]!r} and {key!r} to the HF "
-                                  f"tensor {t.key!r}; the parts' hf_tensor_names or the family's module_prefix "
-                                  "must give each tensor its own name")
+                raise ConfigError(
+                    f"HF family {family.name!r} maps both {owner[t.key]!r} and {key!r} to the HF "
+                    f"tensor {t.key!r}; the parts' hf_tensor_names or the family's module_prefix "
+                    "must give each tensor its own name"
+                )
             owner[t.key] = key
 
 
@@ -122,12 +131,16 @@ def config_from_hf(hf: dict[str, Any], path: str = "config.json", mtp: bool = Tr
     return family_for_model_type(hf.get("model_type"), path).config_from_hf(hf, path, mtp)
 
 
-def config_to_hf(cfg: ModelConfig, fp8: bool = False, mtp: bool = True, family: Optional[str] = None) -> dict[str, Any]:
+def config_to_hf(cfg: ModelConfig, fp8: bool = False, mtp: bool = True, family: str | None = None) -> dict[str, Any]:
     """The HF ``config.json`` of ``cfg`` in ``family`` (default: the one installed family that fits)."""
     out = family_for_export(cfg, family).config_to_hf(cfg, mtp)
     if fp8:  # HF's fine-grained FP8 format, as DeepSeek released it
-        out["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
-                                      "weight_block_size": [128, 128]}
+        out["quantization_config"] = {
+            "quant_method": "fp8",
+            "fmt": "e4m3",
+            "activation_scheme": "dynamic",
+            "weight_block_size": [128, 128],
+        }
     return out
 
 
@@ -143,8 +156,10 @@ def _shard_files(folder: Path) -> list[Path]:
         names = sorted(set(weight_map.values()))
         missing = [n for n in names if not (folder / n).is_file()]
         if missing:
-            raise ConfigError(f"{folder}: shard {missing[0]} is listed in {index.name} but missing "
-                              f"({len(missing)} missing in all); download the complete checkpoint")
+            raise ConfigError(
+                f"{folder}: shard {missing[0]} is listed in {index.name} but missing "
+                f"({len(missing)} missing in all); download the complete checkpoint"
+            )
         return [folder / n for n in names]
     files = sorted(folder.glob("*.safetensors"))
     if not files:
@@ -164,8 +179,10 @@ def _check_quantization(hf: dict[str, Any], path: Path) -> bool:
     if q is None:
         return False
     if q.get("quant_method") != "fp8" or list(q.get("weight_block_size", [])) != [128, 128]:
-        raise ConfigError(f"{path}: unsupported quantization_config {q}; moeframe reads BF16/FP32 checkpoints and "
-                          "DeepSeek's FP8 format (quant_method fp8, weight_block_size [128, 128])")
+        raise ConfigError(
+            f"{path}: unsupported quantization_config {q}; moeframe reads BF16/FP32 checkpoints and "
+            "DeepSeek's FP8 format (quant_method fp8, weight_block_size [128, 128])"
+        )
     return True
 
 
@@ -180,7 +197,7 @@ def read_hf_config(folder: str | Path, mtp: bool = True) -> tuple[dict[str, Any]
     return hf, config_from_hf(hf, str(cfg_path), mtp)
 
 
-def _targets(decoder: Decoder, family: HFFamily) -> dict[str, tuple[torch.Tensor, Optional[int]]]:
+def _targets(decoder: Decoder, family: HFFamily) -> dict[str, tuple[torch.Tensor, int | None]]:
     """HF key -> (moeframe tensor or expert slice owner, expert index)."""
     state = decoder.state_dict(keep_vars=True)
     return {t.key: (state[name], t.expert) for name, tensors in tensor_map(decoder, family).items() for t in tensors}
@@ -210,13 +227,17 @@ def from_hf(path: str | Path, dtype: torch.dtype = torch.float32, progress: bool
                 if key.endswith("weight_scale_inv") or family.skipped_on_import(key, cfg):
                     continue  # scales are read with their weight
                 if key not in targets:
-                    raise ConfigError(f"{file.name}: unexpected tensor {key!r} for this config; is config.json "
-                                      "the one that belongs to these shards?")
+                    raise ConfigError(
+                        f"{file.name}: unexpected tensor {key!r} for this config; is config.json "
+                        "the one that belongs to these shards?"
+                    )
                 value = f.get_tensor(key)
                 if value.dtype == torch.float8_e4m3fn:
                     if scales is None:
-                        raise ConfigError(f"{file.name}: {key} is FP8 but config.json has no quantization_config "
-                                          "(quant_method fp8); is config.json the one that belongs to these shards?")
+                        raise ConfigError(
+                            f"{file.name}: {key} is FP8 but config.json has no quantization_config "
+                            "(quant_method fp8); is config.json the one that belongs to these shards?"
+                        )
                     value = dequantize_blocks(value, scales.scale_for(key, file, f))
                 _copy_into(targets[key], value, key, file)
                 filled.add(key)
@@ -226,7 +247,7 @@ def from_hf(path: str | Path, dtype: torch.dtype = torch.float32, progress: bool
     return decoder
 
 
-def _copy_into(target: tuple[torch.Tensor, Optional[int]], value: torch.Tensor, key: str, file: Path) -> None:
+def _copy_into(target: tuple[torch.Tensor, int | None], value: torch.Tensor, key: str, file: Path) -> None:
     tensor, expert = target
     dest = tensor[expert] if expert is not None else tensor
     if tuple(dest.shape) != tuple(value.shape):
@@ -249,8 +270,9 @@ def _hf_state(decoder: Decoder, family: HFFamily, mtp: bool) -> Iterator[tuple[H
     yield from family.exported_copies(state, cfg, mtp)
 
 
-def _hf_tensors(decoder: Decoder, family: HFFamily, fp8: bool, dtype: torch.dtype, mtp: bool = True
-                ) -> Iterator[tuple[str, torch.Tensor]]:
+def _hf_tensors(
+    decoder: Decoder, family: HFFamily, fp8: bool, dtype: torch.dtype, mtp: bool = True
+) -> Iterator[tuple[str, torch.Tensor]]:
     for t, value in _hf_state(decoder, family, mtp):
         value = value.detach().cpu()
         if fp8 and value.dim() == 2 and t.quantizable:
@@ -261,8 +283,16 @@ def _hf_tensors(decoder: Decoder, family: HFFamily, fp8: bool, dtype: torch.dtyp
             yield t.key, value.float().contiguous() if t.fp32 else value.to(dtype).contiguous()
 
 
-def to_hf(decoder: Decoder, out: str | Path, fp8: bool = False, dtype: torch.dtype = torch.bfloat16,
-          shard_bytes: int = 4 << 30, progress: bool = True, mtp: bool = True, family: Optional[str] = None) -> Path:
+def to_hf(
+    decoder: Decoder,
+    out: str | Path,
+    fp8: bool = False,
+    dtype: torch.dtype = torch.bfloat16,
+    shard_bytes: int = 4 << 30,
+    progress: bool = True,
+    mtp: bool = True,
+    family: str | None = None,
+) -> Path:
     """Write ``decoder`` as an HF folder of ``family`` (default: the one installed checkpoint
     family the model fits, DeepSeek-V3 for MLA models), atomically: a partial folder is renamed
     at the end; ``mtp=False`` drops the MTP modules (inference-only export)."""
@@ -279,7 +309,9 @@ def to_hf(decoder: Decoder, out: str | Path, fp8: bool = False, dtype: torch.dty
         shards: list[list[str]] = [[]]  # keys per shard; tensors are written as each shard fills
         buffer: dict[str, torch.Tensor] = {}
         size = 0
-        for key, value in tqdm(_hf_tensors(decoder, chosen, fp8, dtype, mtp), desc="writing tensors", disable=not progress):
+        for key, value in tqdm(
+            _hf_tensors(decoder, chosen, fp8, dtype, mtp), desc="writing tensors", disable=not progress
+        ):
             if size and size + value.nbytes > shard_bytes:
                 _write_shard(partial, len(shards), buffer)
                 shards.append([])
@@ -306,7 +338,7 @@ def _write_shard(folder: Path, n: int, tensors: dict[str, torch.Tensor]) -> None
     _save_safetensors(tensors, folder / f"model-{n:05d}.safetensors", metadata={"format": "pt"})
 
 
-def _save_safetensors(tensors: dict[str, torch.Tensor], file: Path, metadata: Optional[dict[str, str]] = None) -> None:
+def _save_safetensors(tensors: dict[str, torch.Tensor], file: Path, metadata: dict[str, str] | None = None) -> None:
     """``save_file``, then the permissions every other output file gets (0666 less the umask):
     safetensors writes through a temporary file created 0600, which would leave the weights
     unreadable to the group that can read the config beside them."""
@@ -336,7 +368,9 @@ def load_moeframe(path: str | Path) -> Decoder:
         from moeframe.model.lora import LoRAOptions, apply_lora, merge_lora
 
         apply_lora(decoder, LoRAOptions(**finetune["lora"]))
-    _load_state(decoder, {k[len("decoder."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("decoder.")}, path)
+    _load_state(
+        decoder, {k[len("decoder.") :]: v for k, v in ckpt["state_dict"].items() if k.startswith("decoder.")}, path
+    )
     if finetune.get("method") == "lora":
         merge_lora(decoder)
     return decoder
@@ -349,11 +383,15 @@ def model_config_of_checkpoint(ckpt: dict[str, Any], path: str | Path) -> ModelC
         try:
             cfg = ModelConfig(**cfg)
         except TypeError as exc:
-            raise ConfigError(f"{path}: its stored model config does not fit this moeframe ({exc}); convert it "
-                              "with the moeframe version that wrote it") from None
+            raise ConfigError(
+                f"{path}: its stored model config does not fit this moeframe ({exc}); convert it "
+                "with the moeframe version that wrote it"
+            ) from None
     if not isinstance(cfg, ModelConfig) or "state_dict" not in ckpt:
-        raise ConfigError(f"{path} is not a checkpoint of a moeframe module (no hyper_parameters.config / "
-                          "state_dict); pass a .ckpt written by `moeframe fit`")
+        raise ConfigError(
+            f"{path} is not a checkpoint of a moeframe module (no hyper_parameters.config / "
+            "state_dict); pass a .ckpt written by `moeframe fit`"
+        )
     return cfg
 
 
@@ -369,8 +407,9 @@ def _checked_read(file: Path, read: Any) -> Any:
         return read(file)
     except Exception as exc:  # safetensors, zip and pickle readers each raise their own types
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise CheckpointError(f"{file} cannot be read ({first[:200]}); it is truncated or corrupted: "
-                              "copy or convert it again") from exc
+        raise CheckpointError(
+            f"{file} cannot be read ({first[:200]}); it is truncated or corrupted: copy or convert it again"
+        ) from exc
 
 
 def read_checkpoint_file(path: str | Path) -> dict[str, Any]:
@@ -380,8 +419,9 @@ def read_checkpoint_file(path: str | Path) -> dict[str, Any]:
 
     ckpt = _checked_read(Path(path), lambda f: torch.load(f, map_location="cpu", weights_only=True))
     if not isinstance(ckpt, dict):
-        raise CheckpointError(f"{path} holds a {type(ckpt).__name__}, not a checkpoint; pass a .ckpt written by "
-                              "`moeframe fit`")
+        raise CheckpointError(
+            f"{path} holds a {type(ckpt).__name__}, not a checkpoint; pass a .ckpt written by `moeframe fit`"
+        )
     return ckpt
 
 
@@ -396,12 +436,16 @@ def _load_state(decoder: Decoder, state: dict[str, torch.Tensor], path: Path) ->
         result = decoder.load_state_dict(state, strict=False)
     except RuntimeError as exc:  # tensors of the wrong shape
         detail = next((ln.strip() for ln in str(exc).splitlines()[1:] if ln.strip()), str(exc))
-        raise CheckpointError(f"{path}: the weights do not match the model config stored with them ({detail[:300]}); "
-                              "the checkpoint is damaged: copy or convert it again") from None
+        raise CheckpointError(
+            f"{path}: the weights do not match the model config stored with them ({detail[:300]}); "
+            "the checkpoint is damaged: copy or convert it again"
+        ) from None
     missing = [k for k in result.missing_keys if not (decoder.config.tie_embeddings and k == "head.weight")]
     if missing or result.unexpected_keys:
-        raise ConfigError(f"{path}: the weights do not match the config (missing {missing[:3]}, "
-                          f"unexpected {result.unexpected_keys[:3]}); is this the config that belongs to them?")
+        raise ConfigError(
+            f"{path}: the weights do not match the config (missing {missing[:3]}, "
+            f"unexpected {result.unexpected_keys[:3]}); is this the config that belongs to them?"
+        )
 
 
 def folder_config(path: Path) -> ModelConfig:
@@ -412,8 +456,9 @@ def folder_config(path: Path) -> ModelConfig:
     try:
         return ModelConfig(**data)
     except TypeError as exc:
-        raise ConfigError(f"{path / 'moeframe.yaml'}: not a model config ({exc}); convert the checkpoint "
-                          "again") from None
+        raise ConfigError(
+            f"{path / 'moeframe.yaml'}: not a model config ({exc}); convert the checkpoint again"
+        ) from None
 
 
 def save_moeframe(decoder: Decoder, out: str | Path) -> Path:
@@ -422,8 +467,13 @@ def save_moeframe(decoder: Decoder, out: str | Path) -> Path:
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=False)
-    (out / "moeframe.yaml").write_text(yaml.safe_dump({f.name: getattr(decoder.config, f.name) for f in fields(ModelConfig)}, sort_keys=False))
-    state = {k: v.contiguous() for k, v in decoder.state_dict().items()
-             if not (decoder.config.tie_embeddings and k == "head.weight")}  # tied: stored once
+    (out / "moeframe.yaml").write_text(
+        yaml.safe_dump({f.name: getattr(decoder.config, f.name) for f in fields(ModelConfig)}, sort_keys=False)
+    )
+    state = {
+        k: v.contiguous()
+        for k, v in decoder.state_dict().items()
+        if not (decoder.config.tie_embeddings and k == "head.weight")
+    }  # tied: stored once
     _save_safetensors(state, out / "model.safetensors")
     return out

@@ -28,7 +28,7 @@ from __future__ import annotations
 import os
 import struct
 from pathlib import Path
-from typing import BinaryIO, Optional
+from typing import BinaryIO
 
 import numpy as np
 
@@ -38,7 +38,14 @@ INDEX_HEADER = b"MMIDIDX\x00\x00"
 INDEX_VERSION = 1
 # Megatron's DType codes
 DTYPE_CODES: dict[int, type] = {
-    1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 6: np.float64, 7: np.float32, 8: np.uint16,
+    1: np.uint8,
+    2: np.int8,
+    3: np.int16,
+    4: np.int32,
+    5: np.int64,
+    6: np.float64,
+    7: np.float32,
+    8: np.uint16,
 }
 CODE_OF_DTYPE = {np.dtype(v): k for k, v in DTYPE_CODES.items()}
 _FIXED_HEADER_BYTES = 9 + 8 + 1 + 8 + 8
@@ -71,7 +78,7 @@ class IndexedDatasetWriter:
 
     def __init__(self, prefix: Path, dtype: np.dtype) -> None:
         self.prefix, self.dtype = Path(prefix), np.dtype(dtype)
-        self._bin: Optional[BinaryIO] = open(self.prefix.with_suffix(".bin"), "wb")
+        self._bin: BinaryIO | None = open(self.prefix.with_suffix(".bin"), "wb")
         self._lengths: list[int] = []
         self.num_tokens = 0
 
@@ -102,8 +109,10 @@ class IndexedDataset:
         idx, self.bin_path = self.prefix.with_suffix(".idx"), self.prefix.with_suffix(".bin")
         for f in (idx, self.bin_path):
             if not f.is_file():
-                raise ConfigError(f"indexed dataset {str(self.prefix)!r}: missing {f.name} "
-                                  f"(expected {idx.name} + {self.bin_path.name})")
+                raise ConfigError(
+                    f"indexed dataset {str(self.prefix)!r}: missing {f.name} "
+                    f"(expected {idx.name} + {self.bin_path.name})"
+                )
         self._read_index(idx)
         self.num_bytes = int(self.sequence_lengths.astype(np.int64).sum()) * self.dtype.itemsize
         if self.bin_path.stat().st_size != self.num_bytes:
@@ -113,23 +122,29 @@ class IndexedDataset:
             )
         # opened now, as a memory map would be: a folder deleted during the run stays readable until
         # the check at the next epoch (PretrainDataModule._check_still_there) says so in one line
-        self._fd: Optional[int] = os.open(self.bin_path, os.O_RDONLY)
+        self._fd: int | None = os.open(self.bin_path, os.O_RDONLY)
 
     def _read_index(self, idx: Path) -> None:
         with open(idx, "rb") as f:
             head = f.read(_FIXED_HEADER_BYTES)
         if len(head) < _FIXED_HEADER_BYTES or head[:9] != INDEX_HEADER:
-            raise ConfigError(f"{idx} is not a Megatron indexed-dataset index (bad header): it is damaged or not an "
-                              "index; prepare the data again (moeframe prepare)")
+            raise ConfigError(
+                f"{idx} is not a Megatron indexed-dataset index (bad header): it is damaged or not an "
+                "index; prepare the data again (moeframe prepare)"
+            )
         version, code, n_seq, n_doc = struct.unpack("<QBQQ", head[9:])
         if version != INDEX_VERSION or code not in DTYPE_CODES:
-            raise ConfigError(f"{idx}: unsupported index version {version} or dtype code {code}; prepare the data "
-                              "again (moeframe prepare)")
+            raise ConfigError(
+                f"{idx}: unsupported index version {version} or dtype code {code}; prepare the data "
+                "again (moeframe prepare)"
+            )
         expected = _FIXED_HEADER_BYTES + 4 * n_seq + 8 * n_seq + 8 * n_doc
         if idx.stat().st_size != expected:  # a damaged index would read past its end
-            raise ConfigError(f"{idx}: {idx.stat().st_size} bytes, but its header describes {expected} "
-                              f"({n_seq} sequences, {n_doc} documents): the index is truncated or damaged; "
-                              "prepare the data again (moeframe prepare)")
+            raise ConfigError(
+                f"{idx}: {idx.stat().st_size} bytes, but its header describes {expected} "
+                f"({n_seq} sequences, {n_doc} documents): the index is truncated or damaged; "
+                "prepare the data again (moeframe prepare)"
+            )
         self.dtype = np.dtype(DTYPE_CODES[code])
         buf = np.memmap(idx, dtype=np.uint8, mode="r")
         off = _FIXED_HEADER_BYTES

@@ -24,16 +24,17 @@ import sys
 import time
 import uuid
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Literal, Optional
+from typing import Any, Literal
 
 import numpy as np
 
-from moeframe.errors import ConfigError
 from moeframe.data.corpus import stdlib_files, stdlib_root
 from moeframe.data.indexed import IndexedDatasetWriter, token_dtype
 from moeframe.data.tokenizer import ByteTokenizer, Tokenizer, load_tokenizer
+from moeframe.errors import ConfigError
 
 META_FORMAT = "moeframe-prepared/1"
 DecodeErrorPolicy = Literal["skip", "error"]
@@ -56,7 +57,7 @@ def _is_hidden(rel: Path) -> bool:
     return any(part.startswith(".") for part in rel.parts)
 
 
-def _open_error(path: Path) -> Optional[str]:
+def _open_error(path: Path) -> str | None:
     try:
         with path.open("rb"):
             return None
@@ -74,19 +75,23 @@ def collect_sources(inputs: list[str | Path]) -> list[Source]:
         if root.is_file():
             sources.append(Source(root, root.name))
             continue
-        files = sorted((p for p in root.rglob("*") if p.is_file() and not _is_hidden(p.relative_to(root))),
-                       key=lambda p: p.relative_to(root).as_posix())
+        files = sorted(
+            (p for p in root.rglob("*") if p.is_file() and not _is_hidden(p.relative_to(root))),
+            key=lambda p: p.relative_to(root).as_posix(),
+        )
         sources += [Source(p, f"{root.name}/{p.relative_to(root).as_posix()}") for p in files]
     unreadable = [f"{s.path} ({err})" for s in sources if (err := _open_error(s.path))]
     if unreadable:
         raise ConfigError(f"cannot read {len(unreadable)} input file(s), e.g. {unreadable[0]}; fix their permissions")
     if not sources:
-        raise ConfigError(f"no input files found in {', '.join(map(str, inputs))}: the folder is empty "
-                          "(hidden files are ignored); put text, .jsonl or .parquet files in it")
+        raise ConfigError(
+            f"no input files found in {', '.join(map(str, inputs))}: the folder is empty "
+            "(hidden files are ignored); put text, .jsonl or .parquet files in it"
+        )
     return sources
 
 
-def stdlib_sources(max_bytes: Optional[int]) -> list[Source]:
+def stdlib_sources(max_bytes: int | None) -> list[Source]:
     """The embedded default corpus: the running Python's stdlib sources, sorted, up to max_bytes."""
     root, out, total = stdlib_root(), [], 0
     for path in stdlib_files(root):
@@ -122,20 +127,23 @@ def _jsonl_text(path: Path, number: int, line: bytes, field_name: str) -> str:
     try:
         record = json.loads(line.decode("utf-8"))
     except json.JSONDecodeError as exc:
-        raise ConfigError(f"{path}:{number}: not valid JSON ({exc.msg} at column {exc.colno}); fix or remove "
-                          "that line") from None
+        raise ConfigError(
+            f"{path}:{number}: not valid JSON ({exc.msg} at column {exc.colno}); fix or remove that line"
+        ) from None
     if not isinstance(record, dict):
-        raise ConfigError(f"{path}:{number}: expected a JSON object with a {field_name!r} field, got a "
-                          f"{type(record).__name__}; fix or remove that line")
+        raise ConfigError(
+            f"{path}:{number}: expected a JSON object with a {field_name!r} field, got a "
+            f"{type(record).__name__}; fix or remove that line"
+        )
     if field_name not in record:
         raise ConfigError(f"{path}:{number}: no field {field_name!r} (set --field)")
     return str(record[field_name])
 
 
-_worker_tokenizer: Optional[Tokenizer] = None
+_worker_tokenizer: Tokenizer | None = None
 
 
-def _init_worker(tokenizer_spec: str, eos_token: Optional[str]) -> None:
+def _init_worker(tokenizer_spec: str, eos_token: str | None) -> None:
     global _worker_tokenizer
     _worker_tokenizer = load_tokenizer(tokenizer_spec, eos_token)
 
@@ -153,7 +161,7 @@ class FileResult:
     source: Source
     documents: list[tuple[str, np.ndarray]] = field(default_factory=list)
     num_bytes: int = 0
-    error: Optional[str] = None  # non-UTF-8 input that was skipped
+    error: str | None = None  # non-UTF-8 input that was skipped
 
 
 def _tokenize_source(args: tuple[Source, str, str]) -> FileResult:
@@ -164,16 +172,22 @@ def _tokenize_source(args: tuple[Source, str, str]) -> FileResult:
         result.documents = [(name, _encode(_worker_tokenizer, text)) for name, text in _documents(source, field_name)]
     except UnicodeDecodeError as exc:
         if on_decode_error == "error":
-            raise ConfigError(f"{source.path} is not valid UTF-8 ({exc.reason} at byte {exc.start}); "
-                              "fix or remove it, or prepare with --on-decode-error skip") from None
+            raise ConfigError(
+                f"{source.path} is not valid UTF-8 ({exc.reason} at byte {exc.start}); "
+                "fix or remove it, or prepare with --on-decode-error skip"
+            ) from None
         result.documents, result.error = [], f"not UTF-8 at byte {exc.start}"
     return result
 
 
 # -- fingerprints and metadata --------------------------------------------------------------------
-def tokenizer_fingerprint(spec: str, eos_token: Optional[str] = None) -> dict[str, Any]:
+def tokenizer_fingerprint(spec: str, eos_token: str | None = None) -> dict[str, Any]:
     tok = load_tokenizer(spec, eos_token)
-    info: dict[str, Any] = {"kind": "byte" if spec == "byte" else "hf", "vocab_size": tok.vocab_size, "eos_id": tok.eos_id}
+    info: dict[str, Any] = {
+        "kind": "byte" if spec == "byte" else "hf",
+        "vocab_size": tok.vocab_size,
+        "eos_id": tok.eos_id,
+    }
     if spec != "byte":
         path = Path(spec) / "tokenizer.json" if Path(spec).is_dir() else Path(spec)
         info["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
@@ -188,7 +202,7 @@ def inputs_fingerprint(sources: list[Source], options: dict[str, Any]) -> str:
     return h.hexdigest()
 
 
-def read_meta(out: Path) -> Optional[dict[str, Any]]:
+def read_meta(out: Path) -> dict[str, Any] | None:
     """The dataset description of a prepared folder (None when there is none); a damaged one is a
     ConfigError naming it."""
     from moeframe.badinput import load_json_file
@@ -199,8 +213,10 @@ def read_meta(out: Path) -> Optional[dict[str, Any]]:
     data = load_json_file(meta, "prepared dataset description")
     missing = [k for k in ("tokenizer", "splits") if k not in data]
     if missing:
-        raise ConfigError(f"{meta} has no {', '.join(missing)}: it is not a moeframe dataset description; "
-                          "prepare the data again (moeframe prepare)")
+        raise ConfigError(
+            f"{meta} has no {', '.join(missing)}: it is not a moeframe dataset description; "
+            "prepare the data again (moeframe prepare)"
+        )
     return data
 
 
@@ -212,7 +228,7 @@ class _SplitWriter:
         folder.mkdir(parents=True)
         self.folder, self.dtype, self.shard_tokens = folder, dtype, shard_tokens
         self.shards: list[dict[str, int | str]] = []
-        self.writer: Optional[IndexedDatasetWriter] = None
+        self.writer: IndexedDatasetWriter | None = None
 
     def add(self, ids: np.ndarray) -> None:
         if self.writer is None or self.writer.num_tokens >= self.shard_tokens:
@@ -223,14 +239,22 @@ class _SplitWriter:
     def _close(self) -> None:
         if self.writer is not None:
             self.writer.finalize()
-            self.shards.append({"prefix": self.writer.prefix.name, "documents": self.writer.num_documents,
-                                "tokens": self.writer.num_tokens})
+            self.shards.append(
+                {
+                    "prefix": self.writer.prefix.name,
+                    "documents": self.writer.num_documents,
+                    "tokens": self.writer.num_tokens,
+                }
+            )
             self.writer = None
 
     def close(self) -> dict[str, Any]:
         self._close()
-        return {"shards": self.shards, "documents": sum(int(s["documents"]) for s in self.shards),
-                "tokens": sum(int(s["tokens"]) for s in self.shards)}
+        return {
+            "shards": self.shards,
+            "documents": sum(int(s["documents"]) for s in self.shards),
+            "tokens": sum(int(s["tokens"]) for s in self.shards),
+        }
 
 
 def is_held_out(name: str, val_permille: int) -> bool:
@@ -275,7 +299,7 @@ def prepare(
     sources: list[Source],
     out: str | Path,
     tokenizer: str = "byte",
-    eos_token: Optional[str] = None,
+    eos_token: str | None = None,
     field_name: str = "text",
     val_permille: int = 50,
     workers: int = 2,
@@ -287,30 +311,57 @@ def prepare(
     """Tokenise ``sources`` into ``out`` (see the module docstring); returns the summary."""
     out = Path(out)
     tok_info = tokenizer_fingerprint(tokenizer, eos_token)
-    options = {"field": field_name, "val_permille": val_permille, "on_decode_error": on_decode_error,
-               "tokenizer": tok_info, "shard_tokens": shard_tokens}
+    options = {
+        "field": field_name,
+        "val_permille": val_permille,
+        "on_decode_error": on_decode_error,
+        "tokenizer": tok_info,
+        "shard_tokens": shard_tokens,
+    }
     fingerprint = inputs_fingerprint(sources, options)
     existing = _existing_meta(out, overwrite)
     if existing is not None and existing.get("fingerprint") == fingerprint:
-        return PrepareSummary(str(out), existing["documents"], existing["tokens"], existing["bytes"], 0.0,
-                              existing["skipped_files"], reused=True)
+        return PrepareSummary(
+            str(out),
+            existing["documents"],
+            existing["tokens"],
+            existing["bytes"],
+            0.0,
+            existing["skipped_files"],
+            reused=True,
+        )
     if out.exists() and not overwrite:
-        raise ConfigError(f"{out} already holds a different dataset (other inputs, options or tokenizer); "
-                          "choose another output folder or pass --overwrite")
+        raise ConfigError(
+            f"{out} already holds a different dataset (other inputs, options or tokenizer); "
+            "choose another output folder or pass --overwrite"
+        )
     _clear_partials(out)
     partial = out.parent / f"{out.name}.partial-{uuid.uuid4().hex[:8]}"
     try:
-        meta = _write_dataset(sources, partial, tokenizer, eos_token, field_name, val_permille, workers,
-                              shard_tokens, on_decode_error, tok_info, quiet)
+        meta = _write_dataset(
+            sources,
+            partial,
+            tokenizer,
+            eos_token,
+            field_name,
+            val_permille,
+            workers,
+            shard_tokens,
+            on_decode_error,
+            tok_info,
+            quiet,
+        )
         meta.update(fingerprint=fingerprint, options=options)
         (partial / "meta.json").write_text(json.dumps(meta, indent=2))
         _swap_into_place(partial, out)
     finally:
         shutil.rmtree(partial, ignore_errors=True)
-    return PrepareSummary(str(out), meta["documents"], meta["tokens"], meta["bytes"], meta["seconds"], meta["skipped_files"])
+    return PrepareSummary(
+        str(out), meta["documents"], meta["tokens"], meta["bytes"], meta["seconds"], meta["skipped_files"]
+    )
 
 
-def _existing_meta(out: Path, overwrite: bool) -> Optional[dict[str, Any]]:
+def _existing_meta(out: Path, overwrite: bool) -> dict[str, Any] | None:
     """The description of the dataset already at ``out``; a damaged one is replaced with
     ``--overwrite`` and otherwise an error that says so."""
     try:
@@ -331,9 +382,17 @@ def _swap_into_place(partial: Path, out: Path) -> None:
 
 
 def _write_dataset(
-    sources: list[Source], folder: Path, tokenizer: str, eos_token: Optional[str], field_name: str,
-    val_permille: int, workers: int, shard_tokens: int, on_decode_error: DecodeErrorPolicy,
-    tok_info: dict[str, Any], quiet: bool,
+    sources: list[Source],
+    folder: Path,
+    tokenizer: str,
+    eos_token: str | None,
+    field_name: str,
+    val_permille: int,
+    workers: int,
+    shard_tokens: int,
+    on_decode_error: DecodeErrorPolicy,
+    tok_info: dict[str, Any],
+    quiet: bool,
 ) -> dict[str, Any]:
     dtype = token_dtype(tok_info["vocab_size"])
     folder.mkdir(parents=True)
@@ -368,8 +427,13 @@ def _write_dataset(
     if skipped and not quiet:
         print(f"warning: skipped {len(skipped)} file(s) that are not UTF-8, e.g. {skipped[0]}", file=sys.stderr)
     return {
-        "format": META_FORMAT, "tokenizer": tok_info, "dtype": dtype.name, "splits": split_meta,
+        "format": META_FORMAT,
+        "tokenizer": tok_info,
+        "dtype": dtype.name,
+        "splits": split_meta,
         "documents": sum(m["documents"] for m in split_meta.values()),
         "tokens": sum(m["tokens"] for m in split_meta.values()),
-        "bytes": total_bytes, "seconds": time.perf_counter() - start, "skipped_files": skipped,
+        "bytes": total_bytes,
+        "seconds": time.perf_counter() - start,
+        "skipped_files": skipped,
     }

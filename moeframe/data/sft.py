@@ -23,7 +23,7 @@ import json
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 import lightning as L
 import torch
@@ -71,12 +71,15 @@ def messages_of(record: Any, where: str) -> list[dict[str, str]]:
     else:
         raise ConfigError(f"{where}: expected an object with 'messages' or 'prompt'/'response'")
     if not isinstance(messages, list) or not all(
-            isinstance(m, dict) and m.get("role") in ("system", "user", "assistant")
-            and isinstance(m.get("content"), str) for m in messages):
+        isinstance(m, dict) and m.get("role") in ("system", "user", "assistant") and isinstance(m.get("content"), str)
+        for m in messages
+    ):
         raise ConfigError(f"{where}: 'messages' must be a list of {{role: system|user|assistant, content: str}}")
     if not any(m["role"] == "assistant" and m["content"] for m in messages):
-        raise ConfigError(f"{where}: the example has no (non-empty) assistant response, so it carries no loss; "
-                          "remove it or add a response")
+        raise ConfigError(
+            f"{where}: the example has no (non-empty) assistant response, so it carries no loss; "
+            "remove it or add a response"
+        )
     return messages
 
 
@@ -113,15 +116,17 @@ def read_jsonl(path: Path) -> list[tuple[str, Any]]:
             try:
                 records.append((f"{path}:{number}", json.loads(line)))
             except json.JSONDecodeError as exc:
-                raise ConfigError(f"{path}:{number}: not valid JSON ({exc.msg} at column {exc.colno}); fix or remove "
-                                  "that line") from None
+                raise ConfigError(
+                    f"{path}:{number}: not valid JSON ({exc.msg} at column {exc.colno}); fix or remove that line"
+                ) from None
     if not records:
         raise ConfigError(f"{path} holds no examples")
     return records
 
 
-def fit_to_context(examples: list[tuple[str, SFTExample]], seq_len: int,
-                   overlong: Literal["truncate", "reject"]) -> list[SFTExample]:
+def fit_to_context(
+    examples: list[tuple[str, SFTExample]], seq_len: int, overlong: Literal["truncate", "reject"]
+) -> list[SFTExample]:
     """Examples longer than ``seq_len + 1`` tokens (one row after shifting) are cut or refused."""
     kept, cut = [], 0
     for where, ex in examples:
@@ -129,17 +134,24 @@ def fit_to_context(examples: list[tuple[str, SFTExample]], seq_len: int,
             kept.append(ex)
             continue
         if overlong == "reject":
-            raise ConfigError(f"{where}: the example has {len(ex.tokens)} tokens, more than data.seq_len + 1 = "
-                              f"{seq_len + 1}; raise data.seq_len, shorten it, or set data.overlong: truncate")
+            raise ConfigError(
+                f"{where}: the example has {len(ex.tokens)} tokens, more than data.seq_len + 1 = "
+                f"{seq_len + 1}; raise data.seq_len, shorten it, or set data.overlong: truncate"
+            )
         n = seq_len + 1
         if not any(ex.is_response[:n]):
-            raise ConfigError(f"{where}: the prompt alone fills data.seq_len={seq_len}, so truncation would leave "
-                              "no response; raise data.seq_len or shorten the prompt")
+            raise ConfigError(
+                f"{where}: the prompt alone fills data.seq_len={seq_len}, so truncation would leave "
+                "no response; raise data.seq_len or shorten the prompt"
+            )
         kept.append(SFTExample(ex.tokens[:n], ex.is_response[:n], ex.prompt_len, ex.response))
         cut += 1
     if cut:
-        warnings.warn(f"{cut} of {len(examples)} examples were longer than data.seq_len={seq_len} and were "
-                      "truncated (data.overlong: reject refuses them instead)", stacklevel=2)
+        warnings.warn(
+            f"{cut} of {len(examples)} examples were longer than data.seq_len={seq_len} and were "
+            "truncated (data.overlong: reject refuses them instead)",
+            stacklevel=2,
+        )
     return kept
 
 
@@ -163,9 +175,13 @@ def pack(examples: list[SFTExample], seq_len: int, pad_id: int, packing: bool) -
             labels += lab
             docs += [d] * len(i)
         pad = seq_len - len(ids)
-        out.append({"input_ids": torch.tensor(ids + [pad_id] * pad),
-                    "labels": torch.tensor(labels + [IGNORE] * pad),
-                    "document_ids": torch.tensor(docs + [len(row)] * pad)})
+        out.append(
+            {
+                "input_ids": torch.tensor(ids + [pad_id] * pad),
+                "labels": torch.tensor(labels + [IGNORE] * pad),
+                "document_ids": torch.tensor(docs + [len(row)] * pad),
+            }
+        )
     return out
 
 
@@ -191,8 +207,8 @@ class SFTDataModule(L.LightningDataModule):
 
     def __init__(
         self,
-        train_path: Optional[str] = None,
-        val_path: Optional[str] = None,
+        train_path: str | None = None,
+        val_path: str | None = None,
         tokenizer: str = "byte",
         template: ChatTemplate = ChatTemplate(),
         seq_len: int = 128,
@@ -203,7 +219,7 @@ class SFTDataModule(L.LightningDataModule):
         task_num_train: int = 4000,
         task_num_val: int = 200,
         task_seed: int = 0,
-        max_bytes: Optional[int] = None,
+        max_bytes: int | None = None,
         seed: int = 1234,
     ) -> None:
         super().__init__()

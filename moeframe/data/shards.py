@@ -24,9 +24,10 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional, Union
+from typing import Any
 
 import lightning as L
 import numpy as np
@@ -34,15 +35,20 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from moeframe.layout import data_parallel_rank_size
 from moeframe.config import ConfigError
+from moeframe.layout import data_parallel_rank_size
 
 # Lightning warns that an IterableDataset with __len__ may duplicate data across workers; this
 # module splits batches across workers itself (see ShardedBatches), so the warning does not apply.
 warnings.filterwarnings("ignore", message=r".*`IterableDataset` has `__len__` defined.*")
 from moeframe.data.indexed import IndexedDataset
 from moeframe.data.prepare import (
-    DecodeErrorPolicy, collect_sources, inputs_fingerprint, prepare, read_meta, stdlib_sources,
+    DecodeErrorPolicy,
+    collect_sources,
+    inputs_fingerprint,
+    prepare,
+    read_meta,
+    stdlib_sources,
     tokenizer_fingerprint,
 )
 from moeframe.data.tokenizer import load_tokenizer
@@ -99,8 +105,16 @@ def _batch(windows: list[np.ndarray], eos_id: int, document_masking: bool) -> di
 class ShardedBatches(IterableDataset):
     """This rank's batches of one epoch, split over DataLoader workers in round-robin order."""
 
-    def __init__(self, sources: list[TokenSource], weights: list[float], batch_size: int, seed: int,
-                 eos_id: int, document_masking: bool, shuffle: bool) -> None:
+    def __init__(
+        self,
+        sources: list[TokenSource],
+        weights: list[float],
+        batch_size: int,
+        seed: int,
+        eos_id: int,
+        document_masking: bool,
+        shuffle: bool,
+    ) -> None:
         self.sources, self.weights, self.batch_size, self.seed = sources, weights, batch_size, seed
         self.eos_id, self.document_masking, self.shuffle = eos_id, document_masking, shuffle
         self.rank, self.world_size = 0, 1
@@ -109,10 +123,12 @@ class ShardedBatches(IterableDataset):
     def _order(self) -> np.ndarray:
         if self.shuffle:
             return blend_order([len(s) for s in self.sources], self.weights, self.seed, self.epoch)
-        return np.concatenate([np.stack([np.full(len(s), d), np.arange(len(s))], 1) for d, s in enumerate(self.sources)])
+        return np.concatenate(
+            [np.stack([np.full(len(s), d), np.arange(len(s))], 1) for d, s in enumerate(self.sources)]
+        )
 
     def rank_samples(self) -> np.ndarray:
-        return self._order()[self.rank:: self.world_size]
+        return self._order()[self.rank :: self.world_size]
 
     def __len__(self) -> int:
         # every rank yields the same number of batches, so ranks stay in lockstep
@@ -124,14 +140,14 @@ class ShardedBatches(IterableDataset):
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
         for b in range(self.start_batch + worker, len(self), num_workers):
-            rows = samples[b * self.batch_size: (b + 1) * self.batch_size]
+            rows = samples[b * self.batch_size : (b + 1) * self.batch_size]
             yield _batch([self.sources[d].window(i) for d, i in rows], self.eos_id, self.document_masking)
 
 
 class _ResumableLoader(DataLoader):
     """A DataLoader that positions its dataset at the DataModule's saved place on every ``iter``."""
 
-    def __init__(self, dataset: ShardedBatches, datamodule: "PretrainDataModule", num_workers: int) -> None:
+    def __init__(self, dataset: ShardedBatches, datamodule: PretrainDataModule, num_workers: int) -> None:
         # its own generator: creating an iterator draws a worker seed, which must not advance the
         # global torch RNG (an exact resume restores that stream at the step boundary, and a
         # resumed run creates its iterator at another moment than the uninterrupted one)
@@ -156,7 +172,7 @@ class _ResumableLoader(DataLoader):
 @dataclass
 class _Entry:
     train: TokenSource
-    val: Optional[TokenSource]
+    val: TokenSource | None
 
 
 class PretrainDataModule(L.LightningDataModule):
@@ -181,17 +197,17 @@ class PretrainDataModule(L.LightningDataModule):
 
     def __init__(
         self,
-        path: Union[str, list[str], None] = None,
-        weights: Optional[list[float]] = None,
+        path: str | list[str] | None = None,
+        weights: list[float] | None = None,
         tokenizer: str = "byte",
-        eos_token: Optional[str] = None,
+        eos_token: str | None = None,
         seq_len: int = 256,
         batch_size: int = 16,
         seed: int = 1234,
         num_workers: int = 0,
         document_masking: bool = False,
         val_permille: int = 50,
-        max_bytes: Optional[int] = 4_000_000,
+        max_bytes: int | None = 4_000_000,
         field: str = "text",
         on_decode_error: DecodeErrorPolicy = "skip",
     ) -> None:
@@ -206,38 +222,58 @@ class PretrainDataModule(L.LightningDataModule):
             raise ConfigError(f"data.weights must be non-negative with a positive sum, got {weights}")
         for entry in self.entries:
             if not (Path(entry).exists() or Path(entry).with_suffix(".idx").is_file()):
-                raise ConfigError(f"data.path {entry!r} does not exist: give a prepared folder, a Megatron "
-                                  "prefix (name.bin + name.idx) or text files/folders")
+                raise ConfigError(
+                    f"data.path {entry!r} does not exist: give a prepared folder, a Megatron "
+                    "prefix (name.bin + name.idx) or text files/folders"
+                )
             if Path(entry).is_dir() and read_meta(Path(entry)) is None:
                 collect_sources([entry])  # raw text: fail now if it is empty or unreadable
         self.tokenizer_spec, self.eos_token = tokenizer, eos_token
         self.tokenizer = load_tokenizer(tokenizer, eos_token)
         self.weights, self.seq_len, self.batch_size, self.seed = weights, seq_len, batch_size, seed
         self.num_workers, self.document_masking = num_workers, document_masking
-        self.val_permille, self.max_bytes, self.field, self.on_decode_error = val_permille, max_bytes, field, on_decode_error
+        self.val_permille, self.max_bytes, self.field, self.on_decode_error = (
+            val_permille,
+            max_bytes,
+            field,
+            on_decode_error,
+        )
         self.epoch, self.consumed = 0, 0
-        self._train: Optional[ShardedBatches] = None
-        self._val: Optional[ShardedBatches] = None
+        self._train: ShardedBatches | None = None
+        self._val: ShardedBatches | None = None
 
     @property
     def vocab_size(self) -> int:
         return self.tokenizer.vocab_size
 
     # -- locating and preparing data -----------------------------------------------------------
-    def _is_megatron_prefix(self, entry: Optional[str]) -> bool:
+    def _is_megatron_prefix(self, entry: str | None) -> bool:
         return entry is not None and not Path(entry).is_dir() and Path(entry).with_suffix(".idx").is_file()
 
-    def _prepared_folder(self, entry: Optional[str], prepare_now: bool) -> Path:
+    def _prepared_folder(self, entry: str | None, prepare_now: bool) -> Path:
         """Where an entry's prepared shards live; raw text is prepared into the cache."""
         if entry is not None and read_meta(Path(entry)) is not None:
             return Path(entry)
         sources = stdlib_sources(self.max_bytes) if entry is None else collect_sources([entry])
-        options = {"field": self.field, "val_permille": self.val_permille, "on_decode_error": self.on_decode_error,
-                   "tokenizer": tokenizer_fingerprint(self.tokenizer_spec, self.eos_token)}
+        options = {
+            "field": self.field,
+            "val_permille": self.val_permille,
+            "on_decode_error": self.on_decode_error,
+            "tokenizer": tokenizer_fingerprint(self.tokenizer_spec, self.eos_token),
+        }
         out = cache_dir() / "prepared" / inputs_fingerprint(sources, options)[:20]
         if prepare_now and read_meta(out) is None:
-            summary = prepare(sources, out, self.tokenizer_spec, self.eos_token, self.field, self.val_permille,
-                              workers=1, on_decode_error=self.on_decode_error, quiet=True)
+            summary = prepare(
+                sources,
+                out,
+                self.tokenizer_spec,
+                self.eos_token,
+                self.field,
+                self.val_permille,
+                workers=1,
+                on_decode_error=self.on_decode_error,
+                quiet=True,
+            )
             rank_zero_info(summary.line())
         return out
 
@@ -257,7 +293,7 @@ class PretrainDataModule(L.LightningDataModule):
                 f"{ours['vocab_size']}, eos {ours['eos_id']}); prepare it again or use the matching tokenizer"
             )
 
-    def _open(self, entry: Optional[str]) -> _Entry:
+    def _open(self, entry: str | None) -> _Entry:
         if self._is_megatron_prefix(entry):
             return self._open_megatron(Path(entry))  # type: ignore[arg-type]
         folder = self._prepared_folder(entry, prepare_now=self.trainer is None)
@@ -265,9 +301,12 @@ class PretrainDataModule(L.LightningDataModule):
         if meta is None:
             raise ConfigError(f"{folder} is not prepared (prepare_data() did not run on this node?)")
         self._check_meta(folder, meta)
-        split = {name: TokenSource([IndexedDataset(folder / name / s["prefix"]) for s in info["shards"]],
-                                   self.seq_len, f"{folder}:{name}")
-                 for name, info in meta["splits"].items()}
+        split = {
+            name: TokenSource(
+                [IndexedDataset(folder / name / s["prefix"]) for s in info["shards"]], self.seq_len, f"{folder}:{name}"
+            )
+            for name, info in meta["splits"].items()
+        }
         return _Entry(split["train"], split.get("val"))
 
     def _open_megatron(self, prefix: Path) -> _Entry:
@@ -277,8 +316,10 @@ class PretrainDataModule(L.LightningDataModule):
         # a cheap sanity check on the head of the data (a full scan would read terabytes)
         head_max = int(dataset.read(0, 10_000_000).max()) if dataset.num_tokens else 0
         if head_max >= self.vocab_size:
-            raise ConfigError(f"{prefix} holds token id {head_max}, beyond the tokenizer's vocabulary of "
-                              f"{self.vocab_size}; use the tokenizer the data was made with")
+            raise ConfigError(
+                f"{prefix} holds token id {head_max}, beyond the tokenizer's vocabulary of "
+                f"{self.vocab_size}; use the tokenizer the data was made with"
+            )
         n_val = len(full) * self.val_permille // 1000
         val = _Slice(full, len(full) - n_val, len(full)) if n_val else None
         return _Entry(_Slice(full, 0, len(full) - n_val), val)
@@ -293,14 +334,20 @@ class PretrainDataModule(L.LightningDataModule):
         eos, dm = self.tokenizer.eos_id, self.document_masking
         self._train = ShardedBatches([e.train for e in entries], weights, self.batch_size, self.seed, eos, dm, True)
         vals = [e.val for e in entries if e.val is not None and len(e.val)]
-        self._val = ShardedBatches(vals, [1.0] * len(vals), self.batch_size, self.seed, eos, dm, False) if vals else None
+        self._val = (
+            ShardedBatches(vals, [1.0] * len(vals), self.batch_size, self.seed, eos, dm, False) if vals else None
+        )
         for ds in (self._train, self._val):
             if ds is not None and self.trainer is not None:
                 ds.rank, ds.world_size = data_parallel_rank_size(self.trainer)
         if len(self._train) == 0:
-            raise ConfigError(f"too little data for data.batch_size={self.batch_size} on {self._train.world_size} rank(s)")
-        rank_zero_info(f"data: {sum(len(s) for s in self._train.sources):,} training sequences of {self.seq_len} "
-                       f"tokens from {len(entries)} dataset(s); {len(self._train)} batches per epoch per rank")
+            raise ConfigError(
+                f"too little data for data.batch_size={self.batch_size} on {self._train.world_size} rank(s)"
+            )
+        rank_zero_info(
+            f"data: {sum(len(s) for s in self._train.sources):,} training sequences of {self.seq_len} "
+            f"tokens from {len(entries)} dataset(s); {len(self._train)} batches per epoch per rank"
+        )
 
     # -- loaders and exact resume --------------------------------------------------------------
     def _check_still_there(self, dataset: ShardedBatches) -> None:
@@ -315,8 +362,10 @@ class PretrainDataModule(L.LightningDataModule):
                     gone = shard.prefix.parent
                     while not gone.parent.exists():  # name the folder that went, not a file inside it
                         gone = gone.parent
-                    raise TrainingFault(f"the data folder {gone} disappeared during the run (epoch {self.epoch}); "
-                                        "restore it and resume from the last checkpoint")
+                    raise TrainingFault(
+                        f"the data folder {gone} disappeared during the run (epoch {self.epoch}); "
+                        "restore it and resume from the last checkpoint"
+                    )
 
     def _position(self, dataset: ShardedBatches) -> None:
         self._check_still_there(dataset)
@@ -343,8 +392,9 @@ class PretrainDataModule(L.LightningDataModule):
         plain DataLoader: Lightning rebuilds the predict loader from its constructor arguments."""
         if self._val is None:
             return []
-        return DataLoader(self._val, batch_size=None, num_workers=self.num_workers,
-                          generator=torch.Generator().manual_seed(0))
+        return DataLoader(
+            self._val, batch_size=None, num_workers=self.num_workers, generator=torch.Generator().manual_seed(0)
+        )
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         if self.trainer is not None and self.trainer.training:
@@ -356,8 +406,10 @@ class PretrainDataModule(L.LightningDataModule):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if (state_dict["seed"], state_dict["batch_size"]) != (self.seed, self.batch_size):
-            raise ConfigError("resuming with another data.seed or data.batch_size would not continue the same "
-                              f"stream (checkpoint: seed {state_dict['seed']}, batch {state_dict['batch_size']})")
+            raise ConfigError(
+                "resuming with another data.seed or data.batch_size would not continue the same "
+                f"stream (checkpoint: seed {state_dict['seed']}, batch {state_dict['batch_size']})"
+            )
         self.epoch, self.consumed = state_dict["epoch"], state_dict["consumed"]
 
 

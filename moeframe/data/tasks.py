@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import random
 import string
-from typing import Callable
+from collections.abc import Callable
 
 # name -> (instruction template, transformation)
 OPERATIONS: dict[str, tuple[str, Callable[[str], str]]] = {
@@ -33,8 +33,14 @@ def _words(rng: random.Random, count: int, min_len: int, max_len: int) -> list[s
     return list(seen)
 
 
-def word_task(num_train: int = 4000, num_val: int = 200, operations: tuple[str, ...] = ("upper", "reverse"),
-              min_len: int = 3, max_len: int = 5, seed: int = 0) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
+def word_task(
+    num_train: int = 4000,
+    num_val: int = 200,
+    operations: tuple[str, ...] = ("upper", "reverse"),
+    min_len: int = 3,
+    max_len: int = 5,
+    seed: int = 0,
+) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
     """(train, held-out) prompt/response pairs; held-out words never occur in training."""
     unknown = [op for op in operations if op not in OPERATIONS]
     if unknown or not operations:

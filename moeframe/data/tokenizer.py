@@ -6,8 +6,9 @@ Both expose the same small surface: ``encode(text) -> list[int]``, ``decode(ids)
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Protocol, Sequence
+from typing import Protocol
 
 from moeframe.errors import ConfigError
 
@@ -47,19 +48,18 @@ class HFTokenizer:
         try:
             from tokenizers import Tokenizer as _HF
         except ImportError as exc:
-            raise ConfigError(
-                "a tokenizer.json needs the 'tokenizers' package: pip install tokenizers"
-            ) from exc
+            raise ConfigError("a tokenizer.json needs the 'tokenizers' package: pip install tokenizers") from exc
         try:
             self._tok = _HF.from_file(str(path))
         except Exception as exc:  # the tokenizers library raises a bare Exception on a damaged file
-            raise ConfigError(f"tokenizer {path} cannot be read ({str(exc).splitlines()[0][:160]}); pass a valid "
-                              "HF tokenizer.json") from None
+            raise ConfigError(
+                f"tokenizer {path} cannot be read ({str(exc).splitlines()[0][:160]}); pass a valid HF tokenizer.json"
+            ) from None
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
         self.eos_id = self._find_eos(eos_token, path)
 
     def _find_eos(self, eos_token: str | None, path: str | Path) -> int:
-        for name in ([eos_token] if eos_token else list(_EOS_CANDIDATES)):
+        for name in [eos_token] if eos_token else list(_EOS_CANDIDATES):
             token_id = self._tok.token_to_id(name)
             if token_id is not None:
                 return token_id

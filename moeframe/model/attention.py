@@ -11,7 +11,7 @@ Shapes: G key/value heads, d head size, S cached tokens (see ``moeframe.model.ba
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -30,10 +30,10 @@ if TYPE_CHECKING:
 class MHAOptions(PluginOptions):
     """``n_kv_heads``: key/value heads (None = n_heads, i.e. plain MHA; fewer = GQA/MQA)."""
 
-    n_kv_heads: Optional[int] = None
+    n_kv_heads: int | None = None
     qkv_bias: bool = False
 
-    def validate(self, config: "ModelConfig") -> None:
+    def validate(self, config: ModelConfig) -> None:
         kv = self.n_kv_heads or config.n_heads
         if kv <= 0 or config.n_heads % kv:
             raise ValueError(
@@ -64,8 +64,9 @@ def cached_causal_mask(start: int, num_new: int, device: torch.device) -> torch.
 class KVCache(AttentionCache):
     """Per-head keys (after RoPE) and values: [B, G, max_len, d] each."""
 
-    def __init__(self, batch_size: int, n_kv_heads: int, head_dim: int, max_len: int,
-                 device: torch.device, dtype: torch.dtype) -> None:
+    def __init__(
+        self, batch_size: int, n_kv_heads: int, head_dim: int, max_len: int, device: torch.device, dtype: torch.dtype
+    ) -> None:
         super().__init__(batch_size, max_len)
         self.k_BGSd = torch.zeros(batch_size, n_kv_heads, max_len, head_dim, device=device, dtype=dtype)
         self.v_BGSd = torch.zeros_like(self.k_BGSd)
@@ -85,7 +86,7 @@ class MultiHeadAttention(AttentionBase):
     Options = MHAOptions
     plugin_api = "2"  # the moeframe plugin API this class is written against
 
-    def __init__(self, config: "ModelConfig", options: MHAOptions, layer_id: int) -> None:
+    def __init__(self, config: ModelConfig, options: MHAOptions, layer_id: int) -> None:
         super().__init__(config, options, layer_id)
         self.n_heads = config.n_heads
         self.n_kv_heads = options.n_kv_heads or config.n_heads
@@ -97,17 +98,17 @@ class MultiHeadAttention(AttentionBase):
         self.wo = nn.Linear(self.n_heads * self.head_dim, config.dim, bias=False)
 
     @classmethod
-    def kv_cache_values_per_token(cls, config: "ModelConfig", options: MHAOptions) -> int:
+    def kv_cache_values_per_token(cls, config: ModelConfig, options: MHAOptions) -> int:
         return 2 * (options.n_kv_heads or config.n_heads) * config.head_dim
 
     @classmethod
-    def hf_tensor_names(cls, family: str) -> dict[str, Optional[str]]:
+    def hf_tensor_names(cls, family: str) -> dict[str, str | None]:
         # the names of HF transformers' Llama-style attention (``self_attn.q_proj`` ...)
         names = {f"w{p}.{t}": f"{p}_proj.{t}" for p in "qkv" for t in ("weight", "bias")}
         return {**names, "wo.weight": "o_proj.weight"}
 
     @classmethod
-    def hf_config(cls, family: str, config: "ModelConfig", options: PluginOptions) -> dict[str, Any]:
+    def hf_config(cls, family: str, config: ModelConfig, options: PluginOptions) -> dict[str, Any]:
         assert isinstance(options, MHAOptions)
         return {"num_key_value_heads": options.n_kv_heads or config.n_heads, "attention_bias": options.qkv_bias}
 
@@ -118,8 +119,9 @@ class MultiHeadAttention(AttentionBase):
     def new_cache(self, batch_size: int, max_len: int, device: torch.device, dtype: torch.dtype) -> KVCache:
         return KVCache(batch_size, self.n_kv_heads, self.head_dim, max_len, device, dtype)
 
-    def project_qkv(self, x_BTD: torch.Tensor, positions_T: torch.Tensor
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def project_qkv(
+        self, x_BTD: torch.Tensor, positions_T: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Heads-first q ``[B, H, T, d]`` and k, v ``[B, G, T, d]``, RoPE applied to q and k: the
         part of the forward that attention variants built on this class (e.g. a sliding window)
         share; they change only how the heads attend."""
@@ -130,8 +132,13 @@ class MultiHeadAttention(AttentionBase):
         cos, sin = rope_cos_sin(positions_T, self.head_dim, self.rope_theta, x_BTD.dtype)
         return apply_rope(q_BHTd, cos, sin), apply_rope(k_BGTd, cos, sin), v_BGTd
 
-    def forward(self, x_BTD: torch.Tensor, ctx: ForwardContext, document_ids_BT: Optional[torch.Tensor] = None,
-                cache: Optional[AttentionCache] = None) -> torch.Tensor:
+    def forward(
+        self,
+        x_BTD: torch.Tensor,
+        ctx: ForwardContext,
+        document_ids_BT: torch.Tensor | None = None,
+        cache: AttentionCache | None = None,
+    ) -> torch.Tensor:
         # the last two: API-1 subclasses may still call super().forward(x, positions_T, document_ids_BT, cache)
         ctx = as_context(ctx, document_ids_BT, cache)
         B, T, _ = x_BTD.shape

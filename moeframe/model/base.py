@@ -21,14 +21,15 @@ from __future__ import annotations
 
 import abc
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, ClassVar, Optional
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from torch import nn
 
-from moeframe.model.hfnames import HFNamed
 from moeframe.model.context import ForwardContext
+from moeframe.model.hfnames import HFNamed
 from moeframe.options import PluginOptions, describe_type, options_as_config, parse_options  # noqa: F401 (their home before)
 from moeframe.registry import PluginDeprecationWarning  # noqa: F401 (one class for every API-1 warning)
 
@@ -52,8 +53,11 @@ def _api1_attribute(module: nn.Module, attr: str, fix: str) -> bool:
     if key not in _warned_api1:
         _warned_api1.add(key)
         cls = f"{type(module).__module__}.{type(module).__qualname__}"
-        warnings.warn(f"{cls}: the attribute {attr!r} is plugin API 1, honoured for one more release; "
-                      f"{fix} (moeframe.plugin)", PluginDeprecationWarning, stacklevel=3)
+        warnings.warn(
+            f"{cls}: the attribute {attr!r} is plugin API 1, honoured for one more release; {fix} (moeframe.plugin)",
+            PluginDeprecationWarning,
+            stacklevel=3,
+        )
     return True
 
 
@@ -115,16 +119,14 @@ class AttentionBase(nn.Module, HFNamed, abc.ABC):
 
     Options: ClassVar[type[PluginOptions]] = PluginOptions
 
-    def __init__(self, config: "ModelConfig", options: PluginOptions, layer_id: int) -> None:
+    def __init__(self, config: ModelConfig, options: PluginOptions, layer_id: int) -> None:
         super().__init__()
 
     @abc.abstractmethod
     def forward(self, x_BTD: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         """Attend causally over T (and over the cached tokens); return the output projected to D."""
 
-    def new_cache(
-        self, batch_size: int, max_len: int, device: torch.device, dtype: torch.dtype
-    ) -> AttentionCache:
+    def new_cache(self, batch_size: int, max_len: int, device: torch.device, dtype: torch.dtype) -> AttentionCache:
         """An empty cache for ``batch_size`` sequences of up to ``max_len`` tokens."""
         raise NotImplementedError(
             f"attention plugin {type(self).__module__}.{type(self).__qualname__} has no KV cache: "
@@ -132,7 +134,7 @@ class AttentionBase(nn.Module, HFNamed, abc.ABC):
         )
 
     @classmethod
-    def kv_cache_values_per_token(cls, config: "ModelConfig", options: PluginOptions) -> int:
+    def kv_cache_values_per_token(cls, config: ModelConfig, options: PluginOptions) -> int:
         """Values one layer's cache stores per token (multiply by the element size for bytes)."""
         raise NotImplementedError(f"attention plugin {cls.__qualname__} does not report its cache size")
 
@@ -164,7 +166,7 @@ class RouterOutput:
     weights_TK: torch.Tensor
     indices_TK: torch.Tensor
     tokens_per_expert_E: torch.Tensor
-    aux_loss: Optional[torch.Tensor] = None
+    aux_loss: torch.Tensor | None = None
 
 
 class RouterBase(nn.Module, HFNamed, abc.ABC):
@@ -185,7 +187,7 @@ class RouterBase(nn.Module, HFNamed, abc.ABC):
     # ``forward(x_TD, seq_len)``. API-2 routers read ``ctx.seq_len`` instead.
     takes_seq_len: ClassVar[bool] = False
 
-    def __init__(self, config: "ModelConfig", options: PluginOptions, layer_id: Optional[int] = None) -> None:
+    def __init__(self, config: ModelConfig, options: PluginOptions, layer_id: int | None = None) -> None:
         super().__init__()
 
     @abc.abstractmethod
@@ -207,7 +209,7 @@ class RouterBase(nn.Module, HFNamed, abc.ABC):
 # (projection name, expert-sorted rows x_NI, stacked weight w_EOI, row ends offs_E) -> y_NO
 GroupedGemm = Callable[[str, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 # told a phase name ("moe_dispatch", "moe_experts") or None (phase over)
-PhaseTimer = Callable[[Optional[str]], None]
+PhaseTimer = Callable[[str | None], None]
 
 
 class ExpertsBase(nn.Module, HFNamed, abc.ABC):
@@ -221,8 +223,13 @@ class ExpertsBase(nn.Module, HFNamed, abc.ABC):
     Options: ClassVar[type[PluginOptions]] = PluginOptions
 
     def __init__(
-        self, config: "ModelConfig", options: PluginOptions, num_experts: int, dim: int, hidden_dim: int,
-        layer_id: Optional[int] = None,
+        self,
+        config: ModelConfig,
+        options: PluginOptions,
+        num_experts: int,
+        dim: int,
+        hidden_dim: int,
+        layer_id: int | None = None,
     ) -> None:
         super().__init__()
 
@@ -238,15 +245,14 @@ class ExpertsBase(nn.Module, HFNamed, abc.ABC):
     # for each when it is not None; a precision plugin (fp8) installs its GEMM with
     # ``set_grouped_gemm``. The weights stay this module's Parameters.
     grouped_gemm_seam: ClassVar[bool] = False
-    grouped_gemm: Optional["GroupedGemm"] = None
+    grouped_gemm: GroupedGemm | None = None
     # Phase marks: a plugin that calls ``self.mark_phase`` at its dispatch/compute boundaries sets
     # ``marks_phases = True``; the throughput breakdown then times its phases instead of the whole.
     marks_phases: ClassVar[bool] = False
-    phase_timer: Optional["PhaseTimer"] = None
+    phase_timer: PhaseTimer | None = None
 
     @classmethod
-    def shared_ffn(cls, config: "ModelConfig", options: PluginOptions, dim: int, hidden_dim: int
-                   ) -> Optional[nn.Module]:
+    def shared_ffn(cls, config: ModelConfig, options: PluginOptions, dim: int, hidden_dim: int) -> nn.Module | None:
         """The shared experts' FFN of a MoE layer that uses these routed experts (``[.., dim] ->
         [.., dim]``, width ``hidden_dim`` = n_shared · F), or None for the core's SwiGLU. Why a hook:
         an experts plugin whose expert function differs (DeepSeek-V4 clamps the SwiGLU) must be able
@@ -256,21 +262,24 @@ class ExpertsBase(nn.Module, HFNamed, abc.ABC):
     def has_grouped_gemm_seam(self) -> bool:
         """Whether a precision plugin may take over this module's projections."""
         return type(self).grouped_gemm_seam or _api1_attribute(
-            self, "grouped_gemm", "declare the seam with the class attribute grouped_gemm_seam = True instead")
+            self, "grouped_gemm", "declare the seam with the class attribute grouped_gemm_seam = True instead"
+        )
 
-    def set_grouped_gemm(self, gemm: Optional["GroupedGemm"]) -> None:
+    def set_grouped_gemm(self, gemm: GroupedGemm | None) -> None:
         """Run the projections through ``gemm`` (None: this module's own GEMMs)."""
         if not self.has_grouped_gemm_seam():
             cls = f"{type(self).__module__}.{type(self).__qualname__}"
-            raise TypeError(f"experts plugin {cls} has no grouped-GEMM seam: set grouped_gemm_seam = True "
-                            "and run its projections through self.grouped_gemm when it is set")
+            raise TypeError(
+                f"experts plugin {cls} has no grouped-GEMM seam: set grouped_gemm_seam = True "
+                "and run its projections through self.grouped_gemm when it is set"
+            )
         self.grouped_gemm = gemm
 
-    def set_phase_timer(self, timer: Optional["PhaseTimer"]) -> None:
+    def set_phase_timer(self, timer: PhaseTimer | None) -> None:
         """Install (None: remove) the callback ``mark_phase`` reports to; only for one measured step."""
         self.phase_timer = timer
 
-    def mark_phase(self, name: Optional[str]) -> None:
+    def mark_phase(self, name: str | None) -> None:
         """Tell the phase timer, if any, that the forward enters ``"moe_dispatch"`` (sort, gather,
         combine), ``"moe_experts"`` (the expert GEMMs) or leaves its phases (None)."""
         if self.phase_timer is not None:
@@ -292,7 +301,7 @@ class NormBase(nn.Module, HFNamed, abc.ABC):
 
     Options: ClassVar[type[PluginOptions]] = PluginOptions
 
-    def __init__(self, dim: int, eps: float, options: PluginOptions, layer_id: Optional[int] = None) -> None:
+    def __init__(self, dim: int, eps: float, options: PluginOptions, layer_id: int | None = None) -> None:
         super().__init__()
 
 
@@ -317,7 +326,7 @@ class ResidualBase(nn.Module, HFNamed, abc.ABC):
 
     Options: ClassVar[type[PluginOptions]] = PluginOptions
 
-    def __init__(self, config: "ModelConfig", options: PluginOptions, layer_id: int) -> None:
+    def __init__(self, config: ModelConfig, options: PluginOptions, layer_id: int) -> None:
         super().__init__()
 
     def expand(self, x_BTD: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:

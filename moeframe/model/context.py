@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -44,10 +44,10 @@ class ForwardContext:
     """Everything a model-part plugin may need beyond its input tensor (see the module docstring)."""
 
     positions_T: torch.Tensor
-    token_ids_BT: Optional[torch.Tensor] = None
-    document_ids_BT: Optional[torch.Tensor] = None
-    layer_id: Optional[int] = None
-    cache: Optional[Any] = None  # an AttentionCache (typed loosely: base.py imports this module)
+    token_ids_BT: torch.Tensor | None = None
+    document_ids_BT: torch.Tensor | None = None
+    layer_id: int | None = None
+    cache: Any | None = None  # an AttentionCache (typed loosely: base.py imports this module)
     step: int = 0
     tokens_seen: int = 0
 
@@ -61,17 +61,16 @@ class ForwardContext:
         """Tokens per sequence in this forward (T); routers use it to regroup flat ``x_TD``."""
         return int(self.positions_T.shape[0])
 
-    def for_layer(self, layer_id: Optional[int], cache: Optional[Any] = None) -> "ForwardContext":
+    def for_layer(self, layer_id: int | None, cache: Any | None = None) -> ForwardContext:
         """The same forward seen from one block: its index and its own cache."""
         return dataclasses.replace(self, layer_id=layer_id, cache=cache)
 
-    def shifted(self, k: int) -> "ForwardContext":
+    def shifted(self, k: int) -> ForwardContext:
         """The context of MTP depth k: the first T-k positions, the ids of the tokens k ahead."""
         T = self.seq_len
         ids = None if self.token_ids_BT is None else self.token_ids_BT[:, k:]
         docs = None if self.document_ids_BT is None else self.document_ids_BT[:, : T - k]
-        return dataclasses.replace(self, positions_T=self.positions_T[: T - k], token_ids_BT=ids,
-                                   document_ids_BT=docs)
+        return dataclasses.replace(self, positions_T=self.positions_T[: T - k], token_ids_BT=ids, document_ids_BT=docs)
 
 
 def uses_context(plugin: object) -> bool:

@@ -18,9 +18,10 @@ token at a time) at the positions that follow the cached ones.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterator, Literal, Optional, Union, get_args
+from typing import Literal, get_args
 
 import torch
 from torch import nn
@@ -86,7 +87,7 @@ class Block(nn.Module):
         self.attn_norm = build_norm(layer.norm, cfg, layer_id)
         self.attn = build_attention(layer.attention, cfg, layer_id)
         self.ffn_norm = build_norm(layer.norm, cfg, layer_id)
-        self.ffn: Union[SwiGLU, MoE] = (
+        self.ffn: SwiGLU | MoE = (
             SwiGLU(cfg.dim, cfg.dense_ffn_dim) if layer_id < cfg.first_k_dense else MoE(plan, layer_id)
         )
         # a parameter-free residual (prenorm) adds no state-dict entries: checkpoints are unchanged
@@ -107,14 +108,14 @@ class Block(nn.Module):
             self.ffn.experts.set_selective_recompute(selective)  # declared hooks of the plugin bases
         self.attn.set_selective_recompute(selective)
 
-    def forward(self, h: torch.Tensor, ctx: ForwardContext) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    def forward(self, h: torch.Tensor, ctx: ForwardContext) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``ctx`` is this block's context (``ForwardContext.for_layer``: its layer id and cache)."""
         if self.checkpointing == "full" and ctx.cache is None and torch.is_grad_enabled():
             return checkpoint(self._forward, h, ctx, use_reentrant=False)
         return self._forward(h, ctx)
 
-    def _forward(self, h: torch.Tensor, ctx: ForwardContext) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        aux_losses: list[Optional[torch.Tensor]] = []
+    def _forward(self, h: torch.Tensor, ctx: ForwardContext) -> tuple[torch.Tensor, torch.Tensor | None]:
+        aux_losses: list[torch.Tensor | None] = []
 
         def attention(x_BTD: torch.Tensor) -> torch.Tensor:
             return call_attention(self.attn, call_norm(self.attn_norm, x_BTD, ctx), ctx)
@@ -156,12 +157,14 @@ class MTPModule(nn.Module):
         self.block = Block(plan, layer_id)  # dense or MoE by layer index, like the main layers
         self.norm = build_norm(plan.norm, cfg, None)
 
-    def forward(self, h_BTD: torch.Tensor, emb_BTD: torch.Tensor,
-                ctx: ForwardContext) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    def forward(
+        self, h_BTD: torch.Tensor, emb_BTD: torch.Tensor, ctx: ForwardContext
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``ctx``: this depth's context (``ForwardContext.shifted`` then ``for_layer``)."""
         outside = ctx.for_layer(None)  # these norms belong to no block
-        x_BTD = self.eh_proj(torch.cat([call_norm(self.enorm, emb_BTD, outside),
-                                        call_norm(self.hnorm, h_BTD, outside)], dim=-1))
+        x_BTD = self.eh_proj(
+            torch.cat([call_norm(self.enorm, emb_BTD, outside), call_norm(self.hnorm, h_BTD, outside)], dim=-1)
+        )
         residual = self.block.residual
         h, aux = self.block(residual.expand(x_BTD, ctx), ctx)
         return residual.reduce(h, ctx), aux
@@ -172,7 +175,7 @@ class Decoder(nn.Module):
 
     ``forward(input_ids, cache=decoder.new_cache(B, max_len))`` decodes incrementally."""
 
-    def __init__(self, config: ModelConfig, plan: Optional[ModelPlan] = None) -> None:
+    def __init__(self, config: ModelConfig, plan: ModelPlan | None = None) -> None:
         super().__init__()
         plan = plan or resolve_model_config(config)
         self.config = config
@@ -200,9 +203,9 @@ class Decoder(nn.Module):
     def new_cache(
         self,
         batch_size: int,
-        max_len: Optional[int] = None,
-        device: Union[str, torch.device, None] = None,
-        dtype: Optional[torch.dtype] = None,
+        max_len: int | None = None,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
     ) -> DecoderCache:
         """Empty caches for ``batch_size`` sequences of up to ``max_len`` tokens (default
         model.max_seq_len), on the device and in the dtype of the weights unless given."""
@@ -213,23 +216,31 @@ class Decoder(nn.Module):
         dtype = dtype or self.embed.weight.dtype
         return DecoderCache([block.attn.new_cache(batch_size, max_len, device, dtype) for block in self.layers])
 
-    def _positions(self, T: int, device: torch.device, positions_T: Optional[torch.Tensor],
-                   document_ids_BT: Optional[torch.Tensor], cache: Optional[DecoderCache]) -> torch.Tensor:
+    def _positions(
+        self,
+        T: int,
+        device: torch.device,
+        positions_T: torch.Tensor | None,
+        document_ids_BT: torch.Tensor | None,
+        cache: DecoderCache | None,
+    ) -> torch.Tensor:
         if cache is None:
             if T > self.config.max_seq_len:
                 raise ValueError(f"sequence length {T} exceeds model.max_seq_len={self.config.max_seq_len}")
             return torch.arange(T, device=device) if positions_T is None else positions_T
         if positions_T is not None or document_ids_BT is not None:
-            raise ValueError("with a cache, positions come from the cache and documents cannot be packed: "
-                             "pass neither positions_T nor document_ids_BT")
+            raise ValueError(
+                "with a cache, positions come from the cache and documents cannot be packed: "
+                "pass neither positions_T nor document_ids_BT"
+            )
         return torch.arange(cache.length, cache.length + T, device=device)
 
     def forward(
         self,
         input_ids_BT: torch.Tensor,
-        document_ids_BT: Optional[torch.Tensor] = None,
-        positions_T: Optional[torch.Tensor] = None,
-        cache: Optional[DecoderCache] = None,
+        document_ids_BT: torch.Tensor | None = None,
+        positions_T: torch.Tensor | None = None,
+        cache: DecoderCache | None = None,
         mtp: bool = False,
         step: int = 0,
         tokens_seen: int = 0,
@@ -246,9 +257,15 @@ class Decoder(nn.Module):
         return self.finish(h, ctx, aux_losses, mtp=mtp and cache is None, emb_BTD=emb_BTD)
 
     # -- the parts of a forward, for strategies that place them on different ranks (pipelining) ----
-    def context(self, input_ids_BT: torch.Tensor, document_ids_BT: Optional[torch.Tensor] = None,
-                positions_T: Optional[torch.Tensor] = None, cache: Optional[DecoderCache] = None,
-                step: int = 0, tokens_seen: int = 0) -> ForwardContext:
+    def context(
+        self,
+        input_ids_BT: torch.Tensor,
+        document_ids_BT: torch.Tensor | None = None,
+        positions_T: torch.Tensor | None = None,
+        cache: DecoderCache | None = None,
+        step: int = 0,
+        tokens_seen: int = 0,
+    ) -> ForwardContext:
         """The forward context of a whole-model forward over ``input_ids_BT`` [B, T]."""
         T = input_ids_BT.shape[1]
         positions_T = self._positions(T, input_ids_BT.device, positions_T, document_ids_BT, cache)
@@ -259,8 +276,15 @@ class Decoder(nn.Module):
         emb_BTD = self.embed(ctx.token_ids_BT)
         return emb_BTD, self.layers[0].residual.expand(emb_BTD, ctx.for_layer(0))
 
-    def run_layers(self, h: torch.Tensor, ctx: ForwardContext, start: int, stop: int,
-                   aux_losses: dict[str, torch.Tensor], cache: Optional[DecoderCache] = None) -> torch.Tensor:
+    def run_layers(
+        self,
+        h: torch.Tensor,
+        ctx: ForwardContext,
+        start: int,
+        stop: int,
+        aux_losses: dict[str, torch.Tensor],
+        cache: DecoderCache | None = None,
+    ) -> torch.Tensor:
         """Blocks ``layers[start:stop]`` on the residual state ``h``; their balance losses go into
         ``aux_losses`` under ``layer<i>``, their attention's training losses under ``layer<i>.<name>``."""
         for i in range(start, stop):
@@ -271,8 +295,14 @@ class Decoder(nn.Module):
             _take_training_losses(block, f"layer{block.layer_id}", aux_losses)
         return h
 
-    def finish(self, h: torch.Tensor, ctx: ForwardContext, aux_losses: dict[str, torch.Tensor],
-               mtp: bool = False, emb_BTD: Optional[torch.Tensor] = None) -> DecoderOutput:
+    def finish(
+        self,
+        h: torch.Tensor,
+        ctx: ForwardContext,
+        aux_losses: dict[str, torch.Tensor],
+        mtp: bool = False,
+        emb_BTD: torch.Tensor | None = None,
+    ) -> DecoderOutput:
         """Final norm, head and (``mtp``) the MTP modules after the last block; ``emb_BTD`` is looked
         up again from the context's token ids when not given (a last pipeline stage)."""
         x_BTD = self.layers[-1].residual.reduce(h, ctx.for_layer(self.layers[-1].layer_id))
@@ -289,8 +319,9 @@ class Decoder(nn.Module):
                 named[name] = named[name] + loss if name in named else loss
         return DecoderOutput(logits_BTV, aux_loss, aux_losses, mtp_logits, named)
 
-    def _mtp(self, h_BTD: torch.Tensor, emb_BTD: torch.Tensor, ctx: ForwardContext,
-             aux_losses: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+    def _mtp(
+        self, h_BTD: torch.Tensor, emb_BTD: torch.Tensor, ctx: ForwardContext, aux_losses: dict[str, torch.Tensor]
+    ) -> list[torch.Tensor]:
         """Depth k sees h_{k-1} at positions 0..T-1-k and the embedding of the token k ahead."""
         T, out = h_BTD.shape[1], []
         for k, module in enumerate(self.mtp, start=1):
@@ -308,8 +339,12 @@ class Decoder(nn.Module):
         """Every transformer block: the main layers, then each MTP module's block."""
         return [*self.layers, *(m.block for m in self.mtp)]
 
-    def configure_runtime(self, activation_checkpointing: CheckpointMode = "none",
-                          checkpoint_layers: Optional[list[int]] = None, compile: CompileMode = "off") -> None:
+    def configure_runtime(
+        self,
+        activation_checkpointing: CheckpointMode = "none",
+        checkpoint_layers: list[int] | None = None,
+        compile: CompileMode = "off",
+    ) -> None:
         """Activation checkpointing and ``torch.compile``, per block; the results do not change.
 
         ``checkpoint_layers``: the layer ids to checkpoint (MTP blocks count on from n_layers);
@@ -357,7 +392,7 @@ def init_random_stream() -> Iterator[None]:
         yield
 
 
-def build_decoder(config: ModelConfig, device: Union[str, torch.device, None] = None) -> Decoder:
+def build_decoder(config: ModelConfig, device: str | torch.device | None = None) -> Decoder:
     """Validate ``config`` and build the decoder; on ``device="meta"`` nothing is allocated."""
     plan = resolve_model_config(config)
     if device is not None and torch.device(device).type == "meta":
@@ -368,7 +403,7 @@ def build_decoder(config: ModelConfig, device: Union[str, torch.device, None] = 
     return decoder.to(device) if device is not None else decoder
 
 
-def materialize(decoder: Decoder, device: Union[str, torch.device] = "cpu") -> Decoder:
+def materialize(decoder: Decoder, device: str | torch.device = "cpu") -> Decoder:
     """Allocate a meta-device decoder on ``device`` and initialise it."""
     decoder.to_empty(device=device)
     decoder.init_weights()

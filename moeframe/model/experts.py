@@ -32,7 +32,7 @@ grouped GEMMs); it is ``None`` unless a breakdown step is being measured
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -58,7 +58,7 @@ class GroupedOptions(PluginOptions):
     use_grouped_mm: bool = True
     cpu_bf16_group_multiple: int = 32
 
-    def validate(self, config: "ModelConfig") -> None:
+    def validate(self, config: ModelConfig) -> None:
         if self.cpu_bf16_group_multiple < 0:
             raise ValueError(f"cpu_bf16_group_multiple must be >= 0 (0 = off), got {self.cpu_bf16_group_multiple}")
 
@@ -114,8 +114,9 @@ def _grouped_mm_backward(ctx: torch.autograd.function.FunctionCtx, g_NO: torch.T
 grouped_mm_op.register_autograd(_grouped_mm_backward, setup_context=_grouped_mm_setup)
 
 
-def pad_expert_groups(x_ND: torch.Tensor, counts_E: torch.Tensor, multiple: int
-                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def pad_expert_groups(
+    x_ND: torch.Tensor, counts_E: torch.Tensor, multiple: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Expert-sorted rows with each expert's group rounded up to ``multiple`` rows by zero rows.
 
     Why: torch's CPU bfloat16 matmul (oneDNN) builds a kernel for every new matrix shape, about
@@ -134,8 +135,9 @@ def pad_expert_groups(x_ND: torch.Tensor, counts_E: torch.Tensor, multiple: int
     return x_MD, padded_E, padded_E.cumsum(0).to(torch.int32), slot_N
 
 
-def pad_expert_groups_static(x_ND: torch.Tensor, expert_N: torch.Tensor, counts_E: torch.Tensor, multiple: int
-                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def pad_expert_groups_static(
+    x_ND: torch.Tensor, expert_N: torch.Tensor, counts_E: torch.Tensor, multiple: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`pad_expert_groups` with a size fixed by the shapes alone, for ``torch.compile``.
 
     Σ_e ceil(c_e/m)·m never exceeds N + E·(m-1), so the padded rows always fit a buffer of that
@@ -161,7 +163,9 @@ def grouped_mm(x_NI: torch.Tensor, w_EIO: torch.Tensor, offs_E: torch.Tensor) ->
     return F.grouped_mm(x_NI, w_EIO, offs=offs_E)
 
 
-def _grouped_linear(x_ND: torch.Tensor, w_EOD: torch.Tensor, offs_E: torch.Tensor, counts: list[int] | None) -> torch.Tensor:
+def _grouped_linear(
+    x_ND: torch.Tensor, w_EOD: torch.Tensor, offs_E: torch.Tensor, counts: list[int] | None
+) -> torch.Tensor:
     """Per-expert ``x @ w_eᵀ`` over contiguous token slices; ``counts`` given → loop fallback."""
     if counts is None:
         return grouped_mm(x_ND, w_EOD.transpose(-2, -1), offs_E)
@@ -182,15 +186,20 @@ class GroupedExperts(ExpertsBase):
     marks_phases = True
 
     def __init__(
-        self, config: "ModelConfig", options: GroupedOptions, num_experts: int, dim: int, hidden_dim: int,
-        layer_id: Optional[int] = None,
+        self,
+        config: ModelConfig,
+        options: GroupedOptions,
+        num_experts: int,
+        dim: int,
+        hidden_dim: int,
+        layer_id: int | None = None,
     ) -> None:
         super().__init__(config, options, num_experts, dim, hidden_dim, layer_id)
         self.num_experts = num_experts
         self.use_grouped_mm = options.use_grouped_mm
         self.cpu_bf16_group_multiple = options.cpu_bf16_group_multiple
         self.recompute = False
-        self.grouped_gemm: Optional[GroupedGemm] = None  # the seam (see the module docstring)
+        self.grouped_gemm: GroupedGemm | None = None  # the seam (see the module docstring)
         self.w1 = nn.Parameter(torch.empty(num_experts, hidden_dim, dim))
         self.w2 = nn.Parameter(torch.empty(num_experts, dim, hidden_dim))
         self.w3 = nn.Parameter(torch.empty(num_experts, hidden_dim, dim))
@@ -199,10 +208,13 @@ class GroupedExperts(ExpertsBase):
         self.recompute = enabled
 
     @classmethod
-    def hf_tensor_names(cls, family: str) -> dict[str, Optional[str]]:
+    def hf_tensor_names(cls, family: str) -> dict[str, str | None]:
         # stacked [E, ...] here, one SwiGLU per expert in HF checkpoints
-        return {"w1": f"{EXPERT}.gate_proj.weight", "w3": f"{EXPERT}.up_proj.weight",
-                "w2": f"{EXPERT}.down_proj.weight"}
+        return {
+            "w1": f"{EXPERT}.gate_proj.weight",
+            "w3": f"{EXPERT}.up_proj.weight",
+            "w2": f"{EXPERT}.down_proj.weight",
+        }
 
     def _ffn(self, x_ND: torch.Tensor, offs_E: torch.Tensor, counts: list[int] | None) -> torch.Tensor:
         # Not fused into one GEMM over [w1; w3] (~15% less bf16 expert time on the CPU): the wider
@@ -216,8 +228,12 @@ class GroupedExperts(ExpertsBase):
         pay: off the CPU or bf16 and under a precision plugin's ``grouped_gemm`` (it runs its own
         GEMMs). The padded buffer's size depends on the shapes only, so this holds under
         ``torch.compile`` too."""
-        if (self.cpu_bf16_group_multiple and x_TD.device.type == "cpu" and x_TD.dtype == torch.bfloat16
-                and self.grouped_gemm is None):
+        if (
+            self.cpu_bf16_group_multiple
+            and x_TD.device.type == "cpu"
+            and x_TD.dtype == torch.bfloat16
+            and self.grouped_gemm is None
+        ):
             return self.cpu_bf16_group_multiple
         return 0
 
@@ -228,8 +244,9 @@ class GroupedExperts(ExpertsBase):
             return self.grouped_gemm(name, x_NI, w_EOI, offs_E)
         return _grouped_linear(x_NI, w_EOI, offs_E, counts)
 
-    def forward(self, x_TD: torch.Tensor, weights_TK: torch.Tensor, indices_TK: torch.Tensor,
-                ctx: Optional[ForwardContext] = None) -> torch.Tensor:
+    def forward(
+        self, x_TD: torch.Tensor, weights_TK: torch.Tensor, indices_TK: torch.Tensor, ctx: ForwardContext | None = None
+    ) -> torch.Tensor:
         self.mark_phase("moe_dispatch")
         T, K = indices_TK.shape
         order_N = indices_TK.flatten().argsort(stable=True)

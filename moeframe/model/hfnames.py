@@ -14,7 +14,7 @@ HF form", naming the plugin and the method to implement.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from moeframe.config import ModelConfig
@@ -36,7 +36,7 @@ class HFNamed:
     """
 
     @classmethod
-    def hf_tensor_names(cls, family: str) -> Optional[dict[str, Optional[str]]]:
+    def hf_tensor_names(cls, family: str) -> dict[str, str | None] | None:
         """This part's state-dict keys (relative to the part) -> HF keys (relative to the HF
         module the family places the part at). A template with ``{e}`` splits a tensor stacked
         over experts into one HF tensor per expert. ``None`` as a value: moeframe-only state
@@ -51,7 +51,7 @@ class HFNamed:
         return frozenset()
 
     @classmethod
-    def hf_config(cls, family: str, config: "ModelConfig", options: "PluginOptions") -> dict[str, Any]:
+    def hf_config(cls, family: str, config: ModelConfig, options: PluginOptions) -> dict[str, Any]:
         """The HF ``config.json`` fields this part's options become (on export)."""
         return {}
 

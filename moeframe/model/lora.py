@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -30,8 +29,13 @@ from torch import nn
 from moeframe.errors import ConfigError
 from moeframe.model.base import AttentionBase, ExpertsBase
 from moeframe.model.context import ForwardContext
-from moeframe.model.experts import (GroupedExperts, _grouped_linear, grouped_mm_supported, pad_expert_groups,
-                                    pad_expert_groups_static)
+from moeframe.model.experts import (
+    GroupedExperts,
+    _grouped_linear,
+    grouped_mm_supported,
+    pad_expert_groups,
+    pad_expert_groups_static,
+)
 from moeframe.model.moe import MoE
 from moeframe.model.router import count_per_expert
 
@@ -100,8 +104,11 @@ class LoRAGroupedExperts(ExpertsBase):
             for e in range(E):
                 nn.init.kaiming_uniform_(a[e], a=math.sqrt(5))
             setattr(self, f"{name}_lora_A", nn.Parameter(a))
-            setattr(self, f"{name}_lora_B", nn.Parameter(torch.zeros(E, out_dim, rank, device=w_EOI.device,
-                                                                     dtype=w_EOI.dtype)))
+            setattr(
+                self,
+                f"{name}_lora_B",
+                nn.Parameter(torch.zeros(E, out_dim, rank, device=w_EOI.device, dtype=w_EOI.dtype)),
+            )
 
     def _project(self, name: str, x_NI: torch.Tensor, offs_E: torch.Tensor, counts: list[int] | None) -> torch.Tensor:
         a, b = getattr(self, f"{name}_lora_A"), getattr(self, f"{name}_lora_B")
@@ -109,8 +116,9 @@ class LoRAGroupedExperts(ExpertsBase):
         # the frozen base through the base's own projection (an FP8 grouped GEMM when fp8 set one)
         return self.base.project(name, x_NI, offs_E, counts) + low_rank * self.scale
 
-    def forward(self, x_TD: torch.Tensor, weights_TK: torch.Tensor, indices_TK: torch.Tensor,
-                ctx: Optional[ForwardContext] = None) -> torch.Tensor:
+    def forward(
+        self, x_TD: torch.Tensor, weights_TK: torch.Tensor, indices_TK: torch.Tensor, ctx: ForwardContext | None = None
+    ) -> torch.Tensor:
         # the base layer's sorted layout (see moeframe.model.experts), with adapters on each projection
         K = indices_TK.shape[1]
         order_N = indices_TK.flatten().argsort(stable=True)
@@ -158,13 +166,17 @@ def apply_lora(decoder: nn.Module, options: LoRAOptions) -> list[str]:
         if isinstance(module, MoE):
             if options.experts:
                 if not isinstance(module.experts, GroupedExperts):
-                    raise ConfigError(f"model.lora.experts needs the 'grouped' experts plugin, {name}.experts is "
-                                      f"{type(module.experts).__name__}; set model.lora.experts: false")
+                    raise ConfigError(
+                        f"model.lora.experts needs the 'grouped' experts plugin, {name}.experts is "
+                        f"{type(module.experts).__name__}; set model.lora.experts: false"
+                    )
                 targets.append((f"{name}.experts", module.experts))
             if options.shared_experts and module.shared_experts is not None:
                 targets += [(f"{name}.shared_experts.{n}", m) for n, m in module.shared_experts.named_children()]
     for name, module in targets:
-        wrapper = (LoRAGroupedExperts if isinstance(module, GroupedExperts) else LoRALinear)(module, options.rank, options.scale)
+        wrapper = (LoRAGroupedExperts if isinstance(module, GroupedExperts) else LoRALinear)(
+            module, options.rank, options.scale
+        )
         _replace(decoder, name, wrapper)
     return [name for name, _ in targets]
 

@@ -8,8 +8,6 @@ the forward pass.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -41,7 +39,7 @@ class MoE(nn.Module):
         self.layer_id = layer_id  # the block's index: ranks holding different layers match counts by it
         self.gate = build_router(layer.router, cfg, layer_id)
         self.experts = build_experts(layer.experts, cfg, layer_id)
-        self.shared_experts: Optional[nn.Module] = None
+        self.shared_experts: nn.Module | None = None
         if cfg.n_shared_experts:
             hidden = cfg.n_shared_experts * cfg.moe_ffn_dim
             # the experts plugin may give the shared experts its own expert function (declared hook)
@@ -49,16 +47,18 @@ class MoE(nn.Module):
             self.shared_experts = own if own is not None else SwiGLU(cfg.dim, hidden)
         # not a parameter, not saved: a running count that callbacks read and reset. Integer, so a
         # low-precision cast of the module (bf16-true) cannot round the counts.
-        self.register_buffer("tokens_per_expert", torch.zeros(cfg.n_routed_experts, dtype=torch.int64),
-                             persistent=False)
+        self.register_buffer(
+            "tokens_per_expert", torch.zeros(cfg.n_routed_experts, dtype=torch.int64), persistent=False
+        )
         # selective activation checkpointing: recompute the shared experts' SwiGLU in backward
         self.recompute_shared = False
 
     def init_weights(self, std: float) -> None:
         self.tokens_per_expert.zero_()
 
-    def forward(self, x_BTD: torch.Tensor, ctx: Optional[ForwardContext] = None
-                ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    def forward(
+        self, x_BTD: torch.Tensor, ctx: ForwardContext | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``ctx`` defaults to a context of positions only (a layer called on its own)."""
         if ctx is None:
             ctx = ForwardContext(torch.arange(x_BTD.shape[1], device=x_BTD.device))

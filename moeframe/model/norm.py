@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 from torch import nn
@@ -23,15 +22,16 @@ class RMSNorm(NormBase):
     Options = RMSNormOptions
     plugin_api = "2"  # the moeframe plugin API this class is written against
 
-    def __init__(self, dim: int, eps: float, options: PluginOptions = RMSNormOptions(),
-                 layer_id: Optional[int] = None) -> None:
+    def __init__(
+        self, dim: int, eps: float, options: PluginOptions = RMSNormOptions(), layer_id: int | None = None
+    ) -> None:
         super().__init__(dim, eps, options, layer_id)
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
     @classmethod
-    def hf_tensor_names(cls, family: str) -> dict[str, Optional[str]]:
+    def hf_tensor_names(cls, family: str) -> dict[str, str | None]:
         return {"weight": "weight"}
 
-    def forward(self, x: torch.Tensor, ctx: Optional[ForwardContext] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ctx: ForwardContext | None = None) -> torch.Tensor:
         return nn.functional.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).to(x.dtype)

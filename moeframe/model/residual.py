@@ -8,8 +8,8 @@ are other plugins of the same kind.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -28,7 +28,12 @@ class PreNormResidual(ResidualBase):
     Options = PreNormOptions
     plugin_api = "2"  # the moeframe plugin API this class is written against
 
-    def forward(self, h_BTD: torch.Tensor, attention: Callable[[torch.Tensor], torch.Tensor],
-                ffn: Callable[[torch.Tensor], torch.Tensor], ctx: ForwardContext) -> torch.Tensor:
+    def forward(
+        self,
+        h_BTD: torch.Tensor,
+        attention: Callable[[torch.Tensor], torch.Tensor],
+        ffn: Callable[[torch.Tensor], torch.Tensor],
+        ctx: ForwardContext,
+    ) -> torch.Tensor:
         h_BTD = h_BTD + attention(h_BTD)
         return h_BTD + ffn(h_BTD)

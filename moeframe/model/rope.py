@@ -9,7 +9,9 @@ from __future__ import annotations
 import torch
 
 
-def rope_cos_sin(positions_T: torch.Tensor, rot_dim: int, theta: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_cos_sin(
+    positions_T: torch.Tensor, rot_dim: int, theta: float, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin tables [T, rot_dim] for the given positions."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, rot_dim, 2, device=positions_T.device, dtype=torch.float32) / rot_dim))
     angles_TR = torch.outer(positions_T.to(torch.float32), inv_freq)

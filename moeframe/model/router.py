@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -35,7 +35,7 @@ class TopKOptions(PluginOptions):
     aux_loss_coef: float = 0.01
     norm_topk_prob: bool = False
 
-    def validate(self, config: "ModelConfig") -> None:
+    def validate(self, config: ModelConfig) -> None:
         if self.aux_loss_coef < 0:
             raise ValueError(f"aux_loss_coef must be >= 0, got {self.aux_loss_coef}")
 
@@ -84,7 +84,7 @@ class TopKRouter(RouterBase):
     Options = TopKOptions
     plugin_api = "2"  # the moeframe plugin API this class is written against
 
-    def __init__(self, config: "ModelConfig", options: TopKOptions, layer_id: Optional[int] = None) -> None:
+    def __init__(self, config: ModelConfig, options: TopKOptions, layer_id: int | None = None) -> None:
         super().__init__(config, options, layer_id)
         self.options = options
         self.top_k = config.n_activated_experts
@@ -94,22 +94,28 @@ class TopKRouter(RouterBase):
         self.weight = nn.Parameter(torch.empty(config.n_routed_experts, config.dim))
 
     @classmethod
-    def hf_tensor_names(cls, family: str) -> dict[str, Optional[str]]:
+    def hf_tensor_names(cls, family: str) -> dict[str, str | None]:
         return {"weight": "weight"}
 
     @classmethod
-    def hf_config(cls, family: str, config: "ModelConfig", options: PluginOptions) -> dict[str, Any]:
+    def hf_config(cls, family: str, config: ModelConfig, options: PluginOptions) -> dict[str, Any]:
         assert isinstance(options, TopKOptions)
         # HF's names for softmax top-k routing (DeepSeek-V2's ``greedy``) and its balance loss α
-        return {"scoring_func": "softmax", "topk_method": "greedy", "norm_topk_prob": options.norm_topk_prob,
-                "aux_loss_alpha": options.aux_loss_coef}
+        return {
+            "scoring_func": "softmax",
+            "topk_method": "greedy",
+            "norm_topk_prob": options.norm_topk_prob,
+            "aux_loss_alpha": options.aux_loss_coef,
+        }
 
     @classmethod
     def options_from_hf(cls, family: str, hf: dict[str, Any]) -> dict[str, Any]:
-        return {"norm_topk_prob": bool(hf.get("norm_topk_prob", False)),
-                "aux_loss_coef": float(hf.get("aux_loss_alpha", 0.001))}
+        return {
+            "norm_topk_prob": bool(hf.get("norm_topk_prob", False)),
+            "aux_loss_coef": float(hf.get("aux_loss_alpha", 0.001)),
+        }
 
-    def forward(self, x_TD: torch.Tensor, ctx: Optional[ForwardContext] = None) -> RouterOutput:
+    def forward(self, x_TD: torch.Tensor, ctx: ForwardContext | None = None) -> RouterOutput:
         # routing decisions are made in fp32 (also under autocast): bf16 logits flip near-tied choices
         scores_TE = gate_logits_fp32(x_TD, self.weight).softmax(dim=-1)
         select_TE = scores_TE

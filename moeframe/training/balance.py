@@ -40,23 +40,30 @@ from __future__ import annotations
 
 import re
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 import lightning as L
 import torch
 import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_only
-from torch import nn
 from torchmetrics import Metric
 
 from moeframe.model.moe import MoE, moe_layers
 from moeframe.training.callbacks import log_dir
 from moeframe.training.events import write_event
 
-__all__ = ["ExpertBalance", "MaxVioBatch", "MaxVioGlobal", "all_reduce_sum", "max_violation", "moe_layers",
-           "synchronise_and_update"]
+__all__ = [
+    "ExpertBalance",
+    "MaxVioBatch",
+    "MaxVioGlobal",
+    "all_reduce_sum",
+    "max_violation",
+    "moe_layers",
+    "synchronise_and_update",
+]
 
 
 # -- the measures -------------------------------------------------------------------------------
@@ -116,8 +123,9 @@ def _write_counts(layers: list[tuple[str, MoE]], counts_LE: torch.Tensor) -> Non
 
 @torch.no_grad()
 def synchronise_and_update(
-    layers: list[tuple[str, MoE]], all_reduce_sum: Callable[[torch.Tensor], torch.Tensor],
-    num_layer_ids: Optional[int] = None,
+    layers: list[tuple[str, MoE]],
+    all_reduce_sum: Callable[[torch.Tensor], torch.Tensor],
+    num_layer_ids: int | None = None,
 ) -> torch.Tensor:
     """Sum every layer's counts over the ranks with ONE collective, give each router its row
     (``update_after_step``), zero the buffers; return the global counts [L, E] of ``layers``.
@@ -148,7 +156,7 @@ def all_reduce_sum(counts_LE: torch.Tensor) -> torch.Tensor:
     return counts_LE
 
 
-def _num_layer_ids(pl_module: L.LightningModule) -> Optional[int]:
+def _num_layer_ids(pl_module: L.LightningModule) -> int | None:
     """Blocks of the whole model (main layers + MTP) when the module says, whatever this rank holds."""
     config = getattr(pl_module, "config", None)
     n_layers = getattr(config, "n_layers", None)
@@ -164,8 +172,9 @@ def _join_without_layers(pl_module: L.LightningModule) -> None:
     all_reduce_sum(torch.zeros(num_ids, config.n_routed_experts, dtype=torch.float64, device=pl_module.device))
 
 
-def counts_by_layer_id(layers: list[tuple[str, MoE]], pl_module: L.LightningModule,
-                       device: torch.device) -> Optional[torch.Tensor]:
+def counts_by_layer_id(
+    layers: list[tuple[str, MoE]], pl_module: L.LightningModule, device: torch.device
+) -> torch.Tensor | None:
     """This rank's expert counts for a collective that sums them over the ranks: [R, E] float64 with
     one row per block id of the whole model when the module's config says how many (pipeline stages
     hold different layers; the rows line them up), else the local [L, E]; None without MoE layers."""
@@ -209,28 +218,42 @@ class ExpertBalance(Callback):
         maxvio_patience: see ``maxvio_threshold``.
     """
 
-    def __init__(self, log_every_n_steps: Optional[int] = None, dead_expert_patience: int = 100,
-                 heatmaps: bool = True, collapse_patience: int = 100, maxvio_threshold: float = 4.0,
-                 maxvio_patience: int = 100) -> None:
+    def __init__(
+        self,
+        log_every_n_steps: int | None = None,
+        dead_expert_patience: int = 100,
+        heatmaps: bool = True,
+        collapse_patience: int = 100,
+        maxvio_threshold: float = 4.0,
+        maxvio_patience: int = 100,
+    ) -> None:
         if log_every_n_steps is not None and log_every_n_steps <= 0:
             raise ValueError(f"ExpertBalance: log_every_n_steps must be positive, got {log_every_n_steps}")
-        for name, value in (("dead_expert_patience", dead_expert_patience), ("collapse_patience", collapse_patience),
-                            ("maxvio_patience", maxvio_patience), ("maxvio_threshold", maxvio_threshold)):
+        for name, value in (
+            ("dead_expert_patience", dead_expert_patience),
+            ("collapse_patience", collapse_patience),
+            ("maxvio_patience", maxvio_patience),
+            ("maxvio_threshold", maxvio_threshold),
+        ):
             if value < 0:
                 raise ValueError(f"ExpertBalance: {name} must be >= 0, got {value}")
         self.log_every_n_steps = log_every_n_steps
         self.dead_expert_patience = dead_expert_patience
         self.heatmaps = heatmaps
-        self.collapse_patience, self.maxvio_threshold, self.maxvio_patience = collapse_patience, maxvio_threshold, maxvio_patience
+        self.collapse_patience, self.maxvio_threshold, self.maxvio_patience = (
+            collapse_patience,
+            maxvio_threshold,
+            maxvio_patience,
+        )
         self.layers: list[tuple[str, MoE]] = []
-        self.starved_steps_LE: Optional[torch.Tensor] = None  # consecutive steps without a token
-        self.high_maxvio_L: Optional[torch.Tensor] = None  # consecutive steps with MaxVio above the threshold
+        self.starved_steps_LE: torch.Tensor | None = None  # consecutive steps without a token
+        self.high_maxvio_L: torch.Tensor | None = None  # consecutive steps with MaxVio above the threshold
         self.events: list[dict[str, Any]] = []  # this process's router-fault events (also in events.jsonl)
         self.heatmap_paths: list[Path] = []
         self.last_metrics: dict[str, float] = {}  # the latest values sent to the loggers
         self._last_train_window: dict[str, torch.Tensor] = {}
         self._stepped_at = -1
-        self._parked_counts_LE: Optional[torch.Tensor] = None
+        self._parked_counts_LE: torch.Tensor | None = None
 
     # -- setup ----------------------------------------------------------------------------------
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -259,8 +282,9 @@ class ExpertBalance(Callback):
         self._stepped_at = trainer.global_step
 
     # -- training: once per optimizer step ------------------------------------------------------------
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any,
-                           batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         # Lightning runs this after every micro-batch; global_step moves only when the optimizer
         # stepped, so the buffers now hold every micro-batch of the step's global batch.
         if trainer.global_step == self._stepped_at:
@@ -301,16 +325,25 @@ class ExpertBalance(Callback):
         self.starved_steps_LE = torch.where(starved_LE, self.starved_steps_LE + 1, 0)
         if self.collapse_patience:
             for layer, expert in (self.starved_steps_LE == self.collapse_patience).nonzero().tolist():
-                write_event(trainer, self.events, "expert_collapse", step=step, layer=self.layers[layer][0],
-                            expert=expert, steps_without_tokens=self.collapse_patience)
+                write_event(
+                    trainer,
+                    self.events,
+                    "expert_collapse",
+                    step=step,
+                    layer=self.layers[layer][0],
+                    expert=expert,
+                    steps_without_tokens=self.collapse_patience,
+                )
         if not self.dead_expert_patience:
             return
         for layer, expert in (self.starved_steps_LE == self.dead_expert_patience).nonzero().tolist():
             # warned once, when the streak reaches the patience; a longer streak does not repeat it
-            _warn_rank_zero(f"expert {expert} of MoE layer {self.layers[layer][0]!r} has received no token "
-                            f"for {self.dead_expert_patience} optimizer steps (step {step}); it is dead "
-                            "weight: consider a bias-balanced router (see `moeframe plugins`) or a larger "
-                            "balance coefficient")
+            _warn_rank_zero(
+                f"expert {expert} of MoE layer {self.layers[layer][0]!r} has received no token "
+                f"for {self.dead_expert_patience} optimizer steps (step {step}); it is dead "
+                "weight: consider a bias-balanced router (see `moeframe plugins`) or a larger "
+                "balance coefficient"
+            )
 
     def _track_maxvio(self, trainer: L.Trainer, counts_LE: torch.Tensor, step: int) -> None:
         assert self.high_maxvio_L is not None
@@ -319,9 +352,17 @@ class ExpertBalance(Callback):
         if not (self.maxvio_threshold > 0 and self.maxvio_patience > 0):
             return
         for layer in (self.high_maxvio_L == self.maxvio_patience).nonzero().flatten().tolist():
-            write_event(trainer, self.events, "maxvio_high", step=step, layer=self.layers[layer][0],
-                        expert=int(counts_LE[layer].argmax()), maxvio=float(maxvio_L[layer]),
-                        threshold=self.maxvio_threshold, steps=self.maxvio_patience)
+            write_event(
+                trainer,
+                self.events,
+                "maxvio_high",
+                step=step,
+                layer=self.layers[layer][0],
+                expert=int(counts_LE[layer].argmax()),
+                maxvio=float(maxvio_L[layer]),
+                threshold=self.maxvio_threshold,
+                steps=self.maxvio_patience,
+            )
 
     # -- validation: never moves a bias, measures MaxVio_global -----------------------------------------
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -413,14 +454,17 @@ def plot_load_heatmaps(panels: dict[str, torch.Tensor], layer_names: list[str], 
     import matplotlib.pyplot as plt
 
     L_, E = next(iter(panels.values())).shape
-    fig, axes = plt.subplots(len(panels), 1, squeeze=False,
-                             figsize=(max(6.0, 0.35 * E + 3.5), len(panels) * max(2.2, 0.45 * L_ + 1.3)))
+    fig, axes = plt.subplots(
+        len(panels), 1, squeeze=False, figsize=(max(6.0, 0.35 * E + 3.5), len(panels) * max(2.2, 0.45 * L_ + 1.3))
+    )
     for ax, (title, counts_LE) in zip(axes[:, 0], panels.items()):
         counts_LE = counts_LE.double().cpu()
         relative_LE = counts_LE / counts_LE.mean(dim=-1, keepdim=True).clamp_min(1e-12)
         image = ax.imshow(relative_LE.numpy(), cmap="coolwarm", vmin=0.0, vmax=2.0, aspect="auto")
         ax.set_xticks(range(E))
-        ax.set_yticks(range(L_), [f"{n} (MaxVio {float(v):.2f})" for n, v in zip(layer_names, max_violation(counts_LE))])
+        ax.set_yticks(
+            range(L_), [f"{n} (MaxVio {float(v):.2f})" for n, v in zip(layer_names, max_violation(counts_LE))]
+        )
         ax.set_title(title, fontsize=10)
         fig.colorbar(image, ax=ax, label="load / mean")
     axes[-1, 0].set_xlabel("expert")

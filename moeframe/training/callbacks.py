@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import lightning as L
 from lightning.pytorch.callbacks import Callback, ThroughputMonitor
@@ -45,7 +45,9 @@ class LossCurvePlot(Callback):
         self.train: list[tuple[int, float]] = []
         self.val: list[tuple[int, float]] = []
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         loss = trainer.callback_metrics.get("train/loss")
         if loss is not None:
             self.train.append((trainer.global_step, float(loss)))
@@ -71,7 +73,7 @@ class LossCurvePlot(Callback):
 
     @rank_zero_only
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.path: Optional[Path] = plot_losses(self.train, self.val, log_dir(trainer) / self.filename)
+        self.path: Path | None = plot_losses(self.train, self.val, log_dir(trainer) / self.filename)
 
 
 def _smooth(values: list[float], window: int) -> list[float]:
@@ -84,7 +86,7 @@ def _smooth(values: list[float], window: int) -> list[float]:
     return out
 
 
-def plot_losses(train: list[tuple[int, float]], val: list[tuple[int, float]], path: Path) -> Optional[Path]:
+def plot_losses(train: list[tuple[int, float]], val: list[tuple[int, float]], path: Path) -> Path | None:
     if not train and not val:
         return None
     import matplotlib
@@ -96,7 +98,9 @@ def plot_losses(train: list[tuple[int, float]], val: list[tuple[int, float]], pa
     if train:
         steps, losses = zip(*train)
         ax.plot(steps, losses, color="tab:blue", alpha=0.25, linewidth=0.8)
-        ax.plot(steps, _smooth(list(losses), max(1, len(losses) // 50)), color="tab:blue", label="train loss (smoothed)")
+        ax.plot(
+            steps, _smooth(list(losses), max(1, len(losses) // 50)), color="tab:blue", label="train loss (smoothed)"
+        )
     if val:
         steps, losses = zip(*val)
         ax.plot(steps, losses, "o-", color="tab:orange", label="validation loss")
@@ -125,8 +129,10 @@ class BatchSizeRamp(Callback):
 
     def __init__(self, start_sequences: int, end_sequences: int, ramp_tokens: float) -> None:
         if not 0 < start_sequences <= end_sequences or ramp_tokens <= 0:
-            raise ValueError("BatchSizeRamp needs 0 < start_sequences <= end_sequences and ramp_tokens > 0, got "
-                             f"{start_sequences}, {end_sequences}, {ramp_tokens}")
+            raise ValueError(
+                "BatchSizeRamp needs 0 < start_sequences <= end_sequences and ramp_tokens > 0, got "
+                f"{start_sequences}, {end_sequences}, {ramp_tokens}"
+            )
         self.start, self.end, self.ramp_tokens = start_sequences, end_sequences, ramp_tokens
 
     def target_accumulation(self, tokens: float, micro_batch: int, world_size: int) -> int:
@@ -135,8 +141,9 @@ class BatchSizeRamp(Callback):
         sequences = piecewise(tokens, self.start, [[self.ramp_tokens, self.end, "linear"]])
         return max(1, round(sequences / (micro_batch * world_size)))
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         micro = int(batch["input_ids"].shape[0])
         ready = trainer.fit_loop.epoch_loop.batch_progress.current.ready
         if ready % trainer.accumulate_grad_batches:
@@ -166,7 +173,9 @@ class LoggerStepAfterResume(Callback):
         if trainer.lightning_module.automatic_optimization:
             set_logger_step(trainer, trainer.global_step)
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         self._align(trainer)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -36,8 +36,9 @@ import socket
 import struct
 import zipfile
 import zlib
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Literal, NamedTuple, Optional
+from typing import Any, BinaryIO, Literal, NamedTuple
 
 import lightning as L
 import torch
@@ -46,9 +47,18 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from moeframe.errors import CheckpointError, TrainingFault
 
-__all__ = ["AtomicCheckpointIO", "find_resumable_checkpoint", "newest_other_checkpoint", "partial_name",
-           "remove_stale_partials", "replace_folder", "save_checkpoint_atomically", "state_dict_differences",
-           "verify_checkpoint", "writes_folders"]
+__all__ = [
+    "AtomicCheckpointIO",
+    "find_resumable_checkpoint",
+    "newest_other_checkpoint",
+    "partial_name",
+    "remove_stale_partials",
+    "replace_folder",
+    "save_checkpoint_atomically",
+    "state_dict_differences",
+    "verify_checkpoint",
+    "writes_folders",
+]
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +79,10 @@ _LOCAL_HEADER = struct.Struct("<4s22xHH")  # signature, 22 bytes we skip, name l
 _MAX_HEX_NAME = 200  # a partial's name holds its target's name in hex up to this length (255 max)
 _CLOCK_SLACK_S = 2.0  # /proc's boot time is whole seconds
 _SWEEP_DEPTH = 3  # default_root_dir/logs/version_N/checkpoints
-_PARTIAL_NAME = re.compile(r"\.partial-(?P<pid>\d+)-(?:h(?P<host>[0-9a-f]{8})-)?"
-                           r"(?P<tag>n[0-9a-f]+|s[0-9a-f]{8}|[0-9a-f]{8})(?P<old>\.old)?")
+_PARTIAL_NAME = re.compile(
+    r"\.partial-(?P<pid>\d+)-(?:h(?P<host>[0-9a-f]{8})-)?"
+    r"(?P<tag>n[0-9a-f]+|s[0-9a-f]{8}|[0-9a-f]{8})(?P<old>\.old)?"
+)
 _verified: set[tuple[str, int, int, int, int]] = set()  # files found intact by this process (path + stat)
 _NOT_AN_ARCHIVE = "it is not a complete torch checkpoint (truncated or corrupted)"
 
@@ -167,7 +179,7 @@ def _archive_entries(f: BinaryIO) -> list[_Entry]:
     return sorted(entries, key=lambda e: e.start) if any(e.crc for e in entries) else []
 
 
-def _stream_check(f: BinaryIO, entries: list[_Entry], sha256: bool) -> tuple[Optional[str], Optional[str]]:
+def _stream_check(f: BinaryIO, entries: list[_Entry], sha256: bool) -> tuple[str | None, str | None]:
     """One sequential read of the whole file: (the first entry whose CRC32 differs from the one
     stored, the file's SHA-256 when asked for)."""
     if not entries and not sha256:
@@ -186,7 +198,7 @@ def _stream_check(f: BinaryIO, entries: list[_Entry], sha256: bool) -> tuple[Opt
         while i < len(entries) and entries[i].start < end:
             lo, hi = max(entries[i].start, pos), min(entries[i].end, end)
             if lo < hi:
-                crcs[i] = zlib.crc32(view[lo - pos:hi - pos], crcs[i])
+                crcs[i] = zlib.crc32(view[lo - pos : hi - pos], crcs[i])
             i += 1
         while first < len(entries) and entries[first].end <= end:
             first += 1
@@ -195,7 +207,7 @@ def _stream_check(f: BinaryIO, entries: list[_Entry], sha256: bool) -> tuple[Opt
     return bad, digest.hexdigest() if digest is not None else None
 
 
-def _compressed_archive_problem(path: Path) -> Optional[str]:
+def _compressed_archive_problem(path: Path) -> str | None:
     # an archive repacked with compression: zipfile inflates and checks every entry
     try:
         with zipfile.ZipFile(path) as archive:
@@ -205,7 +217,7 @@ def _compressed_archive_problem(path: Path) -> Optional[str]:
     return None if bad is None else f"its entry {bad!r} does not match the CRC32 stored with it (corrupted)"
 
 
-def _file_problem(path: Path) -> Optional[str]:
+def _file_problem(path: Path) -> str | None:
     """Why the checkpoint file ``path`` is damaged, or None: every entry's CRC32, or, when a sidecar
     describes this very file, its SHA-256, in one streaming read (cached per file state)."""
     st = path.stat()
@@ -230,20 +242,23 @@ def _file_problem(path: Path) -> Optional[str]:
     return None
 
 
-def newest_other_checkpoint(path: Path) -> Optional[Path]:
+def newest_other_checkpoint(path: Path) -> Path | None:
     """The newest intact checkpoint beside ``path`` (same folder), ``path`` excluded."""
     folder = path.parent
     if not folder.is_dir():
         return None
-    candidates = [p for p in folder.iterdir() if p.name.endswith(".ckpt") and not p.name.startswith(".")
-                  and p.resolve() != path.resolve()]
+    candidates = [
+        p
+        for p in folder.iterdir()
+        if p.name.endswith(".ckpt") and not p.name.startswith(".") and p.resolve() != path.resolve()
+    ]
     for candidate in sorted(candidates, key=lambda p: p.stat().st_mtime, reverse=True):
         if verify_checkpoint(candidate) is None:
             return candidate
     return None
 
 
-def verify_checkpoint(path: Path) -> Optional[str]:
+def verify_checkpoint(path: Path) -> str | None:
     """None when ``path`` is intact, else why not. A file must be a complete zip archive (what
     ``torch.save`` writes) whose every entry matches its stored CRC32, or, when its sidecar
     describes this very file, match the SHA-256 written with it. A DeepSpeed checkpoint folder must
@@ -258,10 +273,13 @@ def verify_checkpoint(path: Path) -> Optional[str]:
     return _file_problem(path)
 
 
-def _folder_problem(path: Path) -> Optional[str]:
+def _folder_problem(path: Path) -> str | None:
     if (path / ".metadata").is_file() or list(path.glob("*.distcp")):
-        return None if (path / ".metadata").is_file() else \
-            "a torch.distributed.checkpoint folder without its '.metadata' file (the save did not finish)"
+        return (
+            None
+            if (path / ".metadata").is_file()
+            else "a torch.distributed.checkpoint folder without its '.metadata' file (the save did not finish)"
+        )
     tag_file = path / "latest"
     if not tag_file.is_file():
         return "a DeepSpeed checkpoint folder without its 'latest' file"
@@ -276,7 +294,7 @@ def _folder_problem(path: Path) -> Optional[str]:
 
 
 # -- leftovers of saves that were killed --------------------------------------------------------------
-def _process_start(pid: int) -> Optional[float]:
+def _process_start(pid: int) -> float | None:
     """When process ``pid`` of this host started (epoch seconds); None when there is no such
     process (or only its zombie); -inf when it is alive but its start is unknown (no /proc)."""
     if pid <= 0:
@@ -291,8 +309,9 @@ def _process_start(pid: int) -> Optional[float]:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         if fields[0] in ("Z", "X"):
             return None  # a zombie writes nothing
-        boot = next(float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
-                    if line.startswith("btime "))
+        boot = next(
+            float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines() if line.startswith("btime ")
+        )
         return boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22: start time in clock ticks
     except (OSError, ValueError, IndexError, StopIteration):
         return float("-inf")
@@ -308,7 +327,7 @@ def _writer_gone(partial: Path, match: re.Match[str]) -> bool:
     return started is None or partial.lstat().st_mtime < started - _CLOCK_SLACK_S
 
 
-def _partial_target(partial: Path, match: re.Match[str]) -> Optional[Path]:
+def _partial_target(partial: Path, match: re.Match[str]) -> Path | None:
     """The checkpoint a partial was written for, when its name tells (or a file beside matches its hash)."""
     tag = match["tag"]
     if tag.startswith("n"):
@@ -318,8 +337,14 @@ def _partial_target(partial: Path, match: re.Match[str]) -> Optional[Path]:
             return None
         return partial.parent / name if name not in ("", ".", "..") and "/" not in name else None
     digest = tag.lstrip("s")
-    return next((p for p in partial.parent.iterdir() if not p.name.startswith(".")
-                 and hashlib.sha256(p.name.encode()).hexdigest()[:8] == digest), None)
+    return next(
+        (
+            p
+            for p in partial.parent.iterdir()
+            if not p.name.startswith(".") and hashlib.sha256(p.name.encode()).hexdigest()[:8] == digest
+        ),
+        None,
+    )
 
 
 def _finish_folder_swap(old: Path, match: re.Match[str]) -> bool:
@@ -332,7 +357,7 @@ def _finish_folder_swap(old: Path, match: re.Match[str]) -> bool:
         return False
     if target.exists():
         return True  # the swap finished; only the removal of the old copy was cut short
-    new = old.with_name(old.name[:-len(".old")])
+    new = old.with_name(old.name[: -len(".old")])
     if new.exists() and verify_checkpoint(new) is None:
         os.replace(new, target)
         _fsync_dir(target.parent)
@@ -342,7 +367,7 @@ def _finish_folder_swap(old: Path, match: re.Match[str]) -> bool:
     return False
 
 
-def _partials_under(root: Path, max_depth: Optional[int]) -> list[Path]:
+def _partials_under(root: Path, max_depth: int | None) -> list[Path]:
     """``.partial-*`` names in ``root``, its sidecar folder and the folders below it that are not
     hidden (nor partials themselves), down to ``max_depth`` levels (None: all)."""
     found = []
@@ -353,7 +378,7 @@ def _partials_under(root: Path, max_depth: Optional[int]) -> list[Path]:
     return found
 
 
-def remove_stale_partials(root: Path, max_depth: Optional[int] = None) -> list[Path]:
+def remove_stale_partials(root: Path, max_depth: int | None = None) -> list[Path]:
     """Remove what saves killed half way left under ``root`` (down to ``max_depth`` folder levels;
     0: ``root`` alone): hidden ``.partial-*`` files and folders, each a whole checkpoint's size,
     whose writer is gone (see ``_writer_gone``). A live save of another process, and partials
@@ -395,12 +420,12 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def __init__(self, on_corrupt: Literal["error", "previous"] = "error") -> None:
         super().__init__()
         self.on_corrupt = on_corrupt
-        self.last_saved: Optional[Path] = None
-        self.resumed_from: Optional[Path] = None
-        self.run_root: Optional[Path] = None
+        self.last_saved: Path | None = None
+        self.resumed_from: Path | None = None
+        self.run_root: Path | None = None
         self._swept: set[Path] = set()
 
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Optional[Any] = None) -> None:
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
         if storage_options is not None:
             raise TypeError("AtomicCheckpointIO takes no storage_options")
         path = Path(path)
@@ -413,7 +438,11 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         try:
             _write_durably(tmp, data)
             written = tmp.stat()
-            entry = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": written.st_size, "mtime_ns": written.st_mtime_ns}
+            entry = {
+                "sha256": hashlib.sha256(data).hexdigest(),
+                "bytes": written.st_size,
+                "mtime_ns": written.st_mtime_ns,
+            }
             tmp_sidecar.parent.mkdir(exist_ok=True)
             # the sidecar goes first and keeps the entry of the file still at the path (matched by
             # size and mtime, never a digest taken on trust), so a kill between the two renames,
@@ -433,8 +462,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             self._swept.add(folder)
             remove_stale_partials(folder, max_depth=0)
 
-    def load_checkpoint(self, path: Any, map_location: Optional[Callable] = lambda storage, loc: storage,
-                        weights_only: Optional[bool] = None) -> dict[str, Any]:
+    def load_checkpoint(
+        self, path: Any, map_location: Callable | None = lambda storage, loc: storage, weights_only: bool | None = None
+    ) -> dict[str, Any]:
         path = Path(path)
         problem = verify_checkpoint(path)
         if problem is not None and path.exists():
@@ -451,8 +481,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         except (RuntimeError, EOFError, OSError, ValueError) as exc:
             if isinstance(exc, FileNotFoundError):
                 raise
-            raise CheckpointError(f"checkpoint {path} cannot be read ({_first_line(exc)}); it is truncated or "
-                                  "corrupted: resume from an earlier checkpoint") from exc
+            raise CheckpointError(
+                f"checkpoint {path} cannot be read ({_first_line(exc)}); it is truncated or "
+                "corrupted: resume from an earlier checkpoint"
+            ) from exc
 
     def remove_checkpoint(self, path: Any) -> None:
         super().remove_checkpoint(path)
@@ -464,7 +496,7 @@ def _first_line(exc: BaseException) -> str:
     return text[0] if text else type(exc).__name__
 
 
-def _intact_elsewhere(path: Path, resumed_from: Optional[Path], run_root: Optional[Path]) -> Optional[Path]:
+def _intact_elsewhere(path: Path, resumed_from: Path | None, run_root: Path | None) -> Path | None:
     """The checkpoint a run that cannot save ``path`` still has: ``path`` itself, the newest intact
     one beside it, the one the run resumed from (often another logger version's folder), or the
     newest intact one anywhere under the run's root."""
@@ -479,15 +511,16 @@ def _intact_elsewhere(path: Path, resumed_from: Optional[Path], run_root: Option
     return found if found is not None and found.resolve() != path.resolve() else None
 
 
-def _save_error(path: Path, exc: OSError, resumed_from: Optional[Path] = None,
-                run_root: Optional[Path] = None) -> Exception:
+def _save_error(path: Path, exc: OSError, resumed_from: Path | None = None, run_root: Path | None = None) -> Exception:
     if exc.errno not in _DISK_FULL:
         return TrainingFault(f"could not write checkpoint {path}: {_first_line(exc)}")
     previous = _intact_elsewhere(path, resumed_from, run_root)
     origin = " (the one this run resumed from)" if previous is not None and previous == resumed_from else ""
     kept = f"the previous checkpoint {previous}{origin} is intact" if previous else "no earlier checkpoint exists"
-    return TrainingFault(f"disk full while saving checkpoint {path} ({os.strerror(exc.errno)}); nothing was "
-                         f"overwritten and {kept}: free space (or point default_root_dir elsewhere) and resume")
+    return TrainingFault(
+        f"disk full while saving checkpoint {path} ({os.strerror(exc.errno)}); nothing was "
+        f"overwritten and {kept}: free space (or point default_root_dir elsewhere) and resume"
+    )
 
 
 def replace_folder(tmp: Path, path: Path) -> None:
@@ -498,8 +531,6 @@ def replace_folder(tmp: Path, path: Path) -> None:
     os.replace(tmp, path)
     _fsync_dir(path.parent)
     shutil.rmtree(old, ignore_errors=True)
-
-
 
 
 def save_checkpoint_atomically(trainer: L.Trainer, path: Path) -> Path:
@@ -525,13 +556,15 @@ def writes_folders(trainer: L.Trainer) -> bool:
     return isinstance(trainer.strategy, (DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy))
 
 
-def find_resumable_checkpoint(root: Path) -> Optional[Path]:
+def find_resumable_checkpoint(root: Path) -> Path | None:
     """The checkpoint a restarted run should resume from: the newest intact ``*.ckpt`` (file or
     DeepSpeed folder) under ``root`` by modification time; a corrupt newer one is passed over."""
     root = Path(root)
     if not root.is_dir():
         return None
-    candidates = [p for p in root.rglob("*.ckpt") if not any(part.startswith(".") for part in p.relative_to(root).parts)]
+    candidates = [
+        p for p in root.rglob("*.ckpt") if not any(part.startswith(".") for part in p.relative_to(root).parts)
+    ]
     candidates = [p for p in candidates if p.is_file() or (p / "latest").is_file()]
     for candidate in sorted(candidates, key=lambda p: p.stat().st_mtime, reverse=True):
         problem = verify_checkpoint(candidate)
@@ -547,11 +580,17 @@ def state_dict_differences(model_state: dict[str, torch.Tensor], ckpt_state: dic
     empty when they match."""
     missing = [k for k in model_state if k not in ckpt_state]
     extra = [k for k in ckpt_state if k not in model_state]
-    shapes = [f"{k} {tuple(ckpt_state[k].shape)} vs {tuple(v.shape)}" for k, v in model_state.items()
-              if k in ckpt_state and isinstance(ckpt_state[k], torch.Tensor) and tuple(ckpt_state[k].shape) != tuple(v.shape)]
+    shapes = [
+        f"{k} {tuple(ckpt_state[k].shape)} vs {tuple(v.shape)}"
+        for k, v in model_state.items()
+        if k in ckpt_state and isinstance(ckpt_state[k], torch.Tensor) and tuple(ckpt_state[k].shape) != tuple(v.shape)
+    ]
     parts = []
-    for label, items in (("shape differs (checkpoint vs model)", shapes), ("missing from the checkpoint", missing),
-                         ("not in the model", extra)):
+    for label, items in (
+        ("shape differs (checkpoint vs model)", shapes),
+        ("missing from the checkpoint", missing),
+        ("not in the model", extra),
+    ):
         if items:
             more = f" (+{len(items) - limit} more)" if len(items) > limit else ""
             parts.append(f"{label}: {', '.join(items[:limit])}{more}")

@@ -28,16 +28,17 @@ zero gradient from the first step, Adam's moments stay zero and the frozen rows 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Literal, Optional
+from typing import Literal
 
 import torch
 from torch import nn
 
 from moeframe.errors import ConfigError
 from moeframe.model.base import RouterOutput
-from moeframe.model.moe import MoE, moe_layers
+from moeframe.model.moe import moe_layers
 
 
 @dataclass
@@ -47,7 +48,7 @@ class ESFTOptions:
     ``score``: ``token`` or ``gate``; ``mass_fraction``: p; ``train_shared_experts``: also
     train the shared experts (everything else outside the selected experts stays frozen)."""
 
-    selection: Optional[str] = None
+    selection: str | None = None
     score: Literal["token", "gate"] = "token"
     mass_fraction: float = 0.3
     num_batches: int = 8
@@ -61,8 +62,9 @@ class ESFTOptions:
 
 
 @torch.no_grad()
-def routing_scores(decoder: nn.Module, batches: Iterable[dict[str, torch.Tensor]],
-                   score: Literal["token", "gate"]) -> tuple[dict[str, torch.Tensor], int]:
+def routing_scores(
+    decoder: nn.Module, batches: Iterable[dict[str, torch.Tensor]], score: Literal["token", "gate"]
+) -> tuple[dict[str, torch.Tensor], int]:
     """Per MoE layer, each expert's share [E] of the routing on ``batches``; and the token count.
 
     Only labelled positions count when labels are present (the task's answers, as in the
@@ -78,6 +80,7 @@ def routing_scores(decoder: nn.Module, batches: Iterable[dict[str, torch.Tensor]
             idx_TK, w_TK = out.indices_TK[mask_T], out.weights_TK[mask_T].double()
             value_TK = torch.ones_like(w_TK) if score == "token" else w_TK
             totals[name].index_add_(0, idx_TK.flatten().cpu(), value_TK.flatten().cpu())
+
         return record
 
     handles = [m.gate.register_forward_hook(hook(name)) for name, m in layers]
@@ -86,8 +89,11 @@ def routing_scores(decoder: nn.Module, batches: Iterable[dict[str, torch.Tensor]
     try:
         for batch in batches:
             labels = batch.get("labels")
-            keep["mask"] = (labels != -100).flatten() if labels is not None else torch.ones(
-                batch["input_ids"].numel(), dtype=torch.bool)
+            keep["mask"] = (
+                (labels != -100).flatten()
+                if labels is not None
+                else torch.ones(batch["input_ids"].numel(), dtype=torch.bool)
+            )
             num_tokens += int(keep["mask"].sum())
             decoder(batch["input_ids"], batch.get("document_ids"))
     finally:
@@ -110,10 +116,16 @@ def select_experts(scores_E: torch.Tensor, mass_fraction: float) -> list[int]:
 
 
 def build_selection(scores: dict[str, torch.Tensor], num_tokens: int, options: ESFTOptions) -> dict:
-    return {"method": "esft", "score": options.score, "mass_fraction": options.mass_fraction,
-            "num_tokens": num_tokens,
-            "layers": {name: {"scores": [float(s) for s in s_E], "selected": select_experts(s_E, options.mass_fraction)}
-                       for name, s_E in scores.items()}}
+    return {
+        "method": "esft",
+        "score": options.score,
+        "mass_fraction": options.mass_fraction,
+        "num_tokens": num_tokens,
+        "layers": {
+            name: {"scores": [float(s) for s in s_E], "selected": select_experts(s_E, options.mass_fraction)}
+            for name, s_E in scores.items()
+        },
+    }
 
 
 def write_selection(selection: dict, path: str | Path) -> Path:
@@ -132,16 +144,21 @@ def read_selection(path: str | Path, decoder: nn.Module) -> dict[str, list[int]]
         raise ConfigError(f"model.esft.selection {str(path)!r} does not exist (write it with `moeframe esft-select`)")
     layers = dict(moe_layers(decoder))
     entries = load_json_file(path, "model.esft.selection").get("layers")
-    if not isinstance(entries, dict) or not all(isinstance(e, dict) and isinstance(e.get("selected"), list)
-                                                for e in entries.values()):
-        raise ConfigError(f"model.esft.selection {path} has no layers.<name>.selected lists: it is not a selection "
-                          "written by `moeframe esft-select`; write it again")
+    if not isinstance(entries, dict) or not all(
+        isinstance(e, dict) and isinstance(e.get("selected"), list) for e in entries.values()
+    ):
+        raise ConfigError(
+            f"model.esft.selection {path} has no layers.<name>.selected lists: it is not a selection "
+            "written by `moeframe esft-select`; write it again"
+        )
     chosen = {name: entry["selected"] for name, entry in entries.items()}
     if set(chosen) != set(layers):
         raise ConfigError(f"{path}: the selection names layers {sorted(chosen)}, the model has {sorted(layers)}")
     for name, experts in chosen.items():
         if not experts or not all(0 <= e < layers[name].num_experts for e in experts):
-            raise ConfigError(f"{path}: {name} selects {experts}; expert ids must be in [0, {layers[name].num_experts})")
+            raise ConfigError(
+                f"{path}: {name} selects {experts}; expert ids must be in [0, {layers[name].num_experts})"
+            )
     return chosen
 
 
@@ -157,8 +174,9 @@ def freeze_for_esft(decoder: nn.Module, chosen: dict[str, list[int]], train_shar
         mask_E[experts] = True
         for p in moe.experts.parameters():
             if p.dim() == 0 or p.shape[0] != moe.num_experts:
-                raise ConfigError(f"ESFT needs stacked expert weights [E, ...]; {name}.experts has a {tuple(p.shape)} "
-                                  "parameter")
+                raise ConfigError(
+                    f"ESFT needs stacked expert weights [E, ...]; {name}.experts has a {tuple(p.shape)} parameter"
+                )
             p.requires_grad_(True)
             keep = mask_E.to(p.device).view(-1, *([1] * (p.dim() - 1)))
             p.register_hook(lambda g, keep=keep: torch.where(keep, g, torch.zeros_like(g)))

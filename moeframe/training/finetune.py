@@ -29,7 +29,7 @@ import json
 from dataclasses import asdict
 from itertools import islice
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 import torch
 from lightning.pytorch.callbacks import Callback
@@ -48,20 +48,35 @@ from moeframe.training.pretrain import PretrainModule, next_token_loss
 
 Method = Literal["full", "esft", "lora"]
 # fields that decide tensor shapes: a checkpoint must agree with the config on all of them
-SHAPE_FIELDS = ("vocab_size", "dim", "n_layers", "first_k_dense", "n_heads", "dense_ffn_dim", "moe_ffn_dim",
-                "n_routed_experts", "n_shared_experts", "mtp_depth", "tie_embeddings")
+SHAPE_FIELDS = (
+    "vocab_size",
+    "dim",
+    "n_layers",
+    "first_k_dense",
+    "n_heads",
+    "dense_ffn_dim",
+    "moe_ffn_dim",
+    "n_routed_experts",
+    "n_shared_experts",
+    "mtp_depth",
+    "tie_embeddings",
+)
 
 
 def checkpoint_kind(path: Path) -> Literal["hf", "moeframe"]:
     if not path.exists():
-        raise ConfigError(f"model.init_from {str(path)!r} does not exist; produce a pretrained checkpoint first "
-                          "(e.g. `moeframe fit -c configs/pretrain/tiny.yaml`) or give an HF DeepSeek folder")
+        raise ConfigError(
+            f"model.init_from {str(path)!r} does not exist; produce a pretrained checkpoint first "
+            "(e.g. `moeframe fit -c configs/pretrain/tiny.yaml`) or give an HF DeepSeek folder"
+        )
     if (path / "config.json").is_file():
         return "hf"
     if path.suffix == ".ckpt" or (path / "moeframe.yaml").is_file():
         return "moeframe"
-    raise ConfigError(f"model.init_from {str(path)!r} is neither a Lightning .ckpt, a moeframe folder "
-                      "(moeframe.yaml) nor an HF folder (config.json)")
+    raise ConfigError(
+        f"model.init_from {str(path)!r} is neither a Lightning .ckpt, a moeframe folder "
+        "(moeframe.yaml) nor an HF folder (config.json)"
+    )
 
 
 def config_of_checkpoint(path: Path) -> ModelConfig:
@@ -84,11 +99,16 @@ def load_checkpoint_decoder(path: Path) -> Decoder:
 
 
 def check_same_shape(ckpt: ModelConfig, cfg: ModelConfig, path: Path) -> None:
-    diff = [f"{f}: checkpoint {getattr(ckpt, f)} vs config {getattr(cfg, f)}" for f in SHAPE_FIELDS
-            if getattr(ckpt, f) != getattr(cfg, f)]
+    diff = [
+        f"{f}: checkpoint {getattr(ckpt, f)} vs config {getattr(cfg, f)}"
+        for f in SHAPE_FIELDS
+        if getattr(ckpt, f) != getattr(cfg, f)
+    ]
     if diff:
-        raise ConfigError(f"the checkpoint {path} does not match model.config ({'; '.join(diff)}); "
-                          "fix model.config or leave it out to use the checkpoint's own")
+        raise ConfigError(
+            f"the checkpoint {path} does not match model.config ({'; '.join(diff)}); "
+            "fix model.config or leave it out to use the checkpoint's own"
+        )
 
 
 def example_exact_match(pred_BT: torch.Tensor, labels_BT: torch.Tensor, document_ids_BT: torch.Tensor) -> torch.Tensor:
@@ -113,12 +133,16 @@ def _check_new_parameters(missing: list[str], unexpected: list[str], patterns: l
 
     lacking = [k for k in missing if not any(fnmatchcase(k, p) for p in patterns)]
     if unexpected or lacking:
-        what = (f"holds {unexpected[0]!r}, which model.config has no place for" if unexpected else
-                f"lacks {lacking[0]!r}, which no pattern of model.new_parameters {patterns} allows for")
+        what = (
+            f"holds {unexpected[0]!r}, which model.config has no place for"
+            if unexpected
+            else f"lacks {lacking[0]!r}, which no pattern of model.new_parameters {patterns} allows for"
+        )
         raise ConfigError(f"the checkpoint {path} does not fit model.config: it {what}")
     if missing:
-        rank_zero_info(f"{len(missing)} tensors are new (model.new_parameters) and keep their initialisation, "
-                       f"e.g. {missing[0]}")
+        rank_zero_info(
+            f"{len(missing)} tensors are new (model.new_parameters) and keep their initialisation, e.g. {missing[0]}"
+        )
 
 
 def _freeze_all_but(decoder: Decoder, patterns: list[str]) -> None:
@@ -159,8 +183,8 @@ class FinetuneModule(PretrainModule):
 
     def __init__(
         self,
-        init_from: Optional[str] = None,
-        config: Optional[ModelConfig] = None,
+        init_from: str | None = None,
+        config: ModelConfig | None = None,
         method: Method = "full",
         lora: LoRAOptions = LoRAOptions(),
         esft: ESFTOptions = ESFTOptions(),
@@ -170,12 +194,14 @@ class FinetuneModule(PretrainModule):
         max_new_tokens: int = 32,
         mtp_lambda: float = 0.3,
         runtime: RuntimeConfig = RuntimeConfig(),
-        new_parameters: Optional[list[str]] = None,
-        train_only: Optional[list[str]] = None,
+        new_parameters: list[str] | None = None,
+        train_only: list[str] | None = None,
     ) -> None:
         if train_only is not None and (method != "full" or not train_only):
-            raise ConfigError(f"model.train_only needs method: full and at least one pattern (got method {method!r}, "
-                              f"train_only {train_only}); e.g. train_only: ['*.indexer.*']")
+            raise ConfigError(
+                f"model.train_only needs method: full and at least one pattern (got method {method!r}, "
+                f"train_only {train_only}); e.g. train_only: ['*.indexer.*']"
+            )
         if config is None:
             if init_from is None:
                 raise ConfigError("fine-tuning needs model.init_from (a checkpoint to start from) or model.config")
@@ -188,15 +214,25 @@ class FinetuneModule(PretrainModule):
         self.init_from, self.method, self.lora, self.esft = init_from, method, lora, esft
         self.router_bias, self.num_samples, self.max_new_tokens = router_bias, num_samples, max_new_tokens
         # plain data only, so checkpoints stay loadable with torch.load(weights_only=True)
-        self.save_hyperparameters({"config": config, "optim": optim, "init_from": init_from, "method": method,
-                                   "lora": asdict(lora), "esft": asdict(esft), "router_bias": router_bias,
-                                   "runtime": asdict(runtime), "new_parameters": new_parameters,
-                                   "train_only": train_only})
+        self.save_hyperparameters(
+            {
+                "config": config,
+                "optim": optim,
+                "init_from": init_from,
+                "method": method,
+                "lora": asdict(lora),
+                "esft": asdict(esft),
+                "router_bias": router_bias,
+                "runtime": asdict(runtime),
+                "new_parameters": new_parameters,
+                "train_only": train_only,
+            }
+        )
         self.new_parameters, self.train_only = new_parameters, train_only
         self.val_token_acc = MulticlassAccuracy(num_classes=config.vocab_size, ignore_index=-100, average="micro")
         self.val_exact_match = MeanMetric()
         self._partially_trained: list[torch.nn.Parameter] = []
-        self.esft_selection: Optional[dict[str, list[int]]] = None
+        self.esft_selection: dict[str, list[int]] | None = None
 
     # -- building -----------------------------------------------------------------------------
     def _default_balance(self) -> Callback:
@@ -217,7 +253,9 @@ class FinetuneModule(PretrainModule):
         try:
             result = decoder.load_state_dict(source.state_dict(), strict=not self.new_parameters)
         except RuntimeError as exc:
-            raise ConfigError(f"the checkpoint {path} does not fit model.config: {str(exc).splitlines()[1].strip()}") from None
+            raise ConfigError(
+                f"the checkpoint {path} does not fit model.config: {str(exc).splitlines()[1].strip()}"
+            ) from None
         if self.new_parameters:
             _check_new_parameters(result.missing_keys, result.unexpected_keys, self.new_parameters, path)
         return decoder
@@ -233,20 +271,27 @@ class FinetuneModule(PretrainModule):
             rank_zero_info(f"LoRA r={self.lora.rank} on {len(adapted)} modules")
         elif self.method == "esft":
             self.esft_selection = self._esft_selection()
-            self._partially_trained = esft_lib.freeze_for_esft(self.decoder, self.esft_selection,
-                                                               self.esft.train_shared_experts)
+            self._partially_trained = esft_lib.freeze_for_esft(
+                self.decoder, self.esft_selection, self.esft.train_shared_experts
+            )
         if self.train_only:
             _freeze_all_but(self.decoder, self.train_only)
-        self.decoder.configure_runtime(self.runtime.activation_checkpointing, self.runtime.checkpoint_layers,
-                                       self.runtime.compile)
+        self.decoder.configure_runtime(
+            self.runtime.activation_checkpointing, self.runtime.checkpoint_layers, self.runtime.compile
+        )
         partial = {id(p) for p in self._partially_trained}
         trainable = sum(p.numel() for p in self.decoder.parameters() if p.requires_grad and id(p) not in partial)
         if self.esft_selection:  # stacked expert tensors train only their selected rows
             layers = dict(self.decoder.moe_layers())
-            trainable += sum(p[0].numel() * len(chosen) for name, chosen in self.esft_selection.items()
-                             for p in layers[name].experts.parameters())
-        rank_zero_info(f"fine-tuning ({self.method}): {trainable:,} of "
-                       f"{sum(p.numel() for p in self.decoder.parameters()):,} parameters trainable")
+            trainable += sum(
+                p[0].numel() * len(chosen)
+                for name, chosen in self.esft_selection.items()
+                for p in layers[name].experts.parameters()
+            )
+        rank_zero_info(
+            f"fine-tuning ({self.method}): {trainable:,} of "
+            f"{sum(p.numel() for p in self.decoder.parameters()):,} parameters trainable"
+        )
 
     def _freeze_router_state(self) -> None:
         for _, moe in self.decoder.moe_layers():
@@ -263,8 +308,10 @@ class FinetuneModule(PretrainModule):
         out = Path(self.trainer.log_dir or self.trainer.default_root_dir) / "esft_selection.json"
         if self.trainer.is_global_zero:
             esft_lib.write_selection(selection, out)
-        rank_zero_info(f"ESFT selection written to {out}: " + ", ".join(
-            f"{n}: {e['selected']}" for n, e in selection["layers"].items()))
+        rank_zero_info(
+            f"ESFT selection written to {out}: "
+            + ", ".join(f"{n}: {e['selected']}" for n, e in selection["layers"].items())
+        )
         return {name: entry["selected"] for name, entry in selection["layers"].items()}
 
     def compute_esft_selection(self, decoder: Decoder, datamodule: Any) -> dict:
@@ -283,7 +330,10 @@ class FinetuneModule(PretrainModule):
         self.val_exact_match.update(example_exact_match(pred_BT, labels_BT, docs_BT))
 
     def on_validation_epoch_end(self) -> None:
-        metrics = {"val/token_accuracy": self.val_token_acc.compute(), "val/exact_match": self.val_exact_match.compute()}
+        metrics = {
+            "val/token_accuracy": self.val_token_acc.compute(),
+            "val/exact_match": self.val_exact_match.compute(),
+        }
         self.val_token_acc.reset()
         self.val_exact_match.reset()
         if self.trainer.sanity_checking:  # the before-fine-tuning figures (see PretrainModule)
@@ -308,13 +358,25 @@ class FinetuneModule(PretrainModule):
         for ex in examples:
             prompt_BT = torch.tensor([ex.tokens[: ex.prompt_len]], device=self.device)
             budget = min(self.max_new_tokens, self.config.max_seq_len - prompt_BT.shape[1])
-            new = [int(t[0]) for t in generate_ids(self.decoder, prompt_BT, budget, eos_id=tokenizer.eos_id,
-                                                   vocab_limit=tokenizer.vocab_size)]
+            new = [
+                int(t[0])
+                for t in generate_ids(
+                    self.decoder, prompt_BT, budget, eos_id=tokenizer.eos_id, vocab_limit=tokenizer.vocab_size
+                )
+            ]
             text = tokenizer.decode([t for t in new if t != tokenizer.eos_id])
-            rows.append({"step": self.global_step, "prompt": tokenizer.decode(ex.tokens[: ex.prompt_len]),
-                         "reference": ex.response, "generated": text})
+            rows.append(
+                {
+                    "step": self.global_step,
+                    "prompt": tokenizer.decode(ex.tokens[: ex.prompt_len]),
+                    "reference": ex.response,
+                    "generated": text,
+                }
+            )
         for r in rows:
-            rank_zero_info(f"sample @ step {r['step']}: {r['prompt']!r} -> {r['generated']!r} (reference {r['reference']!r})")
+            rank_zero_info(
+                f"sample @ step {r['step']}: {r['prompt']!r} -> {r['generated']!r} (reference {r['reference']!r})"
+            )
         folder = Path(self.trainer.log_dir or self.trainer.default_root_dir)
         folder.mkdir(parents=True, exist_ok=True)
         with (folder / "samples.jsonl").open("a") as f:
@@ -335,5 +397,8 @@ class FinetuneModule(PretrainModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
         # what load_moeframe needs to rebuild the trained model (LoRA: adapters, then merge)
-        checkpoint["moeframe_finetune"] = {"method": self.method, "lora": asdict(self.lora),
-                                           "esft_selection": self.esft_selection}
+        checkpoint["moeframe_finetune"] = {
+            "method": self.method,
+            "lora": asdict(self.lora),
+            "esft_selection": self.esft_selection,
+        }

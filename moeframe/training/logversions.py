@@ -19,8 +19,15 @@ VERSION_PREFIX = "version_"
 
 def next_free_version(logs_dir: Path) -> int:
     """Lightning's rule: one more than the highest ``version_N`` folder, 0 when there is none."""
-    numbers = [int(p.name[len(VERSION_PREFIX):]) for p in logs_dir.glob(f"{VERSION_PREFIX}*")
-               if p.is_dir() and p.name[len(VERSION_PREFIX):].isdigit()] if logs_dir.is_dir() else []
+    numbers = (
+        [
+            int(p.name[len(VERSION_PREFIX) :])
+            for p in logs_dir.glob(f"{VERSION_PREFIX}*")
+            if p.is_dir() and p.name[len(VERSION_PREFIX) :].isdigit()
+        ]
+        if logs_dir.is_dir()
+        else []
+    )
     return max(numbers, default=-1) + 1
 
 

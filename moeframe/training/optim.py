@@ -18,7 +18,7 @@ one object. A test checks it against ``torch.optim.Muon`` and ``torch.optim.Adam
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -64,8 +64,9 @@ def muon_param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
-def newton_schulz(g: torch.Tensor, steps: int, coefficients: tuple[float, float, float] = (3.4445, -4.775, 2.0315),
-                  eps: float = 1e-7) -> torch.Tensor:
+def newton_schulz(
+    g: torch.Tensor, steps: int, coefficients: tuple[float, float, float] = (3.4445, -4.775, 2.0315), eps: float = 1e-7
+) -> torch.Tensor:
     """An approximate orthogonalisation ``U S' Vᵀ`` (S' near 1) of each matrix of ``g`` [..., A, B]
     by the quintic Newton-Schulz iteration, in bfloat16 (torch's Muon does the same per matrix)."""
     a, b, c = coefficients
@@ -86,14 +87,30 @@ def newton_schulz(g: torch.Tensor, steps: int, coefficients: tuple[float, float,
 class MuonAdamW(torch.optim.Optimizer):
     """Muon on groups with ``use_muon``, AdamW on the others, in one optimizer (module docstring)."""
 
-    def __init__(self, groups: list[dict], lr: float, betas: tuple[float, float], eps: float,
-                 momentum: float = 0.95, ns_steps: int = 5, update_rms: float = 0.2) -> None:
-        defaults = {"lr": lr, "betas": betas, "eps": eps, "weight_decay": 0.0, "momentum": momentum,
-                    "ns_steps": ns_steps, "update_rms": update_rms, "use_muon": False}
+    def __init__(
+        self,
+        groups: list[dict],
+        lr: float,
+        betas: tuple[float, float],
+        eps: float,
+        momentum: float = 0.95,
+        ns_steps: int = 5,
+        update_rms: float = 0.2,
+    ) -> None:
+        defaults = {
+            "lr": lr,
+            "betas": betas,
+            "eps": eps,
+            "weight_decay": 0.0,
+            "momentum": momentum,
+            "ns_steps": ns_steps,
+            "update_rms": update_rms,
+            "use_muon": False,
+        }
         super().__init__(groups, defaults)
 
     @torch.no_grad()
-    def step(self, closure: Optional[Callable[[], float]] = None) -> Optional[float]:
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -130,18 +147,25 @@ class MuonAdamW(torch.optim.Optimizer):
         p.mul_(1 - group["lr"] * group["weight_decay"])
         state["exp_avg"].lerp_(p.grad, 1 - beta1)
         state["exp_avg_sq"].mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
-        denom = (state["exp_avg_sq"].sqrt() / math.sqrt(1 - beta2 ** t)).add_(group["eps"])
-        p.addcdiv_(state["exp_avg"], denom, value=-group["lr"] / (1 - beta1 ** t))
+        denom = (state["exp_avg_sq"].sqrt() / math.sqrt(1 - beta2**t)).add_(group["eps"])
+        p.addcdiv_(state["exp_avg"], denom, value=-group["lr"] / (1 - beta1**t))
 
 
 def make_optimizer(model: nn.Module, optim: OptimConfig) -> torch.optim.Optimizer:
     """The optimizer ``optim.optimizer`` names, over ``model``'s trainable parameters."""
     if optim.optimizer == "muon":
-        return MuonAdamW(muon_param_groups(model, optim.weight_decay), lr=optim.lr, betas=tuple(optim.betas),
-                         eps=optim.eps, momentum=optim.muon_momentum, ns_steps=optim.muon_ns_steps,
-                         update_rms=optim.muon_update_rms)
-    return torch.optim.AdamW(param_groups(model, optim.weight_decay), lr=optim.lr, betas=tuple(optim.betas),
-                             eps=optim.eps)
+        return MuonAdamW(
+            muon_param_groups(model, optim.weight_decay),
+            lr=optim.lr,
+            betas=tuple(optim.betas),
+            eps=optim.eps,
+            momentum=optim.muon_momentum,
+            ns_steps=optim.muon_ns_steps,
+            update_rms=optim.muon_update_rms,
+        )
+    return torch.optim.AdamW(
+        param_groups(model, optim.weight_decay), lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps
+    )
 
 
 def lr_multiplier(step: int, total_steps: int, optim: OptimConfig) -> float:
@@ -165,7 +189,7 @@ def lr_multiplier(step: int, total_steps: int, optim: OptimConfig) -> float:
 
 
 def build_optimizer(
-    model: nn.Module, optim: OptimConfig, total_steps: int, tokens_seen: Optional[Callable[[], float]] = None
+    model: nn.Module, optim: OptimConfig, total_steps: int, tokens_seen: Callable[[], float] | None = None
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
     """The optimizer (AdamW, or Muon + AdamW) and its LR schedule: by step, or by tokens seen when
     ``optim.token_schedule`` is set (``tokens_seen`` then reports the run's count whenever the

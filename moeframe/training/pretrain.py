@@ -8,13 +8,13 @@ mistake fails before any allocation.
 from __future__ import annotations
 
 import math
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 import lightning as L
 import torch
+import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
-import torch.nn.functional as F
 from torchmetrics import MeanMetric
 
 from moeframe.compat import ddp_ignore
@@ -43,13 +43,15 @@ def lambda_at(step: float, default: float, schedule: list[tuple[float, float]]) 
     return value
 
 
-def _check_schedule(schedule: Optional[list[tuple[float, float]]]) -> None:
+def _check_schedule(schedule: list[tuple[float, float]] | None) -> None:
     if schedule is None:
         return
     steps = [int(s) for s, _ in schedule]
     if steps != sorted(steps) or any(s < 0 for s in steps) or any(v < 0 for _, v in schedule):
-        raise ConfigError(f"model.mtp_lambda_schedule must be [[from_step, lambda], ...] with increasing "
-                          f"steps and lambda >= 0, got {schedule}")
+        raise ConfigError(
+            f"model.mtp_lambda_schedule must be [[from_step, lambda], ...] with increasing "
+            f"steps and lambda >= 0, got {schedule}"
+        )
 
 
 class PretrainModule(L.LightningModule):
@@ -77,7 +79,7 @@ class PretrainModule(L.LightningModule):
         config: ModelConfig = ModelConfig(),
         optim: OptimConfig = OptimConfig(),
         mtp_lambda: float = 0.3,
-        mtp_lambda_schedule: Optional[list[tuple[float, float]]] = None,
+        mtp_lambda_schedule: list[tuple[float, float]] | None = None,
         mtp_lambda_schedule_unit: Literal["steps", "tokens"] = "steps",
         runtime: RuntimeConfig = RuntimeConfig(),
     ) -> None:
@@ -93,10 +95,10 @@ class PretrainModule(L.LightningModule):
         self.mtp_lambda, self.mtp_lambda_schedule = mtp_lambda, mtp_lambda_schedule or []
         self.mtp_lambda_schedule_unit = mtp_lambda_schedule_unit
         self.tokens_seen = 0  # over all ranks; saved in checkpoints; drives token schedules
-        self.flops_per_batch: Optional[int] = None  # read by Lightning's ThroughputMonitor (FLOP/s, MFU)
+        self.flops_per_batch: int | None = None  # read by Lightning's ThroughputMonitor (FLOP/s, MFU)
         self._flops_per_token: dict[int, int] = {}
         self.save_hyperparameters()
-        self.decoder: Optional[Decoder] = None
+        self.decoder: Decoder | None = None
         self.val_loss = MeanMetric()
 
     # -- building -----------------------------------------------------------------------------
@@ -145,11 +147,16 @@ class PretrainModule(L.LightningModule):
 
         # any layer's router counts: per-layer choices may put a bias-balanced router in some layers only
         blocks = range(self.config.n_layers + self.config.mtp_depth)
-        updating = [c for c in (self.plan.layer(i).router for i in blocks)
-                    if c.cls.update_after_step is not RouterBase.update_after_step]
+        updating = [
+            c
+            for c in (self.plan.layer(i).router for i in blocks)
+            if c.cls.update_after_step is not RouterBase.update_after_step
+        ]
         if updating:
-            rank_zero_info(f"adding the ExpertBalance callback: router {updating[0].name!r} updates its "
-                           "state from the global expert counts after every optimizer step")
+            rank_zero_info(
+                f"adding the ExpertBalance callback: router {updating[0].name!r} updates its "
+                "state from the global expert counts after every optimizer step"
+            )
         return ExpertBalance(heatmaps=bool(updating))
 
     def setup(self, stage: str) -> None:
@@ -161,11 +168,15 @@ class PretrainModule(L.LightningModule):
         process is launched); ``setup`` calls it again for runs assembled in Python."""
         seq_len = getattr(datamodule, "seq_len", None)
         if seq_len is not None and seq_len > self.config.max_seq_len:
-            raise ConfigError(f"data.seq_len={seq_len} is longer than model.max_seq_len={self.config.max_seq_len}; "
-                              f"lower data.seq_len or raise model.max_seq_len")
+            raise ConfigError(
+                f"data.seq_len={seq_len} is longer than model.max_seq_len={self.config.max_seq_len}; "
+                f"lower data.seq_len or raise model.max_seq_len"
+            )
         if seq_len is not None and self.config.mtp_depth >= seq_len:  # depth k predicts labels[:, k:]
-            raise ConfigError(f"model.mtp_depth={self.config.mtp_depth} leaves no token to predict in sequences of "
-                              f"data.seq_len={seq_len}; use a data.seq_len above model.mtp_depth")
+            raise ConfigError(
+                f"model.mtp_depth={self.config.mtp_depth} leaves no token to predict in sequences of "
+                f"data.seq_len={seq_len}; use a data.seq_len above model.mtp_depth"
+            )
         data_vocab = getattr(datamodule, "vocab_size", None)
         if data_vocab is not None and data_vocab > self.config.vocab_size:
             raise ConfigError(
@@ -177,8 +188,9 @@ class PretrainModule(L.LightningModule):
         if self.decoder is None:
             self.decoder = Decoder(self.config, self.plan)
             self.decoder.init_weights()
-            self.decoder.configure_runtime(self.runtime.activation_checkpointing, self.runtime.checkpoint_layers,
-                                           self.runtime.compile)
+            self.decoder.configure_runtime(
+                self.runtime.activation_checkpointing, self.runtime.checkpoint_layers, self.runtime.compile
+            )
             self._keep_counts_local_under_ddp()
 
     def _keep_counts_local_under_ddp(self) -> None:
@@ -187,15 +199,16 @@ class PretrainModule(L.LightningModule):
         assert self.decoder is not None
         ddp_ignore(self, [f"decoder.{n}" for n, _ in self.decoder.named_buffers() if n.endswith("tokens_per_expert")])
 
-    def attached_trainer(self) -> Optional[L.Trainer]:
+    def attached_trainer(self) -> L.Trainer | None:
         """The trainer running this module; None when called outside one (a test, a script)."""
         try:
             return self.trainer
         except RuntimeError:  # Lightning's way of saying "not attached to a Trainer"
             return None
 
-    def forward(self, input_ids: torch.Tensor, document_ids: Optional[torch.Tensor] = None,
-                mtp: bool = False) -> DecoderOutput:
+    def forward(
+        self, input_ids: torch.Tensor, document_ids: torch.Tensor | None = None, mtp: bool = False
+    ) -> DecoderOutput:
         assert self.decoder is not None, "configure_model() builds the decoder"
         # the training progress reaches the plugins through the forward context
         return self.decoder(input_ids, document_ids, mtp=mtp, step=self.global_step, tokens_seen=self.tokens_seen)
@@ -303,8 +316,10 @@ class PretrainModule(L.LightningModule):
                     model_state[name] = torch.empty(tuple(param.ds_shape), device="meta")
             differences = state_dict_differences(model_state, checkpoint["state_dict"])
             if differences and self.strict_loading:
-                raise CheckpointError(f"the checkpoint was made with another model config: {differences}; "
-                                      "resume with the config it was trained with")
+                raise CheckpointError(
+                    f"the checkpoint was made with another model config: {differences}; "
+                    "resume with the config it was trained with"
+                )
 
     def _whole_model_state(self) -> dict[str, Any]:
         """The state dict of the whole model, also where each rank holds part of it (pipelining)."""

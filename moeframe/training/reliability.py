@@ -46,8 +46,9 @@ import subprocess
 import threading
 import warnings
 from collections import deque
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Literal, Optional
+from typing import Any, Literal
 
 import lightning as L
 import numpy as np
@@ -62,16 +63,36 @@ from torch import nn
 
 from moeframe.compat import flush_step_metrics
 from moeframe.errors import TrainingFault
+
 # re-exported: the import paths of earlier releases keep working
 from moeframe.training.checkpoint_io import (  # noqa: F401
-    AtomicCheckpointIO, find_resumable_checkpoint, newest_other_checkpoint, partial_name, remove_stale_partials,
-    replace_folder, save_checkpoint_atomically, state_dict_differences, verify_checkpoint,
+    AtomicCheckpointIO,
+    find_resumable_checkpoint,
+    newest_other_checkpoint,
+    partial_name,
+    remove_stale_partials,
+    replace_folder,
+    save_checkpoint_atomically,
+    state_dict_differences,
+    verify_checkpoint,
 )
 from moeframe.training.events import EVENTS_FILE, write_event
 
-__all__ = ["AtomicCheckpointIO", "EVENTS_FILE", "NonFiniteError", "Reliability", "find_resumable_checkpoint",
-           "first_nonfinite_module", "newest_other_checkpoint", "partial_name", "remove_stale_partials",
-           "replace_folder", "save_checkpoint_atomically", "state_dict_differences", "verify_checkpoint"]
+__all__ = [
+    "AtomicCheckpointIO",
+    "EVENTS_FILE",
+    "NonFiniteError",
+    "Reliability",
+    "find_resumable_checkpoint",
+    "first_nonfinite_module",
+    "newest_other_checkpoint",
+    "partial_name",
+    "remove_stale_partials",
+    "replace_folder",
+    "save_checkpoint_atomically",
+    "state_dict_differences",
+    "verify_checkpoint",
+]
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +124,7 @@ def _tensors(value: Any) -> list[torch.Tensor]:
 
 
 @torch.no_grad()
-def first_nonfinite_module(model: nn.Module, run: Callable[[], Any]) -> Optional[str]:
+def first_nonfinite_module(model: nn.Module, run: Callable[[], Any]) -> str | None:
     """Run ``run()`` (a forward through ``model``) with a forward hook on every submodule and
     return the qualified name of the first module, in execution order, whose output holds a NaN
     or an infinity (None if none does). Modules finish before their parents, so this names the
@@ -131,8 +152,13 @@ def first_nonfinite_module(model: nn.Module, run: Callable[[], Any]) -> Optional
 def _rng_state() -> dict[str, Any]:
     # numpy's state as tensors and plain numbers: checkpoints load with torch.load(weights_only=True)
     name, keys, pos, has_gauss, gauss = np.random.get_state()
-    numpy_state = {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                   "has_gauss": int(has_gauss), "gauss": float(gauss)}
+    numpy_state = {
+        "name": name,
+        "keys": torch.from_numpy(keys.astype(np.int64)),
+        "pos": int(pos),
+        "has_gauss": int(has_gauss),
+        "gauss": float(gauss),
+    }
     state: dict[str, Any] = {"torch": torch.get_rng_state(), "numpy": numpy_state, "python": random.getstate()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -174,24 +200,45 @@ class Reliability(Callback):
         handle_signals: take over SIGTERM/SIGUSR1 (checkpoint at the next step, clean exit).
     """
 
-    def __init__(self, nonfinite: Literal["skip", "stop"] = "skip", max_consecutive_nonfinite: int = 5,
-                 loss_spike_factor: float = 3.0, loss_spike_window: int = 50, collapse_patience: Optional[int] = None,
-                 maxvio_threshold: Optional[float] = None, maxvio_patience: Optional[int] = None,
-                 on_corrupt_checkpoint: Literal["error", "previous"] = "error", handle_signals: bool = True) -> None:
+    def __init__(
+        self,
+        nonfinite: Literal["skip", "stop"] = "skip",
+        max_consecutive_nonfinite: int = 5,
+        loss_spike_factor: float = 3.0,
+        loss_spike_window: int = 50,
+        collapse_patience: int | None = None,
+        maxvio_threshold: float | None = None,
+        maxvio_patience: int | None = None,
+        on_corrupt_checkpoint: Literal["error", "previous"] = "error",
+        handle_signals: bool = True,
+    ) -> None:
         if nonfinite not in ("skip", "stop"):
             raise ValueError(f"Reliability: nonfinite must be 'skip' or 'stop', got {nonfinite!r}")
         if on_corrupt_checkpoint not in ("error", "previous"):
-            raise ValueError(f"Reliability: on_corrupt_checkpoint must be 'error' or 'previous', got {on_corrupt_checkpoint!r}")
-        for name, value in (("max_consecutive_nonfinite", max_consecutive_nonfinite), ("loss_spike_window", loss_spike_window)):
+            raise ValueError(
+                f"Reliability: on_corrupt_checkpoint must be 'error' or 'previous', got {on_corrupt_checkpoint!r}"
+            )
+        for name, value in (
+            ("max_consecutive_nonfinite", max_consecutive_nonfinite),
+            ("loss_spike_window", loss_spike_window),
+        ):
             if value < 1:
                 raise ValueError(f"Reliability: {name} must be >= 1, got {value}")
         self.nonfinite, self.max_consecutive_nonfinite = nonfinite, max_consecutive_nonfinite
         self.loss_spike_factor, self.loss_spike_window = loss_spike_factor, loss_spike_window
-        self.collapse_patience, self.maxvio_threshold, self.maxvio_patience = collapse_patience, maxvio_threshold, maxvio_patience
+        self.collapse_patience, self.maxvio_threshold, self.maxvio_patience = (
+            collapse_patience,
+            maxvio_threshold,
+            maxvio_patience,
+        )
         if self.legacy_router_options():
-            warnings.warn("Reliability(" + ", ".join(self.legacy_router_options()) + ") is deprecated: router faults "
-                          "are the ExpertBalance callback's now; set these options on "
-                          "moeframe.training.balance.ExpertBalance", FutureWarning, stacklevel=2)
+            warnings.warn(
+                "Reliability(" + ", ".join(self.legacy_router_options()) + ") is deprecated: router faults "
+                "are the ExpertBalance callback's now; set these options on "
+                "moeframe.training.balance.ExpertBalance",
+                FutureWarning,
+                stacklevel=2,
+            )
         self.on_corrupt_checkpoint, self.handle_signals = on_corrupt_checkpoint, handle_signals
         # state saved in checkpoints
         self.skipped_steps = 0
@@ -199,14 +246,14 @@ class Reliability(Callback):
         self.losses: deque[float] = deque(maxlen=loss_spike_window)
         self.events: list[dict[str, Any]] = []  # this process's events (also in events.jsonl)
         # per run
-        self.signal_received: Optional[int] = None
-        self.preempted_to: Optional[Path] = None
-        self._pending_rng: Optional[dict[str, Any]] = None
+        self.signal_received: int | None = None
+        self.preempted_to: Path | None = None
+        self._pending_rng: dict[str, Any] | None = None
         self._batch: Any = None
-        self._loss_sum: Optional[torch.Tensor] = None
-        self._loss_bad: Optional[torch.Tensor] = None
+        self._loss_sum: torch.Tensor | None = None
+        self._loss_bad: torch.Tensor | None = None
         self._micro = 0
-        self._agreed: Optional[list[float]] = None
+        self._agreed: list[float] | None = None
         self._previous_handlers: dict[int, Any] = {}
 
     def legacy_router_options(self) -> dict[str, Any]:
@@ -227,8 +274,10 @@ class Reliability(Callback):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if _steps_by_itself(trainer) and self.nonfinite == "skip":
-            rank_zero_info("Reliability: DeepSpeed steps its optimizer itself, so a non-finite loss stops the run "
-                           "(the 'skip' policy needs the gradients in the module)")
+            rank_zero_info(
+                "Reliability: DeepSpeed steps its optimizer itself, so a non-finite loss stops the run "
+                "(the 'skip' policy needs the gradients in the module)"
+            )
         rank_zero_info(f"moeframe: training from step {trainer.global_step} (max_steps {trainer.max_steps})")
         self._know_checkpoints(trainer)
         if self.handle_signals:
@@ -252,8 +301,11 @@ class Reliability(Callback):
             folders.append((resumed.parent, 0))
         removed = [p for folder, depth in folders for p in remove_stale_partials(folder, depth)]
         if removed:
-            rank_zero_info(f"moeframe: removed {len(removed)} partial checkpoint(s) left by saves that were killed: "
-                           + ", ".join(str(p) for p in removed[:3]) + (" ..." if len(removed) > 3 else ""))
+            rank_zero_info(
+                f"moeframe: removed {len(removed)} partial checkpoint(s) left by saves that were killed: "
+                + ", ".join(str(p) for p in removed[:3])
+                + (" ..." if len(removed) > 3 else "")
+            )
 
     # signals: handlers installed after Lightning's (which register when the run starts), so a
     # signal only sets a flag here; Lightning's SIGTERM handler would run a collective inside the
@@ -281,7 +333,9 @@ class Reliability(Callback):
         self._previous_handlers = {}
 
     # -- per micro-batch ----------------------------------------------------------------------------
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         if self._pending_rng is not None:  # resumed: continue the random streams where they were saved
             _set_rng_state(self._pending_rng)
             self._pending_rng = None
@@ -306,10 +360,15 @@ class Reliability(Callback):
                 norm = norm.full_tensor()
             grad_bad = (~torch.isfinite(norm)).double().to(device)
         zero = torch.zeros((), dtype=torch.float64, device=device)
-        flags = torch.stack([torch.tensor(float(self.signal_received is not None), dtype=torch.float64, device=device),
-                             (self._loss_bad if self._loss_bad is not None else zero).to(device), grad_bad,
-                             (self._loss_sum if self._loss_sum is not None else zero).to(device),
-                             torch.tensor(float(self._micro), dtype=torch.float64, device=device)])
+        flags = torch.stack(
+            [
+                torch.tensor(float(self.signal_received is not None), dtype=torch.float64, device=device),
+                (self._loss_bad if self._loss_bad is not None else zero).to(device),
+                grad_bad,
+                (self._loss_sum if self._loss_sum is not None else zero).to(device),
+                torch.tensor(float(self._micro), dtype=torch.float64, device=device),
+            ]
+        )
         if _distributed():
             dist.all_reduce(flags, op=dist.ReduceOp.SUM)
         self._agreed = flags.tolist()
@@ -323,23 +382,36 @@ class Reliability(Callback):
         step = trainer.global_step + 1  # the step being taken
         what = "loss" if loss_bad else "gradient"
         module = self._diagnose(pl_module)
-        where = f"first non-finite output: {module}" if module else "no module output was non-finite (the backward pass)"
+        where = (
+            f"first non-finite output: {module}" if module else "no module output was non-finite (the backward pass)"
+        )
         self.consecutive_nonfinite += 1
-        stop = (self.nonfinite == "stop" or _steps_by_itself(trainer)
-                or self.consecutive_nonfinite >= self.max_consecutive_nonfinite)
-        self._event(trainer, "nonfinite", step=step, what=what, module=module, consecutive=self.consecutive_nonfinite,
-                    action="stop" if stop else "skip")
+        stop = (
+            self.nonfinite == "stop"
+            or _steps_by_itself(trainer)
+            or self.consecutive_nonfinite >= self.max_consecutive_nonfinite
+        )
+        self._event(
+            trainer,
+            "nonfinite",
+            step=step,
+            what=what,
+            module=module,
+            consecutive=self.consecutive_nonfinite,
+            action="stop" if stop else "skip",
+        )
         if stop:
             raise NonFiniteError(
                 f"non-finite {what} at step {step} ({self.consecutive_nonfinite} step(s) in a row; {where}); "
-                f"last good checkpoint: {self._last_checkpoint(trainer) or 'none saved yet'}")
+                f"last good checkpoint: {self._last_checkpoint(trainer) or 'none saved yet'}"
+            )
         for p in pl_module.parameters():  # AdamW skips parameters without a gradient: no update at all
             p.grad = None
         self.skipped_steps += 1
         self._log(trainer, {"reliability/skipped_steps": float(self.skipped_steps)}, step)
         rank_zero_warn(f"step {step}: non-finite {what} ({where}); step skipped ({self.skipped_steps} so far)")
 
-    def _diagnose(self, pl_module: L.LightningModule) -> Optional[str]:
+    def _diagnose(self, pl_module: L.LightningModule) -> str | None:
         batch = self._batch
         if not isinstance(batch, dict) or "input_ids" not in batch:
             return None
@@ -352,7 +424,7 @@ class Reliability(Callback):
         finally:
             pl_module.train(was_training)
 
-    def _last_checkpoint(self, trainer: L.Trainer) -> Optional[str]:
+    def _last_checkpoint(self, trainer: L.Trainer) -> str | None:
         io_plugin = trainer.strategy.checkpoint_io
         if isinstance(io_plugin, AtomicCheckpointIO) and io_plugin.last_saved is not None:
             return str(io_plugin.last_saved)
@@ -364,8 +436,9 @@ class Reliability(Callback):
         return getattr(trainer, "ckpt_path", None)
 
     # -- once per optimizer step, after the update ------------------------------------------------------
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         agreed, self._agreed = self._agreed, None
         self._batch = None
         if agreed is None:  # inside a gradient-accumulation window
@@ -396,10 +469,18 @@ class Reliability(Callback):
                 _requeue_slurm_job()
         else:
             self.preempted_to = save_checkpoint_atomically(trainer, preemption_path(trainer))
-        self._event(trainer, "preempted", step=trainer.global_step, signal=signal.Signals(signum).name,
-                    checkpoint=str(self.preempted_to), requeued=requeue)
-        rank_zero_info(f"moeframe: preempted by {signal.Signals(signum).name} at step {trainer.global_step}; "
-                       f"checkpoint saved to {self.preempted_to}")
+        self._event(
+            trainer,
+            "preempted",
+            step=trainer.global_step,
+            signal=signal.Signals(signum).name,
+            checkpoint=str(self.preempted_to),
+            requeued=requeue,
+        )
+        rank_zero_info(
+            f"moeframe: preempted by {signal.Signals(signum).name} at step {trainer.global_step}; "
+            f"checkpoint saved to {self.preempted_to}"
+        )
         # this step's metrics are sent to the loggers after this hook; send them now, or the
         # logged curve would miss the step the run was preempted at
         flush_step_metrics(trainer)
@@ -425,8 +506,12 @@ class Reliability(Callback):
             dist.all_gather_object(every, mine)
         else:
             every = [mine]
-        return {"rng": every, "skipped_steps": self.skipped_steps, "consecutive_nonfinite": self.consecutive_nonfinite,
-                "losses": list(self.losses)}
+        return {
+            "rng": every,
+            "skipped_steps": self.skipped_steps,
+            "consecutive_nonfinite": self.consecutive_nonfinite,
+            "losses": list(self.losses),
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         rank = dist.get_rank() if _distributed() else 0
@@ -434,7 +519,9 @@ class Reliability(Callback):
         if rank < len(states):
             self._pending_rng = states[rank]
         else:
-            rank_zero_warn(f"the checkpoint holds RNG states for {len(states)} rank(s); rank {rank} starts from its seed")
+            rank_zero_warn(
+                f"the checkpoint holds RNG states for {len(states)} rank(s); rank {rank} starts from its seed"
+            )
         self.skipped_steps = int(state_dict.get("skipped_steps", 0))
         self.consecutive_nonfinite = int(state_dict.get("consecutive_nonfinite", 0))
         self.losses = deque(state_dict.get("losses", []), maxlen=self.loss_spike_window)
@@ -464,8 +551,11 @@ def hpc_checkpoint_path(trainer: L.Trainer) -> Path:
     that folder that contain ``ckpt_`` (Lightning's own numbering, so its automatic restore of the
     highest ``hpc_ckpt_N`` in a requeued job finds it)."""
     root = Path(trainer.default_root_dir)
-    numbers = [int(digits) for p in (root.iterdir() if root.is_dir() else [])
-               if "ckpt_" in p.name and (digits := re.sub("[^0-9]", "", p.name.split("ckpt_")[-1]))]
+    numbers = [
+        int(digits)
+        for p in (root.iterdir() if root.is_dir() else [])
+        if "ckpt_" in p.name and (digits := re.sub("[^0-9]", "", p.name.split("ckpt_")[-1]))
+    ]
     path = root / f"hpc_ckpt_{max(numbers, default=0) + 1}.ckpt"
     return Path(trainer.strategy.broadcast(str(path)))
 

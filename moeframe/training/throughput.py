@@ -44,8 +44,9 @@ import os
 import platform
 import time
 from collections import deque
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Literal, Optional
+from typing import Any, Literal
 
 import lightning as L
 import torch
@@ -73,7 +74,7 @@ PEAK_FLOPS: dict[tuple[str, str], float] = {
 }
 
 
-def gpu_family(device_name: str) -> Optional[str]:
+def gpu_family(device_name: str) -> str | None:
     """The ``PEAK_FLOPS`` family of a CUDA device name (``torch.cuda.get_device_name``), or None.
     H100 PCIe/NVL boards have lower clocks and are not the SXM figures, so they are not matched."""
     name = device_name.lower()
@@ -86,7 +87,7 @@ def gpu_family(device_name: str) -> Optional[str]:
     return None
 
 
-def precision_of(plugin: Any) -> Optional[Precision]:
+def precision_of(plugin: Any) -> Precision | None:
     """``fp8`` for an FP8 precision plugin (any plugin whose class or precision names fp8 or
     Transformer Engine), ``bf16`` for bf16 precisions, None for fp32/fp16 (no built-in peak)."""
     names = f"{type(plugin).__name__} {getattr(plugin, 'precision', '')}".lower()
@@ -97,7 +98,7 @@ def precision_of(plugin: Any) -> Optional[Precision]:
     return None
 
 
-def builtin_peak(device: torch.device, precision: Optional[str]) -> Optional[float]:
+def builtin_peak(device: torch.device, precision: str | None) -> float | None:
     """The built-in dense peak FLOP/s of ``device`` at ``precision``, or None."""
     if device.type != "cuda" or precision is None:
         return None
@@ -106,7 +107,7 @@ def builtin_peak(device: torch.device, precision: Optional[str]) -> Optional[flo
 
 
 # -- a measured peak where none is built in -----------------------------------------------------------
-def gemm_dtype(trainer_precision: str, precision: Optional[str]) -> torch.dtype:
+def gemm_dtype(trainer_precision: str, precision: str | None) -> torch.dtype:
     """The dtype the run's matrix products use: bf16 for bf16 and FP8 runs (FP8's non-expert GEMMs
     and this measurement's stand-in), fp16 for fp16, else float32."""
     if precision in ("bf16", "fp8") or "bf16" in trainer_precision:
@@ -125,7 +126,9 @@ def _machine_key(device: torch.device, dtype: torch.dtype) -> str:
         name = torch.cuda.get_device_name(device)
     else:
         name = f"{platform.processor() or platform.machine()} x{os.cpu_count()}, {torch.get_num_threads()} threads"
-    return f"{platform.node()} | {device.type}: {name} | torch {torch.__version__} | {str(dtype).removeprefix('torch.')}"
+    return (
+        f"{platform.node()} | {device.type}: {name} | torch {torch.__version__} | {str(dtype).removeprefix('torch.')}"
+    )
 
 
 def measure_gemm_peak(device: torch.device, dtype: torch.dtype, size: int = 2048, repeats: int = 3) -> float:
@@ -142,7 +145,7 @@ def measure_gemm_peak(device: torch.device, dtype: torch.dtype, size: int = 2048
             torch.cuda.synchronize(device)
         if i:  # the first product builds kernels and warms caches
             best = min(best, time.perf_counter() - start)
-    return 2 * size ** 3 / best
+    return 2 * size**3 / best
 
 
 def cached_gemm_peak(device: torch.device, dtype: torch.dtype, size: int = 2048) -> tuple[float, bool]:
@@ -163,7 +166,9 @@ def cached_gemm_peak(device: torch.device, dtype: torch.dtype, size: int = 2048)
         tmp.write_text(json.dumps(cache, indent=1, sort_keys=True))
         tmp.replace(path)
     except OSError as exc:
-        rank_zero_warn(f"ModelThroughput: could not cache the measured peak in {path} ({exc}); it is measured again next run")
+        rank_zero_warn(
+            f"ModelThroughput: could not cache the measured peak in {path} ({exc}); it is measured again next run"
+        )
     return peak, True
 
 
@@ -171,7 +176,9 @@ class _StepTimer:
     """Wall-clock boundaries of one optimizer step, with a device sync on CUDA."""
 
     def __init__(self, device: torch.device) -> None:
-        self.sync: Callable[[], None] = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+        self.sync: Callable[[], None] = (
+            (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+        )
 
     def now(self) -> float:
         self.sync()
@@ -189,7 +196,7 @@ class _ForwardBreakdown:
         self.clock, self.totals = clock, {}
         self._phased: list[ExpertsBase] = []  # experts that mark their own phases (marks_phases)
         self._handles: list[Any] = []
-        self._phase: Optional[tuple[str, float]] = None
+        self._phase: tuple[str, float] | None = None
         kinds: list[tuple[str, torch.nn.Module]] = []
         for m in model.modules():
             if isinstance(m, AttentionBase):
@@ -220,15 +227,17 @@ class _ForwardBreakdown:
         def hook(module: torch.nn.Module, args: Any) -> None:
             if not self._in_backward():
                 self._starts[key] = self.clock.now()
+
         return hook
 
     def _stop(self, key: str) -> Callable[..., None]:
         def hook(module: torch.nn.Module, args: Any, output: Any) -> None:
             if not self._in_backward() and key in self._starts:
                 self._add(key, self.clock.now() - self._starts.pop(key))
+
         return hook
 
-    def _mark_phase(self, name: Optional[str]) -> None:
+    def _mark_phase(self, name: str | None) -> None:
         if self._in_backward():
             return
         now = self.clock.now()
@@ -257,24 +266,32 @@ class ModelThroughput(Callback):
             MFU against it; False: no MFU there.
     """
 
-    def __init__(self, peak_flops: Optional[float] = None, precision: Optional[Precision] = None,
-                 window: int = 10, breakdown_every_n_steps: int = 0, measure_peak: bool = True) -> None:
+    def __init__(
+        self,
+        peak_flops: float | None = None,
+        precision: Precision | None = None,
+        window: int = 10,
+        breakdown_every_n_steps: int = 0,
+        measure_peak: bool = True,
+    ) -> None:
         if peak_flops is not None and peak_flops <= 0:
             raise ValueError(f"peak_flops must be > 0 (FLOP/s of one device), got {peak_flops}")
         if precision not in (None, "bf16", "fp8"):
             raise ValueError(f"precision must be bf16 or fp8 (or unset: read from the trainer), got {precision!r}")
         if window < 1 or breakdown_every_n_steps < 0:
-            raise ValueError(f"window must be >= 1 and breakdown_every_n_steps >= 0, got {window}, {breakdown_every_n_steps}")
+            raise ValueError(
+                f"window must be >= 1 and breakdown_every_n_steps >= 0, got {window}, {breakdown_every_n_steps}"
+            )
         self.user_peak, self.user_precision, self.measure_peak = peak_flops, precision, measure_peak
         self.window, self.breakdown_every = window, breakdown_every_n_steps
-        self.peak_flops: Optional[float] = None
+        self.peak_flops: float | None = None
         self._steps: deque[tuple[float, int, int]] = deque(maxlen=window)  # (seconds, tokens, flops)
         self._reset_step()
-        self._step_start: Optional[float] = None
-        self._last_batch_end: Optional[float] = None
-        self._paused_at: Optional[float] = None
+        self._step_start: float | None = None
+        self._last_batch_end: float | None = None
+        self._paused_at: float | None = None
         self._last_global_step = 0
-        self._breakdown: Optional[_ForwardBreakdown] = None
+        self._breakdown: _ForwardBreakdown | None = None
         self._phase_start: dict[str, float] = {}
         self._times: dict[str, float] = {}
 
@@ -290,12 +307,16 @@ class ModelThroughput(Callback):
                 dtype = gemm_dtype(str(trainer.precision), precision)
                 self.peak_flops, fresh = cached_gemm_peak(device, dtype)
                 how = "measured now" if fresh else "measured before"
-                rank_zero_info(f"ModelThroughput: no built-in peak for {where}; perf/mfu uses a measured peak of "
-                               f"{self.peak_flops / 1e9:,.1f} GFLOP/s (2048^3 {str(dtype).removeprefix('torch.')} "
-                               f"matmul, {how}, cached in {peak_cache_file()})")
+                rank_zero_info(
+                    f"ModelThroughput: no built-in peak for {where}; perf/mfu uses a measured peak of "
+                    f"{self.peak_flops / 1e9:,.1f} GFLOP/s (2048^3 {str(dtype).removeprefix('torch.')} "
+                    f"matmul, {how}, cached in {peak_cache_file()})"
+                )
             else:
-                rank_zero_info(f"ModelThroughput: no built-in peak for {where} at precision {precision or 'fp32/fp16'}; "
-                               "MFU is not logged (set ModelThroughput(peak_flops=...) to log it)")
+                rank_zero_info(
+                    f"ModelThroughput: no built-in peak for {where} at precision {precision or 'fp32/fp16'}; "
+                    "MFU is not logged (set ModelThroughput(peak_flops=...) to log it)"
+                )
         if not hasattr(pl_module, "flops_per_batch"):
             rank_zero_warn("ModelThroughput: the LightningModule has no flops_per_batch; FLOP/s and MFU are not logged")
 
@@ -309,7 +330,9 @@ class ModelThroughput(Callback):
         self._step_start = self._last_batch_end = None
 
     # -- per micro-batch ------------------------------------------------------------------------
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         now = time.perf_counter()
         if self._step_start is None:  # the first step of this fit (or after a resume)
             self._step_start = now
@@ -336,8 +359,9 @@ class ModelThroughput(Callback):
         if self._breakdown is not None:
             self._phase_start["optimizer"] = self.clock.now()
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         self._tokens += int(batch["input_ids"].numel()) * trainer.world_size
         flops = getattr(pl_module, "flops_per_batch", None)
         if flops is None:
@@ -383,8 +407,11 @@ class ModelThroughput(Callback):
         """The logged quantities over the current window."""
         seconds = sum(s for s, _, _ in self._steps)
         tokens = sum(t for _, t, _ in self._steps)
-        out = {"perf/step_time_s": seconds / len(self._steps), "perf/tokens_per_sec": tokens / seconds,
-               "perf/tokens_per_sec_per_device": tokens / seconds / world_size}
+        out = {
+            "perf/step_time_s": seconds / len(self._steps),
+            "perf/tokens_per_sec": tokens / seconds,
+            "perf/tokens_per_sec_per_device": tokens / seconds / world_size,
+        }
         if all(f >= 0 for _, _, f in self._steps):
             flops_per_device = sum(f for _, _, f in self._steps) / seconds
             out["perf/model_flops_per_sec_per_device"] = flops_per_device

@@ -16,8 +16,8 @@ Shapes: S streams (2), other letters as in ``moeframe.model.base``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -118,8 +118,13 @@ class TwoStreamResidual(ResidualBase):
         mixed_BTSD = torch.einsum("ij,btjd->btid", sinkhorn(self.mix_2SS[i], self.iters).to(h_BTSD.dtype), h_BTSD)
         return mixed_BTSD + self.write_2S[i].to(y_BTD.dtype)[:, None] * y_BTD.unsqueeze(2)
 
-    def forward(self, h_BTSD: torch.Tensor, attention: Callable[[torch.Tensor], torch.Tensor],
-                ffn: Callable[[torch.Tensor], torch.Tensor], ctx: ForwardContext) -> torch.Tensor:
+    def forward(
+        self,
+        h_BTSD: torch.Tensor,
+        attention: Callable[[torch.Tensor], torch.Tensor],
+        ffn: Callable[[torch.Tensor], torch.Tensor],
+        ctx: ForwardContext,
+    ) -> torch.Tensor:
         return self._sublayer(1, self._sublayer(0, h_BTSD, attention), ffn)
 
 

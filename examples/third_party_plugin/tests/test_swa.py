@@ -9,8 +9,15 @@ import math
 import pytest
 import torch
 
-from moeframe.plugin import (ConfigError, ForwardContext, apply_rope, build_decoder, registry, resolve_model_config,
-                             rope_cos_sin)
+from moeframe.plugin import (
+    ConfigError,
+    ForwardContext,
+    apply_rope,
+    build_decoder,
+    registry,
+    resolve_model_config,
+    rope_cos_sin,
+)
 from moeframe.testing import (
     check_attention_contract,
     check_cache_matches_full,
@@ -50,8 +57,8 @@ def naive_window_attention(q, k, v, window):
     out = torch.zeros_like(q)
     for t in range(T):
         lo = max(0, t - window + 1)
-        scores = q[:, t:t + 1] @ k[:, lo:t + 1].transpose(-1, -2) / math.sqrt(d)
-        out[:, t] = (scores.softmax(-1) @ v[:, lo:t + 1])[:, 0]
+        scores = q[:, t : t + 1] @ k[:, lo : t + 1].transpose(-1, -2) / math.sqrt(d)
+        out[:, t] = (scores.softmax(-1) @ v[:, lo : t + 1])[:, 0]
     return out
 
 

@@ -29,11 +29,23 @@ SEQUENCES, SEQ_LEN = 8, 6  # one global batch: 8 sequences = 2 ranks x 2 micro-b
 
 def model_config() -> ModelConfig:
     """Two MoE layers (layers 1 and 2) with the aux-free router, group-limited routing."""
-    return ModelConfig(vocab_size=32, dim=DIM, n_layers=3, first_k_dense=1, n_heads=2, dense_ffn_dim=32,
-                       moe_ffn_dim=8, n_routed_experts=EXPERTS, n_activated_experts=TOP_K,
-                       n_shared_experts=0, n_expert_groups=GROUPS, n_limited_groups=KEPT, route_scale=2.5,
-                       max_seq_len=SEQ_LEN,
-                       router={"name": "aux_free", "bias_update_speed": GAMMA, "seq_aux_loss_coef": 0.0})
+    return ModelConfig(
+        vocab_size=32,
+        dim=DIM,
+        n_layers=3,
+        first_k_dense=1,
+        n_heads=2,
+        dense_ffn_dim=32,
+        moe_ffn_dim=8,
+        n_routed_experts=EXPERTS,
+        n_activated_experts=TOP_K,
+        n_shared_experts=0,
+        n_expert_groups=GROUPS,
+        n_limited_groups=KEPT,
+        route_scale=2.5,
+        max_seq_len=SEQ_LEN,
+        router={"name": "aux_free", "bias_update_speed": GAMMA, "seq_aux_loss_coef": 0.0},
+    )
 
 
 def build_model() -> Decoder:
@@ -54,8 +66,9 @@ def global_batch(step: int) -> torch.Tensor:
 
 
 def main(rank: int, world_size: int, port: int, out: str) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world_size, timeout=timedelta(seconds=60))
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size, timeout=timedelta(seconds=60)
+    )
     layers = moe_layers(build_model())
     calls = []
 
@@ -72,8 +85,14 @@ def main(rank: int, world_size: int, port: int, out: str) -> None:
                     moe(x_BTD)
             synchronise_and_update(layers, counted_all_reduce)
             biases.append(torch.stack([m.gate.e_score_correction_bias.clone() for _, m in layers]))
-    torch.save({"biases": torch.stack(biases), "calls": calls,
-                "weights": torch.stack([m.gate.weight.detach() for _, m in layers])}, out)
+    torch.save(
+        {
+            "biases": torch.stack(biases),
+            "calls": calls,
+            "weights": torch.stack([m.gate.weight.detach() for _, m in layers]),
+        },
+        out,
+    )
     dist.destroy_process_group()
 
 

@@ -53,8 +53,14 @@ def test_hand_worked_update_and_schedule():
 # -- a reference from HF transformers -------------------------------------------------------------------
 def reference_biases(weights_LED: torch.Tensor, steps: int) -> torch.Tensor:
     """Biases after each step when ONE process routes every global batch with HF's router."""
-    cfg = DeepseekV3Config(hidden_size=setup.DIM, n_routed_experts=setup.EXPERTS, num_experts_per_tok=setup.TOP_K,
-                           n_group=setup.GROUPS, topk_group=setup.KEPT, routed_scaling_factor=2.5)
+    cfg = DeepseekV3Config(
+        hidden_size=setup.DIM,
+        n_routed_experts=setup.EXPERTS,
+        num_experts_per_tok=setup.TOP_K,
+        n_group=setup.GROUPS,
+        topk_group=setup.KEPT,
+        routed_scaling_factor=2.5,
+    )
     routers = [DeepseekV3TopkRouter(cfg) for _ in weights_LED]
     bias_LE = torch.zeros(len(routers), setup.EXPERTS)
     history = []
@@ -107,9 +113,17 @@ def _clean_env() -> dict[str, str]:
 def test_two_gloo_ranks_end_with_identical_biases_equal_to_one_process_on_the_union(tmp_path):
     port, world = _free_port(), 2
     outs = [tmp_path / f"rank{r}.pt" for r in range(world)]
-    procs = [subprocess.Popen([sys.executable, str(HERE / "_gloo_rank.py"), str(r), str(world), str(port), str(outs[r])],
-                              env=_clean_env(), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for r in range(world)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(HERE / "_gloo_rank.py"), str(r), str(world), str(port), str(outs[r])],
+            env=_clean_env(),
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for r in range(world)
+    ]
     try:
         logs = [p.communicate(timeout=120)[0] for p in procs]
     finally:

@@ -20,9 +20,21 @@ from moeframe_auxfree import AuxFreeOptions, AuxFreeRouter, sequence_balance_los
 
 
 def tiny_config(**overrides) -> ModelConfig:
-    fields = dict(vocab_size=64, dim=16, n_layers=2, first_k_dense=1, n_heads=2, dense_ffn_dim=32,
-                  moe_ffn_dim=8, n_routed_experts=8, n_activated_experts=2, n_expert_groups=1,
-                  n_limited_groups=1, max_seq_len=64, router={"name": "aux_free"})
+    fields = dict(
+        vocab_size=64,
+        dim=16,
+        n_layers=2,
+        first_k_dense=1,
+        n_heads=2,
+        dense_ffn_dim=32,
+        moe_ffn_dim=8,
+        n_routed_experts=8,
+        n_activated_experts=2,
+        n_expert_groups=1,
+        n_limited_groups=1,
+        max_seq_len=64,
+        router={"name": "aux_free"},
+    )
     fields.update(overrides)
     return ModelConfig(**fields)
 
@@ -33,12 +45,25 @@ def test_registered_through_the_entry_point():
 
 
 # -- moeframe's router contract (moeframe.testing) -------------------------------------------------
-@pytest.mark.parametrize("changes,weights_sum_to", [
-    ({}, 1.0),  # normalised top-k weights by default (V3)
-    ({"router": {"name": "aux_free", "norm_topk_prob": False}}, None),
-    ({"n_routed_experts": 16, "n_activated_experts": 4, "n_expert_groups": 4, "n_limited_groups": 2,
-      "route_scale": 2.5, "router": {"name": "aux_free", "seq_aux_loss_coef": 0.001}}, 2.5),
-], ids=["default", "unnormalised", "grouped-scaled-seqloss"])
+@pytest.mark.parametrize(
+    "changes,weights_sum_to",
+    [
+        ({}, 1.0),  # normalised top-k weights by default (V3)
+        ({"router": {"name": "aux_free", "norm_topk_prob": False}}, None),
+        (
+            {
+                "n_routed_experts": 16,
+                "n_activated_experts": 4,
+                "n_expert_groups": 4,
+                "n_limited_groups": 2,
+                "route_scale": 2.5,
+                "router": {"name": "aux_free", "seq_aux_loss_coef": 0.001},
+            },
+            2.5,
+        ),
+    ],
+    ids=["default", "unnormalised", "grouped-scaled-seqloss"],
+)
 def test_router_contract(changes, weights_sum_to):
     check_router_contract(tiny_config(**changes), weights_sum_to=weights_sum_to)
 
@@ -54,14 +79,28 @@ PARITY_CASES = [
 
 
 def _pair(E: int, k: int, G: int, kept: int, scale: float, normalise: bool, D: int = 24):
-    cfg = tiny_config(dim=D, n_routed_experts=E, n_activated_experts=k, n_expert_groups=G,
-                      n_limited_groups=kept, route_scale=scale,
-                      router={"name": "aux_free", "norm_topk_prob": normalise})
+    cfg = tiny_config(
+        dim=D,
+        n_routed_experts=E,
+        n_activated_experts=k,
+        n_expert_groups=G,
+        n_limited_groups=kept,
+        route_scale=scale,
+        router={"name": "aux_free", "norm_topk_prob": normalise},
+    )
     plan = resolve_model_config(cfg)
     ours = AuxFreeRouter(cfg, plan.router.options)
-    hf = DeepseekV3TopkRouter(DeepseekV3Config(
-        hidden_size=D, n_routed_experts=E, num_experts_per_tok=k, n_group=G, topk_group=kept,
-        routed_scaling_factor=scale, norm_topk_prob=normalise))
+    hf = DeepseekV3TopkRouter(
+        DeepseekV3Config(
+            hidden_size=D,
+            n_routed_experts=E,
+            num_experts_per_tok=k,
+            n_group=G,
+            topk_group=kept,
+            routed_scaling_factor=scale,
+            norm_topk_prob=normalise,
+        )
+    )
     with torch.no_grad():
         ours.weight.normal_(0.0, 0.5)
         ours.e_score_correction_bias.uniform_(-0.3, 0.3)  # large enough to change many choices
@@ -116,26 +155,33 @@ def test_groups_must_divide_the_experts():
 
 
 def test_a_group_needs_two_experts_for_the_top2_group_score():
-    with pytest.raises(ConfigError, match=r"model.router: model.n_expert_groups=8 leaves 1 expert per group.*at most 4 groups"):
+    with pytest.raises(
+        ConfigError, match=r"model.router: model.n_expert_groups=8 leaves 1 expert per group.*at most 4 groups"
+    ):
         resolve_model_config(tiny_config(n_expert_groups=8, n_limited_groups=4))
 
 
 def test_top_k_must_fit_in_the_kept_groups():
     with pytest.raises(ConfigError, match="n_activated_experts=5 exceeds the experts reachable"):
         resolve_model_config(tiny_config(n_activated_experts=5, n_expert_groups=4, n_limited_groups=2))
-    with pytest.raises(ValueError, match=r"n_activated_experts=5 exceeds the 4 experts reachable.*raise model.n_limited_groups"):
+    with pytest.raises(
+        ValueError, match=r"n_activated_experts=5 exceeds the 4 experts reachable.*raise model.n_limited_groups"
+    ):
         AuxFreeOptions().validate(tiny_config(n_activated_experts=5, n_expert_groups=4, n_limited_groups=2))
 
 
-@pytest.mark.parametrize("options,message", [
-    ({"bias_update_speed": -0.1}, "bias_update_speed"),
-    ({"seq_aux_loss_coef": -1}, "seq_aux_loss_coef"),
-    ({"bias_update_schedule": [[100, 0.0], [50, 0.001]]}, "strictly increasing"),
-    ({"bias_update_schedule": [[10.5, 0.0]]}, "whole number"),
-    ({"bias_update_schedule": [[10, -1]]}, "gamma >= 0"),
-    ({"bias_update_schedule": [10]}, "entries must be"),
-    ({"gamma": 0.1}, "has no option 'gamma'"),
-])
+@pytest.mark.parametrize(
+    "options,message",
+    [
+        ({"bias_update_speed": -0.1}, "bias_update_speed"),
+        ({"seq_aux_loss_coef": -1}, "seq_aux_loss_coef"),
+        ({"bias_update_schedule": [[100, 0.0], [50, 0.001]]}, "strictly increasing"),
+        ({"bias_update_schedule": [[10.5, 0.0]]}, "whole number"),
+        ({"bias_update_schedule": [[10, -1]]}, "gamma >= 0"),
+        ({"bias_update_schedule": [10]}, "entries must be"),
+        ({"gamma": 0.1}, "has no option 'gamma'"),
+    ],
+)
 def test_bad_options_fail_at_config_time_naming_the_field(options, message):
     with pytest.raises(ConfigError, match=message):
         resolve_model_config(tiny_config(router={"name": "aux_free", **options}))
@@ -165,8 +211,14 @@ def test_sequence_balance_loss_hand_worked():
 
 def _router_with_scores(alpha: float) -> tuple[AuxFreeRouter, torch.Tensor]:
     """A router whose sigmoid affinities for 4 one-hot tokens are exactly SCORES_TE."""
-    cfg = tiny_config(dim=4, n_heads=1, n_routed_experts=2, n_activated_experts=1, route_scale=1.0,
-                      router={"name": "aux_free", "seq_aux_loss_coef": alpha})
+    cfg = tiny_config(
+        dim=4,
+        n_heads=1,
+        n_routed_experts=2,
+        n_activated_experts=1,
+        route_scale=1.0,
+        router={"name": "aux_free", "seq_aux_loss_coef": alpha},
+    )
     router = AuxFreeRouter(cfg, resolve_model_config(cfg).router.options)
     with torch.no_grad():
         router.weight.copy_(torch.logit(SCORES_TE.double()).float().T)  # logit(s) of token t in column t

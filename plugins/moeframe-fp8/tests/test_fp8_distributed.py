@@ -27,18 +27,49 @@ _spec.loader.exec_module(helpers)
 CONFIG = helpers.REPO / "configs" / "pretrain" / "tiny-parallel.yaml"
 
 
-def fit(root: Path, strategy: str, plugins: str, max_steps: int, cache: Path,
-        ckpt: Path | None = None) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "moeframe.cli", "fit", "-c", str(CONFIG), "--trainer.strategy", strategy,
-           "--trainer.plugins", plugins, "--trainer.max_steps", str(max_steps),
-           "--trainer.default_root_dir", str(root), "--trainer.limit_val_batches", "0",
-           "--trainer.num_sanity_val_steps", "0", "--trainer.log_every_n_steps", "1",
-           "--trainer.enable_progress_bar", "false", "--data.init_args.seq_len", "32",
-           "--data.init_args.batch_size", "4", "--data.init_args.max_bytes", "300000"]
+def fit(
+    root: Path, strategy: str, plugins: str, max_steps: int, cache: Path, ckpt: Path | None = None
+) -> subprocess.CompletedProcess:
+    cmd = [
+        sys.executable,
+        "-m",
+        "moeframe.cli",
+        "fit",
+        "-c",
+        str(CONFIG),
+        "--trainer.strategy",
+        strategy,
+        "--trainer.plugins",
+        plugins,
+        "--trainer.max_steps",
+        str(max_steps),
+        "--trainer.default_root_dir",
+        str(root),
+        "--trainer.limit_val_batches",
+        "0",
+        "--trainer.num_sanity_val_steps",
+        "0",
+        "--trainer.log_every_n_steps",
+        "1",
+        "--trainer.enable_progress_bar",
+        "false",
+        "--data.init_args.seq_len",
+        "32",
+        "--data.init_args.batch_size",
+        "4",
+        "--data.init_args.max_bytes",
+        "300000",
+    ]
     if ckpt is not None:
         cmd += ["--ckpt_path", str(ckpt)]
-    return subprocess.run(cmd, env=helpers.clean_env(MOEFRAME_CACHE=str(cache), MASTER_PORT=str(helpers.free_port())),
-                          cwd=root.parent, capture_output=True, text=True, timeout=420)
+    return subprocess.run(
+        cmd,
+        env=helpers.clean_env(MOEFRAME_CACHE=str(cache), MASTER_PORT=str(helpers.free_port())),
+        cwd=root.parent,
+        capture_output=True,
+        text=True,
+        timeout=420,
+    )
 
 
 def train_losses(version_dir: Path) -> dict[int, float]:
@@ -63,8 +94,10 @@ def test_fp8_trains_on_two_processes(strategy: str, cache: Path, tmp_path: Path)
     output = run.stdout + run.stderr
     engine = "DeepSpeed bf16 engine" if strategy.startswith("zero") else "bf16 autocast"
     # under ep the experts are already EPExperts shards when fp8 converts: still 3 modules
-    assert (f"fp8: 28 Linear layers and 3 routed-expert modules run their GEMMs in FP8 E4M3 (backend emulated, "
-            f"scale fp32, {engine}") in output
+    assert (
+        f"fp8: 28 Linear layers and 3 routed-expert modules run their GEMMs in FP8 E4M3 (backend emulated, "
+        f"scale fp32, {engine}"
+    ) in output
     if strategy.startswith("zero"):
         assert "Enabling DeepSpeed BF16" in output
     losses = train_losses(root / "logs" / "version_0")

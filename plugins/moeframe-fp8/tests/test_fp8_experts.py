@@ -10,10 +10,10 @@ input gradient <= 6.5%, weight gradient <= 6%).
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-import pytest
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from moeframe.config import ModelConfig
@@ -44,7 +44,9 @@ def per_expert(fn, x: torch.Tensor, w: torch.Tensor, counts: list[int], dy: torc
     return {"y": y.detach(), "dx": x.grad, "dw": w.grad}
 
 
-def grouped(x: torch.Tensor, w: torch.Tensor, counts: list[int], dy: torch.Tensor, pow2: bool) -> dict[str, torch.Tensor]:
+def grouped(
+    x: torch.Tensor, w: torch.Tensor, counts: list[int], dy: torch.Tensor, pow2: bool
+) -> dict[str, torch.Tensor]:
     x, w = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
     y = fp8_grouped_linear(x, w, offsets(counts), FP8Recipe(power_of_two=pow2))
     y.backward(dy)
@@ -57,7 +59,7 @@ def test_each_expert_runs_the_fp8_linear_recipe(I: int, O: int, pow2: bool) -> N
     g = torch.Generator().manual_seed(I * O + pow2)
     E, N = len(COUNTS), sum(COUNTS)
     x, dy = torch.randn(N, I, generator=g), torch.randn(N, O, generator=g)
-    w = torch.randn(E, O, I, generator=g) / I ** 0.5
+    w = torch.randn(E, O, I, generator=g) / I**0.5
     got = grouped(x, w, COUNTS, dy, pow2)
     recipe = per_expert(lambda x_e, w_e: fp8_linear(x_e, w_e, None, FP8Recipe(power_of_two=pow2)), x, w, COUNTS, dy)
     fp32 = per_expert(lambda x_e, w_e: x_e @ w_e.T, x, w, COUNTS, dy)
@@ -95,7 +97,7 @@ def experts_module(E: int = 6, D: int = 192, F_: int = 160) -> GroupedExperts:
     torch.manual_seed(0)
     experts = GroupedExperts(ModelConfig(), GroupedOptions(), E, D, F_)
     for p in experts.parameters():
-        torch.nn.init.normal_(p, std=D ** -0.5)
+        torch.nn.init.normal_(p, std=D**-0.5)
     return experts
 
 
@@ -105,7 +107,9 @@ def routing(T: int, E: int, K: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.rand(T, K, generator=g), indices
 
 
-def reference_moe(experts: GroupedExperts, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+def reference_moe(
+    experts: GroupedExperts, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor
+) -> torch.Tensor:
     """y_t = Σ_k g_tk · SwiGLU_e(x_t), every projection an FP8 Linear, token by expert."""
     y = torch.zeros_like(x)
     for e in range(experts.num_experts):
@@ -181,14 +185,22 @@ class HostReads(TorchDispatchMode):
     the dispatcher sees the same ops on every device. ``Tensor.tolist`` reads the CPU data without
     a dispatcher op (on a GPU it copies to the host first), so it is wrapped while the mode is on."""
 
-    NAMES = ("_local_scalar_dense", "nonzero", "masked_select", "unique", "_unique2", "unique_consecutive",
-             "bincount", "repeat_interleave")
+    NAMES = (
+        "_local_scalar_dense",
+        "nonzero",
+        "masked_select",
+        "unique",
+        "_unique2",
+        "unique_consecutive",
+        "bincount",
+        "repeat_interleave",
+    )
 
     def __init__(self) -> None:
         super().__init__()
         self.seen: list[str] = []
 
-    def __enter__(self) -> "HostReads":
+    def __enter__(self) -> HostReads:
         self._tolist = torch.Tensor.tolist
 
         def tolist(t: torch.Tensor):  # noqa: ANN202

@@ -38,7 +38,7 @@ def test_forward_and_both_gradients_within_the_stated_error(shape: tuple[int, ..
     *lead, K, N = shape
     g = torch.Generator().manual_seed(K * N)
     x = torch.randn(*lead, K, generator=g)
-    w = torch.randn(N, K, generator=g) / K ** 0.5
+    w = torch.randn(N, K, generator=g) / K**0.5
     b = torch.randn(N, generator=g)
     dy = torch.randn(*lead, N, generator=g)
     ref = grads(F.linear, x, w, b, dy)

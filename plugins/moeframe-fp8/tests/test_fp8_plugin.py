@@ -16,8 +16,15 @@ from moeframe.convert.hf import load_moeframe
 from moeframe.model.decoder import build_decoder
 from moeframe.plugin import ForwardContext
 from moeframe.testing import check_precision_contract, tiny_config
-from moeframe_fp8 import (FP8ConfigError, FP8GroupedGemm, FP8Linear, FP8Precision, FP8Recipe, FP8SelectionError,
-                          convert_to_fp8)
+from moeframe_fp8 import (
+    FP8ConfigError,
+    FP8GroupedGemm,
+    FP8Linear,
+    FP8Precision,
+    FP8Recipe,
+    FP8SelectionError,
+    convert_to_fp8,
+)
 
 REPO = Path(__file__).resolve().parents[3]
 
@@ -64,7 +71,8 @@ def test_patterns_select_and_exclude() -> None:
     convert_to_fp8(decoder, FP8Recipe(), modules=["layers.1"], exclude=["*.wo"])
     assert converted_names(decoder) == sorted(
         ["layers.1.attn.wq", "layers.1.attn.wk", "layers.1.attn.wv"]
-        + [f"layers.1.ffn.shared_experts.{p}" for p in ("w1", "w2", "w3")])
+        + [f"layers.1.ffn.shared_experts.{p}" for p in ("w1", "w2", "w3")]
+    )
     assert fp8_experts(decoder) == ["layers.1.ffn.experts"]
     hook = decoder.layers[1].ffn.experts.grouped_gemm
     # converting again (a second fit, validate after fit) changes nothing
@@ -81,13 +89,20 @@ def test_experts_alone_and_experts_excluded() -> None:
     assert converted_names(decoder) == EXPECTED_DEFAULT and fp8_experts(decoder) == []
 
 
-@pytest.mark.parametrize("modules, exclude, message", [
-    (["layers.*.atn.*"], [], r"modules pattern 'layers\.\*\.atn\.\*' matches no module; names look like: layers\.0\.attn\.wq"),
-    (["head"], [], r"module 'head' is declared high precision by the model"),
-    (["layers.1.ffn.gate"], [], r"matches layers\.1\.ffn\.gate \(\w+\) but no module that may run in FP8"),
-    (["layers.0.attn_norm"], [], r"matches layers\.0\.attn_norm \(\w+\) but no module that may run in FP8"),
-    (None, ["layers.*.mlp"], r"exclude pattern 'layers\.\*\.mlp' matches no module"),
-])
+@pytest.mark.parametrize(
+    "modules, exclude, message",
+    [
+        (
+            ["layers.*.atn.*"],
+            [],
+            r"modules pattern 'layers\.\*\.atn\.\*' matches no module; names look like: layers\.0\.attn\.wq",
+        ),
+        (["head"], [], r"module 'head' is declared high precision by the model"),
+        (["layers.1.ffn.gate"], [], r"matches layers\.1\.ffn\.gate \(\w+\) but no module that may run in FP8"),
+        (["layers.0.attn_norm"], [], r"matches layers\.0\.attn_norm \(\w+\) but no module that may run in FP8"),
+        (None, ["layers.*.mlp"], r"exclude pattern 'layers\.\*\.mlp' matches no module"),
+    ],
+)
 def test_selections_that_cannot_mean_what_was_written(modules, exclude, message: str) -> None:
     with pytest.raises(FP8SelectionError, match=message):
         convert_to_fp8(build_decoder(tiny_config()), FP8Recipe(), modules=modules, exclude=exclude)
@@ -101,8 +116,11 @@ def test_unsupported_weight_dtype_names_the_module() -> None:
         convert_to_fp8(decoder, FP8Recipe())
     decoder = build_decoder(tiny_config())
     decoder.layers[1].ffn.experts.double()
-    with pytest.raises(FP8ConfigError, match=r"experts 'layers\.1\.ffn\.experts' need float32/bfloat16/float16 stacked "
-                                             r"weights.*w1 is torch\.float64.*exclude: \['layers\.1\.ffn\.experts'\]"):
+    with pytest.raises(
+        FP8ConfigError,
+        match=r"experts 'layers\.1\.ffn\.experts' need float32/bfloat16/float16 stacked "
+        r"weights.*w1 is torch\.float64.*exclude: \['layers\.1\.ffn\.experts'\]",
+    ):
         convert_to_fp8(decoder, FP8Recipe())
 
 
@@ -121,20 +139,25 @@ def test_a_model_without_linears_warns() -> None:
 
 def test_backends() -> None:
     plugin = FP8Precision(backend="hopper")
-    with pytest.raises(FP8ConfigError, match=r"fp8 backend 'hopper' cannot run: .*(CUDA|scaled_mm).*Use backend 'emulated'"):
+    with pytest.raises(
+        FP8ConfigError, match=r"fp8 backend 'hopper' cannot run: .*(CUDA|scaled_mm).*Use backend 'emulated'"
+    ):
         plugin.convert_module(build_decoder(tiny_config()))
     decoder = build_decoder(tiny_config())
     FP8Precision(backend="auto").convert_module(decoder)  # no H100/H200 here: auto means emulated
     assert decoder.layers[0].attn.wq.recipe.backend == "emulated"
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"scale_format": "e8m0"}, "scale_format must be one of"),
-    ({"backend": "cuda"}, "backend must be one of"),
-    ({"stats_every_n_steps": -1}, "stats_every_n_steps must be an integer >= 0"),
-    ({"modules": "layers.*"}, "modules must be a list"),
-    ({"modules": []}, "modules=\\[\\] converts nothing"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"scale_format": "e8m0"}, "scale_format must be one of"),
+        ({"backend": "cuda"}, "backend must be one of"),
+        ({"stats_every_n_steps": -1}, "stats_every_n_steps must be an integer >= 0"),
+        ({"modules": "layers.*"}, "modules must be a list"),
+        ({"modules": []}, "modules=\\[\\] converts nothing"),
+    ],
+)
 def test_bad_options_fail_at_construction(kwargs: dict, message: str) -> None:
     with pytest.raises(FP8ConfigError, match=message):
         FP8Precision(**kwargs)
@@ -148,18 +171,40 @@ def test_cli_unknown_plugin_name_suggests(capsys: pytest.CaptureFixture[str]) ->
 
 
 @pytest.mark.slow
-def test_moeframe_fit_single_device_with_stats_and_bf16_moments(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_moeframe_fit_single_device_with_stats_and_bf16_moments(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """``moeframe fit`` with ``plugins: {class_path: fp8, init_args: ...}``: trains, logs per-layer
     FP8 statistics through the CSV logger, and the checkpointed Adam moments are BF16."""
     monkeypatch.setenv("MOEFRAME_CACHE", str(tmp_path / "cache"))
     root = tmp_path / "run"
-    rc = main(["fit", "-c", str(REPO / "configs/pretrain/tiny.yaml"),
-               "--trainer.plugins", "{class_path: fp8, init_args: {stats_every_n_steps: 2, bf16_moments: true}}",
-               "--trainer.max_steps", "3", "--trainer.default_root_dir", str(root),
-               "--trainer.limit_val_batches", "0", "--trainer.num_sanity_val_steps", "0",
-               "--trainer.log_every_n_steps", "1", "--trainer.enable_progress_bar", "false",
-               "--data.init_args.seq_len", "32", "--data.init_args.batch_size", "4",
-               "--data.init_args.max_bytes", "300000"])
+    rc = main(
+        [
+            "fit",
+            "-c",
+            str(REPO / "configs/pretrain/tiny.yaml"),
+            "--trainer.plugins",
+            "{class_path: fp8, init_args: {stats_every_n_steps: 2, bf16_moments: true}}",
+            "--trainer.max_steps",
+            "3",
+            "--trainer.default_root_dir",
+            str(root),
+            "--trainer.limit_val_batches",
+            "0",
+            "--trainer.num_sanity_val_steps",
+            "0",
+            "--trainer.log_every_n_steps",
+            "1",
+            "--trainer.enable_progress_bar",
+            "false",
+            "--data.init_args.seq_len",
+            "32",
+            "--data.init_args.batch_size",
+            "4",
+            "--data.init_args.max_bytes",
+            "300000",
+        ]
+    )
     assert rc == 0
     with open(root / "logs" / "version_0" / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
@@ -168,8 +213,11 @@ def test_moeframe_fit_single_device_with_stats_and_bf16_moments(tmp_path: Path, 
     stats = {int(r["step"]): r for r in rows if r.get("fp8/decoder.layers.0.attn.wq/x_amax")}
     assert sorted(stats) == [0, 2]  # every 2 optimizer steps
     row = stats[0]
-    linears = [(layer, kind) for layer in ("decoder.layers.0.attn.wq", "decoder.layers.3.ffn.shared_experts.w2")
-               for kind in ("x", "w", "dy")]
+    linears = [
+        (layer, kind)
+        for layer in ("decoder.layers.0.attn.wq", "decoder.layers.3.ffn.shared_experts.w2")
+        for kind in ("x", "w", "dy")
+    ]
     experts = [("decoder.layers.3.ffn.experts", f"{p}.{kind}") for p in ("w1", "w2", "w3") for kind in ("x", "w", "dy")]
     for layer, kind in linears + experts:
         amax = float(row[f"fp8/{layer}/{kind}_amax"])
@@ -189,8 +237,14 @@ def test_moeframe_fit_single_device_with_stats_and_bf16_moments(tmp_path: Path, 
 def test_routers_decide_in_fp32_inside_the_fp8_forward_context() -> None:
     """The plugin runs the forward under bf16 autocast outside the FP8 GEMMs; the router (declared
     high precision, so not converted) must still route exactly as in fp32."""
-    config = tiny_config(n_routed_experts=64, n_activated_experts=8, n_expert_groups=8, n_limited_groups=4, dim=64,
-                         router={"name": "aux_free"})
+    config = tiny_config(
+        n_routed_experts=64,
+        n_activated_experts=8,
+        n_expert_groups=8,
+        n_limited_groups=4,
+        dim=64,
+        router={"name": "aux_free"},
+    )
     torch.manual_seed(0)
     decoder = build_decoder(config)
     plugin = FP8Precision()

@@ -28,10 +28,10 @@ def reference_tiles(x: torch.Tensor, power_of_two: bool) -> tuple[torch.Tensor, 
     scales = torch.empty(rows, -(-cols // 128))
     for r in range(rows):
         for g, start in enumerate(range(0, cols, 128)):
-            tile = x[r, start:start + 128].float()
+            tile = x[r, start : start + 128].float()
             s = torch.tensor(reference_scale(tile.tolist(), power_of_two), dtype=torch.float32)
             scales[r, g] = s
-            q[r, start:start + 128] = torch.clamp(tile / s, -448.0, 448.0).to(E4M3)
+            q[r, start : start + 128] = torch.clamp(tile / s, -448.0, 448.0).to(E4M3)
     return q, scales
 
 
@@ -41,10 +41,10 @@ def reference_blocks(w: torch.Tensor, power_of_two: bool) -> tuple[torch.Tensor,
     scales = torch.empty(-(-rows // 128), -(-cols // 128))
     for i, r0 in enumerate(range(0, rows, 128)):
         for j, c0 in enumerate(range(0, cols, 128)):
-            block = w[r0:r0 + 128, c0:c0 + 128].float()
+            block = w[r0 : r0 + 128, c0 : c0 + 128].float()
             s = torch.tensor(reference_scale(block.flatten().tolist(), power_of_two), dtype=torch.float32)
             scales[i, j] = s
-            q[r0:r0 + 128, c0:c0 + 128] = torch.clamp(block / s, -448.0, 448.0).to(E4M3)
+            q[r0 : r0 + 128, c0 : c0 + 128] = torch.clamp(block / s, -448.0, 448.0).to(E4M3)
     return q, scales
 
 
@@ -97,14 +97,16 @@ def test_dequantised_tiles_are_close_and_the_largest_value_is_exact() -> None:
     q, scale = quantize_tiles(x)
     back = dequantize_tiles(q, scale)
     # E4M3 keeps 3 mantissa bits: relative rounding error at most 2^-4 for normal values
-    normal = back.abs() > scale.repeat_interleave(128, 1) * 2.0 ** -6
-    assert torch.all(((back - x).abs() / x.abs())[normal] <= 2.0 ** -4 + 1e-7)
+    normal = back.abs() > scale.repeat_interleave(128, 1) * 2.0**-6
+    assert torch.all(((back - x).abs() / x.abs())[normal] <= 2.0**-4 + 1e-7)
     # the tile maximum maps to exactly 448 * scale
     first_tile = x[:, :128].abs().amax(1)
     assert torch.allclose(back[:, :128].abs().amax(1), first_tile, rtol=1e-6)
 
 
-@pytest.mark.parametrize("M, K, N, blocks", [(5, 128, 7, True), (9, 300, 130, True), (4, 257, 3, False), (130, 40, 260, True)])
+@pytest.mark.parametrize(
+    "M, K, N, blocks", [(5, 128, 7, True), (9, 300, 130, True), (4, 257, 3, False), (130, 40, 260, True)]
+)
 def test_emulated_gemm_is_the_exact_sum_of_scaled_e4m3_products(M: int, K: int, N: int, blocks: bool) -> None:
     """Each 128-slice of K is an exact fp32 product of E4M3 values; the result must equal the
     float64 sum of dequantised products up to fp32 rounding of the accumulator."""
@@ -124,9 +126,9 @@ def test_emulated_gemm_is_the_exact_sum_of_scaled_e4m3_products(M: int, K: int, 
 
 def test_stats_count_underflow_against_a_direct_count() -> None:
     x = torch.zeros(1, 128)
-    x[0, 0] = 448.0          # scale 1.0
-    x[0, 1:11] = 2.0 ** -11  # below half the smallest subnormal (2^-10): become 0
-    x[0, 11:21] = 0.5        # representable
+    x[0, 0] = 448.0  # scale 1.0
+    x[0, 1:11] = 2.0**-11  # below half the smallest subnormal (2^-10): become 0
+    x[0, 11:21] = 0.5  # representable
     q, scale = quantize_tiles(x)
     stats = tensor_stats(x, q, scale)
     assert stats.amax == 448.0 and stats.scale_min == stats.scale_max == 1.0

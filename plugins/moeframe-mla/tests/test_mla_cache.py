@@ -14,23 +14,31 @@ from moeframe.testing import check_attention_contract, check_cache_nbytes, tiny_
 from moeframe_mla import (
     LatentCache,
     MultiHeadLatentAttention,
-    kv_cache_bytes_per_token as mla_cache_bytes_per_token,
     kv_cache_values_per_token,
     per_head_kv_values_per_token,
 )
+from moeframe_mla import (
+    kv_cache_bytes_per_token as mla_cache_bytes_per_token,
+)
 
-TINY_MLA: dict[str, Any] = dict(name="mla", q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8,
-                                qk_rope_head_dim=4, v_head_dim=6)
-V3_MLA: dict[str, Any] = dict(name="mla", q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128,
-                              qk_rope_head_dim=64, v_head_dim=128)
+TINY_MLA: dict[str, Any] = dict(
+    name="mla", q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=6
+)
+V3_MLA: dict[str, Any] = dict(
+    name="mla", q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128
+)
 
 
-@pytest.mark.parametrize("changes", [
-    {},
-    {"q_lora_rank": None},
-    {"rope_factor": 4.0, "original_seq_len": 16},
-    {"decode": "expanded", "rope_interleave": False},
-], ids=["q-lora", "no-q-lora", "yarn", "expanded-rotate-half"])
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {},
+        {"q_lora_rank": None},
+        {"rope_factor": 4.0, "original_seq_len": 16},
+        {"decode": "expanded", "rope_interleave": False},
+    ],
+    ids=["q-lora", "no-q-lora", "yarn", "expanded-rotate-half"],
+)
 def test_attention_contract(changes: dict[str, Any]) -> None:
     check_attention_contract(tiny_config(attention={**TINY_MLA, **changes}))
 
@@ -53,7 +61,7 @@ def test_incremental_decoding_equals_the_training_path(decode: str) -> None:
     cache = attn.new_cache(B, T, torch.device("cpu"), torch.float32)
     with torch.no_grad():
         full = attn(x, torch.arange(T))
-        steps = [attn(x[:, t:t + 1], torch.tensor([t]), cache=cache) for t in range(T)]
+        steps = [attn(x[:, t : t + 1], torch.tensor([t]), cache=cache) for t in range(T)]
     assert (torch.cat(steps, dim=1) - full).abs().max().item() <= 1e-5
     assert cache.length == T
 
@@ -66,8 +74,11 @@ def test_absorbed_prefill_then_steps_and_the_cache_content() -> None:
     cache = attn.new_cache(1, 10, torch.device("cpu"), torch.float32)
     with torch.no_grad():
         full = attn(x, torch.arange(10))
-        parts = [attn(x[:, :3], torch.arange(3), cache=cache), attn(x[:, 3:7], torch.arange(3, 7), cache=cache),
-                 attn(x[:, 7:], torch.arange(7, 10), cache=cache)]
+        parts = [
+            attn(x[:, :3], torch.arange(3), cache=cache),
+            attn(x[:, 3:7], torch.arange(3, 7), cache=cache),
+            attn(x[:, 7:], torch.arange(7, 10), cache=cache),
+        ]
         c_kv, k_pe = attn._latent(x, *attn._rope(torch.arange(10)))
     assert (torch.cat(parts, dim=1) - full).abs().max().item() <= 1e-5
     assert isinstance(cache, LatentCache) and cache.latent_BSL.shape == (1, 10, 16 + 4)
@@ -85,8 +96,18 @@ def test_cache_bytes_match_the_hand_count() -> None:
 
 
 def test_v3_cache_is_576_values_instead_of_40960() -> None:
-    cfg = ModelConfig(vocab_size=129280, dim=7168, n_layers=61, first_k_dense=3, n_heads=128, attention=V3_MLA,
-                      n_routed_experts=256, n_activated_experts=8, n_expert_groups=8, n_limited_groups=4)
+    cfg = ModelConfig(
+        vocab_size=129280,
+        dim=7168,
+        n_layers=61,
+        first_k_dense=3,
+        n_heads=128,
+        attention=V3_MLA,
+        n_routed_experts=256,
+        n_activated_experts=8,
+        n_expert_groups=8,
+        n_limited_groups=4,
+    )
     assert kv_cache_values_per_token(cfg) == 512 + 64 == 576
     assert per_head_kv_values_per_token(cfg) == 128 * (128 + 64 + 128) == 40_960
     assert mla_cache_bytes_per_token(cfg) == kv_cache_bytes_per_token(cfg) == 61 * 576 * 2  # bf16, all layers
@@ -109,6 +130,6 @@ def test_bf16_absorbed_decoding_stays_close_to_fp32() -> None:
         decoder = decoder.to(torch.bfloat16)
         cache = decoder.new_cache(1, 12)
         assert cache.layers[0].latent_BSL.dtype == torch.bfloat16
-        steps = torch.cat([decoder(ids[:, t:t + 1], cache=cache).logits for t in range(12)], dim=1)
+        steps = torch.cat([decoder(ids[:, t : t + 1], cache=cache).logits for t in range(12)], dim=1)
     assert steps.dtype == torch.bfloat16 and full.abs().max() > 0.5
     torch.testing.assert_close(steps.float(), full, rtol=0, atol=0.05)

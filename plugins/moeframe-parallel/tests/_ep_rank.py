@@ -30,9 +30,19 @@ SEQUENCES_PER_RANK, SEQ_LEN = 3, 16
 
 def model_config() -> ModelConfig:
     # two MoE layers, 8 experts top-2, widths whose rows are 16-byte aligned (grouped GEMM path)
-    return ModelConfig(vocab_size=64, dim=32, n_layers=3, first_k_dense=1, n_heads=4, dense_ffn_dim=64,
-                       moe_ffn_dim=16, n_routed_experts=8, n_activated_experts=2, n_shared_experts=1,
-                       max_seq_len=SEQ_LEN)
+    return ModelConfig(
+        vocab_size=64,
+        dim=32,
+        n_layers=3,
+        first_k_dense=1,
+        n_heads=4,
+        dense_ffn_dim=64,
+        moe_ffn_dim=16,
+        n_routed_experts=8,
+        n_activated_experts=2,
+        n_shared_experts=1,
+        max_seq_len=SEQ_LEN,
+    )
 
 
 def loss_of(decoder: torch.nn.Module, ids_BT: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -43,8 +53,9 @@ def loss_of(decoder: torch.nn.Module, ids_BT: torch.Tensor) -> tuple[torch.Tenso
 
 def main() -> None:
     rank, world, port, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=60))
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world, timeout=timedelta(seconds=60)
+    )
     torch.manual_seed(0)
     decoder = build_decoder(model_config())
     reference = copy.deepcopy(decoder)
@@ -83,10 +94,21 @@ def main() -> None:
     # callback's own path) must be the counts of the whole global batch, as without EP
     counts_LE = synchronise_and_update(moe_layers(decoder), all_reduce_sum)
     ref_counts_LE = torch.stack([m.tokens_per_expert.double() for _, m in moe_layers(reference)])
-    torch.save({"counts": counts_LE, "ref_counts": ref_counts_LE,
-                "logits": logits.detach(), "ref_logits": ref_logits[rank], "loss": ce.detach(),
-                "ref_loss": ref_losses[rank].detach(), "dense": dense_grads, "ref_dense": ref_dense_grads,
-                "experts": expert_grads, "ref_experts": ref_expert_grads}, out)
+    torch.save(
+        {
+            "counts": counts_LE,
+            "ref_counts": ref_counts_LE,
+            "logits": logits.detach(),
+            "ref_logits": ref_logits[rank],
+            "loss": ce.detach(),
+            "ref_loss": ref_losses[rank].detach(),
+            "dense": dense_grads,
+            "ref_dense": ref_dense_grads,
+            "experts": expert_grads,
+            "ref_experts": ref_expert_grads,
+        },
+        out,
+    )
     dist.destroy_process_group()
 
 

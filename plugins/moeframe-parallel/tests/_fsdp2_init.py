@@ -36,8 +36,10 @@ class Dump(L.Callback):
         local = {n: p.to_local().clone() for n, p in params.items() if isinstance(p, DTensor)}
         full = {n: p.full_tensor() if isinstance(p, DTensor) else p.detach().clone() for n, p in params.items()}
         buffers = {n: b.clone() for n, b in module.decoder.named_buffers()}
-        torch.save({"built_on": module.built_on, "local": local, "full": full, "buffers": buffers,
-                    "sharded": sorted(local)}, self.out / f"rank{trainer.global_rank}.pt")
+        torch.save(
+            {"built_on": module.built_on, "local": local, "full": full, "buffers": buffers, "sharded": sorted(local)},
+            self.out / f"rank{trainer.global_rank}.pt",
+        )
         trainer.should_stop = True
 
 
@@ -45,9 +47,17 @@ def main(out: Path, seed: int) -> None:
     ids = torch.randint(0, 512, (4, 17), generator=torch.Generator().manual_seed(0))
     L.seed_everything(seed)
     module = Recorder(config=load_model_config(REPO / "configs/model/tiny-v3.yaml"))
-    trainer = L.Trainer(accelerator="cpu", devices=2, strategy=FSDP2Strategy(), max_steps=1, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        callbacks=[Dump(out)])
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy=FSDP2Strategy(),
+        max_steps=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[Dump(out)],
+    )
     data = torch.utils.data.DataLoader([{"input_ids": r[:-1], "labels": r[1:]} for r in ids], batch_size=2)
     trainer.fit(module, train_dataloaders=data)
 

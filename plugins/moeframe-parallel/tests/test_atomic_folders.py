@@ -21,11 +21,35 @@ CONFIG = helpers.REPO / "configs" / "pretrain" / "tiny-parallel.yaml"
 
 
 def fit(root: Path, max_steps: int, cache: Path, *extra: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "moeframe.cli", "fit", "-c", str(CONFIG), "--trainer.strategy", "zero2",
-           "--trainer.devices", "1", "--trainer.max_steps", str(max_steps), "--trainer.default_root_dir", str(root),
-           "--trainer.limit_val_batches", "0", "--trainer.num_sanity_val_steps", "0",
-           "--trainer.enable_progress_bar", "false", "--data.init_args.seq_len", "32",
-           "--data.init_args.batch_size", "4", "--data.init_args.max_bytes", "300000", *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "moeframe.cli",
+        "fit",
+        "-c",
+        str(CONFIG),
+        "--trainer.strategy",
+        "zero2",
+        "--trainer.devices",
+        "1",
+        "--trainer.max_steps",
+        str(max_steps),
+        "--trainer.default_root_dir",
+        str(root),
+        "--trainer.limit_val_batches",
+        "0",
+        "--trainer.num_sanity_val_steps",
+        "0",
+        "--trainer.enable_progress_bar",
+        "false",
+        "--data.init_args.seq_len",
+        "32",
+        "--data.init_args.batch_size",
+        "4",
+        "--data.init_args.max_bytes",
+        "300000",
+        *extra,
+    ]
     env = helpers.clean_env(MOEFRAME_CACHE=str(cache), PYTHONPATH=str(helpers.HERE))
     return subprocess.run(cmd, env=env, cwd=root.parent, capture_output=True, text=True, timeout=300)
 

@@ -25,9 +25,16 @@ ATOL = 1e-5
 def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
     out = tmp_path_factory.mktemp("ep_parity")
     port = str(helpers.free_port())
-    procs = [subprocess.Popen([sys.executable, str(helpers.HERE / "_ep_rank.py"), str(r), "2", port, str(out / f"{r}.pt")],
-                              env=helpers.clean_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for r in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(helpers.HERE / "_ep_rank.py"), str(r), "2", port, str(out / f"{r}.pt")],
+            env=helpers.clean_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for r in range(2)
+    ]
     logs = [p.communicate(timeout=120)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), "\n".join(logs)
     return [torch.load(out / f"{r}.pt") for r in range(2)]

@@ -25,9 +25,14 @@ SEED = 1234
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
     out = tmp_path_factory.mktemp("fsdp2_init")
-    run = subprocess.run([sys.executable, str(helpers.HERE / "_fsdp2_init.py"), str(out), str(SEED)],
-                         env=helpers.clean_env(MASTER_PORT=str(helpers.free_port())), capture_output=True,
-                         text=True, timeout=240, cwd=out)
+    run = subprocess.run(
+        [sys.executable, str(helpers.HERE / "_fsdp2_init.py"), str(out), str(SEED)],
+        env=helpers.clean_env(MASTER_PORT=str(helpers.free_port())),
+        capture_output=True,
+        text=True,
+        timeout=240,
+        cwd=out,
+    )
     assert run.returncode == 0, run.stderr[-4000:]
     return [torch.load(out / f"rank{r}.pt") for r in range(2)]
 

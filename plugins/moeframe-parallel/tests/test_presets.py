@@ -11,8 +11,8 @@ import csv
 import importlib.util
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pytest
 import torch
@@ -28,19 +28,52 @@ CONFIG = helpers.REPO / "configs" / "pretrain" / "tiny-parallel.yaml"
 PRESETS = ["ddp", "ep2_ddp", "fsdp2", "zero1", "zero2", "zero3", "zero3_offload"]
 
 
-FLAGS = ["--trainer.limit_val_batches", "0", "--trainer.num_sanity_val_steps", "0",
-         "--trainer.log_every_n_steps", "1", "--trainer.enable_progress_bar", "false",
-         "--data.init_args.seq_len", "32", "--data.init_args.batch_size", "4",
-         "--data.init_args.max_bytes", "300000"]
+FLAGS = [
+    "--trainer.limit_val_batches",
+    "0",
+    "--trainer.num_sanity_val_steps",
+    "0",
+    "--trainer.log_every_n_steps",
+    "1",
+    "--trainer.enable_progress_bar",
+    "false",
+    "--data.init_args.seq_len",
+    "32",
+    "--data.init_args.batch_size",
+    "4",
+    "--data.init_args.max_bytes",
+    "300000",
+]
 
 
-def fit(root: Path, strategy: str, max_steps: int, cache: Path, ckpt: Path | None = None) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "moeframe.cli", "fit", "-c", str(CONFIG), "--trainer.strategy", strategy,
-           "--trainer.max_steps", str(max_steps), "--trainer.default_root_dir", str(root), *FLAGS]
+def fit(
+    root: Path, strategy: str, max_steps: int, cache: Path, ckpt: Path | None = None
+) -> subprocess.CompletedProcess:
+    cmd = [
+        sys.executable,
+        "-m",
+        "moeframe.cli",
+        "fit",
+        "-c",
+        str(CONFIG),
+        "--trainer.strategy",
+        strategy,
+        "--trainer.max_steps",
+        str(max_steps),
+        "--trainer.default_root_dir",
+        str(root),
+        *FLAGS,
+    ]
     if ckpt is not None:
         cmd += ["--ckpt_path", str(ckpt)]
-    return subprocess.run(cmd, env=helpers.clean_env(MOEFRAME_CACHE=str(cache)), cwd=root.parent,
-                          capture_output=True, text=True, timeout=420)
+    return subprocess.run(
+        cmd,
+        env=helpers.clean_env(MOEFRAME_CACHE=str(cache)),
+        cwd=root.parent,
+        capture_output=True,
+        text=True,
+        timeout=420,
+    )
 
 
 def train_losses(version_dir: Path) -> dict[int, float]:
@@ -61,8 +94,16 @@ def run_preset(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], dict
         if strategy in registry.available("strategy"):
             # a moeframe strategy plugin: moeframe.testing's contract (registers, trains 2 steps
             # on 2 CPU processes through the CLI) is the first run
-            check_strategy_contract(strategy, devices=2, max_steps=2, root=root, run_config=CONFIG,
-                                    args=FLAGS, env=helpers.clean_env(MOEFRAME_CACHE=str(cache)), timeout=420)
+            check_strategy_contract(
+                strategy,
+                devices=2,
+                max_steps=2,
+                root=root,
+                run_config=CONFIG,
+                args=FLAGS,
+                env=helpers.clean_env(MOEFRAME_CACHE=str(cache)),
+                timeout=420,
+            )
         else:  # Lightning's own ddp, the reference
             first = fit(root, strategy, 2, cache)
             assert first.returncode == 0, first.stderr[-4000:]
@@ -71,9 +112,12 @@ def run_preset(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], dict
         second = fit(root, strategy, 4, cache, ckpt=ckpt)
         assert second.returncode == 0, second.stderr[-4000:]
         losses = {**train_losses(root / "logs" / "version_0"), **train_losses(root / "logs" / "version_1")}
-        done[strategy] = {"losses": losses, "first": ckpt,
-                          "resumed": root / "logs" / "version_1" / "checkpoints" / "last.ckpt",
-                          "resumed_steps": sorted(train_losses(root / "logs" / "version_1"))}
+        done[strategy] = {
+            "losses": losses,
+            "first": ckpt,
+            "resumed": root / "logs" / "version_1" / "checkpoints" / "last.ckpt",
+            "resumed_steps": sorted(train_losses(root / "logs" / "version_1")),
+        }
         return done[strategy]
 
     return run
@@ -119,13 +163,40 @@ def test_ep_checkpoint_holds_every_expert_and_its_optimizer_state(run_preset: Ca
 
 def evaluate(command: str, strategy: str, ckpt: Path, root: Path, cache: Path) -> dict[str, float]:
     """``moeframe validate|test`` of a checkpoint under ``strategy`` on 2 processes; the logged metrics."""
-    cmd = [sys.executable, "-m", "moeframe.cli", command, "-c", str(CONFIG), "--trainer.strategy", strategy,
-           "--trainer.default_root_dir", str(root), "--trainer.limit_val_batches", "3",
-           "--trainer.limit_test_batches", "3", "--trainer.enable_progress_bar", "false",
-           "--data.init_args.seq_len", "32", "--data.init_args.batch_size", "4",
-           "--data.init_args.max_bytes", "300000", "--ckpt_path", str(ckpt)]
-    run = subprocess.run(cmd, env=helpers.clean_env(MOEFRAME_CACHE=str(cache)), cwd=root.parent,
-                         capture_output=True, text=True, timeout=300)
+    cmd = [
+        sys.executable,
+        "-m",
+        "moeframe.cli",
+        command,
+        "-c",
+        str(CONFIG),
+        "--trainer.strategy",
+        strategy,
+        "--trainer.default_root_dir",
+        str(root),
+        "--trainer.limit_val_batches",
+        "3",
+        "--trainer.limit_test_batches",
+        "3",
+        "--trainer.enable_progress_bar",
+        "false",
+        "--data.init_args.seq_len",
+        "32",
+        "--data.init_args.batch_size",
+        "4",
+        "--data.init_args.max_bytes",
+        "300000",
+        "--ckpt_path",
+        str(ckpt),
+    ]
+    run = subprocess.run(
+        cmd,
+        env=helpers.clean_env(MOEFRAME_CACHE=str(cache)),
+        cwd=root.parent,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert run.returncode == 0, run.stderr[-4000:]
     with open(root / "logs" / "version_0" / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
@@ -133,8 +204,9 @@ def evaluate(command: str, strategy: str, ckpt: Path, root: Path, cache: Path) -
 
 
 @pytest.mark.slow
-def test_validate_and_test_under_zero3_match_ddp(run_preset: Callable[[str], dict],
-                                                 tmp_path_factory: pytest.TempPathFactory) -> None:
+def test_validate_and_test_under_zero3_match_ddp(
+    run_preset: Callable[[str], dict], tmp_path_factory: pytest.TempPathFactory
+) -> None:
     """A ZeRO-3 checkpoint (a DeepSpeed folder of partitioned states) evaluates through
     ``moeframe validate`` and ``moeframe test`` with the zero3 preset, and gives the loss DDP gives on
     its own checkpoint of the same step (same trajectory, so the same weights)."""

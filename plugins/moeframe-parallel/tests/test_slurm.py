@@ -28,10 +28,20 @@ JOB_ID = "4242"
 
 def slurm_env(rank: int, port: int, bin_dir: Path, cache: Path) -> dict[str, str]:
     return helpers.clean_env(
-        SLURM_JOB_ID=JOB_ID, SLURM_JOB_NAME="moeframe-test", SLURM_NTASKS="2", SLURM_NTASKS_PER_NODE="2",
-        SLURM_NNODES="1", SLURM_NODELIST="localhost", SLURM_PROCID=str(rank), SLURM_LOCALID=str(rank),
-        SLURM_NODEID="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), MOEFRAME_CACHE=str(cache),
-        PATH=f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}")
+        SLURM_JOB_ID=JOB_ID,
+        SLURM_JOB_NAME="moeframe-test",
+        SLURM_NTASKS="2",
+        SLURM_NTASKS_PER_NODE="2",
+        SLURM_NNODES="1",
+        SLURM_NODELIST="localhost",
+        SLURM_PROCID=str(rank),
+        SLURM_LOCALID=str(rank),
+        SLURM_NODEID="0",
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        MOEFRAME_CACHE=str(cache),
+        PATH=f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
+    )
 
 
 def wait_for(path: Path, procs: list[subprocess.Popen], limit_s: float) -> None:
@@ -57,17 +67,49 @@ def test_sigusr1_checkpoints_and_requeues_under_slurm(tmp_path: Path) -> None:
     bin_dir.mkdir()
     calls = tmp_path / "scontrol_calls.txt"
     scontrol = bin_dir / "scontrol"
-    scontrol.write_text(f"#!/bin/sh\necho \"$@\" >> {calls}\n")
+    scontrol.write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
     scontrol.chmod(0o755)
     root = tmp_path / "run"
     port = helpers.free_port()
-    cmd = [sys.executable, "-m", "moeframe.cli", "fit", "-c", str(CONFIG), "--trainer.strategy", "ddp",
-           "--trainer.max_steps", "100000", "--trainer.default_root_dir", str(root),
-           "--trainer.limit_val_batches", "0", "--trainer.num_sanity_val_steps", "0",
-           "--trainer.log_every_n_steps", "1", "--trainer.enable_progress_bar", "false",
-           "--data.init_args.seq_len", "32", "--data.init_args.batch_size", "4", "--data.init_args.max_bytes", "300000"]
-    procs = [subprocess.Popen(cmd, env=slurm_env(rank, port, bin_dir, tmp_path / "cache"), cwd=tmp_path,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in range(2)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "moeframe.cli",
+        "fit",
+        "-c",
+        str(CONFIG),
+        "--trainer.strategy",
+        "ddp",
+        "--trainer.max_steps",
+        "100000",
+        "--trainer.default_root_dir",
+        str(root),
+        "--trainer.limit_val_batches",
+        "0",
+        "--trainer.num_sanity_val_steps",
+        "0",
+        "--trainer.log_every_n_steps",
+        "1",
+        "--trainer.enable_progress_bar",
+        "false",
+        "--data.init_args.seq_len",
+        "32",
+        "--data.init_args.batch_size",
+        "4",
+        "--data.init_args.max_bytes",
+        "300000",
+    ]
+    procs = [
+        subprocess.Popen(
+            cmd,
+            env=slurm_env(rank, port, bin_dir, tmp_path / "cache"),
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for rank in range(2)
+    ]
     try:
         # metrics are on disk: training runs, the signal handlers are installed
         wait_for(root / "logs" / "version_0" / "metrics.csv", procs, limit_s=240)

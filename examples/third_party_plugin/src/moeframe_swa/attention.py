@@ -17,7 +17,7 @@ d head size.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -34,7 +34,7 @@ class SWAOptions(MHAOptions):
 
     window: int = 256
 
-    def validate(self, config: "ModelConfig") -> None:
+    def validate(self, config: ModelConfig) -> None:
         super().validate(config)
         if self.window < 1:
             raise ValueError(f"window must be at least 1 token (the token itself), got {self.window}")
@@ -51,8 +51,16 @@ class RollingKVCache(AttentionCache):
     slots: position p lives in slot ``p % slots``. Which position a slot holds follows from
     ``length`` alone, so the cache keeps no bookkeeping tensors."""
 
-    def __init__(self, batch_size: int, n_kv_heads: int, head_dim: int, max_len: int, window: int,
-                 device: torch.device, dtype: torch.dtype) -> None:
+    def __init__(
+        self,
+        batch_size: int,
+        n_kv_heads: int,
+        head_dim: int,
+        max_len: int,
+        window: int,
+        device: torch.device,
+        dtype: torch.dtype,
+    ) -> None:
         super().__init__(batch_size, max_len)
         self.slots = min(window, max_len)
         self.k_BGSd = torch.zeros(batch_size, n_kv_heads, self.slots, head_dim, device=device, dtype=dtype)
@@ -83,7 +91,7 @@ class SlidingWindowAttention(MultiHeadAttention):
     Options = SWAOptions
     plugin_api = "2"  # the moeframe plugin API this class is written against
 
-    def __init__(self, config: "ModelConfig", options: SWAOptions, layer_id: int) -> None:
+    def __init__(self, config: ModelConfig, options: SWAOptions, layer_id: int) -> None:
         super().__init__(config, options, layer_id)
         self.window = options.window
 
@@ -91,7 +99,7 @@ class SlidingWindowAttention(MultiHeadAttention):
         return RollingKVCache(batch_size, self.n_kv_heads, self.head_dim, max_len, self.window, device, dtype)
 
     @classmethod
-    def kv_cache_values_per_token(cls, config: "ModelConfig", options: SWAOptions) -> int:
+    def kv_cache_values_per_token(cls, config: ModelConfig, options: SWAOptions) -> int:
         # per token held; the cache holds at most `window` tokens, so its size stops growing there
         return 2 * (options.n_kv_heads or config.n_heads) * config.head_dim
 
@@ -106,8 +114,14 @@ class SlidingWindowAttention(MultiHeadAttention):
             out = self._attend(q_BHTd, k_BGTd, v_BGTd, positions_T, document_ids_BT)
         return self.wo(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
-    def _attend(self, q_BHTd: torch.Tensor, k_BGTd: torch.Tensor, v_BGTd: torch.Tensor,
-                positions_T: torch.Tensor, document_ids_BT: Optional[torch.Tensor]) -> torch.Tensor:
+    def _attend(
+        self,
+        q_BHTd: torch.Tensor,
+        k_BGTd: torch.Tensor,
+        v_BGTd: torch.Tensor,
+        positions_T: torch.Tensor,
+        document_ids_BT: torch.Tensor | None,
+    ) -> torch.Tensor:
         gqa = self.n_kv_heads != self.n_heads
         T = q_BHTd.shape[2]
         if self.window >= T and document_ids_BT is None:
@@ -118,9 +132,15 @@ class SlidingWindowAttention(MultiHeadAttention):
             mask = mask & document_mask(document_ids_BT)
         return F.scaled_dot_product_attention(q_BHTd, k_BGTd, v_BGTd, attn_mask=mask, enable_gqa=gqa)
 
-    def _attend_cached(self, q_BHTd: torch.Tensor, k_BGTd: torch.Tensor, v_BGTd: torch.Tensor,
-                       positions_T: torch.Tensor, document_ids_BT: Optional[torch.Tensor],
-                       cache: AttentionCache) -> torch.Tensor:
+    def _attend_cached(
+        self,
+        q_BHTd: torch.Tensor,
+        k_BGTd: torch.Tensor,
+        v_BGTd: torch.Tensor,
+        positions_T: torch.Tensor,
+        document_ids_BT: torch.Tensor | None,
+        cache: AttentionCache,
+    ) -> torch.Tensor:
         if document_ids_BT is not None:
             raise ValueError("packed documents (document_ids_BT) cannot be decoded with a cache")
         if not isinstance(cache, RollingKVCache):
@@ -131,7 +151,8 @@ class SlidingWindowAttention(MultiHeadAttention):
         mask_TS = window_mask(positions_T, key_pos_S, self.window) & (key_pos_S >= 0)[None, :]
         k_BGSd = torch.cat([cache.k_BGSd, k_BGTd], dim=2)
         v_BGSd = torch.cat([cache.v_BGSd, v_BGTd], dim=2)
-        out = F.scaled_dot_product_attention(q_BHTd, k_BGSd, v_BGSd, attn_mask=mask_TS,
-                                             enable_gqa=self.n_kv_heads != self.n_heads)
+        out = F.scaled_dot_product_attention(
+            q_BHTd, k_BGSd, v_BGSd, attn_mask=mask_TS, enable_gqa=self.n_kv_heads != self.n_heads
+        )
         cache.write(k_BGTd, v_BGTd)
         return out

@@ -38,14 +38,22 @@ G expert groups, B sequences.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal, TYPE_CHECKING, Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import nn
 
-from moeframe.plugin import (ForwardContext, PluginOptions, RouterBase, RouterOutput, count_per_expert,
-                             gate_logits_fp32, limit_to_groups)
+from moeframe.plugin import (
+    ForwardContext,
+    PluginOptions,
+    RouterBase,
+    RouterOutput,
+    count_per_expert,
+    gate_logits_fp32,
+    limit_to_groups,
+)
 
 if TYPE_CHECKING:
     from moeframe.plugin import ModelConfig
@@ -72,7 +80,7 @@ class AuxFreeOptions(PluginOptions):
     seq_aux_loss_coef: float = 0.0001
     norm_topk_prob: bool = True
 
-    def validate(self, config: "ModelConfig") -> None:
+    def validate(self, config: ModelConfig) -> None:
         _check_groups(config)
         if self.bias_update_speed < 0:
             raise ValueError(f"bias_update_speed (γ) must be >= 0, got {self.bias_update_speed}")
@@ -90,23 +98,26 @@ class AuxFreeOptions(PluginOptions):
         return gamma
 
 
-def _check_groups(config: "ModelConfig") -> None:
+def _check_groups(config: ModelConfig) -> None:
     E, G = config.n_routed_experts, config.n_expert_groups
     if G <= 0 or E % G:
         raise ValueError(
             f"model.n_expert_groups={G} must divide model.n_routed_experts={E}; "
-            f"choose a divisor of {E} (e.g. {_largest_divisor_upto(E, max(G, 1))})")
+            f"choose a divisor of {E} (e.g. {_largest_divisor_upto(E, max(G, 1))})"
+        )
     per_group = E // G
     if G > 1 and per_group < 2:
         raise ValueError(
             f"model.n_expert_groups={G} leaves {per_group} expert per group, but a group scores by "
-            f"the sum of its 2 best experts; use at most {E // 2} groups (or n_expert_groups: 1)")
+            f"the sum of its 2 best experts; use at most {E // 2} groups (or n_expert_groups: 1)"
+        )
     reachable = config.n_limited_groups * per_group
     if config.n_activated_experts > reachable:
         raise ValueError(
             f"model.n_activated_experts={config.n_activated_experts} exceeds the {reachable} experts "
             f"reachable in the kept groups (n_limited_groups={config.n_limited_groups} x {per_group} "
-            "experts per group); raise model.n_limited_groups or lower model.n_activated_experts")
+            "experts per group); raise model.n_limited_groups or lower model.n_activated_experts"
+        )
 
 
 def _largest_divisor_upto(n: int, limit: int) -> int:
@@ -117,11 +128,16 @@ def _check_schedule(schedule: Any) -> None:
     example = "e.g. bias_update_schedule: [[0, 0.001], [9000, 0.0]]"
     steps = []
     for entry in schedule:
-        ok = (isinstance(entry, (list, tuple)) and len(entry) == 2
-              and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in entry))
+        ok = (
+            isinstance(entry, (list, tuple))
+            and len(entry) == 2
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in entry)
+        )
         if not ok or entry[0] < 0 or entry[1] < 0 or int(entry[0]) != entry[0]:
-            raise ValueError(f"bias_update_schedule entries must be [from_step >= 0 (whole number), "
-                             f"gamma >= 0]; got {entry!r} ({example})")
+            raise ValueError(
+                f"bias_update_schedule entries must be [from_step >= 0 (whole number), "
+                f"gamma >= 0]; got {entry!r} ({example})"
+            )
         steps.append(entry[0])
     if steps != sorted(set(steps)):
         raise ValueError(f"bias_update_schedule steps must be strictly increasing, got {steps} ({example})")
@@ -161,7 +177,8 @@ class AuxFreeRouter(RouterBase):
 
     Options = AuxFreeOptions
     plugin_api = "2"  # the moeframe plugin API this class is written against
-    def __init__(self, config: "ModelConfig", options: AuxFreeOptions, layer_id: Optional[int] = None) -> None:
+
+    def __init__(self, config: ModelConfig, options: AuxFreeOptions, layer_id: int | None = None) -> None:
         super().__init__(config, options, layer_id)
         self.options = options
         self.top_k = config.n_activated_experts
@@ -177,13 +194,17 @@ class AuxFreeRouter(RouterBase):
 
     # -- HF form (DeepSeek-V3's ``mlp.gate``; see moeframe.model.hfnames) -----------------------
     @classmethod
-    def hf_tensor_names(cls, family: str) -> dict[str, Optional[str]]:
+    def hf_tensor_names(cls, family: str) -> dict[str, str | None]:
         # the step and token counters drive the bias schedule; HF checkpoints do not carry them
-        return {"weight": "weight", "e_score_correction_bias": "e_score_correction_bias",
-                "num_bias_updates": None, "num_tokens_seen": None}
+        return {
+            "weight": "weight",
+            "e_score_correction_bias": "e_score_correction_bias",
+            "num_bias_updates": None,
+            "num_tokens_seen": None,
+        }
 
     @classmethod
-    def hf_config(cls, family: str, config: "ModelConfig", options: PluginOptions) -> dict[str, Any]:
+    def hf_config(cls, family: str, config: ModelConfig, options: PluginOptions) -> dict[str, Any]:
         assert isinstance(options, AuxFreeOptions)
         return {"scoring_func": "sigmoid", "topk_method": "noaux_tc", "norm_topk_prob": options.norm_topk_prob}
 
@@ -198,24 +219,26 @@ class AuxFreeRouter(RouterBase):
             self.num_bias_updates.zero_()
             self.num_tokens_seen.zero_()
 
-    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> "AuxFreeRouter":
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> AuxFreeRouter:
         # ``module.to(torch.bfloat16)`` (Lightning's bf16-true) casts every floating buffer; the
         # bias must stay fp32, so undo the cast from the fp32 original (not from the rounded copy).
         bias = self.e_score_correction_bias
         super()._apply(fn, recurse)
         moved = self.e_score_correction_bias
         if moved.dtype != torch.float32:
-            self.e_score_correction_bias = (moved.float() if bias.is_meta
-                                            else bias.to(device=moved.device, dtype=torch.float32))
+            self.e_score_correction_bias = (
+                moved.float() if bias.is_meta else bias.to(device=moved.device, dtype=torch.float32)
+            )
         return self
 
-    def forward(self, x_TD: torch.Tensor, ctx: Optional[ForwardContext] = None) -> RouterOutput:
+    def forward(self, x_TD: torch.Tensor, ctx: ForwardContext | None = None) -> RouterOutput:
         # the sequence-wise loss needs to know where one sequence ends: x_TD is B·T flat rows
         # (an int: an API-1 subclass calling super().forward(x_TD, seq_len))
         seq_len = ctx if isinstance(ctx, int) or ctx is None else ctx.seq_len
         scores_TE = gate_logits_fp32(x_TD, self.weight).sigmoid()  # fp32 even under autocast
-        indices_TK = select_experts(scores_TE + self.e_score_correction_bias.float(),
-                                    self.top_k, self.n_groups, self.n_limited_groups)
+        indices_TK = select_experts(
+            scores_TE + self.e_score_correction_bias.float(), self.top_k, self.n_groups, self.n_limited_groups
+        )
         weights_TK = scores_TE.gather(1, indices_TK)
         if self.options.norm_topk_prob:
             weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
@@ -223,14 +246,18 @@ class AuxFreeRouter(RouterBase):
         aux_loss = None
         if self.training and self.options.seq_aux_loss_coef > 0:
             aux_loss = self.options.seq_aux_loss_coef * sequence_balance_loss(
-                scores_TE, indices_TK, self._sequence_length(x_TD.shape[0], seq_len))
+                scores_TE, indices_TK, self._sequence_length(x_TD.shape[0], seq_len)
+            )
         return RouterOutput(weights_TK * self.route_scale, indices_TK, counts_E, aux_loss)
 
-    def _sequence_length(self, num_tokens: int, seq_len: Optional[int]) -> int:
+    def _sequence_length(self, num_tokens: int, seq_len: int | None) -> int:
         if seq_len is None:
             if not self._warned_no_seq_len:
-                warnings.warn("router aux_free: the MoE layer did not pass seq_len, so the sequence-wise "
-                              "balance loss treats the whole batch as one sequence", stacklevel=3)
+                warnings.warn(
+                    "router aux_free: the MoE layer did not pass seq_len, so the sequence-wise "
+                    "balance loss treats the whole batch as one sequence",
+                    stacklevel=3,
+                )
                 self._warned_no_seq_len = True
             return num_tokens
         if seq_len <= 0 or num_tokens % seq_len:

@@ -11,13 +11,33 @@
 Selected with ``--trainer.plugins fp8``; see docs/guides/fp8.md.
 """
 
-from moeframe_fp8.convert import FP8SelectionError, convert_to_fp8, converted_modules, high_precision_names, select_linears
+from moeframe_fp8.convert import (
+    FP8SelectionError,
+    convert_to_fp8,
+    converted_modules,
+    high_precision_names,
+    select_linears,
+)
 from moeframe_fp8.grouped import FP8GroupedGemm, fp8_grouped_linear
 from moeframe_fp8.linear import FP8ConfigError, FP8Linear, FP8Recipe, fp8_linear
 from moeframe_fp8.precision import FP8Precision, resolve_backend
 from moeframe_fp8.quantize import dequantize_tiles, quantize_tiles, quantize_weight
 
 __all__ = [
-    "FP8ConfigError", "FP8GroupedGemm", "FP8Linear", "FP8Precision", "FP8Recipe", "FP8SelectionError", "convert_to_fp8", "converted_modules",
-    "dequantize_tiles", "fp8_grouped_linear", "fp8_linear", "high_precision_names", "quantize_tiles", "quantize_weight", "resolve_backend", "select_linears",
+    "FP8ConfigError",
+    "FP8GroupedGemm",
+    "FP8Linear",
+    "FP8Precision",
+    "FP8Recipe",
+    "FP8SelectionError",
+    "convert_to_fp8",
+    "converted_modules",
+    "dequantize_tiles",
+    "fp8_grouped_linear",
+    "fp8_linear",
+    "high_precision_names",
+    "quantize_tiles",
+    "quantize_weight",
+    "resolve_backend",
+    "select_linears",
 ]

@@ -20,7 +20,7 @@ precision), is an error naming it: a typo must not silently train in BF16.
 from __future__ import annotations
 
 import fnmatch
-from typing import Optional, Union
+from typing import Union
 
 import torch
 from torch import nn
@@ -67,33 +67,39 @@ def _examples(names: list[str], n: int = 6) -> str:
     return ", ".join(names[:n]) + (", ..." if len(names) > n else "")
 
 
-def _linears_for_pattern(pattern: str, named: list[tuple[str, nn.Module]], linears: dict[str, nn.Module],
-                         protected: set[str]) -> dict[str, nn.Module]:
+def _linears_for_pattern(
+    pattern: str, named: list[tuple[str, nn.Module]], linears: dict[str, nn.Module], protected: set[str]
+) -> dict[str, nn.Module]:
     """The modules one ``modules`` pattern selects: matched Linears/experts, and those inside a
     matched container (``decoder.layers.3`` means its Linears and experts)."""
     hits = [(n, m) for n, m in named if fnmatch.fnmatchcase(n, pattern)]
     if not hits:
-        raise FP8SelectionError(f"fp8: modules pattern {pattern!r} matches no module; names look like: "
-                                f"{_examples(list(linears) or [n for n, _ in named])}")
+        raise FP8SelectionError(
+            f"fp8: modules pattern {pattern!r} matches no module; names look like: "
+            f"{_examples(list(linears) or [n for n, _ in named])}"
+        )
     chosen: dict[str, nn.Module] = {}
     for n, m in hits:
         if _eligible(m):
             if _covered(n, protected):
                 raise FP8SelectionError(
                     f"fp8: module {n!r} is declared high precision by the model (embedding, output head, router "
-                    "gate and norms stay BF16/FP32 in DeepSeek-V3's recipe); remove it from modules")
+                    "gate and norms stay BF16/FP32 in DeepSeek-V3's recipe); remove it from modules"
+                )
             chosen[n] = m
         else:
             chosen.update({k: v for k, v in linears.items() if k.startswith(n + ".") and not _covered(k, protected)})
     if not chosen:
         what = _examples([f"{n} ({type(m).__name__})" for n, m in hits])
-        raise FP8SelectionError(f"fp8: modules pattern {pattern!r} matches {what} but no module that may run in "
-                                "FP8; FP8 converts nn.Linear layers and routed experts with a grouped_gemm hook "
-                                "(GroupedExperts) only")
+        raise FP8SelectionError(
+            f"fp8: modules pattern {pattern!r} matches {what} but no module that may run in "
+            "FP8; FP8 converts nn.Linear layers and routed experts with a grouped_gemm hook "
+            "(GroupedExperts) only"
+        )
     return chosen
 
 
-def select_linears(root: nn.Module, modules: Optional[list[str]], exclude: list[str]) -> dict[str, nn.Module]:
+def select_linears(root: nn.Module, modules: list[str] | None, exclude: list[str]) -> dict[str, nn.Module]:
     """Name → module (Linear or stacked experts) for every module to convert, checked against the
     user's patterns."""
     protected = high_precision_names(root)
@@ -108,8 +114,9 @@ def select_linears(root: nn.Module, modules: Optional[list[str]], exclude: list[
     for pattern in exclude:
         hits = [n for n in chosen if fnmatch.fnmatchcase(n, pattern) or _covered(n, {pattern})]
         if not hits and not any(fnmatch.fnmatchcase(n, pattern) for n, _ in named):
-            raise FP8SelectionError(f"fp8: exclude pattern {pattern!r} matches no module; names look like: "
-                                    f"{_examples(list(linears))}")
+            raise FP8SelectionError(
+                f"fp8: exclude pattern {pattern!r} matches no module; names look like: {_examples(list(linears))}"
+            )
         for n in hits:
             del chosen[n]
     return chosen
@@ -127,14 +134,18 @@ def _install_grouped_gemm(experts: ExpertsBase, recipe: FP8Recipe, name: str) ->
     if isinstance(current, FP8GroupedGemm):
         return
     if current is not None:
-        raise FP8SelectionError(f"fp8: experts {name!r} already run their projections through {current!r}; two "
-                                f"plugins cannot both own them: exclude it (exclude: ['{name}'])")
+        raise FP8SelectionError(
+            f"fp8: experts {name!r} already run their projections through {current!r}; two "
+            f"plugins cannot both own them: exclude it (exclude: ['{name}'])"
+        )
     for p in ("w1", "w2", "w3"):
         w = getattr(experts, p, None)
         if not isinstance(w, torch.Tensor) or w.dim() != 3 or w.dtype not in SUPPORTED_DTYPES:
             what = "missing" if not isinstance(w, torch.Tensor) else f"{w.dtype} of shape {tuple(w.shape)}"
-            raise FP8ConfigError(f"fp8: experts {name!r} need float32/bfloat16/float16 stacked weights w1/w2/w3 "
-                                 f"[experts, out, in]; {p} is {what}: exclude it (exclude: ['{name}'])")
+            raise FP8ConfigError(
+                f"fp8: experts {name!r} need float32/bfloat16/float16 stacked weights w1/w2/w3 "
+                f"[experts, out, in]; {p} is {what}: exclude it (exclude: ['{name}'])"
+            )
     experts.set_grouped_gemm(FP8GroupedGemm(recipe, name))
 
 
@@ -149,8 +160,9 @@ def converted_modules(root: nn.Module) -> dict[str, FP8Module]:
     return found
 
 
-def convert_to_fp8(root: nn.Module, recipe: FP8Recipe, modules: Optional[list[str]] = None,
-                   exclude: Optional[list[str]] = None) -> dict[str, FP8Module]:
+def convert_to_fp8(
+    root: nn.Module, recipe: FP8Recipe, modules: list[str] | None = None, exclude: list[str] | None = None
+) -> dict[str, FP8Module]:
     """Convert the selected modules of ``root`` in place; returns name → FP8Linear or FP8GroupedGemm
     (including any converted earlier, so calling it twice is harmless)."""
     chosen = select_linears(root, modules, list(exclude or []))

@@ -24,7 +24,8 @@ against ``gemm_emulated``, and the precision plugin falls back to ``emulated`` w
 
 from __future__ import annotations
 
-from typing import Callable, Literal, Optional
+from collections.abc import Callable
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -45,8 +46,9 @@ def _b_scale_columns(b_scale: torch.Tensor, k: int, n: int, b_blocks: bool) -> t
     return col.repeat_interleave(TILE)[:n] if b_blocks else col
 
 
-def gemm_emulated(a_q: torch.Tensor, a_scale: torch.Tensor, b_q: torch.Tensor, b_scale: torch.Tensor,
-                  b_blocks: bool) -> torch.Tensor:
+def gemm_emulated(
+    a_q: torch.Tensor, a_scale: torch.Tensor, b_q: torch.Tensor, b_scale: torch.Tensor, b_blocks: bool
+) -> torch.Tensor:
     """fp32 ``[M, N]``; promotion (scale and fp32 add) after every 128 elements of K."""
     M, K = a_q.shape
     N = b_q.shape[0]
@@ -66,8 +68,10 @@ def hopper_available(device: torch.device) -> tuple[bool, str]:
         return False, f"it needs a CUDA GPU and this run's device is {device}"
     capability = torch.cuda.get_device_capability(device)
     if capability != (9, 0):
-        return False, (f"cuBLAS block-wise FP8 scaling (1x128, 128x128) exists for compute capability 9.0 "
-                       f"(H100/H200/H800) only; {torch.cuda.get_device_name(device)} has {capability[0]}.{capability[1]}")
+        return False, (
+            f"cuBLAS block-wise FP8 scaling (1x128, 128x128) exists for compute capability 9.0 "
+            f"(H100/H200/H800) only; {torch.cuda.get_device_name(device)} has {capability[0]}.{capability[1]}"
+        )
     return True, ""
 
 
@@ -82,20 +86,26 @@ def _pad_rows_cols(t: torch.Tensor, rows: int, cols: int, value: float = 0.0) ->
     return F.pad(t, (0, pad_c, 0, pad_r), value=value)
 
 
-def gemm_hopper(a_q: torch.Tensor, a_scale: torch.Tensor, b_q: torch.Tensor, b_scale: torch.Tensor,
-                b_blocks: bool, out_dtype: torch.dtype) -> torch.Tensor:
+def gemm_hopper(
+    a_q: torch.Tensor,
+    a_scale: torch.Tensor,
+    b_q: torch.Tensor,
+    b_scale: torch.Tensor,
+    b_blocks: bool,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
     """``[M, N]`` in ``out_dtype`` through cuBLAS block-scaled FP8 (H100/H200). Not exercised by
     the CPU test suite: benchmarks/fp8_linear.py checks it against ``gemm_emulated`` on a GPU."""
     ScalingType = F.ScalingType
     M, K = a_q.shape
     N = b_q.shape[0]
-    a = _pad_rows_cols(a_q, 16, TILE).contiguous()                      # [M16, K128] row-major
+    a = _pad_rows_cols(a_q, 16, TILE).contiguous()  # [M16, K128] row-major
     b = _pad_rows_cols(b_q, TILE if b_blocks else 16, TILE).contiguous()  # [N', K128] row-major
     a_s = _pad_rows_cols(a_scale, 16, 1, value=1.0)
-    a_s = a_s.t().contiguous().t()                                       # outer-dim-major
+    a_s = a_s.t().contiguous().t()  # outer-dim-major
     if b_blocks:
         groups = b_scale.shape[1]
-        b_s = F.pad(b_scale, (0, -groups % 4)).contiguous().t()           # [L4, N/128], K-major
+        b_s = F.pad(b_scale, (0, -groups % 4)).contiguous().t()  # [L4, N/128], K-major
         b_recipe = ScalingType.BlockWise128x128
     else:
         b_s = _pad_rows_cols(b_scale, 16, 1, value=1.0).t().contiguous().t()
@@ -103,13 +113,22 @@ def gemm_hopper(a_q: torch.Tensor, a_scale: torch.Tensor, b_q: torch.Tensor, b_s
     try:
         out = F.scaled_mm(a, b.t(), a_s, ScalingType.BlockWise1x128, b_s, b_recipe, output_dtype=out_dtype)
     except RuntimeError as exc:
-        raise RuntimeError(f"fp8 backend 'hopper': torch.nn.functional.scaled_mm rejected a [{M}, {K}] x [{K}, {N}] "
-                           f"block-scaled GEMM ({exc}); use backend 'emulated' and report the shapes") from exc
+        raise RuntimeError(
+            f"fp8 backend 'hopper': torch.nn.functional.scaled_mm rejected a [{M}, {K}] x [{K}, {N}] "
+            f"block-scaled GEMM ({exc}); use backend 'emulated' and report the shapes"
+        ) from exc
     return out[:M, :N]
 
 
-def gemm(a_q: torch.Tensor, a_scale: torch.Tensor, b_q: torch.Tensor, b_scale: torch.Tensor, b_blocks: bool,
-         backend: Backend, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def gemm(
+    a_q: torch.Tensor,
+    a_scale: torch.Tensor,
+    b_q: torch.Tensor,
+    b_scale: torch.Tensor,
+    b_blocks: bool,
+    backend: Backend,
+    out_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
     if backend == "hopper":
         return gemm_hopper(a_q, a_scale, b_q, b_scale, b_blocks, out_dtype)
     return gemm_emulated(a_q, a_scale, b_q, b_scale, b_blocks).to(out_dtype)
@@ -130,13 +149,19 @@ def _probe_gemms(device: torch.device) -> list[tuple[str, tuple, bool, torch.dty
     dyq_NM, dys_NG = quantize_tiles(dy_MN.t())
     xq_KM, xs_KG = quantize_tiles(x_MK.t())
     on = lambda *ts: tuple(t.to(device) for t in ts)  # noqa: E731
-    return [("forward [40, 320] x [320, 200], 128x128 weight blocks", on(xq, xs, wq, ws), True, torch.bfloat16),
-            ("input gradient [40, 200] x [200, 320], transposed weight blocks", on(dyq, dys, wq.t(), ws.t()), True,
-             torch.bfloat16),
-            ("weight gradient [200, 40] x [40, 320], 1x128 tiles", on(dyq_NM, dys_NG, xq_KM, xs_KG), False, torch.float32)]
+    return [
+        ("forward [40, 320] x [320, 200], 128x128 weight blocks", on(xq, xs, wq, ws), True, torch.bfloat16),
+        (
+            "input gradient [40, 200] x [200, 320], transposed weight blocks",
+            on(dyq, dys, wq.t(), ws.t()),
+            True,
+            torch.bfloat16,
+        ),
+        ("weight gradient [200, 40] x [40, 320], 1x128 tiles", on(dyq_NM, dys_NG, xq_KM, xs_KG), False, torch.float32),
+    ]
 
 
-def disagreement(candidate: GemmFn, device: torch.device, tolerance: float = PROBE_TOLERANCE) -> Optional[str]:
+def disagreement(candidate: GemmFn, device: torch.device, tolerance: float = PROBE_TOLERANCE) -> str | None:
     """None when ``candidate`` computes what ``gemm_emulated`` computes on the probe GEMMs, else
     one line naming the first GEMM that differs and its max absolute and relative difference
     (relative to the largest reference value)."""

@@ -35,15 +35,24 @@ Two ways to run it, the same numbers:
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from moeframe.plugin import grouped_mm
 from moeframe_fp8.linear import SUPPORTED_DTYPES, FP8Recipe, StatsRecorder, dgrad, fprop, wgrad
-from moeframe_fp8.quantize import (E4M3_MAX, FP8, TILE, dequantize_tiles, num_tiles, quantize_tiles,
-                                   quantize_weight, scale_from_amax, tensor_stats)
+from moeframe_fp8.quantize import (
+    E4M3_MAX,
+    FP8,
+    TILE,
+    dequantize_tiles,
+    num_tiles,
+    quantize_tiles,
+    quantize_weight,
+    scale_from_amax,
+    tensor_stats,
+)
 
 __all__ = ["FP8GroupedGemm", "fp8_grouped_linear"]
 
@@ -91,8 +100,14 @@ def _pad_last(t: torch.Tensor, multiple: int) -> torch.Tensor:
     return F.pad(t, (0, pad)) if pad else t
 
 
-def _grouped_gemm_emulated(aq_NK: torch.Tensor, as_NG: torch.Tensor, bq_EKO: torch.Tensor, bs_EBG: torch.Tensor,
-                           offs_E: torch.Tensor, expert_N: torch.Tensor) -> torch.Tensor:
+def _grouped_gemm_emulated(
+    aq_NK: torch.Tensor,
+    as_NG: torch.Tensor,
+    bq_EKO: torch.Tensor,
+    bs_EBG: torch.Tensor,
+    offs_E: torch.Tensor,
+    expert_N: torch.Tensor,
+) -> torch.Tensor:
     """fp32 ``out[rows of e] = Σ_k (a[rows, k-slice] · b_e[k-slice]) · a_scale · b_scale`` for all
     experts at once: ``gemm_emulated``'s promotion every 128 elements of K, per expert's rows.
     ``bq_EKO``: each expert's second operand as [K, O] (a view); ``bs_EBG``: its block scales,
@@ -111,8 +126,9 @@ def _grouped_gemm_emulated(aq_NK: torch.Tensor, as_NG: torch.Tensor, bq_EKO: tor
     return out_NO
 
 
-def _aligned_rows(x_NC: torch.Tensor, offs_E: torch.Tensor, expert_N: torch.Tensor
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
+def _aligned_rows(
+    x_NC: torch.Tensor, offs_E: torch.Tensor, expert_N: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(x_MC, tile_expert_T)``: the rows placed so that every expert's group starts on a TILE
     boundary (zero rows between; M = N + E·(TILE-1) rounded up to a TILE, from the shapes alone),
     and the expert owning each 1×TILE tile along M (E for tiles after the last group)."""
@@ -127,8 +143,15 @@ def _aligned_rows(x_NC: torch.Tensor, offs_E: torch.Tensor, expert_N: torch.Tens
     return x_MC, torch.searchsorted(padded_E.cumsum(0), tile_starts_T, right=True)
 
 
-def _grouped_wgrad_emulated(dy_NO: torch.Tensor, xq_NI: torch.Tensor, xs_NG: torch.Tensor, offs_E: torch.Tensor,
-                            expert_N: torch.Tensor, num_experts: int, pow2: bool) -> torch.Tensor:
+def _grouped_wgrad_emulated(
+    dy_NO: torch.Tensor,
+    xq_NI: torch.Tensor,
+    xs_NG: torch.Tensor,
+    offs_E: torch.Tensor,
+    expert_N: torch.Tensor,
+    num_experts: int,
+    pow2: bool,
+) -> torch.Tensor:
     """fp32 ``dW[e] = dy[rows of e]ᵀ · x[rows of e]`` with both operands tiled 1×128 along each
     expert's own rows (``wgrad``'s recipe per expert, all experts at once)."""
     dy_MO, tile_expert_T = _aligned_rows(dy_NO.float(), offs_E, expert_N)
@@ -147,8 +170,15 @@ def _grouped_wgrad_emulated(dy_NO: torch.Tensor, xq_NI: torch.Tensor, xs_NG: tor
     return dw_EOI[:num_experts]
 
 
-def _loop_forward(xq_NI: torch.Tensor, xs_NG: torch.Tensor, wq_EOI: torch.Tensor, ws_EBG: torch.Tensor,
-                  counts: list[int], recipe: FP8Recipe, out_dtype: torch.dtype) -> torch.Tensor:
+def _loop_forward(
+    xq_NI: torch.Tensor,
+    xs_NG: torch.Tensor,
+    wq_EOI: torch.Tensor,
+    ws_EBG: torch.Tensor,
+    counts: list[int],
+    recipe: FP8Recipe,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
     y_NO = xq_NI.new_empty(xq_NI.shape[0], wq_EOI.shape[1], dtype=out_dtype)
     for e, rows in enumerate(_row_ranges(counts)):
         if rows.stop > rows.start:
@@ -156,8 +186,15 @@ def _loop_forward(xq_NI: torch.Tensor, xs_NG: torch.Tensor, wq_EOI: torch.Tensor
     return y_NO
 
 
-def _loop_dgrad(dyq_NO: torch.Tensor, dys_NG: torch.Tensor, wq_EOI: torch.Tensor, ws_EBG: torch.Tensor,
-                counts: list[int], recipe: FP8Recipe, out_dtype: torch.dtype) -> torch.Tensor:
+def _loop_dgrad(
+    dyq_NO: torch.Tensor,
+    dys_NG: torch.Tensor,
+    wq_EOI: torch.Tensor,
+    ws_EBG: torch.Tensor,
+    counts: list[int],
+    recipe: FP8Recipe,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
     dx = dyq_NO.new_zeros(dyq_NO.shape[0], wq_EOI.shape[2], dtype=out_dtype)
     for e, rows in enumerate(_row_ranges(counts)):
         if rows.stop > rows.start:
@@ -165,8 +202,9 @@ def _loop_dgrad(dyq_NO: torch.Tensor, dys_NG: torch.Tensor, wq_EOI: torch.Tensor
     return dx
 
 
-def _loop_wgrad(dy_NO: torch.Tensor, xq_NI: torch.Tensor, xs_NG: torch.Tensor, counts: list[int],
-                recipe: FP8Recipe) -> torch.Tensor:
+def _loop_wgrad(
+    dy_NO: torch.Tensor, xq_NI: torch.Tensor, xs_NG: torch.Tensor, counts: list[int], recipe: FP8Recipe
+) -> torch.Tensor:
     dw = torch.zeros(len(counts), dy_NO.shape[1], xq_NI.shape[1], dtype=torch.float32, device=dy_NO.device)
     for e, rows in enumerate(_row_ranges(counts)):
         if rows.stop > rows.start:  # an expert without tokens has a zero gradient
@@ -181,15 +219,24 @@ def _host_counts(offs_E: torch.Tensor) -> list[int]:
 
 class _FP8GroupedLinearFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, x_NI: torch.Tensor, w_EOI: torch.Tensor, offs_E: torch.Tensor, recipe: FP8Recipe,
-                recorder: Optional[StatsRecorder], tag: str, out_dtype: torch.dtype) -> torch.Tensor:
+    def forward(
+        ctx: Any,
+        x_NI: torch.Tensor,
+        w_EOI: torch.Tensor,
+        offs_E: torch.Tensor,
+        recipe: FP8Recipe,
+        recorder: StatsRecorder | None,
+        tag: str,
+        out_dtype: torch.dtype,
+    ) -> torch.Tensor:
         pow2 = recipe.power_of_two
         xq_NI, xs_NG = quantize_tiles(x_NI, pow2)
         wq_EOI, ws_EBG = _quantize_experts_batched(w_EOI, pow2)
         if recipe.backend == "emulated":
             expert_N = _expert_of_rows(offs_E, x_NI.shape[0])
-            y_NO = _grouped_gemm_emulated(xq_NI, xs_NG, wq_EOI.transpose(-2, -1), ws_EBG, offs_E,
-                                          expert_N).to(out_dtype)
+            y_NO = _grouped_gemm_emulated(xq_NI, xs_NG, wq_EOI.transpose(-2, -1), ws_EBG, offs_E, expert_N).to(
+                out_dtype
+            )
         else:
             y_NO = _loop_forward(xq_NI, xs_NG, wq_EOI, ws_EBG, _host_counts(offs_E), recipe, out_dtype)
         if recorder is not None and recorder.enabled:
@@ -201,7 +248,7 @@ class _FP8GroupedLinearFunction(torch.autograd.Function):
         return y_NO
 
     @staticmethod
-    def backward(ctx: Any, dy_NO: torch.Tensor) -> tuple[Optional[torch.Tensor], ...]:
+    def backward(ctx: Any, dy_NO: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         xq_NI, xs_NG, wq_EOI, ws_EBG, offs_E = ctx.saved_tensors
         recipe: FP8Recipe = ctx.recipe
         emulated = recipe.backend == "emulated"
@@ -215,32 +262,44 @@ class _FP8GroupedLinearFunction(torch.autograd.Function):
                 ctx.recorder.stats[f"{ctx.tag}.dy"] = tensor_stats(dy_NO, dyq_NO, dys_NG)
         if ctx.needs_input_grad[0]:
             if emulated:  # dx = dy · W_e: W_e itself is the [O, I] operand, its blocks read transposed
-                dx = _grouped_gemm_emulated(dyq_NO, dys_NG, wq_EOI, ws_EBG.transpose(1, 2), offs_E,
-                                            expert_N).to(ctx.x_dtype)
+                dx = _grouped_gemm_emulated(dyq_NO, dys_NG, wq_EOI, ws_EBG.transpose(1, 2), offs_E, expert_N).to(
+                    ctx.x_dtype
+                )
             else:
                 dx = _loop_dgrad(dyq_NO, dys_NG, wq_EOI, ws_EBG, counts, recipe, ctx.x_dtype)
         if ctx.needs_input_grad[1]:
             if emulated:
-                dw = _grouped_wgrad_emulated(dy_NO, xq_NI, xs_NG, offs_E, expert_N, wq_EOI.shape[0],
-                                             recipe.power_of_two)
+                dw = _grouped_wgrad_emulated(
+                    dy_NO, xq_NI, xs_NG, offs_E, expert_N, wq_EOI.shape[0], recipe.power_of_two
+                )
             else:
                 dw = _loop_wgrad(dy_NO, xq_NI, xs_NG, counts, recipe)
             dw = dw.to(ctx.w_dtype)
         return dx, dw, None, None, None, None, None
 
 
-def fp8_grouped_linear(x_NI: torch.Tensor, w_EOI: torch.Tensor, offs_E: torch.Tensor,
-                       recipe: FP8Recipe = FP8Recipe(), recorder: Optional[StatsRecorder] = None,
-                       tag: str = "w") -> torch.Tensor:
+def fp8_grouped_linear(
+    x_NI: torch.Tensor,
+    w_EOI: torch.Tensor,
+    offs_E: torch.Tensor,
+    recipe: FP8Recipe = FP8Recipe(),
+    recorder: StatsRecorder | None = None,
+    tag: str = "w",
+) -> torch.Tensor:
     """``y[rows of e] = x[rows of e] · w[e]ᵀ`` for every expert, each GEMM in FP8 (``offs_E``: the
     cumulative row ends, as ``torch.nn.functional.grouped_mm`` takes them)."""
     if offs_E.dim() != 1 or offs_E.shape[0] != w_EOI.shape[0]:
-        raise ValueError(f"fp8: {offs_E.shape[0] if offs_E.dim() == 1 else tuple(offs_E.shape)} expert row offsets "
-                         f"for {w_EOI.shape[0]} experts; give one cumulative row end per expert")
+        raise ValueError(
+            f"fp8: {offs_E.shape[0] if offs_E.dim() == 1 else tuple(offs_E.shape)} expert row offsets "
+            f"for {w_EOI.shape[0]} experts; give one cumulative row end per expert"
+        )
     # checked on the device, no host sync (on a GPU the error surfaces at the next synchronisation)
     offs_ok = (offs_E[-1] == x_NI.shape[0]) & (offs_E[0] >= 0) & (offs_E.diff() >= 0).all()
-    torch._assert_async(offs_ok, f"fp8: the expert row offsets do not cover the {x_NI.shape[0]} rows: they must rise "
-                                 f"from >= 0 to exactly {x_NI.shape[0]} (cumulative row ends, one per expert)")
+    torch._assert_async(
+        offs_ok,
+        f"fp8: the expert row offsets do not cover the {x_NI.shape[0]} rows: they must rise "
+        f"from >= 0 to exactly {x_NI.shape[0]} (cumulative row ends, one per expert)",
+    )
     # the rows' dtype, not autocast's: the experts' combine adds the rows back into a tensor of the
     # input's dtype (under CPU autocast moeframe's grouped GEMMs also keep the input's dtype)
     out_dtype = x_NI.dtype
@@ -259,11 +318,15 @@ class FP8GroupedGemm:
 
     def __call__(self, projection: str, x_NI: torch.Tensor, w_EOI: torch.Tensor, offs_E: torch.Tensor) -> torch.Tensor:
         if x_NI.dtype not in SUPPORTED_DTYPES or w_EOI.dtype not in SUPPORTED_DTYPES:
-            raise TypeError(f"fp8: experts {self.fp8_name!r}.{projection} got {x_NI.dtype} rows and a {w_EOI.dtype} "
-                            "weight; FP8 GEMMs take float32/bfloat16/float16")
+            raise TypeError(
+                f"fp8: experts {self.fp8_name!r}.{projection} got {x_NI.dtype} rows and a {w_EOI.dtype} "
+                "weight; FP8 GEMMs take float32/bfloat16/float16"
+            )
         if w_EOI.dim() != 3 or x_NI.shape[-1] != w_EOI.shape[-1]:
-            raise ValueError(f"fp8: experts {self.fp8_name!r}.{projection}: rows of shape {tuple(x_NI.shape)} do not "
-                             f"fit stacked weights of shape {tuple(w_EOI.shape)} ([experts, out, in])")
+            raise ValueError(
+                f"fp8: experts {self.fp8_name!r}.{projection}: rows of shape {tuple(x_NI.shape)} do not "
+                f"fit stacked weights of shape {tuple(w_EOI.shape)} ([experts, out, in])"
+            )
         return fp8_grouped_linear(x_NI, w_EOI, offs_E, self.recipe, self.recorder, projection)
 
     def __repr__(self) -> str:

@@ -19,7 +19,7 @@ the bytes of the BF16 copy a plain Linear keeps) and the E4M3 weight with its bl
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch import nn
@@ -60,14 +60,26 @@ def _out_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 # -- the three GEMMs of one Linear; FP8 routed experts (moeframe_fp8.grouped) run them per expert --
-def fprop(xq_MK: torch.Tensor, xs_MG: torch.Tensor, wq_NK: torch.Tensor, ws_BG: torch.Tensor, recipe: FP8Recipe,
-          out_dtype: torch.dtype) -> torch.Tensor:
+def fprop(
+    xq_MK: torch.Tensor,
+    xs_MG: torch.Tensor,
+    wq_NK: torch.Tensor,
+    ws_BG: torch.Tensor,
+    recipe: FP8Recipe,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
     """``y = x · Wᵀ`` from tile-quantised x and block-quantised W."""
     return gemm(xq_MK, xs_MG, wq_NK, ws_BG, b_blocks=True, backend=recipe.backend, out_dtype=out_dtype)
 
 
-def dgrad(dyq_MN: torch.Tensor, dys_MG: torch.Tensor, wq_NK: torch.Tensor, ws_BG: torch.Tensor, recipe: FP8Recipe,
-          out_dtype: torch.dtype) -> torch.Tensor:
+def dgrad(
+    dyq_MN: torch.Tensor,
+    dys_MG: torch.Tensor,
+    wq_NK: torch.Tensor,
+    ws_BG: torch.Tensor,
+    recipe: FP8Recipe,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
     """``dx = dy · W``: b = Wᵀ [K, N] with its blocks transposed, the same E4M3 values read the other way."""
     return gemm(dyq_MN, dys_MG, wq_NK.t(), ws_BG.t(), b_blocks=True, backend=recipe.backend, out_dtype=out_dtype)
 
@@ -83,8 +95,15 @@ def wgrad(dy_MN: torch.Tensor, xq_MK: torch.Tensor, xs_MG: torch.Tensor, recipe:
 
 class _FP8LinearFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, x_MK: torch.Tensor, weight_NK: torch.Tensor, bias_N: Optional[torch.Tensor],
-                recipe: FP8Recipe, recorder: Optional[StatsRecorder], out_dtype: torch.dtype) -> torch.Tensor:
+    def forward(
+        ctx: Any,
+        x_MK: torch.Tensor,
+        weight_NK: torch.Tensor,
+        bias_N: torch.Tensor | None,
+        recipe: FP8Recipe,
+        recorder: StatsRecorder | None,
+        out_dtype: torch.dtype,
+    ) -> torch.Tensor:
         pow2 = recipe.power_of_two
         xq_MK, xs_MG = quantize_tiles(x_MK, pow2)
         wq_NK, ws_BG = quantize_weight(weight_NK, pow2)
@@ -101,7 +120,7 @@ class _FP8LinearFunction(torch.autograd.Function):
         return y_MN.to(out_dtype)
 
     @staticmethod
-    def backward(ctx: Any, dy_MN: torch.Tensor) -> tuple[Optional[torch.Tensor], ...]:
+    def backward(ctx: Any, dy_MN: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         xq_MK, xs_MG, wq_NK, ws_BG = ctx.saved_tensors
         recipe: FP8Recipe = ctx.recipe
         pow2 = recipe.power_of_two
@@ -120,8 +139,13 @@ class _FP8LinearFunction(torch.autograd.Function):
         return dx, dw, db, None, None, None
 
 
-def fp8_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
-               recipe: FP8Recipe = FP8Recipe(), recorder: Optional[StatsRecorder] = None) -> torch.Tensor:
+def fp8_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    recipe: FP8Recipe = FP8Recipe(),
+    recorder: StatsRecorder | None = None,
+) -> torch.Tensor:
     """``F.linear`` with FP8 GEMMs; x may have any number of leading dimensions."""
     out_dtype = _out_dtype(x)
     x_MK = x.reshape(-1, x.shape[-1])
@@ -144,13 +168,17 @@ class FP8Linear(nn.Linear):
     recorder: StatsRecorder
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, recipe: FP8Recipe, name: str) -> "FP8Linear":
+    def from_linear(cls, linear: nn.Linear, recipe: FP8Recipe, name: str) -> FP8Linear:
         if linear.weight.dtype not in SUPPORTED_DTYPES:
-            raise FP8ConfigError(f"fp8: module {name!r} has a {linear.weight.dtype} weight; FP8 training converts "
-                            f"Linear layers with float32/bfloat16/float16 weights only: exclude it (exclude: ['{name}'])")
+            raise FP8ConfigError(
+                f"fp8: module {name!r} has a {linear.weight.dtype} weight; FP8 training converts "
+                f"Linear layers with float32/bfloat16/float16 weights only: exclude it (exclude: ['{name}'])"
+            )
         if linear.weight.dim() != 2 or 0 in linear.weight.shape:
-            raise FP8ConfigError(f"fp8: module {name!r} has a weight of shape {tuple(linear.weight.shape)}; "
-                             "an FP8 Linear needs a non-empty 2-D weight: exclude it")
+            raise FP8ConfigError(
+                f"fp8: module {name!r} has a weight of shape {tuple(linear.weight.shape)}; "
+                "an FP8 Linear needs a non-empty 2-D weight: exclude it"
+            )
         new = cls.__new__(cls)
         nn.Module.__init__(new)
         new.in_features, new.out_features = linear.in_features, linear.out_features
@@ -161,11 +189,15 @@ class FP8Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
-            raise ValueError(f"fp8: module {self.fp8_name!r} expects inputs with last dimension {self.in_features}, "
-                             f"got shape {tuple(x.shape)}")
+            raise ValueError(
+                f"fp8: module {self.fp8_name!r} expects inputs with last dimension {self.in_features}, "
+                f"got shape {tuple(x.shape)}"
+            )
         if x.dtype not in SUPPORTED_DTYPES:
-            raise TypeError(f"fp8: module {self.fp8_name!r} got a {x.dtype} input; FP8 GEMMs take "
-                            "float32/bfloat16/float16 activations")
+            raise TypeError(
+                f"fp8: module {self.fp8_name!r} got a {x.dtype} input; FP8 GEMMs take "
+                "float32/bfloat16/float16 activations"
+            )
         return fp8_linear(x, self.weight, self.bias, self.recipe, self.recorder)
 
     def extra_repr(self) -> str:

@@ -34,8 +34,9 @@ Options (all validated at construction, before anything is built):
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
-from typing import Any, Callable, Literal, Optional, Union
+from typing import Any, Literal
 
 import torch
 from lightning.pytorch.plugins.precision import DeepSpeedPrecision, Precision
@@ -45,8 +46,8 @@ from torch.optim import Optimizer
 
 from moeframe.plugin import DescribesMemory, TrainingBytes
 from moeframe_fp8.convert import FP8Module, convert_to_fp8, converted_modules
-from moeframe_fp8.grouped import FP8GroupedGemm
 from moeframe_fp8.gemm import BACKENDS, GemmFn, disagreement, gemm_hopper, hopper_available
+from moeframe_fp8.grouped import FP8GroupedGemm
 from moeframe_fp8.linear import FP8ConfigError, FP8Recipe
 
 __all__ = ["FP8Precision", "checked_backend", "resolve_backend", "MOMENT_KEYS"]
@@ -62,8 +63,10 @@ def resolve_backend(backend: str, device: torch.device) -> Literal["emulated", "
     if backend == "auto":
         return checked_backend("hopper", gemm_hopper, device) if usable else "emulated"
     if backend == "hopper" and not usable:
-        raise FP8ConfigError(f"fp8 backend 'hopper' cannot run: {why}. Use backend 'emulated' (any device, same "
-                           "quantisation, slow) or 'auto' (hopper where available)")
+        raise FP8ConfigError(
+            f"fp8 backend 'hopper' cannot run: {why}. Use backend 'emulated' (any device, same "
+            "quantisation, slow) or 'auto' (hopper where available)"
+        )
     return backend  # type: ignore[return-value]
 
 
@@ -75,12 +78,14 @@ def checked_backend(name: Literal["hopper"], candidate: GemmFn, device: torch.de
     problem = disagreement(candidate, device)
     if problem is None:
         return name
-    rank_zero_warn(f"fp8: backend 'auto' falls back to 'emulated' (slow): '{name}' disagrees with 'emulated' on "
-                   f"{problem}. Report it with your GPU and torch version; set backend: emulated to skip this check")
+    rank_zero_warn(
+        f"fp8: backend 'auto' falls back to 'emulated' (slow): '{name}' disagrees with 'emulated' on "
+        f"{problem}. Report it with your GPU and torch version; set backend: emulated to skip this check"
+    )
     return "emulated"
 
 
-def _unsupported_strategy(strategy: Any) -> Optional[str]:
+def _unsupported_strategy(strategy: Any) -> str | None:
     """A strategy that shards parameters as DTensors (FSDP) would hand the FP8 GEMMs shards."""
     from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 
@@ -109,15 +114,23 @@ class FP8Precision(DeepSpeedPrecision, DescribesMemory):
         BF16 as the V3 recipe keeps them (``bf16_moments: true``)."""
         return TrainingBytes(weights=1, master=4, moment=2)
 
-    def __init__(self, modules: Optional[list[str]] = None, exclude: Optional[list[str]] = None,
-                 scale_format: Literal["fp32", "pow2"] = "fp32", backend: Literal["auto", "emulated", "hopper"] = "auto",
-                 bf16_moments: bool = False, stats_every_n_steps: int = 0) -> None:
+    def __init__(
+        self,
+        modules: list[str] | None = None,
+        exclude: list[str] | None = None,
+        scale_format: Literal["fp32", "pow2"] = "fp32",
+        backend: Literal["auto", "emulated", "hopper"] = "auto",
+        bf16_moments: bool = False,
+        stats_every_n_steps: int = 0,
+    ) -> None:
         if scale_format not in SCALE_FORMATS:
             raise FP8ConfigError(f"fp8: scale_format must be one of {SCALE_FORMATS}, got {scale_format!r}")
         if backend not in BACKENDS:
             raise FP8ConfigError(f"fp8: backend must be one of {BACKENDS}, got {backend!r}")
         if isinstance(stats_every_n_steps, bool) or not isinstance(stats_every_n_steps, int) or stats_every_n_steps < 0:
-            raise FP8ConfigError(f"fp8: stats_every_n_steps must be an integer >= 0 (0 = never), got {stats_every_n_steps!r}")
+            raise FP8ConfigError(
+                f"fp8: stats_every_n_steps must be an integer >= 0 (0 = never), got {stats_every_n_steps!r}"
+            )
         for option, value in (("modules", modules), ("exclude", exclude)):
             if value is not None and (isinstance(value, str) or not all(isinstance(p, str) and p for p in value)):
                 raise FP8ConfigError(f"fp8: {option} must be a list of non-empty name patterns, got {value!r}")
@@ -142,24 +155,30 @@ class FP8Precision(DeepSpeedPrecision, DescribesMemory):
 
             unsupported = _unsupported_strategy(strategy)
             if unsupported:
-                raise FP8ConfigError(f"fp8 runs under single-device, DDP and DeepSpeed strategies; {unsupported} shards "
-                                 "parameters into DTensors, which the FP8 GEMMs do not take. Use zero1/zero2/zero3 "
-                                 "for sharded training with fp8")
+                raise FP8ConfigError(
+                    f"fp8 runs under single-device, DDP and DeepSpeed strategies; {unsupported} shards "
+                    "parameters into DTensors, which the FP8 GEMMs do not take. Use zero1/zero2/zero3 "
+                    "for sharded training with fp8"
+                )
             self._deepspeed = isinstance(strategy, DeepSpeedStrategy)
         self._device_type = device.type
         recipe = FP8Recipe(power_of_two=self.scale_format == "pow2", backend=resolve_backend(self.backend, device))
         already = bool(converted_modules(module))
         self.fp8_modules = convert_to_fp8(module, recipe, self.modules, self.exclude)
         if not self.fp8_modules:
-            rank_zero_warn(f"fp8: no module was converted in {type(module).__name__} (no eligible nn.Linear or "
-                           "routed experts): training runs without FP8 GEMMs")
+            rank_zero_warn(
+                f"fp8: no module was converted in {type(module).__name__} (no eligible nn.Linear or "
+                "routed experts): training runs without FP8 GEMMs"
+            )
         elif not already:
             names = list(self.fp8_modules)
             experts = sum(isinstance(m, FP8GroupedGemm) for m in self.fp8_modules.values())
-            rank_zero_info(f"fp8: {len(names) - experts} Linear layers and {experts} routed-expert modules run their "
-                           f"GEMMs in FP8 E4M3 (backend {recipe.backend}, scale {self.scale_format}, "
-                           f"{'DeepSpeed bf16 engine' if self._deepspeed else 'bf16 autocast'} outside them): "
-                           f"{', '.join(names[:4])}{', ...' if len(names) > 4 else ''}")
+            rank_zero_info(
+                f"fp8: {len(names) - experts} Linear layers and {experts} routed-expert modules run their "
+                f"GEMMs in FP8 E4M3 (backend {recipe.backend}, scale {self.scale_format}, "
+                f"{'DeepSpeed bf16 engine' if self._deepspeed else 'bf16 autocast'} outside them): "
+                f"{', '.join(names[:4])}{', ...' if len(names) > 4 else ''}"
+            )
         return module
 
     # -- single device / DDP: bf16-mixed outside the FP8 GEMMs ------------------------------------
@@ -176,8 +195,12 @@ class FP8Precision(DeepSpeedPrecision, DescribesMemory):
             return super().backward(tensor, model, optimizer, *args, **kwargs)
         return Precision.backward(self, tensor, model, optimizer, *args, **kwargs)
 
-    def clip_gradients(self, optimizer: Optimizer, clip_val: Union[int, float] = 0.0,
-                       gradient_clip_algorithm: GradClipAlgorithmType = GradClipAlgorithmType.NORM) -> None:
+    def clip_gradients(
+        self,
+        optimizer: Optimizer,
+        clip_val: int | float = 0.0,
+        gradient_clip_algorithm: GradClipAlgorithmType = GradClipAlgorithmType.NORM,
+    ) -> None:
         if self._deepspeed:
             return super().clip_gradients(optimizer, clip_val, gradient_clip_algorithm)
         return Precision.clip_gradients(self, optimizer, clip_val, gradient_clip_algorithm)
@@ -250,9 +273,11 @@ class FP8Precision(DeepSpeedPrecision, DescribesMemory):
             logger.log_metrics(metrics, step=trainer.global_step)
 
     def __repr__(self) -> str:
-        return (f"FP8Precision(backend={self.backend!r}, scale_format={self.scale_format!r}, modules={self.modules!r}, "
-                f"exclude={self.exclude!r}, bf16_moments={self.bf16_moments}, "
-                f"stats_every_n_steps={self.stats_every_n_steps})")
+        return (
+            f"FP8Precision(backend={self.backend!r}, scale_format={self.scale_format!r}, modules={self.modules!r}, "
+            f"exclude={self.exclude!r}, bf16_moments={self.bf16_moments}, "
+            f"stats_every_n_steps={self.stats_every_n_steps})"
+        )
 
 
 def _cast_moments(optimizer: Optimizer, dtype: torch.dtype) -> None:

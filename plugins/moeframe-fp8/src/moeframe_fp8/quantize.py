@@ -29,13 +29,25 @@ import torch.nn.functional as F
 
 from moeframe.plugin import AMAX_FLOOR, BLOCK, E4M3_MAX, quantize_blocks
 
-__all__ = ["TILE", "BLOCK", "E4M3_MAX", "AMAX_FLOOR", "FP8", "num_tiles", "scale_from_amax", "quantize_tiles",
-           "quantize_weight", "dequantize_tiles", "TensorStats", "tensor_stats"]
+__all__ = [
+    "TILE",
+    "BLOCK",
+    "E4M3_MAX",
+    "AMAX_FLOOR",
+    "FP8",
+    "num_tiles",
+    "scale_from_amax",
+    "quantize_tiles",
+    "quantize_weight",
+    "dequantize_tiles",
+    "TensorStats",
+    "tensor_stats",
+]
 
 TILE = 128
 FP8 = torch.float8_e4m3fn
 # smallest positive E4M3 subnormal is 2^-9; values below half of it round to zero
-_E4M3_ZERO_BELOW = 2.0 ** -10
+_E4M3_ZERO_BELOW = 2.0**-10
 
 
 def num_tiles(n: int, tile: int = TILE) -> int:
@@ -116,6 +128,9 @@ def tensor_stats(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> Tenso
     too_big = ~finite | (x.abs() > E4M3_MAX * scale.max() * (1 + 4 * torch.finfo(torch.float32).eps))
     n = max(1, x.numel())
     return TensorStats(
-        amax=float(amax), scale_min=float(scale.min()), scale_max=float(scale.max()),
-        underflow=float(lost.sum()) / max(1, int(nonzero.sum())), overflow=float(too_big.sum()) / n,
+        amax=float(amax),
+        scale_min=float(scale.min()),
+        scale_max=float(scale.max()),
+        underflow=float(lost.sum()) / max(1, int(nonzero.sum())),
+        overflow=float(too_big.sum()) / n,
     )

@@ -13,7 +13,16 @@ from moeframe_mla.attention import (
 from moeframe_mla.rope import YaRN, rope_inv_freq, rotate, yarn_mscale
 
 __all__ = [
-    "HF_PARAM_NAMES", "LatentCache", "MLAOptions", "MultiHeadLatentAttention", "YaRN",
-    "kv_cache_bytes_per_token", "kv_cache_values_per_token", "per_head_kv_values_per_token",
-    "rope_inv_freq", "rotate", "softmax_scale", "yarn_mscale",
+    "HF_PARAM_NAMES",
+    "LatentCache",
+    "MLAOptions",
+    "MultiHeadLatentAttention",
+    "YaRN",
+    "kv_cache_bytes_per_token",
+    "kv_cache_values_per_token",
+    "per_head_kv_values_per_token",
+    "rope_inv_freq",
+    "rotate",
+    "softmax_scale",
+    "yarn_mscale",
 ]

@@ -41,23 +41,47 @@ L = C + R (a cached latent row), N = T·H query rows of the absorbed attention.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal, Optional
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from moeframe.plugin import (AttentionBase, AttentionCache, ForwardContext, PluginOptions, RMSNorm, as_context,
-                             cached_causal_mask, document_mask, parse_options)
-from moeframe_mla.rope import YaRN, hf_rope_parameters, rope_cos_sin, rope_inv_freq, rotate, yarn_cos_sin_scale, yarn_mscale
+from moeframe.plugin import (
+    AttentionBase,
+    AttentionCache,
+    ForwardContext,
+    PluginOptions,
+    RMSNorm,
+    as_context,
+    cached_causal_mask,
+    document_mask,
+    parse_options,
+)
+from moeframe_mla.rope import (
+    YaRN,
+    hf_rope_parameters,
+    rope_cos_sin,
+    rope_inv_freq,
+    rotate,
+    yarn_cos_sin_scale,
+    yarn_mscale,
+)
 
 if TYPE_CHECKING:
     from moeframe.plugin import ModelConfig
 
-__all__ = ["HF_PARAM_NAMES", "LatentCache", "MLAOptions", "MultiHeadLatentAttention",
-           "kv_cache_bytes_per_token", "kv_cache_values_per_token", "per_head_kv_values_per_token",
-           "softmax_scale"]
+__all__ = [
+    "HF_PARAM_NAMES",
+    "LatentCache",
+    "MLAOptions",
+    "MultiHeadLatentAttention",
+    "kv_cache_bytes_per_token",
+    "kv_cache_values_per_token",
+    "per_head_kv_values_per_token",
+    "softmax_scale",
+]
 
 # our parameter name -> HF transformers' DeepseekV3Attention name (the converter maps 1:1)
 HF_PARAM_NAMES: dict[str, str] = {
@@ -83,14 +107,14 @@ class MLAOptions(PluginOptions):
     generation path attends over the cache (both cache the same 576 values).
     """
 
-    q_lora_rank: Optional[int] = 1536
+    q_lora_rank: int | None = 1536
     kv_lora_rank: int = 512
     qk_nope_head_dim: int = 128
     qk_rope_head_dim: int = 64
     v_head_dim: int = 128
-    rope_theta: Optional[float] = None
+    rope_theta: float | None = None
     rope_factor: float = 1.0
-    original_seq_len: Optional[int] = None
+    original_seq_len: int | None = None
     beta_fast: float = 32.0
     beta_slow: float = 1.0
     mscale: float = 1.0
@@ -98,40 +122,53 @@ class MLAOptions(PluginOptions):
     rope_interleave: bool = True
     decode: Literal["absorbed", "expanded"] = "absorbed"
 
-    def validate(self, config: "ModelConfig") -> None:
-        _require(self.q_lora_rank is None or self.q_lora_rank > 0,
-                 f"q_lora_rank={self.q_lora_rank} must be > 0, or null for a plain query projection")
+    def validate(self, config: ModelConfig) -> None:
+        _require(
+            self.q_lora_rank is None or self.q_lora_rank > 0,
+            f"q_lora_rank={self.q_lora_rank} must be > 0, or null for a plain query projection",
+        )
         _require(self.kv_lora_rank > 0, f"kv_lora_rank={self.kv_lora_rank} must be > 0 (the latent width)")
-        _require(self.qk_rope_head_dim > 0 and self.qk_rope_head_dim % 2 == 0,
-                 f"qk_rope_head_dim={self.qk_rope_head_dim} must be a positive even number "
-                 "(RoPE rotates channel pairs)")
-        _require(self.qk_nope_head_dim > 0,
-                 f"qk_nope_head_dim={self.qk_nope_head_dim} must be > 0: the rope part "
-                 f"(qk_rope_head_dim={self.qk_rope_head_dim}) must be smaller than the query/key head "
-                 f"dim qk_nope_head_dim + qk_rope_head_dim = {self.qk_nope_head_dim + self.qk_rope_head_dim}")
+        _require(
+            self.qk_rope_head_dim > 0 and self.qk_rope_head_dim % 2 == 0,
+            f"qk_rope_head_dim={self.qk_rope_head_dim} must be a positive even number (RoPE rotates channel pairs)",
+        )
+        _require(
+            self.qk_nope_head_dim > 0,
+            f"qk_nope_head_dim={self.qk_nope_head_dim} must be > 0: the rope part "
+            f"(qk_rope_head_dim={self.qk_rope_head_dim}) must be smaller than the query/key head "
+            f"dim qk_nope_head_dim + qk_rope_head_dim = {self.qk_nope_head_dim + self.qk_rope_head_dim}",
+        )
         _require(self.v_head_dim > 0, f"v_head_dim={self.v_head_dim} must be > 0")
         _require(self.rope_theta is None or self.rope_theta > 0, f"rope_theta={self.rope_theta} must be > 0")
         self._validate_yarn(config)
 
-    def _validate_yarn(self, config: "ModelConfig") -> None:
-        _require(self.rope_factor >= 1,
-                 f"rope_factor={self.rope_factor} must be >= 1 (1 = no YaRN; >1 extends the context)")
+    def _validate_yarn(self, config: ModelConfig) -> None:
+        _require(
+            self.rope_factor >= 1, f"rope_factor={self.rope_factor} must be >= 1 (1 = no YaRN; >1 extends the context)"
+        )
         if self.rope_factor == 1:
             return
-        _require(self.original_seq_len is not None and self.original_seq_len > 0,
-                 f"rope_factor={self.rope_factor} needs original_seq_len (the training context "
-                 f"length YaRN extends, e.g. 4096 for DeepSeek-V3), got {self.original_seq_len}")
-        _require(self.beta_fast > self.beta_slow > 0,
-                 f"YaRN needs beta_fast > beta_slow > 0, got beta_fast={self.beta_fast}, beta_slow={self.beta_slow}")
-        _require(self.mscale >= 0 and self.mscale_all_dim >= 0,
-                 f"mscale={self.mscale} and mscale_all_dim={self.mscale_all_dim} must be >= 0")
+        _require(
+            self.original_seq_len is not None and self.original_seq_len > 0,
+            f"rope_factor={self.rope_factor} needs original_seq_len (the training context "
+            f"length YaRN extends, e.g. 4096 for DeepSeek-V3), got {self.original_seq_len}",
+        )
+        _require(
+            self.beta_fast > self.beta_slow > 0,
+            f"YaRN needs beta_fast > beta_slow > 0, got beta_fast={self.beta_fast}, beta_slow={self.beta_slow}",
+        )
+        _require(
+            self.mscale >= 0 and self.mscale_all_dim >= 0,
+            f"mscale={self.mscale} and mscale_all_dim={self.mscale_all_dim} must be >= 0",
+        )
 
-    def yarn(self) -> Optional[YaRN]:
+    def yarn(self) -> YaRN | None:
         if self.rope_factor == 1:
             return None
         assert self.original_seq_len is not None  # validate() guarantees it
-        return YaRN(self.rope_factor, self.original_seq_len, self.beta_fast, self.beta_slow,
-                    self.mscale, self.mscale_all_dim)
+        return YaRN(
+            self.rope_factor, self.original_seq_len, self.beta_fast, self.beta_slow, self.mscale, self.mscale_all_dim
+        )
 
 
 def _require(ok: bool, message: str) -> None:
@@ -154,8 +191,9 @@ class LatentCache(AttentionCache):
     the row's first C values as its value, both views: no copy of the cache per step.
     """
 
-    def __init__(self, batch_size: int, kv_lora_rank: int, rope_dim: int, max_len: int,
-                 device: torch.device, dtype: torch.dtype) -> None:
+    def __init__(
+        self, batch_size: int, kv_lora_rank: int, rope_dim: int, max_len: int, device: torch.device, dtype: torch.dtype
+    ) -> None:
         super().__init__(batch_size, max_len)
         self.kv_lora_rank = kv_lora_rank
         self.latent_BSL = torch.zeros(batch_size, max_len, kv_lora_rank + rope_dim, device=device, dtype=dtype)
@@ -167,7 +205,7 @@ class LatentCache(AttentionCache):
         """Store the new tokens; return the view of every cached row [B, S, L]."""
         start, end = self.reserve(c_kv_BTC.shape[1])
         self.latent_BSL[:, start:end, : self.kv_lora_rank] = c_kv_BTC
-        self.latent_BSL[:, start:end, self.kv_lora_rank:] = k_pe_BTR
+        self.latent_BSL[:, start:end, self.kv_lora_rank :] = k_pe_BTR
         return self.latent_BSL[:, :end]
 
 
@@ -177,7 +215,7 @@ class MultiHeadLatentAttention(AttentionBase):
     Options = MLAOptions
     plugin_api = "2"  # the moeframe plugin API this class is written against
 
-    def __init__(self, config: "ModelConfig", options: MLAOptions, layer_id: int) -> None:
+    def __init__(self, config: ModelConfig, options: MLAOptions, layer_id: int) -> None:
         super().__init__(config, options, layer_id)
         self.n_heads = config.n_heads
         self.q_lora_rank = options.q_lora_rank
@@ -214,7 +252,7 @@ class MultiHeadLatentAttention(AttentionBase):
 
     # -- cache contract -------------------------------------------------------------------------
     @classmethod
-    def kv_cache_values_per_token(cls, config: "ModelConfig", options: MLAOptions) -> int:
+    def kv_cache_values_per_token(cls, config: ModelConfig, options: MLAOptions) -> int:
         return options.kv_lora_rank + options.qk_rope_head_dim
 
     def new_cache(self, batch_size: int, max_len: int, device: torch.device, dtype: torch.dtype) -> LatentCache:
@@ -222,35 +260,57 @@ class MultiHeadLatentAttention(AttentionBase):
 
     # -- HF form (the checkpoint families read these; see moeframe.model.hfnames) ---------------
     @classmethod
-    def hf_tensor_names(cls, family: str) -> dict[str, Optional[str]]:
+    def hf_tensor_names(cls, family: str) -> dict[str, str | None]:
         return {f"{ours}.weight": f"{theirs}.weight" for ours, theirs in HF_PARAM_NAMES.items()}
 
     @classmethod
-    def hf_config(cls, family: str, config: "ModelConfig", options: PluginOptions) -> dict[str, Any]:
+    def hf_config(cls, family: str, config: ModelConfig, options: PluginOptions) -> dict[str, Any]:
         assert isinstance(options, MLAOptions)
         rope: dict[str, Any] = {"rope_theta": options.rope_theta or config.rope_theta, "rope_type": "default"}
         if options.rope_factor != 1.0:
-            rope.update(rope_type="yarn", factor=options.rope_factor,
-                        original_max_position_embeddings=options.original_seq_len, beta_fast=options.beta_fast,
-                        beta_slow=options.beta_slow, mscale=options.mscale, mscale_all_dim=options.mscale_all_dim)
-        return {"num_key_value_heads": config.n_heads, "kv_lora_rank": options.kv_lora_rank,
-                "q_lora_rank": options.q_lora_rank, "qk_rope_head_dim": options.qk_rope_head_dim,
-                "v_head_dim": options.v_head_dim, "qk_nope_head_dim": options.qk_nope_head_dim,
-                "rope_parameters": rope, "rope_interleave": options.rope_interleave, "attention_bias": False}
+            rope.update(
+                rope_type="yarn",
+                factor=options.rope_factor,
+                original_max_position_embeddings=options.original_seq_len,
+                beta_fast=options.beta_fast,
+                beta_slow=options.beta_slow,
+                mscale=options.mscale,
+                mscale_all_dim=options.mscale_all_dim,
+            )
+        return {
+            "num_key_value_heads": config.n_heads,
+            "kv_lora_rank": options.kv_lora_rank,
+            "q_lora_rank": options.q_lora_rank,
+            "qk_rope_head_dim": options.qk_rope_head_dim,
+            "v_head_dim": options.v_head_dim,
+            "qk_nope_head_dim": options.qk_nope_head_dim,
+            "rope_parameters": rope,
+            "rope_interleave": options.rope_interleave,
+            "attention_bias": False,
+        }
 
     @classmethod
     def options_from_hf(cls, family: str, hf: dict[str, Any]) -> dict[str, Any]:
         options: dict[str, Any] = {
-            "q_lora_rank": hf.get("q_lora_rank"), "kv_lora_rank": hf["kv_lora_rank"],
-            "qk_nope_head_dim": hf["qk_nope_head_dim"], "qk_rope_head_dim": hf["qk_rope_head_dim"],
-            "v_head_dim": hf["v_head_dim"], "rope_interleave": bool(hf.get("rope_interleave", True)),
+            "q_lora_rank": hf.get("q_lora_rank"),
+            "kv_lora_rank": hf["kv_lora_rank"],
+            "qk_nope_head_dim": hf["qk_nope_head_dim"],
+            "qk_rope_head_dim": hf["qk_rope_head_dim"],
+            "v_head_dim": hf["v_head_dim"],
+            "rope_interleave": bool(hf.get("rope_interleave", True)),
         }
         _, scaling = hf_rope_parameters(hf)
         if scaling and scaling.get("rope_type", scaling.get("type")) == "yarn":
-            options.update(rope_factor=float(scaling["factor"]),
-                           original_seq_len=int(scaling["original_max_position_embeddings"]))
-            options.update({k: float(scaling[k]) for k in ("beta_fast", "beta_slow", "mscale", "mscale_all_dim")
-                            if scaling.get(k) is not None})
+            options.update(
+                rope_factor=float(scaling["factor"]), original_seq_len=int(scaling["original_max_position_embeddings"])
+            )
+            options.update(
+                {
+                    k: float(scaling[k])
+                    for k in ("beta_fast", "beta_slow", "mscale", "mscale_all_dim")
+                    if scaling.get(k) is not None
+                }
+            )
         return options
 
     # -- projections ----------------------------------------------------------------------------
@@ -258,7 +318,9 @@ class MultiHeadLatentAttention(AttentionBase):
         inv_freq_P = rope_inv_freq(self.qk_rope_head_dim, self.rope_theta, self.yarn, positions_T.device)
         return rope_cos_sin(positions_T, inv_freq_P, self.rope_scale)
 
-    def _query(self, x_BTD: torch.Tensor, cos_TP: torch.Tensor, sin_TP: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _query(
+        self, x_BTD: torch.Tensor, cos_TP: torch.Tensor, sin_TP: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-head position-free part q_nope [B,T,H,d] and rotated q_pe [B,T,H,R]."""
         B, T, _ = x_BTD.shape
         if self.q_lora_rank is None:
@@ -269,21 +331,29 @@ class MultiHeadLatentAttention(AttentionBase):
         else:
             q = self._query_up(self.wq_a(x_BTD))
         q_nope_BTHd, q_pe_BTHR = q.view(B, T, self.n_heads, self.qk_head_dim).split(
-            [self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
+            [self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1
+        )
         return q_nope_BTHd, rotate(q_pe_BTHR, cos_TP, sin_TP, self.interleaved)
 
     def _query_up(self, c_q_BTQ: torch.Tensor) -> torch.Tensor:
         return self.wq_b(self.q_norm(c_q_BTQ))
 
-    def _latent(self, x_BTD: torch.Tensor, cos_TP: torch.Tensor, sin_TP: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _latent(
+        self, x_BTD: torch.Tensor, cos_TP: torch.Tensor, sin_TP: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """The normalised latent c_kv [B,T,C] and the shared rotated rope key k_pe [B,T,R]."""
         c_kv_BTC, k_pe_BTR = self.wkv_a(x_BTD).split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
         k_pe_BTR = rotate(k_pe_BTR[:, :, None], cos_TP, sin_TP, self.interleaved)[:, :, 0]
         return self.kv_norm(c_kv_BTC), k_pe_BTR
 
     # -- attention ------------------------------------------------------------------------------
-    def forward(self, x_BTD: torch.Tensor, ctx: ForwardContext, document_ids_BT: Optional[torch.Tensor] = None,
-                cache: Optional[AttentionCache] = None) -> torch.Tensor:
+    def forward(
+        self,
+        x_BTD: torch.Tensor,
+        ctx: ForwardContext,
+        document_ids_BT: torch.Tensor | None = None,
+        cache: AttentionCache | None = None,
+    ) -> torch.Tensor:
         # the last two: API-1 subclasses may still call super().forward(x, positions_T, document_ids_BT, cache)
         ctx = as_context(ctx, document_ids_BT, cache)
         B, T, _ = x_BTD.shape
@@ -309,8 +379,15 @@ class MultiHeadLatentAttention(AttentionBase):
                 o_BTHv = self._attend_expanded(q_nope_BTHd, q_pe_BTHR, c_kv_BSC, k_pe_BSR, mask_TS, causal=False)
         return self.wo(o_BTHv.reshape(B, T, self.n_heads * self.v_head_dim))
 
-    def _attend_expanded(self, q_nope_BTHd: torch.Tensor, q_pe_BTHR: torch.Tensor, c_kv_BSC: torch.Tensor,
-                         k_pe_BSR: torch.Tensor, mask: Optional[torch.Tensor], causal: bool) -> torch.Tensor:
+    def _attend_expanded(
+        self,
+        q_nope_BTHd: torch.Tensor,
+        q_pe_BTHR: torch.Tensor,
+        c_kv_BSC: torch.Tensor,
+        k_pe_BSR: torch.Tensor,
+        mask: torch.Tensor | None,
+        causal: bool,
+    ) -> torch.Tensor:
         """Per-head keys [k_nope, k_pe] and values from the latent, then SDPA. Returns [B,T,H,v]."""
         if self.recompute_up_projections and torch.is_grad_enabled():
             k_BSHK, v_BSHX = checkpoint(self._expand_kv, c_kv_BSC, k_pe_BSR, use_reentrant=False)
@@ -318,8 +395,13 @@ class MultiHeadLatentAttention(AttentionBase):
             k_BSHK, v_BSHX = self._expand_kv(c_kv_BSC, k_pe_BSR)
         q_BTHK = torch.cat((q_nope_BTHd, q_pe_BTHR), dim=-1)
         o_BHTX = F.scaled_dot_product_attention(
-            q_BTHK.transpose(1, 2), k_BSHK.transpose(1, 2), v_BSHX.transpose(1, 2),
-            attn_mask=mask, is_causal=causal, scale=self.softmax_scale)
+            q_BTHK.transpose(1, 2),
+            k_BSHK.transpose(1, 2),
+            v_BSHX.transpose(1, 2),
+            attn_mask=mask,
+            is_causal=causal,
+            scale=self.softmax_scale,
+        )
         return o_BHTX.transpose(1, 2)[..., : self.v_head_dim]
 
     def _expand_kv(self, c_kv_BSC: torch.Tensor, k_pe_BSR: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -339,8 +421,9 @@ class MultiHeadLatentAttention(AttentionBase):
             v_BSHv = F.pad(v_BSHv, (0, self.qk_head_dim - self.v_head_dim))
         return k_BSHK, v_BSHv
 
-    def _attend_absorbed(self, q_nope_BTHd: torch.Tensor, q_pe_BTHR: torch.Tensor, latent_BSL: torch.Tensor,
-                         mask_TS: Optional[torch.Tensor]) -> torch.Tensor:
+    def _attend_absorbed(
+        self, q_nope_BTHd: torch.Tensor, q_pe_BTHR: torch.Tensor, latent_BSL: torch.Tensor, mask_TS: torch.Tensor | None
+    ) -> torch.Tensor:
         """Score the queries against the cached latent rows directly. Returns [B,T,H,v]."""
         B, T, H, _ = q_nope_BTHd.shape
         C = self.kv_lora_rank
@@ -353,12 +436,13 @@ class MultiHeadLatentAttention(AttentionBase):
         q_B1NL = q_BTHL.reshape(B, 1, T * H, C + self.qk_rope_head_dim)
         mask_NS = None if mask_TS is None else mask_TS.repeat_interleave(H, dim=0)
         o_B1NC = F.scaled_dot_product_attention(
-            q_B1NL, latent_BSL[:, None], latent_BSL[:, None, :, :C], attn_mask=mask_NS, scale=self.softmax_scale)
+            q_B1NL, latent_BSL[:, None], latent_BSL[:, None, :, :C], attn_mask=mask_NS, scale=self.softmax_scale
+        )
         # fold the value up-projection after the weighted sum: Σ p·(W_uv c) = W_uv (Σ p·c)
         return torch.einsum("bthc,hvc->bthv", o_B1NC.view(B, T, H, C), w_uv_HvC)
 
 
-def _options(config: "ModelConfig") -> MLAOptions:
+def _options(config: ModelConfig) -> MLAOptions:
     """The validated MLA options of a model config whose attention is ``mla``."""
     spec = dict(config.attention)
     if spec.get("name") != "mla":
@@ -369,17 +453,17 @@ def _options(config: "ModelConfig") -> MLAOptions:
     return options
 
 
-def kv_cache_values_per_token(config: "ModelConfig") -> int:
+def kv_cache_values_per_token(config: ModelConfig) -> int:
     """Values the absorbed cache holds per token and layer: kv_lora_rank + qk_rope_head_dim."""
     return MultiHeadLatentAttention.kv_cache_values_per_token(config, _options(config))
 
 
-def per_head_kv_values_per_token(config: "ModelConfig") -> int:
+def per_head_kv_values_per_token(config: ModelConfig) -> int:
     """What a plain per-head K/V cache of the same model would hold: H·(d + R + v) per token and layer."""
     o = _options(config)
     return config.n_heads * (o.qk_nope_head_dim + o.qk_rope_head_dim + o.v_head_dim)
 
 
-def kv_cache_bytes_per_token(config: "ModelConfig", dtype: torch.dtype = torch.bfloat16) -> int:
+def kv_cache_bytes_per_token(config: ModelConfig, dtype: torch.dtype = torch.bfloat16) -> int:
     """Bytes the absorbed cache of the whole model (all layers) holds per token."""
     return config.n_layers * kv_cache_values_per_token(config) * dtype.itemsize

@@ -20,7 +20,8 @@ the family decides:
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING, Any, Iterator, Optional
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
 
 from moeframe.plugin import ConfigError, HFFamily, HFTensor, ModelConfig, registry, resolve_model_config
 from moeframe_mla.rope import hf_rope_parameters
@@ -30,7 +31,12 @@ if TYPE_CHECKING:
 
 __all__ = ["DeepSeekFamily"]
 
-_BLOCK_PARTS = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm", "attn": "self_attn", "ffn": "mlp"}
+_BLOCK_PARTS = {
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn": "self_attn",
+    "ffn": "mlp",
+}
 _MTP_PARTS = {"enorm": "enorm", "hnorm": "hnorm", "eh_proj": "eh_proj", "norm": "shared_head.norm"}
 _CORE_TENSORS = {"embed.weight": "model.embed_tokens.weight", "head.weight": "lm_head.weight"}
 _MTP_COPIES = ("embed_tokens.weight", "shared_head.head.weight")
@@ -56,17 +62,27 @@ class DeepSeekFamily(HFFamily):
             theta, _ = hf_rope_parameters(hf)
             attention = {"name": "mla", **registry.load("attention", "mla").options_from_hf(self.name, hf)}
             return ModelConfig(
-                vocab_size=hf["vocab_size"], dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"],
-                first_k_dense=hf.get("first_k_dense_replace", 0), n_heads=hf["num_attention_heads"],
-                dense_ffn_dim=hf["intermediate_size"], moe_ffn_dim=hf["moe_intermediate_size"],
-                n_routed_experts=hf["n_routed_experts"], n_activated_experts=hf["num_experts_per_tok"],
-                n_shared_experts=hf.get("n_shared_experts") or 0, n_expert_groups=hf.get("n_group") or 1,
-                n_limited_groups=hf.get("topk_group") or 1, route_scale=float(hf.get("routed_scaling_factor", 1.0)),
+                vocab_size=hf["vocab_size"],
+                dim=hf["hidden_size"],
+                n_layers=hf["num_hidden_layers"],
+                first_k_dense=hf.get("first_k_dense_replace", 0),
+                n_heads=hf["num_attention_heads"],
+                dense_ffn_dim=hf["intermediate_size"],
+                moe_ffn_dim=hf["moe_intermediate_size"],
+                n_routed_experts=hf["n_routed_experts"],
+                n_activated_experts=hf["num_experts_per_tok"],
+                n_shared_experts=hf.get("n_shared_experts") or 0,
+                n_expert_groups=hf.get("n_group") or 1,
+                n_limited_groups=hf.get("topk_group") or 1,
+                route_scale=float(hf.get("routed_scaling_factor", 1.0)),
                 mtp_depth=int(hf.get("num_nextn_predict_layers") or 0) if mtp else 0,
                 norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-                init_std=float(hf.get("initializer_range", 0.006)), max_seq_len=hf.get("max_position_embeddings", 4096),
-                rope_theta=theta, tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-                attention=attention, router=self._router(hf, model_type),
+                init_std=float(hf.get("initializer_range", 0.006)),
+                max_seq_len=hf.get("max_position_embeddings", 4096),
+                rope_theta=theta,
+                tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+                attention=attention,
+                router=self._router(hf, model_type),
             )
         except KeyError as exc:
             raise ConfigError(f"{path}: missing field {exc.args[0]!r} for a DeepSeek checkpoint") from None
@@ -77,44 +93,60 @@ class DeepSeekFamily(HFFamily):
         fields = {kind: p.cls.hf_config(self.name, config, p.options) for kind, p in parts.items()}
         # what makes a model DeepSeek-shaped, asked of the parts rather than of their names
         if "kv_lora_rank" not in fields["attention"]:
-            raise ConfigError(f"HF DeepSeek checkpoints need MLA-shaped attention (its HF fields kv_lora_rank, "
-                              f"qk_rope_head_dim, ...); attention plugin {parts['attention'].name!r} declares "
-                              f"{sorted(fields['attention']) or 'no HF config fields'}")
+            raise ConfigError(
+                f"HF DeepSeek checkpoints need MLA-shaped attention (its HF fields kv_lora_rank, "
+                f"qk_rope_head_dim, ...); attention plugin {parts['attention'].name!r} declares "
+                f"{sorted(fields['attention']) or 'no HF config fields'}"
+            )
         if "scoring_func" not in fields["router"]:
-            raise ConfigError(f"HF DeepSeek checkpoints need a router that declares its scoring_func; router "
-                              f"plugin {parts['router'].name!r} declares {sorted(fields['router']) or 'no HF config fields'}")
+            raise ConfigError(
+                f"HF DeepSeek checkpoints need a router that declares its scoring_func; router "
+                f"plugin {parts['router'].name!r} declares {sorted(fields['router']) or 'no HF config fields'}"
+            )
         out = {
-            "architectures": ["DeepseekV3ForCausalLM"], "model_type": self.model_type,
-            "vocab_size": config.vocab_size, "hidden_size": config.dim, "intermediate_size": config.dense_ffn_dim,
-            "moe_intermediate_size": config.moe_ffn_dim, "num_hidden_layers": config.n_layers,
-            "num_attention_heads": config.n_heads, "n_shared_experts": config.n_shared_experts,
-            "n_routed_experts": config.n_routed_experts, "routed_scaling_factor": config.route_scale,
-            "n_group": config.n_expert_groups, "topk_group": config.n_limited_groups,
-            "num_experts_per_tok": config.n_activated_experts, "first_k_dense_replace": config.first_k_dense,
-            "hidden_act": "silu", "max_position_embeddings": config.max_seq_len, "initializer_range": config.init_std,
-            "rms_norm_eps": config.norm_eps, "tie_word_embeddings": config.tie_embeddings,
-            "num_nextn_predict_layers": config.mtp_depth if mtp else 0, "dtype": "bfloat16",
+            "architectures": ["DeepseekV3ForCausalLM"],
+            "model_type": self.model_type,
+            "vocab_size": config.vocab_size,
+            "hidden_size": config.dim,
+            "intermediate_size": config.dense_ffn_dim,
+            "moe_intermediate_size": config.moe_ffn_dim,
+            "num_hidden_layers": config.n_layers,
+            "num_attention_heads": config.n_heads,
+            "n_shared_experts": config.n_shared_experts,
+            "n_routed_experts": config.n_routed_experts,
+            "routed_scaling_factor": config.route_scale,
+            "n_group": config.n_expert_groups,
+            "topk_group": config.n_limited_groups,
+            "num_experts_per_tok": config.n_activated_experts,
+            "first_k_dense_replace": config.first_k_dense,
+            "hidden_act": "silu",
+            "max_position_embeddings": config.max_seq_len,
+            "initializer_range": config.init_std,
+            "rms_norm_eps": config.norm_eps,
+            "tie_word_embeddings": config.tie_embeddings,
+            "num_nextn_predict_layers": config.mtp_depth if mtp else 0,
+            "dtype": "bfloat16",
         }
         for kind in ("attention", "router", "experts", "norm"):
             out.update(fields[kind])
         return out
 
     # -- tensor names -----------------------------------------------------------------------------
-    def module_prefix(self, module: str, config: ModelConfig) -> Optional[str]:
+    def module_prefix(self, module: str, config: ModelConfig) -> str | None:
         if module == "norm":
             return "model.norm"
         mtp = re.fullmatch(r"mtp\.(\d+)\.(.+)", module)
         if mtp is not None:
             layer, rest = config.n_layers + int(mtp.group(1)), mtp.group(2)
             if rest.startswith("block."):
-                return self.module_prefix(f"layers.{layer}.{rest[len('block.'):]}", config)
+                return self.module_prefix(f"layers.{layer}.{rest[len('block.') :]}", config)
             return f"model.layers.{layer}.{_MTP_PARTS[rest]}" if rest in _MTP_PARTS else None
         block = re.fullmatch(r"layers\.(\d+)\.([a-z_]+)(\..+)?", module)
         if block is None or block.group(2) not in _BLOCK_PARTS:
             return None
         return f"model.layers.{block.group(1)}.{_BLOCK_PARTS[block.group(2)]}{block.group(3) or ''}"
 
-    def core_tensor(self, key: str, config: ModelConfig) -> Optional[HFTensor]:
+    def core_tensor(self, key: str, config: ModelConfig) -> HFTensor | None:
         if key in _CORE_TENSORS:  # released FP8 checkpoints keep the embedding and head in BF16
             return HFTensor(_CORE_TENSORS[key], quantizable=False)
         module, _, leaf = key.rpartition(".")
@@ -122,8 +154,9 @@ class DeepSeekFamily(HFFamily):
         # the MTP projection eh_proj is BF16 in the released FP8 checkpoint (only its block is FP8)
         return None if prefix is None else HFTensor(f"{prefix}.{leaf}", quantizable=False)
 
-    def exported_copies(self, state: dict[str, "torch.Tensor"], config: ModelConfig, mtp: bool
-                        ) -> Iterator[tuple[HFTensor, "torch.Tensor"]]:
+    def exported_copies(
+        self, state: dict[str, torch.Tensor], config: ModelConfig, mtp: bool
+    ) -> Iterator[tuple[HFTensor, torch.Tensor]]:
         for k in range(config.mtp_depth if mtp else 0):
             layer = f"model.layers.{config.n_layers + k}"
             # separate storage: safetensors refuses tensors that share memory

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -47,7 +47,7 @@ def yarn_mscale(factor: float, m: float) -> float:
     return 1.0 if factor <= 1 else 0.1 * m * math.log(factor) + 1.0
 
 
-def yarn_cos_sin_scale(yarn: Optional[YaRN]) -> float:
+def yarn_cos_sin_scale(yarn: YaRN | None) -> float:
     """The factor on cos/sin: mscale(mscale) / mscale(mscale_all_dim), 1 without YaRN."""
     if yarn is None:
         return 1.0
@@ -62,8 +62,9 @@ def _correction_pair(num_rotations: float, rot_dim: int, theta: float, seq_len: 
     return rot_dim * math.log(seq_len / (num_rotations * 2 * math.pi)) / (2 * math.log(theta))
 
 
-def rope_inv_freq(rot_dim: int, theta: float, yarn: Optional[YaRN] = None,
-                  device: Optional[torch.device] = None) -> torch.Tensor:
+def rope_inv_freq(
+    rot_dim: int, theta: float, yarn: YaRN | None = None, device: torch.device | None = None
+) -> torch.Tensor:
     """Inverse frequency of every pair [P] in fp32, YaRN-corrected when ``yarn`` is given."""
     inv_freq_P = 1.0 / (theta ** (torch.arange(0, rot_dim, 2, device=device, dtype=torch.float32) / rot_dim))
     if yarn is None:
@@ -77,8 +78,9 @@ def rope_inv_freq(rot_dim: int, theta: float, yarn: Optional[YaRN] = None,
     return inv_freq_P * (1 - ramp_P) + inv_freq_P / yarn.factor * ramp_P
 
 
-def rope_cos_sin(positions_T: torch.Tensor, inv_freq_P: torch.Tensor,
-                 scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_cos_sin(
+    positions_T: torch.Tensor, inv_freq_P: torch.Tensor, scale: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin [T, P] in fp32 (bf16 angles lose whole turns at long positions)."""
     angles_TP = torch.outer(positions_T.to(torch.float32), inv_freq_P)
     return angles_TP.cos() * scale, angles_TP.sin() * scale
@@ -101,7 +103,7 @@ def rotate(x_BTHR: torch.Tensor, cos_TP: torch.Tensor, sin_TP: torch.Tensor, int
     return torch.cat((x0 * cos - x1 * sin, x1 * cos + x0 * sin), dim=-1).to(x_BTHR.dtype)
 
 
-def hf_rope_parameters(hf: dict[str, Any]) -> tuple[float, Optional[dict[str, Any]]]:
+def hf_rope_parameters(hf: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
     """(theta, scaling) from an HF ``config.json``: transformers 5 writes ``rope_parameters``,
     older configs ``rope_theta`` and ``rope_scaling``; scaling is None for plain RoPE."""
     params = hf.get("rope_parameters") or {}

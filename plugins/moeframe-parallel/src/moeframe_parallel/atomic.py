@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from moeframe.plugin import partial_name, remove_stale_partials, replace_folder
 
@@ -25,7 +25,7 @@ __all__ = ["AtomicFolderCheckpoints"]
 class AtomicFolderCheckpoints:
     """Mixin placed before a Lightning strategy whose ``save_checkpoint`` writes a folder."""
 
-    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Optional[Any] = None) -> None:
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
         final = Path(self.broadcast(str(filepath)))  # type: ignore[attr-defined]
         if self.is_global_zero:  # type: ignore[attr-defined]
             remove_stale_partials(final.parent, max_depth=0)

@@ -20,22 +20,35 @@ process group exists: a hang in a collective is a far worse error message than a
 from __future__ import annotations
 
 import argparse
+from collections.abc import Generator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, ClassVar, Generator, Optional
+from typing import Any, ClassVar
 
+from lightning.fabric.utilities.seed import reset_seed
 from lightning.pytorch.accelerators.cuda import CUDAAccelerator
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
-from lightning.fabric.utilities.seed import reset_seed
+
 from moeframe.plugin import DescribesLayout, ParallelLayout, check_zero_layout, moe_layers
 from moeframe_parallel.atomic import AtomicFolderCheckpoints
 
-__all__ = ["CPUCapableDeepSpeedStrategy", "Zero1Strategy", "Zero2Strategy", "Zero3Strategy", "Zero3OffloadStrategy",
-           "check_zero_settings"]
+__all__ = [
+    "CPUCapableDeepSpeedStrategy",
+    "Zero1Strategy",
+    "Zero2Strategy",
+    "Zero3Strategy",
+    "Zero3OffloadStrategy",
+    "check_zero_settings",
+]
 
 
-def check_zero_settings(stage: int, offload_parameters: bool, offload_params_device: str,
-                        offload_optimizer_device: str, nvme_path: Optional[str]) -> None:
+def check_zero_settings(
+    stage: int,
+    offload_parameters: bool,
+    offload_params_device: str,
+    offload_optimizer_device: str,
+    nvme_path: str | None,
+) -> None:
     """The ZeRO check ``moeframe inspect`` runs too: a ConfigError for a setting DeepSpeed would
     ignore or fail on deep inside a run."""
     check_zero_layout(stage, offload_parameters, offload_params_device, offload_optimizer_device, nvme_path)
@@ -45,19 +58,27 @@ class CPUCapableDeepSpeedStrategy(AtomicFolderCheckpoints, DeepSpeedStrategy, De
     """Lightning's DeepSpeedStrategy, also on a CPU accelerator (gloo), with atomic checkpoint folders."""
 
     # the layout a preset runs as registered (None: not a preset), for ``moeframe inspect``
-    zero_stage: ClassVar[Optional[int]] = None
+    zero_stage: ClassVar[int | None] = None
     offloads_parameters: ClassVar[bool] = False
 
     @classmethod
-    def runs_layout(cls, layout: ParallelLayout) -> Optional[dict[str, Any]]:
-        runs = (cls.zero_stage is not None and layout.ep == 1 and layout.zero == cls.zero_stage
-                and layout.offload_parameters == cls.offloads_parameters)
+    def runs_layout(cls, layout: ParallelLayout) -> dict[str, Any] | None:
+        runs = (
+            cls.zero_stage is not None
+            and layout.ep == 1
+            and layout.zero == cls.zero_stage
+            and layout.offload_parameters == cls.offloads_parameters
+        )
         return {} if runs else None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        check_zero_settings(kwargs.get("stage", 2), kwargs.get("offload_parameters", False),
-                            kwargs.get("offload_params_device", "cpu"), kwargs.get("offload_optimizer_device", "cpu"),
-                            kwargs.get("nvme_path", "/local_nvme"))
+        check_zero_settings(
+            kwargs.get("stage", 2),
+            kwargs.get("offload_parameters", False),
+            kwargs.get("offload_params_device", "cpu"),
+            kwargs.get("offload_optimizer_device", "cpu"),
+            kwargs.get("nvme_path", "/local_nvme"),
+        )
         super().__init__(*args, **kwargs)
 
     def _on_cpu(self) -> bool:
@@ -104,12 +125,17 @@ class CPUCapableDeepSpeedStrategy(AtomicFolderCheckpoints, DeepSpeedStrategy, De
         if self.zero_stage_3:
             _register_router_weights_with_moe(model)
         engine, ds_optimizer, _, _ = deepspeed.initialize(
-            args=argparse.Namespace(device_rank=self._device_rank()), config=self.config, model=model,
-            model_parameters=[p for p in model.parameters() if p.requires_grad], optimizer=optimizer,
-            lr_scheduler=lr_scheduler, dist_init_required=False)
+            args=argparse.Namespace(device_rank=self._device_rank()),
+            config=self.config,
+            model=model,
+            model_parameters=[p for p in model.parameters() if p.requires_grad],
+            optimizer=optimizer,
+            lr_scheduler=lr_scheduler,
+            dist_init_required=False,
+        )
         return engine, ds_optimizer
 
-    def load_checkpoint(self, checkpoint_path: Any, weights_only: Optional[bool] = None) -> dict[str, Any]:
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
         """Evaluating a ZeRO-3 checkpoint folder (``moeframe validate|test|predict``): DeepSpeed 0.19's
         optimizer-less engine cannot read the weight partitions itself (it calls a ZeRO-optimizer
         method its inference wrapper lacks, on GPU and CPU alike), so the fp32 weights are
@@ -146,8 +172,14 @@ class CPUCapableDeepSpeedStrategy(AtomicFolderCheckpoints, DeepSpeedStrategy, De
             _register_router_weights_with_moe(model)
         remove_module_hooks(model)
         self.model, _, _, _ = deepspeed.initialize(
-            args=argparse.Namespace(device_rank=self._device_rank()), config=config, model=model, optimizer=None,
-            lr_scheduler=None, model_parameters=[], dist_init_required=False)
+            args=argparse.Namespace(device_rank=self._device_rank()),
+            config=config,
+            model=model,
+            optimizer=None,
+            lr_scheduler=None,
+            model_parameters=[],
+            dist_init_required=False,
+        )
 
 
 def _micro_batch_size(trainer: Any) -> int:
@@ -160,10 +192,26 @@ def _micro_batch_size(trainer: Any) -> int:
 
 _CONSOLIDATED = "moeframe_zero3_consolidated"
 # what DeepSpeed keeps for itself in a model-states file; the rest is Lightning's client state
-_DEEPSPEED_KEYS = ("module", "buffer_names", "optimizer", "param_shapes", "frozen_param_shapes", "shared_params",
-                   "frozen_param_fragments", "lr_scheduler", "data_sampler", "random_ltd",
-                   "sparse_tensor_module_names", "skipped_steps", "global_steps", "global_samples", "dp_world_size",
-                   "mp_world_size", "ds_config", "ds_version")
+_DEEPSPEED_KEYS = (
+    "module",
+    "buffer_names",
+    "optimizer",
+    "param_shapes",
+    "frozen_param_shapes",
+    "shared_params",
+    "frozen_param_fragments",
+    "lr_scheduler",
+    "data_sampler",
+    "random_ltd",
+    "sparse_tensor_module_names",
+    "skipped_steps",
+    "global_steps",
+    "global_samples",
+    "dp_world_size",
+    "mp_world_size",
+    "ds_config",
+    "ds_version",
+)
 
 
 def _consolidated_zero3_checkpoint(folder: Path) -> dict[str, Any]:
@@ -176,8 +224,11 @@ def _consolidated_zero3_checkpoint(folder: Path) -> dict[str, Any]:
     if not states:
         raise FileNotFoundError(f"{folder}: no DeepSpeed model-states file under {tag}/; is this a ZeRO checkpoint?")
     # our own checkpoint, written by DeepSpeed's pickle-based saver: not loadable with weights_only
-    client = {k: v for k, v in torch.load(states[0], map_location="cpu", weights_only=False).items()
-              if k not in _DEEPSPEED_KEYS}
+    client = {
+        k: v
+        for k, v in torch.load(states[0], map_location="cpu", weights_only=False).items()
+        if k not in _DEEPSPEED_KEYS
+    }
     client["state_dict"] = get_fp32_state_dict_from_zero_checkpoint(str(folder), tag=tag)
     client[_CONSOLIDATED] = True
     return client

@@ -32,8 +32,6 @@ El = E/ep local experts, R rows received, D model width, F expert hidden width.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -42,8 +40,9 @@ from torch import nn
 from moeframe.plugin import ExpertsBase, ForwardContext, GroupedGemm, count_per_expert, grouped_mm_supported, moe_layers
 
 
-def all_to_all(x_ND: torch.Tensor, recv_splits: Optional[list[int]], send_splits: Optional[list[int]],
-               group: Optional[dist.ProcessGroup]) -> torch.Tensor:
+def all_to_all(
+    x_ND: torch.Tensor, recv_splits: list[int] | None, send_splits: list[int] | None, group: dist.ProcessGroup | None
+) -> torch.Tensor:
     """Rows ``send_splits[r]`` of ``x_ND`` go to rank r; returns the rows received, ``recv_splits[r]``
     from rank r, in rank order (even splits when both are None)."""
     rows = sum(recv_splits) if recv_splits is not None else x_ND.shape[0]
@@ -56,15 +55,21 @@ class AllToAll(torch.autograd.Function):
     """``all_to_all`` whose backward sends the gradients back the way the rows came."""
 
     @staticmethod
-    def forward(ctx: torch.autograd.function.FunctionCtx, x_ND: torch.Tensor, recv_splits: list[int],
-                send_splits: list[int], group: Optional[dist.ProcessGroup]) -> torch.Tensor:
+    def forward(
+        ctx: torch.autograd.function.FunctionCtx,
+        x_ND: torch.Tensor,
+        recv_splits: list[int],
+        send_splits: list[int],
+        group: dist.ProcessGroup | None,
+    ) -> torch.Tensor:
         ctx.splits, ctx.group = (recv_splits, send_splits), group  # type: ignore[attr-defined]
         return all_to_all(x_ND, recv_splits, send_splits, group)
 
     @staticmethod
-    def backward(ctx: torch.autograd.function.FunctionCtx, grad_RD: torch.Tensor) -> tuple[Optional[torch.Tensor], ...]:
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad_RD: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         recv_splits, send_splits = ctx.splits  # type: ignore[attr-defined]
         return all_to_all(grad_RD, send_splits, recv_splits, ctx.group), None, None, None  # type: ignore[attr-defined]
+
 
 __all__ = ["EPExperts", "expert_ffn"]
 
@@ -77,8 +82,14 @@ def _linear_per_expert(x_RD: torch.Tensor, w_EOD: torch.Tensor, counts_E: torch.
     return torch.cat([c @ w.T for c, w in zip(chunks, w_EOD)], dim=0)
 
 
-def expert_ffn(x_RD: torch.Tensor, w1_EFD: torch.Tensor, w2_EDF: torch.Tensor, w3_EFD: torch.Tensor,
-               counts_E: torch.Tensor, grouped_gemm: Optional[GroupedGemm] = None) -> torch.Tensor:
+def expert_ffn(
+    x_RD: torch.Tensor,
+    w1_EFD: torch.Tensor,
+    w2_EDF: torch.Tensor,
+    w3_EFD: torch.Tensor,
+    counts_E: torch.Tensor,
+    grouped_gemm: GroupedGemm | None = None,
+) -> torch.Tensor:
     """SwiGLU experts over rows already grouped by expert (``counts_E`` rows each); a precision
     plugin's ``grouped_gemm`` (the experts seam of ``moeframe.plugin``) runs the projections when given."""
     if grouped_gemm is not None:
@@ -87,8 +98,10 @@ def expert_ffn(x_RD: torch.Tensor, w1_EFD: torch.Tensor, w2_EDF: torch.Tensor, w
         def project(name: str, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
             return grouped_gemm(name, x, w, offs_E)
     else:
+
         def project(name: str, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
             return _linear_per_expert(x, w, counts_E)
+
     h_RF = F.silu(project("w1", x_RD, w1_EFD)) * project("w3", x_RD, w3_EFD)
     return project("w2", h_RF, w2_EDF)
 
@@ -112,13 +125,13 @@ class EPExperts(ExpertsBase):
         assert num_experts % self.ep_size == 0, "validated by the strategy before the process group exists"
         self.num_experts = num_experts
         self.num_local_experts = num_experts // self.ep_size
-        self.grouped_gemm: Optional[GroupedGemm] = None  # a precision plugin's (fp8), as on GroupedExperts
+        self.grouped_gemm: GroupedGemm | None = None  # a precision plugin's (fp8), as on GroupedExperts
         self.w1 = nn.Parameter(torch.empty(self.num_local_experts, hidden_dim, dim))
         self.w2 = nn.Parameter(torch.empty(self.num_local_experts, dim, hidden_dim))
         self.w3 = nn.Parameter(torch.empty(self.num_local_experts, hidden_dim, dim))
 
     @classmethod
-    def from_full(cls, full: nn.Module, ep_group: dist.ProcessGroup) -> "EPExperts":
+    def from_full(cls, full: nn.Module, ep_group: dist.ProcessGroup) -> EPExperts:
         num_experts, hidden_dim, dim = full.w1.shape
         shard = cls(num_experts, dim, hidden_dim, ep_group).to(device=full.w1.device, dtype=full.w1.dtype)
         with torch.no_grad():
@@ -131,10 +144,11 @@ class EPExperts(ExpertsBase):
     def local_slice(self, full_E: torch.Tensor) -> torch.Tensor:
         """This rank's experts of a tensor stacked over all E experts (dim 0)."""
         start = self.ep_rank * self.num_local_experts
-        return full_E[start:start + self.num_local_experts]
+        return full_E[start : start + self.num_local_experts]
 
-    def forward(self, x_TD: torch.Tensor, weights_TK: torch.Tensor, indices_TK: torch.Tensor,
-                ctx: Optional[ForwardContext] = None) -> torch.Tensor:
+    def forward(
+        self, x_TD: torch.Tensor, weights_TK: torch.Tensor, indices_TK: torch.Tensor, ctx: ForwardContext | None = None
+    ) -> torch.Tensor:
         T, K = indices_TK.shape
         # 1. permute: rows sorted by expert are also grouped by destination rank
         order_N = indices_TK.flatten().argsort(stable=True)
@@ -148,11 +162,13 @@ class EPExperts(ExpertsBase):
         # 3. dispatch, then regroup the (source rank, local expert)-ordered rows by local expert
         x_RD = AllToAll.apply(x_ND, recv_splits, send_splits, self.ep_group)
         local_expert_R = torch.repeat_interleave(
-            torch.arange(self.num_local_experts, device=x_RD.device).repeat(self.ep_size), recv_counts_RE.flatten())
+            torch.arange(self.num_local_experts, device=x_RD.device).repeat(self.ep_size), recv_counts_RE.flatten()
+        )
         by_expert_R = local_expert_R.argsort(stable=True)
         y_RD = torch.empty_like(x_RD)
-        y_RD[by_expert_R] = expert_ffn(x_RD[by_expert_R], self.w1, self.w2, self.w3, recv_counts_RE.sum(0),
-                                     self.grouped_gemm)
+        y_RD[by_expert_R] = expert_ffn(
+            x_RD[by_expert_R], self.w1, self.w2, self.w3, recv_counts_RE.sum(0), self.grouped_gemm
+        )
         # 4. combine: the reverse all-to-all restores this rank's sorted row order
         y_ND = AllToAll.apply(y_RD, send_splits, recv_splits, self.ep_group)
         y_ND = y_ND * weights_TK.flatten()[order_N].unsqueeze(-1).to(y_ND.dtype)
@@ -164,8 +180,10 @@ class EPExperts(ExpertsBase):
         return recv_E.view(self.ep_size, self.num_local_experts)
 
     def extra_repr(self) -> str:
-        return f"experts {self.ep_rank * self.num_local_experts}..{(self.ep_rank + 1) * self.num_local_experts - 1} " \
-               f"of {self.num_experts} (ep_size={self.ep_size})"
+        return (
+            f"experts {self.ep_rank * self.num_local_experts}..{(self.ep_rank + 1) * self.num_local_experts - 1} "
+            f"of {self.num_experts} (ep_size={self.ep_size})"
+        )
 
 
 def replace_experts(model: nn.Module, ep_group: dist.ProcessGroup) -> list[str]:
@@ -180,5 +198,3 @@ def replace_experts(model: nn.Module, ep_group: dist.ProcessGroup) -> list[str]:
 
 def ep_modules(model: nn.Module) -> list[tuple[str, EPExperts]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, EPExperts)]
-
-

@@ -27,9 +27,10 @@ The router's bias update is unaffected: routing and counting happen before dispa
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping
 from datetime import timedelta
 from types import MethodType
-from typing import Any, Callable, Mapping, Optional
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -42,7 +43,7 @@ from moeframe_parallel.ep_experts import EPExperts, ep_modules, replace_experts
 __all__ = ["ExpertParallelStrategy", "EP2DDPStrategy", "check_ep_size", "new_ep_groups"]
 
 
-def check_ep_size(ep_size: int, world_size: int, num_experts: Optional[int]) -> None:
+def check_ep_size(ep_size: int, world_size: int, num_experts: int | None) -> None:
     """The layout check ``moeframe inspect`` runs too (one rule, one message): a ConfigError
     naming the fix when the EP degree cannot lay the experts out on the ranks."""
     check_ep_layout(ep_size, world_size, num_experts)
@@ -70,7 +71,7 @@ class ExpertParallelStrategy(DDPStrategy, DescribesLayout):
     strategy_name = "ep"
 
     @classmethod
-    def runs_layout(cls, layout: ParallelLayout) -> Optional[dict[str, Any]]:
+    def runs_layout(cls, layout: ParallelLayout) -> dict[str, Any] | None:
         return {"ep_size": layout.ep} if layout.ep > 1 and not layout.zero else None
 
     def __init__(self, ep_size: int = 2, **kwargs: Any) -> None:
@@ -78,8 +79,8 @@ class ExpertParallelStrategy(DDPStrategy, DescribesLayout):
         kwargs.setdefault("timeout", timedelta(minutes=30))
         super().__init__(**kwargs)
         self.ep_size = ep_size
-        self.ep_group: Optional[dist.ProcessGroup] = None
-        self.edp_group: Optional[dist.ProcessGroup] = None
+        self.ep_group: dist.ProcessGroup | None = None
+        self.edp_group: dist.ProcessGroup | None = None
 
     # -- before any process group: validate ------------------------------------------------------
     def setup_environment(self) -> None:
@@ -169,7 +170,7 @@ class EP2DDPStrategy(ExpertParallelStrategy):
     strategy_name = "ep2_ddp"
 
     @classmethod
-    def runs_layout(cls, layout: ParallelLayout) -> Optional[dict[str, Any]]:
+    def runs_layout(cls, layout: ParallelLayout) -> dict[str, Any] | None:
         return {} if layout.ep == 2 and not layout.zero else None
 
     def __init__(self, **kwargs: Any) -> None:

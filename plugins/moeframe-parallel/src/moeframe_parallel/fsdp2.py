@@ -26,8 +26,9 @@ gradients in bf16 loses digits); the sharded master weights stay float32.
 
 from __future__ import annotations
 
+from collections.abc import Generator
 from contextlib import contextmanager
-from typing import Any, Generator, Optional
+from typing import Any
 
 import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
@@ -41,7 +42,7 @@ __all__ = ["FSDP2Strategy"]
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def _dtype(name: Optional[str]) -> Optional[torch.dtype]:
+def _dtype(name: str | None) -> torch.dtype | None:
     if name is None:
         return None
     if name not in _DTYPES:
@@ -54,8 +55,13 @@ class FSDP2Strategy(AtomicFolderCheckpoints, ModelParallelStrategy):
 
     strategy_name = "fsdp2"
 
-    def __init__(self, reshard_after_forward: bool = True, param_dtype: Optional[str] = None,
-                 reduce_dtype: Optional[str] = "float32", **kwargs: Any) -> None:
+    def __init__(
+        self,
+        reshard_after_forward: bool = True,
+        param_dtype: str | None = None,
+        reduce_dtype: str | None = "float32",
+        **kwargs: Any,
+    ) -> None:
         super().__init__(**kwargs)
         self.reshard_after_forward = reshard_after_forward
         self.mp_policy = MixedPrecisionPolicy(param_dtype=_dtype(param_dtype), reduce_dtype=_dtype(reduce_dtype))
@@ -68,7 +74,7 @@ class FSDP2Strategy(AtomicFolderCheckpoints, ModelParallelStrategy):
         super().setup_environment()
 
     @contextmanager
-    def tensor_init_context(self, empty_init: Optional[bool] = None) -> Generator[None, None, None]:
+    def tensor_init_context(self, empty_init: bool | None = None) -> Generator[None, None, None]:
         if empty_init is None:
             empty_init = bool(getattr(self.lightning_module, "meta_device_init", False))
         with super().tensor_init_context(empty_init=empty_init):

@@ -15,8 +15,8 @@ model), the scheme Megatron uses for its CPU initialisation of sharded weights.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator, Union
 
 import torch
 from torch import nn
@@ -37,8 +37,9 @@ def _whole_parameters(module: nn.Module, device: torch.device) -> Iterator[dict[
     swapped: dict[str, tuple[nn.Parameter, DTensor]] = {}
     for name, param in list(module.named_parameters(recurse=False)):
         if isinstance(param, DTensor):
-            whole = nn.Parameter(torch.empty(param.shape, dtype=param.dtype, device=device),
-                                 requires_grad=param.requires_grad)
+            whole = nn.Parameter(
+                torch.empty(param.shape, dtype=param.dtype, device=device), requires_grad=param.requires_grad
+            )
             swapped[name] = (whole, param)
             module.register_parameter(name, whole)
     try:
@@ -57,7 +58,7 @@ def _keep_local_slices(swapped: dict[str, tuple[nn.Parameter, DTensor]]) -> None
 
 
 @torch.no_grad()
-def materialize_sharded(decoder: nn.Module, device: Union[str, torch.device]) -> None:
+def materialize_sharded(decoder: nn.Module, device: str | torch.device) -> None:
     """Allocate ``decoder``'s shards on ``device`` and initialise them as ``Decoder.init_weights``
     would initialise the whole model (same random stream, same order, same rules)."""
     device = torch.device(device)
