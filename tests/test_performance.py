@@ -201,6 +201,17 @@ def test_cpu_mfu_against_a_measured_peak_cached_per_machine(
     assert len(json.loads((tmp_path / "cache" / "peak_flops.json").read_text())) == 2
 
 
+def test_measuring_the_peak_leaves_the_run_rng_alone() -> None:
+    """A run that measures (empty cache) and its resumed twin (cache filled) must draw the same random
+    numbers afterwards: the measurement uses a private generator (it broke bit-exact DDP resume)."""
+    from moeframe.training import throughput
+
+    torch.manual_seed(7)
+    before = torch.get_rng_state()
+    assert throughput.measure_gemm_peak(torch.device("cpu"), torch.float32, size=64, repeats=1) > 0
+    assert torch.equal(torch.get_rng_state(), before)
+
+
 def test_measure_peak_false_logs_no_mfu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MOEFRAME_CACHE", str(tmp_path / "cache"))
     rows = _fit_with_throughput(tmp_path, ModelThroughput(window=2, measure_peak=False))

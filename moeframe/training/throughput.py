@@ -133,8 +133,11 @@ def _machine_key(device: torch.device, dtype: torch.dtype) -> str:
 
 def measure_gemm_peak(device: torch.device, dtype: torch.dtype, size: int = 2048, repeats: int = 3) -> float:
     """FLOP/s of the best of ``repeats`` ``size``³ products (after one warm-up) in ``dtype``."""
-    a = torch.randn(size, size, device=device).to(dtype)
-    b = torch.randn(size, size, device=device).to(dtype)
+    # a private generator: measuring must not advance the run's RNG, or a run that measured (empty
+    # cache) and its resumed twin (cache filled) would draw different random numbers afterwards
+    generator = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(size, size, device=device, generator=generator).to(dtype)
+    b = torch.randn(size, size, device=device, generator=generator).to(dtype)
     best = float("inf")
     for i in range(repeats + 1):
         if device.type == "cuda":
