@@ -55,8 +55,8 @@ def _plan(cfg: ModelConfig, pp: int, vpp: int | None, schedule: str, microbatche
             if plan is not None:
                 return {**plan, "strategy": name}
     raise ConfigError(
-        "no installed strategy runs pipeline parallelism (--pp): install moeframe-parallel "
-        "(`pip install -e plugins/moeframe-parallel`)"
+        "no installed strategy plans pipeline stages (--pp): install a parallel-strategy plugin that does "
+        "(`moeframe plugins` lists the installed strategies)"
     )
 
 

@@ -26,6 +26,8 @@ REPO = Path(__file__).resolve().parents[1]
 ALLOWED = {
     ("moeframe/convert/hf.py", "fp8"): "HF's quantization_config value quant_method: fp8 (a file format)",
     ("moeframe/inspect.py", "ep"): "the expert-parallel degree's key in inspect's JSON report",
+    ("moeframe/pipeline_estimate.py", "ep"): "the expert-parallel degree's key in inspect's JSON report",
+    ("moeframe/pipeline_estimate.py", "pp"): "the pipeline-parallel degree's key in inspect's JSON report",
     ("moeframe/training/throughput.py", "fp8"): "FP8 as a number format: the tensor cores' FP8 peak FLOP/s",
 }
 
