@@ -68,3 +68,34 @@ def test_router_fault_options_given_to_reliability_still_work_with_one_warning(t
     assert len([w for w in caught if issubclass(w.category, FutureWarning)]) == 1
     trainer = _fit(tmp_path, [guard])
     assert _of(trainer, ExpertBalance)[0].collapse_patience == 2
+
+
+_EXIT_SCRIPT = """
+import atexit, sys
+import torch.distributed as dist
+sys.path.insert(0, {tests!r})
+# registered first, so it runs last: what the process group looks like when the interpreter ends
+atexit.register(lambda: print("initialized at exit:", dist.is_initialized(), flush=True))
+import lightning as L
+import test_module_callbacks as t
+Trainer = L.Trainer
+t.L.Trainer = lambda **kw: Trainer(strategy="ddp", devices=1, **kw)
+trainer = t._fit(__import__("pathlib").Path({tmp!r}), [])
+print("fit under", dist.get_backend(), flush=True)
+"""
+
+
+def test_a_gloo_process_group_is_destroyed_before_the_interpreter_exits(tmp_path: Path) -> None:
+    """Lightning destroys only NCCL groups at exit; a gloo group left to interpreter finalisation
+    makes a finished run abort at random (exit -6). The module registers the destroy itself."""
+    import subprocess
+    import sys
+
+    from .conftest import clean_env
+
+    script = _EXIT_SCRIPT.format(tests=str(Path(__file__).parent), tmp=str(tmp_path))
+    run = subprocess.run(
+        [sys.executable, "-c", script], env=clean_env(), capture_output=True, text=True, timeout=240, cwd=tmp_path
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "fit under gloo" in run.stdout and "initialized at exit: False" in run.stdout, run.stdout

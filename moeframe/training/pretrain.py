@@ -7,6 +7,7 @@ mistake fails before any allocation.
 
 from __future__ import annotations
 
+import atexit
 import math
 from typing import Any, Literal
 
@@ -32,6 +33,27 @@ def mtp_loss(mtp_logits: list[torch.Tensor], labels_BT: torch.Tensor) -> torch.T
     """``(1/D) Σ_k CE``: depth k's position i predicts token i + k + 1, i.e. ``labels[:, i + k]``."""
     losses = [next_token_loss(logits, labels_BT[:, k:]) for k, logits in enumerate(mtp_logits, start=1)]
     return torch.stack(losses).mean()
+
+
+def _destroy_process_group() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+_EXIT_HOOK_REGISTERED = False
+
+
+def destroy_process_group_at_exit() -> None:
+    """Destroy the default process group before the interpreter shuts down, whatever the backend.
+
+    Lightning 2.6 registers this only for NCCL. A gloo group left alive until interpreter
+    finalisation lets its worker threads release tensors after Python is gone: the process aborts
+    (``terminate called without an active exception``, exit status -6) after a run that finished
+    well, at random (pytorch/pytorch#179291). atexit runs while the interpreter is still whole."""
+    global _EXIT_HOOK_REGISTERED
+    if not _EXIT_HOOK_REGISTERED:
+        atexit.register(_destroy_process_group)
+        _EXIT_HOOK_REGISTERED = True
 
 
 def lambda_at(step: float, default: float, schedule: list[tuple[float, float]]) -> float:
@@ -161,6 +183,8 @@ class PretrainModule(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         self.check_data(getattr(self.trainer, "datamodule", None))
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            destroy_process_group_at_exit()
 
     def check_data(self, datamodule: Any) -> None:
         """Data settings that are only wrong next to this model's: a ConfigError before anything is
