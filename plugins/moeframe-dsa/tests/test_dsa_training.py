@@ -126,3 +126,55 @@ def test_the_training_step_logs_the_indexer_kl_apart() -> None:
     assert logged["train/aux_loss"] >= logged["train/indexer_kl"]  # the KL is part of the loss's aux terms
     expected = logged["train/loss"] + logged["train/aux_loss"] + logged["train/mtp_lambda"] * logged["train/mtp_loss"]
     assert loss.item() == pytest.approx(expected, rel=1e-5)
+
+
+def _dense_masked_selected(attn: Any) -> Any:
+    """The reference for the sparse path: scores against EVERY row, the unselected ones masked."""
+
+    def attend(q_nope_BTHd, q_pe_BTHR, latent_BSL, idx_BTK, keep_BTK):  # noqa: ANN001, ANN202
+        H, C = attn.n_heads, attn.kv_lora_rank
+        q_BTHL = attn._absorbed_queries(q_nope_BTHd, q_pe_BTHR)
+        chosen_BTS = torch.zeros(idx_BTK.shape[:2] + latent_BSL.shape[1:2], dtype=torch.bool)
+        chosen_BTS.scatter_(-1, idx_BTK, keep_BTK)
+        scores_BTHS = torch.einsum("bthl,bsl->bths", q_BTHL, latent_BSL) * attn.softmax_scale
+        p_BTHS = scores_BTHS.masked_fill(~chosen_BTS[:, :, None], float("-inf")).softmax(-1)
+        o_BTHC = torch.einsum("bths,bsc->bthc", p_BTHS, latent_BSL[..., :C])
+        w_uv_HvC = attn.wkv_b.weight.view(H, -1, C)[:, attn.qk_nope_head_dim :]
+        dist_BTK = p_BTHS.mean(2).gather(-1, idx_BTK).detach()
+        return torch.einsum("bthc,hvc->bthv", o_BTHC, w_uv_HvC), dist_BTK
+
+    return attend
+
+
+def test_the_sparse_path_equals_dense_attention_masked_to_the_selection(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Loss and every gradient of the blocked O(T·k) path equal dense attention masked to the
+    selected tokens, with blocks of several tokens AND blocks split down to one token (small
+    blocks and union limit), packed documents (selected but invisible rows) and a batch of 2."""
+    from moeframe_dsa import selected
+
+    monkeypatch.setattr(selected, "QUERY_BLOCK", 8)
+    monkeypatch.setattr(selected, "UNION_FACTOR", 1.5)
+    plans: list[list[Any]] = []
+    plan_all = selected._plan_all
+    monkeypatch.setattr(selected, "_plan_all", lambda *a: plans.append(plan_all(*a)) or plans[-1])
+    attn = _decoder().layers[1].attn  # k = 5
+    T = 40
+    x_BTD = torch.randn(2, T, 32, requires_grad=True)
+    docs_BT = torch.tensor([[0] * 7 + [1] * (T - 7), [0] * T])
+    ctx = ForwardContext(torch.arange(T), document_ids_BT=docs_BT, layer_id=1)
+
+    def loss_and_grads() -> tuple[torch.Tensor, list[torch.Tensor]]:
+        out = attn(x_BTD, ctx)
+        loss = out.square().mean() + attn.take_training_losses()["indexer_kl"]
+        params = [x_BTD, *attn.parameters()]
+        return loss.detach(), list(torch.autograd.grad(loss, params))
+
+    loss, grads = loss_and_grads()
+    sizes = {blk.t1 - blk.t0 for blk in plans[0]}
+    assert 1 in sizes and max(sizes) > 1, sizes  # both kinds of block ran
+    monkeypatch.setattr(attn, "_attend_selected", _dense_masked_selected(attn))
+    ref_loss, ref_grads = loss_and_grads()
+    assert torch.allclose(loss, ref_loss, rtol=1e-6, atol=0)
+    for g, ref in zip(grads, ref_grads):
+        assert torch.allclose(g, ref, rtol=1e-4, atol=1e-7), (g - ref).abs().max()
+    assert all(ref.abs().sum() > 0 for ref in ref_grads)

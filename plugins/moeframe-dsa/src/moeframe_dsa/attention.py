@@ -31,15 +31,14 @@ tokens per query, I indexer head width.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import partial
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from moeframe.plugin import ConfigError, ForwardContext, PluginOptions, cached_causal_mask, document_mask
 from moeframe_dsa.indexer import LightningIndexer
+from moeframe_dsa.selected import attend_selected
 from moeframe_mla import LatentCache, MLAOptions, MultiHeadLatentAttention, rotate
 
 if TYPE_CHECKING:
@@ -48,8 +47,6 @@ if TYPE_CHECKING:
 __all__ = ["DSAOptions", "DeepSeekSparseAttention", "IndexedLatentCache", "indexer_kl", "V32_FAMILY"]
 
 V32_FAMILY = "deepseek_v32"  # the only HF checkpoint family whose files hold the indexer
-# gathered latent rows per chunk of the sparse path (B·t·K rows of L values): bounds its memory
-GATHER_ROWS = 1 << 18
 _INDEXER_HF = ("wq_b.weight", "wk.weight", "k_norm.weight", "k_norm.bias", "weights_proj.weight")
 
 
@@ -312,38 +309,16 @@ class DeepSeekSparseAttention(MultiHeadLatentAttention):
         idx_BTK: torch.Tensor,
         keep_BTK: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """MQA over each query's K selected latent rows. Returns the output [B,T,H,v] and the
-        attention distribution over the selected tokens, summed over heads and L1-normalised
-        [B,T,K] (detached: the indexer's target)."""
-        B, T, H, _ = q_nope_BTHd.shape
-        K, C = idx_BTK.shape[-1], self.kv_lora_rank
+        """MQA over each query's K selected latent rows (``moeframe_dsa.selected``: O(T·K), blocks
+        of queries share their gathered rows, recomputed in backward). Returns the output [B,T,H,v]
+        and the attention distribution over the selected tokens, summed over heads and
+        L1-normalised [B,T,K] (no gradient: the indexer's target)."""
+        H, C = self.n_heads, self.kv_lora_rank
         q_BTHL = self._absorbed_queries(q_nope_BTHd, q_pe_BTHR)
-        step = max(1, GATHER_ROWS // max(1, B * K))
-        # in training each chunk is recomputed in backward: the gathered rows are never all kept
-        attend = (
-            partial(checkpoint, self._selected_chunk, use_reentrant=False)
-            if torch.is_grad_enabled()
-            else self._selected_chunk
-        )
-        outs, dists = zip(
-            *[
-                attend(q_BTHL[:, t : t + step], latent_BSL, idx_BTK[:, t : t + step], keep_BTK[:, t : t + step])
-                for t in range(0, T, step)
-            ]
-        )
+        o_BTHC, dist_BTK = attend_selected(q_BTHL, latent_BSL, idx_BTK, keep_BTK, self.softmax_scale, C)
         w_uv_HvC = self.wkv_b.weight.view(H, self.qk_nope_head_dim + self.v_head_dim, C)[:, self.qk_nope_head_dim :]
         # fold the value up-projection after the weighted sum: Σ p·(W_uv c) = W_uv (Σ p·c)
-        return torch.einsum("bthc,hvc->bthv", torch.cat(outs, dim=1), w_uv_HvC), torch.cat(dists, dim=1).detach()
-
-    def _selected_chunk(
-        self, q_BtHL: torch.Tensor, latent_BSL: torch.Tensor, idx_BtK: torch.Tensor, keep_BtK: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One chunk of queries against their gathered rows: latent output [B,t,H,C], distribution [B,t,K]."""
-        B = q_BtHL.shape[0]
-        rows_BtKL = latent_BSL[torch.arange(B, device=latent_BSL.device)[:, None, None], idx_BtK]
-        scores_BtHK = torch.einsum("bthl,btkl->bthk", q_BtHL, rows_BtKL) * self.softmax_scale
-        p_BtHK = scores_BtHK.masked_fill(~keep_BtK[:, :, None], float("-inf")).float().softmax(-1).to(q_BtHL.dtype)
-        return torch.einsum("bthk,btkc->bthc", p_BtHK, rows_BtKL[..., : self.kv_lora_rank]), p_BtHK.float().mean(2)
+        return torch.einsum("bthc,hvc->bthv", o_BTHC, w_uv_HvC), dist_BTK
 
     @torch.no_grad()
     def _dense_distribution(
