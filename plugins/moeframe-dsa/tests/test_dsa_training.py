@@ -146,12 +146,28 @@ def _dense_masked_selected(attn: Any) -> Any:
     return attend
 
 
-def test_the_sparse_path_equals_dense_attention_masked_to_the_selection(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Loss and every gradient of the blocked O(T·k) path equal dense attention masked to the
-    selected tokens, with blocks of several tokens AND blocks split down to one token (small
-    blocks and union limit), packed documents (selected but invisible rows) and a batch of 2."""
-    from moeframe_dsa import selected
+def _dense_select(attn: Any) -> Any:
+    """The reference selection: the dense [B, T, S] index scores, masked, top-k, gathered."""
 
+    def select(x_BTD, q_latent_BTQ, k_BSI, cos_TP, sin_TP, ctx):  # noqa: ANN001, ANN202
+        (B, T, _), S = x_BTD.shape, k_BSI.shape[1]
+        visible_BTS = attn._visible(B, T, S - T, S, ctx.document_ids_BT, x_BTD.device)
+        index_BTS = attn.indexer.scores(x_BTD, q_latent_BTQ, k_BSI, cos_TP, sin_TP)
+        index_BTS = index_BTS.masked_fill(~visible_BTS, float("-inf"))
+        idx_BTK = index_BTS.detach().topk(attn.index_topk, dim=-1).indices
+        return idx_BTK, visible_BTS.gather(-1, idx_BTK), index_BTS.gather(-1, idx_BTK)
+
+    return select
+
+
+def test_the_sparse_path_equals_dense_attention_masked_to_the_selection(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Loss and every gradient (model and indexer) of the O(T·k) path equal the dense-masked one:
+    dense index scores, top-k, dense attention masked to the selection. Exercised: query chunks
+    of the selection with their causal key ranges, attention blocks of several tokens AND blocks
+    split down to one token, packed documents (selected but invisible rows), a batch of 2."""
+    from moeframe_dsa import attention, selected
+
+    monkeypatch.setattr(attention, "QUERY_CHUNK", 16)
     monkeypatch.setattr(selected, "QUERY_BLOCK", 8)
     monkeypatch.setattr(selected, "UNION_FACTOR", 1.5)
     plans: list[list[Any]] = []
@@ -173,6 +189,7 @@ def test_the_sparse_path_equals_dense_attention_masked_to_the_selection(monkeypa
     sizes = {blk.t1 - blk.t0 for blk in plans[0]}
     assert 1 in sizes and max(sizes) > 1, sizes  # both kinds of block ran
     monkeypatch.setattr(attn, "_attend_selected", _dense_masked_selected(attn))
+    monkeypatch.setattr(attn, "_select", _dense_select(attn))
     ref_loss, ref_grads = loss_and_grads()
     assert torch.allclose(loss, ref_loss, rtol=1e-6, atol=0)
     for g, ref in zip(grads, ref_grads):

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from moeframe.plugin import ConfigError, ForwardContext, PluginOptions, cached_causal_mask, document_mask
-from moeframe_dsa.indexer import LightningIndexer
+from moeframe_dsa.indexer import QUERY_CHUNK, LightningIndexer, score_chunk, selected_scores
 from moeframe_dsa.selected import attend_selected
 from moeframe_mla import LatentCache, MLAOptions, MultiHeadLatentAttention, rotate
 
@@ -220,24 +220,22 @@ class DeepSeekSparseAttention(MultiHeadLatentAttention):
         latent_BSL, k_index_BSI, start = self._store(x_BTD, x_idx_BTD, cos_TP, sin_TP, ctx)
         S = latent_BSL.shape[1]
         sparse = self.mode == "sparse" and S > self.index_topk  # else every visible token is selected
-        if sparse or learn:
+        if sparse:
+            idx_BTK, keep_BTK, index_BTK = self._select(x_idx_BTD, q_idx_BTQ, k_index_BSI, cos_TP, sin_TP, ctx)
+            o_BTHv, p_BTK = self._attend_selected(q_nope_BTHd, q_pe_BTHR, latent_BSL, idx_BTK, keep_BTK)
+            if index_BTK is not None:  # training, stage 2: the KL over the selected tokens only
+                self._set_kl(index_BTK, p_BTK, keep_BTK)
+            return self.wo(o_BTHv.reshape(B, T, self.n_heads * self.v_head_dim))
+        o_BTHv = self._attend_dense(
+            q_nope_BTHd, q_pe_BTHR, latent_BSL, start, ctx.cache is not None, ctx.document_ids_BT
+        )
+        if learn:  # stage 1 (or a context within k): the KL over every visible token
             visible_BTS = self._visible(B, T, start, S, ctx.document_ids_BT, x_BTD.device)
             index_BTS = self.indexer.scores(x_idx_BTD, q_idx_BTQ, k_index_BSI, cos_TP, sin_TP)
             index_BTS = index_BTS.masked_fill(~visible_BTS, float("-inf"))
-        if sparse:
-            idx_BTK = index_BTS.detach().topk(self.index_topk, dim=-1).indices
-            keep_BTK = visible_BTS.gather(-1, idx_BTK)
-            o_BTHv, p_BTK = self._attend_selected(q_nope_BTHd, q_pe_BTHR, latent_BSL, idx_BTK, keep_BTK)
-            if learn:  # stage 2: the KL over the selected tokens only
-                self._set_kl(index_BTS.gather(-1, idx_BTK), p_BTK, keep_BTK)
-        else:
-            o_BTHv = self._attend_dense(
-                q_nope_BTHd, q_pe_BTHR, latent_BSL, start, ctx.cache is not None, ctx.document_ids_BT
+            self._set_kl(
+                index_BTS, self._dense_distribution(q_nope_BTHd, q_pe_BTHR, latent_BSL, visible_BTS), visible_BTS
             )
-            if learn:  # stage 1 (or a context within k): the KL over every visible token
-                self._set_kl(
-                    index_BTS, self._dense_distribution(q_nope_BTHd, q_pe_BTHR, latent_BSL, visible_BTS), visible_BTS
-                )
         return self.wo(o_BTHv.reshape(B, T, self.n_heads * self.v_head_dim))
 
     def _store(
@@ -261,6 +259,38 @@ class DeepSeekSparseAttention(MultiHeadLatentAttention):
         start = cache.length
         return (*cache.append_indexed(c_kv_BTC, k_pe_BTR, k_index_BTI), start)
 
+    def _select(
+        self,
+        x_idx_BTD: torch.Tensor,
+        q_idx_BTQ: torch.Tensor,
+        k_index_BSI: torch.Tensor,
+        cos_TP: torch.Tensor,
+        sin_TP: torch.Tensor,
+        ctx: ForwardContext,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Each query's top-k tokens [B,T,K], whether each may be seen [B,T,K], and (training) their
+        index scores [B,T,K] with gradient. Chunks of queries score only the keys up to their
+        last query; no [B,T,S] tensor is kept."""
+        B, T, _ = x_idx_BTD.shape
+        S, K = k_index_BSI.shape[1], self.index_topk
+        q_BTGI, w_BTG = self.indexer.queries(x_idx_BTD, q_idx_BTQ, cos_TP, sin_TP)
+        k_BSI = k_index_BSI.float()
+        learn = self.training and torch.is_grad_enabled()
+        idx, keep, scores = [], [], []
+        for t0 in range(0, T, QUERY_CHUNK):
+            t1 = min(T, t0 + QUERY_CHUNK)
+            # causal: the chunk sees S - T + t1 keys; at least K so that top-k has K to pick from
+            seen = min(S, max(S - T + t1, K))
+            visible_BtS = self._visible_chunk(B, t0, t1, S - T, seen, ctx.document_ids_BT, x_idx_BTD.device)
+            with torch.no_grad():
+                index_BtS = score_chunk(q_BTGI[:, t0:t1], w_BTG[:, t0:t1], k_BSI[:, :seen])
+                idx_BtK = index_BtS.masked_fill_(~visible_BtS, float("-inf")).topk(K, dim=-1).indices
+            idx.append(idx_BtK)
+            keep.append(visible_BtS.gather(-1, idx_BtK))
+            if learn:
+                scores.append(selected_scores(q_BTGI[:, t0:t1], w_BTG[:, t0:t1], k_BSI[:, :seen], idx_BtK))
+        return torch.cat(idx, dim=1), torch.cat(keep, dim=1), torch.cat(scores, dim=1) if learn else None
+
     def _set_kl(self, index_BTX: torch.Tensor, target_BTX: torch.Tensor, keep_BTX: torch.Tensor) -> None:
         self._losses = {"indexer_kl": self.indexer_loss_coef * indexer_kl(index_BTX, target_BTX, keep_BTX)}
 
@@ -269,10 +299,20 @@ class DeepSeekSparseAttention(MultiHeadLatentAttention):
         B: int, T: int, start: int, S: int, document_ids_BT: torch.Tensor | None, device: torch.device
     ) -> torch.Tensor:
         """Which cached tokens each query may see [B, T, S]: causal, and in its own document."""
-        causal_TS = torch.arange(S, device=device)[None, :] <= torch.arange(start, start + T, device=device)[:, None]
+        return DeepSeekSparseAttention._visible_chunk(B, 0, T, start, S, document_ids_BT, device)
+
+    @staticmethod
+    def _visible_chunk(
+        B: int, t0: int, t1: int, start: int, S: int, document_ids_BT: torch.Tensor | None, device: torch.device
+    ) -> torch.Tensor:
+        """Which of the first S cached tokens queries t0:t1 may see [B, t, S] (query t sits at
+        cache position start + t)."""
+        causal_tS = (
+            torch.arange(S, device=device)[None, :] <= torch.arange(start + t0, start + t1, device=device)[:, None]
+        )
         if document_ids_BT is None:
-            return causal_TS.expand(B, T, S)
-        return causal_TS & (document_ids_BT[:, :, None] == document_ids_BT[:, None, :])
+            return causal_tS.expand(B, t1 - t0, S)
+        return causal_tS & (document_ids_BT[:, t0:t1, None] == document_ids_BT[:, None, :S])
 
     def _attend_dense(
         self,

@@ -28,15 +28,14 @@ heads, I indexer head width, R rope channels, P = R/2 rope pairs.
 
 from __future__ import annotations
 
-from functools import partial
-
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from moeframe_mla import rotate
 
-__all__ = ["LightningIndexer"]
+__all__ = ["QUERY_CHUNK", "LightningIndexer", "score_chunk", "selected_scores"]
 
 # queries scored per chunk: bounds the [B, t, G, S] intermediate at long contexts
 QUERY_CHUNK = 512
@@ -63,6 +62,16 @@ class LightningIndexer(nn.Module):
         k_BTI = self.k_norm(self.wk(x_BTD))
         return self._rotate_first(k_BTI[:, :, None], cos_TP, sin_TP)[:, :, 0]
 
+    def queries(
+        self, x_BTD: torch.Tensor, q_latent_BTQ: torch.Tensor, cos_TP: torch.Tensor, sin_TP: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-head queries [B, T, G, I] and head weights [B, T, G], in fp32 (the scores' precision)."""
+        B, T, _ = x_BTD.shape
+        q_BTGI = self._rotate_first(self.wq_b(q_latent_BTQ).view(B, T, self.n_heads, self.head_dim), cos_TP, sin_TP)
+        # the head weights fold in both scales: 1/sqrt(G) over heads and the dot product's 1/sqrt(I)
+        w_BTG = self.weights_proj(x_BTD).float() * (self.n_heads**-0.5 * self.softmax_scale)
+        return q_BTGI.float(), w_BTG
+
     def scores(
         self,
         x_BTD: torch.Tensor,
@@ -71,26 +80,45 @@ class LightningIndexer(nn.Module):
         cos_TP: torch.Tensor,
         sin_TP: torch.Tensor,
     ) -> torch.Tensor:
-        """Index scores I [B, T, S] in fp32 (unmasked: the caller hides invisible tokens)."""
-        B, T, _ = x_BTD.shape
-        q_BTGI = self._rotate_first(self.wq_b(q_latent_BTQ).view(B, T, self.n_heads, self.head_dim), cos_TP, sin_TP)
-        # the head weights fold in both scales: 1/sqrt(G) over heads and the dot product's 1/sqrt(I)
-        w_BTG = self.weights_proj(x_BTD).float() * (self.n_heads**-0.5 * self.softmax_scale)
+        """Index scores I [B, T, S] in fp32 of every query against every cached key (the T queries
+        are the last T of the S tokens). Keys after a query are not scored (causal: their score is
+        0 here) and the caller hides every invisible token."""
+        T, S = x_BTD.shape[1], k_BSI.shape[1]
+        q_BTGI, w_BTG = self.queries(x_BTD, q_latent_BTQ, cos_TP, sin_TP)
         k_BSI = k_BSI.float()
-        # in training each chunk is recomputed in backward: the [B, t, G, S] ReLU inputs are not kept
-        score = (
-            partial(checkpoint, self._score_chunk, use_reentrant=False)
-            if torch.is_grad_enabled()
-            else self._score_chunk
-        )
-        chunks = [
-            score(q_BTGI[:, t : t + QUERY_CHUNK].float(), w_BTG[:, t : t + QUERY_CHUNK], k_BSI)
-            for t in range(0, T, QUERY_CHUNK)
-        ]
+        chunks = []
+        for t in range(0, T, QUERY_CHUNK):
+            seen = S - T + min(T, t + QUERY_CHUNK)  # keys up to the chunk's last query
+            scores_BtS = score_chunk(q_BTGI[:, t : t + QUERY_CHUNK], w_BTG[:, t : t + QUERY_CHUNK], k_BSI[:, :seen])
+            chunks.append(F.pad(scores_BtS, (0, S - seen)))
         return torch.cat(chunks, dim=1)
 
-    @staticmethod
-    def _score_chunk(q_BtGI: torch.Tensor, w_BtG: torch.Tensor, k_BSI: torch.Tensor) -> torch.Tensor:
-        # ReLU(a·s) = s·ReLU(a) for s > 0: the scale sits in the weights
-        dots_BtGS = torch.einsum("btgi,bsi->btgs", q_BtGI, k_BSI).relu()
-        return torch.einsum("btg,btgs->bts", w_BtG, dots_BtGS)
+
+def _score_chunk(q_BtGI: torch.Tensor, w_BtG: torch.Tensor, k_BSI: torch.Tensor) -> torch.Tensor:
+    # ReLU(a·s) = s·ReLU(a) for s > 0: the scale sits in the weights
+    dots_BtGS = torch.einsum("btgi,bsi->btgs", q_BtGI, k_BSI).relu()
+    return torch.einsum("btg,btgs->bts", w_BtG, dots_BtGS)
+
+
+def score_chunk(q_BtGI: torch.Tensor, w_BtG: torch.Tensor, k_BSI: torch.Tensor) -> torch.Tensor:
+    """Index scores [B, t, S] of a chunk of queries; in training recomputed in backward, so the
+    [B, t, G, S] ReLU inputs are never kept."""
+    if torch.is_grad_enabled():
+        return checkpoint(_score_chunk, q_BtGI, w_BtG, k_BSI, use_reentrant=False)
+    return _score_chunk(q_BtGI, w_BtG, k_BSI)
+
+
+def _selected_chunk(
+    q_BtGI: torch.Tensor, w_BtG: torch.Tensor, k_BSI: torch.Tensor, idx_BtK: torch.Tensor
+) -> torch.Tensor:
+    return _score_chunk(q_BtGI, w_BtG, k_BSI).gather(-1, idx_BtK)
+
+
+def selected_scores(
+    q_BtGI: torch.Tensor, w_BtG: torch.Tensor, k_BSI: torch.Tensor, idx_BtK: torch.Tensor
+) -> torch.Tensor:
+    """Index scores of the selected keys only [B, t, K]: the chunk's [B, t, S] scores exist only
+    inside this call (recomputed in backward), so no dense score tensor or gradient outlives it."""
+    if torch.is_grad_enabled():
+        return checkpoint(_selected_chunk, q_BtGI, w_BtG, k_BSI, idx_BtK, use_reentrant=False)
+    return _selected_chunk(q_BtGI, w_BtG, k_BSI, idx_BtK)

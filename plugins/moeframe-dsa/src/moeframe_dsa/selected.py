@@ -45,14 +45,14 @@ UNION_FACTOR = 2.0
 @dataclass(frozen=True)
 class _Block:
     """Tokens t0:t1 of batch row b, the union of their selected rows U (sorted positions in S),
-    each selected row's place in U [t, K], and which rows of U each token attends to [t, U]."""
+    each selected row's place in U [t, K], and which rows of U each token does NOT attend to [t, U]."""
 
     b: int
     t0: int
     t1: int
     rows_U: torch.Tensor
     place_tK: torch.Tensor
-    attend_tU: torch.Tensor
+    hidden_tU: torch.Tensor
 
 
 def _union(idx_tK: torch.Tensor, S: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -66,16 +66,14 @@ def _union(idx_tK: torch.Tensor, S: int) -> tuple[torch.Tensor, torch.Tensor]:
     return rows_U, place_S[idx_tK]
 
 
-def _plan(
-    b: int, t0: int, t1: int, idx_TK: torch.Tensor, keep_TK: torch.Tensor, S: int, limit: int
-) -> list[_Block]:
+def _plan(b: int, t0: int, t1: int, idx_TK: torch.Tensor, keep_TK: torch.Tensor, S: int, limit: int) -> list[_Block]:
     rows_U, place_tK = _union(idx_TK[t0:t1], S)
     if rows_U.numel() > limit and t1 - t0 > 1:
         mid = (t0 + t1) // 2
         return _plan(b, t0, mid, idx_TK, keep_TK, S, limit) + _plan(b, mid, t1, idx_TK, keep_TK, S, limit)
-    attend_tU = torch.zeros(t1 - t0, rows_U.numel(), dtype=torch.bool, device=idx_TK.device)
-    attend_tU.scatter_(1, place_tK, keep_TK[t0:t1])
-    return [_Block(b, t0, t1, rows_U, place_tK, attend_tU)]
+    hidden_tU = torch.ones(t1 - t0, rows_U.numel(), dtype=torch.bool, device=idx_TK.device)
+    hidden_tU.scatter_(1, place_tK, ~keep_TK[t0:t1])
+    return [_Block(b, t0, t1, rows_U, place_tK, hidden_tU)]
 
 
 def _plan_all(idx_BTK: torch.Tensor, keep_BTK: torch.Tensor, S: int) -> list[_Block]:
@@ -89,13 +87,18 @@ def _plan_all(idx_BTK: torch.Tensor, keep_BTK: torch.Tensor, S: int) -> list[_Bl
     ]
 
 
-def _probabilities(
-    q_ML: torch.Tensor, rows_UL: torch.Tensor, attend_tU: torch.Tensor, heads: int, scale: float
-) -> torch.Tensor:
-    """Each query row's distribution over the block's rows [M, U] (0 where not selected/visible)."""
-    scores_tHU = (q_ML @ rows_UL.T * scale).view(attend_tU.shape[0], heads, -1)
-    p_tHU = scores_tHU.masked_fill(~attend_tU[:, None], float("-inf")).float().softmax(-1)
+def _probabilities(q_ML: torch.Tensor, rows_UL: torch.Tensor, hidden_tU: torch.Tensor, heads: int) -> torch.Tensor:
+    """Each query row's distribution over the block's rows [M, U] (0 where not selected/visible);
+    ``q_ML`` comes scaled by the softmax scale (M·L values to scale, not M·U)."""
+    scores_tHU = (q_ML @ rows_UL.T).view(hidden_tU.shape[0], heads, -1)
+    p_tHU = scores_tHU.masked_fill_(hidden_tU[:, None], float("-inf")).float().softmax(-1)
     return p_tHU.to(q_ML.dtype).view(q_ML.shape[0], -1)
+
+
+def _add_rows(grad_SL: torch.Tensor, rows_U: torch.Tensor, grad_UL: torch.Tensor) -> None:
+    """grad[rows] += grad_rows for distinct rows: a read-add-write that runs in parallel
+    (index_add_ accumulates serially on the CPU)."""
+    grad_SL[rows_U] = grad_SL.index_select(0, rows_U).add_(grad_UL)
 
 
 class _SelectedAttention(torch.autograd.Function):
@@ -115,7 +118,8 @@ class _SelectedAttention(torch.autograd.Function):
         dist_BTK = torch.empty(idx_BTK.shape, dtype=torch.float32, device=q_BTHL.device)
         for blk in blocks:
             rows_UL = latent_BSL[blk.b].index_select(0, blk.rows_U)
-            p_MU = _probabilities(q_BTHL[blk.b, blk.t0 : blk.t1].reshape(-1, L), rows_UL, blk.attend_tU, H, scale)
+            q_ML = q_BTHL[blk.b, blk.t0 : blk.t1].reshape(-1, L) * scale
+            p_MU = _probabilities(q_ML, rows_UL, blk.hidden_tU, H)
             o_BTHC[blk.b, blk.t0 : blk.t1] = (p_MU @ rows_UL[:, :C]).view(-1, H, C)
             # the heads' mean distribution over the K selected rows: the indexer's KL target
             dist_BTK[blk.b, blk.t0 : blk.t1] = p_MU.view(-1, H, p_MU.shape[1]).float().mean(1).gather(1, blk.place_tK)
@@ -133,16 +137,16 @@ class _SelectedAttention(torch.autograd.Function):
         for blk in ctx.blocks:
             b, span = blk.b, slice(blk.t0, blk.t1)
             rows_UL = latent_BSL[b].index_select(0, blk.rows_U)
-            q_ML = q_BTHL[b, span].reshape(-1, L)
-            p_MU = _probabilities(q_ML, rows_UL, blk.attend_tU, H, ctx.scale)
+            q_ML = q_BTHL[b, span].reshape(-1, L) * ctx.scale
+            p_MU = _probabilities(q_ML, rows_UL, blk.hidden_tU, H)
             grad_o_MC = grad_o_BTHC[b, span].reshape(-1, C)
-            # softmax backward: dS = P ∘ (dP − rowsum(dO ∘ O)), dP = dO · rows_Cᵀ
+            # softmax backward: dS = P ∘ (dP − rowsum(dO ∘ O)), dP = dO · rows_Cᵀ (scores = scaled q · rows)
             delta_M1 = (grad_o_MC * o_BTHC[b, span].reshape(-1, C)).sum(-1, keepdim=True)
-            grad_s_MU = p_MU * (grad_o_MC @ rows_UL[:, :C].T - delta_M1) * ctx.scale
-            grad_q_BTHL[b, span] = (grad_s_MU @ rows_UL).view(-1, H, L)
+            grad_s_MU = (grad_o_MC @ rows_UL[:, :C].T).sub_(delta_M1).mul_(p_MU)
+            grad_q_BTHL[b, span] = (grad_s_MU @ rows_UL).mul_(ctx.scale).view(-1, H, L)
             grad_rows_UL = grad_s_MU.T @ q_ML
             grad_rows_UL[:, :C] += p_MU.T @ grad_o_MC
-            grad_latent_BSL[b].index_add_(0, blk.rows_U, grad_rows_UL)
+            _add_rows(grad_latent_BSL[b], blk.rows_U, grad_rows_UL)
         return grad_q_BTHL, grad_latent_BSL, None, None, None, None
 
 
