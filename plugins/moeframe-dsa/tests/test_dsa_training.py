@@ -170,6 +170,7 @@ def test_the_sparse_path_equals_dense_attention_masked_to_the_selection(monkeypa
     monkeypatch.setattr(attention, "QUERY_CHUNK", 16)
     monkeypatch.setattr(selected, "QUERY_BLOCK", 8)
     monkeypatch.setattr(selected, "UNION_FACTOR", 1.5)
+    monkeypatch.setattr(selected, "MIN_QUERY_ROWS", 1)
     plans: list[list[Any]] = []
     plan_all = selected._plan_all
     monkeypatch.setattr(selected, "_plan_all", lambda *a: plans.append(plan_all(*a)) or plans[-1])

@@ -15,8 +15,10 @@ selected rows ONCE and scores all its t·H query rows against them in one GEMM, 
 token the rows it did not select: exact, because softmax over U with the others at -inf equals
 softmax over the K selected. Neighbouring tokens select mostly the same rows (recent tokens,
 attention sinks), so |U| stays near K; where it does not, the block is halved until
-|U| <= ``UNION_FACTOR``·K or it holds one token (then U is that token's K rows). So every query
-row scores at most max(UNION_FACTOR·K, K) rows: the cost is O(T·K) at worst, never O(T·S).
+|U| <= ``UNION_FACTOR``·K or it holds too few query rows to halve again (``MIN_QUERY_ROWS``: below
+that the GEMMs are too thin to run at speed on a CPU; a one-token block's U is its own K rows). So
+every query row scores at most max(UNION_FACTOR, ⌈MIN_QUERY_ROWS/H⌉)·K rows: O(T·K) at worst,
+never O(T·S). With many heads (V3's 128) every token can be its own block.
 
 Memory. Forward keeps only the output and the block plan (U and each selected row's place in it,
 int64 the size of ``idx_BTK``); backward regathers each block's rows and recomputes its
@@ -34,12 +36,14 @@ from typing import Any
 
 import torch
 
-__all__ = ["QUERY_BLOCK", "UNION_FACTOR", "attend_selected"]
+__all__ = ["MIN_QUERY_ROWS", "QUERY_BLOCK", "UNION_FACTOR", "attend_selected"]
 
 # tokens per block: t·H query rows make one GEMM against the block's gathered rows
 QUERY_BLOCK = 64
 # a block is split while its union holds more than UNION_FACTOR·K rows: bounds the work per query
 UNION_FACTOR = 2.0
+# ... and while each half keeps at least this many query rows (t·H): thinner GEMMs starve on a CPU
+MIN_QUERY_ROWS = 64
 
 
 @dataclass(frozen=True)
@@ -66,24 +70,27 @@ def _union(idx_tK: torch.Tensor, S: int) -> tuple[torch.Tensor, torch.Tensor]:
     return rows_U, place_S[idx_tK]
 
 
-def _plan(b: int, t0: int, t1: int, idx_TK: torch.Tensor, keep_TK: torch.Tensor, S: int, limit: int) -> list[_Block]:
+def _plan(
+    b: int, t0: int, t1: int, idx_TK: torch.Tensor, keep_TK: torch.Tensor, S: int, limit: int, min_tokens: int
+) -> list[_Block]:
     rows_U, place_tK = _union(idx_TK[t0:t1], S)
-    if rows_U.numel() > limit and t1 - t0 > 1:
+    if rows_U.numel() > limit and t1 - t0 >= 2 * min_tokens:
         mid = (t0 + t1) // 2
-        return _plan(b, t0, mid, idx_TK, keep_TK, S, limit) + _plan(b, mid, t1, idx_TK, keep_TK, S, limit)
+        halves = ((t0, mid), (mid, t1))
+        return [blk for lo, hi in halves for blk in _plan(b, lo, hi, idx_TK, keep_TK, S, limit, min_tokens)]
     hidden_tU = torch.ones(t1 - t0, rows_U.numel(), dtype=torch.bool, device=idx_TK.device)
     hidden_tU.scatter_(1, place_tK, ~keep_TK[t0:t1])
     return [_Block(b, t0, t1, rows_U, place_tK, hidden_tU)]
 
 
-def _plan_all(idx_BTK: torch.Tensor, keep_BTK: torch.Tensor, S: int) -> list[_Block]:
+def _plan_all(idx_BTK: torch.Tensor, keep_BTK: torch.Tensor, S: int, heads: int) -> list[_Block]:
     B, T, K = idx_BTK.shape
-    limit = max(int(UNION_FACTOR * K), K)
+    limit, min_tokens = max(int(UNION_FACTOR * K), K), max(1, -(-MIN_QUERY_ROWS // heads))
     return [
         block
         for b in range(B)
         for t0 in range(0, T, QUERY_BLOCK)
-        for block in _plan(b, t0, min(T, t0 + QUERY_BLOCK), idx_BTK[b], keep_BTK[b], S, limit)
+        for block in _plan(b, t0, min(T, t0 + QUERY_BLOCK), idx_BTK[b], keep_BTK[b], S, limit, min_tokens)
     ]
 
 
@@ -113,7 +120,7 @@ class _SelectedAttention(torch.autograd.Function):
         C: int,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         B, T, H, L = q_BTHL.shape
-        blocks = _plan_all(idx_BTK, keep_BTK, latent_BSL.shape[1])
+        blocks = _plan_all(idx_BTK, keep_BTK, latent_BSL.shape[1], H)
         o_BTHC = q_BTHL.new_empty(B, T, H, C)
         dist_BTK = torch.empty(idx_BTK.shape, dtype=torch.float32, device=q_BTHL.device)
         for blk in blocks:
