@@ -25,6 +25,7 @@ from typing import Literal, get_args
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 from torch.utils.checkpoint import checkpoint
 
 from moeframe.config import ModelConfig, ModelPlan, resolve_model_config
@@ -396,11 +397,33 @@ def build_decoder(config: ModelConfig, device: str | torch.device | None = None)
     """Validate ``config`` and build the decoder; on ``device="meta"`` nothing is allocated."""
     plan = resolve_model_config(config)
     if device is not None and torch.device(device).type == "meta":
-        with torch.device("meta"):
+        with torch.device("meta"), _NoInitOnMeta():
             return Decoder(config, plan)
     decoder = Decoder(config, plan)
     decoder.init_weights()
     return decoder.to(device) if device is not None else decoder
+
+
+# in-place random fills that module constructors call (``reset_parameters``) as tensor methods
+_TENSOR_FILLS = frozenset({torch.Tensor.normal_, torch.Tensor.uniform_, torch.Tensor.zero_, torch.Tensor.fill_})
+
+
+class _NoInitOnMeta(TorchFunctionMode):
+    """Skip weight initialisation of meta tensors while a decoder is built on the meta device.
+
+    A meta tensor holds no values, so initialising it does nothing, but it is not free: torch runs
+    a meta ``normal_``/``uniform_`` through its Python reference implementations, whose first call
+    imports ``torch._dynamo`` (about 4 s, more than ``import torch`` itself), and ``moeframe
+    inspect``/``convert`` build the decoder on the meta device only to count and name its tensors.
+    ``materialize`` initialises every weight afterwards (``init_weights``), so nothing is lost."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204 (torch's protocol)
+        kwargs = kwargs or {}
+        first = args[0] if args else kwargs.get("tensor")
+        is_init = getattr(func, "__module__", None) == "torch.nn.init" or func in _TENSOR_FILLS
+        if is_init and isinstance(first, torch.Tensor) and first.is_meta:
+            return first
+        return func(*args, **kwargs)
 
 
 def materialize(decoder: Decoder, device: str | torch.device = "cpu") -> Decoder:

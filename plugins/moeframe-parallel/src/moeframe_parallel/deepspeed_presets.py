@@ -23,14 +23,15 @@ import argparse
 from collections.abc import Generator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 from lightning.fabric.utilities.seed import reset_seed
 from lightning.pytorch.accelerators.cuda import CUDAAccelerator
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
 
-from moeframe.plugin import DescribesLayout, ParallelLayout, check_zero_layout, moe_layers
+from moeframe.plugin import check_zero_layout, moe_layers
 from moeframe_parallel.atomic import AtomicFolderCheckpoints
+from moeframe_parallel.layouts import Zero1Layout, Zero2Layout, Zero3Layout, Zero3OffloadLayout, ZeroPresetLayout
 
 __all__ = [
     "CPUCapableDeepSpeedStrategy",
@@ -54,22 +55,11 @@ def check_zero_settings(
     check_zero_layout(stage, offload_parameters, offload_params_device, offload_optimizer_device, nvme_path)
 
 
-class CPUCapableDeepSpeedStrategy(AtomicFolderCheckpoints, DeepSpeedStrategy, DescribesLayout):
-    """Lightning's DeepSpeedStrategy, also on a CPU accelerator (gloo), with atomic checkpoint folders."""
+class CPUCapableDeepSpeedStrategy(AtomicFolderCheckpoints, DeepSpeedStrategy, ZeroPresetLayout):
+    """Lightning's DeepSpeedStrategy, also on a CPU accelerator (gloo), with atomic checkpoint folders.
 
-    # the layout a preset runs as registered (None: not a preset), for ``moeframe inspect``
-    zero_stage: ClassVar[int | None] = None
-    offloads_parameters: ClassVar[bool] = False
-
-    @classmethod
-    def runs_layout(cls, layout: ParallelLayout) -> dict[str, Any] | None:
-        runs = (
-            cls.zero_stage is not None
-            and layout.ep == 1
-            and layout.zero == cls.zero_stage
-            and layout.offload_parameters == cls.offloads_parameters
-        )
-        return {} if runs else None
+    The layout a preset runs (``zero_stage``, ``offloads_parameters``) comes from its description
+    in ``moeframe_parallel.layouts``, which ``moeframe inspect`` reads without importing Lightning."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         check_zero_settings(
@@ -247,40 +237,37 @@ def _register_router_weights_with_moe(model: Any) -> None:
             deepspeed.zero.register_external_parameter(moe, param)
 
 
-class Zero1Strategy(CPUCapableDeepSpeedStrategy):
+class Zero1Strategy(Zero1Layout, CPUCapableDeepSpeedStrategy):
     """``zero1``: optimizer state partitioned over the data-parallel ranks."""
 
     strategy_name = "zero1"
-    zero_stage = 1
 
     def __init__(self, **kwargs: Any) -> None:
         kwargs.setdefault("stage", 1)
         super().__init__(**kwargs)
 
 
-class Zero2Strategy(CPUCapableDeepSpeedStrategy):
+class Zero2Strategy(Zero2Layout, CPUCapableDeepSpeedStrategy):
     """``zero2``: optimizer state and gradients partitioned."""
 
     strategy_name = "zero2"
-    zero_stage = 2
 
     def __init__(self, **kwargs: Any) -> None:
         kwargs.setdefault("stage", 2)
         super().__init__(**kwargs)
 
 
-class Zero3Strategy(CPUCapableDeepSpeedStrategy):
+class Zero3Strategy(Zero3Layout, CPUCapableDeepSpeedStrategy):
     """``zero3``: optimizer state, gradients and parameters partitioned."""
 
     strategy_name = "zero3"
-    zero_stage = 3
 
     def __init__(self, **kwargs: Any) -> None:
         kwargs.setdefault("stage", 3)
         super().__init__(**kwargs)
 
 
-class Zero3OffloadStrategy(CPUCapableDeepSpeedStrategy):
+class Zero3OffloadStrategy(Zero3OffloadLayout, CPUCapableDeepSpeedStrategy):
     """``zero3_offload``: ZeRO-3 with parameters and optimizer state in host memory.
 
     ``zero_force_ds_cpu_optimizer: false`` lets a client optimizer (torch's AdamW, which
@@ -289,7 +276,6 @@ class Zero3OffloadStrategy(CPUCapableDeepSpeedStrategy):
     """
 
     strategy_name = "zero3_offload"
-    zero_stage, offloads_parameters = 3, True
 
     def __init__(self, **kwargs: Any) -> None:
         kwargs.setdefault("stage", 3)

@@ -43,12 +43,12 @@ import torch.distributed as dist
 from lightning.pytorch.strategies import DDPStrategy
 from torch import nn
 
-from moeframe.plugin import ConfigError, DecoderOutput, DescribesLayout, ParallelLayout, build_decoder
+from moeframe.plugin import ConfigError, DecoderOutput
+from moeframe_parallel.layouts import PPLayout
 from moeframe_parallel.pipeline_layout import (
-    bubble_fraction,
     check_pipeline,
     default_vpp,
-    in_flight,
+    layer_costs,
     schedule_spec,
     split_by_cost,
     stage_ranks,
@@ -104,26 +104,7 @@ class StageModule(nn.Module):
         return (out.logits, aux_1 + out.aux_loss, *out.mtp_logits)
 
 
-def layer_costs(config: Any) -> tuple[list[float], float]:
-    """Compute per layer (activated parameters: a MoE layer counts its shared and top-k routed
-    experts, a dense one its FFN) and what the last stage adds (head, MTP blocks), from a decoder
-    built on the meta device."""
-    decoder = build_decoder(config, device="meta")
-    top_k = config.n_activated_experts / max(config.n_routed_experts, 1)
-
-    def activated(block: nn.Module) -> float:
-        total = 0.0
-        for name, p in block.named_parameters():
-            total += p.numel() * (top_k if ".experts." in f".{name}" and "shared" not in name else 1.0)
-        return total
-
-    costs = [activated(b) for b in decoder.layers]
-    last = decoder.head.weight.numel() * (1 + config.mtp_depth)
-    last += sum(activated(m) for m in decoder.mtp)
-    return costs, last
-
-
-class PipelineStrategy(DDPStrategy, DescribesLayout):
+class PipelineStrategy(DDPStrategy, PPLayout):
     """Pipeline parallelism over ``pp_size`` ranks (× data parallelism over the rest of the world).
 
     Args:
@@ -137,27 +118,6 @@ class PipelineStrategy(DDPStrategy, DescribesLayout):
     """
 
     strategy_name = "pp"
-
-    @classmethod
-    def runs_layout(cls, layout: ParallelLayout) -> dict[str, Any] | None:
-        return None  # ParallelLayout has no pipeline degree; `moeframe inspect --pp` asks plan_pipeline
-
-    @classmethod
-    def plan_pipeline(
-        cls, config: Any, pp: int, vpp: int | None, schedule: str, microbatches: int | None
-    ) -> dict[str, Any] | None:
-        vpp = default_vpp(schedule) if vpp is None else vpp
-        microbatches = pp * vpp if microbatches is None else microbatches
-        check_pipeline(pp, schedule, vpp, microbatches, config.n_layers)
-        costs, last_extra = layer_costs(config)
-        return {
-            "layers_per_stage": split_by_cost(costs, pp * vpp, last_extra=last_extra),
-            "stage_ranks": stage_ranks(pp, vpp, schedule),
-            "vpp": vpp,
-            "microbatches": microbatches,
-            "bubble_fraction": bubble_fraction(schedule, pp, microbatches, vpp),
-            "in_flight": in_flight(schedule, pp, microbatches, vpp),
-        }
 
     def __init__(
         self,
