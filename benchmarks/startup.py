@@ -8,7 +8,7 @@ on a shared machine the wall clock mostly measures the other jobs, the CPU secon
 Then the breakdown of a tiny ``fit`` in one fresh process (imports, config, data preparation
 check, model build, first step) beside ``python -c "import lightning"``.
 
-    python benchmarks/startup.py [--repeats 5]
+    python benchmarks/startup.py [--repeats 5] [--commands-only | --fit-only]
 """
 
 from __future__ import annotations
@@ -162,6 +162,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--fit-only", action="store_true", help="only the fit breakdown (and import lightning)")
+    parser.add_argument("--commands-only", action="store_true", help="only the commands, no fit breakdown")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -177,6 +178,8 @@ def main() -> None:
         print(f"  {'command':<52} {'wall s':>7} {'/ torch':>8} {'CPU s':>7} {'/ torch':>8}")
         for name, (wall, cpu) in medians.items():
             print(f"  {name:<52} {wall:7.2f} {wall / torch_wall:8.2f} {cpu:7.2f} {cpu / torch_cpu:8.2f}")
+        if args.commands_only:
+            return
         phases = measure_fit(work)
         lightning_s = medians['python -c "import lightning"'][0]
         print(
