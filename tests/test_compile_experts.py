@@ -119,8 +119,6 @@ def test_the_float32_grouped_mm_op_hands_back_weight_gradients_in_the_weights_la
     g_NO = torch.randn_like(y_NO)
     y_NO.backward(g_NO)
     assert seen[0].stride() == w_EIO.stride()  # no copy into the parameter's layout needed
-    expected = torch.stack(
-        [xe.T @ ge for xe, ge in zip(torch.split(x_NI.detach(), counts), torch.split(g_NO, counts))]
-    )
+    expected = torch.stack([xe.T @ ge for xe, ge in zip(torch.split(x_NI.detach(), counts), torch.split(g_NO, counts))])
     torch.testing.assert_close(seen[0], expected, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(w_EOI.grad, expected.transpose(-2, -1), rtol=1e-6, atol=1e-6)
