@@ -13,17 +13,9 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from torch import nn
 
-__all__ = ["ddp_ignore", "flush_step_metrics", "in_autograd_backward", "set_logger_step"]
-
-
-def in_autograd_backward() -> bool:
-    """True while autograd's engine runs the calling code, i.e. an activation-checkpoint
-    recompute during backward. torch 2.13: ``torch._C._current_graph_task_id()`` is -1 outside
-    a backward pass; torch has no public query for it."""
-    return torch._C._current_graph_task_id() != -1
+__all__ = ["ddp_ignore", "flush_step_metrics", "set_logger_step"]
 
 
 def ddp_ignore(module: nn.Module, names: list[str]) -> None:

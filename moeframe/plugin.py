@@ -18,7 +18,8 @@ What is here, by use:
   ``as_context`` for an API-2 ``forward`` that API-1 subclasses still call the old way; the
   residual-stream base ``ResidualBase`` (and ``Sublayer``, what it is handed);
 - the **declared hooks** on those bases (no attribute probing): ``set_selective_recompute``
-  (attention, experts), the grouped-GEMM seam of experts (``grouped_gemm_seam``,
+  (attention, experts; recompute through ``activation_checkpoint``, so that counted and timed
+  forwards can tell the recompute in backward apart: ``is_recomputing``), the grouped-GEMM seam of experts (``grouped_gemm_seam``,
   ``set_grouped_gemm``, the ``GroupedGemm`` signature), the phase timer of experts
   (``marks_phases``, ``mark_phase``, ``set_phase_timer``, ``PhaseTimer``), the router's
   ``balance_state`` and ``update_after_step``;
@@ -89,6 +90,7 @@ from moeframe.model.experts import GroupedExperts, grouped_mm, grouped_mm_suppor
 from moeframe.model.hfnames import EXPERT, HFNamed
 from moeframe.model.moe import moe_layers
 from moeframe.model.norm import RMSNorm
+from moeframe.model.recompute import activation_checkpoint, is_recomputing
 from moeframe.model.rope import apply_rope, rope_cos_sin
 from moeframe.model.router import count_per_expert, gate_logits_fp32, limit_to_groups
 from moeframe.registry import PLUGIN_API
@@ -159,6 +161,8 @@ __all__ = [
     "pad_expert_groups_static",
     "limit_to_groups",
     "moe_layers",
+    "activation_checkpoint",
+    "is_recomputing",
     "options_as_config",
     "parse_options",
     "partial_name",
