@@ -11,11 +11,13 @@ Written against torch 2.13 and Lightning 2.6.6.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, ClassVar
 
+import torch
 from torch import nn
 
-__all__ = ["ddp_ignore", "flush_step_metrics", "set_logger_step"]
+__all__ = ["KeepsFP32Buffers", "ddp_ignore", "flush_step_metrics", "set_logger_step"]
 
 
 def ddp_ignore(module: nn.Module, names: list[str]) -> None:
@@ -38,3 +40,23 @@ def flush_step_metrics(trainer: Any) -> None:
     sends them after ``on_train_batch_end``; a callback that ends the run there would lose them).
     Lightning 2.6.6: ``trainer._logger_connector.update_train_step_metrics()``."""
     trainer._logger_connector.update_train_step_metrics()
+
+
+class KeepsFP32Buffers(nn.Module):
+    """Mixin: the buffers named in ``fp32_buffers`` stay float32, and exact, when the module is
+    cast (``module.to(torch.bfloat16)``, Lightning's ``bf16-true``, ``.half()``); device moves
+    still move them. Their state-dict keys and dtype do not change. torch 2.13: every cast and
+    move of a module's tensors goes through ``nn.Module._apply``, overridden here; torch has no
+    public way to exempt one tensor from a module cast (``to`` is not called on submodules)."""
+
+    fp32_buffers: ClassVar[tuple[str, ...]] = ()
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> KeepsFP32Buffers:
+        originals = {name: getattr(self, name) for name in self.fp32_buffers}
+        super()._apply(fn, recurse)
+        for name, original in originals.items():
+            moved = getattr(self, name)
+            if moved.dtype != torch.float32:  # cast: take the fp32 original, not the rounded copy
+                fp32 = moved.float() if original.is_meta else original.to(device=moved.device, dtype=torch.float32)
+                setattr(self, name, fp32)
+        return self

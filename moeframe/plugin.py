@@ -30,7 +30,8 @@ What is here, by use:
   static-size expert-group padding (``pad_expert_groups_static``), weight init (``default_init``, ``init_random_stream``), the FP8 block format (``quantize_blocks`` and its
   constants), parallel-layout checks (``check_ep_layout``, ``check_zero_layout``), atomic
   checkpoint IO (``partial_name``, ``replace_folder``, ``remove_stale_partials``), the parameters
-  DDP must leave alone (``ddp_ignore``), ``ConfigError``;
+  DDP must leave alone (``ddp_ignore``), buffers that stay fp32 when the module is cast
+  (``KeepsFP32Buffers``, a mixin naming them in ``fp32_buffers``), ``ConfigError``;
 - **names and layouts a plugin declares**: ``HFNamed`` (a part's HF tensor names and config
   fields; ``EXPERT`` stands for the expert index), ``HFFamily``/``HFTensor`` (a checkpoint-family
   adapter, entry-point kind ``hf_family``), ``DescribesLayout``/``ParallelLayout`` (a strategy's
@@ -51,7 +52,7 @@ import importlib
 from typing import Any
 
 from moeframe import registry
-from moeframe.compat import ddp_ignore
+from moeframe.compat import KeepsFP32Buffers, ddp_ignore
 from moeframe.config import ModelConfig, resolve_model_config
 from moeframe.convert.family import HFFamily, HFTensor
 from moeframe.convert.fp8 import AMAX_FLOOR, BLOCK, E4M3_MAX, dequantize_blocks, quantize_blocks
@@ -170,6 +171,7 @@ __all__ = [
     "remove_stale_partials",
     "replace_folder",
     "ddp_ignore",
+    "KeepsFP32Buffers",
 ]
 
 
