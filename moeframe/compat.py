@@ -1,10 +1,11 @@
 """Every use of a private Lightning or torch API in moeframe and its plugins, in one place.
 
 Where Lightning or torch offer no public way to do something moeframe needs, the private access
-lives here, one small function each, with the version it was written against. ``tests/test_compat.py``
-exercises each function against the installed versions, so an upgrade that moves or renames the
-private attribute fails there, loudly and by name, rather than deep inside a training run.
-``tests/test_private_api.py`` fails when a private access appears anywhere else.
+lives here, one small function (or, for an override, one mixin) each, with the version it was
+written against. ``tests/test_compat.py`` exercises each against the installed versions, so an
+upgrade that moves or renames the private attribute fails there, loudly and by name, rather than
+deep inside a training run. ``tests/test_private_api.py`` fails when a private access appears
+anywhere else (or, in the plugins, beyond the few it names).
 
 Written against torch 2.13 and Lightning 2.6.6.
 """
