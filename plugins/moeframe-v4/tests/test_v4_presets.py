@@ -48,7 +48,7 @@ def test_inspect_counts_equal_transformers(preset: str) -> None:
 
 
 @pytest.mark.slow
-def test_tiny_v4_trains_with_muon_from_its_pretrain_config(tmp_path: Path) -> None:
+def test_tiny_v4_trains_with_muon_from_its_pretrain_config(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     args = [
         "fit",
         "-c",
@@ -85,6 +85,14 @@ def test_tiny_v4_trains_with_muon_from_its_pretrain_config(tmp_path: Path) -> No
     assert any(k.endswith("residual.attn_hc.fn") for k in weights) and any(k.endswith("gate.tid2eid") for k in weights)
     losses = _logged_losses(tmp_path)
     assert losses[-1] < losses[0]
+    # the trained checkpoint generates, and greedy decoding with the cache (every V4 layer type's
+    # cache, the hyper-connection streams) picks what recomputing the whole prefix picks
+    capsys.readouterr()
+    texts = []
+    for extra in ([], ["--no_cache"]):
+        assert main(["generate", str(ckpt), "--prompt", "def ", "--max_new_tokens", "24", *extra]) == 0
+        texts.append(capsys.readouterr().out)
+    assert texts[0] == texts[1] and texts[0].startswith("def ") and len(texts[0]) > len("def ")
 
 
 def _logged_losses(root: Path) -> list[float]:
