@@ -20,9 +20,12 @@ What the family decides (each part names its own tensors and options):
   ``e_proj``, ``h_proj``, ``enorm``, ``hnorm``, ``norm``, ``hc_head_*`` and a sliding-window
   block), but transformers neither builds nor saves V4's MTP layers (it ignores ``mtp.*`` on
   load), so there is no reference to check an import of them against: an import leaves them out
-  (``mtp_depth: 0``) and says so in one warning when the folder holds ``mtp.*`` tensors; an export
-  writes moeframe's MTP layers as ``mtp.k.*`` (``eh_proj`` whole, not the release's
-  ``e_proj``/``h_proj`` halves), which transformers ignores on load.
+  (``mtp_depth: 0``) and says so in one warning when the folder holds ``mtp.*`` tensors. Nor would
+  the release's MTP weights fit moeframe's MTP module: V4's MTP (as vLLM's deepseek_v4 MTP runs it)
+  projects each of the main model's n streams with ``h_proj`` and adds ``e_proj`` of the next
+  token's embedding to every stream, where moeframe's takes the streams reduced to one state and
+  expands ``eh_proj`` of both. An export writes moeframe's MTP layers as ``mtp.k.*`` (``eh_proj``
+  whole), which transformers ignores on load.
 """
 
 from __future__ import annotations
