@@ -161,7 +161,6 @@ def _release_style_mtp(dim: int, hc: int) -> dict[str, torch.Tensor]:
     return {f"mtp.0.{k}": torch.randn(shape) for k, shape in shapes.items()}
 
 
-@pytest.mark.bad_input
 def test_importing_a_folder_with_mtp_layers_says_it_leaves_them_out(pair: tuple, tmp_path: Path) -> None:
     """The released folders carry ``mtp.0.*``; transformers' V4 has no MTP, so the import builds
     none and says so in one warning (never a silent drop); a folder without them gets no notice."""
