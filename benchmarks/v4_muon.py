@@ -7,7 +7,7 @@ time per step. Variants: ``adamw``; ``muon`` (Jordan's 5 Newton-Schulz iteration
 moeframe's first Muon); ``muon-v4`` (DeepSeek-V4's hybrid 8 + 2 iterations, update RMS 0.18, what
 tiny-v4.yaml sets). Usage:
 
-    python benchmarks/v4_muon.py [--steps 60] [--batch 8] [--variants adamw muon muon-v4] [--out DIR]
+    python benchmarks/v4_muon.py [--steps 60] [--batch 8] [--variants adamw muon muon-v4] [--seed 1234] [--out DIR]
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ VARIANTS = {
 }
 
 
-def run(variant: str, steps: int, batch: int, root: Path) -> dict[str, float]:
+def run(variant: str, steps: int, batch: int, root: Path, seed: int = 1234) -> dict[str, float]:
     optim = [a for key, value in VARIANTS[variant].items() for a in (OPTIM + key, value)]
     args = [
         "fit",
@@ -36,6 +36,8 @@ def run(variant: str, steps: int, batch: int, root: Path) -> dict[str, float]:
         str(REPO / "configs/pretrain/tiny-v4.yaml"),
         "--trainer.default_root_dir",
         str(root),
+        "--seed_everything",
+        str(seed),
         *optim,
         "--model.init_args.optim.warmup_steps",
         "10",
@@ -75,9 +77,10 @@ def cli() -> None:
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=["adamw", "muon", "muon-v4"])
+    parser.add_argument("--seed", type=int, default=1234, help="the config's seed_everything")
     parser.add_argument("--out", default="runs/bench-v4-muon")
     a = parser.parse_args()
-    results = {v: run(v, a.steps, a.batch, Path(a.out) / v) for v in a.variants}
+    results = {v: run(v, a.steps, a.batch, Path(a.out) / v, a.seed) for v in a.variants}
     print("| optimizer | first train loss | train loss, mean of last 10 steps | val loss | s/step (incl. setup) |")
     print("|---|---:|---:|---:|---:|")
     for opt, r in results.items():
