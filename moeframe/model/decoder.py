@@ -25,7 +25,6 @@ from typing import Literal, get_args
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from moeframe.config import ModelConfig, ModelPlan, resolve_model_config
 from moeframe.model.base import AttentionCache, NormBase, ResidualBase, RouterBase, default_init
@@ -33,6 +32,7 @@ from moeframe.model.compat import build_attention, build_norm, call_attention, c
 from moeframe.model.context import ForwardContext
 from moeframe.model.ffn import SwiGLU
 from moeframe.model.moe import MoE
+from moeframe.model.recompute import activation_checkpoint
 
 CheckpointMode = Literal["none", "full", "selective"]
 CompileMode = Literal["off", "block"]
@@ -111,7 +111,7 @@ class Block(nn.Module):
     def forward(self, h: torch.Tensor, ctx: ForwardContext) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``ctx`` is this block's context (``ForwardContext.for_layer``: its layer id and cache)."""
         if self.checkpointing == "full" and ctx.cache is None and torch.is_grad_enabled():
-            return checkpoint(self._forward, h, ctx, use_reentrant=False)
+            return activation_checkpoint(self._forward, h, ctx)
         return self._forward(h, ctx)
 
     def _forward(self, h: torch.Tensor, ctx: ForwardContext) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -127,7 +127,7 @@ class Block(nn.Module):
                 aux_losses.append(aux_loss)
                 return y_BTD
             if self.checkpointing == "selective" and torch.is_grad_enabled():
-                return checkpoint(self.ffn, a_BTD, use_reentrant=False)
+                return activation_checkpoint(self.ffn, a_BTD)
             return self.ffn(a_BTD)
 
         h = self.residual(h, attention, ffn, ctx)

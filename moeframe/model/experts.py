@@ -37,11 +37,11 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from moeframe.model.base import ExpertsBase, GroupedGemm, PhaseTimer, PluginOptions  # noqa: F401 (re-exported)
 from moeframe.model.context import ForwardContext
 from moeframe.model.hfnames import EXPERT
+from moeframe.model.recompute import activation_checkpoint
 from moeframe.model.router import count_per_expert
 
 if TYPE_CHECKING:
@@ -265,7 +265,7 @@ class GroupedExperts(ExpertsBase):
         counts = None if fast else counts_E.tolist()
         self.mark_phase("moe_experts")
         if self.recompute and torch.is_grad_enabled():
-            y_ND = checkpoint(self._ffn, x_ND, offs_E, counts, use_reentrant=False)
+            y_ND = activation_checkpoint(self._ffn, x_ND, offs_E, counts)
         else:
             y_ND = self._ffn(x_ND, offs_E, counts)
         self.mark_phase("moe_dispatch")  # the combine: weight, scatter back to tokens

@@ -53,7 +53,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from moeframe.compat import in_autograd_backward
+from moeframe.model.recompute import is_recomputing
 
 Precision = Literal["bf16", "fp8"]
 
@@ -221,7 +221,7 @@ class _ForwardBreakdown:
 
     @staticmethod
     def _in_backward() -> bool:
-        return in_autograd_backward()  # an activation-checkpoint recompute
+        return is_recomputing()  # an activation-checkpoint recompute (moeframe.model.recompute)
 
     def _add(self, key: str, seconds: float) -> None:
         self.totals[key] = self.totals.get(key, 0.0) + seconds

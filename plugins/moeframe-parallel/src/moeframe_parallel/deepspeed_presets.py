@@ -9,7 +9,8 @@ stage 3 when even the parameters do not fit.
 
 Lightning's ``DeepSpeedStrategy`` refuses anything but CUDA. DeepSpeed itself runs on the CPU
 (it falls back to gloo), so ``CPUCapableDeepSpeedStrategy`` only removes Lightning's guards on a
-CPU accelerator: the CUDA check, the device-index validation, and the device rank handed to
+CPU accelerator: the CUDA check, the device-index validation (the process group is set up as
+``DDPStrategy`` does it; DeepSpeed adopts it), and the device rank handed to
 ``deepspeed.initialize`` (a CPU device has no index; DeepSpeed needs the local rank). On a GPU
 it behaves exactly like the stock strategy.
 
@@ -25,7 +26,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, ClassVar
 
-from lightning.fabric.utilities.seed import reset_seed
 from lightning.pytorch.accelerators.cuda import CUDAAccelerator
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
 
@@ -93,10 +93,9 @@ class CPUCapableDeepSpeedStrategy(AtomicFolderCheckpoints, DeepSpeedStrategy, De
     def setup_distributed(self) -> None:
         if not self._on_cpu():
             return super().setup_distributed()
-        # the stock version validates CUDA device indices, which a CPU does not have
-        reset_seed()
-        self.set_world_ranks()
-        self._init_deepspeed_distributed()
+        # the stock version validates CUDA device indices, which a CPU does not have. DDP's setup
+        # starts the gloo group; deepspeed.initialize adopts an initialised torch.distributed
+        DDPStrategy.setup_distributed(self)
 
     @contextmanager
     def model_sharded_context(self) -> Generator[None, None, None]:
@@ -152,15 +151,19 @@ class CPUCapableDeepSpeedStrategy(AtomicFolderCheckpoints, DeepSpeedStrategy, De
     def load_model_state_dict(self, checkpoint: Any, strict: bool = True) -> None:
         if checkpoint.get(_CONSOLIDATED):
             self.model_to_device()
-            self._restore_zero_state(checkpoint, strict=strict)
+            _load_into_zero3(self.lightning_module, checkpoint["state_dict"], strict)
             return
         super().load_model_state_dict(checkpoint, strict)
 
-    def _initialize_deepspeed_inference(self, model: Any) -> None:
+    def init_deepspeed(self) -> None:
+        if self._on_cpu() and not self.lightning_module.trainer.training:
+            self._init_cpu_inference_engine(self.model)
+            return
+        super().init_deepspeed()
+
+    def _init_cpu_inference_engine(self, model: Any) -> None:
         """``moeframe validate|test|predict``: an engine without optimizer, as Lightning builds it,
         but with a device rank the CPU has (the stock one passes the device index, None there)."""
-        if not self._on_cpu():
-            return super()._initialize_deepspeed_inference(model)
         import deepspeed
         from lightning.pytorch.strategies.deepspeed import remove_module_hooks
 
@@ -232,6 +235,17 @@ def _consolidated_zero3_checkpoint(folder: Path) -> dict[str, Any]:
     client["state_dict"] = get_fp32_state_dict_from_zero_checkpoint(str(folder), tag=tag)
     client[_CONSOLIDATED] = True
     return client
+
+
+def _load_into_zero3(module: Any, state_dict: dict[str, Any], strict: bool) -> None:
+    """Load a whole (consolidated) state dict into a ZeRO-3 model: every rank gathers the full
+    parameters, loads the same file's values (buffers, which ZeRO does not partition, included),
+    and DeepSpeed scatters rank 0's values into the partitions when the gather ends. This holds the
+    gathered parameters once more while loading, beside the state dict."""
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=0):
+        module.load_state_dict(state_dict, strict=strict)
 
 
 def _register_router_weights_with_moe(model: Any) -> None:

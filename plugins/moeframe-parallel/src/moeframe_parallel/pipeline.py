@@ -197,10 +197,10 @@ class PipelineStrategy(DDPStrategy, DescribesLayout):
         # Trainer.fit asks for the launcher once the model is attached and before it starts the
         # other ranks: the earliest point where the layer count and the world size are both known
         self.check_layout()
-        return self._launcher
+        return super().launcher
 
     def check_layout(self) -> None:
-        config = getattr(self.lightning_module, "config", None) if self._lightning_module is not None else None
+        config = getattr(self.lightning_module, "config", None)  # None before a model is attached
         check_pipeline(
             self.pp_size,
             self.schedule_name,
@@ -285,10 +285,9 @@ class PipelineStrategy(DDPStrategy, DescribesLayout):
             if not holds(name):
                 setattr(decoder, name, None)
 
-    def _setup_model(self, model: nn.Module) -> nn.Module:
-        return model  # no DDP wrapper: the schedule runs the backward, gradients are reduced below
-
-    def _register_ddp_hooks(self) -> None:
+    def configure_ddp(self) -> None:
+        """No DDP wrapper (and so no DDP communication hooks): the schedule runs the backward and
+        ``reduce_grads`` averages the gradients over the data-parallel group."""
         return None
 
     def _build_schedule(self, mine: list[int], num_stages: int) -> None:
