@@ -32,6 +32,7 @@ from moeframe.config import ConfigError  # noqa: E402
 from moeframe.training.balance import ExpertBalance  # noqa: E402
 
 LOSS_ATOL = 2e-4
+EVAL_ATOL = 1e-5  # the same weights; only the order of float sums may differ
 STEPS = 3
 SCHEDULES = {  # name: strategy options (the 4-sequence batch as 2 or 4 micro-batches)
     "gpipe": {},
@@ -41,6 +42,9 @@ SCHEDULES = {  # name: strategy options (the 4-sequence batch as 2 or 4 micro-ba
     "zbv": {"microbatches": 4},
     "dualpipev": {"microbatches": 4},
 }
+
+
+EVAL_LIMITS = {"limit_val_batches": 2, "limit_test_batches": 2, "limit_predict_batches": 2}
 
 
 class Losses(Callback):
@@ -134,6 +138,16 @@ def pp2(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     )
     jobs.append(
         {
+            "name": "evaluated",  # a held-out split: validation inside fit, then validate, test, predict
+            "strategy": {"pp_size": 2, "schedule": "zbv", "microbatches": 4},  # V-shaped: stage 3 on rank 0
+            "steps": 2,
+            "val_permille": 100,
+            "evaluate": True,
+            "trainer": {**EVAL_LIMITS, "val_check_interval": 2, "num_sanity_val_steps": 1},
+        }
+    )
+    jobs.append(
+        {
             "name": "accumulated",
             "strategy": {"pp_size": 2, "schedule": "1f1b"},
             "steps": 2,
@@ -202,6 +216,49 @@ def test_a_pp_checkpoint_resumes_without_pp_and_converts_to_hf(pp2, tmp_path: Pa
     assert (out / "config.json").is_file() and list(out.glob("*.safetensors"))
 
 
+def single_process_evaluation(root: Path, ckpt_path: str) -> dict:
+    """validate, test and predict of a checkpoint without pipelining, on the pipeline tests' data."""
+    trainer = L.Trainer(devices=1, default_root_dir=root, **{**trainer_settings(), **EVAL_LIMITS})
+    module, data = pretrain_module(), data_module(4, val_permille=100)
+    return {
+        "validate": trainer.validate(module, data, ckpt_path=ckpt_path, verbose=False)[0],
+        "test": trainer.test(module, data, ckpt_path=ckpt_path, verbose=False)[0],
+        "predict": torch.cat(trainer.predict(module, data, ckpt_path=ckpt_path)),
+    }
+
+
+@pytest.mark.slow
+def test_pp2_validation_test_and_predict_equal_those_without_pipelining(pp2, tmp_path: Path) -> None:
+    root, results = pp2
+    run = results["evaluated"]
+    expected = single_process_evaluation(tmp_path, run["ckpt"])  # the same weights: the PP run's step 2
+    val = expected["validate"]
+    assert set(val) == {"val/loss", "val/ppl", "val/mtp_loss"}
+    for logged in (run["val"], run["validate"]):  # inside fit (after step 2), and `validate`
+        assert {k: logged[k] for k in val} == pytest.approx(val, abs=EVAL_ATOL, rel=0)
+    assert run["test"] == pytest.approx(expected["test"], abs=EVAL_ATOL, rel=0)
+    for rank in range(2):  # every rank of the pipeline returns the last stage's predictions
+        predictions = torch.load(root / f"evaluated.rank{rank}.predictions.pt")
+        assert predictions.shape == expected["predict"].shape and predictions.shape[0] == 8  # 2 batches of 4
+        assert torch.equal(predictions, expected["predict"])
+
+
+@pytest.mark.slow
+def test_pp2_each_rank_counts_its_share_of_the_model_flops_and_the_tokens_once(pp2) -> None:
+    """MFU: a rank of a 2-stage pipeline does half of the batch's model FLOPs; the job's tokens per
+    step are the batch's, not pp_size times them."""
+    from _pp_common import SEQ_LEN, model_config
+
+    from moeframe.inspect import decoder_training_flops_per_token
+    from moeframe.model.decoder import build_decoder
+
+    root, _ = pp2
+    batch_flops = 4 * SEQ_LEN * decoder_training_flops_per_token(build_decoder(model_config(), device="meta"), SEQ_LEN)
+    for rank in range(2):
+        steps = json.loads((root / f"out.rank{rank}.json").read_text())["1f1b"]["throughput"]
+        assert steps == [[4 * SEQ_LEN, batch_flops // 2]] * STEPS
+
+
 @pytest.mark.slow
 def test_pp4_and_pp2_x_dp2_losses_equal_the_single_process_run(tmp_path: Path, reference) -> None:
     results = launch(
@@ -222,6 +279,11 @@ def test_pp4_and_pp2_x_dp2_losses_equal_the_single_process_run(tmp_path: Path, r
     assert step_means == pytest.approx(
         [a + b for a, b in zip(accumulated[0::2], accumulated[1::2])], abs=LOSS_ATOL, rel=0
     )
+    # tokens: 2 replicas' batches per step; FLOPs: a quarter of the job's on each of the 4 ranks
+    flops = [json.loads((tmp_path / f"out.rank{r}.json").read_text())["pp2dp2"]["throughput"] for r in range(4)]
+    assert all(t == 2 * 4 * 16 for rank in flops for t, _ in rank)
+    pp4_flops = json.loads((tmp_path / "out.rank0.json").read_text())["pp4"]["throughput"][0][1]
+    assert all(f == pp4_flops * 2 for rank in flops for _, f in rank)  # 1/pp of a batch: 1/2 vs 1/4
 
 
 # -- bad input: one line, before any process group ----------------------------------------------------------

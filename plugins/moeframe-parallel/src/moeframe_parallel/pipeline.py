@@ -26,8 +26,11 @@ loss, so its gradient flows back through the pipeline), and checkpoints: the sta
 optimizer state are gathered into the single-process layout on save (a PP checkpoint loads into a
 run without PP, ``moeframe convert`` reads it) and each rank takes its part on load.
 
-Not supported yet (a ConfigError says so): expert parallelism inside a pipeline, validation
-through the pipeline (set ``limit_val_batches: 0``), activation checkpointing is per block as usual.
+Validation, test and predict run one forward of the whole batch through the stages in model order
+(no schedule: nothing flows back); the losses or predictions are computed where the logits are
+(the last stage) and broadcast over the pipeline, so every rank logs what a run without
+pipelining logs. Not supported yet (a ConfigError says so): expert parallelism inside a pipeline;
+activation checkpointing is per block as usual.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.trainer.states import TrainerFn
 from torch import nn
 
 from moeframe.plugin import ConfigError, DecoderOutput, DescribesLayout, ParallelLayout, build_decoder
@@ -87,6 +91,16 @@ class StageModule(nn.Module):
     def forward(
         self, *inputs: torch.Tensor, input_ids: torch.Tensor, document_ids: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, ...]:
+        out = self.run(inputs, input_ids, document_ids, mtp=self.mtp_on)
+        if isinstance(out, DecoderOutput):  # the schedule passes tensors only
+            return (out.logits, out.aux_loss, *out.mtp_logits)
+        return out
+
+    def run(
+        self, inputs: Sequence[torch.Tensor], input_ids: torch.Tensor, document_ids: torch.Tensor | None, mtp: bool
+    ) -> tuple[torch.Tensor, torch.Tensor] | DecoderOutput:
+        """This stage on one micro-batch: ``(h, aux_1)`` for the next stage, or the last stage's
+        output (its ``aux_loss``: the balance losses of every stage)."""
         decoder, owner = self._decoder[0], self._owner[0]
         ctx = decoder.context(input_ids, document_ids, step=owner.global_step, tokens_seen=owner.tokens_seen)
         aux_losses: dict[str, torch.Tensor] = {}
@@ -100,8 +114,8 @@ class StageModule(nn.Module):
         aux_1 = aux_1 + sum(aux_losses.values(), torch.zeros((), device=aux_1.device))
         if not self.last:
             return h, aux_1
-        out = decoder.finish(h, ctx, {}, mtp=self.mtp_on, emb_BTD=emb_BTD)
-        return (out.logits, aux_1 + out.aux_loss, *out.mtp_logits)
+        out = decoder.finish(h, ctx, {}, mtp=mtp and self.mtp_on, emb_BTD=emb_BTD)
+        return DecoderOutput(out.logits, aux_1 + out.aux_loss, {}, list(out.mtp_logits))
 
 
 def layer_costs(config: Any) -> tuple[list[float], float]:
@@ -134,6 +148,8 @@ class PipelineStrategy(DDPStrategy, DescribesLayout):
         layers_per_stage: layers of each of the pp·vpp stages, in model order; default: balanced
             by compute (dense layers are lighter than MoE layers; the last stage carries the head).
         ep_size: expert parallelism inside the pipeline; only 1 is supported yet.
+        zero_stage: 1 shards the optimizer state over the data-parallel ranks of each stage
+            (ZeRO-1: each steps its share of the parameters and broadcasts them); 0: replicated.
     """
 
     strategy_name = "pp"
@@ -167,6 +183,7 @@ class PipelineStrategy(DDPStrategy, DescribesLayout):
         vpp: int | None = None,
         layers_per_stage: list[int] | None = None,
         ep_size: int = 1,
+        zero_stage: int = 0,
         **kwargs: Any,
     ) -> None:
         vpp = default_vpp(schedule) if vpp is None else vpp  # also rejects an unknown schedule name
@@ -177,8 +194,15 @@ class PipelineStrategy(DDPStrategy, DescribesLayout):
                 "strategy 'pp' with ep_size > 1 is not supported yet: the expert-parallel and pipeline "
                 "groups must be built together; use ep_size=1 (or strategy 'ep' without PP)"
             )
+        if zero_stage not in (0, 1):
+            raise ConfigError(
+                f"strategy 'pp' runs zero_stage 0 or 1, got {zero_stage}: ZeRO-2/3 would shard the gradients "
+                "or weights that each stage's schedule accumulates whole; use zero_stage=1"
+            )
         kwargs.setdefault("timeout", timedelta(minutes=30))
         super().__init__(**kwargs)
+        self.zero_stage = zero_stage
+        self._owned: dict[str, int] = {}  # ZeRO-1: parameter name -> the data-parallel rank stepping it
         self.pp_size, self.schedule_name, self.vpp = pp_size, schedule, vpp
         self.microbatches, self.layers_per_stage = microbatches, layers_per_stage
         self.pp_group: dist.ProcessGroup | None = None
@@ -246,24 +270,37 @@ class PipelineStrategy(DDPStrategy, DescribesLayout):
 
     # -- after configure_model: cut the decoder, build the schedule ------------------------------------
     def setup(self, trainer: Any) -> None:
+        if self.pp_group is None:
+            self._new_groups()
+        if getattr(self, "_cut", None) is not self.lightning_module:  # a validate after fit: cut already
+            self._cut_decoder()
+        if trainer.state.fn == TrainerFn.FITTING:
+            super().setup(trainer)
+        else:
+            # what DDP's setup does outside fit, except broadcasting rank 0's weights: each stage has its own
+            self.accelerator.setup(trainer)
+            self.precision_plugin.convert_module(self.model)
+            self.model_to_device()
+            self.setup_precision_plugin()
+        self.precision_plugin.clip_grad_by_norm = MethodType(_pp_clip_grad_by_norm(self), self.precision_plugin)
+
+    def _cut_decoder(self) -> None:
         module = self.lightning_module
         decoder = module.decoder
         self._whole_state = {
             k: torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in module.state_dict().items()
         }
         self._whole_param_names = [n for n, _ in module.named_parameters()]
-        self._new_groups()
         bounds = self._stage_bounds(decoder.config)
         ranks = stage_ranks(self.pp_size, self.vpp, self.schedule_name)
         mine = [s for s, r in enumerate(ranks) if r == self.pp_rank]
         last = len(bounds) - 1
         self.stage_modules = [StageModule(decoder, module, *bounds[s], first=s == 0, last=s == last) for s in mine]
         self._drop_others(decoder, mine, bounds)
-        super().setup(trainer)
         self._mine, self._num_stages = mine, len(bounds)
         self._holds_last = any(m.last for m in self.stage_modules)
-        self._last_rank = stage_ranks(self.pp_size, self.vpp, self.schedule_name)[-1]
-        self.precision_plugin.clip_grad_by_norm = MethodType(_pp_clip_grad_by_norm(self), self.precision_plugin)
+        self._last_rank = ranks[-1]
+        self._cut = module
 
     def _stage_bounds(self, config: Any) -> list[tuple[int, int]]:
         stages = self.pp_size * self.vpp
@@ -389,11 +426,60 @@ class PipelineStrategy(DDPStrategy, DescribesLayout):
         self._pending = []
         return self.precision_plugin.post_backward(closure_loss, module)
 
+    # -- validation, test, predict: one forward of the whole batch, stage after stage ----------------
     def validation_step(self, *args: Any, **kwargs: Any) -> Any:
-        raise ConfigError(
-            "strategy 'pp' does not run validation through the pipeline yet: set "
-            "trainer.limit_val_batches=0 (validate the checkpoint without PP)"
-        )
+        return self._evaluate("val", args[0], mtp=self.lightning_module.config.mtp_depth > 0)
+
+    def test_step(self, *args: Any, **kwargs: Any) -> Any:
+        return self._evaluate("test", args[0], mtp=False)
+
+    def predict_step(self, *args: Any, **kwargs: Any) -> Any:
+        """The module's predictions for the batch on every rank of the pipeline (the last stage's,
+        broadcast: the ranks of a pipeline read the same batch and return the same rows)."""
+        batch = args[0]
+        input_ids = batch["input_ids"] if isinstance(batch, dict) else batch
+        doc_ids = batch.get("document_ids") if isinstance(batch, dict) else None
+        with self.precision_plugin.predict_step_context():
+            out = self._forward_stages(input_ids, doc_ids, mtp=False)
+            mine = self.lightning_module.predictions(out) if out is not None else None
+        return self._from_last_stage(mine)
+
+    def _evaluate(self, stage: str, batch: dict[str, torch.Tensor], mtp: bool) -> None:
+        """The module's evaluation losses, computed where the logits are (the last stage) and
+        logged by every rank, so that the logged means are those of a run without pipelining."""
+        module = self.lightning_module
+        context = self.precision_plugin.val_step_context if stage == "val" else self.precision_plugin.test_step_context
+        with context():
+            out = self._forward_stages(batch["input_ids"], batch.get("document_ids"), mtp=mtp)
+            losses = module.evaluation_losses(out, batch["labels"]) if out is not None else None
+        module.log_evaluation(stage, self._from_last_stage(losses), batch)
+
+    @torch.no_grad()
+    def _forward_stages(
+        self, input_ids: torch.Tensor, document_ids: torch.Tensor | None, mtp: bool
+    ) -> DecoderOutput | None:
+        """Every stage of this rank in model order, receiving from and sending to the ranks of the
+        neighbouring stages (blocking point-to-point: the chain of stages orders the messages);
+        the output on the rank of the last stage, None elsewhere. No schedule: nothing flows back."""
+        ranks = stage_ranks(self.pp_size, self.vpp, self.schedule_name)
+        held = dict(zip(self._mine, self.stage_modules))
+        inputs: tuple[torch.Tensor, ...] = ()
+        for s in self._mine:
+            if s > 0 and ranks[s - 1] != self.pp_rank:
+                inputs = _recv_activations(input_ids, self.lightning_module.config.dim, ranks[s - 1], self.pp_group)
+            out = held[s].run(inputs, input_ids, document_ids, mtp=mtp)
+            if isinstance(out, DecoderOutput):
+                return out
+            inputs = out
+            if ranks[s + 1] != self.pp_rank:
+                _send_activations(out, ranks[s + 1], self.pp_group)
+        return None
+
+    def _from_last_stage(self, obj: Any) -> Any:
+        """``obj`` of the rank holding the last stage, on every rank of this pipeline."""
+        box = [_to_cpu(obj)]
+        dist.broadcast_object_list(box, src=dist.get_global_rank(self.pp_group, self._last_rank), group=self.pp_group)
+        return _to_device(box[0], self.root_device)
 
     # -- once per optimizer step: tied copies and data parallelism ------------------------------------
     def optimizer_step(self, optimizer: Any, closure: Callable[[], Any], model: Any = None, **kwargs: Any) -> Any:
@@ -402,7 +488,37 @@ class PipelineStrategy(DDPStrategy, DescribesLayout):
             self.reduce_grads()
             return result
 
-        return super().optimizer_step(optimizer, closure_then_reduce, model, **kwargs)
+        result = super().optimizer_step(optimizer, closure_then_reduce, model, **kwargs)
+        if self._owned:
+            self._share_stepped_weights()
+        return result
+
+    # -- ZeRO-1: each data-parallel rank of a stage keeps the optimizer state of its share ----------------
+    def setup_optimizers(self, trainer: Any) -> None:
+        super().setup_optimizers(trainer)
+        if self.zero_stage == 1 and self.dp_size > 1:
+            self._owned = _partition_by_size(self.lightning_module, self.dp_size)
+            dp_rank = self.global_rank // self.pp_size
+            names = {id(p): n for n, p in self.lightning_module.named_parameters()}
+            for optimizer in self.optimizers:  # in place: the LR schedulers keep their optimizer
+                for group in optimizer.param_groups:
+                    group["params"] = [p for p in group["params"] if self._owned[names[id(p)]] == dp_rank]
+
+    @torch.no_grad()
+    def _share_stepped_weights(self) -> None:
+        """Every rank of a stage gets the weights each one stepped (one broadcast per owner); the
+        gradients of the weights others step are dropped (the optimizer zeroes only its own)."""
+        params = dict(self.lightning_module.named_parameters())
+        for owner in range(self.dp_size):
+            mine = [params[n] for n, r in self._owned.items() if r == owner and n in params]
+            if not mine:
+                continue
+            flat = torch.cat([p.detach().flatten() for p in mine])
+            dist.broadcast(flat, src=self.pp_rank + owner * self.pp_size, group=self.dp_group)
+            for p, new in zip(mine, flat.split([p.numel() for p in mine])):
+                p.copy_(new.view_as(p))
+                if owner != self.global_rank // self.pp_size:
+                    p.grad = None
 
     @torch.no_grad()
     def reduce_grads(self) -> None:
@@ -454,7 +570,7 @@ class PipelineStrategy(DDPStrategy, DescribesLayout):
             "groups": [[names[i] for i in g["params"]] for g in state["param_groups"]],
             "state": {names[i]: _to_cpu(s) for i, s in state["state"].items()},
         }
-        parts = _gather_objects(local, self.pp_group)
+        parts = _gather_objects(local, None if self._owned else self.pp_group)  # ZeRO-1: every rank's share
         whole_state = _merge([p["state"] for p in parts])
         group_of = {n: g for p in parts for g, group in enumerate(p["groups"]) for n in group}
         index, out_groups, out_state = 0, [], {}
@@ -514,7 +630,19 @@ def _all_reduce_grads(params: Sequence[nn.Parameter], group: dist.ProcessGroup, 
         g.copy_(new.view_as(g))
 
 
-def _gather_objects(obj: Any, group: dist.ProcessGroup) -> list[Any]:
+def _partition_by_size(module: nn.Module, ranks: int) -> dict[str, int]:
+    """Parameter name -> rank, the largest first onto the least loaded rank (the same answer on
+    every rank: sizes and names are the same on every data-parallel replica of a stage)."""
+    load = [0] * ranks
+    owner: dict[str, int] = {}
+    trainable = [(n, p.numel()) for n, p in module.named_parameters() if p.requires_grad]
+    for name, numel in sorted(trainable, key=lambda item: -item[1]):
+        rank = min(range(ranks), key=lambda r: load[r])
+        owner[name], load[rank] = rank, load[rank] + numel
+    return owner
+
+
+def _gather_objects(obj: Any, group: dist.ProcessGroup | None) -> list[Any]:
     out: list[Any] = [None] * dist.get_world_size(group)
     dist.all_gather_object(out, obj, group=group)
     return out
@@ -525,6 +653,37 @@ def _merge(parts: list[dict[str, Any]]) -> dict[str, Any]:
     for part in parts:
         merged.update(part)
     return merged
+
+
+_WIRE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def _send_activations(out: tuple[torch.Tensor, torch.Tensor], to: int, group: dist.ProcessGroup) -> None:
+    """The residual state (its dtype first: it follows the precision) and the balance-loss sum."""
+    h_BTD, aux_1 = out
+    dist.send(torch.tensor([_WIRE_DTYPES.index(h_BTD.dtype)], device=h_BTD.device), group_dst=to, group=group)
+    dist.send(h_BTD.contiguous(), group_dst=to, group=group)
+    dist.send(aux_1.float().contiguous(), group_dst=to, group=group)
+
+
+def _recv_activations(
+    input_ids_BT: torch.Tensor, dim: int, src: int, group: dist.ProcessGroup
+) -> tuple[torch.Tensor, torch.Tensor]:
+    code = torch.zeros(1, dtype=torch.int64, device=input_ids_BT.device)
+    dist.recv(code, group_src=src, group=group)
+    h_BTD = input_ids_BT.new_empty((*input_ids_BT.shape, dim), dtype=_WIRE_DTYPES[int(code)])
+    aux_1 = input_ids_BT.new_empty((1,), dtype=torch.float32)
+    dist.recv(h_BTD, group_src=src, group=group)
+    dist.recv(aux_1, group_src=src, group=group)
+    return h_BTD, aux_1
+
+
+def _to_device(value: Any, device: torch.device) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, dict):
+        return {k: _to_device(v, device) for k, v in value.items()}
+    return value
 
 
 def _to_cpu(value: Any) -> Any:
@@ -541,7 +700,8 @@ def _pp_clip_grad_by_norm(strategy: PipelineStrategy) -> Callable[..., None]:
         skip = {id(p) for p in strategy._embedding_params()} if strategy.counts_embedding_twice() else set()
         squares = sum((p.grad.float().pow(2).sum() for p in params if id(p) not in skip), torch.zeros(()))
         squares = squares.to(strategy.root_device)
-        dist.all_reduce(squares, group=strategy.pp_group)  # every stage's share of the one global norm
+        # every stage's share of the one global norm (under ZeRO-1 each rank holds a share of its stage's)
+        dist.all_reduce(squares, group=None if strategy._owned else strategy.pp_group)
         total_norm = math.sqrt(float(squares))
         coef = min(1.0, float(clip_val) / (total_norm + 1e-6))
         if coef < 1.0:
