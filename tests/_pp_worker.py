@@ -67,6 +67,7 @@ def run(root: Path, job: dict, world: int) -> dict:
         "losses": losses.losses,
         "ckpt": str(root / job["name"] / f"step{job['steps']}.ckpt"),
         "throughput": [[tokens, flops] for _, tokens, flops in throughput._steps],
+        "optimized_numel": sum(p.numel() for g in trainer.optimizers[0].param_groups for p in g["params"]),
     }
     if job.get("val_permille"):
         result["val"] = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}

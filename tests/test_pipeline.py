@@ -259,16 +259,41 @@ def test_pp2_each_rank_counts_its_share_of_the_model_flops_and_the_tokens_once(p
         assert steps == [[4 * SEQ_LEN, batch_flops // 2]] * STEPS
 
 
+@pytest.fixture(scope="module")
+def world4(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    """PP=4, PP=2 x DP=2 with DDP, the same with ZeRO-1 and its resume from step 1: ONE launch of 4 ranks."""
+    root = tmp_path_factory.mktemp("world4")
+    zero = {"pp_size": 2, "schedule": "1f1b", "zero_stage": 1}
+    jobs = [
+        {"name": "pp4", "strategy": {"pp_size": 4, "schedule": "1f1b"}, "steps": STEPS},
+        {"name": "pp2dp2", "strategy": {"pp_size": 2, "schedule": "1f1b"}, "steps": STEPS},
+        {"name": "zero1", "strategy": zero, "steps": STEPS},
+        {"name": "zero1_resumed", "strategy": zero, "steps": STEPS, "resume_name": "zero1", "resume_from_step": 1},
+    ]
+    return root, launch(4, jobs, root)
+
+
 @pytest.mark.slow
-def test_pp4_and_pp2_x_dp2_losses_equal_the_single_process_run(tmp_path: Path, reference) -> None:
-    results = launch(
-        4,
-        [
-            {"name": "pp4", "strategy": {"pp_size": 4, "schedule": "1f1b"}, "steps": STEPS},
-            {"name": "pp2dp2", "strategy": {"pp_size": 2, "schedule": "1f1b"}, "steps": STEPS},
-        ],
-        tmp_path,
-    )
+def test_pp2_x_dp2_with_zero1_equals_ddp_shards_the_optimizer_and_resumes_bit_exactly(world4) -> None:
+    root, results = world4
+    assert results["zero1"]["losses"] == pytest.approx(results["pp2dp2"]["losses"], abs=LOSS_ATOL, rel=0)
+    assert results["zero1_resumed"]["losses"] == results["zero1"]["losses"][1:]
+    ranks = [json.loads((root / f"out.rank{r}.json").read_text()) for r in range(4)]
+    for stage in range(2):  # ranks `stage` and `stage + 2` hold the same stage: each steps a disjoint share
+        whole = ranks[stage]["pp2dp2"]["optimized_numel"]
+        shares = [ranks[stage + 2 * dp]["zero1"]["optimized_numel"] for dp in range(2)]
+        assert sum(shares) == whole and 0 < min(shares) and max(shares) < whole
+    # the checkpoint has the whole optimizer state, as DDP's does
+    saved = [torch.load(results[n]["ckpt"], map_location="cpu", weights_only=False) for n in ("pp2dp2", "zero1")]
+    ddp, zero = (c["optimizer_states"][0] for c in saved)
+    assert zero["moeframe_param_names"] == ddp["moeframe_param_names"] and set(zero["state"]) == set(ddp["state"])
+    for i, state in ddp["state"].items():
+        torch.testing.assert_close(zero["state"][i]["exp_avg_sq"], state["exp_avg_sq"], atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_pp4_and_pp2_x_dp2_losses_equal_the_single_process_run(world4, reference) -> None:
+    tmp_path, results = world4
     assert results["pp4"]["losses"] == pytest.approx(reference[0], abs=LOSS_ATOL, rel=0)
     # the two replicas (ranks 0-1 and 2-3) read alternate sequences: one step sees the 8 sequences a single
     # process accumulates over 2 batches of 4. Each reports the mean over its own; Lightning reports a
@@ -321,6 +346,12 @@ def test_a_layer_count_that_cannot_be_split_stops_fit_before_any_process_group(t
 def test_expert_parallelism_inside_the_pipeline_is_refused_with_the_reason() -> None:
     with pytest.raises(ConfigError, match="not supported yet: the expert-parallel and pipeline groups"):
         pp(pp_size=2, ep_size=2)
+
+
+@pytest.mark.bad_input
+def test_zero_stages_that_shard_gradients_or_weights_are_refused_with_the_reason() -> None:
+    with pytest.raises(ConfigError, match=r"runs zero_stage 0 or 1, got 2: .*use zero_stage=1"):
+        pp(pp_size=2, zero_stage=2)
 
 
 def test_stage_boundaries_follow_the_cost_and_the_rank_layout() -> None:
