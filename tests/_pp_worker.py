@@ -3,7 +3,7 @@ LOCAL_RANK/WORLD_SIZE/MASTER_* in the environment, so Lightning launches nothing
 process group serves several trainings in a row).
 
 ``python tests/_pp_worker.py OUT.json JOB.json``: JOB lists runs ``{"name", "strategy": {...},
-"steps", "resume_from_step"?, "val_permille"?, "evaluate"?}``; rank 0 writes ``{name: {"losses":
+"steps", "resume_from_step"? or "ckpt_path"?, "val_permille"?, "evaluate"?}``; rank 0 writes ``{name: {"losses":
 [...], "ckpt": path, "throughput": [[tokens, flops] per step], "val": {...}?, "validate", "test"?}}``
 (``evaluate``: after the fit, ``validate``, ``test`` and ``predict`` on the same trainer; each rank
 saves its predictions).
@@ -56,7 +56,7 @@ def run(root: Path, job: dict, world: int) -> dict:
         default_root_dir=root,
         **{**trainer_settings(), **job.get("trainer", {})},
     )
-    ckpt = None
+    ckpt = job.get("ckpt_path")  # a checkpoint of another layout (e.g. single-process)
     if "resume_from_step" in job:
         ckpt = str(root / job["resume_name"] / f"step{job['resume_from_step']}.ckpt")
     data = data_module(job.get("batch_size", 4), job.get("val_permille", 0))

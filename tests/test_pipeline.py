@@ -20,12 +20,12 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from .conftest import REPO, clean_env
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _pp_common import data_module, pretrain_module, trainer_settings  # noqa: E402
+from _pp_common import SEQ_LEN, data_module, model_config, pretrain_module, trainer_settings  # noqa: E402
 
 from moeframe import registry  # noqa: E402
 from moeframe.config import ConfigError  # noqa: E402
@@ -104,14 +104,16 @@ def single_process(
     steps: int = STEPS,
     ckpt_path: str | None = None,
     accumulate: int = 1,
+    save_to: Path | None = None,
 ) -> tuple[list[float], dict[str, torch.Tensor]]:
     losses = Losses()
+    save = [ModelCheckpoint(save_to, "step{step}", every_n_train_steps=1, save_top_k=-1, auto_insert_metric_name=False)]
     trainer = L.Trainer(
         devices=1,
         max_steps=steps,
         accumulate_grad_batches=accumulate,
-        enable_checkpointing=False,
-        callbacks=[losses, ExpertBalance()],
+        enable_checkpointing=save_to is not None,
+        callbacks=[losses, ExpertBalance(), *(save if save_to is not None else [])],
         default_root_dir=root,
         **trainer_settings(),
     )
@@ -120,8 +122,9 @@ def single_process(
 
 
 @pytest.fixture(scope="module")
-def pp2(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
-    """Every schedule with PP=2 and a resume from step 1 of the 1f1b run, in ONE launch of 2 ranks."""
+def pp2(tmp_path_factory: pytest.TempPathFactory, reference, reference_root: Path) -> tuple[Path, dict]:
+    """Every schedule with PP=2, a resume from step 1 of the 1f1b run and one from the single-process
+    run's step 1, validation, gradient accumulation: ONE launch of 2 ranks."""
     root = tmp_path_factory.mktemp("pp2")
     jobs = [
         {"name": name, "strategy": {"pp_size": 2, "schedule": name, **opts}, "steps": STEPS}
@@ -134,6 +137,14 @@ def pp2(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
             "steps": STEPS,
             "resume_name": "1f1b",
             "resume_from_step": 1,
+        }
+    )
+    jobs.append(
+        {
+            "name": "from_single",  # weights, AdamW state and data position of a run without PP
+            "strategy": {"pp_size": 2, "schedule": "1f1b"},
+            "steps": STEPS,
+            "ckpt_path": str(reference_root / "ckpts" / "step1.ckpt"),
         }
     )
     jobs.append(
@@ -158,8 +169,14 @@ def pp2(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[float], dict[str, torch.Tensor]]:
-    return single_process(tmp_path_factory.mktemp("single"))
+def reference_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("single")
+
+
+@pytest.fixture(scope="module")
+def reference(reference_root: Path) -> tuple[list[float], dict[str, torch.Tensor]]:
+    """The single-process run; its checkpoints (one per step) in ``reference_root / "ckpts"``."""
+    return single_process(reference_root, save_to=reference_root / "ckpts")
 
 
 @pytest.mark.slow
@@ -200,6 +217,23 @@ def test_pp2_resume_mid_run_is_bit_exact(pp2) -> None:
 
 
 @pytest.mark.slow
+def test_a_single_process_checkpoint_resumes_under_pp_with_its_optimizer_state(
+    pp2, reference, reference_root: Path
+) -> None:
+    _, results = pp2
+    assert results["from_single"]["losses"] == pytest.approx(reference[0][1:], abs=LOSS_ATOL, rel=0)
+    # AdamW went on from the single-process state: its step count and moments, not fresh ones
+    pp_state, single_state = (
+        torch.load(path, map_location="cpu", weights_only=False)["optimizer_states"][0]["state"]
+        for path in (results["from_single"]["ckpt"], reference_root / "ckpts" / f"step{STEPS}.ckpt")
+    )
+    assert set(pp_state) == set(single_state)
+    for i, state in single_state.items():
+        assert float(pp_state[i]["step"]) == float(state["step"]) == STEPS
+        torch.testing.assert_close(pp_state[i]["exp_avg_sq"], state["exp_avg_sq"], atol=1e-6, rtol=1e-3)
+
+
+@pytest.mark.slow
 def test_a_pp_checkpoint_resumes_without_pp_and_converts_to_hf(pp2, tmp_path: Path) -> None:
     _, results = pp2
     step1 = str(Path(results["1f1b"]["ckpt"]).with_name("step1.ckpt"))
@@ -220,10 +254,10 @@ def single_process_evaluation(root: Path, ckpt_path: str) -> dict:
     """validate, test and predict of a checkpoint without pipelining, on the pipeline tests' data."""
     trainer = L.Trainer(devices=1, default_root_dir=root, **{**trainer_settings(), **EVAL_LIMITS})
     module, data = pretrain_module(), data_module(4, val_permille=100)
-    return {
+    return {  # the checkpoint's weights stay in the module after the first call
         "validate": trainer.validate(module, data, ckpt_path=ckpt_path, verbose=False)[0],
-        "test": trainer.test(module, data, ckpt_path=ckpt_path, verbose=False)[0],
-        "predict": torch.cat(trainer.predict(module, data, ckpt_path=ckpt_path)),
+        "test": trainer.test(module, data, verbose=False)[0],
+        "predict": torch.cat(trainer.predict(module, data)),
     }
 
 
@@ -247,8 +281,6 @@ def test_pp2_validation_test_and_predict_equal_those_without_pipelining(pp2, tmp
 def test_pp2_each_rank_counts_its_share_of_the_model_flops_and_the_tokens_once(pp2) -> None:
     """MFU: a rank of a 2-stage pipeline does half of the batch's model FLOPs; the job's tokens per
     step are the batch's, not pp_size times them."""
-    from _pp_common import SEQ_LEN, model_config
-
     from moeframe.inspect import decoder_training_flops_per_token
     from moeframe.model.decoder import build_decoder
 
@@ -261,14 +293,18 @@ def test_pp2_each_rank_counts_its_share_of_the_model_flops_and_the_tokens_once(p
 
 @pytest.fixture(scope="module")
 def world4(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
-    """PP=4, PP=2 x DP=2 with DDP, the same with ZeRO-1 and its resume from step 1: ONE launch of 4 ranks."""
+    """PP=4; PP=2 x DP=2 with DDP, with ZeRO-1, and PP=2 x EP=2 (V3's layout; under zbv), each of
+    the last two with a resume from step 1: ONE launch of 4 ranks."""
     root = tmp_path_factory.mktemp("world4")
     zero = {"pp_size": 2, "schedule": "1f1b", "zero_stage": 1}
+    ep = {"pp_size": 2, "schedule": "zbv", "microbatches": 4, "ep_size": 2}
     jobs = [
         {"name": "pp4", "strategy": {"pp_size": 4, "schedule": "1f1b"}, "steps": STEPS},
         {"name": "pp2dp2", "strategy": {"pp_size": 2, "schedule": "1f1b"}, "steps": STEPS},
         {"name": "zero1", "strategy": zero, "steps": STEPS},
         {"name": "zero1_resumed", "strategy": zero, "steps": STEPS, "resume_name": "zero1", "resume_from_step": 1},
+        {"name": "pp2ep2", "strategy": ep, "steps": STEPS},
+        {"name": "pp2ep2_resumed", "strategy": ep, "steps": STEPS, "resume_name": "pp2ep2", "resume_from_step": 1},
     ]
     return root, launch(4, jobs, root)
 
@@ -289,6 +325,25 @@ def test_pp2_x_dp2_with_zero1_equals_ddp_shards_the_optimizer_and_resumes_bit_ex
     assert zero["moeframe_param_names"] == ddp["moeframe_param_names"] and set(zero["state"]) == set(ddp["state"])
     for i, state in ddp["state"].items():
         torch.testing.assert_close(zero["state"][i]["exp_avg_sq"], state["exp_avg_sq"], atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_pp2_x_ep2_equals_pp2_x_dp2_shards_the_experts_and_resumes_bit_exactly(world4) -> None:
+    """PP=2 x EP=2: the two pipelines read their own sequences (DP=2) and each stage's experts are
+    split over the two ranks holding that stage, tokens exchanged all-to-all; PP x DP is the reference
+    (itself equal to the single-process run)."""
+    root, results = world4
+    assert results["pp2ep2"]["losses"] == pytest.approx(results["pp2dp2"]["losses"], abs=LOSS_ATOL, rel=0)
+    assert results["pp2ep2_resumed"]["losses"] == results["pp2ep2"]["losses"][1:]
+    local = torch.load(root / "pp2ep2.rank0.params.pt")
+    experts = [n for n in local if ".experts.w" in n]
+    assert experts and all(local[n].shape[0] * 2 == model_config().n_routed_experts for n in experts)  # half each
+    saved = [torch.load(results[n]["ckpt"], map_location="cpu", weights_only=False) for n in ("pp2dp2", "pp2ep2")]
+    ddp, ep = (c["state_dict"] for c in saved)
+    assert {k: v.shape for k, v in ep.items()} == {k: v.shape for k, v in ddp.items()}  # whole experts
+    torch.testing.assert_close(ep, ddp, atol=1e-4, rtol=0)
+    ddp_opt, ep_opt = (c["optimizer_states"][0]["state"] for c in saved)
+    assert {i: s["exp_avg"].shape for i, s in ep_opt.items()} == {i: s["exp_avg"].shape for i, s in ddp_opt.items()}
 
 
 @pytest.mark.slow
@@ -343,9 +398,21 @@ def test_a_layer_count_that_cannot_be_split_stops_fit_before_any_process_group(t
 
 
 @pytest.mark.bad_input
-def test_expert_parallelism_inside_the_pipeline_is_refused_with_the_reason() -> None:
-    with pytest.raises(ConfigError, match="not supported yet: the expert-parallel and pipeline groups"):
-        pp(pp_size=2, ep_size=2)
+def test_expert_parallelism_with_zero1_inside_the_pipeline_is_refused_with_the_reason() -> None:
+    with pytest.raises(ConfigError, match="does not combine ep_size > 1 with zero_stage=1 yet"):
+        pp(pp_size=2, ep_size=2, zero_stage=1)
+
+
+@pytest.mark.bad_input
+def test_an_ep_size_that_does_not_divide_the_data_parallel_degree_stops_fit_before_any_process_group(
+    tmp_path: Path,
+) -> None:
+    trainer = L.Trainer(
+        devices=2, strategy=pp(pp_size=2, ep_size=2), max_steps=1, default_root_dir=tmp_path, **trainer_settings()
+    )
+    with pytest.raises(ConfigError, match=r"ep_size=2 must divide the data-parallel degree world/pp_size=1"):
+        trainer.fit(pretrain_module(), data_module())
+    assert not torch.distributed.is_initialized()
 
 
 @pytest.mark.bad_input

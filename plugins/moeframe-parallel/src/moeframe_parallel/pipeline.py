@@ -47,7 +47,16 @@ from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import nn
 
-from moeframe.plugin import ConfigError, DecoderOutput, DescribesLayout, ParallelLayout, build_decoder
+from moeframe.plugin import (
+    ConfigError,
+    DecoderOutput,
+    DescribesLayout,
+    ParallelLayout,
+    build_decoder,
+    check_ep_layout,
+)
+from moeframe_parallel.ep_experts import ep_modules, replace_experts
+from moeframe_parallel.expert_parallel import _gather_experts, _is_expert_shaped
 from moeframe_parallel.pipeline_layout import (
     bubble_fraction,
     check_pipeline,
@@ -147,7 +156,8 @@ class PipelineStrategy(DDPStrategy, DescribesLayout):
         vpp: virtual stages per rank (default: 1, or 2 for interleaved and V-shaped schedules).
         layers_per_stage: layers of each of the pp·vpp stages, in model order; default: balanced
             by compute (dense layers are lighter than MoE layers; the last stage carries the head).
-        ep_size: expert parallelism inside the pipeline; only 1 is supported yet.
+        ep_size: expert parallelism inside each stage: the routed experts of a stage sharded over
+            ``ep_size`` of the data-parallel ranks holding that stage (V3's PP × EP); divides world/pp_size.
         zero_stage: 1 shards the optimizer state over the data-parallel ranks of each stage
             (ZeRO-1: each steps its share of the parameters and broadcasts them); 0: replicated.
     """
@@ -189,10 +199,12 @@ class PipelineStrategy(DDPStrategy, DescribesLayout):
         vpp = default_vpp(schedule) if vpp is None else vpp  # also rejects an unknown schedule name
         microbatches = pp_size * vpp if microbatches is None else microbatches
         check_pipeline(pp_size, schedule, vpp, microbatches, layers_per_stage=layers_per_stage)
-        if ep_size != 1:
+        if ep_size < 1:
+            raise ConfigError(f"ep_size must be >= 1, got {ep_size}")
+        if ep_size > 1 and zero_stage:
             raise ConfigError(
-                "strategy 'pp' with ep_size > 1 is not supported yet: the expert-parallel and pipeline "
-                "groups must be built together; use ep_size=1 (or strategy 'ep' without PP)"
+                "strategy 'pp' does not combine ep_size > 1 with zero_stage=1 yet: the ZeRO-1 shares would "
+                "have to follow the expert shards; use zero_stage=0 with EP, or ep_size=1 with ZeRO-1"
             )
         if zero_stage not in (0, 1):
             raise ConfigError(
@@ -201,7 +213,9 @@ class PipelineStrategy(DDPStrategy, DescribesLayout):
             )
         kwargs.setdefault("timeout", timedelta(minutes=30))
         super().__init__(**kwargs)
-        self.zero_stage = zero_stage
+        self.zero_stage, self.ep_size = zero_stage, ep_size
+        self.ep_group: dist.ProcessGroup | None = None
+        self.edp_group: dist.ProcessGroup | None = None
         self._owned: dict[str, int] = {}  # ZeRO-1: parameter name -> the data-parallel rank stepping it
         self.pp_size, self.schedule_name, self.vpp = pp_size, schedule, vpp
         self.microbatches, self.layers_per_stage = microbatches, layers_per_stage
@@ -234,6 +248,14 @@ class PipelineStrategy(DDPStrategy, DescribesLayout):
             self.layers_per_stage,
             self.num_nodes * self.num_processes,
         )
+        if self.ep_size > 1:
+            dp = self.num_nodes * self.num_processes // self.pp_size
+            if dp % self.ep_size:
+                raise ConfigError(
+                    f"ep_size={self.ep_size} must divide the data-parallel degree world/pp_size={dp}: a stage's "
+                    f"experts are sharded over the ranks holding that stage; use world = pp_size x a multiple of ep_size"
+                )
+            check_ep_layout(self.ep_size, dp, getattr(config, "n_routed_experts", None))
 
     def setup_environment(self) -> None:
         self.check_layout()
@@ -267,6 +289,24 @@ class PipelineStrategy(DDPStrategy, DescribesLayout):
             group = dist.new_group(list(range(offset, world, pp)))
             if self.pp_rank == offset:
                 self.dp_group = group
+        if self.ep_size > 1:
+            self._new_ep_groups()
+
+    def _new_ep_groups(self) -> None:
+        """Among the ranks holding a stage (its data-parallel group), ``ep_size`` consecutive ones
+        shard its experts (``ep_group``); those holding the same shard form the ``edp_group``."""
+        pp, ep, dp = self.pp_size, self.ep_size, self.dp_size
+        dp_rank = self.global_rank // pp
+        for offset in range(pp):
+            holders = list(range(offset, self.world_size, pp))
+            for start in range(0, dp, ep):
+                group = dist.new_group(holders[start : start + ep])
+                if offset == self.pp_rank and start <= dp_rank < start + ep:
+                    self.ep_group = group
+            for j in range(ep):
+                group = dist.new_group(holders[j::ep])
+                if offset == self.pp_rank and dp_rank % ep == j:
+                    self.edp_group = group
 
     # -- after configure_model: cut the decoder, build the schedule ------------------------------------
     def setup(self, trainer: Any) -> None:
@@ -297,6 +337,8 @@ class PipelineStrategy(DDPStrategy, DescribesLayout):
         last = len(bounds) - 1
         self.stage_modules = [StageModule(decoder, module, *bounds[s], first=s == 0, last=s == last) for s in mine]
         self._drop_others(decoder, mine, bounds)
+        if self.ep_size > 1:  # after the cut: only the layers this rank runs
+            replace_experts(module, self.ep_group)
         self._mine, self._num_stages = mine, len(bounds)
         self._holds_last = any(m.last for m in self.stage_modules)
         self._last_rank = ranks[-1]
@@ -526,8 +568,17 @@ class PipelineStrategy(DDPStrategy, DescribesLayout):
         if self.embed_group is not None and embed:
             _all_reduce_grads(embed, self.embed_group)  # first and last stage: the two halves of one gradient
         if self.dp_size > 1:
+            experts = {id(p) for p in self.expert_parameters()}
             params = [p for p in self.lightning_module.parameters() if p.grad is not None]
-            _all_reduce_grads(params, self.dp_group, divide=self.dp_size)
+            _all_reduce_grads([p for p in params if id(p) not in experts], self.dp_group, divide=self.dp_size)
+            # an expert shard's gradient already holds its ep peers' tokens: summed over the other
+            # copies of the shard, divided by all replicas (DDP's mean)
+            expert_grads = [p for p in params if id(p) in experts]
+            if expert_grads:
+                _all_reduce_grads(expert_grads, self.edp_group, divide=self.dp_size)
+
+    def expert_parameters(self) -> list[nn.Parameter]:
+        return [p for _, m in ep_modules(self.lightning_module) for p in m.parameters()]
 
     def _embedding_params(self) -> list[nn.Parameter]:
         decoder = self.lightning_module.decoder
@@ -547,12 +598,19 @@ class PipelineStrategy(DDPStrategy, DescribesLayout):
 
     def lightning_module_state_dict(self) -> dict[str, Any]:
         local = {k: v.detach().cpu() for k, v in self.lightning_module.state_dict().items()}
+        for name, module in ep_modules(self.lightning_module):  # a collective over the ep group first
+            for w in ("w1", "w2", "w3"):
+                local[f"{name}.{w}"] = _gather_experts(getattr(module, w).detach(), module.ep_group).cpu()
         merged = _merge(_gather_objects(local, self.pp_group))
         return {k: merged[k] for k in self._whole_state if k in merged}
 
     def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
         local = self.lightning_module.state_dict()
         state = {k: v for k, v in checkpoint["state_dict"].items() if k in local}
+        for name, module in ep_modules(self.lightning_module):  # the whole [E, ...] experts: this rank's slice
+            for w in ("w1", "w2", "w3"):
+                if f"{name}.{w}" in state:
+                    state[f"{name}.{w}"] = module.local_slice(state[f"{name}.{w}"])
         missing = [k for k in local if k not in state]
         if strict and missing:
             raise ConfigError(
@@ -570,6 +628,10 @@ class PipelineStrategy(DDPStrategy, DescribesLayout):
             "groups": [[names[i] for i in g["params"]] for g in state["param_groups"]],
             "state": {names[i]: _to_cpu(s) for i, s in state["state"].items()},
         }
+        for i, module in self._expert_state_indices(optimizer):  # every ep peer has the same indices
+            for key, value in state["state"].get(i, {}).items():
+                if _is_expert_shaped(value, module.num_local_experts):
+                    local["state"][names[i]][key] = _gather_experts(value, module.ep_group).cpu()
         parts = _gather_objects(local, None if self._owned else self.pp_group)  # ZeRO-1: every rank's share
         whole_state = _merge([p["state"] for p in parts])
         group_of = {n: g for p in parts for g, group in enumerate(p["groups"]) for n in group}
@@ -596,22 +658,49 @@ class PipelineStrategy(DDPStrategy, DescribesLayout):
 
     def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
         for optimizer, whole in zip(self.optimizers, checkpoint["optimizer_states"]):
-            if "moeframe_param_names" not in whole:
-                raise ConfigError(
-                    "this checkpoint's optimizer state was not saved by strategy 'pp' and does not "
-                    "name its parameters: resume it without PP, or load weights only"
-                )
+            group_names = whole.get("moeframe_param_names") or self._single_process_names(optimizer, whole)
             by_name: dict[str, Any] = {}
-            for group, group_names in zip(whole["param_groups"], whole["moeframe_param_names"]):
-                for i, n in zip(group["params"], group_names):
+            for group, members in zip(whole["param_groups"], group_names):
+                for i, n in zip(group["params"], members):
                     if i in whole["state"]:
                         by_name[n] = whole["state"][i]
             names = self._param_names(optimizer)
             local = optimizer.state_dict()
-            local["state"] = {i: by_name[n] for i, n in names.items() if n in by_name}
+            local["state"] = {i: dict(by_name[n]) for i, n in names.items() if n in by_name}
+            for i, module in self._expert_state_indices(optimizer):
+                for key, value in local["state"].get(i, {}).items():
+                    if _is_expert_shaped(value, module.num_experts):
+                        local["state"][i][key] = module.local_slice(value).clone()
             for group, saved in zip(local["param_groups"], whole["param_groups"]):
                 group.update({k: v for k, v in saved.items() if k != "params"})
             optimizer.load_state_dict(local)
+
+    def _single_process_names(self, optimizer: torch.optim.Optimizer, whole: Mapping[str, Any]) -> list[list[str]]:
+        """The parameter names of an optimizer state saved without PP: a single process numbers the
+        parameters group by group in model order, the groups this run's stages make together."""
+        local_groups = self._local_groups(optimizer, self._param_names(optimizer))
+        parts = _gather_objects(local_groups, None if self._owned else self.pp_group)
+        group_of = {n: g for part in parts for g, members in enumerate(part) for n in members}
+        members = [[n for n in self._whole_param_names if group_of.get(n) == g] for g in range(len(local_groups))]
+        if [len(m) for m in members] != [len(g["params"]) for g in whole["param_groups"]]:
+            raise ConfigError(
+                "the checkpoint's optimizer groups do not match this model's parameters; resume it with the "
+                "model and optimizer config it was trained with, or load weights only"
+            )
+        return members
+
+    def _local_groups(self, optimizer: torch.optim.Optimizer, names: dict[int, str]) -> list[list[str]]:
+        index, groups = 0, []
+        for group in optimizer.param_groups:
+            groups.append([names[i] for i in range(index, index + len(group["params"]))])
+            index += len(group["params"])
+        return groups
+
+    def _expert_state_indices(self, optimizer: torch.optim.Optimizer) -> list[tuple[int, Any]]:
+        """Optimizer-state indices (torch numbers parameters across groups) of the expert shards."""
+        owner = {id(p): m for _, m in ep_modules(self.lightning_module) for p in m.parameters()}
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        return [(i, owner[id(p)]) for i, p in enumerate(params) if id(p) in owner]
 
     def _param_names(self, optimizer: torch.optim.Optimizer) -> dict[int, str]:
         """Optimizer index → parameter name (torch numbers parameters across groups)."""
@@ -698,8 +787,14 @@ def _pp_clip_grad_by_norm(strategy: PipelineStrategy) -> Callable[..., None]:
     def clip_grad_by_norm(precision: Any, optimizer: torch.optim.Optimizer, clip_val: float) -> None:
         params = [p for p in precision.main_params(optimizer) if p.grad is not None]
         skip = {id(p) for p in strategy._embedding_params()} if strategy.counts_embedding_twice() else set()
-        squares = sum((p.grad.float().pow(2).sum() for p in params if id(p) not in skip), torch.zeros(()))
+        experts = {id(p) for p in strategy.expert_parameters()}
+        squares = sum((p.grad.float().pow(2).sum() for p in params if id(p) not in skip | experts), torch.zeros(()))
         squares = squares.to(strategy.root_device)
+        if experts:  # the stage's expert shards differ between ep peers: each counted once
+            expert_sq = sum((p.grad.float().pow(2).sum() for p in params if id(p) in experts), torch.zeros(()))
+            expert_sq = expert_sq.to(strategy.root_device)
+            dist.all_reduce(expert_sq, group=strategy.ep_group)
+            squares = squares + expert_sq
         # every stage's share of the one global norm (under ZeRO-1 each rank holds a share of its stage's)
         dist.all_reduce(squares, group=None if strategy._owned else strategy.pp_group)
         total_norm = math.sqrt(float(squares))
