@@ -294,7 +294,7 @@ def test_pp2_each_rank_counts_its_share_of_the_model_flops_and_the_tokens_once(p
 @pytest.fixture(scope="module")
 def world4(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     """PP=4; PP=2 x DP=2 with DDP, with ZeRO-1, and PP=2 x EP=2 (V3's layout; under zbv), each of
-    the last two with a resume from step 1: ONE launch of 4 ranks."""
+    the last two with a resume from step 1; PP=2 x EP=2 x ZeRO-1: ONE launch of 4 ranks."""
     root = tmp_path_factory.mktemp("world4")
     zero = {"pp_size": 2, "schedule": "1f1b", "zero_stage": 1}
     ep = {"pp_size": 2, "schedule": "zbv", "microbatches": 4, "ep_size": 2}
@@ -305,6 +305,7 @@ def world4(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
         {"name": "zero1_resumed", "strategy": zero, "steps": STEPS, "resume_name": "zero1", "resume_from_step": 1},
         {"name": "pp2ep2", "strategy": ep, "steps": STEPS},
         {"name": "pp2ep2_resumed", "strategy": ep, "steps": STEPS, "resume_name": "pp2ep2", "resume_from_step": 1},
+        {"name": "pp2ep2zero1", "strategy": {**ep, "schedule": "1f1b", "microbatches": 2, "zero_stage": 1}, "steps": 2},
     ]
     return root, launch(4, jobs, root)
 
@@ -344,6 +345,21 @@ def test_pp2_x_ep2_equals_pp2_x_dp2_shards_the_experts_and_resumes_bit_exactly(w
     torch.testing.assert_close(ep, ddp, atol=1e-4, rtol=0)
     ddp_opt, ep_opt = (c["optimizer_states"][0]["state"] for c in saved)
     assert {i: s["exp_avg"].shape for i, s in ep_opt.items()} == {i: s["exp_avg"].shape for i, s in ddp_opt.items()}
+
+
+@pytest.mark.slow
+def test_pp2_x_ep2_with_zero1_equals_pp2_x_dp2(world4) -> None:
+    """V3's full layout at toy size: experts split over EP, the dense weights' AdamW state over ZeRO-1."""
+    root, results = world4
+    assert results["pp2ep2zero1"]["losses"] == pytest.approx(results["pp2dp2"]["losses"][:2], abs=LOSS_ATOL, rel=0)
+    ranks = [json.loads((root / f"out.rank{r}.json").read_text()) for r in range(4)]
+    for stage in range(2):  # each rank steps a share of its stage: less than EP alone
+        assert all(
+            ranks[stage + 2 * dp]["pp2ep2zero1"]["optimized_numel"] < ranks[stage + 2 * dp]["pp2ep2"]["optimized_numel"]
+            for dp in range(2)
+        )
+    saved = [torch.load(results[n]["ckpt"], map_location="cpu", weights_only=False) for n in ("pp2ep2zero1", "pp2ep2")]
+    assert set(saved[0]["optimizer_states"][0]["state"]) == set(saved[1]["optimizer_states"][0]["state"])
 
 
 @pytest.mark.slow
@@ -395,12 +411,6 @@ def test_a_layer_count_that_cannot_be_split_stops_fit_before_any_process_group(t
     with pytest.raises(ConfigError, match=r"model.n_layers=4 cannot be split into 6 pipeline stages"):
         trainer.fit(pretrain_module(), data_module())
     assert not torch.distributed.is_initialized()
-
-
-@pytest.mark.bad_input
-def test_expert_parallelism_with_zero1_inside_the_pipeline_is_refused_with_the_reason() -> None:
-    with pytest.raises(ConfigError, match="does not combine ep_size > 1 with zero_stage=1 yet"):
-        pp(pp_size=2, ep_size=2, zero_stage=1)
 
 
 @pytest.mark.bad_input

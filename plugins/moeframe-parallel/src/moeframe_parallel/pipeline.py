@@ -11,15 +11,20 @@ the LR schedule, the ExpertBalance callback, checkpoints.
 
 Layout. World = pp_size × dp ranks; consecutive ranks form one pipeline (``pp_group``), ranks
 holding the same stages form a data-parallel group (``dp_group``) that averages gradients and
-reads its own micro-batches. The decoder is cut into pp·vpp stages of whole layers (cost-balanced:
-a dense layer is cheaper than a MoE layer; or ``layers_per_stage``); the first stage also holds the
-embedding, the last one the final norm, head and MTP modules. MTP looks the next tokens up in the
+reads its own micro-batches. With ``ep_size`` > 1, ``ep_size`` consecutive ranks of a stage's
+data-parallel group split that stage's routed experts (``ep_group``, tokens exchanged all-to-all
+by ``EPExperts``); the pipelines run the same schedule, so the all-to-alls of EP peers come in the
+same order. ZeRO-1 (``zero_stage=1``): each data-parallel rank of a stage keeps the optimizer state
+of a share of its parameters, steps that share and broadcasts it.
+
+The decoder is cut into pp·vpp stages of whole layers (cost-balanced: a dense layer is cheaper
+than a MoE layer; or ``layers_per_stage``); the first stage also holds the embedding, the last one the final norm, head and MTP modules. MTP looks the next tokens up in the
 embedding and tied weights are shared with the head, so the rank of the last stage keeps a copy of
 the embedding; the two copies get the sum of their gradients before each optimizer step (same
 gradient, same AdamW state: they stay identical). Each rank drops the layers it does not run.
 
 What is global although the parameters are not: the gradient-clipping norm (squares summed over
-the pipeline, the embedding copy counted once), the expert counts of the aux-free bias update
+the pipeline, the embedding copy counted once, expert shards summed over their EP group), the expert counts of the aux-free bias update
 (``ExpertBalance`` sums them per layer id over all ranks), the sequence-balance loss (each stage
 adds its layers' term to a running sum that travels with the activations into the last stage's
 loss, so its gradient flows back through the pipeline), and checkpoints: the state dict and the
@@ -29,8 +34,7 @@ run without PP, ``moeframe convert`` reads it) and each rank takes its part on l
 Validation, test and predict run one forward of the whole batch through the stages in model order
 (no schedule: nothing flows back); the losses or predictions are computed where the logits are
 (the last stage) and broadcast over the pipeline, so every rank logs what a run without
-pipelining logs. Not supported yet (a ConfigError says so): expert parallelism inside a pipeline;
-activation checkpointing is per block as usual.
+pipelining logs. Not supported (a ConfigError says so): ZeRO-2/3.
 """
 
 from __future__ import annotations
@@ -201,11 +205,6 @@ class PipelineStrategy(DDPStrategy, DescribesLayout):
         check_pipeline(pp_size, schedule, vpp, microbatches, layers_per_stage=layers_per_stage)
         if ep_size < 1:
             raise ConfigError(f"ep_size must be >= 1, got {ep_size}")
-        if ep_size > 1 and zero_stage:
-            raise ConfigError(
-                "strategy 'pp' does not combine ep_size > 1 with zero_stage=1 yet: the ZeRO-1 shares would "
-                "have to follow the expert shards; use zero_stage=0 with EP, or ep_size=1 with ZeRO-1"
-            )
         if zero_stage not in (0, 1):
             raise ConfigError(
                 f"strategy 'pp' runs zero_stage 0 or 1, got {zero_stage}: ZeRO-2/3 would shard the gradients "
@@ -216,7 +215,7 @@ class PipelineStrategy(DDPStrategy, DescribesLayout):
         self.zero_stage, self.ep_size = zero_stage, ep_size
         self.ep_group: dist.ProcessGroup | None = None
         self.edp_group: dist.ProcessGroup | None = None
-        self._owned: dict[str, int] = {}  # ZeRO-1: parameter name -> the data-parallel rank stepping it
+        self._owned: dict[str, int] = {}  # ZeRO-1: parameter name -> the (global) rank stepping it
         self.pp_size, self.schedule_name, self.vpp = pp_size, schedule, vpp
         self.microbatches, self.layers_per_stage = microbatches, layers_per_stage
         self.pp_group: dist.ProcessGroup | None = None
@@ -539,28 +538,46 @@ class PipelineStrategy(DDPStrategy, DescribesLayout):
     def setup_optimizers(self, trainer: Any) -> None:
         super().setup_optimizers(trainer)
         if self.zero_stage == 1 and self.dp_size > 1:
-            self._owned = _partition_by_size(self.lightning_module, self.dp_size)
-            dp_rank = self.global_rank // self.pp_size
+            self._owned = self._zero_owners()
             names = {id(p): n for n, p in self.lightning_module.named_parameters()}
             for optimizer in self.optimizers:  # in place: the LR schedulers keep their optimizer
                 for group in optimizer.param_groups:
-                    group["params"] = [p for p in group["params"] if self._owned[names[id(p)]] == dp_rank]
+                    group["params"] = [p for p in group["params"] if self._owned[names[id(p)]] == self.global_rank]
+
+    def _zero_owners(self) -> dict[str, int]:
+        """Parameter name -> the global rank that steps it: a dense weight one of the stage's
+        data-parallel ranks, an expert shard one of the ranks holding a copy of that shard."""
+        pp, ep, dp_rank = self.pp_size, self.ep_size, self.global_rank // self.pp_size
+        experts = {id(p) for p in self.expert_parameters()}
+        named = [(n, p) for n, p in self.lightning_module.named_parameters() if p.requires_grad]
+        dense = _partition_by_size([(n, p.numel()) for n, p in named if id(p) not in experts], self.dp_size)
+        shards = _partition_by_size([(n, p.numel()) for n, p in named if id(p) in experts], self.dp_size // ep)
+        owners = {n: self.pp_rank + r * pp for n, r in dense.items()}
+        owners.update({n: self.pp_rank + (dp_rank % ep + k * ep) * pp for n, k in shards.items()})
+        return owners
 
     @torch.no_grad()
     def _share_stepped_weights(self) -> None:
-        """Every rank of a stage gets the weights each one stepped (one broadcast per owner); the
-        gradients of the weights others step are dropped (the optimizer zeroes only its own)."""
+        """Every rank of a stage gets the weights each one stepped (one broadcast per owner, over the
+        ranks holding the same weights); the gradients of the weights others step are dropped (the
+        optimizer zeroes only its own)."""
         params = dict(self.lightning_module.named_parameters())
-        for owner in range(self.dp_size):
-            mine = [params[n] for n, r in self._owned.items() if r == owner and n in params]
-            if not mine:
+        experts = {id(p) for p in self.expert_parameters()}
+        for group, is_expert in ((self.dp_group, False), (self.edp_group, True)):
+            if group is None or dist.get_world_size(group) == 1:
                 continue
-            flat = torch.cat([p.detach().flatten() for p in mine])
-            dist.broadcast(flat, src=self.pp_rank + owner * self.pp_size, group=self.dp_group)
-            for p, new in zip(mine, flat.split([p.numel() for p in mine])):
-                p.copy_(new.view_as(p))
-                if owner != self.global_rank // self.pp_size:
-                    p.grad = None
+            for owner in sorted(dist.get_process_group_ranks(group)):
+                mine = [
+                    params[n] for n, r in self._owned.items() if r == owner and (id(params[n]) in experts) == is_expert
+                ]
+                if not mine:
+                    continue
+                flat = torch.cat([p.detach().flatten() for p in mine])
+                dist.broadcast(flat, src=owner, group=group)
+                for p, new in zip(mine, flat.split([p.numel() for p in mine])):
+                    p.copy_(new.view_as(p))
+                    if owner != self.global_rank:
+                        p.grad = None
 
     @torch.no_grad()
     def reduce_grads(self) -> None:
@@ -719,13 +736,12 @@ def _all_reduce_grads(params: Sequence[nn.Parameter], group: dist.ProcessGroup, 
         g.copy_(new.view_as(g))
 
 
-def _partition_by_size(module: nn.Module, ranks: int) -> dict[str, int]:
+def _partition_by_size(sizes: list[tuple[str, int]], ranks: int) -> dict[str, int]:
     """Parameter name -> rank, the largest first onto the least loaded rank (the same answer on
     every rank: sizes and names are the same on every data-parallel replica of a stage)."""
     load = [0] * ranks
     owner: dict[str, int] = {}
-    trainable = [(n, p.numel()) for n, p in module.named_parameters() if p.requires_grad]
-    for name, numel in sorted(trainable, key=lambda item: -item[1]):
+    for name, numel in sorted(sizes, key=lambda item: -item[1]):
         rank = min(range(ranks), key=lambda r: load[r])
         owner[name], load[rank] = rank, load[rank] + numel
     return owner
@@ -787,7 +803,8 @@ def _pp_clip_grad_by_norm(strategy: PipelineStrategy) -> Callable[..., None]:
     def clip_grad_by_norm(precision: Any, optimizer: torch.optim.Optimizer, clip_val: float) -> None:
         params = [p for p in precision.main_params(optimizer) if p.grad is not None]
         skip = {id(p) for p in strategy._embedding_params()} if strategy.counts_embedding_twice() else set()
-        experts = {id(p) for p in strategy.expert_parameters()}
+        # under ZeRO-1 each rank holds the gradients of its share: summed over the world below
+        experts = set() if strategy._owned else {id(p) for p in strategy.expert_parameters()}
         squares = sum((p.grad.float().pow(2).sum() for p in params if id(p) not in skip | experts), torch.zeros(()))
         squares = squares.to(strategy.root_device)
         if experts:  # the stage's expert shards differ between ep peers: each counted once
