@@ -18,18 +18,21 @@ same order. ZeRO-1 (``zero_stage=1``): each data-parallel rank of a stage keeps 
 of a share of its parameters, steps that share and broadcasts it.
 
 The decoder is cut into pp·vpp stages of whole layers (cost-balanced: a dense layer is cheaper
-than a MoE layer; or ``layers_per_stage``); the first stage also holds the embedding, the last one the final norm, head and MTP modules. MTP looks the next tokens up in the
-embedding and tied weights are shared with the head, so the rank of the last stage keeps a copy of
-the embedding; the two copies get the sum of their gradients before each optimizer step (same
-gradient, same AdamW state: they stay identical). Each rank drops the layers it does not run.
+than a MoE layer; or ``layers_per_stage``); the first stage also holds the embedding, the last one
+the final norm, head and MTP modules. MTP looks the next tokens up in the embedding and tied
+weights are shared with the head, so the rank of the last stage keeps a copy of the embedding; the
+two copies get the sum of their gradients before each optimizer step (same gradient, same AdamW
+state: they stay identical). Each rank drops the layers it does not run.
 
 What is global although the parameters are not: the gradient-clipping norm (squares summed over
-the pipeline, the embedding copy counted once, expert shards summed over their EP group), the expert counts of the aux-free bias update
-(``ExpertBalance`` sums them per layer id over all ranks), the sequence-balance loss (each stage
-adds its layers' term to a running sum that travels with the activations into the last stage's
-loss, so its gradient flows back through the pipeline), and checkpoints: the state dict and the
-optimizer state are gathered into the single-process layout on save (a PP checkpoint loads into a
-run without PP, ``moeframe convert`` reads it) and each rank takes its part on load.
+the pipeline, the embedding copy counted once, expert shards summed over their EP group), the
+expert counts of the aux-free bias update (``ExpertBalance`` sums them per layer id over all
+ranks), the sequence-balance loss (each stage adds its layers' term to a running sum that travels
+with the activations into the last stage's loss, so its gradient flows back through the pipeline),
+and checkpoints: the state dict and the optimizer state are gathered into the single-process
+layout on save (expert shards over their EP group, ZeRO-1 shares over all ranks; a PP checkpoint
+loads into a run without PP, ``moeframe convert`` reads it) and each rank takes its part on load,
+also from a single-process checkpoint.
 
 Validation, test and predict run one forward of the whole batch through the stages in model order
 (no schedule: nothing flows back); the losses or predictions are computed where the logits are
