@@ -24,7 +24,7 @@ OPTIM = "--model.init_args.optim."
 VARIANTS = {
     "adamw": {"optimizer": "adamw"},
     "muon": {"optimizer": "muon", "muon_ns_schedule": "jordan", "muon_update_rms": "0.2"},
-    "muon-v4": {"optimizer": "muon", "muon_ns_schedule": "v4", "muon_update_rms": "0.18"},
+    "muon-v4": {"optimizer": "muon", "muon_ns_schedule": "hybrid", "muon_update_rms": "0.18"},
 }
 
 

@@ -59,7 +59,7 @@ def cli() -> None:
     print(f"{len(mats)} Muon tensors, {count} matrices")
     print("| schedule | singular values min / 5% / median / 95% / max | within 5% of 1 | CPU s per optimizer step |")
     print("|---|---|---:|---:|")
-    for schedule in ("jordan", "v4"):
+    for schedule in ("jordan", "hybrid"):
         s = spread(mats, schedule)
         q = torch.quantile(s, torch.tensor([0.0, 0.05, 0.5, 0.95, 1.0]))
         cells = " / ".join(f"{v:.3f}" for v in q.tolist())

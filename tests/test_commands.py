@@ -51,7 +51,9 @@ def test_nothing_outside_the_command_layer_imports_it() -> None:
     for root in roots:
         for path in root.rglob("*.py"):
             rel = path.relative_to(REPO).as_posix()
-            if rel.startswith("moeframe/commands/") or rel == "moeframe/cli.py":
+            # deprecated_commands: the old X_command names' forwarders for one release (docs/cli.md);
+            # library modules reach it only from their __getattr__, when an old name is asked for
+            if rel.startswith("moeframe/commands/") or rel in ("moeframe/cli.py", "moeframe/deprecated_commands.py"):
                 continue
             offenders += [f"{rel}: {name}" for name in sorted(_imports(path)) if _is_command_module(name)]
     assert not offenders, "library modules import the command layer:\n" + "\n".join(offenders)

@@ -123,7 +123,7 @@ def _spread(A: int, B: int, seed: int, smallest: float = 1e-2) -> torch.Tensor:
 @pytest.mark.parametrize("shape", [(64, 32), (32, 96), (48, 48)])
 def test_v4_schedule_puts_singular_values_on_one_where_jordans_leaves_them_scattered(shape: tuple[int, int]) -> None:
     g = _spread(*shape, seed=sum(shape))
-    v4 = torch.linalg.svdvals(newton_schulz(g, ns_coefficients("v4")).float())
+    v4 = torch.linalg.svdvals(newton_schulz(g, ns_coefficients("hybrid")).float())
     jordan = torch.linalg.svdvals(newton_schulz(g, ns_coefficients("jordan")).float())
     exact = torch.linalg.svdvals(torch.linalg.svd(g, full_matrices=False)[0])  # U of U S Vᵀ: all 1
     torch.testing.assert_close(exact, torch.ones_like(exact))
@@ -131,13 +131,13 @@ def test_v4_schedule_puts_singular_values_on_one_where_jordans_leaves_them_scatt
     assert (v4 - 1).abs().max() < 0.02, v4
     # Jordan's 5 leave them in roughly 0.68-1.2 (the iteration trades accuracy for speed)
     assert (jordan - 1).abs().max() > 0.15, jordan
-    assert len(ns_coefficients("v4")) == 10 and ns_coefficients("jordan", 7) == ((3.4445, -4.775, 2.0315),) * 7
+    assert len(ns_coefficients("hybrid")) == 10 and ns_coefficients("jordan", 7) == ((3.4445, -4.775, 2.0315),) * 7
 
 
 def test_the_schedule_named_in_the_config_is_the_one_muon_runs() -> None:
     torch.manual_seed(0)
     update = {}
-    for schedule in ("jordan", "v4"):
+    for schedule in ("jordan", "hybrid"):
         model = Toy()
         with torch.no_grad():
             model.proj.weight.zero_()
@@ -150,11 +150,11 @@ def test_the_schedule_named_in_the_config_is_the_one_muon_runs() -> None:
     for schedule, got in update.items():
         want = 0.2 * math.sqrt(12) * newton_schulz(nesterov, ns_coefficients(schedule)).float()
         torch.testing.assert_close(got, want, rtol=0, atol=1e-6, msg=schedule)
-    assert not torch.allclose(update["jordan"], update["v4"], atol=1e-2)
+    assert not torch.allclose(update["jordan"], update["hybrid"], atol=1e-2)
     # the update RMS the config names: orthogonal rows of 8 columns scaled to rms 0.18 (V4's)
     model = Toy()
     opt = make_optimizer(
-        model, OptimConfig(optimizer="muon", lr=1.0, weight_decay=0.0, muon_ns_schedule="v4", muon_update_rms=0.18)
+        model, OptimConfig(optimizer="muon", lr=1.0, weight_decay=0.0, muon_ns_schedule="hybrid", muon_update_rms=0.18)
     )
     before = model.proj.weight.detach().clone()
     model.proj.weight.grad = _spread(12, 8, seed=3)
@@ -173,7 +173,7 @@ def test_a_state_saved_before_schedules_existed_still_loads_and_steps() -> None:
     old = opt.state_dict()
     for group in old["param_groups"]:
         del group["ns_coefficients"]
-    again = make_optimizer(model, OptimConfig(optimizer="muon", muon_ns_schedule="v4"))
+    again = make_optimizer(model, OptimConfig(optimizer="muon", muon_ns_schedule="hybrid"))
     again.load_state_dict(old)
     assert "ns_coefficients" not in again.param_groups[0]
     before = model.proj.weight.detach().clone()
@@ -190,6 +190,6 @@ def test_a_state_saved_before_schedules_existed_still_loads_and_steps() -> None:
 @pytest.mark.bad_input
 def test_ns_steps_with_the_fixed_v4_schedule_is_refused_at_config_time() -> None:
     with pytest.raises(ConfigError, match="muon_ns_steps applies to muon_ns_schedule: jordan"):
-        OptimConfig(optimizer="muon", muon_ns_schedule="v4", muon_ns_steps=5).validate()
-    with pytest.raises(ConfigError, match="muon_ns_schedule must be jordan or v4"):
+        OptimConfig(optimizer="muon", muon_ns_schedule="hybrid", muon_ns_steps=5).validate()
+    with pytest.raises(ConfigError, match="muon_ns_schedule must be jordan or hybrid"):
         OptimConfig(optimizer="muon", muon_ns_schedule="polar").validate()  # type: ignore[arg-type]

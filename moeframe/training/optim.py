@@ -20,7 +20,7 @@ deepmd-kit PR 5424, MaxText PR 4065): a *hybrid* Newton-Schulz schedule of 10 it
 Jordan's aggressive coefficients (3.4445, -4.775, 2.0315), which lift every singular value close to
 1 quickly but leave them scattered around it (roughly 0.7-1.2), then 2 with (2, -1.5, 0.5), whose
 polynomial has the fixed point 1 with zero slope and so pulls them onto 1
-(``optim.muon_ns_schedule: v4``); the update rescaled to RMS 0.18 (``muon_update_rms``); momentum
+(``optim.muon_ns_schedule: hybrid``); the update rescaled to RMS 0.18 (``muon_update_rms``); momentum
 0.95 and weight decay 0.1; AdamW kept for the embedding, the prediction head, the hyper-connections'
 static biases and gating factors and the RMSNorm weights, Muon for every other matrix, which is
 what :func:`muon_param_groups` does. configs/pretrain/tiny-v4.yaml uses all of them.
@@ -80,7 +80,7 @@ JORDAN = (3.4445, -4.775, 2.0315)  # maximal slope at 0: fast, converges only ne
 STABILISE = (2.0, -1.5, 0.5)  # p(1) = 1, p'(1) = 0: pins singular values near 1 onto 1
 NS_SCHEDULES: dict[str, Callable[[int | None], tuple[tuple[float, float, float], ...]]] = {
     "jordan": lambda steps: (JORDAN,) * (5 if steps is None else steps),
-    "v4": lambda steps: (JORDAN,) * 8 + (STABILISE,) * 2,  # DeepSeek-V4's hybrid schedule
+    "hybrid": lambda steps: (JORDAN,) * 8 + (STABILISE,) * 2,  # DeepSeek-V4's hybrid schedule
 }
 
 

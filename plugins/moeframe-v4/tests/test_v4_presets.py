@@ -79,7 +79,7 @@ def test_tiny_v4_trains_with_muon_from_its_pretrain_config(tmp_path: Path, capsy
     groups = state["optimizer_states"][0]["param_groups"]
     assert [g["use_muon"] for g in groups] == [True, False, False]  # the config chose Muon
     # ... with DeepSeek-V4's hybrid Newton-Schulz schedule and update RMS
-    assert groups[0]["ns_coefficients"] == [list(c) for c in ns_coefficients("v4")]
+    assert groups[0]["ns_coefficients"] == [list(c) for c in ns_coefficients("hybrid")]
     assert groups[0]["update_rms"] == 0.18
     weights = state["state_dict"]
     assert any(k.endswith("residual.attn_hc.fn") for k in weights) and any(k.endswith("gate.tid2eid") for k in weights)
