@@ -2,17 +2,20 @@
 
 Every command that does not train should start within 1.3x of importing torch; the training
 commands pay for Lightning. Each line is the median of ``--repeats`` fresh processes, measured
-interleaved (one round runs every command once) so that a loaded machine slows all of them alike.
+interleaved (one round runs every command once) so that a loaded machine slows all of them alike,
+as wall-clock seconds and as the CPU seconds the process used (user + system, from ``getrusage``):
+on a shared machine the wall clock mostly measures the other jobs, the CPU seconds much less so.
 Then the breakdown of a tiny ``fit`` in one fresh process (imports, config, data preparation
 check, model build, first step) beside ``python -c "import lightning"``.
 
-    python benchmarks/startup.py [--repeats 5]
+    python benchmarks/startup.py [--repeats 5] [--commands-only | --fit-only]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import resource
 import statistics
 import subprocess
 import sys
@@ -54,6 +57,13 @@ def _inputs(work: Path) -> dict[str, list[str]]:
         "moeframe plugins": [*MOEFRAME, "plugins"],
         "moeframe inspect tiny.yaml --zero 0": [*MOEFRAME, "inspect", model, "--zero", "0"],
         "moeframe inspect tiny.yaml (default --zero 1)": [*MOEFRAME, "inspect", model],
+        "moeframe inspect tiny.yaml --zero 0 --ep 2 --dp 4": [
+            *MOEFRAME,
+            "inspect",
+            model,
+            *("--zero", "0", "--ep", "2", "--dp", "4"),
+        ],
+        "moeframe inspect tiny.yaml --pp 2": [*MOEFRAME, "inspect", model, "--pp", "2"],
         "moeframe prepare (4 small files)": [
             *MOEFRAME,
             "prepare",
@@ -63,6 +73,7 @@ def _inputs(work: Path) -> dict[str, list[str]]:
             "--workers",
             "1",
         ],
+        "moeframe convert --help": [*MOEFRAME, "convert", "--help"],
         "moeframe convert (tiny moeframe -> HF)": [
             *MOEFRAME,
             "convert",
@@ -86,22 +97,30 @@ def _save_tiny_moeframe_folder(path: Path) -> None:
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
 
 
-def _seconds(cmd: list[str], cwd: Path) -> float:
+def _seconds(cmd: list[str], cwd: Path) -> tuple[float, float]:
+    """(wall-clock seconds, CPU seconds of the child: user + system) of one fresh process."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     done = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
     elapsed = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr[-2000:]}")
-    return elapsed
+    return elapsed, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
-def measure_commands(repeats: int, work: Path) -> dict[str, float]:
+def measure_commands(repeats: int, work: Path) -> dict[str, tuple[float, float]]:
+    """Per command: the medians of (wall seconds, CPU seconds)."""
     commands = _inputs(work)
-    times: dict[str, list[float]] = {name: [] for name in commands}
+    times: dict[str, list[tuple[float, float]]] = {name: [] for name in commands}
     for i in range(repeats):
         for name, cmd in commands.items():
             times[name].append(_seconds([a.replace("{i}", str(i)) for a in cmd], work))
-    return {name: statistics.median(values) for name, values in times.items()}
+    return {name: _medians(values) for name, values in times.items()}
+
+
+def _medians(values: list[tuple[float, float]]) -> tuple[float, float]:
+    return statistics.median(v[0] for v in values), statistics.median(v[1] for v in values)
 
 
 FIT_PHASES = """
@@ -143,25 +162,26 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--fit-only", action="store_true", help="only the fit breakdown (and import lightning)")
+    parser.add_argument("--commands-only", action="store_true", help="only the commands, no fit breakdown")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         if args.fit_only:
             lightning = [sys.executable, "-c", "import lightning"]
             medians = {
-                'python -c "import lightning"': statistics.median(
-                    _seconds(lightning, work) for _ in range(args.repeats)
-                )
+                'python -c "import lightning"': _medians([_seconds(lightning, work) for _ in range(args.repeats)])
             }
         else:
             medians = measure_commands(args.repeats, work)
-        torch_s = medians.get('python -c "import torch"', float("nan"))
+        torch_wall, torch_cpu = medians.get('python -c "import torch"', (float("nan"), float("nan")))
         print(f"start-up, median of {args.repeats} fresh processes each (interleaved):")
-        print(f"  {'command':<48} {'seconds':>8} {'/ import torch':>15}")
-        for name, seconds in medians.items():
-            print(f"  {name:<48} {seconds:8.2f} {seconds / torch_s:15.2f}")
+        print(f"  {'command':<52} {'wall s':>7} {'/ torch':>8} {'CPU s':>7} {'/ torch':>8}")
+        for name, (wall, cpu) in medians.items():
+            print(f"  {name:<52} {wall:7.2f} {wall / torch_wall:8.2f} {cpu:7.2f} {cpu / torch_cpu:8.2f}")
+        if args.commands_only:
+            return
         phases = measure_fit(work)
-        lightning_s = medians['python -c "import lightning"']
+        lightning_s = medians['python -c "import lightning"'][0]
         print(
             f"\ntiny fit (configs/pretrain/tiny.yaml, 1 step) in one fresh process; "
             f'python -c "import lightning" = {lightning_s:.2f} s (median above):'

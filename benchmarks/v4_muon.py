@@ -1,11 +1,13 @@
-"""Muon versus AdamW on tiny-v4, the same steps, data and seed (issue 22).
+"""Optimizers on tiny-v4, the same steps, data and seed (issue 22).
 
-Runs ``moeframe fit -c configs/pretrain/tiny-v4.yaml`` twice in this process, once with
-``optim.optimizer: adamw`` and once with ``muon`` (everything else equal: lr 3e-3 with 10 warm-up
-steps then cosine, weight decay 0.1, seq 64, batch 8 unless --batch), and prints the mean train loss of the last
-10 steps, the validation loss at the end and the time per step. Usage:
+Runs ``moeframe fit -c configs/pretrain/tiny-v4.yaml`` once per variant in this process (everything
+else equal: lr 3e-3 with 10 warm-up steps then cosine, weight decay 0.1, seq 64, batch 8 unless
+--batch) and prints the mean train loss of the last 10 steps, the validation loss at the end and the
+time per step. Variants: ``adamw``; ``muon`` (Jordan's 5 Newton-Schulz iterations, update RMS 0.2,
+moeframe's first Muon); ``muon-v4`` (DeepSeek-V4's hybrid 8 + 2 iterations, update RMS 0.18, what
+tiny-v4.yaml sets). Usage:
 
-    python benchmarks/v4_muon.py [--steps 60] [--batch 8] [--out runs/bench-v4-muon]
+    python benchmarks/v4_muon.py [--steps 60] [--batch 8] [--variants adamw muon muon-v4] [--seed 1234] [--out DIR]
 """
 
 from __future__ import annotations
@@ -18,17 +20,25 @@ from pathlib import Path
 from moeframe.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
+OPTIM = "--model.init_args.optim."
+VARIANTS = {
+    "adamw": {"optimizer": "adamw"},
+    "muon": {"optimizer": "muon", "muon_ns_schedule": "jordan", "muon_update_rms": "0.2"},
+    "muon-v4": {"optimizer": "muon", "muon_ns_schedule": "hybrid", "muon_update_rms": "0.18"},
+}
 
 
-def run(optimizer: str, steps: int, batch: int, root: Path) -> dict[str, float]:
+def run(variant: str, steps: int, batch: int, root: Path, seed: int = 1234) -> dict[str, float]:
+    optim = [a for key, value in VARIANTS[variant].items() for a in (OPTIM + key, value)]
     args = [
         "fit",
         "-c",
         str(REPO / "configs/pretrain/tiny-v4.yaml"),
         "--trainer.default_root_dir",
         str(root),
-        "--model.init_args.optim.optimizer",
-        optimizer,
+        "--seed_everything",
+        str(seed),
+        *optim,
         "--model.init_args.optim.warmup_steps",
         "10",
         "--data.init_args.seq_len",
@@ -66,9 +76,11 @@ def cli() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=["adamw", "muon", "muon-v4"])
+    parser.add_argument("--seed", type=int, default=1234, help="the config's seed_everything")
     parser.add_argument("--out", default="runs/bench-v4-muon")
     a = parser.parse_args()
-    results = {opt: run(opt, a.steps, a.batch, Path(a.out) / opt) for opt in ("adamw", "muon")}
+    results = {v: run(v, a.steps, a.batch, Path(a.out) / v, a.seed) for v in a.variants}
     print("| optimizer | first train loss | train loss, mean of last 10 steps | val loss | s/step (incl. setup) |")
     print("|---|---:|---:|---:|---:|")
     for opt, r in results.items():

@@ -21,7 +21,10 @@ def __getattr__(name: str) -> Any:
         from moeframe.commands.train import build_cli
 
         return build_cli
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    # names of the argparse front-end this module held before moeframe.commands (deprecated)
+    from moeframe.deprecated_commands import old_name
+
+    return old_name(__name__, name)
 
 
 if __name__ == "__main__":

@@ -1,29 +1,24 @@
 """Every use of a private Lightning or torch API in moeframe and its plugins, in one place.
 
 Where Lightning or torch offer no public way to do something moeframe needs, the private access
-lives here, one small function each, with the version it was written against. ``tests/test_compat.py``
-exercises each function against the installed versions, so an upgrade that moves or renames the
-private attribute fails there, loudly and by name, rather than deep inside a training run.
-``tests/test_private_api.py`` fails when a private access appears anywhere else.
+lives here, one small function (or, for an override, one mixin) each, with the version it was
+written against. ``tests/test_compat.py`` exercises each against the installed versions, so an
+upgrade that moves or renames the private attribute fails there, loudly and by name, rather than
+deep inside a training run. ``tests/test_private_api.py`` fails when a private access appears
+anywhere else (or, in the plugins, beyond the few it names).
 
 Written against torch 2.13 and Lightning 2.6.6.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-__all__ = ["ddp_ignore", "flush_step_metrics", "in_autograd_backward", "set_logger_step"]
-
-
-def in_autograd_backward() -> bool:
-    """True while autograd's engine runs the calling code, i.e. an activation-checkpoint
-    recompute during backward. torch 2.13: ``torch._C._current_graph_task_id()`` is -1 outside
-    a backward pass; torch has no public query for it."""
-    return torch._C._current_graph_task_id() != -1
+__all__ = ["KeepsFP32Buffers", "ddp_ignore", "flush_step_metrics", "set_logger_step"]
 
 
 def ddp_ignore(module: nn.Module, names: list[str]) -> None:
@@ -46,3 +41,23 @@ def flush_step_metrics(trainer: Any) -> None:
     sends them after ``on_train_batch_end``; a callback that ends the run there would lose them).
     Lightning 2.6.6: ``trainer._logger_connector.update_train_step_metrics()``."""
     trainer._logger_connector.update_train_step_metrics()
+
+
+class KeepsFP32Buffers(nn.Module):
+    """Mixin: the buffers named in ``fp32_buffers`` stay float32, and exact, when the module is
+    cast (``module.to(torch.bfloat16)``, Lightning's ``bf16-true``, ``.half()``); device moves
+    still move them. Their state-dict keys and dtype do not change. torch 2.13: every cast and
+    move of a module's tensors goes through ``nn.Module._apply``, overridden here; torch has no
+    public way to exempt one tensor from a module cast (``to`` is not called on submodules)."""
+
+    fp32_buffers: ClassVar[tuple[str, ...]] = ()
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> KeepsFP32Buffers:
+        originals = {name: getattr(self, name) for name in self.fp32_buffers}
+        super()._apply(fn, recurse)
+        for name, original in originals.items():
+            moved = getattr(self, name)
+            if moved.dtype != torch.float32:  # cast: take the fp32 original, not the rounded copy
+                fp32 = moved.float() if original.is_meta else original.to(device=moved.device, dtype=torch.float32)
+                setattr(self, name, fp32)
+        return self

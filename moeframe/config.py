@@ -362,15 +362,29 @@ class OptimConfig:
     # AdamW for embeddings, the head, norms and biases (see moeframe.training.optim)
     optimizer: Literal["adamw", "muon"] = "adamw"
     muon_momentum: float = 0.95
-    muon_ns_steps: int = 5
-    # Muon's update is rescaled to this RMS per matrix (0.2·sqrt(max(A, B))·lr) so that AdamW's lr fits
+    # The Newton-Schulz orthogonalisation: ``jordan`` runs ``muon_ns_steps`` (default 5) quintic
+    # iterations with (3.4445, -4.775, 2.0315), as torch's Muon; ``hybrid`` is DeepSeek-V4's
+    # schedule, 8 of those then 2 with (2, -1.5, 0.5), fixed at 10 (moeframe.training.optim).
+    muon_ns_schedule: Literal["jordan", "hybrid"] = "jordan"
+    muon_ns_steps: int | None = None
+    # Muon's update is rescaled to this RMS per matrix (rms·sqrt(max(A, B))·lr) so that AdamW's lr
+    # fits both: 0.2 as Moonlight and torch's match_rms_adamw; DeepSeek-V4 reports 0.18
     muon_update_rms: float = 0.2
 
     def validate(self) -> None:
         _require(self.optimizer in ("adamw", "muon"), f"optim.optimizer must be adamw or muon, got {self.optimizer!r}")
         _require(0 <= self.muon_momentum < 1, f"optim.muon_momentum must be in [0, 1), got {self.muon_momentum}")
         _require(
-            isinstance(self.muon_ns_steps, int) and 1 <= self.muon_ns_steps < 100,
+            self.muon_ns_schedule in ("jordan", "hybrid"),
+            f"optim.muon_ns_schedule must be jordan or hybrid (DeepSeek-V4's), got {self.muon_ns_schedule!r}",
+        )
+        _require(
+            self.muon_ns_steps is None or self.muon_ns_schedule == "jordan",
+            f"optim.muon_ns_steps applies to muon_ns_schedule: jordan; the {self.muon_ns_schedule} "
+            "schedule fixes its own iterations: remove muon_ns_steps",
+        )
+        _require(
+            self.muon_ns_steps is None or (isinstance(self.muon_ns_steps, int) and 1 <= self.muon_ns_steps < 100),
             f"optim.muon_ns_steps must be a whole number in [1, 100), got {self.muon_ns_steps}",
         )
         _require(self.muon_update_rms > 0, f"optim.muon_update_rms must be > 0, got {self.muon_update_rms}")

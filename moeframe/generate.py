@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 import torch
 
@@ -142,3 +142,18 @@ class TextStream:
         text = self.tokenizer.decode(self.ids)
         self.out.write(text[len(self.printed) :])
         self.printed = text
+
+
+def __getattr__(name: str) -> Any:
+    # the command front-end that lived here before moeframe.commands (deprecated, one release)
+    from moeframe.deprecated_commands import old_name
+
+    return old_name(__name__, name)
+
+
+if __name__ == "__main__":  # `python -m moeframe.generate ARGS` (deprecated: `moeframe generate ARGS`)
+    import sys
+
+    from moeframe.deprecated_commands import old_name
+
+    sys.exit(old_name("moeframe.generate", "generate_command")(sys.argv[1:]))

@@ -332,3 +332,10 @@ def _print_layers(rows: list[dict[str, Any]]) -> None:
             f"  layer {row['layer']:<3} {row['attention']:<10} {ffn:<20} {row['norm']:<9} {row['residual']:<10} "
             f"params {_fmt(row['params'])}, activated {_fmt(row['activated'])}"
         )
+
+
+def __getattr__(name: str) -> Any:
+    # the command front-end that lived here before moeframe.commands (deprecated, one release)
+    from moeframe.deprecated_commands import old_name
+
+    return old_name(__name__, name)

@@ -14,7 +14,9 @@ Strategies and precisions describe themselves: a strategy plugin that runs layou
 ``DescribesLayout`` and says which (``runs_layout``); a precision plugin derives from
 ``DescribesMemory`` and says what it keeps per parameter (``training_bytes``). ``strategy_for``
 and ``moeframe inspect`` read those declarations from the installed plugins, so this module
-names no strategy or precision plugin.
+names no strategy or precision plugin. A strategy package may also register each strategy's
+description alone, from a module without Lightning, in the entry-point group
+``moeframe.strategy_layout`` (same name as the strategy): ``inspect`` then never imports Lightning.
 """
 
 from __future__ import annotations
@@ -137,11 +139,45 @@ class DescribesLayout:
         return None
 
 
+# Strategy packages may describe each strategy's layout in this entry-point group, under the
+# strategy's name, with a ``DescribesLayout`` class from a module that does not import Lightning:
+# estimating a layout (``moeframe inspect``) then costs no Lightning import (seconds).
+STRATEGY_LAYOUT_GROUP = "moeframe.strategy_layout"
+
+
+def _layout_descriptions() -> dict[str, type]:
+    """The ``DescribesLayout`` classes registered in ``STRATEGY_LAYOUT_GROUP``, by strategy name; a
+    broken or ambiguous one is left out (its strategy is then asked itself)."""
+    import importlib
+    import importlib.metadata as md
+
+    found: dict[str, set[str]] = {}
+    for ep in md.entry_points(group=STRATEGY_LAYOUT_GROUP):
+        found.setdefault(ep.name, set()).add(ep.value)
+    described = {}
+    for name, values in found.items():
+        if len(values) != 1:
+            continue
+        module, _, attr = next(iter(values)).partition(":")
+        try:
+            cls = getattr(importlib.import_module(module), attr)
+        except Exception:  # a broken description must not break an estimate
+            continue
+        if isinstance(cls, type) and issubclass(cls, DescribesLayout):
+            described[name] = cls
+    return described
+
+
 def _installed_strategies() -> dict[str, type]:
+    """Each installed strategy's layout description: its registered one, else the strategy class."""
     from moeframe import registry
 
+    described = _layout_descriptions()
     strategies = {}
     for name in sorted(registry.available("strategy")):
+        if name in described:
+            strategies[name] = described[name]
+            continue
         try:
             strategies[name] = registry.load("strategy", name)
         except registry.PluginError:  # a broken strategy package must not break an estimate

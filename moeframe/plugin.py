@@ -18,7 +18,8 @@ What is here, by use:
   ``as_context`` for an API-2 ``forward`` that API-1 subclasses still call the old way; the
   residual-stream base ``ResidualBase`` (and ``Sublayer``, what it is handed);
 - the **declared hooks** on those bases (no attribute probing): ``set_selective_recompute``
-  (attention, experts), the grouped-GEMM seam of experts (``grouped_gemm_seam``,
+  (attention, experts; recompute through ``activation_checkpoint``, so that counted and timed
+  forwards can tell the recompute in backward apart: ``is_recomputing``), the grouped-GEMM seam of experts (``grouped_gemm_seam``,
   ``set_grouped_gemm``, the ``GroupedGemm`` signature), the phase timer of experts
   (``marks_phases``, ``mark_phase``, ``set_phase_timer``, ``PhaseTimer``), the router's
   ``balance_state`` and ``update_after_step``;
@@ -29,7 +30,8 @@ What is here, by use:
   static-size expert-group padding (``pad_expert_groups_static``), weight init (``default_init``, ``init_random_stream``), the FP8 block format (``quantize_blocks`` and its
   constants), parallel-layout checks (``check_ep_layout``, ``check_zero_layout``), atomic
   checkpoint IO (``partial_name``, ``replace_folder``, ``remove_stale_partials``), the parameters
-  DDP must leave alone (``ddp_ignore``), ``ConfigError``;
+  DDP must leave alone (``ddp_ignore``), buffers that stay fp32 when the module is cast
+  (``KeepsFP32Buffers``, a mixin naming them in ``fp32_buffers``), ``ConfigError``;
 - **names and layouts a plugin declares**: ``HFNamed`` (a part's HF tensor names and config
   fields; ``EXPERT`` stands for the expert index), ``HFFamily``/``HFTensor`` (a checkpoint-family
   adapter, entry-point kind ``hf_family``), ``DescribesLayout``/``ParallelLayout`` (a strategy's
@@ -50,7 +52,7 @@ import importlib
 from typing import Any
 
 from moeframe import registry
-from moeframe.compat import ddp_ignore
+from moeframe.compat import KeepsFP32Buffers, ddp_ignore
 from moeframe.config import ModelConfig, resolve_model_config
 from moeframe.convert.family import HFFamily, HFTensor
 from moeframe.convert.fp8 import AMAX_FLOOR, BLOCK, E4M3_MAX, dequantize_blocks, quantize_blocks
@@ -89,6 +91,7 @@ from moeframe.model.experts import GroupedExperts, grouped_mm, grouped_mm_suppor
 from moeframe.model.hfnames import EXPERT, HFNamed
 from moeframe.model.moe import moe_layers
 from moeframe.model.norm import RMSNorm
+from moeframe.model.recompute import activation_checkpoint, is_recomputing
 from moeframe.model.rope import apply_rope, rope_cos_sin
 from moeframe.model.router import count_per_expert, gate_logits_fp32, limit_to_groups
 from moeframe.registry import PLUGIN_API
@@ -159,6 +162,8 @@ __all__ = [
     "pad_expert_groups_static",
     "limit_to_groups",
     "moe_layers",
+    "activation_checkpoint",
+    "is_recomputing",
     "options_as_config",
     "parse_options",
     "partial_name",
@@ -166,6 +171,7 @@ __all__ = [
     "remove_stale_partials",
     "replace_folder",
     "ddp_ignore",
+    "KeepsFP32Buffers",
 ]
 
 

@@ -28,8 +28,8 @@ def pretrain_module(**overrides: Any) -> PretrainModule:
     return PretrainModule(model_config(**overrides), OptimConfig(lr=1e-2, warmup_steps=0))
 
 
-def data_module(batch_size: int = 4) -> PretrainDataModule:
-    return PretrainDataModule(seq_len=SEQ_LEN, batch_size=batch_size, max_bytes=40_000, val_permille=0)
+def data_module(batch_size: int = 4, val_permille: int = 0) -> PretrainDataModule:
+    return PretrainDataModule(seq_len=SEQ_LEN, batch_size=batch_size, max_bytes=40_000, val_permille=val_permille)
 
 
 def trainer_settings() -> dict[str, Any]:

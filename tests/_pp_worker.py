@@ -3,7 +3,10 @@ LOCAL_RANK/WORLD_SIZE/MASTER_* in the environment, so Lightning launches nothing
 process group serves several trainings in a row).
 
 ``python tests/_pp_worker.py OUT.json JOB.json``: JOB lists runs ``{"name", "strategy": {...},
-"steps", "resume_from_step"?}``; rank 0 writes ``{name: {"losses": [...], "ckpt": path}}``.
+"steps", "resume_from_step"? or "ckpt_path"?, "val_permille"?, "evaluate"?}``; rank 0 writes ``{name: {"losses":
+[...], "ckpt": path, "throughput": [[tokens, flops] per step], "val": {...}?, "validate", "test"?}}``
+(``evaluate``: after the fit, ``validate``, ``test`` and ``predict`` on the same trainer; each rank
+saves its predictions).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _pp_common import data_module, pretrain_module, trainer_settings  # noqa: E402
 
 from moeframe import registry  # noqa: E402
+from moeframe.training.throughput import ModelThroughput  # noqa: E402
 
 
 class Losses(Callback):
@@ -43,21 +47,46 @@ def run(root: Path, job: dict, world: int) -> dict:
         filename="step{step}",
         auto_insert_metric_name=False,
     )
+    throughput = ModelThroughput(peak_flops=1e12)  # a given peak: no GEMM measurement
     trainer = L.Trainer(
         devices=world,
         strategy=strategy,
         max_steps=job["steps"],
-        callbacks=[losses, save],
+        callbacks=[losses, save, throughput],
         default_root_dir=root,
         **{**trainer_settings(), **job.get("trainer", {})},
     )
-    ckpt = None
+    ckpt = job.get("ckpt_path")  # a checkpoint of another layout (e.g. single-process)
     if "resume_from_step" in job:
         ckpt = str(root / job["resume_name"] / f"step{job['resume_from_step']}.ckpt")
-    trainer.fit(pretrain_module(), data_module(job.get("batch_size", 4)), ckpt_path=ckpt)
+    data = data_module(job.get("batch_size", 4), job.get("val_permille", 0))
+    trainer.fit(pretrain_module(), data, ckpt_path=ckpt)
     params = {n: p.detach().clone() for n, p in trainer.lightning_module.named_parameters()}
     torch.save(params, root / f"{job['name']}.rank{trainer.global_rank}.params.pt")
-    return {"losses": losses.losses, "ckpt": str(root / job["name"] / f"step{job['steps']}.ckpt")}
+    result = {
+        "losses": losses.losses,
+        "ckpt": str(root / job["name"] / f"step{job['steps']}.ckpt"),
+        "throughput": [[tokens, flops] for _, tokens, flops in throughput._steps],
+        "optimized_numel": sum(p.numel() for g in trainer.optimizers[0].param_groups for p in g["params"]),
+    }
+    if job.get("val_permille"):
+        result["val"] = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+    if job.get("evaluate"):
+        result.update(evaluate(root, job, world, data, result["ckpt"]))
+    return result
+
+
+def evaluate(root: Path, job: dict, world: int, data, ckpt: str) -> dict:
+    """``moeframe validate|test|predict --ckpt_path`` of the run: a new trainer, module and strategy."""
+    strategy = registry.load("strategy", "pp")(timeout=timedelta(seconds=120), **job["strategy"])
+    settings = {**trainer_settings(), **job.get("trainer", {})}
+    trainer = L.Trainer(devices=world, strategy=strategy, default_root_dir=root / "evaluate", **settings)
+    module = pretrain_module()
+    validated = trainer.validate(module, data, ckpt_path=ckpt, verbose=False)[0]
+    tested = trainer.test(module, data, ckpt_path=ckpt, verbose=False)[0]
+    predictions = torch.cat(trainer.predict(module, data, ckpt_path=ckpt))
+    torch.save(predictions, root / f"{job['name']}.rank{trainer.global_rank}.predictions.pt")
+    return {"validate": validated, "test": tested}
 
 
 def main() -> None:

@@ -11,21 +11,8 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch.demos.boring_classes import BoringModel
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from moeframe import compat
-
-
-def test_in_autograd_backward_is_true_only_in_a_recompute() -> None:
-    seen: list[bool] = []
-
-    def block(x: torch.Tensor) -> torch.Tensor:
-        seen.append(compat.in_autograd_backward())
-        return x.sin()
-
-    x = torch.ones(3, requires_grad=True)
-    checkpoint(block, x, use_reentrant=False).sum().backward()
-    assert seen == [False, True]  # the forward, then the recompute inside backward
 
 
 def test_ddp_ignore_is_what_ddp_reads(tmp_path: Path) -> None:
@@ -83,3 +70,23 @@ def test_logger_step_and_flushing_the_step_metrics(tmp_path: Path) -> None:
     rows = (Path(trainer.logger.log_dir) / "metrics.csv").read_text().splitlines()
     steps = [int(r.split(",")[rows[0].split(",").index("step")]) for r in rows[1:]]
     assert set(steps) == {100, 101}  # the logger step set before each batch
+
+
+class _Biased(compat.KeepsFP32Buffers):
+    fp32_buffers = ("bias",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(2, 2)
+        self.register_buffer("bias", torch.full((3,), 0.501))  # not representable in bf16
+        self.register_buffer("other", torch.full((3,), 0.501))
+
+
+def test_fp32_buffers_survive_a_module_cast_exactly() -> None:
+    module = nn.Sequential(_Biased()).to(torch.bfloat16)  # the cast reaches it from a parent
+    inner = module[0]
+    assert inner.lin.weight.dtype == torch.bfloat16 and inner.other.dtype == torch.bfloat16  # cast happened
+    assert inner.bias.dtype == torch.float32 and torch.all(inner.bias == torch.tensor(0.501))
+    assert set(inner.state_dict()) == {"lin.weight", "lin.bias", "bias", "other"}  # keys unchanged
+    meta = _Biased().to("meta").to(torch.bfloat16)
+    assert meta.bias.is_meta and meta.bias.dtype == torch.float32

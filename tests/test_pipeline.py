@@ -20,18 +20,19 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from .conftest import REPO, clean_env
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _pp_common import data_module, pretrain_module, trainer_settings  # noqa: E402
+from _pp_common import SEQ_LEN, data_module, model_config, pretrain_module, trainer_settings  # noqa: E402
 
 from moeframe import registry  # noqa: E402
 from moeframe.config import ConfigError  # noqa: E402
 from moeframe.training.balance import ExpertBalance  # noqa: E402
 
 LOSS_ATOL = 2e-4
+EVAL_ATOL = 1e-5  # the same weights; only the order of float sums may differ
 STEPS = 3
 SCHEDULES = {  # name: strategy options (the 4-sequence batch as 2 or 4 micro-batches)
     "gpipe": {},
@@ -41,6 +42,9 @@ SCHEDULES = {  # name: strategy options (the 4-sequence batch as 2 or 4 micro-ba
     "zbv": {"microbatches": 4},
     "dualpipev": {"microbatches": 4},
 }
+
+
+EVAL_LIMITS = {"limit_val_batches": 2, "limit_test_batches": 1, "limit_predict_batches": 1}
 
 
 class Losses(Callback):
@@ -100,14 +104,16 @@ def single_process(
     steps: int = STEPS,
     ckpt_path: str | None = None,
     accumulate: int = 1,
+    save_to: Path | None = None,
 ) -> tuple[list[float], dict[str, torch.Tensor]]:
     losses = Losses()
+    save = [ModelCheckpoint(save_to, "step{step}", every_n_train_steps=1, save_top_k=-1, auto_insert_metric_name=False)]
     trainer = L.Trainer(
         devices=1,
         max_steps=steps,
         accumulate_grad_batches=accumulate,
-        enable_checkpointing=False,
-        callbacks=[losses, ExpertBalance()],
+        enable_checkpointing=save_to is not None,
+        callbacks=[losses, ExpertBalance(), *(save if save_to is not None else [])],
         default_root_dir=root,
         **trainer_settings(),
     )
@@ -116,8 +122,9 @@ def single_process(
 
 
 @pytest.fixture(scope="module")
-def pp2(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
-    """Every schedule with PP=2 and a resume from step 1 of the 1f1b run, in ONE launch of 2 ranks."""
+def pp2(tmp_path_factory: pytest.TempPathFactory, reference, reference_root: Path) -> tuple[Path, dict]:
+    """Every schedule with PP=2, a resume from step 1 of the 1f1b run and one from the single-process
+    run's step 1, validation, gradient accumulation: ONE launch of 2 ranks."""
     root = tmp_path_factory.mktemp("pp2")
     jobs = [
         {"name": name, "strategy": {"pp_size": 2, "schedule": name, **opts}, "steps": STEPS}
@@ -134,6 +141,24 @@ def pp2(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     )
     jobs.append(
         {
+            "name": "from_single",  # weights, AdamW state and data position of a run without PP
+            "strategy": {"pp_size": 2, "schedule": "1f1b"},
+            "steps": STEPS,
+            "ckpt_path": str(reference_root / "ckpts" / "step1.ckpt"),
+        }
+    )
+    jobs.append(
+        {
+            "name": "evaluated",  # a held-out split: validation inside fit, then validate, test, predict
+            "strategy": {"pp_size": 2, "schedule": "zbv", "microbatches": 4},  # V-shaped: stage 3 on rank 0
+            "steps": 1,
+            "val_permille": 100,
+            "evaluate": True,
+            "trainer": {**EVAL_LIMITS, "val_check_interval": 1, "num_sanity_val_steps": 1},
+        }
+    )
+    jobs.append(
+        {
             "name": "accumulated",
             "strategy": {"pp_size": 2, "schedule": "1f1b"},
             "steps": 2,
@@ -144,8 +169,14 @@ def pp2(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[float], dict[str, torch.Tensor]]:
-    return single_process(tmp_path_factory.mktemp("single"))
+def reference_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("single")
+
+
+@pytest.fixture(scope="module")
+def reference(reference_root: Path) -> tuple[list[float], dict[str, torch.Tensor]]:
+    """The single-process run; its checkpoints (one per step) in ``reference_root / "ckpts"``."""
+    return single_process(reference_root, save_to=reference_root / "ckpts")
 
 
 @pytest.mark.slow
@@ -186,6 +217,23 @@ def test_pp2_resume_mid_run_is_bit_exact(pp2) -> None:
 
 
 @pytest.mark.slow
+def test_a_single_process_checkpoint_resumes_under_pp_with_its_optimizer_state(
+    pp2, reference, reference_root: Path
+) -> None:
+    _, results = pp2
+    assert results["from_single"]["losses"] == pytest.approx(reference[0][1:], abs=LOSS_ATOL, rel=0)
+    # AdamW went on from the single-process state: its step count and moments, not fresh ones
+    pp_state, single_state = (
+        torch.load(path, map_location="cpu", weights_only=False)["optimizer_states"][0]["state"]
+        for path in (results["from_single"]["ckpt"], reference_root / "ckpts" / f"step{STEPS}.ckpt")
+    )
+    assert set(pp_state) == set(single_state)
+    for i, state in single_state.items():
+        assert float(pp_state[i]["step"]) == float(state["step"]) == STEPS
+        torch.testing.assert_close(pp_state[i]["exp_avg_sq"], state["exp_avg_sq"], atol=1e-6, rtol=1e-3)
+
+
+@pytest.mark.slow
 def test_a_pp_checkpoint_resumes_without_pp_and_converts_to_hf(pp2, tmp_path: Path) -> None:
     _, results = pp2
     step1 = str(Path(results["1f1b"]["ckpt"]).with_name("step1.ckpt"))
@@ -202,16 +250,122 @@ def test_a_pp_checkpoint_resumes_without_pp_and_converts_to_hf(pp2, tmp_path: Pa
     assert (out / "config.json").is_file() and list(out.glob("*.safetensors"))
 
 
+def single_process_evaluation(root: Path, ckpt_path: str) -> dict:
+    """validate, test and predict of a checkpoint without pipelining, on the pipeline tests' data."""
+    trainer = L.Trainer(devices=1, default_root_dir=root, **{**trainer_settings(), **EVAL_LIMITS})
+    module, data = pretrain_module(), data_module(4, val_permille=100)
+    return {  # the checkpoint's weights stay in the module after the first call
+        "validate": trainer.validate(module, data, ckpt_path=ckpt_path, verbose=False)[0],
+        "test": trainer.test(module, data, verbose=False)[0],
+        "predict": torch.cat(trainer.predict(module, data)),
+    }
+
+
 @pytest.mark.slow
-def test_pp4_and_pp2_x_dp2_losses_equal_the_single_process_run(tmp_path: Path, reference) -> None:
-    results = launch(
-        4,
-        [
-            {"name": "pp4", "strategy": {"pp_size": 4, "schedule": "1f1b"}, "steps": STEPS},
-            {"name": "pp2dp2", "strategy": {"pp_size": 2, "schedule": "1f1b"}, "steps": STEPS},
-        ],
-        tmp_path,
-    )
+def test_pp2_validation_test_and_predict_equal_those_without_pipelining(pp2, tmp_path: Path) -> None:
+    root, results = pp2
+    run = results["evaluated"]
+    expected = single_process_evaluation(tmp_path, run["ckpt"])  # the same weights: the PP run's step 1
+    val = expected["validate"]
+    assert set(val) == {"val/loss", "val/ppl", "val/mtp_loss"}
+    for logged in (run["val"], run["validate"]):  # inside fit (after step 1), and `validate`
+        assert {k: logged[k] for k in val} == pytest.approx(val, abs=EVAL_ATOL, rel=0)
+    assert run["test"] == pytest.approx(expected["test"], abs=EVAL_ATOL, rel=0)
+    for rank in range(2):  # every rank of the pipeline returns the last stage's predictions
+        predictions = torch.load(root / f"evaluated.rank{rank}.predictions.pt")
+        assert predictions.shape == expected["predict"].shape and predictions.shape[0] == 4  # a batch of 4
+        assert torch.equal(predictions, expected["predict"])
+
+
+@pytest.mark.slow
+def test_pp2_each_rank_counts_its_share_of_the_model_flops_and_the_tokens_once(pp2) -> None:
+    """MFU: a rank of a 2-stage pipeline does half of the batch's model FLOPs; the job's tokens per
+    step are the batch's, not pp_size times them."""
+    from moeframe.inspect import decoder_training_flops_per_token
+    from moeframe.model.decoder import build_decoder
+
+    root, _ = pp2
+    batch_flops = 4 * SEQ_LEN * decoder_training_flops_per_token(build_decoder(model_config(), device="meta"), SEQ_LEN)
+    for rank in range(2):
+        steps = json.loads((root / f"out.rank{rank}.json").read_text())["1f1b"]["throughput"]
+        assert steps == [[4 * SEQ_LEN, batch_flops // 2]] * STEPS
+
+
+@pytest.fixture(scope="module")
+def world4(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    """PP=4; PP=2 x DP=2 with DDP and with ZeRO-1; PP=2 x EP=2 (under zbv); V3's layout PP=2 x EP=2
+    x ZeRO-1 and its resume from step 1 (expert shards and ZeRO-1 shares gathered on save, sliced on
+    load): ONE launch of 4 ranks."""
+    root = tmp_path_factory.mktemp("world4")
+    v3 = {"pp_size": 2, "schedule": "1f1b", "ep_size": 2, "zero_stage": 1}
+    jobs = [
+        {"name": "pp4", "strategy": {"pp_size": 4, "schedule": "1f1b"}, "steps": STEPS},
+        {"name": "pp2dp2", "strategy": {"pp_size": 2, "schedule": "1f1b"}, "steps": STEPS},
+        {"name": "zero1", "strategy": {"pp_size": 2, "schedule": "1f1b", "zero_stage": 1}, "steps": STEPS},
+        {
+            "name": "pp2ep2",
+            "strategy": {"pp_size": 2, "schedule": "zbv", "microbatches": 4, "ep_size": 2},
+            "steps": STEPS,
+        },
+        {"name": "v3", "strategy": v3, "steps": STEPS},
+        {"name": "v3_resumed", "strategy": v3, "steps": STEPS, "resume_name": "v3", "resume_from_step": 1},
+    ]
+    return root, launch(4, jobs, root)
+
+
+@pytest.mark.slow
+def test_pp2_x_dp2_with_zero1_equals_ddp_shards_the_optimizer_and_saves_it_whole(world4) -> None:
+    root, results = world4
+    assert results["zero1"]["losses"] == pytest.approx(results["pp2dp2"]["losses"], abs=LOSS_ATOL, rel=0)
+    ranks = [json.loads((root / f"out.rank{r}.json").read_text()) for r in range(4)]
+    for stage in range(2):  # ranks `stage` and `stage + 2` hold the same stage: each steps a disjoint share
+        whole = ranks[stage]["pp2dp2"]["optimized_numel"]
+        shares = [ranks[stage + 2 * dp]["zero1"]["optimized_numel"] for dp in range(2)]
+        assert sum(shares) == whole and 0 < min(shares) and max(shares) < whole
+    # the checkpoint has the whole optimizer state, as DDP's does
+    saved = [torch.load(results[n]["ckpt"], map_location="cpu", weights_only=False) for n in ("pp2dp2", "zero1")]
+    ddp, zero = (c["optimizer_states"][0] for c in saved)
+    assert zero["moeframe_param_names"] == ddp["moeframe_param_names"] and set(zero["state"]) == set(ddp["state"])
+    for i, state in ddp["state"].items():
+        torch.testing.assert_close(zero["state"][i]["exp_avg_sq"], state["exp_avg_sq"], atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_pp2_x_ep2_equals_pp2_x_dp2_and_shards_the_experts(world4) -> None:
+    """PP=2 x EP=2: the two pipelines read their own sequences (DP=2) and each stage's experts are
+    split over the two ranks holding that stage, tokens exchanged all-to-all; PP x DP is the reference
+    (itself equal to the single-process run)."""
+    root, results = world4
+    assert results["pp2ep2"]["losses"] == pytest.approx(results["pp2dp2"]["losses"], abs=LOSS_ATOL, rel=0)
+    local = torch.load(root / "pp2ep2.rank0.params.pt")
+    experts = [n for n in local if ".experts.w" in n]
+    assert experts and all(local[n].shape[0] * 2 == model_config().n_routed_experts for n in experts)  # half each
+    saved = [torch.load(results[n]["ckpt"], map_location="cpu", weights_only=False) for n in ("pp2dp2", "pp2ep2")]
+    ddp, ep = (c["state_dict"] for c in saved)
+    assert {k: v.shape for k, v in ep.items()} == {k: v.shape for k, v in ddp.items()}  # whole experts
+    torch.testing.assert_close(ep, ddp, atol=1e-4, rtol=0)
+    ddp_opt, ep_opt = (c["optimizer_states"][0]["state"] for c in saved)
+    assert {i: s["exp_avg"].shape for i, s in ep_opt.items()} == {i: s["exp_avg"].shape for i, s in ddp_opt.items()}
+
+
+@pytest.mark.slow
+def test_pp2_x_ep2_with_zero1_equals_pp2_x_dp2_and_resumes_bit_exactly(world4) -> None:
+    """V3's full layout at toy size: experts split over EP, the dense weights' AdamW state over ZeRO-1."""
+    root, results = world4
+    assert results["v3"]["losses"] == pytest.approx(results["pp2dp2"]["losses"], abs=LOSS_ATOL, rel=0)
+    assert results["v3_resumed"]["losses"] == results["v3"]["losses"][1:]
+    ranks = [json.loads((root / f"out.rank{r}.json").read_text()) for r in range(4)]
+    for stage in range(2):  # ranks `stage` and `stage + 2`: every parameter of the stage stepped by one of them
+        whole = ranks[stage]["pp2dp2"]["optimized_numel"]
+        shares = [ranks[stage + 2 * dp]["v3"]["optimized_numel"] for dp in range(2)]
+        assert sum(shares) == whole and max(shares) < whole
+    saved = [torch.load(results[n]["ckpt"], map_location="cpu", weights_only=False) for n in ("v3", "pp2dp2")]
+    assert set(saved[0]["optimizer_states"][0]["state"]) == set(saved[1]["optimizer_states"][0]["state"])
+
+
+@pytest.mark.slow
+def test_pp4_and_pp2_x_dp2_losses_equal_the_single_process_run(world4, reference) -> None:
+    tmp_path, results = world4
     assert results["pp4"]["losses"] == pytest.approx(reference[0], abs=LOSS_ATOL, rel=0)
     # the two replicas (ranks 0-1 and 2-3) read alternate sequences: one step sees the 8 sequences a single
     # process accumulates over 2 batches of 4. Each reports the mean over its own; Lightning reports a
@@ -222,6 +376,11 @@ def test_pp4_and_pp2_x_dp2_losses_equal_the_single_process_run(tmp_path: Path, r
     assert step_means == pytest.approx(
         [a + b for a, b in zip(accumulated[0::2], accumulated[1::2])], abs=LOSS_ATOL, rel=0
     )
+    # tokens: 2 replicas' batches per step; FLOPs: a quarter of the job's on each of the 4 ranks
+    flops = [json.loads((tmp_path / f"out.rank{r}.json").read_text())["pp2dp2"]["throughput"] for r in range(4)]
+    assert all(t == 2 * 4 * 16 for rank in flops for t, _ in rank)
+    pp4_flops = json.loads((tmp_path / "out.rank0.json").read_text())["pp4"]["throughput"][0][1]
+    assert all(f == pp4_flops * 2 for rank in flops for _, f in rank)  # 1/pp of a batch: 1/2 vs 1/4
 
 
 # -- bad input: one line, before any process group ----------------------------------------------------------
@@ -256,9 +415,21 @@ def test_a_layer_count_that_cannot_be_split_stops_fit_before_any_process_group(t
 
 
 @pytest.mark.bad_input
-def test_expert_parallelism_inside_the_pipeline_is_refused_with_the_reason() -> None:
-    with pytest.raises(ConfigError, match="not supported yet: the expert-parallel and pipeline groups"):
-        pp(pp_size=2, ep_size=2)
+def test_an_ep_size_that_does_not_divide_the_data_parallel_degree_stops_fit_before_any_process_group(
+    tmp_path: Path,
+) -> None:
+    trainer = L.Trainer(
+        devices=2, strategy=pp(pp_size=2, ep_size=2), max_steps=1, default_root_dir=tmp_path, **trainer_settings()
+    )
+    with pytest.raises(ConfigError, match=r"ep_size=2 must divide the data-parallel degree world/pp_size=1"):
+        trainer.fit(pretrain_module(), data_module())
+    assert not torch.distributed.is_initialized()
+
+
+@pytest.mark.bad_input
+def test_zero_stages_that_shard_gradients_or_weights_are_refused_with_the_reason() -> None:
+    with pytest.raises(ConfigError, match=r"runs zero_stage 0 or 1, got 2: .*use zero_stage=1"):
+        pp(pp_size=2, zero_stage=2)
 
 
 def test_stage_boundaries_follow_the_cost_and_the_rank_layout() -> None:

@@ -110,6 +110,18 @@ def test_first_party_strategies_describe_the_layouts_inspect_names() -> None:
     assert strategy_for(ParallelLayout(world_size=4, ep=2, zero=1)) is None  # no installed strategy runs it
 
 
+def test_each_layout_description_is_its_strategys_own() -> None:
+    """The Lightning-free layout descriptions (``moeframe.strategy_layout``) that ``inspect`` reads
+    are base classes of the strategies registered under the same names, so they cannot disagree."""
+    from moeframe import registry
+    from moeframe.layout import _layout_descriptions
+
+    described = _layout_descriptions()
+    assert set(described) == set(registry.available("strategy"))  # every first-party strategy
+    for name, description in described.items():
+        assert issubclass(registry.load("strategy", name), description), name
+
+
 ZERO_EP = '''
 from lightning.pytorch.strategies import DDPStrategy
 from moeframe.layout import DescribesLayout

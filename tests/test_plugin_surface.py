@@ -73,6 +73,7 @@ def test_first_party_plugins_and_examples_import_only_the_plugin_surface() -> No
         "moeframe-auxfree",
         "moeframe-fp8",
         "moeframe-parallel",
+        "moeframe-v4",
         "third_party_plugin",
     }
     bad = []

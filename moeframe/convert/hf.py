@@ -477,3 +477,10 @@ def save_moeframe(decoder: Decoder, out: str | Path) -> Path:
     }  # tied: stored once
     _save_safetensors(state, out / "model.safetensors")
     return out
+
+
+def __getattr__(name: str) -> Any:
+    # the command front-end that lived here before moeframe.commands (deprecated, one release)
+    from moeframe.deprecated_commands import old_name
+
+    return old_name(__name__, name)

@@ -437,3 +437,10 @@ def _write_dataset(
         "seconds": time.perf_counter() - start,
         "skipped_files": skipped,
     }
+
+
+def __getattr__(name: str) -> Any:
+    # the command front-end that lived here before moeframe.commands (deprecated, one release)
+    from moeframe.deprecated_commands import old_name
+
+    return old_name(__name__, name)

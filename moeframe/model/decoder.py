@@ -25,7 +25,7 @@ from typing import Literal, get_args
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
+from torch.overrides import TorchFunctionMode
 
 from moeframe.config import ModelConfig, ModelPlan, resolve_model_config
 from moeframe.model.base import AttentionCache, NormBase, ResidualBase, RouterBase, default_init
@@ -33,6 +33,7 @@ from moeframe.model.compat import build_attention, build_norm, call_attention, c
 from moeframe.model.context import ForwardContext
 from moeframe.model.ffn import SwiGLU
 from moeframe.model.moe import MoE
+from moeframe.model.recompute import activation_checkpoint
 
 CheckpointMode = Literal["none", "full", "selective"]
 CompileMode = Literal["off", "block"]
@@ -111,7 +112,7 @@ class Block(nn.Module):
     def forward(self, h: torch.Tensor, ctx: ForwardContext) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``ctx`` is this block's context (``ForwardContext.for_layer``: its layer id and cache)."""
         if self.checkpointing == "full" and ctx.cache is None and torch.is_grad_enabled():
-            return checkpoint(self._forward, h, ctx, use_reentrant=False)
+            return activation_checkpoint(self._forward, h, ctx)
         return self._forward(h, ctx)
 
     def _forward(self, h: torch.Tensor, ctx: ForwardContext) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -127,7 +128,7 @@ class Block(nn.Module):
                 aux_losses.append(aux_loss)
                 return y_BTD
             if self.checkpointing == "selective" and torch.is_grad_enabled():
-                return checkpoint(self.ffn, a_BTD, use_reentrant=False)
+                return activation_checkpoint(self.ffn, a_BTD)
             return self.ffn(a_BTD)
 
         h = self.residual(h, attention, ffn, ctx)
@@ -396,11 +397,33 @@ def build_decoder(config: ModelConfig, device: str | torch.device | None = None)
     """Validate ``config`` and build the decoder; on ``device="meta"`` nothing is allocated."""
     plan = resolve_model_config(config)
     if device is not None and torch.device(device).type == "meta":
-        with torch.device("meta"):
+        with torch.device("meta"), _NoInitOnMeta():
             return Decoder(config, plan)
     decoder = Decoder(config, plan)
     decoder.init_weights()
     return decoder.to(device) if device is not None else decoder
+
+
+# in-place random fills that module constructors call (``reset_parameters``) as tensor methods
+_TENSOR_FILLS = frozenset({torch.Tensor.normal_, torch.Tensor.uniform_, torch.Tensor.zero_, torch.Tensor.fill_})
+
+
+class _NoInitOnMeta(TorchFunctionMode):
+    """Skip weight initialisation of meta tensors while a decoder is built on the meta device.
+
+    A meta tensor holds no values, so initialising it does nothing, but it is not free: torch runs
+    a meta ``normal_``/``uniform_`` through its Python reference implementations, whose first call
+    imports ``torch._dynamo`` (about 4 s, more than ``import torch`` itself), and ``moeframe
+    inspect``/``convert`` build the decoder on the meta device only to count and name its tensors.
+    ``materialize`` initialises every weight afterwards (``init_weights``), so nothing is lost."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204 (torch's protocol)
+        kwargs = kwargs or {}
+        first = args[0] if args else kwargs.get("tensor")
+        is_init = getattr(func, "__module__", None) == "torch.nn.init" or func in _TENSOR_FILLS
+        if is_init and isinstance(first, torch.Tensor) and first.is_meta:
+            return first
+        return func(*args, **kwargs)
 
 
 def materialize(decoder: Decoder, device: str | torch.device = "cpu") -> Decoder:

@@ -10,24 +10,23 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
-from moeframe.compat import in_autograd_backward
 from moeframe.config import ModelPlan
 from moeframe.model.compat import build_experts, build_router, call_experts, call_router
 from moeframe.model.context import ForwardContext
 from moeframe.model.ffn import SwiGLU
+from moeframe.model.recompute import activation_checkpoint, is_recomputing
 
 
 def _recomputing_in_backward() -> bool:
-    """True while autograd's backward runs this code, i.e. an activation-checkpoint recompute.
+    """True while an activation-checkpoint recompute runs this code inside backward.
 
     Under ``torch.compile`` the recompute is part of the compiled backward graph and never
-    re-runs this Python code, so a compiled forward always counts (and dynamo never sees the
-    autograd-engine query, which it could not trace)."""
+    re-runs this Python code, so a compiled forward always counts (and dynamo never reads the
+    thread-local mark)."""
     if torch.compiler.is_compiling():
         return False
-    return in_autograd_backward()
+    return is_recomputing()
 
 
 class MoE(nn.Module):
@@ -71,7 +70,7 @@ class MoE(nn.Module):
         y_TD = call_experts(self.experts, x_TD, routing.weights_TK, routing.indices_TK, ctx)
         if self.shared_experts is not None:
             if self.recompute_shared and torch.is_grad_enabled():
-                y_TD = y_TD + checkpoint(self.shared_experts, x_TD, use_reentrant=False)
+                y_TD = y_TD + activation_checkpoint(self.shared_experts, x_TD)
             else:
                 y_TD = y_TD + self.shared_experts(x_TD)
         return y_TD.view_as(x_BTD), routing.aux_loss

@@ -31,7 +31,7 @@ import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -184,3 +184,10 @@ def freeze_for_esft(decoder: nn.Module, chosen: dict[str, list[int]], train_shar
         if train_shared_experts and moe.shared_experts is not None:
             moe.shared_experts.requires_grad_(True)
     return partial
+
+
+def __getattr__(name: str) -> Any:
+    # the command front-end that lived here before moeframe.commands (deprecated, one release)
+    from moeframe.deprecated_commands import old_name
+
+    return old_name(__name__, name)

@@ -40,7 +40,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from moeframe.config import ModelConfig, OptimConfig, RuntimeConfig
 from moeframe.errors import ConfigError
 from moeframe.model.base import RouterBase
-from moeframe.model.decoder import Decoder
+from moeframe.model.decoder import Decoder, DecoderOutput
 from moeframe.model.lora import LoRAOptions, apply_lora
 from moeframe.training import esft as esft_lib
 from moeframe.training.esft import ESFTOptions
@@ -322,9 +322,19 @@ class FinetuneModule(PretrainModule):
     # -- validation ---------------------------------------------------------------------------
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         out = self(batch["input_ids"], batch.get("document_ids"))
-        labels_BT = batch["labels"]
-        self.val_loss.update(next_token_loss(out.logits, labels_BT), weight=(labels_BT != -100).sum())
-        pred_BT = out.logits.argmax(-1)
+        self.log_evaluation("val", self.evaluation_losses(out, batch["labels"]), batch)
+
+    def evaluation_losses(self, out: DecoderOutput, labels_BT: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The next-token loss and the greedy predictions ``pred_BT`` the accuracy metrics read."""
+        return {"loss": next_token_loss(out.logits, labels_BT), "pred_BT": out.logits.argmax(-1)}
+
+    def log_evaluation(
+        self, stage: Literal["val", "test"], losses: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]
+    ) -> None:
+        if stage != "val":
+            return super().log_evaluation(stage, losses, batch)
+        labels_BT, pred_BT = batch["labels"], losses["pred_BT"]
+        self.val_loss.update(losses["loss"], weight=(labels_BT != -100).sum())
         self.val_token_acc.update(pred_BT, labels_BT)
         docs_BT = batch.get("document_ids", torch.zeros_like(labels_BT))
         self.val_exact_match.update(example_exact_match(pred_BT, labels_BT, docs_BT))

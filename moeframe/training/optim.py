@@ -13,12 +13,23 @@ biases, the hyper-connections' bases and scales) keep AdamW. torch's ``torch.opt
 update (the same Newton-Schulz iteration, in bfloat16 as torch does) over every matrix of a stack
 at once, and holds both rules in one optimizer so that schedulers, checkpoints and strategies see
 one object. A test checks it against ``torch.optim.Muon`` and ``torch.optim.AdamW``.
+
+DeepSeek-V4's choices (its report, §2.4 Algorithm 1 and the pre-training setup; the values as
+re-implemented in public trainers: microsoft/dion PR 67, PaddlePaddle PR 78916, AMD Primus PR 729,
+deepmd-kit PR 5424, MaxText PR 4065): a *hybrid* Newton-Schulz schedule of 10 iterations, 8 with
+Jordan's aggressive coefficients (3.4445, -4.775, 2.0315), which lift every singular value close to
+1 quickly but leave them scattered around it (roughly 0.7-1.2), then 2 with (2, -1.5, 0.5), whose
+polynomial has the fixed point 1 with zero slope and so pulls them onto 1
+(``optim.muon_ns_schedule: hybrid``); the update rescaled to RMS 0.18 (``muon_update_rms``); momentum
+0.95 and weight decay 0.1; AdamW kept for the embedding, the prediction head, the hyper-connections'
+static biases and gating factors and the RMSNorm weights, Muon for every other matrix, which is
+what :func:`muon_param_groups` does. configs/pretrain/tiny-v4.yaml uses all of them.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -64,12 +75,27 @@ def muon_param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
+# Newton-Schulz coefficients (a, b, c) of x <- a x + b (x xᵀ) x + c (x xᵀ)² x
+JORDAN = (3.4445, -4.775, 2.0315)  # maximal slope at 0: fast, converges only near 1 (Jordan et al.)
+STABILISE = (2.0, -1.5, 0.5)  # p(1) = 1, p'(1) = 0: pins singular values near 1 onto 1
+NS_SCHEDULES: dict[str, Callable[[int | None], tuple[tuple[float, float, float], ...]]] = {
+    "jordan": lambda steps: (JORDAN,) * (5 if steps is None else steps),
+    "hybrid": lambda steps: (JORDAN,) * 8 + (STABILISE,) * 2,  # DeepSeek-V4's hybrid schedule
+}
+
+
+def ns_coefficients(schedule: str, steps: int | None = None) -> tuple[tuple[float, float, float], ...]:
+    """The per-iteration coefficients of the named schedule (``steps``: jordan's iteration count)."""
+    return NS_SCHEDULES[schedule](steps)
+
+
 def newton_schulz(
-    g: torch.Tensor, steps: int, coefficients: tuple[float, float, float] = (3.4445, -4.775, 2.0315), eps: float = 1e-7
+    g: torch.Tensor, steps: int | Sequence[tuple[float, float, float]], eps: float = 1e-7
 ) -> torch.Tensor:
     """An approximate orthogonalisation ``U S' Vᵀ`` (S' near 1) of each matrix of ``g`` [..., A, B]
-    by the quintic Newton-Schulz iteration, in bfloat16 (torch's Muon does the same per matrix)."""
-    a, b, c = coefficients
+    by the quintic Newton-Schulz iteration, in bfloat16 (torch's Muon does the same per matrix).
+    ``steps``: an iteration count with Jordan's coefficients, or one (a, b, c) per iteration."""
+    schedule = (JORDAN,) * steps if isinstance(steps, int) else tuple(steps)
     x = g.bfloat16()
     tall = g.shape[-2] > g.shape[-1]
     if tall:
@@ -77,7 +103,7 @@ def newton_schulz(
     shape = x.shape
     x = x.reshape(-1, *shape[-2:])
     x = x / x.norm(dim=(-2, -1), keepdim=True).clamp(min=eps)  # spectral norm at most 1
-    for _ in range(steps):  # fused multiply-adds, as torch's Muon (same bfloat16 rounding)
+    for a, b, c in schedule:  # fused multiply-adds, as torch's Muon (same bfloat16 rounding)
         gram = x @ x.mT
         x = torch.baddbmm(x, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
     x = x.reshape(shape)
@@ -96,6 +122,7 @@ class MuonAdamW(torch.optim.Optimizer):
         momentum: float = 0.95,
         ns_steps: int = 5,
         update_rms: float = 0.2,
+        ns_coefficients: Sequence[tuple[float, float, float]] | None = None,
     ) -> None:
         defaults = {
             "lr": lr,
@@ -104,6 +131,8 @@ class MuonAdamW(torch.optim.Optimizer):
             "weight_decay": 0.0,
             "momentum": momentum,
             "ns_steps": ns_steps,
+            # one (a, b, c) per Newton-Schulz iteration; None: ns_steps of Jordan's
+            "ns_coefficients": None if ns_coefficients is None else [list(c) for c in ns_coefficients],
             "update_rms": update_rms,
             "use_muon": False,
         }
@@ -128,7 +157,9 @@ class MuonAdamW(torch.optim.Optimizer):
         buf, mu = state["momentum_buffer"], group["momentum"]
         buf.lerp_(p.grad, 1 - mu)
         update = p.grad.lerp(buf, mu)  # Nesterov
-        ortho = newton_schulz(update, group["ns_steps"]).to(p.dtype)
+        # a state saved before ns_coefficients existed restores groups without the key
+        schedule = group.get("ns_coefficients") or group["ns_steps"]
+        ortho = newton_schulz(update, schedule).to(p.dtype)
         A, B = p.shape[-2:]
         # torch's Muon scales by its first two dims; per matrix here (the same for 2-D parameters)
         scaled_lr = group["lr"] * group["update_rms"] * math.sqrt(max(A, B))
@@ -160,8 +191,8 @@ def make_optimizer(model: nn.Module, optim: OptimConfig) -> torch.optim.Optimize
             betas=tuple(optim.betas),
             eps=optim.eps,
             momentum=optim.muon_momentum,
-            ns_steps=optim.muon_ns_steps,
             update_rms=optim.muon_update_rms,
+            ns_coefficients=ns_coefficients(optim.muon_ns_schedule, optim.muon_ns_steps),
         )
     return torch.optim.AdamW(
         param_groups(model, optim.weight_decay), lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps

@@ -255,7 +255,9 @@ class PretrainModule(L.LightningModule):
         """Count the tokens of this micro-batch over all data-parallel replicas (the schedules and
         checkpoints read ``tokens_seen``) and its FLOPs (``flops_per_batch``, for MFU)."""
         self.tokens_seen += batch["input_ids"].numel() * self._data_parallel_size()
-        self.flops_per_batch = self._training_flops(batch["input_ids"])
+        # ranks that share a micro-batch (the stages of one pipeline) share its FLOPs: each logs its
+        # part, so that the per-device FLOP/s and MFU are the job's, not pp_size times them
+        self.flops_per_batch = self._training_flops(batch["input_ids"]) // self._ranks_per_replica()
 
     def _data_parallel_size(self) -> int:
         """Replicas that each read their own micro-batch: the sampler's replica count when the
@@ -264,6 +266,10 @@ class PretrainModule(L.LightningModule):
 
         trainer = self.attached_trainer()
         return data_parallel_rank_size(trainer)[1] if trainer is not None else 1
+
+    def _ranks_per_replica(self) -> int:
+        trainer = self.attached_trainer()
+        return max(1, trainer.world_size // self._data_parallel_size()) if trainer is not None else 1
 
     def training_loss(self, out: DecoderOutput, labels_BT: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
         """``CE + balance terms + λ·MTP`` of one micro-batch and the metrics to log (tensors)."""
@@ -289,12 +295,29 @@ class PretrainModule(L.LightningModule):
             self.log_dict(rest)
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        use_mtp = self.config.mtp_depth > 0
-        out = self(batch["input_ids"], batch.get("document_ids"), mtp=use_mtp)
-        ce = next_token_loss(out.logits, batch["labels"])
-        self.val_loss.update(ce, weight=batch["labels"].numel())
-        if use_mtp and out.mtp_logits:
-            self.log("val/mtp_loss", mtp_loss(out.mtp_logits, batch["labels"]), sync_dist=True)
+        out = self(batch["input_ids"], batch.get("document_ids"), mtp=self.config.mtp_depth > 0)
+        self.log_evaluation("val", self.evaluation_losses(out, batch["labels"]), batch)
+
+    # evaluation in two parts, public for the same reason as the training step's: under pipeline
+    # parallelism the losses exist on the last stage, and every rank logs them
+    def evaluation_losses(self, out: DecoderOutput, labels_BT: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The next-token loss (``loss``) and, with MTP logits, the MTP loss (``mtp_loss``)."""
+        losses = {"loss": next_token_loss(out.logits, labels_BT)}
+        if out.mtp_logits:
+            losses["mtp_loss"] = mtp_loss(out.mtp_logits, labels_BT)
+        return losses
+
+    def log_evaluation(
+        self, stage: Literal["val", "test"], losses: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]
+    ) -> None:
+        """Log one batch's ``evaluation_losses``: validation keeps a token-weighted mean per epoch."""
+        if stage == "val":
+            self.val_loss.update(losses["loss"], weight=batch["labels"].numel())
+            if "mtp_loss" in losses:
+                self.log("val/mtp_loss", losses["mtp_loss"], sync_dist=True)
+            return
+        self.log("test/loss", losses["loss"], sync_dist=True)
+        self.log("test/ppl", torch.exp(losses["loss"]), sync_dist=True)
 
     def on_validation_epoch_end(self) -> None:
         loss = self.val_loss.compute()
@@ -356,13 +379,15 @@ class PretrainModule(L.LightningModule):
 
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         out = self(batch["input_ids"], batch.get("document_ids"))
-        ce = next_token_loss(out.logits, batch["labels"])
-        self.log("test/loss", ce, sync_dist=True)
-        self.log("test/ppl", torch.exp(ce), sync_dist=True)
+        self.log_evaluation("test", self.evaluation_losses(out, batch["labels"]), batch)
 
     def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         ids = batch["input_ids"] if isinstance(batch, dict) else batch
-        return self(ids).logits.argmax(-1)
+        return self.predictions(self(ids))
+
+    def predictions(self, out: DecoderOutput) -> torch.Tensor:
+        """What ``predict`` returns for a batch: the greedy next token at every position [B, T]."""
+        return out.logits.argmax(-1)
 
     # -- optimisation ---------------------------------------------------------------------------
     def configure_optimizers(self) -> dict[str, Any]:

@@ -9,7 +9,7 @@ breakdown. This callback complements it:
   ranks), ``perf/tokens_per_sec_per_device``, ``perf/model_flops_per_sec_per_device`` (model
   FLOPs from ``LightningModule.flops_per_batch``, which ``PretrainModule`` sets for every
   micro-batch from the parameter shapes: 6·activated matmul parameters per token plus causal
-  attention), ``perf/mfu`` (achieved / peak, when a peak is known) and ``perf/step_time_s``.
+  attention; the ranks of one pipeline share a micro-batch, its tokens and its FLOPs), ``perf/mfu`` (achieved / peak, when a peak is known) and ``perf/step_time_s``.
   Time runs from one optimizer step's end to the next, so data loading is included; validation
   pauses the clock.
 - the breakdown, every ``breakdown_every_n_steps`` optimizer steps (0: never), in ms per step:
@@ -53,7 +53,8 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from moeframe.compat import in_autograd_backward
+from moeframe.layout import data_parallel_rank_size
+from moeframe.model.recompute import is_recomputing
 
 Precision = Literal["bf16", "fp8"]
 
@@ -221,7 +222,7 @@ class _ForwardBreakdown:
 
     @staticmethod
     def _in_backward() -> bool:
-        return in_autograd_backward()  # an activation-checkpoint recompute
+        return is_recomputing()  # an activation-checkpoint recompute (moeframe.model.recompute)
 
     def _add(self, key: str, seconds: float) -> None:
         self.totals[key] = self.totals.get(key, 0.0) + seconds
@@ -365,7 +366,7 @@ class ModelThroughput(Callback):
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        self._tokens += int(batch["input_ids"].numel()) * trainer.world_size
+        self._tokens += int(batch["input_ids"].numel()) * data_parallel_rank_size(trainer)[1]  # replicas
         flops = getattr(pl_module, "flops_per_batch", None)
         if flops is None:
             self._flops_known = False

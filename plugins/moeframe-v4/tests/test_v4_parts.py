@@ -119,6 +119,18 @@ def test_gate_router_matches_transformers(score_func: str) -> None:
     assert out.tokens_per_expert_E.sum() == 12 * K
 
 
+def test_gate_router_bias_stays_fp32_and_takes_small_updates_when_the_model_is_cast_to_bf16() -> None:
+    cls = registry.load("router", "v4_gate")
+    router = torch.nn.Sequential(cls(model_config(), cls.Options(bias_update_speed=1e-3), 0)).to(torch.bfloat16)[0]
+    assert router.weight.dtype == torch.bfloat16 and router.bias.dtype == torch.float32
+    router.bias.fill_(0.5)  # bf16 steps by 2**-8 near 0.5: a 1e-3 update would round away there
+    load_E = torch.zeros(E)
+    load_E[0] = 4 * E  # expert 0 overloaded: its bias falls, the others rise
+    router.update_after_step(load_E)
+    assert router.bias[0].item() == pytest.approx(0.5 - 1e-3, abs=1e-7)
+    assert router.bias[1].item() == pytest.approx(0.5 + 1e-3, abs=1e-7)
+
+
 def test_hash_router_matches_transformers_and_routes_by_token_id() -> None:
     torch.manual_seed(2)
     theirs = hf_v4.DeepseekV4HashRouter(hf_config())

@@ -11,6 +11,8 @@ import torch
 from moeframe.cli import main
 from moeframe.convert.hf import config_to_hf
 from moeframe.inspect import inspect_model, load_model_config
+from moeframe.model.decoder import build_decoder
+from moeframe.training.optim import muon_param_groups, ns_coefficients
 
 transformers = pytest.importorskip("transformers")
 from transformers import DeepseekV4Config, DeepseekV4ForCausalLM  # noqa: E402
@@ -46,7 +48,7 @@ def test_inspect_counts_equal_transformers(preset: str) -> None:
 
 
 @pytest.mark.slow
-def test_tiny_v4_trains_with_muon_from_its_pretrain_config(tmp_path: Path) -> None:
+def test_tiny_v4_trains_with_muon_from_its_pretrain_config(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     args = [
         "fit",
         "-c",
@@ -76,10 +78,21 @@ def test_tiny_v4_trains_with_muon_from_its_pretrain_config(tmp_path: Path) -> No
     assert state["global_step"] == 5
     groups = state["optimizer_states"][0]["param_groups"]
     assert [g["use_muon"] for g in groups] == [True, False, False]  # the config chose Muon
+    # ... with DeepSeek-V4's hybrid Newton-Schulz schedule and update RMS
+    assert groups[0]["ns_coefficients"] == [list(c) for c in ns_coefficients("hybrid")]
+    assert groups[0]["update_rms"] == 0.18
     weights = state["state_dict"]
     assert any(k.endswith("residual.attn_hc.fn") for k in weights) and any(k.endswith("gate.tid2eid") for k in weights)
     losses = _logged_losses(tmp_path)
     assert losses[-1] < losses[0]
+    # the trained checkpoint generates, and greedy decoding with the cache (every V4 layer type's
+    # cache, the hyper-connection streams) picks what recomputing the whole prefix picks
+    capsys.readouterr()
+    texts = []
+    for extra in ([], ["--no_cache"]):
+        assert main(["generate", str(ckpt), "--prompt", "def ", "--max_new_tokens", "24", *extra]) == 0
+        texts.append(capsys.readouterr().out)
+    assert texts[0] == texts[1] and texts[0].startswith("def ") and len(texts[0]) > len("def ")
 
 
 def _logged_losses(root: Path) -> list[float]:
@@ -89,3 +102,36 @@ def _logged_losses(root: Path) -> list[float]:
     assert files, f"no metrics.csv under {root}"
     rows = list(csv.DictReader(files[-1].open()))
     return [float(r["train/loss"]) for r in rows if r.get("train/loss")]
+
+
+def _v4_keeps_on_adamw(name: str) -> bool:
+    """DeepSeek-V4's report: AdamW for the embedding, the prediction head, the static biases and
+    gating factors of the mHC modules and the RMSNorm weights; Muon for all other modules."""
+    leaf = name.rsplit(".", 1)[-1]
+    mhc_static = ".residual." in name and leaf in ("base", "scale", "hc_base", "hc_scale")
+    rmsnorm = name.rsplit(".", 2)[-2].endswith("norm") and leaf == "weight"
+    sinks = leaf == "sinks"  # per-head attention-sink logits: vectors, which Muon cannot take
+    return name in ("embed.weight", "head.weight") or mhc_static or rmsnorm or sinks
+
+
+def test_tiny_v4_splits_muon_and_adamw_as_v4_reports() -> None:
+    decoder = build_decoder(load_model_config(REPO / "configs/model/tiny-v4.yaml"))
+    muon, plain, head = muon_param_groups(decoder, 0.1)
+    names = {id(p): n for n, p in decoder.named_parameters()}
+    on_muon = {names[id(p)] for p in muon["params"]}
+    on_adamw = {names[id(p)] for p in [*plain["params"], *head["params"]]}
+    assert on_muon | on_adamw == set(names.values()) and not on_muon & on_adamw
+    assert on_adamw == {n for n in names.values() if _v4_keeps_on_adamw(n)}
+    # the matrices of every V4 part are on Muon: MLA-style projections, compressors and indexer,
+    # the gate, stacked experts, the hyper-connections' projections, the MTP projection
+    for part in (
+        "attn.q_a_proj.weight",
+        "compressor.kv_proj.weight",
+        "indexer.weights_proj.weight",
+        "ffn.gate.weight",
+        "ffn.experts.w1",
+        "residual.attn_hc.fn",
+        "residual.head.hc_fn",
+        "eh_proj.weight",
+    ):
+        assert any(n.endswith(part) for n in on_muon), part

@@ -38,7 +38,6 @@ G expert groups, B sequences.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -47,6 +46,7 @@ from torch import nn
 
 from moeframe.plugin import (
     ForwardContext,
+    KeepsFP32Buffers,
     PluginOptions,
     RouterBase,
     RouterOutput,
@@ -172,11 +172,14 @@ def bias_step(tokens_per_expert_E: torch.Tensor, gamma: float) -> torch.Tensor:
     return (gamma * torch.sign(c_E.mean() - c_E)).to(torch.float32)
 
 
-class AuxFreeRouter(RouterBase):
+class AuxFreeRouter(KeepsFP32Buffers, RouterBase):
     """Sigmoid, bias-balanced, group-limited top-k router of DeepSeek-V3 (see the module docs)."""
 
     Options = AuxFreeOptions
     plugin_api = "2"  # the moeframe plugin API this class is written against
+    # ``module.to(torch.bfloat16)`` (Lightning's bf16-true) casts every floating buffer: the bias
+    # must stay fp32 (module docs, Precision)
+    fp32_buffers = ("e_score_correction_bias",)
 
     def __init__(self, config: ModelConfig, options: AuxFreeOptions, layer_id: int | None = None) -> None:
         super().__init__(config, options, layer_id)
@@ -218,18 +221,6 @@ class AuxFreeRouter(RouterBase):
             self.e_score_correction_bias.zero_()
             self.num_bias_updates.zero_()
             self.num_tokens_seen.zero_()
-
-    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> AuxFreeRouter:
-        # ``module.to(torch.bfloat16)`` (Lightning's bf16-true) casts every floating buffer; the
-        # bias must stay fp32, so undo the cast from the fp32 original (not from the rounded copy).
-        bias = self.e_score_correction_bias
-        super()._apply(fn, recurse)
-        moved = self.e_score_correction_bias
-        if moved.dtype != torch.float32:
-            self.e_score_correction_bias = (
-                moved.float() if bias.is_meta else bias.to(device=moved.device, dtype=torch.float32)
-            )
-        return self
 
     def forward(self, x_TD: torch.Tensor, ctx: ForwardContext | None = None) -> RouterOutput:
         # the sequence-wise loss needs to know where one sequence ends: x_TD is B·T flat rows

@@ -19,8 +19,8 @@ checkpoint layout do not change.
 
 Two ways to run it, the same numbers:
 
-- ``emulated`` backend: all experts at once, no host synchronisation (nothing reads the row
-  offsets on the host, no shape depends on the routing, so the layer also compiles in one graph).
+- ``emulated`` backend: all experts at once, no host synchronisation (on a GPU nothing reads the
+  row offsets on the host, no shape depends on the routing, so the layer also compiles in one graph).
   One quantisation pass per operand (the stacked weights in one batched block quantisation), and
   per 128-wide slice of the contraction one grouped product (``F.grouped_mm`` over the experts'
   row groups, the same fp32 products the per-expert loop runs) scaled per row and column. The
@@ -278,6 +278,21 @@ class _FP8GroupedLinearFunction(torch.autograd.Function):
         return dx, dw, None, None, None, None, None
 
 
+def _check_offsets(offs_E: torch.Tensor, n: int, recipe: FP8Recipe) -> None:
+    """The row offsets must rise from >= 0 to exactly ``n``. Read on the host only where that
+    costs no device sync: offsets in host memory, or the ``hopper`` backend (it reads them on the
+    host anyway); not on a GPU with the ``emulated`` backend, nor under ``torch.compile`` (a host
+    read is a graph break): torch has no public device-side assert that checks without a sync."""
+    if torch.compiler.is_compiling() or (offs_E.device.type != "cpu" and recipe.backend == "emulated"):
+        return
+    offs_E = offs_E.long()
+    if bool(offs_E[-1] != n) or bool(offs_E[0] < 0) or bool((offs_E.diff() < 0).any()):
+        raise ValueError(
+            f"fp8: the expert row offsets do not cover the {n} rows: they must rise from >= 0 to "
+            f"exactly {n} (cumulative row ends, one per expert); got {offs_E.tolist()}"
+        )
+
+
 def fp8_grouped_linear(
     x_NI: torch.Tensor,
     w_EOI: torch.Tensor,
@@ -287,19 +302,29 @@ def fp8_grouped_linear(
     tag: str = "w",
 ) -> torch.Tensor:
     """``y[rows of e] = x[rows of e] · w[e]ᵀ`` for every expert, each GEMM in FP8 (``offs_E``: the
-    cumulative row ends, as ``torch.nn.functional.grouped_mm`` takes them)."""
+    cumulative row ends, as ``torch.nn.functional.grouped_mm`` takes them; their values are checked
+    where that costs no device sync, see ``_check_offsets``)."""
+    _check_offsets(_offsets_per_expert(offs_E, w_EOI), x_NI.shape[0], recipe)
+    return _grouped_linear(x_NI, w_EOI, offs_E, recipe, recorder, tag)
+
+
+def _offsets_per_expert(offs_E: torch.Tensor, w_EOI: torch.Tensor) -> torch.Tensor:
     if offs_E.dim() != 1 or offs_E.shape[0] != w_EOI.shape[0]:
         raise ValueError(
             f"fp8: {offs_E.shape[0] if offs_E.dim() == 1 else tuple(offs_E.shape)} expert row offsets "
             f"for {w_EOI.shape[0]} experts; give one cumulative row end per expert"
         )
-    # checked on the device, no host sync (on a GPU the error surfaces at the next synchronisation)
-    offs_ok = (offs_E[-1] == x_NI.shape[0]) & (offs_E[0] >= 0) & (offs_E.diff() >= 0).all()
-    torch._assert_async(
-        offs_ok,
-        f"fp8: the expert row offsets do not cover the {x_NI.shape[0]} rows: they must rise "
-        f"from >= 0 to exactly {x_NI.shape[0]} (cumulative row ends, one per expert)",
-    )
+    return offs_E
+
+
+def _grouped_linear(
+    x_NI: torch.Tensor,
+    w_EOI: torch.Tensor,
+    offs_E: torch.Tensor,
+    recipe: FP8Recipe,
+    recorder: StatsRecorder | None,
+    tag: str,
+) -> torch.Tensor:
     # the rows' dtype, not autocast's: the experts' combine adds the rows back into a tensor of the
     # input's dtype (under CPU autocast moeframe's grouped GEMMs also keep the input's dtype)
     out_dtype = x_NI.dtype
@@ -327,7 +352,10 @@ class FP8GroupedGemm:
                 f"fp8: experts {self.fp8_name!r}.{projection}: rows of shape {tuple(x_NI.shape)} do not "
                 f"fit stacked weights of shape {tuple(w_EOI.shape)} ([experts, out, in])"
             )
-        return fp8_grouped_linear(x_NI, w_EOI, offs_E, self.recipe, self.recorder, projection)
+        # the experts' own offsets: cumulative sums of the router's non-negative counts, which end
+        # at the row count by construction; their values are not read (no host sync on a GPU)
+        offs_E = _offsets_per_expert(offs_E, w_EOI)
+        return _grouped_linear(x_NI, w_EOI, offs_E, self.recipe, self.recorder, projection)
 
     def __repr__(self) -> str:
         scale = "pow2" if self.recipe.power_of_two else "fp32"

@@ -9,7 +9,8 @@ stage 3 when even the parameters do not fit.
 
 Lightning's ``DeepSpeedStrategy`` refuses anything but CUDA. DeepSpeed itself runs on the CPU
 (it falls back to gloo), so ``CPUCapableDeepSpeedStrategy`` only removes Lightning's guards on a
-CPU accelerator: the CUDA check, the device-index validation, and the device rank handed to
+CPU accelerator: the CUDA check, the device-index validation (the process group is set up as
+``DDPStrategy`` does it; DeepSpeed adopts it), and the device rank handed to
 ``deepspeed.initialize`` (a CPU device has no index; DeepSpeed needs the local rank). On a GPU
 it behaves exactly like the stock strategy.
 
@@ -23,14 +24,14 @@ import argparse
 from collections.abc import Generator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
-from lightning.fabric.utilities.seed import reset_seed
 from lightning.pytorch.accelerators.cuda import CUDAAccelerator
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
 
-from moeframe.plugin import DescribesLayout, ParallelLayout, check_zero_layout, moe_layers
+from moeframe.plugin import check_zero_layout, moe_layers
 from moeframe_parallel.atomic import AtomicFolderCheckpoints
+from moeframe_parallel.layouts import Zero1Layout, Zero2Layout, Zero3Layout, Zero3OffloadLayout, ZeroPresetLayout
 
 __all__ = [
     "CPUCapableDeepSpeedStrategy",
@@ -54,22 +55,11 @@ def check_zero_settings(
     check_zero_layout(stage, offload_parameters, offload_params_device, offload_optimizer_device, nvme_path)
 
 
-class CPUCapableDeepSpeedStrategy(AtomicFolderCheckpoints, DeepSpeedStrategy, DescribesLayout):
-    """Lightning's DeepSpeedStrategy, also on a CPU accelerator (gloo), with atomic checkpoint folders."""
+class CPUCapableDeepSpeedStrategy(AtomicFolderCheckpoints, DeepSpeedStrategy, ZeroPresetLayout):
+    """Lightning's DeepSpeedStrategy, also on a CPU accelerator (gloo), with atomic checkpoint folders.
 
-    # the layout a preset runs as registered (None: not a preset), for ``moeframe inspect``
-    zero_stage: ClassVar[int | None] = None
-    offloads_parameters: ClassVar[bool] = False
-
-    @classmethod
-    def runs_layout(cls, layout: ParallelLayout) -> dict[str, Any] | None:
-        runs = (
-            cls.zero_stage is not None
-            and layout.ep == 1
-            and layout.zero == cls.zero_stage
-            and layout.offload_parameters == cls.offloads_parameters
-        )
-        return {} if runs else None
+    The layout a preset runs (``zero_stage``, ``offloads_parameters``) comes from its description
+    in ``moeframe_parallel.layouts``, which ``moeframe inspect`` reads without importing Lightning."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         check_zero_settings(
@@ -93,10 +83,9 @@ class CPUCapableDeepSpeedStrategy(AtomicFolderCheckpoints, DeepSpeedStrategy, De
     def setup_distributed(self) -> None:
         if not self._on_cpu():
             return super().setup_distributed()
-        # the stock version validates CUDA device indices, which a CPU does not have
-        reset_seed()
-        self.set_world_ranks()
-        self._init_deepspeed_distributed()
+        # the stock version validates CUDA device indices, which a CPU does not have. DDP's setup
+        # starts the gloo group; deepspeed.initialize adopts an initialised torch.distributed
+        DDPStrategy.setup_distributed(self)
 
     @contextmanager
     def model_sharded_context(self) -> Generator[None, None, None]:
@@ -152,15 +141,19 @@ class CPUCapableDeepSpeedStrategy(AtomicFolderCheckpoints, DeepSpeedStrategy, De
     def load_model_state_dict(self, checkpoint: Any, strict: bool = True) -> None:
         if checkpoint.get(_CONSOLIDATED):
             self.model_to_device()
-            self._restore_zero_state(checkpoint, strict=strict)
+            _load_into_zero3(self.lightning_module, checkpoint["state_dict"], strict)
             return
         super().load_model_state_dict(checkpoint, strict)
 
-    def _initialize_deepspeed_inference(self, model: Any) -> None:
+    def init_deepspeed(self) -> None:
+        if self._on_cpu() and not self.lightning_module.trainer.training:
+            self._init_cpu_inference_engine(self.model)
+            return
+        super().init_deepspeed()
+
+    def _init_cpu_inference_engine(self, model: Any) -> None:
         """``moeframe validate|test|predict``: an engine without optimizer, as Lightning builds it,
         but with a device rank the CPU has (the stock one passes the device index, None there)."""
-        if not self._on_cpu():
-            return super()._initialize_deepspeed_inference(model)
         import deepspeed
         from lightning.pytorch.strategies.deepspeed import remove_module_hooks
 
@@ -234,6 +227,17 @@ def _consolidated_zero3_checkpoint(folder: Path) -> dict[str, Any]:
     return client
 
 
+def _load_into_zero3(module: Any, state_dict: dict[str, Any], strict: bool) -> None:
+    """Load a whole (consolidated) state dict into a ZeRO-3 model: every rank gathers the full
+    parameters, loads the same file's values (buffers, which ZeRO does not partition, included),
+    and DeepSpeed scatters rank 0's values into the partitions when the gather ends. This holds the
+    gathered parameters once more while loading, beside the state dict."""
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=0):
+        module.load_state_dict(state_dict, strict=strict)
+
+
 def _register_router_weights_with_moe(model: Any) -> None:
     """ZeRO-3 gathers a module's partitioned weights again for backward through hooks on the
     module's output tensors. A router returns a ``RouterOutput`` dataclass, which those hooks do
@@ -247,40 +251,37 @@ def _register_router_weights_with_moe(model: Any) -> None:
             deepspeed.zero.register_external_parameter(moe, param)
 
 
-class Zero1Strategy(CPUCapableDeepSpeedStrategy):
+class Zero1Strategy(Zero1Layout, CPUCapableDeepSpeedStrategy):
     """``zero1``: optimizer state partitioned over the data-parallel ranks."""
 
     strategy_name = "zero1"
-    zero_stage = 1
 
     def __init__(self, **kwargs: Any) -> None:
         kwargs.setdefault("stage", 1)
         super().__init__(**kwargs)
 
 
-class Zero2Strategy(CPUCapableDeepSpeedStrategy):
+class Zero2Strategy(Zero2Layout, CPUCapableDeepSpeedStrategy):
     """``zero2``: optimizer state and gradients partitioned."""
 
     strategy_name = "zero2"
-    zero_stage = 2
 
     def __init__(self, **kwargs: Any) -> None:
         kwargs.setdefault("stage", 2)
         super().__init__(**kwargs)
 
 
-class Zero3Strategy(CPUCapableDeepSpeedStrategy):
+class Zero3Strategy(Zero3Layout, CPUCapableDeepSpeedStrategy):
     """``zero3``: optimizer state, gradients and parameters partitioned."""
 
     strategy_name = "zero3"
-    zero_stage = 3
 
     def __init__(self, **kwargs: Any) -> None:
         kwargs.setdefault("stage", 3)
         super().__init__(**kwargs)
 
 
-class Zero3OffloadStrategy(CPUCapableDeepSpeedStrategy):
+class Zero3OffloadStrategy(Zero3OffloadLayout, CPUCapableDeepSpeedStrategy):
     """``zero3_offload``: ZeRO-3 with parameters and optimizer state in host memory.
 
     ``zero_force_ds_cpu_optimizer: false`` lets a client optimizer (torch's AdamW, which
@@ -289,7 +290,6 @@ class Zero3OffloadStrategy(CPUCapableDeepSpeedStrategy):
     """
 
     strategy_name = "zero3_offload"
-    zero_stage, offloads_parameters = 3, True
 
     def __init__(self, **kwargs: Any) -> None:
         kwargs.setdefault("stage", 3)

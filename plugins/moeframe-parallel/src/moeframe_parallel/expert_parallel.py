@@ -37,8 +37,9 @@ import torch.distributed as dist
 from lightning.pytorch.strategies import DDPStrategy
 from torch import nn
 
-from moeframe.plugin import DescribesLayout, ParallelLayout, check_ep_layout, ddp_ignore
+from moeframe.plugin import check_ep_layout, ddp_ignore
 from moeframe_parallel.ep_experts import EPExperts, ep_modules, replace_experts
+from moeframe_parallel.layouts import EP2DDPLayout, EPLayout
 
 __all__ = ["ExpertParallelStrategy", "EP2DDPStrategy", "check_ep_size", "new_ep_groups"]
 
@@ -65,14 +66,10 @@ def new_ep_groups(ep_size: int) -> tuple[dist.ProcessGroup, dist.ProcessGroup]:
     return ep_group, edp_group
 
 
-class ExpertParallelStrategy(DDPStrategy, DescribesLayout):
+class ExpertParallelStrategy(DDPStrategy, EPLayout):
     """DDP with the routed experts sharded over ``ep_size`` ranks (``ep_size=1``: plain DDP)."""
 
     strategy_name = "ep"
-
-    @classmethod
-    def runs_layout(cls, layout: ParallelLayout) -> dict[str, Any] | None:
-        return {"ep_size": layout.ep} if layout.ep > 1 and not layout.zero else None
 
     def __init__(self, ep_size: int = 2, **kwargs: Any) -> None:
         check_ep_size(ep_size, ep_size, None)
@@ -164,14 +161,10 @@ class ExpertParallelStrategy(DDPStrategy, DescribesLayout):
         return [(i, owner[id(p)]) for i, p in enumerate(params) if id(p) in owner]
 
 
-class EP2DDPStrategy(ExpertParallelStrategy):
+class EP2DDPStrategy(ExpertParallelStrategy, EP2DDPLayout):
     """``ep2_ddp``: experts sharded over pairs of ranks, data parallel across the pairs."""
 
     strategy_name = "ep2_ddp"
-
-    @classmethod
-    def runs_layout(cls, layout: ParallelLayout) -> dict[str, Any] | None:
-        return {} if layout.ep == 2 and not layout.zero else None
 
     def __init__(self, **kwargs: Any) -> None:
         kwargs.setdefault("ep_size", 2)

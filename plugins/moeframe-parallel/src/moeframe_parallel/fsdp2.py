@@ -35,6 +35,7 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from moeframe_parallel.atomic import AtomicFolderCheckpoints
+from moeframe_parallel.layouts import FSDP2Layout
 from moeframe_parallel.meta_init import has_meta_tensors, materialize_sharded
 
 __all__ = ["FSDP2Strategy"]
@@ -50,7 +51,7 @@ def _dtype(name: str | None) -> torch.dtype | None:
     return _DTYPES[name]
 
 
-class FSDP2Strategy(AtomicFolderCheckpoints, ModelParallelStrategy):
+class FSDP2Strategy(AtomicFolderCheckpoints, ModelParallelStrategy, FSDP2Layout):
     """Pure data-parallel FSDP2 over every rank, one unit per decoder block."""
 
     strategy_name = "fsdp2"

@@ -11,23 +11,33 @@ the LR schedule, the ExpertBalance callback, checkpoints.
 
 Layout. World = pp_size × dp ranks; consecutive ranks form one pipeline (``pp_group``), ranks
 holding the same stages form a data-parallel group (``dp_group``) that averages gradients and
-reads its own micro-batches. The decoder is cut into pp·vpp stages of whole layers (cost-balanced:
-a dense layer is cheaper than a MoE layer; or ``layers_per_stage``); the first stage also holds the
-embedding, the last one the final norm, head and MTP modules. MTP looks the next tokens up in the
-embedding and tied weights are shared with the head, so the rank of the last stage keeps a copy of
-the embedding; the two copies get the sum of their gradients before each optimizer step (same
-gradient, same AdamW state: they stay identical). Each rank drops the layers it does not run.
+reads its own micro-batches. With ``ep_size`` > 1, ``ep_size`` consecutive ranks of a stage's
+data-parallel group split that stage's routed experts (``ep_group``, tokens exchanged all-to-all
+by ``EPExperts``); the pipelines run the same schedule, so the all-to-alls of EP peers come in the
+same order. ZeRO-1 (``zero_stage=1``): each data-parallel rank of a stage keeps the optimizer state
+of a share of its parameters, steps that share and broadcasts it.
+
+The decoder is cut into pp·vpp stages of whole layers (cost-balanced: a dense layer is cheaper
+than a MoE layer; or ``layers_per_stage``); the first stage also holds the embedding, the last one
+the final norm, head and MTP modules. MTP looks the next tokens up in the embedding and tied
+weights are shared with the head, so the rank of the last stage keeps a copy of the embedding; the
+two copies get the sum of their gradients before each optimizer step (same gradient, same AdamW
+state: they stay identical). Each rank drops the layers it does not run.
 
 What is global although the parameters are not: the gradient-clipping norm (squares summed over
-the pipeline, the embedding copy counted once), the expert counts of the aux-free bias update
-(``ExpertBalance`` sums them per layer id over all ranks), the sequence-balance loss (each stage
-adds its layers' term to a running sum that travels with the activations into the last stage's
-loss, so its gradient flows back through the pipeline), and checkpoints: the state dict and the
-optimizer state are gathered into the single-process layout on save (a PP checkpoint loads into a
-run without PP, ``moeframe convert`` reads it) and each rank takes its part on load.
+the pipeline, the embedding copy counted once, expert shards summed over their EP group), the
+expert counts of the aux-free bias update (``ExpertBalance`` sums them per layer id over all
+ranks), the sequence-balance loss (each stage adds its layers' term to a running sum that travels
+with the activations into the last stage's loss, so its gradient flows back through the pipeline),
+and checkpoints: the state dict and the optimizer state are gathered into the single-process
+layout on save (expert shards over their EP group, ZeRO-1 shares over all ranks; a PP checkpoint
+loads into a run without PP, ``moeframe convert`` reads it) and each rank takes its part on load,
+also from a single-process checkpoint.
 
-Not supported yet (a ConfigError says so): expert parallelism inside a pipeline, validation
-through the pipeline (set ``limit_val_batches: 0``), activation checkpointing is per block as usual.
+Validation, test and predict run one forward of the whole batch through the stages in model order
+(no schedule: nothing flows back); the losses or predictions are computed where the logits are
+(the last stage) and broadcast over the pipeline, so every rank logs what a run without
+pipelining logs. Not supported (a ConfigError says so): ZeRO-2/3.
 """
 
 from __future__ import annotations
@@ -41,14 +51,17 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.trainer.states import TrainerFn
 from torch import nn
 
-from moeframe.plugin import ConfigError, DecoderOutput, DescribesLayout, ParallelLayout, build_decoder
+from moeframe.plugin import ConfigError, DecoderOutput, check_ep_layout
+from moeframe_parallel.ep_experts import ep_modules, replace_experts
+from moeframe_parallel.expert_parallel import _gather_experts, _is_expert_shaped
+from moeframe_parallel.layouts import PPLayout
 from moeframe_parallel.pipeline_layout import (
-    bubble_fraction,
     check_pipeline,
     default_vpp,
-    in_flight,
+    layer_costs,
     schedule_spec,
     split_by_cost,
     stage_ranks,
@@ -87,6 +100,16 @@ class StageModule(nn.Module):
     def forward(
         self, *inputs: torch.Tensor, input_ids: torch.Tensor, document_ids: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, ...]:
+        out = self.run(inputs, input_ids, document_ids, mtp=self.mtp_on)
+        if isinstance(out, DecoderOutput):  # the schedule passes tensors only
+            return (out.logits, out.aux_loss, *out.mtp_logits)
+        return out
+
+    def run(
+        self, inputs: Sequence[torch.Tensor], input_ids: torch.Tensor, document_ids: torch.Tensor | None, mtp: bool
+    ) -> tuple[torch.Tensor, torch.Tensor] | DecoderOutput:
+        """This stage on one micro-batch: ``(h, aux_1)`` for the next stage, or the last stage's
+        output (its ``aux_loss``: the balance losses of every stage)."""
         decoder, owner = self._decoder[0], self._owner[0]
         ctx = decoder.context(input_ids, document_ids, step=owner.global_step, tokens_seen=owner.tokens_seen)
         aux_losses: dict[str, torch.Tensor] = {}
@@ -100,30 +123,11 @@ class StageModule(nn.Module):
         aux_1 = aux_1 + sum(aux_losses.values(), torch.zeros((), device=aux_1.device))
         if not self.last:
             return h, aux_1
-        out = decoder.finish(h, ctx, {}, mtp=self.mtp_on, emb_BTD=emb_BTD)
-        return (out.logits, aux_1 + out.aux_loss, *out.mtp_logits)
+        out = decoder.finish(h, ctx, {}, mtp=mtp and self.mtp_on, emb_BTD=emb_BTD)
+        return DecoderOutput(out.logits, aux_1 + out.aux_loss, {}, list(out.mtp_logits))
 
 
-def layer_costs(config: Any) -> tuple[list[float], float]:
-    """Compute per layer (activated parameters: a MoE layer counts its shared and top-k routed
-    experts, a dense one its FFN) and what the last stage adds (head, MTP blocks), from a decoder
-    built on the meta device."""
-    decoder = build_decoder(config, device="meta")
-    top_k = config.n_activated_experts / max(config.n_routed_experts, 1)
-
-    def activated(block: nn.Module) -> float:
-        total = 0.0
-        for name, p in block.named_parameters():
-            total += p.numel() * (top_k if ".experts." in f".{name}" and "shared" not in name else 1.0)
-        return total
-
-    costs = [activated(b) for b in decoder.layers]
-    last = decoder.head.weight.numel() * (1 + config.mtp_depth)
-    last += sum(activated(m) for m in decoder.mtp)
-    return costs, last
-
-
-class PipelineStrategy(DDPStrategy, DescribesLayout):
+class PipelineStrategy(DDPStrategy, PPLayout):
     """Pipeline parallelism over ``pp_size`` ranks (× data parallelism over the rest of the world).
 
     Args:
@@ -133,31 +137,13 @@ class PipelineStrategy(DDPStrategy, DescribesLayout):
         vpp: virtual stages per rank (default: 1, or 2 for interleaved and V-shaped schedules).
         layers_per_stage: layers of each of the pp·vpp stages, in model order; default: balanced
             by compute (dense layers are lighter than MoE layers; the last stage carries the head).
-        ep_size: expert parallelism inside the pipeline; only 1 is supported yet.
+        ep_size: expert parallelism inside each stage: the routed experts of a stage sharded over
+            ``ep_size`` of the data-parallel ranks holding that stage (V3's PP × EP); divides world/pp_size.
+        zero_stage: 1 shards the optimizer state over the data-parallel ranks of each stage
+            (ZeRO-1: each steps its share of the parameters and broadcasts them); 0: replicated.
     """
 
     strategy_name = "pp"
-
-    @classmethod
-    def runs_layout(cls, layout: ParallelLayout) -> dict[str, Any] | None:
-        return None  # ParallelLayout has no pipeline degree; `moeframe inspect --pp` asks plan_pipeline
-
-    @classmethod
-    def plan_pipeline(
-        cls, config: Any, pp: int, vpp: int | None, schedule: str, microbatches: int | None
-    ) -> dict[str, Any] | None:
-        vpp = default_vpp(schedule) if vpp is None else vpp
-        microbatches = pp * vpp if microbatches is None else microbatches
-        check_pipeline(pp, schedule, vpp, microbatches, config.n_layers)
-        costs, last_extra = layer_costs(config)
-        return {
-            "layers_per_stage": split_by_cost(costs, pp * vpp, last_extra=last_extra),
-            "stage_ranks": stage_ranks(pp, vpp, schedule),
-            "vpp": vpp,
-            "microbatches": microbatches,
-            "bubble_fraction": bubble_fraction(schedule, pp, microbatches, vpp),
-            "in_flight": in_flight(schedule, pp, microbatches, vpp),
-        }
 
     def __init__(
         self,
@@ -167,18 +153,25 @@ class PipelineStrategy(DDPStrategy, DescribesLayout):
         vpp: int | None = None,
         layers_per_stage: list[int] | None = None,
         ep_size: int = 1,
+        zero_stage: int = 0,
         **kwargs: Any,
     ) -> None:
         vpp = default_vpp(schedule) if vpp is None else vpp  # also rejects an unknown schedule name
         microbatches = pp_size * vpp if microbatches is None else microbatches
         check_pipeline(pp_size, schedule, vpp, microbatches, layers_per_stage=layers_per_stage)
-        if ep_size != 1:
+        if ep_size < 1:
+            raise ConfigError(f"ep_size must be >= 1, got {ep_size}")
+        if zero_stage not in (0, 1):
             raise ConfigError(
-                "strategy 'pp' with ep_size > 1 is not supported yet: the expert-parallel and pipeline "
-                "groups must be built together; use ep_size=1 (or strategy 'ep' without PP)"
+                f"strategy 'pp' runs zero_stage 0 or 1, got {zero_stage}: ZeRO-2/3 would shard the gradients "
+                "or weights that each stage's schedule accumulates whole; use zero_stage=1"
             )
         kwargs.setdefault("timeout", timedelta(minutes=30))
         super().__init__(**kwargs)
+        self.zero_stage, self.ep_size = zero_stage, ep_size
+        self.ep_group: dist.ProcessGroup | None = None
+        self.edp_group: dist.ProcessGroup | None = None
+        self._owned: dict[str, int] = {}  # ZeRO-1: parameter name -> the (global) rank stepping it
         self.pp_size, self.schedule_name, self.vpp = pp_size, schedule, vpp
         self.microbatches, self.layers_per_stage = microbatches, layers_per_stage
         self.pp_group: dist.ProcessGroup | None = None
@@ -197,10 +190,10 @@ class PipelineStrategy(DDPStrategy, DescribesLayout):
         # Trainer.fit asks for the launcher once the model is attached and before it starts the
         # other ranks: the earliest point where the layer count and the world size are both known
         self.check_layout()
-        return self._launcher
+        return super().launcher
 
     def check_layout(self) -> None:
-        config = getattr(self.lightning_module, "config", None) if self._lightning_module is not None else None
+        config = getattr(self.lightning_module, "config", None)  # None before a model is attached
         check_pipeline(
             self.pp_size,
             self.schedule_name,
@@ -210,6 +203,14 @@ class PipelineStrategy(DDPStrategy, DescribesLayout):
             self.layers_per_stage,
             self.num_nodes * self.num_processes,
         )
+        if self.ep_size > 1:
+            dp = self.num_nodes * self.num_processes // self.pp_size
+            if dp % self.ep_size:
+                raise ConfigError(
+                    f"ep_size={self.ep_size} must divide the data-parallel degree world/pp_size={dp}: a stage's "
+                    f"experts are sharded over the ranks holding that stage; use world = pp_size x a multiple of ep_size"
+                )
+            check_ep_layout(self.ep_size, dp, getattr(config, "n_routed_experts", None))
 
     def setup_environment(self) -> None:
         self.check_layout()
@@ -243,27 +244,60 @@ class PipelineStrategy(DDPStrategy, DescribesLayout):
             group = dist.new_group(list(range(offset, world, pp)))
             if self.pp_rank == offset:
                 self.dp_group = group
+        if self.ep_size > 1:
+            self._new_ep_groups()
+
+    def _new_ep_groups(self) -> None:
+        """Among the ranks holding a stage (its data-parallel group), ``ep_size`` consecutive ones
+        shard its experts (``ep_group``); those holding the same shard form the ``edp_group``."""
+        pp, ep, dp = self.pp_size, self.ep_size, self.dp_size
+        dp_rank = self.global_rank // pp
+        for offset in range(pp):
+            holders = list(range(offset, self.world_size, pp))
+            for start in range(0, dp, ep):
+                group = dist.new_group(holders[start : start + ep])
+                if offset == self.pp_rank and start <= dp_rank < start + ep:
+                    self.ep_group = group
+            for j in range(ep):
+                group = dist.new_group(holders[j::ep])
+                if offset == self.pp_rank and dp_rank % ep == j:
+                    self.edp_group = group
 
     # -- after configure_model: cut the decoder, build the schedule ------------------------------------
     def setup(self, trainer: Any) -> None:
+        if self.pp_group is None:
+            self._new_groups()
+        if getattr(self, "_cut", None) is not self.lightning_module:  # a validate after fit: cut already
+            self._cut_decoder()
+        if trainer.state.fn == TrainerFn.FITTING:
+            super().setup(trainer)
+        else:
+            # what DDP's setup does outside fit, except broadcasting rank 0's weights: each stage has its own
+            self.accelerator.setup(trainer)
+            self.precision_plugin.convert_module(self.model)
+            self.model_to_device()
+            self.setup_precision_plugin()
+        self.precision_plugin.clip_grad_by_norm = MethodType(_pp_clip_grad_by_norm(self), self.precision_plugin)
+
+    def _cut_decoder(self) -> None:
         module = self.lightning_module
         decoder = module.decoder
         self._whole_state = {
             k: torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in module.state_dict().items()
         }
         self._whole_param_names = [n for n, _ in module.named_parameters()]
-        self._new_groups()
         bounds = self._stage_bounds(decoder.config)
         ranks = stage_ranks(self.pp_size, self.vpp, self.schedule_name)
         mine = [s for s, r in enumerate(ranks) if r == self.pp_rank]
         last = len(bounds) - 1
         self.stage_modules = [StageModule(decoder, module, *bounds[s], first=s == 0, last=s == last) for s in mine]
         self._drop_others(decoder, mine, bounds)
-        super().setup(trainer)
+        if self.ep_size > 1:  # after the cut: only the layers this rank runs
+            replace_experts(module, self.ep_group)
         self._mine, self._num_stages = mine, len(bounds)
         self._holds_last = any(m.last for m in self.stage_modules)
-        self._last_rank = stage_ranks(self.pp_size, self.vpp, self.schedule_name)[-1]
-        self.precision_plugin.clip_grad_by_norm = MethodType(_pp_clip_grad_by_norm(self), self.precision_plugin)
+        self._last_rank = ranks[-1]
+        self._cut = module
 
     def _stage_bounds(self, config: Any) -> list[tuple[int, int]]:
         stages = self.pp_size * self.vpp
@@ -285,10 +319,9 @@ class PipelineStrategy(DDPStrategy, DescribesLayout):
             if not holds(name):
                 setattr(decoder, name, None)
 
-    def _setup_model(self, model: nn.Module) -> nn.Module:
-        return model  # no DDP wrapper: the schedule runs the backward, gradients are reduced below
-
-    def _register_ddp_hooks(self) -> None:
+    def configure_ddp(self) -> None:
+        """No DDP wrapper (and so no DDP communication hooks): the schedule runs the backward and
+        ``reduce_grads`` averages the gradients over the data-parallel group."""
         return None
 
     def _build_schedule(self, mine: list[int], num_stages: int) -> None:
@@ -389,11 +422,60 @@ class PipelineStrategy(DDPStrategy, DescribesLayout):
         self._pending = []
         return self.precision_plugin.post_backward(closure_loss, module)
 
+    # -- validation, test, predict: one forward of the whole batch, stage after stage ----------------
     def validation_step(self, *args: Any, **kwargs: Any) -> Any:
-        raise ConfigError(
-            "strategy 'pp' does not run validation through the pipeline yet: set "
-            "trainer.limit_val_batches=0 (validate the checkpoint without PP)"
-        )
+        return self._evaluate("val", args[0], mtp=self.lightning_module.config.mtp_depth > 0)
+
+    def test_step(self, *args: Any, **kwargs: Any) -> Any:
+        return self._evaluate("test", args[0], mtp=False)
+
+    def predict_step(self, *args: Any, **kwargs: Any) -> Any:
+        """The module's predictions for the batch on every rank of the pipeline (the last stage's,
+        broadcast: the ranks of a pipeline read the same batch and return the same rows)."""
+        batch = args[0]
+        input_ids = batch["input_ids"] if isinstance(batch, dict) else batch
+        doc_ids = batch.get("document_ids") if isinstance(batch, dict) else None
+        with self.precision_plugin.predict_step_context():
+            out = self._forward_stages(input_ids, doc_ids, mtp=False)
+            mine = self.lightning_module.predictions(out) if out is not None else None
+        return self._from_last_stage(mine)
+
+    def _evaluate(self, stage: str, batch: dict[str, torch.Tensor], mtp: bool) -> None:
+        """The module's evaluation losses, computed where the logits are (the last stage) and
+        logged by every rank, so that the logged means are those of a run without pipelining."""
+        module = self.lightning_module
+        context = self.precision_plugin.val_step_context if stage == "val" else self.precision_plugin.test_step_context
+        with context():
+            out = self._forward_stages(batch["input_ids"], batch.get("document_ids"), mtp=mtp)
+            losses = module.evaluation_losses(out, batch["labels"]) if out is not None else None
+        module.log_evaluation(stage, self._from_last_stage(losses), batch)
+
+    @torch.no_grad()
+    def _forward_stages(
+        self, input_ids: torch.Tensor, document_ids: torch.Tensor | None, mtp: bool
+    ) -> DecoderOutput | None:
+        """Every stage of this rank in model order, receiving from and sending to the ranks of the
+        neighbouring stages (blocking point-to-point: the chain of stages orders the messages);
+        the output on the rank of the last stage, None elsewhere. No schedule: nothing flows back."""
+        ranks = stage_ranks(self.pp_size, self.vpp, self.schedule_name)
+        held = dict(zip(self._mine, self.stage_modules))
+        inputs: tuple[torch.Tensor, ...] = ()
+        for s in self._mine:
+            if s > 0 and ranks[s - 1] != self.pp_rank:
+                inputs = _recv_activations(input_ids, self.lightning_module.config.dim, ranks[s - 1], self.pp_group)
+            out = held[s].run(inputs, input_ids, document_ids, mtp=mtp)
+            if isinstance(out, DecoderOutput):
+                return out
+            inputs = out
+            if ranks[s + 1] != self.pp_rank:
+                _send_activations(out, ranks[s + 1], self.pp_group)
+        return None
+
+    def _from_last_stage(self, obj: Any) -> Any:
+        """``obj`` of the rank holding the last stage, on every rank of this pipeline."""
+        box = [_to_cpu(obj)]
+        dist.broadcast_object_list(box, src=dist.get_global_rank(self.pp_group, self._last_rank), group=self.pp_group)
+        return _to_device(box[0], self.root_device)
 
     # -- once per optimizer step: tied copies and data parallelism ------------------------------------
     def optimizer_step(self, optimizer: Any, closure: Callable[[], Any], model: Any = None, **kwargs: Any) -> Any:
@@ -402,7 +484,55 @@ class PipelineStrategy(DDPStrategy, DescribesLayout):
             self.reduce_grads()
             return result
 
-        return super().optimizer_step(optimizer, closure_then_reduce, model, **kwargs)
+        result = super().optimizer_step(optimizer, closure_then_reduce, model, **kwargs)
+        if self._owned:
+            self._share_stepped_weights()
+        return result
+
+    # -- ZeRO-1: each data-parallel rank of a stage keeps the optimizer state of its share ----------------
+    def setup_optimizers(self, trainer: Any) -> None:
+        super().setup_optimizers(trainer)
+        if self.zero_stage == 1 and self.dp_size > 1:
+            self._owned = self._zero_owners()
+            names = {id(p): n for n, p in self.lightning_module.named_parameters()}
+            for optimizer in self.optimizers:  # in place: the LR schedulers keep their optimizer
+                for group in optimizer.param_groups:
+                    group["params"] = [p for p in group["params"] if self._owned[names[id(p)]] == self.global_rank]
+
+    def _zero_owners(self) -> dict[str, int]:
+        """Parameter name -> the global rank that steps it: a dense weight one of the stage's
+        data-parallel ranks, an expert shard one of the ranks holding a copy of that shard."""
+        pp, ep, dp_rank = self.pp_size, self.ep_size, self.global_rank // self.pp_size
+        experts = {id(p) for p in self.expert_parameters()}
+        named = [(n, p) for n, p in self.lightning_module.named_parameters() if p.requires_grad]
+        dense = _partition_by_size([(n, p.numel()) for n, p in named if id(p) not in experts], self.dp_size)
+        shards = _partition_by_size([(n, p.numel()) for n, p in named if id(p) in experts], self.dp_size // ep)
+        owners = {n: self.pp_rank + r * pp for n, r in dense.items()}
+        owners.update({n: self.pp_rank + (dp_rank % ep + k * ep) * pp for n, k in shards.items()})
+        return owners
+
+    @torch.no_grad()
+    def _share_stepped_weights(self) -> None:
+        """Every rank of a stage gets the weights each one stepped (one broadcast per owner, over the
+        ranks holding the same weights); the gradients of the weights others step are dropped (the
+        optimizer zeroes only its own)."""
+        params = dict(self.lightning_module.named_parameters())
+        experts = {id(p) for p in self.expert_parameters()}
+        for group, is_expert in ((self.dp_group, False), (self.edp_group, True)):
+            if group is None or dist.get_world_size(group) == 1:
+                continue
+            for owner in sorted(dist.get_process_group_ranks(group)):
+                mine = [
+                    params[n] for n, r in self._owned.items() if r == owner and (id(params[n]) in experts) == is_expert
+                ]
+                if not mine:
+                    continue
+                flat = torch.cat([p.detach().flatten() for p in mine])
+                dist.broadcast(flat, src=owner, group=group)
+                for p, new in zip(mine, flat.split([p.numel() for p in mine])):
+                    p.copy_(new.view_as(p))
+                    if owner != self.global_rank:
+                        p.grad = None
 
     @torch.no_grad()
     def reduce_grads(self) -> None:
@@ -410,8 +540,17 @@ class PipelineStrategy(DDPStrategy, DescribesLayout):
         if self.embed_group is not None and embed:
             _all_reduce_grads(embed, self.embed_group)  # first and last stage: the two halves of one gradient
         if self.dp_size > 1:
+            experts = {id(p) for p in self.expert_parameters()}
             params = [p for p in self.lightning_module.parameters() if p.grad is not None]
-            _all_reduce_grads(params, self.dp_group, divide=self.dp_size)
+            _all_reduce_grads([p for p in params if id(p) not in experts], self.dp_group, divide=self.dp_size)
+            # an expert shard's gradient already holds its ep peers' tokens: summed over the other
+            # copies of the shard, divided by all replicas (DDP's mean)
+            expert_grads = [p for p in params if id(p) in experts]
+            if expert_grads:
+                _all_reduce_grads(expert_grads, self.edp_group, divide=self.dp_size)
+
+    def expert_parameters(self) -> list[nn.Parameter]:
+        return [p for _, m in ep_modules(self.lightning_module) for p in m.parameters()]
 
     def _embedding_params(self) -> list[nn.Parameter]:
         decoder = self.lightning_module.decoder
@@ -431,12 +570,19 @@ class PipelineStrategy(DDPStrategy, DescribesLayout):
 
     def lightning_module_state_dict(self) -> dict[str, Any]:
         local = {k: v.detach().cpu() for k, v in self.lightning_module.state_dict().items()}
+        for name, module in ep_modules(self.lightning_module):  # a collective over the ep group first
+            for w in ("w1", "w2", "w3"):
+                local[f"{name}.{w}"] = _gather_experts(getattr(module, w).detach(), module.ep_group).cpu()
         merged = _merge(_gather_objects(local, self.pp_group))
         return {k: merged[k] for k in self._whole_state if k in merged}
 
     def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
         local = self.lightning_module.state_dict()
         state = {k: v for k, v in checkpoint["state_dict"].items() if k in local}
+        for name, module in ep_modules(self.lightning_module):  # the whole [E, ...] experts: this rank's slice
+            for w in ("w1", "w2", "w3"):
+                if f"{name}.{w}" in state:
+                    state[f"{name}.{w}"] = module.local_slice(state[f"{name}.{w}"])
         missing = [k for k in local if k not in state]
         if strict and missing:
             raise ConfigError(
@@ -454,7 +600,11 @@ class PipelineStrategy(DDPStrategy, DescribesLayout):
             "groups": [[names[i] for i in g["params"]] for g in state["param_groups"]],
             "state": {names[i]: _to_cpu(s) for i, s in state["state"].items()},
         }
-        parts = _gather_objects(local, self.pp_group)
+        for i, module in self._expert_state_indices(optimizer):  # every ep peer has the same indices
+            for key, value in state["state"].get(i, {}).items():
+                if _is_expert_shaped(value, module.num_local_experts):
+                    local["state"][names[i]][key] = _gather_experts(value, module.ep_group).cpu()
+        parts = _gather_objects(local, None if self._owned else self.pp_group)  # ZeRO-1: every rank's share
         whole_state = _merge([p["state"] for p in parts])
         group_of = {n: g for p in parts for g, group in enumerate(p["groups"]) for n in group}
         index, out_groups, out_state = 0, [], {}
@@ -480,22 +630,49 @@ class PipelineStrategy(DDPStrategy, DescribesLayout):
 
     def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
         for optimizer, whole in zip(self.optimizers, checkpoint["optimizer_states"]):
-            if "moeframe_param_names" not in whole:
-                raise ConfigError(
-                    "this checkpoint's optimizer state was not saved by strategy 'pp' and does not "
-                    "name its parameters: resume it without PP, or load weights only"
-                )
+            group_names = whole.get("moeframe_param_names") or self._single_process_names(optimizer, whole)
             by_name: dict[str, Any] = {}
-            for group, group_names in zip(whole["param_groups"], whole["moeframe_param_names"]):
-                for i, n in zip(group["params"], group_names):
+            for group, members in zip(whole["param_groups"], group_names):
+                for i, n in zip(group["params"], members):
                     if i in whole["state"]:
                         by_name[n] = whole["state"][i]
             names = self._param_names(optimizer)
             local = optimizer.state_dict()
-            local["state"] = {i: by_name[n] for i, n in names.items() if n in by_name}
+            local["state"] = {i: dict(by_name[n]) for i, n in names.items() if n in by_name}
+            for i, module in self._expert_state_indices(optimizer):
+                for key, value in local["state"].get(i, {}).items():
+                    if _is_expert_shaped(value, module.num_experts):
+                        local["state"][i][key] = module.local_slice(value).clone()
             for group, saved in zip(local["param_groups"], whole["param_groups"]):
                 group.update({k: v for k, v in saved.items() if k != "params"})
             optimizer.load_state_dict(local)
+
+    def _single_process_names(self, optimizer: torch.optim.Optimizer, whole: Mapping[str, Any]) -> list[list[str]]:
+        """The parameter names of an optimizer state saved without PP: a single process numbers the
+        parameters group by group in model order, the groups this run's stages make together."""
+        local_groups = self._local_groups(optimizer, self._param_names(optimizer))
+        parts = _gather_objects(local_groups, None if self._owned else self.pp_group)
+        group_of = {n: g for part in parts for g, members in enumerate(part) for n in members}
+        members = [[n for n in self._whole_param_names if group_of.get(n) == g] for g in range(len(local_groups))]
+        if [len(m) for m in members] != [len(g["params"]) for g in whole["param_groups"]]:
+            raise ConfigError(
+                "the checkpoint's optimizer groups do not match this model's parameters; resume it with the "
+                "model and optimizer config it was trained with, or load weights only"
+            )
+        return members
+
+    def _local_groups(self, optimizer: torch.optim.Optimizer, names: dict[int, str]) -> list[list[str]]:
+        index, groups = 0, []
+        for group in optimizer.param_groups:
+            groups.append([names[i] for i in range(index, index + len(group["params"]))])
+            index += len(group["params"])
+        return groups
+
+    def _expert_state_indices(self, optimizer: torch.optim.Optimizer) -> list[tuple[int, Any]]:
+        """Optimizer-state indices (torch numbers parameters across groups) of the expert shards."""
+        owner = {id(p): m for _, m in ep_modules(self.lightning_module) for p in m.parameters()}
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        return [(i, owner[id(p)]) for i, p in enumerate(params) if id(p) in owner]
 
     def _param_names(self, optimizer: torch.optim.Optimizer) -> dict[int, str]:
         """Optimizer index → parameter name (torch numbers parameters across groups)."""
@@ -514,7 +691,18 @@ def _all_reduce_grads(params: Sequence[nn.Parameter], group: dist.ProcessGroup, 
         g.copy_(new.view_as(g))
 
 
-def _gather_objects(obj: Any, group: dist.ProcessGroup) -> list[Any]:
+def _partition_by_size(sizes: list[tuple[str, int]], ranks: int) -> dict[str, int]:
+    """Parameter name -> rank, the largest first onto the least loaded rank (the same answer on
+    every rank: sizes and names are the same on every data-parallel replica of a stage)."""
+    load = [0] * ranks
+    owner: dict[str, int] = {}
+    for name, numel in sorted(sizes, key=lambda item: -item[1]):
+        rank = min(range(ranks), key=lambda r: load[r])
+        owner[name], load[rank] = rank, load[rank] + numel
+    return owner
+
+
+def _gather_objects(obj: Any, group: dist.ProcessGroup | None) -> list[Any]:
     out: list[Any] = [None] * dist.get_world_size(group)
     dist.all_gather_object(out, obj, group=group)
     return out
@@ -525,6 +713,37 @@ def _merge(parts: list[dict[str, Any]]) -> dict[str, Any]:
     for part in parts:
         merged.update(part)
     return merged
+
+
+_WIRE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def _send_activations(out: tuple[torch.Tensor, torch.Tensor], to: int, group: dist.ProcessGroup) -> None:
+    """The residual state (its dtype first: it follows the precision) and the balance-loss sum."""
+    h_BTD, aux_1 = out
+    dist.send(torch.tensor([_WIRE_DTYPES.index(h_BTD.dtype)], device=h_BTD.device), group_dst=to, group=group)
+    dist.send(h_BTD.contiguous(), group_dst=to, group=group)
+    dist.send(aux_1.float().contiguous(), group_dst=to, group=group)
+
+
+def _recv_activations(
+    input_ids_BT: torch.Tensor, dim: int, src: int, group: dist.ProcessGroup
+) -> tuple[torch.Tensor, torch.Tensor]:
+    code = torch.zeros(1, dtype=torch.int64, device=input_ids_BT.device)
+    dist.recv(code, group_src=src, group=group)
+    h_BTD = input_ids_BT.new_empty((*input_ids_BT.shape, dim), dtype=_WIRE_DTYPES[int(code)])
+    aux_1 = input_ids_BT.new_empty((1,), dtype=torch.float32)
+    dist.recv(h_BTD, group_src=src, group=group)
+    dist.recv(aux_1, group_src=src, group=group)
+    return h_BTD, aux_1
+
+
+def _to_device(value: Any, device: torch.device) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, dict):
+        return {k: _to_device(v, device) for k, v in value.items()}
+    return value
 
 
 def _to_cpu(value: Any) -> Any:
@@ -539,9 +758,17 @@ def _pp_clip_grad_by_norm(strategy: PipelineStrategy) -> Callable[..., None]:
     def clip_grad_by_norm(precision: Any, optimizer: torch.optim.Optimizer, clip_val: float) -> None:
         params = [p for p in precision.main_params(optimizer) if p.grad is not None]
         skip = {id(p) for p in strategy._embedding_params()} if strategy.counts_embedding_twice() else set()
-        squares = sum((p.grad.float().pow(2).sum() for p in params if id(p) not in skip), torch.zeros(()))
+        # under ZeRO-1 each rank holds the gradients of its share: summed over the world below
+        experts = set() if strategy._owned else {id(p) for p in strategy.expert_parameters()}
+        squares = sum((p.grad.float().pow(2).sum() for p in params if id(p) not in skip | experts), torch.zeros(()))
         squares = squares.to(strategy.root_device)
-        dist.all_reduce(squares, group=strategy.pp_group)  # every stage's share of the one global norm
+        if experts:  # the stage's expert shards differ between ep peers: each counted once
+            expert_sq = sum((p.grad.float().pow(2).sum() for p in params if id(p) in experts), torch.zeros(()))
+            expert_sq = expert_sq.to(strategy.root_device)
+            dist.all_reduce(expert_sq, group=strategy.ep_group)
+            squares = squares + expert_sq
+        # every stage's share of the one global norm (under ZeRO-1 each rank holds a share of its stage's)
+        dist.all_reduce(squares, group=None if strategy._owned else strategy.pp_group)
         total_norm = math.sqrt(float(squares))
         coef = min(1.0, float(clip_val) / (total_norm + 1e-6))
         if coef < 1.0:

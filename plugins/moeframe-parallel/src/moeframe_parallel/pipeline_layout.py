@@ -25,8 +25,11 @@ from __future__ import annotations
 import difflib
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
-from moeframe.plugin import ConfigError
+from torch import nn
+
+from moeframe.plugin import ConfigError, build_decoder
 
 __all__ = [
     "SCHEDULES",
@@ -35,6 +38,7 @@ __all__ = [
     "check_pipeline",
     "default_vpp",
     "in_flight",
+    "layer_costs",
     "split_by_cost",
     "stage_ranks",
 ]
@@ -199,3 +203,22 @@ def in_flight(schedule: str, pp: int, microbatches: int, vpp: int | None = None)
     if schedule in ("interleaved_1f1b", "interleaved_zb"):
         return [min(2 * (pp - r - 1) + (vpp - 1) * pp + 1, microbatches * vpp) / vpp for r in range(pp)]
     return [float(pp + (1 if schedule == "dualpipev" else 0))] * pp
+
+
+def layer_costs(config: Any) -> tuple[list[float], float]:
+    """Compute per layer (activated parameters: a MoE layer counts its shared and top-k routed
+    experts, a dense one its FFN) and what the last stage adds (head, MTP blocks), from a decoder
+    built on the meta device."""
+    decoder = build_decoder(config, device="meta")
+    top_k = config.n_activated_experts / max(config.n_routed_experts, 1)
+
+    def activated(block: nn.Module) -> float:
+        total = 0.0
+        for name, p in block.named_parameters():
+            total += p.numel() * (top_k if ".experts." in f".{name}" and "shared" not in name else 1.0)
+        return total
+
+    costs = [activated(b) for b in decoder.layers]
+    last = decoder.head.weight.numel() * (1 + config.mtp_depth)
+    last += sum(activated(m) for m in decoder.mtp)
+    return costs, last

@@ -16,21 +16,34 @@ What the family decides (each part names its own tensors and options):
   layer itself (``hc_attn_fn``), its head (the last layer's) is ``model.hc_head``;
 - attention tensors declared in transformers' module names (``q_a_proj``) are written in the
   reference names transformers' own folders use (``wq_a``), so either declaration converts;
-- multi-token prediction: transformers neither builds nor saves V4's MTP layers; an import
-  leaves them out (``mtp_depth: 0``) and skips ``mtp.*`` tensors, an export writes them as
-  ``mtp.k.*`` (what transformers ignores on load).
+- multi-token prediction: the released V4 folders carry one MTP layer (``mtp.0.*``:
+  ``e_proj``, ``h_proj``, ``enorm``, ``hnorm``, ``norm``, ``hc_head_*`` and a sliding-window
+  block), but transformers neither builds nor saves V4's MTP layers (it ignores ``mtp.*`` on
+  load), so there is no reference to check an import of them against: an import leaves them out
+  (``mtp_depth: 0``) and says so in one warning when the folder holds ``mtp.*`` tensors. Nor would
+  the release's MTP weights fit moeframe's MTP module: V4's MTP (as vLLM's deepseek_v4 MTP runs it)
+  projects each of the main model's n streams with ``h_proj`` and adds ``e_proj`` of the next
+  token's embedding to every stream, where moeframe's takes the streams reduced to one state and
+  expands ``eh_proj`` of both. An export writes moeframe's MTP layers as ``mtp.k.*`` (``eh_proj``
+  whole), which transformers ignores on load.
 """
 
 from __future__ import annotations
 
 import re
+import warnings
 from typing import Any
 
 from moeframe.plugin import ConfigError, HFFamily, HFTensor, ModelConfig, registry, resolve_model_config
 
-__all__ = ["DeepSeekV4Family", "HASH", "GATE"]
+__all__ = ["DeepSeekV4Family", "HASH", "GATE", "MTP_NOTICE"]
 
 HASH, GATE = "v4_hash", "v4_gate"
+MTP_NOTICE = (
+    "DeepSeek-V4 import: the checkpoint's multi-token-prediction layers (mtp.* tensors) are not loaded "
+    "and the model has none (mtp_depth 0), since transformers' DeepseekV4ForCausalLM defines no MTP to "
+    "check them against; set model.mtp_depth to train new MTP layers on the imported model"
+)
 _MLP_TYPE = {HASH: "hash_moe", GATE: "moe"}
 _BLOCK_PARTS = {"attn_norm": "attn_norm", "ffn_norm": "ffn_norm", "attn": "attn", "ffn": "ffn", "residual": ""}
 _MTP_PARTS = {"enorm": "enorm", "hnorm": "hnorm", "eh_proj": "eh_proj", "norm": "norm"}
@@ -86,6 +99,7 @@ class DeepSeekV4Family(HFFamily):
     model_type = "deepseek_v4"
     records_per_layer_choices = True
     records_residual = True
+    _told_mtp = False  # the MTP notice was given (skipped_on_import)
 
     # -- config -----------------------------------------------------------------------------------
     def config_from_hf(self, hf: dict[str, Any], path: str, mtp: bool) -> ModelConfig:
@@ -220,6 +234,10 @@ class DeepSeekV4Family(HFFamily):
         return None if prefix is None else HFTensor(f"{prefix}.{leaf}", quantizable=False)
 
     def skipped_on_import(self, hf_key: str, config: ModelConfig) -> bool:
-        """MTP layers (transformers' V4 has none; an import builds none)."""
+        """MTP layers (transformers' V4 has none; an import builds none), with one notice per import."""
         m = re.match(r"mtp\.(\d+)\.", hf_key)
-        return m is not None and int(m.group(1)) >= config.mtp_depth
+        skipped = m is not None and int(m.group(1)) >= config.mtp_depth
+        if skipped and not self._told_mtp:  # one family instance per import
+            self._told_mtp = True
+            warnings.warn(MTP_NOTICE, stacklevel=2)
+        return skipped

@@ -29,6 +29,7 @@ from torch import nn
 
 from moeframe.plugin import (
     ForwardContext,
+    KeepsFP32Buffers,
     ModelConfig,
     PluginOptions,
     RouterBase,
@@ -138,8 +139,13 @@ class HashRouter(_ScoredRouter):
         return {"weight": "weight", "tid2eid": "tid2eid"}
 
 
-class V4GateRouter(_ScoredRouter):
-    """Top-K of the gate scores plus the balancing bias (module docstring)."""
+class V4GateRouter(KeepsFP32Buffers, _ScoredRouter):
+    """Top-K of the gate scores plus the balancing bias (module docstring).
+
+    The bias stays float32 when the model is cast (``bf16-true``): its ±``bias_update_speed``
+    steps (1e-3) are below bf16's resolution at the bias's size and would be lost."""
+
+    fp32_buffers = ("bias",)
 
     Options = V4GateOptions
     plugin_api = "2"
