@@ -14,8 +14,8 @@ selective checkpointing use it, and a plugin that recomputes a part of its forwa
 counted or timed (a router, an experts module, a whole attention or MoE layer).
 
 Under ``torch.compile`` the recompute is part of the compiled backward graph and never re-runs
-the Python code, so nothing needs marking there: torch's default context is passed, the only one
-dynamo traces without a selective-checkpoint policy.
+the Python code, so nothing needs marking there: no ``context_fn`` is passed (dynamo traces none
+but a selective-checkpoint policy).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any
 
 import torch
-from torch.utils.checkpoint import checkpoint, noop_context_fn
+from torch.utils.checkpoint import checkpoint
 
 __all__ = ["activation_checkpoint", "is_recomputing", "recomputing"]
 
@@ -56,5 +56,7 @@ def _forward_then_recompute() -> tuple[AbstractContextManager[None], AbstractCon
 def activation_checkpoint(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     """``torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False, **kwargs)`` whose
     recompute in backward is marked (:func:`is_recomputing`)."""
-    context_fn = noop_context_fn if torch.compiler.is_compiling() else _forward_then_recompute
-    return checkpoint(fn, *args, use_reentrant=False, context_fn=context_fn, **kwargs)
+    if torch.compiler.is_compiling():
+        # no context_fn argument at all: dynamo's checkpoint rule rejects a traced one, even torch's noop
+        return checkpoint(fn, *args, use_reentrant=False, **kwargs)
+    return checkpoint(fn, *args, use_reentrant=False, context_fn=_forward_then_recompute, **kwargs)
