@@ -43,6 +43,25 @@ from moeframe.model.compat import call_attention, call_experts, call_norm, call_
 from moeframe.model.context import ForwardContext
 from moeframe.model.decoder import Decoder, build_decoder
 
+# The flags of a short CPU test run of `moeframe fit -c configs/pretrain/tiny.yaml`: no validation,
+# a metrics row every step, no progress bar, 32-token sequences in batches of 4, a 300 KB corpus.
+TINY_RUN_FLAGS: tuple[str, ...] = (
+    "--trainer.limit_val_batches",
+    "0",
+    "--trainer.num_sanity_val_steps",
+    "0",
+    "--trainer.log_every_n_steps",
+    "1",
+    "--trainer.enable_progress_bar",
+    "false",
+    "--data.init_args.seq_len",
+    "32",
+    "--data.init_args.batch_size",
+    "4",
+    "--data.init_args.max_bytes",
+    "300000",
+)
+
 
 def naive_experts(
     w1_EFD: torch.Tensor,

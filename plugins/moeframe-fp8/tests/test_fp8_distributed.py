@@ -19,6 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from moeframe.testing import TINY_RUN_FLAGS
+
 _PARALLEL_TESTS = Path(__file__).resolve().parents[2] / "moeframe-parallel" / "tests"
 _spec = importlib.util.spec_from_file_location("_ptest_helpers_fp8", _PARALLEL_TESTS / "_helpers.py")
 helpers = importlib.util.module_from_spec(_spec)
@@ -45,20 +47,7 @@ def fit(
         str(max_steps),
         "--trainer.default_root_dir",
         str(root),
-        "--trainer.limit_val_batches",
-        "0",
-        "--trainer.num_sanity_val_steps",
-        "0",
-        "--trainer.log_every_n_steps",
-        "1",
-        "--trainer.enable_progress_bar",
-        "false",
-        "--data.init_args.seq_len",
-        "32",
-        "--data.init_args.batch_size",
-        "4",
-        "--data.init_args.max_bytes",
-        "300000",
+        *TINY_RUN_FLAGS,
     ]
     if ckpt is not None:
         cmd += ["--ckpt_path", str(ckpt)]

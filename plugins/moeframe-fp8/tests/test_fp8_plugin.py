@@ -15,7 +15,7 @@ from moeframe.cli import main
 from moeframe.convert.hf import load_moeframe
 from moeframe.model.decoder import build_decoder
 from moeframe.plugin import ForwardContext
-from moeframe.testing import check_precision_contract, tiny_config
+from moeframe.testing import TINY_RUN_FLAGS, check_precision_contract, tiny_config
 from moeframe_fp8 import (
     FP8ConfigError,
     FP8GroupedGemm,
@@ -189,20 +189,7 @@ def test_moeframe_fit_single_device_with_stats_and_bf16_moments(
             "3",
             "--trainer.default_root_dir",
             str(root),
-            "--trainer.limit_val_batches",
-            "0",
-            "--trainer.num_sanity_val_steps",
-            "0",
-            "--trainer.log_every_n_steps",
-            "1",
-            "--trainer.enable_progress_bar",
-            "false",
-            "--data.init_args.seq_len",
-            "32",
-            "--data.init_args.batch_size",
-            "4",
-            "--data.init_args.max_bytes",
-            "300000",
+            *TINY_RUN_FLAGS,
         ]
     )
     assert rc == 0

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from moeframe import registry
-from moeframe.testing import check_strategy_contract
+from moeframe.testing import TINY_RUN_FLAGS, check_strategy_contract
 
 _spec = importlib.util.spec_from_file_location("_ptest_helpers", Path(__file__).with_name("_helpers.py"))
 helpers = importlib.util.module_from_spec(_spec)
@@ -28,22 +28,7 @@ CONFIG = helpers.REPO / "configs" / "pretrain" / "tiny-parallel.yaml"
 PRESETS = ["ddp", "ep2_ddp", "fsdp2", "zero1", "zero2", "zero3", "zero3_offload"]
 
 
-FLAGS = [
-    "--trainer.limit_val_batches",
-    "0",
-    "--trainer.num_sanity_val_steps",
-    "0",
-    "--trainer.log_every_n_steps",
-    "1",
-    "--trainer.enable_progress_bar",
-    "false",
-    "--data.init_args.seq_len",
-    "32",
-    "--data.init_args.batch_size",
-    "4",
-    "--data.init_args.max_bytes",
-    "300000",
-]
+FLAGS = list(TINY_RUN_FLAGS)
 
 
 def fit(

@@ -18,6 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from moeframe.testing import TINY_RUN_FLAGS
+
 _spec = importlib.util.spec_from_file_location("_ptest_helpers", Path(__file__).with_name("_helpers.py"))
 helpers = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(helpers)
@@ -84,20 +86,7 @@ def test_sigusr1_checkpoints_and_requeues_under_slurm(tmp_path: Path) -> None:
         "100000",
         "--trainer.default_root_dir",
         str(root),
-        "--trainer.limit_val_batches",
-        "0",
-        "--trainer.num_sanity_val_steps",
-        "0",
-        "--trainer.log_every_n_steps",
-        "1",
-        "--trainer.enable_progress_bar",
-        "false",
-        "--data.init_args.seq_len",
-        "32",
-        "--data.init_args.batch_size",
-        "4",
-        "--data.init_args.max_bytes",
-        "300000",
+        *TINY_RUN_FLAGS,
     ]
     procs = [
         subprocess.Popen(
