@@ -50,8 +50,12 @@ def load_decoder(checkpoint: str | Path, device: str | torch.device = "cpu") -> 
     decoder = materialize(build_decoder(config, device="meta"), device)
     try:
         decoder.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        detail = next((ln.strip() for ln in str(exc).splitlines()[1:] if ln.strip()), str(exc))
+    except RuntimeError:
+        from moeframe.training.checkpoint_io import state_dict_differences  # only a failed load needs it
+
+        detail = state_dict_differences(decoder.state_dict(), state)
+        if not detail:
+            raise  # not a mismatch: a bug, with its traceback
         raise CheckpointError(
             f"{path}: the weights do not match the model config stored with them "
             f"({detail[:300]}); the checkpoint is damaged: copy it again or pass another"

@@ -390,3 +390,31 @@ def test_bad_checkpoints_fail_clearly_and_leave_nothing(tmp_path: Path, capsys: 
     cfg["quantization_config"] = {"quant_method": "gptq", "bits": 4}
     (quant / "config.json").write_text(json.dumps(cfg))
     _bad(tmp_path, capsys, quant, "unsupported quantization_config")
+
+
+@pytest.mark.bad_input
+def test_a_checkpoint_with_a_misshapen_tensor_names_it(tmp_path: Path) -> None:
+    """A weight whose shape differs from the config stored with it: convert, generate and
+    fine-tuning each say which tensor, in one line (our own comparison, not torch's message)."""
+    from moeframe.errors import CheckpointError
+    from moeframe.generate import load_decoder
+    from moeframe.testing import tiny_config
+    from moeframe.training.finetune import FinetuneModule
+    from moeframe.training.pretrain import PretrainModule
+
+    config = tiny_config()
+    module = PretrainModule(config)
+    module.configure_model()
+    state = module.state_dict()
+    width = state["decoder.norm.weight"].shape[0]
+    state["decoder.norm.weight"] = torch.ones(width + 1)
+    torch.save({"state_dict": state, "hyper_parameters": {"config": config}}, tmp_path / "m.ckpt")
+    wanted = f"norm.weight ({width + 1},) vs ({width},)"
+    for load in (load_moeframe, load_decoder):
+        with pytest.raises(CheckpointError, match="do not match the model config") as info:
+            load(tmp_path / "m.ckpt")
+        assert wanted in str(info.value) and "\n" not in str(info.value)
+    finetune = FinetuneModule(init_from=str(tmp_path / "m.ckpt"), config=config)
+    with pytest.raises(ConfigError, match="does not fit model.config") as info:
+        finetune.configure_model()
+    assert wanted in str(info.value) and "\n" not in str(info.value)

@@ -72,7 +72,7 @@ def guarded(prog: str, run: Callable[[], int], argv: list[str]) -> int:
     try:
         return run()
     except TrainingFault as exc:
-        print(f"{prog}: error: {fault_reason(exc)}", file=sys.stderr)
+        print(f"{prog}: error: {exc}", file=sys.stderr)
         return 1
     except Exception as exc:
         message = user_error(exc, argv)
@@ -80,15 +80,3 @@ def guarded(prog: str, run: Callable[[], int], argv: list[str]) -> int:
             raise
         print(f"{prog}: error: {' '.join(message.split())}", file=sys.stderr)
         return 2
-
-
-def fault_reason(exc: Exception) -> str:
-    """The fault's own message: one raised in a DataLoader worker reaches the main process re-raised
-    by torch as "Caught <type> in DataLoader worker process N." plus the worker's traceback, whose
-    last line is ``<module>.<type>: <message>``."""
-    text = str(exc)
-    if "Original Traceback" not in text:
-        return text
-    last = text.strip().splitlines()[-1]
-    prefix = f"{type(exc).__module__}.{type(exc).__qualname__}: "
-    return last[len(prefix) :] if last.startswith(prefix) else last

@@ -429,13 +429,23 @@ def _safe_open(file: Path) -> Any:
     return _checked_read(file, lambda f: safe_open(f, framework="pt"))
 
 
+def _shape_differences(decoder: Decoder, state: dict[str, torch.Tensor]) -> str:
+    """The tensors of ``state`` whose shape the decoder's differ from, in one line (our own check,
+    not torch's message); imported here because only a failed load needs it."""
+    from moeframe.training.checkpoint_io import state_dict_differences
+
+    return state_dict_differences(decoder.state_dict(), state, names=False)
+
+
 def _load_state(decoder: Decoder, state: dict[str, torch.Tensor], path: Path) -> None:
     from moeframe.errors import CheckpointError
 
     try:
         result = decoder.load_state_dict(state, strict=False)
-    except RuntimeError as exc:  # tensors of the wrong shape
-        detail = next((ln.strip() for ln in str(exc).splitlines()[1:] if ln.strip()), str(exc))
+    except RuntimeError:
+        detail = _shape_differences(decoder, state)
+        if not detail:
+            raise  # not a mismatch: a bug, with its traceback
         raise CheckpointError(
             f"{path}: the weights do not match the model config stored with them ({detail[:300]}); "
             "the checkpoint is damaged: copy or convert it again"

@@ -36,6 +36,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from moeframe.config import ConfigError
+from moeframe.errors import TrainingFault
 from moeframe.layout import data_parallel_rank_size
 
 # Lightning warns that an IterableDataset with __len__ may duplicate data across workers; this
@@ -135,16 +136,45 @@ class ShardedBatches(IterableDataset):
         total = sum(len(s) for s in self.sources) // self.world_size
         return total // self.batch_size if self.shuffle else -(-total // self.batch_size)
 
-    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor] | _FaultInWorker]:
         samples = self.rank_samples()
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
-        for b in range(self.start_batch + worker, len(self), num_workers):
-            rows = samples[b * self.batch_size : (b + 1) * self.batch_size]
-            yield _batch([self.sources[d].window(i) for d, i in rows], self.eos_id, self.document_masking)
+        try:
+            for b in range(self.start_batch + worker, len(self), num_workers):
+                rows = samples[b * self.batch_size : (b + 1) * self.batch_size]
+                yield _batch([self.sources[d].window(i) for d, i in rows], self.eos_id, self.document_masking)
+        except TrainingFault as fault:
+            if info is None:
+                raise
+            yield _FaultInWorker(str(fault))
 
 
-class _ResumableLoader(DataLoader):
+@dataclass
+class _FaultInWorker:
+    """A TrainingFault raised in a DataLoader worker, sent to the main process in its batch's place
+    and raised there with its own message (raised in the worker, it would reach the main process
+    re-raised by torch, with the worker's traceback folded into the message)."""
+
+    reason: str
+
+
+def _raise_worker_faults(batches: Iterator[Any]) -> Iterator[Any]:
+    for batch in batches:
+        if isinstance(batch, _FaultInWorker):
+            raise TrainingFault(batch.reason)
+        yield batch
+
+
+class _FaultRaisingLoader(DataLoader):
+    """A DataLoader that raises a worker's TrainingFault in the main process with its own message."""
+
+    def __iter__(self) -> Iterator[Any]:
+        # the workers start here, with the dataset as it is now (its epoch and start position)
+        return _raise_worker_faults(super().__iter__())
+
+
+class _ResumableLoader(_FaultRaisingLoader):
     """A DataLoader that positions its dataset at the DataModule's saved place on every ``iter``."""
 
     def __init__(self, dataset: ShardedBatches, datamodule: PretrainDataModule, num_workers: int) -> None:
@@ -154,7 +184,7 @@ class _ResumableLoader(DataLoader):
         super().__init__(dataset, batch_size=None, num_workers=num_workers, generator=torch.Generator().manual_seed(0))
         self.datamodule = datamodule
 
-    def __iter__(self) -> Any:
+    def __iter__(self) -> Iterator[Any]:
         self.datamodule._position(self.dataset)
         return super().__iter__()
 
@@ -354,8 +384,6 @@ class PretrainDataModule(L.LightningDataModule):
         """Open shards keep working when their folder is deleted (the kernel keeps the files until
         their descriptors are closed), but the next restart would fail and an unmounted
         filesystem fails reads: stop with one line at the next epoch or validation instead."""
-        from moeframe.errors import TrainingFault
-
         for source in dataset.sources:
             for shard in getattr(getattr(source, "base", source), "shards", []):
                 if not shard.prefix.with_suffix(".bin").is_file():
@@ -392,7 +420,7 @@ class PretrainDataModule(L.LightningDataModule):
         plain DataLoader: Lightning rebuilds the predict loader from its constructor arguments."""
         if self._val is None:
             return []
-        return DataLoader(
+        return _FaultRaisingLoader(
             self._val, batch_size=None, num_workers=self.num_workers, generator=torch.Generator().manual_seed(0)
         )
 

@@ -575,11 +575,13 @@ def find_resumable_checkpoint(root: Path) -> Path | None:
 
 
 # -- which tensors differ between a model and a checkpoint ------------------------------------------
-def state_dict_differences(model_state: dict[str, torch.Tensor], ckpt_state: dict[str, Any], limit: int = 4) -> str:
+def state_dict_differences(
+    model_state: dict[str, torch.Tensor], ckpt_state: dict[str, Any], limit: int = 4, names: bool = True
+) -> str:
     """One line naming the tensors that a checkpoint lacks, has extra, or has in another shape;
-    empty when they match."""
-    missing = [k for k in model_state if k not in ckpt_state]
-    extra = [k for k in ckpt_state if k not in model_state]
+    empty when they match. ``names=False``: shapes only (what a non-strict ``load_state_dict`` checks)."""
+    missing = [k for k in model_state if k not in ckpt_state] if names else []
+    extra = [k for k in ckpt_state if k not in model_state] if names else []
     shapes = [
         f"{k} {tuple(ckpt_state[k].shape)} vs {tuple(v.shape)}"
         for k, v in model_state.items()

@@ -43,6 +43,7 @@ from moeframe.model.base import RouterBase
 from moeframe.model.decoder import Decoder, DecoderOutput
 from moeframe.model.lora import LoRAOptions, apply_lora
 from moeframe.training import esft as esft_lib
+from moeframe.training.checkpoint_io import state_dict_differences
 from moeframe.training.esft import ESFTOptions
 from moeframe.training.pretrain import PretrainModule, next_token_loss
 
@@ -249,13 +250,13 @@ class FinetuneModule(PretrainModule):
             return decoder
         path = Path(self.init_from)
         check_same_shape(config_of_checkpoint(path), self.config, path)
-        source = load_checkpoint_decoder(path)
-        try:
-            result = decoder.load_state_dict(source.state_dict(), strict=not self.new_parameters)
-        except RuntimeError as exc:
-            raise ConfigError(
-                f"the checkpoint {path} does not fit model.config: {str(exc).splitlines()[1].strip()}"
-            ) from None
+        source = load_checkpoint_decoder(path).state_dict()
+        # checked here rather than read from load_state_dict's message: shapes always, and names too
+        # unless model.new_parameters allows for missing ones (checked below)
+        differences = state_dict_differences(decoder.state_dict(), source, names=not self.new_parameters)
+        if differences:
+            raise ConfigError(f"the checkpoint {path} does not fit model.config: {differences}")
+        result = decoder.load_state_dict(source, strict=not self.new_parameters)
         if self.new_parameters:
             _check_new_parameters(result.missing_keys, result.unexpected_keys, self.new_parameters, path)
         return decoder
