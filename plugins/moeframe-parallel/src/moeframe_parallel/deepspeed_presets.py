@@ -9,10 +9,10 @@ stage 3 when even the parameters do not fit.
 
 Lightning's ``DeepSpeedStrategy`` refuses anything but CUDA. DeepSpeed itself runs on the CPU
 (it falls back to gloo), so ``CPUCapableDeepSpeedStrategy`` only removes Lightning's guards on a
-CPU accelerator: the CUDA check, the device-index validation (the process group is set up as
-``DDPStrategy`` does it; DeepSpeed adopts it), and the device rank handed to
-``deepspeed.initialize`` (a CPU device has no index; DeepSpeed needs the local rank). On a GPU
-it behaves exactly like the stock strategy.
+CPU accelerator: the CUDA check and the device-index validation (the process group is set up as
+``DDPStrategy`` does it; DeepSpeed adopts it). Its root device on a CPU is ``cpu:<local rank>``:
+Lightning passes that index to ``deepspeed.initialize`` as the device rank, which a bare ``cpu``
+device lacks. On a GPU it behaves exactly like the stock strategy.
 
 Settings DeepSpeed cannot honour are rejected when the strategy is constructed, before any
 process group exists: a hang in a collective is a far worse error message than a ValueError.
@@ -20,12 +20,12 @@ process group exists: a hang in a collective is a far worse error message than a
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Generator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import torch
 from lightning.pytorch.accelerators.cuda import CUDAAccelerator
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
 
@@ -104,25 +104,13 @@ class CPUCapableDeepSpeedStrategy(AtomicFolderCheckpoints, DeepSpeedStrategy, Ze
         self.config.setdefault("train_micro_batch_size_per_gpu", _micro_batch_size(trainer))
         super().setup(trainer)
 
-    def _device_rank(self) -> int:
-        # DeepSpeedEngine compares the device rank with ints; a CPU device's index is None
-        return self.root_device.index if self.root_device.index is not None else self.local_rank
-
-    def _setup_model_and_optimizer(self, model: Any, optimizer: Any, lr_scheduler: Any = None) -> tuple[Any, Any]:
-        import deepspeed
-
-        if self.zero_stage_3:
-            _register_router_weights_with_moe(model)
-        engine, ds_optimizer, _, _ = deepspeed.initialize(
-            args=argparse.Namespace(device_rank=self._device_rank()),
-            config=self.config,
-            model=model,
-            model_parameters=[p for p in model.parameters() if p.requires_grad],
-            optimizer=optimizer,
-            lr_scheduler=lr_scheduler,
-            dist_init_required=False,
-        )
-        return engine, ds_optimizer
+    @property
+    def root_device(self) -> torch.device:
+        # Lightning hands ``deepspeed.initialize`` this device's index as the engine's device rank,
+        # which DeepSpeedEngine compares with ints; a plain CPU device has none. A CPU device that
+        # names the local rank gives it one; tensors and modules moved to ``cpu:N`` land on ``cpu``.
+        device = super().root_device
+        return torch.device("cpu", self.local_rank) if device.type == "cpu" and device.index is None else device
 
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
         """Evaluating a ZeRO-3 checkpoint folder (``moeframe validate|test|predict``): DeepSpeed 0.19's
@@ -146,33 +134,9 @@ class CPUCapableDeepSpeedStrategy(AtomicFolderCheckpoints, DeepSpeedStrategy, Ze
         super().load_model_state_dict(checkpoint, strict)
 
     def init_deepspeed(self) -> None:
-        if self._on_cpu() and not self.lightning_module.trainer.training:
-            self._init_cpu_inference_engine(self.model)
-            return
-        super().init_deepspeed()
-
-    def _init_cpu_inference_engine(self, model: Any) -> None:
-        """``moeframe validate|test|predict``: an engine without optimizer, as Lightning builds it,
-        but with a device rank the CPU has (the stock one passes the device index, None there)."""
-        import deepspeed
-        from lightning.pytorch.strategies.deepspeed import remove_module_hooks
-
-        config: dict[str, Any] = {"train_micro_batch_size_per_gpu": 1}  # DeepSpeed's timers need one
-        config.update({k: self.config[k] for k in ("fp16", "bf16") if k in self.config})
         if self.zero_stage_3:
-            config["zero_allow_untested_optimizer"] = self.config["zero_allow_untested_optimizer"]
-            config["zero_optimization"] = self.config["zero_optimization"]
-            _register_router_weights_with_moe(model)
-        remove_module_hooks(model)
-        self.model, _, _, _ = deepspeed.initialize(
-            args=argparse.Namespace(device_rank=self._device_rank()),
-            config=config,
-            model=model,
-            optimizer=None,
-            lr_scheduler=None,
-            model_parameters=[],
-            dist_init_required=False,
-        )
+            _register_router_weights_with_moe(self.model)
+        super().init_deepspeed()
 
 
 def _micro_batch_size(trainer: Any) -> int:
@@ -209,7 +173,6 @@ _DEEPSPEED_KEYS = (
 
 def _consolidated_zero3_checkpoint(folder: Path) -> dict[str, Any]:
     """Lightning's checkpoint dict for a ZeRO-3 folder, its weights gathered from the partitions."""
-    import torch
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     tag = (folder / "latest").read_text().strip() if (folder / "latest").exists() else "checkpoint"
