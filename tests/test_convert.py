@@ -395,7 +395,7 @@ def test_bad_checkpoints_fail_clearly_and_leave_nothing(tmp_path: Path, capsys: 
 @pytest.mark.bad_input
 def test_a_checkpoint_with_a_misshapen_tensor_names_it(tmp_path: Path) -> None:
     """A weight whose shape differs from the config stored with it: convert, generate and
-    fine-tuning each say which tensor, in one line (our own comparison, not torch's message)."""
+    fine-tuning from it each say which tensor, in one line (our own comparison, not torch's message)."""
     from moeframe.errors import CheckpointError
     from moeframe.generate import load_decoder
     from moeframe.testing import tiny_config
@@ -415,6 +415,6 @@ def test_a_checkpoint_with_a_misshapen_tensor_names_it(tmp_path: Path) -> None:
             load(tmp_path / "m.ckpt")
         assert wanted in str(info.value) and "\n" not in str(info.value)
     finetune = FinetuneModule(init_from=str(tmp_path / "m.ckpt"), config=config)
-    with pytest.raises(ConfigError, match="does not fit model.config") as info:
+    with pytest.raises(CheckpointError, match="do not match the model config") as info:
         finetune.configure_model()
     assert wanted in str(info.value) and "\n" not in str(info.value)
