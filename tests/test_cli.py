@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from moeframe.cli import build_cli, main
+from moeframe.testing import TINY_RUN_FLAGS
 
 from .conftest import REPO, clean_env
 
@@ -255,18 +256,7 @@ def test_two_runs_started_together_in_one_root_dir_both_keep_their_logs(tmp_path
         str(tmp_path),
         "--trainer.max_steps",
         "3",
-        "--trainer.log_every_n_steps",
-        "1",
-        "--trainer.limit_val_batches",
-        "0",
-        "--trainer.num_sanity_val_steps",
-        "0",
-        "--data.init_args.max_bytes",
-        "300000",
-        "--data.init_args.seq_len",
-        "32",
-        "--data.init_args.batch_size",
-        "4",
+        *TINY_RUN_FLAGS,
     ]
     runs = [
         subprocess.Popen(

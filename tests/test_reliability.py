@@ -19,6 +19,8 @@ import numpy as np
 import pytest
 import torch
 
+from moeframe.testing import TINY_RUN_FLAGS
+
 from .conftest import REPO, clean_env
 
 SCRIPT = REPO / "tests" / "reliability_script.py"
@@ -33,20 +35,7 @@ def fit_args(root: Path, steps: int, *extra: str) -> list[str]:
         str(root),
         "--trainer.max_steps",
         str(steps),
-        "--data.init_args.seq_len",
-        "32",
-        "--data.init_args.batch_size",
-        "4",
-        "--data.init_args.max_bytes",
-        "300000",
-        "--trainer.limit_val_batches",
-        "0",
-        "--trainer.num_sanity_val_steps",
-        "0",
-        "--trainer.log_every_n_steps",
-        "1",
-        "--trainer.enable_progress_bar",
-        "false",
+        *TINY_RUN_FLAGS,
         "--trainer.enable_model_summary",
         "false",
         *extra,

@@ -25,7 +25,7 @@ import torch
 from moeframe.cli import main
 from moeframe.config import OptimConfig
 from moeframe.errors import CheckpointError
-from moeframe.testing import tiny_config
+from moeframe.testing import TINY_RUN_FLAGS, tiny_config
 from moeframe.training.balance import ExpertBalance
 from moeframe.training.reliability import (
     AtomicCheckpointIO,
@@ -47,6 +47,20 @@ def one_line_error(err: str, fragment: str) -> None:
 
 
 # -- checkpoints: atomic, verified, the previous one kept ---------------------------------------------
+def every_step_saver(dirpath: Path | None = None) -> dict[str, Any]:
+    """A ModelCheckpoint callback (as ``--trainer.callbacks+`` JSON) keeping ``s<step>.ckpt`` of every
+    step, in ``dirpath`` or, when None, in the logger's version folder."""
+    init_args: dict[str, Any] = {
+        "every_n_train_steps": 1,
+        "save_top_k": -1,
+        "filename": "s{step}",
+        "auto_insert_metric_name": False,
+    }
+    if dirpath is not None:
+        init_args["dirpath"] = str(dirpath)
+    return {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": init_args}
+
+
 def rot(path: Path, offset: int) -> None:
     """Flip one byte as failing storage does: in place, the modification time kept."""
     st = path.stat()
@@ -407,16 +421,7 @@ def test_skip_policy_leaves_weights_and_optimizer_untouched_and_logs_events(tmp_
 @pytest.mark.slow
 def test_nonfinite_stop_names_step_layer_and_last_good_checkpoint(tmp_path: Path) -> None:
     guard = {"class_path": "moeframe.training.reliability.Reliability", "init_args": {"max_consecutive_nonfinite": 2}}
-    saver = {
-        "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-        "init_args": {
-            "dirpath": str(tmp_path / "ck"),
-            "every_n_train_steps": 1,
-            "save_top_k": -1,
-            "filename": "s{step}",
-            "auto_insert_metric_name": False,
-        },
-    }
+    saver = every_step_saver(tmp_path / "ck")
     code, out = run(
         {"nan_at": 3, "nan_module": "decoder.layers.2.attn.wo"},
         fit_args(
@@ -439,16 +444,7 @@ def test_nonfinite_stop_names_step_layer_and_last_good_checkpoint(tmp_path: Path
 @pytest.mark.slow
 @pytest.mark.bad_input
 def test_disk_full_while_saving_keeps_the_previous_checkpoint(tmp_path: Path) -> None:
-    saver = {
-        "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-        "init_args": {
-            "dirpath": str(tmp_path / "ck"),
-            "every_n_train_steps": 1,
-            "save_top_k": -1,
-            "filename": "s{step}",
-            "auto_insert_metric_name": False,
-        },
-    }
+    saver = every_step_saver(tmp_path / "ck")
     # after step 2 the process may not write a file over 1 MB (RLIMIT_FSIZE: a real EFBIG); a checkpoint is ~23 MB
     code, out = run(
         {"fsize_limit_at": 2, "fsize_limit": 1_000_000},
@@ -470,15 +466,7 @@ def test_disk_full_after_a_resume_names_the_checkpoint_it_resumed_from(tmp_path:
     checkpoint". The resumed run also removes a partial left by a save that was killed."""
     from moeframe.training.reliability import partial_name
 
-    saver = {
-        "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-        "init_args": {
-            "every_n_train_steps": 1,
-            "save_top_k": -1,
-            "filename": "s{step}",
-            "auto_insert_metric_name": False,
-        },
-    }
+    saver = every_step_saver()
     root = tmp_path / "run"
     code, out = run({}, fit_args(root, 2, "--trainer.callbacks+", json.dumps(saver)), tmp_path)
     assert code == 0, out[-3000:]
@@ -543,16 +531,7 @@ def test_shard_truncated_mid_run_is_one_line_and_keeps_the_checkpoints(tmp_path:
         (raw / f"d{i}.txt").write_text(f"document {i} " + "some words to train on " * 20)
     prepare(collect_sources([raw]), tmp_path / "data", workers=1, quiet=True)
     shard = tmp_path / "data" / "train" / "shard_00000.bin"
-    saver = {
-        "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-        "init_args": {
-            "dirpath": str(tmp_path / "ck"),
-            "every_n_train_steps": 1,
-            "save_top_k": -1,
-            "filename": "s{step}",
-            "auto_insert_metric_name": False,
-        },
-    }
+    saver = every_step_saver(tmp_path / "ck")
     code, out = run(
         {"truncate_at": 2, "truncate": str(shard), "truncate_to": 64},
         fit_args(
@@ -591,18 +570,9 @@ def _fit(tmp_path: Path, *extra: str) -> list[str]:
         str(TINY),
         "--trainer.default_root_dir",
         str(tmp_path),
-        "--data.init_args.seq_len",
-        "32",
-        "--data.init_args.batch_size",
-        "4",
-        "--data.init_args.max_bytes",
-        "300000",
+        *TINY_RUN_FLAGS,
         "--trainer.max_steps",
         "4",
-        "--trainer.limit_val_batches",
-        "0",
-        "--trainer.num_sanity_val_steps",
-        "0",
         *extra,
     ]
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from moeframe.testing import TINY_RUN_FLAGS
 from moeframe.training.reliability import verify_checkpoint
 
 _spec = importlib.util.spec_from_file_location("_ptest_helpers", Path(__file__).with_name("_helpers.py"))
@@ -36,18 +37,7 @@ def fit(root: Path, max_steps: int, cache: Path, *extra: str) -> subprocess.Comp
         str(max_steps),
         "--trainer.default_root_dir",
         str(root),
-        "--trainer.limit_val_batches",
-        "0",
-        "--trainer.num_sanity_val_steps",
-        "0",
-        "--trainer.enable_progress_bar",
-        "false",
-        "--data.init_args.seq_len",
-        "32",
-        "--data.init_args.batch_size",
-        "4",
-        "--data.init_args.max_bytes",
-        "300000",
+        *TINY_RUN_FLAGS,
         *extra,
     ]
     env = helpers.clean_env(MOEFRAME_CACHE=str(cache), PYTHONPATH=str(helpers.HERE))
