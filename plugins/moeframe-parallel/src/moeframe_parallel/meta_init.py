@@ -1,4 +1,4 @@
-"""Initialise a decoder that was built on the meta device and then sharded with FSDP2.
+"""Initialise a decoder that was built on the meta device and then sharded (FSDP2) or cut (PP).
 
 Each rank allocates only its own shards (``to_empty``), then fills them module by module: the
 module's parameters are drawn whole, in the order and with the rules of ``Decoder.init_weights``,
@@ -11,12 +11,19 @@ same local random stream (torch 2.13: rows 0 and 4 of an 8-row weight over 2 ran
 which silently duplicates experts; drawing whole and slicing is correct on every device. The cost
 is that each rank draws every parameter once (one module's full parameters at a time, not the
 model), the scheme Megatron uses for its CPU initialisation of sharded weights.
+
+A pipeline rank (``materialize_kept``) holds only some layers of the decoder: it allocates those,
+and walks the whole meta decoder in init order; a module it keeps draws into its own weights, a
+module another rank runs draws into a scratch buffer that is freed right after. Random numbers are
+consumed exactly as by the whole build (the same stream cannot skip ahead on the CPU), so the
+kept weights are bit-equal to it while the memory is the stage plus one module.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -24,7 +31,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 
 from moeframe.plugin import default_init, init_random_stream
 
-__all__ = ["has_meta_tensors", "materialize_sharded"]
+__all__ = ["InitStep", "has_meta_tensors", "init_order", "materialize_kept", "materialize_sharded"]
 
 
 def has_meta_tensors(module: nn.Module) -> bool:
@@ -73,3 +80,85 @@ def materialize_sharded(decoder: nn.Module, device: str | torch.device) -> None:
                 else:
                     default_init(module, std)
             _keep_local_slices(swapped)
+
+
+@dataclass(frozen=True)
+class InitStep:
+    """One module of a whole meta-device decoder, as ``Decoder.init_weights`` visits it: its own
+    parameters and buffers (the meta tensors, which identify them after the decoder is cut)."""
+
+    module: nn.Module
+    params: tuple[tuple[str, nn.Parameter], ...]
+    buffers: tuple[tuple[str, torch.Tensor], ...]
+    custom: bool  # the module initialises itself (``init_weights(std)``), else ``default_init``
+
+
+def init_order(decoder: nn.Module) -> list[InitStep]:
+    """Record the decoder's modules in ``Decoder.init_weights`` order, before it is cut."""
+    return [
+        InitStep(
+            module,
+            tuple(module.named_parameters(recurse=False)),
+            tuple(module.named_buffers(recurse=False)),
+            module is not decoder and callable(getattr(module, "init_weights", None)),
+        )
+        for module in decoder.modules()
+    ]
+
+
+def _allocate(kept: nn.Module, device: torch.device) -> dict[int, torch.Tensor]:
+    """Give every meta tensor left in ``kept`` uninitialised storage on ``device``; tied parameters
+    (the head sharing the embedding) stay one tensor. Returns meta tensor id -> real tensor."""
+    real: dict[int, torch.Tensor] = {}
+    for module in kept.modules():
+        for name, p in list(module.named_parameters(recurse=False)):
+            if p.is_meta:
+                if id(p) not in real:
+                    real[id(p)] = nn.Parameter(torch.empty_like(p, device=device), requires_grad=p.requires_grad)
+                setattr(module, name, real[id(p)])
+        for name, b in list(module.named_buffers(recurse=False)):
+            if b is not None and b.is_meta:
+                real.setdefault(id(b), torch.empty_like(b, device=device))
+                setattr(module, name, real[id(b)])
+    return real
+
+
+@torch.no_grad()
+def materialize_kept(
+    order: list[InitStep],
+    kept: nn.Module,
+    std: float,
+    device: str | torch.device,
+    slices: dict[int, Callable[[torch.Tensor], None]] | None = None,
+) -> None:
+    """Allocate what ``kept`` (the cut model) still holds on the meta device and initialise it as
+    the whole decoder's ``init_weights`` would (``order`` from ``init_order`` before the cut).
+
+    ``slices``: meta parameter id -> a function keeping its part of the whole drawn tensor (an
+    expert-parallel shard built on meta); such a parameter is drawn whole into scratch.
+    """
+    device, slices = torch.device(device), slices or {}
+    real = _allocate(kept, device)
+    with init_random_stream():
+        for step in order:
+            scratch: dict[int, torch.Tensor] = {}
+            for name, t in (*step.params, *step.buffers):
+                target = real.get(id(t))
+                if target is None or id(t) in slices:
+                    # another rank's (or a shard's whole) tensor: drawn all the same, then dropped
+                    target = scratch[id(t)] = torch.empty_like(t, device=device)
+                    if isinstance(t, nn.Parameter):
+                        target = nn.Parameter(target, requires_grad=False)
+                setattr(step.module, name, target)
+            try:
+                if step.custom:
+                    step.module.init_weights(std)
+                else:
+                    default_init(step.module, std)
+            finally:
+                for name, t in (*step.params, *step.buffers):  # a dropped module goes back to meta
+                    if id(t) not in real or id(t) in slices:
+                        setattr(step.module, name, t)
+            for key, whole in scratch.items():
+                if key in slices:
+                    slices[key](whole)

@@ -43,7 +43,8 @@ pipelining logs. Not supported (a ConfigError says so): ZeRO-2/3.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Generator, Mapping, Sequence
+from contextlib import contextmanager
 from datetime import timedelta
 from types import MethodType
 from typing import Any
@@ -54,10 +55,11 @@ from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import nn
 
-from moeframe.plugin import ConfigError, DecoderOutput, check_ep_layout
+from moeframe.plugin import ConfigError, DecoderOutput, check_ep_layout, moe_layers
 from moeframe_parallel.ep_experts import ep_modules, replace_experts
 from moeframe_parallel.expert_parallel import _gather_experts, _is_expert_shaped
 from moeframe_parallel.layouts import PPLayout
+from moeframe_parallel.meta_init import has_meta_tensors, init_order, materialize_kept
 from moeframe_parallel.pipeline_layout import (
     check_pipeline,
     default_vpp,
@@ -67,7 +69,7 @@ from moeframe_parallel.pipeline_layout import (
     stage_ranks,
 )
 
-__all__ = ["PipelineStrategy", "StageModule", "layer_costs"]
+__all__ = ["PipelineStrategy", "StageModule", "cut_stages", "layer_costs"]
 
 
 class _Dropped(nn.Module):
@@ -125,6 +127,21 @@ class StageModule(nn.Module):
             return h, aux_1
         out = decoder.finish(h, ctx, {}, mtp=mtp and self.mtp_on, emb_BTD=emb_BTD)
         return DecoderOutput(out.logits, aux_1 + out.aux_loss, {}, list(out.mtp_logits))
+
+
+def cut_stages(decoder: nn.Module, owner: Any, bounds: list[tuple[int, int]], mine: list[int]) -> list[StageModule]:
+    """The stages ``mine`` of ``decoder`` (``bounds``: each stage's layers); the layers and end
+    modules no kept stage uses are dropped from ``decoder`` (on the meta device: never allocated)."""
+    last = len(bounds) - 1
+    stages = [StageModule(decoder, owner, *bounds[s], first=s == 0, last=s == last) for s in mine]
+    kept = {i for s in mine for i in range(*bounds[s])}
+    for i in range(len(decoder.layers)):
+        if i not in kept:
+            decoder.layers[i] = _Dropped()
+    for name in ("embed", "norm", "head", "mtp"):
+        if not any(hasattr(m, name) for m in stages):
+            setattr(decoder, name, None)
+    return stages
 
 
 class PipelineStrategy(DDPStrategy, PPLayout):
@@ -212,6 +229,20 @@ class PipelineStrategy(DDPStrategy, PPLayout):
                 )
             check_ep_layout(self.ep_size, dp, getattr(config, "n_routed_experts", None))
 
+    @contextmanager
+    def tensor_init_context(self, empty_init: bool | None = None) -> Generator[None, None, None]:
+        """A module that only builds fresh weights (``meta_device_init``) builds them on the meta
+        device: ``setup`` cuts the decoder and allocates this rank's stages alone (the 671B model
+        does not fit one rank); a module that loads weights in ``configure_model`` builds whole."""
+        if empty_init is None:
+            empty_init = bool(getattr(self.lightning_module, "meta_device_init", False))
+        if not empty_init:
+            with super().tensor_init_context(empty_init):
+                yield
+            return
+        with torch.device("meta"), self.precision_plugin.tensor_init_context():
+            yield
+
     def setup_environment(self) -> None:
         self.check_layout()
         super().setup_environment()
@@ -286,18 +317,36 @@ class PipelineStrategy(DDPStrategy, PPLayout):
             k: torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in module.state_dict().items()
         }
         self._whole_param_names = [n for n, _ in module.named_parameters()]
+        # built on the meta device (``tensor_init_context``): only the layers kept below get memory
+        order = init_order(decoder) if has_meta_tensors(decoder) else None
         bounds = self._stage_bounds(decoder.config)
         ranks = stage_ranks(self.pp_size, self.vpp, self.schedule_name)
         mine = [s for s, r in enumerate(ranks) if r == self.pp_rank]
-        last = len(bounds) - 1
-        self.stage_modules = [StageModule(decoder, module, *bounds[s], first=s == 0, last=s == last) for s in mine]
-        self._drop_others(decoder, mine, bounds)
+        self.stage_modules = cut_stages(decoder, module, bounds, mine)
+        full: dict[str, nn.Module] = {}
         if self.ep_size > 1:  # after the cut: only the layers this rank runs
+            full = {name: moe.experts for name, moe in moe_layers(module)}
             replace_experts(module, self.ep_group)
+        if order is not None:
+            slices = self._expert_slices(module, full)
+            materialize_kept(order, module, decoder.config.init_std, self.root_device, slices)
+            if has_meta_tensors(module):
+                raise RuntimeError("pp: a module outside the decoder was built on the meta device")
         self._mine, self._num_stages = mine, len(bounds)
         self._holds_last = any(m.last for m in self.stage_modules)
         self._last_rank = ranks[-1]
         self._cut = module
+
+    @staticmethod
+    def _expert_slices(module: nn.Module, full: dict[str, nn.Module]) -> dict[int, Callable[[torch.Tensor], None]]:
+        """For each EP shard built on meta: its whole experts' meta weight -> keep this rank's slice."""
+        slices: dict[int, Callable[[torch.Tensor], None]] = {}
+        for name, shard in ep_modules(module):
+            for w in ("w1", "w2", "w3"):  # the shard's weight is looked up when drawn: allocated by then
+                slices[id(getattr(full[name.removesuffix(".experts")], w))] = (
+                    lambda whole, shard=shard, w=w: getattr(shard, w).copy_(shard.local_slice(whole))
+                )
+        return slices
 
     def _stage_bounds(self, config: Any) -> list[tuple[int, int]]:
         stages = self.pp_size * self.vpp
@@ -308,16 +357,6 @@ class PipelineStrategy(DDPStrategy, PPLayout):
             counts = split_by_cost(costs, stages, last_extra=last_extra)
         starts = [sum(counts[:s]) for s in range(stages)]
         return [(a, a + c) for a, c in zip(starts, counts)]
-
-    def _drop_others(self, decoder: nn.Module, mine: list[int], bounds: list[tuple[int, int]]) -> None:
-        kept = {i for s in mine for i in range(*bounds[s])}
-        for i in range(len(decoder.layers)):
-            if i not in kept:
-                decoder.layers[i] = _Dropped()
-        holds = lambda name: any(hasattr(m, name) for m in self.stage_modules)  # noqa: E731
-        for name in ("embed", "norm", "head", "mtp"):
-            if not holds(name):
-                setattr(decoder, name, None)
 
     def configure_ddp(self) -> None:
         """No DDP wrapper (and so no DDP communication hooks): the schedule runs the backward and
