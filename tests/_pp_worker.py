@@ -5,8 +5,8 @@ process group serves several trainings in a row).
 ``python tests/_pp_worker.py OUT.json JOB.json``: JOB lists runs ``{"name", "strategy": {...},
 "steps", "resume_from_step"? or "ckpt_path"?, "val_permille"?, "evaluate"?}``; rank 0 writes ``{name: {"losses":
 [...], "ckpt": path, "throughput": [[tokens, flops] per step], "val": {...}?, "validate", "test"?}}``
-(``evaluate``: after the fit, ``validate``, ``test`` and ``predict`` on the same trainer; each rank
-saves its predictions).
+(``evaluate``: after the fit, ``validate``, ``test`` and ``predict`` on a new trainer; ``predict``:
+``predict`` on the fit's trainer; each rank saves its predictions).
 """
 
 from __future__ import annotations
@@ -117,6 +117,10 @@ def run(root: Path, job: dict, world: int) -> dict:
         result.update(setup_peak_bytes=memory[0].peak, held_bytes=memory[0].held)
     if job.get("val_permille"):
         result["val"] = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+    if job.get("predict"):  # on the fitted trainer, over a held-out split of its own
+        held_out = data_module(job.get("batch_size", 4), val_permille=100)
+        predictions = torch.cat(trainer.predict(trainer.lightning_module, held_out))
+        torch.save(predictions, root / f"{job['name']}.rank{trainer.global_rank}.predictions.pt")
     if job.get("evaluate"):
         result.update(evaluate(root, job, world, data, result["ckpt"]))
     return result

@@ -207,7 +207,7 @@ def test_pp2_weights_equal_the_single_process_run_and_the_checkpoint_is_whole(pp
 @pytest.mark.slow
 def test_pp2_ranks_allocate_their_stage_not_the_model(pp2) -> None:
     """The decoder is built on the meta device and each rank allocates only its stage: the most
-    CPU memory alive during setup is what the rank holds when training starts plus one module's
+    CPU memory alive during setup is what the rank holds when training starts plus one tensor's
     scratch (another rank's weights are drawn into it to keep the random stream), below the model
     (tiny: 5.0 of 9.2 MB on rank 0, 4.4 on rank 1).
     A whole build before the cut peaks at the model's bytes. Parity tests: the weights are those of
@@ -217,9 +217,7 @@ def test_pp2_ranks_allocate_their_stage_not_the_model(pp2) -> None:
     root, _ = pp2
     decoder = build_decoder(model_config(), device="meta")
     whole = sum(t.nbytes for t in {id(t): t for t in (*decoder.parameters(), *decoder.buffers())}.values())
-    largest = max(
-        sum(t.nbytes for t in (*m.parameters(recurse=False), *m.buffers(recurse=False))) for m in decoder.modules()
-    )
+    largest = max(t.nbytes for t in (*decoder.parameters(), *decoder.buffers()))
     for rank in range(2):
         run = json.loads((root / f"out.rank{rank}.json").read_text())["gpipe"]
         assert run["held_bytes"] < whole
@@ -295,10 +293,11 @@ def test_pp2_validation_test_and_predict_equal_those_without_pipelining(pp2, tmp
     for logged in (run["val"], run["validate"]):  # inside fit (after step 1), and `validate`
         assert {k: logged[k] for k in val} == pytest.approx(val, abs=EVAL_ATOL, rel=0)
     assert run["test"] == pytest.approx(expected["test"], abs=EVAL_ATOL, rel=0)
-    for rank in range(2):  # every rank of the pipeline returns the last stage's predictions
-        predictions = torch.load(root / f"evaluated.rank{rank}.predictions.pt")
-        assert predictions.shape == expected["predict"].shape and predictions.shape[0] == 4  # a batch of 4
-        assert torch.equal(predictions, expected["predict"])
+    # the rank holding the last stage (rank 0 under zbv) returns the rows; the other one none of them
+    holder, other = (torch.load(root / f"evaluated.rank{rank}.predictions.pt") for rank in range(2))
+    assert holder.shape == expected["predict"].shape and holder.shape[0] == 4  # a batch of 4
+    assert torch.equal(holder, expected["predict"])
+    assert other.shape == (0, *holder.shape[1:]) and other.dtype == holder.dtype
 
 
 @pytest.mark.slow
@@ -324,7 +323,13 @@ def world4(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     v3 = {"pp_size": 2, "schedule": "1f1b", "ep_size": 2, "zero_stage": 1}
     jobs = [
         {"name": "pp4", "strategy": {"pp_size": 4, "schedule": "1f1b"}, "steps": STEPS},
-        {"name": "pp2dp2", "strategy": {"pp_size": 2, "schedule": "1f1b"}, "steps": STEPS},
+        {
+            "name": "pp2dp2",
+            "strategy": {"pp_size": 2, "schedule": "1f1b"},
+            "steps": STEPS,
+            "predict": True,
+            "trainer": {"limit_predict_batches": 1},
+        },
         {"name": "zero1", "strategy": {"pp_size": 2, "schedule": "1f1b", "zero_stage": 1}, "steps": STEPS},
         {
             "name": "pp2ep2",
@@ -342,9 +347,9 @@ def test_pp2_x_dp2_with_zero1_equals_ddp_shards_the_optimizer_and_saves_it_whole
     root, results = world4
     assert results["zero1"]["losses"] == pytest.approx(results["pp2dp2"]["losses"], abs=LOSS_ATOL, rel=0)
     ranks = [json.loads((root / f"out.rank{r}.json").read_text()) for r in range(4)]
-    for stage in range(2):  # ranks `stage` and `stage + 2` hold the same stage: each steps a disjoint share
-        whole = ranks[stage]["pp2dp2"]["optimized_numel"]
-        shares = [ranks[stage + 2 * dp]["zero1"]["optimized_numel"] for dp in range(2)]
+    for stage in range(2):  # ranks `2 stage` and `2 stage + 1` hold the same stage: each steps a disjoint share
+        whole = ranks[2 * stage]["pp2dp2"]["optimized_numel"]
+        shares = [ranks[2 * stage + dp]["zero1"]["optimized_numel"] for dp in range(2)]
         assert sum(shares) == whole and 0 < min(shares) and max(shares) < whole
     # the checkpoint has the whole optimizer state, as DDP's does
     saved = [torch.load(results[n]["ckpt"], map_location="cpu", weights_only=False) for n in ("pp2dp2", "zero1")]
@@ -352,6 +357,17 @@ def test_pp2_x_dp2_with_zero1_equals_ddp_shards_the_optimizer_and_saves_it_whole
     assert zero["moeframe_param_names"] == ddp["moeframe_param_names"] and set(zero["state"]) == set(ddp["state"])
     for i, state in ddp["state"].items():
         torch.testing.assert_close(zero["state"][i]["exp_avg_sq"], state["exp_avg_sq"], atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_pp2_x_dp2_predict_returns_each_row_once(world4) -> None:
+    """Two pipelines (ranks 0, 2 and 1, 3): the ranks of the last stage (2, 3) return their replica's
+    rows, the first stage's ranks none, so the job's rows are each replica's batch once (the values
+    are checked against a run without pipelining in the PP=2 test above)."""
+    root, _ = world4
+    rows = [torch.load(root / f"pp2dp2.rank{rank}.predictions.pt") for rank in range(4)]
+    assert [r.shape[0] for r in rows] == [0, 0, 4, 4]
+    assert rows[0].shape[1:] == rows[2].shape[1:] == (SEQ_LEN,) and rows[0].dtype == rows[2].dtype
 
 
 @pytest.mark.slow
@@ -379,9 +395,9 @@ def test_pp2_x_ep2_with_zero1_equals_pp2_x_dp2_and_resumes_bit_exactly(world4) -
     assert results["v3"]["losses"] == pytest.approx(results["pp2dp2"]["losses"], abs=LOSS_ATOL, rel=0)
     assert results["v3_resumed"]["losses"] == results["v3"]["losses"][1:]
     ranks = [json.loads((root / f"out.rank{r}.json").read_text()) for r in range(4)]
-    for stage in range(2):  # ranks `stage` and `stage + 2`: every parameter of the stage stepped by one of them
-        whole = ranks[stage]["pp2dp2"]["optimized_numel"]
-        shares = [ranks[stage + 2 * dp]["v3"]["optimized_numel"] for dp in range(2)]
+    for stage in range(2):  # ranks `2 stage` and `2 stage + 1`: every parameter of the stage stepped by one of them
+        whole = ranks[2 * stage]["pp2dp2"]["optimized_numel"]
+        shares = [ranks[2 * stage + dp]["v3"]["optimized_numel"] for dp in range(2)]
         assert sum(shares) == whole and max(shares) < whole
     saved = [torch.load(results[n]["ckpt"], map_location="cpu", weights_only=False) for n in ("v3", "pp2dp2")]
     assert set(saved[0]["optimizer_states"][0]["state"]) == set(saved[1]["optimizer_states"][0]["state"])
@@ -391,10 +407,11 @@ def test_pp2_x_ep2_with_zero1_equals_pp2_x_dp2_and_resumes_bit_exactly(world4) -
 def test_pp4_and_pp2_x_dp2_losses_equal_the_single_process_run(world4, reference) -> None:
     tmp_path, results = world4
     assert results["pp4"]["losses"] == pytest.approx(reference[0], abs=LOSS_ATOL, rel=0)
-    # the two replicas (ranks 0-1 and 2-3) read alternate sequences: one step sees the 8 sequences a single
-    # process accumulates over 2 batches of 4. Each reports the mean over its own; Lightning reports a
-    # batch's loss divided by the accumulation: the step's mean loss is the sum of the pair.
-    replica1 = json.loads((tmp_path / "out.rank2.json").read_text())["pp2dp2"]["losses"]
+    # the two replicas (pipelines of ranks 0, 2 and 1, 3: stage-major numbering) read alternate sequences:
+    # one step sees the 8 sequences a single process accumulates over 2 batches of 4. Each reports the mean
+    # over its own; Lightning reports a batch's loss divided by the accumulation: the step's mean loss is
+    # the sum of the pair.
+    replica1 = json.loads((tmp_path / "out.rank1.json").read_text())["pp2dp2"]["losses"]
     step_means = [(a + b) / 2 for a, b in zip(results["pp2dp2"]["losses"], replica1)]
     accumulated, _ = single_process(tmp_path / "acc", accumulate=2)
     assert step_means == pytest.approx(
@@ -465,6 +482,24 @@ def test_stage_boundaries_follow_the_cost_and_the_rank_layout() -> None:
     assert stage_ranks(2, 2, "zbv") == [0, 1, 1, 0] and stage_ranks(2, 2, "interleaved_1f1b") == [0, 1, 0, 1]
 
 
+def test_ranks_are_numbered_ep_innermost_then_dp_then_pp() -> None:
+    from moeframe_parallel.pipeline_layout import RankGrid
+
+    grid = RankGrid(world=8, pp=2, ep=2)
+    assert grid.pipelines() == [[0, 4], [1, 5], [2, 6], [3, 7]]
+    assert grid.stage_holders(1) == [4, 5, 6, 7]
+    assert grid.ep_groups(0) == [[0, 1], [2, 3]] and grid.edp_groups(0) == [[0, 2], [1, 3]]
+    assert [grid.coords(r) for r in (0, 3, 4, 7)] == [(0, 0), (0, 3), (1, 0), (1, 3)]
+    # V3's template: 2048 GPUs, 8 a node, PP16 x EP64: an EP group is 64 consecutive ranks on 8 whole
+    # nodes (V3's "64-way EP spanning 8 nodes"), a stage's 128 holders fill 16 nodes
+    v3 = RankGrid(world=2048, pp=16, ep=64)
+    for stage in (0, 7, 15):
+        for group in v3.ep_groups(stage):
+            assert group == list(range(group[0], group[0] + 64)) and len({r // 8 for r in group}) == 8
+        assert len({r // 8 for r in v3.stage_holders(stage)}) == 16
+    assert sorted(r for p in v3.pipelines() for r in p) == list(range(2048))
+
+
 def test_inspect_pipeline_section_accounts_for_every_parameter_once() -> None:
     from _pp_common import model_config
 
@@ -478,6 +513,9 @@ def test_inspect_pipeline_section_accounts_for_every_parameter_once() -> None:
     assert sum(st["params"] for st in section["stages"]) == whole + embed_copy
     assert [st["layers"] for st in section["stages"]] == [[0, 2], [3, 3]]  # the head weighs on the last stage
     assert section["bubble_fraction"] == pytest.approx((2 - 1) / (6 + 2 - 1))  # 1F1B: (p - 1) / (m + p - 1)
+    largest = max(p.numel() for p in build_decoder(cfg, device="meta").parameters())
+    for rank in section["ranks"]:  # its stages' fp32 weights and one tensor of scratch, not the model
+        assert rank["setup_bytes_fp32"] == 4 * (rank["params"] + largest) < 4 * whole
     gpipe = pipeline_section(cfg, pp=2, vpp=None, schedule="gpipe", microbatches=6, seq_len=16)
     # GPipe keeps all 6 micro-batches in flight, 1F1B at most pp = 2 on rank 0
     assert gpipe["ranks"][0]["activation_bytes_in_flight"] == 3 * section["ranks"][0]["activation_bytes_in_flight"]

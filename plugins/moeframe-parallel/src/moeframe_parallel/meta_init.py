@@ -13,10 +13,13 @@ is that each rank draws every parameter once (one module's full parameters at a 
 model), the scheme Megatron uses for its CPU initialisation of sharded weights.
 
 A pipeline rank (``materialize_kept``) holds only some layers of the decoder: it allocates those,
-and walks the whole meta decoder in init order; a module it keeps draws into its own weights, a
-module another rank runs draws into a scratch buffer that is freed right after. Random numbers are
-consumed exactly as by the whole build (the same stream cannot skip ahead on the CPU), so the
-kept weights are bit-equal to it while the memory is the stage plus one module.
+and walks the whole meta decoder in init order; a tensor it keeps is drawn in place, a tensor of a
+layer another rank runs is drawn into a scratch buffer freed right after (one parameter at a time;
+a module with its own ``init_weights``, a router, all of its small tensors at once). Random numbers
+are consumed exactly as by the whole build (a random stream cannot skip ahead portably), so the
+kept weights are bit-equal to it while the memory is the stage plus the largest tensor (at 671B:
+one stacked expert weight of a layer, 256 × 2048 × 7168, 7 GiB in bf16, 14 GiB in fp32). Every
+rank draws the whole model's numbers once; on a GPU that is seconds.
 """
 
 from __future__ import annotations
@@ -141,24 +144,41 @@ def materialize_kept(
     real = _allocate(kept, device)
     with init_random_stream():
         for step in order:
-            scratch: dict[int, torch.Tensor] = {}
-            for name, t in (*step.params, *step.buffers):
-                target = real.get(id(t))
-                if target is None or id(t) in slices:
-                    # another rank's (or a shard's whole) tensor: drawn all the same, then dropped
-                    target = scratch[id(t)] = torch.empty_like(t, device=device)
-                    if isinstance(t, nn.Parameter):
-                        target = nn.Parameter(target, requires_grad=False)
-                setattr(step.module, name, target)
-            try:
-                if step.custom:
-                    step.module.init_weights(std)
-                else:
-                    default_init(step.module, std)
-            finally:
-                for name, t in (*step.params, *step.buffers):  # a dropped module goes back to meta
-                    if id(t) not in real or id(t) in slices:
-                        setattr(step.module, name, t)
-            for key, whole in scratch.items():
-                if key in slices:
-                    slices[key](whole)
+            if step.custom:
+                _init_custom(step, std, device, real, slices)
+            else:
+                for name, t in step.params:  # one parameter at a time: the scratch is one tensor
+                    holder = nn.Module()  # default_init's rules (by name and rank) on this one alone
+                    holder.register_parameter(name, _target(t, device, real, slices))
+                    default_init(holder, std)
+                    if id(t) in slices:
+                        slices[id(t)](getattr(holder, name))
+
+
+def _target(t: torch.Tensor, device: torch.device, real: dict[int, torch.Tensor], slices: dict) -> torch.Tensor:
+    """Where ``t``'s values are drawn: its allocated tensor when this rank keeps it, else scratch
+    (another rank's tensor, or an expert-parallel shard's whole tensor), dropped after the draw."""
+    if id(t) in real and id(t) not in slices:
+        return real[id(t)]
+    scratch = torch.empty_like(t, device=device)
+    return nn.Parameter(scratch, requires_grad=False) if isinstance(t, nn.Parameter) else scratch
+
+
+def _init_custom(
+    step: InitStep, std: float, device: torch.device, real: dict[int, torch.Tensor], slices: dict
+) -> None:
+    """A module that initialises itself (a router with its buffers): all its tensors at once."""
+    tensors = (*step.params, *step.buffers)
+    drawn = {}
+    for name, t in tensors:
+        drawn[id(t)] = _target(t, device, real, slices)
+        setattr(step.module, name, drawn[id(t)])
+    try:
+        step.module.init_weights(std)
+    finally:
+        for name, t in tensors:  # a dropped module goes back to meta
+            if id(t) not in real:
+                setattr(step.module, name, t)
+    for key, whole in drawn.items():
+        if key in slices:
+            slices[key](whole)

@@ -9,12 +9,14 @@ only runs the backward hooks. Everything after the backward stays Lightning's an
 gradient accumulation (the loss is divided by it, as Lightning would), clipping, the optimizer,
 the LR schedule, the ExpertBalance callback, checkpoints.
 
-Layout. World = pp_size × dp ranks; consecutive ranks form one pipeline (``pp_group``), ranks
-holding the same stages form a data-parallel group (``dp_group``) that averages gradients and
-reads its own micro-batches. With ``ep_size`` > 1, ``ep_size`` consecutive ranks of a stage's
-data-parallel group split that stage's routed experts (``ep_group``, tokens exchanged all-to-all
-by ``EPExperts``); the pipelines run the same schedule, so the all-to-alls of EP peers come in the
-same order. ZeRO-1 (``zero_stage=1``): each data-parallel rank of a stage keeps the optimizer state
+Layout. World = pp_size × dp ranks, numbered EP innermost, DP next, PP outermost (``RankGrid``,
+Megatron's order): the ``dp`` ranks holding the same stages are consecutive and form a
+data-parallel group (``dp_group``) that averages gradients, each reading its own micro-batches;
+one rank of each stage, ``dp`` apart, forms a pipeline (``pp_group``). With ``ep_size`` > 1,
+``ep_size`` consecutive ranks of a stage's data-parallel group split that stage's routed experts
+(``ep_group``, tokens exchanged all-to-all by ``EPExperts``), so the all-to-alls stay on the fewest
+nodes and only the pipeline's point-to-point activations cross them; the pipelines run the same
+schedule, so the all-to-alls of EP peers come in the same order. ZeRO-1 (``zero_stage=1``): each data-parallel rank of a stage keeps the optimizer state
 of a share of its parameters, steps that share and broadcasts it.
 
 The decoder is cut into pp·vpp stages of whole layers (cost-balanced: a dense layer is cheaper
@@ -37,7 +39,8 @@ also from a single-process checkpoint.
 Validation, test and predict run one forward of the whole batch through the stages in model order
 (no schedule: nothing flows back); the losses or predictions are computed where the logits are
 (the last stage) and broadcast over the pipeline, so every rank logs what a run without
-pipelining logs. Not supported (a ConfigError says so): ZeRO-2/3.
+pipelining logs; predictions come back on the ranks holding the last stage only (the others
+return them with no rows), so each row comes back once. Not supported (a ConfigError says so): ZeRO-2/3.
 """
 
 from __future__ import annotations
@@ -61,6 +64,7 @@ from moeframe_parallel.expert_parallel import _gather_experts, _is_expert_shaped
 from moeframe_parallel.layouts import PPLayout
 from moeframe_parallel.meta_init import has_meta_tensors, init_order, materialize_kept
 from moeframe_parallel.pipeline_layout import (
+    RankGrid,
     check_pipeline,
     default_vpp,
     layer_costs,
@@ -243,14 +247,28 @@ class PipelineStrategy(DDPStrategy, PPLayout):
         with torch.device("meta"), self.precision_plugin.tensor_init_context():
             yield
 
+    @property
+    def restore_checkpoint_after_setup(self) -> bool:
+        # the weights are loaded into the stages this rank holds: a decoder still on the meta
+        # device (before ``setup`` cuts and allocates it) would drop them
+        return True
+
     def setup_environment(self) -> None:
         self.check_layout()
         super().setup_environment()
 
-    # -- ranks -------------------------------------------------------------------------------------------
+    # -- ranks: ep innermost, then dp, pp outermost (``RankGrid``) -------------------------------------------
+    @property
+    def grid(self) -> RankGrid:
+        return RankGrid(self.world_size, self.pp_size, self.ep_size)
+
     @property
     def pp_rank(self) -> int:
-        return self.global_rank % self.pp_size
+        return self.grid.coords(self.global_rank)[0]
+
+    @property
+    def dp_rank(self) -> int:
+        return self.grid.coords(self.global_rank)[1]
 
     @property
     def dp_size(self) -> int:
@@ -259,21 +277,21 @@ class PipelineStrategy(DDPStrategy, PPLayout):
     @property
     def distributed_sampler_kwargs(self) -> dict[str, int]:
         # the ranks of one pipeline read the same micro-batches: one data-parallel replica
-        return {"num_replicas": self.dp_size, "rank": self.global_rank // self.pp_size}
+        return {"num_replicas": self.dp_size, "rank": self.dp_rank}
 
     def _new_groups(self) -> None:
-        """Every rank creates every group (new_group's rule); pipelines are consecutive ranks."""
-        world, pp = self.world_size, self.pp_size
-        ranks = stage_ranks(pp, self.vpp, self.schedule_name)
+        """Every rank creates every group, in the same order (new_group's rule)."""
+        grid = self.grid
+        ranks = stage_ranks(self.pp_size, self.vpp, self.schedule_name)
         first, last = ranks[0], ranks[-1]
-        for start in range(0, world, pp):
-            group = dist.new_group(list(range(start, start + pp)))
-            embed = dist.new_group(sorted({start + first, start + last})) if first != last else None
-            if start <= self.global_rank < start + pp:
+        for dp_rank, pipeline in enumerate(grid.pipelines()):
+            group = dist.new_group(pipeline)
+            embed = dist.new_group([pipeline[first], pipeline[last]]) if first != last else None
+            if dp_rank == self.dp_rank:
                 self.pp_group, self.embed_group = group, embed
-        for offset in range(pp):
-            group = dist.new_group(list(range(offset, world, pp)))
-            if self.pp_rank == offset:
+        for pp_rank in range(self.pp_size):
+            group = dist.new_group(grid.stage_holders(pp_rank))
+            if pp_rank == self.pp_rank:
                 self.dp_group = group
         if self.ep_size > 1:
             self._new_ep_groups()
@@ -281,17 +299,14 @@ class PipelineStrategy(DDPStrategy, PPLayout):
     def _new_ep_groups(self) -> None:
         """Among the ranks holding a stage (its data-parallel group), ``ep_size`` consecutive ones
         shard its experts (``ep_group``); those holding the same shard form the ``edp_group``."""
-        pp, ep, dp = self.pp_size, self.ep_size, self.dp_size
-        dp_rank = self.global_rank // pp
-        for offset in range(pp):
-            holders = list(range(offset, self.world_size, pp))
-            for start in range(0, dp, ep):
-                group = dist.new_group(holders[start : start + ep])
-                if offset == self.pp_rank and start <= dp_rank < start + ep:
+        for pp_rank in range(self.pp_size):
+            for ranks in self.grid.ep_groups(pp_rank):
+                group = dist.new_group(ranks)
+                if self.global_rank in ranks:
                     self.ep_group = group
-            for j in range(ep):
-                group = dist.new_group(holders[j::ep])
-                if offset == self.pp_rank and dp_rank % ep == j:
+            for ranks in self.grid.edp_groups(pp_rank):
+                group = dist.new_group(ranks)
+                if self.global_rank in ranks:
                     self.edp_group = group
 
     # -- after configure_model: cut the decoder, build the schedule ------------------------------------
@@ -469,15 +484,17 @@ class PipelineStrategy(DDPStrategy, PPLayout):
         return self._evaluate("test", args[0], mtp=False)
 
     def predict_step(self, *args: Any, **kwargs: Any) -> Any:
-        """The module's predictions for the batch on every rank of the pipeline (the last stage's,
-        broadcast: the ranks of a pipeline read the same batch and return the same rows)."""
+        """The module's predictions for the batch on the rank holding the last stage; the other
+        ranks of the pipeline read the same batch and return the same structure with no rows, so
+        that each row comes back once over the job (a prediction writer writes it once)."""
         batch = args[0]
         input_ids = batch["input_ids"] if isinstance(batch, dict) else batch
         doc_ids = batch.get("document_ids") if isinstance(batch, dict) else None
         with self.precision_plugin.predict_step_context():
             out = self._forward_stages(input_ids, doc_ids, mtp=False)
             mine = self.lightning_module.predictions(out) if out is not None else None
-        return self._from_last_stage(mine)
+        empty = self._from_last_stage(_no_rows(mine))  # the type and trailing shape, nothing else travels
+        return mine if self._holds_last else empty
 
     def _evaluate(self, stage: str, batch: dict[str, torch.Tensor], mtp: bool) -> None:
         """The module's evaluation losses, computed where the logits are (the last stage) and
@@ -541,13 +558,13 @@ class PipelineStrategy(DDPStrategy, PPLayout):
     def _zero_owners(self) -> dict[str, int]:
         """Parameter name -> the global rank that steps it: a dense weight one of the stage's
         data-parallel ranks, an expert shard one of the ranks holding a copy of that shard."""
-        pp, ep, dp_rank = self.pp_size, self.ep_size, self.global_rank // self.pp_size
+        ep, dp_rank, grid = self.ep_size, self.dp_rank, self.grid
         experts = {id(p) for p in self.expert_parameters()}
         named = [(n, p) for n, p in self.lightning_module.named_parameters() if p.requires_grad]
         dense = _partition_by_size([(n, p.numel()) for n, p in named if id(p) not in experts], self.dp_size)
         shards = _partition_by_size([(n, p.numel()) for n, p in named if id(p) in experts], self.dp_size // ep)
-        owners = {n: self.pp_rank + r * pp for n, r in dense.items()}
-        owners.update({n: self.pp_rank + (dp_rank % ep + k * ep) * pp for n, k in shards.items()})
+        owners = {n: grid.rank(self.pp_rank, r) for n, r in dense.items()}
+        owners.update({n: grid.rank(self.pp_rank, dp_rank % ep + k * ep) for n, k in shards.items()})
         return owners
 
     @torch.no_grad()
@@ -782,6 +799,17 @@ def _to_device(value: Any, device: torch.device) -> Any:
         return value.to(device)
     if isinstance(value, dict):
         return {k: _to_device(v, device) for k, v in value.items()}
+    return value
+
+
+def _no_rows(value: Any) -> Any:
+    """``value`` with its tensors cut to zero rows (the batch dimension)."""
+    if isinstance(value, torch.Tensor):
+        return value.detach()[:0]
+    if isinstance(value, dict):
+        return {k: _no_rows(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_no_rows(v) for v in value)
     return value
 
 
