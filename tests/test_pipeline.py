@@ -490,6 +490,33 @@ def test_stage_boundaries_follow_the_cost_and_the_rank_layout() -> None:
     assert stage_ranks(2, 2, "zbv") == [0, 1, 1, 0] and stage_ranks(2, 2, "interleaved_1f1b") == [0, 1, 0, 1]
 
 
+@pytest.mark.parametrize("tie_embeddings", [False, True])
+def test_a_stage_built_on_the_meta_device_holds_the_weights_of_a_whole_build(tie_embeddings: bool) -> None:
+    """Each stage of a meta-device build, cut and allocated alone, equals the same part of a whole
+    build with the seed (routers' buffers included); the dropped layers stay on the meta device, and a
+    head tied to the embedding stays tied on the last stage."""
+    from moeframe.plugin import build_decoder
+    from moeframe_parallel.meta_init import init_order, materialize_kept
+    from moeframe_parallel.pipeline import cut_stages
+
+    cfg = model_config(tie_embeddings=tie_embeddings)
+    torch.manual_seed(0)
+    whole = build_decoder(cfg)
+    expected = {**dict(whole.named_parameters()), **dict(whole.named_buffers())}
+    for mine in ([0], [1]):
+        torch.manual_seed(0)
+        decoder = build_decoder(cfg, device="meta")
+        order, layers = init_order(decoder), list(decoder.layers)
+        cut_stages(decoder, None, [(0, 3), (3, 4)], mine)
+        materialize_kept(order, decoder, cfg.init_std, "cpu")
+        held = {**dict(decoder.named_parameters()), **dict(decoder.named_buffers())}
+        assert held and all(torch.equal(t, expected[n]) for n, t in held.items())
+        kept = range(3) if mine == [0] else range(3, 4)
+        assert all(p.is_meta for i, layer in enumerate(layers) if i not in kept for p in layer.parameters())
+        if tie_embeddings and decoder.head is not None:
+            assert decoder.head.weight is decoder.embed.weight
+
+
 def test_ranks_are_numbered_ep_innermost_then_dp_then_pp() -> None:
     from moeframe_parallel.pipeline_layout import RankGrid
 

@@ -85,6 +85,10 @@ def materialize_sharded(decoder: nn.Module, device: str | torch.device) -> None:
             _keep_local_slices(swapped)
 
 
+#: meta tensor id -> keeps its part of the whole tensor drawn for it (an expert-parallel shard)
+Slices = dict[int, Callable[[torch.Tensor], None]]
+
+
 @dataclass(frozen=True)
 class InitStep:
     """One module of a whole meta-device decoder, as ``Decoder.init_weights`` visits it: its own
@@ -132,7 +136,7 @@ def materialize_kept(
     kept: nn.Module,
     std: float,
     device: str | torch.device,
-    slices: dict[int, Callable[[torch.Tensor], None]] | None = None,
+    slices: Slices | None = None,
 ) -> None:
     """Allocate what ``kept`` (the cut model) still holds on the meta device and initialise it as
     the whole decoder's ``init_weights`` would (``order`` from ``init_order`` before the cut).
@@ -155,7 +159,7 @@ def materialize_kept(
                         slices[id(t)](getattr(holder, name))
 
 
-def _target(t: torch.Tensor, device: torch.device, real: dict[int, torch.Tensor], slices: dict) -> torch.Tensor:
+def _target(t: torch.Tensor, device: torch.device, real: dict[int, torch.Tensor], slices: Slices) -> torch.Tensor:
     """Where ``t``'s values are drawn: its allocated tensor when this rank keeps it, else scratch
     (another rank's tensor, or an expert-parallel shard's whole tensor), dropped after the draw."""
     if id(t) in real and id(t) not in slices:
@@ -165,11 +169,11 @@ def _target(t: torch.Tensor, device: torch.device, real: dict[int, torch.Tensor]
 
 
 def _init_custom(
-    step: InitStep, std: float, device: torch.device, real: dict[int, torch.Tensor], slices: dict
+    step: InitStep, std: float, device: torch.device, real: dict[int, torch.Tensor], slices: Slices
 ) -> None:
     """A module that initialises itself (a router with its buffers): all its tensors at once."""
     tensors = (*step.params, *step.buffers)
-    drawn = {}
+    drawn: dict[int, torch.Tensor] = {}
     for name, t in tensors:
         drawn[id(t)] = _target(t, device, real, slices)
         setattr(step.module, name, drawn[id(t)])

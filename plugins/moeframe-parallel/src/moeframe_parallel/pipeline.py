@@ -357,10 +357,8 @@ class PipelineStrategy(DDPStrategy, PPLayout):
         """For each EP shard built on meta: its whole experts' meta weight -> keep this rank's slice."""
         slices: dict[int, Callable[[torch.Tensor], None]] = {}
         for name, shard in ep_modules(module):
-            for w in ("w1", "w2", "w3"):  # the shard's weight is looked up when drawn: allocated by then
-                slices[id(getattr(full[name.removesuffix(".experts")], w))] = (
-                    lambda whole, shard=shard, w=w: getattr(shard, w).copy_(shard.local_slice(whole))
-                )
+            for w in ("w1", "w2", "w3"):
+                slices[id(getattr(full[name.removesuffix(".experts")], w))] = _keep_slice(shard, w)
         return slices
 
     def _stage_bounds(self, config: Any) -> list[tuple[int, int]]:
@@ -735,6 +733,16 @@ class PipelineStrategy(DDPStrategy, PPLayout):
         name_of = {id(p): n for n, p in self.lightning_module.named_parameters()}
         params = [p for group in optimizer.param_groups for p in group["params"]]
         return {i: name_of[id(p)] for i, p in enumerate(params)}
+
+
+def _keep_slice(shard: Any, w: str) -> Callable[[torch.Tensor], None]:
+    """Copy this rank's experts of a whole drawn weight into the shard's ``w`` (looked up when
+    called: the shard is allocated after the slices are set up)."""
+
+    def keep(whole: torch.Tensor) -> None:
+        getattr(shard, w).copy_(shard.local_slice(whole))
+
+    return keep
 
 
 def _all_reduce_grads(params: Sequence[nn.Parameter], group: dist.ProcessGroup, divide: int = 1) -> None:
