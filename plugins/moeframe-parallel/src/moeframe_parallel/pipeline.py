@@ -56,6 +56,7 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from moeframe.plugin import ConfigError, DecoderOutput, check_ep_layout, moe_layers
@@ -203,6 +204,7 @@ class PipelineStrategy(DDPStrategy, PPLayout):
         self._metrics: list[dict[str, float]] = []
         self._pending: list[tuple[nn.Parameter, torch.Tensor]] = []
         self._warm = False
+        self._told_predict_ranks = False
         self._batch_shape: tuple[int, ...] | None = None
 
     # -- before any process starts: validate against the model -------------------------------------
@@ -492,6 +494,10 @@ class PipelineStrategy(DDPStrategy, PPLayout):
             out = self._forward_stages(input_ids, doc_ids, mtp=False)
             mine = self.lightning_module.predictions(out) if out is not None else None
         empty = self._from_last_stage(_no_rows(mine))  # the type and trailing shape, nothing else travels
+        if not self._told_predict_ranks:
+            self._told_predict_ranks = True
+            holders = [p[self._last_rank] for p in self.grid.pipelines()]
+            rank_zero_info(f"pp: predictions come back on ranks {holders} (the last stage); the others return no rows")
         return mine if self._holds_last else empty
 
     def _evaluate(self, stage: str, batch: dict[str, torch.Tensor], mtp: bool) -> None:
