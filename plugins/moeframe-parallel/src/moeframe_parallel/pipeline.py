@@ -16,8 +16,9 @@ one rank of each stage, ``dp`` apart, forms a pipeline (``pp_group``). With ``ep
 ``ep_size`` consecutive ranks of a stage's data-parallel group split that stage's routed experts
 (``ep_group``, tokens exchanged all-to-all by ``EPExperts``), so the all-to-alls stay on the fewest
 nodes and only the pipeline's point-to-point activations cross them; the pipelines run the same
-schedule, so the all-to-alls of EP peers come in the same order. ZeRO-1 (``zero_stage=1``): each data-parallel rank of a stage keeps the optimizer state
-of a share of its parameters, steps that share and broadcasts it.
+schedule, so the all-to-alls of EP peers come in the same order. ZeRO-1 (``zero_stage=1``): each
+data-parallel rank of a stage keeps the optimizer state of a share of its parameters, steps that
+share and broadcasts it.
 
 The decoder is cut into pp·vpp stages of whole layers (cost-balanced: a dense layer is cheaper
 than a MoE layer; or ``layers_per_stage``); the first stage also holds the embedding, the last one
@@ -40,7 +41,12 @@ Validation, test and predict run one forward of the whole batch through the stag
 (no schedule: nothing flows back); the losses or predictions are computed where the logits are
 (the last stage) and broadcast over the pipeline, so every rank logs what a run without
 pipelining logs; predictions come back on the ranks holding the last stage only (the others
-return them with no rows), so each row comes back once. Not supported (a ConfigError says so): ZeRO-2/3.
+return them with no rows), so each row comes back once. Not supported (a ConfigError says so):
+ZeRO-2/3.
+
+Start-up: the decoder is built on the meta device (``tensor_init_context``); after the cut each
+rank allocates only what it keeps and initialises it as a whole build would
+(``meta_init.materialize_kept``); checkpoints are loaded after that (``restore_checkpoint_after_setup``).
 """
 
 from __future__ import annotations
@@ -259,7 +265,7 @@ class PipelineStrategy(DDPStrategy, PPLayout):
         self.check_layout()
         super().setup_environment()
 
-    # -- ranks: ep innermost, then dp, pp outermost (``RankGrid``) -------------------------------------------
+    # -- ranks: ep innermost, then dp, pp outermost (``RankGrid``) --------------------------------------
     @property
     def grid(self) -> RankGrid:
         return RankGrid(self.world_size, self.pp_size, self.ep_size)
