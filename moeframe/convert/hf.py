@@ -218,7 +218,9 @@ def _targets(decoder: Decoder, family: HFFamily) -> dict[str, _Target]:
     """HF key -> (moeframe tensor or expert slice owner, expert index, the columns it holds)."""
     state = decoder.state_dict(keep_vars=True)
     return {
-        t.key: (state[name], t.expert, t.columns) for name, tensors in tensor_map(decoder, family).items() for t in tensors
+        t.key: (state[name], t.expert, t.columns)
+        for name, tensors in tensor_map(decoder, family).items()
+        for t in tensors
     }
 
 
