@@ -15,6 +15,7 @@ the shared head; the next depth again takes the streams.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import shutil
@@ -26,6 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from moeframe.convert.hf import from_hf, to_hf
 from moeframe.plugin import ConfigError, ForwardContext, ModelConfig, build_decoder
+from moeframe.testing import check_residual_contract, check_residual_mtp, tiny_config
 
 V, D = 64, 64
 EXPERT_WEIGHT = re.compile(r"\.experts\.\d+\.w[123]\.weight$")
@@ -290,3 +292,9 @@ def test_a_collapsed_state_mtp_keeps_its_own_names_and_form_through_export_and_i
     ids = torch.randint(0, V, (1, 10), generator=torch.Generator().manual_seed(6))
     with torch.no_grad():
         torch.testing.assert_close(back(ids, mtp=True).mtp_logits[0], ours(ids, mtp=True).mtp_logits[0], rtol=0, atol=0)
+
+
+def test_hyper_passes_the_residual_contract_and_its_mtp_checks_in_either_form() -> None:
+    config = tiny_config(first_k_dense=0, residual={"name": "hyper", "hc_mult": 2, "mtp_streams": True})
+    check_residual_contract(config)  # with the MTP checks, in the stream form
+    check_residual_mtp(dataclasses.replace(config, residual={"name": "hyper", "hc_mult": 2}))
