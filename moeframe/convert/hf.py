@@ -187,7 +187,7 @@ def _check_quantization(hf: dict[str, Any], path: Path) -> bool:
     q = hf.get("quantization_config")
     if q is None:
         return False
-    expert_dtype = q.get("expert_dtype", hf.get("expert_dtype"))
+    expert_dtype = q.get("expert_dtype", hf.get("expert_dtype")) if isinstance(q, dict) else None
     if (
         not isinstance(q, dict)
         or q.get("quant_method") != "fp8"
@@ -245,7 +245,9 @@ def from_hf(path: str | Path, dtype: torch.dtype = torch.float32, progress: bool
         with _safe_open(file) as f:
             keys = set(f.keys())
             for key in sorted(keys):
-                if key not in targets and (key.endswith("weight_scale_inv") or (scales and scales.is_scale(key, f))):
+                if key not in targets and (
+                    key.endswith("weight_scale_inv") or (scales is not None and scales.is_scale(key, f))
+                ):
                     continue  # scales are read with their weight
                 if family.skipped_on_import(key, cfg):
                     continue
