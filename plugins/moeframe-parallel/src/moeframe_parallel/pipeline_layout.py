@@ -27,12 +27,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import nn
 
 from moeframe.plugin import ConfigError, build_decoder
 
 __all__ = [
     "SCHEDULES",
+    "RankGrid",
     "ScheduleSpec",
     "bubble_fraction",
     "check_pipeline",
@@ -74,6 +76,12 @@ SCHEDULES: dict[str, ScheduleSpec] = {
 }
 
 
+# torch 2.11's schedules open each stage's neighbour links with a point-to-point handshake in the
+# first step; in a V layout two neighbouring stages sit on one rank, and that rank's send to itself
+# fails (gloo: "Pair is not connected"). torch 2.13 runs zbv and dualpipev (tests/test_pipeline.py).
+V_LAYOUTS_RUN = torch.__version__ >= "2.13"
+
+
 def schedule_spec(name: str) -> ScheduleSpec:
     if name not in SCHEDULES:
         close = difflib.get_close_matches(name, SCHEDULES, n=1)
@@ -97,6 +105,11 @@ def check_pipeline(
 ) -> None:
     """ConfigError, one line naming the fix, for a pipeline layout that cannot run."""
     spec = schedule_spec(schedule)
+    if spec.style == "v" and not V_LAYOUTS_RUN:
+        raise ConfigError(
+            f"schedule {schedule!r} needs torch >= 2.13 (torch {torch.__version__} fails its first step: a "
+            f"V layout's handshake between two stages of one rank); choose 1f1b, interleaved_1f1b or interleaved_zb"
+        )
     if pp < 2:
         raise ConfigError(
             f"pp_size must be >= 2 (got {pp}); a single stage is plain training: use strategy auto or ddp"
@@ -172,6 +185,48 @@ def stage_ranks(pp: int, vpp: int, schedule: str) -> list[int]:
     if style == "v":
         return [s if s < pp else 2 * pp - 1 - s for s in range(stages)]
     return [s % pp for s in range(stages)]
+
+
+@dataclass(frozen=True)
+class RankGrid:
+    """Where each rank sits: ``ep`` innermost, then data parallelism, pipeline outermost, the order
+    Megatron-Core uses (tp-ep-dp-pp, without tp). Rank = pp_rank · dp + dp_rank: the ranks holding
+    one stage are consecutive, and an expert-parallel group is ``ep`` consecutive ranks of those, so
+    its all-to-alls, the heaviest traffic, stay inside a node (or the fewest nodes); a pipeline
+    (one rank per stage, ``dp`` apart) crosses nodes with point-to-point activations only."""
+
+    world: int
+    pp: int
+    ep: int = 1
+
+    @property
+    def dp(self) -> int:
+        return self.world // self.pp
+
+    def rank(self, pp_rank: int, dp_rank: int) -> int:
+        return pp_rank * self.dp + dp_rank
+
+    def coords(self, rank: int) -> tuple[int, int]:
+        """(pp_rank, dp_rank) of a global rank."""
+        return divmod(rank, self.dp)
+
+    def pipelines(self) -> list[list[int]]:
+        """One pipeline per data-parallel rank: its ranks in stage order."""
+        return [[self.rank(p, d) for p in range(self.pp)] for d in range(self.dp)]
+
+    def stage_holders(self, pp_rank: int) -> list[int]:
+        """The data-parallel group of pipeline rank ``pp_rank``: every rank holding its stages."""
+        return [self.rank(pp_rank, d) for d in range(self.dp)]
+
+    def ep_groups(self, pp_rank: int) -> list[list[int]]:
+        """The holders of a stage in blocks of ``ep``: each block splits the stage's routed experts."""
+        holders = self.stage_holders(pp_rank)
+        return [holders[i : i + self.ep] for i in range(0, self.dp, self.ep)]
+
+    def edp_groups(self, pp_rank: int) -> list[list[int]]:
+        """The holders of the same expert shard (one per EP group): they average its gradients."""
+        holders = self.stage_holders(pp_rank)
+        return [holders[j :: self.ep] for j in range(self.ep)]
 
 
 def bubble_fraction(schedule: str, pp: int, microbatches: int, vpp: int | None = None) -> float:
