@@ -87,11 +87,50 @@ def _gflops(kind: str, name: str, S: int) -> float:
     return counter.get_total_flops() / 1e9
 
 
+SELECTION = "indexer"  # --selection local: the attention gets a local + sink selection (see local_sink)
+SINKS = 64
+
+
+def local_sink(cls: type) -> type:
+    """The layer with a trained indexer's kind of selection: each query attends to the first
+    ``SINKS`` tokens and its most recent K - SINKS ones, so neighbouring queries share almost all
+    of their K tokens. The indexer still scores every token, selects its top-k and gets its KL
+    loss and gradient as usual (the same work); only the selection handed to the attention is
+    replaced. With random weights the indexer's own selections barely overlap (the worst case for
+    sharing); this is the best case."""
+
+    class LocalSink(cls):
+        _local: tuple[torch.Tensor, torch.Tensor] | None = None  # the same every step: built once
+
+        def _select(self, x_idx_BTD, q_idx_BTQ, k_index_BSI, cos_TP, sin_TP, ctx):  # noqa: ANN001, ANN202
+            idx_BTK, keep_BTK, index_BTK = super()._select(x_idx_BTD, q_idx_BTQ, k_index_BSI, cos_TP, sin_TP, ctx)
+            if self._local is None or self._local[0].shape != idx_BTK.shape:
+                self._local = local_selection(idx_BTK.shape, k_index_BSI.shape[1], idx_BTK.device)
+            return *self._local, index_BTK
+
+    return LocalSink
+
+
+def local_selection(shape: torch.Size, S: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sinks + recent tokens of each query [B,T,K], and which of them it may see [B,T,K]."""
+    B, T, K = shape
+    pos_T1 = torch.arange(S - T, S, device=device)[:, None]
+    sinks_S = torch.arange(SINKS, device=device)
+    recent_TK = pos_T1 - torch.arange(K - SINKS, device=device)
+    local_TK = torch.cat((sinks_S.expand(T, SINKS), recent_TK.clamp(min=0)), dim=1)
+    # early queries: a sink is hidden until seen, a recent token that is a sink is not taken twice
+    keep_TK = torch.cat((sinks_S <= pos_T1, recent_TK >= SINKS), dim=1)
+    return local_TK.expand(B, T, K), keep_TK.expand(B, T, K)
+
+
 def build(name: str, max_len: int) -> torch.nn.Module:
     attention = {"name": name, **MLA, **(INDEXER if name == "dsa" else {})}
     cfg = ModelConfig(dim=1024, n_heads=8, max_seq_len=max_len, attention=attention)
     torch.manual_seed(0)  # the MLA weights are drawn first, so both layers share them
-    layer = registry.load("attention", name)(cfg, resolve_model_config(cfg).attention.options, 0)
+    cls = registry.load("attention", name)
+    if name == "dsa" and SELECTION == "local":
+        cls = local_sink(cls)
+    layer = cls(cfg, resolve_model_config(cfg).attention.options, 0)
     with torch.no_grad():
         for p in layer.parameters():
             if p.dim() >= 2:
@@ -183,11 +222,21 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--cpu-time", action="store_true", help="time with the process's CPU time, not wall time")
+    parser.add_argument(
+        "--selection",
+        choices=["indexer", "local"],
+        default="indexer",
+        help="indexer: the (random) indexer's top-k; local: sinks + recent tokens, as a trained indexer overlaps",
+    )
     args = parser.parse_args()
-    global CLOCK
+    global CLOCK, SELECTION
+    SELECTION = args.selection
     CLOCK = time.process_time if args.cpu_time else time.perf_counter
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, k = {INDEXER['index_topk']}")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, k = {INDEXER['index_topk']}, "
+        f"selection {SELECTION}, {'CPU' if args.cpu_time else 'wall'} time"
+    )
     report("decode", args.contexts, args.decode, args.repeats)  # the cheap one first
     report("train", args.contexts, args.train, args.repeats)
 

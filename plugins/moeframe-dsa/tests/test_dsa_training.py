@@ -163,17 +163,19 @@ def _dense_select(attn: Any) -> Any:
 def test_the_sparse_path_equals_dense_attention_masked_to_the_selection(monkeypatch: pytest.MonkeyPatch) -> None:
     """Loss and every gradient (model and indexer) of the O(T·k) path equal the dense-masked one:
     dense index scores, top-k, dense attention masked to the selection. Exercised: query chunks
-    of the selection with their causal key ranges, attention blocks of several tokens AND blocks
-    split down to one token, packed documents (selected but invisible rows), a batch of 2."""
+    of the selection with their causal key ranges, union blocks (expanded form) of several sizes
+    AND tokens whose block's union was too large (absorbed form, chunks of several tokens that
+    share rows), packed documents (selected but invisible rows), a batch of 2."""
     from moeframe_dsa import attention, selected
 
     monkeypatch.setattr(attention, "QUERY_CHUNK", 16)
     monkeypatch.setattr(selected, "QUERY_BLOCK", 8)
-    monkeypatch.setattr(selected, "UNION_FACTOR", 1.5)
-    monkeypatch.setattr(selected, "MIN_QUERY_ROWS", 1)
-    plans: list[list[Any]] = []
-    plan_all = selected._plan_all
-    monkeypatch.setattr(selected, "_plan_all", lambda *a: plans.append(plan_all(*a)) or plans[-1])
+    monkeypatch.setattr(selected, "MIN_BLOCK", 2)
+    monkeypatch.setattr(selected, "UNION_SLACK", 0.6)
+    monkeypatch.setattr(selected, "TOKEN_CHUNK", 3)
+    plans: list[Any] = []
+    plan = selected.plan
+    monkeypatch.setattr(selected, "plan", lambda *a, **kw: plans.append(plan(*a, **kw)) or plans[-1])
     attn = _decoder().layers[1].attn  # k = 5
     T = 40
     x_BTD = torch.randn(2, T, 32, requires_grad=True)
@@ -187,8 +189,8 @@ def test_the_sparse_path_equals_dense_attention_masked_to_the_selection(monkeypa
         return loss.detach(), list(torch.autograd.grad(loss, params))
 
     loss, grads = loss_and_grads()
-    sizes = {blk.t1 - blk.t0 for blk in plans[0]}
-    assert 1 in sizes and max(sizes) > 1, sizes  # both kinds of block ran
+    sizes = {blk.t1 - blk.t0 for blk in plans[0].blocks}
+    assert len(sizes) > 1 and plans[0].tokens_N.numel() > 3, (sizes, plans[0].tokens_N)  # both forms ran
     monkeypatch.setattr(attn, "_attend_selected", _dense_masked_selected(attn))
     monkeypatch.setattr(attn, "_select", _dense_select(attn))
     ref_loss, ref_grads = loss_and_grads()
