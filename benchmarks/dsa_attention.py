@@ -94,19 +94,34 @@ SINKS = 64
 def local_sink(cls: type) -> type:
     """The layer with a trained indexer's kind of selection: each query attends to the first
     ``SINKS`` tokens and its most recent K - SINKS ones, so neighbouring queries share almost all
-    of their K tokens. The indexer still scores every token, selects its top-k and gets its KL
-    loss and gradient as usual (the same work); only the selection handed to the attention is
-    replaced. With random weights the indexer's own selections barely overlap (the worst case for
-    sharing); this is the best case."""
+    of their K tokens. The indexer still scores every token and runs its top-k (the same work),
+    but the attention and the indexer's KL (and its gradient) get the local selection. With random
+    weights the indexer's own selections barely overlap (the worst case for sharing); this is the
+    best case. The KL's value is not meaningful here (its scores are left at 0: only the cost of
+    its gradient, which the selection decides, is measured)."""
+    from moeframe_dsa.indexer import QUERY_CHUNK, selected_scores
 
     class LocalSink(cls):
         _local: tuple[torch.Tensor, torch.Tensor] | None = None  # the same every step: built once
 
         def _select(self, x_idx_BTD, q_idx_BTQ, k_index_BSI, cos_TP, sin_TP, ctx):  # noqa: ANN001, ANN202
-            idx_BTK, keep_BTK, index_BTK = super()._select(x_idx_BTD, q_idx_BTQ, k_index_BSI, cos_TP, sin_TP, ctx)
-            if self._local is None or self._local[0].shape != idx_BTK.shape:
-                self._local = local_selection(idx_BTK.shape, k_index_BSI.shape[1], idx_BTK.device)
-            return *self._local, index_BTK
+            with torch.no_grad():  # the indexer's scoring and top-k: its work, not its choice
+                super()._select(x_idx_BTD, q_idx_BTQ, k_index_BSI, cos_TP, sin_TP, ctx)
+            (B, T, _), S, K = x_idx_BTD.shape, k_index_BSI.shape[1], self.index_topk
+            if self._local is None or self._local[0].shape != (B, T, K):
+                self._local = local_selection(torch.Size((B, T, K)), S, x_idx_BTD.device)
+            idx_BTK, keep_BTK = self._local
+            if not (self.training and torch.is_grad_enabled()):
+                return idx_BTK, keep_BTK, None
+            q_BTGI, w_BTG = self.indexer.queries(x_idx_BTD, q_idx_BTQ, cos_TP, sin_TP)
+            k_BSI, scores = k_index_BSI.float(), []
+            for t0 in range(0, T, QUERY_CHUNK):
+                t1 = min(T, t0 + QUERY_CHUNK)
+                seen = min(S, max(S - T + t1, K))
+                idx_BtK = idx_BTK[:, t0:t1]
+                values_BtK = torch.zeros(idx_BtK.shape)
+                scores.append(selected_scores(q_BTGI[:, t0:t1], w_BTG[:, t0:t1], k_BSI[:, :seen], idx_BtK, values_BtK))
+            return idx_BTK, keep_BTK, torch.cat(scores, dim=1)
 
     return LocalSink
 

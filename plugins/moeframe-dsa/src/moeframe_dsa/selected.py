@@ -41,7 +41,17 @@ from typing import Any
 
 import torch
 
-__all__ = ["MIN_BLOCK", "QUERY_BLOCK", "TOKEN_CHUNK", "UNION_SLACK", "Plan", "attend_blocks", "attend_tokens", "plan"]
+__all__ = [
+    "MIN_BLOCK",
+    "QUERY_BLOCK",
+    "TOKEN_CHUNK",
+    "UNION_SLACK",
+    "Plan",
+    "attend_blocks",
+    "attend_tokens",
+    "plan",
+    "union",
+]
 
 # tokens per block: one GEMM per head of t query rows against the block's gathered rows
 QUERY_BLOCK = 64
@@ -75,9 +85,9 @@ class Plan:
     tokens_N: torch.Tensor
 
 
-def _union(idx_tK: torch.Tensor, S: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sorted distinct rows of idx [U] and each entry's place among them [t, K] (a bitmap of S,
-    no sort: O(S + t·K))."""
+def union(idx_tK: torch.Tensor, S: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sorted distinct rows of idx [U] and each entry's place among them (idx's shape; a bitmap of
+    S, no sort: O(S + t·K))."""
     marked_S = torch.zeros(S, dtype=torch.bool, device=idx_tK.device)
     marked_S[idx_tK.reshape(-1)] = True
     rows_U = marked_S.nonzero().squeeze(1)
@@ -89,7 +99,7 @@ def _union(idx_tK: torch.Tensor, S: int) -> tuple[torch.Tensor, torch.Tensor]:
 def _plan_span(
     b: int, t0: int, t1: int, idx_TK: torch.Tensor, keep_TK: torch.Tensor, S: int, limit: int
 ) -> tuple[list[_Block], list[range]]:
-    rows_U, place_tK = _union(idx_TK[t0:t1], S)
+    rows_U, place_tK = union(idx_TK[t0:t1], S)
     if rows_U.numel() > limit:
         if t1 - t0 < 2 * MIN_BLOCK:
             return [], [range(t0, t1)]
