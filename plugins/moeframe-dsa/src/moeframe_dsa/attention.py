@@ -359,7 +359,7 @@ class DeepSeekSparseAttention(MultiHeadLatentAttention):
         [B,T,K] (no gradient: the indexer's target)."""
         H, C, d, R = self.n_heads, self.kv_lora_rank, self.qk_nope_head_dim, self.qk_rope_head_dim
         (B, S, L), E = latent_BSL.shape, d + R
-        selection = selected.plan(idx_BTK, keep_BTK, S, absorbed_per_expanded=(L + C) / (E + self.v_head_dim))
+        selection = selected.plan(idx_BTK, keep_BTK, S, L + C, E + self.v_head_dim, S * C * (d + self.v_head_dim))
         w_kv_HXC = self.wkv_b.weight.view(H, d + self.v_head_dim, C)
         dist_BTK = torch.zeros(idx_BTK.shape, dtype=torch.float32, device=latent_BSL.device)
         o_BTHv = q_nope_BTHd.new_zeros(*q_nope_BTHd.shape[:3], self.v_head_dim)

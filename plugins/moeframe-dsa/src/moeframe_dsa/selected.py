@@ -20,8 +20,10 @@ Two forms of the same attention, and what each costs per (query token, key):
 
 The plan. Tokens go in blocks of ``QUERY_BLOCK``; a block whose union holds more rows than the
 per-token form would cost (U > ``UNION_SLACK``·K·(L + C)/(E + v)) is halved, down to
-``MIN_BLOCK`` tokens; what is still over goes per token. So each token costs at most the absorbed
-form's K·H·(L + C): O(T·K), never O(T·S). An untrained indexer selects nearly independent sets
+``MIN_BLOCK`` tokens; what is still over goes per token. So each token costs at most
+``UNION_SLACK`` times the absorbed form's K·H·(L + C): O(T·K), never O(T·S). Blocks need every
+token's per-head keys and values (S·C·H·(d + v) to expand, as dense MLA does); where the blocks
+would not save that much (decoding a few tokens), everything goes per token. An untrained indexer selects nearly independent sets
 (U near the whole causal range), which runs per token; a trained one runs in blocks.
 
 Memory. Forward keeps only the outputs and the plan (each block's U and each selected row's place
@@ -57,8 +59,11 @@ __all__ = [
 QUERY_BLOCK = 64
 # halving stops here: below, each head's GEMM is too thin to beat the per-token form on a CPU
 MIN_BLOCK = 16
-# a block runs expanded while U <= UNION_SLACK·K·(L + C)/(E + v): no more multiply-adds than per token
-UNION_SLACK = 1.0
+# a block runs expanded while U <= UNION_SLACK·K·(L + C)/(E + v). At 1.0 it does no more
+# multiply-adds than per token; but the per-token form reads K·L gathered values per token for
+# H·K·(L + C) multiply-adds and runs about 2x slower per multiply-add on a CPU (measured, 8K
+# tokens, 8 heads), so blocks are kept up to twice its work
+UNION_SLACK = 2.0
 # tokens whose K latent rows are gathered at once by the per-token form (n·K·L values)
 TOKEN_CHUNK = 8
 
@@ -114,11 +119,13 @@ def _plan_span(
     return [_Block(b, t0, t1, rows_U, place_tK, hidden_tU)], []
 
 
-def plan(idx_BTK: torch.Tensor, keep_BTK: torch.Tensor, S: int, absorbed_per_expanded: float) -> Plan:
-    """Blocks and per-token queries for a selection; ``absorbed_per_expanded`` is (L + C)/(E + v),
-    the per-key cost of the absorbed form in units of the expanded one."""
+def plan(idx_BTK: torch.Tensor, keep_BTK: torch.Tensor, S: int, absorbed: int, expanded: int, expansion: int) -> Plan:
+    """Blocks and per-token queries for a selection. ``absorbed``/``expanded``: multiply-adds per
+    (token, key, head) of each form, L + C and E + v; ``expansion``: multiply-adds per head to
+    expand every token's keys and values, S·C·(d + v), which blocks need and per-token queries do
+    not (decoding: one token never repays it)."""
     B, T, K = idx_BTK.shape
-    limit = max(K, int(UNION_SLACK * K * absorbed_per_expanded))
+    limit = max(K, int(UNION_SLACK * K * absorbed / expanded))
     blocks: list[_Block] = []
     tokens: list[int] = []
     for b in range(B):
@@ -126,6 +133,9 @@ def plan(idx_BTK: torch.Tensor, keep_BTK: torch.Tensor, S: int, absorbed_per_exp
             span_blocks, spans = _plan_span(b, t0, min(T, t0 + QUERY_BLOCK), idx_BTK[b], keep_BTK[b], S, limit)
             blocks += span_blocks
             tokens += [b * T + t for span in spans for t in span]
+    saved = sum((blk.t1 - blk.t0) * (K * absorbed - blk.rows_U.numel() * expanded) for blk in blocks)
+    if saved <= expansion:
+        blocks, tokens = [], list(range(B * T))
     return Plan(blocks, torch.tensor(tokens, dtype=torch.long, device=idx_BTK.device))
 
 
