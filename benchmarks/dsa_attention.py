@@ -23,7 +23,14 @@ The default shape is V3's attention narrowed to fit a shared 2-core CPU: dim 102
 MLA (q_lora 256, kv_lora 256, nope/rope/v 64/32/64), an indexer of 4 heads × 64 (the release's
 ratio of indexer to MLA heads, 64:128), k = 2048 (the release's).
 
+Which tokens each query selects decides the training cost (``moeframe_dsa.selected``): with random
+weights the indexer's selections barely overlap between neighbouring queries (the worst case);
+``--selection local`` hands the attention and the indexer's KL a sinks + recent-tokens selection
+instead, as neighbouring queries of a trained indexer share most of theirs (the best case). The
+indexer's scoring and top-k run in both.
+
     python benchmarks/dsa_attention.py [--contexts 1024 ... 32768] [--train 1024 ...] [--decode 1024 ...]
+        [--selection indexer|local] [--threads 1 --cpu-time]
 """
 
 from __future__ import annotations

@@ -3,9 +3,10 @@
 Why. MLA made the KV cache small, but each query still attends to every earlier token: O(T²) in
 the context. DSA keeps MLA and adds a lightning indexer (``moeframe_dsa.indexer``) that scores
 every visible token cheaply (few heads, ReLU, one shared key); MLA then attends only to the
-``index_topk`` best tokens of each query (2048 in the release), in MLA's MQA (absorbed) form over
-the shared latent. The main attention's cost grows with k, not with the context; the indexer
-stays O(T·S) but with a small constant (64 heads × 128 channels in FP8 in the release).
+``index_topk`` best tokens of each query (2048 in the release): per token in MLA's MQA (absorbed)
+form over the shared latent, or, in training, in blocks of neighbouring tokens in MLA's expanded
+form (``moeframe_dsa.selected``). The main attention's cost grows with k, not with the context;
+the indexer stays O(T·S) but with a small constant (64 heads × 128 channels in FP8 in the release).
 
 How it is trained (V3.2 report §2.1-2.2), from a dense MLA checkpoint, the ``mode`` option:
 
