@@ -203,3 +203,19 @@ def test_the_sparse_path_equals_dense_attention_masked_to_the_selection(monkeypa
     for g, ref in zip(grads, ref_grads):
         assert torch.allclose(g, ref, rtol=1e-4, atol=1e-7), (g - ref).abs().max()
     assert all(ref.abs().sum() > 0 for ref in ref_grads)
+
+
+def test_blocks_only_where_they_repay_expanding_every_row() -> None:
+    """A decoded token goes per token (absorbed form: expanding all S cached rows into per-head
+    keys and values would cost more than it saves); a long prefill whose neighbouring queries
+    select alike (sinks + recent tokens) goes in blocks whose union stays near k."""
+    from moeframe_dsa import selected
+
+    S, K, widths = 4096, 256, (288 + 256, 96 + 64, 4096 * 256 * (64 + 64))  # the benchmark's MLA shape
+    decode = selected.plan(torch.randperm(S - 1)[:K].view(1, 1, K), torch.ones(1, 1, K, dtype=torch.bool), S, *widths)
+    assert decode.blocks == [] and decode.tokens_N.tolist() == [0]
+    pos_T1 = torch.arange(S)[:, None]
+    recent_TK = (pos_T1 - torch.arange(K)).clamp(min=0)
+    prefill = selected.plan(recent_TK[None], (pos_T1 - torch.arange(K) >= 0)[None], S, *widths)
+    assert prefill.tokens_N.numel() == 0 and sum(blk.t1 - blk.t0 for blk in prefill.blocks) == S
+    assert max(blk.rows_U.numel() for blk in prefill.blocks) == K + selected.QUERY_BLOCK - 1
