@@ -24,12 +24,14 @@ from moeframe.model.moe import MoE
 __all__ = ["pipeline_section", "print_pipeline"]
 
 ACTIVATION_BYTES_PER_BTD = 34  # Korthikanti et al., 16-bit, no recomputation, fused attention
+SETUP_BYTES_PER_PARAM = 4  # float32 weights at setup (half in bf16-true); no optimizer state yet
 
 
-def _layer_params(cfg: ModelConfig, ep: int) -> tuple[list[float], list[float], float, float]:
+def _layer_params(cfg: ModelConfig, ep: int) -> tuple[list[float], list[float], float, float, int]:
     """(per-rank parameters of each layer, activated parameters of each layer, embedding, what the
-    last stage adds: final norm + head + MTP), from a meta-device decoder."""
+    last stage adds: final norm + head + MTP, the largest single tensor), from a meta-device decoder."""
     decoder = build_decoder(cfg, device="meta")
+    largest = max(p.numel() for p in decoder.parameters())
     top_k = cfg.n_activated_experts / max(cfg.n_routed_experts, 1)
 
     def sizes(block: Any) -> tuple[float, float]:
@@ -45,7 +47,7 @@ def _layer_params(cfg: ModelConfig, ep: int) -> tuple[list[float], list[float], 
     )
     head = decoder.head.weight.numel() if not cfg.tie_embeddings else 0
     last = head + sum(p.numel() for p in decoder.norm.parameters()) + mtp
-    return list(held), list(active), float(embed), float(last)
+    return list(held), list(active), float(embed), float(last), largest
 
 
 def _plan(cfg: ModelConfig, pp: int, vpp: int | None, schedule: str, microbatches: int | None) -> dict[str, Any]:
@@ -70,9 +72,10 @@ def pipeline_section(
     seq_len: int = 4096,
     micro_batch_size: int = 1,
 ) -> dict[str, Any]:
-    """Per stage: layers, rank, parameters held (routed experts / ep); per rank: parameters and
-    the activation bytes in flight at the peak; the schedule's bubble fraction."""
-    held, active, embed, last_extra = _layer_params(cfg, ep)
+    """Per stage: layers, rank, parameters held (routed experts / ep); per rank: parameters, the
+    weight bytes a rank allocates at setup, and the activation bytes in flight at the peak; the
+    schedule's bubble fraction."""
+    held, active, embed, last_extra, largest = _layer_params(cfg, ep)
     plan = _plan(cfg, pp, vpp, schedule, microbatches)
     stages, start = [], 0
     for s, (count, rank) in enumerate(zip(plan["layers_per_stage"], plan["stage_ranks"])):
@@ -88,10 +91,14 @@ def pipeline_section(
     for r in range(pp):
         mine = [st for st in stages if st["rank"] == r]
         layers = sum(st["layers"][1] - st["layers"][0] + 1 for st in mine) / len(mine)  # per stage, mean
+        params = sum(st["params"] for st in mine)
         ranks.append(
             {
                 "rank": r,
-                "params": sum(st["params"] for st in mine),
+                "params": params,
+                # a rank builds on the meta device and allocates its stages only, drawing the other
+                # ranks' weights one tensor at a time into scratch (the random stream of a whole build)
+                "setup_bytes_fp32": SETUP_BYTES_PER_PARAM * (params + largest),
                 "activation_bytes_in_flight": int(plan["in_flight"][r] * layers * per_layer_bytes),
             }
         )
@@ -132,6 +139,7 @@ def print_pipeline(section: dict[str, Any]) -> None:
         )
     for r in s["ranks"]:
         print(
-            f"  rank {r['rank']:<3} params {_count(r['params'])}, activations in flight "
+            f"  rank {r['rank']:<3} params {_count(r['params'])}, weights at setup {_gib(r['setup_bytes_fp32'])} "
+            f"(fp32, with one tensor of scratch), activations in flight "
             f"{_gib(r['activation_bytes_in_flight'])} (bf16, estimate)"
         )

@@ -130,6 +130,7 @@ def pp2(tmp_path_factory: pytest.TempPathFactory, reference, reference_root: Pat
         {"name": name, "strategy": {"pp_size": 2, "schedule": name, **opts}, "steps": STEPS}
         for name, opts in SCHEDULES.items()
     ]
+    jobs[0]["count_setup_bytes"] = True  # gpipe: the bytes each rank allocates while it builds its stage
     jobs.append(
         {
             "name": "resumed",
@@ -204,6 +205,27 @@ def test_pp2_weights_equal_the_single_process_run_and_the_checkpoint_is_whole(pp
 
 
 @pytest.mark.slow
+def test_pp2_ranks_allocate_their_stage_not_the_model(pp2) -> None:
+    """The decoder is built on the meta device and each rank allocates only its stage: the most
+    CPU memory alive during setup is what the rank holds when training starts plus one tensor's
+    scratch (another rank's weights are drawn into it to keep the random stream), below the model
+    (tiny: 5.0 of 9.2 MB on rank 0, 4.4 on rank 1).
+    A whole build before the cut peaks at the model's bytes. Parity tests: the weights are those of
+    a whole build (the losses equal the single-process run's)."""
+    from moeframe.plugin import build_decoder
+
+    root, _ = pp2
+    decoder = build_decoder(model_config(), device="meta")
+    whole = sum(t.nbytes for t in {id(t): t for t in (*decoder.parameters(), *decoder.buffers())}.values())
+    largest = max(t.nbytes for t in (*decoder.parameters(), *decoder.buffers()))
+    for rank in range(2):
+        run = json.loads((root / f"out.rank{rank}.json").read_text())["gpipe"]
+        assert run["held_bytes"] < whole
+        temporaries = 64 * 1024  # scalars and index tensors of the setup (measured: 8 bytes)
+        assert run["held_bytes"] <= run["setup_peak_bytes"] <= run["held_bytes"] + largest + temporaries < whole
+
+
+@pytest.mark.slow
 def test_pp2_gradient_accumulation_equals_the_single_process_run(pp2, tmp_path: Path) -> None:
     _, results = pp2
     expected, _ = single_process(tmp_path, steps=2, accumulate=2)  # 4 batches, 2 optimizer steps
@@ -271,10 +293,11 @@ def test_pp2_validation_test_and_predict_equal_those_without_pipelining(pp2, tmp
     for logged in (run["val"], run["validate"]):  # inside fit (after step 1), and `validate`
         assert {k: logged[k] for k in val} == pytest.approx(val, abs=EVAL_ATOL, rel=0)
     assert run["test"] == pytest.approx(expected["test"], abs=EVAL_ATOL, rel=0)
-    for rank in range(2):  # every rank of the pipeline returns the last stage's predictions
-        predictions = torch.load(root / f"evaluated.rank{rank}.predictions.pt")
-        assert predictions.shape == expected["predict"].shape and predictions.shape[0] == 4  # a batch of 4
-        assert torch.equal(predictions, expected["predict"])
+    # the rank holding the last stage (rank 0 under zbv) returns the rows; the other one none of them
+    holder, other = (torch.load(root / f"evaluated.rank{rank}.predictions.pt") for rank in range(2))
+    assert holder.shape == expected["predict"].shape and holder.shape[0] == 4  # a batch of 4
+    assert torch.equal(holder, expected["predict"])
+    assert other.shape == (0, *holder.shape[1:]) and other.dtype == holder.dtype
 
 
 @pytest.mark.slow
@@ -293,15 +316,25 @@ def test_pp2_each_rank_counts_its_share_of_the_model_flops_and_the_tokens_once(p
 
 @pytest.fixture(scope="module")
 def world4(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
-    """PP=4; PP=2 x DP=2 with DDP and with ZeRO-1; PP=2 x EP=2 (under zbv); V3's layout PP=2 x EP=2
-    x ZeRO-1 and its resume from step 1 (expert shards and ZeRO-1 shares gathered on save, sliced on
-    load): ONE launch of 4 ranks."""
+    """PP=4 (1f1b); PP=2 x DP=2 with DDP (1f1b) and with ZeRO-1 (interleaved_zb); PP=2 x EP=2 (zbv);
+    V3's layout PP=2 x EP=2 x ZeRO-1 under V3's dualpipev and its resume from step 1 (expert shards and
+    ZeRO-1 shares gathered on save, sliced on load): ONE launch of 4 ranks."""
     root = tmp_path_factory.mktemp("world4")
-    v3 = {"pp_size": 2, "schedule": "1f1b", "ep_size": 2, "zero_stage": 1}
+    v3 = {"pp_size": 2, "schedule": "dualpipev", "microbatches": 4, "ep_size": 2, "zero_stage": 1}
     jobs = [
         {"name": "pp4", "strategy": {"pp_size": 4, "schedule": "1f1b"}, "steps": STEPS},
-        {"name": "pp2dp2", "strategy": {"pp_size": 2, "schedule": "1f1b"}, "steps": STEPS},
-        {"name": "zero1", "strategy": {"pp_size": 2, "schedule": "1f1b", "zero_stage": 1}, "steps": STEPS},
+        {
+            "name": "pp2dp2",
+            "strategy": {"pp_size": 2, "schedule": "1f1b"},
+            "steps": STEPS,
+            "predict": True,
+            "trainer": {"limit_predict_batches": 1},
+        },
+        {
+            "name": "zero1",
+            "strategy": {"pp_size": 2, "schedule": "interleaved_zb", "microbatches": 4, "zero_stage": 1},
+            "steps": STEPS,
+        },
         {
             "name": "pp2ep2",
             "strategy": {"pp_size": 2, "schedule": "zbv", "microbatches": 4, "ep_size": 2},
@@ -318,9 +351,10 @@ def test_pp2_x_dp2_with_zero1_equals_ddp_shards_the_optimizer_and_saves_it_whole
     root, results = world4
     assert results["zero1"]["losses"] == pytest.approx(results["pp2dp2"]["losses"], abs=LOSS_ATOL, rel=0)
     ranks = [json.loads((root / f"out.rank{r}.json").read_text()) for r in range(4)]
-    for stage in range(2):  # ranks `stage` and `stage + 2` hold the same stage: each steps a disjoint share
-        whole = ranks[stage]["pp2dp2"]["optimized_numel"]
-        shares = [ranks[stage + 2 * dp]["zero1"]["optimized_numel"] for dp in range(2)]
+    for pp_rank in range(2):  # ranks `2 pp_rank` and `2 pp_rank + 1` hold the same stages: disjoint shares
+        held = torch.load(root / f"zero1.rank{2 * pp_rank}.params.pt")
+        whole = sum(p.numel() for p in held.values())
+        shares = [ranks[2 * pp_rank + dp]["zero1"]["optimized_numel"] for dp in range(2)]
         assert sum(shares) == whole and 0 < min(shares) and max(shares) < whole
     # the checkpoint has the whole optimizer state, as DDP's does
     saved = [torch.load(results[n]["ckpt"], map_location="cpu", weights_only=False) for n in ("pp2dp2", "zero1")]
@@ -328,6 +362,17 @@ def test_pp2_x_dp2_with_zero1_equals_ddp_shards_the_optimizer_and_saves_it_whole
     assert zero["moeframe_param_names"] == ddp["moeframe_param_names"] and set(zero["state"]) == set(ddp["state"])
     for i, state in ddp["state"].items():
         torch.testing.assert_close(zero["state"][i]["exp_avg_sq"], state["exp_avg_sq"], atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_pp2_x_dp2_predict_returns_each_row_once(world4) -> None:
+    """Two pipelines (ranks 0, 2 and 1, 3): the ranks of the last stage (2, 3) return their replica's
+    rows, the first stage's ranks none, so the job's rows are each replica's batch once (the values
+    are checked against a run without pipelining in the PP=2 test above)."""
+    root, _ = world4
+    rows = [torch.load(root / f"pp2dp2.rank{rank}.predictions.pt") for rank in range(4)]
+    assert [r.shape[0] for r in rows] == [0, 0, 4, 4]
+    assert rows[0].shape[1:] == rows[2].shape[1:] == (SEQ_LEN,) and rows[0].dtype == rows[2].dtype
 
 
 @pytest.mark.slow
@@ -350,15 +395,18 @@ def test_pp2_x_ep2_equals_pp2_x_dp2_and_shards_the_experts(world4) -> None:
 
 @pytest.mark.slow
 def test_pp2_x_ep2_with_zero1_equals_pp2_x_dp2_and_resumes_bit_exactly(world4) -> None:
-    """V3's full layout at toy size: experts split over EP, the dense weights' AdamW state over ZeRO-1."""
+    """V3's full layout at toy size, under V3's schedule (dualpipev): experts split over EP, the dense
+    weights' AdamW state over ZeRO-1."""
     root, results = world4
     assert results["v3"]["losses"] == pytest.approx(results["pp2dp2"]["losses"], abs=LOSS_ATOL, rel=0)
     assert results["v3_resumed"]["losses"] == results["v3"]["losses"][1:]
-    ranks = [json.loads((root / f"out.rank{r}.json").read_text()) for r in range(4)]
-    for stage in range(2):  # ranks `stage` and `stage + 2`: every parameter of the stage stepped by one of them
-        whole = ranks[stage]["pp2dp2"]["optimized_numel"]
-        shares = [ranks[stage + 2 * dp]["v3"]["optimized_numel"] for dp in range(2)]
-        assert sum(shares) == whole and max(shares) < whole
+    from moeframe.plugin import build_decoder
+
+    # every parameter (each expert shard) stepped by exactly one rank; dualpipev puts the first and the
+    # last stage on rank 0, so there is no embedding copy
+    whole = sum(p.numel() for p in build_decoder(model_config(), device="meta").parameters())
+    steps = [json.loads((root / f"out.rank{r}.json").read_text())["v3"]["optimized_numel"] for r in range(4)]
+    assert sum(steps) == whole and 0 < min(steps)
     saved = [torch.load(results[n]["ckpt"], map_location="cpu", weights_only=False) for n in ("v3", "pp2dp2")]
     assert set(saved[0]["optimizer_states"][0]["state"]) == set(saved[1]["optimizer_states"][0]["state"])
 
@@ -367,10 +415,11 @@ def test_pp2_x_ep2_with_zero1_equals_pp2_x_dp2_and_resumes_bit_exactly(world4) -
 def test_pp4_and_pp2_x_dp2_losses_equal_the_single_process_run(world4, reference) -> None:
     tmp_path, results = world4
     assert results["pp4"]["losses"] == pytest.approx(reference[0], abs=LOSS_ATOL, rel=0)
-    # the two replicas (ranks 0-1 and 2-3) read alternate sequences: one step sees the 8 sequences a single
-    # process accumulates over 2 batches of 4. Each reports the mean over its own; Lightning reports a
-    # batch's loss divided by the accumulation: the step's mean loss is the sum of the pair.
-    replica1 = json.loads((tmp_path / "out.rank2.json").read_text())["pp2dp2"]["losses"]
+    # the two replicas (pipelines of ranks 0, 2 and 1, 3: stage-major numbering) read alternate sequences:
+    # one step sees the 8 sequences a single process accumulates over 2 batches of 4. Each reports the mean
+    # over its own; Lightning reports a batch's loss divided by the accumulation: the step's mean loss is
+    # the sum of the pair.
+    replica1 = json.loads((tmp_path / "out.rank1.json").read_text())["pp2dp2"]["losses"]
     step_means = [(a + b) / 2 for a, b in zip(results["pp2dp2"]["losses"], replica1)]
     accumulated, _ = single_process(tmp_path / "acc", accumulate=2)
     assert step_means == pytest.approx(
@@ -441,6 +490,51 @@ def test_stage_boundaries_follow_the_cost_and_the_rank_layout() -> None:
     assert stage_ranks(2, 2, "zbv") == [0, 1, 1, 0] and stage_ranks(2, 2, "interleaved_1f1b") == [0, 1, 0, 1]
 
 
+@pytest.mark.parametrize("tie_embeddings", [False, True])
+def test_a_stage_built_on_the_meta_device_holds_the_weights_of_a_whole_build(tie_embeddings: bool) -> None:
+    """Each stage of a meta-device build, cut and allocated alone, equals the same part of a whole
+    build with the seed (routers' buffers included); the dropped layers stay on the meta device, and a
+    head tied to the embedding stays tied on the last stage."""
+    from moeframe.plugin import build_decoder
+    from moeframe_parallel.meta_init import init_order, materialize_kept
+    from moeframe_parallel.pipeline import cut_stages
+
+    cfg = model_config(tie_embeddings=tie_embeddings)
+    torch.manual_seed(0)
+    whole = build_decoder(cfg)
+    expected = {**dict(whole.named_parameters()), **dict(whole.named_buffers())}
+    for mine in ([0], [1]):
+        torch.manual_seed(0)
+        decoder = build_decoder(cfg, device="meta")
+        order, layers = init_order(decoder), list(decoder.layers)
+        cut_stages(decoder, None, [(0, 3), (3, 4)], mine)
+        materialize_kept(order, decoder, cfg.init_std, "cpu")
+        held = {**dict(decoder.named_parameters()), **dict(decoder.named_buffers())}
+        assert held and all(torch.equal(t, expected[n]) for n, t in held.items())
+        kept = range(3) if mine == [0] else range(3, 4)
+        assert all(p.is_meta for i, layer in enumerate(layers) if i not in kept for p in layer.parameters())
+        if tie_embeddings and decoder.head is not None:
+            assert decoder.head.weight is decoder.embed.weight
+
+
+def test_ranks_are_numbered_ep_innermost_then_dp_then_pp() -> None:
+    from moeframe_parallel.pipeline_layout import RankGrid
+
+    grid = RankGrid(world=8, pp=2, ep=2)
+    assert grid.pipelines() == [[0, 4], [1, 5], [2, 6], [3, 7]]
+    assert grid.stage_holders(1) == [4, 5, 6, 7]
+    assert grid.ep_groups(0) == [[0, 1], [2, 3]] and grid.edp_groups(0) == [[0, 2], [1, 3]]
+    assert [grid.coords(r) for r in (0, 3, 4, 7)] == [(0, 0), (0, 3), (1, 0), (1, 3)]
+    # V3's template: 2048 GPUs, 8 a node, PP16 x EP64: an EP group is 64 consecutive ranks on 8 whole
+    # nodes (V3's "64-way EP spanning 8 nodes"), a stage's 128 holders fill 16 nodes
+    v3 = RankGrid(world=2048, pp=16, ep=64)
+    for stage in (0, 7, 15):
+        for group in v3.ep_groups(stage):
+            assert group == list(range(group[0], group[0] + 64)) and len({r // 8 for r in group}) == 8
+        assert len({r // 8 for r in v3.stage_holders(stage)}) == 16
+    assert sorted(r for p in v3.pipelines() for r in p) == list(range(2048))
+
+
 def test_inspect_pipeline_section_accounts_for_every_parameter_once() -> None:
     from _pp_common import model_config
 
@@ -454,6 +548,9 @@ def test_inspect_pipeline_section_accounts_for_every_parameter_once() -> None:
     assert sum(st["params"] for st in section["stages"]) == whole + embed_copy
     assert [st["layers"] for st in section["stages"]] == [[0, 2], [3, 3]]  # the head weighs on the last stage
     assert section["bubble_fraction"] == pytest.approx((2 - 1) / (6 + 2 - 1))  # 1F1B: (p - 1) / (m + p - 1)
+    largest = max(p.numel() for p in build_decoder(cfg, device="meta").parameters())
+    for rank in section["ranks"]:  # its stages' fp32 weights and one tensor of scratch, not the model
+        assert rank["setup_bytes_fp32"] == 4 * (rank["params"] + largest) < 4 * whole
     gpipe = pipeline_section(cfg, pp=2, vpp=None, schedule="gpipe", microbatches=6, seq_len=16)
     # GPipe keeps all 6 micro-batches in flight, 1F1B at most pp = 2 on rank 0
     assert gpipe["ranks"][0]["activation_bytes_in_flight"] == 3 * section["ranks"][0]["activation_bytes_in_flight"]

@@ -133,7 +133,8 @@ class EPExperts(ExpertsBase):
     @classmethod
     def from_full(cls, full: nn.Module, ep_group: dist.ProcessGroup) -> EPExperts:
         num_experts, hidden_dim, dim = full.w1.shape
-        shard = cls(num_experts, dim, hidden_dim, ep_group).to(device=full.w1.device, dtype=full.w1.dtype)
+        with torch.device(full.w1.device):  # a meta-device model (a pipeline rank's start) allocates nothing
+            shard = cls(num_experts, dim, hidden_dim, ep_group).to(dtype=full.w1.dtype)
         with torch.no_grad():
             for name in ("w1", "w2", "w3"):
                 getattr(shard, name).copy_(shard.local_slice(getattr(full, name)))

@@ -9,13 +9,16 @@ only runs the backward hooks. Everything after the backward stays Lightning's an
 gradient accumulation (the loss is divided by it, as Lightning would), clipping, the optimizer,
 the LR schedule, the ExpertBalance callback, checkpoints.
 
-Layout. World = pp_size × dp ranks; consecutive ranks form one pipeline (``pp_group``), ranks
-holding the same stages form a data-parallel group (``dp_group``) that averages gradients and
-reads its own micro-batches. With ``ep_size`` > 1, ``ep_size`` consecutive ranks of a stage's
-data-parallel group split that stage's routed experts (``ep_group``, tokens exchanged all-to-all
-by ``EPExperts``); the pipelines run the same schedule, so the all-to-alls of EP peers come in the
-same order. ZeRO-1 (``zero_stage=1``): each data-parallel rank of a stage keeps the optimizer state
-of a share of its parameters, steps that share and broadcasts it.
+Layout. World = pp_size × dp ranks, numbered EP innermost, DP next, PP outermost (``RankGrid``,
+Megatron's order): the ``dp`` ranks holding the same stages are consecutive and form a
+data-parallel group (``dp_group``) that averages gradients, each reading its own micro-batches;
+one rank of each stage, ``dp`` apart, forms a pipeline (``pp_group``). With ``ep_size`` > 1,
+``ep_size`` consecutive ranks of a stage's data-parallel group split that stage's routed experts
+(``ep_group``, tokens exchanged all-to-all by ``EPExperts``), so the all-to-alls stay on the fewest
+nodes and only the pipeline's point-to-point activations cross them; the pipelines run the same
+schedule, so the all-to-alls of EP peers come in the same order. ZeRO-1 (``zero_stage=1``): each
+data-parallel rank of a stage keeps the optimizer state of a share of its parameters, steps that
+share and broadcasts it.
 
 The decoder is cut into pp·vpp stages of whole layers (cost-balanced: a dense layer is cheaper
 than a MoE layer; or ``layers_per_stage``); the first stage also holds the embedding, the last one
@@ -37,13 +40,20 @@ also from a single-process checkpoint.
 Validation, test and predict run one forward of the whole batch through the stages in model order
 (no schedule: nothing flows back); the losses or predictions are computed where the logits are
 (the last stage) and broadcast over the pipeline, so every rank logs what a run without
-pipelining logs. Not supported (a ConfigError says so): ZeRO-2/3.
+pipelining logs; predictions come back on the ranks holding the last stage only (the others
+return them with no rows), so each row comes back once. Not supported (a ConfigError says so):
+ZeRO-2/3.
+
+Start-up: the decoder is built on the meta device (``tensor_init_context``); after the cut each
+rank allocates only what it keeps and initialises it as a whole build would
+(``meta_init.materialize_kept``); checkpoints are loaded after that (``restore_checkpoint_after_setup``).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Generator, Mapping, Sequence
+from contextlib import contextmanager
 from datetime import timedelta
 from types import MethodType
 from typing import Any
@@ -52,13 +62,16 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
-from moeframe.plugin import ConfigError, DecoderOutput, check_ep_layout
+from moeframe.plugin import ConfigError, DecoderOutput, check_ep_layout, moe_layers
 from moeframe_parallel.ep_experts import ep_modules, replace_experts
 from moeframe_parallel.expert_parallel import _gather_experts, _is_expert_shaped
 from moeframe_parallel.layouts import PPLayout
+from moeframe_parallel.meta_init import has_meta_tensors, init_order, materialize_kept
 from moeframe_parallel.pipeline_layout import (
+    RankGrid,
     check_pipeline,
     default_vpp,
     layer_costs,
@@ -67,7 +80,7 @@ from moeframe_parallel.pipeline_layout import (
     stage_ranks,
 )
 
-__all__ = ["PipelineStrategy", "StageModule", "layer_costs"]
+__all__ = ["PipelineStrategy", "StageModule", "cut_stages", "layer_costs"]
 
 
 class _Dropped(nn.Module):
@@ -127,6 +140,21 @@ class StageModule(nn.Module):
         return DecoderOutput(out.logits, aux_1 + out.aux_loss, {}, list(out.mtp_logits))
 
 
+def cut_stages(decoder: nn.Module, owner: Any, bounds: list[tuple[int, int]], mine: list[int]) -> list[StageModule]:
+    """The stages ``mine`` of ``decoder`` (``bounds``: each stage's layers); the layers and end
+    modules no kept stage uses are dropped from ``decoder`` (on the meta device: never allocated)."""
+    last = len(bounds) - 1
+    stages = [StageModule(decoder, owner, *bounds[s], first=s == 0, last=s == last) for s in mine]
+    kept = {i for s in mine for i in range(*bounds[s])}
+    for i in range(len(decoder.layers)):
+        if i not in kept:
+            decoder.layers[i] = _Dropped()
+    for name in ("embed", "norm", "head", "mtp"):
+        if not any(hasattr(m, name) for m in stages):
+            setattr(decoder, name, None)
+    return stages
+
+
 class PipelineStrategy(DDPStrategy, PPLayout):
     """Pipeline parallelism over ``pp_size`` ranks (× data parallelism over the rest of the world).
 
@@ -182,6 +210,7 @@ class PipelineStrategy(DDPStrategy, PPLayout):
         self._metrics: list[dict[str, float]] = []
         self._pending: list[tuple[nn.Parameter, torch.Tensor]] = []
         self._warm = False
+        self._told_predict_ranks = False
         self._batch_shape: tuple[int, ...] | None = None
 
     # -- before any process starts: validate against the model -------------------------------------
@@ -212,14 +241,42 @@ class PipelineStrategy(DDPStrategy, PPLayout):
                 )
             check_ep_layout(self.ep_size, dp, getattr(config, "n_routed_experts", None))
 
+    @contextmanager
+    def tensor_init_context(self, empty_init: bool | None = None) -> Generator[None, None, None]:
+        """A module that only builds fresh weights (``meta_device_init``) builds them on the meta
+        device: ``setup`` cuts the decoder and allocates this rank's stages alone (the 671B model
+        does not fit one rank); a module that loads weights in ``configure_model`` builds whole."""
+        if empty_init is None:
+            empty_init = bool(getattr(self.lightning_module, "meta_device_init", False))
+        if not empty_init:
+            with super().tensor_init_context(empty_init):
+                yield
+            return
+        with torch.device("meta"), self.precision_plugin.tensor_init_context():
+            yield
+
+    @property
+    def restore_checkpoint_after_setup(self) -> bool:
+        # the weights are loaded into the stages this rank holds: a decoder still on the meta
+        # device (before ``setup`` cuts and allocates it) would drop them
+        return True
+
     def setup_environment(self) -> None:
         self.check_layout()
         super().setup_environment()
 
-    # -- ranks -------------------------------------------------------------------------------------------
+    # -- ranks: ep innermost, then dp, pp outermost (``RankGrid``) --------------------------------------
+    @property
+    def grid(self) -> RankGrid:
+        return RankGrid(self.world_size, self.pp_size, self.ep_size)
+
     @property
     def pp_rank(self) -> int:
-        return self.global_rank % self.pp_size
+        return self.grid.coords(self.global_rank)[0]
+
+    @property
+    def dp_rank(self) -> int:
+        return self.grid.coords(self.global_rank)[1]
 
     @property
     def dp_size(self) -> int:
@@ -228,21 +285,21 @@ class PipelineStrategy(DDPStrategy, PPLayout):
     @property
     def distributed_sampler_kwargs(self) -> dict[str, int]:
         # the ranks of one pipeline read the same micro-batches: one data-parallel replica
-        return {"num_replicas": self.dp_size, "rank": self.global_rank // self.pp_size}
+        return {"num_replicas": self.dp_size, "rank": self.dp_rank}
 
     def _new_groups(self) -> None:
-        """Every rank creates every group (new_group's rule); pipelines are consecutive ranks."""
-        world, pp = self.world_size, self.pp_size
-        ranks = stage_ranks(pp, self.vpp, self.schedule_name)
+        """Every rank creates every group, in the same order (new_group's rule)."""
+        grid = self.grid
+        ranks = stage_ranks(self.pp_size, self.vpp, self.schedule_name)
         first, last = ranks[0], ranks[-1]
-        for start in range(0, world, pp):
-            group = dist.new_group(list(range(start, start + pp)))
-            embed = dist.new_group(sorted({start + first, start + last})) if first != last else None
-            if start <= self.global_rank < start + pp:
+        for dp_rank, pipeline in enumerate(grid.pipelines()):
+            group = dist.new_group(pipeline)
+            embed = dist.new_group([pipeline[first], pipeline[last]]) if first != last else None
+            if dp_rank == self.dp_rank:
                 self.pp_group, self.embed_group = group, embed
-        for offset in range(pp):
-            group = dist.new_group(list(range(offset, world, pp)))
-            if self.pp_rank == offset:
+        for pp_rank in range(self.pp_size):
+            group = dist.new_group(grid.stage_holders(pp_rank))
+            if pp_rank == self.pp_rank:
                 self.dp_group = group
         if self.ep_size > 1:
             self._new_ep_groups()
@@ -250,17 +307,14 @@ class PipelineStrategy(DDPStrategy, PPLayout):
     def _new_ep_groups(self) -> None:
         """Among the ranks holding a stage (its data-parallel group), ``ep_size`` consecutive ones
         shard its experts (``ep_group``); those holding the same shard form the ``edp_group``."""
-        pp, ep, dp = self.pp_size, self.ep_size, self.dp_size
-        dp_rank = self.global_rank // pp
-        for offset in range(pp):
-            holders = list(range(offset, self.world_size, pp))
-            for start in range(0, dp, ep):
-                group = dist.new_group(holders[start : start + ep])
-                if offset == self.pp_rank and start <= dp_rank < start + ep:
+        for pp_rank in range(self.pp_size):
+            for ranks in self.grid.ep_groups(pp_rank):
+                group = dist.new_group(ranks)
+                if self.global_rank in ranks:
                     self.ep_group = group
-            for j in range(ep):
-                group = dist.new_group(holders[j::ep])
-                if offset == self.pp_rank and dp_rank % ep == j:
+            for ranks in self.grid.edp_groups(pp_rank):
+                group = dist.new_group(ranks)
+                if self.global_rank in ranks:
                     self.edp_group = group
 
     # -- after configure_model: cut the decoder, build the schedule ------------------------------------
@@ -286,18 +340,34 @@ class PipelineStrategy(DDPStrategy, PPLayout):
             k: torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in module.state_dict().items()
         }
         self._whole_param_names = [n for n, _ in module.named_parameters()]
+        # built on the meta device (``tensor_init_context``): only the layers kept below get memory
+        order = init_order(decoder) if has_meta_tensors(decoder) else None
         bounds = self._stage_bounds(decoder.config)
         ranks = stage_ranks(self.pp_size, self.vpp, self.schedule_name)
         mine = [s for s, r in enumerate(ranks) if r == self.pp_rank]
-        last = len(bounds) - 1
-        self.stage_modules = [StageModule(decoder, module, *bounds[s], first=s == 0, last=s == last) for s in mine]
-        self._drop_others(decoder, mine, bounds)
+        self.stage_modules = cut_stages(decoder, module, bounds, mine)
+        full: dict[str, nn.Module] = {}
         if self.ep_size > 1:  # after the cut: only the layers this rank runs
+            full = {name: moe.experts for name, moe in moe_layers(module)}
             replace_experts(module, self.ep_group)
+        if order is not None:
+            slices = self._expert_slices(module, full)
+            materialize_kept(order, module, decoder.config.init_std, self.root_device, slices)
+            if has_meta_tensors(module):
+                raise RuntimeError("pp: a module outside the decoder was built on the meta device")
         self._mine, self._num_stages = mine, len(bounds)
         self._holds_last = any(m.last for m in self.stage_modules)
         self._last_rank = ranks[-1]
         self._cut = module
+
+    @staticmethod
+    def _expert_slices(module: nn.Module, full: dict[str, nn.Module]) -> dict[int, Callable[[torch.Tensor], None]]:
+        """For each EP shard built on meta: its whole experts' meta weight -> keep this rank's slice."""
+        slices: dict[int, Callable[[torch.Tensor], None]] = {}
+        for name, shard in ep_modules(module):
+            for w in ("w1", "w2", "w3"):
+                slices[id(getattr(full[name.removesuffix(".experts")], w))] = _keep_slice(shard, w)
+        return slices
 
     def _stage_bounds(self, config: Any) -> list[tuple[int, int]]:
         stages = self.pp_size * self.vpp
@@ -308,16 +378,6 @@ class PipelineStrategy(DDPStrategy, PPLayout):
             counts = split_by_cost(costs, stages, last_extra=last_extra)
         starts = [sum(counts[:s]) for s in range(stages)]
         return [(a, a + c) for a, c in zip(starts, counts)]
-
-    def _drop_others(self, decoder: nn.Module, mine: list[int], bounds: list[tuple[int, int]]) -> None:
-        kept = {i for s in mine for i in range(*bounds[s])}
-        for i in range(len(decoder.layers)):
-            if i not in kept:
-                decoder.layers[i] = _Dropped()
-        holds = lambda name: any(hasattr(m, name) for m in self.stage_modules)  # noqa: E731
-        for name in ("embed", "norm", "head", "mtp"):
-            if not holds(name):
-                setattr(decoder, name, None)
 
     def configure_ddp(self) -> None:
         """No DDP wrapper (and so no DDP communication hooks): the schedule runs the backward and
@@ -430,15 +490,21 @@ class PipelineStrategy(DDPStrategy, PPLayout):
         return self._evaluate("test", args[0], mtp=False)
 
     def predict_step(self, *args: Any, **kwargs: Any) -> Any:
-        """The module's predictions for the batch on every rank of the pipeline (the last stage's,
-        broadcast: the ranks of a pipeline read the same batch and return the same rows)."""
+        """The module's predictions for the batch on the rank holding the last stage; the other
+        ranks of the pipeline read the same batch and return the same structure with no rows, so
+        that each row comes back once over the job (a prediction writer writes it once)."""
         batch = args[0]
         input_ids = batch["input_ids"] if isinstance(batch, dict) else batch
         doc_ids = batch.get("document_ids") if isinstance(batch, dict) else None
         with self.precision_plugin.predict_step_context():
             out = self._forward_stages(input_ids, doc_ids, mtp=False)
             mine = self.lightning_module.predictions(out) if out is not None else None
-        return self._from_last_stage(mine)
+        empty = self._from_last_stage(_no_rows(mine))  # the type and trailing shape, nothing else travels
+        if not self._told_predict_ranks:
+            self._told_predict_ranks = True
+            holders = [p[self._last_rank] for p in self.grid.pipelines()]
+            rank_zero_info(f"pp: predictions come back on ranks {holders} (the last stage); the others return no rows")
+        return mine if self._holds_last else empty
 
     def _evaluate(self, stage: str, batch: dict[str, torch.Tensor], mtp: bool) -> None:
         """The module's evaluation losses, computed where the logits are (the last stage) and
@@ -502,13 +568,13 @@ class PipelineStrategy(DDPStrategy, PPLayout):
     def _zero_owners(self) -> dict[str, int]:
         """Parameter name -> the global rank that steps it: a dense weight one of the stage's
         data-parallel ranks, an expert shard one of the ranks holding a copy of that shard."""
-        pp, ep, dp_rank = self.pp_size, self.ep_size, self.global_rank // self.pp_size
+        ep, dp_rank, grid = self.ep_size, self.dp_rank, self.grid
         experts = {id(p) for p in self.expert_parameters()}
         named = [(n, p) for n, p in self.lightning_module.named_parameters() if p.requires_grad]
         dense = _partition_by_size([(n, p.numel()) for n, p in named if id(p) not in experts], self.dp_size)
         shards = _partition_by_size([(n, p.numel()) for n, p in named if id(p) in experts], self.dp_size // ep)
-        owners = {n: self.pp_rank + r * pp for n, r in dense.items()}
-        owners.update({n: self.pp_rank + (dp_rank % ep + k * ep) * pp for n, k in shards.items()})
+        owners = {n: grid.rank(self.pp_rank, r) for n, r in dense.items()}
+        owners.update({n: grid.rank(self.pp_rank, dp_rank % ep + k * ep) for n, k in shards.items()})
         return owners
 
     @torch.no_grad()
@@ -681,6 +747,16 @@ class PipelineStrategy(DDPStrategy, PPLayout):
         return {i: name_of[id(p)] for i, p in enumerate(params)}
 
 
+def _keep_slice(shard: Any, w: str) -> Callable[[torch.Tensor], None]:
+    """Copy this rank's experts of a whole drawn weight into the shard's ``w`` (looked up when
+    called: the shard is allocated after the slices are set up)."""
+
+    def keep(whole: torch.Tensor) -> None:
+        getattr(shard, w).copy_(shard.local_slice(whole))
+
+    return keep
+
+
 def _all_reduce_grads(params: Sequence[nn.Parameter], group: dist.ProcessGroup, divide: int = 1) -> None:
     grads = [p.grad for p in params]
     flat = torch.cat([g.flatten() for g in grads])  # one collective for all of them
@@ -743,6 +819,17 @@ def _to_device(value: Any, device: torch.device) -> Any:
         return value.to(device)
     if isinstance(value, dict):
         return {k: _to_device(v, device) for k, v in value.items()}
+    return value
+
+
+def _no_rows(value: Any) -> Any:
+    """``value`` with its tensors cut to zero rows (the batch dimension)."""
+    if isinstance(value, torch.Tensor):
+        return value.detach()[:0]
+    if isinstance(value, dict):
+        return {k: _no_rows(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_no_rows(v) for v in value)
     return value
 
 

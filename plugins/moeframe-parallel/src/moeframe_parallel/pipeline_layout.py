@@ -33,6 +33,7 @@ from moeframe.plugin import ConfigError, build_decoder
 
 __all__ = [
     "SCHEDULES",
+    "RankGrid",
     "ScheduleSpec",
     "bubble_fraction",
     "check_pipeline",
@@ -172,6 +173,48 @@ def stage_ranks(pp: int, vpp: int, schedule: str) -> list[int]:
     if style == "v":
         return [s if s < pp else 2 * pp - 1 - s for s in range(stages)]
     return [s % pp for s in range(stages)]
+
+
+@dataclass(frozen=True)
+class RankGrid:
+    """Where each rank sits: ``ep`` innermost, then data parallelism, pipeline outermost, the order
+    Megatron-Core uses (tp-ep-dp-pp, without tp). Rank = pp_rank · dp + dp_rank: the ranks holding
+    one stage are consecutive, and an expert-parallel group is ``ep`` consecutive ranks of those, so
+    its all-to-alls, the heaviest traffic, stay inside a node (or the fewest nodes); a pipeline
+    (one rank per stage, ``dp`` apart) crosses nodes with point-to-point activations only."""
+
+    world: int
+    pp: int
+    ep: int = 1
+
+    @property
+    def dp(self) -> int:
+        return self.world // self.pp
+
+    def rank(self, pp_rank: int, dp_rank: int) -> int:
+        return pp_rank * self.dp + dp_rank
+
+    def coords(self, rank: int) -> tuple[int, int]:
+        """(pp_rank, dp_rank) of a global rank."""
+        return divmod(rank, self.dp)
+
+    def pipelines(self) -> list[list[int]]:
+        """One pipeline per data-parallel rank: its ranks in stage order."""
+        return [[self.rank(p, d) for p in range(self.pp)] for d in range(self.dp)]
+
+    def stage_holders(self, pp_rank: int) -> list[int]:
+        """The data-parallel group of pipeline rank ``pp_rank``: every rank holding its stages."""
+        return [self.rank(pp_rank, d) for d in range(self.dp)]
+
+    def ep_groups(self, pp_rank: int) -> list[list[int]]:
+        """The holders of a stage in blocks of ``ep``: each block splits the stage's routed experts."""
+        holders = self.stage_holders(pp_rank)
+        return [holders[i : i + self.ep] for i in range(0, self.dp, self.ep)]
+
+    def edp_groups(self, pp_rank: int) -> list[list[int]]:
+        """The holders of the same expert shard (one per EP group): they average its gradients."""
+        holders = self.stage_holders(pp_rank)
+        return [holders[j :: self.ep] for j in range(self.ep)]
 
 
 def bubble_fraction(schedule: str, pp: int, microbatches: int, vpp: int | None = None) -> float:
