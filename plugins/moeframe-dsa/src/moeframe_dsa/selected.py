@@ -134,7 +134,8 @@ def plan(idx_BTK: torch.Tensor, keep_BTK: torch.Tensor, S: int, absorbed: int, e
             span_blocks, spans = _plan_span(b, t0, min(T, t0 + QUERY_BLOCK), idx_BTK[b], keep_BTK[b], S, limit)
             blocks += span_blocks
             tokens += [b * T + t for span in spans for t in span]
-    saved = sum((blk.t1 - blk.t0) * (K * absorbed - blk.rows_U.numel() * expanded) for blk in blocks)
+    # in the expanded form's units, a token costs UNION_SLACK·K·absorbed per token (see UNION_SLACK)
+    saved = sum((blk.t1 - blk.t0) * (UNION_SLACK * K * absorbed - blk.rows_U.numel() * expanded) for blk in blocks)
     if saved <= expansion:
         blocks, tokens = [], list(range(B * T))
     return Plan(blocks, torch.tensor(tokens, dtype=torch.long, device=idx_BTK.device))
