@@ -23,8 +23,9 @@ per-token form would cost (U > ``UNION_SLACK``·K·(L + C)/(E + v)) is halved, d
 ``MIN_BLOCK`` tokens; what is still over goes per token. So each token costs at most
 ``UNION_SLACK`` times the absorbed form's K·H·(L + C): O(T·K), never O(T·S). Blocks need every
 token's per-head keys and values (S·C·H·(d + v) to expand, as dense MLA does); where the blocks
-would not save that much (decoding a few tokens), everything goes per token. An untrained indexer selects nearly independent sets
-(U near the whole causal range), which runs per token; a trained one runs in blocks.
+would not save that much (decoding a few tokens), everything goes per token. An untrained
+indexer selects nearly independent sets: U is about the causal range, dense work in blocks up to
+the limit, per token beyond; a trained one's blocks stay near K + t.
 
 Memory. Forward keeps only the outputs and the plan (each block's U and each selected row's place
 in it); backward regathers and recomputes the probabilities (flash-attention's recompute), writes
