@@ -16,7 +16,8 @@ What is here, by use:
 - the **forward context** every model-part plugin's ``forward`` receives (``ForwardContext``: layer
   index, token ids, positions, document ids, the cache while decoding, step and tokens seen), and
   ``as_context`` for an API-2 ``forward`` that API-1 subclasses still call the old way; the
-  residual-stream base ``ResidualBase`` (and ``Sublayer``, what it is handed);
+  residual-stream base ``ResidualBase`` (and ``Sublayer``, what it is handed; ``MTPCombine``,
+  the MTP module's projection its MTP hooks ``mtp_carry``/``mtp_input`` are handed);
 - the **declared hooks** on those bases (no attribute probing): ``set_selective_recompute``
   (attention, experts; recompute through ``activation_checkpoint``, so that counted and timed
   forwards can tell the recompute in backward apart: ``is_recomputing``), the grouped-GEMM seam of experts (``grouped_gemm_seam``,
@@ -71,6 +72,7 @@ from moeframe.model.base import (
     AttentionCache,
     ExpertsBase,
     GroupedGemm,
+    MTPCombine,
     NormBase,
     PhaseTimer,
     PluginDeprecationWarning,
@@ -115,6 +117,7 @@ __all__ = [
     "PLUGIN_API_VERSION",
     "ForwardContext",
     "ResidualBase",
+    "MTPCombine",
     "Sublayer",
     "as_context",
     "DescribesLayout",

@@ -10,7 +10,7 @@ would and raises AssertionError with a readable message when a contract is broke
 - experts: :func:`check_experts_contract` (parity with a naive per-pair loop, forward and backward);
 - norm: :func:`check_norm_contract`;
 - residual: :func:`check_residual_contract` (shapes, each sublayer once, per token, gradients,
-  state dict, cached decoding);
+  state dict, cached decoding, multi-token prediction through its MTP hooks);
 - precision: :func:`check_precision_contract` (converts only what it claims, gradients flow);
 - strategy: :func:`check_strategy_contract` (registers, trains 2 steps on 2 CPU processes);
 - HF checkpoint family, or a part's HF names in a family: :func:`check_hf_family_contract`
@@ -630,6 +630,44 @@ def check_residual_contract(config: ModelConfig, seq_len: int = 10) -> None:
     check_causal(config)
     check_state_dict_round_trip(config)
     check_cache_matches_full(config)
+    check_residual_mtp(config, seq_len)
+
+
+def check_residual_mtp(config: ModelConfig, seq_len: int = 10, depth: int = 2) -> None:
+    """Multi-token prediction through the residual's MTP hooks (``mtp_carry``, ``mtp_input``), on
+    ``config`` with ``depth`` MTP blocks: depth k gives logits [B, T - k, V], finite; a depth's
+    logits at position i do not depend on tokens after i + k; gradients reach each depth's
+    projection and its block's residual parameters (some of them: a mixing of identical streams
+    may rightly get none)."""
+    config = dataclasses.replace(config, mtp_depth=depth)
+    decoder = _checked_decoder(config, seed=1)
+    B, V = 2, config.vocab_size
+    ids = torch.randint(0, V, (B, seq_len), generator=torch.Generator().manual_seed(5))
+    logits = decoder(ids, mtp=True).mtp_logits
+    name = type(decoder.mtp[0].block.residual).__qualname__
+    shapes = [tuple(t.shape) for t in logits]
+    assert shapes == [(B, seq_len - k, V) for k in range(1, depth + 1)], f"{name}: MTP logits of shapes {shapes}"
+    assert all(torch.isfinite(t).all() for t in logits), f"{name}: MTP logits are not finite"
+    with torch.no_grad():
+        later = ids.clone()
+        later[:, -1] = (later[:, -1] + 1) % V  # only the last token changes
+        again = decoder(later, mtp=True).mtp_logits
+    for k, (a, b) in enumerate(zip(logits, again), start=1):
+        torch.testing.assert_close(
+            b[:, : seq_len - 1 - k],
+            a[:, : seq_len - 1 - k].detach(),
+            rtol=0,
+            atol=1e-5,
+            msg=lambda m, k=k: f"{name}: MTP depth {k} at a position saw a token more than {k} ahead of it: {m}",
+        )
+    sum(t.float().pow(2).mean() for t in logits).backward()
+    for k, module in enumerate(decoder.mtp, start=1):
+        grad = module.eh_proj.weight.grad
+        assert grad is not None and grad.abs().sum() > 0, f"{name}: no gradient reached MTP depth {k}'s eh_proj"
+        grads = [p.grad for p in module.block.residual.parameters() if p.requires_grad]
+        assert not grads or any(g is not None and g.abs().sum() > 0 for g in grads), (
+            f"{name}: no gradient reached MTP depth {k}'s residual parameters"
+        )
 
 
 # -- HF checkpoint families and the parts' HF names -------------------------------------------

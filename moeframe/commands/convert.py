@@ -40,6 +40,8 @@ def convert(
     """Convert between HF checkpoint folders (of an installed checkpoint family, DeepSeek-V3/V2
     first-party) and moeframe checkpoints. The direction follows SRC: an HF folder (config.json)
     becomes a moeframe folder; a Lightning .ckpt or a moeframe folder (moeframe.yaml) becomes an HF folder.
+    An import dequantises FP8 blocks and FP4 experts (DeepSeek-V4's release); an export writes DTYPE,
+    or FP8 blocks with --fp8, never FP4.
 
     Args:
         src: an HF folder, a Lightning .ckpt or a moeframe folder

@@ -42,6 +42,9 @@ class HFTensor:
     expert: int | None = None  # the slice of a tensor stacked over experts (dim 0), or the whole
     fp32: bool = False  # kept in fp32 in every export (router state, as HF's _keep_in_fp32_modules)
     quantizable: bool = True  # may be written as FP8 blocks when the export asks for them
+    # the columns [a, b) of the last dim that this HF tensor holds, when the release stores one
+    # moeframe tensor as several (DeepSeek-V4's MTP ``e_proj``/``h_proj`` halves of ``eh_proj``)
+    columns: tuple[int, int] | None = None
 
 
 class HFFamily(abc.ABC):
@@ -85,9 +88,10 @@ class HFFamily(abc.ABC):
         ``gate_proj``) renames here, keeping the part's declaration the same for every family."""
         return f"{prefix}.{declared}"
 
-    def core_tensor(self, key: str, config: ModelConfig) -> HFTensor | None:
+    def core_tensor(self, key: str, config: ModelConfig) -> HFTensor | list[HFTensor] | None:
         """The HF tensor of a state-dict key owned by no named part (the embedding, the head,
-        core projections), or None when the family has none."""
+        core projections), or None when the family has none; a list of tensors with ``columns``
+        when the release stores the key in pieces."""
         return None
 
     def exported_copies(

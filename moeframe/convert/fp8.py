@@ -4,7 +4,9 @@ A weight ``W [out, in]`` is stored as ``float8_e4m3fn`` plus ``weight_scale_inv`
 ``[ceil(out/128), ceil(in/128)]``: ``W ≈ fp8_block.float() · weight_scale_inv[block]``. Blocks at
 the right and bottom edges may be partial (dimensions that are not multiples of 128); their
 scale covers only the elements that exist. ``scale = amax / 448`` (E4M3's largest finite value),
-with amax floored at 1e-4 so an all-zero block does not divide by zero.
+with amax floored at 1e-4 so an all-zero block does not divide by zero. On import a scale may also
+be UE8M0 (``float8_e8m0fnu`` or raw exponent bytes, DeepSeek-V4's ``scale_fmt: ue8m0``) and be
+named ``<module>.scale`` instead of ``<module>.weight_scale_inv`` (DeepSeek-V4's released names).
 
 Where a scale lies: the released DeepSeek-V3 checkpoint does not keep every ``weight_scale_inv``
 in its weight's shard (a shard boundary can fall between the two); ``model.safetensors.index.json``'s
@@ -24,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from moeframe.config import ConfigError
+from moeframe.convert.fp4 import scales_as_float
 
 BLOCK = 128
 E4M3_MAX = 448.0
@@ -50,7 +53,7 @@ def dequantize_blocks(
             f"weight_scale_inv has shape {tuple(scale_inv.shape)}, expected {expected} "
             f"for a [{rows}, {cols}] weight in {block}x{block} blocks"
         )
-    scale = scale_inv.float().repeat_interleave(block, 0)[:rows].repeat_interleave(block, 1)[:, :cols]
+    scale = scales_as_float(scale_inv).repeat_interleave(block, 0)[:rows].repeat_interleave(block, 1)[:, :cols]
     return (w_fp8.float() * scale).to(dtype)
 
 
@@ -103,17 +106,31 @@ class ScaleLookup:
         self._handles.move_to_end(name)
         return self._handles[name]
 
-    def scale_for(self, key: str, file: Path, current: Any) -> torch.Tensor:
-        """The scale of FP8 tensor ``key`` read from ``file`` (whose open handle is ``current``)."""
-        scale_key = f"{key}_scale_inv"
-        shard = self.weight_map.get(scale_key)
-        if shard is None and scale_key in current.keys():
-            shard = file.name  # an index that forgot a tensor of this very shard
-        if shard is None:
+    def scale_key(self, key: str, current: Any) -> str | None:
+        """The name of the scale of quantised tensor ``key``: ``<key>_scale_inv`` (DeepSeek-V3,
+        transformers) or, for ``<module>.weight``, ``<module>.scale`` (DeepSeek-V4's release);
+        None when the folder holds neither."""
+        names = [f"{key}_scale_inv"] + ([key[: -len("weight")] + "scale"] if key.endswith(".weight") else [])
+        return next((n for n in names if n in self.weight_map or n in current.keys()), None)
+
+    def is_scale(self, key: str, current: Any) -> bool:
+        """Whether checkpoint tensor ``key`` is the scale of another tensor (read with it)."""
+        if key.endswith("weight_scale_inv"):
+            return True
+        stem = key[: -len("scale")] if key.endswith(".scale") else None
+        return stem is not None and (stem + "weight" in self.weight_map or stem + "weight" in current.keys())
+
+    def scale_for(self, key: str, file: Path, current: Any, kind: str = "FP8") -> torch.Tensor:
+        """The scale of ``kind``-quantised tensor ``key`` read from ``file`` (whose open handle is ``current``)."""
+        scale_key = self.scale_key(key, current)
+        if scale_key is None:
             raise ConfigError(
-                f"{self.folder}: {key} (in {file.name}) is FP8 but {scale_key} is in no shard; "
+                f"{self.folder}: {key} (in {file.name}) is {kind} but {key}_scale_inv is in no shard; "
                 "the checkpoint is incomplete: download or convert it again"
             )
+        shard = self.weight_map.get(scale_key)
+        if shard is None:
+            shard = file.name  # an index that forgot a tensor of this very shard
         handle = current if shard == file.name else self._handle(shard)
         try:
             return handle.get_tensor(scale_key)

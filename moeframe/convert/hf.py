@@ -4,8 +4,10 @@ Import (``from_hf``): ``config.json``'s ``model_type`` selects the checkpoint fa
 ``moeframe.hf_family`` plugin; DeepSeek-V3/V2 are the first-party ones), which turns it into a
 ``ModelConfig``; the safetensors shards are then read one at a time, each tensor copied straight
 into the preallocated decoder (experts into their slice of the stacked expert weights), so peak
-memory stays near the model plus one shard. FP8 shards (``float8_e4m3fn`` + ``weight_scale_inv``)
-are dequantised on the way in. Every expected tensor must be found exactly once; anything
+memory stays near the model plus one shard. FP8 shards (``float8_e4m3fn`` + ``weight_scale_inv``
+or ``.scale``, fp32 or UE8M0 scales) and packed FP4 experts (DeepSeek-V4's ``expert_dtype: fp4``,
+``moeframe.convert.fp4``) are dequantised on the way in; export writes bf16/fp32, or FP8 blocks
+when asked (``fp8=True``), never FP4. Every expected tensor must be found exactly once; anything
 missing, unexpected or of the wrong shape is an error naming the file and the key.
 
 Export (``to_hf``): the inverse mapping, written as sharded safetensors with an index, a
@@ -35,6 +37,7 @@ from torch import nn
 
 from moeframe.config import ConfigError, ModelConfig
 from moeframe.convert.family import HFFamily, HFTensor, family_for_export, family_for_model_type
+from moeframe.convert.fp4 import dequantize_fp4, is_fp4_packed
 from moeframe.convert.fp8 import ScaleLookup, dequantize_blocks, quantize_blocks
 from moeframe.model.base import RouterBase
 from moeframe.model.decoder import Decoder, build_decoder
@@ -105,7 +108,7 @@ def tensor_map(decoder: Decoder, family: HFFamily) -> dict[str, list[HFTensor]]:
         core = family.core_tensor(key, cfg)
         if core is None:
             raise ConfigError(f"moeframe tensor {key!r} has no HF name in family {family.name!r}")
-        out[key] = [core]
+        out[key] = core if isinstance(core, list) else [core]
     _check_unique(out, family)
     return out
 
@@ -174,14 +177,28 @@ def _scale_lookup(folder: Path, files: list[Path]) -> ScaleLookup:
     return ScaleLookup(folder, files, weight_map, _safe_open)
 
 
+_SCALE_FMTS = (None, "float", "ue8m0")
+_EXPERT_DTYPES = (None, "fp8", "fp4")
+
+
 def _check_quantization(hf: dict[str, Any], path: Path) -> bool:
+    """Whether the folder is quantised in a format moeframe reads: DeepSeek's FP8 blocks (128x128,
+    fp32 or UE8M0 scales), with the routed experts optionally in FP4 (``expert_dtype: fp4``, V4)."""
     q = hf.get("quantization_config")
     if q is None:
         return False
-    if q.get("quant_method") != "fp8" or list(q.get("weight_block_size", [])) != [128, 128]:
+    expert_dtype = q.get("expert_dtype", hf.get("expert_dtype")) if isinstance(q, dict) else None
+    if (
+        not isinstance(q, dict)
+        or q.get("quant_method") != "fp8"
+        or list(q.get("weight_block_size", [])) != [128, 128]
+        or q.get("scale_fmt") not in _SCALE_FMTS
+        or expert_dtype not in _EXPERT_DTYPES
+    ):
         raise ConfigError(
             f"{path}: unsupported quantization_config {q}; moeframe reads BF16/FP32 checkpoints and "
-            "DeepSeek's FP8 format (quant_method fp8, weight_block_size [128, 128])"
+            "DeepSeek's FP8 format (quant_method fp8, weight_block_size [128, 128], scale_fmt float or "
+            "ue8m0, experts in fp8 or fp4)"
         )
     return True
 
@@ -197,10 +214,14 @@ def read_hf_config(folder: str | Path, mtp: bool = True) -> tuple[dict[str, Any]
     return hf, config_from_hf(hf, str(cfg_path), mtp)
 
 
-def _targets(decoder: Decoder, family: HFFamily) -> dict[str, tuple[torch.Tensor, int | None]]:
-    """HF key -> (moeframe tensor or expert slice owner, expert index)."""
+def _targets(decoder: Decoder, family: HFFamily) -> dict[str, _Target]:
+    """HF key -> (moeframe tensor or expert slice owner, expert index, the columns it holds)."""
     state = decoder.state_dict(keep_vars=True)
-    return {t.key: (state[name], t.expert) for name, tensors in tensor_map(decoder, family).items() for t in tensors}
+    return {
+        t.key: (state[name], t.expert, t.columns)
+        for name, tensors in tensor_map(decoder, family).items()
+        for t in tensors
+    }
 
 
 def from_hf(path: str | Path, dtype: torch.dtype = torch.float32, progress: bool = True, mtp: bool = True) -> Decoder:
@@ -224,21 +245,18 @@ def from_hf(path: str | Path, dtype: torch.dtype = torch.float32, progress: bool
         with _safe_open(file) as f:
             keys = set(f.keys())
             for key in sorted(keys):
-                if key.endswith("weight_scale_inv") or family.skipped_on_import(key, cfg):
+                if key not in targets and (
+                    key.endswith("weight_scale_inv") or (scales is not None and scales.is_scale(key, f))
+                ):
                     continue  # scales are read with their weight
+                if family.skipped_on_import(key, cfg):
+                    continue
                 if key not in targets:
                     raise ConfigError(
                         f"{file.name}: unexpected tensor {key!r} for this config; is config.json "
                         "the one that belongs to these shards?"
                     )
-                value = f.get_tensor(key)
-                if value.dtype == torch.float8_e4m3fn:
-                    if scales is None:
-                        raise ConfigError(
-                            f"{file.name}: {key} is FP8 but config.json has no quantization_config "
-                            "(quant_method fp8); is config.json the one that belongs to these shards?"
-                        )
-                    value = dequantize_blocks(value, scales.scale_for(key, file, f))
+                value = _dequantized(f.get_tensor(key), key, file, f, scales, targets[key][0].is_floating_point())
                 _copy_into(targets[key], value, key, file)
                 filled.add(key)
     missing = sorted(set(targets) - filled)
@@ -247,9 +265,43 @@ def from_hf(path: str | Path, dtype: torch.dtype = torch.float32, progress: bool
     return decoder
 
 
-def _copy_into(target: tuple[torch.Tensor, int | None], value: torch.Tensor, key: str, file: Path) -> None:
-    tensor, expert = target
+def _dequantized(
+    value: torch.Tensor, key: str, file: Path, handle: Any, scales: ScaleLookup | None, into_float: bool
+) -> torch.Tensor:
+    """A checkpoint tensor in full precision: FP8 blocks and packed FP4 (``moeframe.convert.fp4``)
+    are dequantised with their scales; a quantised dtype moeframe does not read is one clear line."""
+    fp8 = value.dtype == torch.float8_e4m3fn
+    fp4 = into_float and is_fp4_packed(value)
+    if fp4 and (scales is None or scales.scale_key(key, handle) is None):
+        raise ConfigError(
+            f"{file.name}: {key} is stored as {value.dtype} (packed FP4?) but "
+            + ("config.json has no quantization_config" if scales is None else "the folder holds no scale for it")
+            + "; this format is not understood: give the folder its quantization_config (expert_dtype fp4) and scales"
+        )
+    if not (fp8 or fp4):
+        if value.dtype.is_floating_point and value.element_size() == 1:  # e5m2, e8m0, ...: not a weight format
+            raise ConfigError(
+                f"{file.name}: {key} is stored as {value.dtype}, a format moeframe does not understand "
+                "(it reads float32/bfloat16/float16, FP8 e4m3 blocks and FP4 e2m1 experts); convert the folder to bf16"
+            )
+        return value
+    if scales is None:
+        raise ConfigError(
+            f"{file.name}: {key} is FP8 but config.json has no quantization_config "
+            "(quant_method fp8); is config.json the one that belongs to these shards?"
+        )
+    if fp8:
+        return dequantize_blocks(value, scales.scale_for(key, file, handle))
+    return dequantize_fp4(value, scales.scale_for(key, file, handle, kind="FP4"), key=f"{file.name}: {key}")
+
+
+_Target = tuple[torch.Tensor, int | None, tuple[int, int] | None]
+
+
+def _copy_into(target: _Target, value: torch.Tensor, key: str, file: Path) -> None:
+    tensor, expert, columns = target
     dest = tensor[expert] if expert is not None else tensor
+    dest = dest[..., columns[0] : columns[1]] if columns is not None else dest
     if tuple(dest.shape) != tuple(value.shape):
         raise ConfigError(f"{file.name}: {key} has shape {tuple(value.shape)}, the config expects {tuple(dest.shape)}")
     with torch.no_grad():
@@ -266,7 +318,8 @@ def _hf_state(decoder: Decoder, family: HFFamily, mtp: bool) -> Iterator[tuple[H
         if name.startswith("mtp.") and not mtp:
             continue
         for t in tensors:
-            yield t, state[name][t.expert] if t.expert is not None else state[name]
+            value = state[name][t.expert] if t.expert is not None else state[name]
+            yield t, value[..., t.columns[0] : t.columns[1]] if t.columns is not None else value
     yield from family.exported_copies(state, cfg, mtp)
 
 

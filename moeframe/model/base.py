@@ -307,6 +307,9 @@ class NormBase(nn.Module, HFNamed, abc.ABC):
 
 # a block's sublayer as the residual sees it: its normalised computation, input -> output [.., D]
 Sublayer = Callable[[torch.Tensor], torch.Tensor]
+# An MTP module's input projection ``eh_proj([enorm(emb); hnorm(hidden)])`` over any leading shape:
+# (embeddings of the tokens ahead [..., D], hidden state [..., D]) -> [..., D]
+MTPCombine = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 class ResidualBase(nn.Module, HFNamed, abc.ABC):
@@ -322,6 +325,13 @@ class ResidualBase(nn.Module, HFNamed, abc.ABC):
     layer, ``layer_id == config.n_layers - 1``; each MTP block expands and reduces its own).
     Everything must be per token (no mixing along T), so that decoding with a cache equals the
     full forward.
+
+    Multi-token prediction (MTP) asks the residual twice, so a multi-stream residual can run MTP in
+    its own stream form: ``mtp_carry`` (on the last main block's residual, then on each MTP block's)
+    says what the next MTP depth receives, ``mtp_input`` (on the MTP block's residual) turns that
+    and the next tokens' embeddings into the state the MTP block starts from. The defaults are
+    DeepSeek-V3's MTP: the reduced hidden state goes on, ``eh_proj`` mixes it with the embedding
+    and ``expand`` makes the block's state of it.
     """
 
     Options: ClassVar[type[PluginOptions]] = PluginOptions
@@ -336,6 +346,19 @@ class ResidualBase(nn.Module, HFNamed, abc.ABC):
     def reduce(self, h: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         """The [B, T, D] hidden state the final norm and head receive (default: itself)."""
         return h
+
+    def mtp_carry(self, h: torch.Tensor, x_BTD: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        """What the next MTP depth receives from this block's output state ``h`` (``x_BTD`` is
+        ``reduce(h)``); default: ``x_BTD``, the reduced hidden state."""
+        return x_BTD
+
+    def mtp_input(
+        self, carry: torch.Tensor, emb_BTD: torch.Tensor, combine: MTPCombine, ctx: ForwardContext
+    ) -> torch.Tensor:
+        """The state this MTP block starts from: ``carry`` is the previous block's ``mtp_carry``
+        (cut to the positions that have a token ahead), ``emb_BTD`` the embeddings of the tokens
+        ahead, ``combine`` the MTP module's projection. Default: ``expand(combine(emb, carry))``."""
+        return self.expand(combine(emb_BTD, carry), ctx)
 
     @abc.abstractmethod
     def forward(self, h: torch.Tensor, attention: Sublayer, ffn: Sublayer, ctx: ForwardContext) -> torch.Tensor:

@@ -159,16 +159,24 @@ class MTPModule(nn.Module):
         self.norm = build_norm(plan.norm, cfg, None)
 
     def forward(
-        self, h_BTD: torch.Tensor, emb_BTD: torch.Tensor, ctx: ForwardContext
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``ctx``: this depth's context (``ForwardContext.shifted`` then ``for_layer``)."""
+        self, carry: torch.Tensor, emb_BTD: torch.Tensor, ctx: ForwardContext
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(hidden state [B, T, D] for this depth's logits, what the next depth receives, balance
+        loss). ``carry``: what the previous block's residual passes on (``ResidualBase.mtp_carry``;
+        the default residual: h_{k-1} [B, T, D]); the block's residual decides how it enters
+        (``ResidualBase.mtp_input``). ``ctx``: this depth's context (``ForwardContext.shifted``
+        then ``for_layer``)."""
         outside = ctx.for_layer(None)  # these norms belong to no block
-        x_BTD = self.eh_proj(
-            torch.cat([call_norm(self.enorm, emb_BTD, outside), call_norm(self.hnorm, h_BTD, outside)], dim=-1)
-        )
+
+        def combine(e: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+            return self.eh_proj(
+                torch.cat([call_norm(self.enorm, e, outside), call_norm(self.hnorm, hidden, outside)], -1)
+            )
+
         residual = self.block.residual
-        h, aux = self.block(residual.expand(x_BTD, ctx), ctx)
-        return residual.reduce(h, ctx), aux
+        h, aux = self.block(residual.mtp_input(carry, emb_BTD, combine, ctx), ctx)
+        x_BTD = residual.reduce(h, ctx)
+        return x_BTD, residual.mtp_carry(h, x_BTD, ctx), aux
 
 
 class Decoder(nn.Module):
@@ -306,12 +314,13 @@ class Decoder(nn.Module):
     ) -> DecoderOutput:
         """Final norm, head and (``mtp``) the MTP modules after the last block; ``emb_BTD`` is looked
         up again from the context's token ids when not given (a last pipeline stage)."""
-        x_BTD = self.layers[-1].residual.reduce(h, ctx.for_layer(self.layers[-1].layer_id))
+        last, last_ctx = self.layers[-1].residual, ctx.for_layer(self.layers[-1].layer_id)
+        x_BTD = last.reduce(h, last_ctx)
         logits_BTV = self.head(call_norm(self.norm, x_BTD, ctx))
         mtp_logits: list[torch.Tensor] = []
         if mtp:
             emb_BTD = self.embed(ctx.token_ids_BT) if emb_BTD is None else emb_BTD
-            mtp_logits = self._mtp(x_BTD, emb_BTD, ctx, aux_losses)
+            mtp_logits = self._mtp(last.mtp_carry(h, x_BTD, last_ctx), emb_BTD, ctx, aux_losses)
         aux_loss = sum(aux_losses.values(), torch.zeros((), device=logits_BTV.device))
         named: dict[str, torch.Tensor] = {}
         for key, loss in aux_losses.items():  # "layer3.indexer_kl" -> "indexer_kl", summed over layers
@@ -321,15 +330,16 @@ class Decoder(nn.Module):
         return DecoderOutput(logits_BTV, aux_loss, aux_losses, mtp_logits, named)
 
     def _mtp(
-        self, h_BTD: torch.Tensor, emb_BTD: torch.Tensor, ctx: ForwardContext, aux_losses: dict[str, torch.Tensor]
+        self, carry: torch.Tensor, emb_BTD: torch.Tensor, ctx: ForwardContext, aux_losses: dict[str, torch.Tensor]
     ) -> list[torch.Tensor]:
-        """Depth k sees h_{k-1} at positions 0..T-1-k and the embedding of the token k ahead."""
-        T, out = h_BTD.shape[1], []
+        """Depth k sees h_{k-1} (as the residual carries it: ``carry`` [B, T, ...]) at positions
+        0..T-1-k and the embedding of the token k ahead."""
+        T, out = emb_BTD.shape[1], []
         for k, module in enumerate(self.mtp, start=1):
             if T - k <= 0:
                 break
             depth_ctx = ctx.shifted(k).for_layer(module.block.layer_id)
-            h_BTD, aux = module(h_BTD[:, : T - k], emb_BTD[:, k:], depth_ctx)
+            h_BTD, carry, aux = module(carry[:, : T - k], emb_BTD[:, k:], depth_ctx)
             if aux is not None:
                 aux_losses[f"mtp{k}"] = aux
             _take_training_losses(module.block, f"mtp{k}", aux_losses)

@@ -244,6 +244,36 @@ def test_fp8_experts_forward_and_backward_read_nothing_on_the_host(dtype: torch.
     assert mode.seen == [] and experts.w1.grad is not None and x.grad is not None
 
 
+def test_before_torch_2_13_fp8_experts_run_outside_the_compiled_graph_with_the_same_numbers(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """torch 2.11 compiles the FP8 experts' backward to zero gradients: there the plugin says so once
+    and keeps their GEMMs out of the graph. Forced here on the tested torch: a graph break (fullgraph
+    refuses it), and eager's numbers."""
+    from moeframe_fp8 import grouped
+
+    monkeypatch.setattr(grouped, "COMPILES_IN_GRAPH", False)
+    torch._dynamo.reset()
+    experts = experts_module()
+    with pytest.warns(UserWarning, match=r"need torch >= 2\.13 to stay in the graph"):
+        experts.grouped_gemm = FP8GroupedGemm(FP8Recipe(), "experts")
+    x = torch.randn(24, 192)
+    weights, indices = routing(24, 6)
+    with pytest.raises(Exception, match="disable"):
+        torch.compile(experts, fullgraph=True, backend="eager")(x, weights, indices)
+    torch._dynamo.reset()
+    results = []
+    for fn in (experts, torch.compile(experts, backend="aot_eager")):
+        experts.zero_grad()
+        x_ = x.clone().requires_grad_()
+        y = fn(x_, weights, indices)
+        y.square().sum().backward()
+        results.append([y.detach(), x_.grad] + [p.grad.clone() for p in experts.parameters()])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    torch._dynamo.reset()
+
+
 @pytest.mark.slow
 def test_fp8_experts_compile_in_one_graph_with_the_same_numbers() -> None:
     """fullgraph=True: a host read or data-dependent shape would be a graph break, i.e. an error.

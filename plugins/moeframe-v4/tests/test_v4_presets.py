@@ -3,6 +3,7 @@ transformers' on the meta device; ``moeframe fit -c configs/pretrain/tiny-v4.yam
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -85,6 +86,12 @@ def test_tiny_v4_trains_with_muon_from_its_pretrain_config(tmp_path: Path, capsy
     assert any(k.endswith("residual.attn_hc.fn") for k in weights) and any(k.endswith("gate.tid2eid") for k in weights)
     losses = _logged_losses(tmp_path)
     assert losses[-1] < losses[0]
+    # MTP trains in the release's form: on the hyper-connection streams, its own stream head
+    cfg = state["hyper_parameters"]["config"]
+    assert (cfg["residual"] if isinstance(cfg, dict) else cfg.residual)["mtp_streams"] is True
+    assert any(k.endswith("mtp.0.block.residual.head.hc_fn") for k in weights)
+    mtp_losses = _logged_losses(tmp_path, "train/mtp_loss")
+    assert len(mtp_losses) == 5 and all(math.isfinite(x) for x in mtp_losses) and mtp_losses[-1] < mtp_losses[0]
     # the trained checkpoint generates, and greedy decoding with the cache (every V4 layer type's
     # cache, the hyper-connection streams) picks what recomputing the whole prefix picks
     capsys.readouterr()
@@ -95,13 +102,13 @@ def test_tiny_v4_trains_with_muon_from_its_pretrain_config(tmp_path: Path, capsy
     assert texts[0] == texts[1] and texts[0].startswith("def ") and len(texts[0]) > len("def ")
 
 
-def _logged_losses(root: Path) -> list[float]:
+def _logged_losses(root: Path, name: str = "train/loss") -> list[float]:
     import csv
 
     files = sorted(root.rglob("metrics.csv"))
     assert files, f"no metrics.csv under {root}"
     rows = list(csv.DictReader(files[-1].open()))
-    return [float(r["train/loss"]) for r in rows if r.get("train/loss")]
+    return [float(r[name]) for r in rows if r.get(name)]
 
 
 def _v4_keeps_on_adamw(name: str) -> bool:

@@ -35,6 +35,7 @@ Two ways to run it, the same numbers:
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -55,6 +56,11 @@ from moeframe_fp8.quantize import (
 )
 
 __all__ = ["FP8GroupedGemm", "fp8_grouped_linear"]
+
+# torch 2.11's dynamo traces this module's autograd Function so that its backward yields zero
+# gradients (seen on the CPU, eager and aot_eager backends alike; torch 2.13 traces it right). Before
+# 2.13 the FP8 grouped GEMM therefore runs outside the compiled graph: a graph break, right numbers.
+COMPILES_IN_GRAPH = torch.__version__ >= "2.13"
 
 
 def _row_ranges(counts: list[int]) -> list[slice]:
@@ -328,8 +334,15 @@ def _grouped_linear(
     # the rows' dtype, not autocast's: the experts' combine adds the rows back into a tensor of the
     # input's dtype (under CPU autocast moeframe's grouped GEMMs also keep the input's dtype)
     out_dtype = x_NI.dtype
+    apply = _FP8GroupedLinearFunction.apply if COMPILES_IN_GRAPH else _apply_outside_the_graph
     with torch.autocast(x_NI.device.type, enabled=False):
-        return _FP8GroupedLinearFunction.apply(x_NI, w_EOI, offs_E, recipe, recorder, tag, out_dtype)
+        return apply(x_NI, w_EOI, offs_E, recipe, recorder, tag, out_dtype)
+
+
+@torch.compiler.disable
+def _apply_outside_the_graph(*args: Any) -> torch.Tensor:
+    """The Function run eagerly also inside a compiled region (see ``COMPILES_IN_GRAPH``)."""
+    return _FP8GroupedLinearFunction.apply(*args)
 
 
 class FP8GroupedGemm:
@@ -340,6 +353,12 @@ class FP8GroupedGemm:
 
     def __init__(self, recipe: FP8Recipe, name: str) -> None:
         self.recipe, self.fp8_name, self.recorder = recipe, name, StatsRecorder()
+        if not COMPILES_IN_GRAPH:
+            warnings.warn(
+                f"fp8: under torch.compile the FP8 routed experts need torch >= 2.13 to stay in the graph; "
+                f"with torch {torch.__version__} they run outside it (a graph break; the numbers are right)",
+                stacklevel=2,
+            )
 
     def __call__(self, projection: str, x_NI: torch.Tensor, w_EOI: torch.Tensor, offs_E: torch.Tensor) -> torch.Tensor:
         if x_NI.dtype not in SUPPORTED_DTYPES or w_EOI.dtype not in SUPPORTED_DTYPES:

@@ -27,6 +27,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import nn
 
 from moeframe.plugin import ConfigError, build_decoder
@@ -75,6 +76,12 @@ SCHEDULES: dict[str, ScheduleSpec] = {
 }
 
 
+# torch 2.11's schedules open each stage's neighbour links with a point-to-point handshake in the
+# first step; in a V layout two neighbouring stages sit on one rank, and that rank's send to itself
+# fails (gloo: "Pair is not connected"). torch 2.13 runs zbv and dualpipev (tests/test_pipeline.py).
+V_LAYOUTS_RUN = torch.__version__ >= "2.13"
+
+
 def schedule_spec(name: str) -> ScheduleSpec:
     if name not in SCHEDULES:
         close = difflib.get_close_matches(name, SCHEDULES, n=1)
@@ -98,6 +105,11 @@ def check_pipeline(
 ) -> None:
     """ConfigError, one line naming the fix, for a pipeline layout that cannot run."""
     spec = schedule_spec(schedule)
+    if spec.style == "v" and not V_LAYOUTS_RUN:
+        raise ConfigError(
+            f"schedule {schedule!r} needs torch >= 2.13 (torch {torch.__version__} fails its first step: a "
+            f"V layout's handshake between two stages of one rank); choose 1f1b, interleaved_1f1b or interleaved_zb"
+        )
     if pp < 2:
         raise ConfigError(
             f"pp_size must be >= 2 (got {pp}); a single stage is plain training: use strategy auto or ddp"

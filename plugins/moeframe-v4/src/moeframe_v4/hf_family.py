@@ -16,37 +16,33 @@ What the family decides (each part names its own tensors and options):
   layer itself (``hc_attn_fn``), its head (the last layer's) is ``model.hc_head``;
 - attention tensors declared in transformers' module names (``q_a_proj``) are written in the
   reference names transformers' own folders use (``wq_a``), so either declaration converts;
-- multi-token prediction: the released V4 folders carry one MTP layer (``mtp.0.*``:
-  ``e_proj``, ``h_proj``, ``enorm``, ``hnorm``, ``norm``, ``hc_head_*`` and a sliding-window
-  block), but transformers neither builds nor saves V4's MTP layers (it ignores ``mtp.*`` on
-  load), so there is no reference to check an import of them against: an import leaves them out
-  (``mtp_depth: 0``) and says so in one warning when the folder holds ``mtp.*`` tensors. Nor would
-  the release's MTP weights fit moeframe's MTP module: V4's MTP (as vLLM's deepseek_v4 MTP runs it)
-  projects each of the main model's n streams with ``h_proj`` and adds ``e_proj`` of the next
-  token's embedding to every stream, where moeframe's takes the streams reduced to one state and
-  expands ``eh_proj`` of both. An export writes moeframe's MTP layers as ``mtp.k.*`` (``eh_proj``
-  whole), which transformers ignores on load.
+- multi-token prediction: the released V4 folders carry one MTP layer (``mtp.0.*``: ``e_proj``,
+  ``h_proj``, ``enorm``, ``hnorm``, ``norm``, ``hc_head_*`` and a block with a sliding-window
+  attention and the gated router); transformers neither builds nor saves them. An import builds
+  as many MTP depths as the folder holds layers (none for a folder transformers wrote) with the
+  residual's ``mtp_streams: true``, the release's MTP on the hyper-connection streams (see
+  ``moeframe_v4.hyper``): moeframe's ``eh_proj`` [D, 2D] is ``[e_proj, h_proj]`` side by side, so
+  the two are read into and written from its halves. A model whose MTP runs on the collapsed state
+  (``mtp_streams: false``) has no release form: its MTP layers are written as moeframe's
+  ``mtp.k.eh_proj`` (as before this option existed) and read back from it.
 """
 
 from __future__ import annotations
 
+import json
 import re
-import warnings
+from pathlib import Path
 from typing import Any
 
 from moeframe.plugin import ConfigError, HFFamily, HFTensor, ModelConfig, registry, resolve_model_config
 
-__all__ = ["DeepSeekV4Family", "HASH", "GATE", "MTP_NOTICE"]
+__all__ = ["DeepSeekV4Family", "HASH", "GATE"]
 
 HASH, GATE = "v4_hash", "v4_gate"
-MTP_NOTICE = (
-    "DeepSeek-V4 import: the checkpoint's multi-token-prediction layers (mtp.* tensors) are not loaded "
-    "and the model has none (mtp_depth 0), since transformers' DeepseekV4ForCausalLM defines no MTP to "
-    "check them against; set model.mtp_depth to train new MTP layers on the imported model"
-)
 _MLP_TYPE = {HASH: "hash_moe", GATE: "moe"}
 _BLOCK_PARTS = {"attn_norm": "attn_norm", "ffn_norm": "ffn_norm", "attn": "attn", "ffn": "ffn", "residual": ""}
 _MTP_PARTS = {"enorm": "enorm", "hnorm": "hnorm", "eh_proj": "eh_proj", "norm": "norm"}
+_MTP_LAYER = re.compile(r"mtp\.(\d+)\.")
 _CORE = {"embed.weight": "model.embed_tokens.weight", "head.weight": "head.weight"}
 # transformers' attention module names -> the reference names of V4 folders (dotted path pieces)
 _ATTN_RENAMES = (
@@ -99,7 +95,6 @@ class DeepSeekV4Family(HFFamily):
     model_type = "deepseek_v4"
     records_per_layer_choices = True
     records_residual = True
-    _told_mtp = False  # the MTP notice was given (skipped_on_import)
 
     # -- config -----------------------------------------------------------------------------------
     def config_from_hf(self, hf: dict[str, Any], path: str, mtp: bool) -> ModelConfig:
@@ -118,6 +113,7 @@ class DeepSeekV4Family(HFFamily):
             hashed = {"name": HASH, **registry.load("router", HASH).options_from_hf(self.name, hf)}
             layers = [{"first": a, "last": b, "attention": {"layer_type": t}} for a, b, t in _runs(layer_types)]
             layers += [{"first": a, "last": b, "router": hashed} for a, b, t in _runs(mlp_types) if t == "hash_moe"]
+            mtp_depth, streams = _mtp_in_folder(Path(path).parent) if mtp else (0, True)
             return ModelConfig(
                 vocab_size=hf["vocab_size"],
                 dim=hf["hidden_size"],
@@ -130,7 +126,7 @@ class DeepSeekV4Family(HFFamily):
                 n_activated_experts=hf["num_experts_per_tok"],
                 n_shared_experts=hf.get("n_shared_experts", 1),
                 route_scale=float(hf.get("routed_scaling_factor", 1.0)),
-                mtp_depth=0,  # transformers' V4 folders carry no MTP layers (module docstring)
+                mtp_depth=mtp_depth,
                 norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
                 init_std=float(hf.get("initializer_range", 0.02)),
                 max_seq_len=int(hf.get("max_position_embeddings", 4096)),
@@ -139,7 +135,11 @@ class DeepSeekV4Family(HFFamily):
                 attention=attention,
                 router=gate,
                 experts={"name": "v4_swiglu", **registry.load("experts", "v4_swiglu").options_from_hf(self.name, hf)},
-                residual={"name": "hyper", **registry.load("residual", "hyper").options_from_hf(self.name, hf)},
+                residual={
+                    "name": "hyper",
+                    **registry.load("residual", "hyper").options_from_hf(self.name, hf),
+                    "mtp_streams": streams,
+                },
                 layers=layers,
             )
         except KeyError as exc:
@@ -226,18 +226,58 @@ class DeepSeekV4Family(HFFamily):
             return f"{prefix}.{_attention_leaf(declared)}"
         return f"{prefix}.{declared}"
 
-    def core_tensor(self, key: str, config: ModelConfig) -> HFTensor | None:
+    def core_tensor(self, key: str, config: ModelConfig) -> HFTensor | list[HFTensor] | None:
         if key in _CORE:
             return HFTensor(_CORE[key], quantizable=False)
         module, _, leaf = key.rpartition(".")
         prefix = self.module_prefix(module, config) if module.startswith("mtp.") else None
-        return None if prefix is None else HFTensor(f"{prefix}.{leaf}", quantizable=False)
+        if prefix is None:
+            return None
+        if module.endswith(".eh_proj") and _mtp_streams(config, int(module.split(".")[1])):
+            # the release's two projections are eh_proj's halves (embedding first), FP8 in the release
+            k, d = module.split(".")[1], config.dim
+            return [
+                HFTensor(f"mtp.{k}.e_proj.{leaf}", columns=(0, d)),
+                HFTensor(f"mtp.{k}.h_proj.{leaf}", columns=(d, 2 * d)),
+            ]
+        return HFTensor(f"{prefix}.{leaf}", quantizable=False)
 
     def skipped_on_import(self, hf_key: str, config: ModelConfig) -> bool:
-        """MTP layers (transformers' V4 has none; an import builds none), with one notice per import."""
-        m = re.match(r"mtp\.(\d+)\.", hf_key)
-        skipped = m is not None and int(m.group(1)) >= config.mtp_depth
-        if skipped and not self._told_mtp:  # one family instance per import
-            self._told_mtp = True
-            warnings.warn(MTP_NOTICE, stacklevel=2)
-        return skipped
+        """MTP layers beyond the model's depth (an import with ``mtp=False`` builds none)."""
+        m = _MTP_LAYER.match(hf_key)
+        return m is not None and int(m.group(1)) >= config.mtp_depth
+
+
+def _mtp_streams(config: ModelConfig, k: int) -> bool:
+    """Whether MTP depth k (block n_layers + k) runs in the release's stream form."""
+    residual = resolve_model_config(config).layer(config.n_layers + k).residual
+    return bool(getattr(residual.options, "mtp_streams", False))
+
+
+def _folder_keys(folder: Path) -> list[str]:
+    """Every tensor name of an HF folder, from its index or its shards' headers (no data read)."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            return list(json.loads(index.read_text()).get("weight_map", {}))
+        except (OSError, ValueError, AttributeError):
+            return []  # the converter reports a broken index itself, naming it
+    from safetensors import safe_open
+
+    keys: list[str] = []
+    for shard in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(shard), framework="pt") as f:
+                keys += list(f.keys())
+        except Exception:  # noqa: BLE001 (safetensors' own error types) the converter names a bad shard itself
+            continue
+    return keys
+
+
+def _mtp_in_folder(folder: Path) -> tuple[int, bool]:
+    """(MTP depths the folder holds, whether in the release's stream form): ``mtp.k.e_proj`` is the
+    release's, ``mtp.k.eh_proj`` moeframe's collapsed-state MTP; a folder transformers wrote has none."""
+    keys = _folder_keys(folder)
+    layers = {int(m.group(1)) for key in keys if (m := _MTP_LAYER.match(key))}
+    depth = max(layers) + 1 if layers else 0
+    return depth, not any(key.startswith("mtp.0.eh_proj.") for key in keys)

@@ -18,6 +18,18 @@ slice of one projection ``fn`` [(2 + n) n, n D] scaled by its own ``scale`` and 
 into the [B, T, D] state the final norm receives (``reduce``), so the head's parameters live on
 the last block's residual (and on each MTP block's, which reduces its own).
 Everything is per token, so decoding with a cache equals the full forward.
+
+Multi-token prediction in the release's form (``mtp_streams: true``; DeepSeek-V4's released MTP
+layer, as its public inference code and vLLM run it): depth k receives the previous block's n
+streams ``h`` unreduced, not the collapsed state. Every stream is normalised and projected on its
+own, and the projected embedding of the token k ahead is added to each:
+``h^0_i = e_proj(enorm(Emb(t_{i+k}))) + h_proj(hnorm(h_i))`` for stream i, then the MTP block
+(its own mixings), then its own ``hc_head`` collapses the streams for its final norm and the
+shared output head, and the next depth again receives the streams. moeframe's ``eh_proj``
+[D, 2D] holds ``[e_proj, h_proj]`` side by side, so ``eh_proj([enorm(e); hnorm(h_i)])`` per stream
+is the same computation with the same parameters; the V4 family writes and reads the two halves
+under the release's names. ``mtp_streams: false`` (the default, what configs written before it
+existed compute) runs DeepSeek-V3's MTP on the collapsed state instead.
 """
 
 from __future__ import annotations
@@ -29,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moeframe.plugin import ForwardContext, ModelConfig, PluginOptions, ResidualBase, Sublayer
+from moeframe.plugin import ForwardContext, ModelConfig, MTPCombine, PluginOptions, ResidualBase, Sublayer
 
 __all__ = ["HyperConnections", "HyperOptions", "sinkhorn"]
 
@@ -37,11 +49,14 @@ __all__ = ["HyperConnections", "HyperOptions", "sinkhorn"]
 @dataclass
 class HyperOptions(PluginOptions):
     """``hc_mult``: streams n (V4: 4); ``sinkhorn_iters``: Sinkhorn-Knopp iterations (V4: 20);
-    ``eps``: the floor added to the mixings and to the Sinkhorn denominators (HF ``hc_eps``)."""
+    ``eps``: the floor added to the mixings and to the Sinkhorn denominators (HF ``hc_eps``);
+    ``mtp_streams``: multi-token prediction on the streams as DeepSeek-V4's release does it (true;
+    needed to import or export the release's MTP layers) or on the collapsed state (false)."""
 
     hc_mult: int = 4
     sinkhorn_iters: int = 20
     eps: float = 1e-6
+    mtp_streams: bool = False  # MTP on the n streams, as the V4 release (module docstring)
 
     def validate(self, config: ModelConfig) -> None:
         if self.hc_mult < 1:
@@ -130,6 +145,7 @@ class HyperConnections(ResidualBase):
         self.n = options.hc_mult
         self.iters = options.sinkhorn_iters
         self.eps = options.eps
+        self.mtp_streams = options.mtp_streams
         self.norm_eps = config.norm_eps
         self.attn_hc = _Mixer(self.n, config.dim)
         self.ffn_hc = _Mixer(self.n, config.dim)
@@ -143,6 +159,22 @@ class HyperConnections(ResidualBase):
         if self.head is None:
             raise ValueError("residual hyper: only the last block's (or an MTP block's) residual reduces the streams")
         return self.head(h_BTnD, self.norm_eps, self.eps)
+
+    def mtp_carry(self, h: torch.Tensor, x_BTD: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        return h if self.mtp_streams else x_BTD
+
+    def mtp_input(
+        self, carry: torch.Tensor, emb_BTD: torch.Tensor, combine: MTPCombine, ctx: ForwardContext
+    ) -> torch.Tensor:
+        if not self.mtp_streams:
+            return super().mtp_input(carry, emb_BTD, combine, ctx)
+        if carry.dim() != 4 or carry.shape[2] != self.n:
+            raise ValueError(
+                f"residual hyper (mtp_streams): the MTP block needs the previous block's {self.n} streams, got a "
+                f"state of shape {tuple(carry.shape)}; give the last layer and the MTP blocks the same residual options"
+            )
+        # every stream gets the same token-ahead embedding: e_proj(enorm(e)) + h_proj(hnorm(h_i))
+        return combine(emb_BTD.unsqueeze(2).expand_as(carry), carry)
 
     def _around(self, mixer: _Mixer, h_BTnD: torch.Tensor, sublayer: Sublayer) -> torch.Tensor:
         pre, post, comb = mixer(h_BTnD, self.norm_eps, self.eps, self.iters)
