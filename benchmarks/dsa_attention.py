@@ -23,7 +23,14 @@ The default shape is V3's attention narrowed to fit a shared 2-core CPU: dim 102
 MLA (q_lora 256, kv_lora 256, nope/rope/v 64/32/64), an indexer of 4 heads × 64 (the release's
 ratio of indexer to MLA heads, 64:128), k = 2048 (the release's).
 
+Which tokens each query selects decides the training cost (``moeframe_dsa.selected``): with random
+weights the indexer's selections barely overlap between neighbouring queries (the worst case);
+``--selection local`` hands the attention and the indexer's KL a sinks + recent-tokens selection
+instead, as neighbouring queries of a trained indexer share most of theirs (the best case). The
+indexer's scoring and top-k run in both.
+
     python benchmarks/dsa_attention.py [--contexts 1024 ... 32768] [--train 1024 ...] [--decode 1024 ...]
+        [--selection indexer|local] [--threads 1 --cpu-time]
 """
 
 from __future__ import annotations
@@ -87,11 +94,65 @@ def _gflops(kind: str, name: str, S: int) -> float:
     return counter.get_total_flops() / 1e9
 
 
+SELECTION = "indexer"  # --selection local: the attention gets a local + sink selection (see local_sink)
+SINKS = 64
+
+
+def local_sink(cls: type) -> type:
+    """The layer with a trained indexer's kind of selection: each query attends to the first
+    ``SINKS`` tokens and its most recent K - SINKS ones, so neighbouring queries share almost all
+    of their K tokens. The indexer still scores every token and runs its top-k (the same work),
+    but the attention and the indexer's KL (and its gradient) get the local selection. With random
+    weights the indexer's own selections barely overlap (the worst case for sharing); this is the
+    best case. The KL's value is not meaningful here (its scores are left at 0: only the cost of
+    its gradient, which the selection decides, is measured)."""
+    from moeframe_dsa.indexer import QUERY_CHUNK, selected_scores
+
+    class LocalSink(cls):
+        _local: tuple[torch.Tensor, torch.Tensor] | None = None  # the same every step: built once
+
+        def _select(self, x_idx_BTD, q_idx_BTQ, k_index_BSI, cos_TP, sin_TP, ctx):  # noqa: ANN001, ANN202
+            with torch.no_grad():  # the indexer's scoring and top-k: its work, not its choice
+                super()._select(x_idx_BTD, q_idx_BTQ, k_index_BSI, cos_TP, sin_TP, ctx)
+            (B, T, _), S, K = x_idx_BTD.shape, k_index_BSI.shape[1], self.index_topk
+            if self._local is None or self._local[0].shape != (B, T, K):
+                self._local = local_selection(torch.Size((B, T, K)), S, x_idx_BTD.device)
+            idx_BTK, keep_BTK = self._local
+            if not (self.training and torch.is_grad_enabled()):
+                return idx_BTK, keep_BTK, None
+            q_BTGI, w_BTG = self.indexer.queries(x_idx_BTD, q_idx_BTQ, cos_TP, sin_TP)
+            k_BSI, scores = k_index_BSI.float(), []
+            for t0 in range(0, T, QUERY_CHUNK):
+                t1 = min(T, t0 + QUERY_CHUNK)
+                seen = min(S, max(S - T + t1, K))
+                idx_BtK = idx_BTK[:, t0:t1]
+                values_BtK = torch.zeros(idx_BtK.shape)
+                scores.append(selected_scores(q_BTGI[:, t0:t1], w_BTG[:, t0:t1], k_BSI[:, :seen], idx_BtK, values_BtK))
+            return idx_BTK, keep_BTK, torch.cat(scores, dim=1)
+
+    return LocalSink
+
+
+def local_selection(shape: torch.Size, S: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sinks + recent tokens of each query [B,T,K], and which of them it may see [B,T,K]."""
+    B, T, K = shape
+    pos_T1 = torch.arange(S - T, S, device=device)[:, None]
+    sinks_S = torch.arange(SINKS, device=device)
+    recent_TK = pos_T1 - torch.arange(K - SINKS, device=device)
+    local_TK = torch.cat((sinks_S.expand(T, SINKS), recent_TK.clamp(min=0)), dim=1)
+    # early queries: a sink is hidden until seen, a recent token that is a sink is not taken twice
+    keep_TK = torch.cat((sinks_S <= pos_T1, recent_TK >= SINKS), dim=1)
+    return local_TK.expand(B, T, K), keep_TK.expand(B, T, K)
+
+
 def build(name: str, max_len: int) -> torch.nn.Module:
     attention = {"name": name, **MLA, **(INDEXER if name == "dsa" else {})}
     cfg = ModelConfig(dim=1024, n_heads=8, max_seq_len=max_len, attention=attention)
     torch.manual_seed(0)  # the MLA weights are drawn first, so both layers share them
-    layer = registry.load("attention", name)(cfg, resolve_model_config(cfg).attention.options, 0)
+    cls = registry.load("attention", name)
+    if name == "dsa" and SELECTION == "local":
+        cls = local_sink(cls)
+    layer = cls(cfg, resolve_model_config(cfg).attention.options, 0)
     with torch.no_grad():
         for p in layer.parameters():
             if p.dim() >= 2:
@@ -183,11 +244,21 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--cpu-time", action="store_true", help="time with the process's CPU time, not wall time")
+    parser.add_argument(
+        "--selection",
+        choices=["indexer", "local"],
+        default="indexer",
+        help="indexer: the (random) indexer's top-k; local: sinks + recent tokens, as a trained indexer overlaps",
+    )
     args = parser.parse_args()
-    global CLOCK
+    global CLOCK, SELECTION
+    SELECTION = args.selection
     CLOCK = time.process_time if args.cpu_time else time.perf_counter
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, k = {INDEXER['index_topk']}")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, k = {INDEXER['index_topk']}, "
+        f"selection {SELECTION}, {'CPU' if args.cpu_time else 'wall'} time"
+    )
     report("decode", args.contexts, args.decode, args.repeats)  # the cheap one first
     report("train", args.contexts, args.train, args.repeats)
 

@@ -163,17 +163,24 @@ def _dense_select(attn: Any) -> Any:
 def test_the_sparse_path_equals_dense_attention_masked_to_the_selection(monkeypatch: pytest.MonkeyPatch) -> None:
     """Loss and every gradient (model and indexer) of the O(T·k) path equal the dense-masked one:
     dense index scores, top-k, dense attention masked to the selection. Exercised: query chunks
-    of the selection with their causal key ranges, attention blocks of several tokens AND blocks
-    split down to one token, packed documents (selected but invisible rows), a batch of 2."""
+    of the selection with their causal key ranges, union blocks (expanded form) of several sizes
+    AND tokens whose block's union was too large (absorbed form, chunks of several tokens that
+    share rows), packed documents (selected but invisible rows), a batch of 2."""
     from moeframe_dsa import attention, selected
 
     monkeypatch.setattr(attention, "QUERY_CHUNK", 16)
     monkeypatch.setattr(selected, "QUERY_BLOCK", 8)
-    monkeypatch.setattr(selected, "UNION_FACTOR", 1.5)
-    monkeypatch.setattr(selected, "MIN_QUERY_ROWS", 1)
-    plans: list[list[Any]] = []
-    plan_all = selected._plan_all
-    monkeypatch.setattr(selected, "_plan_all", lambda *a: plans.append(plan_all(*a)) or plans[-1])
+    monkeypatch.setattr(selected, "MIN_BLOCK", 2)
+    monkeypatch.setattr(selected, "UNION_SLACK", 0.6)
+    monkeypatch.setattr(selected, "TOKEN_CHUNK", 3)
+    plans: list[Any] = []
+    plan = selected.plan
+
+    def recorded_plan(*args: Any) -> Any:  # blocks wherever the union limit allows: the expansion counts as a gain
+        plans.append(plan(*args[:-1], -(10**9)))
+        return plans[-1]
+
+    monkeypatch.setattr(selected, "plan", recorded_plan)
     attn = _decoder().layers[1].attn  # k = 5
     T = 40
     x_BTD = torch.randn(2, T, 32, requires_grad=True)
@@ -187,8 +194,8 @@ def test_the_sparse_path_equals_dense_attention_masked_to_the_selection(monkeypa
         return loss.detach(), list(torch.autograd.grad(loss, params))
 
     loss, grads = loss_and_grads()
-    sizes = {blk.t1 - blk.t0 for blk in plans[0]}
-    assert 1 in sizes and max(sizes) > 1, sizes  # both kinds of block ran
+    sizes = {blk.t1 - blk.t0 for blk in plans[0].blocks}
+    assert len(sizes) > 1 and plans[0].tokens_N.numel() > 3, (sizes, plans[0].tokens_N)  # both forms ran
     monkeypatch.setattr(attn, "_attend_selected", _dense_masked_selected(attn))
     monkeypatch.setattr(attn, "_select", _dense_select(attn))
     ref_loss, ref_grads = loss_and_grads()
@@ -196,3 +203,19 @@ def test_the_sparse_path_equals_dense_attention_masked_to_the_selection(monkeypa
     for g, ref in zip(grads, ref_grads):
         assert torch.allclose(g, ref, rtol=1e-4, atol=1e-7), (g - ref).abs().max()
     assert all(ref.abs().sum() > 0 for ref in ref_grads)
+
+
+def test_blocks_only_where_they_repay_expanding_every_row() -> None:
+    """A decoded token goes per token (absorbed form: expanding all S cached rows into per-head
+    keys and values would cost more than it saves); a long prefill whose neighbouring queries
+    select alike (sinks + recent tokens) goes in blocks whose union stays near k."""
+    from moeframe_dsa import selected
+
+    S, K, widths = 4096, 256, (288 + 256, 96 + 64, 4096 * 256 * (64 + 64))  # the benchmark's MLA shape
+    decode = selected.plan(torch.randperm(S - 1)[:K].view(1, 1, K), torch.ones(1, 1, K, dtype=torch.bool), S, *widths)
+    assert decode.blocks == [] and decode.tokens_N.tolist() == [0]
+    pos_T1 = torch.arange(S)[:, None]
+    recent_TK = (pos_T1 - torch.arange(K)).clamp(min=0)
+    prefill = selected.plan(recent_TK[None], (pos_T1 - torch.arange(K) >= 0)[None], S, *widths)
+    assert prefill.tokens_N.numel() == 0 and sum(blk.t1 - blk.t0 for blk in prefill.blocks) == S
+    assert max(blk.rows_U.numel() for blk in prefill.blocks) == K + selected.QUERY_BLOCK - 1

@@ -3,9 +3,10 @@
 Why. MLA made the KV cache small, but each query still attends to every earlier token: O(T²) in
 the context. DSA keeps MLA and adds a lightning indexer (``moeframe_dsa.indexer``) that scores
 every visible token cheaply (few heads, ReLU, one shared key); MLA then attends only to the
-``index_topk`` best tokens of each query (2048 in the release), in MLA's MQA (absorbed) form over
-the shared latent. The main attention's cost grows with k, not with the context; the indexer
-stays O(T·S) but with a small constant (64 heads × 128 channels in FP8 in the release).
+``index_topk`` best tokens of each query (2048 in the release): per token in MLA's MQA (absorbed)
+form over the shared latent, or, in training, in blocks of neighbouring tokens in MLA's expanded
+form (``moeframe_dsa.selected``). The main attention's cost grows with k, not with the context;
+the indexer stays O(T·S) but with a small constant (64 heads × 128 channels in FP8 in the release).
 
 How it is trained (V3.2 report §2.1-2.2), from a dense MLA checkpoint, the ``mode`` option:
 
@@ -37,8 +38,8 @@ import torch
 import torch.nn.functional as F
 
 from moeframe.plugin import ConfigError, ForwardContext, PluginOptions, cached_causal_mask, document_mask
+from moeframe_dsa import selected
 from moeframe_dsa.indexer import QUERY_CHUNK, LightningIndexer, score_chunk, selected_scores
-from moeframe_dsa.selected import attend_selected
 from moeframe_mla import LatentCache, MLAOptions, MultiHeadLatentAttention, rotate
 
 if TYPE_CHECKING:
@@ -284,11 +285,14 @@ class DeepSeekSparseAttention(MultiHeadLatentAttention):
             visible_BtS = self._visible_chunk(B, t0, t1, S - T, seen, ctx.document_ids_BT, x_idx_BTD.device)
             with torch.no_grad():
                 index_BtS = score_chunk(q_BTGI[:, t0:t1], w_BTG[:, t0:t1], k_BSI[:, :seen])
-                idx_BtK = index_BtS.masked_fill_(~visible_BtS, float("-inf")).topk(K, dim=-1).indices
+                # unsorted: the order of the K is irrelevant, and sorting costs 1.5-3x the selection
+                top_BtK = index_BtS.masked_fill_(~visible_BtS, float("-inf")).topk(K, dim=-1, sorted=False)
+            idx_BtK = top_BtK.indices
             idx.append(idx_BtK)
             keep.append(visible_BtS.gather(-1, idx_BtK))
             if learn:
-                scores.append(selected_scores(q_BTGI[:, t0:t1], w_BTG[:, t0:t1], k_BSI[:, :seen], idx_BtK))
+                q_BtGI, w_BtG = q_BTGI[:, t0:t1], w_BTG[:, t0:t1]
+                scores.append(selected_scores(q_BtGI, w_BtG, k_BSI[:, :seen], idx_BtK, top_BtK.values))
         return torch.cat(idx, dim=1), torch.cat(keep, dim=1), torch.cat(scores, dim=1) if learn else None
 
     def _set_kl(self, index_BTX: torch.Tensor, target_BTX: torch.Tensor, keep_BTX: torch.Tensor) -> None:
@@ -349,16 +353,35 @@ class DeepSeekSparseAttention(MultiHeadLatentAttention):
         idx_BTK: torch.Tensor,
         keep_BTK: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """MQA over each query's K selected latent rows (``moeframe_dsa.selected``: O(T·K), blocks
-        of queries share their gathered rows, recomputed in backward). Returns the output [B,T,H,v]
-        and the attention distribution over the selected tokens, summed over heads and
-        L1-normalised [B,T,K] (no gradient: the indexer's target)."""
-        H, C = self.n_heads, self.kv_lora_rank
-        q_BTHL = self._absorbed_queries(q_nope_BTHd, q_pe_BTHR)
-        o_BTHC, dist_BTK = attend_selected(q_BTHL, latent_BSL, idx_BTK, keep_BTK, self.softmax_scale, C)
-        w_uv_HvC = self.wkv_b.weight.view(H, self.qk_nope_head_dim + self.v_head_dim, C)[:, self.qk_nope_head_dim :]
-        # fold the value up-projection after the weighted sum: Σ p·(W_uv c) = W_uv (Σ p·c)
-        return torch.einsum("bthc,hvc->bthv", o_BTHC, w_uv_HvC), dist_BTK
+        """Attention over each query's K selected tokens (``moeframe_dsa.selected``: O(T·K); blocks
+        of neighbouring tokens whose selections overlap share their gathered keys in the expanded
+        form, the rest go per token in the absorbed MQA form). Returns the output [B,T,H,v] and the
+        attention distribution over the selected tokens, summed over heads and L1-normalised
+        [B,T,K] (no gradient: the indexer's target)."""
+        H, C, d, R = self.n_heads, self.kv_lora_rank, self.qk_nope_head_dim, self.qk_rope_head_dim
+        (B, S, L), E = latent_BSL.shape, d + R
+        selection = selected.plan(idx_BTK, keep_BTK, S, L + C, E + self.v_head_dim, S * C * (d + self.v_head_dim))
+        w_kv_HXC = self.wkv_b.weight.view(H, d + self.v_head_dim, C)
+        dist_BTK = torch.zeros(idx_BTK.shape, dtype=torch.float32, device=latent_BSL.device)
+        o_BTHv = q_nope_BTHd.new_zeros(*q_nope_BTHd.shape[:3], self.v_head_dim)
+        if selection.blocks:
+            c_kv_BSC, k_pe_BSR = latent_BSL.split([C, R], dim=-1)
+            # per-head keys and values of every token, as dense MLA computes them (one GEMM, linear
+            # in S), laid out [B,H,S,·] so that a block gathers contiguous rows of each head
+            kv_BHSX = self.wkv_b(c_kv_BSC).view(B, S, H, -1).transpose(1, 2)
+            k_nope_BHSd, v_BHSv = kv_BHSX.split([d, self.v_head_dim], dim=-1)
+            k_BHSE = torch.cat((k_nope_BHSd, k_pe_BSR[:, None].expand(-1, H, -1, -1)), dim=-1)
+            v_BHSv = v_BHSv.contiguous()
+            q_BTHE = torch.cat((q_nope_BTHd, q_pe_BTHR), dim=-1)
+            o_BTHv = selected.attend_blocks(q_BTHE, k_BHSE, v_BHSv, selection, self.softmax_scale, dist_BTK)
+        if selection.tokens_N.numel():
+            q_BTHL = self._absorbed_queries(q_nope_BTHd, q_pe_BTHR)
+            o_BTHC = selected.attend_tokens(
+                q_BTHL, latent_BSL, idx_BTK, keep_BTK, selection, self.softmax_scale, C, dist_BTK
+            )
+            # fold the value up-projection after the weighted sum: Σ p·(W_uv c) = W_uv (Σ p·c)
+            o_BTHv = o_BTHv + torch.einsum("bthc,hvc->bthv", o_BTHC, w_kv_HXC[:, d:])
+        return o_BTHv, dist_BTK
 
     @torch.no_grad()
     def _dense_distribution(

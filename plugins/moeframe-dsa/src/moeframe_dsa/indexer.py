@@ -28,11 +28,14 @@ heads, I indexer head width, R rope channels, P = R/2 rope pairs.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from moeframe_dsa.selected import union
 from moeframe_mla import rotate
 
 __all__ = ["QUERY_CHUNK", "LightningIndexer", "score_chunk", "selected_scores"]
@@ -95,8 +98,9 @@ class LightningIndexer(nn.Module):
 
 
 def _score_chunk(q_BtGI: torch.Tensor, w_BtG: torch.Tensor, k_BSI: torch.Tensor) -> torch.Tensor:
-    # ReLU(a·s) = s·ReLU(a) for s > 0: the scale sits in the weights
-    dots_BtGS = torch.einsum("btgi,bsi->btgs", q_BtGI, k_BSI).relu()
+    # ReLU(a·s) = s·ReLU(a) for s > 0: the scale sits in the weights. In place: the largest
+    # tensor of the indexer, and a fresh one costs more than the ReLU (einsum needs only its inputs)
+    dots_BtGS = torch.einsum("btgi,bsi->btgs", q_BtGI, k_BSI).relu_()
     return torch.einsum("btg,btgs->bts", w_BtG, dots_BtGS)
 
 
@@ -108,17 +112,44 @@ def score_chunk(q_BtGI: torch.Tensor, w_BtG: torch.Tensor, k_BSI: torch.Tensor) 
     return _score_chunk(q_BtGI, w_BtG, k_BSI)
 
 
-def _selected_chunk(
-    q_BtGI: torch.Tensor, w_BtG: torch.Tensor, k_BSI: torch.Tensor, idx_BtK: torch.Tensor
-) -> torch.Tensor:
-    return _score_chunk(q_BtGI, w_BtG, k_BSI).gather(-1, idx_BtK)
+class _Rescored(torch.autograd.Function):
+    """The selected keys' scores [B, t, K], already computed by the selection (passed as
+    ``values_BtK``), with their gradient: backward recomputes the chunk's scores and takes the
+    gradient of the selected ones against the keys selected at all (the union), so scoring runs
+    once over all keys per chunk (the selection) and once over the union (backward), and no
+    [B, t, G, S] tensor is kept between them."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        q_BtGI: torch.Tensor,
+        w_BtG: torch.Tensor,
+        k_BSI: torch.Tensor,
+        idx_BtK: torch.Tensor,
+        values_BtK: torch.Tensor,
+    ) -> torch.Tensor:
+        ctx.save_for_backward(q_BtGI, w_BtG, k_BSI, idx_BtK)
+        return values_BtK.clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad_BtK: torch.Tensor) -> tuple[Any, ...]:
+        q_BtGI, w_BtG, k_BSI, idx_BtK = (t.detach().requires_grad_(t.requires_grad) for t in ctx.saved_tensors)
+        inputs = [t for t in (q_BtGI, w_BtG, k_BSI) if t.requires_grad]
+        # only the keys that some query of the chunk selected get a gradient: rescore those U
+        # (about K + t when neighbouring queries select alike, at most the chunk's S)
+        rows_U, place_BtK = union(idx_BtK, k_BSI.shape[1])
+        with torch.enable_grad():
+            selected_BtK = _score_chunk(q_BtGI, w_BtG, k_BSI.index_select(1, rows_U)).gather(-1, place_BtK)
+        grads = iter(torch.autograd.grad(selected_BtK, inputs, grad_BtK)) if inputs else iter(())
+        return (*(next(grads) if t.requires_grad else None for t in (q_BtGI, w_BtG, k_BSI)), None, None)
 
 
 def selected_scores(
-    q_BtGI: torch.Tensor, w_BtG: torch.Tensor, k_BSI: torch.Tensor, idx_BtK: torch.Tensor
+    q_BtGI: torch.Tensor, w_BtG: torch.Tensor, k_BSI: torch.Tensor, idx_BtK: torch.Tensor, values_BtK: torch.Tensor
 ) -> torch.Tensor:
-    """Index scores of the selected keys only [B, t, K]: the chunk's [B, t, S] scores exist only
-    inside this call (recomputed in backward), so no dense score tensor or gradient outlives it."""
+    """Index scores of the selected keys [B, t, K] with gradient (their values ``values_BtK`` as the
+    selection computed them): the chunk's [B, t, S] scores exist only inside the selection and
+    inside backward, so no dense score tensor or gradient outlives either."""
     if torch.is_grad_enabled():
-        return checkpoint(_selected_chunk, q_BtGI, w_BtG, k_BSI, idx_BtK, use_reentrant=False)
-    return _selected_chunk(q_BtGI, w_BtG, k_BSI, idx_BtK)
+        return _Rescored.apply(q_BtGI, w_BtG, k_BSI, idx_BtK, values_BtK)
+    return values_BtK
