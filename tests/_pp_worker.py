@@ -106,7 +106,7 @@ def run(root: Path, job: dict, world: int) -> dict:
     if "resume_from_step" in job:
         ckpt = str(root / job["resume_name"] / f"step{job['resume_from_step']}.ckpt")
     data = data_module(job.get("batch_size", 4), job.get("val_permille", 0))
-    trainer.fit(pretrain_module(), data, ckpt_path=ckpt)
+    trainer.fit(pretrain_module(**job.get("model", {})), data, ckpt_path=ckpt)
     params = {n: p.detach().clone() for n, p in trainer.lightning_module.named_parameters()}
     torch.save(params, root / f"{job['name']}.rank{trainer.global_rank}.params.pt")
     result = {
