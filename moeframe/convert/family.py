@@ -105,6 +105,14 @@ class HFFamily(abc.ABC):
         """True for checkpoint tensors the decoder does not hold (see ``exported_copies``)."""
         return False
 
+    def source_key(self, stored: str, config: ModelConfig) -> str:
+        """The family's name (the one ``module_prefix``/``tensor_key``/``core_tensor`` give) of the
+        tensor a folder stores as ``stored``; the identity unless the family's released folders use
+        other names than the ones it writes (DeepSeek-V4's bare release names, ``embed.weight``).
+        Only import asks: scales are still found under the stored names, and export writes the
+        family's own names."""
+        return stored
+
 
 def _load(name: str) -> HFFamily:
     return registry.load("hf_family", name)(name)

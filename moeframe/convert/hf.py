@@ -245,20 +245,21 @@ def from_hf(path: str | Path, dtype: torch.dtype = torch.float32, progress: bool
         with _safe_open(file) as f:
             keys = set(f.keys())
             for key in sorted(keys):
-                if key not in targets and (
+                name = family.source_key(key, cfg)  # the family's name of what the folder stores as key
+                if name not in targets and (
                     key.endswith("weight_scale_inv") or (scales is not None and scales.is_scale(key, f))
                 ):
                     continue  # scales are read with their weight
-                if family.skipped_on_import(key, cfg):
+                if family.skipped_on_import(name, cfg):
                     continue
-                if key not in targets:
+                if name not in targets:
                     raise ConfigError(
                         f"{file.name}: unexpected tensor {key!r} for this config; is config.json "
                         "the one that belongs to these shards?"
                     )
-                value = _dequantized(f.get_tensor(key), key, file, f, scales, targets[key][0].is_floating_point())
-                _copy_into(targets[key], value, key, file)
-                filled.add(key)
+                value = _dequantized(f.get_tensor(key), key, file, f, scales, targets[name][0].is_floating_point())
+                _copy_into(targets[name], value, key, file)
+                filled.add(name)
     missing = sorted(set(targets) - filled)
     if missing:
         raise ConfigError(f"{folder}: {len(missing)} tensor(s) missing from the checkpoint, e.g. {missing[0]!r}")

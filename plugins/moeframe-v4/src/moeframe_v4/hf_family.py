@@ -25,6 +25,21 @@ What the family decides (each part names its own tensors and options):
   the two are read into and written from its halves. A model whose MTP runs on the collapsed state
   (``mtp_streams: false``) has no release form: its MTP layers are written as moeframe's
   ``mtp.k.eh_proj`` (as before this option existed) and read back from it.
+
+DeepSeek's own folders (the ones published for download, e.g. DeepSeek-V4-Flash) differ from
+transformers' in two ways, and import reads both (export writes transformers' form):
+- bare tensor names: the tree has no root ``model.`` module (``embed.weight``, ``norm.weight``,
+  ``hc_head_fn``, ``layers.3.attn.wq_a.weight``). Below a layer the names are the reference names
+  this family already uses, so only these roots are renamed (``source_key``); transformers renames
+  the same roots at load time (its ``conversion_mapping``) before it moves to its module names.
+- older config fields: ``compress_ratios`` (per layer 0/4/128), ``num_hash_layers``,
+  ``compress_rate_csa``/``_hca``, ``qk_rope_head_dim``, ``rope_scaling`` (YaRN for the compressed
+  layers). transformers' own ``DeepseekV4Config`` folds them into ``layer_types``,
+  ``mlp_layer_types``, ``compress_rates``, ``partial_rotary_factor`` and the nested
+  ``rope_parameters``; the family lets it do so and reads the folded fields, so both agree on what
+  such a folder means.
+A folder in neither naming (no ``embed.weight`` nor ``model.embed_tokens.weight``) is refused at
+config time.
 """
 
 from __future__ import annotations
@@ -44,6 +59,24 @@ _BLOCK_PARTS = {"attn_norm": "attn_norm", "ffn_norm": "ffn_norm", "attn": "attn"
 _MTP_PARTS = {"enorm": "enorm", "hnorm": "hnorm", "eh_proj": "eh_proj", "norm": "norm"}
 _MTP_LAYER = re.compile(r"mtp\.(\d+)\.")
 _CORE = {"embed.weight": "model.embed_tokens.weight", "head.weight": "head.weight"}
+# the roots of DeepSeek's released tree -> transformers' (module docstring); head.weight is the same
+_RELEASE_ROOTS = (
+    (re.compile(r"embed\.weight"), "model.embed_tokens.weight"),
+    (re.compile(r"norm\.weight"), "model.norm.weight"),
+    (re.compile(r"hc_head_(fn|base|scale)"), r"model.hc_head.hc_\1"),
+    (re.compile(r"layers\.(\d+\..+)"), r"model.layers.\1"),
+)
+_EMBEDDINGS = ("embed.weight", "model.embed_tokens.weight")  # one of them in every V4 folder
+# the release's config fields that transformers' DeepseekV4Config folds, and what it folds them into
+_RELEASE_FIELDS = (
+    "compress_ratios",
+    "num_hash_layers",
+    "compress_rate_csa",
+    "compress_rate_hca",
+    "qk_rope_head_dim",
+    "rope_scaling",
+)
+_FOLDED_FIELDS = ("layer_types", "mlp_layer_types", "compress_rates", "partial_rotary_factor", "rope_parameters")
 # transformers' attention module names -> the reference names of V4 folders (dotted path pieces)
 _ATTN_RENAMES = (
     ("compressor.indexer.scorer.weights_proj.", "indexer.weights_proj."),
@@ -100,6 +133,9 @@ class DeepSeekV4Family(HFFamily):
     def config_from_hf(self, hf: dict[str, Any], path: str, mtp: bool) -> ModelConfig:
         if hf.get("model_type") != "deepseek_v4":
             raise ConfigError(f"{path}: model_type {hf.get('model_type')!r} is not a DeepSeek-V4 checkpoint")
+        hf = _folded_release_config(hf, path)
+        keys = _folder_keys(Path(path).parent)
+        _check_naming(keys, path)
         try:
             n = hf["num_hidden_layers"]
             layer_types = list(hf.get("layer_types") or [])
@@ -113,7 +149,7 @@ class DeepSeekV4Family(HFFamily):
             hashed = {"name": HASH, **registry.load("router", HASH).options_from_hf(self.name, hf)}
             layers = [{"first": a, "last": b, "attention": {"layer_type": t}} for a, b, t in _runs(layer_types)]
             layers += [{"first": a, "last": b, "router": hashed} for a, b, t in _runs(mlp_types) if t == "hash_moe"]
-            mtp_depth, streams = _mtp_in_folder(Path(path).parent) if mtp else (0, True)
+            mtp_depth, streams = _mtp_in_folder(keys) if mtp else (0, True)
             return ModelConfig(
                 vocab_size=hf["vocab_size"],
                 dim=hf["hidden_size"],
@@ -242,6 +278,14 @@ class DeepSeekV4Family(HFFamily):
             ]
         return HFTensor(f"{prefix}.{leaf}", quantizable=False)
 
+    def source_key(self, stored: str, config: ModelConfig) -> str:
+        """A released folder's bare root names as transformers' (``embed.weight`` ->
+        ``model.embed_tokens.weight``, ``layers.3.`` -> ``model.layers.3.``); others unchanged."""
+        for bare, named in _RELEASE_ROOTS:
+            if (m := bare.fullmatch(stored)) is not None:
+                return m.expand(named)
+        return stored
+
     def skipped_on_import(self, hf_key: str, config: ModelConfig) -> bool:
         """MTP layers beyond the model's depth (an import with ``mtp=False`` builds none)."""
         m = _MTP_LAYER.match(hf_key)
@@ -274,10 +318,43 @@ def _folder_keys(folder: Path) -> list[str]:
     return keys
 
 
-def _mtp_in_folder(folder: Path) -> tuple[int, bool]:
-    """(MTP depths the folder holds, whether in the release's stream form): ``mtp.k.e_proj`` is the
-    release's, ``mtp.k.eh_proj`` moeframe's collapsed-state MTP; a folder transformers wrote has none."""
-    keys = _folder_keys(folder)
+def _mtp_in_folder(keys: list[str]) -> tuple[int, bool]:
+    """(MTP depths a folder of these tensors holds, whether in the release's stream form): ``mtp.k.e_proj``
+    is the release's, ``mtp.k.eh_proj`` moeframe's collapsed-state MTP; a folder transformers wrote has none."""
     layers = {int(m.group(1)) for key in keys if (m := _MTP_LAYER.match(key))}
     depth = max(layers) + 1 if layers else 0
     return depth, not any(key.startswith("mtp.0.eh_proj.") for key in keys)
+
+
+def _folded_release_config(hf: dict[str, Any], path: str) -> dict[str, Any]:
+    """``hf`` with the release's older fields folded by transformers' ``DeepseekV4Config`` (module
+    docstring); a config without them is returned as it is (transformers not needed)."""
+    older = [k for k in _RELEASE_FIELDS if k in hf]
+    if not older:
+        return hf
+    try:
+        from transformers import DeepseekV4Config
+    except ImportError:
+        raise ConfigError(
+            f"{path}: reading DeepSeek's released config fields ({', '.join(older)}) needs transformers: "
+            "pip install 'transformers>=5.24'"
+        ) from None
+    try:
+        folded = DeepseekV4Config.from_dict(dict(hf)).to_dict()
+    except (KeyError, ValueError, TypeError) as exc:
+        raise ConfigError(
+            f"{path}: transformers' DeepseekV4Config cannot read the fields {', '.join(older)} "
+            f"({type(exc).__name__}: {exc}); compress_ratios take 0, 4 or 128 per layer"
+        ) from None
+    kept = {k: v for k, v in hf.items() if k not in _RELEASE_FIELDS}
+    return {**kept, **{k: folded[k] for k in _FOLDED_FIELDS}}
+
+
+def _check_naming(keys: list[str], path: str) -> None:
+    """A folder with tensors must name them as DeepSeek's release or as transformers does."""
+    if keys and not set(_EMBEDDINGS) & set(keys):
+        raise ConfigError(
+            f"{Path(path).parent}: its tensors (e.g. {sorted(keys)[0]!r}) follow neither DeepSeek's released "
+            "V4 names (embed.weight, layers.N.attn.wq_a.weight) nor transformers' (model.embed_tokens.weight, "
+            "model.layers.N...); give the folder as downloaded from DeepSeek or as transformers' save_pretrained wrote it"
+        )
