@@ -106,6 +106,7 @@ def single_process(
     accumulate: int = 1,
     save_to: Path | None = None,
     model: dict | None = None,
+    batch_size: int = 4,
 ) -> tuple[list[float], dict[str, torch.Tensor]]:
     losses = Losses()
     save = [ModelCheckpoint(save_to, "step{step}", every_n_train_steps=1, save_top_k=-1, auto_insert_metric_name=False)]
@@ -118,7 +119,7 @@ def single_process(
         default_root_dir=root,
         **trainer_settings(),
     )
-    trainer.fit(pretrain_module(**(model or {})), data_module(), ckpt_path=ckpt_path)
+    trainer.fit(pretrain_module(**(model or {})), data_module(batch_size), ckpt_path=ckpt_path)
     return losses.losses, {n: p.detach().clone() for n, p in trainer.lightning_module.named_parameters()}
 
 
@@ -348,8 +349,9 @@ def world4(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     jobs += [  # PP=4 with 2 stages per rank needs 8 stages: the tiny model with 8 layers
         {
             "name": f"pp4_{name}",
-            "strategy": {"pp_size": 4, "schedule": name, "microbatches": 4},
+            "strategy": {"pp_size": 4, "schedule": name, "microbatches": 8},
             "model": DEEP,
+            "batch_size": 8,
             "steps": STEPS,
         }
         for name in ("interleaved_1f1b", "interleaved_zb", "zbv", "dualpipev")
@@ -363,13 +365,13 @@ def world4(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     return root, launch(4, jobs, root, timeout=600)
 
 
-DEEP = {"n_layers": 8}  # for PP=4 under the schedules with two stages per rank
+DEEP = {"n_layers": 8}  # PP=4 with two stages per rank: 8 stages, 8 micro-batches of one sequence
 
 
 @pytest.fixture(scope="module")
 def deep_reference(tmp_path_factory: pytest.TempPathFactory) -> list[float]:
-    """The 8-layer model's single-process losses."""
-    return single_process(tmp_path_factory.mktemp("deep"), model=DEEP)[0]
+    """The 8-layer model's single-process losses (batches of 8 sequences)."""
+    return single_process(tmp_path_factory.mktemp("deep"), model=DEEP, batch_size=8)[0]
 
 
 @pytest.mark.slow
