@@ -212,7 +212,9 @@ def test_log_version_claims_racing_in_processes_are_all_distinct(tmp_path: Path)
     from moeframe.training.logversions import claim_log_version
 
     (tmp_path / "logs" / "version_3").mkdir(parents=True)  # an earlier run's
-    with multiprocessing.get_context("fork").Pool(8) as pool:
+    # spawn, not fork: a child forked from this multi-threaded test process can inherit a lock
+    # another thread held at the fork and wait on it forever (seen once in CI: one worker hung)
+    with multiprocessing.get_context("spawn").Pool(8) as pool:
         claimed = pool.map(claim_log_version, [tmp_path / "logs"] * 8)
     assert sorted(claimed) == list(range(4, 12))
 
