@@ -200,6 +200,15 @@ def build_cli(args: list[str] | None = None, run: bool = True, **kwargs: Any) ->
                 self.model.check_data(self.datamodule)
             return super().instantiate_trainer(**kwargs)
 
+        def add_arguments_to_parser(self, parser: Any) -> None:
+            parser.add_argument(
+                "--precision_by_machine",
+                type=bool,
+                default=False,
+                help="when trainer.precision is not given: bf16-mixed where this machine's measured bf16 "
+                "GEMM rate is at least 2x its float32 rate, else 32-true (moeframe.training.machine_precision)",
+            )
+
         def before_instantiate_classes(self) -> None:
             # a model config given on the command line that disagrees with the checkpoint's would
             # be dropped without a word: say which tensors differ instead
@@ -210,6 +219,8 @@ def build_cli(args: list[str] | None = None, run: bool = True, **kwargs: Any) ->
             _write_plugin_defaults(self.config)
             config = self.config[self.subcommand] if self.subcommand else self.config
             trainer = config["trainer"]
+            if config.get("precision_by_machine") and trainer.get("precision") is None:
+                _choose_precision(trainer)
             if isinstance(trainer.get("strategy"), str):
                 check_strategy_name(trainer["strategy"])
             if trainer.get("default_root_dir"):  # before the model and data are built, not at the first save
@@ -264,6 +275,22 @@ def no_abbrev_parser_class() -> type:
             super().__init__(*args, **kwargs)
 
     return NoAbbrevArgumentParser
+
+
+def _choose_precision(trainer: Any) -> None:
+    """``trainer.precision`` for a run with ``precision_by_machine: true`` that names none: chosen
+    from this machine's measured GEMM rates, said in one line (and saved with the run's config)."""
+    from lightning.pytorch.utilities import rank_zero_info
+
+    from moeframe.training.machine_precision import resolve_machine_precision
+
+    single = trainer.get("devices") in (1, "1") and trainer.get("num_nodes") in (1, None)
+    choice = resolve_machine_precision(trainer.get("accelerator"), single_process=single)
+    trainer["precision"] = choice.precision
+    rank_zero_info(
+        f"precision_by_machine: trainer.precision {choice.precision} ({choice.why}); "
+        "--trainer.precision overrides it"
+    )
 
 
 def _resumable_checkpoint(root: str) -> str | None:

@@ -17,6 +17,12 @@ when the dtype is not bf16: torch's own shape function for ``_grouped_mm`` accep
 although the CPU kernel runs float32 too, so without the op tracing would fail (or break the
 graph) exactly on the MoE hot path. The op runs the same kernel, so results are identical.
 
+Under autocast (``bf16-mixed``) the grouped products run in the autocast dtype, as ``nn.Linear``
+does there: torch's autocast has no rule for ``grouped_mm``, so without :func:`autocast_dtype` the
+routed experts, most of an MoE model's GEMM FLOPs, stayed in float32 under ``bf16-mixed`` (and,
+being float32, were never padded). The gate-weighted combine returns to the input's dtype, as the
+other MoE paths add in it. Without autocast nothing changes.
+
 Precision plugins may take over the three projections through the grouped-GEMM seam declared on
 ``ExpertsBase``: ``set_grouped_gemm(gemm)`` makes the forward call ``gemm(projection, x_NI, w_EOI,
 offs_E)`` for ``w1``, ``w3`` and ``w2`` (the ``fp8`` plugin installs its FP8 grouped GEMM there).
@@ -169,6 +175,21 @@ def pad_expert_groups_static(
     return x_MD, padded_E.cumsum(0).to(torch.int32), slot_N
 
 
+def autocast_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype matrix products of ``x`` run in: autocast's lower precision where autocast is on
+    for ``x``'s device and ``x`` is a float tensor, else ``x``'s own dtype."""
+    device_type = x.device.type
+    if x.is_floating_point() and torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return x.dtype
+
+
+def _cast_like(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """A stand-in for ``w.to(x.dtype)`` with no storage (``grouped_mm_supported`` reads only dtype,
+    device and shape): the real cast happens once, in :func:`_grouped_linear`."""
+    return w if w.dtype == x.dtype else torch.empty((), dtype=x.dtype, device=w.device).expand(w.shape)
+
+
 def grouped_mm(x_NI: torch.Tensor, w_EIO: torch.Tensor, offs_E: torch.Tensor) -> torch.Tensor:
     """``F.grouped_mm(x, w, offs=offs)`` that also traces in float32 under ``torch.compile`` (through
     ``moeframe::grouped_mm``, see the module docstring); same kernel, same results."""
@@ -180,7 +201,9 @@ def grouped_mm(x_NI: torch.Tensor, w_EIO: torch.Tensor, offs_E: torch.Tensor) ->
 def _grouped_linear(
     x_ND: torch.Tensor, w_EOD: torch.Tensor, offs_E: torch.Tensor, counts: list[int] | None
 ) -> torch.Tensor:
-    """Per-expert ``x @ w_eᵀ`` over contiguous token slices; ``counts`` given → loop fallback."""
+    """Per-expert ``x @ w_eᵀ`` over contiguous token slices; ``counts`` given → loop fallback. The
+    weights are cast to the rows' dtype (autocast: bf16 rows, float32 master weights)."""
+    w_EOD = w_EOD.to(x_ND.dtype)
     if counts is None:
         return grouped_mm(x_ND, w_EOD.transpose(-2, -1), offs_E)
     chunks = torch.split(x_ND, counts)
@@ -263,11 +286,14 @@ class GroupedExperts(ExpertsBase):
     ) -> torch.Tensor:
         self.mark_phase("moe_dispatch")
         T, K = indices_TK.shape
+        out_dtype = x_TD.dtype
+        if self.grouped_gemm is None:  # a precision plugin's GEMM chooses its own dtypes
+            x_TD = x_TD.to(autocast_dtype(x_TD))
         order_N = indices_TK.flatten().argsort(stable=True)
         token_N = order_N // K  # which token each sorted slot belongs to
         counts_E = count_per_expert(indices_TK, self.num_experts)
         offs_E = counts_E.cumsum(0).to(torch.int32)
-        fast = self.use_grouped_mm and grouped_mm_supported(x_TD, self.w1) and grouped_mm_supported(x_TD, self.w2)
+        fast = self.use_grouped_mm and all(grouped_mm_supported(x_TD, _cast_like(w, x_TD)) for w in (self.w1, self.w2))
         # index_select, not x_TD[token_N]: same rows, but its backward is an index_add (bf16 on the
         # CPU: ~40x faster than the sort-based accumulate of advanced indexing's backward)
         x_ND = x_TD.index_select(0, token_N)
@@ -285,7 +311,8 @@ class GroupedExperts(ExpertsBase):
         self.mark_phase("moe_dispatch")  # the combine: weight, scatter back to tokens
         if multiple:
             y_ND = y_ND.index_select(0, slot_N)
+        y_ND = y_ND.to(out_dtype)
         y_ND = y_ND * weights_TK.flatten().index_select(0, order_N).unsqueeze(-1).to(y_ND.dtype)
-        y_TD = torch.zeros_like(x_TD).index_add_(0, token_N, y_ND)
+        y_TD = y_ND.new_zeros(T, y_ND.shape[1]).index_add_(0, token_N, y_ND)
         self.mark_phase(None)
         return y_TD

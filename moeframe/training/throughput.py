@@ -30,15 +30,16 @@ Peak FLOP/s per device: ``peak_flops`` if given; else the dense (no 2:4 sparsity
 peak of a known GPU at the run's precision (``bf16`` or ``fp8``, read from the precision plugin
 or given as ``precision``); else (a CPU, an unknown GPU, fp32) a *measured* peak: the best of a
 few square matrix products in the run's GEMM dtype (float32, bfloat16 or float16; FP8 runs
-measure bfloat16), taken once per machine, device, torch version, thread count and dtype and
-cached in ``$MOEFRAME_CACHE`` (default ``~/.cache/moeframe``) ``/peak_flops.json``. One info
-line says which peak was used. A measured peak is what this machine's GEMM library reaches on a
+measure bfloat16), taken once per processor (model and feature flags) or GPU, core and thread
+count, torch version and dtype, and cached in ``$MOEFRAME_CACHE`` (default ``~/.cache/moeframe``)
+``/peak_flops.json``. One info line says which peak was used. A measured peak is what this machine's GEMM library reaches on a
 large product, not a datasheet figure: the MFU against it says how close the run comes to the
 fastest GEMMs it could run. ``measure_peak=False`` turns the measurement off (no MFU then).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
@@ -122,58 +123,118 @@ def peak_cache_file() -> Path:
     return Path(os.environ.get("MOEFRAME_CACHE") or Path.home() / ".cache" / "moeframe") / "peak_flops.json"
 
 
-def _machine_key(device: torch.device, dtype: torch.dtype) -> str:
+# Entries are keyed by what changes a GEMM rate: the processor (model name and a digest of its
+# feature flags: a VM moved to another CPU generation keeps its host name and often its model
+# name, not its flags), core and thread counts, the torch build (its BLAS/oneDNN), the dtype and
+# the product size. Keys of another format (the first cache also held the host name and no CPU
+# model) are dropped when the file is next written.
+CACHE_FORMAT = "v2"
+
+
+def cpu_description() -> str:
+    """``<model name> (flags <digest>), <cores> cores``, from /proc/cpuinfo where there is one."""
+    model, flags = platform.processor() or platform.machine(), ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and value.strip():
+                model = value.strip()
+            elif key.strip() in ("flags", "Features") and not flags:
+                flags = hashlib.sha256(" ".join(sorted(value.split())).encode()).hexdigest()[:8]
+    except OSError:  # no /proc (macOS, Windows): the platform's processor name alone
+        pass
+    return f"{model}{f' (flags {flags})' if flags else ''}, {os.cpu_count()} cores"
+
+
+def _machine_key(device: torch.device, dtype: torch.dtype, size: int) -> str:
     if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
+        name = f"{torch.cuda.get_device_name(device)}, CUDA {torch.version.cuda}"
     else:
-        name = f"{platform.processor() or platform.machine()} x{os.cpu_count()}, {torch.get_num_threads()} threads"
-    return (
-        f"{platform.node()} | {device.type}: {name} | torch {torch.__version__} | {str(dtype).removeprefix('torch.')}"
-    )
+        name = f"{cpu_description()}, {torch.get_num_threads()} threads"
+    dtype_name = str(dtype).removeprefix("torch.")
+    return f"{CACHE_FORMAT} | {device.type}: {name} | torch {torch.__version__} | {dtype_name} | {size}^3"
 
 
 def measure_gemm_peak(device: torch.device, dtype: torch.dtype, size: int = 2048, repeats: int = 3) -> float:
     """FLOP/s of the best of ``repeats`` ``size``³ products (after one warm-up) in ``dtype``."""
+    return measure_gemm_peaks(device, (dtype,), size, repeats)[dtype]
+
+
+def measure_gemm_peaks(
+    device: torch.device, dtypes: tuple[torch.dtype, ...], size: int = 2048, repeats: int = 3
+) -> dict[torch.dtype, float]:
+    """FLOP/s per dtype of the best of ``repeats`` ``size``³ products (after one warm-up each).
+    The dtypes take turns product by product, so that a machine whose load changes during the
+    measurement slows them alike: their ratio is what a precision choice compares."""
     # a private generator: measuring must not advance the run's RNG, or a run that measured (empty
     # cache) and its resumed twin (cache filled) would draw different random numbers afterwards
     generator = torch.Generator(device=device).manual_seed(0)
-    a = torch.randn(size, size, device=device, generator=generator).to(dtype)
-    b = torch.randn(size, size, device=device, generator=generator).to(dtype)
-    best = float("inf")
+    a = torch.randn(size, size, device=device, generator=generator)
+    b = torch.randn(size, size, device=device, generator=generator)
+    operands = {dtype: (a.to(dtype), b.to(dtype)) for dtype in dtypes}
+    best = dict.fromkeys(dtypes, float("inf"))
     for i in range(repeats + 1):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        a @ b
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        if i:  # the first product builds kernels and warms caches
-            best = min(best, time.perf_counter() - start)
-    return 2 * size**3 / best
+        for dtype, (x, y) in operands.items():
+            seconds = _time_product(device, x, y)
+            if i:  # the first product builds kernels and warms caches
+                best[dtype] = min(best[dtype], seconds)
+    return {dtype: 2 * size**3 / seconds for dtype, seconds in best.items()}
 
 
-def cached_gemm_peak(device: torch.device, dtype: torch.dtype, size: int = 2048) -> tuple[float, bool]:
-    """``(peak FLOP/s, measured now)``: from the per-machine cache, else measured and stored."""
-    path = peak_cache_file()
-    key = f"{_machine_key(device, dtype)} | {size}^3"
+def _time_product(device: torch.device, x: torch.Tensor, y: torch.Tensor) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    x @ y
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
+def _read_peak_cache() -> dict[str, float]:
     try:
-        cache = json.loads(path.read_text())
+        cache = json.loads(peak_cache_file().read_text())
     except (OSError, ValueError):
-        cache = {}
-    if isinstance(cache.get(key), (int, float)) and cache[key] > 0:
-        return float(cache[key]), False
-    peak = measure_gemm_peak(device, dtype, size)
-    cache[key] = peak
+        return {}
+    if not isinstance(cache, dict):
+        return {}
+    prefix = f"{CACHE_FORMAT} | "
+    return {k: float(v) for k, v in cache.items() if k.startswith(prefix) and isinstance(v, (int, float)) and v > 0}
+
+
+def _write_peak_cache(cache: dict[str, float]) -> None:
+    path = peak_cache_file()
     try:  # written whole, then renamed: a concurrent reader never sees half a file
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
         tmp.write_text(json.dumps(cache, indent=1, sort_keys=True))
         tmp.replace(path)
     except OSError as exc:
-        rank_zero_warn(
-            f"ModelThroughput: could not cache the measured peak in {path} ({exc}); it is measured again next run"
-        )
-    return peak, True
+        rank_zero_warn(f"could not cache the measured GEMM peak in {path} ({exc}); it is measured again next run")
+
+
+def cached_gemm_peaks(
+    device: torch.device, dtypes: tuple[torch.dtype, ...], size: int = 2048
+) -> tuple[dict[torch.dtype, float], bool]:
+    """``({dtype: peak FLOP/s}, measured now)``: from the per-machine cache when every dtype is
+    there, else all of them measured now, side by side (:func:`measure_gemm_peaks`), and stored."""
+    cache = _read_peak_cache()
+    keys = {dtype: _machine_key(device, dtype, size) for dtype in dtypes}
+    if all(key in cache for key in keys.values()):
+        return {dtype: cache[key] for dtype, key in keys.items()}, False
+    if len(dtypes) == 1:  # one dtype through measure_gemm_peak (the function tests replace)
+        peaks = {dtypes[0]: measure_gemm_peak(device, dtypes[0], size)}
+    else:
+        peaks = measure_gemm_peaks(device, dtypes, size)
+    cache.update({keys[dtype]: peak for dtype, peak in peaks.items()})
+    _write_peak_cache(cache)
+    return peaks, True
+
+
+def cached_gemm_peak(device: torch.device, dtype: torch.dtype, size: int = 2048) -> tuple[float, bool]:
+    """``(peak FLOP/s, measured now)``: from the per-machine cache, else measured and stored."""
+    peaks, fresh = cached_gemm_peaks(device, (dtype,), size)
+    return peaks[dtype], fresh
 
 
 class _StepTimer:
