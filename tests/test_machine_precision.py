@@ -111,6 +111,13 @@ def test_explicit_precision_wins_and_configs_that_do_not_opt_in_keep_float32(
     assert _trainer_precision(cache, "--precision_by_machine", "true") == "bf16-mixed"
     assert _trainer_precision(cache, "--precision_by_machine", "true", "--trainer.precision", "32-true") == "32-true"
     assert _trainer_precision(cache, "--precision_by_machine", "false") == "32-true"
+    # a precision plugin is the run's precision: nothing is chosen beside it (Lightning refuses both)
+    cli = build_cli(
+        args=["-c", TINY, "--precision_by_machine", "true", "--trainer.plugins", "fp8"]
+        + ["--trainer.default_root_dir", str(cache.parent.parent / "run")],
+        run=False,
+    )
+    assert type(cli.trainer.precision_plugin).__name__ != "MixedPrecision"
 
 
 @pytest.mark.bad_input

@@ -220,7 +220,7 @@ def build_cli(args: list[str] | None = None, run: bool = True, **kwargs: Any) ->
             config = self.config[self.subcommand] if self.subcommand else self.config
             trainer = config["trainer"]
             if config.get("precision_by_machine") and trainer.get("precision") is None:
-                _choose_precision(trainer)
+                _choose_precision(trainer)  # a precision plugin in trainer.plugins decides instead
             if isinstance(trainer.get("strategy"), str):
                 check_strategy_name(trainer["strategy"])
             if trainer.get("default_root_dir"):  # before the model and data are built, not at the first save
@@ -284,6 +284,8 @@ def _choose_precision(trainer: Any) -> None:
 
     from moeframe.training.machine_precision import resolve_machine_precision
 
+    if _names_a_precision_plugin(trainer.get("plugins")):
+        return  # the plugin is the run's precision (Lightning refuses both)
     single = trainer.get("devices") in (1, "1") and trainer.get("num_nodes") in (1, None)
     choice = resolve_machine_precision(trainer.get("accelerator"), single_process=single)
     trainer["precision"] = choice.precision
@@ -291,6 +293,24 @@ def _choose_precision(trainer: Any) -> None:
         f"precision_by_machine: trainer.precision {choice.precision} ({choice.why}); "
         "--trainer.precision overrides it"
     )
+
+
+def _names_a_precision_plugin(plugins: Any) -> bool:
+    """Whether ``trainer.plugins`` (one entry or a list, resolved class paths) holds a Precision."""
+    import importlib
+
+    from lightning.pytorch.plugins.precision import Precision
+
+    for entry in plugins if isinstance(plugins, list) else [plugins] if plugins is not None else []:
+        path = entry.get("class_path") if hasattr(entry, "get") else entry
+        module, _, name = str(path).rpartition(".")
+        try:
+            cls = getattr(importlib.import_module(module), name) if module else None
+        except (ImportError, AttributeError):
+            cls = None
+        if isinstance(entry, Precision) or (isinstance(cls, type) and issubclass(cls, Precision)):
+            return True
+    return False
 
 
 def _resumable_checkpoint(root: str) -> str | None:
