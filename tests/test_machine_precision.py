@@ -98,8 +98,8 @@ def test_the_gemm_cache_is_keyed_by_threads_and_drops_old_formats(
     assert old not in stored and len(stored) == 2 and len(measured) == 2
 
 
-def _trainer_precision(cache: Path, *args: str) -> str:
-    cli = build_cli(args=["-c", TINY, "--trainer.default_root_dir", str(cache.parent.parent / "run"), *args], run=False)
+def _trainer_precision(cache: Path, *args: str, config: str = TINY) -> str:
+    cli = build_cli(args=["-c", config, "--trainer.default_root_dir", str(cache.parent.parent / "run"), *args], run=False)
     return str(cli.trainer.precision)
 
 
@@ -108,12 +108,14 @@ def test_explicit_precision_wins_and_configs_that_do_not_opt_in_keep_float32(
 ) -> None:
     _force_rates(cache, 700e9, 175e9)  # a machine where bf16 is fast
     _no_measuring(monkeypatch)
-    assert _trainer_precision(cache, "--precision_by_machine", "true") == "bf16-mixed"
-    assert _trainer_precision(cache, "--precision_by_machine", "true", "--trainer.precision", "32-true") == "32-true"
+    assert _trainer_precision(cache) == "bf16-mixed"  # the shipped tiny run opts in
+    assert _trainer_precision(cache, "--trainer.precision", "32-true") == "32-true"
     assert _trainer_precision(cache, "--precision_by_machine", "false") == "32-true"
+    # a run config that does not opt in keeps Lightning's default
+    assert _trainer_precision(cache, config=str(REPO / "configs" / "pretrain" / "tiny-mla.yaml")) == "32-true"
     # a precision plugin is the run's precision: nothing is chosen beside it (Lightning refuses both)
     cli = build_cli(
-        args=["-c", TINY, "--precision_by_machine", "true", "--trainer.plugins", "fp8"]
+        args=["-c", TINY, "--trainer.plugins", "fp8"]
         + ["--trainer.default_root_dir", str(cache.parent.parent / "run")],
         run=False,
     )
@@ -136,7 +138,7 @@ def test_a_tiny_run_records_the_chosen_precision(
     root = cache.parent.parent / "run"
     with caplog.at_level(logging.INFO):
         build_cli(
-            args=["fit", "-c", TINY, "--precision_by_machine", "true", "--trainer.default_root_dir", str(root)]
+            args=["fit", "-c", TINY, "--trainer.default_root_dir", str(root)]
             + ["--trainer.max_steps", "2", *TINY_RUN_FLAGS],
         )
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("precision_by_machine:")]
