@@ -52,6 +52,7 @@ def _child(args: argparse.Namespace, extra: list[str]) -> None:
     totals: dict[str, list[float]] = {p: [0.0, 0.0] for p in (*PHASES, "in gap")}
     marks: dict[str, tuple[float, float]] = {}
     step_cpu: list[float] = []  # CPU seconds of each step's forward + backward (warm-up shows here)
+    step_wall: list[float] = []
 
     def add(phase: str, since: tuple[float, float]) -> None:
         now = _clock()
@@ -70,6 +71,7 @@ def _child(args: argparse.Namespace, extra: list[str]) -> None:
         def on_before_optimizer_step(self, trainer: Any, module: Any, optimizer: Any) -> None:
             add("fwd+bwd", marks["batch"])
             step_cpu.append(round(time.process_time() - marks["batch"][1], 3))
+            step_wall.append(round(time.perf_counter() - marks["batch"][0], 3))
             marks["opt"] = _clock()
 
         def on_train_batch_end(self, trainer: Any, module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
@@ -122,7 +124,7 @@ def _child(args: argparse.Namespace, extra: list[str]) -> None:
     trainer.fit(cli.model, datamodule=cli.datamodule)
     add("whole run", born)
     val = _validation_losses(Path(trainer.logger.log_dir) / "metrics.csv")
-    print("PHASES " + json.dumps({"totals": totals, "steps": trainer.global_step, "step_cpu": step_cpu, "val": val}))
+    print("PHASES " + json.dumps({"totals": totals, "steps": trainer.global_step, "step_cpu": step_cpu, "step_wall": step_wall, "val": val}))
 
 
 def _validation_losses(metrics: Path) -> dict[str, float]:
@@ -185,9 +187,10 @@ def main() -> None:
             result = _run_one(precision, args, extra)
             _between_steps_alone(result["totals"])
             runs[precision].append(result)
-            cpu = result["step_cpu"]
-            half = cpu[len(cpu) // 2 :]
-            print(f"{precision}: fwd+bwd CPU s, first 5 steps {cpu[:5]}, median of the second half {sorted(half)[len(half) // 2]}")
+            for clock in ("cpu", "wall"):
+                seconds = result[f"step_{clock}"]
+                half = sorted(seconds[len(seconds) // 2 :])
+                print(f"{precision}: fwd+bwd {clock} s, first 5 steps {seconds[:5]}, median of the second half {half[len(half) // 2]}")
             print(f"{precision}: validation loss by step {result['val']}", flush=True)
     print(f"{args.steps} steps, {args.threads} threads, {args.rounds} round(s); seconds wall / CPU (sum over rounds)")
     print("| phase | " + " | ".join(f"`{p}` wall | CPU" for p in args.precisions) + " |")

@@ -122,6 +122,15 @@ def test_explicit_precision_wins_and_configs_that_do_not_opt_in_keep_float32(
     assert type(cli.trainer.precision_plugin).__name__ != "MixedPrecision"
 
 
+def test_a_pinned_or_inherited_choice_is_used_without_measuring(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _force_rates(cache, 700e9, 175e9)
+    _no_measuring(monkeypatch)
+    monkeypatch.setenv(machine_precision.INHERITED, "32-true")  # as the test suite pins it
+    assert _trainer_precision(cache) == "32-true"
+    monkeypatch.setenv("WORLD_SIZE", "2")  # a DDP rank Lightning launched: the first process's choice
+    assert machine_precision.resolve_machine_precision("cpu", single_process=False).precision == "32-true"
+
+
 @pytest.mark.bad_input
 def test_ranks_started_by_another_launcher_must_name_the_precision(
     cache: Path, monkeypatch: pytest.MonkeyPatch

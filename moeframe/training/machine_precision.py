@@ -15,10 +15,11 @@ names no ``trainer.precision`` gets:
 The rates are measured side by side (the dtypes take turns) once per machine, thread count and
 torch build, and cached with ``ModelThroughput``'s measured peaks (``$MOEFRAME_CACHE`` or
 ``~/.cache/moeframe/peak_flops.json``), whose MFU then reuses them. One info line says which
-precision was chosen and why. An explicit ``--trainer.precision`` always wins. Processes launched
-by Lightning for the run (DDP) inherit the first process's choice (``MOEFRAME_MACHINE_PRECISION``);
-a job whose ranks are started by another launcher (torchrun, SLURM) must name its precision, since
-ranks deciding apart could disagree.
+precision was chosen and why. An explicit ``--trainer.precision`` always wins.
+``MOEFRAME_MACHINE_PRECISION`` set to a precision is used without measuring: processes launched by
+Lightning for the run (DDP) inherit the first process's choice through it, and the test suite pins
+it to ``32-true`` so that a test means the same on every CPU. A job whose ranks are started by
+another launcher (torchrun, SLURM) must name its precision, since ranks deciding apart could disagree.
 """
 
 from __future__ import annotations
@@ -83,7 +84,7 @@ def resolve_machine_precision(accelerator: object, single_process: bool) -> Prec
     processes Lightning launches unless the run is ``single_process``)."""
     inherited = os.environ.get(INHERITED)
     if inherited:
-        return PrecisionChoice(inherited, "chosen by the process that launched this one")
+        return PrecisionChoice(inherited, f"from {INHERITED}: the launching process's choice, or pinned")
     ranks = _launched_ranks()
     if ranks > 1:
         raise ConfigError(
