@@ -11,8 +11,10 @@ names one lever:
   template beside ATen: epilogue fusion into the projections); costs compile time.
 - ``loss``: ``block`` plus the loss (fp32 upcast + cross-entropy over the logits) compiled.
 - ``head``: ``block`` plus final norm, output head and loss in one compiled function.
-- ``flex``: ``block`` with MLA's attention core through ``flex_attention`` (causal block mask)
-  instead of SDPA's flash kernel.
+
+A ``+loop`` suffix (``eager+loop``, ``block+loop``) steps the model with AdamW's default per-tensor
+loop instead of the fused kernel: ``moeframe fit``'s optimizer unless ``optim.fused: true``
+(``compare_hf`` uses the fused kernel for both frameworks, as transformers' Trainer does).
 
     python benchmarks/compile_levers.py --threads 1 --clock cpu --batch 4 --seq 256 --variants eager block loss
 """
@@ -44,6 +46,7 @@ def ce(logits_BTV: torch.Tensor, labels_BT: torch.Tensor) -> torch.Tensor:
 
 def build(variant: str, folder: Path, dtype: torch.dtype) -> tuple[torch.nn.Module, Callable]:
     """The model and its forward-to-loss function for one variant."""
+    variant = variant.removesuffix("+loop")
     model = load_moeframe(folder, dtype)
     loss_fn: Callable = ce
     if variant == "eager":
@@ -55,9 +58,6 @@ def build(variant: str, folder: Path, dtype: torch.dtype) -> tuple[torch.nn.Modu
         model.configure_runtime(compile="block")
     if variant == "loss":
         loss_fn = torch.compile(ce)
-    if variant == "flex":
-        for block in model.blocks():
-            block.attn.core = "flex"
 
     def forward_loss(ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         out = model(ids)
@@ -93,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
         runs = {}
         for v in args.variants:
             model, fl = build(v, Path(tmp), dtype)
-            opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
+            fused = None if v.endswith("+loop") else True
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=fused)
             runs[v] = (model, fl, opt, [], [])
 
     def step(v: str) -> float:
