@@ -371,7 +371,7 @@ class OptimConfig:
     # fits both: 0.2 as Moonlight and torch's match_rms_adamw; DeepSeek-V4 reports 0.18
     muon_update_rms: float = 0.2
     # AdamW's fused kernel (``torch.optim.AdamW(fused=True)``): one pass over all parameters
-    # instead of a loop of small ops, about 6x faster optimizer step on the CPU (~10% of a
+    # instead of a loop of small ops, about 6x faster optimizer step on the CPU (5-10% of a
     # compare_hf-sized training step); parameters equal the default loop's within float rounding,
     # not bit for bit, hence opt-in. AdamW only (muon's AdamW part has its own loop)
     fused: bool = False
