@@ -12,7 +12,9 @@ single-process layout (a run without PP resumes from it, ``moeframe convert`` ex
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -511,6 +513,24 @@ def test_v_shaped_schedules_before_torch_2_13_are_refused_at_config_time(
     with pytest.raises(ConfigError, match=rf"schedule '{schedule}' needs torch >= 2\.13 \(torch .* fails its first"):
         pp(pp_size=2, schedule=schedule, microbatches=4)
     pp(pp_size=2, schedule="interleaved_zb", microbatches=4)
+
+
+def test_bubble_benchmark_skips_the_v_shaped_schedules_before_torch_2_13_with_a_line_each(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """benchmarks/pipeline_bubble.py measures only what this torch runs; forced here on the tested torch."""
+    from moeframe_parallel import pipeline_layout
+
+    spec = importlib.util.spec_from_file_location("pipeline_bubble", REPO / "benchmarks" / "pipeline_bubble.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.schedules_this_torch_runs() == list(pipeline_layout.SCHEDULES)
+    assert capsys.readouterr().out == ""
+    monkeypatch.setattr(pipeline_layout, "V_LAYOUTS_RUN", False)
+    assert bench.schedules_this_torch_runs() == ["gpipe", "1f1b", "interleaved_1f1b", "interleaved_zb"]
+    skipped = capsys.readouterr().out.splitlines()
+    assert [line.split("'")[1] for line in skipped] == ["zbv", "dualpipev"]
+    assert all(re.match(r"skipped: schedule '\w+' needs torch >= 2\.13 \(torch ", line) for line in skipped)
 
 
 @pytest.mark.bad_input
