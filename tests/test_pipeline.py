@@ -135,6 +135,7 @@ def pp2(tmp_path_factory: pytest.TempPathFactory, reference, reference_root: Pat
         for name, opts in SCHEDULES.items()
     ]
     jobs[0]["count_setup_bytes"] = True  # gpipe: the bytes each rank allocates while it builds its stage
+    jobs[1]["checkpoints"] = True  # 1f1b: resumed below, compared, converted
     jobs.append(
         {
             "name": "resumed",
@@ -149,6 +150,7 @@ def pp2(tmp_path_factory: pytest.TempPathFactory, reference, reference_root: Pat
             "name": "from_single",  # weights, AdamW state and data position of a run without PP
             "strategy": {"pp_size": 2, "schedule": "1f1b"},
             "steps": STEPS,
+            "checkpoints": True,
             "ckpt_path": str(reference_root / "ckpts" / "step1.ckpt"),
         }
     )
@@ -157,6 +159,7 @@ def pp2(tmp_path_factory: pytest.TempPathFactory, reference, reference_root: Pat
             "name": "evaluated",  # a held-out split: validation inside fit, then validate, test, predict
             "strategy": {"pp_size": 2, "schedule": "zbv", "microbatches": 4},  # V-shaped: stage 3 on rank 0
             "steps": 1,
+            "checkpoints": True,
             "val_permille": 100,
             "evaluate": True,
             "trainer": {**EVAL_LIMITS, "val_check_interval": 1, "num_sanity_val_steps": 1},
@@ -331,6 +334,7 @@ def world4(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
             "name": "pp2dp2",
             "strategy": {"pp_size": 2, "schedule": "1f1b"},
             "steps": STEPS,
+            "checkpoints": True,
             "predict": True,
             "trainer": {"limit_predict_batches": 1},
         },
@@ -338,13 +342,15 @@ def world4(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
             "name": "zero1",
             "strategy": {"pp_size": 2, "schedule": "interleaved_zb", "microbatches": 4, "zero_stage": 1},
             "steps": STEPS,
+            "checkpoints": True,
         },
         {
             "name": "pp2ep2",
             "strategy": {"pp_size": 2, "schedule": "zbv", "microbatches": 4, "ep_size": 2},
             "steps": STEPS,
+            "checkpoints": True,
         },
-        {"name": "v3", "strategy": v3, "steps": STEPS},
+        {"name": "v3", "strategy": v3, "steps": STEPS, "checkpoints": True},
         {"name": "v3_resumed", "strategy": v3, "steps": STEPS, "resume_name": "v3", "resume_from_step": 1},
         {"name": "pp4_gpipe", "strategy": {"pp_size": 4, "schedule": "gpipe"}, "steps": STEPS},
     ]
