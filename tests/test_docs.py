@@ -183,7 +183,7 @@ def test_site_builds_strict_with_the_generated_reference(tmp_path: Path) -> None
 # a shard), it runs first.
 READS_FILES_OF = {"cli.md": ("quickstart.md",)}
 # pages whose blocks take more than ~20 s on a quiet machine (they train or install)
-SLOW_PAGES = {"quickstart.md", "cli.md", "guides/plugins.md", "guides/v3-recipe.md", "guides/fp8.md"}
+SLOW_PAGES = {"cli.md", "guides/plugins.md", "guides/v3-recipe.md", "guides/fp8.md"}
 
 
 def runnable(block: Block) -> bool:
