@@ -16,8 +16,9 @@ Megatron's "alltoall" token dispatcher, dropless):
    from; the gate weights scale it and a scatter-add sums the K experts of each token.
 
 Under ``compile: block`` the whole layer, dispatch included, is one graph of its block. The split
-sizes are read once per forward (one ``.tolist()`` of 2·ep integers, the only host read; the
-backward reuses them), and a compiled block traces that read as symbolic integers (the core's
+sizes are read once per forward (one ``.tolist()`` of 2·ep integers, the only host read on the
+grouped-GEMM path; the backward reuses them; widths the grouped GEMM cannot take read the group
+sizes for a per-expert loop too), and a compiled block traces that read as symbolic integers (the core's
 ``Block.compile`` scopes torch's ``capture_scalar_outputs`` to the block's calls): the
 all-to-alls, whose output sizes are sums of those integers, and every shape after them are
 symbolic, so the exchange stays exact and dropless and nothing is padded. torch traces
