@@ -6,8 +6,9 @@ experts top-2) and swap its experts for ``EPExperts`` shards over a 2-rank ep_gr
 runs its own batch through both, twice, with different tokens (so different routing and
 all-to-all split sizes): the second step runs under ``fail_on_recompile``, so a split size that
 the compiled graph had specialised on would fail here. Saved per dtype: the graph-break count of
-the MoE block (``torch._dynamo.explain``, forward), and per step the loss and every gradient of
-both.
+the MoE block (``torch._dynamo.explain``, forward), the host reads of one eager forward and of its
+backward (``Tensor.tolist`` calls and ``aten._local_scalar_dense``, what ``.item()`` runs), and
+per step the loss and every gradient of both.
 
 usage: python _ep_compile_rank.py RANK WORLD_SIZE PORT OUT.pt BACKEND DTYPE [DTYPE ...]
 """
@@ -16,11 +17,15 @@ from __future__ import annotations
 
 import copy
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from moeframe.compat import capture_scalar_outputs
 from moeframe.config import ModelConfig
@@ -57,6 +62,46 @@ def loss_and_grads(decoder: Decoder, ids_BT: torch.Tensor) -> tuple[torch.Tensor
     return loss.detach(), {n: p.grad.float().clone() for n, p in decoder.named_parameters() if p.grad is not None}
 
 
+class _ScalarReads(TorchDispatchMode):
+    def __init__(self, seen: list[str]) -> None:
+        super().__init__()
+        self.seen = seen
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.seen.append("item")
+        return func(*args, **(kwargs or {}))
+
+
+@contextmanager
+def host_reads() -> Iterator[list[str]]:
+    """Every read of tensor data to the host (``.item()``, ``.tolist()``) while active."""
+    seen: list[str] = []
+    tolist = torch.Tensor.tolist
+
+    def counting_tolist(self: torch.Tensor) -> Any:
+        seen.append("tolist")
+        return tolist(self)
+
+    torch.Tensor.tolist = counting_tolist  # type: ignore[method-assign]
+    try:
+        with _ScalarReads(seen):
+            yield seen
+    finally:
+        torch.Tensor.tolist = tolist  # type: ignore[method-assign]
+
+
+def eager_host_reads(decoder: Decoder, ids_BT: torch.Tensor) -> tuple[int, int]:
+    """Host reads of one forward and of its backward."""
+    decoder.zero_grad(set_to_none=True)
+    with host_reads() as seen:
+        out = decoder(ids_BT[:, :-1])
+        loss = F.cross_entropy(out.logits.flatten(0, 1).float(), ids_BT[:, 1:].flatten()) + out.aux_loss
+        forward = len(seen)
+        loss.backward()
+    return forward, len(seen) - forward
+
+
 def moe_block_graph_breaks(decoder: Decoder, dtype: torch.dtype) -> int:
     block = decoder.layers[1]
     assert isinstance(block.ffn.experts, EPExperts)
@@ -77,6 +122,7 @@ def compare(rank: int, ep_group: dist.ProcessGroup, dtype: torch.dtype, backend:
     replace_experts(eager, ep_group)
     replace_experts(compiled, ep_group)
     result: dict = {"graph_breaks": moe_block_graph_breaks(compiled, dtype), "steps": []}
+    result["host_reads"] = eager_host_reads(eager, torch.randint(0, 64, (BATCH, SEQ_LEN + 1)))
     for block in compiled.blocks():
         block.compile(fullgraph=True, backend=backend)
     gen = torch.Generator().manual_seed(10 + rank)  # each rank its own tokens

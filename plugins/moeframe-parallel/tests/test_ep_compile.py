@@ -6,7 +6,9 @@ blocks compiled with ``fullgraph=True`` must give each rank the loss and every g
 local expert shards included, which hold the other rank's tokens' contributions) of the eager
 EP model: aot_eager runs the same kernels, so float32 matches to 1e-6 and bfloat16 within
 bf16 rounding. The second step routes differently and runs under ``fail_on_recompile``: the
-split sizes are symbolic in the graph, not specialised. ``_ep_compile_rank.py`` is the rank.
+split sizes are symbolic in the graph, not specialised. The one host read left (the split sizes,
+which the all-to-all takes on the host) happens once per EP layer forward, never in the backward.
+``_ep_compile_rank.py`` is the rank.
 Eager EP itself is checked against EP=1 in ``test_ep_parity.py``.
 """
 
@@ -51,6 +53,12 @@ def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
 @pytest.mark.parametrize("dtype", list(DTYPES))
 def test_ep_moe_block_has_no_graph_break(ranks: list[dict], dtype: str) -> None:
     assert [result[dtype]["graph_breaks"] for result in ranks] == [0, 0]
+
+
+@pytest.mark.slow
+def test_ep_reads_the_split_sizes_to_the_host_once_per_forward_and_never_in_backward(ranks: list[dict]) -> None:
+    # one EP MoE layer in the model; nothing else in the decoder reads tensor data to the host
+    assert [result["float32"]["host_reads"] for result in ranks] == [(1, 0), (1, 0)]
 
 
 @pytest.mark.slow
