@@ -8,7 +8,9 @@ all-to-all split sizes): the second step runs under ``fail_on_recompile``, so a 
 the compiled graph had specialised on would fail here. Saved per dtype: the graph-break count of
 the MoE block (``torch._dynamo.explain``, forward), the host reads of one eager forward and of its
 backward (``Tensor.tolist`` calls and ``aten._local_scalar_dense``, what ``.item()`` runs), and
-per step the loss and every gradient of both.
+per step the loss and every gradient of both. Then the same for FP8 EP experts alone (the fp8
+plugin's emulated grouped GEMM in the experts' seam): graph breaks, and eager against
+``fullgraph=True`` outputs and gradients.
 
 usage: python _ep_compile_rank.py RANK WORLD_SIZE PORT OUT.pt BACKEND DTYPE [DTYPE ...]
 """
@@ -31,6 +33,8 @@ from moeframe.compat import capture_scalar_outputs
 from moeframe.config import ModelConfig
 from moeframe.model.context import ForwardContext
 from moeframe.model.decoder import Decoder, build_decoder
+from moeframe.model.experts import GroupedExperts, GroupedOptions
+from moeframe_fp8 import FP8GroupedGemm, FP8Recipe
 from moeframe_parallel.ep_experts import EPExperts, replace_experts
 from moeframe_parallel.expert_parallel import new_ep_groups
 
@@ -136,6 +140,34 @@ def compare(rank: int, ep_group: dist.ProcessGroup, dtype: torch.dtype, backend:
     return result
 
 
+def fp8_experts_check(ep_group: dist.ProcessGroup, rank: int, backend: str) -> dict:
+    """FP8 EP experts (D = 256, F = 128: the FP8 block size divides them): graph breaks, and the
+    compiled outputs and gradients next to eager's."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    full = GroupedExperts(model_config(), GroupedOptions(), 8, 256, 128)
+    for p in full.parameters():
+        torch.nn.init.normal_(p, std=256**-0.5)
+    full.set_grouped_gemm(FP8GroupedGemm(FP8Recipe(), "experts"))
+    shard = EPExperts.from_full(full, ep_group)
+    gen = torch.Generator().manual_seed(20 + rank)
+    x_TD, weights_TK = torch.randn(32, 256, generator=gen), torch.rand(32, 2, generator=gen)
+    indices_TK = torch.stack([torch.randperm(8, generator=gen)[:2] for _ in range(32)])
+
+    def run(fn: Any) -> list[torch.Tensor]:
+        shard.zero_grad(set_to_none=True)
+        x = x_TD.clone().requires_grad_()
+        y_TD = fn(x, weights_TK, indices_TK)
+        y_TD.square().sum().backward()
+        return [y_TD.detach(), x.grad, *(p.grad.clone() for p in shard.parameters())]
+
+    with capture_scalar_outputs():
+        breaks = torch._dynamo.explain(shard)(x_TD, weights_TK, indices_TK).graph_break_count
+        torch._dynamo.reset()
+        eager, compiled = run(shard), run(torch.compile(shard, fullgraph=True, backend=backend))
+    return {"graph_breaks": breaks, "eager": eager, "compiled": compiled}
+
+
 def main() -> None:
     rank, world, port, out, backend = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
     torch.set_num_threads(1)
@@ -144,6 +176,7 @@ def main() -> None:
     )
     ep_group, _ = new_ep_groups(ep_size=world)
     results = {name: compare(rank, ep_group, getattr(torch, name), backend) for name in sys.argv[6:]}
+    results["fp8"] = fp8_experts_check(ep_group, rank, backend)
     torch.save(results, out)
     dist.destroy_process_group()
 

@@ -8,6 +8,7 @@ EP model: aot_eager runs the same kernels, so float32 matches to 1e-6 and bfloat
 bf16 rounding. The second step routes differently and runs under ``fail_on_recompile``: the
 split sizes are symbolic in the graph, not specialised. The one host read left (the split sizes,
 which the all-to-all takes on the host) happens once per EP layer forward, never in the backward.
+FP8 EP experts (the fp8 plugin's emulated grouped GEMM in the seam) compile in one graph too.
 ``_ep_compile_rank.py`` is the rank.
 Eager EP itself is checked against EP=1 in ``test_ep_parity.py``.
 """
@@ -77,3 +78,14 @@ def test_compiled_ep_matches_eager_on_every_rank(ranks: list[dict], dtype: str) 
                 torch.testing.assert_close(grads1[name], g, rtol=tol, atol=tol, msg=name)
     # the ranks ran different tokens (so different split sizes in each direction)
     assert ranks[0][dtype]["steps"][0]["eager"][0] != ranks[1][dtype]["steps"][0]["eager"][0]
+
+
+@pytest.mark.slow
+def test_fp8_ep_experts_compile_in_one_graph_with_eagers_numbers(ranks: list[dict]) -> None:
+    for result in ranks:
+        fp8 = result["fp8"]
+        assert fp8["graph_breaks"] == 0
+        assert len(fp8["eager"]) == 5  # output, input gradient, w1/w2/w3 gradients
+        for eager, compiled in zip(fp8["eager"], fp8["compiled"], strict=True):
+            assert eager.abs().sum() > 0
+            torch.testing.assert_close(compiled, eager, rtol=1e-6, atol=1e-6)
