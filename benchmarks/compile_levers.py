@@ -122,7 +122,9 @@ def main(argv: list[str] | None = None) -> int:
             runs[v][3].append(step(v))
     base = statistics.median(runs[args.variants[0]][3])
     base_min = min(runs[args.variants[0]][3])
-    print(f"\n{args.dtype} {args.batch}x{args.seq}, {args.threads} thread(s), {args.clock} clock, median of {args.steps}")
+    print(
+        f"\n{args.dtype} {args.batch}x{args.seq}, {args.threads} thread(s), {args.clock} clock, median of {args.steps}"
+    )
     for v in args.variants:
         med = statistics.median(runs[v][3])
         losses = runs[v][4]

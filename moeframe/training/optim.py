@@ -195,7 +195,10 @@ def make_optimizer(model: nn.Module, optim: OptimConfig) -> torch.optim.Optimize
             ns_coefficients=ns_coefficients(optim.muon_ns_schedule, optim.muon_ns_steps),
         )
     adamw = torch.optim.AdamW(
-        param_groups(model, optim.weight_decay), lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps,
+        param_groups(model, optim.weight_decay),
+        lr=optim.lr,
+        betas=tuple(optim.betas),
+        eps=optim.eps,
         fused=optim.fused or None,  # None when off: the same groups (and checkpoints) as before the option
     )
     adamw.register_load_state_dict_post_hook(_keep_fused(optim.fused))
