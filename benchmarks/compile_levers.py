@@ -8,9 +8,9 @@ names one lever:
 - ``eager``: no compile (the reference).
 - ``block``: ``compile: block`` as shipped (inductor, default options).
 - ``autotune``: ``block`` with inductor's GEMM autotuning (``max_autotune`` with the C++ GEMM
-  template beside ATen: epilogue fusion into the projections); costs compile time.
+  template beside ATen). Measured: in training it changes nothing, because inductor offers the
+  template only for weights that are graph constants (frozen inference graphs).
 - ``loss``: ``block`` plus the loss (fp32 upcast + cross-entropy over the logits) compiled.
-- ``head``: ``block`` plus final norm, output head and loss in one compiled function.
 
 A ``+loop`` suffix (``eager+loop``, ``block+loop``) steps the model with AdamW's default per-tensor
 loop instead of the fused kernel: ``moeframe fit``'s optimizer unless ``optim.fused: true``
@@ -38,6 +38,14 @@ from compare_hf import DTYPES, SMOKE, V3_SHAPED, load_moeframe, make_checkpoint 
 
 CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.process_time}
 AUTOTUNE = {"max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"}
+LEVERS = ("eager", "block", "autotune", "loss")
+
+
+def variant_name(text: str) -> str:
+    """A lever, optionally with ``+loop`` (argparse type: an unknown name is a usage error)."""
+    if text.removesuffix("+loop") not in LEVERS:
+        raise argparse.ArgumentTypeError(f"{text!r}: use one of {', '.join(LEVERS)}, optionally with +loop")
+    return text
 
 
 def ce(logits_BTV: torch.Tensor, labels_BT: torch.Tensor) -> torch.Tensor:
@@ -68,7 +76,7 @@ def build(variant: str, folder: Path, dtype: torch.dtype) -> tuple[torch.nn.Modu
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--variants", nargs="+", default=["eager", "block"])
+    p.add_argument("--variants", nargs="+", type=variant_name, default=["eager", "block"])
     p.add_argument("--dtype", default="float32", choices=list(DTYPES))
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--seq", type=int, default=1024)
