@@ -140,3 +140,42 @@ def test_training_step_reports_model_flops_for_the_throughput_monitor() -> None:
     ids = torch.randint(0, cfg.vocab_size, (3, 17))
     module.training_step({"input_ids": ids[:, :-1], "labels": ids[:, 1:]}, 0)
     assert module.flops_per_batch == 3 * 16 * inspect_model(cfg, "t", seq_len=16).training_flops_per_token
+
+
+def test_causal_pair_count_matches_counting_each_query() -> None:
+    from moeframe.plugin import causal_pair_count
+
+    for T, stride, cap in [(0, 1, None), (1, 1, None), (37, 1, None), (37, 1, 5), (37, 4, None), (37, 4, 3), (8, 4, 9)]:
+        by_query = sum(min((t + 1) // stride, T if cap is None else cap) for t in range(T))
+        assert causal_pair_count(T, stride, cap) == by_query, (T, stride, cap)
+
+
+def _inspect_json(preset: str, seq_len: int, capsys: pytest.CaptureFixture[str]) -> dict:
+    assert main(["inspect", str(REPO / "configs/model" / preset), "--seq_len", str(seq_len), "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_mla_keeps_the_full_causal_attention_count(capsys: pytest.CaptureFixture[str]) -> None:
+    """MLA declares no attention FLOPs: the core's 6·H·(d_qk + d_v)·T/2 per layer. The matrix part
+    does not depend on T, so two lengths differ by the attention core alone."""
+    L, H, qk, v = 4, 4, 32 + 16, 32  # configs/model/tiny-mla.yaml
+    short, long = (_inspect_json("tiny-mla.yaml", T, capsys)["training_flops_per_token"] for T in (100, 900))
+    assert long - short == L * 6 * H * (qk + v) * (900 - 100) // 2
+
+
+def test_dsa_preset_reports_its_sparse_attention_count(capsys: pytest.CaptureFixture[str]) -> None:
+    """tiny-v32 (4 DSA layers, top-64): counted by hand per position, 3x forward for training, and
+    below what MLA's full-causal count would give at T = 1024."""
+    L, H, qk, v, G, Idx, K = 4, 4, 32 + 16, 32, 4, 32, 64  # configs/model/tiny-v32.yaml
+
+    def forward_per_token(T: int) -> float:
+        pairs = [(t + 1, min(K, t + 1)) for t in range(T)]
+        return sum(2 * seen * G * (Idx + 1) + 2 * attended * H * (qk + v) for seen, attended in pairs) / T
+
+    short, long = (_inspect_json("tiny-v32.yaml", T, capsys)["training_flops_per_token"] for T in (64, 1024))
+    expected = L * 3 * (forward_per_token(1024) - forward_per_token(64))
+    assert long - short == pytest.approx(expected, abs=2 * L)  # each layer's figure is rounded
+    full_causal = L * 6 * H * (qk + v) * (1024 - 64) // 2
+    assert long - short < full_causal
+    assert main(["inspect", str(REPO / "configs/model/tiny-v32.yaml"), "--seq_len", "1024"]) == 0
+    assert f"training FLOPs/token (T=1024)  {long:.4g}" in capsys.readouterr().out

@@ -37,7 +37,14 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 import torch.nn.functional as F
 
-from moeframe.plugin import ConfigError, ForwardContext, PluginOptions, cached_causal_mask, document_mask
+from moeframe.plugin import (
+    ConfigError,
+    ForwardContext,
+    PluginOptions,
+    cached_causal_mask,
+    causal_pair_count,
+    document_mask,
+)
 from moeframe_dsa import selected
 from moeframe_dsa.indexer import QUERY_CHUNK, LightningIndexer, score_chunk, selected_scores
 from moeframe_mla import LatentCache, MLAOptions, MultiHeadLatentAttention, rotate
@@ -154,6 +161,20 @@ class DeepSeekSparseAttention(MultiHeadLatentAttention):
     def kv_cache_values_per_token(cls, config: ModelConfig, options: PluginOptions) -> int:
         assert isinstance(options, DSAOptions)
         return options.kv_lora_rank + options.qk_rope_head_dim + options.index_head_dim
+
+    @classmethod
+    def attention_flops_per_token(cls, config: ModelConfig, options: PluginOptions, seq_len: int) -> float:
+        """The indexer scores every visible token (``index_n_heads`` dot products of
+        ``index_head_dim`` plus the weighted sum over heads); MLA then attends, in its expanded form,
+        to ``min(index_topk, t + 1)`` tokens at position t (``sparse``) or to all t + 1
+        (``dense_warmup``). The warm-up's KL target (no gradient) is left out."""
+        assert isinstance(options, DSAOptions)
+        T = seq_len
+        index_pairs = causal_pair_count(T)
+        attended_pairs = causal_pair_count(T, cap=options.index_topk if options.mode == "sparse" else None)
+        per_index_pair = options.index_n_heads * (options.index_head_dim + 1)
+        per_attended_pair = config.n_heads * (options.qk_nope_head_dim + options.qk_rope_head_dim + options.v_head_dim)
+        return 2 * (index_pairs * per_index_pair + attended_pairs * per_attended_pair) / max(T, 1)
 
     def new_cache(self, batch_size: int, max_len: int, device: torch.device, dtype: torch.dtype) -> IndexedLatentCache:
         return IndexedLatentCache(

@@ -58,6 +58,7 @@ from moeframe.plugin import (
     ForwardContext,
     PluginOptions,
     RMSNorm,
+    causal_pair_count,
     default_init,
 )
 from moeframe_v4.attn_compress import Compressor, Indexer
@@ -310,6 +311,27 @@ class V4Attention(AttentionBase):
             per_entry = options.head_dim + (options.index_head_dim if csa else 0)
             values += S // rate * per_entry
         return -(-values // S)
+
+    @classmethod
+    def attention_flops_per_token(cls, config: ModelConfig, options: PluginOptions, seq_len: int) -> float:
+        """Model FLOPs, as the definition needs them (the masked blocks of the training forward
+        compute more): at position t, the query reads ``min(sliding_window, t + 1)`` keys and, with a
+        compressor of rate m, the ``(t + 1) // m`` entries completed by then (CSA: the indexer
+        scores them all, ``index_n_heads`` dot products of ``index_head_dim`` plus the weighted sum,
+        and the attention reads ``index_topk`` of them). Each key or entry costs a score and a value
+        product of ``head_dim`` per head (the key is the value); the sink column is left out."""
+        assert isinstance(options, V4AttentionOptions)
+        T, m = seq_len, options.compress_rate()
+        attended_pairs = causal_pair_count(T, cap=options.sliding_window)
+        index_flops = 0
+        if m is not None:
+            csa = options.layer_type == "compressed_sparse_attention"
+            attended_pairs += causal_pair_count(T, stride=m, cap=options.index_topk if csa else None)
+            if csa:
+                per_index_pair = options.index_n_heads * (options.index_head_dim + 1)
+                index_flops = 2 * causal_pair_count(T, stride=m) * per_index_pair
+        attention_flops = 2 * attended_pairs * config.n_heads * 2 * options.head_dim
+        return (attention_flops + index_flops) / max(T, 1)
 
     def new_cache(self, batch_size: int, max_len: int, device: torch.device, dtype: torch.dtype) -> V4Cache:
         return V4Cache(batch_size, max_len, self.head_dim, self.window, self.compressor, self.indexer, device, dtype)
