@@ -164,16 +164,21 @@ def test_mla_keeps_the_full_causal_attention_count(capsys: pytest.CaptureFixture
 
 
 def test_dsa_preset_reports_its_sparse_attention_count(capsys: pytest.CaptureFixture[str]) -> None:
-    """tiny-v32 (4 DSA layers, top-64): counted by hand per position, 3x forward for training, and
-    below what MLA's full-causal count would give at T = 1024."""
+    """tiny-v32 (4 DSA layers, top-64), counted by hand per position: forward, the indexer over
+    every visible token and MLA over the top-k; backward, twice the forward of both over the top-k
+    only (the indexer learns from the selected tokens). Below MLA's full-causal count at T = 1024."""
     L, H, qk, v, G, Idx, K = 4, 4, 32 + 16, 32, 4, 32, 64  # configs/model/tiny-v32.yaml
 
-    def forward_per_token(T: int) -> float:
-        pairs = [(t + 1, min(K, t + 1)) for t in range(T)]
-        return sum(2 * seen * G * (Idx + 1) + 2 * attended * H * (qk + v) for seen, attended in pairs) / T
+    def training_per_token(T: int) -> float:
+        flops = 0
+        for t in range(T):
+            seen, attended = t + 1, min(K, t + 1)
+            flops += 2 * seen * G * (Idx + 1) + 2 * attended * H * (qk + v)  # forward
+            flops += 2 * 2 * attended * (G * (Idx + 1) + H * (qk + v))  # backward
+        return flops / T
 
     short, long = (_inspect_json("tiny-v32.yaml", T, capsys)["training_flops_per_token"] for T in (64, 1024))
-    expected = L * 3 * (forward_per_token(1024) - forward_per_token(64))
+    expected = L * (training_per_token(1024) - training_per_token(64))
     assert long - short == pytest.approx(expected, abs=2 * L)  # each layer's figure is rounded
     full_causal = L * 6 * H * (qk + v) * (1024 - 64) // 2
     assert long - short < full_causal

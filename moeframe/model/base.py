@@ -158,10 +158,20 @@ class AttentionBase(nn.Module, HFNamed, abc.ABC):
         """Forward FLOPs (2 per multiply-add) of one layer's score and value products per token,
         averaged over the positions of one causal sequence of ``seq_len`` tokens: the part of the
         cost that grows with the context (the projections are matrix parameters, counted apart).
-        Include an indexer's scoring; ``causal_pair_count`` counts what a query sees. The core
-        counts training as 3x this (backward = 2x forward, as for the matrix products). Default
-        None: the core's full-causal count, ``2·H·(d_qk + d_v)·T/2``, read off the module's
-        ``n_heads`` and ``qk_head_dim``/``v_head_dim`` (or ``head_dim``)."""
+        Include an indexer's scoring; ``causal_pair_count`` counts what a query sees. Training adds
+        the backward (``attention_backward_flops_per_token``, by default twice this, as for the
+        matrix products). Default None: the core's full-causal count, ``2·H·(d_qk + d_v)·T/2``,
+        read off the module's ``n_heads`` and ``qk_head_dim``/``v_head_dim`` (or ``head_dim``)."""
+        return None
+
+    @classmethod
+    def attention_backward_flops_per_token(
+        cls, config: ModelConfig, options: PluginOptions, seq_len: int
+    ) -> float | None:
+        """The backward FLOPs of what ``attention_flops_per_token`` counts, where they are not twice
+        the forward: a part computed without gradient (an indexer that scores every token but
+        learns from its top-k only, a discrete selection) has no backward. Default None: twice the
+        forward."""
         return None
 
     def take_training_losses(self) -> dict[str, torch.Tensor]:

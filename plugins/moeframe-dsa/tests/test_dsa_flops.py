@@ -25,20 +25,25 @@ DSA: dict[str, Any] = dict(
 )
 
 
-def hand_count(T: int, topk: int | None) -> float:
-    """Forward FLOPs per token: at position t the indexer scores t + 1 tokens (G dot products of
-    width I, then a G-term weighted sum); MLA scores and sums min(topk, t + 1) keys per head."""
-    flops = 0
+def hand_count(T: int, topk: int | None) -> tuple[float, float]:
+    """(forward, backward) FLOPs per token. Forward, at position t: the indexer scores t + 1 tokens
+    (G dot products of width I, then a G-term weighted sum); MLA scores and sums min(topk, t + 1)
+    keys per head. Backward: twice the forward of MLA and of the indexer over those attended keys."""
+    forward = backward = 0
     for t in range(T):
-        flops += 2 * (t + 1) * G * (I + 1)
         attended = t + 1 if topk is None else min(topk, t + 1)
-        flops += 2 * attended * H * ((NOPE + ROPE) + V)
-    return flops / T
+        forward += 2 * (t + 1) * G * (I + 1) + 2 * attended * H * ((NOPE + ROPE) + V)
+        backward += 2 * 2 * attended * (G * (I + 1) + H * ((NOPE + ROPE) + V))
+    return forward / T, backward / T
 
 
-def declared(mode: str, T: int) -> float:
+def declared(mode: str, T: int) -> tuple[float, float]:
     plan = resolve_model_config(tiny_config(n_heads=H, attention={**DSA, "mode": mode}))
-    return DeepSeekSparseAttention.attention_flops_per_token(plan.config, plan.attention.options, T)
+    args = (plan.config, plan.attention.options, T)
+    return (
+        DeepSeekSparseAttention.attention_flops_per_token(*args),
+        DeepSeekSparseAttention.attention_backward_flops_per_token(*args),
+    )
 
 
 @pytest.mark.parametrize("T", [3, 5, 40])  # below, at and well past the top-k
@@ -47,5 +52,7 @@ def test_sparse_counts_indexer_over_context_and_attention_over_topk(T: int) -> N
 
 
 def test_dense_warmup_attends_to_every_token() -> None:
-    assert declared("dense_warmup", 40) == pytest.approx(hand_count(40, None), rel=1e-12)
-    assert declared("sparse", 40) < declared("dense_warmup", 40)
+    forward, backward = declared("dense_warmup", 40)
+    assert (forward, backward) == pytest.approx(hand_count(40, None), rel=1e-12)
+    assert backward == pytest.approx(2 * forward, rel=1e-12)  # everything learns in the warm-up
+    assert sum(declared("sparse", 40)) < forward + backward

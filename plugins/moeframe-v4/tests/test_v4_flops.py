@@ -13,11 +13,12 @@ H, D, WINDOW, CSA_RATE, HCA_RATE, G, I, TOPK = 4, 16, 8, 4, 16, 4, 8, 3
 T = 100  # past the window, with more completed CSA entries (25) than the top-k
 
 
-def hand_count(layer_type: str) -> float:
-    """Forward FLOPs per token: each key or entry read costs a score and a value product of width D
-    per head (the key is the value); CSA's indexer scores every completed entry (G dot products of
-    width I, then a G-term weighted sum) and the attention reads TOPK of them."""
-    flops = 0
+def hand_count(layer_type: str) -> tuple[float, float]:
+    """(forward, backward) FLOPs per token. Each key or entry read costs a score and a value product
+    of width D per head (the key is the value), backward twice that; CSA's indexer scores every
+    completed entry (G dot products of width I, then a G-term weighted sum) and the attention reads
+    TOPK of them; the indexer only selects, so it has no backward."""
+    forward = backward = 0
     for t in range(T):
         read = min(WINDOW, t + 1)
         if layer_type == "heavily_compressed_attention":
@@ -25,9 +26,10 @@ def hand_count(layer_type: str) -> float:
         if layer_type == "compressed_sparse_attention":
             entries = (t + 1) // CSA_RATE
             read += min(TOPK, entries)
-            flops += 2 * entries * G * (I + 1)
-        flops += 2 * read * H * 2 * D
-    return flops / T
+            forward += 2 * entries * G * (I + 1)
+        forward += 2 * read * H * 2 * D
+        backward += 2 * 2 * read * H * 2 * D
+    return forward / T, backward / T
 
 
 @pytest.mark.parametrize("layer_type", LAYER_TYPES)
@@ -48,6 +50,7 @@ def test_declared_flops_match_hand_count(layer_type: str) -> None:
         o_lora_rank=16,
     )
     plan = resolve_model_config(tiny_config(n_heads=H, max_seq_len=128, attention=attention))
-    flops = V4Attention.attention_flops_per_token(plan.config, plan.attention.options, T)
-    assert flops == pytest.approx(hand_count(layer_type), rel=1e-12)
-    assert flops < 2 * H * 2 * D * T / 2  # far less than full causal attention at this length
+    args = (plan.config, plan.attention.options, T)
+    declared = V4Attention.attention_flops_per_token(*args), V4Attention.attention_backward_flops_per_token(*args)
+    assert declared == pytest.approx(hand_count(layer_type), rel=1e-12)
+    assert declared[0] < 2 * H * 2 * D * T / 2  # far less than full causal attention at this length
