@@ -184,3 +184,22 @@ def test_dsa_preset_reports_its_sparse_attention_count(capsys: pytest.CaptureFix
     assert long - short < full_causal
     assert main(["inspect", str(REPO / "configs/model/tiny-v32.yaml"), "--seq_len", "1024"]) == 0
     assert f"training FLOPs/token (T=1024)  {long:.4g}" in capsys.readouterr().out
+
+
+def test_v4_preset_counts_each_layer_by_its_own_type(capsys: pytest.CaptureFixture[str]) -> None:
+    """tiny-v4: layer 0 sliding, 1 and 3 CSA, 2 HCA (per-layer options). By hand per position:
+    window keys + completed entries (CSA: top-16 of them, its indexer scoring all, forward only),
+    a score and a value product of head_dim per head each, backward twice the attention."""
+    H, d, W, CSA, HCA, G, Idx, K = 4, 32, 64, 4, 16, 4, 16, 16  # configs/model/tiny-v4.yaml
+    types = ["sliding", "csa", "hca", "csa"]
+
+    def training_per_token(kind: str, T: int) -> float:
+        flops = 0
+        for t in range(T):
+            read = min(W, t + 1) + {"sliding": 0, "csa": min(K, (t + 1) // CSA), "hca": (t + 1) // HCA}[kind]
+            flops += 3 * 2 * read * H * 2 * d + (2 * ((t + 1) // CSA) * G * (Idx + 1) if kind == "csa" else 0)
+        return flops / T
+
+    short, long = (_inspect_json("tiny-v4.yaml", T, capsys)["training_flops_per_token"] for T in (64, 1024))
+    expected = sum(training_per_token(k, 1024) - training_per_token(k, 64) for k in types)
+    assert long - short == pytest.approx(expected, abs=2 * len(types))
