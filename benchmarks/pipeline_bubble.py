@@ -25,7 +25,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from moeframe_parallel.pipeline_layout import SCHEDULES, bubble_fraction, default_vpp, stage_ranks
+from moeframe_parallel.pipeline_layout import SCHEDULES, bubble_fraction, default_vpp, stage_ranks, torch_refuses
 
 DIM, LAYERS_PER_RANK, MICRO_BATCH, TOKENS = 256, 4, 4, 64
 
@@ -73,11 +73,24 @@ def measure(schedule: str, pp: int, microbatches: int, steps: int, rank: int) ->
     return 1.0 - busy / statistics.median(times)
 
 
-def worker(rank: int, pp: int, port: int, microbatches: int, steps: int, queue: mp.Queue) -> None:
+def schedules_this_torch_runs() -> list[str]:
+    """The ``pp`` strategy's schedules, less those this torch cannot run (a printed line for each:
+    the same refusal the strategy gives at config time, not a traceback from a worker)."""
+    runnable = []
+    for schedule in SCHEDULES:
+        refused = torch_refuses(schedule)
+        if refused:
+            print(f"skipped: {refused}")
+        else:
+            runnable.append(schedule)
+    return runnable
+
+
+def worker(rank: int, pp: int, port: int, microbatches: int, steps: int, schedules: list[str], queue: mp.Queue) -> None:
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=pp)
-    for schedule in SCHEDULES:
+    for schedule in schedules:
         idle = torch.tensor([measure(schedule, pp, microbatches, steps, rank)])
         dist.all_reduce(idle)
         if rank == 0:
@@ -94,8 +107,9 @@ def main() -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    schedules = schedules_this_torch_runs()
     queue = mp.get_context("spawn").Queue()
-    mp.spawn(worker, args=(args.pp, port, args.microbatches, args.steps, queue), nprocs=args.pp)
+    mp.spawn(worker, args=(args.pp, port, args.microbatches, args.steps, schedules, queue), nprocs=args.pp)
     print(f"pp={args.pp}, {args.microbatches} micro-batches, {LAYERS_PER_RANK} MLP blocks of dim {DIM} per rank")
     print(f"{'schedule':<18} {'vpp':>3} {'analytic bubble':>16} {'measured idle':>14}")
     while not queue.empty():

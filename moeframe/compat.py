@@ -13,12 +13,13 @@ Written against torch 2.13 and Lightning 2.6.6.
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-__all__ = ["KeepsFP32Buffers", "ddp_ignore", "flush_step_metrics", "set_logger_step"]
+__all__ = ["KeepsFP32Buffers", "capture_scalar_outputs", "ddp_ignore", "flush_step_metrics", "set_logger_step"]
 
 
 def ddp_ignore(module: nn.Module, names: list[str]) -> None:
@@ -28,6 +29,15 @@ def ddp_ignore(module: nn.Module, names: list[str]) -> None:
     (what its private ``_set_params_and_buffers_to_ignore_for_model`` writes)."""
     already = list(getattr(module, "_ddp_params_and_buffers_to_ignore", []))
     module._ddp_params_and_buffers_to_ignore = already + [n for n in names if n not in already]
+
+
+def capture_scalar_outputs() -> AbstractContextManager[None]:
+    """While active, ``torch.compile`` traces a scalar read from a tensor (``.tolist()``,
+    ``.item()``) as a symbolic integer of the graph instead of breaking the graph there; code that
+    branches on such a value still breaks the graph as before. Expert parallelism needs it: its
+    all-to-all split sizes come from the routing. torch 2.13: ``torch._dynamo.config.
+    capture_scalar_outputs`` (thread-local while patched), no public switch."""
+    return torch._dynamo.config.patch(capture_scalar_outputs=True)
 
 
 def set_logger_step(trainer: Any, step: int) -> None:

@@ -370,9 +370,19 @@ class OptimConfig:
     # Muon's update is rescaled to this RMS per matrix (rms·sqrt(max(A, B))·lr) so that AdamW's lr
     # fits both: 0.2 as Moonlight and torch's match_rms_adamw; DeepSeek-V4 reports 0.18
     muon_update_rms: float = 0.2
+    # AdamW's fused kernel (``torch.optim.AdamW(fused=True)``): one pass over all parameters
+    # instead of a loop of small ops, about 6x faster optimizer step on the CPU (5-10% of a
+    # compare_hf-sized training step); parameters equal the default loop's within float rounding,
+    # not bit for bit, hence opt-in. AdamW only (muon's AdamW part has its own loop)
+    fused: bool = False
 
     def validate(self) -> None:
         _require(self.optimizer in ("adamw", "muon"), f"optim.optimizer must be adamw or muon, got {self.optimizer!r}")
+        _require(isinstance(self.fused, bool), f"optim.fused must be true or false, got {self.fused!r}")
+        _require(
+            not (self.fused and self.optimizer == "muon"),
+            "optim.fused applies to optimizer: adamw only (muon has no fused kernel): remove optim.fused",
+        )
         _require(0 <= self.muon_momentum < 1, f"optim.muon_momentum must be in [0, 1), got {self.muon_momentum}")
         _require(
             self.muon_ns_schedule in ("jordan", "hybrid"),

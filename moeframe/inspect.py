@@ -10,7 +10,9 @@ from its parameter shapes, so the 671B preset is inspected in seconds on a lapto
   and as a plain per-head K/V cache would.
 - Training FLOPs per token: 6 per activated matrix parameter (forward 2, backward 4; the
   embedding lookup is not a matmul) plus the attention core, ``6·H·(d_qk + d_v)·T/2`` per layer
-  for causal attention over a sequence of T tokens.
+  for full causal attention over a sequence of T tokens, or the forward and backward counts an
+  attention plugin declares (``AttentionBase.attention_flops_per_token``: DSA's top-k and indexer,
+  V4's window and compressed entries), so that MFU is right for every attention kind.
 - A per-GPU memory estimate for weights, gradients and AdamW states under a parallel layout
   (ZeRO stage over data parallelism, expert parallelism, precision). Activations depend on the
   micro-batch, sequence length and recomputation, so they are not included.
@@ -166,12 +168,30 @@ def _attention_dims(attn: nn.Module) -> tuple[int, int, int]:
     return heads, qk, v
 
 
-def training_flops_per_token(decoder: Decoder, activated_matmul_params: int, seq_len: int) -> int:
+def attention_training_flops(decoder: Decoder, seq_len: int) -> int:
+    """Training FLOPs per token of every main layer's attention core (scores and values, and an
+    indexer's scoring): the forward and backward counts the plugin declares
+    (``attention_flops_per_token``, ``attention_backward_flops_per_token``: by default twice the
+    forward), else the full-causal count ``6·H·(d_qk + d_v)·T/2`` from the module's dimensions."""
+    from moeframe.config import resolve_model_config
+
+    plan = resolve_model_config(decoder.config)
     core = 0
     for block in decoder.layers:
-        heads, qk, v = _attention_dims(block.attn)
-        core += 6 * heads * (qk + v) * seq_len // 2
-    return 6 * activated_matmul_params + core
+        options = plan.layer(block.layer_id).attention.options
+        kind = type(block.attn)
+        forward = kind.attention_flops_per_token(decoder.config, options, seq_len)
+        if forward is None:
+            heads, qk, v = _attention_dims(block.attn)
+            core += 6 * heads * (qk + v) * seq_len // 2
+            continue
+        backward = kind.attention_backward_flops_per_token(decoder.config, options, seq_len)
+        core += round(forward + (2 * forward if backward is None else backward))
+    return core
+
+
+def training_flops_per_token(decoder: Decoder, activated_matmul_params: int, seq_len: int) -> int:
+    return 6 * activated_matmul_params + attention_training_flops(decoder, seq_len)
 
 
 def kv_bytes_per_token(decoder: Decoder, element_bytes: int) -> tuple[int | None, int]:

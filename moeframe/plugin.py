@@ -25,7 +25,7 @@ What is here, by use:
   (``marks_phases``, ``mark_phase``, ``set_phase_timer``, ``PhaseTimer``), the router's
   ``balance_state`` and ``update_after_step``;
 - **helpers** plugins legitimately need: attention masks (``document_mask``,
-  ``cached_causal_mask``), routing (``gate_logits_fp32``, ``count_per_expert``,
+  ``cached_causal_mask``), attention cost counting (``causal_pair_count``), routing (``gate_logits_fp32``, ``count_per_expert``,
   ``limit_to_groups``), MoE-layer discovery (``moe_layers``), the grouped GEMM (``grouped_mm``: traces in
   float32 under ``torch.compile`` too), its capability test (``grouped_mm_supported``) and the
   static-size expert-group padding (``pad_expert_groups_static``), weight init (``default_init``, ``init_random_stream``), the FP8 block format (``quantize_blocks`` and its
@@ -81,6 +81,7 @@ from moeframe.model.base import (
     RouterBase,
     RouterOutput,
     Sublayer,
+    causal_pair_count,
     default_init,
     describe_type,
     options_as_config,
@@ -151,6 +152,7 @@ __all__ = [
     "resolve_model_config",
     "rope_cos_sin",
     "cached_causal_mask",
+    "causal_pair_count",
     "check_ep_layout",
     "check_zero_layout",
     "count_per_expert",

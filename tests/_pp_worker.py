@@ -3,9 +3,9 @@ LOCAL_RANK/WORLD_SIZE/MASTER_* in the environment, so Lightning launches nothing
 process group serves several trainings in a row).
 
 ``python tests/_pp_worker.py OUT.json JOB.json``: JOB lists runs ``{"name", "strategy": {...},
-"steps", "resume_from_step"? or "ckpt_path"?, "val_permille"?, "evaluate"?}``; rank 0 writes ``{name: {"losses":
+"steps", "checkpoints"?, "resume_from_step"? or "ckpt_path"?, "val_permille"?, "evaluate"?}``; rank 0 writes ``{name: {"losses":
 [...], "ckpt": path, "throughput": [[tokens, flops] per step], "val": {...}?, "validate", "test"?}}``
-(``evaluate``: after the fit, ``validate``, ``test`` and ``predict`` on a new trainer; ``predict``:
+(``checkpoints``: a checkpoint per step, ``step{N}.ckpt``, else none; ``evaluate``: after the fit, ``validate``, ``test`` and ``predict`` on a new trainer; ``predict``:
 ``predict`` on the fit's trainer; each rank saves its predictions).
 """
 
@@ -94,12 +94,15 @@ def run(root: Path, job: dict, world: int) -> dict:
     )
     throughput = ModelThroughput(peak_flops=1e12)  # a given peak: no GEMM measurement
     memory = [SetupPeakBytes()] if job.get("count_setup_bytes") else []
+    # only jobs whose checkpoints a test reads save them (one save per step per rank: ~1 s a job)
+    saves = [save] if job.get("checkpoints") else []
     trainer = L.Trainer(
         devices=world,
         strategy=strategy,
         max_steps=job["steps"],
-        callbacks=[losses, save, throughput, *memory],
+        callbacks=[losses, *saves, throughput, *memory],
         default_root_dir=root,
+        enable_checkpointing=bool(saves),
         **{**trainer_settings(), **job.get("trainer", {})},
     )
     ckpt = job.get("ckpt_path")  # a checkpoint of another layout (e.g. single-process)

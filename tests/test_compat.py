@@ -90,3 +90,24 @@ def test_fp32_buffers_survive_a_module_cast_exactly() -> None:
     assert set(inner.state_dict()) == {"lin.weight", "lin.bias", "bias", "other"}  # keys unchanged
     meta = _Biased().to("meta").to(torch.bfloat16)
     assert meta.bias.is_meta and meta.bias.dtype == torch.float32
+
+
+def _split_by_counts(x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    y = x * 2  # an op before the read: a read that opens the frame is hoisted out of the graph instead
+    return torch.cat([part * i for i, part in enumerate(torch.split(y, counts.tolist()))])
+
+
+def test_capture_scalar_outputs_keeps_host_reads_in_the_graph_while_active() -> None:
+    """What ``Block.compile`` relies on: inside the context a ``.tolist()`` is traced (no graph
+    break) and the compiled result is eager's; outside it, torch breaks the graph there again."""
+    x, counts = torch.randn(6, 3), torch.tensor([1, 2, 3])
+    torch._dynamo.reset()
+    with compat.capture_scalar_outputs():
+        inside = torch._dynamo.explain(_split_by_counts)(x, counts)
+        torch._dynamo.reset()
+        compiled = torch.compile(_split_by_counts, backend="eager", fullgraph=True)(x, counts)
+    torch._dynamo.reset()
+    outside = torch._dynamo.explain(_split_by_counts)(x, counts)
+    torch._dynamo.reset()
+    assert inside.graph_break_count == 0 and outside.graph_break_count > 0
+    torch.testing.assert_close(compiled, _split_by_counts(x, counts), rtol=0, atol=0)

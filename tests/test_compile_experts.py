@@ -17,6 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from moeframe.compat import capture_scalar_outputs
 from moeframe.config import ModelConfig
 from moeframe.model.context import ForwardContext
 from moeframe.model.decoder import Decoder, build_decoder
@@ -42,8 +43,9 @@ TINY = dict(
 def _model(kind: str, dtype: torch.dtype) -> Decoder:
     torch.manual_seed(0)
     model = build_decoder(ModelConfig(**TINY))
-    if kind == "lora":
-        apply_lora(model, LoRAOptions(rank=8, attention=False))  # rank 8: bf16 rows of 16 bytes, grouped_mm runs
+    if kind.startswith("lora"):
+        # rank 8: bf16 rows of 16 bytes, grouped_mm runs; rank 4: the per-expert loop
+        apply_lora(model, LoRAOptions(rank=4 if kind == "lora_rank4" else 8, attention=False))
         for name, p in model.named_parameters():
             if "lora_B" in name:  # B starts at zero: make the adapters count in the check
                 torch.nn.init.normal_(p, std=0.1)
@@ -58,19 +60,26 @@ def _loss_and_grads(model: Decoder, ids: torch.Tensor) -> tuple[torch.Tensor, di
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
+CASES = [
+    pytest.param(kind, dtype, id=f"{kind}-{name}")
+    for kind in ("grouped", "lora")
+    for dtype, name in ((torch.float32, "fp32"), (torch.bfloat16, "bf16"))
+] + [pytest.param("lora_rank4", torch.bfloat16, id="lora_rank4-bf16")]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("kind", ["grouped", "lora"])
+@pytest.mark.parametrize("kind, dtype", CASES)
 def test_moe_block_compiles_without_graph_breaks_and_matches_eager(kind: str, dtype: torch.dtype) -> None:
     torch._dynamo.reset()
     eager, compiled = _model(kind, dtype), _model(kind, dtype)
     experts = compiled.layers[1].ffn.experts
-    assert isinstance(experts, LoRAGroupedExperts if kind == "lora" else GroupedExperts)
+    assert isinstance(experts, LoRAGroupedExperts if kind.startswith("lora") else GroupedExperts)
     ids = torch.randint(0, 64, (2, 24), generator=torch.Generator().manual_seed(1))
     block = compiled.layers[1]
     ctx = ForwardContext(torch.arange(24), ids, layer_id=1)
     x = torch.randn(2, 24, TINY["dim"], dtype=dtype)
-    explanation = torch._dynamo.explain(block)(x, ctx)
+    with capture_scalar_outputs():  # as Block.compile traces
+        explanation = torch._dynamo.explain(block)(x, ctx)
     assert explanation.graph_break_count == 0, explanation.break_reasons
     torch._dynamo.reset()
     for b in compiled.blocks():

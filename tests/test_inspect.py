@@ -140,3 +140,66 @@ def test_training_step_reports_model_flops_for_the_throughput_monitor() -> None:
     ids = torch.randint(0, cfg.vocab_size, (3, 17))
     module.training_step({"input_ids": ids[:, :-1], "labels": ids[:, 1:]}, 0)
     assert module.flops_per_batch == 3 * 16 * inspect_model(cfg, "t", seq_len=16).training_flops_per_token
+
+
+def test_causal_pair_count_matches_counting_each_query() -> None:
+    from moeframe.plugin import causal_pair_count
+
+    for T, stride, cap in [(0, 1, None), (1, 1, None), (37, 1, None), (37, 1, 5), (37, 4, None), (37, 4, 3), (8, 4, 9)]:
+        by_query = sum(min((t + 1) // stride, T if cap is None else cap) for t in range(T))
+        assert causal_pair_count(T, stride, cap) == by_query, (T, stride, cap)
+
+
+def _inspect_json(preset: str, seq_len: int, capsys: pytest.CaptureFixture[str]) -> dict:
+    assert main(["inspect", str(REPO / "configs/model" / preset), "--seq_len", str(seq_len), "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_mla_keeps_the_full_causal_attention_count(capsys: pytest.CaptureFixture[str]) -> None:
+    """MLA declares no attention FLOPs: the core's 6·H·(d_qk + d_v)·T/2 per layer. The matrix part
+    does not depend on T, so two lengths differ by the attention core alone."""
+    L, H, qk, v = 4, 4, 32 + 16, 32  # configs/model/tiny-mla.yaml
+    short, long = (_inspect_json("tiny-mla.yaml", T, capsys)["training_flops_per_token"] for T in (100, 900))
+    assert long - short == L * 6 * H * (qk + v) * (900 - 100) // 2
+
+
+def test_dsa_preset_reports_its_sparse_attention_count(capsys: pytest.CaptureFixture[str]) -> None:
+    """tiny-v32 (4 DSA layers, top-64), counted by hand per position: forward, the indexer over
+    every visible token and MLA over the top-k; backward, twice the forward of both over the top-k
+    only (the indexer learns from the selected tokens). Below MLA's full-causal count at T = 1024."""
+    L, H, qk, v, G, Idx, K = 4, 4, 32 + 16, 32, 4, 32, 64  # configs/model/tiny-v32.yaml
+
+    def training_per_token(T: int) -> float:
+        flops = 0
+        for t in range(T):
+            seen, attended = t + 1, min(K, t + 1)
+            flops += 2 * seen * G * (Idx + 1) + 2 * attended * H * (qk + v)  # forward
+            flops += 2 * 2 * attended * (G * (Idx + 1) + H * (qk + v))  # backward
+        return flops / T
+
+    short, long = (_inspect_json("tiny-v32.yaml", T, capsys)["training_flops_per_token"] for T in (64, 1024))
+    expected = L * (training_per_token(1024) - training_per_token(64))
+    assert long - short == pytest.approx(expected, abs=2 * L)  # each layer's figure is rounded
+    full_causal = L * 6 * H * (qk + v) * (1024 - 64) // 2
+    assert long - short < full_causal
+    assert main(["inspect", str(REPO / "configs/model/tiny-v32.yaml"), "--seq_len", "1024"]) == 0
+    assert f"training FLOPs/token (T=1024)  {long:.4g}" in capsys.readouterr().out
+
+
+def test_v4_preset_counts_each_layer_by_its_own_type(capsys: pytest.CaptureFixture[str]) -> None:
+    """tiny-v4: layer 0 sliding, 1 and 3 CSA, 2 HCA (per-layer options). By hand per position:
+    window keys + completed entries (CSA: top-16 of them, its indexer scoring all, forward only),
+    a score and a value product of head_dim per head each, backward twice the attention."""
+    H, d, W, CSA, HCA, G, Idx, K = 4, 32, 64, 4, 16, 4, 16, 16  # configs/model/tiny-v4.yaml
+    types = ["sliding", "csa", "hca", "csa"]
+
+    def training_per_token(kind: str, T: int) -> float:
+        flops = 0
+        for t in range(T):
+            read = min(W, t + 1) + {"sliding": 0, "csa": min(K, (t + 1) // CSA), "hca": (t + 1) // HCA}[kind]
+            flops += 3 * 2 * read * H * 2 * d + (2 * ((t + 1) // CSA) * G * (Idx + 1) if kind == "csa" else 0)
+        return flops / T
+
+    short, long = (_inspect_json("tiny-v4.yaml", T, capsys)["training_flops_per_token"] for T in (64, 1024))
+    expected = sum(training_per_token(k, 1024) - training_per_token(k, 64) for k in types)
+    assert long - short == pytest.approx(expected, abs=2 * len(types))

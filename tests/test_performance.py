@@ -400,11 +400,13 @@ def test_scatter_counts_and_grouped_mm_op_match_their_references() -> None:
 
 
 # -- benchmarks in smoke mode ---------------------------------------------------------------------
-@pytest.mark.parametrize("script", ["compare_hf.py", "moe_layer.py", "gpu_step.py"])
+@pytest.mark.parametrize("script", ["compare_hf.py", "moe_layer.py", "gpu_step.py", "compile_levers.py"])
 def test_benchmark_runs_in_smoke_mode(script: str, tmp_path: Path) -> None:
     args = [sys.executable, str(REPO / "benchmarks" / script), "--smoke"]
     if script == "gpu_step.py":
         args += ["--results", str(tmp_path / "RESULTS.md")]
+    if script == "compile_levers.py":  # the uncompiled variants: compiling would take a minute here
+        args += ["--variants", "eager", "eager+loop"]
     run = subprocess.run(
         args, capture_output=True, text=True, timeout=300, cwd=tmp_path, env=clean_env(TRANSFORMERS_VERBOSITY="error")
     )
@@ -413,5 +415,7 @@ def test_benchmark_runs_in_smoke_mode(script: str, tmp_path: Path) -> None:
         assert "moeframe / transformers tokens/s" in run.stdout and "logits" in run.stdout
     elif script == "moe_layer.py":
         assert "naive / moeframe" in run.stdout
+    elif script == "compile_levers.py":
+        assert "eager+loop" in run.stdout and "x of eager" in run.stdout
     else:
         assert "bf16" in run.stdout and (tmp_path / "RESULTS.md").read_text().count("| smoke") >= 1

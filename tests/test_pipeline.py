@@ -12,7 +12,9 @@ single-process layout (a run without PP resumes from it, ``moeframe convert`` ex
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -133,6 +135,7 @@ def pp2(tmp_path_factory: pytest.TempPathFactory, reference, reference_root: Pat
         for name, opts in SCHEDULES.items()
     ]
     jobs[0]["count_setup_bytes"] = True  # gpipe: the bytes each rank allocates while it builds its stage
+    jobs[1]["checkpoints"] = True  # 1f1b: resumed below, compared, converted
     jobs.append(
         {
             "name": "resumed",
@@ -147,6 +150,7 @@ def pp2(tmp_path_factory: pytest.TempPathFactory, reference, reference_root: Pat
             "name": "from_single",  # weights, AdamW state and data position of a run without PP
             "strategy": {"pp_size": 2, "schedule": "1f1b"},
             "steps": STEPS,
+            "checkpoints": True,
             "ckpt_path": str(reference_root / "ckpts" / "step1.ckpt"),
         }
     )
@@ -155,6 +159,7 @@ def pp2(tmp_path_factory: pytest.TempPathFactory, reference, reference_root: Pat
             "name": "evaluated",  # a held-out split: validation inside fit, then validate, test, predict
             "strategy": {"pp_size": 2, "schedule": "zbv", "microbatches": 4},  # V-shaped: stage 3 on rank 0
             "steps": 1,
+            "checkpoints": True,
             "val_permille": 100,
             "evaluate": True,
             "trainer": {**EVAL_LIMITS, "val_check_interval": 1, "num_sanity_val_steps": 1},
@@ -329,6 +334,7 @@ def world4(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
             "name": "pp2dp2",
             "strategy": {"pp_size": 2, "schedule": "1f1b"},
             "steps": STEPS,
+            "checkpoints": True,
             "predict": True,
             "trainer": {"limit_predict_batches": 1},
         },
@@ -336,13 +342,15 @@ def world4(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
             "name": "zero1",
             "strategy": {"pp_size": 2, "schedule": "interleaved_zb", "microbatches": 4, "zero_stage": 1},
             "steps": STEPS,
+            "checkpoints": True,
         },
         {
             "name": "pp2ep2",
             "strategy": {"pp_size": 2, "schedule": "zbv", "microbatches": 4, "ep_size": 2},
             "steps": STEPS,
+            "checkpoints": True,
         },
-        {"name": "v3", "strategy": v3, "steps": STEPS},
+        {"name": "v3", "strategy": v3, "steps": STEPS, "checkpoints": True},
         {"name": "v3_resumed", "strategy": v3, "steps": STEPS, "resume_name": "v3", "resume_from_step": 1},
         {"name": "pp4_gpipe", "strategy": {"pp_size": 4, "schedule": "gpipe"}, "steps": STEPS},
     ]
@@ -511,6 +519,24 @@ def test_v_shaped_schedules_before_torch_2_13_are_refused_at_config_time(
     with pytest.raises(ConfigError, match=rf"schedule '{schedule}' needs torch >= 2\.13 \(torch .* fails its first"):
         pp(pp_size=2, schedule=schedule, microbatches=4)
     pp(pp_size=2, schedule="interleaved_zb", microbatches=4)
+
+
+def test_bubble_benchmark_skips_the_v_shaped_schedules_before_torch_2_13_with_a_line_each(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """benchmarks/pipeline_bubble.py measures only what this torch runs; forced here on the tested torch."""
+    from moeframe_parallel import pipeline_layout
+
+    spec = importlib.util.spec_from_file_location("pipeline_bubble", REPO / "benchmarks" / "pipeline_bubble.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.schedules_this_torch_runs() == list(pipeline_layout.SCHEDULES)
+    assert capsys.readouterr().out == ""
+    monkeypatch.setattr(pipeline_layout, "V_LAYOUTS_RUN", False)
+    assert bench.schedules_this_torch_runs() == ["gpipe", "1f1b", "interleaved_1f1b", "interleaved_zb"]
+    skipped = capsys.readouterr().out.splitlines()
+    assert [line.split("'")[1] for line in skipped] == ["zbv", "dualpipev"]
+    assert all(re.match(r"skipped: schedule '\w+' needs torch >= 2\.13 \(torch ", line) for line in skipped)
 
 
 @pytest.mark.bad_input

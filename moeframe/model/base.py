@@ -102,6 +102,21 @@ class AttentionCache:
         return start, end
 
 
+def causal_pair_count(seq_len: int, stride: int = 1, cap: int | None = None) -> int:
+    """(query, key) pairs of one causal sequence when the query at position t sees
+    ``min(cap, (t + 1) // stride)`` keys: ``stride`` 1 = every token up to itself, ``stride`` m = the
+    compressed entries of m tokens completed by then, ``cap`` = a window or a top-k. Closed form, so
+    that a million-token context costs nothing to count."""
+    if seq_len < 0 or stride < 1 or (cap is not None and cap < 0):
+        raise ValueError(f"causal_pair_count needs seq_len >= 0, stride >= 1, cap >= 0; got {seq_len}, {stride}, {cap}")
+    top = seq_len // stride  # keys the last query sees, uncapped
+    if cap is None or top <= cap:
+        # key count j (0 <= j < top) is seen by `stride` queries, `top` by the last seq_len % stride + 1
+        return stride * top * (top - 1) // 2 + top * (seq_len % stride + 1)
+    # counts below cap as above; every query from position cap·stride - 1 on sees exactly cap
+    return stride * cap * (cap - 1) // 2 + cap * (seq_len - cap * stride + 1)
+
+
 class AttentionBase(nn.Module, HFNamed, abc.ABC):
     """Causal self-attention. API 2: ``forward(x_BTD, ctx) -> y_BTD``, the positions, document
     ids and cache read from ``ctx``. (API 1, deprecated: ``forward(x_BTD, positions_T,
@@ -137,6 +152,27 @@ class AttentionBase(nn.Module, HFNamed, abc.ABC):
     def kv_cache_values_per_token(cls, config: ModelConfig, options: PluginOptions) -> int:
         """Values one layer's cache stores per token (multiply by the element size for bytes)."""
         raise NotImplementedError(f"attention plugin {cls.__qualname__} does not report its cache size")
+
+    @classmethod
+    def attention_flops_per_token(cls, config: ModelConfig, options: PluginOptions, seq_len: int) -> float | None:
+        """Forward FLOPs (2 per multiply-add) of one layer's score and value products per token,
+        averaged over the positions of one causal sequence of ``seq_len`` tokens: the part of the
+        cost that grows with the context (the projections are matrix parameters, counted apart).
+        Include an indexer's scoring; ``causal_pair_count`` counts what a query sees. Training adds
+        the backward (``attention_backward_flops_per_token``, by default twice this, as for the
+        matrix products). Default None: the core's full-causal count, ``2·H·(d_qk + d_v)·T/2``,
+        read off the module's ``n_heads`` and ``qk_head_dim``/``v_head_dim`` (or ``head_dim``)."""
+        return None
+
+    @classmethod
+    def attention_backward_flops_per_token(
+        cls, config: ModelConfig, options: PluginOptions, seq_len: int
+    ) -> float | None:
+        """The backward FLOPs of what ``attention_flops_per_token`` counts, where they are not twice
+        the forward: a part computed without gradient (an indexer that scores every token but
+        learns from its top-k only, a discrete selection) has no backward. Default None: twice the
+        forward."""
+        return None
 
     def take_training_losses(self) -> dict[str, torch.Tensor]:
         """Loss terms the last forward computed for training, by name, each already weighted (e.g.

@@ -21,12 +21,13 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
 import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from moeframe.compat import capture_scalar_outputs
 from moeframe.config import ModelConfig, ModelPlan, resolve_model_config
 from moeframe.model.base import AttentionCache, NormBase, ResidualBase, RouterBase, default_init
 from moeframe.model.compat import build_attention, build_norm, call_attention, call_norm
@@ -94,6 +95,21 @@ class Block(nn.Module):
         # a parameter-free residual (prenorm) adds no state-dict entries: checkpoints are unchanged
         self.residual: ResidualBase = layer.residual.cls(cfg, layer.residual.options, layer_id)
         self.checkpointing: CheckpointMode = "none"
+        self.compiled = False
+
+    def compile(self, *args: Any, **kwargs: Any) -> None:
+        """``nn.Module.compile``; every call of the compiled block then traces with scalars read
+        from tensors kept in the graph (``compat.capture_scalar_outputs``): expert parallelism's
+        all-to-all split sizes come from the routing, and reading them must not split the block's
+        graph. Scoped to the block's calls, not set for the process."""
+        super().compile(*args, **kwargs)
+        self.compiled = True
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if not self.compiled:
+            return super().__call__(*args, **kwargs)
+        with capture_scalar_outputs():
+            return super().__call__(*args, **kwargs)
 
     def set_activation_checkpointing(self, mode: CheckpointMode) -> None:
         """``none``; ``full``: keep only the block's input, recompute the whole block in backward;

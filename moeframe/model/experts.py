@@ -148,7 +148,11 @@ def pad_expert_groups(
     Returns ``(x_MD, counts_E, offs_E, slot_N)``: the padded rows (M >= N), the padded counts and
     row ends, and where each of the N input rows went (``y_ND = y_MD[slot_N]``)."""
     padded_E = (counts_E + multiple - 1) // multiple * multiple
-    expert_N = torch.repeat_interleave(torch.arange(len(counts_E), device=counts_E.device), counts_E)
+    # output_size: the rows are the counts' sum already; without it the op's size depends on the data
+    # and a compiled block breaks its graph here
+    expert_N = torch.repeat_interleave(
+        torch.arange(len(counts_E), device=counts_E.device), counts_E, output_size=x_ND.shape[0]
+    )
     shift_E = (padded_E.cumsum(0) - padded_E) - (counts_E.cumsum(0) - counts_E)
     slot_N = torch.arange(x_ND.shape[0], device=x_ND.device) + shift_E[expert_N]
     x_MD = x_ND.new_zeros(int(padded_E.sum()), x_ND.shape[1]).index_copy(0, slot_N, x_ND)

@@ -194,9 +194,32 @@ def make_optimizer(model: nn.Module, optim: OptimConfig) -> torch.optim.Optimize
             update_rms=optim.muon_update_rms,
             ns_coefficients=ns_coefficients(optim.muon_ns_schedule, optim.muon_ns_steps),
         )
-    return torch.optim.AdamW(
-        param_groups(model, optim.weight_decay), lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps
+    adamw = torch.optim.AdamW(
+        param_groups(model, optim.weight_decay),
+        lr=optim.lr,
+        betas=tuple(optim.betas),
+        eps=optim.eps,
+        fused=optim.fused or None,  # None when off: the same groups (and checkpoints) as before the option
     )
+    adamw.register_load_state_dict_post_hook(_keep_fused(optim.fused))
+    return adamw
+
+
+def _keep_fused(fused: bool) -> Callable[[torch.optim.Optimizer], None]:
+    """Loading a state dict replaces the param groups with the saved ones, ``fused`` included: a
+    run resumed with another ``optim.fused`` than its checkpoint's keeps the configured one. The
+    step counts move to where that implementation keeps them (fused: the parameter's device,
+    the loop: the CPU)."""
+
+    def hook(optimizer: torch.optim.Optimizer) -> None:
+        for group in optimizer.param_groups:
+            group["fused"] = fused or None
+            for p in group["params"]:
+                state = optimizer.state.get(p, {})
+                if "step" in state:
+                    state["step"] = state["step"].to(device=p.device if fused else "cpu", dtype=torch.float32)
+
+    return hook
 
 
 def lr_multiplier(step: int, total_steps: int, optim: OptimConfig) -> float:

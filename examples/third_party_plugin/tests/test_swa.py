@@ -110,3 +110,12 @@ def test_bad_window_is_refused_at_config_time() -> None:
         resolve_model_config(swa_config(0))
     with pytest.raises(ConfigError, match="has no option 'windw'"):
         resolve_model_config(tiny_config(attention={"name": "swa", "windw": 8}))
+
+
+def test_attention_flops_count_the_window_only() -> None:
+    """Per token over 20 positions with a window of 3: min(3, t + 1) keys, a score and a value
+    product of head_dim per head each, counted by hand."""
+    plan = resolve_model_config(swa_config(3, n_kv_heads=2))
+    H, d = plan.config.n_heads, plan.config.head_dim
+    by_hand = sum(2 * min(3, t + 1) * H * 2 * d for t in range(20)) / 20
+    assert SlidingWindowAttention.attention_flops_per_token(plan.config, plan.attention.options, 20) == by_hand

@@ -10,10 +10,14 @@ input gradient <= 6.5%, weight gradient <= 6%).
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Callable
+
 import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from moeframe.config import ModelConfig
@@ -244,26 +248,12 @@ def test_fp8_experts_forward_and_backward_read_nothing_on_the_host(dtype: torch.
     assert mode.seen == [] and experts.w1.grad is not None and x.grad is not None
 
 
-def test_before_torch_2_13_fp8_experts_run_outside_the_compiled_graph_with_the_same_numbers(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """torch 2.11 compiles the FP8 experts' backward to zero gradients: there the plugin says so once
-    and keeps their GEMMs out of the graph. Forced here on the tested torch: a graph break (fullgraph
-    refuses it), and eager's numbers."""
-    from moeframe_fp8 import grouped
-
-    monkeypatch.setattr(grouped, "COMPILES_IN_GRAPH", False)
-    torch._dynamo.reset()
-    experts = experts_module()
-    with pytest.warns(UserWarning, match=r"need torch >= 2\.13 to stay in the graph"):
-        experts.grouped_gemm = FP8GroupedGemm(FP8Recipe(), "experts")
-    x = torch.randn(24, 192)
-    weights, indices = routing(24, 6)
-    with pytest.raises(Exception, match="disable"):
-        torch.compile(experts, fullgraph=True, backend="eager")(x, weights, indices)
-    torch._dynamo.reset()
+def assert_compiled_equals_eager(experts: nn.Module, compiled: Callable, rows: int) -> None:
+    """Output, input gradient and every weight gradient of ``compiled`` equal eager's bit for bit."""
+    x = torch.randn(rows, 192)
+    weights, indices = routing(rows, 6)
     results = []
-    for fn in (experts, torch.compile(experts, backend="aot_eager")):
+    for fn in (experts, compiled):
         experts.zero_grad()
         x_ = x.clone().requires_grad_()
         y = fn(x_, weights, indices)
@@ -271,6 +261,37 @@ def test_before_torch_2_13_fp8_experts_run_outside_the_compiled_graph_with_the_s
         results.append([y.detach(), x_.grad] + [p.grad.clone() for p in experts.parameters()])
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def told_outside_the_graph(seen: list[warnings.WarningMessage]) -> list[warnings.WarningMessage]:
+    return [w for w in seen if "to stay in the graph" in str(w.message)]
+
+
+def test_before_torch_2_13_fp8_experts_run_outside_the_compiled_graph_with_the_same_numbers(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """torch 2.11 compiles the FP8 experts' backward to zero gradients: there the plugin keeps their
+    GEMMs out of the graph and says so once, when they really are compiled (an eager run is not
+    told). Forced here on the tested torch: a graph break (fullgraph refuses it), and eager's numbers."""
+    from moeframe_fp8 import grouped
+
+    monkeypatch.setattr(grouped, "COMPILES_IN_GRAPH", False)
+    monkeypatch.setattr(grouped, "_TOLD_OUTSIDE_THE_GRAPH", False)
+    torch._dynamo.reset()
+    experts = experts_module()
+    x = torch.randn(24, 192)
+    weights, indices = routing(24, 6)
+    with warnings.catch_warnings(record=True) as eager_run:
+        warnings.simplefilter("always")
+        experts.grouped_gemm = FP8GroupedGemm(FP8Recipe(), "experts")
+        experts(x, weights, indices)
+    assert not told_outside_the_graph(eager_run)  # nothing to say without compile
+    with pytest.raises(Exception, match="disable"):
+        torch.compile(experts, fullgraph=True, backend="eager")(x, weights, indices)
+    torch._dynamo.reset()
+    with pytest.warns(UserWarning, match=r"need torch >= 2\.13 to stay in the graph") as told:
+        assert_compiled_equals_eager(experts, torch.compile(experts, backend="aot_eager"), rows=24)
+    assert len(told_outside_the_graph(told)) == 1  # once, not once per layer or call
     torch._dynamo.reset()
 
 
@@ -278,6 +299,13 @@ def test_before_torch_2_13_fp8_experts_run_outside_the_compiled_graph_with_the_s
 def test_fp8_experts_compile_in_one_graph_with_the_same_numbers() -> None:
     """fullgraph=True: a host read or data-dependent shape would be a graph break, i.e. an error.
     aot_eager traces the backward too; the numbers equal the eager ones bit for bit."""
+    torch._dynamo.reset()
+    experts = experts_module()
+    experts.grouped_gemm = FP8GroupedGemm(FP8Recipe(), "experts")
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        assert_compiled_equals_eager(experts, torch.compile(experts, fullgraph=True, backend="aot_eager"), rows=40)
+    assert not told_outside_the_graph(seen)  # on this torch they stay in the graph: nothing to say
     torch._dynamo.reset()
     experts = experts_module()
     experts.grouped_gemm = FP8GroupedGemm(FP8Recipe(), "experts")

@@ -22,7 +22,14 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from moeframe.plugin import AttentionCache, ForwardContext, MHAOptions, MultiHeadAttention, document_mask
+from moeframe.plugin import (
+    AttentionCache,
+    ForwardContext,
+    MHAOptions,
+    MultiHeadAttention,
+    causal_pair_count,
+    document_mask,
+)
 
 if TYPE_CHECKING:
     from moeframe.plugin import ModelConfig
@@ -102,6 +109,13 @@ class SlidingWindowAttention(MultiHeadAttention):
     def kv_cache_values_per_token(cls, config: ModelConfig, options: SWAOptions) -> int:
         # per token held; the cache holds at most `window` tokens, so its size stops growing there
         return 2 * (options.n_kv_heads or config.n_heads) * config.head_dim
+
+    @classmethod
+    def attention_flops_per_token(cls, config: ModelConfig, options: SWAOptions, seq_len: int) -> float:
+        # the query at position t reads min(window, t + 1) keys: a score and a value product of
+        # head_dim per query head each (what `moeframe inspect` and the MFU count, not full causal)
+        pairs = causal_pair_count(seq_len, cap=options.window)
+        return 2 * pairs * config.n_heads * 2 * config.head_dim / max(seq_len, 1)
 
     def forward(self, x_BTD: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         """``ctx``: the forward context (positions, packed documents, the cache while decoding)."""

@@ -37,7 +37,14 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 import torch.nn.functional as F
 
-from moeframe.plugin import ConfigError, ForwardContext, PluginOptions, cached_causal_mask, document_mask
+from moeframe.plugin import (
+    ConfigError,
+    ForwardContext,
+    PluginOptions,
+    cached_causal_mask,
+    causal_pair_count,
+    document_mask,
+)
 from moeframe_dsa import selected
 from moeframe_dsa.indexer import QUERY_CHUNK, LightningIndexer, score_chunk, selected_scores
 from moeframe_mla import LatentCache, MLAOptions, MultiHeadLatentAttention, rotate
@@ -130,6 +137,16 @@ def indexer_kl(index_BTX: torch.Tensor, target_BTX: torch.Tensor, keep_BTX: torc
     return kl_BT.mean()
 
 
+def _flop_terms(config: ModelConfig, options: PluginOptions, seq_len: int) -> tuple[int, int, int, int]:
+    """(query, key) pairs the indexer scores and MLA attends to over one causal sequence, and the
+    multiply-adds of each: G·(I + 1) for the indexer, H·(d_qk + v) for MLA's scores and values."""
+    assert isinstance(options, DSAOptions)
+    topk = options.index_topk if options.mode == "sparse" else None
+    per_index_pair = options.index_n_heads * (options.index_head_dim + 1)
+    per_attended_pair = config.n_heads * (options.qk_nope_head_dim + options.qk_rope_head_dim + options.v_head_dim)
+    return causal_pair_count(seq_len), causal_pair_count(seq_len, cap=topk), per_index_pair, per_attended_pair
+
+
 class DeepSeekSparseAttention(MultiHeadLatentAttention):
     """MLA + lightning indexer + top-k selection (see the module docstring)."""
 
@@ -154,6 +171,23 @@ class DeepSeekSparseAttention(MultiHeadLatentAttention):
     def kv_cache_values_per_token(cls, config: ModelConfig, options: PluginOptions) -> int:
         assert isinstance(options, DSAOptions)
         return options.kv_lora_rank + options.qk_rope_head_dim + options.index_head_dim
+
+    @classmethod
+    def attention_flops_per_token(cls, config: ModelConfig, options: PluginOptions, seq_len: int) -> float:
+        """The indexer scores every visible token (``index_n_heads`` dot products of
+        ``index_head_dim`` plus the weighted sum over heads); MLA then attends, in its expanded form,
+        to ``min(index_topk, t + 1)`` tokens at position t (``sparse``) or to all t + 1
+        (``dense_warmup``). The warm-up's KL target (no gradient) is left out."""
+        index_pairs, attended_pairs, per_index_pair, per_attended_pair = _flop_terms(config, options, seq_len)
+        return 2 * (index_pairs * per_index_pair + attended_pairs * per_attended_pair) / max(seq_len, 1)
+
+    @classmethod
+    def attention_backward_flops_per_token(cls, config: ModelConfig, options: PluginOptions, seq_len: int) -> float:
+        """Twice the forward of what has gradient: MLA over the attended tokens and the indexer's
+        scores of those same tokens (``sparse`` selects without gradient and learns from the KL over
+        the top-k only; ``dense_warmup`` attends to, and learns from, every visible token)."""
+        _, attended_pairs, per_index_pair, per_attended_pair = _flop_terms(config, options, seq_len)
+        return 2 * 2 * attended_pairs * (per_index_pair + per_attended_pair) / max(seq_len, 1)
 
     def new_cache(self, batch_size: int, max_len: int, device: torch.device, dtype: torch.dtype) -> IndexedLatentCache:
         return IndexedLatentCache(

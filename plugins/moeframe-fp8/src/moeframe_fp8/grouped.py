@@ -334,7 +334,9 @@ def _grouped_linear(
     # the rows' dtype, not autocast's: the experts' combine adds the rows back into a tensor of the
     # input's dtype (under CPU autocast moeframe's grouped GEMMs also keep the input's dtype)
     out_dtype = x_NI.dtype
-    apply = _FP8GroupedLinearFunction.apply if COMPILES_IN_GRAPH else _apply_outside_the_graph
+    # dynamo reads is_compiling() as True while it traces, so only a compiled region leaves the graph
+    outside = not COMPILES_IN_GRAPH and torch.compiler.is_compiling()
+    apply = _apply_outside_the_graph if outside else _FP8GroupedLinearFunction.apply
     with torch.autocast(x_NI.device.type, enabled=False):
         return apply(x_NI, w_EOI, offs_E, recipe, recorder, tag, out_dtype)
 
@@ -342,7 +344,23 @@ def _grouped_linear(
 @torch.compiler.disable
 def _apply_outside_the_graph(*args: Any) -> torch.Tensor:
     """The Function run eagerly also inside a compiled region (see ``COMPILES_IN_GRAPH``)."""
+    _say_once_they_run_outside_the_graph()
     return _FP8GroupedLinearFunction.apply(*args)
+
+
+_TOLD_OUTSIDE_THE_GRAPH = False
+
+
+def _say_once_they_run_outside_the_graph() -> None:
+    """One warning per process, said where it happens: an uncompiled run has nothing to be told."""
+    global _TOLD_OUTSIDE_THE_GRAPH
+    if not _TOLD_OUTSIDE_THE_GRAPH:
+        _TOLD_OUTSIDE_THE_GRAPH = True
+        warnings.warn(
+            f"fp8: under torch.compile the FP8 routed experts need torch >= 2.13 to stay in the graph; "
+            f"with torch {torch.__version__} they run outside it (a graph break; the numbers are right)",
+            stacklevel=1,  # no caller to point at: it is the compiled region that leaves the graph
+        )
 
 
 class FP8GroupedGemm:
@@ -353,12 +371,6 @@ class FP8GroupedGemm:
 
     def __init__(self, recipe: FP8Recipe, name: str) -> None:
         self.recipe, self.fp8_name, self.recorder = recipe, name, StatsRecorder()
-        if not COMPILES_IN_GRAPH:
-            warnings.warn(
-                f"fp8: under torch.compile the FP8 routed experts need torch >= 2.13 to stay in the graph; "
-                f"with torch {torch.__version__} they run outside it (a graph break; the numbers are right)",
-                stacklevel=2,
-            )
 
     def __call__(self, projection: str, x_NI: torch.Tensor, w_EOI: torch.Tensor, offs_E: torch.Tensor) -> torch.Tensor:
         if x_NI.dtype not in SUPPORTED_DTYPES or w_EOI.dtype not in SUPPORTED_DTYPES:

@@ -15,10 +15,19 @@ Megatron's "alltoall" token dispatcher, dropless):
 4. *combine*: the reverse all-to-all brings each row back to the rank and the slot it came
    from; the gate weights scale it and a scatter-add sums the K experts of each token.
 
-Under ``compile: block`` the dispatch breaks the graph where the split sizes go to the host
-(``.tolist()`` for the all-to-all; exact variable splits are what keeps EP dropless without
-padding); attention, routing and the expert GEMMs before and after compile as usual. A
-fixed-capacity exchange (every peer sends T·K rows) would compile in one graph at ep× the traffic.
+Under ``compile: block`` the whole layer, dispatch included, is one graph of its block. The split
+sizes are read once per forward (one ``.tolist()`` of 2·ep integers, the only host read on the
+grouped-GEMM path; the backward reuses them; widths the grouped GEMM cannot take read the group
+sizes for a per-expert loop too), and a compiled block traces that read as symbolic integers (the core's
+``Block.compile`` scopes torch's ``capture_scalar_outputs`` to the block's calls): the
+all-to-alls, whose output sizes are sums of those integers, and every shape after them are
+symbolic, so the exchange stays exact and dropless and nothing is padded. torch traces
+``dist.all_to_all_single`` (through its functional collective) and the ``AllToAll`` autograd
+Function, backward included; the regroup by local expert gives ``repeat_interleave`` its
+``output_size`` (the received rows) so that its size is known to the trace. Compiled results equal
+eager ones within float rounding (inductor fuses the elementwise parts); eager results are those
+of the exact exchange as before. A fixed-capacity exchange (every peer sends T·K rows, padded)
+would need no host read at all, at ep× the traffic; it is not needed to compile.
 
 Both all-to-alls are autograd-aware (``AllToAll``, around ``torch.distributed.all_to_all_single``):
 the backward of a dispatch is a combine of the gradients and vice versa, so gradients of the
@@ -37,7 +46,15 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from moeframe.plugin import ExpertsBase, ForwardContext, GroupedGemm, count_per_expert, grouped_mm_supported, moe_layers
+from moeframe.plugin import (
+    ExpertsBase,
+    ForwardContext,
+    GroupedGemm,
+    count_per_expert,
+    grouped_mm,
+    grouped_mm_supported,
+    moe_layers,
+)
 
 
 def all_to_all(
@@ -75,9 +92,10 @@ __all__ = ["EPExperts", "expert_ffn"]
 
 
 def _linear_per_expert(x_RD: torch.Tensor, w_EOD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
-    """``x @ w_eᵀ`` for contiguous row slices, one grouped GEMM when the kernel supports it."""
+    """``x @ w_eᵀ`` for contiguous row slices, one grouped GEMM when the kernel supports it
+    (``grouped_mm``: the same kernel, traceable in float32 under ``torch.compile`` too)."""
     if grouped_mm_supported(x_RD, w_EOD):
-        return F.grouped_mm(x_RD, w_EOD.transpose(-2, -1), offs=counts_E.cumsum(0).to(torch.int32))
+        return grouped_mm(x_RD, w_EOD.transpose(-2, -1), counts_E.cumsum(0).to(torch.int32))
     chunks = torch.split(x_RD, counts_E.tolist())
     return torch.cat([c @ w.T for c, w in zip(chunks, w_EOD)], dim=0)
 
@@ -158,12 +176,13 @@ class EPExperts(ExpertsBase):
         x_ND = x_TD[token_N]
         # 2. counts first: recv_counts[r, e] = rows peer r sends to my local expert e
         recv_counts_RE = self._exchange_counts(counts_E)
-        send_splits = counts_E.view(self.ep_size, self.num_local_experts).sum(1).tolist()
-        recv_splits = recv_counts_RE.sum(1).tolist()
+        send_splits, recv_splits = self._splits(counts_E, recv_counts_RE)
         # 3. dispatch, then regroup the (source rank, local expert)-ordered rows by local expert
         x_RD = AllToAll.apply(x_ND, recv_splits, send_splits, self.ep_group)
         local_expert_R = torch.repeat_interleave(
-            torch.arange(self.num_local_experts, device=x_RD.device).repeat(self.ep_size), recv_counts_RE.flatten()
+            torch.arange(self.num_local_experts, device=x_RD.device).repeat(self.ep_size),
+            recv_counts_RE.flatten(),
+            output_size=x_RD.shape[0],  # a size the trace knows: repeat_interleave's own is data-dependent
         )
         by_expert_R = local_expert_R.argsort(stable=True)
         y_RD = torch.empty_like(x_RD)
@@ -174,6 +193,13 @@ class EPExperts(ExpertsBase):
         y_ND = AllToAll.apply(y_RD, send_splits, recv_splits, self.ep_group)
         y_ND = y_ND * weights_TK.flatten()[order_N].unsqueeze(-1).to(y_ND.dtype)
         return torch.zeros_like(x_TD).index_add_(0, token_N, y_ND)
+
+    def _splits(self, counts_E: torch.Tensor, recv_counts_RE: torch.Tensor) -> tuple[list[int], list[int]]:
+        """Rows this rank sends to / receives from each peer, read to the host in one go (the
+        all-to-all takes host sizes; under ``compile: block`` they are symbolic integers)."""
+        send_R = counts_E.view(self.ep_size, self.num_local_experts).sum(1)
+        sizes = torch.cat([send_R, recv_counts_RE.sum(1)]).tolist()
+        return sizes[: self.ep_size], sizes[self.ep_size :]
 
     def _exchange_counts(self, counts_E: torch.Tensor) -> torch.Tensor:
         """[ep, El]: for each peer, how many rows it sends to each of my local experts."""

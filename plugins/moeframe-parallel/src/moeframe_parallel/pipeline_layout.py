@@ -43,6 +43,7 @@ __all__ = [
     "layer_costs",
     "split_by_cost",
     "stage_ranks",
+    "torch_refuses",
 ]
 
 
@@ -90,6 +91,16 @@ def schedule_spec(name: str) -> ScheduleSpec:
     return SCHEDULES[name]
 
 
+def torch_refuses(schedule: str) -> str | None:
+    """Why this torch cannot run ``schedule`` (one line naming the fix), or None when it can."""
+    if schedule_spec(schedule).style == "v" and not V_LAYOUTS_RUN:
+        return (
+            f"schedule {schedule!r} needs torch >= 2.13 (torch {torch.__version__} fails its first step: a "
+            f"V layout's handshake between two stages of one rank); choose 1f1b, interleaved_1f1b or interleaved_zb"
+        )
+    return None
+
+
 def default_vpp(schedule: str) -> int:
     return schedule_spec(schedule).vpp
 
@@ -105,11 +116,9 @@ def check_pipeline(
 ) -> None:
     """ConfigError, one line naming the fix, for a pipeline layout that cannot run."""
     spec = schedule_spec(schedule)
-    if spec.style == "v" and not V_LAYOUTS_RUN:
-        raise ConfigError(
-            f"schedule {schedule!r} needs torch >= 2.13 (torch {torch.__version__} fails its first step: a "
-            f"V layout's handshake between two stages of one rank); choose 1f1b, interleaved_1f1b or interleaved_zb"
-        )
+    refused = torch_refuses(schedule)
+    if refused:
+        raise ConfigError(refused)
     if pp < 2:
         raise ConfigError(
             f"pp_size must be >= 2 (got {pp}); a single stage is plain training: use strategy auto or ddp"

@@ -58,6 +58,7 @@ from moeframe.plugin import (
     ForwardContext,
     PluginOptions,
     RMSNorm,
+    causal_pair_count,
     default_init,
 )
 from moeframe_v4.attn_compress import Compressor, Indexer
@@ -311,6 +312,24 @@ class V4Attention(AttentionBase):
             values += S // rate * per_entry
         return -(-values // S)
 
+    @classmethod
+    def attention_flops_per_token(cls, config: ModelConfig, options: PluginOptions, seq_len: int) -> float:
+        """Model FLOPs, as the definition needs them (the masked blocks of the training forward
+        compute more): at position t, the query reads ``min(sliding_window, t + 1)`` keys and, with a
+        compressor of rate m, the ``(t + 1) // m`` entries completed by then (CSA: the indexer
+        scores them all, ``index_n_heads`` dot products of ``index_head_dim`` plus the weighted sum,
+        and the attention reads ``index_topk`` of them). Each key or entry costs a score and a value
+        product of ``head_dim`` per head (the key is the value); the sink column is left out."""
+        attention_flops, index_flops = _flop_terms(config, options, seq_len)
+        return (attention_flops + index_flops) / max(seq_len, 1)
+
+    @classmethod
+    def attention_backward_flops_per_token(cls, config: ModelConfig, options: PluginOptions, seq_len: int) -> float:
+        """Twice the forward of the attention over the window and the entries; the indexer's scores
+        only choose entries (a discrete selection: no gradient reaches them), so they have none."""
+        attention_flops, _ = _flop_terms(config, options, seq_len)
+        return 2 * attention_flops / max(seq_len, 1)
+
     def new_cache(self, batch_size: int, max_len: int, device: torch.device, dtype: torch.dtype) -> V4Cache:
         return V4Cache(batch_size, max_len, self.head_dim, self.window, self.compressor, self.indexer, device, dtype)
 
@@ -540,6 +559,23 @@ class V4Attention(AttentionBase):
             logits.append(self.sinks.float().view(1, H, 1, 1).expand(B, H, T, 1))
         probs_BHTK = torch.cat(logits, dim=-1).softmax(dim=-1)[..., :width].to(q_BTHd.dtype)
         return torch.einsum("bhtk,bkd->bthd", probs_BHTK, torch.cat(values, dim=1))
+
+
+def _flop_terms(config: ModelConfig, options: PluginOptions, seq_len: int) -> tuple[int, int]:
+    """Forward FLOPs of one causal sequence: (the attention over window keys and entries, CSA's
+    indexer scoring every completed entry)."""
+    assert isinstance(options, V4AttentionOptions)
+    m = options.compress_rate()
+    attended_pairs = causal_pair_count(seq_len, cap=options.sliding_window)
+    index_flops = 0
+    if m is not None:
+        csa = options.layer_type == "compressed_sparse_attention"
+        attended_pairs += causal_pair_count(seq_len, stride=m, cap=options.index_topk if csa else None)
+        if csa:
+            index_flops = (
+                2 * causal_pair_count(seq_len, stride=m) * options.index_n_heads * (options.index_head_dim + 1)
+            )
+    return 2 * attended_pairs * config.n_heads * 2 * options.head_dim, index_flops
 
 
 def _rope_head_dim(hf: dict[str, Any], head_dim: int) -> int:
