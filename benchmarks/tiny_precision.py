@@ -124,7 +124,12 @@ def _child(args: argparse.Namespace, extra: list[str]) -> None:
     trainer.fit(cli.model, datamodule=cli.datamodule)
     add("whole run", born)
     val = _validation_losses(Path(trainer.logger.log_dir) / "metrics.csv")
-    print("PHASES " + json.dumps({"totals": totals, "steps": trainer.global_step, "step_cpu": step_cpu, "step_wall": step_wall, "val": val}))
+    print(
+        "PHASES "
+        + json.dumps(
+            {"totals": totals, "steps": trainer.global_step, "step_cpu": step_cpu, "step_wall": step_wall, "val": val}
+        )
+    )
 
 
 def _validation_losses(metrics: Path) -> dict[str, float]:
@@ -190,7 +195,9 @@ def main() -> None:
             for clock in ("cpu", "wall"):
                 seconds = result[f"step_{clock}"]
                 half = sorted(seconds[len(seconds) // 2 :])
-                print(f"{precision}: fwd+bwd {clock} s, first 5 steps {seconds[:5]}, median of the second half {half[len(half) // 2]}")
+                print(
+                    f"{precision}: fwd+bwd {clock} s, first 5 steps {seconds[:5]}, median of the second half {half[len(half) // 2]}"
+                )
             print(f"{precision}: validation loss by step {result['val']}", flush=True)
     print(f"{args.steps} steps, {args.threads} threads, {args.rounds} round(s); seconds wall / CPU (sum over rounds)")
     print("| phase | " + " | ".join(f"`{p}` wall | CPU" for p in args.precisions) + " |")

@@ -74,9 +74,7 @@ def test_choice_from_cached_rates(
     assert choose_precision(None).precision == "32-true"  # an accelerator the measurement does not cover
 
 
-def test_the_gemm_cache_is_keyed_by_threads_and_drops_old_formats(
-    cache: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_the_gemm_cache_is_keyed_by_threads_and_drops_old_formats(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The first cache was keyed by host name without the CPU model: its entries are not used
     (a VM moved to another CPU kept them) and are dropped when the file is written again."""
     cache.parent.mkdir(parents=True)
@@ -84,7 +82,9 @@ def test_the_gemm_cache_is_keyed_by_threads_and_drops_old_formats(
     cache.write_text(json.dumps({old: 1.0}))
     measured: list[int] = []
     monkeypatch.setattr(
-        throughput, "measure_gemm_peak", lambda device, dtype, size=2048: measured.append(torch.get_num_threads()) or 5.0
+        throughput,
+        "measure_gemm_peak",
+        lambda device, dtype, size=2048: measured.append(torch.get_num_threads()) or 5.0,
     )
     threads = torch.get_num_threads()
     try:
@@ -99,7 +99,9 @@ def test_the_gemm_cache_is_keyed_by_threads_and_drops_old_formats(
 
 
 def _trainer_precision(cache: Path, *args: str, config: str = TINY) -> str:
-    cli = build_cli(args=["-c", config, "--trainer.default_root_dir", str(cache.parent.parent / "run"), *args], run=False)
+    cli = build_cli(
+        args=["-c", config, "--trainer.default_root_dir", str(cache.parent.parent / "run"), *args], run=False
+    )
     return str(cli.trainer.precision)
 
 
@@ -172,9 +174,8 @@ class _GroupedMMDtypes(TorchDispatchMode):
 def test_routed_experts_follow_autocast() -> None:
     """Under bf16 autocast the grouped expert GEMMs run in bf16 (they stayed float32: autocast has
     no rule for grouped_mm); the layer returns its input's dtype and float32 weight gradients."""
-    from moeframe.model.experts import GroupedExperts, GroupedOptions
-
     from moeframe.config import ModelConfig
+    from moeframe.model.experts import GroupedExperts, GroupedOptions
 
     torch.manual_seed(0)
     experts = GroupedExperts(ModelConfig(), GroupedOptions(), num_experts=4, dim=32, hidden_dim=64)

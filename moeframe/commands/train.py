@@ -290,8 +290,7 @@ def _choose_precision(trainer: Any) -> None:
     choice = resolve_machine_precision(trainer.get("accelerator"), single_process=single)
     trainer["precision"] = choice.precision
     rank_zero_info(
-        f"precision_by_machine: trainer.precision {choice.precision} ({choice.why}); "
-        "--trainer.precision overrides it"
+        f"precision_by_machine: trainer.precision {choice.precision} ({choice.why}); --trainer.precision overrides it"
     )
 
 

@@ -183,7 +183,11 @@ def autocast_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype matrix products of ``x`` run in: autocast's lower precision where autocast is on
     for ``x``'s device and ``x`` is a float tensor, else ``x``'s own dtype."""
     device_type = x.device.type
-    if x.is_floating_point() and torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+    if (
+        x.is_floating_point()
+        and torch.amp.is_autocast_available(device_type)
+        and torch.is_autocast_enabled(device_type)
+    ):
         return torch.get_autocast_dtype(device_type)
     return x.dtype
 
