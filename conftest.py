@@ -18,6 +18,7 @@ start processes:
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 from collections.abc import Generator
@@ -27,6 +28,13 @@ from typing import Any
 import psutil
 import pytest
 import pytest_timeout
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Runs of configs with ``precision_by_machine`` (the tiny run) train in float32 in every test,
+    # tests/ and plugins/*/tests alike, whatever the CPU, so a test means the same on every machine;
+    # tests/test_machine_precision.py lifts this pin. Subprocesses inherit it.
+    os.environ["MOEFRAME_MACHINE_PRECISION"] = "32-true"
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

@@ -24,11 +24,8 @@ def clean_env(**extra: str) -> dict[str, str]:
 
 @pytest.fixture(autouse=True, scope="session")
 def _private_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
-    """Prepared data goes to a per-session cache (subprocesses inherit it), never ~/.cache. Runs of
-    configs with ``precision_by_machine`` (the tiny run) train in float32 here whatever the CPU, so
-    a test means the same on every machine; tests/test_machine_precision.py lifts this pin."""
+    """Prepared data goes to a per-session cache (subprocesses inherit it), never ~/.cache."""
     os.environ["MOEFRAME_CACHE"] = str(tmp_path_factory.mktemp("moeframe-cache"))
-    os.environ["MOEFRAME_MACHINE_PRECISION"] = "32-true"
 
 
 @pytest.fixture(autouse=True)
