@@ -171,16 +171,23 @@ class _GroupedMMDtypes(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def test_routed_experts_follow_autocast() -> None:
+@pytest.mark.parametrize("lora", [False, True], ids=["grouped", "lora"])
+def test_routed_experts_follow_autocast(lora: bool) -> None:
     """Under bf16 autocast the grouped expert GEMMs run in bf16 (they stayed float32: autocast has
-    no rule for grouped_mm); the layer returns its input's dtype and float32 weight gradients."""
+    no rule for grouped_mm), LoRA adapters on them too; the layer returns its input's dtype and
+    float32 weight gradients."""
     from moeframe.config import ModelConfig
     from moeframe.model.experts import GroupedExperts, GroupedOptions
+    from moeframe.model.lora import LoRAGroupedExperts
 
     torch.manual_seed(0)
     experts = GroupedExperts(ModelConfig(), GroupedOptions(), num_experts=4, dim=32, hidden_dim=64)
     for w in experts.parameters():
         torch.nn.init.normal_(w, std=0.1)
+    if lora:  # rank 8: bf16 rows of 16 bytes, the grouped GEMM path; B nonzero so the adapters count
+        experts = LoRAGroupedExperts(experts, rank=8, scale=2.0)
+        for name in ("w1", "w2", "w3"):
+            torch.nn.init.normal_(getattr(experts, f"{name}_lora_B"), std=0.1)
     x_TD = torch.randn(40, 32, requires_grad=True)
     indices_TK = torch.randint(0, 4, (40, 2))
     weights_TK = torch.rand(40, 2)
@@ -193,4 +200,5 @@ def test_routed_experts_follow_autocast() -> None:
     assert y_mixed.dtype == torch.float32 and not torch.equal(y_mixed, y_plain)
     torch.testing.assert_close(y_mixed, y_plain, atol=3e-2, rtol=3e-2)
     y_mixed.square().sum().backward()
-    assert experts.w1.grad is not None and experts.w1.grad.dtype == torch.float32 and x_TD.grad is not None
+    trained = experts.w1_lora_A if lora else experts.w1
+    assert trained.grad is not None and trained.grad.dtype == torch.float32 and x_TD.grad is not None

@@ -31,7 +31,9 @@ from moeframe.model.base import AttentionBase, ExpertsBase
 from moeframe.model.context import ForwardContext
 from moeframe.model.experts import (
     GroupedExperts,
+    _cast_like,
     _grouped_linear,
+    autocast_dtype,
     grouped_mm_supported,
     pad_expert_groups,
     pad_expert_groups_static,
@@ -120,13 +122,16 @@ class LoRAGroupedExperts(ExpertsBase):
         self, x_TD: torch.Tensor, weights_TK: torch.Tensor, indices_TK: torch.Tensor, ctx: ForwardContext | None = None
     ) -> torch.Tensor:
         # the base layer's sorted layout (see moeframe.model.experts), with adapters on each projection
-        K = indices_TK.shape[1]
+        T, K = indices_TK.shape
+        out_dtype = x_TD.dtype
+        if self.base.grouped_gemm is None:  # under autocast the products run in its dtype, as the base layer's
+            x_TD = x_TD.to(autocast_dtype(x_TD))
         order_N = indices_TK.flatten().argsort(stable=True)
         token_N = order_N // K
         counts_E = count_per_expert(indices_TK, self.num_experts)  # not bincount: a graph break under compile
         offs_E = counts_E.cumsum(0).to(torch.int32)
         operands = (self.base.w1, self.base.w2, *(p for n, p in self.named_parameters(recurse=False)))
-        fast = self.base.use_grouped_mm and all(grouped_mm_supported(x_TD, w) for w in operands)
+        fast = self.base.use_grouped_mm and all(grouped_mm_supported(x_TD, _cast_like(w, x_TD)) for w in operands)
         x_ND = x_TD.index_select(0, token_N)  # index_select: its backward is an index_add (see experts)
         multiple = self.base._group_multiple(x_TD)  # CPU bf16: few GEMM shapes, as the base layer does
         if multiple and fast:
@@ -138,8 +143,9 @@ class LoRAGroupedExperts(ExpertsBase):
         y_ND = self._project("w2", h_NF, offs_E, counts)
         if multiple:
             y_ND = y_ND.index_select(0, slot_N)
+        y_ND = y_ND.to(out_dtype)
         y_ND = y_ND * weights_TK.flatten()[order_N].unsqueeze(-1).to(y_ND.dtype)
-        return torch.zeros_like(x_TD).index_add_(0, token_N, y_ND)
+        return y_ND.new_zeros(T, y_ND.shape[1]).index_add_(0, token_N, y_ND)
 
     @torch.no_grad()
     def merged(self) -> GroupedExperts:

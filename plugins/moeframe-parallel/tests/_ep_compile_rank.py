@@ -34,6 +34,7 @@ from moeframe.config import ModelConfig
 from moeframe.model.context import ForwardContext
 from moeframe.model.decoder import Decoder, build_decoder
 from moeframe.model.experts import GroupedExperts, GroupedOptions
+from moeframe.testing import tiny_config
 from moeframe_fp8 import FP8GroupedGemm, FP8Recipe
 from moeframe_parallel.ep_experts import EPExperts, replace_experts
 from moeframe_parallel.expert_parallel import new_ep_groups
@@ -42,20 +43,9 @@ BATCH, SEQ_LEN, STEPS = 2, 16, 2
 
 
 def model_config() -> ModelConfig:
-    # widths whose rows are 16-byte aligned in float32 and bf16: the grouped GEMM path
-    return ModelConfig(
-        vocab_size=64,
-        dim=32,
-        n_layers=2,
-        first_k_dense=1,
-        n_heads=4,
-        dense_ffn_dim=64,
-        moe_ffn_dim=16,
-        n_routed_experts=8,
-        n_activated_experts=2,
-        n_shared_experts=1,
-        max_seq_len=SEQ_LEN,
-    )
+    # moeframe.testing's contract config: widths whose rows are 16-byte aligned in float32 and bf16
+    # (the grouped GEMM path)
+    return tiny_config(max_seq_len=SEQ_LEN)
 
 
 def loss_and_grads(decoder: Decoder, ids_BT: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
