@@ -42,7 +42,6 @@ def _no_measuring(monkeypatch: pytest.MonkeyPatch) -> None:
         raise AssertionError("measured although the cache holds this machine's rates")
 
     monkeypatch.setattr(throughput, "measure_gemm_peaks", fail)
-    monkeypatch.setattr(throughput, "measure_gemm_peak", fail)
 
 
 def test_choice_from_a_real_measurement_is_cached_per_machine(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -83,8 +82,8 @@ def test_the_gemm_cache_is_keyed_by_threads_and_drops_old_formats(cache: Path, m
     measured: list[int] = []
     monkeypatch.setattr(
         throughput,
-        "measure_gemm_peak",
-        lambda device, dtype, size=2048: measured.append(torch.get_num_threads()) or 5.0,
+        "measure_gemm_peaks",
+        lambda device, dtypes, size=2048: measured.append(torch.get_num_threads()) or dict.fromkeys(dtypes, 5.0),
     )
     threads = torch.get_num_threads()
     try:

@@ -174,11 +174,11 @@ def test_cpu_mfu_against_a_measured_peak_cached_per_machine(
 
     monkeypatch.setenv("MOEFRAME_CACHE", str(tmp_path / "cache"))
     measured: list[torch.dtype] = []
-    real = throughput.measure_gemm_peak
+    real = throughput.measure_gemm_peaks
     monkeypatch.setattr(
         throughput,
-        "measure_gemm_peak",
-        lambda device, dtype, size=2048: measured.append(dtype) or real(device, dtype, 256),
+        "measure_gemm_peaks",
+        lambda device, dtypes, size=2048: measured.extend(dtypes) or real(device, dtypes, 256),
     )
     with caplog.at_level("INFO"):
         rows = _fit_with_throughput(tmp_path / "a", ModelThroughput(window=2))

@@ -222,10 +222,7 @@ def cached_gemm_peaks(
     keys = {dtype: _machine_key(device, dtype, size) for dtype in dtypes}
     if all(key in cache for key in keys.values()):
         return {dtype: cache[key] for dtype, key in keys.items()}, False
-    if len(dtypes) == 1:  # one dtype through measure_gemm_peak (the function tests replace)
-        peaks = {dtypes[0]: measure_gemm_peak(device, dtypes[0], size)}
-    else:
-        peaks = measure_gemm_peaks(device, dtypes, size)
+    peaks = measure_gemm_peaks(device, dtypes, size)
     cache.update({keys[dtype]: peak for dtype, peak in peaks.items()})
     _write_peak_cache(cache)
     return peaks, True

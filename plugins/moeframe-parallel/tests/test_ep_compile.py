@@ -16,8 +16,6 @@ Eager EP itself is checked against EP=1 in ``test_ep_parity.py``.
 from __future__ import annotations
 
 import importlib.util
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -33,21 +31,7 @@ DTYPES = {"float32": 1e-6, "bfloat16": 1e-2}  # tolerance (relative and absolute
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
     out = tmp_path_factory.mktemp("ep_compile")
-    port = str(helpers.free_port())
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(helpers.HERE / "_ep_compile_rank.py"), str(r), "2", port, str(out / f"{r}.pt")]
-            + ["aot_eager", *DTYPES],
-            env=helpers.clean_env(),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for r in range(2)
-    ]
-    logs = [p.communicate(timeout=300)[0] for p in procs]
-    assert all(p.returncode == 0 for p in procs), "\n".join(logs)
-    return [torch.load(out / f"{r}.pt") for r in range(2)]
+    return helpers.run_two_ranks("_ep_compile_rank.py", out, ["aot_eager", *DTYPES], timeout_s=300)
 
 
 @pytest.mark.slow

@@ -7,8 +7,6 @@ nothing in the expected values comes from the expert-parallel code.
 from __future__ import annotations
 
 import importlib.util
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -24,20 +22,7 @@ ATOL = 1e-5
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
     out = tmp_path_factory.mktemp("ep_parity")
-    port = str(helpers.free_port())
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(helpers.HERE / "_ep_rank.py"), str(r), "2", port, str(out / f"{r}.pt")],
-            env=helpers.clean_env(),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for r in range(2)
-    ]
-    logs = [p.communicate(timeout=120)[0] for p in procs]
-    assert all(p.returncode == 0 for p in procs), "\n".join(logs)
-    return [torch.load(out / f"{r}.pt") for r in range(2)]
+    return helpers.run_two_ranks("_ep_rank.py", out, [], timeout_s=120)
 
 
 def test_forward_matches_ep1(ranks: list[dict]) -> None:
